@@ -1,0 +1,739 @@
+//! The one data path: every object walshipper stores (WAL, base-backup files,
+//! manifests) is written by [`EncodingReader`] and read back by
+//! [`DecodingReader`]. The byte layout is specified in
+//! docs/repository-format.md; keep the two in step.
+//!
+//! plaintext → SHA-256 (whole object) → split into frames → zstd per frame →
+//! AES-256-GCM per frame (nonce and AAD bind the frame index, the final-frame
+//! flag and the object header) → CRC32 of the stored frame bytes.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+
+use aes_gcm::aead::{AeadInPlace, KeyInit};
+use aes_gcm::{Aes256Gcm, Nonce};
+use hkdf::Hkdf;
+use sha2::{Digest, Sha256};
+
+pub const MAGIC: [u8; 8] = *b"WSHPOBJ\0";
+pub const FORMAT_VERSION: u16 = 1;
+pub const HEADER_LEN: usize = 64;
+pub const FRAME_HEADER_LEN: usize = 13;
+pub const TAG_LEN: usize = 16;
+/// Plaintext bytes per frame. 1 MiB keeps memory small and lets frames of
+/// one object be compressed in parallel, at a negligible cost in ratio.
+pub const DEFAULT_FRAME_SIZE: u32 = 1 << 20;
+const MAX_FRAME_SIZE: u32 = 64 << 20;
+const FINAL_BODY_LEN: usize = 8 + 32 + 4;
+const KIND_DATA: u8 = 0;
+const KIND_FINAL: u8 = 1;
+const SUBKEY_INFO: &[u8] = b"walshipper object v1";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None = 0,
+    Zstd = 1,
+}
+
+/// A data key as held in memory: its id (stored in every object header) and
+/// the 256-bit key itself.
+#[derive(Clone)]
+pub struct DataKey {
+    pub id: [u8; 16],
+    pub key: [u8; 32],
+}
+
+impl std::fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DataKey({})", hex::encode(self.id))
+    }
+}
+
+/// How objects are written: compression level, the key (None = unencrypted
+/// repository) and how many threads may compress frames of one object.
+#[derive(Clone, Debug)]
+pub struct CodecSettings {
+    pub compression: Compression,
+    pub level: i32,
+    pub key: Option<DataKey>,
+    pub frame_size: u32,
+    pub threads: usize,
+}
+
+/// What the encoder saw, available once the encoded stream is exhausted.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Summary {
+    pub plain_len: u64,
+    pub stored_len: u64,
+    pub sha256: [u8; 32],
+    pub frames: u32,
+}
+
+/// A codec error; wrapped in `io::Error` (kind InvalidData) while streaming.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("not a walshipper object (bad magic)")]
+    BadMagic,
+    #[error("unsupported object format version {0}")]
+    BadVersion(u16),
+    #[error("{0}")]
+    Malformed(String),
+    #[error("object is encrypted with key {0}, which this repository does not hold")]
+    UnknownKey(String),
+    #[error("object is encrypted but no key was given")]
+    NeedKey,
+    #[error("frame {0}: CRC32 mismatch")]
+    Crc(u32),
+    #[error("frame {0}: authentication failed (tampered, reordered or wrong key)")]
+    Auth(u32),
+    #[error("frame {0}: decompression failed: {1}")]
+    Decompress(u32, String),
+    #[error("object is truncated")]
+    Truncated,
+    #[error("SHA-256 mismatch: expected {expected}, got {actual}")]
+    Sha { expected: String, actual: String },
+    #[error("length mismatch: expected {expected} bytes, got {actual}")]
+    Length { expected: u64, actual: u64 },
+}
+
+fn invalid(e: CodecError) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, e)
+}
+
+/// Object header (64 bytes, little-endian):
+/// magic[8] version:u16 compression:u8 cipher:u8 key_id[16] salt[28]
+/// frame_size:u32 header_crc32:u32 (CRC32 of the 60 bytes before it)
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub compression: Compression,
+    pub encrypted: bool,
+    pub key_id: [u8; 16],
+    pub salt: [u8; 28],
+    pub frame_size: u32,
+}
+
+impl Header {
+    pub fn to_bytes(&self) -> [u8; HEADER_LEN] {
+        let mut b = [0u8; HEADER_LEN];
+        b[0..8].copy_from_slice(&MAGIC);
+        b[8..10].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+        b[10] = self.compression as u8;
+        b[11] = u8::from(self.encrypted);
+        b[12..28].copy_from_slice(&self.key_id);
+        b[28..56].copy_from_slice(&self.salt);
+        b[56..60].copy_from_slice(&self.frame_size.to_le_bytes());
+        let crc = crc32fast::hash(&b[0..60]);
+        b[60..64].copy_from_slice(&crc.to_le_bytes());
+        b
+    }
+
+    pub fn parse(b: &[u8; HEADER_LEN]) -> Result<Header, CodecError> {
+        if b[0..8] != MAGIC {
+            return Err(CodecError::BadMagic);
+        }
+        if crc32fast::hash(&b[0..60]).to_le_bytes() != b[60..64] {
+            return Err(CodecError::Malformed("header CRC32 mismatch".into()));
+        }
+        let version = u16::from_le_bytes([b[8], b[9]]);
+        if version != FORMAT_VERSION {
+            return Err(CodecError::BadVersion(version));
+        }
+        let compression = match b[10] {
+            0 => Compression::None,
+            1 => Compression::Zstd,
+            c => return Err(CodecError::Malformed(format!("unknown compression {c}"))),
+        };
+        let encrypted = match b[11] {
+            0 => false,
+            1 => true,
+            c => return Err(CodecError::Malformed(format!("unknown cipher {c}"))),
+        };
+        let frame_size = u32::from_le_bytes([b[56], b[57], b[58], b[59]]);
+        if frame_size == 0 || frame_size > MAX_FRAME_SIZE {
+            return Err(CodecError::Malformed(format!(
+                "bad frame size {frame_size}"
+            )));
+        }
+        let mut key_id = [0u8; 16];
+        key_id.copy_from_slice(&b[12..28]);
+        let mut salt = [0u8; 28];
+        salt.copy_from_slice(&b[28..56]);
+        Ok(Header {
+            compression,
+            encrypted,
+            key_id,
+            salt,
+            frame_size,
+        })
+    }
+}
+
+/// Per-object AEAD state: a subkey derived from the data key and the
+/// object's random salt, so nonces never repeat across objects.
+struct Sealer {
+    cipher: Option<Aes256Gcm>,
+    aad: [u8; HEADER_LEN],
+}
+
+impl Sealer {
+    fn new(header: &Header, key: Option<&DataKey>) -> Result<Sealer, CodecError> {
+        let cipher = if header.encrypted {
+            let key = key.ok_or(CodecError::NeedKey)?;
+            if key.id != header.key_id {
+                return Err(CodecError::UnknownKey(hex::encode(header.key_id)));
+            }
+            let hk = Hkdf::<Sha256>::new(Some(&header.salt), &key.key);
+            let mut sub = [0u8; 32];
+            hk.expand(SUBKEY_INFO, &mut sub)
+                .map_err(|_| CodecError::Malformed("key derivation failed".into()))?;
+            Some(
+                Aes256Gcm::new_from_slice(&sub)
+                    .map_err(|_| CodecError::Malformed("bad key length".into()))?,
+            )
+        } else {
+            None
+        };
+        Ok(Sealer {
+            cipher,
+            aad: header.to_bytes(),
+        })
+    }
+
+    fn nonce(index: u32, kind: u8) -> [u8; 12] {
+        let mut n = [0u8; 12];
+        n[0..4].copy_from_slice(&index.to_be_bytes());
+        n[4] = kind;
+        n
+    }
+
+    fn seal(&self, index: u32, kind: u8, body: &mut Vec<u8>) -> Result<(), CodecError> {
+        if let Some(c) = &self.cipher {
+            let n = Self::nonce(index, kind);
+            c.encrypt_in_place(Nonce::from_slice(&n), &self.aad, body)
+                .map_err(|_| CodecError::Malformed("encryption failed".into()))?;
+        }
+        Ok(())
+    }
+
+    fn open(&self, index: u32, kind: u8, body: &mut Vec<u8>) -> Result<(), CodecError> {
+        if let Some(c) = &self.cipher {
+            let n = Self::nonce(index, kind);
+            c.decrypt_in_place(Nonce::from_slice(&n), &self.aad, body)
+                .map_err(|_| CodecError::Auth(index))?;
+        }
+        Ok(())
+    }
+}
+
+fn frame_record(index: u32, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    out.push(kind);
+    out.extend_from_slice(&index.to_le_bytes());
+    out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
+    out.extend_from_slice(payload);
+}
+
+fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b).map_err(|e| io::Error::other(format!("random: {e}")))?;
+    Ok(b)
+}
+
+/// Turns a plaintext reader into the stored byte stream. Reads `threads`
+/// frames at a time and compresses/encrypts them in parallel, so memory stays
+/// at about 2 × threads × frame_size.
+pub struct EncodingReader<R> {
+    src: R,
+    settings: Arc<CodecSettings>,
+    sealer: Arc<Sealer>,
+    out: Vec<u8>,
+    pos: usize,
+    next_index: u32,
+    sha: Sha256,
+    summary: Summary,
+    finished: bool,
+}
+
+impl<R: Read> EncodingReader<R> {
+    pub fn new(src: R, settings: Arc<CodecSettings>) -> io::Result<Self> {
+        let header = Header {
+            compression: settings.compression,
+            encrypted: settings.key.is_some(),
+            key_id: settings.key.as_ref().map(|k| k.id).unwrap_or([0; 16]),
+            salt: random_bytes::<28>()?,
+            frame_size: settings.frame_size,
+        };
+        let sealer = Sealer::new(&header, settings.key.as_ref()).map_err(invalid)?;
+        let out = header.to_bytes().to_vec();
+        Ok(EncodingReader {
+            src,
+            settings,
+            sealer: Arc::new(sealer),
+            summary: Summary {
+                stored_len: HEADER_LEN as u64,
+                ..Summary::default()
+            },
+            out,
+            pos: 0,
+            next_index: 0,
+            sha: Sha256::new(),
+            finished: false,
+        })
+    }
+
+    /// Valid once `read` has returned 0.
+    pub fn summary(&self) -> &Summary {
+        &self.summary
+    }
+
+    fn read_chunk(&mut self) -> io::Result<Vec<u8>> {
+        let size = self.settings.frame_size as usize;
+        let mut buf = Vec::with_capacity(size);
+        (&mut self.src).take(size as u64).read_to_end(&mut buf)?;
+        Ok(buf)
+    }
+
+    fn refill(&mut self) -> io::Result<()> {
+        self.out.clear();
+        self.pos = 0;
+        if self.finished {
+            return Ok(());
+        }
+        let threads = self.settings.threads.max(1);
+        let mut chunks = Vec::with_capacity(threads * 2);
+        for _ in 0..threads * 2 {
+            let c = self.read_chunk()?;
+            if c.is_empty() {
+                break;
+            }
+            let short = c.len() < self.settings.frame_size as usize;
+            self.sha.update(&c);
+            self.summary.plain_len += c.len() as u64;
+            chunks.push(c);
+            if short {
+                break;
+            }
+        }
+        let first = self.next_index;
+        let encoded = encode_frames(&self.settings, &self.sealer, first, chunks)?;
+        for (i, payload) in encoded.iter().enumerate() {
+            frame_record(first + i as u32, KIND_DATA, payload, &mut self.out);
+        }
+        self.next_index += encoded.len() as u32;
+        if encoded.is_empty() {
+            self.finish()?;
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> io::Result<()> {
+        let sha: [u8; 32] = self.sha.clone().finalize().into();
+        let mut body = Vec::with_capacity(FINAL_BODY_LEN + TAG_LEN);
+        body.extend_from_slice(&self.summary.plain_len.to_le_bytes());
+        body.extend_from_slice(&sha);
+        body.extend_from_slice(&self.next_index.to_le_bytes());
+        self.sealer
+            .seal(self.next_index, KIND_FINAL, &mut body)
+            .map_err(invalid)?;
+        frame_record(self.next_index, KIND_FINAL, &body, &mut self.out);
+        self.summary.sha256 = sha;
+        self.summary.frames = self.next_index;
+        self.finished = true;
+        Ok(())
+    }
+}
+
+fn encode_one(
+    settings: &CodecSettings,
+    sealer: &Sealer,
+    index: u32,
+    chunk: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    let mut body = match settings.compression {
+        Compression::Zstd => zstd::bulk::compress(&chunk, settings.level)?,
+        Compression::None => chunk,
+    };
+    sealer.seal(index, KIND_DATA, &mut body).map_err(invalid)?;
+    Ok(body)
+}
+
+fn encode_frames(
+    settings: &CodecSettings,
+    sealer: &Sealer,
+    first: u32,
+    chunks: Vec<Vec<u8>>,
+) -> io::Result<Vec<Vec<u8>>> {
+    if chunks.len() <= 1 || settings.threads <= 1 {
+        return chunks
+            .into_iter()
+            .enumerate()
+            .map(|(i, c)| encode_one(settings, sealer, first + i as u32, c))
+            .collect();
+    }
+    // Frames are independent: hand them out round-robin to scoped threads.
+    let threads = settings.threads.min(chunks.len());
+    let mut slots: Vec<Vec<(usize, Vec<u8>)>> = (0..threads).map(|_| Vec::new()).collect();
+    for (i, c) in chunks.into_iter().enumerate() {
+        slots[i % threads].push((i, c));
+    }
+    let results: Vec<io::Result<Vec<(usize, Vec<u8>)>>> = std::thread::scope(|s| {
+        let handles: Vec<_> = slots
+            .into_iter()
+            .map(|work| {
+                s.spawn(move || {
+                    work.into_iter()
+                        .map(|(i, c)| Ok((i, encode_one(settings, sealer, first + i as u32, c)?)))
+                        .collect::<io::Result<Vec<_>>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(io::Error::other("compression thread panicked")))
+            })
+            .collect()
+    });
+    let mut all = Vec::new();
+    for r in results {
+        all.extend(r?);
+    }
+    all.sort_by_key(|(i, _)| *i);
+    Ok(all.into_iter().map(|(_, b)| b).collect())
+}
+
+impl<R: Read> Read for EncodingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.pos >= self.out.len() {
+            self.refill()?;
+            if self.out.is_empty() {
+                return Ok(0);
+            }
+            self.summary.stored_len += self.out.len() as u64;
+        }
+        let n = (self.out.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// Reads a stored object back to plaintext, checking every frame's CRC32,
+/// authentication tag and index, and at the end the length and SHA-256.
+/// Any failure is an `io::Error` of kind InvalidData wrapping [`CodecError`];
+/// callers must not use bytes already returned unless `read` reaches 0.
+pub struct DecodingReader<R> {
+    src: R,
+    header: Option<Header>,
+    keys: Vec<DataKey>,
+    sealer: Option<Sealer>,
+    out: Vec<u8>,
+    pos: usize,
+    next_index: u32,
+    sha: Sha256,
+    plain_len: u64,
+    done: bool,
+    /// Set after the final frame: the verified plaintext SHA-256.
+    pub verified_sha256: Option<[u8; 32]>,
+}
+
+impl<R: Read> DecodingReader<R> {
+    /// `keys`: the data keys that may have sealed the object (the header
+    /// names which one did).
+    pub fn new(src: R, keys: Vec<DataKey>) -> Self {
+        DecodingReader {
+            src,
+            header: None,
+            keys,
+            sealer: None,
+            out: Vec::new(),
+            pos: 0,
+            next_index: 0,
+            sha: Sha256::new(),
+            plain_len: 0,
+            done: false,
+            verified_sha256: None,
+        }
+    }
+
+    /// Reads just the header (to learn the key id before choosing a key).
+    pub fn read_header(src: &mut R) -> io::Result<Header> {
+        let mut h = [0u8; HEADER_LEN];
+        read_exact_or_truncated(src, &mut h)?;
+        Header::parse(&h).map_err(invalid)
+    }
+
+    fn start(&mut self) -> io::Result<()> {
+        let header = Self::read_header(&mut self.src)?;
+        let key = if header.encrypted {
+            if self.keys.is_empty() {
+                return Err(invalid(CodecError::NeedKey));
+            }
+            let k = self.keys.iter().find(|k| k.id == header.key_id);
+            Some(k.ok_or_else(|| invalid(CodecError::UnknownKey(hex::encode(header.key_id))))?)
+        } else {
+            None
+        };
+        self.sealer = Some(Sealer::new(&header, key).map_err(invalid)?);
+        self.header = Some(header);
+        Ok(())
+    }
+
+    fn next_frame(&mut self) -> io::Result<()> {
+        self.out.clear();
+        self.pos = 0;
+        let (Some(header), Some(sealer)) = (&self.header, &self.sealer) else {
+            return Err(invalid(CodecError::Malformed("no header".into())));
+        };
+        let mut fh = [0u8; FRAME_HEADER_LEN];
+        read_exact_or_truncated(&mut self.src, &mut fh)?;
+        let kind = fh[0];
+        let index = u32::from_le_bytes([fh[1], fh[2], fh[3], fh[4]]);
+        let len = u32::from_le_bytes([fh[5], fh[6], fh[7], fh[8]]);
+        let crc = u32::from_le_bytes([fh[9], fh[10], fh[11], fh[12]]);
+        if index != self.next_index {
+            return Err(invalid(CodecError::Malformed(format!(
+                "frame {index} found where frame {} was expected",
+                self.next_index
+            ))));
+        }
+        // zstd can expand incompressible data slightly; allow generous slack.
+        let max = header.frame_size as usize + header.frame_size as usize / 8 + 1024;
+        if len as usize > max || (kind != KIND_DATA && kind != KIND_FINAL) {
+            return Err(invalid(CodecError::Malformed(format!(
+                "frame {index}: bad kind {kind} or length {len}"
+            ))));
+        }
+        let mut body = vec![0u8; len as usize];
+        read_exact_or_truncated(&mut self.src, &mut body)?;
+        if crc32fast::hash(&body) != crc {
+            return Err(invalid(CodecError::Crc(index)));
+        }
+        sealer.open(index, kind, &mut body).map_err(invalid)?;
+        if kind == KIND_FINAL {
+            return self.finish(index, &body);
+        }
+        let plain = match header.compression {
+            Compression::Zstd => zstd::bulk::decompress(&body, header.frame_size as usize)
+                .map_err(|e| invalid(CodecError::Decompress(index, e.to_string())))?,
+            Compression::None => body,
+        };
+        if plain.len() > header.frame_size as usize || plain.is_empty() {
+            return Err(invalid(CodecError::Malformed(format!(
+                "frame {index}: bad plaintext length {}",
+                plain.len()
+            ))));
+        }
+        self.sha.update(&plain);
+        self.plain_len += plain.len() as u64;
+        self.next_index += 1;
+        self.out = plain;
+        Ok(())
+    }
+
+    fn finish(&mut self, index: u32, body: &[u8]) -> io::Result<()> {
+        if body.len() != FINAL_BODY_LEN {
+            return Err(invalid(CodecError::Malformed("bad final frame".into())));
+        }
+        let len = u64::from_le_bytes(body[0..8].try_into().unwrap_or_default());
+        let mut expected = [0u8; 32];
+        expected.copy_from_slice(&body[8..40]);
+        let frames = u32::from_le_bytes(body[40..44].try_into().unwrap_or_default());
+        if frames != index {
+            return Err(invalid(CodecError::Malformed(format!(
+                "final frame says {frames} frames, saw {index}"
+            ))));
+        }
+        if len != self.plain_len {
+            return Err(invalid(CodecError::Length {
+                expected: len,
+                actual: self.plain_len,
+            }));
+        }
+        let actual: [u8; 32] = self.sha.clone().finalize().into();
+        if actual != expected {
+            return Err(invalid(CodecError::Sha {
+                expected: hex::encode(expected),
+                actual: hex::encode(actual),
+            }));
+        }
+        // Nothing may follow the final frame.
+        let mut extra = [0u8; 1];
+        if self.src.read(&mut extra)? != 0 {
+            return Err(invalid(CodecError::Malformed(
+                "bytes after the final frame".into(),
+            )));
+        }
+        self.verified_sha256 = Some(actual);
+        self.done = true;
+        Ok(())
+    }
+}
+
+fn read_exact_or_truncated<R: Read>(src: &mut R, buf: &mut [u8]) -> io::Result<()> {
+    src.read_exact(buf).map_err(|e| {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            invalid(CodecError::Truncated)
+        } else {
+            e
+        }
+    })
+}
+
+impl<R: Read> Read for DecodingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.header.is_none() {
+            self.start()?;
+        }
+        while self.pos >= self.out.len() {
+            if self.done {
+                return Ok(0);
+            }
+            self.next_frame()?;
+        }
+        let n = (self.out.len() - self.pos).min(buf.len());
+        buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// If `e` came from the codec, its description; used to classify read errors
+/// as damage (vs. an I/O failure of the store).
+pub fn codec_error(e: &io::Error) -> Option<&CodecError> {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<CodecError>())
+}
+
+/// SHA-256 of a whole reader, for comparing a local file with a stored one.
+pub fn sha256_of(mut r: impl Read) -> io::Result<[u8; 32]> {
+    let mut sha = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        sha.update(&buf[..n]);
+    }
+    Ok(sha.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(encrypted: bool, compression: Compression, threads: usize) -> Arc<CodecSettings> {
+        Arc::new(CodecSettings {
+            compression,
+            level: 3,
+            key: encrypted.then(|| DataKey {
+                id: [7; 16],
+                key: [9; 32],
+            }),
+            frame_size: 4096,
+            threads,
+        })
+    }
+
+    fn encode(data: &[u8], s: &Arc<CodecSettings>) -> (Vec<u8>, Summary) {
+        let mut enc = EncodingReader::new(data, s.clone()).unwrap();
+        let mut out = Vec::new();
+        enc.read_to_end(&mut out).unwrap();
+        (out, enc.summary().clone())
+    }
+
+    fn decode(stored: &[u8], s: &Arc<CodecSettings>) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        DecodingReader::new(stored, s.key.clone().into_iter().collect()).read_to_end(&mut out)?;
+        Ok(out)
+    }
+
+    fn sample(n: usize) -> Vec<u8> {
+        (0..n)
+            .map(|i| ((i * 7919) % 251) as u8 ^ (i / 1000) as u8)
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_all_modes_and_sizes() {
+        for enc in [false, true] {
+            for comp in [Compression::None, Compression::Zstd] {
+                for threads in [1, 3] {
+                    for n in [0, 1, 4095, 4096, 4097, 50_000] {
+                        let s = settings(enc, comp, threads);
+                        let data = sample(n);
+                        let (stored, sum) = encode(&data, &s);
+                        assert_eq!(sum.plain_len, n as u64);
+                        assert_eq!(sum.stored_len, stored.len() as u64);
+                        assert_eq!(sum.sha256, <[u8; 32]>::from(Sha256::digest(&data)));
+                        assert_eq!(decode(&stored, &s).unwrap(), data);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn encrypted_object_hides_plaintext() {
+        let s = settings(true, Compression::None, 1);
+        let data = b"very secret customer table row ".repeat(500);
+        let (stored, _) = encode(&data, &s);
+        assert!(!stored.windows(16).any(|w| w == &b"secret customer "[..]));
+    }
+
+    #[test]
+    fn every_flipped_byte_is_detected() {
+        for enc in [false, true] {
+            let s = settings(enc, Compression::Zstd, 1);
+            let (stored, _) = encode(&sample(10_000), &s);
+            for i in 0..stored.len() {
+                let mut bad = stored.clone();
+                bad[i] ^= 0x01;
+                assert!(
+                    decode(&bad, &s).is_err(),
+                    "flip at {i} (enc={enc}) not detected"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn every_truncation_and_extension_is_detected() {
+        let s = settings(true, Compression::Zstd, 1);
+        let (stored, _) = encode(&sample(10_000), &s);
+        for len in 0..stored.len() {
+            assert!(decode(&stored[..len], &s).is_err(), "truncation to {len}");
+        }
+        let mut longer = stored.clone();
+        longer.push(0);
+        assert!(decode(&longer, &s).is_err());
+    }
+
+    #[test]
+    fn wrong_key_and_swapped_frames_fail() {
+        let s = settings(true, Compression::None, 1);
+        let (stored, _) = encode(&sample(10_000), &s);
+        let other = Arc::new(CodecSettings {
+            key: Some(DataKey {
+                id: [7; 16],
+                key: [1; 32],
+            }),
+            ..(*s).clone()
+        });
+        let err = decode(&stored, &other).unwrap_err();
+        assert!(matches!(codec_error(&err), Some(CodecError::Auth(0))));
+        // Swap frames 0 and 1 (equal sizes: 4096 + tag), fixing their index fields.
+        let rec = FRAME_HEADER_LEN + 4096 + TAG_LEN;
+        let mut swapped = stored.clone();
+        let (a, b) = (HEADER_LEN, HEADER_LEN + rec);
+        let f0 = stored[a..a + rec].to_vec();
+        let f1 = stored[b..b + rec].to_vec();
+        swapped[a..a + rec].copy_from_slice(&f1);
+        swapped[b..b + rec].copy_from_slice(&f0);
+        swapped[a + 1..a + 5].copy_from_slice(&0u32.to_le_bytes());
+        swapped[b + 1..b + 5].copy_from_slice(&1u32.to_le_bytes());
+        assert!(decode(&swapped, &s).is_err());
+    }
+}

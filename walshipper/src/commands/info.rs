@@ -1,0 +1,230 @@
+//! `info [--json]`: what the repository holds.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::Result;
+use crate::repo::Repository;
+use crate::wal::{self, WalFileKind};
+
+#[derive(Serialize)]
+pub struct Info {
+    pub repository: String,
+    pub format_version: u32,
+    pub system_identifier: String,
+    pub pg_version: u32,
+    pub wal_segment_size: u64,
+    pub encryption: String,
+    pub encrypted: bool,
+    pub created_at: String,
+    pub wal: WalInfo,
+}
+
+#[derive(Serialize, Default)]
+pub struct WalInfo {
+    pub segments: u64,
+    pub size_plain: u64,
+    pub size_stored: u64,
+    pub timelines: Vec<TimelineInfo>,
+    pub history_files: Vec<String>,
+    pub backup_history_files: Vec<String>,
+    pub partial_files: Vec<String>,
+}
+
+#[derive(Serialize, Clone, Debug, PartialEq, Eq)]
+pub struct Range {
+    pub first: String,
+    pub last: String,
+    pub segments: u64,
+}
+
+#[derive(Serialize, Debug)]
+pub struct TimelineInfo {
+    pub timeline: u32,
+    pub first: String,
+    pub last: String,
+    pub segments: u64,
+    pub ranges: Vec<Range>,
+    pub gaps: Vec<Range>,
+}
+
+/// Groups sorted segment numbers of one timeline into runs and the gaps between them.
+pub fn ranges_and_gaps(tli: u32, segnos: &[u64], seg_size: u64) -> (Vec<Range>, Vec<Range>) {
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    for &s in segnos {
+        match ranges.last_mut() {
+            Some((_, end)) if *end + 1 == s => *end = s,
+            _ => ranges.push((s, s)),
+        }
+    }
+    let name = |s| wal::segment_name(tli, s, seg_size);
+    let gaps = ranges
+        .windows(2)
+        .map(|w| Range {
+            first: name(w[0].1 + 1),
+            last: name(w[1].0 - 1),
+            segments: w[1].0 - w[0].1 - 1,
+        })
+        .collect();
+    let ranges = ranges
+        .into_iter()
+        .map(|(a, b)| Range {
+            first: name(a),
+            last: name(b),
+            segments: b - a + 1,
+        })
+        .collect();
+    (ranges, gaps)
+}
+
+pub fn collect(repo: &Repository) -> Result<Info> {
+    let d = &repo.descriptor;
+    let seg_size = d.wal_segment_size;
+    let mut wal_info = WalInfo::default();
+    let mut per_tli: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    for obj in repo.storage.list("wal/")? {
+        let name = obj.key.rsplit('/').next().unwrap_or_default();
+        wal_info.size_stored += obj.size;
+        match wal::parse_name(name) {
+            Some(WalFileKind::Segment {
+                tli,
+                log,
+                seg,
+                partial: false,
+            }) => {
+                per_tli
+                    .entry(tli)
+                    .or_default()
+                    .push(wal::seg_no(log, seg, seg_size));
+                wal_info.segments += 1;
+                wal_info.size_plain += seg_size;
+            }
+            Some(WalFileKind::Segment { partial: true, .. }) => {
+                wal_info.partial_files.push(name.to_string());
+                wal_info.size_plain += seg_size;
+            }
+            Some(WalFileKind::History { .. }) => wal_info.history_files.push(name.to_string()),
+            Some(WalFileKind::BackupHistory { .. }) => {
+                wal_info.backup_history_files.push(name.to_string())
+            }
+            None => {}
+        }
+    }
+    for (tli, mut segnos) in per_tli {
+        segnos.sort_unstable();
+        let (ranges, gaps) = ranges_and_gaps(tli, &segnos, seg_size);
+        wal_info.timelines.push(TimelineInfo {
+            timeline: tli,
+            first: ranges.first().map(|r| r.first.clone()).unwrap_or_default(),
+            last: ranges.last().map(|r| r.last.clone()).unwrap_or_default(),
+            segments: segnos.len() as u64,
+            ranges,
+            gaps,
+        });
+    }
+    Ok(Info {
+        repository: repo.storage.describe(),
+        format_version: d.format_version,
+        system_identifier: d.system_identifier.clone(),
+        pg_version: d.pg_version,
+        wal_segment_size: seg_size,
+        encryption: d.encryption.clone(),
+        encrypted: d.encrypted(),
+        created_at: d.created_at.clone(),
+        wal: wal_info,
+    })
+}
+
+fn human(bytes: u64) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = bytes as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    format!("{v:.1} {}", units[u])
+}
+
+pub fn run(cfg: &Config, json: bool) -> Result<()> {
+    let repo = Repository::open(cfg)?;
+    let info = collect(&repo)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&info).unwrap_or_default()
+        );
+        return Ok(());
+    }
+    println!("repository        {}", info.repository);
+    println!("format version    {}", info.format_version);
+    println!("system identifier {}", info.system_identifier);
+    println!("PostgreSQL        {}", info.pg_version);
+    println!("WAL segment size  {}", human(info.wal_segment_size));
+    if info.encrypted {
+        println!("encryption        {}", info.encryption);
+    } else {
+        println!("encryption        NONE — this repository is NOT encrypted: anyone who can read it can read the data");
+    }
+    println!("created           {}", info.created_at);
+    let w = &info.wal;
+    let ratio = if w.size_stored > 0 {
+        w.size_plain as f64 / w.size_stored as f64
+    } else {
+        0.0
+    };
+    println!(
+        "WAL               {} segments, {} → {} stored ({ratio:.1}×)",
+        w.segments,
+        human(w.size_plain),
+        human(w.size_stored)
+    );
+    println!();
+    println!(
+        "{:<9} {:<25} {:<25} {:>9}  gaps",
+        "timeline", "first", "last", "segments"
+    );
+    for t in &w.timelines {
+        let gaps = if t.gaps.is_empty() {
+            "none".to_string()
+        } else {
+            t.gaps
+                .iter()
+                .map(|g| format!("{}..{} ({} missing)", g.first, g.last, g.segments))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        println!(
+            "{:<9} {:<25} {:<25} {:>9}  {gaps}",
+            t.timeline, t.first, t.last, t.segments
+        );
+    }
+    if !w.history_files.is_empty() {
+        println!("history files     {}", w.history_files.join(" "));
+    }
+    if !w.partial_files.is_empty() {
+        println!("partial segments  {}", w.partial_files.join(" "));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gaps_are_found() {
+        let size = 16 << 20;
+        let (r, g) = ranges_and_gaps(1, &[1, 2, 3, 7, 8, 10], size);
+        assert_eq!(r.len(), 3);
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[0].first, "000000010000000000000004");
+        assert_eq!(g[0].last, "000000010000000000000006");
+        assert_eq!(g[0].segments, 3);
+        assert_eq!(g[1].segments, 1);
+        let (r, g) = ranges_and_gaps(1, &[], size);
+        assert!(r.is_empty() && g.is_empty());
+    }
+}

@@ -1,0 +1,8 @@
+//! The CLI verbs. Each takes the loaded configuration and its own arguments;
+//! main.rs only parses arguments and maps errors to exit codes.
+
+pub mod archive_get;
+pub mod archive_push;
+pub mod check;
+pub mod info;
+pub mod repo_init;

@@ -1,0 +1,19 @@
+//! walshipper: the data plane of pg_backup.
+//!
+//! Layout follows the architecture: `codec` is the one data path every stored
+//! byte goes through (checksum, zstd, AES-256-GCM frames); `storage` is the
+//! small backend trait and its drivers; `repo` ties codec, keys and storage
+//! into a repository; `wal` knows PostgreSQL's WAL files; `commands` are the
+//! CLI verbs.
+
+pub mod codec;
+pub mod commands;
+pub mod config;
+pub mod error;
+pub mod keys;
+pub mod pg;
+pub mod repo;
+pub mod storage;
+pub mod wal;
+
+pub use error::{Error, Result};

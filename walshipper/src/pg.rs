@@ -1,0 +1,31 @@
+//! Connections to the PostgreSQL server (for check and, later, backups).
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+
+pub fn connect(cfg: &Config) -> Result<postgres::Client> {
+    let mut c = postgres::Config::new();
+    c.host(&cfg.pg.host)
+        .port(cfg.pg.port)
+        .user(&cfg.pg.user)
+        .dbname(&cfg.pg.database)
+        .application_name("walshipper")
+        .connect_timeout(std::time::Duration::from_secs(10));
+    if let Ok(p) = std::env::var("PGPASSWORD") {
+        c.password(p);
+    }
+    c.connect(postgres::NoTls).map_err(|e| Error::Postgres {
+        context: format!(
+            "cannot connect to PostgreSQL at host={} port={} user={} dbname={} (check [pg] in the config)",
+            cfg.pg.host, cfg.pg.port, cfg.pg.user, cfg.pg.database
+        ),
+        source: e,
+    })
+}
+
+pub fn pg_err(context: &str) -> impl FnOnce(postgres::Error) -> Error + '_ {
+    move |source| Error::Postgres {
+        context: context.to_string(),
+        source,
+    }
+}

@@ -1,0 +1,41 @@
+//! Storage backends: a small trait that every driver implements. Keys are
+//! '/'-separated relative names; drivers never interpret object contents.
+//! Retry, throttling and fan-out are meant to be wrappers around this trait,
+//! not features of a driver.
+
+use std::io::Read;
+
+use crate::error::Result;
+
+pub mod posix;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ObjectMeta {
+    pub key: String,
+    pub size: u64,
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum PutOutcome {
+    Stored,
+    /// `put_new` found the key already present; nothing was written.
+    AlreadyExists,
+}
+
+pub trait Storage: Send + Sync {
+    /// Stores `body` under `key` atomically and durably, only if `key` does
+    /// not exist yet. Returns once the object is durable; a crash at any
+    /// moment leaves either no object or the whole object.
+    fn put_new(&self, key: &str, body: &mut dyn Read) -> Result<PutOutcome>;
+    /// Stores `body` under `key` atomically and durably, replacing any
+    /// existing object (for small metadata files).
+    fn put_replace(&self, key: &str, body: &mut dyn Read) -> Result<()>;
+    /// The object's bytes, or None if it does not exist.
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>>;
+    fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
+    /// Every object whose key starts with `prefix` (a folder-like prefix ending in '/').
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+    fn delete(&self, key: &str) -> Result<()>;
+    /// Human-readable location, for messages.
+    fn describe(&self) -> String;
+}

@@ -1,0 +1,291 @@
+//! The posix driver: a directory on a local or mounted file system.
+//! Atomicity comes from writing a hidden temporary file, fsyncing it, then
+//! hard-linking (create-if-absent) or renaming it into place and fsyncing the
+//! directory. Names starting with '.' are temporaries and never listed.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use super::{ObjectMeta, PutOutcome, Storage};
+use crate::error::{Error, Result};
+
+/// Temporaries older than this are from killed writers and are removed.
+const STALE_TMP: Duration = Duration::from_secs(600);
+
+pub struct PosixStorage {
+    root: PathBuf,
+}
+
+fn err(op: &'static str, key: &str, source: io::Error) -> Error {
+    Error::Storage {
+        op,
+        key: key.to_string(),
+        source,
+    }
+}
+
+fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+impl PosixStorage {
+    pub fn new(root: impl Into<PathBuf>) -> PosixStorage {
+        PosixStorage { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    fn path(&self, key: &str) -> Result<PathBuf> {
+        if key.is_empty()
+            || key.starts_with('/')
+            || key
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == ".." || c.starts_with('.'))
+        {
+            return Err(Error::Invalid(format!("invalid object key '{key}'")));
+        }
+        Ok(self.root.join(key))
+    }
+
+    /// Creates missing parent directories, fsyncing each new entry's parent
+    /// so the object's path survives a crash.
+    fn ensure_dir(&self, dir: &Path) -> io::Result<()> {
+        if dir.is_dir() {
+            return Ok(());
+        }
+        if let Some(parent) = dir.parent() {
+            self.ensure_dir(parent)?;
+        }
+        match fs::create_dir(dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        if let Some(parent) = dir.parent() {
+            fsync_dir(parent)?;
+        }
+        Ok(())
+    }
+
+    /// Writes `body` to a fresh temporary beside `path` and fsyncs it.
+    fn write_tmp(&self, path: &Path, body: &mut dyn Read) -> io::Result<PathBuf> {
+        let dir = path.parent().unwrap_or(&self.root);
+        self.ensure_dir(dir)?;
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
+        self.remove_stale_tmps(dir, name);
+        let suffix: u32 = crate::keys::random::<4>()
+            .map(u32::from_le_bytes)
+            .unwrap_or(0);
+        let tmp = dir.join(format!(".{name}.{}.{suffix:08x}.tmp", std::process::id()));
+        let result = (|| {
+            let mut f = OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&tmp)?;
+            let mut buf = vec![0u8; 1 << 20];
+            loop {
+                let n = match body.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                };
+                f.write_all(&buf[..n])?;
+            }
+            f.sync_all()
+        })();
+        match result {
+            Ok(()) => Ok(tmp),
+            Err(e) => {
+                let _ = fs::remove_file(&tmp);
+                Err(e)
+            }
+        }
+    }
+
+    fn remove_stale_tmps(&self, dir: &Path, name: &str) {
+        let prefix = format!(".{name}.");
+        let Ok(entries) = fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let fname = e.file_name();
+            let Some(f) = fname.to_str() else { continue };
+            if !f.starts_with(&prefix) || !f.ends_with(".tmp") {
+                continue;
+            }
+            let old = e
+                .metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| SystemTime::now().duration_since(t).ok())
+                .is_some_and(|age| age > STALE_TMP);
+            if old {
+                let _ = fs::remove_file(e.path());
+            }
+        }
+    }
+
+    fn walk(&self, dir: &Path, rel: &str, out: &mut Vec<ObjectMeta>) -> io::Result<()> {
+        let entries = match fs::read_dir(dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if name.starts_with('.') {
+                continue;
+            }
+            let key = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            let ft = entry.file_type()?;
+            if ft.is_dir() {
+                self.walk(&entry.path(), &key, out)?;
+            } else if ft.is_file() {
+                out.push(ObjectMeta {
+                    key,
+                    size: entry.metadata()?.len(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Storage for PosixStorage {
+    fn put_new(&self, key: &str, body: &mut dyn Read) -> Result<PutOutcome> {
+        let path = self.path(key)?;
+        if path.exists() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
+        let tmp = self
+            .write_tmp(&path, body)
+            .map_err(|e| err("write", key, e))?;
+        // link(2) fails if the name exists: two writers cannot overwrite each other.
+        let linked = fs::hard_link(&tmp, &path);
+        let _ = fs::remove_file(&tmp);
+        match linked {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                return Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => return Err(err("link", key, e)),
+        }
+        let dir = path.parent().unwrap_or(&self.root);
+        fsync_dir(dir).map_err(|e| err("fsync", key, e))?;
+        Ok(PutOutcome::Stored)
+    }
+
+    fn put_replace(&self, key: &str, body: &mut dyn Read) -> Result<()> {
+        let path = self.path(key)?;
+        let tmp = self
+            .write_tmp(&path, body)
+            .map_err(|e| err("write", key, e))?;
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(err("rename", key, e));
+        }
+        let dir = path.parent().unwrap_or(&self.root);
+        fsync_dir(dir).map_err(|e| err("fsync", key, e))
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
+        let path = self.path(key)?;
+        match File::open(&path) {
+            Ok(f) => Ok(Some(Box::new(io::BufReader::with_capacity(1 << 20, f)))),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err("read", key, e)),
+        }
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        let path = self.path(key)?;
+        match fs::metadata(&path) {
+            Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: m.len(),
+            })),
+            Ok(_) => Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(err("stat", key, e)),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let rel = prefix.trim_end_matches('/');
+        let dir = if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(rel)?
+        };
+        let mut out = Vec::new();
+        self.walk(&dir, rel, &mut out)
+            .map_err(|e| err("list", prefix, e))?;
+        out.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(out)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let path = self.path(key)?;
+        match fs::remove_file(&path) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(err("delete", key, e)),
+        }
+        let dir = path.parent().unwrap_or(&self.root);
+        fsync_dir(dir).map_err(|e| err("fsync", key, e))
+    }
+
+    fn describe(&self) -> String {
+        format!("posix:{}", self.root.display())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conformance() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PosixStorage::new(dir.path());
+        assert!(s.get("a/b").unwrap().is_none());
+        assert_eq!(
+            s.put_new("a/b", &mut &b"one"[..]).unwrap(),
+            PutOutcome::Stored
+        );
+        assert_eq!(
+            s.put_new("a/b", &mut &b"two"[..]).unwrap(),
+            PutOutcome::AlreadyExists
+        );
+        let mut v = Vec::new();
+        s.get("a/b").unwrap().unwrap().read_to_end(&mut v).unwrap();
+        assert_eq!(v, b"one");
+        s.put_replace("a/b", &mut &b"three"[..]).unwrap();
+        s.put_new("a/c/d", &mut &b"x"[..]).unwrap();
+        // A temporary left by a killed writer is invisible.
+        fs::write(dir.path().join("a/.d.1.tmp"), b"partial").unwrap();
+        let keys: Vec<_> = s.list("a/").unwrap().into_iter().map(|m| m.key).collect();
+        assert_eq!(keys, vec!["a/b", "a/c/d"]);
+        assert_eq!(s.head("a/b").unwrap().unwrap().size, 5);
+        s.delete("a/b").unwrap();
+        assert!(s.head("a/b").unwrap().is_none());
+        assert!(s.list("nothing/").unwrap().is_empty());
+        assert!(s.put_new("../x", &mut &b""[..]).is_err());
+    }
+}
