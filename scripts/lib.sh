@@ -1,0 +1,41 @@
+# Shared settings for the scripts. Sourced, not run.
+# Everything slow to rebuild (toolchain copy, crates, target/) lives under
+# $PGB_ROOT, outside the clone, so a fresh clone reuses it.
+PGB_ROOT=${PGB_ROOT:-/var/tmp/pg_backup}
+PG_MAJOR=${PG_MAJOR:-15}
+PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
+PG_BIN=${PG_BIN:-/usr/lib/postgresql/$PG_MAJOR/bin}
+PGRX_VERSION=0.18.1
+TEST_USER=${TEST_USER:-postgres}
+REPO_TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+log() { printf '\n==> %s\n' "$*"; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+# The Rust toolchain copy readable by $TEST_USER (/root is 0700).
+rust_copy_dir() {
+  local ver; ver=$(rustc --version | awk '{print $2}')
+  echo "/opt/rust-$ver"
+}
+
+# Runs a command as $TEST_USER with the project's toolchain and caches.
+as_test_user() {
+  runuser -u "$TEST_USER" -- env -i \
+    HOME="$PGB_ROOT/home" USER="$TEST_USER" LOGNAME="$TEST_USER" LANG=C.UTF-8 \
+    PATH="$(rust_copy_dir)/bin:/usr/local/bin:$PG_BIN:/usr/bin:/bin" \
+    CARGO_HOME="$PGB_ROOT/cargo-home" PGRX_HOME="$PGB_ROOT/pgrx-home" \
+    CARGO_TARGET_DIR="$PGB_ROOT/target" CARGO_TERM_COLOR=never \
+    PG_CONFIG="$PG_CONFIG" PG_BIN="$PG_BIN" CI="${CI:-}" \
+    "$@"
+}
+
+# Copies the working tree (without target/ and .git) to where $TEST_USER builds.
+sync_tree() {
+  local dest="$PGB_ROOT/src"
+  rm -rf "$dest.new"
+  mkdir -p "$dest.new"
+  tar -C "$REPO_TOP" --exclude=./target --exclude=./.git -cf - . | tar -C "$dest.new" -xf -
+  rm -rf "$dest"
+  mv "$dest.new" "$dest"
+  chown -R "$TEST_USER:$TEST_USER" "$dest"
+}

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Installs what building and testing pg_backup needs on Debian 12, as root.
+# Idempotent: a second run only checks.
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+[ "$(id -u)" = 0 ] || die "run as root (it installs packages and prepares user $TEST_USER)"
+
+need_pkgs=()
+for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib pgbackrest clang libclang-dev rsync; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q "${need_pkgs[@]}"
+fi
+# Debian starts a cluster on install; the tests make their own.
+systemctl disable --now postgresql >/dev/null 2>&1 || true
+
+command -v cargo >/dev/null || die "cargo not found: install Rust $(grep rust-version "$REPO_TOP/Cargo.toml" | cut -d'"' -f2) with rustup"
+if ! cargo-pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+  log "installing cargo-pgrx $PGRX_VERSION (a few minutes)"
+  cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked --no-default-features --root /usr/local
+fi
+
+RUST_COPY=$(rust_copy_dir)
+if [ ! -x "$RUST_COPY/bin/cargo" ]; then
+  log "copying the Rust toolchain to $RUST_COPY for $TEST_USER"
+  mkdir -p "$RUST_COPY.tmp"
+  cp -a "$(rustc --print sysroot)/." "$RUST_COPY.tmp/"
+  mv "$RUST_COPY.tmp" "$RUST_COPY"
+fi
+
+install -d -o "$TEST_USER" -g "$TEST_USER" "$PGB_ROOT" "$PGB_ROOT/home" "$PGB_ROOT/cargo-home" "$PGB_ROOT/target"
+# Reuse crates root already downloaded (saves the network and time).
+if [ ! -d "$PGB_ROOT/cargo-home/registry" ] && [ -d "${CARGO_HOME:-$HOME/.cargo}/registry" ]; then
+  cp -a "${CARGO_HOME:-$HOME/.cargo}/registry" "$PGB_ROOT/cargo-home/"
+fi
+chown -R "$TEST_USER:$TEST_USER" "$PGB_ROOT/cargo-home" "$PGB_ROOT/home"
+
+# `cargo pgrx install/test` write the extension into PostgreSQL's directories.
+PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)
+EXTDIR=$("$PG_CONFIG" --sharedir)/extension
+for f in "$PKGLIBDIR/pg_backup_ext.so" "$EXTDIR/pg_backup_ext.control" "$EXTDIR"/pg_backup_ext--*.sql; do
+  [ -e "$f" ] && [ "$(stat -c %U "$f")" != "$TEST_USER" ] && rm -f "$f"
+done
+chgrp "$TEST_USER" "$PKGLIBDIR" "$EXTDIR"
+chmod g+w "$PKGLIBDIR" "$EXTDIR"
+
+if [ ! -f "$PGB_ROOT/pgrx-home/config.toml" ]; then
+  log "registering PostgreSQL $PG_MAJOR with pgrx"
+  as_test_user cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG" >/dev/null
+fi
+log "setup complete"

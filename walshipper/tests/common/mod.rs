@@ -1,0 +1,341 @@
+//! Integration-test harness: real PostgreSQL clusters (initdb, pg_ctl) run as
+//! the current user, which must not be root (scripts/test.sh arranges that),
+//! and the real walshipper binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+pub fn pg_bin(tool: &str) -> PathBuf {
+    let dir = std::env::var("PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    PathBuf::from(dir).join(tool)
+}
+
+pub fn walshipper_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_walshipper"))
+}
+
+pub fn assert_not_root() {
+    // SAFETY: getuid cannot fail and has no preconditions.
+    let uid = unsafe { libc::getuid() };
+    assert_ne!(
+        uid, 0,
+        "integration tests start PostgreSQL, which refuses to run as root: run them through scripts/test.sh (as user postgres)"
+    );
+}
+
+pub fn run(cmd: &mut Command) -> Output {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    out
+}
+
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A scratch directory under /tmp (short: socket paths are limited to 107 bytes).
+pub fn scratch(name: &str) -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix(&format!("ws-{name}-"))
+        .tempdir_in("/tmp")
+        .expect("tempdir")
+}
+
+/// A walshipper configuration for one cluster and one repository.
+pub struct Shipper {
+    pub config: PathBuf,
+    pub repo: PathBuf,
+    pub passphrase_file: PathBuf,
+}
+
+impl Shipper {
+    pub fn new(dir: &Path, data_dir: &Path, socket_dir: &Path, port: u16) -> Shipper {
+        let repo = dir.join("repo");
+        let passphrase_file = dir.join("passphrase");
+        std::fs::write(
+            &passphrase_file,
+            "integration-test passphrase, long enough\n",
+        )
+        .unwrap();
+        let config = dir.join("walshipper.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[pg]\ndata_dir = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\ndatabase = \"postgres\"\n\
+                 [repo]\ntype = \"posix\"\npath = \"{}\"\n\
+                 [encryption]\npassphrase_file = \"{}\"\nkey_cache_dir = \"{}\"\n\
+                 [compression]\nlevel = 3\n[archive]\ncheck_timeout = 60\n",
+                data_dir.display(),
+                socket_dir.display(),
+                repo.display(),
+                passphrase_file.display(),
+                dir.join("keycache").display()
+            ),
+        )
+        .unwrap();
+        Shipper {
+            config,
+            repo,
+            passphrase_file,
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(walshipper_bin());
+        c.arg("--config").arg(&self.config);
+        c.env_remove("WALSHIPPER_PASSPHRASE");
+        c
+    }
+
+    pub fn archive_command(&self) -> String {
+        format!(
+            "'{} --config {} archive-push %p'",
+            walshipper_bin().display(),
+            self.config.display()
+        )
+    }
+
+    pub fn restore_command(&self) -> String {
+        format!(
+            "'{} --config {} archive-get %f \"%p\"'",
+            walshipper_bin().display(),
+            self.config.display()
+        )
+    }
+
+    pub fn info(&self) -> serde_json::Value {
+        let out = run_ok(self.cmd().args(["info", "--json"]));
+        serde_json::from_str(&out).expect("info --json is JSON")
+    }
+
+    /// Every stored object file (not temporaries) under the repository.
+    pub fn object_files(&self) -> Vec<PathBuf> {
+        fn walk(d: &Path, out: &mut Vec<PathBuf>) {
+            for e in std::fs::read_dir(d).unwrap().flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    walk(&p, out);
+                } else if !e.file_name().to_string_lossy().starts_with('.') {
+                    out.push(p);
+                }
+            }
+        }
+        let mut v = Vec::new();
+        walk(&self.repo, &mut v);
+        v.sort();
+        v
+    }
+
+    pub fn wal_object(&self, name: &str) -> PathBuf {
+        if name.ends_with(".history") {
+            self.repo.join("wal/history").join(name)
+        } else {
+            self.repo.join("wal").join(&name[0..16]).join(name)
+        }
+    }
+}
+
+pub struct Cluster {
+    pub data: PathBuf,
+    pub socket: PathBuf,
+    pub port: u16,
+    pub log: PathBuf,
+}
+
+impl Cluster {
+    /// initdb with data checksums; `conf` lines are appended to postgresql.conf.
+    pub fn init(dir: &Path, name: &str, conf: &[String]) -> Cluster {
+        assert_not_root();
+        let data = dir.join(name);
+        run_ok(
+            Command::new(pg_bin("initdb"))
+                .args(["-D"])
+                .arg(&data)
+                .args([
+                    "-U",
+                    "postgres",
+                    "-A",
+                    "trust",
+                    "-k",
+                    "--no-sync",
+                    "-E",
+                    "UTF8",
+                    "--locale=C",
+                ]),
+        );
+        let c = Cluster::at(dir, name);
+        c.configure(conf);
+        c
+    }
+
+    /// A data directory made some other way (a base backup copy).
+    pub fn at(dir: &Path, name: &str) -> Cluster {
+        let socket = dir.join(format!("{name}-sock"));
+        std::fs::create_dir_all(&socket).unwrap();
+        Cluster {
+            data: dir.join(name),
+            log: dir.join(format!("{name}.log")),
+            socket,
+            port: 5432,
+        }
+    }
+
+    pub fn configure(&self, conf: &[String]) {
+        let mut text = format!(
+            "\nlisten_addresses = ''\nunix_socket_directories = '{}'\nport = {}\n\
+             fsync = off\nshared_buffers = 64MB\nmax_wal_size = 256MB\nlogging_collector = off\n",
+            self.socket.display(),
+            self.port
+        );
+        for l in conf {
+            text.push_str(l);
+            text.push('\n');
+        }
+        let path = self.data.join("postgresql.conf");
+        let mut old = std::fs::read_to_string(&path).unwrap();
+        old.push_str(&text);
+        std::fs::write(path, old).unwrap();
+    }
+
+    pub fn start(&self) {
+        run_ok(
+            Command::new(pg_bin("pg_ctl"))
+                .args(["-D"])
+                .arg(&self.data)
+                .args(["-l"])
+                .arg(&self.log)
+                .args(["-w", "-t", "300", "start"]),
+        );
+    }
+
+    /// Starts without waiting (a recovering cluster may stop by itself).
+    pub fn start_nowait(&self) {
+        run_ok(
+            Command::new(pg_bin("pg_ctl"))
+                .args(["-D"])
+                .arg(&self.data)
+                .args(["-l"])
+                .arg(&self.log)
+                .args(["-W", "start"]),
+        );
+    }
+
+    pub fn stop(&self) {
+        let _ = run(Command::new(pg_bin("pg_ctl"))
+            .args(["-D"])
+            .arg(&self.data)
+            .args(["-m", "fast", "-w", "stop"]));
+    }
+
+    pub fn psql_cmd(&self) -> Command {
+        let mut c = Command::new(pg_bin("psql"));
+        c.args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "-h",
+        ])
+        .arg(&self.socket)
+        .args(["-p", &self.port.to_string()]);
+        c
+    }
+
+    pub fn sql(&self, sql: &str) -> String {
+        run_ok(self.psql_cmd().args(["-c", sql])).trim().to_string()
+    }
+
+    pub fn try_sql(&self, sql: &str) -> Option<String> {
+        let out = run(self.psql_cmd().args(["-c", sql]));
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    }
+
+    pub fn pgbench(&self, args: &[&str]) -> String {
+        run_ok(
+            Command::new(pg_bin("pgbench"))
+                .args(["-U", "postgres", "-h"])
+                .arg(&self.socket)
+                .args(["-p", &self.port.to_string()])
+                .args(args)
+                .arg("postgres"),
+        )
+    }
+
+    /// Waits until the server answers and is out of recovery.
+    pub fn wait_promoted(&self, timeout: Duration) {
+        let start = Instant::now();
+        loop {
+            if self.try_sql("SELECT pg_is_in_recovery()").as_deref() == Some("f") {
+                return;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "cluster {} not promoted within {timeout:?}; log:\n{}",
+                    self.data.display(),
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Switches WAL and waits until the archiver has archived that segment.
+    pub fn switch_and_wait_archived(&self, timeout: Duration) -> String {
+        self.sql("SELECT pg_create_restore_point('test-switch')");
+        let name = self.sql("SELECT pg_walfile_name(pg_switch_wal())");
+        let start = Instant::now();
+        loop {
+            let last = self.sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver");
+            if last.as_str() >= name.as_str() && !last.ends_with(".backup") {
+                return name;
+            }
+            if start.elapsed() > timeout {
+                panic!(
+                    "segment {name} not archived within {timeout:?}: {}",
+                    self.sql("SELECT row(s.*) FROM pg_stat_archiver s")
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.data.join("postmaster.pid").exists() {
+            let _ = Command::new(pg_bin("pg_ctl"))
+                .args(["-D"])
+                .arg(&self.data)
+                .args(["-m", "immediate", "-w", "stop"])
+                .output();
+        }
+    }
+}
+
+/// Copies a directory tree (a base backup into a new data directory).
+pub fn copy_tree(from: &Path, to: &Path) {
+    run_ok(Command::new("cp").arg("-a").arg(from).arg(to));
+}
