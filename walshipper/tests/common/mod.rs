@@ -68,6 +68,8 @@ impl Shipper {
             "integration-test passphrase, long enough\n",
         )
         .unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&passphrase_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let config = dir.join("walshipper.toml");
         std::fs::write(
             &config,
