@@ -4,6 +4,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and prepares user $TEST_USER)"
+# --minimal: only what the demo needs (PostgreSQL and a toolchain copy), no pgrx.
+MINIMAL=0; [ "${1:-}" = --minimal ] && MINIMAL=1
 
 need_pkgs=()
 for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib pgbackrest clang libclang-dev rsync; do
@@ -19,7 +21,7 @@ fi
 systemctl disable --now postgresql >/dev/null 2>&1 || true
 
 command -v cargo >/dev/null || die "cargo not found: install Rust $(grep rust-version "$REPO_TOP/Cargo.toml" | cut -d'"' -f2) with rustup"
-if ! cargo-pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+if [ $MINIMAL = 0 ] && ! cargo-pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   log "installing cargo-pgrx $PGRX_VERSION (a few minutes)"
   cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked --no-default-features --root /usr/local
 fi
@@ -38,6 +40,8 @@ if [ ! -d "$PGB_ROOT/cargo-home/registry" ] && [ -d "${CARGO_HOME:-$HOME/.cargo}
   cp -a "${CARGO_HOME:-$HOME/.cargo}/registry" "$PGB_ROOT/cargo-home/"
 fi
 chown -R "$TEST_USER:$TEST_USER" "$PGB_ROOT/cargo-home" "$PGB_ROOT/home"
+
+[ $MINIMAL = 1 ] && { log "setup (minimal) complete"; exit 0; }
 
 # `cargo pgrx install/test` write the extension into PostgreSQL's directories.
 PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)

@@ -239,19 +239,106 @@ fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     Ok(b)
 }
 
-/// Turns a plaintext reader into the stored byte stream. Reads `threads`
-/// frames at a time and compresses/encrypts them in parallel, so memory stays
-/// at about 2 × threads × frame_size.
+/// Turns a plaintext reader into the stored byte stream. The calling thread
+/// reads and hashes (SHA-256 needs the bytes in order) while a small pool of
+/// worker threads compresses and seals frames; results are put back in order.
+/// At most 2 × threads frames are in flight, so memory stays bounded.
 pub struct EncodingReader<R> {
     src: R,
     settings: Arc<CodecSettings>,
     sealer: Arc<Sealer>,
     out: Vec<u8>,
     pos: usize,
+    /// Index of the next frame to read from `src`.
     next_index: u32,
+    /// Index of the next frame to emit into `out`.
+    next_emit: u32,
+    eof: bool,
     sha: Sha256,
     summary: Summary,
     finished: bool,
+    pool: Option<Pool>,
+    /// Frames sent to the pool and not yet back.
+    queued: usize,
+    inline: FrameEncoder,
+    pending: std::collections::BTreeMap<u32, Vec<u8>>,
+}
+
+/// Compresses, seals and frames chunks, reusing its zstd context.
+struct FrameEncoder {
+    sealer: Arc<Sealer>,
+    zstd: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl FrameEncoder {
+    fn new(settings: &CodecSettings, sealer: Arc<Sealer>) -> io::Result<FrameEncoder> {
+        let zstd = match settings.compression {
+            Compression::Zstd => Some(zstd::bulk::Compressor::new(settings.level)?),
+            Compression::None => None,
+        };
+        Ok(FrameEncoder {
+            sealer,
+            zstd,
+        })
+    }
+
+    fn encode(&mut self, index: u32, chunk: Vec<u8>) -> io::Result<Vec<u8>> {
+        let mut body = match &mut self.zstd {
+            Some(z) => z.compress(&chunk)?,
+            None => chunk,
+        };
+        self.sealer.seal(index, KIND_DATA, &mut body).map_err(invalid)?;
+        let mut rec = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
+        frame_record(index, KIND_DATA, &body, &mut rec);
+        Ok(rec)
+    }
+}
+
+type Job = (u32, Vec<u8>);
+type Done = (u32, io::Result<Vec<u8>>);
+
+struct Pool {
+    jobs: Option<std::sync::mpsc::Sender<Job>>,
+    done: std::sync::mpsc::Receiver<Done>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    fn new(threads: usize, settings: &Arc<CodecSettings>, sealer: &Arc<Sealer>) -> io::Result<Pool> {
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
+        let job_rx = Arc::new(std::sync::Mutex::new(job_rx));
+        let mut workers = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let mut enc = FrameEncoder::new(settings, sealer.clone())?;
+            let job_rx = job_rx.clone();
+            let done_tx = done_tx.clone();
+            workers.push(std::thread::spawn(move || loop {
+                let job = match job_rx.lock() {
+                    Ok(rx) => rx.recv(),
+                    Err(_) => return,
+                };
+                let Ok((index, chunk)) = job else { return };
+                if done_tx.send((index, enc.encode(index, chunk))).is_err() {
+                    return;
+                }
+            }));
+        }
+        Ok(Pool {
+            jobs: Some(job_tx),
+            done: done_rx,
+            workers,
+        })
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.jobs.take(); // closes the queue: workers finish and exit
+        for w in self.workers.drain(..) {
+            let _ = w.join();
+        }
+    }
 }
 
 impl<R: Read> EncodingReader<R> {
@@ -263,12 +350,18 @@ impl<R: Read> EncodingReader<R> {
             salt: random_bytes::<28>()?,
             frame_size: settings.frame_size,
         };
-        let sealer = Sealer::new(&header, settings.key.as_ref()).map_err(invalid)?;
+        let sealer = Arc::new(Sealer::new(&header, settings.key.as_ref()).map_err(invalid)?);
+        let pool = if settings.threads > 1 {
+            Some(Pool::new(settings.threads - 1, &settings, &sealer)?)
+        } else {
+            None
+        };
+        let inline = FrameEncoder::new(&settings, sealer.clone())?;
         let out = header.to_bytes().to_vec();
         Ok(EncodingReader {
             src,
             settings,
-            sealer: Arc::new(sealer),
+            sealer,
             summary: Summary {
                 stored_len: HEADER_LEN as u64,
                 ..Summary::default()
@@ -276,8 +369,14 @@ impl<R: Read> EncodingReader<R> {
             out,
             pos: 0,
             next_index: 0,
+            next_emit: 0,
+            eof: false,
             sha: Sha256::new(),
             finished: false,
+            pool,
+            queued: 0,
+            inline,
+            pending: Default::default(),
         })
     }
 
@@ -286,11 +385,23 @@ impl<R: Read> EncodingReader<R> {
         &self.summary
     }
 
-    fn read_chunk(&mut self) -> io::Result<Vec<u8>> {
+    /// The next chunk of plaintext (hashed and counted), or None at the end.
+    fn read_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+        if self.eof {
+            return Ok(None);
+        }
         let size = self.settings.frame_size as usize;
         let mut buf = Vec::with_capacity(size);
         (&mut self.src).take(size as u64).read_to_end(&mut buf)?;
-        Ok(buf)
+        if buf.len() < size {
+            self.eof = true;
+        }
+        if buf.is_empty() {
+            return Ok(None);
+        }
+        self.sha.update(&buf);
+        self.summary.plain_len += buf.len() as u64;
+        Ok(Some(buf))
     }
 
     fn refill(&mut self) -> io::Result<()> {
@@ -299,31 +410,57 @@ impl<R: Read> EncodingReader<R> {
         if self.finished {
             return Ok(());
         }
-        let threads = self.settings.threads.max(1);
-        let mut chunks = Vec::with_capacity(threads * 2);
-        for _ in 0..threads * 2 {
-            let c = self.read_chunk()?;
-            if c.is_empty() {
-                break;
+        // The calling thread reads and hashes every chunk; it hands chunks to
+        // the pool while the pool has room and otherwise encodes them itself,
+        // so all threads stay busy. Frames are emitted strictly in order.
+        let room = self.pool.as_ref().map_or(0, |p| p.workers.len() * 2);
+        let max_held = (room + 1) * 2;
+        loop {
+            while let Some(rec) = self.pending.remove(&self.next_emit) {
+                self.out.extend_from_slice(&rec);
+                self.next_emit += 1;
             }
-            let short = c.len() < self.settings.frame_size as usize;
-            self.sha.update(&c);
-            self.summary.plain_len += c.len() as u64;
-            chunks.push(c);
-            if short {
-                break;
+            if !self.out.is_empty() {
+                return Ok(());
             }
+            if self.eof && self.next_emit == self.next_index {
+                return self.finish();
+            }
+            if let Some(pool) = &self.pool {
+                while let Ok((index, result)) = pool.done.try_recv() {
+                    self.queued -= 1;
+                    self.pending.insert(index, result?);
+                }
+                if self.pending.contains_key(&self.next_emit) {
+                    continue;
+                }
+            }
+            let held = self.queued + self.pending.len();
+            if !self.eof && held < max_held {
+                let Some(chunk) = self.read_chunk()? else { continue };
+                let index = self.next_index;
+                self.next_index += 1;
+                if let Some(jobs) = self.pool.as_ref().and_then(|p| p.jobs.as_ref()) {
+                    if self.queued < room {
+                        jobs.send((index, chunk))
+                            .map_err(|_| io::Error::other("encoder thread died"))?;
+                        self.queued += 1;
+                        continue;
+                    }
+                }
+                let rec = self.inline.encode(index, chunk)?;
+                self.pending.insert(index, rec);
+                continue;
+            }
+            // Everything read is with the workers: wait for one.
+            let pool = self.pool.as_ref().ok_or_else(|| io::Error::other("encoder stalled"))?;
+            let (index, result) = pool
+                .done
+                .recv()
+                .map_err(|_| io::Error::other("encoder thread died"))?;
+            self.queued -= 1;
+            self.pending.insert(index, result?);
         }
-        let first = self.next_index;
-        let encoded = encode_frames(&self.settings, &self.sealer, first, chunks)?;
-        for (i, payload) in encoded.iter().enumerate() {
-            frame_record(first + i as u32, KIND_DATA, payload, &mut self.out);
-        }
-        self.next_index += encoded.len() as u32;
-        if encoded.is_empty() {
-            self.finish()?;
-        }
-        Ok(())
     }
 
     fn finish(&mut self) -> io::Result<()> {
@@ -341,66 +478,6 @@ impl<R: Read> EncodingReader<R> {
         self.finished = true;
         Ok(())
     }
-}
-
-fn encode_one(
-    settings: &CodecSettings,
-    sealer: &Sealer,
-    index: u32,
-    chunk: Vec<u8>,
-) -> io::Result<Vec<u8>> {
-    let mut body = match settings.compression {
-        Compression::Zstd => zstd::bulk::compress(&chunk, settings.level)?,
-        Compression::None => chunk,
-    };
-    sealer.seal(index, KIND_DATA, &mut body).map_err(invalid)?;
-    Ok(body)
-}
-
-fn encode_frames(
-    settings: &CodecSettings,
-    sealer: &Sealer,
-    first: u32,
-    chunks: Vec<Vec<u8>>,
-) -> io::Result<Vec<Vec<u8>>> {
-    if chunks.len() <= 1 || settings.threads <= 1 {
-        return chunks
-            .into_iter()
-            .enumerate()
-            .map(|(i, c)| encode_one(settings, sealer, first + i as u32, c))
-            .collect();
-    }
-    // Frames are independent: hand them out round-robin to scoped threads.
-    let threads = settings.threads.min(chunks.len());
-    let mut slots: Vec<Vec<(usize, Vec<u8>)>> = (0..threads).map(|_| Vec::new()).collect();
-    for (i, c) in chunks.into_iter().enumerate() {
-        slots[i % threads].push((i, c));
-    }
-    let results: Vec<io::Result<Vec<(usize, Vec<u8>)>>> = std::thread::scope(|s| {
-        let handles: Vec<_> = slots
-            .into_iter()
-            .map(|work| {
-                s.spawn(move || {
-                    work.into_iter()
-                        .map(|(i, c)| Ok((i, encode_one(settings, sealer, first + i as u32, c)?)))
-                        .collect::<io::Result<Vec<_>>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| {
-                h.join()
-                    .unwrap_or_else(|_| Err(io::Error::other("compression thread panicked")))
-            })
-            .collect()
-    });
-    let mut all = Vec::new();
-    for r in results {
-        all.extend(r?);
-    }
-    all.sort_by_key(|(i, _)| *i);
-    Ok(all.into_iter().map(|(_, b)| b).collect())
 }
 
 impl<R: Read> Read for EncodingReader<R> {
@@ -628,7 +705,7 @@ mod tests {
         Arc::new(CodecSettings {
             compression,
             level: 3,
-            key: encrypted.then(|| DataKey {
+            key: encrypted.then_some(DataKey {
                 id: [7; 16],
                 key: [9; 32],
             }),

@@ -12,7 +12,7 @@ use crate::error::{Error, Result};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walshipper/walshipper.toml";
 
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub pg: PgConfig,
@@ -63,18 +63,6 @@ pub struct CompressionConfig {
 pub struct ArchiveConfig {
     /// Seconds `walshipper check` waits for the switched segment.
     pub check_timeout: u64,
-}
-
-impl Default for Config {
-    fn default() -> Self {
-        Config {
-            pg: PgConfig::default(),
-            repo: RepoConfig::default(),
-            encryption: EncryptionConfig::default(),
-            compression: CompressionConfig::default(),
-            archive: ArchiveConfig::default(),
-        }
-    }
 }
 
 impl Default for PgConfig {

@@ -1,0 +1,43 @@
+//! Rough per-stage timings of the codec on one file: `cargo run --release
+//! --example codec_speed -- FILE`. A tool for tuning, not a test.
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Instant;
+
+use sha2::Digest;
+use walshipper::codec::{CodecSettings, Compression, DataKey, EncodingReader};
+
+fn main() {
+    let path = std::env::args().nth(1).expect("usage: codec_speed FILE");
+    let t = Instant::now();
+    let data = std::fs::read(&path).expect("read");
+    println!("read        {:6.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let t = Instant::now();
+    let _ = sha2::Sha256::digest(&data);
+    println!("sha256      {:6.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let t = Instant::now();
+    let _ = crc32fast::hash(&data);
+    println!("crc32       {:6.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let t = Instant::now();
+    for c in data.chunks(1 << 20) {
+        let _ = zstd::bulk::compress(c, 3).expect("zstd");
+    }
+    println!("zstd-3 1thr {:6.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    for (enc, threads) in [(false, 1), (true, 1), (true, 2)] {
+        let s = Arc::new(CodecSettings {
+            compression: Compression::Zstd,
+            level: 3,
+            key: enc.then_some(DataKey { id: [1; 16], key: [2; 32] }),
+            frame_size: 1 << 20,
+            threads,
+        });
+        let t = Instant::now();
+        let mut r = EncodingReader::new(&data[..], s).expect("enc");
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).expect("encode");
+        println!(
+            "encode enc={enc} threads={threads} {:6.1} ms",
+            t.elapsed().as_secs_f64() * 1e3
+        );
+    }
+}
