@@ -27,7 +27,10 @@ fn main() {
         let s = Arc::new(CodecSettings {
             compression: Compression::Zstd,
             level: 3,
-            key: enc.then_some(DataKey { id: [1; 16], key: [2; 32] }),
+            key: enc.then_some(DataKey {
+                id: [1; 16],
+                key: [2; 32],
+            }),
             frame_size: 1 << 20,
             threads,
         });

@@ -276,10 +276,7 @@ impl FrameEncoder {
             Compression::Zstd => Some(zstd::bulk::Compressor::new(settings.level)?),
             Compression::None => None,
         };
-        Ok(FrameEncoder {
-            sealer,
-            zstd,
-        })
+        Ok(FrameEncoder { sealer, zstd })
     }
 
     fn encode(&mut self, index: u32, chunk: Vec<u8>) -> io::Result<Vec<u8>> {
@@ -287,7 +284,9 @@ impl FrameEncoder {
             Some(z) => z.compress(&chunk)?,
             None => chunk,
         };
-        self.sealer.seal(index, KIND_DATA, &mut body).map_err(invalid)?;
+        self.sealer
+            .seal(index, KIND_DATA, &mut body)
+            .map_err(invalid)?;
         let mut rec = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
         frame_record(index, KIND_DATA, &body, &mut rec);
         Ok(rec)
@@ -304,7 +303,11 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(threads: usize, settings: &Arc<CodecSettings>, sealer: &Arc<Sealer>) -> io::Result<Pool> {
+    fn new(
+        threads: usize,
+        settings: &Arc<CodecSettings>,
+        sealer: &Arc<Sealer>,
+    ) -> io::Result<Pool> {
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
         let job_rx = Arc::new(std::sync::Mutex::new(job_rx));
@@ -437,7 +440,9 @@ impl<R: Read> EncodingReader<R> {
             }
             let held = self.queued + self.pending.len();
             if !self.eof && held < max_held {
-                let Some(chunk) = self.read_chunk()? else { continue };
+                let Some(chunk) = self.read_chunk()? else {
+                    continue;
+                };
                 let index = self.next_index;
                 self.next_index += 1;
                 if let Some(jobs) = self.pool.as_ref().and_then(|p| p.jobs.as_ref()) {
@@ -453,7 +458,10 @@ impl<R: Read> EncodingReader<R> {
                 continue;
             }
             // Everything read is with the workers: wait for one.
-            let pool = self.pool.as_ref().ok_or_else(|| io::Error::other("encoder stalled"))?;
+            let pool = self
+                .pool
+                .as_ref()
+                .ok_or_else(|| io::Error::other("encoder stalled"))?;
             let (index, result) = pool
                 .done
                 .recv()
