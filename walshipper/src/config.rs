@@ -15,6 +15,9 @@ pub const DEFAULT_CONFIG_PATH: &str = "/etc/walshipper/walshipper.toml";
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
+    /// The file this configuration came from, if any (absolute).
+    #[serde(skip)]
+    pub source: Option<PathBuf>,
     pub pg: PgConfig,
     pub repo: RepoConfig,
     pub encryption: EncryptionConfig,
@@ -157,13 +160,18 @@ impl Config {
         path: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Config> {
-        let mut cfg = match path {
-            Some(p) => Self::from_file(p)?,
+        let file = match path {
+            Some(p) => Some(p.to_path_buf()),
             None if Path::new(DEFAULT_CONFIG_PATH).exists() => {
-                Self::from_file(Path::new(DEFAULT_CONFIG_PATH))?
+                Some(PathBuf::from(DEFAULT_CONFIG_PATH))
             }
+            None => None,
+        };
+        let mut cfg = match &file {
+            Some(p) => Self::from_file(p)?,
             None => Config::default(),
         };
+        cfg.source = file.map(|p| std::path::absolute(&p).unwrap_or(p));
         for (name, value) in env {
             if !name.starts_with("WALSHIPPER_") || SPECIAL_ENV.contains(&name.as_str()) {
                 continue;

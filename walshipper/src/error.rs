@@ -67,6 +67,14 @@ pub enum Error {
         source: postgres::Error,
     },
 
+    /// Another process holds the lock this operation needs.
+    #[error("{0}")]
+    Busy(String),
+
+    /// verify found damaged or missing data.
+    #[error("{0}")]
+    VerifyFailed(String),
+
     /// A check (`walshipper check`) found a problem.
     #[error("check failed: {0}")]
     Check(String),
@@ -83,6 +91,8 @@ pub mod exit {
     pub const UNAVAILABLE: i32 = 3;
     pub const CONFLICT: i32 = 4;
     pub const CHECK_FAILED: i32 = 5;
+    pub const VERIFY_FAILED: i32 = 6;
+    pub const BUSY: i32 = 7;
     pub const DAMAGED: i32 = 126;
 }
 
@@ -104,6 +114,8 @@ impl Error {
             | Error::Postgres { .. } => exit::UNAVAILABLE,
             Error::Conflict { .. } => exit::CONFLICT,
             Error::Check(_) => exit::CHECK_FAILED,
+            Error::VerifyFailed(_) => exit::VERIFY_FAILED,
+            Error::Busy(_) => exit::BUSY,
             Error::Corrupt { .. } | Error::WrongPassphrase { .. } => exit::DAMAGED,
         }
     }

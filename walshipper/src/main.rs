@@ -48,6 +48,67 @@ enum Command {
     },
     /// Check the server's archiving end to end.
     Check,
+    /// Take an online base backup of the running cluster.
+    Backup {
+        /// Backup type (full).
+        #[arg(long = "type", default_value = "full")]
+        kind: String,
+        /// Files copied in parallel (default: one per CPU).
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Label passed to pg_backup_start.
+        #[arg(long)]
+        label: Option<String>,
+        /// Progress and result as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restore a backup into a directory, set up to recover to a target.
+    Restore {
+        /// The new data directory (must be empty unless --delta).
+        #[arg(long)]
+        target_dir: PathBuf,
+        /// Backup to restore (default: the newest that can reach the target).
+        #[arg(long)]
+        backup: Option<String>,
+        /// Recover to this time (with a zone, e.g. '2026-11-21 10:15:00+00').
+        #[arg(long, group = "target")]
+        target_time: Option<String>,
+        /// Recover to this LSN.
+        #[arg(long, group = "target")]
+        target_lsn: Option<String>,
+        /// Recover to this transaction id.
+        #[arg(long, group = "target")]
+        target_xid: Option<String>,
+        /// Recover to this named restore point.
+        #[arg(long, group = "target")]
+        target_name: Option<String>,
+        /// `immediate`: stop as soon as the backup is consistent.
+        #[arg(long, group = "target")]
+        target: Option<String>,
+        /// What to do at the target: promote, pause or shutdown.
+        #[arg(long, default_value = "pause")]
+        target_action: String,
+        #[arg(long)]
+        jobs: Option<usize>,
+        /// Rewrite only files that differ in a non-empty target directory.
+        #[arg(long)]
+        delta: bool,
+        /// Restore tablespace OID to DIR instead of its original location.
+        #[arg(long = "tablespace-map", value_name = "OID=DIR")]
+        tablespace_map: Vec<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Read back and check backups and the WAL they need.
+    Verify {
+        #[arg(long)]
+        backup: Option<String>,
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn init_logging() {
@@ -103,5 +164,92 @@ fn run(cfg: &Config, command: &Command) -> walshipper::Result<()> {
         Command::ArchiveGet { walfile, dest } => commands::archive_get::run(cfg, walfile, dest),
         Command::Info { json } => commands::info::run(cfg, *json),
         Command::Check => commands::check::run(cfg),
+        Command::Backup {
+            kind,
+            jobs,
+            label,
+            json,
+        } => commands::backup::run(
+            cfg,
+            &commands::backup::Args {
+                kind: kind.clone(),
+                jobs: jobs.unwrap_or_else(|| cfg.threads()),
+                label: label.clone(),
+                json: *json,
+            },
+        ),
+        Command::Restore {
+            target_dir,
+            backup,
+            target_time,
+            target_lsn,
+            target_xid,
+            target_name,
+            target,
+            target_action,
+            jobs,
+            delta,
+            tablespace_map,
+            json,
+        } => {
+            use commands::restore::{parse_time, Target};
+            let target = if let Some(t) = target_time {
+                Target::Time {
+                    at: parse_time(t)?,
+                    raw: t.clone(),
+                }
+            } else if let Some(l) = target_lsn {
+                Target::Lsn(walshipper::wal::parse_lsn(l).ok_or_else(|| {
+                    Error::Invalid(format!("--target-lsn '{l}' is not an LSN like 0/3000028"))
+                })?)
+            } else if let Some(x) = target_xid {
+                if x.parse::<u64>().is_err() {
+                    return Err(Error::Invalid(format!(
+                        "--target-xid '{x}' is not a transaction id"
+                    )));
+                }
+                Target::Xid(x.clone())
+            } else if let Some(n) = target_name {
+                Target::Name(n.clone())
+            } else if let Some(t) = target {
+                if t != "immediate" {
+                    return Err(Error::Invalid(format!(
+                        "--target '{t}': only 'immediate' is known"
+                    )));
+                }
+                Target::Immediate
+            } else {
+                Target::End
+            };
+            let mut map = Vec::new();
+            for m in tablespace_map {
+                let (oid, dir) = m
+                    .split_once('=')
+                    .and_then(|(o, d)| Some((o.parse::<u32>().ok()?, PathBuf::from(d))))
+                    .ok_or_else(|| {
+                        Error::Invalid(format!("--tablespace-map '{m}' is not OID=DIR"))
+                    })?;
+                map.push((oid, dir));
+            }
+            commands::restore::run(
+                cfg,
+                &commands::restore::Args {
+                    target_dir: target_dir.clone(),
+                    backup: backup.clone(),
+                    target,
+                    action: target_action.clone(),
+                    jobs: jobs.unwrap_or_else(|| cfg.threads()),
+                    delta: *delta,
+                    tablespace_map: map,
+                    json: *json,
+                },
+            )
+        }
+        Command::Verify { backup, jobs, json } => commands::verify::run(
+            cfg,
+            backup.as_deref(),
+            jobs.unwrap_or_else(|| cfg.threads()),
+            *json,
+        ),
     }
 }

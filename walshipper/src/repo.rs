@@ -14,7 +14,8 @@ use crate::codec::{
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::keys::{KeyCache, KeyFile};
-use crate::storage::{posix::PosixStorage, PutOutcome, Storage};
+use crate::manifest::Manifest;
+use crate::storage::{posix::PosixStorage, Durability, PutOutcome, Storage};
 use crate::wal::ClusterIdentity;
 
 pub const DESCRIPTOR_KEY: &str = "repository.json";
@@ -122,7 +123,11 @@ impl Repository {
             let (file, key) = KeyFile::create(&pass, opts.kdf_memory_kib, opts.kdf_iterations)?;
             let body =
                 serde_json::to_vec_pretty(&file).map_err(|e| Error::Repository(e.to_string()))?;
-            storage.put_new(&format!("keys/{}.json", file.key_id), &mut &body[..])?;
+            storage.put_new(
+                &format!("keys/{}.json", file.key_id),
+                &mut &body[..],
+                Durability::Now,
+            )?;
             if let Some(dir) = cfg.key_cache_dir() {
                 KeyCache::new(dir).put(&key, &pass);
             }
@@ -142,7 +147,9 @@ impl Repository {
         let body =
             serde_json::to_vec_pretty(&descriptor).map_err(|e| Error::Repository(e.to_string()))?;
         // Written last: a repository without its descriptor does not exist.
-        if storage.put_new(DESCRIPTOR_KEY, &mut &body[..])? == PutOutcome::AlreadyExists {
+        if storage.put_new(DESCRIPTOR_KEY, &mut &body[..], Durability::Now)?
+            == PutOutcome::AlreadyExists
+        {
             return Err(Error::Repository(
                 "another repo-init ran at the same time".into(),
             ));
@@ -234,12 +241,76 @@ impl Repository {
         Ok(())
     }
 
-    /// Encodes `plain` and stores it under `key` unless the key exists.
+    /// Encodes `plain` and stores it durably under `key` unless the key exists.
     pub fn put_object(&self, key: &str, plain: impl Read) -> Result<(PutOutcome, Summary)> {
-        let mut enc = EncodingReader::new(plain, self.settings.clone())
-            .map_err(|e| Error::io("encode", e))?;
-        let outcome = self.storage.put_new(key, &mut enc)?;
+        self.put_object_with(key, plain, Durability::Now, None)
+    }
+
+    /// As `put_object`, choosing durability and (optionally) the number of
+    /// threads that encode this object.
+    pub fn put_object_with(
+        &self,
+        key: &str,
+        plain: impl Read,
+        durability: Durability,
+        threads: Option<usize>,
+    ) -> Result<(PutOutcome, Summary)> {
+        let settings = match threads {
+            Some(t) if t != self.settings.threads => {
+                let mut s = (*self.settings).clone();
+                s.threads = t.max(1);
+                Arc::new(s)
+            }
+            _ => self.settings.clone(),
+        };
+        let mut enc = EncodingReader::new(plain, settings).map_err(|e| Error::io("encode", e))?;
+        let outcome = self.storage.put_new(key, &mut enc, durability)?;
         Ok((outcome, enc.summary().clone()))
+    }
+
+    /// Reads a whole object into memory (manifests, labels).
+    pub fn read_object_vec(&self, key: &str) -> Result<Vec<u8>> {
+        let mut v = Vec::new();
+        self.read_object(key, &mut v)?;
+        Ok(v)
+    }
+
+    /// Every complete backup (one whose manifest exists), oldest first.
+    pub fn list_backups(&self) -> Result<Vec<Manifest>> {
+        let mut out = Vec::new();
+        for meta in self.storage.list("backups/")? {
+            let Some(rest) = meta.key.strip_prefix("backups/") else {
+                continue;
+            };
+            let Some((_, "manifest")) = rest.split_once('/') else {
+                continue;
+            };
+            let body = self.read_object_vec(&meta.key)?;
+            let m: Manifest = serde_json::from_slice(&body).map_err(|e| Error::Corrupt {
+                key: meta.key.clone(),
+                reason: format!("manifest is not valid JSON: {e}"),
+            })?;
+            out.push(m);
+        }
+        out.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(out)
+    }
+
+    pub fn find_backup(&self, id: &str) -> Result<Manifest> {
+        self.list_backups()?
+            .into_iter()
+            .find(|m| m.id == id)
+            .ok_or_else(|| {
+                Error::Invalid(format!(
+                    "no backup {id} in the repository (see `walshipper info`)"
+                ))
+            })
+    }
+
+    /// Where a WAL segment is stored.
+    pub fn wal_key(&self, tli: u32, segno: u64) -> String {
+        let name = crate::wal::segment_name(tli, segno, self.descriptor.wal_segment_size);
+        format!("wal/{}/{name}", &name[0..16])
     }
 
     /// Replaces a small metadata object.

@@ -313,3 +313,42 @@ mod tests {
         assert_eq!(segment_name(1, 256, size), "000000010000000100000000");
     }
 }
+
+/// Parses an LSN as PostgreSQL prints it ("16/B374D848").
+pub fn parse_lsn(s: &str) -> Option<u64> {
+    let (hi, lo) = s.trim().split_once('/')?;
+    let hi = u32::from_str_radix(hi, 16).ok()?;
+    let lo = u32::from_str_radix(lo, 16).ok()?;
+    Some((u64::from(hi) << 32) | u64::from(lo))
+}
+
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xffff_ffff)
+}
+
+/// Segment number holding the byte at `lsn`.
+pub fn lsn_segno(lsn: u64, seg_size: u64) -> u64 {
+    lsn / seg_size
+}
+
+/// Segment number holding the byte just before `lsn` (XLByteToPrevSeg): the
+/// last segment needed to replay up to `lsn`.
+pub fn lsn_prev_segno(lsn: u64, seg_size: u64) -> u64 {
+    lsn.saturating_sub(1) / seg_size
+}
+
+#[cfg(test)]
+mod lsn_tests {
+    use super::*;
+
+    #[test]
+    fn lsn_round_trip() {
+        assert_eq!(parse_lsn("16/B374D848"), Some(0x16_B374_D848));
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("0/0"), Some(0));
+        assert_eq!(parse_lsn("x"), None);
+        let seg = 16u64 << 20;
+        assert_eq!(lsn_prev_segno(3 * seg, seg), 2);
+        assert_eq!(lsn_segno(3 * seg, seg), 3);
+    }
+}

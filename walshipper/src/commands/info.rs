@@ -19,7 +19,28 @@ pub struct Info {
     pub encryption: String,
     pub encrypted: bool,
     pub created_at: String,
+    pub backups: Vec<BackupInfo>,
     pub wal: WalInfo,
+}
+
+#[derive(Serialize)]
+pub struct BackupInfo {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub based_on: Option<String>,
+    pub label: String,
+    pub timeline: u32,
+    pub start_time: String,
+    pub stop_time: String,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub wal_start: String,
+    pub wal_stop: String,
+    pub size: u64,
+    pub stored_size: u64,
+    pub files: usize,
+    pub checksum_failures: usize,
 }
 
 #[derive(Serialize, Default)]
@@ -124,7 +145,29 @@ pub fn collect(repo: &Repository) -> Result<Info> {
             gaps,
         });
     }
+    let backups = repo
+        .list_backups()?
+        .into_iter()
+        .map(|m| BackupInfo {
+            files: m.files.len(),
+            checksum_failures: m.checksum_failures.iter().map(|f| f.blocks.len()).sum(),
+            id: m.id,
+            kind: m.kind,
+            based_on: m.based_on,
+            label: m.label,
+            timeline: m.timeline,
+            start_time: m.start_time,
+            stop_time: m.stop_time,
+            start_lsn: m.start_lsn,
+            stop_lsn: m.stop_lsn,
+            wal_start: m.wal_start,
+            wal_stop: m.wal_stop,
+            size: m.size,
+            stored_size: m.stored_size,
+        })
+        .collect();
     Ok(Info {
+        backups,
         repository: repo.storage.describe(),
         format_version: d.format_version,
         system_identifier: d.system_identifier.clone(),

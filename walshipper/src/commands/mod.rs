@@ -3,6 +3,9 @@
 
 pub mod archive_get;
 pub mod archive_push;
+pub mod backup;
 pub mod check;
 pub mod info;
 pub mod repo_init;
+pub mod restore;
+pub mod verify;

@@ -13,6 +13,8 @@ pub mod posix;
 pub struct ObjectMeta {
     pub key: String,
     pub size: u64,
+    /// When the object was stored, if the backend knows.
+    pub modified: Option<std::time::SystemTime>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -22,11 +24,23 @@ pub enum PutOutcome {
     AlreadyExists,
 }
 
+/// When a write must be durable: before `put_new` returns, or at the next
+/// `flush` (a base backup writes thousands of files and makes them durable
+/// together, before its manifest).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Durability {
+    Now,
+    AtFlush,
+}
+
 pub trait Storage: Send + Sync {
-    /// Stores `body` under `key` atomically and durably, only if `key` does
-    /// not exist yet. Returns once the object is durable; a crash at any
-    /// moment leaves either no object or the whole object.
-    fn put_new(&self, key: &str, body: &mut dyn Read) -> Result<PutOutcome>;
+    /// Stores `body` under `key` atomically, only if `key` does not exist
+    /// yet. A crash at any moment leaves either no object or the whole
+    /// object; with `Durability::Now` the object is durable on return.
+    fn put_new(&self, key: &str, body: &mut dyn Read, durability: Durability)
+        -> Result<PutOutcome>;
+    /// Makes every `Durability::AtFlush` write so far durable.
+    fn flush(&self) -> Result<()>;
     /// Stores `body` under `key` atomically and durably, replacing any
     /// existing object (for small metadata files).
     fn put_replace(&self, key: &str, body: &mut dyn Read) -> Result<()>;

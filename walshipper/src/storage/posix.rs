@@ -9,7 +9,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use super::{ObjectMeta, PutOutcome, Storage};
+use super::{Durability, ObjectMeta, PutOutcome, Storage};
 use crate::error::{Error, Result};
 
 /// Temporaries older than this are from killed writers and are removed.
@@ -73,7 +73,7 @@ impl PosixStorage {
     }
 
     /// Writes `body` to a fresh temporary beside `path` and fsyncs it.
-    fn write_tmp(&self, path: &Path, body: &mut dyn Read) -> io::Result<PathBuf> {
+    fn write_tmp(&self, path: &Path, body: &mut dyn Read, sync: bool) -> io::Result<PathBuf> {
         let dir = path.parent().unwrap_or(&self.root);
         self.ensure_dir(dir)?;
         let name = path
@@ -101,7 +101,10 @@ impl PosixStorage {
                 };
                 f.write_all(&buf[..n])?;
             }
-            f.sync_all()
+            if sync {
+                f.sync_all()?;
+            }
+            Ok(())
         })();
         match result {
             Ok(()) => Ok(tmp),
@@ -157,9 +160,11 @@ impl PosixStorage {
             if ft.is_dir() {
                 self.walk(&entry.path(), &key, out)?;
             } else if ft.is_file() {
+                let m = entry.metadata()?;
                 out.push(ObjectMeta {
                     key,
-                    size: entry.metadata()?.len(),
+                    size: m.len(),
+                    modified: m.modified().ok(),
                 });
             }
         }
@@ -168,13 +173,19 @@ impl PosixStorage {
 }
 
 impl Storage for PosixStorage {
-    fn put_new(&self, key: &str, body: &mut dyn Read) -> Result<PutOutcome> {
+    fn put_new(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        durability: Durability,
+    ) -> Result<PutOutcome> {
         let path = self.path(key)?;
         if path.exists() {
             return Ok(PutOutcome::AlreadyExists);
         }
+        let now = durability == Durability::Now;
         let tmp = self
-            .write_tmp(&path, body)
+            .write_tmp(&path, body, now)
             .map_err(|e| err("write", key, e))?;
         // link(2) fails if the name exists: two writers cannot overwrite each other.
         let linked = fs::hard_link(&tmp, &path);
@@ -186,15 +197,28 @@ impl Storage for PosixStorage {
             }
             Err(e) => return Err(err("link", key, e)),
         }
-        let dir = path.parent().unwrap_or(&self.root);
-        fsync_dir(dir).map_err(|e| err("fsync", key, e))?;
+        if now {
+            let dir = path.parent().unwrap_or(&self.root);
+            fsync_dir(dir).map_err(|e| err("fsync", key, e))?;
+        }
         Ok(PutOutcome::Stored)
+    }
+
+    fn flush(&self) -> Result<()> {
+        // syncfs(2): one call makes every file and directory of the
+        // repository's file system durable.
+        let f = File::open(&self.root).map_err(|e| err("flush", "", e))?;
+        // SAFETY: syncfs on a valid, open descriptor.
+        if unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&f)) } != 0 {
+            return Err(err("flush", "", io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     fn put_replace(&self, key: &str, body: &mut dyn Read) -> Result<()> {
         let path = self.path(key)?;
         let tmp = self
-            .write_tmp(&path, body)
+            .write_tmp(&path, body, true)
             .map_err(|e| err("write", key, e))?;
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
@@ -219,6 +243,7 @@ impl Storage for PosixStorage {
             Ok(m) if m.is_file() => Ok(Some(ObjectMeta {
                 key: key.to_string(),
                 size: m.len(),
+                modified: m.modified().ok(),
             })),
             Ok(_) => Ok(None),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
@@ -266,18 +291,20 @@ mod tests {
         let s = PosixStorage::new(dir.path());
         assert!(s.get("a/b").unwrap().is_none());
         assert_eq!(
-            s.put_new("a/b", &mut &b"one"[..]).unwrap(),
+            s.put_new("a/b", &mut &b"one"[..], Durability::Now).unwrap(),
             PutOutcome::Stored
         );
         assert_eq!(
-            s.put_new("a/b", &mut &b"two"[..]).unwrap(),
+            s.put_new("a/b", &mut &b"two"[..], Durability::Now).unwrap(),
             PutOutcome::AlreadyExists
         );
         let mut v = Vec::new();
         s.get("a/b").unwrap().unwrap().read_to_end(&mut v).unwrap();
         assert_eq!(v, b"one");
         s.put_replace("a/b", &mut &b"three"[..]).unwrap();
-        s.put_new("a/c/d", &mut &b"x"[..]).unwrap();
+        s.put_new("a/c/d", &mut &b"x"[..], Durability::AtFlush)
+            .unwrap();
+        s.flush().unwrap();
         // A temporary left by a killed writer is invisible.
         fs::write(dir.path().join("a/.d.1.tmp"), b"partial").unwrap();
         let keys: Vec<_> = s.list("a/").unwrap().into_iter().map(|m| m.key).collect();
@@ -286,6 +313,6 @@ mod tests {
         s.delete("a/b").unwrap();
         assert!(s.head("a/b").unwrap().is_none());
         assert!(s.list("nothing/").unwrap().is_empty());
-        assert!(s.put_new("../x", &mut &b""[..]).is_err());
+        assert!(s.put_new("../x", &mut &b""[..], Durability::Now).is_err());
     }
 }
