@@ -72,19 +72,19 @@ enum Command {
         #[arg(long)]
         backup: Option<String>,
         /// Recover to this time (with a zone, e.g. '2026-11-21 10:15:00+00').
-        #[arg(long, group = "target")]
+        #[arg(long, group = "recovery_target")]
         target_time: Option<String>,
         /// Recover to this LSN.
-        #[arg(long, group = "target")]
+        #[arg(long, group = "recovery_target")]
         target_lsn: Option<String>,
         /// Recover to this transaction id.
-        #[arg(long, group = "target")]
+        #[arg(long, group = "recovery_target")]
         target_xid: Option<String>,
         /// Recover to this named restore point.
-        #[arg(long, group = "target")]
+        #[arg(long, group = "recovery_target")]
         target_name: Option<String>,
         /// `immediate`: stop as soon as the backup is consistent.
-        #[arg(long, group = "target")]
+        #[arg(long, group = "recovery_target")]
         target: Option<String>,
         /// What to do at the target: promote, pause or shutdown.
         #[arg(long, default_value = "pause")]

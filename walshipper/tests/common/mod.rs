@@ -341,3 +341,50 @@ impl Drop for Cluster {
 pub fn copy_tree(from: &Path, to: &Path) {
     run_ok(Command::new("cp").arg("-a").arg(from).arg(to));
 }
+
+impl Shipper {
+    /// Runs `backup --json` and returns its final "done" event.
+    pub fn backup(&self, extra: &[&str]) -> serde_json::Value {
+        let out = run_ok(self.cmd().args(["backup", "--json"]).args(extra));
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .find(|v| v["event"] == "done")
+            .unwrap_or_else(|| panic!("no done event in: {out}"))
+    }
+
+    /// Runs `restore --target-dir DIR` with extra arguments.
+    pub fn restore(&self, dir: &Path, extra: &[&str]) -> Output {
+        run(self.cmd().arg("restore").arg("--target-dir").arg(dir).args(extra))
+    }
+
+    /// Fetches WAL segments first..=last (names) into `dir` with archive-get.
+    pub fn fetch_wal(&self, names: &[String], dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for n in names {
+            run_ok(self.cmd().args(["archive-get", n]).arg(dir.join(n)));
+        }
+    }
+}
+
+/// Segment names from `first` to `last` on one timeline (16 MiB segments).
+pub fn segment_range(first: &str, last: &str) -> Vec<String> {
+    let num = |n: &str| {
+        let log = u64::from_str_radix(&n[8..16], 16).unwrap();
+        let seg = u64::from_str_radix(&n[16..24], 16).unwrap();
+        log * 256 + seg
+    };
+    (num(first)..=num(last))
+        .map(|s| format!("{}{:08X}{:08X}", &first[0..8], s / 256, s % 256))
+        .collect()
+}
+
+/// Starts a restored data directory and waits until recovery ends.
+pub fn start_restored(d: &Path, name: &str, extra_conf: &[String]) -> Cluster {
+    let c = Cluster::at(d, name);
+    let mut conf = vec!["archive_mode = off".to_string()];
+    conf.extend_from_slice(extra_conf);
+    c.configure(&conf);
+    c.start_nowait();
+    c.wait_promoted(Duration::from_secs(180));
+    c
+}
