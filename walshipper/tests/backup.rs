@@ -31,7 +31,11 @@ fn archiving_cluster(d: &std::path::Path, shipper: &Shipper) -> Cluster {
             "track_commit_timestamp = on".into(),
         ],
     );
-    run_ok(shipper.cmd().args(["repo-init", "--kdf-memory-kib", "8192"]));
+    run_ok(
+        shipper
+            .cmd()
+            .args(["repo-init", "--kdf-memory-kib", "8192"]),
+    );
     c.start();
     c
 }
@@ -45,7 +49,10 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
     src.pgbench(&["-i", "-s", "3", "-q"]);
     let ts_dir = d.join("ts1");
     std::fs::create_dir_all(&ts_dir).unwrap();
-    src.sql(&format!("CREATE TABLESPACE ts1 LOCATION '{}'", ts_dir.display()));
+    src.sql(&format!(
+        "CREATE TABLESPACE ts1 LOCATION '{}'",
+        ts_dir.display()
+    ));
     src.sql("CREATE TABLE in_tablespace (id int PRIMARY KEY, v text) TABLESPACE ts1");
     src.sql("INSERT INTO in_tablespace SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
     src.sql("CREATE UNLOGGED TABLE scratch_unlogged AS SELECT g FROM generate_series(1, 1000) g");
@@ -62,7 +69,10 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
     std::thread::sleep(Duration::from_millis(500));
     let done = shipper.backup(&["--jobs", "2"]);
     assert!(bench.wait().unwrap().success());
-    assert_eq!(done["checksum_failures"], 0, "real pages failed our checksum check: {done}");
+    assert_eq!(
+        done["checksum_failures"], 0,
+        "real pages failed our checksum check: {done}"
+    );
     src.sql("UPDATE in_tablespace SET v = 'after backup' WHERE id <= 100");
     src.switch_and_wait_archived(MIN);
     let expected = fingerprint(&src);
@@ -79,24 +89,55 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
     // Restore, remapping the tablespace (the original location is in use).
     let r1 = d.join("r1");
     let ts_new = d.join("ts1-restored");
-    let o = shipper.restore(&r1, &["--tablespace-map", &format!("{ts_oid}={}", ts_new.display())]);
+    let o = shipper.restore(
+        &r1,
+        &[
+            "--tablespace-map",
+            &format!("{ts_oid}={}", ts_new.display()),
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let in_wal: Vec<_> = r1.join("pg_wal").read_dir().unwrap().flatten().map(|e| e.file_name()).collect();
-    assert_eq!(in_wal, vec![std::ffi::OsString::from("archive_status")], "pg_wal must start empty");
+    let in_wal: Vec<_> = r1
+        .join("pg_wal")
+        .read_dir()
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(
+        in_wal,
+        vec![std::ffi::OsString::from("archive_status")],
+        "pg_wal must start empty"
+    );
     assert!(!r1.join("postmaster.pid").exists());
 
     // pg_verifybackup checks every file and parses the WAL range with pg_waldump.
     let walcopy = d.join("walcopy");
     shipper.fetch_wal(
-        &segment_range(done["wal_start"].as_str().unwrap(), done["wal_stop"].as_str().unwrap()),
+        &segment_range(
+            done["wal_start"].as_str().unwrap(),
+            done["wal_stop"].as_str().unwrap(),
+        ),
         &walcopy,
     );
-    let out = run_ok(Command::new(pg_bin("pg_verifybackup")).arg("-w").arg(&walcopy).arg(&r1));
+    let out = run_ok(
+        Command::new(pg_bin("pg_verifybackup"))
+            .arg("-w")
+            .arg(&walcopy)
+            .arg(&r1),
+    );
     assert!(out.contains("successfully verified"), "{out}");
 
     let c1 = start_restored(d, "r1", &[]);
-    assert_eq!(fingerprint(&c1), expected, "restored data differs from the source");
-    assert_eq!(c1.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts1'"), ts_new.display().to_string());
+    assert_eq!(
+        fingerprint(&c1),
+        expected,
+        "restored data differs from the source"
+    );
+    assert_eq!(
+        c1.sql("SELECT pg_tablespace_location(oid) FROM pg_tablespace WHERE spcname = 'ts1'"),
+        ts_new.display().to_string()
+    );
     // Unlogged tables come back empty, as after a crash.
     assert_eq!(c1.sql("SELECT count(*) FROM scratch_unlogged"), "0");
     run_ok(
@@ -106,7 +147,11 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
             .args(["--all", "--heapallindexed", "--install-missing"]),
     );
     c1.stop();
-    run_ok(Command::new(pg_bin("pg_checksums")).args(["--check", "-D"]).arg(&c1.data));
+    run_ok(
+        Command::new(pg_bin("pg_checksums"))
+            .args(["--check", "-D"])
+            .arg(&c1.data),
+    );
 
     // Refusals: a non-empty directory, a target before any backup, a target beyond the archive.
     let o = shipper.restore(&r1, &[]);
@@ -114,14 +159,29 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
     assert!(String::from_utf8_lossy(&o.stderr).contains("not empty"));
     let o = shipper.restore(&d.join("r2"), &["--target-time", "2001-01-01 00:00:00+00"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("earlier than any backup"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("earlier than any backup"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     let o = shipper.restore(&d.join("r2"), &["--target-time", "2099-01-01 00:00:00+00"]);
     assert_eq!(o.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&o.stderr).contains("beyond the archived WAL"), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("beyond the archived WAL"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     assert!(!d.join("r2").exists() || d.join("r2").read_dir().unwrap().next().is_none());
 
     // --delta over the used directory rewrites what changed and recovers again.
-    let o = shipper.restore(&r1, &["--delta", "--tablespace-map", &format!("{ts_oid}={}", ts_new.display())]);
+    let o = shipper.restore(
+        &r1,
+        &[
+            "--delta",
+            "--tablespace-map",
+            &format!("{ts_oid}={}", ts_new.display()),
+        ],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let c1 = start_restored(d, "r1", &[]);
     assert_eq!(fingerprint(&c1), expected);
@@ -162,12 +222,17 @@ fn point_in_time_targets_stop_exactly_where_asked() {
     src.switch_and_wait_archived(MIN);
 
     let commit_ts = |k: i32| {
-        src.sql(&format!("SELECT pg_xact_commit_timestamp(xmin)::text FROM marker WHERE id = {k}"))
+        src.sql(&format!(
+            "SELECT pg_xact_commit_timestamp(xmin)::text FROM marker WHERE id = {k}"
+        ))
     };
     let mut cases: Vec<(String, Vec<String>, i32)> = Vec::new();
     // Random times between two markers' commits.
     let seed = std::process::id() as i32;
-    for (i, k) in [7 + seed % 13, 23 + seed % 11, 41 + seed % 9].into_iter().enumerate() {
+    for (i, k) in [7 + seed % 13, 23 + seed % 11, 41 + seed % 9]
+        .into_iter()
+        .enumerate()
+    {
         let mid = src.sql(&format!(
             "SELECT (a + (b - a) * {})::text FROM (SELECT pg_xact_commit_timestamp(xmin) a FROM marker WHERE id = {k}) x, \
              (SELECT pg_xact_commit_timestamp(xmin) b FROM marker WHERE id = {}) y",
@@ -181,7 +246,11 @@ fn point_in_time_targets_stop_exactly_where_asked() {
     let lsn = src.sql("SELECT lsn_before::text FROM marker WHERE id = 35");
     cases.push(("lsn".into(), vec!["--target-lsn".into(), lsn], 34));
     // A named restore point, made right after marker 50 committed.
-    cases.push(("name".into(), vec!["--target-name".into(), "rp_50".into()], 50));
+    cases.push((
+        "name".into(),
+        vec!["--target-name".into(), "rp_50".into()],
+        50,
+    ));
     // An xid: the transaction of marker 17, inclusive.
     let xid = src.sql("SELECT xmin::text FROM marker WHERE id = 17");
     cases.push(("xid".into(), vec!["--target-xid".into(), xid], 17));
@@ -192,7 +261,11 @@ fn point_in_time_targets_stop_exactly_where_asked() {
         let mut all: Vec<&str> = args.iter().map(String::as_str).collect();
         all.extend(["--target-action", "promote"]);
         let o = shipper.restore(&target, &all);
-        assert!(o.status.success(), "{name}: {}", String::from_utf8_lossy(&o.stderr));
+        assert!(
+            o.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
         let c = start_restored(d, &name, &[]);
         assert_eq!(
             c.sql("SELECT count(*) || ' ' || max(id) FROM marker"),

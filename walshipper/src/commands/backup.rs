@@ -120,13 +120,27 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         start_time,
         started,
     );
-    if result.is_err() {
-        // Best effort: the connection's end aborts the backup on the server;
-        // our objects without a manifest are removed now or by the next run.
-        drop(client);
-        let _ = delete_backup_objects(&repo, &id);
+    let failures = match result {
+        Ok(f) => f,
+        Err(e) => {
+            // Best effort: the connection's end aborts the backup on the server;
+            // our objects without a manifest are removed now or by the next run.
+            drop(client);
+            let _ = delete_backup_objects(&repo, &id);
+            return Err(e);
+        }
+    };
+    if !failures.is_empty() {
+        let list: Vec<String> = failures
+            .iter()
+            .map(|f| format!("{} blocks {:?}", f.path, f.blocks))
+            .collect();
+        return Err(Error::Check(format!(
+            "backup {id} was stored, but pages failed checksum verification (the cluster has corrupt data; run pg_amcheck): {}",
+            list.join("; ")
+        )));
     }
-    result
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -142,7 +156,7 @@ fn copy_and_finish(
     start_lsn: u64,
     start_time: chrono::DateTime<chrono::Utc>,
     started: Instant,
-) -> Result<()> {
+) -> Result<Vec<ChecksumFailure>> {
     let scan = pgdata::scan(&cfg.pg.data_dir)?;
     let counters = Arc::new(Counters::default());
     counters
@@ -295,17 +309,7 @@ fn copy_and_finish(
             started.elapsed().as_secs_f64()
         );
     }
-    if !failures.is_empty() {
-        let list: Vec<String> = failures
-            .iter()
-            .map(|f| format!("{} blocks {:?}", f.path, f.blocks))
-            .collect();
-        return Err(Error::Check(format!(
-            "backup {id} was stored, but pages failed checksum verification (the cluster has corrupt data; run pg_amcheck): {}",
-            list.join("; ")
-        )));
-    }
-    Ok(())
+    Ok(failures)
 }
 
 fn label_field<'a>(label: &'a str, key: &str) -> Option<&'a str> {
@@ -329,22 +333,12 @@ fn new_backup_id(repo: &Repository) -> Result<String> {
 
 /// Removes the objects of backups that never got a manifest.
 pub fn remove_incomplete(repo: &Repository) -> Result<()> {
-    let mut ids = std::collections::BTreeMap::<String, bool>::new();
-    for meta in repo.storage.list("backups/")? {
-        let Some((id, rest)) = meta
-            .key
-            .strip_prefix("backups/")
-            .and_then(|r| r.split_once('/'))
-        else {
-            continue;
-        };
-        let complete = ids.entry(id.to_string()).or_insert(false);
-        if rest == "manifest" {
-            *complete = true;
-        }
-    }
-    for (id, complete) in ids {
-        if !complete {
+    for id in repo.storage.list_children("backups/")? {
+        if repo
+            .storage
+            .head(&format!("backups/{id}/manifest"))?
+            .is_none()
+        {
             let n = delete_backup_objects(repo, &id)?;
             tracing::warn!(
                 "removed incomplete backup {id} ({n} objects) left by an interrupted run"
@@ -355,14 +349,9 @@ pub fn remove_incomplete(repo: &Repository) -> Result<()> {
 }
 
 fn delete_backup_objects(repo: &Repository, id: &str) -> Result<usize> {
-    let objects = repo.storage.list(&format!("backups/{id}/"))?;
     // The manifest (if any) goes first, so a half-deleted backup is never valid.
-    let (manifest, rest): (Vec<_>, Vec<_>) =
-        objects.iter().partition(|m| m.key.ends_with("/manifest"));
-    for m in manifest.iter().chain(rest.iter()) {
-        repo.storage.delete(&m.key)?;
-    }
-    Ok(objects.len())
+    repo.storage.delete(&format!("backups/{id}/manifest"))?;
+    repo.storage.delete_prefix(&format!("backups/{id}/"))
 }
 
 fn wait_for_wal(

@@ -49,7 +49,14 @@ pub trait Storage: Send + Sync {
     fn head(&self, key: &str) -> Result<Option<ObjectMeta>>;
     /// Every object whose key starts with `prefix` (a folder-like prefix ending in '/').
     fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>>;
+    /// Names directly under `prefix` (ending in '/'), like a listing with a
+    /// delimiter: objects and "folders" alike, even folders holding only
+    /// the leftovers of killed writers.
+    fn list_children(&self, prefix: &str) -> Result<Vec<String>>;
     fn delete(&self, key: &str) -> Result<()>;
+    /// Deletes everything under `prefix` (ending in '/'), including the
+    /// leftovers of writers that were killed; returns how many objects went.
+    fn delete_prefix(&self, prefix: &str) -> Result<usize>;
     /// Human-readable location, for messages.
     fn describe(&self) -> String;
 }

@@ -85,12 +85,22 @@ impl PosixStorage {
             .map(u32::from_le_bytes)
             .unwrap_or(0);
         let tmp = dir.join(format!(".{name}.{}.{suffix:08x}.tmp", std::process::id()));
-        let result = (|| {
-            let mut f = OpenOptions::new()
+        let create = || {
+            OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .mode(0o640)
-                .open(&tmp)?;
+                .open(&tmp)
+        };
+        let result = (|| {
+            let mut f = match create() {
+                // An empty directory may just have been removed by a delete.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.ensure_dir(dir)?;
+                    create()?
+                }
+                other => other?,
+            };
             let mut buf = vec![0u8; 1 << 20];
             loop {
                 let n = match body.read(&mut buf) {
@@ -273,7 +283,50 @@ impl Storage for PosixStorage {
             Err(e) => return Err(err("delete", key, e)),
         }
         let dir = path.parent().unwrap_or(&self.root);
-        fsync_dir(dir).map_err(|e| err("fsync", key, e))
+        fsync_dir(dir).map_err(|e| err("fsync", key, e))?;
+        // Folders exist only for their objects: remove the ones left empty.
+        let mut d = dir;
+        while d != self.root && fs::remove_dir(d).is_ok() {
+            d = match d.parent() {
+                Some(p) => p,
+                None => break,
+            };
+        }
+        Ok(())
+    }
+
+    fn list_children(&self, prefix: &str) -> Result<Vec<String>> {
+        let rel = prefix.trim_end_matches('/');
+        let dir = if rel.is_empty() {
+            self.root.clone()
+        } else {
+            self.path(rel)?
+        };
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(err("list", prefix, e)),
+        };
+        let mut out: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().map(str::to_string))
+            .filter(|n| !n.starts_with('.'))
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+        let n = self.list(prefix)?.len();
+        let dir = self.path(prefix.trim_end_matches('/'))?;
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(e) => return Err(err("delete", prefix, e)),
+        }
+        let parent = dir.parent().unwrap_or(&self.root);
+        fsync_dir(parent).map_err(|e| err("fsync", prefix, e))?;
+        Ok(n)
     }
 
     fn describe(&self) -> String {

@@ -354,7 +354,12 @@ impl Shipper {
 
     /// Runs `restore --target-dir DIR` with extra arguments.
     pub fn restore(&self, dir: &Path, extra: &[&str]) -> Output {
-        run(self.cmd().arg("restore").arg("--target-dir").arg(dir).args(extra))
+        run(self
+            .cmd()
+            .arg("restore")
+            .arg("--target-dir")
+            .arg(dir)
+            .args(extra))
     }
 
     /// Fetches WAL segments first..=last (names) into `dir` with archive-get.
