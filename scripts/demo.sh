@@ -2,8 +2,9 @@
 # The main job on the embedded default, start to finish, on a fresh Debian 12
 # machine (run as root: sudo bash scripts/demo.sh):
 #   a local PostgreSQL 15 cluster archives its WAL with walshipper into a local
-#   encrypted repository; a base backup is taken; an "accident" drops a table;
-#   the cluster is restored to the moment before the accident; the data is shown.
+#   encrypted repository; walshipper takes a base backup; an "accident" drops
+#   a table; walshipper restores the cluster to the moment before the
+#   accident; the data is shown.
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 bash "$REPO_TOP/scripts/setup.sh" --minimal
@@ -48,7 +49,8 @@ CONF
   step "2. data, and a base backup"
   $PSQL -qc "CREATE TABLE accounts (id int PRIMARY KEY, owner text, balance numeric)"
   $PSQL -qc "INSERT INTO accounts SELECT g, '"'"'customer '"'"' || g, g * 10 FROM generate_series(1, 1000) g"
-  pg_basebackup -h "$D/sock" -U postgres -D base -X none -c fast 2>/dev/null
+  pgbench -h "$D/sock" -U postgres -i -s 2 -q postgres >/dev/null 2>&1
+  "$BIN" --config walshipper.toml backup
   $PSQL -qc "UPDATE accounts SET balance = balance + 1 WHERE id <= 100"
   $PSQL -Atc "SELECT '"'"'accounts: '"'"' || count(*) || '"'"' rows, total balance '"'"' || sum(balance) FROM accounts"
   sleep 1; T=$($PSQL -Atc "SELECT now()"); sleep 1
@@ -65,19 +67,17 @@ CONF
   step "4. what the repository holds"
   "$BIN" --config walshipper.toml info
 
-  step "5. restore to $T (before the accident), WAL fetched by walshipper archive-get"
-  cp -a base restored
-  cat >> restored/postgresql.conf <<CONF
-restore_command = '"'"'$BIN --config $D/walshipper.toml archive-get %f "%p"'"'"'
-recovery_target_time = '"'"'$T'"'"'
-recovery_target_action = '"'"'promote'"'"'
-archive_mode = off
-CONF
-  touch restored/recovery.signal
+  step "5. restore to $T (before the accident); PostgreSQL replays WAL through walshipper archive-get"
+  "$BIN" --config walshipper.toml restore --target-dir "$D/restored" --target-time "$T" --target-action promote
+  pg_verifybackup -n restored
   pg_ctl -D restored -l restored.log -W start >/dev/null
   for i in $(seq 1 120); do [ "$($PSQL -Atc "SELECT pg_is_in_recovery()" 2>/dev/null)" = f ] && break; sleep 0.5; done
   grep -E "restored log file|recovery stopping|archive recovery complete" restored.log | sed "s/^/  log: /" | tail -4
   $PSQL -Atc "SELECT '"'"'accounts: '"'"' || count(*) || '"'"' rows, total balance '"'"' || sum(balance) FROM accounts"
+  $PSQL -Atc "SELECT pg_walfile_name(pg_switch_wal())" >/dev/null; sleep 2
   pg_ctl -D restored -m fast -w stop >/dev/null
+  step "6. the repository now also holds the new timeline the restored cluster started"
+  "$BIN" --config walshipper.toml info | tail -4
+  "$BIN" --config walshipper.toml verify | tail -1
   step "done: the dropped table is back as it was at $T"
 '

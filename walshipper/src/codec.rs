@@ -295,7 +295,10 @@ impl FrameEncoder {
 
 type Job = (u32, Vec<u8>);
 type Done = (u32, io::Result<Vec<u8>>);
+type Worker = Box<dyn FnMut(u32, Vec<u8>) -> io::Result<Vec<u8>> + Send>;
 
+/// Worker threads that turn numbered frames into other frames (encoding or
+/// decoding); results come back tagged with their number, in any order.
 struct Pool {
     jobs: Option<std::sync::mpsc::Sender<Job>>,
     done: std::sync::mpsc::Receiver<Done>,
@@ -303,17 +306,13 @@ struct Pool {
 }
 
 impl Pool {
-    fn new(
-        threads: usize,
-        settings: &Arc<CodecSettings>,
-        sealer: &Arc<Sealer>,
-    ) -> io::Result<Pool> {
+    fn new(threads: usize, mut make: impl FnMut() -> io::Result<Worker>) -> io::Result<Pool> {
         let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
         let job_rx = Arc::new(std::sync::Mutex::new(job_rx));
         let mut workers = Vec::with_capacity(threads);
         for _ in 0..threads {
-            let mut enc = FrameEncoder::new(settings, sealer.clone())?;
+            let mut work = make()?;
             let job_rx = job_rx.clone();
             let done_tx = done_tx.clone();
             workers.push(std::thread::spawn(move || loop {
@@ -321,8 +320,8 @@ impl Pool {
                     Ok(rx) => rx.recv(),
                     Err(_) => return,
                 };
-                let Ok((index, chunk)) = job else { return };
-                if done_tx.send((index, enc.encode(index, chunk))).is_err() {
+                let Ok((index, frame)) = job else { return };
+                if done_tx.send((index, work(index, frame))).is_err() {
                     return;
                 }
             }));
@@ -332,6 +331,20 @@ impl Pool {
             done: done_rx,
             workers,
         })
+    }
+
+    fn send(&self, index: u32, frame: Vec<u8>) -> io::Result<()> {
+        self.jobs
+            .as_ref()
+            .ok_or_else(|| io::Error::other("codec pool closed"))?
+            .send((index, frame))
+            .map_err(|_| io::Error::other("codec thread died"))
+    }
+
+    fn recv(&self) -> io::Result<Done> {
+        self.done
+            .recv()
+            .map_err(|_| io::Error::other("codec thread died"))
     }
 }
 
@@ -355,7 +368,10 @@ impl<R: Read> EncodingReader<R> {
         };
         let sealer = Arc::new(Sealer::new(&header, settings.key.as_ref()).map_err(invalid)?);
         let pool = if settings.threads > 1 {
-            Some(Pool::new(settings.threads - 1, &settings, &sealer)?)
+            Some(Pool::new(settings.threads - 1, || {
+                let mut enc = FrameEncoder::new(&settings, sealer.clone())?;
+                Ok(Box::new(move |i, chunk| enc.encode(i, chunk)) as Worker)
+            })?)
         } else {
             None
         };
@@ -445,10 +461,9 @@ impl<R: Read> EncodingReader<R> {
                 };
                 let index = self.next_index;
                 self.next_index += 1;
-                if let Some(jobs) = self.pool.as_ref().and_then(|p| p.jobs.as_ref()) {
+                if let Some(pool) = &self.pool {
                     if self.queued < room {
-                        jobs.send((index, chunk))
-                            .map_err(|_| io::Error::other("encoder thread died"))?;
+                        pool.send(index, chunk)?;
                         self.queued += 1;
                         continue;
                     }
@@ -512,10 +527,18 @@ pub struct DecodingReader<R> {
     src: R,
     header: Option<Header>,
     keys: Vec<DataKey>,
-    sealer: Option<Sealer>,
+    sealer: Option<Arc<Sealer>>,
     out: Vec<u8>,
     pos: usize,
+    /// Index of the next data frame to hand out.
     next_index: u32,
+    /// Index of the next frame to read from `src`.
+    read_index: u32,
+    threads: usize,
+    pool: Option<Pool>,
+    queued: usize,
+    pending: std::collections::BTreeMap<u32, Vec<u8>>,
+    final_frame: Option<(u32, Vec<u8>)>,
     sha: Sha256,
     plain_len: u64,
     done: bool,
@@ -535,11 +558,24 @@ impl<R: Read> DecodingReader<R> {
             out: Vec::new(),
             pos: 0,
             next_index: 0,
+            read_index: 0,
+            threads: 1,
+            pool: None,
+            queued: 0,
+            pending: Default::default(),
+            final_frame: None,
             sha: Sha256::new(),
             plain_len: 0,
             done: false,
             verified_sha256: None,
         }
+    }
+
+    /// Decodes frames on `threads` threads (the caller's thread hashes and
+    /// hands out the plaintext in order). For large objects.
+    pub fn with_threads(mut self, threads: usize) -> Self {
+        self.threads = threads.max(1);
+        self
     }
 
     /// Reads just the header (to learn the key id before choosing a key).
@@ -560,31 +596,38 @@ impl<R: Read> DecodingReader<R> {
         } else {
             None
         };
-        self.sealer = Some(Sealer::new(&header, key).map_err(invalid)?);
+        let sealer = Arc::new(Sealer::new(&header, key).map_err(invalid)?);
+        if self.threads > 1 {
+            let (compression, frame_size) = (header.compression, header.frame_size);
+            self.pool = Some(Pool::new(self.threads, || {
+                let sealer = sealer.clone();
+                Ok(
+                    Box::new(move |i, body| decode_data(&sealer, compression, frame_size, i, body))
+                        as Worker,
+                )
+            })?);
+        }
+        self.sealer = Some(sealer);
         self.header = Some(header);
         Ok(())
     }
 
-    fn next_frame(&mut self) -> io::Result<()> {
-        self.out.clear();
-        self.pos = 0;
-        let (Some(header), Some(sealer)) = (&self.header, &self.sealer) else {
-            return Err(invalid(CodecError::Malformed("no header".into())));
-        };
+    /// Reads one frame record, checking its index and CRC32.
+    fn read_frame(&mut self, frame_size: u32) -> io::Result<(u8, u32, Vec<u8>)> {
         let mut fh = [0u8; FRAME_HEADER_LEN];
         read_exact_or_truncated(&mut self.src, &mut fh)?;
         let kind = fh[0];
         let index = u32::from_le_bytes([fh[1], fh[2], fh[3], fh[4]]);
         let len = u32::from_le_bytes([fh[5], fh[6], fh[7], fh[8]]);
         let crc = u32::from_le_bytes([fh[9], fh[10], fh[11], fh[12]]);
-        if index != self.next_index {
+        if index != self.read_index {
             return Err(invalid(CodecError::Malformed(format!(
                 "frame {index} found where frame {} was expected",
-                self.next_index
+                self.read_index
             ))));
         }
         // zstd can expand incompressible data slightly; allow generous slack.
-        let max = header.frame_size as usize + header.frame_size as usize / 8 + 1024;
+        let max = frame_size as usize + frame_size as usize / 8 + 1024;
         if len as usize > max || (kind != KIND_DATA && kind != KIND_FINAL) {
             return Err(invalid(CodecError::Malformed(format!(
                 "frame {index}: bad kind {kind} or length {len}"
@@ -595,26 +638,62 @@ impl<R: Read> DecodingReader<R> {
         if crc32fast::hash(&body) != crc {
             return Err(invalid(CodecError::Crc(index)));
         }
-        sealer.open(index, kind, &mut body).map_err(invalid)?;
-        if kind == KIND_FINAL {
-            return self.finish(index, &body);
-        }
-        let plain = match header.compression {
-            Compression::Zstd => zstd::bulk::decompress(&body, header.frame_size as usize)
-                .map_err(|e| invalid(CodecError::Decompress(index, e.to_string())))?,
-            Compression::None => body,
+        self.read_index += 1;
+        Ok((kind, index, body))
+    }
+
+    /// Produces the next data frame's plaintext in `out`, or finishes.
+    fn next_frame(&mut self) -> io::Result<()> {
+        self.out.clear();
+        self.pos = 0;
+        let (Some(header), Some(sealer)) = (self.header.clone(), self.sealer.clone()) else {
+            return Err(invalid(CodecError::Malformed("no header".into())));
         };
-        if plain.len() > header.frame_size as usize || plain.is_empty() {
-            return Err(invalid(CodecError::Malformed(format!(
-                "frame {index}: bad plaintext length {}",
-                plain.len()
-            ))));
+        let ahead = if self.pool.is_some() {
+            self.threads * 2
+        } else {
+            1
+        };
+        loop {
+            if let Some(plain) = self.pending.remove(&self.next_index) {
+                self.sha.update(&plain);
+                self.plain_len += plain.len() as u64;
+                self.next_index += 1;
+                self.out = plain;
+                return Ok(());
+            }
+            if self.final_frame.is_some() && self.queued == 0 {
+                let (index, body) = self.final_frame.take().unwrap_or_default();
+                if index != self.next_index {
+                    return Err(invalid(CodecError::Malformed(
+                        "frames missing before the final frame".into(),
+                    )));
+                }
+                return self.finish(index, &body);
+            }
+            if self.final_frame.is_none() && self.queued + self.pending.len() < ahead {
+                let (kind, index, mut body) = self.read_frame(header.frame_size)?;
+                if kind == KIND_FINAL {
+                    sealer.open(index, kind, &mut body).map_err(invalid)?;
+                    self.final_frame = Some((index, body));
+                } else if let Some(pool) = &self.pool {
+                    pool.send(index, body)?;
+                    self.queued += 1;
+                } else {
+                    let plain =
+                        decode_data(&sealer, header.compression, header.frame_size, index, body)?;
+                    self.pending.insert(index, plain);
+                }
+                continue;
+            }
+            let pool = self
+                .pool
+                .as_ref()
+                .ok_or_else(|| io::Error::other("decoder stalled"))?;
+            let (index, result) = pool.recv()?;
+            self.queued -= 1;
+            self.pending.insert(index, result?);
         }
-        self.sha.update(&plain);
-        self.plain_len += plain.len() as u64;
-        self.next_index += 1;
-        self.out = plain;
-        Ok(())
     }
 
     fn finish(&mut self, index: u32, body: &[u8]) -> io::Result<()> {
@@ -654,6 +733,29 @@ impl<R: Read> DecodingReader<R> {
         self.done = true;
         Ok(())
     }
+}
+
+/// Authenticates, decrypts and decompresses one data frame's body.
+fn decode_data(
+    sealer: &Sealer,
+    compression: Compression,
+    frame_size: u32,
+    index: u32,
+    mut body: Vec<u8>,
+) -> io::Result<Vec<u8>> {
+    sealer.open(index, KIND_DATA, &mut body).map_err(invalid)?;
+    let plain = match compression {
+        Compression::Zstd => zstd::bulk::decompress(&body, frame_size as usize)
+            .map_err(|e| invalid(CodecError::Decompress(index, e.to_string())))?,
+        Compression::None => body,
+    };
+    if plain.len() > frame_size as usize || plain.is_empty() {
+        return Err(invalid(CodecError::Malformed(format!(
+            "frame {index}: bad plaintext length {}",
+            plain.len()
+        ))));
+    }
+    Ok(plain)
 }
 
 fn read_exact_or_truncated<R: Read>(src: &mut R, buf: &mut [u8]) -> io::Result<()> {
@@ -731,7 +833,9 @@ mod tests {
 
     fn decode(stored: &[u8], s: &Arc<CodecSettings>) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        DecodingReader::new(stored, s.key.clone().into_iter().collect()).read_to_end(&mut out)?;
+        DecodingReader::new(stored, s.key.clone().into_iter().collect())
+            .with_threads(s.threads)
+            .read_to_end(&mut out)?;
         Ok(out)
     }
 
@@ -770,8 +874,8 @@ mod tests {
 
     #[test]
     fn every_flipped_byte_is_detected() {
-        for enc in [false, true] {
-            let s = settings(enc, Compression::Zstd, 1);
+        for (enc, threads) in [(false, 1), (true, 1), (true, 3)] {
+            let s = settings(enc, Compression::Zstd, threads);
             let (stored, _) = encode(&sample(10_000), &s);
             for i in 0..stored.len() {
                 let mut bad = stored.clone();
@@ -786,7 +890,7 @@ mod tests {
 
     #[test]
     fn every_truncation_and_extension_is_detected() {
-        let s = settings(true, Compression::Zstd, 1);
+        let s = settings(true, Compression::Zstd, 2);
         let (stored, _) = encode(&sample(10_000), &s);
         for len in 0..stored.len() {
             assert!(decode(&stored[..len], &s).is_err(), "truncation to {len}");

@@ -89,6 +89,7 @@ enum Command {
         /// What to do at the target: promote, pause or shutdown.
         #[arg(long, default_value = "pause")]
         target_action: String,
+        /// Files restored in parallel (default: CPUs + 1).
         #[arg(long)]
         jobs: Option<usize>,
         /// Rewrite only files that differ in a non-empty target directory.
@@ -238,7 +239,8 @@ fn run(cfg: &Config, command: &Command) -> walshipper::Result<()> {
                     backup: backup.clone(),
                     target,
                     action: target_action.clone(),
-                    jobs: jobs.unwrap_or_else(|| cfg.threads()),
+                    // One more than the CPUs: restore waits on writes too.
+                    jobs: jobs.unwrap_or_else(|| cfg.threads() + 1),
                     delta: *delta,
                     tablespace_map: map,
                     json: *json,

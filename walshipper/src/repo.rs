@@ -296,6 +296,11 @@ impl Repository {
         Ok(out)
     }
 
+    /// Threads configured for one object's codec.
+    pub fn threads(&self) -> usize {
+        self.settings.threads
+    }
+
     pub fn find_backup(&self, id: &str) -> Result<Manifest> {
         self.list_backups()?
             .into_iter()
@@ -325,11 +330,22 @@ impl Repository {
     /// plaintext SHA-256. `out` may have received bytes when this fails:
     /// callers write to a temporary and discard it on error.
     pub fn read_object(&self, key: &str, out: &mut dyn Write) -> Result<[u8; 32]> {
+        self.read_object_with(key, out, 1)
+    }
+
+    /// As `read_object`, decoding on `threads` threads (for large objects).
+    pub fn read_object_with(
+        &self,
+        key: &str,
+        out: &mut dyn Write,
+        threads: usize,
+    ) -> Result<[u8; 32]> {
         let src = self
             .storage
             .get(key)?
             .ok_or_else(|| Error::NotFound(key.to_string()))?;
-        let mut dec = DecodingReader::new(src, self.keys.values().cloned().collect());
+        let mut dec =
+            DecodingReader::new(src, self.keys.values().cloned().collect()).with_threads(threads);
         io::copy(&mut dec, out).map_err(|e| self.read_error(key, e))?;
         dec.verified_sha256.ok_or_else(|| Error::Corrupt {
             key: key.into(),

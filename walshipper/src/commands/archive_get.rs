@@ -34,7 +34,7 @@ pub fn run(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
             .open(&tmp)
             .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        repo.read_object(&key, &mut w)?;
+        repo.read_object_with(&key, &mut w, repo.threads())?;
         w.flush()
             .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
         fs::rename(&tmp, dest).map_err(|e| Error::io(format!("rename to {}", dest.display()), e))
