@@ -254,7 +254,7 @@ pub struct EncodingReader<R> {
     /// Index of the next frame to emit into `out`.
     next_emit: u32,
     eof: bool,
-    sha: Sha256,
+    sha: StreamHash,
     summary: Summary,
     finished: bool,
     pool: Option<Pool>,
@@ -279,10 +279,10 @@ impl FrameEncoder {
         Ok(FrameEncoder { sealer, zstd })
     }
 
-    fn encode(&mut self, index: u32, chunk: Vec<u8>) -> io::Result<Vec<u8>> {
+    fn encode(&mut self, index: u32, chunk: &[u8]) -> io::Result<Vec<u8>> {
         let mut body = match &mut self.zstd {
-            Some(z) => z.compress(&chunk)?,
-            None => chunk,
+            Some(z) => z.compress(chunk)?,
+            None => chunk.to_vec(),
         };
         self.sealer
             .seal(index, KIND_DATA, &mut body)
@@ -293,9 +293,59 @@ impl FrameEncoder {
     }
 }
 
-type Job = (u32, Vec<u8>);
+/// SHA-256 of a stream, computed inline or, for large objects, on a thread
+/// of its own so that hashing overlaps reading, compressing and writing.
+enum StreamHash {
+    Inline(Sha256),
+    Threaded {
+        tx: std::sync::mpsc::Sender<Arc<Vec<u8>>>,
+        handle: std::thread::JoinHandle<[u8; 32]>,
+    },
+    Done,
+}
+
+impl StreamHash {
+    fn new(threaded: bool) -> StreamHash {
+        if !threaded {
+            return StreamHash::Inline(Sha256::new());
+        }
+        let (tx, rx) = std::sync::mpsc::channel::<Arc<Vec<u8>>>();
+        let handle = std::thread::spawn(move || {
+            let mut sha = Sha256::new();
+            for chunk in rx {
+                sha.update(&chunk[..]);
+            }
+            sha.finalize().into()
+        });
+        StreamHash::Threaded { tx, handle }
+    }
+
+    fn update(&mut self, chunk: &Arc<Vec<u8>>) -> io::Result<()> {
+        match self {
+            StreamHash::Inline(sha) => sha.update(&chunk[..]),
+            StreamHash::Threaded { tx, .. } => tx
+                .send(chunk.clone())
+                .map_err(|_| io::Error::other("hash thread died"))?,
+            StreamHash::Done => return Err(io::Error::other("hash already finished")),
+        }
+        Ok(())
+    }
+
+    fn finish(&mut self) -> io::Result<[u8; 32]> {
+        match std::mem::replace(self, StreamHash::Done) {
+            StreamHash::Inline(sha) => Ok(sha.finalize().into()),
+            StreamHash::Threaded { tx, handle } => {
+                drop(tx);
+                handle.join().map_err(|_| io::Error::other("hash thread panicked"))
+            }
+            StreamHash::Done => Err(io::Error::other("hash already finished")),
+        }
+    }
+}
+
+type Job = (u32, Arc<Vec<u8>>);
 type Done = (u32, io::Result<Vec<u8>>);
-type Worker = Box<dyn FnMut(u32, Vec<u8>) -> io::Result<Vec<u8>> + Send>;
+type Worker = Box<dyn FnMut(u32, Arc<Vec<u8>>) -> io::Result<Vec<u8>> + Send>;
 
 /// Worker threads that turn numbered frames into other frames (encoding or
 /// decoding); results come back tagged with their number, in any order.
@@ -333,7 +383,7 @@ impl Pool {
         })
     }
 
-    fn send(&self, index: u32, frame: Vec<u8>) -> io::Result<()> {
+    fn send(&self, index: u32, frame: Arc<Vec<u8>>) -> io::Result<()> {
         self.jobs
             .as_ref()
             .ok_or_else(|| io::Error::other("codec pool closed"))?
@@ -370,13 +420,14 @@ impl<R: Read> EncodingReader<R> {
         let pool = if settings.threads > 1 {
             Some(Pool::new(settings.threads - 1, || {
                 let mut enc = FrameEncoder::new(&settings, sealer.clone())?;
-                Ok(Box::new(move |i, chunk| enc.encode(i, chunk)) as Worker)
+                Ok(Box::new(move |i, chunk: Arc<Vec<u8>>| enc.encode(i, &chunk)) as Worker)
             })?)
         } else {
             None
         };
         let inline = FrameEncoder::new(&settings, sealer.clone())?;
         let out = header.to_bytes().to_vec();
+        let threaded = settings.threads > 1;
         Ok(EncodingReader {
             src,
             settings,
@@ -390,7 +441,7 @@ impl<R: Read> EncodingReader<R> {
             next_index: 0,
             next_emit: 0,
             eof: false,
-            sha: Sha256::new(),
+            sha: StreamHash::new(threaded),
             finished: false,
             pool,
             queued: 0,
@@ -405,7 +456,7 @@ impl<R: Read> EncodingReader<R> {
     }
 
     /// The next chunk of plaintext (hashed and counted), or None at the end.
-    fn read_chunk(&mut self) -> io::Result<Option<Vec<u8>>> {
+    fn read_chunk(&mut self) -> io::Result<Option<Arc<Vec<u8>>>> {
         if self.eof {
             return Ok(None);
         }
@@ -418,8 +469,9 @@ impl<R: Read> EncodingReader<R> {
         if buf.is_empty() {
             return Ok(None);
         }
-        self.sha.update(&buf);
         self.summary.plain_len += buf.len() as u64;
+        let buf = Arc::new(buf);
+        self.sha.update(&buf)?;
         Ok(Some(buf))
     }
 
@@ -468,7 +520,7 @@ impl<R: Read> EncodingReader<R> {
                         continue;
                     }
                 }
-                let rec = self.inline.encode(index, chunk)?;
+                let rec = self.inline.encode(index, &chunk)?;
                 self.pending.insert(index, rec);
                 continue;
             }
@@ -487,7 +539,7 @@ impl<R: Read> EncodingReader<R> {
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        let sha: [u8; 32] = self.sha.clone().finalize().into();
+        let sha: [u8; 32] = self.sha.finish()?;
         let mut body = Vec::with_capacity(FINAL_BODY_LEN + TAG_LEN);
         body.extend_from_slice(&self.summary.plain_len.to_le_bytes());
         body.extend_from_slice(&sha);
@@ -528,7 +580,7 @@ pub struct DecodingReader<R> {
     header: Option<Header>,
     keys: Vec<DataKey>,
     sealer: Option<Arc<Sealer>>,
-    out: Vec<u8>,
+    out: Arc<Vec<u8>>,
     pos: usize,
     /// Index of the next data frame to hand out.
     next_index: u32,
@@ -539,7 +591,7 @@ pub struct DecodingReader<R> {
     queued: usize,
     pending: std::collections::BTreeMap<u32, Vec<u8>>,
     final_frame: Option<(u32, Vec<u8>)>,
-    sha: Sha256,
+    sha: StreamHash,
     plain_len: u64,
     done: bool,
     /// Set after the final frame: the verified plaintext SHA-256.
@@ -555,7 +607,7 @@ impl<R: Read> DecodingReader<R> {
             header: None,
             keys,
             sealer: None,
-            out: Vec::new(),
+            out: Arc::new(Vec::new()),
             pos: 0,
             next_index: 0,
             read_index: 0,
@@ -564,7 +616,7 @@ impl<R: Read> DecodingReader<R> {
             queued: 0,
             pending: Default::default(),
             final_frame: None,
-            sha: Sha256::new(),
+            sha: StreamHash::new(false),
             plain_len: 0,
             done: false,
             verified_sha256: None,
@@ -598,11 +650,15 @@ impl<R: Read> DecodingReader<R> {
         };
         let sealer = Arc::new(Sealer::new(&header, key).map_err(invalid)?);
         if self.threads > 1 {
+            self.sha = StreamHash::new(true);
             let (compression, frame_size) = (header.compression, header.frame_size);
             self.pool = Some(Pool::new(self.threads, || {
                 let sealer = sealer.clone();
                 Ok(
-                    Box::new(move |i, body| decode_data(&sealer, compression, frame_size, i, body))
+                    Box::new(move |i, body: Arc<Vec<u8>>| {
+                        let body = Arc::try_unwrap(body).unwrap_or_else(|shared| (*shared).clone());
+                        decode_data(&sealer, compression, frame_size, i, body)
+                    })
                         as Worker,
                 )
             })?);
@@ -644,7 +700,7 @@ impl<R: Read> DecodingReader<R> {
 
     /// Produces the next data frame's plaintext in `out`, or finishes.
     fn next_frame(&mut self) -> io::Result<()> {
-        self.out.clear();
+        self.out = Arc::new(Vec::new());
         self.pos = 0;
         let (Some(header), Some(sealer)) = (self.header.clone(), self.sealer.clone()) else {
             return Err(invalid(CodecError::Malformed("no header".into())));
@@ -656,10 +712,10 @@ impl<R: Read> DecodingReader<R> {
         };
         loop {
             if let Some(plain) = self.pending.remove(&self.next_index) {
-                self.sha.update(&plain);
                 self.plain_len += plain.len() as u64;
                 self.next_index += 1;
-                self.out = plain;
+                self.out = Arc::new(plain);
+                self.sha.update(&self.out)?;
                 return Ok(());
             }
             if self.final_frame.is_some() && self.queued == 0 {
@@ -677,7 +733,7 @@ impl<R: Read> DecodingReader<R> {
                     sealer.open(index, kind, &mut body).map_err(invalid)?;
                     self.final_frame = Some((index, body));
                 } else if let Some(pool) = &self.pool {
-                    pool.send(index, body)?;
+                    pool.send(index, Arc::new(body))?;
                     self.queued += 1;
                 } else {
                     let plain =
@@ -715,7 +771,7 @@ impl<R: Read> DecodingReader<R> {
                 actual: self.plain_len,
             }));
         }
-        let actual: [u8; 32] = self.sha.clone().finalize().into();
+        let actual: [u8; 32] = self.sha.finish()?;
         if actual != expected {
             return Err(invalid(CodecError::Sha {
                 expected: hex::encode(expected),
