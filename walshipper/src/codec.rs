@@ -298,7 +298,7 @@ impl FrameEncoder {
 enum StreamHash {
     Inline(Sha256),
     Threaded {
-        tx: std::sync::mpsc::Sender<Arc<Vec<u8>>>,
+        tx: std::sync::mpsc::SyncSender<Arc<Vec<u8>>>,
         handle: std::thread::JoinHandle<[u8; 32]>,
     },
     Done,
@@ -309,7 +309,8 @@ impl StreamHash {
         if !threaded {
             return StreamHash::Inline(Sha256::new());
         }
-        let (tx, rx) = std::sync::mpsc::channel::<Arc<Vec<u8>>>();
+        // Bounded: a slow hasher holds back the reader instead of memory growing.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Arc<Vec<u8>>>(4);
         let handle = std::thread::spawn(move || {
             let mut sha = Sha256::new();
             for chunk in rx {
@@ -336,7 +337,9 @@ impl StreamHash {
             StreamHash::Inline(sha) => Ok(sha.finalize().into()),
             StreamHash::Threaded { tx, handle } => {
                 drop(tx);
-                handle.join().map_err(|_| io::Error::other("hash thread panicked"))
+                handle
+                    .join()
+                    .map_err(|_| io::Error::other("hash thread panicked"))
             }
             StreamHash::Done => Err(io::Error::other("hash already finished")),
         }
@@ -427,7 +430,9 @@ impl<R: Read> EncodingReader<R> {
         };
         let inline = FrameEncoder::new(&settings, sealer.clone())?;
         let out = header.to_bytes().to_vec();
-        let threaded = settings.threads > 1;
+        // Measured: on 2 cores a separate hash thread slows encoding (the
+        // caller already hashes while the pool compresses).
+        let threaded = false;
         Ok(EncodingReader {
             src,
             settings,
@@ -654,13 +659,10 @@ impl<R: Read> DecodingReader<R> {
             let (compression, frame_size) = (header.compression, header.frame_size);
             self.pool = Some(Pool::new(self.threads, || {
                 let sealer = sealer.clone();
-                Ok(
-                    Box::new(move |i, body: Arc<Vec<u8>>| {
-                        let body = Arc::try_unwrap(body).unwrap_or_else(|shared| (*shared).clone());
-                        decode_data(&sealer, compression, frame_size, i, body)
-                    })
-                        as Worker,
-                )
+                Ok(Box::new(move |i, body: Arc<Vec<u8>>| {
+                    let body = Arc::try_unwrap(body).unwrap_or_else(|shared| (*shared).clone());
+                    decode_data(&sealer, compression, frame_size, i, body)
+                }) as Worker)
             })?);
         }
         self.sealer = Some(sealer);
