@@ -124,7 +124,20 @@ fn init_logging() {
         .init();
 }
 
+/// Frames are 1 MiB buffers allocated and freed by the thousand. glibc would
+/// map and unmap each one (its default mmap threshold is 128 KiB), paying a
+/// page fault per 4 KiB every time; keeping them in the heap lets freed
+/// buffers be reused. Measured: about a third less system time per segment.
+fn tune_allocator() {
+    // SAFETY: mallopt only adjusts allocator parameters; called before any threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 64 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20);
+    }
+}
+
 fn main() -> ExitCode {
+    tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {

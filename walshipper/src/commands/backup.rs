@@ -80,6 +80,12 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             cfg.pg.data_dir.display()
         )));
     }
+    let archive_mode = q1(&mut client, "SHOW archive_mode")?;
+    if archive_mode == "off" {
+        return Err(Error::Invalid(
+            "archive_mode is off: a backup is only restorable with its WAL archived; set archive_mode = on and archive_command to walshipper archive-push (see `walshipper check`)".into(),
+        ));
+    }
     let version: i32 = q1(&mut client, "SHOW server_version_num")?
         .parse()
         .map_err(|_| Error::Invalid("odd server_version_num".into()))?;

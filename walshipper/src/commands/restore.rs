@@ -413,9 +413,20 @@ fn restore_into(
     for f in control {
         restore_file(repo, f, &target_dir.join(&f.path), false)?;
     }
-    sync_tree(target_dir)?;
-    for loc in locations.values() {
-        sync_tree(loc)?;
+    // Files were fsynced as they were written; now the directories naming them.
+    let mut dirs: Vec<PathBuf> = m
+        .dirs
+        .iter()
+        .map(|d| dest_path(&d.path, target_dir, locations))
+        .collect();
+    dirs.push(target_dir.to_path_buf());
+    dirs.push(target_dir.join("global"));
+    dirs.extend(locations.values().cloned());
+    for d in dirs {
+        if let Ok(f) = fs::File::open(&d) {
+            f.sync_all()
+                .map_err(|e| Error::io(format!("fsync {}", d.display()), e))?;
+        }
     }
     let summary = serde_json::json!({
         "event": "done", "backup_id": m.id, "target_dir": target_dir.display().to_string(),
@@ -455,6 +466,7 @@ fn write_file(path: &Path, body: &[u8]) -> Result<()> {
             .mode(0o600)
             .open(&tmp)?;
         f.write_all(body)?;
+        f.sync_all()?;
         fs::rename(&tmp, path)
     })();
     r.map_err(|e| {
@@ -513,16 +525,10 @@ fn restore_file(repo: &Repository, f: &FileEntry, dest: &Path, delta: bool) -> R
         }
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
         let _ = file.set_modified(mtime);
-        // Start writing back now, so the final sync has little left to wait for.
-        // SAFETY: sync_file_range on a valid, open descriptor; failure only costs speed.
-        unsafe {
-            libc::sync_file_range(
-                std::os::unix::io::AsRawFd::as_raw_fd(&file),
-                0,
-                0,
-                libc::SYNC_FILE_RANGE_WRITE,
-            );
-        }
+        // Durable before it counts as restored; done here, in the worker,
+        // so one file's flush overlaps the others' decoding.
+        file.sync_all()
+            .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
         if delta {
             fs::rename(&tmp, dest)
                 .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
@@ -634,18 +640,6 @@ fn write_recovery_settings(cfg: &Config, dir: &Path, target: &Target, action: &s
         text.push('\n');
     }
     write_file(&path, text.as_bytes())
-}
-
-fn sync_tree(dir: &Path) -> Result<()> {
-    let f = fs::File::open(dir).map_err(|e| Error::io(format!("open {}", dir.display()), e))?;
-    // SAFETY: syncfs on a valid, open descriptor.
-    if unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&f)) } != 0 {
-        return Err(Error::io(
-            format!("sync {}", dir.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
