@@ -19,6 +19,6 @@ as_test_user bash -euo pipefail -c '
   echo "==> pg_backup_ext: #[pg_test]"; cargo pgrx test pg15
   echo "==> pg_backup_ext: pg_regress"
   trap "cargo pgrx stop pg15 >/dev/null 2>&1 || true" EXIT
-  cargo pgrx regress pg15
+  cargo pgrx regress pg15 --resetdb
 '
 log "all tests passed"

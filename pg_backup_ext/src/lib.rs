@@ -1,18 +1,65 @@
 //! pg_backup_ext: the control plane of pg_backup inside PostgreSQL.
 //!
-//! Thin by design: catalog, SQL entry points and scheduling live here; every
-//! byte of backup data is handled by the `walshipper` binary, which this
-//! extension launches and never links. For now it only identifies itself;
-//! the catalog, functions and worker arrive with the control-plane issue.
+//! Thin by design: the catalog (sql/catalog.sql), SQL entry points
+//! (sql/jobs.sql and the functions below) and, later, scheduling live here;
+//! every byte of backup data is handled by the `walshipper` binary, which
+//! this extension launches and never links.
 
 use pgrx::prelude::*;
 
+pub mod schedule;
+
 ::pgrx::pg_module_magic!(name, version);
+
+extension_sql_file!("../../sql/catalog.sql", name = "catalog", bootstrap);
+extension_sql_file!("../../sql/jobs.sql", name = "jobs", finalize);
 
 /// The extension's version, e.g. `SELECT backup.version();`
 #[pg_extern(immutable, parallel_safe)]
 fn version() -> &'static str {
     env!("CARGO_PKG_VERSION")
+}
+
+/// Raises an SQL error with a hint (never returns).
+fn raise(e: schedule::ScheduleError) -> ! {
+    pgrx::pg_sys::panic::ErrorReport::new(
+        PgSqlErrorCode::ERRCODE_INVALID_PARAMETER_VALUE,
+        e.message,
+        "pg_backup_ext",
+    )
+    .set_hint(e.hint)
+    .report(PgLogLevel::ERROR);
+    unreachable!()
+}
+
+/// Seconds since the Unix epoch of the next time `schedule` fires after
+/// `after_epoch`, evaluated in `timezone`. SQL callers use the wrapper
+/// backup.cron_next(schedule, timezone, after timestamptz).
+#[pg_extern(immutable, parallel_safe)]
+fn cron_next_epoch(schedule: &str, timezone: &str, after_epoch: f64) -> f64 {
+    if !after_epoch.is_finite() {
+        raise(schedule::ScheduleError {
+            message: "cron_next needs a finite time".into(),
+            hint: "Pass now() or a timestamp.".into(),
+        })
+    }
+    let after = chrono::DateTime::from_timestamp(after_epoch.floor() as i64, 0).unwrap_or_default();
+    match schedule::next_run(schedule, timezone, after) {
+        Ok(next) => next.timestamp() as f64,
+        Err(e) => raise(e),
+    }
+}
+
+/// Checks a schedule and time zone; raises the same errors as cron_next.
+#[pg_extern(immutable, parallel_safe)]
+fn cron_check(schedule: &str, timezone: &str) -> bool {
+    if let Err(e) = schedule::parse_cron(schedule) {
+        raise(e)
+    }
+    if let Err(e) = schedule::parse_tz(timezone) {
+        raise(e)
+    }
+    true
 }
 
 #[cfg(any(test, feature = "pg_test"))]
@@ -24,6 +71,14 @@ mod tests {
     fn version_is_reported() {
         let v = Spi::get_one::<&str>("SELECT backup.version()");
         assert_eq!(v, Ok(Some(env!("CARGO_PKG_VERSION"))));
+    }
+
+    #[pg_test]
+    fn cron_next_in_sql() {
+        let v = Spi::get_one::<String>(
+            "SELECT backup.cron_next('30 2 * * *', 'Europe/Berlin', '2026-11-21 10:00:00+00')::timestamptz AT TIME ZONE 'UTC' || ''",
+        );
+        assert_eq!(v, Ok(Some("2026-11-22 01:30:00".to_string())));
     }
 }
 

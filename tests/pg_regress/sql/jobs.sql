@@ -1,0 +1,52 @@
+-- Job management: creation, validation errors with hints, alter, enable, drop, audit.
+\set VERBOSITY default
+\set SHOW_CONTEXT never
+SELECT backup.job_create('nightly', '30 2 * * *') AS job_id \gset
+SELECT name, kind, schedule, timezone, active FROM backup.backup_jobs ORDER BY name;
+
+-- Bad input: each error says what is wrong and what to do.
+SELECT backup.job_create('nightly', '0 3 * * *');
+SELECT backup.job_create('bad name!', '0 3 * * *');
+SELECT backup.job_create('hourly', '0 * * *');
+SELECT backup.job_create('hourly', '61 * * * *');
+SELECT backup.job_create('hourly', '0 * * * *', timezone => 'Mars/Olympus');
+SELECT backup.job_create('hourly', '0 * * * *', kind => 'weekly');
+SELECT backup.job_create('hourly', '0 * * * *', retention_full_count => 0);
+SELECT backup.job_create('twin', '30 2 * * *');
+SELECT backup.job_create('berlin', '30 2 * * *', timezone => 'Europe/Berlin');
+
+-- Next runs, evaluated in each job's time zone.
+SELECT name, backup.cron_next(schedule, timezone, '2026-11-21 10:00:00+00') AT TIME ZONE 'UTC' AS next_utc
+  FROM backup.backup_jobs ORDER BY name;
+
+-- Alter, disable, enable, drop.
+SELECT backup.job_alter('nightly', schedule => '45 1 * * *', retention_full_count => 7);
+SELECT name, schedule, retention_full_count FROM backup.backup_jobs WHERE name = 'nightly';
+SELECT backup.job_alter('missing', schedule => '0 1 * * *');
+SELECT backup.job_alter('berlin', schedule => 'not a schedule');
+SELECT backup.job_enable('berlin', false);
+SELECT backup.job_create('twin', '30 2 * * *', timezone => 'Europe/Berlin');
+SELECT backup.job_enable('berlin', true);
+SELECT backup.job_drop('twin');
+SELECT backup.job_drop('twin');
+SELECT action, object_type, object_name FROM backup.audit_log ORDER BY audit_id;
+
+-- The catalog keeps executions sane.
+\set VERBOSITY terse
+INSERT INTO backup.backup_executions (kind, status) VALUES ('full', 'failed');
+INSERT INTO backup.backup_executions (kind, status, job_id) VALUES ('full', 'queued', :job_id);
+INSERT INTO backup.backup_executions (kind, status, job_id) VALUES ('full', 'queued', :job_id);
+
+\set VERBOSITY default
+-- Restore points are recorded with their LSN.
+SELECT backup.restore_point_create('before_release', 'v2 deploy') IS NOT NULL AS created;
+SELECT name, note, lsn <= pg_current_wal_lsn() AS lsn_ok FROM backup.restore_points;
+SELECT backup.restore_point_create('before_release');
+
+-- Only the owner and those granted may act.
+CREATE ROLE pgb_nobody;
+SET ROLE pgb_nobody;
+SELECT backup.job_create('sneaky', '0 1 * * *');
+SELECT count(*) FROM backup.backup_jobs;
+RESET ROLE;
+DROP ROLE pgb_nobody;
