@@ -29,3 +29,16 @@ pub fn pg_err(context: &str) -> impl FnOnce(postgres::Error) -> Error + '_ {
         source,
     }
 }
+
+/// Refuses a server that is not the repository's cluster.
+pub fn check_identity(client: &mut postgres::Client, repo: &crate::repo::Repository) -> Result<()> {
+    let sql = "SELECT system_identifier::text FROM pg_control_system()";
+    let sysid: String = client.query_one(sql, &[]).map_err(pg_err(sql))?.get(0);
+    if sysid != repo.descriptor.system_identifier {
+        return Err(Error::Invalid(format!(
+            "the server's system identifier {sysid} is not the repository's {}: this repository belongs to another cluster (check repo.path and [pg])",
+            repo.descriptor.system_identifier
+        )));
+    }
+    Ok(())
+}

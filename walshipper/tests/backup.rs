@@ -20,32 +20,15 @@ fn fingerprint(c: &Cluster) -> String {
     )
 }
 
-fn archiving_cluster(d: &std::path::Path, shipper: &Shipper) -> Cluster {
-    let c = Cluster::init(
-        d,
-        "src",
-        &[
-            "archive_mode = on".into(),
-            format!("archive_command = {}", shipper.archive_command()),
-            "wal_level = replica".into(),
-            "track_commit_timestamp = on".into(),
-        ],
-    );
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    c.start();
-    c
-}
-
 #[test]
 fn backup_under_load_restores_identical_and_passes_postgres_checks() {
     let dir = scratch("bkp");
     let d = dir.path();
-    let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
-    let src = archiving_cluster(d, &shipper);
+    let (shipper, src) = archiving_cluster(
+        d,
+        "src",
+        &["wal_level = replica", "track_commit_timestamp = on"],
+    );
     src.pgbench(&["-i", "-s", "3", "-q"]);
     let ts_dir = d.join("ts1");
     std::fs::create_dir_all(&ts_dir).unwrap();
@@ -205,8 +188,11 @@ fn markers(c: &Cluster, from: i32, n: i32) {
 fn point_in_time_targets_stop_exactly_where_asked() {
     let dir = scratch("pitr2");
     let d = dir.path();
-    let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
-    let src = archiving_cluster(d, &shipper);
+    let (shipper, src) = archiving_cluster(
+        d,
+        "src",
+        &["wal_level = replica", "track_commit_timestamp = on"],
+    );
     src.pgbench(&["-i", "-s", "1", "-q"]);
     src.sql("CREATE TABLE marker (id int PRIMARY KEY, lsn_before pg_lsn)");
     let mut bench = Command::new(pg_bin("pgbench"))

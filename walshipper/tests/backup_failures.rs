@@ -13,21 +13,7 @@ const MIN: Duration = Duration::from_secs(60);
 fn setup(name: &str, scale: &str) -> (tempfile::TempDir, Shipper, Cluster) {
     let dir = scratch(name);
     let d = dir.path().to_path_buf();
-    let shipper = Shipper::new(&d, &d.join("src"), &d.join("src-sock"), 5432);
-    let c = Cluster::init(
-        &d,
-        "src",
-        &[
-            "archive_mode = on".into(),
-            format!("archive_command = {}", shipper.archive_command()),
-        ],
-    );
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    c.start();
+    let (shipper, c) = archiving_cluster(&d, "src", &[]);
     c.pgbench(&["-i", "-s", scale, "-q"]);
     (dir, shipper, c)
 }

@@ -26,21 +26,7 @@ struct Fixture {
 fn fixture(name: &str) -> Fixture {
     let dir = scratch(name);
     let d = dir.path().to_path_buf();
-    let shipper = Shipper::new(&d, &d.join("pg"), &d.join("pg-sock"), 5432);
-    let cluster = Cluster::init(
-        &d,
-        "pg",
-        &[
-            "archive_mode = on".into(),
-            format!("archive_command = {}", shipper.archive_command()),
-        ],
-    );
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    cluster.start();
+    let (shipper, cluster) = archiving_cluster(&d, "pg", &[]);
     cluster.sql(&format!(
         "CREATE TABLE secret AS SELECT '{CANARY}' || g AS v FROM generate_series(1, 2000) g"
     ));

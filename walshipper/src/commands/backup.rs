@@ -57,16 +57,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             .map_err(pg_err(sql))
             .map(|r| r.get::<_, String>(0))
     };
-    let sysid = q1(
-        &mut client,
-        "SELECT system_identifier::text FROM pg_control_system()",
-    )?;
-    if sysid != repo.descriptor.system_identifier {
-        return Err(Error::Invalid(format!(
-            "the server's system identifier {sysid} is not the repository's {}: wrong repository or wrong server",
-            repo.descriptor.system_identifier
-        )));
-    }
+    crate::pg::check_identity(&mut client, &repo)?;
     let data_dir = std::path::PathBuf::from(q1(&mut client, "SHOW data_directory")?);
     let configured = cfg
         .pg

@@ -29,16 +29,7 @@ pub fn run(cfg: &Config) -> Result<()> {
             "archive_command is '{command}'; set it to 'walshipper --config <file> archive-push %p' and reload"
         )));
     }
-    let sysid = get(
-        &mut client,
-        "SELECT system_identifier::text FROM pg_control_system()",
-    )?;
-    if sysid != repo.descriptor.system_identifier {
-        return Err(Error::Check(format!(
-            "the server's system identifier {sysid} is not the repository's {}: this repository belongs to another cluster",
-            repo.descriptor.system_identifier
-        )));
-    }
+    crate::pg::check_identity(&mut client, &repo).map_err(|e| Error::Check(e.to_string()))?;
     // A restore point guarantees there is WAL to switch away from.
     client
         .execute("SELECT pg_create_restore_point('walshipper check')", &[])

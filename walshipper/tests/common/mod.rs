@@ -393,3 +393,22 @@ pub fn start_restored(d: &Path, name: &str, extra_conf: &[String]) -> Cluster {
     c.wait_promoted(Duration::from_secs(180));
     c
 }
+
+/// A started cluster `name` in `d` archiving through walshipper into a fresh
+/// encrypted repository (a cheap KDF: tests are not about its cost).
+pub fn archiving_cluster(d: &Path, name: &str, extra_conf: &[&str]) -> (Shipper, Cluster) {
+    let shipper = Shipper::new(d, &d.join(name), &d.join(format!("{name}-sock")), 5432);
+    let mut conf = vec![
+        "archive_mode = on".to_string(),
+        format!("archive_command = {}", shipper.archive_command()),
+    ];
+    conf.extend(extra_conf.iter().map(|s| s.to_string()));
+    let cluster = Cluster::init(d, name, &conf);
+    run_ok(
+        shipper
+            .cmd()
+            .args(["repo-init", "--kdf-memory-kib", "8192"]),
+    );
+    cluster.start();
+    (shipper, cluster)
+}
