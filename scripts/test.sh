@@ -13,6 +13,8 @@ as_test_user bash -euo pipefail -c '
   cd "$HOME/../src"
   echo "==> cargo fmt --check"; cargo fmt --all -- --check
   echo "==> cargo clippy"; cargo clippy --workspace --all-targets --locked -- -D warnings
+  echo "==> installing pg_backup_ext for the integration tests"
+  (cd pg_backup_ext && cargo pgrx install --pg-config "$PG_CONFIG" >/dev/null)
   echo "==> walshipper: unit and integration tests"
   cargo test -p walshipper --locked -- --test-threads=2
   cd pg_backup_ext

@@ -76,9 +76,10 @@ BEGIN
     IF options IS NULL OR jsonb_typeof(options) <> 'object' THEN
         RAISE EXCEPTION 'options must be a JSON object' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    INSERT INTO backup.backup_jobs (name, kind, schedule, timezone, active, retention_full_count, retention_window, options)
+    INSERT INTO backup.backup_jobs (name, kind, schedule, timezone, active, retention_full_count, retention_window, options, next_run_at)
     VALUES (job_create.name, job_create.kind, job_create.schedule, job_create.timezone, job_create.active,
-            job_create.retention_full_count, job_create.retention_window, job_create.options)
+            job_create.retention_full_count, job_create.retention_window, job_create.options,
+            backup.cron_next(job_create.schedule, job_create.timezone, now()))
     RETURNING job_id INTO id;
     PERFORM backup._audit('create', 'job', job_create.name,
         jsonb_build_object('schedule', job_create.schedule, 'kind', job_create.kind, 'timezone', job_create.timezone));
@@ -111,7 +112,8 @@ BEGIN
     UPDATE backup.backup_jobs b
        SET schedule = j.schedule, kind = j.kind, timezone = j.timezone,
            retention_full_count = j.retention_full_count, retention_window = j.retention_window,
-           options = j.options, updated_by = current_user, updated_at = now()
+           options = j.options, updated_by = current_user, updated_at = now(),
+           next_run_at = backup.cron_next(j.schedule, j.timezone, now())
      WHERE b.job_id = j.job_id;
     PERFORM backup._audit('alter', 'job', j.name,
         jsonb_build_object('schedule', j.schedule, 'kind', j.kind, 'timezone', j.timezone));
@@ -132,7 +134,8 @@ BEGIN
     IF enabled THEN
         PERFORM backup._check_job(j.name, j.kind, j.schedule, j.timezone, j.retention_full_count, j.retention_window, j.job_id);
     END IF;
-    UPDATE backup.backup_jobs b SET active = enabled, updated_by = current_user, updated_at = now()
+    UPDATE backup.backup_jobs b SET active = enabled, updated_by = current_user, updated_at = now(),
+           next_run_at = backup.cron_next(j.schedule, j.timezone, now())
      WHERE b.job_id = j.job_id;
     PERFORM backup._audit(CASE WHEN enabled THEN 'enable' ELSE 'disable' END, 'job', j.name);
 END
@@ -185,6 +188,3 @@ BEGIN
 END
 $$;
 
-REVOKE ALL ON ALL FUNCTIONS IN SCHEMA backup FROM PUBLIC;
-GRANT EXECUTE ON FUNCTION backup.version(), backup.cron_next(text, text, timestamptz),
-    backup.cron_next_epoch(text, text, float8), backup.cron_check(text, text) TO PUBLIC;

@@ -7,12 +7,87 @@
 
 use pgrx::prelude::*;
 
+pub mod run;
 pub mod schedule;
+pub mod settings;
+pub mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
 extension_sql_file!("../../sql/catalog.sql", name = "catalog", bootstrap);
-extension_sql_file!("../../sql/jobs.sql", name = "jobs", finalize);
+extension_sql_file!(
+    "../../sql/jobs.sql",
+    name = "jobs",
+    requires = [cron_next_epoch, cron_check]
+);
+extension_sql_file!(
+    "../../sql/runs.sql",
+    name = "runs",
+    requires = ["jobs", _run_now],
+    finalize
+);
+
+#[pg_guard]
+pub extern "C-unwind" fn _PG_init() {
+    settings::define_runtime();
+    // SAFETY: reading a flag PostgreSQL sets while loading preloaded libraries.
+    if !unsafe { pg_sys::process_shared_preload_libraries_in_progress } {
+        return;
+    }
+    settings::define_postmaster();
+    pgrx::bgworkers::BackgroundWorkerBuilder::new("pg_backup scheduler")
+        .set_function("pg_backup_scheduler_main")
+        .set_library("pg_backup_ext")
+        .enable_spi_access()
+        // Its database may not exist yet at first start: try again soon.
+        .set_restart_time(Some(std::time::Duration::from_secs(5)))
+        .load();
+}
+
+/// Runs execution `execution_id` now, in this session (backup_run(wait => true)),
+/// recording progress and the outcome in the catalog; true if it succeeded.
+#[pg_extern]
+fn _run_now(execution_id: i64) -> bool {
+    let kind = Spi::get_one_with_args::<String>(
+        "SELECT kind FROM backup.backup_executions WHERE execution_id = $1",
+        &[execution_id.into()],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or_else(|| "full".into());
+    let exe = settings::string(&settings::WALSHIPPER_PATH);
+    let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
+    let outcome = match run::spawn(&exe, &cfg, execution_id, &kind) {
+        Err(e) => run::Outcome::Failed(e),
+        Ok(mut r) => loop {
+            if let Some(o) = r.poll() {
+                break o;
+            }
+            // A cancel (Ctrl-C) of this statement stops the backup too.
+            // SAFETY: checking for a pending query cancel in a backend.
+            if unsafe { pg_sys::QueryCancelPending } != 0 {
+                r.kill();
+            }
+            pgrx::check_for_interrupts!();
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        },
+    };
+    let ok = matches!(outcome, run::Outcome::Succeeded(_));
+    let (status, summary, error) = match outcome {
+        run::Outcome::Succeeded(v) => ("succeeded", Some(v.to_string()), None),
+        run::Outcome::Failed(e) => ("failed", None, Some(e)),
+    };
+    let _ = Spi::run_with_args(
+        "SELECT backup._sched_finish($1, $2, $3::jsonb, $4, 0, 0)",
+        &[
+            execution_id.into(),
+            status.to_string().into(),
+            summary.into(),
+            error.into(),
+        ],
+    );
+    ok
+}
 
 /// The extension's version, e.g. `SELECT backup.version();`
 #[pg_extern(immutable, parallel_safe)]

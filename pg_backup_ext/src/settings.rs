@@ -1,0 +1,106 @@
+//! Settings (GUCs) of the control plane. None holds a secret: walshipper's
+//! configuration file holds keys and credentials.
+
+use std::ffi::CString;
+
+use pgrx::guc::{GucContext, GucFlags, GucRegistry, GucSetting};
+
+pub static WALSHIPPER_PATH: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"/usr/local/bin/walshipper"));
+pub static WALSHIPPER_CONFIG: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"/etc/walshipper/walshipper.toml"));
+pub static DATABASE: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"postgres"));
+pub static MAX_CONCURRENT: GucSetting<i32> = GucSetting::<i32>::new(1);
+pub static RPO_TARGET: GucSetting<i32> = GucSetting::<i32>::new(900);
+pub static RUN_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(6 * 3600);
+pub static RETRY_MAX: GucSetting<i32> = GucSetting::<i32>::new(2);
+pub static RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(300);
+
+pub fn string(s: &GucSetting<Option<CString>>) -> String {
+    s.get()
+        .map(|c| c.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Settings any backend may read (defined whether or not the library is preloaded).
+pub fn define_runtime() {
+    GucRegistry::define_string_guc(
+        c"pg_backup.walshipper_path",
+        c"Path of the walshipper binary.",
+        c"The extension runs it (with an argument vector, no shell) for backups.",
+        &WALSHIPPER_PATH,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_backup.walshipper_config",
+        c"walshipper configuration file passed with --config.",
+        c"It holds the repository, keys and credentials; the catalog never does.",
+        &WALSHIPPER_CONFIG,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.max_concurrent",
+        c"Backups the scheduler runs at the same time.",
+        c"",
+        &MAX_CONCURRENT,
+        1,
+        16,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.rpo_target",
+        c"Recovery point objective in seconds; an alert is raised above it.",
+        c"",
+        &RPO_TARGET,
+        1,
+        86400 * 7,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.run_timeout",
+        c"A backup running longer than this many seconds is stopped and marked failed.",
+        c"",
+        &RUN_TIMEOUT,
+        60,
+        86400 * 7,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.retry_max",
+        c"How many times a failed scheduled backup is retried.",
+        c"",
+        &RETRY_MAX,
+        0,
+        100,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.retry_delay",
+        c"Seconds between a failed scheduled backup and its retry.",
+        c"",
+        &RETRY_DELAY,
+        0,
+        86400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+}
+
+/// Settings fixed at server start (only when preloaded).
+pub fn define_postmaster() {
+    GucRegistry::define_string_guc(
+        c"pg_backup.database",
+        c"Database holding the pg_backup catalog, used by the scheduler.",
+        c"CREATE EXTENSION pg_backup_ext in this database.",
+        &DATABASE,
+        GucContext::Postmaster,
+        GucFlags::default(),
+    );
+}

@@ -1,0 +1,256 @@
+-- Running backups: requests from SQL, the scheduler's side of the catalog,
+-- alerts, and the status views. The background worker (src/worker.rs) calls
+-- the backup._sched_* functions; walshipper does the bytes.
+
+-- Advisory lock keys: (0x70676200, job_id) serialises the runs of one job
+-- between the worker and a session running backup_run(wait => true).
+CREATE FUNCTION backup._job_lock_key() RETURNS integer LANGUAGE sql IMMUTABLE AS $$ SELECT 1885823488 $$;
+
+CREATE FUNCTION backup.backup_run(job_name text DEFAULT NULL, kind text DEFAULT 'full', wait boolean DEFAULT false)
+RETURNS bigint LANGUAGE plpgsql
+AS $$
+DECLARE
+    j backup.backup_jobs;
+    id bigint;
+    ok boolean;
+BEGIN
+    IF kind IS NULL OR kind NOT IN ('full', 'diff', 'incr') THEN
+        RAISE EXCEPTION 'unknown backup kind "%"', kind USING ERRCODE = 'invalid_parameter_value', HINT = 'Use full, diff or incr.';
+    END IF;
+    IF kind <> 'full' THEN
+        RAISE EXCEPTION 'backup kind "%" is not available yet', kind USING ERRCODE = 'feature_not_supported', HINT = 'Use full for now.';
+    END IF;
+    IF job_name IS NOT NULL THEN
+        SELECT * INTO j FROM backup.backup_jobs b WHERE b.name = job_name;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'backup job "%" does not exist', job_name
+                USING ERRCODE = 'undefined_object', HINT = 'Omit job_name for a one-off backup, or see backup.backup_jobs.';
+        END IF;
+        IF NOT pg_try_advisory_xact_lock(backup._job_lock_key(), j.job_id::integer)
+           OR EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
+            RAISE EXCEPTION 'backup job "%" already has a run queued or running', job_name
+                USING ERRCODE = 'object_in_use', HINT = 'See backup.running_backups; cancel with backup.backup_cancel(execution_id).';
+        END IF;
+    END IF;
+    INSERT INTO backup.backup_executions (job_id, kind, status, started_at)
+    VALUES (j.job_id, kind, CASE WHEN wait THEN 'running' ELSE 'queued' END, CASE WHEN wait THEN now() END)
+    RETURNING execution_id INTO id;
+    PERFORM backup._audit('run', 'backup', coalesce(job_name, 'manual'), jsonb_build_object('execution_id', id, 'wait', wait));
+    IF NOT wait THEN
+        PERFORM pg_notify('backup_requests', id::text);
+        RETURN id;
+    END IF;
+    -- Run here, in this session: the row is ours until we commit.
+    ok := backup._run_now(id);
+    IF NOT ok THEN
+        RAISE EXCEPTION 'backup % failed: %', id, (SELECT error FROM backup.backup_executions WHERE execution_id = id)
+            USING HINT = 'Details in backup.backup_executions and the server log.';
+    END IF;
+    RETURN id;
+END
+$$;
+
+CREATE FUNCTION backup.backup_cancel(execution_id bigint)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    st text;
+BEGIN
+    SELECT status INTO st FROM backup.backup_executions e WHERE e.execution_id = backup_cancel.execution_id FOR UPDATE;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no backup execution %', execution_id USING ERRCODE = 'undefined_object';
+    END IF;
+    IF st = 'queued' THEN
+        UPDATE backup.backup_executions e SET status = 'cancelled', finished_at = now(), error = 'cancelled before it started'
+         WHERE e.execution_id = backup_cancel.execution_id;
+    ELSIF st = 'running' THEN
+        UPDATE backup.backup_executions e SET cancel_requested = true WHERE e.execution_id = backup_cancel.execution_id;
+    ELSE
+        RAISE EXCEPTION 'backup execution % already ended (%)', execution_id, st USING ERRCODE = 'object_not_in_prerequisite_state';
+    END IF;
+    PERFORM backup._audit('cancel', 'backup', execution_id::text);
+END
+$$;
+
+-- Raises an alert once per open (kind, subject) and notifies listeners.
+CREATE FUNCTION backup._raise_alert(p_kind text, p_severity text, p_subject text, p_message text, p_details jsonb DEFAULT '{}')
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    new_id bigint;
+BEGIN
+    INSERT INTO backup.alerts (kind, severity, subject, message, details)
+    VALUES (p_kind, p_severity, p_subject, p_message, p_details)
+    ON CONFLICT (kind, subject) WHERE resolved_at IS NULL DO NOTHING
+    RETURNING alert_id INTO new_id;
+    IF new_id IS NOT NULL THEN
+        PERFORM pg_notify('backup_alerts', jsonb_build_object('alert_id', new_id, 'kind', p_kind,
+            'severity', p_severity, 'subject', p_subject, 'message', p_message)::text);
+    END IF;
+END
+$$;
+
+CREATE FUNCTION backup._resolve_alert(p_kind text, p_subject text)
+RETURNS void LANGUAGE sql
+AS $$ UPDATE backup.alerts SET resolved_at = now() WHERE kind = p_kind AND subject = p_subject AND resolved_at IS NULL $$;
+
+-- Worker start: runs left 'running' by a crash or restart did not finish.
+CREATE FUNCTION backup._sched_fail_stale()
+RETURNS integer LANGUAGE plpgsql
+AS $$
+DECLARE
+    n integer;
+BEGIN
+    UPDATE backup.backup_executions e
+       SET status = 'failed', finished_at = greatest(now(), e.queued_at),
+           error = 'interrupted: the server or the scheduler restarted during the run'
+     WHERE e.status = 'running'
+       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = e.worker_pid AND a.pid <> pg_backend_pid());
+    GET DIAGNOSTICS n = ROW_COUNT;
+    RETURN n;
+END
+$$;
+
+-- Queues due jobs, then claims up to p_slots queued runs for the worker.
+CREATE FUNCTION backup._sched_claim(p_slots integer)
+RETURNS TABLE (execution_id bigint, kind text) LANGUAGE plpgsql
+AS $$
+DECLARE
+    j record;
+BEGIN
+    FOR j IN SELECT * FROM backup.backup_jobs b WHERE b.active AND b.next_run_at <= now() ORDER BY b.next_run_at FOR UPDATE SKIP LOCKED LOOP
+        IF pg_try_advisory_xact_lock(backup._job_lock_key(), j.job_id::integer)
+           AND NOT EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
+            INSERT INTO backup.backup_executions (job_id, kind, requested_by) VALUES (j.job_id, j.kind, 'scheduler');
+        END IF;
+        -- A run still going when the next is due skips that slot (never two at once).
+        UPDATE backup.backup_jobs b SET next_run_at = backup.cron_next(j.schedule, j.timezone, now()) WHERE b.job_id = j.job_id;
+    END LOOP;
+    IF p_slots <= 0 THEN
+        RETURN;
+    END IF;
+    RETURN QUERY
+    UPDATE backup.backup_executions e
+       SET status = 'running', started_at = now(), worker_pid = pg_backend_pid()
+     WHERE e.execution_id IN (SELECT q.execution_id FROM backup.backup_executions q
+                               WHERE q.status = 'queued' AND q.not_before <= now()
+                               ORDER BY q.queued_at LIMIT p_slots FOR UPDATE SKIP LOCKED)
+    RETURNING e.execution_id, e.kind;
+END
+$$;
+
+CREATE FUNCTION backup._sched_progress(p_id bigint, p_done bigint, p_total bigint)
+RETURNS boolean LANGUAGE sql
+AS $$
+    UPDATE backup.backup_executions SET bytes_done = p_done, bytes_total = p_total WHERE execution_id = p_id;
+    SELECT cancel_requested FROM backup.backup_executions WHERE execution_id = p_id;
+$$;
+
+-- Records the end of a run. On failure: an alert, and a retry if the job allows one.
+CREATE FUNCTION backup._sched_finish(p_id bigint, p_status text, p_summary jsonb, p_error text,
+                                     p_retry_max integer, p_retry_delay integer)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    e backup.backup_executions;
+    jname text;
+BEGIN
+    UPDATE backup.backup_executions x
+       SET status = p_status, finished_at = greatest(now(), coalesce(x.started_at, x.queued_at)),
+           error = CASE WHEN p_status = 'succeeded' THEN NULL ELSE coalesce(p_error, 'unknown error') END,
+           summary = p_summary,
+           backup_id = p_summary->>'backup_id',
+           start_lsn = (p_summary->>'start_lsn')::pg_lsn,
+           stop_lsn = (p_summary->>'stop_lsn')::pg_lsn,
+           timeline = (p_summary->>'timeline')::integer,
+           size_bytes = (p_summary->>'size')::bigint,
+           stored_bytes = (p_summary->>'stored_size')::bigint,
+           bytes_done = coalesce((p_summary->>'size')::bigint, x.bytes_done)
+     WHERE x.execution_id = p_id
+    RETURNING * INTO e;
+    SELECT name INTO jname FROM backup.backup_jobs WHERE job_id = e.job_id;
+    IF p_status = 'failed' THEN
+        PERFORM backup._raise_alert('backup_failed', 'critical', coalesce(jname, 'manual'),
+            format('backup %s (%s) failed: %s', p_id, coalesce(jname, 'manual'), e.error),
+            jsonb_build_object('execution_id', p_id, 'attempt', e.attempt));
+        IF e.job_id IS NOT NULL AND e.attempt <= p_retry_max THEN
+            INSERT INTO backup.backup_executions (job_id, kind, requested_by, attempt, not_before)
+            VALUES (e.job_id, e.kind, 'scheduler', e.attempt + 1, now() + make_interval(secs => p_retry_delay));
+        END IF;
+    ELSIF p_status = 'succeeded' THEN
+        PERFORM backup._resolve_alert('backup_failed', coalesce(jname, 'manual'));
+    END IF;
+END
+$$;
+
+-- Archiving and RPO alerts, from pg_stat_archiver.
+CREATE FUNCTION backup._sched_check_archiving(p_rpo_target integer)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    a pg_stat_archiver;
+    rpo interval;
+BEGIN
+    SELECT * INTO a FROM pg_stat_archiver;
+    IF a.last_failed_time IS NOT NULL AND a.last_failed_time > coalesce(a.last_archived_time, '-infinity') THEN
+        PERFORM backup._raise_alert('archive_failing', 'critical', 'archiver',
+            format('WAL archiving is failing (last failure on %s at %s)', a.last_failed_wal, a.last_failed_time),
+            jsonb_build_object('failed_count', a.failed_count, 'last_failed_wal', a.last_failed_wal));
+    ELSE
+        PERFORM backup._resolve_alert('archive_failing', 'archiver');
+    END IF;
+    SELECT w.rpo_estimate INTO rpo FROM backup.wal_archive_status w;
+    IF rpo IS NOT NULL AND rpo > make_interval(secs => p_rpo_target) THEN
+        PERFORM backup._raise_alert('rpo_exceeded', 'warning', 'archiver',
+            format('WAL not archived for %s, above the RPO target of %s', date_trunc('second', rpo), make_interval(secs => p_rpo_target)));
+    ELSE
+        PERFORM backup._resolve_alert('rpo_exceeded', 'archiver');
+    END IF;
+END
+$$;
+
+CREATE VIEW backup.wal_archive_status AS
+SELECT a.archived_count, a.last_archived_wal, a.last_archived_time,
+       now() - a.last_archived_time AS last_archived_age,
+       a.failed_count, a.last_failed_wal, a.last_failed_time,
+       pg_walfile_name(pg_current_wal_lsn()) AS current_wal,
+       -- Data at risk: everything since the last archived segment, if WAL was written since.
+       CASE WHEN a.last_archived_wal IS NULL THEN NULL
+            WHEN pg_walfile_name(pg_current_wal_lsn()) > a.last_archived_wal
+                 AND pg_current_wal_lsn() > ('0/0'::pg_lsn + 0) THEN now() - a.last_archived_time
+            ELSE interval '0' END AS rpo_estimate,
+       make_interval(secs => coalesce(current_setting('pg_backup.rpo_target', true), '900')::integer) AS rpo_target
+  FROM pg_stat_archiver a;
+
+CREATE VIEW backup.job_status AS
+SELECT j.name, j.kind, j.schedule, j.timezone, j.active,
+       s.last_success, f.last_failure,
+       coalesce(c.consecutive_failures, 0) AS consecutive_failures,
+       j.next_run_at AS next_run,
+       CASE WHEN NOT j.active THEN 'disabled'
+            WHEN r.running THEN 'running'
+            WHEN coalesce(c.consecutive_failures, 0) > 0 THEN 'failing'
+            WHEN s.last_success IS NULL THEN 'never succeeded'
+            ELSE 'ok' END AS health
+  FROM backup.backup_jobs j
+  LEFT JOIN LATERAL (SELECT max(finished_at) AS last_success FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'succeeded') s ON true
+  LEFT JOIN LATERAL (SELECT max(finished_at) AS last_failure FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'failed') f ON true
+  LEFT JOIN LATERAL (SELECT count(*) AS consecutive_failures FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'failed'
+                        AND e.finished_at > coalesce(s.last_success, '-infinity')) c ON true
+  LEFT JOIN LATERAL (SELECT bool_or(e.status IN ('queued', 'running')) AS running FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id) r ON true;
+
+CREATE VIEW backup.running_backups AS
+SELECT e.execution_id, j.name AS job, e.kind, e.status, e.started_at, now() - e.started_at AS elapsed,
+       e.bytes_done, e.bytes_total,
+       round(100.0 * e.bytes_done / nullif(e.bytes_total, 0), 1) AS percent
+  FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
+ WHERE e.status IN ('queued', 'running');
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA backup FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA backup FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION backup.version(), backup.cron_next(text, text, timestamptz),
+    backup.cron_next_epoch(text, text, float8), backup.cron_check(text, text) TO PUBLIC;

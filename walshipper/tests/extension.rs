@@ -1,0 +1,141 @@
+//! The SQL control plane end to end: a real cluster with pg_backup_ext
+//! preloaded (installed by scripts/test.sh), its scheduler launching the real
+//! walshipper binary, archiving into a local repository.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn wait_for(c: &Cluster, sql: &str, want: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let got = c.try_sql(sql).unwrap_or_default();
+        if got == want {
+            return got;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "waited {timeout:?} for `{sql}` to be {want:?}, last {got:?}\nexecutions: {}\nlog:\n{}",
+                c.sql("SELECT json_agg(e) FROM backup.backup_executions e"),
+                c.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+#[test]
+fn sql_backups_schedules_failures_and_restore_points() {
+    let dir = scratch("ext");
+    let d = dir.path();
+    let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
+    let c = Cluster::init(
+        d,
+        "src",
+        &[
+            "archive_mode = on".into(),
+            format!("archive_command = {}", shipper.archive_command()),
+            "shared_preload_libraries = 'pg_backup_ext'".into(),
+            format!(
+                "pg_backup.walshipper_path = '{}'",
+                walshipper_bin().display()
+            ),
+            format!(
+                "pg_backup.walshipper_config = '{}'",
+                shipper.config.display()
+            ),
+            "pg_backup.database = 'postgres'".into(),
+            "pg_backup.retry_max = 0".into(),
+        ],
+    );
+    run_ok(
+        shipper
+            .cmd()
+            .args(["repo-init", "--kdf-memory-kib", "8192"]),
+    );
+    c.start();
+    c.sql("CREATE EXTENSION pg_backup_ext");
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+
+    // backup_run(wait => true): a succeeded execution whose figures match the repository's.
+    let id = c.sql("SELECT backup.backup_run(wait => true)");
+    let row: serde_json::Value = serde_json::from_str(&c.sql(&format!(
+        "SELECT row_to_json(e) FROM backup.backup_executions e WHERE execution_id = {id}"
+    )))
+    .unwrap();
+    assert_eq!(row["status"], "succeeded", "{row}");
+    let info = shipper.info();
+    let b = info["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"] == row["backup_id"])
+        .unwrap_or_else(|| panic!("backup {} not in the repository: {info}", row["backup_id"]));
+    assert_eq!(row["start_lsn"], b["start_lsn"]);
+    assert_eq!(row["stop_lsn"], b["stop_lsn"]);
+    assert_eq!(row["size_bytes"], b["size"]);
+    assert_eq!(row["stored_bytes"], b["stored_size"]);
+
+    // A job every minute runs on its own, and never twice at once.
+    c.sql("SELECT backup.job_create('every_minute', '* * * * *')");
+    wait_for(
+        &c,
+        "SELECT count(*) > 0 FROM backup.backup_executions e JOIN backup.backup_jobs j USING (job_id) \
+         WHERE j.name = 'every_minute' AND e.status = 'succeeded'",
+        "t",
+        Duration::from_secs(90),
+    );
+    assert_eq!(
+        c.sql("SELECT health FROM backup.job_status WHERE name = 'every_minute'"),
+        "ok"
+    );
+    c.sql("SELECT backup.job_enable('every_minute', false)");
+    assert_eq!(
+        c.sql("SELECT count(*) FROM backup.backup_executions GROUP BY job_id, status HAVING status = 'running' AND count(*) > 1"),
+        ""
+    );
+
+    // A broken walshipper path: the run fails with the reason, and an alert is raised.
+    c.sql("ALTER SYSTEM SET pg_backup.walshipper_path = '/nonexistent/walshipper'");
+    c.sql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_secs(2));
+    let failed = c.sql("SELECT backup.backup_run()");
+    wait_for(
+        &c,
+        &format!("SELECT status FROM backup.backup_executions WHERE execution_id = {failed}"),
+        "failed",
+        Duration::from_secs(30),
+    );
+    let err = c.sql(&format!(
+        "SELECT error FROM backup.backup_executions WHERE execution_id = {failed}"
+    ));
+    assert!(err.contains("/nonexistent/walshipper"), "{err}");
+    assert_eq!(
+        c.sql("SELECT count(*) FROM backup.alerts WHERE kind = 'backup_failed' AND resolved_at IS NULL"),
+        "1"
+    );
+    // The same through backup_run(wait => true): an SQL error with the reason.
+    let out = run(c
+        .psql_cmd()
+        .args(["-c", "SELECT backup.backup_run(wait => true)"]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot run walshipper"));
+
+    // A restore point made in SQL is a working restore target.
+    c.sql("CREATE TABLE marker (id int)");
+    c.sql("INSERT INTO marker VALUES (1)");
+    c.sql("SELECT backup.restore_point_create('before_two')");
+    c.sql("INSERT INTO marker VALUES (2)");
+    c.switch_and_wait_archived(Duration::from_secs(60));
+    c.stop();
+    let o = shipper.restore(
+        &d.join("r"),
+        &["--target-name", "before_two", "--target-action", "promote"],
+    );
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = start_restored(d, "r", &["shared_preload_libraries = ''".to_string()]);
+    assert_eq!(r.sql("SELECT string_agg(id::text, ',') FROM marker"), "1");
+    r.stop();
+}
