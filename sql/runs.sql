@@ -250,6 +250,71 @@ SELECT e.execution_id, j.name AS job, e.kind, e.status, e.started_at, now() - e.
   FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
  WHERE e.status IN ('queued', 'running');
 
+-- How to restore to a moment: which backup, which WAL, and the exact command.
+-- The catalog mirrors the repository (it goes back in time with the
+-- database); walshipper restore re-checks everything against the repository.
+CREATE FUNCTION backup.restore_plan(target_time timestamptz, target_dir text DEFAULT NULL)
+RETURNS TABLE (backup_id text, backup_stop_time timestamptz, wal_from text, wal_to text, command text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    e backup.backup_executions;
+    dir text := coalesce(target_dir, current_setting('data_directory') || '_restored');
+    cfg text := coalesce(current_setting('pg_backup.walshipper_config', true), '/etc/walshipper/walshipper.toml');
+    exe text := coalesce(current_setting('pg_backup.walshipper_path', true), '/usr/local/bin/walshipper');
+    last_wal text;
+    last_time timestamptz;
+BEGIN
+    IF target_time IS NULL THEN
+        RAISE EXCEPTION 'target_time is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF target_time > now() THEN
+        RAISE EXCEPTION 'target % is in the future', target_time
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Choose a moment in the past.';
+    END IF;
+    SELECT * INTO e FROM backup.backup_executions x
+     WHERE x.status = 'succeeded' AND (x.summary->>'stop_time')::timestamptz <= target_time
+     ORDER BY (x.summary->>'stop_time')::timestamptz DESC LIMIT 1;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no backup ends before %', target_time
+            USING ERRCODE = 'no_data_found',
+                  HINT = coalesce('The oldest recorded backup ends at ' ||
+                      (SELECT min((x.summary->>'stop_time')::timestamptz) FROM backup.backup_executions x WHERE x.status = 'succeeded')::text
+                      || '; choose a later target.', 'No backup has succeeded yet: run SELECT backup.backup_run(wait => true).');
+    END IF;
+    SELECT a.last_archived_wal, a.last_archived_time INTO last_wal, last_time FROM pg_stat_archiver a;
+    IF last_time IS NULL OR last_time < target_time THEN
+        RAISE EXCEPTION 'the archived WAL does not reach % yet (last archived at %)', target_time, last_time
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Run SELECT pg_switch_wal() and wait for archiving, or choose an earlier target.';
+    END IF;
+    RETURN QUERY SELECT e.backup_id, (e.summary->>'stop_time')::timestamptz, e.summary->>'wal_start', last_wal,
+        format('%s --config %s restore --target-dir %s --backup %s --target-time %s --target-action promote',
+               quote_literal(exe), quote_literal(cfg), quote_literal(dir), e.backup_id,
+               quote_literal(to_char(target_time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'));
+END
+$$;
+
+CREATE FUNCTION backup.restore_plan(restore_point text, target_dir text DEFAULT NULL)
+RETURNS TABLE (backup_id text, backup_stop_time timestamptz, wal_from text, wal_to text, command text)
+LANGUAGE plpgsql
+AS $$
+DECLARE
+    rp backup.restore_points;
+    p record;
+BEGIN
+    SELECT * INTO rp FROM backup.restore_points r WHERE r.name = restore_point;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no restore point "%"', restore_point
+            USING ERRCODE = 'undefined_object', HINT = 'See backup.restore_points, or create one with backup.restore_point_create().';
+    END IF;
+    SELECT * INTO p FROM backup.restore_plan(rp.created_at, target_dir);
+    RETURN QUERY SELECT p.backup_id, p.backup_stop_time, p.wal_from, p.wal_to,
+        replace(p.command, substring(p.command from ' --target-time .*$'),
+                ' --target-name ' || quote_literal(rp.name) || ' --target-action promote');
+END
+$$;
+
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA backup FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA backup FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION backup.version(), backup.cron_next(text, text, timestamptz),

@@ -129,13 +129,99 @@ fn sql_backups_schedules_failures_and_restore_points() {
     c.sql("SELECT backup.restore_point_create('before_two')");
     c.sql("INSERT INTO marker VALUES (2)");
     c.switch_and_wait_archived(Duration::from_secs(60));
+    // restore_plan() prints the command; run as printed, it restores to the point.
+    c.sql(&format!(
+        "ALTER SYSTEM SET pg_backup.walshipper_path = '{}'",
+        walshipper_bin().display()
+    ));
+    c.sql("SELECT pg_reload_conf()");
+    std::thread::sleep(Duration::from_millis(500));
+    let command = c.sql(&format!(
+        "SELECT command FROM backup.restore_plan('before_two', '{}')",
+        d.join("r").display()
+    ));
+    assert!(command.contains("--target-name 'before_two'"), "{command}");
+    // Out of reach: before every backup, and in the future.
+    let early = run(c.psql_cmd().args([
+        "-c",
+        "SELECT * FROM backup.restore_plan('2001-01-01 00:00+00'::timestamptz)",
+    ]));
+    assert!(String::from_utf8_lossy(&early.stderr).contains("no backup ends before"));
+    let late = run(c.psql_cmd().args([
+        "-c",
+        "SELECT * FROM backup.restore_plan(now() + interval '1 day')",
+    ]));
+    assert!(String::from_utf8_lossy(&late.stderr).contains("in the future"));
     c.stop();
-    let o = shipper.restore(
-        &d.join("r"),
-        &["--target-name", "before_two", "--target-action", "promote"],
+    let o = run(std::process::Command::new("sh").args(["-c", &command]));
+    assert!(
+        o.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&o.stderr)
     );
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r = start_restored(d, "r", &["shared_preload_libraries = ''".to_string()]);
     assert_eq!(r.sql("SELECT string_agg(id::text, ',') FROM marker"), "1");
     r.stop();
+}
+
+#[test]
+fn a_run_interrupted_by_a_server_restart_is_marked_failed() {
+    let dir = scratch("extrs");
+    let d = dir.path();
+    let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
+    let c = Cluster::init(
+        d,
+        "src",
+        &[
+            "archive_mode = on".into(),
+            format!("archive_command = {}", shipper.archive_command()),
+            "shared_preload_libraries = 'pg_backup_ext'".into(),
+            format!(
+                "pg_backup.walshipper_path = '{}'",
+                walshipper_bin().display()
+            ),
+            format!(
+                "pg_backup.walshipper_config = '{}'",
+                shipper.config.display()
+            ),
+        ],
+    );
+    // Slow backups (zstd 19, one thread) so there is time to restart mid-run.
+    let cfg = std::fs::read_to_string(&shipper.config).unwrap();
+    std::fs::write(
+        &shipper.config,
+        cfg.replace("level = 3", "level = 19\nthreads = 1"),
+    )
+    .unwrap();
+    run_ok(
+        shipper
+            .cmd()
+            .args(["repo-init", "--kdf-memory-kib", "8192"]),
+    );
+    c.start();
+    c.sql("CREATE EXTENSION pg_backup_ext");
+    c.pgbench(&["-i", "-s", "3", "-q"]);
+    let id = c.sql("SELECT backup.backup_run()");
+    let status = format!("SELECT status FROM backup.backup_executions WHERE execution_id = {id}");
+    wait_for(&c, &status, "running", Duration::from_secs(30));
+    std::thread::sleep(Duration::from_secs(1));
+    c.stop();
+    c.start();
+    wait_for(&c, &status, "failed", Duration::from_secs(30));
+    let err = c.sql(&format!(
+        "SELECT error FROM backup.backup_executions WHERE execution_id = {id}"
+    ));
+    assert!(
+        err.contains("shut down") || err.contains("interrupted"),
+        "{err}"
+    );
+    assert_eq!(c.sql("SELECT count(*) FROM backup.running_backups"), "0");
+    // The next backup works.
+    let next = c.sql("SELECT backup.backup_run()");
+    wait_for(
+        &c,
+        &format!("SELECT status FROM backup.backup_executions WHERE execution_id = {next}"),
+        "succeeded",
+        Duration::from_secs(120),
+    );
 }
