@@ -12,7 +12,6 @@ AS $$
 DECLARE
     j backup.backup_jobs;
     id bigint;
-    ok boolean;
 BEGIN
     IF kind IS NULL OR kind NOT IN ('full', 'diff', 'incr') THEN
         RAISE EXCEPTION 'unknown backup kind "%"', kind USING ERRCODE = 'invalid_parameter_value', HINT = 'Use full, diff or incr.';
@@ -32,20 +31,21 @@ BEGIN
                 USING ERRCODE = 'object_in_use', HINT = 'See backup.running_backups; cancel with backup.backup_cancel(execution_id).';
         END IF;
     END IF;
-    INSERT INTO backup.backup_executions (job_id, kind, status, started_at)
-    VALUES (j.job_id, kind, CASE WHEN wait THEN 'running' ELSE 'queued' END, CASE WHEN wait THEN now() END)
-    RETURNING execution_id INTO id;
-    PERFORM backup._audit('run', 'backup', coalesce(job_name, 'manual'), jsonb_build_object('execution_id', id, 'wait', wait));
     IF NOT wait THEN
+        INSERT INTO backup.backup_executions (job_id, kind) VALUES (j.job_id, kind)
+        RETURNING execution_id INTO id;
+        PERFORM backup._audit('run', 'backup', coalesce(job_name, 'manual'), jsonb_build_object('execution_id', id));
         PERFORM pg_notify('backup_requests', id::text);
         RETURN id;
     END IF;
-    -- Run here, in this session: the row is ours until we commit.
-    ok := backup._run_now(id);
-    IF NOT ok THEN
-        RAISE EXCEPTION 'backup % failed: %', id, (SELECT error FROM backup.backup_executions WHERE execution_id = id)
-            USING HINT = 'Details in backup.backup_executions and the server log.';
+    -- A worker of its own runs it and records it in its own transactions, so
+    -- the outcome is kept even if this statement ends in an error.
+    id := backup._run_in_worker(j.job_id, kind);
+    IF (SELECT status FROM backup.backup_executions e WHERE e.execution_id = id) <> 'succeeded' THEN
+        RAISE EXCEPTION 'backup % failed: %', id, (SELECT error FROM backup.backup_executions e WHERE e.execution_id = id)
+            USING HINT = 'The run is recorded in backup.backup_executions; the server log has details.';
     END IF;
+    PERFORM backup._audit('run', 'backup', coalesce(job_name, 'manual'), jsonb_build_object('execution_id', id, 'wait', true));
     RETURN id;
 END
 $$;
@@ -183,14 +183,35 @@ BEGIN
 END
 $$;
 
--- Archiving and RPO alerts, from pg_stat_archiver.
-CREATE FUNCTION backup._sched_check_archiving(p_rpo_target integer)
+-- Health alerts: jobs overdue, WAL archiving failing, RPO above target.
+CREATE FUNCTION backup._sched_check_health(p_rpo_target integer, p_overdue_grace integer)
 RETURNS void LANGUAGE plpgsql
 AS $$
 DECLARE
     a pg_stat_archiver;
     rpo interval;
+    j record;
+    n1 timestamptz;
+    period interval;
+    last_ok timestamptz;
 BEGIN
+    -- A job is overdue when its last success is older than one period of
+    -- its schedule plus the grace time.
+    FOR j IN SELECT * FROM backup.backup_jobs WHERE active LOOP
+        n1 := backup.cron_next(j.schedule, j.timezone, now());
+        period := backup.cron_next(j.schedule, j.timezone, n1) - n1;
+        SELECT max(finished_at) INTO last_ok FROM backup.backup_executions
+         WHERE job_id = j.job_id AND status = 'succeeded';
+        IF coalesce(last_ok, j.created_at) < now() - period - make_interval(secs => p_overdue_grace) THEN
+            PERFORM backup._raise_alert('job_overdue', 'warning', j.name,
+                format('backup job %s has not succeeded since %s (it runs every %s)',
+                       j.name, coalesce(last_ok::text, 'its creation'), period));
+        ELSE
+            PERFORM backup._resolve_alert('job_overdue', j.name);
+        END IF;
+    END LOOP;
+    PERFORM backup._resolve_alert('job_overdue', name) FROM backup.backup_jobs WHERE NOT active;
+
     SELECT * INTO a FROM pg_stat_archiver;
     IF a.last_failed_time IS NOT NULL AND a.last_failed_time > coalesce(a.last_archived_time, '-infinity') THEN
         PERFORM backup._raise_alert('archive_failing', 'critical', 'archiver',
@@ -219,7 +240,7 @@ SELECT a.archived_count, a.last_archived_wal, a.last_archived_time,
             WHEN pg_walfile_name(pg_current_wal_lsn()) > a.last_archived_wal
                  AND pg_current_wal_lsn() > ('0/0'::pg_lsn + 0) THEN now() - a.last_archived_time
             ELSE interval '0' END AS rpo_estimate,
-       make_interval(secs => coalesce(current_setting('pg_backup.rpo_target', true), '900')::integer) AS rpo_target
+       coalesce(nullif(current_setting('pg_backup.rpo_target', true), ''), '900s')::interval AS rpo_target
   FROM pg_stat_archiver a;
 
 CREATE VIEW backup.job_status AS
@@ -269,7 +290,7 @@ BEGIN
         RAISE EXCEPTION 'target_time is required' USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF target_time > now() THEN
-        RAISE EXCEPTION 'target % is in the future', target_time
+        RAISE EXCEPTION 'the target time is in the future'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Choose a moment in the past.';
     END IF;
     SELECT * INTO e FROM backup.backup_executions x

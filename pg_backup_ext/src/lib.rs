@@ -23,7 +23,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/runs.sql",
     name = "runs",
-    requires = ["jobs", _run_now],
+    requires = ["jobs", _run_in_worker],
     finalize
 );
 
@@ -44,49 +44,53 @@ pub extern "C-unwind" fn _PG_init() {
         .load();
 }
 
-/// Runs execution `execution_id` now, in this session (backup_run(wait => true)),
-/// recording progress and the outcome in the catalog; true if it succeeded.
+/// Runs a backup now in a background worker of its own and waits for it
+/// (backup_run(wait => true)). The worker records the run in its own
+/// transactions, so the outcome stays in backup.backup_executions even when
+/// the caller's transaction ends in an error. Returns the execution id.
 #[pg_extern]
-fn _run_now(execution_id: i64) -> bool {
-    let kind = Spi::get_one_with_args::<String>(
-        "SELECT kind FROM backup.backup_executions WHERE execution_id = $1",
-        &[execution_id.into()],
+fn _run_in_worker(job_id: Option<i64>, kind: &str) -> i64 {
+    // SAFETY: reading the backend's own identity.
+    let (db, user, me) = unsafe { (pg_sys::MyDatabaseId, pg_sys::GetUserId(), pg_sys::MyProcPid) };
+    let extra = format!(
+        "{} {} {} {kind}",
+        u32::from(db),
+        u32::from(user),
+        job_id.unwrap_or(0)
+    );
+    let worker = pgrx::bgworkers::BackgroundWorkerBuilder::new("pg_backup run")
+        .set_function("pg_backup_run_main")
+        .set_library("pg_backup_ext")
+        .enable_spi_access()
+        .set_extra(&extra)
+        .set_notify_pid(me)
+        .load_dynamic()
+        .unwrap_or_else(|_| {
+            raise(schedule::ScheduleError {
+                message: "could not start a background worker for the backup".into(),
+                hint: "Raise max_worker_processes, or use backup_run() without wait and let the scheduler run it.".into(),
+            })
+        });
+    let pid = match worker.wait_for_startup() {
+        Ok(pid) => pid,
+        Err(_) => raise(schedule::ScheduleError {
+            message: "the backup worker did not start".into(),
+            hint: "See the server log.".into(),
+        }),
+    };
+    let _ = worker.wait_for_shutdown();
+    Spi::get_one_with_args::<i64>(
+        "SELECT execution_id FROM backup.backup_executions WHERE worker_pid = $1 ORDER BY execution_id DESC LIMIT 1",
+        &[(pid as i32).into()],
     )
     .ok()
     .flatten()
-    .unwrap_or_else(|| "full".into());
-    let exe = settings::string(&settings::WALSHIPPER_PATH);
-    let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
-    let outcome = match run::spawn(&exe, &cfg, execution_id, &kind) {
-        Err(e) => run::Outcome::Failed(e),
-        Ok(mut r) => loop {
-            if let Some(o) = r.poll() {
-                break o;
-            }
-            // A cancel (Ctrl-C) of this statement stops the backup too.
-            // SAFETY: checking for a pending query cancel in a backend.
-            if unsafe { pg_sys::QueryCancelPending } != 0 {
-                r.kill();
-            }
-            pgrx::check_for_interrupts!();
-            std::thread::sleep(std::time::Duration::from_millis(200));
-        },
-    };
-    let ok = matches!(outcome, run::Outcome::Succeeded(_));
-    let (status, summary, error) = match outcome {
-        run::Outcome::Succeeded(v) => ("succeeded", Some(v.to_string()), None),
-        run::Outcome::Failed(e) => ("failed", None, Some(e)),
-    };
-    let _ = Spi::run_with_args(
-        "SELECT backup._sched_finish($1, $2, $3::jsonb, $4, 0, 0)",
-        &[
-            execution_id.into(),
-            status.to_string().into(),
-            summary.into(),
-            error.into(),
-        ],
-    );
-    ok
+    .unwrap_or_else(|| {
+        raise(schedule::ScheduleError {
+            message: "the backup worker ended without recording a run".into(),
+            hint: "Another run of this job may have started at the same moment; see backup.running_backups and the server log.".into(),
+        })
+    })
 }
 
 /// The extension's version, e.g. `SELECT backup.version();`
@@ -146,6 +150,95 @@ mod tests {
     fn version_is_reported() {
         let v = Spi::get_one::<&str>("SELECT backup.version()");
         assert_eq!(v, Ok(Some(env!("CARGO_PKG_VERSION"))));
+    }
+
+    fn one(sql: &str) -> Option<String> {
+        Spi::get_one::<String>(sql).expect("query")
+    }
+
+    /// The scheduler's catalog logic, as the worker drives it.
+    #[pg_test]
+    fn scheduler_queues_due_jobs_once_and_claims_them() {
+        Spi::run("SELECT backup.job_create('due', '* * * * *')").expect("create");
+        Spi::run("UPDATE backup.backup_jobs SET next_run_at = now() - interval '1 minute'")
+            .expect("due");
+        let claimed =
+            one("SELECT json_agg(c)::text FROM backup._sched_claim(1) c").unwrap_or_default();
+        assert!(claimed.contains("\"kind\":\"full\""), "{claimed}");
+        assert_eq!(
+            one("SELECT status FROM backup.backup_executions"),
+            Some("running".into())
+        );
+        // Due again while it runs: no second run is queued.
+        Spi::run("UPDATE backup.backup_jobs SET next_run_at = now() - interval '1 minute'")
+            .expect("due");
+        Spi::run("SELECT * FROM backup._sched_claim(1)").expect("claim");
+        assert_eq!(
+            one("SELECT count(*)::text FROM backup.backup_executions"),
+            Some("1".into())
+        );
+        assert_eq!(
+            one("SELECT (next_run_at > now())::text FROM backup.backup_jobs"),
+            Some("true".into())
+        );
+    }
+
+    #[pg_test]
+    fn failures_alert_retry_and_success_resolves() {
+        Spi::run("SELECT backup.job_create('flaky', '0 3 * * *')").expect("create");
+        Spi::run("INSERT INTO backup.backup_executions (job_id, kind, status, started_at) SELECT job_id, 'full', 'running', now() FROM backup.backup_jobs").expect("run");
+        Spi::run("SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'failed', NULL, 'disk full', 1, 60)").expect("finish");
+        assert_eq!(
+            one("SELECT kind FROM backup.alerts WHERE resolved_at IS NULL"),
+            Some("backup_failed".into())
+        );
+        // One retry, not before the delay.
+        assert_eq!(
+            one("SELECT attempt || ' ' || (not_before > now() + interval '50 seconds') FROM backup.backup_executions WHERE status = 'queued'"),
+            Some("2 true".into())
+        );
+        assert_eq!(
+            one("SELECT count(*)::text FROM backup._sched_claim(1)"),
+            Some("0".into())
+        );
+        Spi::run("UPDATE backup.backup_executions SET not_before = now() WHERE status = 'queued'")
+            .expect("now");
+        Spi::run("SELECT * FROM backup._sched_claim(1)").expect("claim");
+        Spi::run("SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'failed', NULL, 'disk full', 1, 60)").expect("finish");
+        // attempt 2 of max 1 retry: no third attempt; still one open alert.
+        assert_eq!(
+            one("SELECT count(*)::text FROM backup.backup_executions"),
+            Some("2".into())
+        );
+        assert_eq!(
+            one("SELECT count(*)::text FROM backup.alerts WHERE resolved_at IS NULL"),
+            Some("1".into())
+        );
+        Spi::run("INSERT INTO backup.backup_executions (job_id, kind, status, started_at) SELECT job_id, 'full', 'running', now() FROM backup.backup_jobs").expect("run");
+        Spi::run("SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'succeeded', '{\"backup_id\":\"b1\",\"start_lsn\":\"0/1\",\"stop_lsn\":\"0/2\",\"size\":10,\"stored_size\":5,\"timeline\":1}', NULL, 1, 60)").expect("finish");
+        assert_eq!(
+            one("SELECT count(*)::text FROM backup.alerts WHERE resolved_at IS NULL"),
+            Some("0".into())
+        );
+        assert_eq!(
+            one("SELECT health FROM backup.job_status"),
+            Some("ok".into())
+        );
+    }
+
+    #[pg_test]
+    fn overdue_jobs_raise_an_alert() {
+        Spi::run("SELECT backup.job_create('hourly', '0 * * * *')").expect("create");
+        Spi::run("UPDATE backup.backup_jobs SET created_at = now() - interval '1 day'")
+            .expect("age");
+        Spi::run("SELECT backup._sched_check_health(900, 60)").expect("check");
+        assert_eq!(
+            one("SELECT subject FROM backup.alerts WHERE kind = 'job_overdue'"),
+            Some("hourly".into())
+        );
+        Spi::run("SELECT backup.job_enable('hourly', false)").expect("disable");
+        Spi::run("SELECT backup._sched_check_health(900, 60)").expect("check");
+        assert_eq!(one("SELECT count(*)::text FROM backup.alerts WHERE kind = 'job_overdue' AND resolved_at IS NULL"), Some("0".into()));
     }
 
     #[pg_test]

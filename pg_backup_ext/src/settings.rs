@@ -16,6 +16,7 @@ pub static RPO_TARGET: GucSetting<i32> = GucSetting::<i32>::new(900);
 pub static RUN_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(6 * 3600);
 pub static RETRY_MAX: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(300);
+pub static OVERDUE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(3600);
 
 pub fn string(s: &GucSetting<Option<CString>>) -> String {
     s.get()
@@ -88,6 +89,16 @@ pub fn define_runtime() {
         &RETRY_DELAY,
         0,
         86400,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.overdue_grace",
+        c"Seconds past a job's period without a success before it is reported overdue.",
+        c"",
+        &OVERDUE_GRACE,
+        0,
+        86400 * 30,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );

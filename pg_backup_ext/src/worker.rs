@@ -108,8 +108,11 @@ fn tick(runs: &mut HashMap<i64, Run>) {
         }
     }
     let _ = Spi::run_with_args(
-        "SELECT backup._sched_check_archiving($1)",
-        &[settings::RPO_TARGET.get().into()],
+        "SELECT backup._sched_check_health($1, $2)",
+        &[
+            settings::RPO_TARGET.get().into(),
+            settings::OVERDUE_GRACE.get().into(),
+        ],
     );
 }
 
@@ -152,4 +155,70 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
             )
         });
     }
+}
+
+/// A dynamic worker running one backup for backup_run(wait => true). Its
+/// extra holds "database-oid user-oid job-id kind".
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_backup_run_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    let extra = BackgroundWorker::get_extra().to_string();
+    let parts: Vec<&str> = extra.split(' ').collect();
+    let [db, user, job, kind] = parts[..] else {
+        log!("pg_backup run: bad worker argument {extra:?}");
+        return;
+    };
+    let db = pg_sys::Oid::from(db.parse::<u32>().unwrap_or(0));
+    let user = pg_sys::Oid::from(user.parse::<u32>().unwrap_or(0));
+    let job: i64 = job.parse().unwrap_or(0);
+    let kind = kind.to_string();
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(user));
+    let id = BackgroundWorker::transaction(|| {
+        Spi::get_one_with_args::<i64>(
+            "INSERT INTO backup.backup_executions (job_id, kind, status, started_at, worker_pid) \
+             VALUES (nullif($1, 0), $2, 'running', now(), pg_backend_pid()) RETURNING execution_id",
+            &[job.into(), kind.clone().into()],
+        )
+        .ok()
+        .flatten()
+    });
+    let Some(id) = id else { return };
+    let exe = settings::string(&settings::WALSHIPPER_PATH);
+    let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
+    let timeout = Duration::from_secs(settings::RUN_TIMEOUT.get().max(60) as u64);
+    let outcome = match run::spawn(&exe, &cfg, id, &kind) {
+        Err(e) => Outcome::Failed(e),
+        Ok(mut r) => loop {
+            if let Some(o) = r.poll() {
+                break o;
+            }
+            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+                r.kill();
+                break Outcome::Failed("stopped: the server shut down during the run".into());
+            }
+            let (done, total) = (r.bytes_done, r.bytes_total);
+            let cancel = BackgroundWorker::transaction(|| {
+                Spi::get_one_with_args::<bool>(
+                    "SELECT backup._sched_progress($1, $2, $3)",
+                    &[id.into(), done.into(), total.into()],
+                )
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+            });
+            if cancel {
+                r.kill();
+                break Outcome::Failed("cancelled".into());
+            }
+            if r.started.elapsed() > timeout {
+                r.kill();
+                break Outcome::Failed(format!(
+                    "timed out after {}s (pg_backup.run_timeout)",
+                    timeout.as_secs()
+                ));
+            }
+        },
+    };
+    BackgroundWorker::transaction(|| finish(id, outcome));
 }

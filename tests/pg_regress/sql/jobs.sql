@@ -50,3 +50,5 @@ SELECT backup.job_create('sneaky', '0 1 * * *');
 SELECT count(*) FROM backup.backup_jobs;
 RESET ROLE;
 DROP ROLE pgb_nobody;
+-- Leave the catalog empty for the next test file.
+TRUNCATE backup.backup_executions, backup.backup_jobs, backup.restore_points, backup.alerts, backup.audit_log RESTART IDENTITY CASCADE;
