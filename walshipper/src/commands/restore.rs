@@ -324,6 +324,7 @@ fn restore_into(
     let reporter = Reporter::start("restore", counters.clone(), args.json);
     let mut order = rest.clone();
     order.sort_by_key(|f| std::cmp::Reverse(f.size));
+    let mut syncer = Syncer::start();
     let next = AtomicUsize::new(0);
     let error: Mutex<Option<Error>> = Mutex::new(None);
     let skipped = AtomicUsize::new(0);
@@ -341,6 +342,7 @@ fn restore_into(
                     f,
                     &dest_path(&f.path, target_dir, locations),
                     args.delta,
+                    &syncer,
                 ) {
                     Ok(wrote) => {
                         if !wrote {
@@ -409,9 +411,11 @@ fn restore_into(
     write_recovery_settings(cfg, target_dir, &args.target, &args.action)?;
     write_file(&target_dir.join("recovery.signal"), b"")?;
 
-    // Last: pg_control. Until it exists PostgreSQL will not start here.
+    // Last: pg_control, once everything else is durable. Until it exists
+    // PostgreSQL will not start here.
+    syncer.finish()?;
     for f in control {
-        restore_file(repo, f, &target_dir.join(&f.path), false)?;
+        restore_file(repo, f, &target_dir.join(&f.path), false, &syncer)?;
     }
     // Files were fsynced as they were written; now the directories naming them.
     let mut dirs: Vec<PathBuf> = m
@@ -453,6 +457,56 @@ fn restore_into(
     Ok(())
 }
 
+/// Flushes restored files on a thread of its own, so that decoding workers
+/// never wait on the disk: a worker hands over the written file and goes on
+/// with the next one. `finish` waits until every file is durable.
+struct Syncer {
+    tx: Option<std::sync::mpsc::Sender<(fs::File, PathBuf)>>,
+    handle: Option<std::thread::JoinHandle<Option<Error>>>,
+}
+
+impl Syncer {
+    fn start() -> Syncer {
+        let (tx, rx) = std::sync::mpsc::channel::<(fs::File, PathBuf)>();
+        let handle = std::thread::spawn(move || {
+            let mut first_error = None;
+            for (file, path) in rx {
+                if let Err(e) = file.sync_all() {
+                    first_error.get_or_insert(Error::io(format!("fsync {}", path.display()), e));
+                }
+            }
+            first_error
+        });
+        Syncer {
+            tx: Some(tx),
+            handle: Some(handle),
+        }
+    }
+
+    fn submit(&self, file: fs::File, path: &Path) -> Result<()> {
+        match &self.tx {
+            Some(tx) => tx
+                .send((file, path.to_path_buf()))
+                .map_err(|_| Error::io("fsync", std::io::Error::other("the sync thread stopped"))),
+            None => file
+                .sync_all()
+                .map_err(|e| Error::io(format!("fsync {}", path.display()), e)),
+        }
+    }
+
+    fn finish(&mut self) -> Result<()> {
+        self.tx.take();
+        match self.handle.take().map(|h| h.join()) {
+            Some(Ok(Some(e))) => Err(e),
+            Some(Err(_)) => Err(Error::io(
+                "fsync",
+                std::io::Error::other("the sync thread panicked"),
+            )),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn write_file(path: &Path, body: &[u8]) -> Result<()> {
     let tmp = path.with_file_name(format!(
         ".{}.walshipper.tmp",
@@ -476,7 +530,13 @@ fn write_file(path: &Path, body: &[u8]) -> Result<()> {
 }
 
 /// Restores one file; false if --delta found it already identical.
-fn restore_file(repo: &Repository, f: &FileEntry, dest: &Path, delta: bool) -> Result<bool> {
+fn restore_file(
+    repo: &Repository,
+    f: &FileEntry,
+    dest: &Path,
+    delta: bool,
+    syncer: &Syncer,
+) -> Result<bool> {
     if delta {
         if let Ok(meta) = fs::metadata(dest) {
             if meta.len() == f.size {
@@ -525,13 +585,14 @@ fn restore_file(repo: &Repository, f: &FileEntry, dest: &Path, delta: bool) -> R
         }
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
         let _ = file.set_modified(mtime);
-        // Durable before it counts as restored; done here, in the worker,
-        // so one file's flush overlaps the others' decoding.
-        file.sync_all()
-            .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
         if delta {
+            // Replacing a file: durable under its temporary name first.
+            file.sync_all()
+                .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
             fs::rename(&tmp, dest)
                 .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
+        } else {
+            syncer.submit(file, dest)?;
         }
         Ok(())
     })();
