@@ -26,29 +26,34 @@ fn wait_for(c: &Cluster, sql: &str, want: &str, timeout: Duration) -> String {
     }
 }
 
+/// A cluster with pg_backup_ext preloaded, pointed at the real walshipper.
+fn preloaded_cluster(d: &std::path::Path, shipper: &Shipper, extra: &[&str]) -> Cluster {
+    let mut conf = vec![
+        "archive_mode = on".to_string(),
+        format!("archive_command = {}", shipper.archive_command()),
+        "shared_preload_libraries = 'pg_backup_ext'".into(),
+        format!(
+            "pg_backup.walshipper_path = '{}'",
+            walshipper_bin().display()
+        ),
+        format!(
+            "pg_backup.walshipper_config = '{}'",
+            shipper.config.display()
+        ),
+    ];
+    conf.extend(extra.iter().map(|s| s.to_string()));
+    Cluster::init(d, "src", &conf)
+}
+
 #[test]
 fn sql_backups_schedules_failures_and_restore_points() {
     let dir = scratch("ext");
     let d = dir.path();
     let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
-    let c = Cluster::init(
+    let c = preloaded_cluster(
         d,
-        "src",
-        &[
-            "archive_mode = on".into(),
-            format!("archive_command = {}", shipper.archive_command()),
-            "shared_preload_libraries = 'pg_backup_ext'".into(),
-            format!(
-                "pg_backup.walshipper_path = '{}'",
-                walshipper_bin().display()
-            ),
-            format!(
-                "pg_backup.walshipper_config = '{}'",
-                shipper.config.display()
-            ),
-            "pg_backup.database = 'postgres'".into(),
-            "pg_backup.retry_max = 0".into(),
-        ],
+        &shipper,
+        &["pg_backup.database = 'postgres'", "pg_backup.retry_max = 0"],
     );
     run_ok(
         shipper
@@ -169,23 +174,7 @@ fn a_run_interrupted_by_a_server_restart_is_marked_failed() {
     let dir = scratch("extrs");
     let d = dir.path();
     let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
-    let c = Cluster::init(
-        d,
-        "src",
-        &[
-            "archive_mode = on".into(),
-            format!("archive_command = {}", shipper.archive_command()),
-            "shared_preload_libraries = 'pg_backup_ext'".into(),
-            format!(
-                "pg_backup.walshipper_path = '{}'",
-                walshipper_bin().display()
-            ),
-            format!(
-                "pg_backup.walshipper_config = '{}'",
-                shipper.config.display()
-            ),
-        ],
-    );
+    let c = preloaded_cluster(d, &shipper, &[]);
     // Slow backups (zstd 19, one thread) so there is time to restart mid-run.
     let cfg = std::fs::read_to_string(&shipper.config).unwrap();
     std::fs::write(
