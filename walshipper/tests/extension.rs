@@ -128,6 +128,16 @@ fn sql_backups_schedules_failures_and_restore_points() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot run walshipper"));
 
+    // Archiving that fails raises an alert, which clears when archiving recovers.
+    c.sql("ALTER SYSTEM SET archive_command = '/bin/false'");
+    c.sql("SELECT pg_reload_conf()");
+    c.sql("SELECT pg_create_restore_point('x'), pg_switch_wal()");
+    let open_archive_alert =
+        "SELECT count(*) FROM backup.alerts WHERE kind = 'archive_failing' AND resolved_at IS NULL";
+    wait_for(&c, open_archive_alert, "1", Duration::from_secs(30));
+    c.sql("ALTER SYSTEM RESET archive_command");
+    c.sql("SELECT pg_reload_conf()");
+    wait_for(&c, open_archive_alert, "0", Duration::from_secs(60));
     // A restore point made in SQL is a working restore target.
     c.sql("CREATE TABLE marker (id int)");
     c.sql("INSERT INTO marker VALUES (1)");
@@ -205,6 +215,14 @@ fn a_run_interrupted_by_a_server_restart_is_marked_failed() {
         "{err}"
     );
     assert_eq!(c.sql("SELECT count(*) FROM backup.running_backups"), "0");
+    // A running backup is cancelled within seconds, and leaves no backup.
+    let cancel = c.sql("SELECT backup.backup_run()");
+    let cancel_status =
+        format!("SELECT status FROM backup.backup_executions WHERE execution_id = {cancel}");
+    wait_for(&c, &cancel_status, "running", Duration::from_secs(30));
+    c.sql(&format!("SELECT backup.backup_cancel({cancel})"));
+    wait_for(&c, &cancel_status, "cancelled", Duration::from_secs(15));
+    assert_eq!(shipper.info()["backups"].as_array().unwrap().len(), 0);
     // The next backup works.
     let next = c.sql("SELECT backup.backup_run()");
     wait_for(
