@@ -23,6 +23,11 @@ fn main() {
         let _ = zstd::bulk::compress(c, 3).expect("zstd");
     }
     println!("zstd-3 1thr {:6.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let frame: u32 = std::env::var("FRAME_KIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024)
+        * 1024;
     for (enc, threads) in [(false, 1), (true, 1), (true, 2)] {
         let s = Arc::new(CodecSettings {
             compression: Compression::Zstd,
@@ -31,7 +36,7 @@ fn main() {
                 id: [1; 16],
                 key: [2; 32],
             }),
-            frame_size: 1 << 20,
+            frame_size: frame,
             threads,
         });
         let t = Instant::now();
