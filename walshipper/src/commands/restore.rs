@@ -457,6 +457,137 @@ fn restore_into(
     Ok(())
 }
 
+/// Files at least this large are written with O_DIRECT.
+const DIRECT_MIN: u64 = 8 << 20;
+const DIRECT_ALIGN: usize = 4096;
+const DIRECT_BUF: usize = 4 << 20;
+
+/// Writes a large restored file with O_DIRECT where the file system allows
+/// it: measured, copying 1.7 GB into the page cache was half of restore's
+/// CPU time. Full aligned blocks go straight to the device; the unaligned
+/// tail is written through the page cache. Falls back to plain writes if
+/// O_DIRECT is refused.
+struct DirectWriter {
+    file: fs::File,
+    buf: *mut u8,
+    len: usize,
+    direct: bool,
+}
+
+// SAFETY: the buffer is owned by the writer and only used through &mut self.
+unsafe impl Send for DirectWriter {}
+
+impl DirectWriter {
+    fn layout() -> std::alloc::Layout {
+        // DIRECT_BUF and DIRECT_ALIGN are constants that form a valid layout.
+        std::alloc::Layout::from_size_align(DIRECT_BUF, DIRECT_ALIGN)
+            .unwrap_or(std::alloc::Layout::new::<u8>())
+    }
+
+    fn new(file: fs::File) -> DirectWriter {
+        // SAFETY: a non-zero-sized layout; checked for null before use.
+        let buf = unsafe { std::alloc::alloc(Self::layout()) };
+        let mut w = DirectWriter {
+            file,
+            buf,
+            len: 0,
+            direct: false,
+        };
+        if !buf.is_null() {
+            // On failure we keep writing through the page cache.
+            let _ = w.set_direct(true);
+        }
+        w
+    }
+
+    fn set_direct(&mut self, on: bool) -> std::io::Result<()> {
+        use std::os::unix::io::AsRawFd;
+        let fd = self.file.as_raw_fd();
+        // SAFETY: fcntl on a valid descriptor.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFL);
+            let new = if on {
+                flags | libc::O_DIRECT
+            } else {
+                flags & !libc::O_DIRECT
+            };
+            if flags < 0 || libc::fcntl(fd, libc::F_SETFL, new) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+        }
+        self.direct = on;
+        Ok(())
+    }
+
+    fn flush_aligned(&mut self) -> std::io::Result<()> {
+        let aligned = self.len / DIRECT_ALIGN * DIRECT_ALIGN;
+        if aligned == 0 {
+            return Ok(());
+        }
+        // SAFETY: buf holds `len` initialised bytes.
+        let data = unsafe { std::slice::from_raw_parts(self.buf, aligned) };
+        if let Err(e) = self.file.write_all(data) {
+            if e.raw_os_error() != Some(libc::EINVAL) || !self.direct {
+                return Err(e);
+            }
+            // The file system refused O_DIRECT after all: write through the cache.
+            self.set_direct(false)?;
+            self.file.write_all(data)?;
+        }
+        // SAFETY: moving the unwritten tail to the front of the same buffer.
+        unsafe { std::ptr::copy(self.buf.add(aligned), self.buf, self.len - aligned) };
+        self.len -= aligned;
+        Ok(())
+    }
+
+    fn finish(mut self) -> std::io::Result<fs::File> {
+        self.flush_aligned()?;
+        if self.len > 0 {
+            if self.direct {
+                self.set_direct(false)?;
+            }
+            // SAFETY: buf holds `len` initialised bytes.
+            let tail = unsafe { std::slice::from_raw_parts(self.buf, self.len) };
+            self.file.write_all(tail)?;
+            self.len = 0;
+        }
+        if self.direct {
+            self.set_direct(false)?;
+        }
+        let file = self.file.try_clone()?;
+        Ok(file)
+    }
+}
+
+impl Write for DirectWriter {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.is_null() {
+            return self.file.write(data);
+        }
+        let n = data.len().min(DIRECT_BUF - self.len);
+        // SAFETY: n bytes fit after `len` in the DIRECT_BUF-sized buffer.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf.add(self.len), n) };
+        self.len += n;
+        if self.len == DIRECT_BUF {
+            self.flush_aligned()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for DirectWriter {
+    fn drop(&mut self) {
+        if !self.buf.is_null() {
+            // SAFETY: allocated in new() with the same layout.
+            unsafe { std::alloc::dealloc(self.buf, Self::layout()) };
+        }
+    }
+}
+
 /// Flushes restored files on a thread of its own, so that decoding workers
 /// never wait on the disk: a worker hands over the written file and goes on
 /// with the next one. `finish` waits until every file is durable.
@@ -566,12 +697,22 @@ fn restore_file(
             .mode(0o600)
             .open(&tmp)
             .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-        let mut w = BufWriter::with_capacity(1 << 20, file);
         let threads = if f.size > 64 << 20 { repo.threads() } else { 1 };
-        let sha = repo.read_object_with(&f.object, &mut w, threads)?;
-        let file = w
-            .into_inner()
-            .map_err(|e| Error::io(format!("write {}", tmp.display()), e.into_error()))?;
+        let (sha, file) = if f.size >= DIRECT_MIN {
+            let mut w = DirectWriter::new(file);
+            let sha = repo.read_object_with(&f.object, &mut w, threads)?;
+            let file = w
+                .finish()
+                .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
+            (sha, file)
+        } else {
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let sha = repo.read_object_with(&f.object, &mut w, threads)?;
+            let file = w
+                .into_inner()
+                .map_err(|e| Error::io(format!("write {}", tmp.display()), e.into_error()))?;
+            (sha, file)
+        };
         if hex::encode(sha) != f.sha256 {
             return Err(Error::Corrupt {
                 key: f.object.clone(),
@@ -706,6 +847,34 @@ fn write_recovery_settings(cfg: &Config, dir: &Path, target: &Target, action: &s
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn direct_writer_writes_exactly_what_it_is_given() {
+        // /var/tmp: a disk file system where O_DIRECT applies (tmpfs falls back).
+        let dir = tempfile::tempdir_in("/var/tmp").unwrap();
+        for size in [
+            0usize,
+            1,
+            4095,
+            4096,
+            4097,
+            DIRECT_BUF,
+            DIRECT_BUF + 1,
+            9 * 1024 * 1024 + 123,
+        ] {
+            let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            let path = dir.path().join(format!("f{size}"));
+            let file = fs::File::create(&path).unwrap();
+            let mut w = DirectWriter::new(file);
+            // Odd-sized writes, as the decoder produces them.
+            for chunk in data.chunks(333_333) {
+                w.write_all(chunk).unwrap();
+            }
+            let file = w.finish().unwrap();
+            file.sync_all().unwrap();
+            assert_eq!(fs::read(&path).unwrap(), data, "size {size}");
+        }
+    }
 
     #[test]
     fn times_need_a_zone() {
