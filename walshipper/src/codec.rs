@@ -430,9 +430,6 @@ impl<R: Read> EncodingReader<R> {
         };
         let inline = FrameEncoder::new(&settings, sealer.clone())?;
         let out = header.to_bytes().to_vec();
-        // Measured: on 2 cores a separate hash thread slows encoding (the
-        // caller already hashes while the pool compresses).
-        let threaded = false;
         Ok(EncodingReader {
             src,
             settings,
@@ -446,7 +443,9 @@ impl<R: Read> EncodingReader<R> {
             next_index: 0,
             next_emit: 0,
             eof: false,
-            sha: StreamHash::new(threaded),
+            // Measured: on 2 cores a separate hash thread slows encoding (the
+            // caller already hashes while the pool compresses); decoding uses one.
+            sha: StreamHash::new(false),
             finished: false,
             pool,
             queued: 0,

@@ -318,14 +318,6 @@ impl Repository {
         format!("wal/{}/{name}", &name[0..16])
     }
 
-    /// Replaces a small metadata object.
-    pub fn put_object_replace(&self, key: &str, plain: impl Read) -> Result<Summary> {
-        let mut enc = EncodingReader::new(plain, self.settings.clone())
-            .map_err(|e| Error::io("encode", e))?;
-        self.storage.put_replace(key, &mut enc)?;
-        Ok(enc.summary().clone())
-    }
-
     /// Decodes object `key` into `out`, verifying it entirely; returns the
     /// plaintext SHA-256. `out` may have received bytes when this fails:
     /// callers write to a temporary and discard it on error.
