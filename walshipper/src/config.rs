@@ -19,7 +19,10 @@ pub struct Config {
     #[serde(skip)]
     pub source: Option<PathBuf>,
     pub pg: PgConfig,
-    pub repo: RepoConfig,
+    /// One `[repo]` table, or several `[[repo]]` tables; the first is the
+    /// primary. Never empty after loading.
+    #[serde(rename = "repo", deserialize_with = "one_or_many")]
+    pub repos: Vec<RepoConfig>,
     pub encryption: EncryptionConfig,
     pub compression: CompressionConfig,
     pub archive: ArchiveConfig,
@@ -38,9 +41,46 @@ pub struct PgConfig {
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RepoConfig {
+    /// Name used by --repo and in reports; default repo1, repo2, ...
+    pub name: String,
     #[serde(rename = "type")]
     pub kind: String,
+    /// posix: the directory.
     pub path: PathBuf,
+    /// s3: bucket, key prefix, endpoint URL (empty = AWS), region.
+    pub bucket: String,
+    pub prefix: String,
+    pub endpoint: String,
+    pub region: String,
+    /// s3: bucket in the path (MinIO, SeaweedFS, Ceph) rather than the host name.
+    pub force_path_style: bool,
+    /// s3: e.g. STANDARD_IA; empty = the bucket's default.
+    pub storage_class: String,
+    /// s3: static credentials; empty = the standard AWS chain (AWS_*
+    /// variables, AWS_PROFILE and ~/.aws files, instance roles).
+    pub access_key_id: String,
+    pub secret_access_key: String,
+    /// s3: multipart part size in MiB (at least 5).
+    pub part_size_mib: u64,
+    /// s3: attempts per request (backoff with jitter between them).
+    pub retries: u32,
+    /// s3: seconds per request attempt, and to connect.
+    pub request_timeout: u64,
+    pub connect_timeout: u64,
+    /// Upload bandwidth limit in bytes per second for this process; 0 = none.
+    pub upload_limit: u64,
+}
+
+/// `[repo]` or `[[repo]]`. Decided on the raw value, so that an unknown or
+/// bad key is still reported by name.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<RepoConfig>, D::Error> {
+    use serde::de::Error as _;
+    let one =
+        |v: toml::Value| RepoConfig::deserialize(v).map_err(|e| D::Error::custom(e.to_string()));
+    match toml::Value::deserialize(d)? {
+        toml::Value::Array(items) => items.into_iter().map(one).collect(),
+        v => Ok(vec![one(v)?]),
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -66,6 +106,10 @@ pub struct CompressionConfig {
 pub struct ArchiveConfig {
     /// Seconds `walshipper check` waits for the switched segment.
     pub check_timeout: u64,
+    /// With several repositories: "all" (archive-push succeeds only when
+    /// every repository has the segment) or "primary" (the first suffices;
+    /// the others are reported as lagging and caught up by repo-sync).
+    pub push_to: String,
 }
 
 impl Default for PgConfig {
@@ -83,8 +127,32 @@ impl Default for PgConfig {
 impl Default for RepoConfig {
     fn default() -> Self {
         RepoConfig {
+            name: String::new(),
             kind: "posix".into(),
             path: "/var/lib/walshipper/repo".into(),
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: String::new(),
+            region: String::new(),
+            force_path_style: false,
+            storage_class: String::new(),
+            access_key_id: String::new(),
+            secret_access_key: String::new(),
+            part_size_mib: 16,
+            retries: 5,
+            request_timeout: 60,
+            connect_timeout: 10,
+            upload_limit: 0,
+        }
+    }
+}
+
+impl RepoConfig {
+    /// Where this repository is, for messages.
+    pub fn location(&self) -> String {
+        match self.kind.as_str() {
+            "s3" => format!("s3://{}/{}", self.bucket, self.prefix.trim_matches('/')),
+            _ => self.path.display().to_string(),
         }
     }
 }
@@ -110,7 +178,10 @@ impl Default for CompressionConfig {
 
 impl Default for ArchiveConfig {
     fn default() -> Self {
-        ArchiveConfig { check_timeout: 60 }
+        ArchiveConfig {
+            check_timeout: 60,
+            push_to: "all".into(),
+        }
     }
 }
 
@@ -122,14 +193,29 @@ pub const KEYS: &[(&str, &str)] = &[
     ("pg", "port"),
     ("pg", "user"),
     ("pg", "database"),
+    ("repo", "name"),
     ("repo", "type"),
     ("repo", "path"),
+    ("repo", "bucket"),
+    ("repo", "prefix"),
+    ("repo", "endpoint"),
+    ("repo", "region"),
+    ("repo", "force_path_style"),
+    ("repo", "storage_class"),
+    ("repo", "access_key_id"),
+    ("repo", "secret_access_key"),
+    ("repo", "part_size_mib"),
+    ("repo", "retries"),
+    ("repo", "request_timeout"),
+    ("repo", "connect_timeout"),
+    ("repo", "upload_limit"),
     ("encryption", "passphrase_file"),
     ("encryption", "key_cache"),
     ("encryption", "key_cache_dir"),
     ("compression", "level"),
     ("compression", "threads"),
     ("archive", "check_timeout"),
+    ("archive", "push_to"),
 ];
 
 /// Environment variables with a meaning of their own (not config keys).
@@ -138,6 +224,15 @@ const SPECIAL_ENV: &[&str] = &[
     "WALSHIPPER_PASSPHRASE",
     "WALSHIPPER_LOG",
 ];
+
+/// `WALSHIPPER_REPO<N>_<KEY>` (N >= 2) → (N, key).
+fn repo_env(name: &str) -> Option<(usize, String)> {
+    let rest = name.strip_prefix("WALSHIPPER_REPO")?;
+    let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
+    let n: usize = digits.parse().ok()?;
+    let key = rest[digits.len()..].strip_prefix('_')?.to_lowercase();
+    (n >= 2).then_some((n, key))
+}
 
 pub fn env_name(section: &str, key: &str) -> String {
     format!("WALSHIPPER_{}_{}", section, key).to_uppercase()
@@ -167,13 +262,30 @@ impl Config {
             }
             None => None,
         };
-        let mut cfg = match &file {
+        let mut cfg: Config = match &file {
             Some(p) => Self::from_file(p)?,
             None => Config::default(),
         };
         cfg.source = file.map(|p| std::path::absolute(&p).unwrap_or(p));
+        if cfg.repos.is_empty() {
+            cfg.repos.push(RepoConfig::default());
+        }
         for (name, value) in env {
             if !name.starts_with("WALSHIPPER_") || SPECIAL_ENV.contains(&name.as_str()) {
+                continue;
+            }
+            if let Some((n, key)) = repo_env(&name) {
+                if n > cfg.repos.len() + 1 {
+                    return Err(Error::Config(format!(
+                        "{name}: there are {} repositories; number the next one {}",
+                        cfg.repos.len(),
+                        cfg.repos.len() + 1
+                    )));
+                }
+                if n == cfg.repos.len() + 1 {
+                    cfg.repos.push(RepoConfig::default());
+                }
+                cfg.set_repo(n - 1, &key, &value, &name)?;
                 continue;
             }
             match KEYS.iter().find(|(s, k)| env_name(s, k) == name) {
@@ -200,14 +312,15 @@ impl Config {
     }
 
     fn set(&mut self, section: &str, key: &str, v: &str, name: &str) -> Result<()> {
+        if section == "repo" {
+            return self.set_repo(0, key, v, name);
+        }
         match (section, key) {
             ("pg", "data_dir") => self.pg.data_dir = v.into(),
             ("pg", "host") => self.pg.host = v.into(),
             ("pg", "port") => self.pg.port = parse(name, v, "a port number")?,
             ("pg", "user") => self.pg.user = v.into(),
             ("pg", "database") => self.pg.database = v.into(),
-            ("repo", "type") => self.repo.kind = v.into(),
-            ("repo", "path") => self.repo.path = v.into(),
             ("encryption", "passphrase_file") => self.encryption.passphrase_file = v.into(),
             ("encryption", "key_cache") => {
                 self.encryption.key_cache = parse(name, v, "true or false")?
@@ -220,22 +333,134 @@ impl Config {
             ("archive", "check_timeout") => {
                 self.archive.check_timeout = parse(name, v, "a number of seconds")?
             }
+            ("archive", "push_to") => self.archive.push_to = v.into(),
             _ => return Err(Error::Config(format!("unknown key {section}.{key}"))),
         }
         Ok(())
     }
 
-    pub fn validate(&self) -> Result<()> {
-        if self.repo.kind != "posix" {
-            return Err(Error::Config(format!(
-                "repo.type: unsupported value '{}' (supported: posix)",
-                self.repo.kind
-            )));
+    fn set_repo(&mut self, i: usize, key: &str, v: &str, name: &str) -> Result<()> {
+        if self.repos.is_empty() {
+            self.repos.push(RepoConfig::default());
         }
-        if !self.repo.path.is_absolute() {
+        let r = &mut self.repos[i];
+        match key {
+            "name" => r.name = v.into(),
+            "type" => r.kind = v.into(),
+            "path" => r.path = v.into(),
+            "bucket" => r.bucket = v.into(),
+            "prefix" => r.prefix = v.into(),
+            "endpoint" => r.endpoint = v.into(),
+            "region" => r.region = v.into(),
+            "force_path_style" => r.force_path_style = parse(name, v, "true or false")?,
+            "storage_class" => r.storage_class = v.into(),
+            "access_key_id" => r.access_key_id = v.into(),
+            "secret_access_key" => r.secret_access_key = v.into(),
+            "part_size_mib" => r.part_size_mib = parse(name, v, "a whole number of MiB")?,
+            "retries" => r.retries = parse(name, v, "a whole number")?,
+            "request_timeout" => r.request_timeout = parse(name, v, "a number of seconds")?,
+            "connect_timeout" => r.connect_timeout = parse(name, v, "a number of seconds")?,
+            "upload_limit" => r.upload_limit = parse(name, v, "bytes per second")?,
+            _ => return Err(Error::Config(format!("unknown key repo.{key} ({name})"))),
+        }
+        Ok(())
+    }
+
+    /// The primary repository (the first).
+    pub fn primary(&self) -> &RepoConfig {
+        &self.repos[0]
+    }
+
+    /// The repository named `name` (None = the primary).
+    pub fn find_repo(&self, name: Option<&str>) -> Result<&RepoConfig> {
+        match name {
+            None => Ok(self.primary()),
+            Some(n) => self.repos.iter().find(|r| r.name == n).ok_or_else(|| {
+                Error::Config(format!(
+                    "no repository named '{n}' (configured: {})",
+                    self.repos
+                        .iter()
+                        .map(|r| r.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ))
+            }),
+        }
+    }
+
+    /// Fills in defaults that depend on position, then checks every value.
+    pub fn validate(&mut self) -> Result<()> {
+        if self.repos.is_empty() {
+            self.repos.push(RepoConfig::default());
+        }
+        for (i, r) in self.repos.iter_mut().enumerate() {
+            if r.name.is_empty() {
+                r.name = format!("repo{}", i + 1);
+            }
+        }
+        for (i, r) in self.repos.iter().enumerate() {
+            let single = self.repos.len() == 1;
+            let at_key = |k: &str| {
+                if single {
+                    format!("repo.{k}")
+                } else {
+                    format!("repo '{}' {k}", r.name)
+                }
+            };
+            let at = at_key("").trim_end_matches(['.', ' ']).to_string();
+            if !r
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            {
+                return Err(Error::Config(format!(
+                    "{at}: name may hold only letters, digits, '-' and '_'"
+                )));
+            }
+            if self.repos[..i].iter().any(|o| o.name == r.name) {
+                return Err(Error::Config(format!(
+                    "{at}: two repositories have this name"
+                )));
+            }
+            match r.kind.as_str() {
+                "posix" => {
+                    if !r.path.is_absolute() {
+                        return Err(Error::Config(format!(
+                            "{}: '{}' must be an absolute path",
+                            at_key("path"),
+                            r.path.display()
+                        )));
+                    }
+                }
+                "s3" => {
+                    if r.bucket.is_empty() {
+                        return Err(Error::Config(format!("{at}: type = \"s3\" needs bucket")));
+                    }
+                    if r.access_key_id.is_empty() != r.secret_access_key.is_empty() {
+                        return Err(Error::Config(format!(
+                            "{at}: set both access_key_id and secret_access_key, or neither (to use the AWS credential chain)"
+                        )));
+                    }
+                    if r.part_size_mib < 5 || r.part_size_mib > 5120 {
+                        return Err(Error::Config(format!(
+                            "{}: {} is out of range (5 to 5120)",
+                            at_key("part_size_mib"),
+                            r.part_size_mib
+                        )));
+                    }
+                }
+                other => {
+                    return Err(Error::Config(format!(
+                        "{}: unsupported value '{other}' (supported: posix, s3)",
+                        at_key("type")
+                    )))
+                }
+            }
+        }
+        if !matches!(self.archive.push_to.as_str(), "all" | "primary") {
             return Err(Error::Config(format!(
-                "repo.path: '{}' must be an absolute path",
-                self.repo.path.display()
+                "archive.push_to: '{}' is not one of all, primary",
+                self.archive.push_to
             )));
         }
         if !(1..=19).contains(&self.compression.level) {
@@ -313,7 +538,8 @@ mod tests {
         .unwrap();
         assert_eq!(c.compression.level, 5);
         assert_eq!(c.pg.port, 5433);
-        assert_eq!(c.repo.path, PathBuf::from("/x"));
+        assert_eq!(c.primary().path, PathBuf::from("/x"));
+        assert_eq!(c.primary().name, "repo1");
     }
 
     #[test]
@@ -340,5 +566,35 @@ mod tests {
         assert!(e.contains("repo.type"), "{e}");
         let e = load("[pg]\nport = \"x\"\n", &[]).unwrap_err().to_string();
         assert!(e.contains("port"), "{e}");
+        let e = load("[repo]\ntype = \"s3\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("bucket"), "{e}");
+    }
+
+    #[test]
+    fn several_repositories() {
+        let c = load(
+            "[[repo]]\npath = \"/a\"\n[[repo]]\nname = \"offsite\"\ntype = \"s3\"\nbucket = \"b\"\n",
+            &[("WALSHIPPER_REPO2_PREFIX", "p"), ("WALSHIPPER_REPO3_PATH", "/c")],
+        )
+        .unwrap();
+        assert_eq!(c.repos.len(), 3);
+        assert_eq!(c.repos[0].name, "repo1");
+        assert_eq!(c.repos[1].name, "offsite");
+        assert_eq!(c.repos[1].prefix, "p");
+        assert_eq!(c.repos[2].name, "repo3");
+        assert!(c.find_repo(Some("nope")).is_err());
+        let e = load("", &[("WALSHIPPER_REPO5_PATH", "/c")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WALSHIPPER_REPO5_PATH"), "{e}");
+        let e = load(
+            "[[repo]]\nname = \"x\"\npath = \"/a\"\n[[repo]]\nname = \"x\"\npath = \"/b\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("two repositories"), "{e}");
     }
 }

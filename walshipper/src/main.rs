@@ -19,6 +19,11 @@ struct Cli {
     /// Configuration file (default: /etc/walshipper/walshipper.toml).
     #[arg(long, global = true, env = "WALSHIPPER_CONFIG")]
     config: Option<PathBuf>,
+    /// The repository to use, by name (backup, restore, verify, info,
+    /// repo-init; repo-sync: the one to fill). Default: the first, or all
+    /// where that makes sense.
+    #[arg(long, global = true)]
+    repo: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -48,6 +53,14 @@ enum Command {
     },
     /// Check the server's archiving end to end.
     Check,
+    /// Copy what one repository holds and another lacks (WAL, backups).
+    RepoSync {
+        /// List what would be copied, copy nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+    },
     /// Take an online base backup of the running cluster.
     Backup {
         /// Backup type (full).
@@ -146,7 +159,8 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
-    let result = Config::load(cli.config.as_deref()).and_then(|cfg| run(&cfg, &cli.command));
+    let result = Config::load(cli.config.as_deref())
+        .and_then(|cfg| run(&cfg, cli.repo.as_deref(), &cli.command));
     match result {
         Ok(()) => ExitCode::SUCCESS,
         // A missing WAL file is a normal probe during recovery: stay quiet.
@@ -160,7 +174,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(cfg: &Config, command: &Command) -> walshipper::Result<()> {
+fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Result<()> {
     match command {
         Command::RepoInit {
             no_encryption,
@@ -172,12 +186,21 @@ fn run(cfg: &Config, command: &Command) -> walshipper::Result<()> {
                 no_encryption: *no_encryption,
                 kdf_memory_kib: *kdf_memory_kib,
                 kdf_iterations: *kdf_iterations,
+                repo: repo.map(str::to_string),
             },
         ),
         Command::ArchivePush { path } => commands::archive_push::run(cfg, path),
         Command::ArchiveGet { walfile, dest } => commands::archive_get::run(cfg, walfile, dest),
-        Command::Info { json } => commands::info::run(cfg, *json),
+        Command::Info { json } => commands::info::run(cfg, *json, repo),
         Command::Check => commands::check::run(cfg),
+        Command::RepoSync { dry_run, json } => commands::repo_sync::run(
+            cfg,
+            &commands::repo_sync::Args {
+                to: repo.map(str::to_string),
+                dry_run: *dry_run,
+                json: *json,
+            },
+        ),
         Command::Backup {
             kind,
             jobs,
@@ -190,6 +213,7 @@ fn run(cfg: &Config, command: &Command) -> walshipper::Result<()> {
                 jobs: jobs.unwrap_or_else(|| cfg.threads()),
                 label: label.clone(),
                 json: *json,
+                repo: repo.map(str::to_string),
             },
         ),
         Command::Restore {
@@ -257,11 +281,13 @@ fn run(cfg: &Config, command: &Command) -> walshipper::Result<()> {
                     delta: *delta,
                     tablespace_map: map,
                     json: *json,
+                    repo: repo.map(str::to_string),
                 },
             )
         }
         Command::Verify { backup, jobs, json } => commands::verify::run(
             cfg,
+            repo,
             backup.as_deref(),
             jobs.unwrap_or_else(|| cfg.threads()),
             *json,

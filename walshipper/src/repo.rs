@@ -11,11 +11,11 @@ use serde::{Deserialize, Serialize};
 use crate::codec::{
     self, CodecSettings, Compression, DataKey, DecodingReader, EncodingReader, Summary,
 };
-use crate::config::Config;
+use crate::config::{Config, RepoConfig};
 use crate::error::{Error, Result};
 use crate::keys::{KeyCache, KeyFile};
 use crate::manifest::Manifest;
-use crate::storage::{posix::PosixStorage, Durability, PutOutcome, Storage};
+use crate::storage::{self, Durability, PutOutcome, Storage};
 use crate::wal::ClusterIdentity;
 
 pub const DESCRIPTOR_KEY: &str = "repository.json";
@@ -55,6 +55,8 @@ impl Descriptor {
 }
 
 pub struct Repository {
+    /// The configured name (repo1, offsite, ...).
+    pub name: String,
     pub storage: Box<dyn Storage>,
     pub descriptor: Descriptor,
     keys: HashMap<[u8; 16], DataKey>,
@@ -66,10 +68,6 @@ pub struct InitOptions {
     pub encrypt: bool,
     pub kdf_memory_kib: u32,
     pub kdf_iterations: u32,
-}
-
-pub fn open_storage(cfg: &Config) -> Box<dyn Storage> {
-    Box::new(PosixStorage::new(cfg.repo.path.clone()))
 }
 
 fn read_small(storage: &dyn Storage, key: &str) -> Result<Option<Vec<u8>>> {
@@ -95,10 +93,69 @@ fn base_settings(cfg: &Config) -> CodecSettings {
     }
 }
 
+/// The raw bytes a decoder reads, kept for the copy.
+struct Tap {
+    inner: Box<dyn Read + Send>,
+    seen: Arc<std::sync::Mutex<Vec<u8>>>,
+}
+
+impl Read for Tap {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Ok(mut seen) = self.seen.lock() {
+            seen.extend_from_slice(&buf[..n]);
+        }
+        Ok(n)
+    }
+}
+
+/// Yields the raw bytes of an object only as fast as a decoder has checked
+/// them, and reports EOF only after the final frame and SHA-256 verified.
+struct VerifyingCopy {
+    dec: DecodingReader<Tap>,
+    seen: Arc<std::sync::Mutex<Vec<u8>>>,
+    pos: usize,
+    done: bool,
+    scratch: Vec<u8>,
+}
+
+impl Read for VerifyingCopy {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        loop {
+            if let Ok(mut seen) = self.seen.lock() {
+                if self.pos < seen.len() {
+                    let n = out.len().min(seen.len() - self.pos);
+                    out[..n].copy_from_slice(&seen[self.pos..self.pos + n]);
+                    self.pos += n;
+                    if self.pos == seen.len() {
+                        seen.clear();
+                        self.pos = 0;
+                    }
+                    return Ok(n);
+                }
+            }
+            if self.done {
+                return Ok(0);
+            }
+            if self.dec.read(&mut self.scratch)? == 0 {
+                if self.dec.verified_sha256.is_none() {
+                    return Err(io::Error::other("object ended before its final frame"));
+                }
+                self.done = true;
+            }
+        }
+    }
+}
+
 impl Repository {
     /// Creates a repository. Refuses a location that already holds anything.
-    pub fn init(cfg: &Config, id: &ClusterIdentity, opts: &InitOptions) -> Result<Repository> {
-        let storage = open_storage(cfg);
+    pub fn init(
+        cfg: &Config,
+        rc: &RepoConfig,
+        id: &ClusterIdentity,
+        opts: &InitOptions,
+    ) -> Result<Repository> {
+        let storage = storage::open(rc)?;
         if storage.head(DESCRIPTOR_KEY)?.is_some() {
             return Err(Error::Repository(format!(
                 "a repository already exists at {}; use it, or choose another repo.path",
@@ -162,6 +219,7 @@ impl Repository {
             .and_then(|v| <[u8; 16]>::try_from(v).ok())
             .and_then(|id| keys.get(&id).cloned());
         Ok(Repository {
+            name: rc.name.clone(),
             storage,
             descriptor,
             keys,
@@ -169,9 +227,55 @@ impl Repository {
         })
     }
 
-    /// Opens the repository and, if it is encrypted, unlocks its keys.
+    /// Creates the repository `rc` as a copy of `source`: same descriptor and
+    /// keys, so objects are byte-identical in both and `repo-sync` copies
+    /// them without re-encoding. Refuses a location that holds anything.
+    pub fn init_copy(cfg: &Config, rc: &RepoConfig, source: &Repository) -> Result<Repository> {
+        let storage = storage::open(rc)?;
+        if !storage.list("")?.is_empty() {
+            return Err(Error::Repository(format!(
+                "{} is not empty; repo-init needs an empty or new location",
+                storage.describe()
+            )));
+        }
+        for meta in source.storage.list("keys/")? {
+            let body = read_small(source.storage.as_ref(), &meta.key)?
+                .ok_or_else(|| Error::Repository(format!("{} vanished", meta.key)))?;
+            storage.put_new(&meta.key, &mut &body[..], Durability::Now)?;
+        }
+        let body = read_small(source.storage.as_ref(), DESCRIPTOR_KEY)?
+            .ok_or_else(|| Error::Repository("repository.json vanished".into()))?;
+        if storage.put_new(DESCRIPTOR_KEY, &mut &body[..], Durability::Now)?
+            == PutOutcome::AlreadyExists
+        {
+            return Err(Error::Repository(
+                "another repo-init ran at the same time".into(),
+            ));
+        }
+        Self::open_repo(cfg, rc)
+    }
+
+    /// Whether a repository exists at `rc` (without unlocking it).
+    pub fn exists(rc: &RepoConfig) -> Result<bool> {
+        Ok(storage::open(rc)?.head(DESCRIPTOR_KEY)?.is_some())
+    }
+
+    /// Opens the primary repository.
     pub fn open(cfg: &Config) -> Result<Repository> {
-        let storage = open_storage(cfg);
+        Self::open_repo(cfg, cfg.primary())
+    }
+
+    /// Opens every configured repository, primary first.
+    pub fn open_all(cfg: &Config) -> Vec<(String, Result<Repository>)> {
+        cfg.repos
+            .iter()
+            .map(|rc| (rc.name.clone(), Self::open_repo(cfg, rc)))
+            .collect()
+    }
+
+    /// Opens one repository and, if it is encrypted, unlocks its keys.
+    pub fn open_repo(cfg: &Config, rc: &RepoConfig) -> Result<Repository> {
+        let storage = storage::open(rc)?;
         let body = read_small(storage.as_ref(), DESCRIPTOR_KEY)?.ok_or_else(|| {
             Error::Repository(format!(
                 "no repository at {} (create one with `walshipper repo-init`, or fix repo.path)",
@@ -187,6 +291,7 @@ impl Repository {
             )));
         }
         let mut repo = Repository {
+            name: rc.name.clone(),
             storage,
             descriptor,
             keys: HashMap::new(),
@@ -266,6 +371,55 @@ impl Repository {
         let mut enc = EncodingReader::new(plain, settings).map_err(|e| Error::io("encode", e))?;
         let outcome = self.storage.put_new(key, &mut enc, durability)?;
         Ok((outcome, enc.summary().clone()))
+    }
+
+    /// A reader that yields `plain` encoded as an object of this repository.
+    pub fn encoder<R: Read>(&self, plain: R) -> Result<EncodingReader<R>> {
+        EncodingReader::new(plain, self.settings.clone()).map_err(|e| Error::io("encode", e))
+    }
+
+    /// Stores bytes that are already an encoded object, unless the key exists.
+    pub fn put_encoded(&self, key: &str, encoded: &[u8]) -> Result<PutOutcome> {
+        self.storage
+            .put_new(key, &mut &encoded[..], Durability::Now)
+    }
+
+    /// Copies object `key` from `src` byte for byte, decoding it on the way
+    /// so that a damaged source object is refused and nothing is stored.
+    /// Both repositories must share keys (repo-init makes them so).
+    pub fn copy_object_from(&self, src: &Repository, key: &str) -> Result<PutOutcome> {
+        let raw = src
+            .storage
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let tap = Tap {
+            inner: raw,
+            seen: seen.clone(),
+        };
+        let mut body = VerifyingCopy {
+            dec: DecodingReader::new(tap, self.keys.values().cloned().collect()),
+            seen,
+            pos: 0,
+            done: false,
+            scratch: vec![0; 256 << 10],
+        };
+        self.storage
+            .put_new(key, &mut body, Durability::AtFlush)
+            .map_err(|e| match e {
+                Error::Storage { source, .. } if codec::codec_error(&source).is_some() => {
+                    Error::Corrupt {
+                        key: format!("{key} in repository {}", src.name),
+                        reason: source.to_string(),
+                    }
+                }
+                other => other,
+            })
+    }
+
+    /// An object's stored bytes, undecoded (small objects: keys).
+    pub fn read_raw(&self, key: &str) -> Result<Vec<u8>> {
+        read_small(self.storage.as_ref(), key)?.ok_or_else(|| Error::NotFound(key.to_string()))
     }
 
     /// Reads a whole object into memory (manifests, labels).

@@ -16,9 +16,28 @@ pub fn run(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
             "'{name}' is not a WAL file name (use %f in restore_command)"
         ))
     })?;
-    let repo = Repository::open(cfg)?;
     let key = wal::object_key(name, &kind);
-    if repo.storage.head(&key)?.is_none() {
+    // Repositories in configuration order; the next one is tried when one
+    // lacks the file or fails. "Not found" only when every one said so.
+    let mut failure = None;
+    for rc in &cfg.repos {
+        let result = Repository::open_repo(cfg, rc).and_then(|repo| fetch(&repo, name, &key, dest));
+        match result {
+            Ok(()) => return Ok(()),
+            Err(Error::NotFound(_)) => {}
+            Err(e) => {
+                if cfg.repos.len() > 1 {
+                    eprintln!("repository {}: {e}", rc.name);
+                }
+                failure.get_or_insert(e);
+            }
+        }
+    }
+    Err(failure.unwrap_or_else(|| Error::NotFound(name.to_string())))
+}
+
+fn fetch(repo: &Repository, name: &str, key: &str, dest: &Path) -> Result<()> {
+    if repo.storage.head(key)?.is_none() {
         return Err(Error::NotFound(name.to_string()));
     }
     let dest_name = dest
@@ -34,7 +53,7 @@ pub fn run(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
             .open(&tmp)
             .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        repo.read_object_with(&key, &mut w, repo.threads())?;
+        repo.read_object_with(key, &mut w, repo.threads())?;
         w.flush()
             .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
         fs::rename(&tmp, dest).map_err(|e| Error::io(format!("rename to {}", dest.display()), e))

@@ -33,6 +33,8 @@ pub struct Args {
     pub jobs: usize,
     pub label: Option<String>,
     pub json: bool,
+    /// The repository to write to (default: the primary).
+    pub repo: Option<String>,
 }
 
 /// Files above this size are encoded by several threads each.
@@ -46,8 +48,20 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         )));
     }
     let started = Instant::now();
-    let repo = Repository::open(cfg)?;
-    let _lock = lock::try_lock(&cfg.repo.path, "backup")?;
+    let rc = cfg.find_repo(args.repo.as_deref())?;
+    let repo = Repository::open_repo(cfg, rc)?;
+    // One backup at a time per repository. An object store has no locks:
+    // the lock is host-local there.
+    let _lock = match rc.kind.as_str() {
+        "posix" => lock::try_lock(&rc.path, "backup")?,
+        _ => lock::try_lock(
+            &std::env::temp_dir(),
+            &format!(
+                "walshipper-backup-{}-{}",
+                repo.descriptor.system_identifier, rc.name
+            ),
+        )?,
+    };
     remove_incomplete(&repo)?;
 
     let mut client = connect(cfg)?;

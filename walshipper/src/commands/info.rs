@@ -21,6 +21,50 @@ pub struct Info {
     pub created_at: String,
     pub backups: Vec<BackupInfo>,
     pub wal: WalInfo,
+    /// Every configured repository, in configuration order (the detail
+    /// above is for the first that opened, or the one named by --repo).
+    pub repositories: Vec<RepoSummary>,
+}
+
+#[derive(Serialize, Clone)]
+pub struct RepoSummary {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub location: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub segments: u64,
+    /// The newest WAL segment of the newest timeline.
+    pub last_wal: Option<String>,
+    pub backups: usize,
+    pub last_backup: Option<String>,
+    pub last_backup_stop_time: Option<String>,
+}
+
+impl RepoSummary {
+    fn of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummary {
+        let mut s = RepoSummary {
+            name: rc.name.clone(),
+            kind: rc.kind.clone(),
+            location: rc.location(),
+            ok: info.is_ok(),
+            error: info.as_ref().err().map(|e| e.to_string()),
+            segments: 0,
+            last_wal: None,
+            backups: 0,
+            last_backup: None,
+            last_backup_stop_time: None,
+        };
+        if let Ok(i) = info {
+            s.segments = i.wal.segments;
+            s.last_wal = i.wal.timelines.last().map(|t| t.last.clone());
+            s.backups = i.backups.len();
+            s.last_backup = i.backups.last().map(|b| b.id.clone());
+            s.last_backup_stop_time = i.backups.last().map(|b| b.stop_time.clone());
+        }
+        s
+    }
 }
 
 #[derive(Serialize)]
@@ -177,6 +221,7 @@ pub fn collect(repo: &Repository) -> Result<Info> {
         encrypted: d.encrypted(),
         created_at: d.created_at.clone(),
         wal: wal_info,
+        repositories: Vec::new(),
     })
 }
 
@@ -191,9 +236,46 @@ fn human(bytes: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
-pub fn run(cfg: &Config, json: bool) -> Result<()> {
-    let repo = Repository::open(cfg)?;
-    let info = collect(&repo)?;
+pub fn run(cfg: &Config, json: bool, only: Option<&str>) -> Result<()> {
+    if let Some(n) = only {
+        cfg.find_repo(Some(n))?;
+    }
+    let mut infos: Vec<Result<Info>> = Vec::new();
+    for rc in &cfg.repos {
+        if only.is_some_and(|n| n != rc.name) {
+            infos.push(Err(crate::error::Error::Invalid("not asked for".into())));
+            continue;
+        }
+        infos.push(Repository::open_repo(cfg, rc).and_then(|r| collect(&r)));
+    }
+    let summaries: Vec<RepoSummary> = cfg
+        .repos
+        .iter()
+        .zip(&infos)
+        .filter(|(rc, _)| only.is_none_or(|n| n == rc.name))
+        .map(|(rc, i)| RepoSummary::of(rc, i))
+        .collect();
+    // The detail shown: the first repository that answered.
+    let mut first_err = None;
+    let mut info = None;
+    for (rc, i) in cfg.repos.iter().zip(infos) {
+        if only.is_some_and(|n| n != rc.name) {
+            continue;
+        }
+        match i {
+            Ok(i) if info.is_none() => info = Some(i),
+            Ok(_) => {}
+            Err(e) => {
+                first_err.get_or_insert(e);
+            }
+        }
+    }
+    let Some(mut info) = info else {
+        return Err(
+            first_err.unwrap_or_else(|| crate::error::Error::Invalid("no repository".into()))
+        );
+    };
+    info.repositories = summaries;
     if json {
         println!(
             "{}",
@@ -249,6 +331,31 @@ pub fn run(cfg: &Config, json: bool) -> Result<()> {
     }
     if !w.partial_files.is_empty() {
         println!("partial segments  {}", w.partial_files.join(" "));
+    }
+    if info.repositories.len() > 1 {
+        println!();
+        println!(
+            "{:<12} {:<6} {:<40} {:>9} {:<25} last backup",
+            "repository", "type", "location", "segments", "last WAL"
+        );
+        for r in &info.repositories {
+            if let Some(e) = &r.error {
+                println!(
+                    "{:<12} {:<6} {:<40} UNAVAILABLE: {e}",
+                    r.name, r.kind, r.location
+                );
+                continue;
+            }
+            println!(
+                "{:<12} {:<6} {:<40} {:>9} {:<25} {}",
+                r.name,
+                r.kind,
+                r.location,
+                r.segments,
+                r.last_wal.as_deref().unwrap_or("-"),
+                r.last_backup.as_deref().unwrap_or("-")
+            );
+        }
     }
     Ok(())
 }

@@ -7,5 +7,6 @@ pub mod backup;
 pub mod check;
 pub mod info;
 pub mod repo_init;
+pub mod repo_sync;
 pub mod restore;
 pub mod verify;

@@ -49,6 +49,9 @@ pub struct Args {
     pub delta: bool,
     pub tablespace_map: Vec<(u32, PathBuf)>,
     pub json: bool,
+    /// Read from this repository only (default: the first that can serve
+    /// the target, falling back to the others file by file).
+    pub repo: Option<String>,
 }
 
 /// Parses a target time; a time zone is required, so that the target cannot
@@ -185,6 +188,58 @@ fn is_empty_dir(p: &Path) -> Result<bool> {
     }
 }
 
+/// The repository to restore from: the named one, or the first (in
+/// configuration order) that opens and can serve the target. The others
+/// holding the same backup are returned as fallbacks for single files.
+fn choose_repository(cfg: &Config, args: &Args) -> Result<(Repository, Plan, Vec<Repository>)> {
+    let mut chosen: Option<(Repository, Plan)> = None;
+    let mut fallbacks = Vec::new();
+    let mut first_err = None;
+    for rc in &cfg.repos {
+        if args.repo.as_deref().is_some_and(|n| n != rc.name) {
+            continue;
+        }
+        let repo = match Repository::open_repo(cfg, rc) {
+            Ok(r) => r,
+            Err(e) => {
+                if cfg.repos.len() > 1 {
+                    tracing::warn!("repository {}: {e}", rc.name);
+                }
+                first_err.get_or_insert(e);
+                continue;
+            }
+        };
+        match &chosen {
+            None => match plan(&repo, args.backup.as_deref(), &args.target) {
+                Ok(p) => chosen = Some((repo, p)),
+                Err(e) => {
+                    if cfg.repos.len() > 1 {
+                        tracing::warn!("repository {}: {e}", rc.name);
+                    }
+                    first_err.get_or_insert(e);
+                }
+            },
+            Some((_, p)) => {
+                if repo.find_backup(&p.backup.id).is_ok() {
+                    fallbacks.push(repo);
+                }
+            }
+        }
+    }
+    if let Some(n) = &args.repo {
+        cfg.find_repo(Some(n))?;
+    }
+    match chosen {
+        Some((repo, plan)) => {
+            if cfg.repos.len() > 1 {
+                tracing::info!("restoring from repository {}", repo.name);
+            }
+            Ok((repo, plan, fallbacks))
+        }
+        None => Err(first_err.unwrap_or_else(|| Error::Invalid("no repository".into()))),
+    }
+}
+
 pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let started = Instant::now();
     if !["promote", "pause", "shutdown"].contains(&args.action.as_str()) {
@@ -208,9 +263,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             target_dir.display()
         )));
     }
-    let repo = Repository::open(cfg)?;
-    let plan = plan(&repo, args.backup.as_deref(), &args.target)?;
+    let (repo, plan, fallbacks) = choose_repository(cfg, args)?;
     let m = &plan.backup;
+    let mut sources = vec![&repo];
+    sources.extend(fallbacks.iter());
     tracing::info!("restoring backup {} into {}", m.id, target_dir.display());
 
     // Tablespace locations, remapped where asked.
@@ -241,7 +297,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         }
     }
 
-    let result = restore_into(cfg, &repo, &plan, args, &target_dir, &locations, started);
+    let result = restore_into(cfg, &sources, &plan, args, &target_dir, &locations, started);
     if result.is_err() && was_empty && !args.delta {
         // Leave nothing that looks like a data directory.
         if let Ok(entries) = fs::read_dir(&target_dir) {
@@ -274,7 +330,7 @@ fn dest_path(rel: &str, target_dir: &Path, locations: &HashMap<u32, PathBuf>) ->
 
 fn restore_into(
     cfg: &Config,
-    repo: &Repository,
+    sources: &[&Repository],
     plan: &Plan,
     args: &Args,
     target_dir: &Path,
@@ -282,6 +338,7 @@ fn restore_into(
     started: Instant,
 ) -> Result<()> {
     let m = &plan.backup;
+    let repo = sources[0];
     let mkdir = |p: &Path, mode: u32| -> Result<()> {
         fs::create_dir_all(p).map_err(|e| Error::io(format!("create {}", p.display()), e))?;
         fs::set_permissions(p, fs::Permissions::from_mode(mode))
@@ -338,7 +395,7 @@ fn restore_into(
                     return;
                 };
                 match restore_file(
-                    repo,
+                    sources,
                     f,
                     &dest_path(&f.path, target_dir, locations),
                     args.delta,
@@ -415,7 +472,7 @@ fn restore_into(
     // PostgreSQL will not start here.
     syncer.finish()?;
     for f in control {
-        restore_file(repo, f, &target_dir.join(&f.path), false, &syncer)?;
+        restore_file(sources, f, &target_dir.join(&f.path), false, &syncer)?;
     }
     // Files were fsynced as they were written; now the directories naming them.
     let mut dirs: Vec<PathBuf> = m
@@ -662,7 +719,7 @@ fn write_file(path: &Path, body: &[u8]) -> Result<()> {
 
 /// Restores one file; false if --delta found it already identical.
 fn restore_file(
-    repo: &Repository,
+    sources: &[&Repository],
     f: &FileEntry,
     dest: &Path,
     delta: bool,
@@ -689,13 +746,45 @@ fn restore_file(
     } else {
         dest.to_path_buf()
     };
-    let result = (|| {
+    // Each repository that holds the backup is tried in turn; the file is
+    // rewritten from the start by the next one.
+    let mut result = Err(Error::NotFound(f.object.clone()));
+    for (i, repo) in sources.iter().enumerate() {
+        result = restore_file_from(repo, f, &tmp, dest, delta, syncer);
+        match &result {
+            Err(e @ (Error::Corrupt { .. } | Error::Storage { .. } | Error::NotFound(_)))
+                if i + 1 < sources.len() =>
+            {
+                tracing::warn!(
+                    "{}: {e}; reading it from repository {} instead",
+                    f.path,
+                    sources[i + 1].name
+                );
+            }
+            _ => break,
+        }
+    }
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result.map(|()| true)
+}
+
+fn restore_file_from(
+    repo: &Repository,
+    f: &FileEntry,
+    tmp: &Path,
+    dest: &Path,
+    delta: bool,
+    syncer: &Syncer,
+) -> Result<()> {
+    {
         let file = OpenOptions::new()
             .write(true)
             .create(true)
             .truncate(true)
             .mode(0o600)
-            .open(&tmp)
+            .open(tmp)
             .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         let threads = if f.size > 64 << 20 { repo.threads() } else { 1 };
         let (sha, file) = if f.size >= DIRECT_MIN {
@@ -730,17 +819,13 @@ fn restore_file(
             // Replacing a file: durable under its temporary name first.
             file.sync_all()
                 .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
-            fs::rename(&tmp, dest)
+            fs::rename(tmp, dest)
                 .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
         } else {
             syncer.submit(file, dest)?;
         }
         Ok(())
-    })();
-    if result.is_err() {
-        let _ = fs::remove_file(&tmp);
     }
-    result.map(|()| true)
 }
 
 /// --delta: files in the target that the backup does not have are removed

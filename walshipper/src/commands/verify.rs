@@ -11,8 +11,14 @@ use crate::error::{Error, Result};
 use crate::repo::Repository;
 use crate::wal::{self, WalFileKind};
 
-pub fn run(cfg: &Config, backup: Option<&str>, jobs: usize, json: bool) -> Result<()> {
-    let repo = Repository::open(cfg)?;
+pub fn run(
+    cfg: &Config,
+    repo_name: Option<&str>,
+    backup: Option<&str>,
+    jobs: usize,
+    json: bool,
+) -> Result<()> {
+    let repo = Repository::open_repo(cfg, cfg.find_repo(repo_name)?)?;
     let seg = repo.descriptor.wal_segment_size;
     let mut problems: Vec<String> = Vec::new();
     let backups = match backup {

@@ -5,9 +5,12 @@
 
 use std::io::Read;
 
+use crate::config::RepoConfig;
 use crate::error::Result;
 
 pub mod posix;
+pub mod s3;
+pub mod throttle;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ObjectMeta {
@@ -59,4 +62,17 @@ pub trait Storage: Send + Sync {
     fn delete_prefix(&self, prefix: &str) -> Result<usize>;
     /// Human-readable location, for messages.
     fn describe(&self) -> String;
+}
+
+/// The driver a repository's configuration names, wrapped as configured.
+pub fn open(cfg: &RepoConfig) -> Result<Box<dyn Storage>> {
+    let driver: Box<dyn Storage> = match cfg.kind.as_str() {
+        "s3" => Box::new(s3::S3Storage::new(cfg)?),
+        _ => Box::new(posix::PosixStorage::new(cfg.path.clone())),
+    };
+    Ok(if cfg.upload_limit > 0 {
+        Box::new(throttle::Throttled::new(driver, cfg.upload_limit))
+    } else {
+        driver
+    })
 }

@@ -52,6 +52,71 @@ pub fn scratch(name: &str) -> tempfile::TempDir {
         .expect("tempdir")
 }
 
+/// "posix" (default) or "s3": the backend the integration suite runs on.
+pub fn test_backend() -> String {
+    std::env::var("WALSHIPPER_TEST_BACKEND").unwrap_or_else(|_| "posix".into())
+}
+
+/// An S3 repository configuration on the test server with a fresh prefix,
+/// or None when no server was given (WALSHIPPER_TEST_S3_ENDPOINT).
+#[allow(dead_code)]
+pub fn s3_repo_config(tag: &str) -> Option<walshipper::config::RepoConfig> {
+    let endpoint = std::env::var("WALSHIPPER_TEST_S3_ENDPOINT").ok()?;
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    Some(walshipper::config::RepoConfig {
+        name: String::new(),
+        kind: "s3".into(),
+        bucket: std::env::var("WALSHIPPER_TEST_S3_BUCKET")
+            .unwrap_or_else(|_| "walshipper-test".into()),
+        prefix: format!(
+            "{tag}-{}-{nanos}-{}",
+            std::process::id(),
+            N.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+        ),
+        endpoint,
+        region: "us-east-1".into(),
+        force_path_style: true,
+        access_key_id: std::env::var("WALSHIPPER_TEST_S3_KEY").unwrap_or_else(|_| "testkey".into()),
+        secret_access_key: std::env::var("WALSHIPPER_TEST_S3_SECRET")
+            .unwrap_or_else(|_| "testsecret".into()),
+        part_size_mib: 5,
+        retries: 3,
+        request_timeout: 30,
+        connect_timeout: 3,
+        ..Default::default()
+    })
+}
+
+/// A TOML table (`[repo]` or `[[repo]]`) for an S3 repository.
+#[allow(dead_code)]
+pub fn s3_section(header: &str, rc: &walshipper::config::RepoConfig) -> String {
+    let open = if header.starts_with("[[") {
+        header.to_string()
+    } else {
+        format!("[{header}]")
+    };
+    format!(
+        "{open}\n{}type = \"s3\"\nbucket = \"{}\"\nprefix = \"{}\"\nendpoint = \"{}\"\nregion = \"{}\"\n\
+         force_path_style = true\naccess_key_id = \"{}\"\nsecret_access_key = \"{}\"\npart_size_mib = {}\n\
+         retries = {}\nrequest_timeout = {}\nconnect_timeout = {}\n",
+        if rc.name.is_empty() { String::new() } else { format!("name = \"{}\"\n", rc.name) },
+        rc.bucket,
+        rc.prefix,
+        rc.endpoint,
+        rc.region,
+        rc.access_key_id,
+        rc.secret_access_key,
+        rc.part_size_mib,
+        rc.retries,
+        rc.request_timeout,
+        rc.connect_timeout
+    )
+}
+
 /// A walshipper configuration for one cluster and one repository.
 pub struct Shipper {
     pub config: PathBuf,
@@ -71,16 +136,21 @@ impl Shipper {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&passphrase_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let config = dir.join("walshipper.toml");
+        // The suite runs once per backend: WALSHIPPER_TEST_BACKEND=s3 puts
+        // the repository in the S3 server the test script started.
+        let repo_section = match s3_repo_config("suite") {
+            Some(rc) if test_backend() == "s3" => s3_section("repo", &rc),
+            _ => format!("[repo]\ntype = \"posix\"\npath = \"{}\"\n", repo.display()),
+        };
         std::fs::write(
             &config,
             format!(
                 "[pg]\ndata_dir = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\ndatabase = \"postgres\"\n\
-                 [repo]\ntype = \"posix\"\npath = \"{}\"\n\
+                 {repo_section}\
                  [encryption]\npassphrase_file = \"{}\"\nkey_cache_dir = \"{}\"\n\
                  [compression]\nlevel = 3\n[archive]\ncheck_timeout = 60\n",
                 data_dir.display(),
                 socket_dir.display(),
-                repo.display(),
                 passphrase_file.display(),
                 dir.join("keycache").display()
             ),

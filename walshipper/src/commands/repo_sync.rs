@@ -1,0 +1,214 @@
+//! `repo-sync`: makes every repository hold what any other holds: WAL files,
+//! complete backups (files first, manifest last) and keys. Objects are
+//! copied byte for byte and verified on the way (a damaged source object is
+//! reported and skipped, never copied). Backups that are incomplete in the
+//! source (no manifest) are not copied.
+
+use std::collections::BTreeSet;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::repo::Repository;
+
+pub struct Args {
+    /// Only copy into this repository (default: every one).
+    pub to: Option<String>,
+    pub dry_run: bool,
+    pub json: bool,
+}
+
+#[derive(Serialize, Default)]
+struct Report {
+    repository: String,
+    wal_copied: Vec<String>,
+    backups_copied: Vec<String>,
+    keys_copied: usize,
+    failed: Vec<String>,
+}
+
+/// What a repository holds, by object key.
+struct Holdings {
+    wal: BTreeSet<String>,
+    /// Complete backups: id → every object key of it (manifest included).
+    backups: std::collections::BTreeMap<String, Vec<String>>,
+    keys: BTreeSet<String>,
+}
+
+fn holdings(repo: &Repository) -> Result<Holdings> {
+    let wal = repo
+        .storage
+        .list("wal/")?
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    let keys = repo
+        .storage
+        .list("keys/")?
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    let mut all: std::collections::BTreeMap<String, Vec<String>> = Default::default();
+    for m in repo.storage.list("backups/")? {
+        if let Some((id, _)) = m
+            .key
+            .strip_prefix("backups/")
+            .and_then(|r| r.split_once('/'))
+        {
+            all.entry(id.to_string()).or_default().push(m.key.clone());
+        }
+    }
+    let backups = all
+        .into_iter()
+        .filter(|(id, keys)| keys.contains(&format!("backups/{id}/manifest")))
+        .collect();
+    Ok(Holdings { wal, backups, keys })
+}
+
+pub fn run(cfg: &Config, args: &Args) -> Result<()> {
+    if cfg.repos.len() < 2 {
+        return Err(Error::Invalid(
+            "repo-sync needs at least two repositories ([[repo]] entries in the configuration)"
+                .into(),
+        ));
+    }
+    if let Some(n) = &args.to {
+        cfg.find_repo(Some(n))?;
+    }
+    let mut repos = Vec::new();
+    for rc in &cfg.repos {
+        let repo = Repository::open_repo(cfg, rc)?;
+        let h = holdings(&repo)?;
+        repos.push((repo, h));
+    }
+    let sysid = repos[0].0.descriptor.system_identifier.clone();
+    if let Some((r, _)) = repos
+        .iter()
+        .find(|(r, _)| r.descriptor.system_identifier != sysid)
+    {
+        return Err(Error::Repository(format!(
+            "repository {} belongs to another cluster (system {}, not {sysid})",
+            r.name, r.descriptor.system_identifier
+        )));
+    }
+    let mut failures = 0;
+    for t in 0..repos.len() {
+        let (target, have) = &repos[t];
+        if args.to.as_deref().is_some_and(|n| n != target.name) {
+            continue;
+        }
+        let mut report = Report {
+            repository: target.name.clone(),
+            ..Default::default()
+        };
+        let sources: Vec<&(Repository, Holdings)> = repos
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != t)
+            .map(|(_, r)| r)
+            .collect();
+        // Keys first: every object copied after them can be read.
+        for (src, h) in &sources {
+            for key in h.keys.difference(&have.keys) {
+                if !args.dry_run {
+                    let body = src.read_raw(key)?;
+                    target
+                        .storage
+                        .put_new(key, &mut &body[..], crate::storage::Durability::Now)?;
+                }
+                report.keys_copied += 1;
+            }
+        }
+        let mut copy = |key: &str, label: &str, report: &mut Report| -> bool {
+            if args.dry_run {
+                return true;
+            }
+            for (src, h) in &sources {
+                let present =
+                    h.wal.contains(key) || h.backups.values().any(|v| v.iter().any(|k| k == key));
+                if !present {
+                    continue;
+                }
+                match target.copy_object_from(src, key) {
+                    Ok(_) => return true,
+                    Err(e) => {
+                        eprintln!("{label}: from {}: {e}", src.name);
+                    }
+                }
+            }
+            report.failed.push(key.to_string());
+            failures += 1;
+            false
+        };
+        let missing_wal: BTreeSet<&String> = sources
+            .iter()
+            .flat_map(|(_, h)| h.wal.iter())
+            .filter(|k| !have.wal.contains(*k))
+            .collect();
+        for key in missing_wal {
+            if copy(key, key, &mut report) {
+                report
+                    .wal_copied
+                    .push(key.rsplit('/').next().unwrap_or(key).to_string());
+            }
+        }
+        let mut done = BTreeSet::new();
+        for (_, h) in &sources {
+            for (id, keys) in &h.backups {
+                if have.backups.contains_key(id) || !done.insert(id.clone()) {
+                    continue;
+                }
+                // An earlier interrupted copy may have left some files: they
+                // are kept (identical bytes) and only the rest is copied.
+                let manifest = format!("backups/{id}/manifest");
+                let mut ok = true;
+                for key in keys.iter().filter(|k| **k != manifest) {
+                    if target.storage.head(key)?.is_some() {
+                        continue;
+                    }
+                    ok &= copy(key, &format!("backup {id}"), &mut report);
+                }
+                if ok && !args.dry_run {
+                    target.storage.flush()?;
+                }
+                if ok && copy(&manifest, &format!("backup {id}"), &mut report) {
+                    if !args.dry_run {
+                        target.storage.flush()?;
+                    }
+                    report.backups_copied.push(id.clone());
+                }
+            }
+        }
+        if !args.dry_run {
+            target.storage.flush()?;
+        }
+        let verb = if args.dry_run { "would copy" } else { "copied" };
+        if args.json {
+            println!("{}", serde_json::to_string(&report).unwrap_or_default());
+        } else {
+            println!(
+                "{}: {verb} {} WAL files, {} backups{}{}",
+                report.repository,
+                report.wal_copied.len(),
+                report.backups_copied.len(),
+                if report.keys_copied > 0 {
+                    format!(", {} keys", report.keys_copied)
+                } else {
+                    String::new()
+                },
+                if report.failed.is_empty() {
+                    String::new()
+                } else {
+                    format!("; {} objects FAILED", report.failed.len())
+                }
+            );
+        }
+    }
+    if failures > 0 {
+        return Err(Error::VerifyFailed(format!(
+            "{failures} objects could not be copied (see above); the repositories are not in step"
+        )));
+    }
+    Ok(())
+}

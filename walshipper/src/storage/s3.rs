@@ -1,0 +1,560 @@
+//! The S3 driver: any S3-compatible object store through aws-sdk-s3.
+//!
+//! - Atomicity: a single PUT, or a multipart upload that only becomes visible
+//!   when completed; an upload that fails is aborted.
+//! - Create-if-absent: `If-None-Match: *` on the PUT / CompleteMultipartUpload,
+//!   so two pushers of one segment cannot overwrite each other; servers that
+//!   do not support it still get a HEAD first.
+//! - Integrity in transit: every PUT and part carries x-amz-checksum-sha256,
+//!   which the server verifies before it stores anything.
+//! - Retries: the SDK's standard strategy (exponential backoff with jitter on
+//!   throttling, 5xx and timeouts) with per-attempt timeouts; a part is held
+//!   in memory so it can be sent again.
+//! - Memory: at most `UPLOADS_IN_FLIGHT` parts of `part_size` per upload.
+//!
+//! The trait is synchronous: the driver owns a small tokio runtime and
+//! blocks on it from the calling thread.
+
+use std::io::{self, Read};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use aws_sdk_s3::config::http::HttpResponse;
+use aws_sdk_s3::config::retry::RetryConfig;
+use aws_sdk_s3::config::timeout::TimeoutConfig;
+use aws_sdk_s3::config::{
+    BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
+};
+use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::primitives::ByteStream;
+use aws_sdk_s3::types::{
+    ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
+    StorageClass,
+};
+use aws_sdk_s3::Client;
+use sha2::{Digest, Sha256};
+use tokio::runtime::Runtime;
+
+use super::{Durability, ObjectMeta, PutOutcome, Storage};
+use crate::config::RepoConfig;
+use crate::error::{Error, Result};
+
+/// Parts uploading at once for one object (memory: this × part_size).
+const UPLOADS_IN_FLIGHT: usize = 2;
+
+pub struct S3Storage {
+    rt: Arc<Runtime>,
+    client: Client,
+    bucket: String,
+    /// "" or "some/prefix/" (always ending in '/').
+    prefix: String,
+    storage_class: Option<StorageClass>,
+    part_size: usize,
+    endpoint: String,
+}
+
+fn b64(bytes: &[u8]) -> String {
+    aws_smithy_types::base64::encode(bytes)
+}
+
+/// Turns an SDK error into an io::Error whose message says what the store
+/// answered and, where it is the user's to fix, what to do.
+fn sdk_err<E, R>(e: SdkError<E, R>) -> io::Error
+where
+    E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    R: std::fmt::Debug,
+{
+    let code = e.code().map(str::to_string);
+    let detail = DisplayErrorContext(&e).to_string();
+    let hint = match code.as_deref() {
+        Some("SignatureDoesNotMatch") => {
+            " (the secret access key is wrong: check [repo] secret_access_key or AWS_SECRET_ACCESS_KEY)"
+        }
+        Some("InvalidAccessKeyId") => {
+            " (the access key id is unknown to the store: check [repo] access_key_id or AWS_ACCESS_KEY_ID)"
+        }
+        Some("AccessDenied") => " (the credentials may not use this bucket/prefix)",
+        Some("NoSuchBucket") => " (create the bucket first, or fix [repo] bucket)",
+        Some("BadDigest") | Some("XAmzContentSHA256Mismatch") | Some("InvalidDigest") => {
+            " (the data was altered in transit and the store refused it; nothing was stored)"
+        }
+        _ => "",
+    };
+    let kind = match &e {
+        SdkError::TimeoutError(_) => io::ErrorKind::TimedOut,
+        SdkError::DispatchFailure(_) => io::ErrorKind::ConnectionRefused,
+        _ => io::ErrorKind::Other,
+    };
+    io::Error::new(kind, format!("{detail}{hint}"))
+}
+
+fn http_status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
+    e.raw_response().map(|r| r.status().as_u16())
+}
+
+impl S3Storage {
+    pub fn new(cfg: &RepoConfig) -> Result<S3Storage> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("walshipper-s3")
+            .enable_all()
+            .build()
+            .map_err(|e| Error::io("start the S3 client runtime", e))?;
+        let mut loader = aws_config::defaults(BehaviorVersion::latest());
+        if !cfg.region.is_empty() {
+            loader = loader.region(Region::new(cfg.region.clone()));
+        }
+        if !cfg.access_key_id.is_empty() || !cfg.secret_access_key.is_empty() {
+            loader = loader.credentials_provider(Credentials::new(
+                cfg.access_key_id.clone(),
+                cfg.secret_access_key.clone(),
+                None,
+                None,
+                "walshipper-config",
+            ));
+        }
+        let shared = rt.block_on(loader.load());
+        let mut b = aws_sdk_s3::config::Builder::from(&shared)
+            .force_path_style(cfg.force_path_style)
+            .retry_config(
+                RetryConfig::standard()
+                    .with_max_attempts(cfg.retries.max(1))
+                    .with_initial_backoff(Duration::from_millis(200))
+                    .with_max_backoff(Duration::from_secs(10)),
+            )
+            .timeout_config(
+                TimeoutConfig::builder()
+                    .connect_timeout(Duration::from_secs(cfg.connect_timeout.max(1)))
+                    .operation_attempt_timeout(Duration::from_secs(cfg.request_timeout.max(1)))
+                    .build(),
+            )
+            // We send our own SHA-256 per request; no streaming trailers,
+            // which some S3-compatible servers do not accept.
+            .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
+            .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
+        if shared.region().is_none() {
+            b = b.region(Region::new("us-east-1"));
+        }
+        if !cfg.endpoint.is_empty() {
+            b = b.endpoint_url(cfg.endpoint.clone());
+        }
+        let client = Client::from_conf(b.build());
+        let prefix = cfg.prefix.trim_matches('/');
+        Ok(S3Storage {
+            rt: Arc::new(rt),
+            client,
+            bucket: cfg.bucket.clone(),
+            prefix: if prefix.is_empty() {
+                String::new()
+            } else {
+                format!("{prefix}/")
+            },
+            storage_class: (!cfg.storage_class.is_empty())
+                .then(|| StorageClass::from(cfg.storage_class.as_str())),
+            part_size: (cfg.part_size_mib.max(5) as usize) << 20,
+            endpoint: if cfg.endpoint.is_empty() {
+                "aws".into()
+            } else {
+                cfg.endpoint.clone()
+            },
+        })
+    }
+
+    fn full(&self, key: &str) -> Result<String> {
+        if key.starts_with('/') || key.split('/').any(|c| c == "." || c == "..") {
+            return Err(Error::Invalid(format!("invalid object key '{key}'")));
+        }
+        Ok(format!("{}{key}", self.prefix))
+    }
+
+    fn strip<'a>(&self, full: &'a str) -> Option<&'a str> {
+        full.strip_prefix(self.prefix.as_str())
+    }
+
+    /// Reads up to `size` bytes of `body` into one buffer (a part).
+    fn read_part(body: &mut dyn Read, size: usize, key: &str) -> Result<Vec<u8>> {
+        let mut buf = Vec::with_capacity(size.min(1 << 20));
+        body.take(size as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| Error::Storage {
+                op: "read body for",
+                key: key.into(),
+                source: e,
+            })?;
+        Ok(buf)
+    }
+
+    fn put_single(&self, full: &str, data: Vec<u8>, if_absent: bool) -> Result<PutOutcome> {
+        let sum = b64(&Sha256::digest(&data));
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(full)
+            .checksum_sha256(sum)
+            .set_storage_class(self.storage_class.clone())
+            .body(ByteStream::from(data));
+        if if_absent {
+            req = req.if_none_match("*");
+        }
+        match self.rt.block_on(req.send()) {
+            Ok(_) => Ok(PutOutcome::Stored),
+            // 412: it exists; 409: another conditional write of it is in progress.
+            Err(e) if if_absent && matches!(http_status(&e), Some(412) | Some(409)) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => Err(self.err("put", full, sdk_err(e))),
+        }
+    }
+
+    fn put_multipart(
+        &self,
+        full: &str,
+        first: Vec<u8>,
+        body: &mut dyn Read,
+        if_absent: bool,
+    ) -> Result<PutOutcome> {
+        let created = self
+            .rt
+            .block_on(
+                self.client
+                    .create_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .checksum_algorithm(ChecksumAlgorithm::Sha256)
+                    .set_storage_class(self.storage_class.clone())
+                    .send(),
+            )
+            .map_err(|e| self.err("start multipart upload of", full, sdk_err(e)))?;
+        let upload_id = created
+            .upload_id()
+            .ok_or_else(|| {
+                self.err(
+                    "start multipart upload of",
+                    full,
+                    io::Error::other("no upload id"),
+                )
+            })?
+            .to_string();
+        let result = self.upload_parts(full, &upload_id, first, body, if_absent);
+        if !matches!(result, Ok(PutOutcome::Stored)) {
+            // Best effort: a lifecycle rule for incomplete uploads is the backstop.
+            let _ = self.rt.block_on(
+                self.client
+                    .abort_multipart_upload()
+                    .bucket(&self.bucket)
+                    .key(full)
+                    .upload_id(&upload_id)
+                    .send(),
+            );
+        }
+        result
+    }
+
+    fn upload_parts(
+        &self,
+        full: &str,
+        upload_id: &str,
+        first: Vec<u8>,
+        body: &mut dyn Read,
+        if_absent: bool,
+    ) -> Result<PutOutcome> {
+        let mut in_flight = std::collections::VecDeque::new();
+        let mut parts = Vec::new();
+        let mut next = Some(first);
+        let mut number = 1;
+        while let Some(data) = next.take() {
+            let sum = b64(&Sha256::digest(&data));
+            let req = self
+                .client
+                .upload_part()
+                .bucket(&self.bucket)
+                .key(full)
+                .upload_id(upload_id)
+                .part_number(number)
+                .checksum_sha256(sum.clone())
+                .body(ByteStream::from(data));
+            in_flight.push_back((number, sum, self.rt.spawn(req.send())));
+            number += 1;
+            // Read the next part while earlier ones upload.
+            let data = Self::read_part(body, self.part_size, full)?;
+            if !data.is_empty() {
+                next = Some(data);
+            }
+            while in_flight.len() >= UPLOADS_IN_FLIGHT || (next.is_none() && !in_flight.is_empty())
+            {
+                let Some((n, sum, task)) = in_flight.pop_front() else {
+                    break;
+                };
+                let out = self
+                    .rt
+                    .block_on(task)
+                    .map_err(|e| self.err("upload part of", full, io::Error::other(e)))?
+                    .map_err(|e| self.err("upload part of", full, sdk_err(e)))?;
+                parts.push(
+                    CompletedPart::builder()
+                        .part_number(n)
+                        .set_e_tag(out.e_tag().map(str::to_string))
+                        .checksum_sha256(sum)
+                        .build(),
+                );
+            }
+        }
+        let mut req = self
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.bucket)
+            .key(full)
+            .upload_id(upload_id)
+            .multipart_upload(
+                CompletedMultipartUpload::builder()
+                    .set_parts(Some(parts))
+                    .build(),
+            );
+        if if_absent {
+            req = req.if_none_match("*");
+        }
+        match self.rt.block_on(req.send()) {
+            Ok(_) => Ok(PutOutcome::Stored),
+            Err(e) if if_absent && matches!(http_status(&e), Some(412) | Some(409)) => {
+                Ok(PutOutcome::AlreadyExists)
+            }
+            Err(e) => Err(self.err("complete multipart upload of", full, sdk_err(e))),
+        }
+    }
+
+    fn put(&self, key: &str, body: &mut dyn Read, if_absent: bool) -> Result<PutOutcome> {
+        let full = self.full(key)?;
+        let first = Self::read_part(body, self.part_size, &full)?;
+        if first.len() < self.part_size {
+            self.put_single(&full, first, if_absent)
+        } else {
+            self.put_multipart(&full, first, body, if_absent)
+        }
+    }
+
+    fn err(&self, op: &'static str, key: &str, source: io::Error) -> Error {
+        Error::Storage {
+            op,
+            key: format!("s3://{}/{key}", self.bucket),
+            source,
+        }
+    }
+
+    fn list_raw(&self, prefix: &str, delimiter: bool) -> Result<(Vec<ObjectMeta>, Vec<String>)> {
+        let full = format!("{}{prefix}", self.prefix);
+        let mut objects = Vec::new();
+        let mut folders = Vec::new();
+        let mut token = None;
+        loop {
+            let mut req = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .prefix(&full)
+                .set_continuation_token(token.take());
+            if delimiter {
+                req = req.delimiter("/");
+            }
+            let out = self
+                .rt
+                .block_on(req.send())
+                .map_err(|e| self.err("list", &full, sdk_err(e)))?;
+            for o in out.contents() {
+                let Some(key) = o.key().and_then(|k| self.strip(k)) else {
+                    continue;
+                };
+                objects.push(ObjectMeta {
+                    key: key.to_string(),
+                    size: o.size().unwrap_or(0).max(0) as u64,
+                    modified: o
+                        .last_modified()
+                        .and_then(|t| SystemTime::try_from(*t).ok()),
+                });
+            }
+            for p in out.common_prefixes() {
+                if let Some(k) = p.prefix().and_then(|k| self.strip(k)) {
+                    folders.push(k.to_string());
+                }
+            }
+            match out.next_continuation_token() {
+                Some(t) if out.is_truncated() == Some(true) => token = Some(t.to_string()),
+                _ => break,
+            }
+        }
+        Ok((objects, folders))
+    }
+}
+
+/// A streaming GET body as a blocking reader.
+struct BodyReader {
+    rt: Arc<Runtime>,
+    body: ByteStream,
+    chunk: bytes::Bytes,
+    key: String,
+}
+
+impl Read for BodyReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.chunk.is_empty() {
+            match self.rt.block_on(self.body.next()) {
+                Some(Ok(c)) => self.chunk = c,
+                Some(Err(e)) => {
+                    return Err(io::Error::other(format!(
+                        "reading s3 object {}: {}",
+                        self.key,
+                        DisplayErrorContext(&e)
+                    )))
+                }
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.chunk.len());
+        buf[..n].copy_from_slice(&self.chunk[..n]);
+        self.chunk = self.chunk.slice(n..);
+        Ok(n)
+    }
+}
+
+impl Storage for S3Storage {
+    fn put_new(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        _durability: Durability,
+    ) -> Result<PutOutcome> {
+        // A completed PUT is durable; nothing to flush later. The
+        // create-if-absent guarantee is the server's (If-None-Match: *).
+        self.put(key, body, true)
+    }
+
+    fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn put_replace(&self, key: &str, body: &mut dyn Read) -> Result<()> {
+        self.put(key, body, false).map(|_| ())
+    }
+
+    fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
+        let full = self.full(key)?;
+        match self.rt.block_on(
+            self.client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send(),
+        ) {
+            Ok(out) => Ok(Some(Box::new(BodyReader {
+                rt: self.rt.clone(),
+                body: out.body,
+                chunk: bytes::Bytes::new(),
+                key: full,
+            }))),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
+            Err(e) if http_status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.err("get", &full, sdk_err(e))),
+        }
+    }
+
+    fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
+        let full = self.full(key)?;
+        match self.rt.block_on(
+            self.client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send(),
+        ) {
+            Ok(out) => Ok(Some(ObjectMeta {
+                key: key.to_string(),
+                size: out.content_length().unwrap_or(0).max(0) as u64,
+                modified: out
+                    .last_modified()
+                    .and_then(|t| SystemTime::try_from(*t).ok()),
+            })),
+            Err(e) if http_status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.err("head", &full, sdk_err(e))),
+        }
+    }
+
+    fn list(&self, prefix: &str) -> Result<Vec<ObjectMeta>> {
+        let (mut objects, _) = self.list_raw(prefix, false)?;
+        objects.sort_by(|a, b| a.key.cmp(&b.key));
+        Ok(objects)
+    }
+
+    fn list_children(&self, prefix: &str) -> Result<Vec<String>> {
+        let (objects, folders) = self.list_raw(prefix, true)?;
+        let mut names: Vec<String> = objects
+            .into_iter()
+            .filter_map(|o| o.key.strip_prefix(prefix).map(str::to_string))
+            .chain(folders.into_iter().filter_map(|f| {
+                f.strip_prefix(prefix)
+                    .map(|n| n.trim_end_matches('/').to_string())
+            }))
+            .filter(|n| !n.is_empty())
+            .collect();
+        names.sort();
+        names.dedup();
+        Ok(names)
+    }
+
+    fn delete(&self, key: &str) -> Result<()> {
+        let full = self.full(key)?;
+        self.rt
+            .block_on(
+                self.client
+                    .delete_object()
+                    .bucket(&self.bucket)
+                    .key(&full)
+                    .send(),
+            )
+            .map_err(|e| self.err("delete", &full, sdk_err(e)))?;
+        Ok(())
+    }
+
+    fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+        let objects = self.list(prefix)?;
+        let mut n = 0;
+        for chunk in objects.chunks(1000) {
+            let ids = chunk
+                .iter()
+                .map(|o| {
+                    ObjectIdentifier::builder()
+                        .key(format!("{}{}", self.prefix, o.key))
+                        .build()
+                        .map_err(|e| Error::Invalid(e.to_string()))
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let delete = Delete::builder()
+                .set_objects(Some(ids))
+                .quiet(true)
+                .build()
+                .map_err(|e| Error::Invalid(e.to_string()))?;
+            let out = self
+                .rt
+                .block_on(
+                    self.client
+                        .delete_objects()
+                        .bucket(&self.bucket)
+                        .delete(delete)
+                        .send(),
+                )
+                .map_err(|e| self.err("delete under", prefix, sdk_err(e)))?;
+            if let Some(e) = out.errors().first() {
+                return Err(self.err(
+                    "delete",
+                    e.key().unwrap_or(prefix),
+                    io::Error::other(e.message().unwrap_or("refused").to_string()),
+                ));
+            }
+            n += chunk.len();
+        }
+        Ok(n)
+    }
+
+    fn describe(&self) -> String {
+        format!("s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
+    }
+}
