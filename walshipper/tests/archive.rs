@@ -113,7 +113,7 @@ fn archive_pgbench_then_recover_fully_and_to_a_time() {
     assert!(!done.is_empty());
     for seg in &done {
         assert!(
-            shipper.wal_object(seg).is_file(),
+            shipper.has_wal(seg),
             "{seg} marked .done but not in the repository"
         );
     }

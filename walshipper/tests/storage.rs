@@ -1,5 +1,5 @@
 //! One conformance suite for every storage driver: posix always, and S3 when
-//! a real S3-compatible server is given (WALSHIPPER_TEST_S3_ENDPOINT, as
+//! a real S3-compatible server is given (PGB_TEST_S3_ENDPOINT, as
 //! scripts/test.sh does with SeaweedFS). Plus the S3 failure modes that only
 //! a real server can show: a wrong secret, a body altered in flight.
 
@@ -24,7 +24,7 @@ fn backends(dir: &std::path::Path) -> Vec<(String, Box<dyn Storage>)> {
     if let Some(cfg) = common::s3_repo_config("conformance") {
         out.push(("s3".to_string(), storage::open(&cfg).unwrap()));
     } else {
-        eprintln!("WALSHIPPER_TEST_S3_ENDPOINT not set: S3 driver not tested");
+        eprintln!("PGB_TEST_S3_ENDPOINT not set: S3 driver not tested");
     }
     out
 }

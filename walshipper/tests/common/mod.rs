@@ -54,14 +54,14 @@ pub fn scratch(name: &str) -> tempfile::TempDir {
 
 /// "posix" (default) or "s3": the backend the integration suite runs on.
 pub fn test_backend() -> String {
-    std::env::var("WALSHIPPER_TEST_BACKEND").unwrap_or_else(|_| "posix".into())
+    std::env::var("PGB_TEST_BACKEND").unwrap_or_else(|_| "posix".into())
 }
 
 /// An S3 repository configuration on the test server with a fresh prefix,
-/// or None when no server was given (WALSHIPPER_TEST_S3_ENDPOINT).
+/// or None when no server was given (PGB_TEST_S3_ENDPOINT).
 #[allow(dead_code)]
 pub fn s3_repo_config(tag: &str) -> Option<walshipper::config::RepoConfig> {
-    let endpoint = std::env::var("WALSHIPPER_TEST_S3_ENDPOINT").ok()?;
+    let endpoint = std::env::var("PGB_TEST_S3_ENDPOINT").ok()?;
     static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
     let nanos = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -70,8 +70,7 @@ pub fn s3_repo_config(tag: &str) -> Option<walshipper::config::RepoConfig> {
     Some(walshipper::config::RepoConfig {
         name: String::new(),
         kind: "s3".into(),
-        bucket: std::env::var("WALSHIPPER_TEST_S3_BUCKET")
-            .unwrap_or_else(|_| "walshipper-test".into()),
+        bucket: std::env::var("PGB_TEST_S3_BUCKET").unwrap_or_else(|_| "walshipper-test".into()),
         prefix: format!(
             "{tag}-{}-{nanos}-{}",
             std::process::id(),
@@ -80,8 +79,8 @@ pub fn s3_repo_config(tag: &str) -> Option<walshipper::config::RepoConfig> {
         endpoint,
         region: "us-east-1".into(),
         force_path_style: true,
-        access_key_id: std::env::var("WALSHIPPER_TEST_S3_KEY").unwrap_or_else(|_| "testkey".into()),
-        secret_access_key: std::env::var("WALSHIPPER_TEST_S3_SECRET")
+        access_key_id: std::env::var("PGB_TEST_S3_KEY").unwrap_or_else(|_| "testkey".into()),
+        secret_access_key: std::env::var("PGB_TEST_S3_SECRET")
             .unwrap_or_else(|_| "testsecret".into()),
         part_size_mib: 5,
         retries: 3,
@@ -136,7 +135,7 @@ impl Shipper {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&passphrase_file, std::fs::Permissions::from_mode(0o600)).unwrap();
         let config = dir.join("walshipper.toml");
-        // The suite runs once per backend: WALSHIPPER_TEST_BACKEND=s3 puts
+        // The suite runs once per backend: PGB_TEST_BACKEND=s3 puts
         // the repository in the S3 server the test script started.
         let repo_section = match s3_repo_config("suite") {
             Some(rc) if test_backend() == "s3" => s3_section("repo", &rc),
@@ -207,6 +206,19 @@ impl Shipper {
         walk(&self.repo, &mut v);
         v.sort();
         v
+    }
+
+    /// Whether WAL file `name` is in the primary repository, whatever its backend.
+    #[allow(dead_code)]
+    pub fn has_wal(&self, name: &str) -> bool {
+        let cfg = walshipper::config::Config::load(Some(&self.config)).unwrap();
+        let storage = walshipper::storage::open(cfg.primary()).unwrap();
+        let key = if name.ends_with(".history") {
+            format!("wal/history/{name}")
+        } else {
+            format!("wal/{}/{name}", &name[0..16])
+        };
+        storage.head(&key).unwrap().is_some()
     }
 
     pub fn wal_object(&self, name: &str) -> PathBuf {
