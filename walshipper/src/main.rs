@@ -126,8 +126,14 @@ enum Command {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("WALSHIPPER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_env("WALSHIPPER_LOG").unwrap_or_else(|_| {
+            // The AWS SDK's own chatter (credential and region probing) is
+            // not the user's business unless asked for with WALSHIPPER_LOG.
+            tracing_subscriber::EnvFilter::new(
+                "info,aws_config=error,aws_smithy_runtime=error,aws_sdk_s3=error",
+            )
+        });
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

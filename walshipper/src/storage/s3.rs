@@ -25,7 +25,7 @@ use aws_sdk_s3::config::timeout::TimeoutConfig;
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, RequestChecksumCalculation, ResponseChecksumValidation,
 };
-use aws_sdk_s3::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use aws_sdk_s3::types::{
     ChecksumAlgorithm, CompletedMultipartUpload, CompletedPart, Delete, ObjectIdentifier,
@@ -57,35 +57,65 @@ fn b64(bytes: &[u8]) -> String {
     aws_smithy_types::base64::encode(bytes)
 }
 
-/// Turns an SDK error into an io::Error whose message says what the store
+/// The innermost cause of an error chain, e.g. "Connection refused (os error 111)".
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cur = e;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    cur.to_string()
+}
+
+/// Turns an SDK error into a one-line io::Error that says what the store
 /// answered and, where it is the user's to fix, what to do.
-fn sdk_err<E, R>(e: SdkError<E, R>) -> io::Error
+fn sdk_err<E>(e: SdkError<E, HttpResponse>) -> io::Error
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
-    R: std::fmt::Debug,
 {
-    let code = e.code().map(str::to_string);
-    let detail = DisplayErrorContext(&e).to_string();
-    let hint = match code.as_deref() {
-        Some("SignatureDoesNotMatch") => {
-            " (the secret access key is wrong: check [repo] secret_access_key or AWS_SECRET_ACCESS_KEY)"
+    let (kind, text) = match &e {
+        SdkError::TimeoutError(_) => (
+            io::ErrorKind::TimedOut,
+            "the object store did not answer in time".to_string(),
+        ),
+        SdkError::DispatchFailure(f) => (
+            io::ErrorKind::ConnectionRefused,
+            format!(
+                "cannot reach the object store: {}",
+                f.as_connector_error()
+                    .map(|c| root_cause(c))
+                    .unwrap_or_else(|| root_cause(&e))
+            ),
+        ),
+        SdkError::ResponseError(_) => (
+            io::ErrorKind::Other,
+            format!(
+                "unreadable answer from the object store: {}",
+                root_cause(&e)
+            ),
+        ),
+        SdkError::ServiceError(_) => {
+            let status = http_status(&e).map_or(String::new(), |s| format!("HTTP {s}, "));
+            let code = e.code().unwrap_or("no error code");
+            let msg = e.message().unwrap_or("");
+            let hint = match code {
+                "SignatureDoesNotMatch" => {
+                    " (the secret access key is wrong: check [repo] secret_access_key or AWS_SECRET_ACCESS_KEY)"
+                }
+                "InvalidAccessKeyId" => {
+                    " (the access key id is unknown to the store: check [repo] access_key_id or AWS_ACCESS_KEY_ID)"
+                }
+                "AccessDenied" => " (these credentials may not use this bucket or prefix)",
+                "NoSuchBucket" => " (create the bucket first, or fix [repo] bucket)",
+                "BadDigest" | "XAmzContentSHA256Mismatch" | "InvalidDigest" => {
+                    " (the data was altered in transit and the store refused it; nothing was stored)"
+                }
+                _ => "",
+            };
+            (io::ErrorKind::Other, format!("{status}{code}: {msg}{hint}"))
         }
-        Some("InvalidAccessKeyId") => {
-            " (the access key id is unknown to the store: check [repo] access_key_id or AWS_ACCESS_KEY_ID)"
-        }
-        Some("AccessDenied") => " (the credentials may not use this bucket/prefix)",
-        Some("NoSuchBucket") => " (create the bucket first, or fix [repo] bucket)",
-        Some("BadDigest") | Some("XAmzContentSHA256Mismatch") | Some("InvalidDigest") => {
-            " (the data was altered in transit and the store refused it; nothing was stored)"
-        }
-        _ => "",
+        _ => (io::ErrorKind::Other, root_cause(&e)),
     };
-    let kind = match &e {
-        SdkError::TimeoutError(_) => io::ErrorKind::TimedOut,
-        SdkError::DispatchFailure(_) => io::ErrorKind::ConnectionRefused,
-        _ => io::ErrorKind::Other,
-    };
-    io::Error::new(kind, format!("{detail}{hint}"))
+    io::Error::new(kind, text)
 }
 
 fn http_status<E>(e: &SdkError<E, HttpResponse>) -> Option<u16> {
@@ -103,6 +133,9 @@ impl S3Storage {
         let mut loader = aws_config::defaults(BehaviorVersion::latest());
         if !cfg.region.is_empty() {
             loader = loader.region(Region::new(cfg.region.clone()));
+        } else if !cfg.endpoint.is_empty() {
+            // S3-compatible stores rarely care; do not probe EC2 metadata for it.
+            loader = loader.region(Region::new("us-east-1"));
         }
         if !cfg.access_key_id.is_empty() || !cfg.secret_access_key.is_empty() {
             loader = loader.credentials_provider(Credentials::new(
@@ -403,7 +436,7 @@ impl Read for BodyReader {
                     return Err(io::Error::other(format!(
                         "reading s3 object {}: {}",
                         self.key,
-                        DisplayErrorContext(&e)
+                        root_cause(&e)
                     )))
                 }
                 None => return Ok(0),

@@ -208,6 +208,22 @@ impl Shipper {
         v
     }
 
+    /// Replaces the `[repo]` part of the configuration.
+    #[allow(dead_code)]
+    pub fn set_repo_section(&self, section: &str) {
+        let text = std::fs::read_to_string(&self.config).unwrap();
+        let start = text
+            .find("[repo]")
+            .or_else(|| text.find("[[repo]]"))
+            .unwrap();
+        let end = text.find("[encryption]").unwrap();
+        std::fs::write(
+            &self.config,
+            format!("{}{section}{}", &text[..start], &text[end..]),
+        )
+        .unwrap();
+    }
+
     /// Whether WAL file `name` is in the primary repository, whatever its backend.
     #[allow(dead_code)]
     pub fn has_wal(&self, name: &str) -> bool {
