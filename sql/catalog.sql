@@ -71,7 +71,8 @@ COMMENT ON TABLE backup.restore_points IS 'Named points to restore to (walshippe
 
 CREATE TABLE backup.alerts (
     alert_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
-    kind            text NOT NULL CHECK (kind IN ('backup_failed', 'job_overdue', 'archive_failing', 'rpo_exceeded', 'worker_error')),
+    kind            text NOT NULL CHECK (kind IN ('backup_failed', 'job_overdue', 'archive_failing', 'rpo_exceeded', 'worker_error',
+                                                 'repository_unavailable', 'repository_lagging')),
     severity        text NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
     subject         text NOT NULL,
     message         text NOT NULL,
@@ -95,5 +96,22 @@ CREATE TABLE backup.audit_log (
     details         jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX audit_log_at ON backup.audit_log (at DESC);
+
+-- What each configured repository holds, as `walshipper info --json` last
+-- reported it (refreshed by the scheduler every pg_backup.repo_status_interval).
+CREATE TABLE backup.repository_status (
+    name            text PRIMARY KEY,
+    type            text NOT NULL,
+    location        text NOT NULL,
+    ok              boolean NOT NULL,
+    error           text,
+    wal_segments    bigint,
+    last_wal        text,
+    backups         integer,
+    last_backup     text,
+    last_backup_stop timestamptz,
+    position        integer NOT NULL,
+    checked_at      timestamptz NOT NULL DEFAULT now()
+);
 
 REVOKE ALL ON ALL TABLES IN SCHEMA backup FROM PUBLIC;

@@ -336,6 +336,80 @@ BEGIN
 END
 $$;
 
+-- The scheduler's report of `walshipper info --json` (NULL report: info
+-- itself failed, with p_error). Raises/resolves repository_unavailable and
+-- repository_lagging alerts.
+CREATE FUNCTION backup._sched_repo_status(p_report jsonb, p_error text DEFAULT NULL)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    r jsonb;
+    i integer := 0;
+    primary_wal text;
+BEGIN
+    IF p_report IS NULL THEN
+        UPDATE backup.repository_status
+           SET ok = false, error = p_error, checked_at = now();
+        PERFORM backup._raise_alert('repository_unavailable', 'critical', 'walshipper info',
+            'walshipper info failed: ' || p_error);
+        RETURN;
+    END IF;
+    PERFORM backup._resolve_alert('repository_unavailable', 'walshipper info');
+    DELETE FROM backup.repository_status
+     WHERE name NOT IN (SELECT x->>'name' FROM jsonb_array_elements(p_report->'repositories') x);
+    FOR r IN SELECT * FROM jsonb_array_elements(p_report->'repositories') LOOP
+        i := i + 1;
+        INSERT INTO backup.repository_status AS s (name, type, location, ok, error, wal_segments,
+               last_wal, backups, last_backup, last_backup_stop, position, checked_at)
+        VALUES (r->>'name', r->>'type', r->>'location', (r->>'ok')::boolean, r->>'error',
+               (r->>'segments')::bigint, r->>'last_wal', (r->>'backups')::integer,
+               r->>'last_backup', (r->>'last_backup_stop_time')::timestamptz, i, now())
+        ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, location = EXCLUDED.location,
+               ok = EXCLUDED.ok, error = EXCLUDED.error, wal_segments = EXCLUDED.wal_segments,
+               last_wal = EXCLUDED.last_wal, backups = EXCLUDED.backups,
+               last_backup = EXCLUDED.last_backup, last_backup_stop = EXCLUDED.last_backup_stop,
+               position = EXCLUDED.position, checked_at = EXCLUDED.checked_at;
+        IF (r->>'ok')::boolean THEN
+            PERFORM backup._resolve_alert('repository_unavailable', r->>'name');
+        ELSE
+            PERFORM backup._raise_alert('repository_unavailable', 'critical', r->>'name',
+                format('repository %s (%s) cannot be read: %s', r->>'name', r->>'location', r->>'error'));
+        END IF;
+    END LOOP;
+    SELECT last_wal INTO primary_wal FROM backup.repository_status WHERE position = 1;
+    FOR r IN SELECT to_jsonb(s) FROM backup.repository_status s WHERE position > 1 AND ok LOOP
+        IF r->>'last_wal' IS DISTINCT FROM primary_wal THEN
+            PERFORM backup._raise_alert('repository_lagging', 'warning', r->>'name',
+                format('repository %s has WAL up to %s, the primary up to %s: run walshipper repo-sync',
+                       r->>'name', coalesce(r->>'last_wal', 'nothing'), primary_wal));
+        ELSE
+            PERFORM backup._resolve_alert('repository_lagging', r->>'name');
+        END IF;
+    END LOOP;
+END
+$$;
+
+-- One row per configured repository: where it is, whether it answers, how
+-- far its WAL and backups reach, and how far it trails the primary.
+CREATE VIEW backup.repositories AS
+SELECT s.name,
+       s.position = 1 AS is_primary,
+       s.type,
+       s.location,
+       CASE WHEN NOT s.ok THEN 'unavailable'
+            WHEN s.last_wal IS DISTINCT FROM p.last_wal THEN 'lagging'
+            ELSE 'ok' END AS status,
+       s.last_wal AS last_archived_wal,
+       s.wal_segments,
+       s.last_backup,
+       s.last_backup_stop,
+       s.backups,
+       s.error,
+       s.checked_at
+  FROM backup.repository_status s
+  LEFT JOIN backup.repository_status p ON p.position = 1
+ ORDER BY s.position;
+
 REVOKE ALL ON ALL FUNCTIONS IN SCHEMA backup FROM PUBLIC;
 REVOKE ALL ON ALL TABLES IN SCHEMA backup FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION backup.version(), backup.cron_next(text, text, timestamptz),

@@ -124,3 +124,75 @@ impl Run {
         let _ = self.child.wait();
     }
 }
+
+/// `walshipper info --json`, run in the background for backup.repositories.
+pub struct InfoProbe {
+    child: Child,
+    out: Arc<Mutex<String>>,
+    err: Arc<Mutex<String>>,
+    pub started: Instant,
+}
+
+fn drain<R: Read + Send + 'static>(r: Option<R>) -> Arc<Mutex<String>> {
+    let buf = Arc::new(Mutex::new(String::new()));
+    let b = buf.clone();
+    std::thread::spawn(move || {
+        if let Some(mut r) = r {
+            let mut s = String::new();
+            let _ = r.read_to_string(&mut s);
+            if let Ok(mut b) = b.lock() {
+                *b = s;
+            }
+        }
+    });
+    buf
+}
+
+impl InfoProbe {
+    pub fn spawn(exe: &str, config: &str) -> Result<InfoProbe, String> {
+        let mut child = Command::new(exe)
+            .args(["--config", config, "info", "--json"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot run walshipper at {exe}: {e}"))?;
+        let out = drain(child.stdout.take());
+        let err = drain(child.stderr.take());
+        Ok(InfoProbe {
+            child,
+            out,
+            err,
+            started: Instant::now(),
+        })
+    }
+
+    /// Some(Ok(json)) or Some(Err(reason)) once it has exited.
+    pub fn poll(&mut self) -> Option<Result<String, String>> {
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => s,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(format!("cannot wait for walshipper: {e}"))),
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let out = self.out.lock().map(|s| s.clone()).unwrap_or_default();
+        let err = self.err.lock().map(|s| s.clone()).unwrap_or_default();
+        Some(if status.success() {
+            Ok(out)
+        } else {
+            Err(err
+                .lines()
+                .rev()
+                .find(|l| l.starts_with("walshipper:"))
+                .unwrap_or(err.lines().last().unwrap_or("walshipper info failed"))
+                .trim_start_matches("walshipper:")
+                .trim()
+                .to_string())
+        })
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -17,6 +17,7 @@ pub static RUN_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(6 * 3600);
 pub static RETRY_MAX: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static OVERDUE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static REPO_STATUS_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 pub fn string(s: &GucSetting<Option<CString>>) -> String {
     s.get()
@@ -99,6 +100,16 @@ pub fn define_runtime() {
         &OVERDUE_GRACE,
         0,
         86400 * 30,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.repo_status_interval",
+        c"Seconds between refreshes of backup.repositories (walshipper info); 0 = never.",
+        c"Each refresh lists every repository, which costs requests on an object store.",
+        &REPO_STATUS_INTERVAL,
+        0,
+        86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );

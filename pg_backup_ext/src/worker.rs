@@ -10,7 +10,7 @@ use std::time::Duration;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use crate::run::{self, Outcome, Run};
+use crate::run::{self, InfoProbe, Outcome, Run};
 use crate::settings;
 
 fn catalog_ready() -> bool {
@@ -46,7 +46,66 @@ fn finish(id: i64, outcome: Outcome) {
     }
 }
 
-fn tick(runs: &mut HashMap<i64, Run>) {
+/// The background refresh of backup.repositories.
+#[derive(Default)]
+struct RepoStatus {
+    probe: Option<InfoProbe>,
+    last: Option<std::time::Instant>,
+}
+
+impl RepoStatus {
+    fn tick(&mut self) {
+        if let Some(p) = &mut self.probe {
+            let result = match p.poll() {
+                Some(r) => r,
+                None if p.started.elapsed() > Duration::from_secs(600) => {
+                    p.kill();
+                    Err("walshipper info did not finish within 10 minutes".into())
+                }
+                None => return,
+            };
+            self.probe = None;
+            let r = match result {
+                Ok(json) => Spi::run_with_args(
+                    "SELECT backup._sched_repo_status($1::jsonb)",
+                    &[json.into()],
+                ),
+                Err(e) => {
+                    Spi::run_with_args("SELECT backup._sched_repo_status(NULL, $1)", &[e.into()])
+                }
+            };
+            if let Err(e) = r {
+                log!("pg_backup scheduler: cannot record repository status: {e}");
+            }
+            return;
+        }
+        let every = settings::REPO_STATUS_INTERVAL.get();
+        if every <= 0
+            || self
+                .last
+                .is_some_and(|t| t.elapsed() < Duration::from_secs(every as u64))
+        {
+            return;
+        }
+        self.last = Some(std::time::Instant::now());
+        let exe = settings::string(&settings::WALSHIPPER_PATH);
+        let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
+        match InfoProbe::spawn(&exe, &cfg) {
+            Ok(p) => self.probe = Some(p),
+            Err(e) => {
+                let _ =
+                    Spi::run_with_args("SELECT backup._sched_repo_status(NULL, $1)", &[e.into()]);
+            }
+        }
+    }
+
+    /// Refresh soon (a backup just ended).
+    fn soon(&mut self) {
+        self.last = None;
+    }
+}
+
+fn tick(runs: &mut HashMap<i64, Run>, status: &mut RepoStatus) {
     if !catalog_ready() {
         return;
     }
@@ -82,6 +141,7 @@ fn tick(runs: &mut HashMap<i64, Run>) {
         if let Some(o) = outcome {
             runs.remove(&id);
             finish(id, o);
+            status.soon();
         }
     }
     // Queue due jobs and claim what we may start.
@@ -137,15 +197,28 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         log!("pg_backup scheduler: marked {stale} interrupted run(s) failed");
     }
     let mut runs: HashMap<i64, Run> = HashMap::new();
+    let mut status = RepoStatus::default();
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloading the configuration file is what a worker does on SIGHUP.
             unsafe { pg_sys::ProcessConfigFile(pg_sys::GucContext::PGC_SIGHUP) };
         }
         let mut r = std::panic::AssertUnwindSafe(&mut runs);
-        BackgroundWorker::transaction(move || tick(&mut r));
+        let mut st = std::panic::AssertUnwindSafe(&mut status);
+        BackgroundWorker::transaction(move || tick(&mut r, &mut st));
+        // In a transaction of its own: the runs' bookkeeping above is
+        // committed whatever happens here.
+        let mut st = std::panic::AssertUnwindSafe(&mut status);
+        BackgroundWorker::transaction(move || {
+            if catalog_ready() {
+                st.tick()
+            }
+        });
     }
     // Shutting down: our runs end with us.
+    if let Some(p) = &mut status.probe {
+        p.kill();
+    }
     for (id, mut r) in runs.drain() {
         r.kill();
         BackgroundWorker::transaction(|| {

@@ -53,7 +53,11 @@ fn sql_backups_schedules_failures_and_restore_points() {
     let c = preloaded_cluster(
         d,
         &shipper,
-        &["pg_backup.database = 'postgres'", "pg_backup.retry_max = 0"],
+        &[
+            "pg_backup.database = 'postgres'",
+            "pg_backup.retry_max = 0",
+            "pg_backup.repo_status_interval = 2",
+        ],
     );
     run_ok(
         shipper
@@ -82,6 +86,16 @@ fn sql_backups_schedules_failures_and_restore_points() {
     assert_eq!(row["stop_lsn"], b["stop_lsn"]);
     assert_eq!(row["size_bytes"], b["size"]);
     assert_eq!(row["stored_bytes"], b["stored_size"]);
+
+    // backup.repositories: what walshipper info reports, refreshed by the scheduler.
+    let backup_id = row["backup_id"].as_str().unwrap();
+    wait_for(
+        &c,
+        "SELECT status || ' ' || coalesce(last_backup, '-') || ' ' || is_primary \
+           || ' ' || (last_archived_wal IS NOT NULL) FROM backup.repositories",
+        &format!("ok {backup_id} true true"),
+        Duration::from_secs(30),
+    );
 
     // A job every minute runs on its own, and never twice at once.
     c.sql("SELECT backup.job_create('every_minute', '* * * * *')");
@@ -117,6 +131,13 @@ fn sql_backups_schedules_failures_and_restore_points() {
         "SELECT error FROM backup.backup_executions WHERE execution_id = {failed}"
     ));
     assert!(err.contains("/nonexistent/walshipper"), "{err}");
+    let repo_alert = "SELECT count(*) FROM backup.alerts \
+                      WHERE kind = 'repository_unavailable' AND resolved_at IS NULL";
+    wait_for(&c, repo_alert, "1", Duration::from_secs(30));
+    assert_eq!(
+        c.sql("SELECT status FROM backup.repositories"),
+        "unavailable"
+    );
     assert_eq!(
         c.sql("SELECT count(*) FROM backup.alerts WHERE kind = 'backup_failed' AND resolved_at IS NULL"),
         "1"
@@ -150,7 +171,7 @@ fn sql_backups_schedules_failures_and_restore_points() {
         walshipper_bin().display()
     ));
     c.sql("SELECT pg_reload_conf()");
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(&c, repo_alert, "0", Duration::from_secs(30));
     let command = c.sql(&format!(
         "SELECT command FROM backup.restore_plan('before_two', '{}')",
         d.join("r").display()

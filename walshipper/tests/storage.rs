@@ -296,3 +296,82 @@ fn s3_body_altered_in_flight_is_rejected() {
     let good = storage::open(&cfg).unwrap();
     assert!(good.head("altered").unwrap().is_none());
 }
+
+/// A proxy that answers the first `refuse` requests itself with 503
+/// SlowDown (as a throttling store does), then forwards everything.
+fn throttling_proxy(
+    upstream: &str,
+    refuse: usize,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::AtomicUsize;
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    let refused = Arc::new(AtomicUsize::new(0));
+    let upstream = upstream.to_string();
+    let r = refused.clone();
+    std::thread::spawn(move || {
+        for mut client in listener.incoming().flatten() {
+            if r.load(Ordering::SeqCst) < refuse {
+                r.fetch_add(1, Ordering::SeqCst);
+                // Read the request head, answer 503, close.
+                let mut buf = [0u8; 65536];
+                let _ = client.set_read_timeout(Some(std::time::Duration::from_millis(200)));
+                let _ = client.read(&mut buf);
+                let body = "<?xml version=\"1.0\" encoding=\"UTF-8\"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>";
+                let _ = write!(
+                    client,
+                    "HTTP/1.1 503 Slow Down\r\nContent-Type: application/xml\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                continue;
+            }
+            let upstream = upstream.clone();
+            std::thread::spawn(move || {
+                let Ok(server) = TcpStream::connect(&upstream) else {
+                    return;
+                };
+                let (mut c_read, mut s_write) =
+                    (client.try_clone().unwrap(), server.try_clone().unwrap());
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = io::copy(&mut s_read, &mut c_write);
+                });
+                let _ = io::copy(&mut c_read, &mut s_write);
+            });
+        }
+    });
+    (addr, refused)
+}
+
+#[test]
+fn s3_throttling_is_retried_with_backoff_then_reported() {
+    let Some(cfg) = common::s3_repo_config("throttle") else {
+        return;
+    };
+    let upstream = cfg.endpoint.trim_start_matches("http://").to_string();
+    // Two refusals, five attempts: the write succeeds.
+    let (proxy, refused) = throttling_proxy(&upstream, 2);
+    let mut c = cfg.clone();
+    c.endpoint = format!("http://{proxy}");
+    c.retries = 5;
+    let s = storage::open(&c).unwrap();
+    let body = pseudo_random(10_000, 11);
+    assert_eq!(
+        s.put_new("throttled", &mut &body[..], Durability::Now)
+            .unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(refused.load(Ordering::SeqCst), 2);
+    assert_eq!(get_all(s.as_ref(), "throttled").unwrap(), body);
+    // Always throttled: it gives up after its attempts with the store's answer.
+    let (proxy, refused) = throttling_proxy(&upstream, usize::MAX);
+    c.endpoint = format!("http://{proxy}");
+    c.retries = 3;
+    let s = storage::open(&c).unwrap();
+    let e = s
+        .put_new("never", &mut &body[..], Durability::Now)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("SlowDown") && e.contains("503"), "{e}");
+    assert_eq!(refused.load(Ordering::SeqCst), 3, "attempts");
+}

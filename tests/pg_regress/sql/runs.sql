@@ -38,7 +38,8 @@ GRANT EXECUTE ON FUNCTION pg_create_restore_point(text), pg_switch_wal() TO pgb_
 CREATE ROLE pgb_monitor;
 GRANT USAGE ON SCHEMA backup TO pgb_monitor;
 GRANT SELECT ON backup.job_status, backup.wal_archive_status, backup.running_backups,
-    backup.alerts, backup.backup_executions, backup.backup_jobs, backup.restore_points TO pgb_monitor;
+    backup.repositories, backup.repository_status, backup.alerts, backup.backup_executions,
+    backup.backup_jobs, backup.restore_points TO pgb_monitor;
 GRANT pg_monitor TO pgb_monitor;
 SET ROLE pgb_operator;
 SELECT backup.job_create('operator_job', '15 4 * * *') > 0 AS created;
@@ -48,6 +49,7 @@ RESET ROLE;
 SET ROLE pgb_monitor;
 SELECT name, health FROM backup.job_status ORDER BY name;
 SELECT count(*) >= 0 AS readable FROM backup.wal_archive_status;
+SELECT count(*) >= 0 AS readable FROM backup.repositories;
 SELECT backup.job_create('monitor_job', '15 5 * * *');
 DELETE FROM backup.backup_jobs;
 RESET ROLE;
