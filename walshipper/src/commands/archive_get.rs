@@ -37,9 +37,6 @@ pub fn run(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
 }
 
 fn fetch(repo: &Repository, name: &str, key: &str, dest: &Path) -> Result<()> {
-    if repo.storage.head(key)?.is_none() {
-        return Err(Error::NotFound(name.to_string()));
-    }
     let dest_name = dest
         .file_name()
         .and_then(|n| n.to_str())
@@ -53,7 +50,11 @@ fn fetch(repo: &Repository, name: &str, key: &str, dest: &Path) -> Result<()> {
             .open(&tmp)
             .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         let mut w = BufWriter::with_capacity(1 << 20, f);
-        repo.read_object_with(key, &mut w, repo.threads())?;
+        repo.read_object_with(key, &mut w, repo.threads())
+            .map_err(|e| match e {
+                Error::NotFound(_) => Error::NotFound(name.to_string()),
+                other => other,
+            })?;
         w.flush()
             .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
         fs::rename(&tmp, dest).map_err(|e| Error::io(format!("rename to {}", dest.display()), e))

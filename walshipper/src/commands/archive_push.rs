@@ -48,24 +48,25 @@ fn push(
     key: &str,
     encoded: Option<&[u8]>,
 ) -> Result<()> {
-    if repo.storage.head(key)?.is_none() {
-        let outcome = match encoded {
-            Some(bytes) => repo.put_encoded(key, bytes)?,
-            None => {
-                let (outcome, summary) = repo.put_object(key, open(path)?)?;
-                tracing::debug!(
-                    "archived {name}: {} → {} bytes, sha256 {}",
-                    summary.plain_len,
-                    summary.stored_len,
-                    hex::encode(summary.sha256)
-                );
-                outcome
-            }
-        };
-        if outcome == PutOutcome::Stored {
-            return Ok(());
+    // No existence check first: the write is create-if-absent in every
+    // driver, and a check would cost a request per segment on S3. A re-push
+    // (rare: after a crash before PostgreSQL marked the segment done) pays an
+    // encode instead.
+    let outcome = match encoded {
+        Some(bytes) => repo.put_encoded(key, bytes)?,
+        None => {
+            let (outcome, summary) = repo.put_object(key, open(path)?)?;
+            tracing::debug!(
+                "archived {name}: {} → {} bytes, sha256 {}",
+                summary.plain_len,
+                summary.stored_len,
+                hex::encode(summary.sha256)
+            );
+            outcome
         }
-        // Someone else stored it between our check and our write: compare below.
+    };
+    if outcome == PutOutcome::Stored {
+        return Ok(());
     }
     let local =
         sha256_of(open(path)?).map_err(|e| Error::io(format!("read {}", path.display()), e))?;

@@ -18,6 +18,9 @@ pub struct Args {
 }
 
 pub fn run(cfg: &Config, args: &Args) -> Result<()> {
+    if let Some(n) = &args.repo {
+        cfg.find_repo(Some(n))?;
+    }
     let id = wal::read_identity(&cfg.pg.data_dir)?;
     let mut existing = None;
     let mut targets = Vec::new();
@@ -37,9 +40,6 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         } else if wanted {
             targets.push(rc);
         }
-    }
-    if let Some(n) = &args.repo {
-        cfg.find_repo(Some(n))?;
     }
     if targets.is_empty() {
         return Err(Error::Repository(format!(

@@ -34,10 +34,12 @@ struct Holdings {
     /// Complete backups: id → every object key of it (manifest included).
     backups: std::collections::BTreeMap<String, Vec<String>>,
     keys: BTreeSet<String>,
+    /// Every WAL and backup object key, for "does this repository have it".
+    objects: std::collections::HashSet<String>,
 }
 
 fn holdings(repo: &Repository) -> Result<Holdings> {
-    let wal = repo
+    let wal: BTreeSet<String> = repo
         .storage
         .list("wal/")?
         .into_iter()
@@ -59,11 +61,21 @@ fn holdings(repo: &Repository) -> Result<Holdings> {
             all.entry(id.to_string()).or_default().push(m.key.clone());
         }
     }
-    let backups = all
+    let backups: std::collections::BTreeMap<String, Vec<String>> = all
         .into_iter()
         .filter(|(id, keys)| keys.contains(&format!("backups/{id}/manifest")))
         .collect();
-    Ok(Holdings { wal, backups, keys })
+    let objects = wal
+        .iter()
+        .cloned()
+        .chain(backups.values().flatten().cloned())
+        .collect();
+    Ok(Holdings {
+        wal,
+        backups,
+        keys,
+        objects,
+    })
 }
 
 pub fn run(cfg: &Config, args: &Args) -> Result<()> {
@@ -125,9 +137,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                 return true;
             }
             for (src, h) in &sources {
-                let present =
-                    h.wal.contains(key) || h.backups.values().any(|v| v.iter().any(|k| k == key));
-                if !present {
+                if !h.objects.contains(key) {
                     continue;
                 }
                 match target.copy_object_from(src, key) {

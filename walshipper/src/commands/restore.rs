@@ -192,6 +192,9 @@ fn is_empty_dir(p: &Path) -> Result<bool> {
 /// configuration order) that opens and can serve the target. The others
 /// holding the same backup are returned as fallbacks for single files.
 fn choose_repository(cfg: &Config, args: &Args) -> Result<(Repository, Plan, Vec<Repository>)> {
+    if let Some(n) = &args.repo {
+        cfg.find_repo(Some(n))?;
+    }
     let mut chosen: Option<(Repository, Plan)> = None;
     let mut fallbacks = Vec::new();
     let mut first_err = None;
@@ -225,9 +228,6 @@ fn choose_repository(cfg: &Config, args: &Args) -> Result<(Repository, Plan, Vec
                 }
             }
         }
-    }
-    if let Some(n) = &args.repo {
-        cfg.find_repo(Some(n))?;
     }
     match chosen {
         Some((repo, plan)) => {

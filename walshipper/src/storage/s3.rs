@@ -230,13 +230,29 @@ impl S3Storage {
         if if_absent {
             req = req.if_none_match("*");
         }
-        match self.rt.block_on(req.send()) {
+        let sent = self.rt.block_on(req.send());
+        self.outcome(sent, if_absent, "put", full)
+    }
+
+    /// The result of the request that makes an object visible (PUT or
+    /// CompleteMultipartUpload).
+    fn outcome<T, E>(
+        &self,
+        sent: std::result::Result<T, SdkError<E, HttpResponse>>,
+        if_absent: bool,
+        op: &'static str,
+        full: &str,
+    ) -> Result<PutOutcome>
+    where
+        E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
+    {
+        match sent {
             Ok(_) => Ok(PutOutcome::Stored),
             // 412: it exists; 409: another conditional write of it is in progress.
             Err(e) if if_absent && matches!(http_status(&e), Some(412) | Some(409)) => {
                 Ok(PutOutcome::AlreadyExists)
             }
-            Err(e) => Err(self.err("put", full, sdk_err(e))),
+            Err(e) => Err(self.err(op, full, sdk_err(e))),
         }
     }
 
@@ -347,13 +363,8 @@ impl S3Storage {
         if if_absent {
             req = req.if_none_match("*");
         }
-        match self.rt.block_on(req.send()) {
-            Ok(_) => Ok(PutOutcome::Stored),
-            Err(e) if if_absent && matches!(http_status(&e), Some(412) | Some(409)) => {
-                Ok(PutOutcome::AlreadyExists)
-            }
-            Err(e) => Err(self.err("complete multipart upload of", full, sdk_err(e))),
-        }
+        let sent = self.rt.block_on(req.send());
+        self.outcome(sent, if_absent, "complete multipart upload of", full)
     }
 
     fn put(&self, key: &str, body: &mut dyn Read, if_absent: bool) -> Result<PutOutcome> {
