@@ -278,7 +278,7 @@ impl Repository {
         let storage = storage::open(rc)?;
         let body = read_small(storage.as_ref(), DESCRIPTOR_KEY)?.ok_or_else(|| {
             Error::Repository(format!(
-                "no repository at {} (create one with `walshipper repo-init`, or fix repo.path)",
+                "no repository at {} (create one with `walshipper repo-init`, or fix the [repo] location in the configuration)",
                 storage.describe()
             ))
         })?;

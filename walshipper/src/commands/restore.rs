@@ -162,7 +162,9 @@ pub fn plan(repo: &Repository, backup: Option<&str>, target: &Target) -> Result<
         Target::Time { at, raw } => {
             if let Some(t) = wal_end_time {
                 let end: DateTime<chrono::Utc> = t.into();
-                if *at > end {
+                // Object stores report whole seconds (S3 LastModified): a
+                // segment stored at 10:00:00.9 shows as 10:00:00.
+                if *at > end + chrono::Duration::seconds(1) {
                     return Err(Error::Invalid(format!(
                         "target time {raw} is beyond the archived WAL, which ends at about {} (segment {}); archive more WAL (SELECT pg_switch_wal()) or choose an earlier target",
                         end.to_rfc3339(),

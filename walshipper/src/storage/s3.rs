@@ -496,7 +496,8 @@ impl Storage for S3Storage {
                 key: full,
             }))),
             Err(e) if e.as_service_error().is_some_and(|s| s.is_no_such_key()) => Ok(None),
-            Err(e) if http_status(&e) == Some(404) => Ok(None),
+            // A missing bucket is also a 404, but not "no such object".
+            Err(e) if http_status(&e) == Some(404) && e.code() != Some("NoSuchBucket") => Ok(None),
             Err(e) => Err(self.err("get", &full, sdk_err(e))),
         }
     }
