@@ -69,6 +69,17 @@ pub struct RepoConfig {
     pub connect_timeout: u64,
     /// Upload bandwidth limit in bytes per second for this process; 0 = none.
     pub upload_limit: u64,
+    /// Retention (`walshipper expire`): keep the newest N full backups (0 = not set).
+    pub retention_full: u32,
+    /// Keep every moment of this window restorable ("7d", "36h"; empty = not set).
+    pub retention_window: String,
+    /// Grandfather-father-son: the newest backup of each of the last N days,
+    /// weeks, months, years (0 = not set), in `retention_timezone`.
+    pub retention_daily: u32,
+    pub retention_weekly: u32,
+    pub retention_monthly: u32,
+    pub retention_yearly: u32,
+    pub retention_timezone: String,
 }
 
 /// `[repo]` or `[[repo]]`. Decided on the raw value, so that an unknown or
@@ -143,11 +154,44 @@ impl Default for RepoConfig {
             request_timeout: 60,
             connect_timeout: 10,
             upload_limit: 0,
+            retention_full: 0,
+            retention_window: String::new(),
+            retention_daily: 0,
+            retention_weekly: 0,
+            retention_monthly: 0,
+            retention_yearly: 0,
+            retention_timezone: "UTC".into(),
         }
     }
 }
 
 impl RepoConfig {
+    /// The retention policy this repository's configuration sets.
+    pub fn retention_policy(&self) -> std::result::Result<crate::retention::Policy, String> {
+        let timezone = self.retention_timezone.parse().map_err(|_| {
+            format!(
+                "retention_timezone '{}' is not an IANA time zone name (e.g. UTC, Europe/Berlin)",
+                self.retention_timezone
+            )
+        })?;
+        let recovery_window = match self.retention_window.trim() {
+            "" => None,
+            w => Some(
+                crate::retention::parse_duration(w)
+                    .map_err(|e| format!("retention_window: {e}"))?,
+            ),
+        };
+        Ok(crate::retention::Policy {
+            keep_full: (self.retention_full > 0).then_some(self.retention_full),
+            recovery_window,
+            keep_daily: self.retention_daily,
+            keep_weekly: self.retention_weekly,
+            keep_monthly: self.retention_monthly,
+            keep_yearly: self.retention_yearly,
+            timezone,
+        })
+    }
+
     /// Where this repository is, for messages.
     pub fn location(&self) -> String {
         match self.kind.as_str() {
@@ -209,6 +253,13 @@ pub const KEYS: &[(&str, &str)] = &[
     ("repo", "request_timeout"),
     ("repo", "connect_timeout"),
     ("repo", "upload_limit"),
+    ("repo", "retention_full"),
+    ("repo", "retention_window"),
+    ("repo", "retention_daily"),
+    ("repo", "retention_weekly"),
+    ("repo", "retention_monthly"),
+    ("repo", "retention_yearly"),
+    ("repo", "retention_timezone"),
     ("encryption", "passphrase_file"),
     ("encryption", "key_cache"),
     ("encryption", "key_cache_dir"),
@@ -361,6 +412,13 @@ impl Config {
             "request_timeout" => r.request_timeout = parse(name, v, "a number of seconds")?,
             "connect_timeout" => r.connect_timeout = parse(name, v, "a number of seconds")?,
             "upload_limit" => r.upload_limit = parse(name, v, "bytes per second")?,
+            "retention_full" => r.retention_full = parse(name, v, "a whole number")?,
+            "retention_window" => r.retention_window = v.into(),
+            "retention_daily" => r.retention_daily = parse(name, v, "a whole number")?,
+            "retention_weekly" => r.retention_weekly = parse(name, v, "a whole number")?,
+            "retention_monthly" => r.retention_monthly = parse(name, v, "a whole number")?,
+            "retention_yearly" => r.retention_yearly = parse(name, v, "a whole number")?,
+            "retention_timezone" => r.retention_timezone = v.into(),
             _ => return Err(Error::Config(format!("unknown key repo.{key} ({name})"))),
         }
         Ok(())
@@ -422,6 +480,8 @@ impl Config {
                     "{at}: two repositories have this name"
                 )));
             }
+            r.retention_policy()
+                .map_err(|e| Error::Config(format!("{at}: {e}")))?;
             match r.kind.as_str() {
                 "posix" => {
                     if !r.path.is_absolute() {

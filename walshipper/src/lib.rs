@@ -9,6 +9,7 @@
 pub mod codec;
 pub mod commands;
 pub mod config;
+pub mod delta;
 pub mod error;
 pub mod keys;
 pub mod lock;
@@ -18,6 +19,7 @@ pub mod pg;
 pub mod pgdata;
 pub mod progress;
 pub mod repo;
+pub mod retention;
 pub mod storage;
 pub mod wal;
 

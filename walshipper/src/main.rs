@@ -63,7 +63,7 @@ enum Command {
     },
     /// Take an online base backup of the running cluster.
     Backup {
-        /// Backup type (full).
+        /// full, diff (changes since the last full) or incr (since the last backup).
         #[arg(long = "type", default_value = "full")]
         kind: String,
         /// Files copied in parallel (default: one per CPU).
@@ -113,6 +113,35 @@ enum Command {
         tablespace_map: Vec<String>,
         #[arg(long)]
         json: bool,
+    },
+    /// Remove backups no retention policy keeps, and the WAL only they needed.
+    Expire {
+        /// List what would be removed, remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+        #[arg(long)]
+        json: bool,
+        /// Keep the newest N full backups (and the backups built on them).
+        #[arg(long)]
+        keep_full: Option<u32>,
+        /// Keep every moment of this window restorable, e.g. 7d, 36h, 1d12h.
+        #[arg(long)]
+        recovery_window: Option<String>,
+        /// Keep the newest backup of each of the last N days (weeks, months, years).
+        #[arg(long)]
+        keep_daily: Option<u32>,
+        #[arg(long)]
+        keep_weekly: Option<u32>,
+        #[arg(long)]
+        keep_monthly: Option<u32>,
+        #[arg(long)]
+        keep_yearly: Option<u32>,
+        /// Time zone of days, weeks, months and years (IANA name; default from config, else UTC).
+        #[arg(long)]
+        timezone: Option<String>,
+        /// Decide as of this moment instead of now (with a zone), for what-if runs.
+        #[arg(long)]
+        now: Option<String>,
     },
     /// Read back and check backups and the WAL they need.
     Verify {
@@ -291,6 +320,33 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
                 },
             )
         }
+        Command::Expire {
+            dry_run,
+            json,
+            keep_full,
+            recovery_window,
+            keep_daily,
+            keep_weekly,
+            keep_monthly,
+            keep_yearly,
+            timezone,
+            now,
+        } => commands::expire::run(
+            cfg,
+            &commands::expire::Args {
+                dry_run: *dry_run,
+                json: *json,
+                repo: repo.map(str::to_string),
+                keep_full: *keep_full,
+                recovery_window: recovery_window.clone(),
+                keep_daily: *keep_daily,
+                keep_weekly: *keep_weekly,
+                keep_monthly: *keep_monthly,
+                keep_yearly: *keep_yearly,
+                timezone: timezone.clone(),
+                now: now.clone(),
+            },
+        ),
         Command::Verify { backup, jobs, json } => commands::verify::run(
             cfg,
             repo,

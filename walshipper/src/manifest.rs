@@ -5,7 +5,8 @@
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-pub const MANIFEST_VERSION: u32 = 1;
+/// 2: files may refer to earlier backups' objects and carry block deltas.
+pub const MANIFEST_VERSION: u32 = 2;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -16,9 +17,28 @@ pub struct FileEntry {
     pub mode: u32,
     /// SHA-256 of the file's bytes as backed up, hex.
     pub sha256: String,
-    /// Repository key holding the bytes.
+    /// Repository key holding the whole file, as this or an earlier backup
+    /// stored it (an unchanged file refers to the earlier backup's object).
     pub object: String,
+    /// Block deltas (docs/repository-format.md) applied on top of `object`,
+    /// in order, to give this backup's version of the file.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub deltas: Vec<String>,
+    /// Block map of the file (large files): the full map, then one map delta
+    /// per entry of `deltas`. The next diff/incr compares against it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub maps: Vec<String>,
+    /// Bytes this backup stored for the file (0 when it refers to earlier objects).
     pub stored_size: u64,
+}
+
+impl FileEntry {
+    /// Every object this entry needs.
+    pub fn objects(&self) -> impl Iterator<Item = &String> {
+        std::iter::once(&self.object)
+            .chain(self.deltas.iter())
+            .chain(self.maps.iter())
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -43,7 +63,8 @@ pub struct ChecksumFailure {
 pub struct Manifest {
     pub manifest_version: u32,
     pub id: String,
-    /// "full" (diff and incr come later; `based_on` names the parent).
+    /// "full", "diff" (changes since the last full) or "incr" (changes since
+    /// the last backup of any type); `based_on` names the reference backup.
     #[serde(rename = "type")]
     pub kind: String,
     pub based_on: Option<String>,
@@ -81,6 +102,25 @@ impl Manifest {
 
     pub fn stop_time(&self) -> Option<chrono::DateTime<chrono::FixedOffset>> {
         chrono::DateTime::parse_from_rfc3339(&self.stop_time).ok()
+    }
+
+    /// Every object key the backup needs, its own and earlier backups'.
+    pub fn objects(&self) -> impl Iterator<Item = &String> {
+        self.files
+            .iter()
+            .flat_map(FileEntry::objects)
+            .chain(std::iter::once(&self.backup_label_object))
+            .chain(self.tablespace_map_object.iter())
+    }
+
+    /// The other backups whose objects this one uses: restoring it needs them.
+    pub fn depends_on(&self) -> std::collections::BTreeSet<String> {
+        self.objects()
+            .filter_map(|k| k.strip_prefix("backups/")?.split_once('/'))
+            .map(|(id, _)| id)
+            .filter(|id| *id != self.id)
+            .map(str::to_string)
+            .collect()
     }
 }
 

@@ -444,6 +444,12 @@ impl Repository {
                 key: meta.key.clone(),
                 reason: format!("manifest is not valid JSON: {e}"),
             })?;
+            if m.manifest_version > crate::manifest::MANIFEST_VERSION {
+                return Err(Error::Repository(format!(
+                    "backup {} was written by a newer walshipper (manifest version {}); upgrade walshipper to read this repository",
+                    m.id, m.manifest_version
+                )));
+            }
             out.push(m);
         }
         out.sort_by(|a, b| a.id.cmp(&b.id));

@@ -9,12 +9,15 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+
+use sha2::Digest;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::config::Config;
+use crate::delta;
 use crate::error::{Error, Result};
 use crate::lock;
 use crate::manifest::{
@@ -40,29 +43,57 @@ pub struct Args {
 /// Files above this size are encoded by several threads each.
 const BIG_FILE: u64 = 64 << 20;
 
-pub fn run(cfg: &Config, args: &Args) -> Result<()> {
-    if args.kind != "full" {
-        return Err(Error::Invalid(format!(
-            "backup type '{}' is not supported yet (only full)",
-            args.kind
-        )));
-    }
-    let started = Instant::now();
-    let rc = cfg.find_repo(args.repo.as_deref())?;
-    let repo = Repository::open_repo(cfg, rc)?;
-    // One backup at a time per repository. An object store has no locks:
-    // the lock is host-local there.
-    let _lock = match rc.kind.as_str() {
-        "posix" => lock::try_lock(&rc.path, "backup")?,
+/// One backup or expire at a time per repository: an incremental backup
+/// refers to earlier backups' objects, which expire must not remove under
+/// it. An object store has no locks: the lock is host-local there.
+pub fn repository_lock(rc: &crate::config::RepoConfig, repo: &Repository) -> Result<lock::Lock> {
+    match rc.kind.as_str() {
+        "posix" => lock::try_lock(&rc.path, "backup"),
         _ => lock::try_lock(
             &std::env::temp_dir(),
             &format!(
                 "walshipper-backup-{}-{}",
                 repo.descriptor.system_identifier, rc.name
             ),
-        )?,
-    };
+        ),
+    }
+}
+
+/// The backup a diff (the newest full) or incr (the newest of any type)
+/// compares against; None for a full backup or when there is none.
+fn reference_backup(backups: &[Manifest], kind: &str) -> Option<Manifest> {
+    match kind {
+        "diff" => backups.iter().rev().find(|m| m.kind == "full").cloned(),
+        "incr" => backups.last().cloned(),
+        _ => None,
+    }
+}
+
+pub fn run(cfg: &Config, args: &Args) -> Result<()> {
+    if !["full", "diff", "incr"].contains(&args.kind.as_str()) {
+        return Err(Error::Invalid(format!(
+            "backup type '{}' is not one of full, diff, incr",
+            args.kind
+        )));
+    }
+    let started = Instant::now();
+    let rc = cfg.find_repo(args.repo.as_deref())?;
+    let repo = Repository::open_repo(cfg, rc)?;
+    let _lock = repository_lock(rc, &repo)?;
     remove_incomplete(&repo)?;
+    let backups = repo.list_backups()?;
+    let reference = reference_backup(&backups, &args.kind);
+    let kind = match &reference {
+        Some(_) => args.kind.clone(),
+        None if args.kind != "full" => {
+            tracing::warn!(
+                "no full backup to base a {} backup on: taking a full backup",
+                args.kind
+            );
+            "full".to_string()
+        }
+        None => "full".to_string(),
+    };
 
     let mut client = connect(cfg)?;
     let q1 = |client: &mut postgres::Client, sql: &str| -> Result<String> {
@@ -102,7 +133,11 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| format!("walshipper {id}"));
     if args.json {
-        json_event(serde_json::json!({"event": "start", "backup_id": id, "type": args.kind}));
+        json_event(
+            serde_json::json!({"event": "start", "backup_id": id, "type": kind,
+            "requested_type": args.kind,
+            "based_on": reference.as_ref().map(|m| &m.id)}),
+        );
     }
     let start_sql = if version >= 150000 {
         "SELECT pg_backup_start($1, true)::text"
@@ -123,6 +158,8 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         &repo,
         &mut client,
         args,
+        &kind,
+        reference.as_ref(),
         &id,
         &label,
         version,
@@ -160,6 +197,8 @@ fn copy_and_finish(
     repo: &Repository,
     client: &mut postgres::Client,
     args: &Args,
+    kind: &str,
+    reference: Option<&Manifest>,
     id: &str,
     label: &str,
     version: i32,
@@ -180,6 +219,7 @@ fn copy_and_finish(
     let copied = copy_files(
         repo,
         id,
+        reference,
         &scan.files,
         args.jobs.max(1),
         checksums,
@@ -258,8 +298,8 @@ fn copy_and_finish(
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         id: id.to_string(),
-        kind: args.kind.clone(),
-        based_on: None,
+        kind: kind.to_string(),
+        based_on: reference.map(|m| m.id.clone()),
         label: label.to_string(),
         system_identifier: repo.descriptor.system_identifier.clone(),
         pg_version: repo.descriptor.pg_version,
@@ -298,8 +338,14 @@ fn copy_and_finish(
     // Written last, durably: from now on the backup exists.
     repo.put_object(&format!("backups/{id}/manifest"), &body[..])?;
 
+    let mut chain = vec![id.to_string()];
+    if let Some(r) = reference {
+        chain.extend(backup_chain(&repo.list_backups()?, r));
+    }
+    chain.reverse();
     let summary = serde_json::json!({
         "event": "done", "backup_id": id, "type": manifest.kind,
+        "requested_type": args.kind, "based_on": manifest.based_on, "chain": chain,
         "start_lsn": manifest.start_lsn, "stop_lsn": manifest.stop_lsn, "timeline": timeline,
         "start_time": manifest.start_time, "stop_time": manifest.stop_time,
         "wal_start": manifest.wal_start, "wal_stop": manifest.wal_stop,
@@ -311,7 +357,13 @@ fn copy_and_finish(
         json_event(summary);
     } else {
         println!(
-            "backup {id} complete: {} files, {} MiB → {} MiB stored, LSN {}..{}, in {:.1}s",
+            "{} backup {id} complete{}: {} files, {} MiB → {} MiB stored, LSN {}..{}, in {:.1}s",
+            manifest.kind,
+            manifest
+                .based_on
+                .as_ref()
+                .map(|b| format!(" (based on {b})"))
+                .unwrap_or_default(),
             manifest.files.len(),
             manifest.size >> 20,
             manifest.stored_size >> 20,
@@ -321,6 +373,23 @@ fn copy_and_finish(
         );
     }
     Ok(failures)
+}
+
+/// `m` and the backups it is based on, newest first.
+pub fn backup_chain(backups: &[Manifest], m: &Manifest) -> Vec<String> {
+    let mut chain = vec![m.id.clone()];
+    let mut next = m.based_on.clone();
+    while let Some(id) = next {
+        let Some(parent) = backups.iter().find(|b| b.id == id) else {
+            break;
+        };
+        if chain.contains(&id) {
+            break;
+        }
+        chain.push(id);
+        next = parent.based_on.clone();
+    }
+    chain
 }
 
 fn label_field<'a>(label: &'a str, key: &str) -> Option<&'a str> {
@@ -400,9 +469,11 @@ fn wait_for_wal(
 
 type Copied = (FileEntry, Vec<u32>);
 
+#[allow(clippy::too_many_arguments)]
 fn copy_files(
     repo: &Repository,
     id: &str,
+    reference: Option<&Manifest>,
     files: &[SourceFile],
     jobs: usize,
     checksums: bool,
@@ -412,6 +483,9 @@ fn copy_files(
     // Biggest first, so one large file does not finish alone at the end.
     let mut order: Vec<usize> = (0..files.len()).collect();
     order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+    let base: std::collections::HashMap<&str, &FileEntry> = reference
+        .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())
+        .unwrap_or_default();
     let next = AtomicUsize::new(0);
     let results: Mutex<Vec<Option<Copied>>> = Mutex::new(vec![None; files.len()]);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
@@ -423,7 +497,9 @@ fn copy_files(
                 }
                 let n = next.fetch_add(1, Ordering::Relaxed);
                 let Some(&i) = order.get(n) else { return };
-                match copy_one(repo, id, &files[i], checksums, start_lsn, counters) {
+                let f = &files[i];
+                let b = base.get(f.rel.as_str()).copied();
+                match copy_one(repo, id, f, b, checksums, start_lsn, counters) {
                     Ok(Some(c)) => {
                         if let Ok(mut r) = results.lock() {
                             r[i] = Some(c);
@@ -452,46 +528,156 @@ fn copy_files(
         .collect())
 }
 
-/// Copies one file; None if it vanished (dropped during the backup: WAL replay handles it).
+/// Copies one file; None if it vanished (dropped during the backup: WAL
+/// replay handles it). With `base` (the file in the reference backup of a
+/// diff/incr) an unchanged file refers to the earlier objects and a changed
+/// large file stores only its changed blocks.
 fn copy_one(
     repo: &Repository,
     id: &str,
     f: &SourceFile,
+    base: Option<&FileEntry>,
     checksums: bool,
     start_lsn: u64,
     counters: &Arc<Counters>,
 ) -> Result<Option<Copied>> {
-    let file = match File::open(&f.abs) {
-        Ok(file) => file,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(Error::io(format!("open {}", f.abs.display()), e)),
+    let open = || -> Result<Option<PageCheckingReader>> {
+        let file = match File::open(&f.abs) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("open {}", f.abs.display()), e)),
+        };
+        let verify = checksums && pgdata::is_relation_file(&f.rel);
+        PageCheckingReader::new(
+            file,
+            verify,
+            pgdata::relation_segno(&f.rel),
+            start_lsn,
+            counters.clone(),
+        )
+        .map(Some)
+        .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))
     };
-    let verify = checksums && pgdata::is_relation_file(&f.rel);
-    let reader = PageCheckingReader::new(
-        file,
-        verify,
-        pgdata::relation_segno(&f.rel),
-        start_lsn,
-        counters.clone(),
-    )
-    .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?;
-    let failures = reader.failures.clone();
-    let key = format!("backups/{id}/data/{}", f.rel);
+    let data_key = format!("backups/{id}/data/{}", f.rel);
+    let map_key = format!("backups/{id}/map/{}", f.rel);
+    let entry = |size: u64, sha256: [u8; 32], object: String| FileEntry {
+        path: f.rel.clone(),
+        size,
+        mtime: f.mtime,
+        mode: f.mode,
+        sha256: hex::encode(sha256),
+        object,
+        deltas: Vec::new(),
+        maps: Vec::new(),
+        stored_size: 0,
+    };
+    let referenced = |b: &FileEntry| FileEntry {
+        mtime: f.mtime,
+        mode: f.mode,
+        stored_size: 0,
+        ..b.clone()
+    };
     let threads = if f.size > BIG_FILE { None } else { Some(1) };
-    let (_, summary) = repo.put_object_with(&key, reader, Durability::AtFlush, threads)?;
+
+    // Small files: compared whole, stored whole when they differ.
+    if f.size < delta::MAP_MIN {
+        let Some(mut reader) = open()? else {
+            return Ok(None);
+        };
+        let mut body = Vec::with_capacity(f.size as usize);
+        reader
+            .read_to_end(&mut body)
+            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+        let failures = reader.failures();
+        let sha: [u8; 32] = sha2::Sha256::digest(&body).into();
+        if let Some(b) = base {
+            if b.size == body.len() as u64 && b.sha256 == hex::encode(sha) {
+                return Ok(Some((referenced(b), failures)));
+            }
+        }
+        let (_, summary) =
+            repo.put_object_with(&data_key, &body[..], Durability::AtFlush, Some(1))?;
+        let mut e = entry(summary.plain_len, summary.sha256, data_key);
+        e.stored_size = summary.stored_len;
+        return Ok(Some((e, failures)));
+    }
+
+    // Large files: compared block by block with the reference's block map.
+    let base_map = match base {
+        Some(b) if !b.maps.is_empty() => Some(load_map(repo, b)?),
+        _ => None,
+    };
+    if let (Some(b), Some(map)) = (base, &base_map) {
+        let file = match File::open(&f.abs) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("open {}", f.abs.display()), e)),
+        };
+        let same = delta::unchanged(io::BufReader::with_capacity(256 << 10, file), map)
+            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+        if same {
+            counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
+            return Ok(Some((referenced(b), Vec::new())));
+        }
+    }
+    let Some(reader) = open()? else {
+        return Ok(None);
+    };
+    let failures = reader.failures.clone();
+    let mut e = match (base, base_map) {
+        (Some(b), Some(map)) => {
+            let mut delta = delta::DeltaReader::new(reader, map);
+            let (_, summary) =
+                repo.put_object_with(&data_key, &mut delta, Durability::AtFlush, threads)?;
+            let d = delta.finish();
+            let (_, msum) =
+                repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
+            let mut e = referenced(b);
+            e.size = d.size;
+            e.sha256 = hex::encode(d.sha256);
+            e.deltas.push(data_key);
+            e.maps.push(map_key);
+            e.stored_size = summary.stored_len + msum.stored_len;
+            e
+        }
+        _ => {
+            let mut mb = delta::MapBuilder::new(reader);
+            let (_, summary) =
+                repo.put_object_with(&data_key, &mut mb, Durability::AtFlush, threads)?;
+            let map = mb.finish().encode();
+            let (_, msum) =
+                repo.put_object_with(&map_key, &map[..], Durability::AtFlush, Some(1))?;
+            let mut e = entry(summary.plain_len, summary.sha256, data_key);
+            e.maps.push(map_key);
+            e.stored_size = summary.stored_len + msum.stored_len;
+            e
+        }
+    };
+    e.mtime = f.mtime;
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
-    Ok(Some((
-        FileEntry {
-            path: f.rel.clone(),
-            size: summary.plain_len,
-            mtime: f.mtime,
-            mode: f.mode,
-            sha256: hex::encode(summary.sha256),
-            object: key,
-            stored_size: summary.stored_len,
-        },
-        failures,
-    )))
+    Ok(Some((e, failures)))
+}
+
+/// The block map of a file as a backup has it: the full map and its deltas.
+fn load_map(repo: &Repository, b: &FileEntry) -> Result<delta::BlockMap> {
+    let mut map = delta::BlockMap::default();
+    for key in &b.maps {
+        let body = repo.read_object_vec(key)?;
+        map.apply(&body).map_err(|e| Error::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    if map.size != b.size {
+        return Err(Error::Corrupt {
+            key: b.maps.last().cloned().unwrap_or_default(),
+            reason: format!(
+                "block map says {} bytes, the manifest {} for {}",
+                map.size, b.size, b.path
+            ),
+        });
+    }
+    Ok(map)
 }
 
 /// Passes a file's bytes through while checking the checksum of every full
@@ -510,6 +696,10 @@ struct PageCheckingReader {
 }
 
 impl PageCheckingReader {
+    fn failures(&self) -> Vec<u32> {
+        self.failures.lock().map(|v| v.clone()).unwrap_or_default()
+    }
+
     fn new(
         file: File,
         verify: bool,

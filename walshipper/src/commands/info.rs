@@ -332,6 +332,29 @@ pub fn run(cfg: &Config, json: bool, only: Option<&str>) -> Result<()> {
     if !w.partial_files.is_empty() {
         println!("partial segments  {}", w.partial_files.join(" "));
     }
+    println!();
+    if info.backups.is_empty() {
+        println!("no backups yet (walshipper backup)");
+    } else {
+        println!(
+            "{:<18} {:<4} {:<18} {:<26} {:>10} {:>10}",
+            "backup", "type", "based on", "consistent at", "size", "stored"
+        );
+        for b in &info.backups {
+            println!(
+                "{:<18} {:<4} {:<18} {:<26} {:>10} {:>10}",
+                b.id,
+                b.kind,
+                b.based_on.as_deref().unwrap_or("-"),
+                b.stop_time
+                    .get(..19)
+                    .unwrap_or(&b.stop_time)
+                    .replace('T', " "),
+                human(b.size),
+                human(b.stored_size)
+            );
+        }
+    }
     if info.repositories.len() > 1 {
         println!();
         println!(

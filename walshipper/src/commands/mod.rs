@@ -5,6 +5,7 @@ pub mod archive_get;
 pub mod archive_push;
 pub mod backup;
 pub mod check;
+pub mod expire;
 pub mod info;
 pub mod repo_init;
 pub mod repo_sync;

@@ -164,14 +164,39 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             }
         }
         let mut done = BTreeSet::new();
-        for (_, h) in &sources {
+        let mut unsatisfied = 0;
+        for (src, h) in &sources {
             for (id, keys) in &h.backups {
                 if have.backups.contains_key(id) || !done.insert(id.clone()) {
                     continue;
                 }
+                let manifest = format!("backups/{id}/manifest");
+                // A diff/incr refers to earlier backups' objects: those
+                // backups (copied before it, ids sort by time) must be there.
+                let m: crate::manifest::Manifest =
+                    serde_json::from_slice(&src.read_object_vec(&manifest)?).map_err(|e| {
+                        Error::Corrupt {
+                            key: manifest.clone(),
+                            reason: format!("manifest is not valid JSON: {e}"),
+                        }
+                    })?;
+                if let Some(dep) = m
+                    .depends_on()
+                    .into_iter()
+                    .find(|d| !have.backups.contains_key(d) && !report.backups_copied.contains(d))
+                {
+                    if !args.dry_run {
+                        eprintln!(
+                            "backup {id}: not copied, it is based on backup {dep}, which {} does not hold",
+                            target.name
+                        );
+                        report.failed.push(manifest.clone());
+                        unsatisfied += 1;
+                        continue;
+                    }
+                }
                 // An earlier interrupted copy may have left some files: they
                 // are kept (identical bytes) and only the rest is copied.
-                let manifest = format!("backups/{id}/manifest");
                 let mut ok = true;
                 for key in keys.iter().filter(|k| **k != manifest) {
                     if target.storage.head(key)?.is_some() {
@@ -190,6 +215,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                 }
             }
         }
+        failures += unsatisfied;
         if !args.dry_run {
             target.storage.flush()?;
         }

@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::fs::{self, OpenOptions};
-use std::io::{BufWriter, Write};
+use std::io::{BufWriter, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,6 +20,7 @@ use chrono::{DateTime, FixedOffset};
 
 use crate::codec::sha256_of;
 use crate::config::Config;
+use crate::delta::DeltaApplier;
 use crate::error::{Error, Result};
 use crate::manifest::{pg_backup_manifest, FileEntry, Manifest, PgManifestFile};
 use crate::progress::{json_event, Counters, Reporter};
@@ -109,7 +110,7 @@ pub fn plan(repo: &Repository, backup: Option<&str>, target: &Target) -> Result<
         None => backups.iter().rev().find(|m| fits(m)).cloned().ok_or_else(|| {
             let oldest = &backups[0];
             Error::Invalid(format!(
-                "the target is earlier than any backup: the oldest backup, {}, is consistent from {} (LSN {})",
+                "the target is earlier than any backup: the oldest backup, {}, is consistent from {} (LSN {}); older backups, if there were any, were removed by retention (walshipper expire)",
                 oldest.id, oldest.stop_time, oldest.stop_lsn
             ))
         })?,
@@ -782,6 +783,7 @@ fn restore_file_from(
 ) -> Result<()> {
     {
         let file = OpenOptions::new()
+            .read(true)
             .write(true)
             .create(true)
             .truncate(true)
@@ -789,7 +791,28 @@ fn restore_file_from(
             .open(tmp)
             .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
         let threads = if f.size > 64 << 20 { repo.threads() } else { 1 };
-        let (sha, file) = if f.size >= DIRECT_MIN {
+        let (sha, file) = if !f.deltas.is_empty() {
+            // The file as an earlier backup stored it, then each block delta
+            // in place; the result must be the file this backup read.
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            repo.read_object_with(&f.object, &mut w, threads)?;
+            let mut file = w
+                .into_inner()
+                .map_err(|e| Error::io(format!("write {}", tmp.display()), e.into_error()))?;
+            for key in &f.deltas {
+                let mut applier = DeltaApplier::new(&file);
+                repo.read_object(key, &mut applier)?;
+                applier.finish().map_err(|e| Error::Corrupt {
+                    key: key.clone(),
+                    reason: e.to_string(),
+                })?;
+            }
+            file.seek(SeekFrom::Start(0))
+                .map_err(|e| Error::io(format!("read {}", tmp.display()), e))?;
+            let sha = sha256_of(&mut file)
+                .map_err(|e| Error::io(format!("read {}", tmp.display()), e))?;
+            (sha, file)
+        } else if f.size >= DIRECT_MIN {
             let mut w = DirectWriter::new(file);
             let sha = repo.read_object_with(&f.object, &mut w, threads)?;
             let file = w
@@ -806,7 +829,7 @@ fn restore_file_from(
         };
         if hex::encode(sha) != f.sha256 {
             return Err(Error::Corrupt {
-                key: f.object.clone(),
+                key: f.deltas.last().unwrap_or(&f.object).clone(),
                 reason: format!(
                     "its SHA-256 {} is not the manifest's {} for {}",
                     hex::encode(sha),

@@ -1,0 +1,331 @@
+//! `expire`: removes the backups no retention policy keeps (never one that a
+//! kept backup is built on), then the WAL that no kept backup needs (every
+//! segment before the oldest kept backup's start). The rules are in
+//! `retention`; this command applies them to a repository.
+//!
+//! Order and safety: it holds the repository's backup lock (an incremental
+//! backup refers to earlier backups' objects); a backup's manifest is deleted
+//! first, so a backup half-removed by a crash is an incomplete one, which
+//! the next backup or expire clears; WAL goes after the backups.
+
+use std::collections::BTreeSet;
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+
+use crate::commands::backup::{remove_incomplete, repository_lock};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::manifest::Manifest;
+use crate::repo::Repository;
+use crate::retention::{self, BackupRef, Kind, Policy};
+use crate::wal::{self, WalFileKind};
+
+#[derive(Default)]
+pub struct Args {
+    pub dry_run: bool,
+    pub json: bool,
+    pub repo: Option<String>,
+    pub keep_full: Option<u32>,
+    pub recovery_window: Option<String>,
+    pub keep_daily: Option<u32>,
+    pub keep_weekly: Option<u32>,
+    pub keep_monthly: Option<u32>,
+    pub keep_yearly: Option<u32>,
+    pub timezone: Option<String>,
+    /// Decide as if it were this moment (what-if runs and tests).
+    pub now: Option<String>,
+}
+
+#[derive(Serialize)]
+struct Kept {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    stop_time: String,
+    reasons: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Removed {
+    id: String,
+    #[serde(rename = "type")]
+    kind: String,
+    stop_time: String,
+    stored_size: u64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    event: &'static str,
+    dry_run: bool,
+    repository: String,
+    policy: serde_json::Value,
+    kept: Vec<Kept>,
+    removed: Vec<Removed>,
+    wal_removed: usize,
+    wal_removed_first: Option<String>,
+    wal_removed_last: Option<String>,
+    bytes_freed: u64,
+    /// The earliest moment the kept backups can restore to.
+    restorable_from: Option<String>,
+}
+
+impl Args {
+    fn has_policy_flags(&self) -> bool {
+        self.keep_full.is_some()
+            || self.recovery_window.is_some()
+            || self.keep_daily.is_some()
+            || self.keep_weekly.is_some()
+            || self.keep_monthly.is_some()
+            || self.keep_yearly.is_some()
+    }
+
+    /// The flags' policy if any retention flag is given (it replaces the
+    /// configured one), else the repository's configured policy.
+    fn policy(&self, configured: Policy) -> Result<Policy> {
+        let mut p = if self.has_policy_flags() {
+            Policy {
+                keep_full: self.keep_full.filter(|n| *n > 0),
+                recovery_window: match &self.recovery_window {
+                    Some(w) => Some(
+                        retention::parse_duration(w)
+                            .map_err(|e| Error::Invalid(format!("--recovery-window: {e}")))?,
+                    ),
+                    None => None,
+                },
+                keep_daily: self.keep_daily.unwrap_or(0),
+                keep_weekly: self.keep_weekly.unwrap_or(0),
+                keep_monthly: self.keep_monthly.unwrap_or(0),
+                keep_yearly: self.keep_yearly.unwrap_or(0),
+                timezone: configured.timezone,
+            }
+        } else {
+            configured
+        };
+        if let Some(tz) = &self.timezone {
+            p.timezone = tz.parse().map_err(|_| {
+                Error::Invalid(format!(
+                    "--timezone '{tz}' is not an IANA time zone name (e.g. UTC, Europe/Berlin)"
+                ))
+            })?;
+        }
+        Ok(p)
+    }
+}
+
+fn policy_json(p: &Policy) -> serde_json::Value {
+    serde_json::json!({
+        "keep_full": p.keep_full,
+        "recovery_window": p.recovery_window.map(retention::format_duration),
+        "keep_daily": p.keep_daily, "keep_weekly": p.keep_weekly,
+        "keep_monthly": p.keep_monthly, "keep_yearly": p.keep_yearly,
+        "timezone": p.timezone.name(),
+    })
+}
+
+fn kind_of(m: &Manifest) -> Kind {
+    match m.kind.as_str() {
+        "diff" => Kind::Diff,
+        "incr" => Kind::Incr,
+        _ => Kind::Full,
+    }
+}
+
+pub fn run(cfg: &Config, args: &Args) -> Result<()> {
+    let rc = cfg.find_repo(args.repo.as_deref())?;
+    let configured = rc
+        .retention_policy()
+        .map_err(|e| Error::Config(format!("repository {}: {e}", rc.name)))?;
+    let policy = args.policy(configured)?;
+    let now: DateTime<Utc> = match &args.now {
+        Some(t) => crate::commands::restore::parse_time(t)
+            .map_err(|_| {
+                Error::Invalid(format!(
+                    "--now '{t}' is not a time with a zone, e.g. '2026-11-21 10:15:00+00'"
+                ))
+            })?
+            .into(),
+        None => Utc::now(),
+    };
+    let repo = Repository::open_repo(cfg, rc)?;
+    // A dry run changes nothing and may run beside a backup.
+    let _lock = if args.dry_run {
+        None
+    } else {
+        Some(repository_lock(rc, &repo)?)
+    };
+    if !args.dry_run {
+        remove_incomplete(&repo)?;
+    }
+    let backups = repo.list_backups()?;
+    let mut report = Report {
+        event: "expire",
+        dry_run: args.dry_run,
+        repository: repo.name.clone(),
+        policy: policy_json(&policy),
+        kept: Vec::new(),
+        removed: Vec::new(),
+        wal_removed: 0,
+        wal_removed_first: None,
+        wal_removed_last: None,
+        bytes_freed: 0,
+        restorable_from: None,
+    };
+
+    let refs: Vec<BackupRef> = backups
+        .iter()
+        .map(|m| BackupRef {
+            id: m.id.clone(),
+            kind: kind_of(m),
+            // A backup whose time cannot be read is treated as new: kept.
+            stop_time: m
+                .stop_time()
+                .map(|t| t.with_timezone(&Utc))
+                .unwrap_or(DateTime::<Utc>::MAX_UTC),
+            depends_on: m
+                .depends_on()
+                .into_iter()
+                .chain(m.based_on.clone())
+                .collect(),
+        })
+        .collect();
+    let decision = retention::decide(&refs, &policy, now);
+    let removed: BTreeSet<&str> = decision.remove.iter().map(String::as_str).collect();
+    // The rules keep every dependency of a kept backup; checked again here
+    // against the objects themselves, because a mistake would lose data.
+    for m in backups.iter().filter(|m| !removed.contains(m.id.as_str())) {
+        if let Some(d) = m.depends_on().iter().find(|d| removed.contains(d.as_str())) {
+            return Err(Error::Invalid(format!(
+                "internal error: backup {} needs {d}, which the policy would remove; nothing was removed",
+                m.id
+            )));
+        }
+    }
+    for m in &backups {
+        if let Some(reasons) = decision.keep.get(&m.id) {
+            report.kept.push(Kept {
+                id: m.id.clone(),
+                kind: m.kind.clone(),
+                stop_time: m.stop_time.clone(),
+                reasons: reasons.clone(),
+            });
+        }
+    }
+    let kept: Vec<&Manifest> = backups
+        .iter()
+        .filter(|m| !removed.contains(m.id.as_str()))
+        .collect();
+    report.restorable_from = kept
+        .iter()
+        .filter_map(|m| m.stop_time())
+        .min()
+        .map(|t| t.to_rfc3339());
+
+    // Newest first: a backup goes before those it is built on, so a crash
+    // half-way never leaves one whose base is gone.
+    for id in decision.remove.iter().rev() {
+        let Some(m) = backups.iter().find(|m| &m.id == id) else {
+            continue;
+        };
+        let prefix = format!("backups/{id}/");
+        let size: u64 = repo.storage.list(&prefix)?.iter().map(|o| o.size).sum();
+        if !args.dry_run {
+            // The manifest first: from then on the backup does not exist.
+            repo.storage.delete(&format!("{prefix}manifest"))?;
+            repo.storage.delete_prefix(&prefix)?;
+            tracing::info!("expired backup {id} ({} backup)", m.kind);
+        }
+        report.bytes_freed += size;
+        report.removed.push(Removed {
+            id: id.clone(),
+            kind: m.kind.clone(),
+            stop_time: m.stop_time.clone(),
+            stored_size: size,
+        });
+    }
+
+    // WAL before the oldest kept backup's start is needed by nothing kept
+    // (recovery from a backup reads WAL from its start on, on any timeline).
+    // Without a policy, nothing is removed at all.
+    let seg = repo.descriptor.wal_segment_size;
+    let cutoff = kept
+        .iter()
+        .map(|m| wal::lsn_segno(m.start_lsn(), seg))
+        .min();
+    if let (Some(cutoff), false) = (cutoff, policy.is_empty()) {
+        let mut doomed: Vec<(String, u64)> = Vec::new();
+        for obj in repo.storage.list("wal/")? {
+            let name = obj.key.rsplit('/').next().unwrap_or_default();
+            let segno = match wal::parse_name(name) {
+                Some(WalFileKind::Segment { log, seg: s, .. })
+                | Some(WalFileKind::BackupHistory { log, seg: s, .. }) => wal::seg_no(log, s, seg),
+                // Timeline history files are tiny and recovery reads them all.
+                _ => continue,
+            };
+            if segno < cutoff {
+                doomed.push((obj.key.clone(), obj.size));
+            }
+        }
+        doomed.sort();
+        let names: Vec<&str> = doomed
+            .iter()
+            .map(|(k, _)| k.rsplit('/').next().unwrap_or_default())
+            .collect();
+        report.wal_removed_first = names.first().map(|s| s.to_string());
+        report.wal_removed_last = names.last().map(|s| s.to_string());
+        report.wal_removed = doomed.len();
+        for (key, size) in &doomed {
+            if !args.dry_run {
+                repo.storage.delete(key)?;
+            }
+            report.bytes_freed += size;
+        }
+    }
+    if !args.dry_run {
+        repo.storage.flush()?;
+    }
+
+    report.removed.reverse();
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string(&report).map_err(|e| Error::Invalid(e.to_string()))?
+        );
+        return Ok(());
+    }
+    if policy.is_empty() {
+        println!(
+            "{}: no retention policy (set retention_* in [repo] or pass --keep-full, --recovery-window, --keep-daily, ...): nothing removed",
+            report.repository
+        );
+        return Ok(());
+    }
+    let verb = if args.dry_run {
+        "would remove"
+    } else {
+        "removed"
+    };
+    for k in &report.kept {
+        println!("keep   {} {:<4} {}", k.id, k.kind, k.reasons.join(", "));
+    }
+    for r in &report.removed {
+        println!("{verb} {} {:<4} (ended {})", r.id, r.kind, r.stop_time);
+    }
+    match (&report.wal_removed_first, &report.wal_removed_last) {
+        (Some(a), Some(b)) => println!("{verb} {} WAL files, {a} .. {b}", report.wal_removed),
+        _ => println!("no WAL to remove"),
+    }
+    println!(
+        "{}: {verb} {} backups, {} MiB{}",
+        report.repository,
+        report.removed.len(),
+        report.bytes_freed >> 20,
+        report
+            .restorable_from
+            .as_ref()
+            .map(|t| format!("; restorable from {t}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
