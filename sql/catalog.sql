@@ -12,6 +12,13 @@ CREATE TABLE backup.backup_jobs (
     active          boolean NOT NULL DEFAULT true,
     retention_full_count integer CHECK (retention_full_count > 0),
     retention_window interval CHECK (retention_window > interval '0'),
+    -- Grandfather-father-son: how many days, weeks, months and years keep
+    -- their newest backup, counted in the job's time zone. NULL = not set;
+    -- with every retention column NULL, walshipper's configured policy applies.
+    retention_keep_daily   integer CHECK (retention_keep_daily >= 0),
+    retention_keep_weekly  integer CHECK (retention_keep_weekly >= 0),
+    retention_keep_monthly integer CHECK (retention_keep_monthly >= 0),
+    retention_keep_yearly  integer CHECK (retention_keep_yearly >= 0),
     options         jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
     next_run_at     timestamptz,
     created_by      name NOT NULL DEFAULT current_user,
@@ -24,6 +31,8 @@ COMMENT ON TABLE backup.backup_jobs IS 'Scheduled backups: what kind, when (cron
 CREATE TABLE backup.backup_executions (
     execution_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     job_id          bigint REFERENCES backup.backup_jobs (job_id) ON DELETE SET NULL,
+    -- What was taken: walshipper takes a full backup when a diff or incr
+    -- has no base (the requested kind is then in summary->>'requested_type').
     kind            text NOT NULL CHECK (kind IN ('full', 'diff', 'incr')),
     status          text NOT NULL DEFAULT 'queued'
                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
@@ -45,11 +54,14 @@ CREATE TABLE backup.backup_executions (
     error           text,
     summary         jsonb,
     worker_pid      integer,
+    -- When walshipper expire removed this backup from the repository.
+    expired_at      timestamptz,
     CHECK (started_at IS NULL OR started_at >= queued_at),
     CHECK (finished_at IS NULL OR finished_at >= coalesce(started_at, queued_at)),
     CHECK ((status IN ('succeeded', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
     CHECK (status <> 'failed' OR error IS NOT NULL),
-    CHECK (status <> 'succeeded' OR backup_id IS NOT NULL)
+    CHECK (status <> 'succeeded' OR backup_id IS NOT NULL),
+    CHECK (expired_at IS NULL OR status = 'succeeded')
 );
 COMMENT ON TABLE backup.backup_executions IS 'Every backup run, requested or scheduled, with its outcome.';
 -- Never two runs of one job at once.
@@ -58,6 +70,9 @@ CREATE UNIQUE INDEX backup_executions_one_active_per_job
 CREATE INDEX backup_executions_job_time ON backup.backup_executions (job_id, queued_at DESC);
 CREATE INDEX backup_executions_open ON backup.backup_executions (status)
     WHERE status IN ('queued', 'running');
+CREATE INDEX backup_executions_backup_id ON backup.backup_executions (backup_id) WHERE backup_id IS NOT NULL;
+-- The scheduler looks for new successes every second (expiry after a backup).
+CREATE INDEX backup_executions_succeeded ON backup.backup_executions (finished_at) WHERE status = 'succeeded';
 
 CREATE TABLE backup.restore_points (
     name            text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 63),
@@ -72,7 +87,7 @@ COMMENT ON TABLE backup.restore_points IS 'Named points to restore to (walshippe
 CREATE TABLE backup.alerts (
     alert_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind            text NOT NULL CHECK (kind IN ('backup_failed', 'job_overdue', 'archive_failing', 'rpo_exceeded', 'worker_error',
-                                                 'repository_unavailable', 'repository_lagging')),
+                                                 'repository_unavailable', 'repository_lagging', 'expire_failed')),
     severity        text NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
     subject         text NOT NULL,
     message         text NOT NULL,

@@ -5,26 +5,31 @@
 -- Advisory lock keys: (0x70676200, job_id) serialises the runs of one job
 -- between the worker and a session running backup_run(wait => true).
 CREATE FUNCTION backup._job_lock_key() RETURNS integer LANGUAGE sql IMMUTABLE AS $$ SELECT 1885823488 $$;
+-- (0x70676201, 0), session-level: the scheduler holds it exclusively while
+-- walshipper expire runs, a backup_run(wait => true) worker shared while its
+-- backup runs (walshipper would refuse one of them with exit 7).
+CREATE FUNCTION backup._repo_lock_key() RETURNS integer LANGUAGE sql IMMUTABLE AS $$ SELECT 1885823489 $$;
 
-CREATE FUNCTION backup.backup_run(job_name text DEFAULT NULL, kind text DEFAULT 'full', wait boolean DEFAULT false)
+-- kind NULL: the job's kind (full for a one-off backup).
+CREATE FUNCTION backup.backup_run(job_name text DEFAULT NULL, kind text DEFAULT NULL, wait boolean DEFAULT false)
 RETURNS bigint LANGUAGE plpgsql
 AS $$
 DECLARE
     j backup.backup_jobs;
     id bigint;
 BEGIN
-    IF kind IS NULL OR kind NOT IN ('full', 'diff', 'incr') THEN
-        RAISE EXCEPTION 'unknown backup kind "%"', kind USING ERRCODE = 'invalid_parameter_value', HINT = 'Use full, diff or incr.';
-    END IF;
-    IF kind <> 'full' THEN
-        RAISE EXCEPTION 'backup kind "%" is not available yet', kind USING ERRCODE = 'feature_not_supported', HINT = 'Use full for now.';
-    END IF;
     IF job_name IS NOT NULL THEN
         SELECT * INTO j FROM backup.backup_jobs b WHERE b.name = job_name;
         IF NOT FOUND THEN
             RAISE EXCEPTION 'backup job "%" does not exist', job_name
                 USING ERRCODE = 'undefined_object', HINT = 'Omit job_name for a one-off backup, or see backup.backup_jobs.';
         END IF;
+    END IF;
+    kind := coalesce(kind, j.kind, 'full');
+    IF kind NOT IN ('full', 'diff', 'incr') THEN
+        RAISE EXCEPTION 'unknown backup kind "%"', kind USING ERRCODE = 'invalid_parameter_value', HINT = 'Use full, diff or incr.';
+    END IF;
+    IF job_name IS NOT NULL THEN
         IF NOT pg_try_advisory_xact_lock(backup._job_lock_key(), j.job_id::integer)
            OR EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
             RAISE EXCEPTION 'backup job "%" already has a run queued or running', job_name
@@ -159,6 +164,9 @@ BEGIN
        SET status = p_status, finished_at = greatest(now(), coalesce(x.started_at, x.queued_at)),
            error = CASE WHEN p_status = 'succeeded' THEN NULL ELSE coalesce(p_error, 'unknown error') END,
            summary = p_summary,
+           -- What walshipper took: a full backup when a diff or incr had no base.
+           kind = CASE WHEN p_status = 'succeeded' AND p_summary->>'type' IN ('full', 'diff', 'incr')
+                       THEN p_summary->>'type' ELSE x.kind END,
            backup_id = p_summary->>'backup_id',
            start_lsn = (p_summary->>'start_lsn')::pg_lsn,
            stop_lsn = (p_summary->>'stop_lsn')::pg_lsn,
@@ -252,10 +260,17 @@ SELECT j.name, j.kind, j.schedule, j.timezone, j.active,
             WHEN r.running THEN 'running'
             WHEN coalesce(c.consecutive_failures, 0) > 0 THEN 'failing'
             WHEN s.last_success IS NULL THEN 'never succeeded'
-            ELSE 'ok' END AS health
+            ELSE 'ok' END AS health,
+       s.last_backup_id, s.last_backup_type,
+       coalesce(k.backups_kept, 0) AS backups_kept
   FROM backup.backup_jobs j
-  LEFT JOIN LATERAL (SELECT max(finished_at) AS last_success FROM backup.backup_executions e
-                      WHERE e.job_id = j.job_id AND e.status = 'succeeded') s ON true
+  LEFT JOIN LATERAL (SELECT e.finished_at AS last_success, e.backup_id AS last_backup_id, e.kind AS last_backup_type
+                       FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'succeeded'
+                      ORDER BY e.finished_at DESC LIMIT 1) s ON true
+  -- Backups of this job still in the repository (expiry has not removed them).
+  LEFT JOIN LATERAL (SELECT count(*) AS backups_kept FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'succeeded' AND e.expired_at IS NULL) k ON true
   LEFT JOIN LATERAL (SELECT max(finished_at) AS last_failure FROM backup.backup_executions e
                       WHERE e.job_id = j.job_id AND e.status = 'failed') f ON true
   LEFT JOIN LATERAL (SELECT count(*) AS consecutive_failures FROM backup.backup_executions e
@@ -271,11 +286,67 @@ SELECT e.execution_id, j.name AS job, e.kind, e.status, e.started_at, now() - e.
   FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
  WHERE e.status IN ('queued', 'running');
 
+-- The backups a backup needs to be restored, from its full backup to itself.
+CREATE FUNCTION backup._backup_chain(e backup.backup_executions)
+RETURNS text[] LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT CASE WHEN jsonb_typeof(e.summary->'chain') = 'array' AND jsonb_array_length(e.summary->'chain') > 0
+                THEN ARRAY(SELECT jsonb_array_elements_text(e.summary->'chain'))
+                ELSE ARRAY[e.backup_id] END
+$$;
+
+-- Succeeded backups that expiry has not removed and whose chain it has not
+-- broken: what the catalog knows to be restorable.
+CREATE FUNCTION backup._restorable()
+RETURNS SETOF backup.backup_executions LANGUAGE sql STABLE
+AS $$
+    SELECT x.* FROM backup.backup_executions x
+     WHERE x.status = 'succeeded' AND x.expired_at IS NULL
+       AND NOT EXISTS (SELECT 1 FROM backup.backup_executions y
+                        WHERE y.expired_at IS NOT NULL AND y.backup_id = ANY (backup._backup_chain(x)))
+$$;
+
+-- The newest restorable backup that ends at or before a moment, or an error
+-- saying why there is none.
+CREATE FUNCTION backup._restore_base(target_time timestamptz)
+RETURNS backup.backup_executions LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    e backup.backup_executions;
+    oldest timestamptz;
+BEGIN
+    SELECT * INTO e FROM backup._restorable() x
+     WHERE (x.summary->>'stop_time')::timestamptz <= target_time
+     ORDER BY (x.summary->>'stop_time')::timestamptz DESC LIMIT 1;
+    IF FOUND THEN
+        RETURN e;
+    END IF;
+    SELECT min((x.summary->>'stop_time')::timestamptz) INTO oldest FROM backup._restorable() x;
+    IF EXISTS (SELECT 1 FROM backup.backup_executions x
+                WHERE x.status = 'succeeded' AND x.expired_at IS NOT NULL
+                  AND (x.summary->>'stop_time')::timestamptz <= target_time) THEN
+        IF oldest IS NULL THEN
+            RAISE EXCEPTION 'no backup ends before %: every recorded backup was removed by retention', target_time
+                USING ERRCODE = 'no_data_found', HINT = 'Run SELECT backup.backup_run(wait => true) for a new one.';
+        END IF;
+        RAISE EXCEPTION 'no backup ends before %: backups before % were removed by retention', target_time, oldest
+            USING ERRCODE = 'no_data_found',
+                  HINT = 'Choose a later target. To reach further back, keep more backups: see the retention of '
+                         'backup.backup_jobs, or walshipper''s configured policy.';
+    END IF;
+    RAISE EXCEPTION 'no backup ends before %', target_time
+        USING ERRCODE = 'no_data_found',
+              HINT = coalesce('The oldest recorded backup ends at ' || oldest::text || '; choose a later target.',
+                              'No backup has succeeded yet: run SELECT backup.backup_run(wait => true).');
+END
+$$;
+
 -- How to restore to a moment: which backup, which WAL, and the exact command.
 -- The catalog mirrors the repository (it goes back in time with the
 -- database); walshipper restore re-checks everything against the repository.
 CREATE FUNCTION backup.restore_plan(target_time timestamptz, target_dir text DEFAULT NULL)
-RETURNS TABLE (backup_id text, backup_stop_time timestamptz, wal_from text, wal_to text, command text)
+RETURNS TABLE (backup_id text, backup_stop_time timestamptz, wal_from text, wal_to text, command text,
+               backup_type text, backup_chain text[])
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -293,16 +364,7 @@ BEGIN
         RAISE EXCEPTION 'the target time is in the future'
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Choose a moment in the past.';
     END IF;
-    SELECT * INTO e FROM backup.backup_executions x
-     WHERE x.status = 'succeeded' AND (x.summary->>'stop_time')::timestamptz <= target_time
-     ORDER BY (x.summary->>'stop_time')::timestamptz DESC LIMIT 1;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'no backup ends before %', target_time
-            USING ERRCODE = 'no_data_found',
-                  HINT = coalesce('The oldest recorded backup ends at ' ||
-                      (SELECT min((x.summary->>'stop_time')::timestamptz) FROM backup.backup_executions x WHERE x.status = 'succeeded')::text
-                      || '; choose a later target.', 'No backup has succeeded yet: run SELECT backup.backup_run(wait => true).');
-    END IF;
+    e := backup._restore_base(target_time);
     SELECT a.last_archived_wal, a.last_archived_time INTO last_wal, last_time FROM pg_stat_archiver a;
     IF last_time IS NULL OR last_time < target_time THEN
         RAISE EXCEPTION 'the archived WAL does not reach % yet (last archived at %)', target_time, last_time
@@ -312,12 +374,14 @@ BEGIN
     RETURN QUERY SELECT e.backup_id, (e.summary->>'stop_time')::timestamptz, e.summary->>'wal_start', last_wal,
         format('%s --config %s restore --target-dir %s --backup %s --target-time %s --target-action promote',
                quote_literal(exe), quote_literal(cfg), quote_literal(dir), e.backup_id,
-               quote_literal(to_char(target_time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'));
+               quote_literal(to_char(target_time AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00')),
+        e.kind, backup._backup_chain(e);
 END
 $$;
 
 CREATE FUNCTION backup.restore_plan(restore_point text, target_dir text DEFAULT NULL)
-RETURNS TABLE (backup_id text, backup_stop_time timestamptz, wal_from text, wal_to text, command text)
+RETURNS TABLE (backup_id text, backup_stop_time timestamptz, wal_from text, wal_to text, command text,
+               backup_type text, backup_chain text[])
 LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -332,7 +396,110 @@ BEGIN
     SELECT * INTO p FROM backup.restore_plan(rp.created_at, target_dir);
     RETURN QUERY SELECT p.backup_id, p.backup_stop_time, p.wal_from, p.wal_to,
         replace(p.command, substring(p.command from ' --target-time .*$'),
-                ' --target-name ' || quote_literal(rp.name) || ' --target-action promote');
+                ' --target-name ' || quote_literal(rp.name) || ' --target-action promote'),
+        p.backup_type, p.backup_chain;
+END
+$$;
+
+-- The backups the catalog knows to be in the repository, oldest first
+-- (expired ones left out: see backup_executions.expired_at for those).
+CREATE VIEW backup.backups AS
+SELECT e.backup_id,
+       e.kind AS type,
+       coalesce(e.summary->>'requested_type', e.kind) AS requested_type,
+       e.summary->>'based_on' AS based_on,
+       backup._backup_chain(e) AS chain,
+       j.name AS job,
+       (e.summary->>'start_time')::timestamptz AS start_time,
+       (e.summary->>'stop_time')::timestamptz AS stop_time,
+       e.start_lsn, e.stop_lsn, e.timeline,
+       e.size_bytes, e.stored_bytes,
+       e.execution_id
+  FROM backup.backup_executions e
+  LEFT JOIN backup.backup_jobs j USING (job_id)
+ WHERE e.status = 'succeeded' AND e.expired_at IS NULL
+ ORDER BY (e.summary->>'stop_time')::timestamptz, e.execution_id;
+
+-- Expiry after a backup (run by the scheduler): walshipper expire's
+-- retention flags from the retention of the backup's job. None (no job, or
+-- none set): walshipper applies the policy of its configuration.
+CREATE FUNCTION backup._sched_expire_args(p_execution_id bigint)
+RETURNS text[] LANGUAGE plpgsql STABLE
+AS $$
+DECLARE
+    j backup.backup_jobs;
+    a text[] := '{}';
+BEGIN
+    SELECT b.* INTO j FROM backup.backup_executions e JOIN backup.backup_jobs b USING (job_id)
+     WHERE e.execution_id = p_execution_id;
+    IF NOT FOUND THEN
+        RETURN a;
+    END IF;
+    IF j.retention_full_count IS NOT NULL THEN
+        a := a || ARRAY['--keep-full', j.retention_full_count::text];
+    END IF;
+    IF j.retention_window IS NOT NULL THEN
+        a := a || ARRAY['--recovery-window', ceil(extract(epoch FROM j.retention_window))::bigint::text || 's'];
+    END IF;
+    IF j.retention_keep_daily IS NOT NULL THEN
+        a := a || ARRAY['--keep-daily', j.retention_keep_daily::text];
+    END IF;
+    IF j.retention_keep_weekly IS NOT NULL THEN
+        a := a || ARRAY['--keep-weekly', j.retention_keep_weekly::text];
+    END IF;
+    IF j.retention_keep_monthly IS NOT NULL THEN
+        a := a || ARRAY['--keep-monthly', j.retention_keep_monthly::text];
+    END IF;
+    IF j.retention_keep_yearly IS NOT NULL THEN
+        a := a || ARRAY['--keep-yearly', j.retention_keep_yearly::text];
+    END IF;
+    IF num_nonnulls(j.retention_keep_daily, j.retention_keep_weekly, j.retention_keep_monthly, j.retention_keep_yearly) > 0 THEN
+        a := a || ARRAY['--timezone', j.timezone];
+    END IF;
+    RETURN a;
+END
+$$;
+
+-- Records the end of walshipper expire run after backup p_execution_id:
+-- its report (`expire --json`), or NULL and the reason it failed. On success
+-- an audit_log row (actor: the job's owner, or 'scheduler'), the removed
+-- backups marked expired, and an open expire_failed alert resolved. Returns
+-- the number of executions marked expired.
+CREATE FUNCTION backup._sched_expire_done(p_report jsonb, p_execution_id bigint, p_error text DEFAULT NULL)
+RETURNS integer LANGUAGE plpgsql
+AS $$
+DECLARE
+    jname text;
+    who name;
+    removed jsonb;
+    kept jsonb;
+    n integer := 0;
+BEGIN
+    SELECT b.name, b.created_by INTO jname, who
+      FROM backup.backup_executions e JOIN backup.backup_jobs b USING (job_id)
+     WHERE e.execution_id = p_execution_id;
+    IF p_report IS NULL THEN
+        PERFORM backup._raise_alert('expire_failed', 'warning', 'walshipper expire',
+            format('expiry after backup %s failed: %s', p_execution_id, coalesce(p_error, 'unknown error')),
+            jsonb_build_object('execution_id', p_execution_id, 'job', jname, 'error', p_error));
+        RETURN 0;
+    END IF;
+    removed := CASE WHEN jsonb_typeof(p_report->'removed') = 'array' THEN p_report->'removed' ELSE '[]' END;
+    kept := CASE WHEN jsonb_typeof(p_report->'kept') = 'array' THEN p_report->'kept' ELSE '[]' END;
+    INSERT INTO backup.audit_log (actor, action, object_type, object_name, details)
+    VALUES (coalesce(who, 'scheduler'), 'expire', 'repository', p_report->>'repository',
+            (p_report - 'kept') || jsonb_build_object(
+                'kept', (SELECT coalesce(jsonb_agg(k->'id'), '[]') FROM jsonb_array_elements(kept) k),
+                'execution_id', p_execution_id, 'job', jname));
+    IF coalesce((p_report->>'dry_run')::boolean, false) THEN
+        RETURN 0;
+    END IF;
+    UPDATE backup.backup_executions e SET expired_at = now()
+     WHERE e.status = 'succeeded' AND e.expired_at IS NULL
+       AND e.backup_id IN (SELECT r->>'id' FROM jsonb_array_elements(removed) r);
+    GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM backup._resolve_alert('expire_failed', 'walshipper expire');
+    RETURN n;
 END
 $$;
 

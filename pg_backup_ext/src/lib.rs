@@ -241,6 +241,261 @@ mod tests {
         assert_eq!(one("SELECT count(*)::text FROM backup.alerts WHERE kind = 'job_overdue' AND resolved_at IS NULL"), Some("0".into()));
     }
 
+    /// Runs `sql` and returns its error as "message | hint" (None if it
+    /// succeeded), through a PL/pgSQL exception block.
+    fn error_of(sql: &str) -> Option<String> {
+        Spi::run(
+            "CREATE OR REPLACE FUNCTION pg_temp.error_of(q text) RETURNS text LANGUAGE plpgsql AS $$
+             DECLARE m text; h text;
+             BEGIN
+                 EXECUTE q;
+                 RETURN NULL;
+             EXCEPTION WHEN OTHERS THEN
+                 GET STACKED DIAGNOSTICS m = MESSAGE_TEXT, h = PG_EXCEPTION_HINT;
+                 RETURN m || ' | ' || h;
+             END $$",
+        )
+        .expect("helper");
+        Spi::get_one_with_args::<String>("SELECT pg_temp.error_of($1)", &[sql.into()])
+            .expect("query")
+    }
+
+    #[pg_test]
+    fn diff_and_incr_jobs_and_retention_are_validated() {
+        // diff and incr jobs and runs are accepted now.
+        Spi::run("SELECT backup.job_create('hourly_incr', '0 * * * *', kind => 'incr')")
+            .expect("incr job");
+        Spi::run("SELECT backup.backup_run(kind => 'diff')").expect("diff run");
+        assert_eq!(
+            one("SELECT string_agg(kind, ',' ORDER BY execution_id) FROM backup.backup_executions"),
+            Some("diff".into())
+        );
+
+        let e =
+            error_of("SELECT backup.job_create('gfs', '0 1 * * *', retention_keep_daily => -1)")
+                .expect("refused");
+        assert!(
+            e.starts_with("retention_keep_daily must be 0 or more, not -1 | "),
+            "{e}"
+        );
+        let e =
+            error_of("SELECT backup.job_create('gfs', '0 1 * * *', retention_keep_yearly => -3)")
+                .expect("refused");
+        assert!(e.contains("retention_keep_yearly must be 0 or more"), "{e}");
+        let e = error_of(
+            "SELECT backup.job_create('gfs', '0 1 * * *', retention_keep_daily => 0, retention_keep_weekly => 0)",
+        )
+        .expect("refused");
+        assert!(e.contains("keeps no backup"), "{e}");
+
+        // A full job's window must cover the time between two of its backups.
+        let e = error_of(
+            "SELECT backup.job_create('weekly', '0 3 * * 0', retention_window => '1 day')",
+        )
+        .expect("refused");
+        assert_eq!(
+            e,
+            "retention_window 1 day is shorter than the 7 days between full backups of job \"weekly\" | \
+             Full backups up to 7 days apart cannot give a recovery window of 1 day without keeping the previous \
+             full backup too: set retention_window to at least 7 days, or schedule full backups more often."
+        );
+        // Week days only: the weekend is the longest gap.
+        let e = error_of(
+            "SELECT backup.job_create('workdays', '0 2 * * 1-5', retention_window => '1 day')",
+        )
+        .expect("refused");
+        assert!(e.contains("at least 3 days"), "{e}");
+        // What fits is accepted: calendar months, a window as long as the gap,
+        // and any window on an incr job (retention is the repository's).
+        for ok in [
+            "SELECT backup.job_create('weekly', '0 3 * * 0', retention_window => '7 days', retention_full_count => 2)",
+            "SELECT backup.job_create('monthly', '0 3 1 * *', retention_window => '1 mon', timezone => 'Europe/Berlin')",
+            "SELECT backup.job_create('daily', '30 2 * * *', retention_window => '24 hours', timezone => 'Europe/Berlin')",
+            "SELECT backup.job_create('weekly_incr', '0 4 * * 0', kind => 'incr', retention_window => '1 hour')",
+        ] {
+            assert_eq!(error_of(ok), None, "{ok}");
+        }
+        // Altering into a short window is refused too.
+        let e = error_of("SELECT backup.job_alter('weekly', retention_window => '2 days')")
+            .expect("refused");
+        assert!(e.contains("shorter than the 7 days"), "{e}");
+
+        // GFS columns, and the flags expiry passes to walshipper.
+        Spi::run(
+            "SELECT backup.job_create('gfs', '15 1 * * *', timezone => 'Europe/Berlin', retention_full_count => 2,
+                    retention_window => '7 days', retention_keep_daily => 7, retention_keep_weekly => 4)",
+        )
+        .expect("gfs");
+        Spi::run("SELECT backup.job_alter('gfs', retention_keep_monthly => 12, retention_keep_yearly => 0)")
+            .expect("alter");
+        assert_eq!(
+            one("SELECT concat_ws(' ', retention_keep_daily, retention_keep_weekly, retention_keep_monthly, retention_keep_yearly) FROM backup.backup_jobs WHERE name = 'gfs'"),
+            Some("7 4 12 0".into())
+        );
+        Spi::run("INSERT INTO backup.backup_executions (job_id, kind) SELECT job_id, 'full' FROM backup.backup_jobs WHERE name = 'gfs'").expect("run");
+        assert_eq!(
+            one("SELECT backup._sched_expire_args(max(execution_id))::text FROM backup.backup_executions"),
+            Some("{--keep-full,2,--recovery-window,604800s,--keep-daily,7,--keep-weekly,4,--keep-monthly,12,--keep-yearly,0,--timezone,Europe/Berlin}".into())
+        );
+        // A run without a job, or a job without retention: walshipper's policy.
+        assert_eq!(
+            one("SELECT backup._sched_expire_args(min(execution_id))::text FROM backup.backup_executions"),
+            Some("{}".into())
+        );
+        assert_eq!(
+            one("SELECT backup._sched_expire_args(-1)::text"),
+            Some("{}".into())
+        );
+        assert_eq!(
+            one("SELECT details->'retention'->>'keep_monthly' FROM backup.audit_log WHERE action = 'alter' AND object_name = 'gfs'"),
+            Some("12".into())
+        );
+    }
+
+    /// A week of backups, two chains; expiry removes the older chain.
+    fn two_chains() {
+        Spi::run("SELECT backup.job_create('nightly', '30 2 * * *', kind => 'incr', retention_full_count => 1)")
+            .expect("job");
+        for (id, kind, stop, chain) in [
+            (
+                "20251110-023000F",
+                "full",
+                "2025-11-10 02:31:05+00",
+                "[\"20251110-023000F\"]",
+            ),
+            (
+                "20251111-023000I",
+                "incr",
+                "2025-11-11 02:30:40+00",
+                "[\"20251110-023000F\", \"20251111-023000I\"]",
+            ),
+            (
+                "20251120-023000F",
+                "full",
+                "2025-11-20 02:31:10+00",
+                "[\"20251120-023000F\"]",
+            ),
+            (
+                "20251121-023000I",
+                "incr",
+                "2025-11-21 02:30:35+00",
+                "[\"20251120-023000F\", \"20251121-023000I\"]",
+            ),
+        ] {
+            Spi::run_with_args(
+                "INSERT INTO backup.backup_executions (job_id, kind, status, queued_at, started_at, finished_at, backup_id, summary)
+                 SELECT job_id, $2, 'succeeded', $3::timestamptz - interval '1 minute', $3::timestamptz - interval '1 minute',
+                        $3::timestamptz, $1,
+                        jsonb_build_object('event', 'done', 'backup_id', $1, 'type', $2, 'requested_type', 'incr',
+                                           'chain', $4::jsonb, 'stop_time', $3, 'wal_start', '000000010000000000000010')
+                   FROM backup.backup_jobs",
+                &[id.into(), kind.into(), stop.into(), chain.into()],
+            )
+            .expect("execution");
+        }
+    }
+
+    const EXPIRE_REPORT: &str = r#"{"event":"expire","dry_run":false,"repository":"repo1",
+        "policy":{"keep_full":1},
+        "kept":[{"id":"20251120-023000F","type":"full","reasons":["last 1 full"]},
+                {"id":"20251121-023000I","type":"incr","reasons":["in the chain of a kept backup"]}],
+        "removed":[{"id":"20251110-023000F","type":"full","stop_time":"2025-11-10T02:31:05Z","stored_size":52428800},
+                   {"id":"20251111-023000I","type":"incr","stop_time":"2025-11-11T02:30:40Z","stored_size":1048576}],
+        "wal_removed":17,"wal_removed_first":"000000010000000000000010",
+        "wal_removed_last":"000000010000000000000020","bytes_freed":53477376}"#;
+
+    #[pg_test]
+    fn expiry_is_recorded() {
+        two_chains();
+        let last = "(SELECT max(execution_id) FROM backup.backup_executions)";
+        // A failure raises one alert with walshipper's reason.
+        Spi::run(&format!("SELECT backup._sched_expire_done(NULL, {last}, 'cannot list s3://b/p: HTTP 403 (exit 3)')")).expect("failed");
+        assert_eq!(
+            one(&format!("SELECT kind || ' ' || severity || ' ' || subject || ': ' || replace(message, {last}::text, 'N') FROM backup.alerts WHERE resolved_at IS NULL")),
+            Some("expire_failed warning walshipper expire: expiry after backup N failed: cannot list s3://b/p: HTTP 403 (exit 3)".into())
+        );
+        // A dry run is audited and changes nothing else.
+        Spi::run_with_args(
+            &format!("SELECT backup._sched_expire_done(jsonb_set($1::jsonb, '{{dry_run}}', 'true'), {last})"),
+            &[EXPIRE_REPORT.into()],
+        )
+        .expect("dry run");
+        assert_eq!(
+            one("SELECT count(*)::text FROM backup.backup_executions WHERE expired_at IS NOT NULL"),
+            Some("0".into())
+        );
+
+        let n = Spi::get_one_with_args::<i32>(
+            &format!("SELECT backup._sched_expire_done($1::jsonb, {last})"),
+            &[EXPIRE_REPORT.into()],
+        );
+        assert_eq!(n, Ok(Some(2)));
+        assert_eq!(
+            one("SELECT string_agg(backup_id, ',' ORDER BY backup_id) FROM backup.backup_executions WHERE expired_at IS NOT NULL"),
+            Some("20251110-023000F,20251111-023000I".into())
+        );
+        assert_eq!(
+            one("SELECT count(*)::text FROM backup.alerts WHERE resolved_at IS NULL"),
+            Some("0".into())
+        );
+        // One audit row: by the job's owner, the report without the kept
+        // list's details, the kept ids, what it followed.
+        assert_eq!(
+            one("SELECT (actor = (SELECT created_by FROM backup.backup_jobs))::text || ' ' || object_type || ' ' || object_name
+                   || ' ' || (details->'kept')::text || ' ' || (details->>'bytes_freed') || ' ' || (details->>'wal_removed')
+                   || ' ' || jsonb_array_length(details->'removed') || ' ' || (details->>'job') || ' ' || (details ? 'policy')
+                   FROM backup.audit_log WHERE action = 'expire' AND NOT (details->>'dry_run')::boolean"),
+            Some("true repository repo1 [\"20251120-023000F\", \"20251121-023000I\"] 53477376 17 2 nightly true".into())
+        );
+        // Reported twice (a retry): nothing more to mark.
+        let n = Spi::get_one_with_args::<i32>(
+            &format!("SELECT backup._sched_expire_done($1::jsonb, {last})"),
+            &[EXPIRE_REPORT.into()],
+        );
+        assert_eq!(n, Ok(Some(0)));
+
+        // What is listed and what restore plans may use.
+        assert_eq!(
+            one("SELECT string_agg(backup_id || ':' || type || ':' || array_to_string(chain, '+'), ' ') FROM backup.backups"),
+            Some("20251120-023000F:full:20251120-023000F 20251121-023000I:incr:20251120-023000F+20251121-023000I".into())
+        );
+        assert_eq!(
+            one("SELECT backups_kept || ' ' || last_backup_type FROM backup.job_status"),
+            Some("2 incr".into())
+        );
+        assert_eq!(
+            one("SELECT b.backup_id || ' ' || backup._backup_chain(b)::text FROM backup._restore_base('2025-11-22 00:00+00') b"),
+            Some("20251121-023000I {20251120-023000F,20251121-023000I}".into())
+        );
+        let e = error_of("SELECT * FROM backup.restore_plan('2025-11-15 00:00+00'::timestamptz)")
+            .expect("refused");
+        assert!(e.contains("were removed by retention"), "{e}");
+        // A chain whose full backup is gone cannot be restored.
+        Spi::run("UPDATE backup.backup_executions SET expired_at = now() WHERE backup_id = '20251120-023000F'").expect("expire");
+        let e =
+            error_of("SELECT * FROM backup._restore_base('2025-11-22 00:00+00')").expect("refused");
+        assert!(
+            e.contains("every recorded backup was removed by retention"),
+            "{e}"
+        );
+    }
+
+    #[pg_test]
+    fn the_kind_taken_is_recorded() {
+        Spi::run("SELECT backup.job_create('incr', '0 * * * *', kind => 'incr')").expect("job");
+        Spi::run("INSERT INTO backup.backup_executions (job_id, kind, status, started_at) SELECT job_id, 'incr', 'running', now() FROM backup.backup_jobs").expect("run");
+        // No full backup to build on: walshipper took one.
+        Spi::run("SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'succeeded', '{\"backup_id\":\"20261122-010000F\",\"type\":\"full\",\"requested_type\":\"incr\",\"based_on\":null,\"chain\":[\"20261122-010000F\"],\"start_lsn\":\"0/1\",\"stop_lsn\":\"0/2\",\"size\":10,\"stored_size\":5,\"timeline\":1}', NULL, 1, 60)").expect("finish");
+        assert_eq!(
+            one("SELECT kind || ' ' || (summary->>'requested_type') FROM backup.backup_executions"),
+            Some("full incr".into())
+        );
+        assert_eq!(
+            one("SELECT type || ' ' || requested_type || ' ' || coalesce(based_on, '-') FROM backup.backups"),
+            Some("full incr -".into())
+        );
+    }
+
     #[pg_test]
     fn cron_next_in_sql() {
         let v = Spi::get_one::<String>(

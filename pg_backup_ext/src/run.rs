@@ -1,12 +1,15 @@
-//! One walshipper backup run: spawned with an argument vector (no shell),
-//! its JSON lines read by a plain thread (which never touches PostgreSQL),
-//! its end classified. Used by the scheduler and by backup_run(wait => true).
+//! walshipper as a child process, spawned with an argument vector (no
+//! shell), its output read by plain threads (which never touch PostgreSQL),
+//! its end classified: a backup run (used by the scheduler and by
+//! backup_run(wait => true)), and the short commands the scheduler runs in
+//! the background (info, expire).
 
 use std::io::{BufRead, BufReader, Read};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 pub struct Run {
     pub execution_id: i64,
@@ -125,69 +128,125 @@ impl Run {
     }
 }
 
-/// `walshipper info --json`, run in the background for backup.repositories.
-pub struct InfoProbe {
+/// A short walshipper command run in the background (`info --json` for
+/// backup.repositories, `expire --json` after backups): its stdout collected
+/// whole, the reason of a failure taken from its stderr. Never blocks.
+pub struct Probe {
     child: Child,
-    out: Arc<Mutex<String>>,
-    err: Arc<Mutex<String>>,
+    out: Option<JoinHandle<String>>,
+    err: Option<JoinHandle<String>>,
+    exited: Option<(ExitStatus, Instant)>,
     pub started: Instant,
 }
 
-fn drain<R: Read + Send + 'static>(r: Option<R>) -> Arc<Mutex<String>> {
-    let buf = Arc::new(Mutex::new(String::new()));
-    let b = buf.clone();
-    std::thread::spawn(move || {
-        if let Some(mut r) = r {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            if let Ok(mut b) = b.lock() {
-                *b = s;
-            }
-        }
-    });
-    buf
+/// How a probe ended.
+pub enum ProbeEnd {
+    /// Exit 0, with what it printed on stdout.
+    Succeeded(String),
+    /// A non-zero exit (`code` None: killed by a signal) and walshipper's
+    /// one-line reason, if it gave one.
+    Failed { code: Option<i32>, reason: String },
 }
 
-impl InfoProbe {
-    pub fn spawn(exe: &str, config: &str) -> Result<InfoProbe, String> {
+impl ProbeEnd {
+    /// The failure as one line for a DBA: the reason and the exit status.
+    pub fn describe(code: Option<i32>, reason: &str, what: &str) -> String {
+        match (code, reason.is_empty()) {
+            (Some(c), false) => format!("{reason} (exit {c})"),
+            (Some(c), true) => format!("{what} exited with status {c}"),
+            (None, false) => reason.to_string(),
+            (None, true) => format!("{what} was killed by a signal"),
+        }
+    }
+}
+
+fn drain<R: Read + Send + 'static>(r: Option<R>) -> Option<JoinHandle<String>> {
+    let mut r = r?;
+    Some(std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = r.read_to_string(&mut s);
+        s
+    }))
+}
+
+/// What a reader thread collected, once it is done (never waits for it).
+fn collected(h: &mut Option<JoinHandle<String>>) -> String {
+    match h.take() {
+        Some(h) if h.is_finished() => h.join().unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// walshipper's reason for failing: its last `walshipper: ...` line on
+/// stderr, or else the last line.
+pub fn failure_reason(stderr: &str) -> String {
+    stderr
+        .lines()
+        .rev()
+        .find(|l| l.starts_with("walshipper:"))
+        .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
+        .unwrap_or("")
+        .trim_start_matches("walshipper:")
+        .trim()
+        .to_string()
+}
+
+impl Probe {
+    /// Runs `exe --config config args...`.
+    pub fn spawn(exe: &str, config: &str, args: &[&str]) -> Result<Probe, String> {
         let mut child = Command::new(exe)
-            .args(["--config", config, "info", "--json"])
+            .args(["--config", config])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| format!("cannot run walshipper at {exe}: {e}"))?;
+            .map_err(|e| {
+                format!("cannot run walshipper at {exe}: {e} (check pg_backup.walshipper_path)")
+            })?;
         let out = drain(child.stdout.take());
         let err = drain(child.stderr.take());
-        Ok(InfoProbe {
+        Ok(Probe {
             child,
             out,
             err,
+            exited: None,
             started: Instant::now(),
         })
     }
 
-    /// Some(Ok(json)) or Some(Err(reason)) once it has exited.
-    pub fn poll(&mut self) -> Option<Result<String, String>> {
-        let status = match self.child.try_wait() {
-            Ok(Some(s)) => s,
-            Ok(None) => return None,
-            Err(e) => return Some(Err(format!("cannot wait for walshipper: {e}"))),
+    /// Some once it has exited and its output is read.
+    pub fn poll(&mut self) -> Option<ProbeEnd> {
+        let (status, at) = match self.exited {
+            Some(e) => e,
+            None => match self.child.try_wait() {
+                Ok(Some(s)) => *self.exited.insert((s, Instant::now())),
+                Ok(None) => return None,
+                Err(e) => {
+                    return Some(ProbeEnd::Failed {
+                        code: None,
+                        reason: format!("cannot wait for walshipper: {e}"),
+                    })
+                }
+            },
         };
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let out = self.out.lock().map(|s| s.clone()).unwrap_or_default();
-        let err = self.err.lock().map(|s| s.clone()).unwrap_or_default();
+        // The readers end when the pipes close, just after the exit; give
+        // them a few seconds (a child of walshipper's could hold a pipe open).
+        let drained = [&self.out, &self.err]
+            .iter()
+            .all(|h| h.as_ref().is_none_or(|h| h.is_finished()));
+        if !drained && at.elapsed() < Duration::from_secs(5) {
+            return None;
+        }
+        let out = collected(&mut self.out);
+        let err = collected(&mut self.err);
         Some(if status.success() {
-            Ok(out)
+            ProbeEnd::Succeeded(out)
         } else {
-            Err(err
-                .lines()
-                .rev()
-                .find(|l| l.starts_with("walshipper:"))
-                .unwrap_or(err.lines().last().unwrap_or("walshipper info failed"))
-                .trim_start_matches("walshipper:")
-                .trim()
-                .to_string())
+            ProbeEnd::Failed {
+                code: status.code(),
+                reason: failure_reason(&err),
+            }
         })
     }
 

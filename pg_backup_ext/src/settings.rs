@@ -18,6 +18,7 @@ pub static RETRY_MAX: GucSetting<i32> = GucSetting::<i32>::new(2);
 pub static RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static OVERDUE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static REPO_STATUS_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
+pub static EXPIRE_AFTER_BACKUP: GucSetting<bool> = GucSetting::<bool>::new(true);
 
 pub fn string(s: &GucSetting<Option<CString>>) -> String {
     s.get()
@@ -112,6 +113,14 @@ pub fn define_runtime() {
         86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_backup.expire_after_backup",
+        c"Run walshipper expire after each successful backup.",
+        c"With the retention of the backup's job, or walshipper's configured policy when it has none.",
+        &EXPIRE_AFTER_BACKUP,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
 }
 

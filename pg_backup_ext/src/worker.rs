@@ -1,16 +1,17 @@
 //! The scheduler: a background worker that wakes every second, queues due
 //! jobs, starts queued runs (up to pg_backup.max_concurrent), follows their
 //! progress, enforces the timeout, honours cancellation, records outcomes,
-//! and raises archiving and RPO alerts. Catalog work is in SQL
+//! runs walshipper expire after successful backups, and raises archiving
+//! and RPO alerts. Catalog work is in SQL
 //! (sql/runs.sql, backup._sched_*); this loop only drives it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use crate::run::{self, InfoProbe, Outcome, Run};
+use crate::run::{self, Outcome, Probe, ProbeEnd, Run};
 use crate::settings;
 
 fn catalog_ready() -> bool {
@@ -49,7 +50,7 @@ fn finish(id: i64, outcome: Outcome) {
 /// The background refresh of backup.repositories.
 #[derive(Default)]
 struct RepoStatus {
-    probe: Option<InfoProbe>,
+    probe: Option<Probe>,
     last: Option<std::time::Instant>,
 }
 
@@ -57,7 +58,11 @@ impl RepoStatus {
     fn tick(&mut self) {
         if let Some(p) = &mut self.probe {
             let result = match p.poll() {
-                Some(r) => r,
+                Some(ProbeEnd::Succeeded(json)) => Ok(json),
+                Some(ProbeEnd::Failed { reason, .. }) if reason.is_empty() => {
+                    Err("walshipper info failed".into())
+                }
+                Some(ProbeEnd::Failed { reason, .. }) => Err(reason),
                 None if p.started.elapsed() > Duration::from_secs(600) => {
                     p.kill();
                     Err("walshipper info did not finish within 10 minutes".into())
@@ -90,7 +95,7 @@ impl RepoStatus {
         self.last = Some(std::time::Instant::now());
         let exe = settings::string(&settings::WALSHIPPER_PATH);
         let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
-        match InfoProbe::spawn(&exe, &cfg) {
+        match Probe::spawn(&exe, &cfg, &["info", "--json"]) {
             Ok(p) => self.probe = Some(p),
             Err(e) => {
                 let _ =
@@ -105,11 +110,203 @@ impl RepoStatus {
     }
 }
 
-fn tick(runs: &mut HashMap<i64, Run>, status: &mut RepoStatus) {
+/// `walshipper expire` after successful backups (scheduled, or by
+/// backup_run() in any session): one at a time, started when no backup of
+/// ours runs, with the retention of the backup's job. While one is due or
+/// running the scheduler starts no new backup: either would find the
+/// repository locked (walshipper exit 7).
+#[derive(Default)]
+struct Expiry {
+    probe: Option<(i64, Probe)>,
+    /// The newest successful execution still to expire after.
+    pending: Option<i64>,
+    /// Successes of the last minutes already noticed (None before the first look).
+    seen: Option<HashSet<i64>>,
+}
+
+/// How long an expire may hold the repository: run_timeout, at most an hour.
+fn expire_timeout() -> Duration {
+    Duration::from_secs(settings::RUN_TIMEOUT.get().clamp(60, 3600) as u64)
+}
+
+impl Expiry {
+    fn busy(&self) -> bool {
+        self.probe.is_some() || self.pending.is_some()
+    }
+
+    fn ready() -> bool {
+        Spi::get_one::<bool>(
+            "SELECT to_regprocedure('backup._sched_expire_done(jsonb,bigint,text)') IS NOT NULL",
+        )
+        .ok()
+        .flatten()
+        .unwrap_or(false)
+    }
+
+    fn tick(&mut self, backups_running: bool) {
+        if !catalog_ready() || !Self::ready() {
+            return;
+        }
+        self.follow();
+        self.notice_successes();
+        if self.probe.is_none() && !backups_running {
+            if let Some(id) = self.pending.take() {
+                self.start(id);
+            }
+        }
+    }
+
+    /// Successes recorded since the last look, whoever ran them. Finish
+    /// times, not ids: runs end in any order. The first look only learns
+    /// what is there.
+    fn notice_successes(&mut self) {
+        let Ok(Some(ids)) = Spi::get_one::<String>(
+            "SELECT coalesce(json_agg(execution_id ORDER BY finished_at, execution_id), '[]')::text \
+               FROM backup.backup_executions \
+              WHERE status = 'succeeded' AND finished_at > now() - interval '10 minutes'",
+        ) else {
+            return;
+        };
+        let ids: Vec<i64> = serde_json::from_str(&ids).unwrap_or_default();
+        let first = self.seen.is_none();
+        let seen = self.seen.get_or_insert_with(HashSet::new);
+        let newest = ids.iter().rev().find(|i| !seen.contains(i)).copied();
+        *seen = ids.into_iter().collect();
+        if !settings::EXPIRE_AFTER_BACKUP.get() {
+            self.pending = None;
+        } else if let (false, Some(id)) = (first, newest) {
+            self.pending = Some(id);
+        }
+    }
+
+    fn start(&mut self, id: i64) {
+        // Never fall back to walshipper's configured policy because the
+        // job's could not be read.
+        let args = match Spi::get_one_with_args::<Vec<String>>(
+            "SELECT backup._sched_expire_args($1)",
+            &[id.into()],
+        ) {
+            Ok(a) => a.unwrap_or_default(),
+            Err(e) => {
+                log!("pg_backup scheduler: expiry after backup {id} skipped: cannot read its retention: {e}");
+                return;
+            }
+        };
+        // Not while a backup_run(wait => true) backs up: after it.
+        let locked =
+            Spi::get_one::<bool>("SELECT pg_try_advisory_lock(backup._repo_lock_key(), 0)")
+                .ok()
+                .flatten()
+                .unwrap_or(false);
+        if !locked {
+            self.pending = Some(id);
+            return;
+        }
+        let exe = settings::string(&settings::WALSHIPPER_PATH);
+        let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
+        let mut argv = vec!["expire", "--json"];
+        argv.extend(args.iter().map(String::as_str));
+        match Probe::spawn(&exe, &cfg, &argv) {
+            Ok(p) => self.probe = Some((id, p)),
+            Err(e) => {
+                Self::unlock();
+                Self::record(None, id, Some(e))
+            }
+        }
+    }
+
+    fn unlock() {
+        let _ = Spi::run("SELECT pg_advisory_unlock(backup._repo_lock_key(), 0)");
+    }
+
+    fn follow(&mut self) {
+        let Some((id, p)) = &mut self.probe else {
+            return;
+        };
+        let id = *id;
+        let end = match p.poll() {
+            Some(end) => end,
+            None if p.started.elapsed() > expire_timeout() => {
+                p.kill();
+                ProbeEnd::Failed {
+                    code: None,
+                    reason: format!(
+                        "walshipper expire did not finish within {}s and was stopped",
+                        expire_timeout().as_secs()
+                    ),
+                }
+            }
+            None => return,
+        };
+        self.probe = None;
+        Self::unlock();
+        match end {
+            ProbeEnd::Succeeded(out) => {
+                let report = out.lines().rev().find_map(|l| {
+                    serde_json::from_str::<serde_json::Value>(l)
+                        .ok()
+                        .filter(|v| v["event"] == "expire")
+                });
+                match report {
+                    Some(r) => {
+                        log!(
+                            "pg_backup scheduler: expiry after backup {id} removed {} backup(s) and {} WAL segment(s), {} bytes",
+                            r["removed"].as_array().map_or(0, Vec::len),
+                            r["wal_removed"].as_i64().unwrap_or(0),
+                            r["bytes_freed"].as_i64().unwrap_or(0)
+                        );
+                        Self::record(Some(r.to_string()), id, None)
+                    }
+                    None => Self::record(
+                        None,
+                        id,
+                        Some("walshipper expire exited 0 without a report".into()),
+                    ),
+                }
+            }
+            // Busy: a backup or another expire holds the repository. Not a
+            // failure; the next successful backup expires again.
+            ProbeEnd::Failed {
+                code: Some(7),
+                reason,
+            } => log!(
+                "pg_backup scheduler: expiry after backup {id} skipped, the repository is busy ({reason}); it runs again after the next backup"
+            ),
+            ProbeEnd::Failed { code, reason } => Self::record(
+                None,
+                id,
+                Some(ProbeEnd::describe(code, &reason, "walshipper expire")),
+            ),
+        }
+    }
+
+    fn record(report: Option<String>, id: i64, error: Option<String>) {
+        if let Some(e) = &error {
+            log!("pg_backup scheduler: expiry after backup {id} failed: {e}");
+        }
+        let r = Spi::run_with_args(
+            "SELECT backup._sched_expire_done($1::jsonb, $2, $3)",
+            &[report.into(), id.into(), error.into()],
+        );
+        if let Err(e) = r {
+            log!("pg_backup scheduler: cannot record the expiry after backup {id}: {e}");
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some((id, p)) = &mut self.probe {
+            p.kill();
+            log!("pg_backup scheduler: expiry after backup {id} stopped by the shutdown");
+        }
+        self.probe = None;
+    }
+}
+
+/// Follows the runs we own and records their ends.
+fn follow_runs(runs: &mut HashMap<i64, Run>, status: &mut RepoStatus) {
     if !catalog_ready() {
         return;
     }
-    // Follow the runs we own.
     let timeout = Duration::from_secs(settings::RUN_TIMEOUT.get().max(60) as u64);
     let ids: Vec<i64> = runs.keys().copied().collect();
     for id in ids {
@@ -144,8 +341,19 @@ fn tick(runs: &mut HashMap<i64, Run>, status: &mut RepoStatus) {
             status.soon();
         }
     }
-    // Queue due jobs and claim what we may start.
-    let slots = (settings::MAX_CONCURRENT.get() as i64 - runs.len() as i64).max(0) as i32;
+}
+
+/// Queues due jobs, starts what may start (nothing while an expire is due
+/// or running), and checks health.
+fn claim_and_check(runs: &mut HashMap<i64, Run>, hold: bool) {
+    if !catalog_ready() {
+        return;
+    }
+    let slots = if hold {
+        0
+    } else {
+        (settings::MAX_CONCURRENT.get() as i64 - runs.len() as i64).max(0) as i32
+    };
     let claimed = Spi::get_one_with_args::<String>(
         "SELECT coalesce(json_agg(c)::text, '[]') FROM backup._sched_claim($1) c",
         &[slots.into()],
@@ -198,6 +406,7 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
     }
     let mut runs: HashMap<i64, Run> = HashMap::new();
     let mut status = RepoStatus::default();
+    let mut expiry = Expiry::default();
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloading the configuration file is what a worker does on SIGHUP.
@@ -205,9 +414,15 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         }
         let mut r = std::panic::AssertUnwindSafe(&mut runs);
         let mut st = std::panic::AssertUnwindSafe(&mut status);
-        BackgroundWorker::transaction(move || tick(&mut r, &mut st));
-        // In a transaction of its own: the runs' bookkeeping above is
-        // committed whatever happens here.
+        BackgroundWorker::transaction(move || follow_runs(&mut r, &mut st));
+        // Each in a transaction of its own: what was recorded before is
+        // committed whatever happens after.
+        let idle = runs.is_empty();
+        let mut ex = std::panic::AssertUnwindSafe(&mut expiry);
+        BackgroundWorker::transaction(move || ex.tick(!idle));
+        let hold = expiry.busy();
+        let mut r = std::panic::AssertUnwindSafe(&mut runs);
+        BackgroundWorker::transaction(move || claim_and_check(&mut r, hold));
         let mut st = std::panic::AssertUnwindSafe(&mut status);
         BackgroundWorker::transaction(move || {
             if catalog_ready() {
@@ -219,6 +434,7 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
     if let Some(p) = &mut status.probe {
         p.kill();
     }
+    expiry.stop();
     for (id, mut r) in runs.drain() {
         r.kill();
         BackgroundWorker::transaction(|| {
@@ -257,6 +473,14 @@ pub extern "C-unwind" fn pg_backup_run_main(_arg: pg_sys::Datum) {
         .flatten()
     });
     let Some(id) = id else { return };
+    // Not while the scheduler expires the repository (walshipper would
+    // refuse this backup with exit 7): wait for it to end, and keep it from
+    // starting one until this backup has ended (the lock ends with us).
+    BackgroundWorker::transaction(|| {
+        if let Err(e) = Spi::run("SELECT pg_advisory_lock_shared(backup._repo_lock_key(), 0)") {
+            log!("pg_backup run: cannot wait for a running expire: {e}");
+        }
+    });
     let exe = settings::string(&settings::WALSHIPPER_PATH);
     let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
     let timeout = Duration::from_secs(settings::RUN_TIMEOUT.get().max(60) as u64);

@@ -452,7 +452,13 @@ impl Repository {
             }
             out.push(m);
         }
-        out.sort_by(|a, b| a.id.cmp(&b.id));
+        // By start time (ids carry whole seconds and a type letter).
+        out.sort_by_key(|m| {
+            (
+                chrono::DateTime::parse_from_rfc3339(&m.start_time).ok(),
+                m.id.clone(),
+            )
+        });
         Ok(out)
     }
 

@@ -253,3 +253,99 @@ fn a_run_interrupted_by_a_server_restart_is_marked_failed() {
         Duration::from_secs(120),
     );
 }
+
+#[test]
+fn incremental_jobs_and_expiry_after_each_backup() {
+    let dir = scratch("ext-expire");
+    let d = dir.path();
+    let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
+    let c = preloaded_cluster(
+        d,
+        &shipper,
+        &["pg_backup.database = 'postgres'", "pg_backup.retry_max = 0"],
+    );
+    run_ok(
+        shipper
+            .cmd()
+            .args(["repo-init", "--kdf-memory-kib", "8192"]),
+    );
+    c.start();
+    c.sql("CREATE EXTENSION pg_backup_ext");
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+
+    // A recovery window shorter than the gap between full backups is refused.
+    let o = run(c.psql_cmd().args([
+        "-c",
+        "SELECT backup.job_create('bad', '0 3 * * 0', retention_window => '1 day')",
+    ]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("retention_window") && err.contains("HINT"),
+        "{err}"
+    );
+    // Far-off schedules: the runs are started by hand.
+    c.sql("SELECT backup.job_create('weekly_full', '0 3 * * 0', retention_full_count => 1)");
+    c.sql("SELECT backup.job_create('daily_incr', '0 3 * * 1-6', kind => 'incr', retention_full_count => 1)");
+
+    let backup_of = |id: &str| {
+        c.sql(&format!(
+            "SELECT backup_id FROM backup.backup_executions WHERE execution_id = {id}"
+        ))
+    };
+    let f1 = c.sql("SELECT backup.backup_run('weekly_full', wait => true)");
+    c.sql("UPDATE pgbench_accounts SET abalance = 1 WHERE aid <= 1000");
+    let i1 = c.sql("SELECT backup.backup_run('daily_incr', wait => true)");
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT kind || ' ' || (summary->>'based_on') FROM backup.backup_executions WHERE execution_id = {i1}"
+        )),
+        format!("incr {}", backup_of(&f1))
+    );
+    // The second full: keeping one full, expiry removes the first and the incr on it.
+    let f2 = c.sql("SELECT backup.backup_run('weekly_full', wait => true)");
+    wait_for(
+        &c,
+        "SELECT count(*) FROM backup.backup_executions WHERE expired_at IS NOT NULL",
+        "2",
+        Duration::from_secs(60),
+    );
+    let removed = c.sql(
+        "SELECT string_agg(r->>'id', ',' ORDER BY r->>'id') FROM backup.audit_log a, \
+         jsonb_array_elements(a.details->'removed') r WHERE a.action = 'expire'",
+    );
+    let mut want = [backup_of(&f1), backup_of(&i1)];
+    want.sort();
+    assert_eq!(removed, want.join(","));
+    let info = shipper.info();
+    let ids: Vec<_> = info["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, [backup_of(&f2)]);
+
+    // restore_plan follows the chain and refuses what retention removed.
+    let i2 = c.sql("SELECT backup.backup_run('daily_incr', wait => true)");
+    c.sql("SELECT pg_switch_wal()");
+    let plan = wait_for(
+        &c,
+        "SELECT backup_type || ' ' || array_to_string(backup_chain, ',') FROM backup.restore_plan(\
+         (SELECT stop_time FROM backup.backups ORDER BY stop_time DESC LIMIT 1))",
+        &format!("incr {},{}", backup_of(&f2), backup_of(&i2)),
+        Duration::from_secs(30),
+    );
+    assert!(plan.starts_with("incr"));
+    let o = run(c.psql_cmd().args([
+        "-c",
+        &format!(
+            "SELECT * FROM backup.restore_plan((SELECT finished_at FROM backup.backup_executions WHERE execution_id = {f1}))"
+        ),
+    ]));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("removed by retention"), "{err}");
+    assert_eq!(
+        c.sql("SELECT count(*) FROM backup.alerts WHERE kind = 'expire_failed'"),
+        "0"
+    );
+}

@@ -50,5 +50,28 @@ SELECT backup.job_create('sneaky', '0 1 * * *');
 SELECT count(*) FROM backup.backup_jobs;
 RESET ROLE;
 DROP ROLE pgb_nobody;
+-- Differential and incremental jobs, and retention: expiry after each backup
+-- applies the retention of the backup's job to the whole repository.
+SELECT backup.job_create('hourly_incr', '0 * * * *', kind => 'incr', retention_full_count => 7) > 0 AS created;
+SELECT backup.job_create('weekly_full', '0 3 * * 0', timezone => 'Europe/Berlin', retention_full_count => 4,
+                         retention_window => '14 days', retention_keep_daily => 7, retention_keep_weekly => 4,
+                         retention_keep_monthly => 12, retention_keep_yearly => 3) > 0 AS created;
+SELECT name, kind, retention_full_count AS full, retention_window AS window, retention_keep_daily AS daily,
+       retention_keep_weekly AS weekly, retention_keep_monthly AS monthly, retention_keep_yearly AS yearly
+  FROM backup.backup_jobs WHERE name IN ('hourly_incr', 'weekly_full') ORDER BY name;
+SELECT backup.job_create('bad_gfs', '0 4 * * *', retention_keep_weekly => -1);
+SELECT backup.job_create('keeps_nothing', '0 4 * * *', retention_keep_daily => 0);
+-- A full job's recovery window must cover the time between its backups.
+SELECT backup.job_create('short_window', '0 3 * * 6', retention_window => '1 day');
+SELECT backup.job_create('workdays', '0 2 * * 1-5', retention_window => '1 day');
+SELECT backup.job_alter('weekly_full', retention_window => '3 days');
+SELECT backup.job_alter('weekly_full', retention_keep_weekly => 8);
+SELECT retention_window, retention_keep_weekly FROM backup.backup_jobs WHERE name = 'weekly_full';
+SELECT backup.job_create('monthly_full', '0 4 1 * *', retention_window => '1 mon', active => false) > 0 AS created;
+SELECT backup.job_create('daily_diff', '0 5 * * *', kind => 'diff', retention_keep_daily => 0, retention_keep_weekly => 5,
+                         active => false) > 0 AS created;
+SELECT object_name, details->'retention' AS retention FROM backup.audit_log
+ WHERE object_name IN ('hourly_incr', 'weekly_full', 'monthly_full') ORDER BY audit_id;
+
 -- Leave the catalog empty for the next test file.
 TRUNCATE backup.backup_executions, backup.backup_jobs, backup.restore_points, backup.alerts, backup.audit_log RESTART IDENTITY CASCADE;

@@ -127,7 +127,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         .map_err(|_| Error::Invalid("odd server_version_num".into()))?;
     let checksums = q1(&mut client, "SHOW data_checksums")? == "on";
 
-    let id = new_backup_id(&repo)?;
+    let id = new_backup_id(&repo, &kind)?;
     let label = args
         .label
         .clone()
@@ -228,10 +228,14 @@ fn copy_and_finish(
     )?;
     drop(reporter);
 
+    // wait_for_archive => false: the server would poll its archive status
+    // once a second (a second per backup, measured); wait_for_wal below
+    // waits for exactly the segments this backup needs, in our repository.
+    // The server still switches to a new segment, so the last one is archived.
     let stop_sql = if version >= 150000 {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(true)"
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_backup_stop(false)"
     } else {
-        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, true)"
+        "SELECT lsn::text, labelfile, spcmapfile FROM pg_stop_backup(false, false)"
     };
     let row = client
         .query_one(stop_sql, &[])
@@ -399,9 +403,14 @@ fn label_field<'a>(label: &'a str, key: &str) -> Option<&'a str> {
         .map(str::trim)
 }
 
-/// Backup ids sort by time: YYYYMMDD-HHMMSSF.
-fn new_backup_id(repo: &Repository) -> Result<String> {
-    let base = chrono::Utc::now().format("%Y%m%d-%H%M%SF").to_string();
+/// Backup ids sort by time: YYYYMMDD-HHMMSS and F, D or I for the type.
+fn new_backup_id(repo: &Repository, kind: &str) -> Result<String> {
+    let letter = match kind {
+        "diff" => 'D',
+        "incr" => 'I',
+        _ => 'F',
+    };
+    let base = format!("{}{letter}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
     let mut id = base.clone();
     let mut n = 1;
     while !repo.storage.list(&format!("backups/{id}/"))?.is_empty() {
@@ -461,7 +470,7 @@ fn wait_for_wal(
                     candidates[0].rsplit('/').next().unwrap_or_default()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(100));
+            std::thread::sleep(Duration::from_millis(50));
         }
     }
     Ok(())
@@ -603,8 +612,15 @@ fn copy_one(
     }
 
     // Large files: compared block by block with the reference's block map.
+    // A block map that cannot be read is a doubt: the file is stored whole.
     let base_map = match base {
-        Some(b) if !b.maps.is_empty() => Some(load_map(repo, b)?),
+        Some(b) if !b.maps.is_empty() => match load_map(repo, b) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                tracing::warn!("{}: storing the whole file: {e}", f.rel);
+                None
+            }
+        },
         _ => None,
     };
     if let (Some(b), Some(map)) = (base, &base_map) {
