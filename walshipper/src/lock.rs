@@ -31,16 +31,22 @@ pub fn try_lock(dir: &Path, name: &str) -> Result<Lock> {
         let mut holder = String::new();
         let _ = file.read_to_string(&mut holder);
         return Err(Error::Busy(format!(
-            "another walshipper {name} is running on this repository ({}); wait for it to finish",
+            "another walshipper process holds the {name} lock of this repository ({}); wait for it to finish",
             holder.trim()
         )));
     }
     let _ = file.set_len(0);
     let _ = file.rewind();
+    // Who holds it, for the message above (argv holds no secrets).
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a.starts_with('-') || !a.contains('/'))
+        .collect();
     let _ = write!(
         file,
-        "pid {} since {}",
+        "pid {}: walshipper {}, since {}",
         std::process::id(),
+        args.join(" "),
         chrono::Utc::now().to_rfc3339()
     );
     Ok(Lock { _file: file })

@@ -79,7 +79,19 @@ fn killed_cut_off_and_concurrent_backups_leave_nothing_valid() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    assert!(String::from_utf8_lossy(&o.stderr).contains("another walshipper backup is running"));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("holds the backup lock") && err.contains(" backup"),
+        "{err}"
+    );
+    // Nor may expire remove what the running backup may build on.
+    let o = run(shipper.cmd().args(["expire", "--keep-full", "1"]));
+    assert_eq!(
+        o.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
 
     // The server connection is cut during the copy: the backup fails, nothing valid remains.
     std::thread::sleep(Duration::from_millis(500));

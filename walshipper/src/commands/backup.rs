@@ -550,13 +550,13 @@ fn copy_one(
     start_lsn: u64,
     counters: &Arc<Counters>,
 ) -> Result<Option<Copied>> {
-    let open = || -> Result<Option<PageCheckingReader>> {
+    let verify = checksums && pgdata::is_relation_file(&f.rel);
+    let open = |verify: bool| -> Result<Option<PageCheckingReader>> {
         let file = match File::open(&f.abs) {
             Ok(file) => file,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) => return Err(Error::io(format!("open {}", f.abs.display()), e)),
         };
-        let verify = checksums && pgdata::is_relation_file(&f.rel);
         PageCheckingReader::new(
             file,
             verify,
@@ -590,7 +590,7 @@ fn copy_one(
 
     // Small files: compared whole, stored whole when they differ.
     if f.size < delta::MAP_MIN {
-        let Some(mut reader) = open()? else {
+        let Some(mut reader) = open(verify)? else {
             return Ok(None);
         };
         let mut body = Vec::with_capacity(f.size as usize);
@@ -636,13 +636,34 @@ fn copy_one(
             return Ok(Some((referenced(b), Vec::new())));
         }
     }
-    let Some(reader) = open()? else {
+    let with_base = base.is_some() && base_map.is_some();
+    // A delta checks the pages of the blocks it stores: the others are the
+    // bytes an earlier backup stored (and checked).
+    let Some(reader) = open(verify && !with_base)? else {
         return Ok(None);
     };
     let failures = reader.failures.clone();
     let mut e = match (base, base_map) {
         (Some(b), Some(map)) => {
             let mut delta = delta::DeltaReader::new(reader, map);
+            if verify {
+                let file = File::open(&f.abs)
+                    .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?;
+                let mut checker = PageCheckingReader::new(
+                    file,
+                    true,
+                    pgdata::relation_segno(&f.rel),
+                    start_lsn,
+                    counters.clone(),
+                )
+                .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?;
+                checker.failures = failures.clone();
+                delta = delta.on_changed(move |page, offset| {
+                    if page.len() == BLCKSZ {
+                        checker.check_page(page, offset);
+                    }
+                });
+            }
             let (_, summary) =
                 repo.put_object_with(&data_key, &mut delta, Durability::AtFlush, threads)?;
             let d = delta.finish();
