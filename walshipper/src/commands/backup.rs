@@ -361,7 +361,7 @@ fn copy_and_finish(
         json_event(summary);
     } else {
         println!(
-            "{} backup {id} complete{}: {} files, {} MiB → {} MiB stored, LSN {}..{}, in {:.1}s",
+            "{} backup {id} complete{}: {} files, {} → {} stored, LSN {}..{}, in {:.1}s",
             manifest.kind,
             manifest
                 .based_on
@@ -369,8 +369,8 @@ fn copy_and_finish(
                 .map(|b| format!(" (based on {b})"))
                 .unwrap_or_default(),
             manifest.files.len(),
-            manifest.size >> 20,
-            manifest.stored_size >> 20,
+            crate::commands::info::human(manifest.size),
+            crate::commands::info::human(manifest.stored_size),
             manifest.start_lsn,
             manifest.stop_lsn,
             started.elapsed().as_secs_f64()

@@ -225,7 +225,7 @@ pub fn collect(repo: &Repository) -> Result<Info> {
     })
 }
 
-fn human(bytes: u64) -> String {
+pub fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = bytes as f64;
     let mut u = 0;

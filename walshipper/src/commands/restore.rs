@@ -502,10 +502,10 @@ fn restore_into(
         json_event(summary);
     } else {
         println!(
-            "restored backup {} ({} files, {} MiB) into {} in {:.1}s; start PostgreSQL on it to recover{}",
+            "restored backup {} ({} files, {}) into {} in {:.1}s; start PostgreSQL on it to recover{}",
             m.id,
             m.files.len(),
-            m.size >> 20,
+            crate::commands::info::human(m.size),
             target_dir.display(),
             started.elapsed().as_secs_f64(),
             match &args.target {
