@@ -200,6 +200,11 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
 
     let v = run(shipper.cmd().args(["verify", "--json"]));
     assert!(v.status.success(), "{}", String::from_utf8_lossy(&v.stdout));
+    let report = json_lines(&String::from_utf8_lossy(&v.stdout));
+    assert!(
+        report["files_rebuilt"].as_u64().unwrap() > 0,
+        "verify rebuilt no delta file: {report}"
+    );
 
     // A damaged block delta: restore fails and leaves nothing behind.
     if !posix {
@@ -283,6 +288,32 @@ fn expiry_keeps_the_recovery_window_and_refuses_older_targets() {
     assert_eq!(ids(&v, "removed"), [id1]);
     assert_eq!(ids(&v, "kept"), [id2, id3]);
     assert!(v["wal_removed"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(shipper.info()["backups"].as_array().unwrap().len(), 3);
+
+    // GFS from the command line: one daily backup (all three are of today
+    // in Berlin) keeps the newest and what it is built on.
+    let v = expire(
+        &shipper,
+        &[
+            "--dry-run",
+            "--keep-daily",
+            "1",
+            "--timezone",
+            "Europe/Berlin",
+        ],
+    );
+    assert_eq!(ids(&v, "removed"), [id1], "{v}");
+    assert_eq!(ids(&v, "kept"), [id2, id3]);
+    // Bad input: one clear line, exit 2, nothing touched.
+    for bad in [
+        &["--recovery-window", "5x"][..],
+        &["--keep-daily", "1", "--timezone", "Mars/Olympus"][..],
+    ] {
+        let o = run(shipper.cmd().arg("expire").args(bad));
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(bad[bad.len() - 1]), "{err}");
+    }
     assert_eq!(shipper.info()["backups"].as_array().unwrap().len(), 3);
 
     // A recovery window that starts between b2 and b3: b2 anchors it.
