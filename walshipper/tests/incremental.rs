@@ -153,6 +153,42 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
         diff_stored * 20 < full_stored,
         "diff stored {diff_stored} bytes, not under 5% of the full's {full_stored}"
     );
+    // A block map that cannot be read (damaged in the full backup): the next
+    // incr stores that file whole instead of failing, and restores.
+    let mut newest = incr.clone();
+    let mut kinds_want = vec!["full", "diff", "incr"];
+    if test_backend() != "s3" {
+        let map = shipper
+            .object_files()
+            .into_iter()
+            .filter(|p| {
+                p.to_string_lossy()
+                    .contains(&format!("{}/map/", full["backup_id"].as_str().unwrap()))
+            })
+            .max_by_key(|p| std::fs::metadata(p).unwrap().len())
+            .expect("block maps in the full backup");
+        let good = std::fs::read(&map).unwrap();
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 1;
+        std::fs::write(&map, &bad).unwrap();
+        let out = run(shipper.cmd().args(["backup", "--json", "--type", "incr"]));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            String::from_utf8_lossy(&out.stderr).contains("storing the whole file"),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        newest = json_lines(&String::from_utf8_lossy(&out.stdout));
+        assert_eq!(newest["type"], "incr");
+        assert!(newest["stored_size"].as_u64().unwrap() > incr_stored);
+        std::fs::write(&map, &good).unwrap();
+        kinds_want.push("incr");
+    }
     src.switch_and_wait_archived(MIN);
     let at_incr = fingerprint(&src);
     src.stop();
@@ -165,10 +201,10 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
         .iter()
         .map(|b| b["type"].as_str().unwrap().to_string())
         .collect();
-    assert_eq!(kinds, ["full", "diff", "incr"]);
+    assert_eq!(kinds, kinds_want);
 
-    // The newest backup (full + diff + incr) to the end of the WAL.
-    let c = restore_checked(&shipper, d, "r-incr", &incr, &[]);
+    // The newest backup (full + diff + incr [+ incr]) to the end of the WAL.
+    let c = restore_checked(&shipper, d, "r-incr", &newest, &[]);
     assert_eq!(
         fingerprint(&c),
         at_incr,
@@ -215,7 +251,7 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
         .into_iter()
         .find(|p| {
             let s = p.to_string_lossy();
-            s.contains(incr["backup_id"].as_str().unwrap()) && s.contains("/data/base/")
+            s.contains(newest["backup_id"].as_str().unwrap()) && s.contains("/data/base/")
         })
         .expect("a data object in the incr");
     let mut bytes = std::fs::read(&delta).unwrap();
