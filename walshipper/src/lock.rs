@@ -51,3 +51,17 @@ pub fn try_lock(dir: &Path, name: &str) -> Result<Lock> {
     );
     Ok(Lock { _file: file })
 }
+
+/// The lock of one repository, held by backup and expire: an incremental
+/// backup refers to earlier backups' objects, which expire must not remove
+/// under it. In the repository's directory on posix; an object store has no
+/// locks, so there it is host-local.
+pub fn repository(rc: &crate::config::RepoConfig, system_identifier: &str) -> Result<Lock> {
+    match rc.kind.as_str() {
+        "posix" => try_lock(&rc.path, "backup"),
+        _ => try_lock(
+            &std::env::temp_dir(),
+            &format!("walshipper-backup-{system_identifier}-{}", rc.name),
+        ),
+    }
+}

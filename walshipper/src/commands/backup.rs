@@ -9,12 +9,12 @@
 
 use std::fs::File;
 use std::io::{self, Read};
-
-use sha2::Digest;
 use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use sha2::Digest;
 
 use crate::config::Config;
 use crate::delta;
@@ -43,22 +43,6 @@ pub struct Args {
 /// Files above this size are encoded by several threads each.
 const BIG_FILE: u64 = 64 << 20;
 
-/// One backup or expire at a time per repository: an incremental backup
-/// refers to earlier backups' objects, which expire must not remove under
-/// it. An object store has no locks: the lock is host-local there.
-pub fn repository_lock(rc: &crate::config::RepoConfig, repo: &Repository) -> Result<lock::Lock> {
-    match rc.kind.as_str() {
-        "posix" => lock::try_lock(&rc.path, "backup"),
-        _ => lock::try_lock(
-            &std::env::temp_dir(),
-            &format!(
-                "walshipper-backup-{}-{}",
-                repo.descriptor.system_identifier, rc.name
-            ),
-        ),
-    }
-}
-
 /// The backup a diff (the newest full) or incr (the newest of any type)
 /// compares against; None for a full backup or when there is none.
 fn reference_backup(backups: &[Manifest], kind: &str) -> Option<Manifest> {
@@ -79,10 +63,16 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let started = Instant::now();
     let rc = cfg.find_repo(args.repo.as_deref())?;
     let repo = Repository::open_repo(cfg, rc)?;
-    let _lock = repository_lock(rc, &repo)?;
+    let _lock = lock::repository(rc, &repo.descriptor.system_identifier)?;
     remove_incomplete(&repo)?;
     let backups = repo.list_backups()?;
     let reference = reference_backup(&backups, &args.kind);
+    // The backups this one will be built on, oldest first.
+    let mut base_chain = reference
+        .as_ref()
+        .map(|r| backup_chain(&backups, r))
+        .unwrap_or_default();
+    base_chain.reverse();
     let kind = match &reference {
         Some(_) => args.kind.clone(),
         None if args.kind != "full" => {
@@ -160,6 +150,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         args,
         &kind,
         reference.as_ref(),
+        &base_chain,
         &id,
         &label,
         version,
@@ -199,6 +190,7 @@ fn copy_and_finish(
     args: &Args,
     kind: &str,
     reference: Option<&Manifest>,
+    base_chain: &[String],
     id: &str,
     label: &str,
     version: i32,
@@ -342,11 +334,8 @@ fn copy_and_finish(
     // Written last, durably: from now on the backup exists.
     repo.put_object(&format!("backups/{id}/manifest"), &body[..])?;
 
-    let mut chain = vec![id.to_string()];
-    if let Some(r) = reference {
-        chain.extend(backup_chain(&repo.list_backups()?, r));
-    }
-    chain.reverse();
+    let mut chain = base_chain.to_vec();
+    chain.push(id.to_string());
     let summary = serde_json::json!({
         "event": "done", "backup_id": id, "type": manifest.kind,
         "requested_type": args.kind, "based_on": manifest.based_on, "chain": chain,
@@ -380,7 +369,7 @@ fn copy_and_finish(
 }
 
 /// `m` and the backups it is based on, newest first.
-pub fn backup_chain(backups: &[Manifest], m: &Manifest) -> Vec<String> {
+fn backup_chain(backups: &[Manifest], m: &Manifest) -> Vec<String> {
     let mut chain = vec![m.id.clone()];
     let mut next = m.based_on.clone();
     while let Some(id) = next {
@@ -551,12 +540,15 @@ fn copy_one(
     counters: &Arc<Counters>,
 ) -> Result<Option<Copied>> {
     let verify = checksums && pgdata::is_relation_file(&f.rel);
-    let open = |verify: bool| -> Result<Option<PageCheckingReader>> {
-        let file = match File::open(&f.abs) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(format!("open {}", f.abs.display()), e)),
-        };
+    // None: the file vanished (dropped during the backup).
+    let open = || -> Result<Option<File>> {
+        match File::open(&f.abs) {
+            Ok(file) => Ok(Some(file)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("open {}", f.abs.display()), e)),
+        }
+    };
+    let checking = |file: File, verify: bool| {
         PageCheckingReader::new(
             file,
             verify,
@@ -564,58 +556,58 @@ fn copy_one(
             start_lsn,
             counters.clone(),
         )
-        .map(Some)
         .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))
     };
     let data_key = format!("backups/{id}/data/{}", f.rel);
     let map_key = format!("backups/{id}/map/{}", f.rel);
-    let entry = |size: u64, sha256: [u8; 32], object: String| FileEntry {
-        path: f.rel.clone(),
-        size,
-        mtime: f.mtime,
-        mode: f.mode,
-        sha256: hex::encode(sha256),
-        object,
-        deltas: Vec::new(),
-        maps: Vec::new(),
-        stored_size: 0,
-    };
     let referenced = |b: &FileEntry| FileEntry {
         mtime: f.mtime,
         mode: f.mode,
         stored_size: 0,
         ..b.clone()
     };
+    let stored = |summary: &crate::codec::Summary, maps: Vec<String>, stored_size| FileEntry {
+        path: f.rel.clone(),
+        size: summary.plain_len,
+        mtime: f.mtime,
+        mode: f.mode,
+        sha256: hex::encode(summary.sha256),
+        object: data_key.clone(),
+        deltas: Vec::new(),
+        maps,
+        stored_size,
+    };
     let threads = if f.size > BIG_FILE { None } else { Some(1) };
+    let Some(file) = open()? else {
+        return Ok(None);
+    };
 
     // Small files: compared whole, stored whole when they differ.
     if f.size < delta::MAP_MIN {
-        let Some(mut reader) = open(verify)? else {
-            return Ok(None);
-        };
+        let mut reader = checking(file, verify)?;
         let mut body = Vec::with_capacity(f.size as usize);
         reader
             .read_to_end(&mut body)
             .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
         let failures = reader.failures();
-        let sha: [u8; 32] = sha2::Sha256::digest(&body).into();
         if let Some(b) = base {
-            if b.size == body.len() as u64 && b.sha256 == hex::encode(sha) {
+            if b.size == body.len() as u64 && b.sha256 == hex::encode(sha2::Sha256::digest(&body)) {
                 return Ok(Some((referenced(b), failures)));
             }
         }
         let (_, summary) =
             repo.put_object_with(&data_key, &body[..], Durability::AtFlush, Some(1))?;
-        let mut e = entry(summary.plain_len, summary.sha256, data_key);
-        e.stored_size = summary.stored_len;
-        return Ok(Some((e, failures)));
+        return Ok(Some((
+            stored(&summary, Vec::new(), summary.stored_len),
+            failures,
+        )));
     }
 
     // Large files: compared block by block with the reference's block map.
     // A block map that cannot be read is a doubt: the file is stored whole.
     let base_map = match base {
         Some(b) if !b.maps.is_empty() => match load_map(repo, b) {
-            Ok(m) => Some(m),
+            Ok(m) => Some((b, m)),
             Err(e) => {
                 tracing::warn!("{}: storing the whole file: {e}", f.rel);
                 None
@@ -623,74 +615,58 @@ fn copy_one(
         },
         _ => None,
     };
-    if let (Some(b), Some(map)) = (base, &base_map) {
-        let file = match File::open(&f.abs) {
-            Ok(file) => file,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(format!("open {}", f.abs.display()), e)),
-        };
-        let same = delta::unchanged(io::BufReader::with_capacity(256 << 10, file), map)
-            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
-        if same {
-            counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
-            return Ok(Some((referenced(b), Vec::new())));
-        }
+    let Some((b, map)) = base_map else {
+        // No reference: the whole file, and its block map for the next diff/incr.
+        let reader = checking(file, verify)?;
+        let failures = reader.failures.clone();
+        let mut mb = delta::MapBuilder::new(reader);
+        let (_, summary) =
+            repo.put_object_with(&data_key, &mut mb, Durability::AtFlush, threads)?;
+        let map = mb.finish().encode();
+        let (_, msum) = repo.put_object_with(&map_key, &map[..], Durability::AtFlush, Some(1))?;
+        let e = stored(
+            &summary,
+            vec![map_key],
+            summary.stored_len + msum.stored_len,
+        );
+        let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
+        return Ok(Some((e, failures)));
+    };
+    let same = delta::unchanged(io::BufReader::with_capacity(256 << 10, &file), &map)
+        .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+    if same {
+        counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
+        return Ok(Some((referenced(b), Vec::new())));
     }
-    let with_base = base.is_some() && base_map.is_some();
-    // A delta checks the pages of the blocks it stores: the others are the
-    // bytes an earlier backup stored (and checked).
-    let Some(reader) = open(verify && !with_base)? else {
-        return Ok(None);
-    };
-    let failures = reader.failures.clone();
-    let mut e = match (base, base_map) {
-        (Some(b), Some(map)) => {
-            let mut delta = delta::DeltaReader::new(reader, map);
-            if verify {
-                let file = File::open(&f.abs)
-                    .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?;
-                let mut checker = PageCheckingReader::new(
-                    file,
-                    true,
-                    pgdata::relation_segno(&f.rel),
-                    start_lsn,
-                    counters.clone(),
-                )
-                .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?;
-                checker.failures = failures.clone();
-                delta = delta.on_changed(move |page, offset| {
-                    if page.len() == BLCKSZ {
-                        checker.check_page(page, offset);
-                    }
-                });
+    // Changed: read again from the start and store the changed blocks. Their
+    // pages are checked; the others are bytes an earlier backup stored (and
+    // checked). The checker reads a page again by offset, on its own handle.
+    let checker = checking(
+        file.try_clone()
+            .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?,
+        verify,
+    )?;
+    let failures = checker.failures.clone();
+    let mut file = file;
+    io::Seek::rewind(&mut file).map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+    let mut delta = delta::DeltaReader::new(checking(file, false)?, map);
+    if verify {
+        delta = delta.on_changed(move |page, offset| {
+            if page.len() == BLCKSZ {
+                checker.check_page(page, offset);
             }
-            let (_, summary) =
-                repo.put_object_with(&data_key, &mut delta, Durability::AtFlush, threads)?;
-            let d = delta.finish();
-            let (_, msum) =
-                repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
-            let mut e = referenced(b);
-            e.size = d.size;
-            e.sha256 = hex::encode(d.sha256);
-            e.deltas.push(data_key);
-            e.maps.push(map_key);
-            e.stored_size = summary.stored_len + msum.stored_len;
-            e
-        }
-        _ => {
-            let mut mb = delta::MapBuilder::new(reader);
-            let (_, summary) =
-                repo.put_object_with(&data_key, &mut mb, Durability::AtFlush, threads)?;
-            let map = mb.finish().encode();
-            let (_, msum) =
-                repo.put_object_with(&map_key, &map[..], Durability::AtFlush, Some(1))?;
-            let mut e = entry(summary.plain_len, summary.sha256, data_key);
-            e.maps.push(map_key);
-            e.stored_size = summary.stored_len + msum.stored_len;
-            e
-        }
-    };
-    e.mtime = f.mtime;
+        });
+    }
+    let (_, summary) = repo.put_object_with(&data_key, &mut delta, Durability::AtFlush, threads)?;
+    let d = delta.finish();
+    let (_, msum) =
+        repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
+    let mut e = referenced(b);
+    e.size = d.size;
+    e.sha256 = hex::encode(d.sha256);
+    e.deltas.push(data_key);
+    e.maps.push(map_key);
+    e.stored_size = summary.stored_len + msum.stored_len;
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(Some((e, failures)))
 }

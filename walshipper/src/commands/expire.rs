@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::commands::backup::{remove_incomplete, repository_lock};
+use crate::commands::backup::remove_incomplete;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::manifest::Manifest;
@@ -153,7 +153,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let _lock = if args.dry_run {
         None
     } else {
-        Some(repository_lock(rc, &repo)?)
+        Some(crate::lock::repository(
+            rc,
+            &repo.descriptor.system_identifier,
+        )?)
     };
     if !args.dry_run {
         remove_incomplete(&repo)?;

@@ -774,52 +774,31 @@ fn restore_file(
 }
 
 /// Writes the file `f` describes into `file` (empty, open for reading and
-/// writing): the whole object, then each block delta in place. Returns the
-/// SHA-256 of the result, which must be the file the backup read.
+/// writing, at `path`): the whole object, then each block delta in place.
+/// Returns the SHA-256 of the result, which must be the file the backup read.
 pub(crate) fn rebuild_file(
     repo: &Repository,
     f: &FileEntry,
     file: &mut fs::File,
+    path: &Path,
     threads: usize,
-) -> std::result::Result<[u8; 32], RebuildError> {
+) -> Result<[u8; 32]> {
+    let local = |e| Error::io(format!("write {}", path.display()), e);
     {
         let mut w = BufWriter::with_capacity(1 << 20, &mut *file);
         repo.read_object_with(&f.object, &mut w, threads)?;
-        w.flush().map_err(RebuildError::Io)?;
+        w.flush().map_err(local)?;
     }
     for key in &f.deltas {
         let mut applier = DeltaApplier::new(file);
         repo.read_object(key, &mut applier)?;
-        applier.finish().map_err(|e| {
-            RebuildError::Repo(Error::Corrupt {
-                key: key.clone(),
-                reason: e.to_string(),
-            })
+        applier.finish().map_err(|e| Error::Corrupt {
+            key: key.clone(),
+            reason: e.to_string(),
         })?;
     }
-    file.seek(SeekFrom::Start(0)).map_err(RebuildError::Io)?;
-    sha256_of(&mut *file).map_err(RebuildError::Io)
-}
-
-/// A rebuild fails in the repository (reported as is) or on the local file.
-pub(crate) enum RebuildError {
-    Repo(Error),
-    Io(std::io::Error),
-}
-
-impl From<Error> for RebuildError {
-    fn from(e: Error) -> Self {
-        RebuildError::Repo(e)
-    }
-}
-
-impl RebuildError {
-    pub(crate) fn with_path(self, p: &Path) -> Error {
-        match self {
-            RebuildError::Repo(e) => e,
-            RebuildError::Io(e) => Error::io(format!("write {}", p.display()), e),
-        }
-    }
+    file.seek(SeekFrom::Start(0)).map_err(local)?;
+    sha256_of(&mut *file).map_err(local)
 }
 
 fn restore_file_from(
@@ -842,7 +821,7 @@ fn restore_file_from(
         let threads = if f.size > 64 << 20 { repo.threads() } else { 1 };
         let (sha, file) = if !f.deltas.is_empty() {
             let mut file = file;
-            let sha = rebuild_file(repo, f, &mut file, threads).map_err(|e| e.with_path(tmp))?;
+            let sha = rebuild_file(repo, f, &mut file, tmp, threads)?;
             (sha, file)
         } else if f.size >= DIRECT_MIN {
             let mut w = DirectWriter::new(file);

@@ -35,22 +35,23 @@ pub fn run(
     let mut rebuilds: Vec<(crate::manifest::FileEntry, String)> = Vec::new();
     for m in &backups {
         for f in &m.files {
-            // A whole-file object carries the file's SHA-256; a file rebuilt
-            // from block deltas is checked object by object, then rebuilt.
-            let whole = f.deltas.is_empty().then(|| f.sha256.clone());
-            if let Some(last) = f.deltas.last() {
-                if seen.insert(format!("rebuild {last}")) {
-                    rebuilds.push((f.clone(), format!("backup {}: {}", m.id, f.path)));
+            // A whole-file object is checked against the file's SHA-256; a
+            // file with block deltas is rebuilt, which reads (and checks)
+            // its whole object and every delta.
+            let what = format!("backup {}: {}", m.id, f.path);
+            match f.deltas.last() {
+                None => {
+                    if seen.insert(f.object.clone()) {
+                        work.push((f.object.clone(), Some(f.sha256.clone()), what));
+                    }
+                }
+                Some(last) => {
+                    if seen.insert(format!("rebuild {last}")) {
+                        rebuilds.push((f.clone(), what));
+                    }
                 }
             }
-            if seen.insert(f.object.clone()) {
-                work.push((
-                    f.object.clone(),
-                    whole,
-                    format!("backup {}: {}", m.id, f.path),
-                ));
-            }
-            for k in f.deltas.iter().chain(f.maps.iter()) {
+            for k in &f.maps {
                 if seen.insert(k.clone()) {
                     work.push((
                         k.clone(),
@@ -249,5 +250,5 @@ fn rebuild_and_hash(
         .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
     // Nothing is left behind, whatever happens next.
     let _ = std::fs::remove_file(&path);
-    crate::commands::restore::rebuild_file(repo, f, &mut file, 1).map_err(|e| e.with_path(&path))
+    crate::commands::restore::rebuild_file(repo, f, &mut file, &path, 1)
 }
