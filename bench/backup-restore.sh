@@ -13,49 +13,7 @@ B=$PGB_ROOT/bench-backup
 rm -rf "$B"; install -d -o "$TEST_USER" "$B"
 as_test_user env B="$B" BIN="$PGB_ROOT/target/release/walshipper" M="$PGB_ROOT/src/bench/measure.py" \
   SCALE="${SCALE:-100}" RUNS="${RUNS:-3}" bash -euo pipefail -c '
-  cd "$B"; mkdir sock pgbr-log
-  head -c 48 /dev/urandom | base64 > passphrase; chmod 600 passphrase
-  cat > walshipper.toml <<CONF
-[pg]
-data_dir = "$B/pg"
-host = "$B/sock"
-[repo]
-path = "$B/ws-repo"
-[encryption]
-passphrase_file = "$B/passphrase"
-key_cache_dir = "$B/keycache"
-[compression]
-level = 3
-CONF
-  cat > pgbackrest.conf <<CONF
-[global]
-repo1-path=$B/pgbr-repo
-repo1-cipher-type=aes-256-cbc
-repo1-cipher-pass=$(cat passphrase)
-compress-type=zst
-compress-level=3
-process-max=2
-start-fast=y
-log-path=$B/pgbr-log
-lock-path=$B/pgbr-log
-log-level-console=warn
-log-level-file=off
-[bench]
-pg1-path=$B/pg
-pg1-socket-path=$B/sock
-CONF
-  initdb -D pg -U postgres -A trust -k >/dev/null
-  cat >> pg/postgresql.conf <<CONF
-listen_addresses = '"''"'
-unix_socket_directories = '"'"'$B/sock'"'"'
-archive_mode = on
-archive_command = '"'"'$BIN --config $B/walshipper.toml archive-push %p && pgbackrest --config=$B/pgbackrest.conf --stanza=bench archive-push %p'"'"'
-max_wal_size = 4GB
-shared_buffers = 256MB
-CONF
-  "$BIN" --config walshipper.toml repo-init >/dev/null
-  pg_ctl -D pg -l pg.log -w start >/dev/null
-  pgbackrest --config="$B/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
+  source "$(dirname "$M")/two_tools.sh"
   echo "loading pgbench scale $SCALE and a less compressible table..."
   pgbench -h "$B/sock" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1
   psql -h "$B/sock" -U postgres -qc "CREATE TABLE rnd AS SELECT g, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, $((SCALE * 20000))) g" postgres

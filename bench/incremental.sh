@@ -19,50 +19,7 @@ B=$PGB_ROOT/bench-incr
 rm -rf "$B"; install -d -o "$TEST_USER" "$B"
 as_test_user env B="$B" BIN="$PGB_ROOT/target/release/walshipper" M="$PGB_ROOT/src/bench/measure.py" \
   SCALE="${SCALE:-50}" RUNS="${RUNS:-3}" bash -euo pipefail -c '
-  cd "$B"; mkdir sock pgbr-log
-  head -c 48 /dev/urandom | base64 > passphrase; chmod 600 passphrase
-  cat > walshipper.toml <<CONF
-[pg]
-data_dir = "$B/pg"
-host = "$B/sock"
-[repo]
-path = "$B/ws-repo"
-[encryption]
-passphrase_file = "$B/passphrase"
-key_cache_dir = "$B/keycache"
-[compression]
-level = 3
-CONF
-  cat > pgbackrest.conf <<CONF
-[global]
-repo1-path=$B/pgbr-repo
-repo1-cipher-type=aes-256-cbc
-repo1-cipher-pass=$(cat passphrase)
-compress-type=zst
-compress-level=3
-process-max=2
-start-fast=y
-repo1-retention-full=99
-log-path=$B/pgbr-log
-lock-path=$B/pgbr-log
-log-level-console=warn
-log-level-file=off
-[bench]
-pg1-path=$B/pg
-pg1-socket-path=$B/sock
-CONF
-  initdb -D pg -U postgres -A trust -k >/dev/null
-  cat >> pg/postgresql.conf <<CONF
-listen_addresses = '"''"'
-unix_socket_directories = '"'"'$B/sock'"'"'
-archive_mode = on
-archive_command = '"'"'$BIN --config $B/walshipper.toml archive-push %p && pgbackrest --config=$B/pgbackrest.conf --stanza=bench archive-push %p'"'"'
-max_wal_size = 4GB
-shared_buffers = 256MB
-CONF
-  "$BIN" --config walshipper.toml repo-init >/dev/null
-  pg_ctl -D pg -l pg.log -w start >/dev/null
-  pgbackrest --config="$B/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
+  source "$(dirname "$M")/two_tools.sh"
   PSQL="psql -h $B/sock -U postgres -qAt postgres"
   echo "loading pgbench scale $SCALE..."
   pgbench -h "$B/sock" -U postgres -i -s "$SCALE" -q postgres >/dev/null 2>&1

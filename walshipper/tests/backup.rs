@@ -95,21 +95,7 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
     assert!(!r1.join("postmaster.pid").exists());
 
     // pg_verifybackup checks every file and parses the WAL range with pg_waldump.
-    let walcopy = d.join("walcopy");
-    shipper.fetch_wal(
-        &segment_range(
-            done["wal_start"].as_str().unwrap(),
-            done["wal_stop"].as_str().unwrap(),
-        ),
-        &walcopy,
-    );
-    let out = run_ok(
-        Command::new(pg_bin("pg_verifybackup"))
-            .arg("-w")
-            .arg(&walcopy)
-            .arg(&r1),
-    );
-    assert!(out.contains("successfully verified"), "{out}");
+    shipper.verify_restored(&done, &r1, &d.join("walcopy"));
 
     let c1 = start_restored(d, "r1", &[]);
     assert_eq!(
@@ -123,18 +109,7 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
     );
     // Unlogged tables come back empty, as after a crash.
     assert_eq!(c1.sql("SELECT count(*) FROM scratch_unlogged"), "0");
-    run_ok(
-        Command::new(pg_bin("pg_amcheck"))
-            .args(["-U", "postgres", "-h"])
-            .arg(&c1.socket)
-            .args(["--all", "--heapallindexed", "--install-missing"]),
-    );
-    c1.stop();
-    run_ok(
-        Command::new(pg_bin("pg_checksums"))
-            .args(["--check", "-D"])
-            .arg(&c1.data),
-    );
+    postgres_checks(c1);
 
     // Refusals: a non-empty directory, a target before any backup, a target beyond the archive.
     let o = shipper.restore(&r1, &[]);

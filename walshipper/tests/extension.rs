@@ -45,6 +45,17 @@ fn preloaded_cluster(d: &std::path::Path, shipper: &Shipper, extra: &[&str]) -> 
     Cluster::init(d, "src", &conf)
 }
 
+/// Creates the repository, starts the cluster, creates the extension.
+fn start_with_extension(shipper: &Shipper, c: &Cluster) {
+    run_ok(
+        shipper
+            .cmd()
+            .args(["repo-init", "--kdf-memory-kib", "8192"]),
+    );
+    c.start();
+    c.sql("CREATE EXTENSION pg_backup_ext");
+}
+
 #[test]
 fn sql_backups_schedules_failures_and_restore_points() {
     let dir = scratch("ext");
@@ -59,13 +70,7 @@ fn sql_backups_schedules_failures_and_restore_points() {
             "pg_backup.repo_status_interval = 2",
         ],
     );
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    c.start();
-    c.sql("CREATE EXTENSION pg_backup_ext");
+    start_with_extension(&shipper, &c);
     c.pgbench(&["-i", "-s", "1", "-q"]);
 
     // backup_run(wait => true): a succeeded execution whose figures match the repository's.
@@ -213,13 +218,7 @@ fn a_run_interrupted_by_a_server_restart_is_marked_failed() {
         cfg.replace("level = 3", "level = 19\nthreads = 1"),
     )
     .unwrap();
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    c.start();
-    c.sql("CREATE EXTENSION pg_backup_ext");
+    start_with_extension(&shipper, &c);
     c.pgbench(&["-i", "-s", "3", "-q"]);
     let id = c.sql("SELECT backup.backup_run()");
     let status = format!("SELECT status FROM backup.backup_executions WHERE execution_id = {id}");
@@ -264,13 +263,7 @@ fn incremental_jobs_and_expiry_after_each_backup() {
         &shipper,
         &["pg_backup.database = 'postgres'", "pg_backup.retry_max = 0"],
     );
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    c.start();
-    c.sql("CREATE EXTENSION pg_backup_ext");
+    start_with_extension(&shipper, &c);
     c.pgbench(&["-i", "-s", "1", "-q"]);
 
     // A recovery window shorter than the gap between full backups is refused.

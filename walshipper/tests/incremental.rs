@@ -5,7 +5,6 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -40,37 +39,8 @@ fn restore_checked(
     let dir = d.join(name);
     let o = shipper.restore(&dir, extra);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let walcopy = d.join(format!("{name}-wal"));
-    shipper.fetch_wal(
-        &segment_range(
-            done["wal_start"].as_str().unwrap(),
-            done["wal_stop"].as_str().unwrap(),
-        ),
-        &walcopy,
-    );
-    let out = run_ok(
-        Command::new(pg_bin("pg_verifybackup"))
-            .arg("-w")
-            .arg(&walcopy)
-            .arg(&dir),
-    );
-    assert!(out.contains("successfully verified"), "{out}");
+    shipper.verify_restored(done, &dir, &d.join(format!("{name}-wal")));
     start_restored(d, name, &[])
-}
-
-fn postgres_checks(c: Cluster) {
-    run_ok(
-        Command::new(pg_bin("pg_amcheck"))
-            .args(["-U", "postgres", "-h"])
-            .arg(&c.socket)
-            .args(["--all", "--heapallindexed", "--install-missing"]),
-    );
-    c.stop();
-    run_ok(
-        Command::new(pg_bin("pg_checksums"))
-            .args(["--check", "-D"])
-            .arg(&c.data),
-    );
 }
 
 #[test]

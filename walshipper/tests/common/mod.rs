@@ -460,6 +460,27 @@ impl Shipper {
             .args(extra))
     }
 
+    /// Checks a restored directory with pg_verifybackup: every file against
+    /// the backup_manifest restore wrote, and the backup's WAL range (fetched
+    /// into `walcopy`) parsed with pg_waldump.
+    #[allow(dead_code)]
+    pub fn verify_restored(&self, done: &serde_json::Value, dir: &Path, walcopy: &Path) {
+        self.fetch_wal(
+            &segment_range(
+                done["wal_start"].as_str().unwrap(),
+                done["wal_stop"].as_str().unwrap(),
+            ),
+            walcopy,
+        );
+        let out = run_ok(
+            Command::new(pg_bin("pg_verifybackup"))
+                .arg("-w")
+                .arg(walcopy)
+                .arg(dir),
+        );
+        assert!(out.contains("successfully verified"), "{out}");
+    }
+
     /// Fetches WAL segments first..=last (names) into `dir` with archive-get.
     pub fn fetch_wal(&self, names: &[String], dir: &Path) {
         std::fs::create_dir_all(dir).unwrap();
@@ -479,6 +500,24 @@ pub fn segment_range(first: &str, last: &str) -> Vec<String> {
     (num(first)..=num(last))
         .map(|s| format!("{}{:08X}{:08X}", &first[0..8], s / 256, s % 256))
         .collect()
+}
+
+/// PostgreSQL's own checks of a recovered cluster: pg_amcheck on every
+/// database (heap and indexes), then, stopped, pg_checksums.
+#[allow(dead_code)]
+pub fn postgres_checks(c: Cluster) {
+    run_ok(
+        Command::new(pg_bin("pg_amcheck"))
+            .args(["-U", "postgres", "-h"])
+            .arg(&c.socket)
+            .args(["--all", "--heapallindexed", "--install-missing"]),
+    );
+    c.stop();
+    run_ok(
+        Command::new(pg_bin("pg_checksums"))
+            .args(["--check", "-D"])
+            .arg(&c.data),
+    );
 }
 
 /// Starts a restored data directory and waits until recovery ends.
