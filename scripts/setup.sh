@@ -7,8 +7,9 @@ source "$(dirname "$0")/lib.sh"
 # --minimal: only what the demo needs (PostgreSQL and a toolchain copy), no pgrx.
 MINIMAL=0; [ "${1:-}" = --minimal ] && MINIMAL=1
 
+# build-essential: the C compiler and linker that Rust, zstd and blake3 build with.
 need_pkgs=()
-for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib pgbackrest clang libclang-dev rsync curl python3-venv; do
+for p in postgresql-$PG_MAJOR postgresql-server-dev-$PG_MAJOR postgresql-contrib pgbackrest build-essential clang libclang-dev rsync curl python3-venv; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
 done
 if [ ${#need_pkgs[@]} -gt 0 ]; then
