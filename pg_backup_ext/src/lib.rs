@@ -411,7 +411,7 @@ mod tests {
         // A failure raises one alert with walshipper's reason.
         Spi::run(&format!("SELECT backup._sched_expire_done(NULL, {last}, 'cannot list s3://b/p: HTTP 403 (exit 3)')")).expect("failed");
         assert_eq!(
-            one(&format!("SELECT kind || ' ' || severity || ' ' || subject || ': ' || replace(message, {last}::text, 'N') FROM backup.alerts WHERE resolved_at IS NULL")),
+            one(&format!("SELECT kind || ' ' || severity || ' ' || subject || ': ' || replace(message, 'backup ' || {last} || ' ', 'backup N ') FROM backup.alerts WHERE resolved_at IS NULL")),
             Some("expire_failed warning walshipper expire: expiry after backup N failed: cannot list s3://b/p: HTTP 403 (exit 3)".into())
         );
         // A dry run is audited and changes nothing else.
