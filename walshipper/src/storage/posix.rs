@@ -101,15 +101,16 @@ impl PosixStorage {
                 }
                 other => other?,
             };
+            // Whole 1 MiB writes: an encoder hands out one frame at a time,
+            // often a few KiB, and a write plus a writeback request per frame
+            // cost more than the data.
             let mut buf = vec![0u8; 1 << 20];
             let mut written = 0u64;
             loop {
-                let n = match body.read(&mut buf) {
-                    Ok(0) => break,
-                    Ok(n) => n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
-                };
+                let n = fill(body, &mut buf)?;
+                if n == 0 {
+                    break;
+                }
                 f.write_all(&buf[..n])?;
                 if sync {
                     // Start writing back what we have so the final fsync has
@@ -125,6 +126,9 @@ impl PosixStorage {
                     }
                 }
                 written += n as u64;
+                if n < buf.len() {
+                    break;
+                }
             }
             if sync {
                 f.sync_all()?;
@@ -347,6 +351,20 @@ impl Storage for PosixStorage {
     fn describe(&self) -> String {
         format!("posix:{}", self.root.display())
     }
+}
+
+/// Reads until `buf` is full or the body ends; returns the bytes read.
+fn fill(body: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match body.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 #[cfg(test)]
