@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Benchmark (not a test): archive-push latency of walshipper vs pgBackRest on
 # the same real WAL segments, zstd level 3 and encryption on both sides, one
-# synchronous push per segment as PostgreSQL's archiver does it.
+# synchronous push per segment as PostgreSQL's archiver does it, in a warm and
+# a cold page-cache pass (see push_timing.py for why both tools must meet the
+# segment in the same state).
 # Run as root: bash bench/archive-push.sh   (SEGMENTS=48 by default)
 set -euo pipefail
 source "$(dirname "$0")/../scripts/lib.sh"
