@@ -236,6 +236,22 @@ fn frame_record(index: u32, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.extend_from_slice(payload);
 }
 
+/// Reads until `buf` is full or the source ends; returns the bytes read.
+/// (`read_to_end` would probe with small reads first; `read_exact` cannot
+/// report a short end.)
+pub fn read_full<R: Read + ?Sized>(src: &mut R, buf: &mut [u8]) -> io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match src.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
+}
+
 fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
     let mut b = [0u8; N];
     getrandom::getrandom(&mut b).map_err(|e| io::Error::other(format!("random: {e}")))?;
@@ -471,15 +487,7 @@ impl<R: Read> EncodingReader<R> {
         }
         let size = self.settings.frame_size as usize;
         let mut buf = vec![0u8; size];
-        let mut filled = 0;
-        while filled < size {
-            match self.src.read(&mut buf[filled..]) {
-                Ok(0) => break,
-                Ok(n) => filled += n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
-            }
-        }
+        let filled = read_full(&mut self.src, &mut buf)?;
         buf.truncate(filled);
         if filled < size {
             self.eof = true;
@@ -900,6 +908,58 @@ mod tests {
         let mut out = Vec::new();
         enc.read_to_end(&mut out).unwrap();
         (out, enc.summary().clone())
+    }
+
+    /// A source that hands out at most 3 bytes per read and is interrupted
+    /// every other call, as pipes and signals do.
+    struct Trickle<'a> {
+        data: &'a [u8],
+        calls: usize,
+    }
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.calls += 1;
+            if self.calls.is_multiple_of(2) {
+                return Err(io::ErrorKind::Interrupted.into());
+            }
+            let n = buf.len().min(3).min(self.data.len());
+            buf[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn read_full_fills_across_short_and_interrupted_reads() {
+        let data: Vec<u8> = (0..20).collect();
+        let mut src = Trickle {
+            data: &data,
+            calls: 0,
+        };
+        let mut buf = [0u8; 8];
+        assert_eq!(read_full(&mut src, &mut buf).unwrap(), 8);
+        assert_eq!(&buf, &data[..8]);
+        let mut big = [0u8; 32];
+        assert_eq!(read_full(&mut src, &mut big).unwrap(), 12);
+        assert_eq!(&big[..12], &data[8..]);
+        assert_eq!(read_full(&mut src, &mut big).unwrap(), 0);
+        // The encoder reads its frames the same way: a trickling source
+        // round-trips with frames cut at the right places.
+        let s = settings(true, Compression::Zstd, 2);
+        let plain: Vec<u8> = (0..10_000u32).map(|i| (i % 251) as u8).collect();
+        let mut enc = EncodingReader::new(
+            Trickle {
+                data: &plain,
+                calls: 0,
+            },
+            s.clone(),
+        )
+        .unwrap();
+        let mut stored = Vec::new();
+        enc.read_to_end(&mut stored).unwrap();
+        assert_eq!(enc.summary().frames, 3);
+        assert_eq!(decode(&stored, &s).unwrap(), plain);
     }
 
     fn decode(stored: &[u8], s: &Arc<CodecSettings>) -> io::Result<Vec<u8>> {

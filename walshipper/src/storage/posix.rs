@@ -107,7 +107,7 @@ impl PosixStorage {
             let mut buf = vec![0u8; 1 << 20];
             let mut written = 0u64;
             loop {
-                let n = fill(body, &mut buf)?;
+                let n = crate::codec::read_full(body, &mut buf)?;
                 if n == 0 {
                     break;
                 }
@@ -351,20 +351,6 @@ impl Storage for PosixStorage {
     fn describe(&self) -> String {
         format!("posix:{}", self.root.display())
     }
-}
-
-/// Reads until `buf` is full or the body ends; returns the bytes read.
-fn fill(body: &mut dyn Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut filled = 0;
-    while filled < buf.len() {
-        match body.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(filled)
 }
 
 #[cfg(test)]
