@@ -20,6 +20,8 @@ use std::io::{self, Read, Write};
 
 use sha2::{Digest, Sha256};
 
+use crate::codec::read_full;
+
 /// Block size of maps and deltas.
 pub const BLOCK: usize = 8192;
 /// Files at least this large get block maps and block deltas; smaller files
@@ -128,20 +130,6 @@ impl BlockMap {
     }
 }
 
-/// Reads up to one block, looping over short reads; 0 at end of file.
-fn read_block<R: Read>(r: &mut R, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
-}
-
 /// Compares a file with `map` block by block: None if it is identical, else
 /// the first block that differs (or does not exist in `map`). Reads nothing
 /// past the first difference.
@@ -149,14 +137,14 @@ pub fn first_change<R: Read>(mut r: R, map: &BlockMap) -> io::Result<Option<u32>
     let mut buf = vec![0u8; BLOCK];
     let mut size = 0u64;
     for (i, want) in map.hashes.iter().enumerate() {
-        let n = read_block(&mut r, &mut buf)?;
+        let n = read_full(&mut r, &mut buf)?;
         size += n as u64;
         // A short block is the file's end: different unless it is the map's last.
         if n == 0 || block_hash(&buf[..n]) != *want || (n < BLOCK && i + 1 < map.hashes.len()) {
             return Ok(Some(i as u32));
         }
     }
-    if size == map.size && read_block(&mut r, &mut buf)? == 0 {
+    if size == map.size && read_full(&mut r, &mut buf)? == 0 {
         Ok(None)
     } else {
         Ok(Some(map.hashes.len() as u32))
@@ -286,7 +274,7 @@ impl<R: Read> DeltaReader<R> {
         self.out.clear();
         self.out_pos = 0;
         while self.out.is_empty() && !self.done {
-            let n = read_block(&mut self.inner, &mut self.block)?;
+            let n = read_full(&mut self.inner, &mut self.block)?;
             if n == 0 {
                 self.out.extend_from_slice(&END.to_le_bytes());
                 self.out.extend_from_slice(&0u32.to_le_bytes());
