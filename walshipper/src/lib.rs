@@ -12,6 +12,7 @@ pub mod config;
 pub mod delta;
 pub mod error;
 pub mod keys;
+pub mod layout;
 pub mod lock;
 pub mod manifest;
 pub mod page;

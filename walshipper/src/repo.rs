@@ -480,8 +480,7 @@ impl Repository {
 
     /// Where a WAL segment is stored.
     pub fn wal_key(&self, tli: u32, segno: u64) -> String {
-        let name = crate::wal::segment_name(tli, segno, self.descriptor.wal_segment_size);
-        format!("wal/{}/{name}", &name[0..16])
+        crate::layout::wal_segment(tli, segno, self.descriptor.wal_segment_size)
     }
 
     /// Decodes object `key` into `out`, verifying it entirely; returns the

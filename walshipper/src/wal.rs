@@ -86,15 +86,6 @@ pub fn segment_name(tli: u32, segno: u64, seg_size: u64) -> String {
     format!("{:08X}{:08X}{:08X}", tli, segno / per, segno % per)
 }
 
-/// Repository key of a WAL file: segments and backup-history files under
-/// `wal/<timeline+log>/`, timeline history under `wal/history/`.
-pub fn object_key(name: &str, kind: &WalFileKind) -> String {
-    match kind {
-        WalFileKind::History { .. } => format!("wal/history/{name}"),
-        _ => format!("wal/{}/{name}", &name[0..16]),
-    }
-}
-
 /// What the repository knows of its cluster, to check a WAL file against.
 #[derive(Clone, Debug)]
 pub struct ClusterIdentity {

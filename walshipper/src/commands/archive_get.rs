@@ -16,7 +16,7 @@ pub fn run(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
             "'{name}' is not a WAL file name (use %f in restore_command)"
         ))
     })?;
-    let key = wal::object_key(name, &kind);
+    let key = crate::layout::wal(name, &kind);
     // Repositories in configuration order; the next one is tried when one
     // lacks the file or fails. "Not found" only when every one said so.
     let mut failure = None;

@@ -30,7 +30,7 @@ fn validate(repo: &Repository, path: &Path) -> Result<(String, String)> {
         .and_then(|n| n.to_str())
         .unwrap_or_default()
         .to_string();
-    let key = wal::object_key(&name, &kind);
+    let key = crate::layout::wal(&name, &kind);
     Ok((name, key))
 }
 

@@ -37,7 +37,7 @@ pub fn run(cfg: &Config) -> Result<()> {
     let name = get(&mut client, "SELECT pg_walfile_name(pg_switch_wal())")?;
     let kind = wal::parse_name(&name)
         .ok_or_else(|| Error::Check(format!("server returned odd WAL name {name}")))?;
-    let key = wal::object_key(&name, &kind);
+    let key = crate::layout::wal(&name, &kind);
     let timeout = Duration::from_secs(cfg.archive.check_timeout);
     let start = Instant::now();
     println!(

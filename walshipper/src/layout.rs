@@ -1,0 +1,290 @@
+//! The repository's key layout, in one place: every object name walshipper
+//! writes or reads is built and parsed here (docs/repository-format.md,
+//! "Layout"). Parsers are strict: a key read back from a listing or a
+//! manifest is untrusted, and anything that is not exactly what a writer
+//! would have produced is `None`, never a path to follow.
+
+use crate::wal::{self, WalFileKind};
+
+/// The descriptor, written last by repo-init.
+pub const DESCRIPTOR: &str = "repository.json";
+/// Prefixes for listings.
+pub const KEYS_PREFIX: &str = "keys/";
+pub const WAL_PREFIX: &str = "wal/";
+pub const BACKUPS_PREFIX: &str = "backups/";
+pub const LOCKS_PREFIX: &str = "locks/";
+
+/// A parsed repository key: what the object is and whose.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ObjectName {
+    Descriptor,
+    /// `keys/<32 hex>.json`
+    KeyFile {
+        key_id: String,
+    },
+    /// `wal/<TTTTTTTTLLLLLLLL>/<name>` or `wal/history/<TTTTTTTT>.history`
+    Wal {
+        name: String,
+        kind: WalFileKind,
+    },
+    /// `backups/<id>/...`
+    Backup {
+        id: String,
+        part: BackupPart,
+    },
+    /// `locks/<name>.lease`
+    Lease {
+        name: String,
+    },
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum BackupPart {
+    Manifest,
+    BackupLabel,
+    TablespaceMap,
+    /// A data-directory file (whole, or a block delta), by relative path.
+    Data(String),
+    /// A block map or map delta, by relative path.
+    Map(String),
+}
+
+pub fn key_file(key_id: &str) -> String {
+    format!("{KEYS_PREFIX}{key_id}.json")
+}
+
+/// Where a WAL file (segment, partial, backup history, timeline history) is stored.
+pub fn wal(name: &str, kind: &WalFileKind) -> String {
+    match kind {
+        WalFileKind::History { .. } => format!("{WAL_PREFIX}history/{name}"),
+        _ => format!("{WAL_PREFIX}{}/{name}", &name[0..16]),
+    }
+}
+
+/// Where segment `segno` of timeline `tli` is stored.
+pub fn wal_segment(tli: u32, segno: u64, seg_size: u64) -> String {
+    let name = wal::segment_name(tli, segno, seg_size);
+    format!("{WAL_PREFIX}{}/{name}", &name[0..16])
+}
+
+pub fn backup_prefix(id: &str) -> String {
+    format!("{BACKUPS_PREFIX}{id}/")
+}
+
+pub fn manifest(id: &str) -> String {
+    format!("{BACKUPS_PREFIX}{id}/manifest")
+}
+
+pub fn backup_label(id: &str) -> String {
+    format!("{BACKUPS_PREFIX}{id}/backup_label")
+}
+
+pub fn tablespace_map(id: &str) -> String {
+    format!("{BACKUPS_PREFIX}{id}/tablespace_map")
+}
+
+pub fn backup_data(id: &str, rel: &str) -> String {
+    format!("{BACKUPS_PREFIX}{id}/data/{rel}")
+}
+
+pub fn backup_map(id: &str, rel: &str) -> String {
+    format!("{BACKUPS_PREFIX}{id}/map/{rel}")
+}
+
+pub fn lease(name: &str) -> String {
+    format!("{LOCKS_PREFIX}{name}.lease")
+}
+
+/// `YYYYMMDD-HHMMSS` then `F`, `D` or `I`, then an optional counter (2..999)
+/// for backups started in the same second.
+pub fn is_backup_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    if b.len() < 16 || b.len() > 19 || b[8] != b'-' {
+        return false;
+    }
+    let digits = |s: &[u8]| s.iter().all(u8::is_ascii_digit);
+    digits(&b[0..8])
+        && digits(&b[9..15])
+        && matches!(b[15], b'F' | b'D' | b'I')
+        && digits(&b[16..])
+        && (b.len() == 16 || b[16] != b'0')
+}
+
+/// The type letter of a backup id: `full`, `diff` or `incr`.
+pub fn backup_id_type(id: &str) -> Option<&'static str> {
+    if !is_backup_id(id) {
+        return None;
+    }
+    match id.as_bytes()[15] {
+        b'F' => Some("full"),
+        b'D' => Some("diff"),
+        _ => Some("incr"),
+    }
+}
+
+/// A path relative to the data directory as a manifest may name it: `/`-
+/// separated normal components only (no empty, `.` or `..` component, no
+/// leading `/`, no NUL). Restore joins these to the target directory, so
+/// this is what keeps a hostile manifest inside it.
+pub fn is_safe_rel_path(rel: &str) -> bool {
+    !rel.is_empty()
+        && rel.len() <= 4096
+        && !rel.contains('\0')
+        && rel
+            .split('/')
+            .all(|c| !c.is_empty() && c != "." && c != ".." && c.len() <= 255)
+}
+
+fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Parses a repository key; `None` for anything a writer would not produce.
+pub fn parse(key: &str) -> Option<ObjectName> {
+    if key == DESCRIPTOR {
+        return Some(ObjectName::Descriptor);
+    }
+    if let Some(rest) = key.strip_prefix(KEYS_PREFIX) {
+        let id = rest.strip_suffix(".json")?;
+        return is_lower_hex(id, 32).then(|| ObjectName::KeyFile { key_id: id.into() });
+    }
+    if let Some(rest) = key.strip_prefix(WAL_PREFIX) {
+        let (dir, name) = rest.split_once('/')?;
+        let kind = wal::parse_name(name)?;
+        // The directory must be the one the writer derives from the name.
+        return (wal(name, &kind) == key).then(|| {
+            debug_assert!(dir == "history" || dir.len() == 16);
+            ObjectName::Wal {
+                name: name.into(),
+                kind,
+            }
+        });
+    }
+    if let Some(rest) = key.strip_prefix(BACKUPS_PREFIX) {
+        let (id, part) = rest.split_once('/')?;
+        if !is_backup_id(id) {
+            return None;
+        }
+        let part = match part {
+            "manifest" => BackupPart::Manifest,
+            "backup_label" => BackupPart::BackupLabel,
+            "tablespace_map" => BackupPart::TablespaceMap,
+            p => {
+                if let Some(rel) = p.strip_prefix("data/") {
+                    is_safe_rel_path(rel).then(|| BackupPart::Data(rel.into()))?
+                } else if let Some(rel) = p.strip_prefix("map/") {
+                    is_safe_rel_path(rel).then(|| BackupPart::Map(rel.into()))?
+                } else {
+                    return None;
+                }
+            }
+        };
+        return Some(ObjectName::Backup {
+            id: id.into(),
+            part,
+        });
+    }
+    if let Some(rest) = key.strip_prefix(LOCKS_PREFIX) {
+        let name = rest.strip_suffix(".lease")?;
+        let ok = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+        return ok.then(|| ObjectName::Lease { name: name.into() });
+    }
+    None
+}
+
+/// The backup a key belongs to, if it is a well-formed backup key.
+pub fn backup_of(key: &str) -> Option<String> {
+    match parse(key)? {
+        ObjectName::Backup { id, .. } => Some(id),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn build_and_parse_round_trip() {
+        let seg = wal_segment(1, 256 + 3, 16 << 20);
+        assert_eq!(seg, "wal/0000000100000001/000000010000000100000003");
+        assert!(matches!(parse(&seg), Some(ObjectName::Wal { .. })));
+        let h = wal("00000002.history", &WalFileKind::History { tli: 2 });
+        assert_eq!(h, "wal/history/00000002.history");
+        assert!(matches!(parse(&h), Some(ObjectName::Wal { .. })));
+        let id = "20261121-224754F";
+        assert_eq!(
+            parse(&manifest(id)),
+            Some(ObjectName::Backup {
+                id: id.into(),
+                part: BackupPart::Manifest
+            })
+        );
+        assert_eq!(
+            parse(&backup_data("20261121-224754I2", "base/5/16384")),
+            Some(ObjectName::Backup {
+                id: "20261121-224754I2".into(),
+                part: BackupPart::Data("base/5/16384".into())
+            })
+        );
+        let k = key_file("b9e74f7fed63d9c51335eab2976b86c5");
+        assert!(matches!(parse(&k), Some(ObjectName::KeyFile { .. })));
+        assert_eq!(parse(DESCRIPTOR), Some(ObjectName::Descriptor));
+        assert!(matches!(
+            parse(&lease("backup")),
+            Some(ObjectName::Lease { .. })
+        ));
+    }
+
+    #[test]
+    fn hostile_keys_are_refused() {
+        for k in [
+            "backups/20261121-224754F/data/../../etc/passwd",
+            "backups/20261121-224754F/data//etc/passwd",
+            "backups/20261121-224754F/data/base/./5",
+            "backups/20261121-224754F/data/",
+            "backups/../manifest",
+            "backups/2026112-224754F/manifest",
+            "backups/20261121-224754X/manifest",
+            "backups/20261121-224754F0/manifest",
+            "backups/20261121-224754F/other",
+            "wal/0000000200000001/000000010000000100000003",
+            "wal/history/000000010000000100000003",
+            "wal/0000000100000001/00000001.history",
+            "wal/0000000100000001/000000010000000100000003.x",
+            "keys/B9E74F7FED63D9C51335EAB2976B86C5.json",
+            "keys/../repository.json",
+            "locks/../x.lease",
+            "",
+            "repository.json.bak",
+        ] {
+            assert_eq!(parse(k), None, "{k}");
+        }
+    }
+
+    #[test]
+    fn rel_paths() {
+        assert!(is_safe_rel_path("base/1/1259"));
+        assert!(is_safe_rel_path("pg_tblspc/16390/PG_15_202209061/5/16391"));
+        for p in ["", "/etc", "a/../b", "..", ".", "a//b", "a/", "a\0b"] {
+            assert!(!is_safe_rel_path(p), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn backup_ids() {
+        assert!(is_backup_id("20261121-224754F"));
+        assert!(is_backup_id("20261121-224754D2"));
+        assert!(is_backup_id("20261121-224754I999"));
+        assert!(!is_backup_id("20261121-224754I9999"));
+        assert!(!is_backup_id("20261121-224754I0"));
+        assert!(!is_backup_id("20261121 224754F"));
+        assert_eq!(backup_id_type("20261121-224754D"), Some("diff"));
+    }
+}
