@@ -14,6 +14,7 @@ use crate::codec::{
 use crate::config::{Config, RepoConfig};
 use crate::error::{Error, Result};
 use crate::keys::{KeyCache, KeyFile};
+use crate::layout;
 use crate::manifest::Manifest;
 use crate::storage::{self, Durability, PutOutcome, Storage};
 use crate::wal::ClusterIdentity;
@@ -61,6 +62,70 @@ pub struct Repository {
     pub descriptor: Descriptor,
     keys: HashMap<[u8; 16], DataKey>,
     settings: Arc<CodecSettings>,
+}
+
+/// Caps on objects read whole into memory (`read_object_capped`). A
+/// manifest takes some 300 bytes a file: 1 GiB is millions of files.
+pub const MANIFEST_MAX: usize = 1 << 30;
+/// backup_label and tablespace_map (PostgreSQL writes a few hundred bytes;
+/// the map grows by a line per tablespace).
+pub const LABEL_MAX: usize = 16 << 20;
+
+/// A backup whose manifest cannot be used: reported by info and verify,
+/// skipped by restore, backup and expire (which keeps it).
+#[derive(Clone, Debug, Serialize)]
+pub struct DamagedBackup {
+    /// The manifest's key.
+    pub key: String,
+    /// The backup id its key names.
+    pub id: String,
+    pub reason: String,
+}
+
+/// What `scan_backups` found.
+#[derive(Default)]
+pub struct BackupScan {
+    /// Intact manifests, oldest first.
+    pub backups: Vec<Manifest>,
+    pub damaged: Vec<DamagedBackup>,
+}
+
+enum Loaded {
+    Intact(Manifest),
+    Missing,
+    Damaged(String),
+}
+
+/// Binds a manifest to the key it was read from, and checks what the
+/// listing code relies on. The full structural check (paths, objects) is
+/// `Manifest::validate` in manifest.rs; this is the minimum: a manifest
+/// copied over another backup's must not pass for it.
+fn check_manifest_binding(m: &Manifest, key: &str) -> std::result::Result<(), String> {
+    let want = layout::backup_of(key).unwrap_or_default();
+    if m.id != want {
+        return Err(format!(
+            "the manifest is that of backup {:?}, not of {want} (moved or copied over)",
+            m.id.chars().take(40).collect::<String>()
+        ));
+    }
+    if m.manifest_version > crate::manifest::MANIFEST_VERSION {
+        return Err(format!(
+            "written by a newer walshipper (manifest version {}); upgrade walshipper to use it",
+            m.manifest_version
+        ));
+    }
+    if layout::backup_id_type(&m.id) != Some(m.kind.as_str()) {
+        return Err(format!(
+            "type {:?} does not match the id's type letter",
+            m.kind.chars().take(8).collect::<String>()
+        ));
+    }
+    if let Some(b) = &m.based_on {
+        if !layout::is_backup_id(b) || *b == m.id {
+            return Err("based_on is not another backup's id".into());
+        }
+    }
+    Ok(())
 }
 
 /// Options of repo-init.
@@ -144,6 +209,28 @@ impl Read for VerifyingCopy {
                 self.done = true;
             }
         }
+    }
+}
+
+/// A Vec that refuses to grow past `max` bytes.
+struct CappedVec {
+    v: Vec<u8>,
+    max: usize,
+    over: bool,
+}
+
+impl Write for CappedVec {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if buf.len() > self.max.saturating_sub(self.v.len()) {
+            self.over = true;
+            return Err(io::Error::other("object larger than its cap"));
+        }
+        self.v.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
     }
 }
 
@@ -429,53 +516,110 @@ impl Repository {
         Ok(v)
     }
 
-    /// Every complete backup (one whose manifest exists), oldest first.
+    /// Every complete backup (one whose manifest exists) whose manifest
+    /// reads back intact, oldest first. Damaged manifests are logged and
+    /// left out: one of them must not make the others unusable. Commands
+    /// that report damage (info, verify, expire, backup) use `scan_backups`.
     pub fn list_backups(&self) -> Result<Vec<Manifest>> {
-        let mut out = Vec::new();
-        for meta in self.storage.list("backups/")? {
-            let Some(rest) = meta.key.strip_prefix("backups/") else {
-                continue;
-            };
-            let Some((_, "manifest")) = rest.split_once('/') else {
-                continue;
-            };
-            let body = self.read_object_vec(&meta.key)?;
-            let m: Manifest = serde_json::from_slice(&body).map_err(|e| Error::Corrupt {
-                key: meta.key.clone(),
-                reason: format!("manifest is not valid JSON: {e}"),
-            })?;
-            if m.manifest_version > crate::manifest::MANIFEST_VERSION {
-                return Err(Error::Repository(format!(
-                    "backup {} was written by a newer walshipper (manifest version {}); upgrade walshipper to read this repository",
-                    m.id, m.manifest_version
-                )));
+        let scan = self.scan_backups()?;
+        for d in &scan.damaged {
+            tracing::warn!("{}: {} (skipped; see `walshipper verify`)", d.key, d.reason);
+        }
+        Ok(scan.backups)
+    }
+
+    /// Every backup manifest in the repository: the intact ones, oldest
+    /// first, and the damaged ones (undecodable, not a manifest, or not the
+    /// manifest its key names). A storage error (the store did not answer)
+    /// is an error, not damage: it says nothing about the object.
+    pub fn scan_backups(&self) -> Result<BackupScan> {
+        let mut scan = BackupScan::default();
+        for meta in self.storage.list(layout::BACKUPS_PREFIX)? {
+            match layout::parse(&meta.key) {
+                Some(layout::ObjectName::Backup {
+                    part: layout::BackupPart::Manifest,
+                    ..
+                }) => {}
+                Some(_) => continue,
+                None => {
+                    // Never used to build a path; verify reports it.
+                    tracing::warn!("ignoring {}: not a key walshipper writes", meta.key);
+                    continue;
+                }
             }
-            out.push(m);
+            match self.load_manifest(&meta.key)? {
+                Loaded::Intact(m) => scan.backups.push(m),
+                // Removed since the listing (expire on another host).
+                Loaded::Missing => {}
+                Loaded::Damaged(reason) => scan.damaged.push(DamagedBackup {
+                    id: layout::backup_of(&meta.key).unwrap_or_default(),
+                    key: meta.key.clone(),
+                    reason,
+                }),
+            }
         }
         // By start time (ids carry whole seconds and a type letter).
-        out.sort_by_key(|m| {
+        scan.backups.sort_by_key(|m| {
             (
                 chrono::DateTime::parse_from_rfc3339(&m.start_time).ok(),
                 m.id.clone(),
             )
         });
-        Ok(out)
+        Ok(scan)
     }
 
+    /// Reads and checks the manifest at `key`. Damage (undecodable, too
+    /// large, not JSON, not the manifest of this key) is `Damaged`; a
+    /// storage failure is an error: it says nothing about the object.
+    fn load_manifest(&self, key: &str) -> Result<Loaded> {
+        let body = match self.read_object_capped(key, MANIFEST_MAX) {
+            Ok(b) => b,
+            Err(Error::NotFound(_)) => return Ok(Loaded::Missing),
+            Err(Error::Corrupt { reason, .. }) => return Ok(Loaded::Damaged(reason)),
+            Err(e) => return Err(e),
+        };
+        let m: Manifest = match serde_json::from_slice(&body) {
+            Ok(m) => m,
+            Err(e) => return Ok(Loaded::Damaged(format!("manifest is not valid JSON: {e}"))),
+        };
+        Ok(match check_manifest_binding(&m, key) {
+            Ok(()) => Loaded::Intact(m),
+            Err(reason) => Loaded::Damaged(reason),
+        })
+    }
+
+    /// Threads configured for one object's codec.
     /// Threads configured for one object's codec.
     pub fn threads(&self) -> usize {
         self.settings.threads
     }
 
+    /// The backup `id`, reading only its own manifest: other backups'
+    /// damage does not matter here. A damaged manifest is `Corrupt`.
     pub fn find_backup(&self, id: &str) -> Result<Manifest> {
-        self.list_backups()?
-            .into_iter()
-            .find(|m| m.id == id)
-            .ok_or_else(|| {
-                Error::Invalid(format!(
-                    "no backup {id} in the repository (see `walshipper info`)"
-                ))
-            })
+        let missing = || {
+            Error::Invalid(format!(
+                "no backup {id} in the repository (see `walshipper info`)"
+            ))
+        };
+        if !layout::is_backup_id(id) {
+            return Err(missing());
+        }
+        let key = layout::manifest(id);
+        // Storage errors (the store did not answer) pass through as they are.
+        if self.storage.head(&key)?.is_none() {
+            return Err(missing());
+        }
+        match self.load_manifest(&key)? {
+            Loaded::Intact(m) => Ok(m),
+            Loaded::Missing => Err(missing()),
+            Loaded::Damaged(reason) => Err(Error::Corrupt {
+                key,
+                reason: format!(
+                    "{reason}; backup {id} cannot be used (`walshipper info` lists the others)"
+                ),
+            }),
+        }
     }
 
     /// Where a WAL segment is stored.
@@ -508,6 +652,27 @@ impl Repository {
             key: key.into(),
             reason: "ended before its final frame".into(),
         })
+    }
+
+    /// Reads a whole object into memory, refusing (as `Corrupt`) one whose
+    /// plaintext exceeds `max` bytes before more than `max` are held:
+    /// sizes in the repository are untrusted (manifests, labels, maps).
+    pub fn read_object_capped(&self, key: &str, max: usize) -> Result<Vec<u8>> {
+        let mut w = CappedVec {
+            v: Vec::new(),
+            max,
+            over: false,
+        };
+        match self.read_object(key, &mut w) {
+            Ok(_) => Ok(w.v),
+            Err(_) if w.over => Err(Error::Corrupt {
+                key: key.into(),
+                reason: format!(
+                    "larger than {max} bytes, more than such an object can hold; refusing to read it into memory"
+                ),
+            }),
+            Err(e) => Err(e),
+        }
     }
 
     fn read_error(&self, key: &str, e: io::Error) -> Error {
