@@ -28,6 +28,14 @@ pub const BLOCK: usize = 8192;
 /// are compared whole (by SHA-256) and stored whole when they changed.
 pub const MAP_MIN: u64 = 128 << 10;
 
+/// The largest file a block map or delta may describe. PostgreSQL splits
+/// relations into 1 GiB segment files; nothing else in a data directory
+/// comes near. A size read back from the repository beyond this is damage,
+/// refused before anything is allocated or a file is extended.
+pub const MAX_FILE_SIZE: u64 = 1 << 40;
+/// Header of a serialised map: magic, kind, size, count.
+const MAP_HEADER: usize = 21;
+
 const MAP_MAGIC: &[u8; 8] = b"WSBMAP01";
 const DELTA_MAGIC: &[u8; 8] = b"WSDELTA1";
 const END: u32 = u32::MAX;
@@ -58,7 +66,15 @@ pub struct BlockMap {
 
 /// Blocks in a file of `size` bytes (the last one may be partial).
 pub fn blocks_in(size: u64) -> usize {
-    size.div_ceil(BLOCK as u64) as usize
+    usize::try_from(size.div_ceil(BLOCK as u64)).unwrap_or(usize::MAX)
+}
+
+/// The most bytes a serialised map (full or delta) of a file of `size`
+/// bytes can take: the cap for reading one into memory.
+pub fn map_len_max(size: u64) -> usize {
+    blocks_in(size.min(MAX_FILE_SIZE))
+        .saturating_mul(20)
+        .saturating_add(MAP_HEADER)
 }
 
 impl BlockMap {
@@ -90,18 +106,31 @@ impl BlockMap {
     }
 
     /// Applies a serialised map (full: replaces; delta: updates) to `self`.
+    /// Every count and size is checked against the body's length and
+    /// `MAX_FILE_SIZE` before anything is allocated; on error `self` is
+    /// unchanged.
     pub fn apply(&mut self, body: &[u8]) -> io::Result<()> {
-        if body.len() < 21 || &body[..8] != MAP_MAGIC {
+        let (Some(magic), Some(&kind), Some(size), Some(count), Some(rest)) = (
+            body.get(..8),
+            body.get(8),
+            body.get(9..17),
+            body.get(17..21),
+            body.get(MAP_HEADER..),
+        ) else {
+            return Err(bad("shorter than its header"));
+        };
+        if magic != MAP_MAGIC {
             return Err(bad("bad header"));
         }
-        let kind = body[8];
-        let size = u64::from_le_bytes(body[9..17].try_into().map_err(|_| bad("size"))?);
-        let count = u32::from_le_bytes(body[17..21].try_into().map_err(|_| bad("count"))?) as usize;
-        let rest = &body[21..];
+        let size = u64::from_le_bytes(size.try_into().map_err(|_| bad("size"))?);
+        let count = u32::from_le_bytes(count.try_into().map_err(|_| bad("count"))?) as usize;
+        if size > MAX_FILE_SIZE {
+            return Err(bad("file size beyond the largest a map may describe"));
+        }
         let n = blocks_in(size);
         match kind {
             0 => {
-                if count != n || rest.len() != count * 16 {
+                if count != n || Some(rest.len()) != count.checked_mul(16) {
                     return Err(bad("full map length does not match its size"));
                 }
                 self.hashes = rest
@@ -110,18 +139,25 @@ impl BlockMap {
                     .collect();
             }
             1 => {
-                if rest.len() != count * 20 {
+                if Some(rest.len()) != count.checked_mul(20) {
                     return Err(bad("map delta length does not match its count"));
                 }
-                self.hashes.resize(n, [0; 16]);
-                for rec in rest.chunks_exact(20) {
-                    let b =
-                        u32::from_le_bytes(rec[..4].try_into().map_err(|_| bad("block"))?) as usize;
-                    if b >= n {
-                        return Err(bad("map delta names a block beyond the file"));
-                    }
-                    self.hashes[b].copy_from_slice(&rec[4..20]);
+                // Every block past the earlier end is new, so a writer lists
+                // it: a delta cannot grow the map by more than its count.
+                if n > self.hashes.len().saturating_add(count) {
+                    return Err(bad("map delta grows the file by more blocks than it lists"));
                 }
+                let mut hashes = self.hashes.clone();
+                hashes.resize(n, [0; 16]);
+                for rec in rest.chunks_exact(20) {
+                    let (b, h) = rec.split_at(4);
+                    let b = u32::from_le_bytes(b.try_into().map_err(|_| bad("block"))?) as usize;
+                    let Some(slot) = hashes.get_mut(b) else {
+                        return Err(bad("map delta names a block beyond the file"));
+                    };
+                    slot.copy_from_slice(h);
+                }
+                self.hashes = hashes;
             }
             _ => return Err(bad("unknown kind")),
         }
@@ -322,11 +358,23 @@ impl<R: Read> Read for DeltaReader<R> {
 
 /// Applies a block delta, streamed into it, to a file holding the earlier
 /// version: each block is written in place; the end record sets the size.
+/// Every record is checked before it touches the file: a block number and
+/// length that put it past `MAX_FILE_SIZE`, a length of 0 or over a block,
+/// are refused; at the end a short block must be the file's last one and
+/// no block may lie past the end record's size.
 pub struct DeltaApplier<'f> {
     file: &'f std::fs::File,
     buf: Vec<u8>,
     magic_seen: bool,
     end: Option<u64>,
+    /// The furthest byte any record wrote.
+    written_to: u64,
+    /// Where a short (partial) block ended, if one was written.
+    partial_end: Option<u64>,
+}
+
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("block delta: {what}"))
 }
 
 impl<'f> DeltaApplier<'f> {
@@ -336,76 +384,86 @@ impl<'f> DeltaApplier<'f> {
             buf: Vec::with_capacity(2 * BLOCK),
             magic_seen: false,
             end: None,
+            written_to: 0,
+            partial_end: None,
         }
     }
 
     /// Checks that the delta was complete and truncates/extends the file.
     pub fn finish(self) -> io::Result<u64> {
-        match self.end {
-            Some(size) if self.buf.is_empty() => {
-                self.file.set_len(size)?;
-                Ok(size)
-            }
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidData,
-                "block delta ended without its end record",
-            )),
+        let size = match self.end {
+            Some(size) if self.buf.is_empty() => size,
+            _ => return Err(invalid("ended without its end record")),
+        };
+        if self.written_to > size {
+            return Err(invalid("a block lies past the end record's size"));
         }
+        if self.partial_end.is_some_and(|p| p != size) {
+            return Err(invalid("a short block that is not the file's last"));
+        }
+        self.file.set_len(size)?;
+        Ok(size)
     }
 
     fn consume(&mut self) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
         let mut pos = 0;
         if !self.magic_seen {
-            if self.buf.len() < 8 {
+            let Some(magic) = self.buf.get(..8) else {
                 return Ok(());
-            }
-            if &self.buf[..8] != DELTA_MAGIC {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "not a block delta",
-                ));
+            };
+            if magic != DELTA_MAGIC {
+                return Err(invalid("not a block delta"));
             }
             self.magic_seen = true;
             pos = 8;
         }
         loop {
-            let rest = &self.buf[pos..];
+            let rest = self.buf.get(pos..).unwrap_or_default();
             if self.end.is_some() {
                 if !rest.is_empty() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "bytes after the end of a block delta",
-                    ));
+                    return Err(invalid("bytes after its end record"));
                 }
                 break;
             }
-            if rest.len() < 8 {
+            let Some(head) = rest.get(..8) else {
                 break;
-            }
-            let blk = u32::from_le_bytes([rest[0], rest[1], rest[2], rest[3]]);
-            let len = u32::from_le_bytes([rest[4], rest[5], rest[6], rest[7]]) as usize;
+            };
+            let blk = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
             if blk == END {
-                if rest.len() < 16 {
+                let Some(s) = rest.get(8..16) else {
                     break;
+                };
+                let size = u64::from_le_bytes(s.try_into().map_err(|_| invalid("end record"))?);
+                if len != 0 || size > MAX_FILE_SIZE {
+                    return Err(invalid("end record with a bad size"));
                 }
-                let mut s = [0u8; 8];
-                s.copy_from_slice(&rest[8..16]);
-                self.end = Some(u64::from_le_bytes(s));
+                self.end = Some(size);
                 pos += 16;
                 continue;
             }
             if len == 0 || len > BLOCK {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    "block delta record with a bad length",
+                return Err(invalid("record with a bad length"));
+            }
+            let offset = u64::from(blk) * BLOCK as u64;
+            let record_end = offset + len as u64;
+            if record_end > MAX_FILE_SIZE {
+                return Err(invalid(
+                    "block beyond the largest file a delta may describe",
                 ));
             }
-            if rest.len() < 8 + len {
+            let Some(data) = rest.get(8..8 + len) else {
                 break;
+            };
+            if self.partial_end.is_some() {
+                return Err(invalid("a block after a short block"));
             }
-            self.file
-                .write_all_at(&rest[8..8 + len], u64::from(blk) * BLOCK as u64)?;
+            self.file.write_all_at(data, offset)?;
+            self.written_to = self.written_to.max(record_end);
+            if len < BLOCK {
+                self.partial_end = Some(record_end);
+            }
             pos += 8 + len;
         }
         self.buf.drain(..pos);
@@ -526,5 +584,129 @@ mod tests {
         let mut full = map_of(&old).encode();
         full.pop();
         assert!(m.apply(&full).is_err());
+    }
+
+    fn map_body(kind: u8, size: u64, count: u32, rest: &[u8]) -> Vec<u8> {
+        let mut v = MAP_MAGIC.to_vec();
+        v.push(kind);
+        v.extend_from_slice(&size.to_le_bytes());
+        v.extend_from_slice(&count.to_le_bytes());
+        v.extend_from_slice(rest);
+        v
+    }
+
+    #[test]
+    fn hostile_maps_are_refused_before_allocating() {
+        let base = map_of(&data(4, 1));
+        let cases: Vec<(&str, Vec<u8>)> = vec![
+            ("empty", Vec::new()),
+            ("header only, short", b"WSBMAP01\0\0\0".to_vec()),
+            ("u64::MAX size", map_body(0, u64::MAX, 0, &[])),
+            ("size past the cap", map_body(0, MAX_FILE_SIZE + 1, 0, &[])),
+            ("huge count, no hashes", map_body(0, 1 << 30, u32::MAX, &[])),
+            (
+                "count matches size, hashes missing",
+                map_body(0, 1 << 30, 131_072, &[0; 32]),
+            ),
+            (
+                "delta, huge count",
+                map_body(1, 4 * 8192, u32::MAX, &[0; 20]),
+            ),
+            // A delta that claims 1 TiB with no records would make the map
+            // grow by 2 GiB of hashes.
+            (
+                "delta grows without records",
+                map_body(1, MAX_FILE_SIZE, 0, &[]),
+            ),
+            (
+                "delta block past the end",
+                map_body(
+                    1,
+                    4 * 8192,
+                    1,
+                    &[&9u32.to_le_bytes()[..], &[0; 16]].concat(),
+                ),
+            ),
+            ("unknown kind", map_body(7, 0, 0, &[])),
+        ];
+        for (what, body) in cases {
+            let mut m = base.clone();
+            assert!(m.apply(&body).is_err(), "{what}");
+            assert_eq!(m, base, "{what}: the map changed");
+        }
+        assert!(map_len_max(u64::MAX) <= 21 + 20 * (MAX_FILE_SIZE as usize / BLOCK));
+        assert_eq!(blocks_in(u64::MAX), (u64::MAX / 8192 + 1) as usize);
+    }
+
+    fn record(blk: u32, len: u32, bytes: usize) -> Vec<u8> {
+        let mut v = blk.to_le_bytes().to_vec();
+        v.extend_from_slice(&len.to_le_bytes());
+        v.extend(std::iter::repeat_n(7u8, bytes));
+        v
+    }
+
+    fn end(size: u64) -> Vec<u8> {
+        let mut v = END.to_le_bytes().to_vec();
+        v.extend_from_slice(&0u32.to_le_bytes());
+        v.extend_from_slice(&size.to_le_bytes());
+        v
+    }
+
+    fn apply_delta(parts: &[Vec<u8>]) -> io::Result<u64> {
+        let (_d, f) = file_with(&data(2, 1));
+        let mut a = DeltaApplier::new(&f);
+        a.write_all(DELTA_MAGIC)?;
+        for p in parts {
+            a.write_all(p)?;
+        }
+        let r = a.finish();
+        // Whatever happened, the file was never extended past the cap.
+        assert!(f.metadata().unwrap().len() <= MAX_FILE_SIZE);
+        r
+    }
+
+    #[test]
+    fn hostile_deltas_are_refused() {
+        let blk = BLOCK as u32;
+        assert_eq!(
+            apply_delta(&[record(1, blk, BLOCK), end(2 * 8192)]).unwrap(),
+            16384
+        );
+        assert_eq!(
+            apply_delta(&[record(2, 5, 5), end(2 * 8192 + 5)]).unwrap(),
+            16389
+        );
+        for (what, parts) in [
+            ("length 0", vec![record(0, 0, 0), end(8192)]),
+            (
+                "length over a block",
+                vec![record(0, blk + 1, BLOCK + 1), end(8192)],
+            ),
+            ("length u32::MAX", vec![record(0, u32::MAX, 0), end(8192)]),
+            (
+                "block past the cap",
+                vec![record(END - 1, blk, BLOCK), end(8192)],
+            ),
+            (
+                "block past the end size",
+                vec![record(5, blk, BLOCK), end(8192)],
+            ),
+            ("u64::MAX size", vec![end(u64::MAX)]),
+            ("size past the cap", vec![end(MAX_FILE_SIZE + 1)]),
+            ("short block not last", vec![record(0, 5, 5), end(2 * 8192)]),
+            (
+                "block after a short block",
+                vec![record(0, 5, 5), record(1, blk, BLOCK), end(2 * 8192)],
+            ),
+            ("end record with a length", {
+                let mut e = end(8192);
+                e[4] = 1;
+                vec![e]
+            }),
+            ("no end record", vec![record(0, blk, BLOCK)]),
+            ("bytes after the end", vec![end(8192), vec![0]]),
+        ] {
+            assert!(apply_delta(&parts).is_err(), "{what}");
+        }
     }
 }
