@@ -19,6 +19,7 @@ use sha2::Digest;
 use crate::config::Config;
 use crate::delta;
 use crate::error::{Error, Result};
+use crate::layout;
 use crate::lock;
 use crate::manifest::{
     ChecksumFailure, DirEntry, FileEntry, Manifest, TablespaceEntry, MANIFEST_VERSION,
@@ -65,8 +66,25 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let repo = Repository::open_repo(cfg, rc)?;
     let _lock = lock::repository(rc, &repo.descriptor.system_identifier)?;
     remove_incomplete(&repo)?;
-    let backups = repo.list_backups()?;
+    // A damaged backup is never built on: the reference is chosen among
+    // the intact ones, and the user is told which were passed over.
+    let scan = repo.scan_backups()?;
+    let backups = scan.backups;
     let reference = reference_backup(&backups, &args.kind);
+    for d in &scan.damaged {
+        let newer = reference.as_ref().is_none_or(|r| d.id > r.id);
+        if args.kind != "full" && newer {
+            tracing::warn!(
+                "backup {} is damaged ({}): not building on it{}; run `walshipper verify`",
+                d.id,
+                d.reason,
+                reference
+                    .as_ref()
+                    .map(|r| format!(", this {} is based on {} instead", args.kind, r.id))
+                    .unwrap_or_default()
+            );
+        }
+    }
     // The backups this one will be built on, oldest first.
     let mut base_chain = reference
         .as_ref()
@@ -242,7 +260,7 @@ fn copy_and_finish(
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Invalid("backup_label without START TIMELINE".into()))?;
 
-    let label_key = format!("backups/{id}/backup_label");
+    let label_key = layout::backup_label(id);
     repo.put_object_with(
         &label_key,
         labelfile.as_bytes(),
@@ -251,7 +269,7 @@ fn copy_and_finish(
     )?;
     let spcmap_key = match spcmap.as_deref() {
         Some(m) if !m.is_empty() => {
-            let k = format!("backups/{id}/tablespace_map");
+            let k = layout::tablespace_map(id);
             repo.put_object_with(&k, m.as_bytes(), Durability::AtFlush, Some(1))?;
             Some(k)
         }
@@ -270,7 +288,9 @@ fn copy_and_finish(
             )
             .map_err(pg_err("pg_walfile_name"))?
             .get(0);
-        u32::from_str_radix(&name[0..8], 16).unwrap_or(timeline)
+        name.get(0..8)
+            .and_then(|t| u32::from_str_radix(t, 16).ok())
+            .unwrap_or(timeline)
     };
     wait_for_wal(
         repo,
@@ -332,7 +352,7 @@ fn copy_and_finish(
     };
     let body = serde_json::to_vec(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     // Written last, durably: from now on the backup exists.
-    repo.put_object(&format!("backups/{id}/manifest"), &body[..])?;
+    repo.put_object(&layout::manifest(id), &body[..])?;
 
     let mut chain = base_chain.to_vec();
     chain.push(id.to_string());
@@ -402,21 +422,26 @@ fn new_backup_id(repo: &Repository, kind: &str) -> Result<String> {
     let base = format!("{}{letter}", chrono::Utc::now().format("%Y%m%d-%H%M%S"));
     let mut id = base.clone();
     let mut n = 1;
-    while !repo.storage.list(&format!("backups/{id}/"))?.is_empty() {
+    while !repo.storage.list(&layout::backup_prefix(&id))?.is_empty() {
         n += 1;
         id = format!("{base}{n}");
     }
     Ok(id)
 }
 
-/// Removes the objects of backups that never got a manifest.
+/// Removes the objects of backups that never got a manifest. Names in the
+/// listing are untrusted: only well-formed backup ids are ever turned into
+/// keys to delete; anything else is left alone and reported.
 pub fn remove_incomplete(repo: &Repository) -> Result<()> {
-    for id in repo.storage.list_children("backups/")? {
-        if repo
-            .storage
-            .head(&format!("backups/{id}/manifest"))?
-            .is_none()
-        {
+    for id in repo.storage.list_children(layout::BACKUPS_PREFIX)? {
+        if !layout::is_backup_id(&id) {
+            tracing::warn!(
+                "ignoring {}{id:?} in the repository: not a backup walshipper writes",
+                layout::BACKUPS_PREFIX
+            );
+            continue;
+        }
+        if repo.storage.head(&layout::manifest(&id))?.is_none() {
             let n = delete_backup_objects(repo, &id)?;
             tracing::warn!(
                 "removed incomplete backup {id} ({n} objects) left by an interrupted run"
@@ -428,8 +453,8 @@ pub fn remove_incomplete(repo: &Repository) -> Result<()> {
 
 fn delete_backup_objects(repo: &Repository, id: &str) -> Result<usize> {
     // The manifest (if any) goes first, so a half-deleted backup is never valid.
-    repo.storage.delete(&format!("backups/{id}/manifest"))?;
-    repo.storage.delete_prefix(&format!("backups/{id}/"))
+    repo.storage.delete(&layout::manifest(id))?;
+    repo.storage.delete_prefix(&layout::backup_prefix(id))
 }
 
 fn wait_for_wal(
@@ -558,8 +583,8 @@ fn copy_one(
         )
         .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))
     };
-    let data_key = format!("backups/{id}/data/{}", f.rel);
-    let map_key = format!("backups/{id}/map/{}", f.rel);
+    let data_key = layout::backup_data(id, &f.rel);
+    let map_key = layout::backup_map(id, &f.rel);
     let referenced = |b: &FileEntry| FileEntry {
         mtime: f.mtime,
         mode: f.mode,
@@ -672,23 +697,36 @@ fn copy_one(
 }
 
 /// The block map of a file as a backup has it: the full map and its deltas.
+/// Each is read with a cap: a map of a file of the manifest's size (or of
+/// a 1 GiB relation segment, which an earlier version may have been).
 fn load_map(repo: &Repository, b: &FileEntry) -> Result<delta::BlockMap> {
+    let corrupt = |key: &str, reason: String| Error::Corrupt {
+        key: key.to_string(),
+        reason,
+    };
+    if b.size > delta::MAX_FILE_SIZE {
+        return Err(corrupt(
+            b.maps.last().map(String::as_str).unwrap_or_default(),
+            format!("the manifest gives {} a size of {} bytes", b.path, b.size),
+        ));
+    }
+    let cap = delta::map_len_max(b.size.max(u64::from(RELSEG_BLOCKS) * BLCKSZ as u64));
     let mut map = delta::BlockMap::default();
     for key in &b.maps {
-        let body = repo.read_object_vec(key)?;
-        map.apply(&body).map_err(|e| Error::Corrupt {
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
+        if layout::backup_of(key).is_none() {
+            return Err(corrupt(key, "not a backup object's key".into()));
+        }
+        let body = repo.read_object_capped(key, cap)?;
+        map.apply(&body).map_err(|e| corrupt(key, e.to_string()))?;
     }
     if map.size != b.size {
-        return Err(Error::Corrupt {
-            key: b.maps.last().cloned().unwrap_or_default(),
-            reason: format!(
+        return Err(corrupt(
+            b.maps.last().map(String::as_str).unwrap_or_default(),
+            format!(
                 "block map says {} bytes, the manifest {} for {}",
                 map.size, b.size, b.path
             ),
-        });
+        ));
     }
     Ok(map)
 }
@@ -736,7 +774,12 @@ impl PageCheckingReader {
         if page::is_new(page) || page::lsn(page) >= self.start_lsn {
             return;
         }
-        let blkno = self.first_block + (page_offset / BLCKSZ as u64) as u32;
+        // Block numbers are u32 in PostgreSQL too; a local file this large
+        // is not a relation segment, and wrapping only changes which
+        // checksum is expected, never memory.
+        let blkno = self
+            .first_block
+            .wrapping_add((page_offset / BLCKSZ as u64) as u32);
         if page::checksum(page, blkno) == page::stored_checksum(page) {
             return;
         }
