@@ -8,8 +8,13 @@ use std::sync::Mutex;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::repo::Repository;
+use crate::layout;
+use crate::repo::{BackupScan, DamagedBackup, Repository};
 use crate::wal::{self, WalFileKind};
+
+/// The most WAL segments one backup's start..stop range may span (16 TiB
+/// of WAL at 16 MiB segments written during one backup).
+const MAX_BACKUP_WAL_SEGMENTS: u64 = 1 << 20;
 
 pub fn run(
     cfg: &Config,
@@ -21,10 +26,45 @@ pub fn run(
     let repo = Repository::open_repo(cfg, cfg.find_repo(repo_name)?)?;
     let seg = repo.descriptor.wal_segment_size;
     let mut problems: Vec<String> = Vec::new();
-    let backups = match backup {
-        Some(id) => vec![repo.find_backup(id)?],
-        None => repo.list_backups()?,
+    // A damaged manifest is a problem to report, not a reason to stop: the
+    // other backups and the WAL are checked all the same.
+    let scan = match backup {
+        Some(id) => match repo.find_backup(id) {
+            Ok(m) => BackupScan {
+                backups: vec![m],
+                damaged: Vec::new(),
+            },
+            Err(Error::Corrupt { key, reason }) => BackupScan {
+                backups: Vec::new(),
+                damaged: vec![DamagedBackup {
+                    id: id.to_string(),
+                    key,
+                    reason,
+                }],
+            },
+            Err(e) => return Err(e),
+        },
+        None => repo.scan_backups()?,
     };
+    for d in &scan.damaged {
+        problems.push(format!(
+            "backup {}: manifest {} is damaged: {}; the backup cannot be restored",
+            d.id, d.key, d.reason
+        ));
+    }
+    let backups = scan.backups;
+    if backup.is_none() {
+        // Keys under backups/ that walshipper would not write: never used,
+        // but someone put them there.
+        for obj in repo.storage.list(layout::BACKUPS_PREFIX)? {
+            if layout::parse(&obj.key).is_none() {
+                problems.push(format!(
+                    "foreign object {:?}: not a key walshipper writes (ignored)",
+                    obj.key
+                ));
+            }
+        }
+    }
 
     // Objects to read: (key, expected SHA-256 or None, what it is).
     let mut work: Vec<(String, Option<String>, String)> = Vec::new();
@@ -34,6 +74,16 @@ pub fn run(
     // file and checked against the SHA-256 read at backup time.
     let mut rebuilds: Vec<(crate::manifest::FileEntry, String)> = Vec::new();
     for m in &backups {
+        // Every key a manifest names must be a backup object's: anything
+        // else is not read (it could name WAL, keys or the descriptor).
+        if let Some(k) = m.objects().find(|k| layout::backup_of(k).is_none()) {
+            problems.push(format!(
+                "backup {}: the manifest names {:?}, which is not a backup object; the backup cannot be restored",
+                m.id,
+                k.chars().take(200).collect::<String>()
+            ));
+            continue;
+        }
         for f in &m.files {
             // A whole-file object is checked against the file's SHA-256; a
             // file with block deltas is rebuilt, which reads (and checks)
@@ -131,6 +181,15 @@ pub fn run(
     for m in &backups {
         let first = wal::lsn_segno(m.start_lsn(), seg);
         let last = wal::lsn_prev_segno(m.stop_lsn(), seg);
+        // LSNs come from the manifest: a range no backup spans is damage,
+        // not a loop of 2^40 lookups.
+        if m.stop_lsn() < m.start_lsn() || last.saturating_sub(first) > MAX_BACKUP_WAL_SEGMENTS {
+            problems.push(format!(
+                "backup {}: WAL range {}..{} in the manifest is implausible",
+                m.id, m.start_lsn, m.stop_lsn
+            ));
+            continue;
+        }
         for s in first..=last {
             let found = segments.values().any(|segs| segs.contains_key(&s));
             if !found {
@@ -199,12 +258,16 @@ pub fn run(
             "{}",
             serde_json::json!({
                 "ok": problems.is_empty(), "backups": backups.iter().map(|m| &m.id).collect::<Vec<_>>(),
+                "damaged_backups": scan.damaged,
                 "objects_checked": work.len(), "files_rebuilt": rebuilds.len(), "wal_segments_checked": wal_checked, "problems": problems,
             })
         );
     } else {
         for m in &backups {
             println!("backup {}: {} files", m.id, m.files.len());
+        }
+        for d in &scan.damaged {
+            println!("backup {}: DAMAGED manifest", d.id);
         }
         println!(
             "{} objects read, {} files rebuilt from block deltas, {} WAL segments in range",
