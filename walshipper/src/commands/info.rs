@@ -6,7 +6,8 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::Result;
-use crate::repo::Repository;
+use crate::layout;
+use crate::repo::{DamagedBackup, Repository};
 use crate::wal::{self, WalFileKind};
 
 #[derive(Serialize)]
@@ -20,6 +21,8 @@ pub struct Info {
     pub encrypted: bool,
     pub created_at: String,
     pub backups: Vec<BackupInfo>,
+    /// Backups whose manifest is damaged: listed, never used.
+    pub damaged_backups: Vec<DamagedBackup>,
     pub wal: WalInfo,
     /// Every configured repository, in configuration order (the detail
     /// above is for the first that opened, or the one named by --repo).
@@ -96,6 +99,9 @@ pub struct WalInfo {
     pub history_files: Vec<String>,
     pub backup_history_files: Vec<String>,
     pub partial_files: Vec<String>,
+    /// Keys under wal/ that are no WAL file PostgreSQL writes (or not where
+    /// walshipper stores one): ignored.
+    pub foreign: Vec<String>,
 }
 
 #[derive(Serialize, Clone, Debug, PartialEq, Eq)]
@@ -115,16 +121,33 @@ pub struct TimelineInfo {
     pub gaps: Vec<Range>,
 }
 
-/// Groups sorted segment numbers of one timeline into runs and the gaps between them.
+/// Segment number of a segment name's log/seg parts, if PostgreSQL could
+/// have written it: `seg` below the segments per log file, no overflow.
+/// Names from a listing are untrusted; None marks a foreign one.
+pub fn segno_of(log: u32, seg: u32, seg_size: u64) -> Option<u64> {
+    let per = 0x1_0000_0000u64.checked_div(seg_size).filter(|p| *p > 0)?;
+    if u64::from(seg) >= per {
+        return None;
+    }
+    u64::from(log).checked_mul(per)?.checked_add(u64::from(seg))
+}
+
+/// Groups segment numbers of one timeline (any order, duplicates allowed)
+/// into runs and the gaps between them.
 pub fn ranges_and_gaps(tli: u32, segnos: &[u64], seg_size: u64) -> (Vec<Range>, Vec<Range>) {
+    let mut sorted = segnos.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
     let mut ranges: Vec<(u64, u64)> = Vec::new();
-    for &s in segnos {
+    for s in sorted {
         match ranges.last_mut() {
-            Some((_, end)) if *end + 1 == s => *end = s,
+            Some((_, end)) if end.checked_add(1) == Some(s) => *end = s,
             _ => ranges.push((s, s)),
         }
     }
     let name = |s| wal::segment_name(tli, s, seg_size);
+    // Sorted and deduplicated: each run starts at least two past the
+    // previous one's end, so none of this can underflow.
     let gaps = ranges
         .windows(2)
         .map(|w| Range {
@@ -144,53 +167,74 @@ pub fn ranges_and_gaps(tli: u32, segnos: &[u64], seg_size: u64) -> (Vec<Range>, 
     (ranges, gaps)
 }
 
+/// The repository's segment size, if it is one PostgreSQL allows (a power
+/// of two from 1 MiB to 1 GiB): everything derived from it divides by it.
+pub fn checked_seg_size(repo: &Repository) -> Result<u64> {
+    let s = repo.descriptor.wal_segment_size;
+    if s.is_power_of_two() && ((1 << 20)..=(1 << 30)).contains(&s) {
+        Ok(s)
+    } else {
+        Err(crate::error::Error::Repository(format!(
+            "repository.json: wal_segment_size {s} is not a power of two from 1 MiB to 1 GiB; the descriptor is damaged"
+        )))
+    }
+}
+
 pub fn collect(repo: &Repository) -> Result<Info> {
     let d = &repo.descriptor;
-    let seg_size = d.wal_segment_size;
+    let seg_size = checked_seg_size(repo)?;
     let mut wal_info = WalInfo::default();
     let mut per_tli: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
-    for obj in repo.storage.list("wal/")? {
-        let name = obj.key.rsplit('/').next().unwrap_or_default();
-        wal_info.size_stored += obj.size;
-        match wal::parse_name(name) {
-            Some(WalFileKind::Segment {
+    for obj in repo.storage.list(layout::WAL_PREFIX)? {
+        wal_info.size_stored = wal_info.size_stored.saturating_add(obj.size);
+        let Some(layout::ObjectName::Wal { name, kind }) = layout::parse(&obj.key) else {
+            wal_info.foreign.push(obj.key);
+            continue;
+        };
+        match kind {
+            WalFileKind::Segment {
                 tli,
                 log,
                 seg,
-                partial: false,
-            }) => {
-                per_tli
-                    .entry(tli)
-                    .or_default()
-                    .push(wal::seg_no(log, seg, seg_size));
-                wal_info.segments += 1;
-                wal_info.size_plain += seg_size;
+                partial,
+            } => {
+                let Some(segno) = segno_of(log, seg, seg_size) else {
+                    wal_info.foreign.push(obj.key);
+                    continue;
+                };
+                wal_info.size_plain = wal_info.size_plain.saturating_add(seg_size);
+                if partial {
+                    wal_info.partial_files.push(name);
+                } else {
+                    per_tli.entry(tli).or_default().push(segno);
+                    wal_info.segments += 1;
+                }
             }
-            Some(WalFileKind::Segment { partial: true, .. }) => {
-                wal_info.partial_files.push(name.to_string());
-                wal_info.size_plain += seg_size;
-            }
-            Some(WalFileKind::History { .. }) => wal_info.history_files.push(name.to_string()),
-            Some(WalFileKind::BackupHistory { .. }) => {
-                wal_info.backup_history_files.push(name.to_string())
-            }
-            None => {}
+            WalFileKind::History { .. } => wal_info.history_files.push(name),
+            WalFileKind::BackupHistory { .. } => wal_info.backup_history_files.push(name),
         }
     }
-    for (tli, mut segnos) in per_tli {
-        segnos.sort_unstable();
+    if !wal_info.foreign.is_empty() {
+        tracing::warn!(
+            "{} object(s) under wal/ are no WAL file walshipper stores, e.g. {:?}: ignored",
+            wal_info.foreign.len(),
+            wal_info.foreign[0]
+        );
+    }
+    for (tli, segnos) in per_tli {
         let (ranges, gaps) = ranges_and_gaps(tli, &segnos, seg_size);
         wal_info.timelines.push(TimelineInfo {
             timeline: tli,
             first: ranges.first().map(|r| r.first.clone()).unwrap_or_default(),
             last: ranges.last().map(|r| r.last.clone()).unwrap_or_default(),
-            segments: segnos.len() as u64,
+            segments: ranges.iter().map(|r| r.segments).sum(),
             ranges,
             gaps,
         });
     }
-    let backups = repo
-        .list_backups()?
+    let scan = repo.scan_backups()?;
+    let backups = scan
+        .backups
         .into_iter()
         .map(|m| BackupInfo {
             files: m.files.len(),
@@ -212,6 +256,7 @@ pub fn collect(repo: &Repository) -> Result<Info> {
         .collect();
     Ok(Info {
         backups,
+        damaged_backups: scan.damaged,
         repository: repo.storage.describe(),
         format_version: d.format_version,
         system_identifier: d.system_identifier.clone(),
@@ -355,6 +400,19 @@ pub fn run(cfg: &Config, json: bool, only: Option<&str>) -> Result<()> {
             );
         }
     }
+    for d in &info.damaged_backups {
+        println!(
+            "{:<18} DAMAGED: {} (not used by restore or backup, kept by expire; run `walshipper verify`)",
+            d.id, d.reason
+        );
+    }
+    if !w.foreign.is_empty() {
+        println!(
+            "foreign objects   {} under wal/ that walshipper does not write (ignored), e.g. {}",
+            w.foreign.len(),
+            w.foreign[0]
+        );
+    }
     if info.repositories.len() > 1 {
         println!();
         println!(
@@ -399,5 +457,25 @@ mod tests {
         assert_eq!(g[1].segments, 1);
         let (r, g) = ranges_and_gaps(1, &[], size);
         assert!(r.is_empty() && g.is_empty());
+        // Unsorted, duplicated (two names for one segment number), at the
+        // ends of the range: no underflow, no overflow.
+        let (r, g) = ranges_and_gaps(1, &[9, 3, 3, 4, u64::MAX, 0, u64::MAX - 1], size);
+        assert_eq!(r.iter().map(|r| r.segments).sum::<u64>(), 6);
+        let missing: Vec<u64> = g.iter().map(|g| g.segments).collect();
+        assert_eq!(missing, [2, 4, u64::MAX - 11]);
+    }
+
+    #[test]
+    fn foreign_segment_numbers_are_refused() {
+        let size = 16 << 20;
+        assert_eq!(segno_of(1, 3, size), Some(259));
+        assert_eq!(segno_of(0, 256, size), None);
+        assert_eq!(segno_of(u32::MAX, u32::MAX, size), None);
+        assert_eq!(
+            segno_of(u32::MAX, 255, size),
+            Some(u64::from(u32::MAX) * 256 + 255)
+        );
+        assert_eq!(segno_of(1, 0, 0), None);
+        assert_eq!(segno_of(1, 0, 1 << 33), None);
     }
 }
