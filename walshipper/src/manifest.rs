@@ -116,10 +116,8 @@ impl Manifest {
     /// The other backups whose objects this one uses: restoring it needs them.
     pub fn depends_on(&self) -> std::collections::BTreeSet<String> {
         self.objects()
-            .filter_map(|k| k.strip_prefix("backups/")?.split_once('/'))
-            .map(|(id, _)| id)
+            .filter_map(|k| crate::layout::backup_of(k))
             .filter(|id| *id != self.id)
-            .map(str::to_string)
             .collect()
     }
 }

@@ -7,6 +7,10 @@
 //! backup refers to earlier backups' objects); a backup's manifest is deleted
 //! first, so a backup half-removed by a crash is an incomplete one, which
 //! the next backup or expire clears; WAL goes after the backups.
+//!
+//! A backup whose manifest is damaged is never removed, nor are the backups
+//! a damaged diff/incr may be built on; each run reports them. Only keys
+//! `layout` accepts are deleted.
 
 use std::collections::BTreeSet;
 
@@ -16,8 +20,9 @@ use serde::Serialize;
 use crate::commands::backup::remove_incomplete;
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::layout;
 use crate::manifest::Manifest;
-use crate::repo::Repository;
+use crate::repo::{DamagedBackup, Repository};
 use crate::retention::{self, BackupRef, Kind, Policy};
 use crate::wal::{self, WalFileKind};
 
@@ -63,6 +68,9 @@ struct Report {
     policy: serde_json::Value,
     kept: Vec<Kept>,
     removed: Vec<Removed>,
+    /// Backups whose manifest is damaged: never removed (nothing can tell
+    /// what they hold or who needs them), reported every run.
+    damaged: Vec<DamagedBackup>,
     wal_removed: usize,
     wal_removed_first: Option<String>,
     wal_removed_last: Option<String>,
@@ -161,7 +169,16 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     if !args.dry_run {
         remove_incomplete(&repo)?;
     }
-    let backups = repo.list_backups()?;
+    let scan = repo.scan_backups()?;
+    let backups = scan.backups;
+    for d in &scan.damaged {
+        tracing::warn!(
+            "backup {}: manifest damaged ({}); kept, not expired: repair it from another repository (repo-sync) or remove {} by hand",
+            d.id,
+            d.reason,
+            layout::backup_prefix(&d.id)
+        );
+    }
     let mut report = Report {
         event: "expire",
         dry_run: args.dry_run,
@@ -169,6 +186,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         policy: policy_json(&policy),
         kept: Vec::new(),
         removed: Vec::new(),
+        damaged: scan.damaged,
         wal_removed: 0,
         wal_removed_first: None,
         wal_removed_last: None,
@@ -193,7 +211,8 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                 .collect(),
         })
         .collect();
-    let decision = retention::decide(&refs, &policy, now);
+    let mut decision = retention::decide(&refs, &policy, now);
+    keep_bases_of_damaged(&mut decision, &backups, &report.damaged);
     let removed: BTreeSet<&str> = decision.remove.iter().map(String::as_str).collect();
     // The rules keep every dependency of a kept backup; checked again here
     // against the objects themselves, because a mistake would lose data.
@@ -231,15 +250,19 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         let Some(m) = backups.iter().find(|m| &m.id == id) else {
             continue;
         };
-        let prefix = format!("backups/{id}/");
-        let size: u64 = repo.storage.list(&prefix)?.iter().map(|o| o.size).sum();
+        let prefix = layout::backup_prefix(id);
+        let size: u64 = repo
+            .storage
+            .list(&prefix)?
+            .iter()
+            .fold(0u64, |a, o| a.saturating_add(o.size));
         if !args.dry_run {
             // The manifest first: from then on the backup does not exist.
-            repo.storage.delete(&format!("{prefix}manifest"))?;
+            repo.storage.delete(&layout::manifest(id))?;
             repo.storage.delete_prefix(&prefix)?;
             tracing::info!("expired backup {id} ({} backup)", m.kind);
         }
-        report.bytes_freed += size;
+        report.bytes_freed = report.bytes_freed.saturating_add(size);
         report.removed.push(Removed {
             id: id.clone(),
             kind: m.kind.clone(),
@@ -251,20 +274,36 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     // WAL before the oldest kept backup's start is needed by nothing kept
     // (recovery from a backup reads WAL from its start on, on any timeline).
     // Without a policy, nothing is removed at all.
-    let seg = repo.descriptor.wal_segment_size;
+    let seg = crate::commands::info::checked_seg_size(&repo)?;
     let cutoff = kept
         .iter()
         .map(|m| wal::lsn_segno(m.start_lsn(), seg))
         .min();
     if let (Some(cutoff), false) = (cutoff, policy.is_empty()) {
         let mut doomed: Vec<(String, u64)> = Vec::new();
-        for obj in repo.storage.list("wal/")? {
-            let name = obj.key.rsplit('/').next().unwrap_or_default();
-            let segno = match wal::parse_name(name) {
-                Some(WalFileKind::Segment { log, seg: s, .. })
-                | Some(WalFileKind::BackupHistory { log, seg: s, .. }) => wal::seg_no(log, s, seg),
+        for obj in repo.storage.list(layout::WAL_PREFIX)? {
+            // Only keys walshipper writes, with segment numbers PostgreSQL
+            // could write, are ever deleted; anything else is left alone.
+            let Some(layout::ObjectName::Wal { kind, .. }) = layout::parse(&obj.key) else {
+                tracing::warn!("ignoring {:?}: not a WAL file walshipper stores", obj.key);
+                continue;
+            };
+            let segno = match kind {
+                WalFileKind::Segment { log, seg: s, .. }
+                | WalFileKind::BackupHistory { log, seg: s, .. } => {
+                    match crate::commands::info::segno_of(log, s, seg) {
+                        Some(n) => n,
+                        None => {
+                            tracing::warn!(
+                                "ignoring {:?}: not a segment PostgreSQL writes",
+                                obj.key
+                            );
+                            continue;
+                        }
+                    }
+                }
                 // Timeline history files are tiny and recovery reads them all.
-                _ => continue,
+                WalFileKind::History { .. } => continue,
             };
             if segno < cutoff {
                 doomed.push((obj.key.clone(), obj.size));
@@ -282,7 +321,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             if !args.dry_run {
                 repo.storage.delete(key)?;
             }
-            report.bytes_freed += size;
+            report.bytes_freed = report.bytes_freed.saturating_add(*size);
         }
     }
     if !args.dry_run {
@@ -296,6 +335,12 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             serde_json::to_string(&report).map_err(|e| Error::Invalid(e.to_string()))?
         );
         return Ok(());
+    }
+    for d in &report.damaged {
+        println!(
+            "keep   {} DAMAGED manifest, never expired: {}",
+            d.id, d.reason
+        );
     }
     if policy.is_empty() {
         println!(
@@ -315,6 +360,12 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     for r in &report.removed {
         println!("{verb} {} {:<4} (ended {})", r.id, r.kind, r.stop_time);
     }
+    for d in &report.damaged {
+        println!(
+            "keep   {} DAMAGED manifest, never expired: {}",
+            d.id, d.reason
+        );
+    }
     match (&report.wal_removed_first, &report.wal_removed_last) {
         (Some(a), Some(b)) => println!("{verb} {} WAL files, {a} .. {b}", report.wal_removed),
         _ => println!("no WAL to remove"),
@@ -331,4 +382,37 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// A damaged diff or incr cannot say which backups it is built on, so the
+/// ones it may be (the newest full before it and everything after that
+/// full) are kept with it: expire never takes data a damaged backup might
+/// need if its manifest is repaired (from another repository).
+fn keep_bases_of_damaged(
+    decision: &mut retention::Decision,
+    backups: &[Manifest],
+    damaged: &[DamagedBackup],
+) {
+    for d in damaged {
+        if !matches!(layout::backup_id_type(&d.id), Some("diff" | "incr")) {
+            continue;
+        }
+        let from = backups
+            .iter()
+            .filter(|m| m.kind == "full" && m.id < d.id)
+            .map(|m| m.id.as_str())
+            .max()
+            .unwrap_or_default();
+        for m in backups
+            .iter()
+            .filter(|m| m.id.as_str() >= from && m.id < d.id)
+        {
+            decision
+                .keep
+                .entry(m.id.clone())
+                .or_default()
+                .push(format!("may be needed by damaged backup {}", d.id));
+            decision.remove.retain(|r| *r != m.id);
+        }
+    }
 }
