@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::layout;
 use crate::repo::Repository;
 
 pub struct Args {
@@ -38,32 +39,50 @@ struct Holdings {
     objects: std::collections::HashSet<String>,
 }
 
+/// Lists what `repo` holds. Listings are untrusted: only keys `layout`
+/// accepts are copied (a key like `backups/../x` is never used as a path
+/// on the other side); the rest is reported and left alone.
 fn holdings(repo: &Repository) -> Result<Holdings> {
-    let wal: BTreeSet<String> = repo
-        .storage
-        .list("wal/")?
-        .into_iter()
-        .map(|m| m.key)
-        .collect();
-    let keys = repo
-        .storage
-        .list("keys/")?
-        .into_iter()
-        .map(|m| m.key)
-        .collect();
+    let mut wal = BTreeSet::new();
+    let mut keys = BTreeSet::new();
     let mut all: std::collections::BTreeMap<String, Vec<String>> = Default::default();
-    for m in repo.storage.list("backups/")? {
-        if let Some((id, _)) = m
-            .key
-            .strip_prefix("backups/")
-            .and_then(|r| r.split_once('/'))
-        {
-            all.entry(id.to_string()).or_default().push(m.key.clone());
+    let mut foreign = 0usize;
+    for prefix in [
+        layout::WAL_PREFIX,
+        layout::KEYS_PREFIX,
+        layout::BACKUPS_PREFIX,
+    ] {
+        for m in repo.storage.list(prefix)? {
+            match layout::parse(&m.key) {
+                Some(layout::ObjectName::Wal { .. }) if prefix == layout::WAL_PREFIX => {
+                    wal.insert(m.key);
+                }
+                Some(layout::ObjectName::KeyFile { .. }) if prefix == layout::KEYS_PREFIX => {
+                    keys.insert(m.key);
+                }
+                Some(layout::ObjectName::Backup { id, .. }) if prefix == layout::BACKUPS_PREFIX => {
+                    all.entry(id).or_default().push(m.key);
+                }
+                _ => {
+                    foreign += 1;
+                    tracing::warn!(
+                        "repository {}: ignoring {:?}, not a key walshipper writes",
+                        repo.name,
+                        m.key
+                    );
+                }
+            }
         }
+    }
+    if foreign > 0 {
+        eprintln!(
+            "repository {}: {foreign} foreign object(s) ignored (see the log)",
+            repo.name
+        );
     }
     let backups: std::collections::BTreeMap<String, Vec<String>> = all
         .into_iter()
-        .filter(|(id, keys)| keys.contains(&format!("backups/{id}/manifest")))
+        .filter(|(id, keys)| keys.contains(&layout::manifest(id)))
         .collect();
     let objects = wal
         .iter()
@@ -170,16 +189,21 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                 if have.backups.contains_key(id) || !done.insert(id.clone()) {
                     continue;
                 }
-                let manifest = format!("backups/{id}/manifest");
+                let manifest = layout::manifest(id);
                 // A diff/incr refers to earlier backups' objects: those
                 // backups (copied before it, ids sort by time) must be there.
-                let m: crate::manifest::Manifest =
-                    serde_json::from_slice(&src.read_object_vec(&manifest)?).map_err(|e| {
-                        Error::Corrupt {
-                            key: manifest.clone(),
-                            reason: format!("manifest is not valid JSON: {e}"),
-                        }
-                    })?;
+                // A damaged manifest is not copied; the others still are.
+                let m = match src.find_backup(id) {
+                    Ok(m) => m,
+                    Err(e @ Error::Corrupt { .. }) => {
+                        eprintln!("backup {id}: not copied from {}: {e}", src.name);
+                        done.remove(id);
+                        report.failed.push(manifest.clone());
+                        unsatisfied += 1;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
                 if let Some(dep) = m
                     .depends_on()
                     .into_iter()
