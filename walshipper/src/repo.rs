@@ -91,7 +91,7 @@ pub struct BackupScan {
 }
 
 enum Loaded {
-    Intact(Manifest),
+    Intact(Box<Manifest>),
     Missing,
     Damaged(String),
 }
@@ -548,7 +548,7 @@ impl Repository {
                 }
             }
             match self.load_manifest(&meta.key)? {
-                Loaded::Intact(m) => scan.backups.push(m),
+                Loaded::Intact(m) => scan.backups.push(*m),
                 // Removed since the listing (expire on another host).
                 Loaded::Missing => {}
                 Loaded::Damaged(reason) => scan.damaged.push(DamagedBackup {
@@ -583,7 +583,7 @@ impl Repository {
             Err(e) => return Ok(Loaded::Damaged(format!("manifest is not valid JSON: {e}"))),
         };
         Ok(match check_manifest_binding(&m, key) {
-            Ok(()) => Loaded::Intact(m),
+            Ok(()) => Loaded::Intact(Box::new(m)),
             Err(reason) => Loaded::Damaged(reason),
         })
     }
@@ -611,7 +611,7 @@ impl Repository {
             return Err(missing());
         }
         match self.load_manifest(&key)? {
-            Loaded::Intact(m) => Ok(m),
+            Loaded::Intact(m) => Ok(*m),
             Loaded::Missing => Err(missing()),
             Loaded::Damaged(reason) => Err(Error::Corrupt {
                 key,
