@@ -64,6 +64,8 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let started = Instant::now();
     let rc = cfg.find_repo(args.repo.as_deref())?;
     let repo = Repository::open_repo(cfg, rc)?;
+    // Checked before any work: every WAL position below divides by it.
+    crate::commands::info::checked_seg_size(&repo)?;
     let _lock = lock::repository(rc, &repo.descriptor.system_identifier)?;
     remove_incomplete(&repo)?;
     // A damaged backup is never built on: the reference is chosen among
@@ -277,7 +279,7 @@ fn copy_and_finish(
     };
 
     // The WAL from the start to the stop position must be in the repository.
-    let seg_size = repo.descriptor.wal_segment_size;
+    let seg_size = crate::commands::info::checked_seg_size(repo)?;
     let first = wal::lsn_segno(start_lsn, seg_size);
     let last = wal::lsn_prev_segno(stop_lsn, seg_size);
     let stop_tli: u32 = {

@@ -24,7 +24,7 @@ pub fn run(
     json: bool,
 ) -> Result<()> {
     let repo = Repository::open_repo(cfg, cfg.find_repo(repo_name)?)?;
-    let seg = repo.descriptor.wal_segment_size;
+    let seg = crate::commands::info::checked_seg_size(&repo)?;
     let mut problems: Vec<String> = Vec::new();
     // A damaged manifest is a problem to report, not a reason to stop: the
     // other backups and the WAL are checked all the same.
