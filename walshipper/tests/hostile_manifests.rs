@@ -205,4 +205,37 @@ fn damaged_manifest_and_foreign_keys_are_reported_and_skipped() {
         "{}",
         text(&o)
     );
+
+    // The newest backup (the diff) damaged too: the next incr passes over
+    // it, says so, and builds on the newest intact one.
+    let id_diff = diff["backup_id"].as_str().unwrap();
+    let key_diff = format!("backups/{id_diff}/manifest");
+    let mut body = get(s.as_ref(), &key_diff);
+    let last = body.len() - 100;
+    body[last] ^= 1;
+    replace(s.as_ref(), &key_diff, &body);
+    std::thread::sleep(Duration::from_millis(1100));
+    let o = run(shipper.cmd().args(["backup", "--type", "incr", "--json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let incr2 = json_of(&o);
+    assert_eq!(incr2["based_on"], incr["backup_id"], "{incr2}");
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(&format!("backup {id_diff} is damaged")),
+        "{}",
+        text(&o)
+    );
+    // expire keeps both damaged ones, and the full the damaged diff needs.
+    let o = run(shipper.cmd().args(["expire", "--keep-full", "1", "--json"]));
+    assert!(o.status.success(), "{}", text(&o));
+    let e = json_of(&o);
+    assert_eq!(e["damaged"].as_array().unwrap().len(), 2, "{e}");
+    assert!(e["removed"].as_array().unwrap().is_empty(), "{e}");
+    let reasons = e["kept"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|k| k["id"] == id2.as_str())
+        .map(|k| k["reasons"].to_string())
+        .unwrap_or_default();
+    assert!(reasons.contains("damaged backup"), "{e}");
 }
