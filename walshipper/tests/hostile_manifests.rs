@@ -238,4 +238,35 @@ fn damaged_manifest_and_foreign_keys_are_reported_and_skipped() {
         .map(|k| k["reasons"].to_string())
         .unwrap_or_default();
     assert!(reasons.contains("damaged backup"), "{e}");
+
+    // A manifest copied under another backup's name is not that backup:
+    // damaged (its id does not match its key, or, with keys bound to
+    // objects, it does not open), never listed as intact.
+    let id_incr2 = incr2["backup_id"].as_str().unwrap();
+    let copy = get(s.as_ref(), &format!("backups/{id_incr2}/manifest"));
+    let fake = "20200101-000000I";
+    s.put_new(
+        &format!("backups/{fake}/manifest"),
+        &mut &copy[..],
+        Durability::Now,
+    )
+    .unwrap();
+    let info = shipper.info();
+    let damaged: Vec<&str> = info["damaged_backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap())
+        .collect();
+    assert!(damaged.contains(&fake), "{info}");
+    assert!(
+        info["backups"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|b| b["id"] != fake),
+        "{info}"
+    );
+    let o = shipper.restore(&d.join("r3"), &["--backup", fake]);
+    assert_eq!(o.status.code(), Some(126), "{}", text(&o));
 }
