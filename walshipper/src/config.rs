@@ -370,7 +370,12 @@ fn redact_message(msg: &str) -> String {
             && inner
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
-        if plain_key {
+        // toml's "expected `\"`": a quote or bracket is no secret.
+        let punctuation = q == '`'
+            && !inner.is_empty()
+            && inner.len() <= 3
+            && inner.bytes().all(|b| b.is_ascii_punctuation());
+        if plain_key || punctuation {
             out.push_str(&format!("`{inner}`"));
         } else {
             out.push_str("(value hidden)");
