@@ -913,3 +913,277 @@ impl Repository {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    const SEG2: &str = "wal/0000000100000000/000000010000000000000002";
+    const SEG3: &str = "wal/0000000100000000/000000010000000000000003";
+
+    /// A posix repository configuration in `dir`; `mode` as in [encryption].
+    fn config(dir: &Path, repo: &str, mode: &str) -> Config {
+        use std::os::unix::fs::PermissionsExt;
+        let pass = dir.join("passphrase");
+        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = dir.join(format!("{repo}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\nmode = \"{mode}\"\npassphrase_file = \"{}\"\nkey_cache = false\n",
+                dir.join(repo).display(),
+                pass.display()
+            ),
+        )
+        .unwrap();
+        Config::load_with_env(Some(&p), std::iter::empty()).unwrap()
+    }
+
+    fn identity() -> ClusterIdentity {
+        ClusterIdentity {
+            system_identifier: 7_310_000_000_000_000_001,
+            pg_major: 15,
+            wal_segment_size: 16 << 20,
+        }
+    }
+
+    fn init(cfg: &Config) -> Repository {
+        Repository::init(
+            cfg,
+            cfg.primary(),
+            &identity(),
+            &InitOptions {
+                encrypt: cfg.encryption.mode == EncryptionMode::Aes256Gcm,
+                kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+                kdf_iterations: 1,
+            },
+        )
+        .unwrap()
+    }
+
+    fn path(cfg: &Config, key: &str) -> PathBuf {
+        cfg.primary().path.join(key)
+    }
+
+    fn edit_descriptor(cfg: &Config, f: impl FnOnce(&mut serde_json::Value)) {
+        let p = path(cfg, DESCRIPTOR_KEY);
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+
+    fn open_err(cfg: &Config) -> String {
+        match Repository::open(cfg) {
+            Ok(_) => panic!("opened"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn descriptor_is_validated_and_authenticated() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        init(&cfg);
+        let good = std::fs::read(path(&cfg, DESCRIPTOR_KEY)).unwrap();
+        let d = Descriptor::parse(&good).unwrap();
+        assert!(is_lower_hex(&d.repository_id, 32) && d.mac.is_some());
+        Repository::open(&cfg).unwrap();
+        type Edit = fn(&mut serde_json::Value);
+        let cases: &[(Edit, &str)] = &[
+            (|v| v["encryption"] = "none".into(), "repository"),
+            (|v| v["wal_segment_size"] = 0.into(), "wal_segment_size 0"),
+            (
+                |v| v["wal_segment_size"] = (3u64 << 20).into(),
+                "power of two",
+            ),
+            (
+                |v| v["wal_segment_size"] = (2u64 << 30).into(),
+                "power of two",
+            ),
+            (
+                |v| v["format_version"] = 1.into(),
+                "version 1 is not supported",
+            ),
+            (
+                |v| v["format_version"] = 3.into(),
+                "version 3 is not supported",
+            ),
+            (|v| v["pg_version"] = 99.into(), "pg_version 99"),
+            (
+                |v| v["system_identifier"] = "-1".into(),
+                "system_identifier",
+            ),
+            (
+                |v| v["system_identifier"] = "18446744073709551616".into(),
+                "system_identifier",
+            ),
+            (|v| v["repository_id"] = "XYZ".into(), "repository_id"),
+            (|v| v["current_key_id"] = "00".into(), "current_key_id"),
+            (|v| v["mac"] = serde_json::Value::Null, "MAC is missing"),
+            (|v| v["extra"] = 1.into(), "unknown field"),
+            // Valid-looking edits the MAC catches.
+            (
+                |v| v["system_identifier"] = "42".into(),
+                "repository.json was modified",
+            ),
+            (
+                |v| v["created_at"] = "2020-01-01T00:00:00Z".into(),
+                "repository.json was modified",
+            ),
+            (
+                |v| v["wal_segment_size"] = (64u64 << 20).into(),
+                "repository.json was modified",
+            ),
+        ];
+        for (edit, want) in cases {
+            std::fs::write(path(&cfg, DESCRIPTOR_KEY), &good).unwrap();
+            edit_descriptor(&cfg, *edit);
+            let err = open_err(&cfg);
+            assert!(err.contains(want), "want {want:?}, got: {err}");
+        }
+        std::fs::write(path(&cfg, DESCRIPTOR_KEY), vec![b' '; 100_000]).unwrap();
+        assert!(open_err(&cfg).contains("larger than"));
+        // "none" plus a valid-looking shape: refused by the configuration.
+        std::fs::write(path(&cfg, DESCRIPTOR_KEY), &good).unwrap();
+        edit_descriptor(&cfg, |v| {
+            v["encryption"] = "none".into();
+            v["current_key_id"] = serde_json::Value::Null;
+            v.as_object_mut().unwrap().remove("mac");
+        });
+        let err = open_err(&cfg);
+        assert!(err.contains("requires encryption"), "{err}");
+    }
+
+    #[test]
+    fn configuration_decides_encryption() {
+        let dir = tempfile::tempdir().unwrap();
+        let enc = config(dir.path(), "e", "aes-256-gcm");
+        init(&enc);
+        // mode = "none" against an encrypted repository: refused with a hint.
+        let none_on_enc = config(dir.path(), "e", "none");
+        assert!(open_err(&none_on_enc).contains("mode = \"aes-256-gcm\""));
+        // An unencrypted repository is usable only with mode = "none".
+        let plain = config(dir.path(), "p", "none");
+        let repo = init(&plain);
+        repo.put_object(SEG2, &b"plain"[..]).unwrap();
+        let repo = Repository::open(&plain).unwrap();
+        assert_eq!(repo.read_object_vec(SEG2).unwrap(), b"plain");
+        let enc_on_plain = config(dir.path(), "p", "aes-256-gcm");
+        assert!(open_err(&enc_on_plain).contains("requires encryption"));
+        // repo-init refuses a request the configuration does not allow.
+        let fresh = config(dir.path(), "f", "aes-256-gcm");
+        let err = Repository::init(
+            &fresh,
+            fresh.primary(),
+            &identity(),
+            &InitOptions {
+                encrypt: false,
+                kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+                kdf_iterations: 1,
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+    }
+
+    #[test]
+    fn plaintext_object_in_encrypted_repository_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        let repo = init(&cfg);
+        repo.put_object(SEG3, &b"real"[..]).unwrap();
+        // A plaintext object with correct CRCs, as an attacker would make it.
+        let plain = Arc::new(base_settings(&cfg));
+        let mut forged = Vec::new();
+        EncodingReader::new(&b"forged"[..], plain, repo.binding(SEG3))
+            .unwrap()
+            .read_to_end(&mut forged)
+            .unwrap();
+        std::fs::write(path(&cfg, SEG3), &forged).unwrap();
+        let repo = Repository::open(&cfg).unwrap();
+        let err = repo.read_object_vec(SEG3).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { key, reason } if key == SEG3 && reason.contains("not encrypted")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn swapped_or_foreign_objects_fail_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        let repo = init(&cfg);
+        repo.put_object(SEG2, &b"segment two"[..]).unwrap();
+        repo.put_object(SEG3, &b"segment three"[..]).unwrap();
+        assert_eq!(repo.read_object_vec(SEG3).unwrap(), b"segment three");
+        std::fs::copy(path(&cfg, SEG2), path(&cfg, SEG3)).unwrap();
+        let err = repo.read_object_vec(SEG3).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { key, reason } if key == SEG3 && reason.contains("authentication failed")),
+            "{err}"
+        );
+        // A copy made by repo-init shares the repository id: objects move as they are.
+        let cfg2 = config(dir.path(), "r2", "aes-256-gcm");
+        let copy = Repository::init_copy(&cfg2, cfg2.primary(), &repo).unwrap();
+        assert_eq!(copy.descriptor.repository_id, repo.descriptor.repository_id);
+        assert!(copy.shares_encoding(&repo));
+        copy.copy_object_from(&repo, SEG2).unwrap();
+        assert_eq!(copy.read_object_vec(SEG2).unwrap(), b"segment two");
+        // The swapped object is refused by the copy too, and nothing stored.
+        assert!(matches!(
+            copy.copy_object_from(&repo, SEG3),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(copy.storage.head(SEG3).unwrap().is_none());
+        // Another repository (other keys, other id): its object does not open here.
+        let cfg3 = config(dir.path(), "r3", "aes-256-gcm");
+        let other = init(&cfg3);
+        other.put_object(SEG3, &b"foreign"[..]).unwrap();
+        std::fs::copy(path(&cfg3, SEG3), path(&cfg, SEG3)).unwrap();
+        let err = repo.read_object_vec(SEG3).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { reason, .. } if reason.contains("does not hold")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        let repo = init(&cfg);
+        let current = repo.descriptor.current_key_id.clone().unwrap();
+        let current_file = path(&cfg, &layout::key_file(&current));
+        let good = std::fs::read(&current_file).unwrap();
+        // A bogus extra key file (any content) stops nothing.
+        let bogus = "ab".repeat(16);
+        std::fs::write(path(&cfg, &layout::key_file(&bogus)), b"{ not json").unwrap();
+        let repo = Repository::open(&cfg).unwrap();
+        repo.put_object(SEG2, &b"two"[..]).unwrap();
+        assert_eq!(repo.read_object_vec(SEG2).unwrap(), b"two");
+        // An object naming that key fails as "unknown key", loudly.
+        let mut obj = std::fs::read(path(&cfg, SEG2)).unwrap();
+        obj[12..28].copy_from_slice(&hex::decode(&bogus).unwrap());
+        let crc = crc32fast::hash(&obj[0..60]);
+        obj[60..64].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(path(&cfg, SEG2), &obj).unwrap();
+        let err = repo.read_object_vec(SEG2).unwrap_err();
+        assert!(err.to_string().contains("does not hold"), "{err}");
+        // The current key file with a huge Argon2 cost: an error, not an abort.
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v["kdf"]["memory_kib"] = u32::MAX.into();
+        std::fs::write(&current_file, serde_json::to_vec(&v).unwrap()).unwrap();
+        let err = open_err(&cfg);
+        assert!(err.contains("Argon2 memory cost"), "{err}");
+        // The current key file under another id: refused.
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v["key_id"] = bogus.clone().into();
+        std::fs::write(&current_file, serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(open_err(&cfg).contains("does not match"));
+        std::fs::remove_file(&current_file).unwrap();
+        assert!(open_err(&cfg).contains("missing"));
+    }
+}
