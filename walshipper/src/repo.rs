@@ -77,9 +77,14 @@ impl Descriptor {
         self.encryption != "none"
     }
 
-    /// Parses and validates repository.json as read back from a store.
+    /// Parses and validates repository.json as read back from a store. A
+    /// descriptor no walshipper writes is damage or forgery (`Corrupt`: exit
+    /// 126 at once, nothing to retry); another format version is `Repository`.
     pub fn parse(body: &[u8]) -> Result<Descriptor> {
-        let bad = |reason: String| Error::Repository(format!("repository.json: {reason}"));
+        let bad = |reason: String| Error::Corrupt {
+            key: DESCRIPTOR_KEY.into(),
+            reason,
+        };
         if body.len() > MAX_DESCRIPTOR_LEN {
             return Err(bad(format!("{} bytes is not a descriptor", body.len())));
         }
@@ -103,8 +108,8 @@ impl Descriptor {
         match probe.format_version.as_ref().and_then(|v| v.as_u64()) {
             Some(v) if v == u64::from(REPO_FORMAT_VERSION) => {}
             Some(v) => {
-                return Err(bad(format!(
-                    "repository format version {v} is not supported: this walshipper reads version {REPO_FORMAT_VERSION} only. {}",
+                return Err(Error::Repository(format!(
+                    "format version {v} is not supported: this walshipper reads version {REPO_FORMAT_VERSION} only. {}",
                     if v < u64::from(REPO_FORMAT_VERSION) {
                         "Create a new repository with `walshipper repo-init` at another location and take a new full backup"
                     } else {
@@ -539,16 +544,24 @@ impl Repository {
             ))
         })?;
         let descriptor = Descriptor::parse(&body).map_err(|e| match e {
-            Error::Repository(m) => Error::Repository(format!("{m} (at {})", storage.describe())),
+            Error::Repository(m) => {
+                Error::Repository(format!("repository.json at {}: {m}", storage.describe()))
+            }
+            Error::Corrupt { key, reason } => Error::Corrupt {
+                key: format!("{key} at {}", storage.describe()),
+                reason,
+            },
             other => other,
         })?;
         let mode = cfg.encryption.mode;
         match (mode, descriptor.encrypted()) {
+            // Treated as forgery (exit 126 at once): the configuration
+            // says the repository is encrypted, the store says otherwise.
             (EncryptionMode::Aes256Gcm, false) => {
-                return Err(Error::Repository(format!(
-                    "repository.json at {} says the repository is not encrypted, but this configuration requires encryption ([encryption] mode = \"aes-256-gcm\", the default). Nothing was read or written. If someone edited repository.json, restore it from another copy; only if the repository really was created unencrypted, set [encryption] mode = \"none\"",
-                    storage.describe()
-                )))
+                return Err(Error::Corrupt {
+                    key: format!("{DESCRIPTOR_KEY} at {}", storage.describe()),
+                    reason: "it says the repository is not encrypted, but this configuration requires encryption ([encryption] mode = \"aes-256-gcm\", the default). Nothing was read or written. If someone edited repository.json, restore it from another copy; only if the repository really was created unencrypted, set [encryption] mode = \"none\"".into(),
+                });
             }
             (EncryptionMode::None, true) => {
                 return Err(Error::Repository(format!(
