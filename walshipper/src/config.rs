@@ -102,6 +102,10 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<RepoConfig>
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncryptionConfig {
+    /// "aes-256-gcm" (default): the repository must be encrypted and every
+    /// object sealed by its keys; "none": an unencrypted repository. The
+    /// configuration decides, never the repository (docs/operations.md).
+    pub mode: crate::keys::EncryptionMode,
     pub passphrase_file: PathBuf,
     /// Cache unwrapped keys on this host (see keys::KeyCache).
     pub key_cache: bool,
@@ -210,6 +214,7 @@ impl RepoConfig {
 impl Default for EncryptionConfig {
     fn default() -> Self {
         EncryptionConfig {
+            mode: Default::default(),
             passphrase_file: "/etc/walshipper/passphrase".into(),
             key_cache: true,
             key_cache_dir: PathBuf::new(),
@@ -267,6 +272,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("repo", "retention_monthly"),
     ("repo", "retention_yearly"),
     ("repo", "retention_timezone"),
+    ("encryption", "mode"),
     ("encryption", "passphrase_file"),
     ("encryption", "key_cache"),
     ("encryption", "key_cache_dir"),
@@ -492,6 +498,9 @@ impl Config {
             ("pg", "port") => self.pg.port = parse(name, v, "a port number")?,
             ("pg", "user") => self.pg.user = v.into(),
             ("pg", "database") => self.pg.database = v.into(),
+            ("encryption", "mode") => {
+                self.encryption.mode = parse(name, v, "\"aes-256-gcm\" or \"none\"")?
+            }
             ("encryption", "passphrase_file") => self.encryption.passphrase_file = v.into(),
             ("encryption", "key_cache") => {
                 self.encryption.key_cache = parse(name, v, "true or false")?
