@@ -289,6 +289,16 @@ pub struct InitOptions {
 }
 
 /// Reads a small object whole, refusing one larger than `max` bytes.
+/// Whether a location holds no repository objects. `locks/` is ignored: the
+/// S3 driver's write probe and its verdict may be there from an earlier,
+/// interrupted repo-init.
+fn holds_nothing(storage: &dyn Storage) -> Result<bool> {
+    Ok(storage
+        .list("")?
+        .iter()
+        .all(|m| m.key.starts_with(crate::layout::LOCKS_PREFIX)))
+}
+
 fn read_small(storage: &dyn Storage, key: &str, max: usize) -> Result<Option<Vec<u8>>> {
     let Some(r) = storage.get(key)? else {
         return Ok(None);
@@ -405,7 +415,7 @@ impl Repository {
                 storage.describe()
             )));
         }
-        if !storage.list("")?.is_empty() {
+        if !holds_nothing(storage.as_ref())? {
             return Err(Error::Repository(format!(
                 "{} is not empty; repo-init needs an empty or new location",
                 storage.describe()
@@ -483,7 +493,7 @@ impl Repository {
     /// location that holds anything.
     pub fn init_copy(cfg: &Config, rc: &RepoConfig, source: &Repository) -> Result<Repository> {
         let storage = storage::open(rc)?;
-        if !storage.list("")?.is_empty() {
+        if !holds_nothing(storage.as_ref())? {
             return Err(Error::Repository(format!(
                 "{} is not empty; repo-init needs an empty or new location",
                 storage.describe()

@@ -230,7 +230,7 @@ fn s3_lease_keeps_a_second_host_out() {
     std::fs::write(
         &cfg,
         format!(
-            "[pg]\ndata_dir = \"{}\"\n{}",
+            "[pg]\ndata_dir = \"{}\"\n[encryption]\nmode = \"none\"\n{}",
             data.display(),
             s3_section("repo", &rc)
         ),
