@@ -29,6 +29,7 @@ data_dir = \"$B/pg\"
 host = \"$B/sock\""
   printf "[repo]\ntype = \"posix\"\npath = \"%s\"\n%s\n" "$B/posix-repo" "$common" > posix.toml
   printf "[repo]\ntype = \"s3\"\nbucket = \"walshipper-test\"\nprefix = \"bench-%s\"\nendpoint = \"http://127.0.0.1:18333\"\nforce_path_style = true\naccess_key_id = \"testkey\"\nsecret_access_key = \"testsecret\"\n%s\n" "$$" "$common" > s3.toml
+  chmod 600 s3.toml  # it holds a secret: walshipper refuses it otherwise
   initdb -D pg -U postgres -A trust -k --no-sync >/dev/null
   cat >> pg/postgresql.conf <<CONF
 listen_addresses = '"''"'

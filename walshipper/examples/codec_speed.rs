@@ -40,7 +40,11 @@ fn main() {
             threads,
         });
         let t = Instant::now();
-        let mut r = EncodingReader::new(&data[..], s).expect("enc");
+        let binding = walshipper::codec::Binding {
+            repository_id: &[0; 16],
+            key: "wal/0000000100000000/000000010000000000000001",
+        };
+        let mut r = EncodingReader::new(&data[..], s, binding).expect("enc");
         let mut out = Vec::new();
         r.read_to_end(&mut out).expect("encode");
         println!(

@@ -5,7 +5,8 @@
 //!
 //! plaintext → SHA-256 (whole object) → split into frames → zstd per frame →
 //! AES-256-GCM per frame (nonce and AAD bind the frame index, the final-frame
-//! flag and the object header) → CRC32 of the stored frame bytes.
+//! flag, the object header, the repository's id and the object's own key) →
+//! CRC32 of the stored frame bytes.
 
 use std::io::{self, Read};
 use std::sync::Arc;
@@ -16,7 +17,8 @@ use hkdf::Hkdf;
 use sha2::{Digest, Sha256};
 
 pub const MAGIC: [u8; 8] = *b"WSHPOBJ\0";
-pub const FORMAT_VERSION: u16 = 1;
+/// 2: the AEAD associated data binds the repository id and the object's key.
+pub const FORMAT_VERSION: u16 = 2;
 pub const HEADER_LEN: usize = 64;
 pub const FRAME_HEADER_LEN: usize = 13;
 pub const TAG_LEN: usize = 16;
@@ -30,7 +32,7 @@ const MAX_FRAME_SIZE: u32 = 64 << 20;
 const FINAL_BODY_LEN: usize = 8 + 32 + 4;
 const KIND_DATA: u8 = 0;
 const KIND_FINAL: u8 = 1;
-const SUBKEY_INFO: &[u8] = b"walshipper object v1";
+const SUBKEY_INFO: &[u8] = b"walshipper object v2";
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Compression {
@@ -39,11 +41,17 @@ pub enum Compression {
 }
 
 /// A data key as held in memory: its id (stored in every object header) and
-/// the 256-bit key itself.
+/// the 256-bit key itself. Wiped when dropped (every clone too).
 #[derive(Clone)]
 pub struct DataKey {
     pub id: [u8; 16],
     pub key: [u8; 32],
+}
+
+impl Drop for DataKey {
+    fn drop(&mut self) {
+        zeroize::Zeroize::zeroize(&mut self.key);
+    }
 }
 
 impl std::fmt::Debug for DataKey {
@@ -63,6 +71,28 @@ pub struct CodecSettings {
     pub threads: usize,
 }
 
+/// What an object is bound to besides its own header: the repository it
+/// belongs to and the key it is stored under. Both go into the AEAD
+/// associated data, so an encrypted object copied under another name or into
+/// another repository fails to open. (Unencrypted objects carry no tag: for
+/// them this binds nothing.)
+#[derive(Clone, Copy, Debug)]
+pub struct Binding<'a> {
+    pub repository_id: &'a [u8; 16],
+    pub key: &'a str,
+}
+
+impl Binding<'_> {
+    /// repository_id (16 bytes) || key length (u32 LE) || key bytes.
+    fn encode(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(20 + self.key.len());
+        v.extend_from_slice(self.repository_id);
+        v.extend_from_slice(&(self.key.len() as u32).to_le_bytes());
+        v.extend_from_slice(self.key.as_bytes());
+        v
+    }
+}
+
 /// What the encoder saw, available once the encoded stream is exhausted.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
@@ -77,7 +107,7 @@ pub struct Summary {
 pub enum CodecError {
     #[error("not a walshipper object (bad magic)")]
     BadMagic,
-    #[error("unsupported object format version {0}")]
+    #[error("unsupported object format version {0} (this walshipper reads version 2; repositories of older versions must be re-created)")]
     BadVersion(u16),
     #[error("{0}")]
     Malformed(String),
@@ -85,9 +115,11 @@ pub enum CodecError {
     UnknownKey(String),
     #[error("object is encrypted but no key was given")]
     NeedKey,
+    #[error("object is not encrypted, but the configuration requires encryption ([encryption] mode = \"aes-256-gcm\"); walshipper never writes such an object into an encrypted repository, so it was planted or replaced")]
+    NotEncrypted,
     #[error("frame {0}: CRC32 mismatch")]
     Crc(u32),
-    #[error("frame {0}: authentication failed (tampered, reordered or wrong key)")]
+    #[error("frame {0}: authentication failed (the object was modified, or was copied from another name or repository)")]
     Auth(u32),
     #[error("frame {0}: decompression failed: {1}")]
     Decompress(u32, String),
@@ -175,31 +207,32 @@ impl Header {
 /// object's random salt, so nonces never repeat across objects.
 struct Sealer {
     cipher: Option<Aes256Gcm>,
-    aad: [u8; HEADER_LEN],
+    /// header bytes || encoded [`Binding`].
+    aad: Vec<u8>,
 }
 
 impl Sealer {
-    fn new(header: &Header, key: Option<&DataKey>) -> Result<Sealer, CodecError> {
+    fn new(header: &Header, key: Option<&DataKey>, binding: &[u8]) -> Result<Sealer, CodecError> {
         let cipher = if header.encrypted {
             let key = key.ok_or(CodecError::NeedKey)?;
             if key.id != header.key_id {
                 return Err(CodecError::UnknownKey(hex::encode(header.key_id)));
             }
             let hk = Hkdf::<Sha256>::new(Some(&header.salt), &key.key);
-            let mut sub = [0u8; 32];
-            hk.expand(SUBKEY_INFO, &mut sub)
+            let mut sub = zeroize::Zeroizing::new([0u8; 32]);
+            hk.expand(SUBKEY_INFO, &mut sub[..])
                 .map_err(|_| CodecError::Malformed("key derivation failed".into()))?;
             Some(
-                Aes256Gcm::new_from_slice(&sub)
+                Aes256Gcm::new_from_slice(&sub[..])
                     .map_err(|_| CodecError::Malformed("bad key length".into()))?,
             )
         } else {
             None
         };
-        Ok(Sealer {
-            cipher,
-            aad: header.to_bytes(),
-        })
+        let mut aad = Vec::with_capacity(HEADER_LEN + binding.len());
+        aad.extend_from_slice(&header.to_bytes());
+        aad.extend_from_slice(binding);
+        Ok(Sealer { cipher, aad })
     }
 
     fn nonce(index: u32, kind: u8) -> [u8; 12] {
@@ -430,7 +463,8 @@ impl Drop for Pool {
 }
 
 impl<R: Read> EncodingReader<R> {
-    pub fn new(src: R, settings: Arc<CodecSettings>) -> io::Result<Self> {
+    /// `binding`: the repository and key the object will be stored under.
+    pub fn new(src: R, settings: Arc<CodecSettings>, binding: Binding) -> io::Result<Self> {
         let header = Header {
             compression: settings.compression,
             encrypted: settings.key.is_some(),
@@ -438,7 +472,9 @@ impl<R: Read> EncodingReader<R> {
             salt: random_bytes::<28>()?,
             frame_size: settings.frame_size,
         };
-        let sealer = Arc::new(Sealer::new(&header, settings.key.as_ref()).map_err(invalid)?);
+        let sealer = Arc::new(
+            Sealer::new(&header, settings.key.as_ref(), &binding.encode()).map_err(invalid)?,
+        );
         let pool = if settings.threads > 1 {
             Some(Pool::new(settings.threads - 1, || {
                 let mut enc = FrameEncoder::new(&settings, sealer.clone())?;
@@ -605,6 +641,8 @@ pub struct DecodingReader<R> {
     src: R,
     header: Option<Header>,
     keys: Vec<DataKey>,
+    require_encryption: bool,
+    binding: Vec<u8>,
     sealer: Option<Arc<Sealer>>,
     out: Arc<Vec<u8>>,
     pos: usize,
@@ -626,12 +664,16 @@ pub struct DecodingReader<R> {
 
 impl<R: Read> DecodingReader<R> {
     /// `keys`: the data keys that may have sealed the object (the header
-    /// names which one did).
-    pub fn new(src: R, keys: Vec<DataKey>) -> Self {
+    /// names which one did). `require_encryption`: refuse an object whose
+    /// header says it is not encrypted (the local configuration decides, not
+    /// the object). `binding`: the repository and key it was read from.
+    pub fn new(src: R, keys: Vec<DataKey>, require_encryption: bool, binding: Binding) -> Self {
         DecodingReader {
             src,
             header: None,
             keys,
+            require_encryption,
+            binding: binding.encode(),
             sealer: None,
             out: Arc::new(Vec::new()),
             pos: 0,
@@ -665,6 +707,9 @@ impl<R: Read> DecodingReader<R> {
 
     fn start(&mut self) -> io::Result<()> {
         let header = Self::read_header(&mut self.src)?;
+        if self.require_encryption && !header.encrypted {
+            return Err(invalid(CodecError::NotEncrypted));
+        }
         let key = if header.encrypted {
             if self.keys.is_empty() {
                 return Err(invalid(CodecError::NeedKey));
@@ -674,7 +719,7 @@ impl<R: Read> DecodingReader<R> {
         } else {
             None
         };
-        let sealer = Arc::new(Sealer::new(&header, key).map_err(invalid)?);
+        let sealer = Arc::new(Sealer::new(&header, key, &self.binding).map_err(invalid)?);
         if self.threads > 1 {
             self.sha = StreamHash::new(true);
             let (compression, frame_size) = (header.compression, header.frame_size);
@@ -903,8 +948,18 @@ mod tests {
         })
     }
 
+    const REPO: [u8; 16] = [3; 16];
+    const NAME: &str = "wal/0000000100000000/000000010000000000000003";
+
+    fn bind(key: &str) -> Binding<'_> {
+        Binding {
+            repository_id: &REPO,
+            key,
+        }
+    }
+
     fn encode(data: &[u8], s: &Arc<CodecSettings>) -> (Vec<u8>, Summary) {
-        let mut enc = EncodingReader::new(data, s.clone()).unwrap();
+        let mut enc = EncodingReader::new(data, s.clone(), bind(NAME)).unwrap();
         let mut out = Vec::new();
         enc.read_to_end(&mut out).unwrap();
         (out, enc.summary().clone())
@@ -954,6 +1009,7 @@ mod tests {
                 calls: 0,
             },
             s.clone(),
+            bind(NAME),
         )
         .unwrap();
         let mut stored = Vec::new();
@@ -963,11 +1019,81 @@ mod tests {
     }
 
     fn decode(stored: &[u8], s: &Arc<CodecSettings>) -> io::Result<Vec<u8>> {
+        decode_as(stored, s, bind(NAME), s.key.is_some())
+    }
+
+    fn decode_as(
+        stored: &[u8],
+        s: &Arc<CodecSettings>,
+        binding: Binding,
+        require_encryption: bool,
+    ) -> io::Result<Vec<u8>> {
         let mut out = Vec::new();
-        DecodingReader::new(stored, s.key.clone().into_iter().collect())
-            .with_threads(s.threads)
-            .read_to_end(&mut out)?;
+        DecodingReader::new(
+            stored,
+            s.key.clone().into_iter().collect(),
+            require_encryption,
+            binding,
+        )
+        .with_threads(s.threads)
+        .read_to_end(&mut out)?;
         Ok(out)
+    }
+
+    #[test]
+    fn object_is_bound_to_its_name_and_repository() {
+        let s = settings(true, Compression::Zstd, 1);
+        let (stored, _) = encode(&sample(10_000), &s);
+        // Served under another name (segment 2's object copied over 3's).
+        let other = "wal/0000000100000000/000000010000000000000002";
+        let err = decode_as(&stored, &s, bind(other), true).unwrap_err();
+        assert!(
+            matches!(codec_error(&err), Some(CodecError::Auth(0))),
+            "{err}"
+        );
+        // Same name, another repository with the same key.
+        let repo2 = [4u8; 16];
+        let b = Binding {
+            repository_id: &repo2,
+            key: NAME,
+        };
+        let err = decode_as(&stored, &s, b, true).unwrap_err();
+        assert!(
+            matches!(codec_error(&err), Some(CodecError::Auth(0))),
+            "{err}"
+        );
+        // A key that is a prefix of the other is still another key (length-prefixed).
+        let err = decode_as(&stored, &s, bind(&NAME[..NAME.len() - 1]), true).unwrap_err();
+        assert!(matches!(codec_error(&err), Some(CodecError::Auth(0))));
+        assert!(decode_as(&stored, &s, bind(NAME), true).is_ok());
+    }
+
+    #[test]
+    fn plaintext_object_refused_when_encryption_is_required() {
+        let plain = settings(false, Compression::Zstd, 1);
+        let (stored, _) = encode(&sample(5_000), &plain);
+        let enc = settings(true, Compression::Zstd, 1);
+        let err = decode_as(&stored, &enc, bind(NAME), true).unwrap_err();
+        assert!(
+            matches!(codec_error(&err), Some(CodecError::NotEncrypted)),
+            "{err}"
+        );
+        // Without the requirement (mode = "none") it reads.
+        assert!(decode_as(&stored, &plain, bind(NAME), false).is_ok());
+        // Even with no keys at all, the requirement holds.
+        let err = decode_as(&stored, &plain, bind(NAME), true).unwrap_err();
+        assert!(matches!(codec_error(&err), Some(CodecError::NotEncrypted)));
+    }
+
+    #[test]
+    fn old_format_version_is_refused() {
+        let s = settings(true, Compression::Zstd, 1);
+        let (mut stored, _) = encode(&sample(100), &s);
+        stored[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let crc = crc32fast::hash(&stored[0..60]);
+        stored[60..64].copy_from_slice(&crc.to_le_bytes());
+        let err = decode(&stored, &s).unwrap_err();
+        assert!(matches!(codec_error(&err), Some(CodecError::BadVersion(1))));
     }
 
     fn sample(n: usize) -> Vec<u8> {

@@ -67,6 +67,11 @@ pub struct RepoConfig {
     /// s3: seconds per request attempt, and to connect.
     pub request_timeout: u64,
     pub connect_timeout: u64,
+    /// s3: how create-if-absent writes are protected: "header" (the store
+    /// honours If-None-Match / If-Match), "head" (a HEAD before every such
+    /// write; a race remains) or "auto" (probed once, verdict kept in the
+    /// repository). See docs/operations.md.
+    pub conditional_writes: String,
     /// Upload bandwidth limit in bytes per second for this process; 0 = none.
     pub upload_limit: u64,
     /// Retention (`walshipper expire`): keep the newest N full backups (0 = not set).
@@ -97,6 +102,10 @@ fn one_or_many<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<RepoConfig>
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct EncryptionConfig {
+    /// "aes-256-gcm" (default): the repository must be encrypted and every
+    /// object sealed by its keys; "none": an unencrypted repository. The
+    /// configuration decides, never the repository (docs/operations.md).
+    pub mode: crate::keys::EncryptionMode,
     pub passphrase_file: PathBuf,
     /// Cache unwrapped keys on this host (see keys::KeyCache).
     pub key_cache: bool,
@@ -153,6 +162,7 @@ impl Default for RepoConfig {
             retries: 5,
             request_timeout: 60,
             connect_timeout: 10,
+            conditional_writes: "auto".into(),
             upload_limit: 0,
             retention_full: 0,
             retention_window: String::new(),
@@ -204,6 +214,7 @@ impl RepoConfig {
 impl Default for EncryptionConfig {
     fn default() -> Self {
         EncryptionConfig {
+            mode: Default::default(),
             passphrase_file: "/etc/walshipper/passphrase".into(),
             key_cache: true,
             key_cache_dir: PathBuf::new(),
@@ -252,6 +263,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("repo", "retries"),
     ("repo", "request_timeout"),
     ("repo", "connect_timeout"),
+    ("repo", "conditional_writes"),
     ("repo", "upload_limit"),
     ("repo", "retention_full"),
     ("repo", "retention_window"),
@@ -260,6 +272,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("repo", "retention_monthly"),
     ("repo", "retention_yearly"),
     ("repo", "retention_timezone"),
+    ("encryption", "mode"),
     ("encryption", "passphrase_file"),
     ("encryption", "key_cache"),
     ("encryption", "key_cache_dir"),
@@ -293,6 +306,95 @@ fn parse<T: std::str::FromStr>(name: &str, v: &str, what: &str) -> Result<T> {
     v.trim()
         .parse()
         .map_err(|_| Error::Config(format!("{name}: '{v}' is not {what}")))
+}
+
+/// Refuses a file holding a secret that group or others may read.
+fn check_private(path: &Path, mode: u32, what: &str) -> Result<()> {
+    if mode & 0o077 == 0 {
+        return Ok(());
+    }
+    Err(Error::Config(format!(
+        "{} {what} and is open to group or others (mode {:04o}); make it private: chmod 600 {} \
+         (owned by the user walshipper runs as), or pass the secret in an environment variable",
+        path.display(),
+        mode & 0o7777,
+        path.display()
+    )))
+}
+
+/// A TOML error without the file's text: toml's own message quotes the
+/// offending line, and serde's quotes the bad value ("invalid type: string
+/// \"...\""), either of which may be a secret. Kept: the line and column,
+/// the key on that line, and the message with every quoted value replaced.
+fn redacted(e: &toml::de::Error, text: &str) -> String {
+    let mut out = String::new();
+    let mut key = None;
+    if let Some(span) = e.span() {
+        let at = span.start.min(text.len());
+        let before = text.get(..at).unwrap_or("");
+        let line = before.matches('\n').count() + 1;
+        let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+        out.push_str(&format!("line {line}, column {col}: "));
+        // The key of that line, if it has the shape of a key (never a value).
+        let line_text = text.lines().nth(line - 1).unwrap_or("");
+        if let Some((k, _)) = line_text.split_once('=') {
+            let k = k.trim();
+            if !k.is_empty()
+                && k.len() <= 64
+                && k.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+            {
+                key = Some(k.to_string());
+            }
+        }
+    }
+    if let Some(k) = key {
+        out.push_str(&format!("key {k}: "));
+    }
+    out.push_str(&redact_message(e.message()));
+    out
+}
+
+/// Replaces every "double-quoted" part of a message (serde's way of showing
+/// a string value) and every `backticked` part that is not a plain key name.
+fn redact_message(msg: &str) -> String {
+    let mut out = String::with_capacity(msg.len());
+    let mut rest = msg;
+    while let Some(i) = rest.find(['"', '`']) {
+        let q = rest[i..].chars().next().unwrap_or('"');
+        out.push_str(&rest[..i]);
+        let after = &rest[i + 1..];
+        let Some(j) = after.find(q) else {
+            // An unterminated quote: drop the rest, it may be a value.
+            out.push_str("(value hidden)");
+            return out;
+        };
+        let inner = &after[..j];
+        let plain_key = q == '`'
+            && !inner.is_empty()
+            && inner.len() <= 64
+            && inner
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.');
+        // toml's "expected `\"`": a quote or bracket is no secret.
+        let punctuation = q == '`'
+            && !inner.is_empty()
+            && inner.len() <= 3
+            && inner.bytes().all(|b| b.is_ascii_punctuation());
+        if plain_key || punctuation {
+            out.push_str(&format!("`{inner}`"));
+        } else {
+            out.push_str("(value hidden)");
+        }
+        rest = &after[j + 1..];
+    }
+    out.push_str(rest);
+    // One line: a multi-line message could still carry a snippet.
+    out.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 impl Config {
@@ -356,10 +458,34 @@ impl Config {
         Ok(cfg)
     }
 
+    /// Parses a configuration file. Errors never quote the file's content
+    /// (it may hold a secret, and archive-push errors go to the server log):
+    /// they name the line, column and key. A file holding a secret must be
+    /// private to its owner.
     pub fn from_file(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| Error::Config(format!("cannot read {}: {e}", path.display())))?;
-        toml::from_str(&text).map_err(|e| Error::Config(format!("{}: {e}", path.display())))
+        use std::io::Read;
+        use std::os::unix::fs::PermissionsExt;
+        let cannot =
+            |e: std::io::Error| Error::Config(format!("cannot read {}: {e}", path.display()));
+        let mut file = std::fs::File::open(path).map_err(cannot)?;
+        // The mode of the file we read, not of whatever the path names later.
+        let mode = file.metadata().map_err(cannot)?.permissions().mode();
+        let mut text = String::new();
+        file.read_to_string(&mut text).map_err(cannot)?;
+        let cfg: Config = toml::from_str(&text)
+            .map_err(|e| Error::Config(format!("{}: {}", path.display(), redacted(&e, &text))))?;
+        if let Some(key) = cfg.inline_secret() {
+            check_private(path, mode, &format!("holds {key}"))?;
+        }
+        Ok(cfg)
+    }
+
+    /// The name of a secret set in the file itself, if any.
+    fn inline_secret(&self) -> Option<&'static str> {
+        self.repos
+            .iter()
+            .any(|r| !r.secret_access_key.is_empty())
+            .then_some("repo.secret_access_key")
     }
 
     fn set(&mut self, section: &str, key: &str, v: &str, name: &str) -> Result<()> {
@@ -372,6 +498,9 @@ impl Config {
             ("pg", "port") => self.pg.port = parse(name, v, "a port number")?,
             ("pg", "user") => self.pg.user = v.into(),
             ("pg", "database") => self.pg.database = v.into(),
+            ("encryption", "mode") => {
+                self.encryption.mode = parse(name, v, "\"aes-256-gcm\" or \"none\"")?
+            }
             ("encryption", "passphrase_file") => self.encryption.passphrase_file = v.into(),
             ("encryption", "key_cache") => {
                 self.encryption.key_cache = parse(name, v, "true or false")?
@@ -411,6 +540,7 @@ impl Config {
             "retries" => r.retries = parse(name, v, "a whole number")?,
             "request_timeout" => r.request_timeout = parse(name, v, "a number of seconds")?,
             "connect_timeout" => r.connect_timeout = parse(name, v, "a number of seconds")?,
+            "conditional_writes" => r.conditional_writes = v.into(),
             "upload_limit" => r.upload_limit = parse(name, v, "bytes per second")?,
             "retention_full" => r.retention_full = parse(name, v, "a whole number")?,
             "retention_window" => r.retention_window = v.into(),
@@ -501,6 +631,13 @@ impl Config {
                             "{at}: set both access_key_id and secret_access_key, or neither (to use the AWS credential chain)"
                         )));
                     }
+                    if !matches!(r.conditional_writes.as_str(), "auto" | "header" | "head") {
+                        return Err(Error::Config(format!(
+                            "{}: '{}' is not one of auto, header, head",
+                            at_key("conditional_writes"),
+                            r.conditional_writes
+                        )));
+                    }
                     if r.part_size_mib < 5 || r.part_size_mib > 5120 {
                         return Err(Error::Config(format!(
                             "{}: {} is out of range (5 to 5120)",
@@ -558,7 +695,13 @@ impl Config {
             }
             return Ok(p.into_bytes());
         }
-        crate::keys::read_passphrase_file(&self.encryption.passphrase_file)
+        let path = &self.encryption.passphrase_file;
+        // A missing file is reported by read_passphrase_file with its hint.
+        if let Ok(m) = std::fs::metadata(path) {
+            use std::os::unix::fs::PermissionsExt;
+            check_private(path, m.permissions().mode(), "holds the passphrase")?;
+        }
+        crate::keys::read_passphrase_file(path)
     }
 
     pub fn key_cache_dir(&self) -> Option<PathBuf> {
@@ -580,6 +723,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("w.toml");
         std::fs::write(&p, text).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         Config::load_with_env(
             Some(&p),
             env.iter().map(|(a, b)| (a.to_string(), b.to_string())),
@@ -656,5 +801,84 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("two repositories"), "{e}");
+    }
+
+    #[test]
+    fn errors_never_quote_the_file() {
+        let secret = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY";
+        for text in [
+            // A syntax error on the secret's line (unterminated string).
+            format!(
+                "[repo]\ntype = \"s3\"\nbucket = \"b\"\nsecret_access_key = \"{secret}\nport = 1\n"
+            ),
+            // A type error whose value is the secret.
+            format!("[pg]\nport = \"{secret}\"\n"),
+            // A secret in the wrong key, in an array of tables.
+            format!("[[repo]]\naccess_key_id = 5\nsecret_access_key = \"{secret}\"\n"),
+            format!("[repo]\nsecret_access_key = {secret}\n"),
+        ] {
+            let e = load(&text, &[]).unwrap_err().to_string();
+            assert!(!e.contains(secret), "secret printed: {e}");
+            assert!(!e.contains("wJalr"), "part of the secret printed: {e}");
+            assert!(e.contains("line") || e.contains("repo"), "{e}");
+        }
+        let e = load(&format!("[pg]\nport = \"{secret}\"\n"), &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("line 2") && e.contains("key port"), "{e}");
+    }
+
+    #[test]
+    fn a_file_holding_a_secret_must_be_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("w.toml");
+        std::fs::write(
+            &p,
+            "[repo]\ntype = \"s3\"\nbucket = \"b\"\naccess_key_id = \"k\"\nsecret_access_key = \"s3cr3t\"\n",
+        )
+        .unwrap();
+        for mode in [0o644, 0o640, 0o604] {
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = Config::load_with_env(Some(&p), []).unwrap_err().to_string();
+            assert!(e.contains(&format!("chmod 600 {}", p.display())), "{e}");
+            assert!(!e.contains("s3cr3t"), "{e}");
+        }
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        Config::load_with_env(Some(&p), []).unwrap();
+        // Without a secret in it, a shared file is fine.
+        std::fs::write(&p, "[repo]\npath = \"/r\"\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        Config::load_with_env(Some(&p), []).unwrap();
+    }
+
+    #[test]
+    fn a_shared_passphrase_file_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("pass");
+        std::fs::write(&pass, "correct horse\n").unwrap();
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let mut c = Config::default();
+        c.encryption.passphrase_file = pass.clone();
+        // WALSHIPPER_PASSPHRASE would win over the file: only test without it.
+        if std::env::var_os("WALSHIPPER_PASSPHRASE").is_none() {
+            let e = c.passphrase().unwrap_err().to_string();
+            assert!(e.contains(&format!("chmod 600 {}", pass.display())), "{e}");
+            std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+            assert_eq!(c.passphrase().unwrap(), b"correct horse");
+        }
+    }
+
+    #[test]
+    fn conditional_writes_values() {
+        let s3 = "[repo]\ntype = \"s3\"\nbucket = \"b\"\n";
+        assert_eq!(load(s3, &[]).unwrap().primary().conditional_writes, "auto");
+        let c = load(s3, &[("WALSHIPPER_REPO_CONDITIONAL_WRITES", "head")]).unwrap();
+        assert_eq!(c.primary().conditional_writes, "head");
+        let e = load(s3, &[("WALSHIPPER_REPO_CONDITIONAL_WRITES", "none")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("conditional_writes"), "{e}");
     }
 }

@@ -4,8 +4,14 @@
 //! be changed (re-wrap) and data keys rotated (new objects use the newest
 //! key) without rewriting stored data.
 //!
+//! Key files are read back from the repository and so are untrusted: their
+//! size, name and Argon2 costs are checked before anything is derived
+//! ([`KeyFile::parse`]), so a planted key file costs at most a bounded KDF
+//! run and an error, never an abort or an unbounded stall.
+//!
 //! Argon2id is deliberately slow; archive-push runs once per WAL segment, so
 //! the unwrapped key may be cached on the database host (see [`KeyCache`]).
+//! Every key and key-encryption key is wiped from memory when dropped.
 
 use std::path::{Path, PathBuf};
 
@@ -14,6 +20,7 @@ use aes_gcm::{Aes256Gcm, Nonce};
 use hkdf::Hkdf;
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
+use zeroize::Zeroizing;
 
 use crate::codec::DataKey;
 use crate::error::{Error, Result};
@@ -22,6 +29,53 @@ use crate::error::{Error, Result};
 /// file so that later keys may use other costs.
 pub const DEFAULT_KDF_MEMORY_KIB: u32 = 64 * 1024;
 pub const DEFAULT_KDF_ITERATIONS: u32 = 3;
+/// Bounds on the Argon2 costs a key file may ask for. A key file is
+/// repository content: without bounds a planted one could make every command
+/// allocate 4 TiB (abort) or run for hours. 8 MiB is well below any sane
+/// setting; 1 GiB and 4 GiB·passes in all keep the worst case to a few
+/// seconds and memory any database host has.
+pub const MIN_KDF_MEMORY_KIB: u32 = 8 * 1024;
+pub const MAX_KDF_MEMORY_KIB: u32 = 1024 * 1024;
+pub const MAX_KDF_ITERATIONS: u32 = 64;
+pub const MAX_KDF_PARALLELISM: u32 = 64;
+const MAX_KDF_WORK_KIB: u64 = 4 * 1024 * 1024;
+const MIN_SALT_LEN: usize = 16;
+const MAX_SALT_LEN: usize = 64;
+/// A key file is a few hundred bytes; anything larger is not one.
+pub const MAX_KEY_FILE_LEN: usize = 16 << 10;
+
+/// `[encryption] mode`: whether this host requires the repository to be
+/// encrypted. The local configuration decides, never the repository.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+pub enum EncryptionMode {
+    /// Every object must be sealed by a repository key.
+    #[default]
+    #[serde(rename = "aes-256-gcm")]
+    Aes256Gcm,
+    /// Unencrypted repository: protects against accidents only.
+    #[serde(rename = "none")]
+    None,
+}
+
+impl EncryptionMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EncryptionMode::Aes256Gcm => "aes-256-gcm",
+            EncryptionMode::None => "none",
+        }
+    }
+}
+
+impl std::str::FromStr for EncryptionMode {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        match s {
+            "aes-256-gcm" => Ok(EncryptionMode::Aes256Gcm),
+            "none" => Ok(EncryptionMode::None),
+            _ => Err(()),
+        }
+    }
+}
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,20 +113,70 @@ pub fn random<const N: usize>() -> Result<[u8; N]> {
     Ok(b)
 }
 
-fn argon2_kek(passphrase: &[u8], p: &KdfParams) -> Result<[u8; 32]> {
-    if p.algorithm != "argon2id" {
-        return Err(Error::Repository(format!(
-            "unsupported key derivation {}",
-            p.algorithm
-        )));
+pub(crate) fn is_lower_hex(s: &str, len: usize) -> bool {
+    s.len() == len
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+impl KdfParams {
+    /// Refuses costs outside the bounds before Argon2 allocates anything.
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.algorithm != "argon2id" {
+            return Err(format!(
+                "unsupported key derivation {:?} (only argon2id)",
+                self.algorithm
+            ));
+        }
+        if !(MIN_KDF_MEMORY_KIB..=MAX_KDF_MEMORY_KIB).contains(&self.memory_kib) {
+            return Err(format!(
+                "Argon2 memory cost {} KiB is outside {MIN_KDF_MEMORY_KIB}..={MAX_KDF_MEMORY_KIB} KiB",
+                self.memory_kib
+            ));
+        }
+        if !(1..=MAX_KDF_ITERATIONS).contains(&self.iterations) {
+            return Err(format!(
+                "Argon2 iterations {} outside 1..={MAX_KDF_ITERATIONS}",
+                self.iterations
+            ));
+        }
+        if !(1..=MAX_KDF_PARALLELISM).contains(&self.parallelism) {
+            return Err(format!(
+                "Argon2 parallelism {} outside 1..={MAX_KDF_PARALLELISM}",
+                self.parallelism
+            ));
+        }
+        if u64::from(self.memory_kib) * u64::from(self.iterations) > MAX_KDF_WORK_KIB {
+            return Err(format!(
+                "Argon2 cost {} KiB x {} passes exceeds {} GiB·passes",
+                self.memory_kib,
+                self.iterations,
+                MAX_KDF_WORK_KIB >> 20
+            ));
+        }
+        let n = self.salt.len() / 2;
+        if !self.salt.len().is_multiple_of(2)
+            || !(MIN_SALT_LEN..=MAX_SALT_LEN).contains(&n)
+            || !is_lower_hex(&self.salt, self.salt.len())
+        {
+            return Err(format!(
+                "salt must be {MIN_SALT_LEN} to {MAX_SALT_LEN} bytes in lowercase hex"
+            ));
+        }
+        Ok(())
     }
+}
+
+fn argon2_kek(passphrase: &[u8], p: &KdfParams) -> Result<Zeroizing<[u8; 32]>> {
+    p.check()
+        .map_err(|e| Error::Repository(format!("key file: {e}")))?;
     let salt = hex::decode(&p.salt).map_err(|_| Error::Repository("key file: bad salt".into()))?;
     let params = argon2::Params::new(p.memory_kib, p.iterations, p.parallelism, Some(32))
         .map_err(|e| Error::Repository(format!("key file: bad Argon2 parameters: {e}")))?;
     let argon = argon2::Argon2::new(argon2::Algorithm::Argon2id, argon2::Version::V0x13, params);
-    let mut out = [0u8; 32];
+    let mut out = Zeroizing::new([0u8; 32]);
     argon
-        .hash_password_into(passphrase, &salt, &mut out)
+        .hash_password_into(passphrase, &salt, &mut out[..])
         .map_err(|e| Error::Repository(format!("key derivation failed: {e}")))?;
     Ok(out)
 }
@@ -90,22 +194,34 @@ fn seal(kek: &[u8; 32], aad: &[u8], plain: &[u8]) -> Result<WrappedKey> {
     })
 }
 
+impl WrappedKey {
+    /// 12-byte nonce, 32-byte key + 16-byte tag, lowercase hex.
+    fn check(&self) -> std::result::Result<(), String> {
+        if self.algorithm != "aes-256-gcm" {
+            return Err(format!("unsupported key wrapping {:?}", self.algorithm));
+        }
+        if !is_lower_hex(&self.nonce, 24) || !is_lower_hex(&self.ciphertext, 96) {
+            return Err(
+                "wrapped key: nonce must be 12 bytes and ciphertext 48 bytes in hex".into(),
+            );
+        }
+        Ok(())
+    }
+}
+
 /// None when the tag does not verify (wrong passphrase or tampered file).
 fn open(kek: &[u8; 32], aad: &[u8], w: &WrappedKey) -> Result<Option<[u8; 32]>> {
     let bad = || Error::Repository("key file is malformed".into());
+    w.check().map_err(|_| bad())?;
     let nonce = hex::decode(&w.nonce).map_err(|_| bad())?;
     let ct = hex::decode(&w.ciphertext).map_err(|_| bad())?;
-    if nonce.len() != 12 || w.algorithm != "aes-256-gcm" {
-        return Err(bad());
-    }
     let c = Aes256Gcm::new_from_slice(kek).map_err(|_| bad())?;
     match c.decrypt(Nonce::from_slice(&nonce), Payload { msg: &ct, aad }) {
-        Ok(p) if p.len() == 32 => {
-            let mut k = [0u8; 32];
-            k.copy_from_slice(&p);
+        Ok(p) => {
+            let p = Zeroizing::new(p);
+            let k: [u8; 32] = p[..].try_into().map_err(|_| bad())?;
             Ok(Some(k))
         }
-        Ok(_) => Err(bad()),
         Err(_) => Ok(None),
     }
 }
@@ -118,7 +234,10 @@ impl KeyFile {
         iterations: u32,
     ) -> Result<(KeyFile, DataKey)> {
         let id = random::<16>()?;
-        let key = random::<32>()?;
+        let key = DataKey {
+            id,
+            key: random::<32>()?,
+        };
         let kdf = KdfParams {
             algorithm: "argon2id".into(),
             memory_kib,
@@ -126,8 +245,13 @@ impl KeyFile {
             parallelism: 1,
             salt: hex::encode(random::<16>()?),
         };
+        kdf.check().map_err(|e| {
+            Error::Invalid(format!(
+                "{e} (choose --kdf-memory-kib and --kdf-iterations within these bounds)"
+            ))
+        })?;
         let kek = argon2_kek(passphrase, &kdf)?;
-        let wrapped = seal(&kek, &id, &key)?;
+        let wrapped = seal(&kek, &id, &key.key)?;
         let file = KeyFile {
             version: 1,
             key_id: hex::encode(id),
@@ -135,7 +259,38 @@ impl KeyFile {
             kdf,
             wrapped,
         };
-        Ok((file, DataKey { id, key }))
+        Ok((file, key))
+    }
+
+    /// Parses and checks `keys/<name_id>.json` as read from the repository:
+    /// bounded size, known version, the id inside equal to the name, KDF
+    /// costs within bounds and wrapped-key lengths exact. Nothing is derived.
+    pub fn parse(name_id: &str, body: &[u8]) -> Result<KeyFile> {
+        let key = crate::layout::key_file(name_id);
+        let bad = |reason: String| Error::Repository(format!("key file {key}: {reason}"));
+        if body.len() > MAX_KEY_FILE_LEN {
+            return Err(bad(format!(
+                "{} bytes; a key file is at most {MAX_KEY_FILE_LEN}",
+                body.len()
+            )));
+        }
+        let file: KeyFile =
+            serde_json::from_slice(body).map_err(|e| bad(format!("not a key file: {e}")))?;
+        if file.version != 1 {
+            return Err(bad(format!(
+                "unsupported key file version {}",
+                file.version
+            )));
+        }
+        if file.key_id != name_id || !is_lower_hex(name_id, 32) {
+            return Err(bad(format!(
+                "the key id inside ({:.40}) does not match the file name",
+                file.key_id
+            )));
+        }
+        file.kdf.check().map_err(bad)?;
+        file.wrapped.check().map_err(bad)?;
+        Ok(file)
     }
 
     pub fn id_bytes(&self) -> Result<[u8; 16]> {
@@ -158,13 +313,31 @@ impl KeyFile {
     }
 }
 
-/// A host-local cache of unwrapped data keys, sealed with a key derived
-/// cheaply (HKDF) from the passphrase. It lives beside the passphrase on the
-/// database host (mode 0600 in a 0700 directory), so it protects no less than
-/// the passphrase file itself; it never goes into the repository. A cache
-/// entry that does not open with the current passphrase is ignored.
+/// Where the cache's host secret lives: a RAM-backed tmpfs, so it is never
+/// on disk, in a file-level backup of the host, or in the cache directory.
+const HOST_SECRET_BASE: &str = "/dev/shm";
+const HOST_SECRET_FILE: &str = "key-cache.secret";
+
+/// A host-local cache of unwrapped data keys, so that archive-push does not
+/// run Argon2 (64 MiB, ~100 ms) once per segment.
+///
+/// An entry is sealed (AES-256-GCM) under HKDF(host secret || passphrase).
+/// Before, HKDF of the passphrase alone protected it: whoever copied the cache
+/// directory (a backup of $HOME, a support bundle) could test passphrase
+/// guesses at HKDF speed, far faster than against the Argon2-wrapped key file.
+/// The host secret is 32 random bytes in `/dev/shm/walshipper-<uid>/` (tmpfs,
+/// 0700/0600, owner checked, never followed through a symlink): it is not on
+/// disk, so a copy of the cache alone gives a 256-bit unknown to guess, not
+/// the passphrase. It vanishes at reboot; the next command then runs Argon2
+/// once and re-caches. Cost per archive-push: one 32-byte read from tmpfs
+/// (microseconds), against several ms for even a small Argon2 per push,
+/// which the archive-push speed target (median ≤ 30 ms) cannot afford.
+/// Whoever can read this user's tmpfs and the passphrase file can unwrap the
+/// keys anyway, so the cache adds nothing for them.
+/// A cache entry that does not open is ignored (the key file is used).
 pub struct KeyCache {
     dir: PathBuf,
+    secret_base: PathBuf,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -175,13 +348,85 @@ struct CacheEntry {
 
 impl KeyCache {
     pub fn new(dir: PathBuf) -> KeyCache {
-        KeyCache { dir }
+        KeyCache {
+            dir,
+            secret_base: PathBuf::from(HOST_SECRET_BASE),
+        }
     }
 
-    fn kek(passphrase: &[u8], salt: &[u8]) -> Result<[u8; 32]> {
-        let mut k = [0u8; 32];
-        Hkdf::<Sha256>::new(Some(salt), passphrase)
-            .expand(b"walshipper key cache v1", &mut k)
+    #[cfg(test)]
+    fn with_secret_base(dir: PathBuf, secret_base: PathBuf) -> KeyCache {
+        KeyCache { dir, secret_base }
+    }
+
+    /// The host secret, created on first use.
+    fn host_secret(&self) -> Result<Zeroizing<[u8; 32]>> {
+        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+        // SAFETY: getuid has no preconditions and cannot fail.
+        let uid = unsafe { libc::getuid() };
+        let dir = self.secret_base.join(format!("walshipper-{uid}"));
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(Error::io(format!("create {}", dir.display()), e)),
+        }
+        // Someone else's directory (or a symlink to one) is not ours to trust.
+        let meta = std::fs::symlink_metadata(&dir)
+            .map_err(|e| Error::io(format!("{}", dir.display()), e))?;
+        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "{} is not a private directory of this user; not caching keys",
+                dir.display()
+            )));
+        }
+        let path = dir.join(HOST_SECRET_FILE);
+        let read = |path: &Path| -> std::io::Result<Zeroizing<[u8; 32]>> {
+            let mut f = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(path)?;
+            let m = f.metadata()?;
+            if !m.is_file() || m.uid() != uid || m.mode() & 0o077 != 0 || m.len() != 32 {
+                return Err(std::io::Error::other("not a private 32-byte file"));
+            }
+            let mut s = Zeroizing::new([0u8; 32]);
+            std::io::Read::read_exact(&mut f, &mut s[..])?;
+            Ok(s)
+        };
+        match read(&path) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(Error::io(format!("key cache secret {}", path.display()), e)),
+        }
+        // Written whole under a temporary name, then linked: a concurrent
+        // creator either wins (we read theirs) or loses (they read ours).
+        let secret = Zeroizing::new(random::<32>()?);
+        let tmp = dir.join(format!(".{HOST_SECRET_FILE}.{}", std::process::id()));
+        let _ = std::fs::remove_file(&tmp);
+        let written = (|| {
+            let mut f = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            std::io::Write::write_all(&mut f, &secret[..])?;
+            match std::fs::hard_link(&tmp, &path) {
+                Err(e) if e.kind() != std::io::ErrorKind::AlreadyExists => Err(e),
+                _ => Ok(()),
+            }
+        })();
+        let _ = std::fs::remove_file(&tmp);
+        written.map_err(|e| Error::io(format!("create {}", path.display()), e))?;
+        read(&path).map_err(|e| Error::io(format!("key cache secret {}", path.display()), e))
+    }
+
+    fn kek(host_secret: &[u8; 32], passphrase: &[u8], salt: &[u8]) -> Result<Zeroizing<[u8; 32]>> {
+        let mut ikm = Zeroizing::new(Vec::with_capacity(32 + passphrase.len()));
+        ikm.extend_from_slice(host_secret);
+        ikm.extend_from_slice(passphrase);
+        let mut k = Zeroizing::new([0u8; 32]);
+        Hkdf::<Sha256>::new(Some(salt), &ikm)
+            .expand(b"walshipper key cache v2", &mut k[..])
             .map_err(|_| Error::Repository("key cache derivation failed".into()))?;
         Ok(k)
     }
@@ -191,11 +436,21 @@ impl KeyCache {
     }
 
     pub fn get(&self, key_id: &str, passphrase: &[u8]) -> Option<DataKey> {
-        let text = std::fs::read_to_string(self.path(key_id)).ok()?;
-        let entry: CacheEntry = serde_json::from_str(&text).ok()?;
+        if !is_lower_hex(key_id, 32) {
+            return None;
+        }
+        let text = std::fs::read(self.path(key_id)).ok()?;
+        if text.len() > MAX_KEY_FILE_LEN {
+            return None;
+        }
+        let entry: CacheEntry = serde_json::from_slice(&text).ok()?;
         let salt = hex::decode(&entry.salt).ok()?;
         let id: [u8; 16] = hex::decode(key_id).ok()?.try_into().ok()?;
-        let kek = Self::kek(passphrase, &salt).ok()?;
+        let secret = self
+            .host_secret()
+            .map_err(|e| tracing::debug!("key cache not used: {e}"))
+            .ok()?;
+        let kek = Self::kek(&secret, passphrase, &salt).ok()?;
         let key = open(&kek, &id, &entry.wrapped).ok()??;
         Some(DataKey { id, key })
     }
@@ -221,8 +476,9 @@ impl KeyCache {
                 self.dir.display()
             )));
         }
+        let secret = self.host_secret()?;
         let salt = random::<16>()?;
-        let kek = Self::kek(passphrase, &salt)?;
+        let kek = Self::kek(&secret, passphrase, &salt)?;
         let entry = CacheEntry {
             salt: hex::encode(salt),
             wrapped: seal(&kek, &key.id, &key.key)?,
@@ -281,7 +537,7 @@ mod tests {
 
     #[test]
     fn wrap_unlock_and_wrong_passphrase() {
-        let (file, key) = KeyFile::create(b"correct horse", 1024, 1).unwrap();
+        let (file, key) = KeyFile::create(b"correct horse", MIN_KDF_MEMORY_KIB, 1).unwrap();
         assert_eq!(file.unlock(b"correct horse").unwrap().key, key.key);
         assert!(matches!(
             file.unlock(b"wrong"),
@@ -289,15 +545,84 @@ mod tests {
         ));
     }
 
+    fn file_json(memory_kib: u32, iterations: u32) -> (String, serde_json::Value) {
+        let (file, _) = KeyFile::create(b"pw", MIN_KDF_MEMORY_KIB, 1).unwrap();
+        let mut v = serde_json::to_value(&file).unwrap();
+        v["kdf"]["memory_kib"] = memory_kib.into();
+        v["kdf"]["iterations"] = iterations.into();
+        (file.key_id, v)
+    }
+
     #[test]
-    fn cache_round_trip_and_passphrase_binding() {
+    fn key_file_costs_are_bounded_before_derivation() {
+        for (m, t) in [
+            (u32::MAX, 1),
+            (MAX_KDF_MEMORY_KIB + 1, 1),
+            (1024, 1),
+            (0, 1),
+            (MIN_KDF_MEMORY_KIB, 0),
+            (MIN_KDF_MEMORY_KIB, 65),
+            (MAX_KDF_MEMORY_KIB, 64),
+        ] {
+            let (id, v) = file_json(m, t);
+            let body = serde_json::to_vec(&v).unwrap();
+            let err = KeyFile::parse(&id, &body).unwrap_err().to_string();
+            assert!(err.contains("Argon2"), "{m} {t}: {err}");
+            // unlock checks too, even on a file that skipped parse.
+            let file: KeyFile = serde_json::from_value(v).unwrap();
+            assert!(matches!(file.unlock(b"pw"), Err(Error::Repository(_))));
+        }
+        let (id, mut v) = file_json(MIN_KDF_MEMORY_KIB, 1);
+        v["kdf"]["parallelism"] = 1000.into();
+        assert!(KeyFile::parse(&id, &serde_json::to_vec(&v).unwrap()).is_err());
+        let (id, mut v) = file_json(MIN_KDF_MEMORY_KIB, 1);
+        v["kdf"]["salt"] = "00".into();
+        assert!(KeyFile::parse(&id, &serde_json::to_vec(&v).unwrap()).is_err());
+        let (id, mut v) = file_json(MIN_KDF_MEMORY_KIB, 1);
+        v["wrapped"]["ciphertext"] = "00".repeat(4000).into();
+        assert!(KeyFile::parse(&id, &serde_json::to_vec(&v).unwrap()).is_err());
+        let (id, v) = file_json(MIN_KDF_MEMORY_KIB, 1);
+        assert!(KeyFile::parse(&id, &serde_json::to_vec(&v).unwrap()).is_ok());
+        // repo-init refuses the same costs with a hint.
+        assert!(matches!(
+            KeyFile::create(b"pw", 1024, 1),
+            Err(Error::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn key_file_name_must_match_its_id() {
+        let (id, v) = file_json(MIN_KDF_MEMORY_KIB, 1);
+        let body = serde_json::to_vec(&v).unwrap();
+        let other = "0".repeat(32);
+        let err = KeyFile::parse(&other, &body).unwrap_err().to_string();
+        assert!(err.contains("does not match"), "{err}");
+        assert!(KeyFile::parse(&id.to_uppercase(), &body).is_err());
+        assert!(KeyFile::parse(&id, &vec![b' '; MAX_KEY_FILE_LEN + 1]).is_err());
+        assert!(KeyFile::parse(&id, b"{").is_err());
+    }
+
+    #[test]
+    fn cache_round_trip_passphrase_and_host_secret_binding() {
         let dir = tempfile::tempdir().unwrap();
-        let cache = KeyCache::new(dir.path().join("c"));
-        let (_, key) = KeyFile::create(b"pw", 1024, 1).unwrap();
+        let shm = tempfile::tempdir().unwrap();
+        let cache = KeyCache::with_secret_base(dir.path().join("c"), shm.path().into());
+        let (_, key) = KeyFile::create(b"pw", MIN_KDF_MEMORY_KIB, 1).unwrap();
         let id = hex::encode(key.id);
         assert!(cache.get(&id, b"pw").is_none());
         cache.put(&key, b"pw");
         assert_eq!(cache.get(&id, b"pw").unwrap().key, key.key);
         assert!(cache.get(&id, b"other").is_none());
+        // The cache directory copied to a host without the secret (or after
+        // a reboot) opens with nothing, even with the right passphrase.
+        let shm2 = tempfile::tempdir().unwrap();
+        let elsewhere = KeyCache::with_secret_base(dir.path().join("c"), shm2.path().into());
+        assert!(elsewhere.get(&id, b"pw").is_none());
+        // A secret that is not private is not trusted.
+        use std::os::unix::fs::PermissionsExt;
+        let uid = unsafe { libc::getuid() };
+        let sdir = shm.path().join(format!("walshipper-{uid}"));
+        std::fs::set_permissions(&sdir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(cache.get(&id, b"pw").is_none());
     }
 }

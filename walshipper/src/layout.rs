@@ -95,6 +95,14 @@ pub fn lease(name: &str) -> String {
     format!("{LOCKS_PREFIX}{name}.lease")
 }
 
+/// The S3 driver's verdict on whether the store honours conditional writes
+/// (`conditional_writes = "auto"`), and the scratch object of the probe.
+pub const CONDITIONAL_WRITES: &str = "locks/conditional-writes.json";
+
+pub fn write_probe(token: &str) -> String {
+    format!("{LOCKS_PREFIX}probe-{token}")
+}
+
 /// `YYYYMMDD-HHMMSS` then `F`, `D` or `I`, then an optional counter (2..999)
 /// for backups started in the same second.
 pub fn is_backup_id(id: &str) -> bool {

@@ -185,7 +185,37 @@ fn tune_allocator() {
     }
 }
 
+/// No core dumps and no ptrace by other processes of the same user: this
+/// process may hold the passphrase and unwrapped data keys in memory. Not
+/// dumpable also makes /proc/<pid>/mem and environ readable only by root,
+/// which hides WALSHIPPER_PASSPHRASE from other processes of the user.
+/// PostgreSQL runs us as archive_command / restore_command and only waits
+/// for the exit status, so neither affects it.
+fn harden_process() {
+    // SAFETY: prctl and setrlimit with valid arguments change only this
+    // process's attributes; called before any threads start.
+    unsafe {
+        let no_core = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::setrlimit(libc::RLIMIT_CORE, &no_core) != 0 {
+            eprintln!(
+                "walshipper: warning: cannot turn core dumps off: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        if libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) != 0 {
+            eprintln!(
+                "walshipper: warning: cannot make the process non-dumpable: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+    }
+}
+
 fn main() -> ExitCode {
+    harden_process();
     tune_allocator();
     let cli = match Cli::try_parse() {
         Ok(c) => c,

@@ -1,26 +1,43 @@
 //! A repository: its descriptor (`repository.json`), its keys (`keys/`), and
 //! the objects written through the codec onto a storage backend. The layout
 //! is specified in docs/repository-format.md.
+//!
+//! Everything read back is untrusted: the descriptor is validated and (when
+//! encrypted) authenticated by a MAC under the current data key; whether
+//! encryption is required is the local configuration's decision; every
+//! object is opened bound to the repository's id and its own key.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::{self, Read, Write};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
+use zeroize::Zeroizing;
 
 use crate::codec::{
-    self, CodecSettings, Compression, DataKey, DecodingReader, EncodingReader, Summary,
+    self, Binding, CodecError, CodecSettings, Compression, DataKey, DecodingReader, EncodingReader,
+    Summary,
 };
 use crate::config::{Config, RepoConfig};
 use crate::error::{Error, Result};
-use crate::keys::{KeyCache, KeyFile};
+use crate::keys::{is_lower_hex, EncryptionMode, KeyCache, KeyFile, MAX_KEY_FILE_LEN};
 use crate::layout;
 use crate::manifest::Manifest;
 use crate::storage::{self, Durability, PutOutcome, Storage};
 use crate::wal::ClusterIdentity;
 
-pub const DESCRIPTOR_KEY: &str = "repository.json";
-pub const REPO_FORMAT_VERSION: u32 = 1;
+pub const DESCRIPTOR_KEY: &str = layout::DESCRIPTOR;
+/// 2: repository_id, the descriptor MAC, and objects bound to their names
+/// (object format 2). Version 1 repositories are refused, not read.
+pub const REPO_FORMAT_VERSION: u32 = 2;
+/// repository.json is a few hundred bytes.
+const MAX_DESCRIPTOR_LEN: usize = 64 << 10;
+/// Raw reads of small objects (key files copied by repo-sync).
+const MAX_RAW_LEN: usize = 1 << 20;
+const MAC_KEY_INFO: &[u8] = b"walshipper repository.json mac v2";
+const MAC_DOMAIN: &[u8] = b"walshipper repository.json v2\0";
 
 /// `repository.json`: plaintext, written last by repo-init.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -28,6 +45,9 @@ pub const REPO_FORMAT_VERSION: u32 = 1;
 pub struct Descriptor {
     pub format: String,
     pub format_version: u32,
+    /// 16 random bytes (hex) naming this repository and its copies: part of
+    /// every object's associated data.
+    pub repository_id: String,
     /// Decimal string: 64-bit values do not survive every JSON reader.
     pub system_identifier: String,
     pub pg_version: u32,
@@ -36,6 +56,9 @@ pub struct Descriptor {
     pub encryption: String,
     pub current_key_id: Option<String>,
     pub created_at: String,
+    /// HMAC-SHA256 (hex) of every other field; encrypted repositories only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
 }
 
 impl Descriptor {
@@ -53,6 +76,196 @@ impl Descriptor {
     pub fn encrypted(&self) -> bool {
         self.encryption != "none"
     }
+
+    /// Parses and validates repository.json as read back from a store. A
+    /// descriptor no walshipper writes is damage or forgery (`Corrupt`: exit
+    /// 126 at once, nothing to retry); another format version is `Repository`.
+    pub fn parse(body: &[u8]) -> Result<Descriptor> {
+        let bad = |reason: String| Error::Corrupt {
+            key: DESCRIPTOR_KEY.into(),
+            reason,
+        };
+        if body.len() > MAX_DESCRIPTOR_LEN {
+            return Err(bad(format!("{} bytes is not a descriptor", body.len())));
+        }
+        // The version first, so that another version is named as such
+        // rather than reported as a missing or unknown field.
+        #[derive(Deserialize)]
+        struct Probe {
+            format: Option<serde_json::Value>,
+            format_version: Option<serde_json::Value>,
+        }
+        let probe: Probe = serde_json::from_slice(body).map_err(|e| {
+            bad(format!(
+                "unreadable ({e}); restore it from a copy of the repository"
+            ))
+        })?;
+        if probe.format.as_ref().and_then(|f| f.as_str()) != Some("walshipper") {
+            return Err(bad(
+                "not a walshipper repository (\"format\" is not \"walshipper\")".into(),
+            ));
+        }
+        match probe.format_version.as_ref().and_then(|v| v.as_u64()) {
+            Some(v) if v == u64::from(REPO_FORMAT_VERSION) => {}
+            Some(v) => {
+                return Err(Error::Repository(format!(
+                    "format version {v} is not supported: this walshipper reads version {REPO_FORMAT_VERSION} only. {}",
+                    if v < u64::from(REPO_FORMAT_VERSION) {
+                        "Create a new repository with `walshipper repo-init` at another location and take a new full backup"
+                    } else {
+                        "Upgrade walshipper to use this repository"
+                    }
+                )))
+            }
+            None => return Err(bad("format_version is missing or not a number".into())),
+        }
+        let d: Descriptor = serde_json::from_slice(body).map_err(|e| bad(format!("{e}")))?;
+        d.validate().map_err(bad)?;
+        Ok(d)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        if !is_lower_hex(&self.repository_id, 32) {
+            return Err("repository_id must be 32 lowercase hex digits".into());
+        }
+        let sysid_ok = self
+            .system_identifier
+            .parse::<u64>()
+            .ok()
+            .map(|v| v.to_string())
+            == Some(self.system_identifier.clone());
+        if !sysid_ok {
+            return Err(format!(
+                "system_identifier {:.30} is not a 64-bit decimal number",
+                self.system_identifier
+            ));
+        }
+        if !(13..=17).contains(&self.pg_version) {
+            return Err(format!(
+                "pg_version {} is not a supported PostgreSQL major version (13 to 17)",
+                self.pg_version
+            ));
+        }
+        let seg = self.wal_segment_size;
+        if !seg.is_power_of_two() || !((1 << 20)..=(1 << 30)).contains(&seg) {
+            return Err(format!(
+                "wal_segment_size {seg} is not a power of two from 1 MiB to 1 GiB"
+            ));
+        }
+        if self.created_at.len() > 64 {
+            return Err("created_at is too long".into());
+        }
+        match self.encryption.as_str() {
+            "aes-256-gcm" => {
+                if !self
+                    .current_key_id
+                    .as_deref()
+                    .is_some_and(|k| is_lower_hex(k, 32))
+                {
+                    return Err("current_key_id must be 32 lowercase hex digits".into());
+                }
+                if !self.mac.as_deref().is_some_and(|m| is_lower_hex(m, 64)) {
+                    return Err(
+                        "the MAC is missing or malformed: repository.json was modified".into(),
+                    );
+                }
+            }
+            "none" => {
+                if self.current_key_id.is_some() || self.mac.is_some() {
+                    return Err("an unencrypted repository has no current_key_id and no mac".into());
+                }
+            }
+            other => return Err(format!("unknown encryption {other:.20}")),
+        }
+        Ok(())
+    }
+
+    pub fn repository_id_bytes(&self) -> Result<[u8; 16]> {
+        hex::decode(&self.repository_id)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| Error::Repository("repository.json: bad repository_id".into()))
+    }
+
+    fn current_key_bytes(&self) -> Result<Option<[u8; 16]>> {
+        let Some(k) = &self.current_key_id else {
+            return Ok(None);
+        };
+        hex::decode(k)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .map(Some)
+            .ok_or_else(|| Error::Repository("repository.json: bad current_key_id".into()))
+    }
+
+    /// Every field but `mac`, each as length-prefixed name and value (u32 LE
+    /// lengths), in a fixed order: independent of JSON formatting.
+    fn mac_input(&self) -> Vec<u8> {
+        let fields: [(&str, String); 9] = [
+            ("format", self.format.clone()),
+            ("format_version", self.format_version.to_string()),
+            ("repository_id", self.repository_id.clone()),
+            ("system_identifier", self.system_identifier.clone()),
+            ("pg_version", self.pg_version.to_string()),
+            ("wal_segment_size", self.wal_segment_size.to_string()),
+            ("encryption", self.encryption.clone()),
+            (
+                "current_key_id",
+                self.current_key_id.clone().unwrap_or_default(),
+            ),
+            ("created_at", self.created_at.clone()),
+        ];
+        let mut v = MAC_DOMAIN.to_vec();
+        for (name, value) in fields {
+            for part in [name.as_bytes(), value.as_bytes()] {
+                v.extend_from_slice(&(part.len() as u32).to_le_bytes());
+                v.extend_from_slice(part);
+            }
+        }
+        v
+    }
+
+    /// HMAC-SHA256 under HKDF(data key, info "walshipper repository.json mac v2").
+    fn mac_state(&self, key: &DataKey) -> Result<Hmac<Sha256>> {
+        let mut mk = Zeroizing::new([0u8; 32]);
+        hkdf::Hkdf::<Sha256>::new(None, &key.key)
+            .expand(MAC_KEY_INFO, &mut mk[..])
+            .map_err(|_| Error::Repository("MAC key derivation failed".into()))?;
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(&mk[..])
+            .map_err(|_| Error::Repository("MAC key derivation failed".into()))?;
+        mac.update(&self.mac_input());
+        Ok(mac)
+    }
+
+    fn seal(&mut self, key: &DataKey) -> Result<()> {
+        self.mac = None;
+        self.mac = Some(hex::encode(self.mac_state(key)?.finalize().into_bytes()));
+        Ok(())
+    }
+
+    /// Checks the MAC with the current data key (constant time).
+    fn check_mac(&self, key: &DataKey) -> Result<()> {
+        let tag = self
+            .mac
+            .as_deref()
+            .and_then(|m| hex::decode(m).ok())
+            .unwrap_or_default();
+        self.mac_state(key)?
+            .verify_slice(&tag)
+            .map_err(|_| Error::Corrupt {
+                key: DESCRIPTOR_KEY.into(),
+                reason: "MAC mismatch: repository.json was modified (someone with write access to the repository changed it, or it was damaged); do not use this repository until you know why, and restore repository.json from another copy".into(),
+            })
+    }
+}
+
+/// What opening an encrypted repository needs later to unlock a key that
+/// an object names (keys other than the current one are unlocked on demand).
+struct Unlocker {
+    pass: Zeroizing<Vec<u8>>,
+    cache: Option<KeyCache>,
+    /// Key ids whose files failed: not tried again in this process.
+    failed: Mutex<HashSet<String>>,
 }
 
 pub struct Repository {
@@ -60,7 +273,11 @@ pub struct Repository {
     pub name: String,
     pub storage: Box<dyn Storage>,
     pub descriptor: Descriptor,
-    keys: HashMap<[u8; 16], DataKey>,
+    repository_id: [u8; 16],
+    /// The configuration's decision: refuse any object not sealed by a key.
+    require_encryption: bool,
+    keys: RwLock<HashMap<[u8; 16], DataKey>>,
+    unlocker: Option<Unlocker>,
     settings: Arc<CodecSettings>,
 }
 
@@ -135,16 +352,35 @@ pub struct InitOptions {
     pub kdf_iterations: u32,
 }
 
-fn read_small(storage: &dyn Storage, key: &str) -> Result<Option<Vec<u8>>> {
-    let Some(mut r) = storage.get(key)? else {
+/// Reads a small object whole, refusing one larger than `max` bytes.
+/// Whether a location holds no repository objects. `locks/` is ignored: the
+/// S3 driver's write probe and its verdict may be there from an earlier,
+/// interrupted repo-init.
+fn holds_nothing(storage: &dyn Storage) -> Result<bool> {
+    Ok(storage
+        .list("")?
+        .iter()
+        .all(|m| m.key.starts_with(crate::layout::LOCKS_PREFIX)))
+}
+
+fn read_small(storage: &dyn Storage, key: &str, max: usize) -> Result<Option<Vec<u8>>> {
+    let Some(r) = storage.get(key)? else {
         return Ok(None);
     };
     let mut v = Vec::new();
-    r.read_to_end(&mut v).map_err(|e| Error::Storage {
-        op: "read",
-        key: key.into(),
-        source: e,
-    })?;
+    r.take(max as u64 + 1)
+        .read_to_end(&mut v)
+        .map_err(|e| Error::Storage {
+            op: "read",
+            key: key.into(),
+            source: e,
+        })?;
+    if v.len() > max {
+        return Err(Error::Corrupt {
+            key: key.into(),
+            reason: format!("larger than {max} bytes, which this object never is"),
+        });
+    }
     Ok(Some(v))
 }
 
@@ -234,6 +470,14 @@ impl Write for CappedVec {
     }
 }
 
+/// The key id of an UnknownKey error: an object sealed by a key not unlocked yet.
+fn unknown_key(e: &io::Error) -> Option<String> {
+    match codec::codec_error(e) {
+        Some(CodecError::UnknownKey(id)) => Some(id.clone()),
+        _ => None,
+    }
+}
+
 impl Repository {
     /// Creates a repository. Refuses a location that already holds anything.
     pub fn init(
@@ -242,6 +486,14 @@ impl Repository {
         id: &ClusterIdentity,
         opts: &InitOptions,
     ) -> Result<Repository> {
+        let mode = cfg.encryption.mode;
+        if opts.encrypt != (mode == EncryptionMode::Aes256Gcm) {
+            return Err(Error::Config(format!(
+                "[encryption] mode = \"{}\" in the configuration, but repo-init was asked for {}; the configuration decides: use --no-encryption only with mode = \"none\"",
+                mode.as_str(),
+                if opts.encrypt { "an encrypted repository" } else { "an unencrypted one (--no-encryption)" }
+            )));
+        }
         let storage = storage::open(rc)?;
         if storage.head(DESCRIPTOR_KEY)?.is_some() {
             return Err(Error::Repository(format!(
@@ -249,16 +501,16 @@ impl Repository {
                 storage.describe()
             )));
         }
-        if !storage.list("")?.is_empty() {
+        if !holds_nothing(storage.as_ref())? {
             return Err(Error::Repository(format!(
                 "{} is not empty; repo-init needs an empty or new location",
                 storage.describe()
             )));
         }
         let mut keys = HashMap::new();
-        let mut current_key_id = None;
+        let mut current = None;
         if opts.encrypt {
-            let pass = cfg.passphrase()?;
+            let pass = Zeroizing::new(cfg.passphrase()?);
             if pass.len() < 12 {
                 return Err(Error::Config(
                     "the passphrase is shorter than 12 characters; use a long random one (e.g. openssl rand -base64 48)".into(),
@@ -268,26 +520,35 @@ impl Repository {
             let body =
                 serde_json::to_vec_pretty(&file).map_err(|e| Error::Repository(e.to_string()))?;
             storage.put_new(
-                &format!("keys/{}.json", file.key_id),
+                &layout::key_file(&file.key_id),
                 &mut &body[..],
                 Durability::Now,
             )?;
             if let Some(dir) = cfg.key_cache_dir() {
                 KeyCache::new(dir).put(&key, &pass);
             }
-            current_key_id = Some(file.key_id.clone());
+            current = Some(key.clone());
             keys.insert(key.id, key);
         }
-        let descriptor = Descriptor {
+        let repository_id = crate::keys::random::<16>()?;
+        let mut descriptor = Descriptor {
             format: "walshipper".into(),
             format_version: REPO_FORMAT_VERSION,
+            repository_id: hex::encode(repository_id),
             system_identifier: id.system_identifier.to_string(),
             pg_version: id.pg_major,
             wal_segment_size: id.wal_segment_size,
-            encryption: if opts.encrypt { "aes-256-gcm" } else { "none" }.into(),
-            current_key_id,
+            encryption: mode.as_str().into(),
+            current_key_id: current.as_ref().map(|k| hex::encode(k.id)),
             created_at: chrono::Utc::now().to_rfc3339(),
+            mac: None,
         };
+        if let Some(k) = &current {
+            descriptor.seal(k)?;
+        }
+        descriptor.validate().map_err(|e| {
+            Error::Repository(format!("this cluster cannot have a repository: {e}"))
+        })?;
         let body =
             serde_json::to_vec_pretty(&descriptor).map_err(|e| Error::Repository(e.to_string()))?;
         // Written last: a repository without its descriptor does not exist.
@@ -299,39 +560,46 @@ impl Repository {
             ));
         }
         let mut settings = base_settings(cfg);
-        settings.key = descriptor
-            .current_key_id
-            .as_ref()
-            .and_then(|k| hex::decode(k).ok())
-            .and_then(|v| <[u8; 16]>::try_from(v).ok())
-            .and_then(|id| keys.get(&id).cloned());
+        settings.key = current;
         Ok(Repository {
             name: rc.name.clone(),
             storage,
             descriptor,
-            keys,
+            repository_id,
+            require_encryption: opts.encrypt,
+            keys: RwLock::new(keys),
+            unlocker: None,
             settings: Arc::new(settings),
         })
     }
 
-    /// Creates the repository `rc` as a copy of `source`: same descriptor and
-    /// keys, so objects are byte-identical in both and `repo-sync` copies
-    /// them without re-encoding. Refuses a location that holds anything.
+    /// Creates the repository `rc` as a copy of `source`: same descriptor
+    /// (repository_id included) and keys, so objects are byte-identical in
+    /// both and `repo-sync` copies them without re-encoding. Refuses a
+    /// location that holds anything.
     pub fn init_copy(cfg: &Config, rc: &RepoConfig, source: &Repository) -> Result<Repository> {
         let storage = storage::open(rc)?;
-        if !storage.list("")?.is_empty() {
+        if !holds_nothing(storage.as_ref())? {
             return Err(Error::Repository(format!(
                 "{} is not empty; repo-init needs an empty or new location",
                 storage.describe()
             )));
         }
-        for meta in source.storage.list("keys/")? {
-            let body = read_small(source.storage.as_ref(), &meta.key)?
+        for meta in source.storage.list(layout::KEYS_PREFIX)? {
+            if !matches!(
+                layout::parse(&meta.key),
+                Some(layout::ObjectName::KeyFile { .. })
+            ) {
+                continue;
+            }
+            let body = read_small(source.storage.as_ref(), &meta.key, MAX_KEY_FILE_LEN)?
                 .ok_or_else(|| Error::Repository(format!("{} vanished", meta.key)))?;
             storage.put_new(&meta.key, &mut &body[..], Durability::Now)?;
         }
-        let body = read_small(source.storage.as_ref(), DESCRIPTOR_KEY)?
-            .ok_or_else(|| Error::Repository("repository.json vanished".into()))?;
+        // The source's descriptor as validated and authenticated, not
+        // whatever the store holds now.
+        let body = serde_json::to_vec_pretty(&source.descriptor)
+            .map_err(|e| Error::Repository(e.to_string()))?;
         if storage.put_new(DESCRIPTOR_KEY, &mut &body[..], Durability::Now)?
             == PutOutcome::AlreadyExists
         {
@@ -360,77 +628,193 @@ impl Repository {
             .collect()
     }
 
-    /// Opens one repository and, if it is encrypted, unlocks its keys.
+    /// Opens one repository: validates its descriptor, checks that its
+    /// encryption is what the configuration requires, and if encrypted
+    /// unlocks the current key and checks the descriptor's MAC with it.
     pub fn open_repo(cfg: &Config, rc: &RepoConfig) -> Result<Repository> {
         let storage = storage::open(rc)?;
-        let body = read_small(storage.as_ref(), DESCRIPTOR_KEY)?.ok_or_else(|| {
+        let body = read_small(storage.as_ref(), DESCRIPTOR_KEY, MAX_DESCRIPTOR_LEN)?.ok_or_else(|| {
             Error::Repository(format!(
                 "no repository at {} (create one with `walshipper repo-init`, or fix the [repo] location in the configuration)",
                 storage.describe()
             ))
         })?;
-        let descriptor: Descriptor = serde_json::from_slice(&body)
-            .map_err(|e| Error::Repository(format!("repository.json is unreadable: {e}")))?;
-        if descriptor.format != "walshipper" || descriptor.format_version != REPO_FORMAT_VERSION {
-            return Err(Error::Repository(format!(
-                "repository format {} version {} is not supported by this walshipper (version {REPO_FORMAT_VERSION})",
-                descriptor.format, descriptor.format_version
-            )));
+        let descriptor = Descriptor::parse(&body).map_err(|e| match e {
+            Error::Repository(m) => {
+                Error::Repository(format!("repository.json at {}: {m}", storage.describe()))
+            }
+            Error::Corrupt { key, reason } => Error::Corrupt {
+                key: format!("{key} at {}", storage.describe()),
+                reason,
+            },
+            other => other,
+        })?;
+        let mode = cfg.encryption.mode;
+        match (mode, descriptor.encrypted()) {
+            // Treated as forgery (exit 126 at once): the configuration
+            // says the repository is encrypted, the store says otherwise.
+            (EncryptionMode::Aes256Gcm, false) => {
+                return Err(Error::Corrupt {
+                    key: format!("{DESCRIPTOR_KEY} at {}", storage.describe()),
+                    reason: "it says the repository is not encrypted, but this configuration requires encryption ([encryption] mode = \"aes-256-gcm\", the default). Nothing was read or written. If someone edited repository.json, restore it from another copy; only if the repository really was created unencrypted, set [encryption] mode = \"none\"".into(),
+                });
+            }
+            (EncryptionMode::None, true) => {
+                return Err(Error::Repository(format!(
+                    "the repository at {} is encrypted, but [encryption] mode = \"none\" in the configuration: set mode = \"aes-256-gcm\" and the passphrase ([encryption] passphrase_file or WALSHIPPER_PASSPHRASE)",
+                    storage.describe()
+                )))
+            }
+            _ => {}
         }
+        let repository_id = descriptor.repository_id_bytes()?;
         let mut repo = Repository {
             name: rc.name.clone(),
             storage,
             descriptor,
-            keys: HashMap::new(),
+            repository_id,
+            require_encryption: mode == EncryptionMode::Aes256Gcm,
+            keys: RwLock::new(HashMap::new()),
+            unlocker: None,
             settings: Arc::new(base_settings(cfg)),
         };
-        if repo.descriptor.encrypted() {
+        if repo.require_encryption {
             repo.unlock(cfg)?;
         }
         Ok(repo)
     }
 
+    /// Unlocks the current key (an error if it can't be) and checks the
+    /// descriptor's MAC with it. Other keys are unlocked when an object names
+    /// one: a bogus or unreadable old key file then fails only the objects it
+    /// sealed, and costs nothing to commands that don't read them.
     fn unlock(&mut self, cfg: &Config) -> Result<()> {
-        let pass = cfg.passphrase()?;
+        let pass = Zeroizing::new(cfg.passphrase()?);
         let cache = cfg.key_cache_dir().map(KeyCache::new);
-        for meta in self.storage.list("keys/")? {
-            let Some(id) = meta
-                .key
-                .strip_prefix("keys/")
-                .and_then(|k| k.strip_suffix(".json"))
-            else {
-                continue;
-            };
-            if let Some(key) = cache.as_ref().and_then(|c| c.get(id, &pass)) {
-                self.keys.insert(key.id, key);
-                continue;
-            }
-            let body = read_small(self.storage.as_ref(), &meta.key)?
-                .ok_or_else(|| Error::Repository(format!("{} vanished", meta.key)))?;
-            let file: KeyFile = serde_json::from_slice(&body)
-                .map_err(|e| Error::Repository(format!("{} is unreadable: {e}", meta.key)))?;
-            let key = file.unlock(&pass)?;
-            if let Some(c) = &cache {
-                c.put(&key, &pass);
-            }
-            self.keys.insert(key.id, key);
-        }
-        let current = self.descriptor.current_key_id.as_ref().ok_or_else(|| {
+        let id = self.descriptor.current_key_bytes()?.ok_or_else(|| {
             Error::Repository("encrypted repository without current_key_id".into())
         })?;
-        let id: [u8; 16] = hex::decode(current)
-            .ok()
-            .and_then(|v| v.try_into().ok())
-            .ok_or_else(|| Error::Repository("repository.json: bad current_key_id".into()))?;
-        let key = self
-            .keys
-            .get(&id)
-            .cloned()
-            .ok_or_else(|| Error::Repository(format!("key {current} is missing from keys/")))?;
+        let id_hex = hex::encode(id);
+        let key = match cache.as_ref().and_then(|c| c.get(&id_hex, &pass)) {
+            Some(k) => k,
+            None => {
+                let k = self.unlock_file(&id_hex, &pass)?.ok_or_else(|| {
+                    Error::Repository(format!(
+                        "the current key {} is missing from the repository; restore it from another copy of the repository",
+                        layout::key_file(&id_hex)
+                    ))
+                })?;
+                if let Some(c) = &cache {
+                    c.put(&k, &pass);
+                }
+                k
+            }
+        };
+        self.descriptor.check_mac(&key)?;
         let mut s = (*self.settings).clone();
-        s.key = Some(key);
+        s.key = Some(key.clone());
         self.settings = Arc::new(s);
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.id, key);
+        self.unlocker = Some(Unlocker {
+            pass,
+            cache,
+            failed: Mutex::new(HashSet::new()),
+        });
         Ok(())
+    }
+
+    /// Reads, checks and unwraps `keys/<id_hex>.json`; None if absent.
+    fn unlock_file(&self, id_hex: &str, pass: &[u8]) -> Result<Option<DataKey>> {
+        let key = layout::key_file(id_hex);
+        let Some(body) = read_small(self.storage.as_ref(), &key, MAX_KEY_FILE_LEN)? else {
+            return Ok(None);
+        };
+        let file = KeyFile::parse(id_hex, &body)?;
+        file.unlock(pass).map(Some)
+    }
+
+    /// Unlocks the key an object names, if this repository may hold it.
+    /// Returns whether a new key is now available. A key file that is
+    /// missing, bogus or doesn't open is skipped with a warning: only the
+    /// objects sealed by it fail ("unknown key").
+    fn load_key(&self, id_hex: &str) -> bool {
+        let Some(u) = &self.unlocker else {
+            return false;
+        };
+        if !is_lower_hex(id_hex, 32) {
+            return false;
+        }
+        let mut failed = u.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.contains(id_hex) {
+            return false;
+        }
+        let key = match u.cache.as_ref().and_then(|c| c.get(id_hex, &u.pass)) {
+            Some(k) => Ok(Some(k)),
+            None => self.unlock_file(id_hex, &u.pass).inspect(|k| {
+                if let (Some(c), Some(k)) = (&u.cache, k) {
+                    c.put(k, &u.pass);
+                }
+            }),
+        };
+        match key {
+            Ok(Some(k)) => {
+                self.keys
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(k.id, k);
+                true
+            }
+            Ok(None) => {
+                failed.insert(id_hex.into());
+                false
+            }
+            Err(e) => {
+                tracing::warn!(
+                    "skipping key file {} of repository {}: {e}",
+                    layout::key_file(id_hex),
+                    self.name
+                );
+                failed.insert(id_hex.into());
+                false
+            }
+        }
+    }
+
+    fn key_list(&self) -> Vec<DataKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    fn binding<'a>(&'a self, key: &'a str) -> Binding<'a> {
+        Binding {
+            repository_id: &self.repository_id,
+            key,
+        }
+    }
+
+    /// A decoder for object `key` of this repository: bound to its name and
+    /// this repository, refusing plaintext when encryption is required.
+    fn decoder<R: Read>(&self, src: R, key: &str) -> DecodingReader<R> {
+        DecodingReader::new(
+            src,
+            self.key_list(),
+            self.require_encryption,
+            self.binding(key),
+        )
+    }
+
+    /// Whether objects encoded for `self` are byte-identical objects of
+    /// `other` (same repository id and current key: a copy made by repo-init).
+    pub fn shares_encoding(&self, other: &Repository) -> bool {
+        self.repository_id == other.repository_id
+            && self.descriptor.current_key_id == other.descriptor.current_key_id
     }
 
     /// Encodes `plain` and stores it durably under `key` unless the key exists.
@@ -455,17 +839,21 @@ impl Repository {
             }
             _ => self.settings.clone(),
         };
-        let mut enc = EncodingReader::new(plain, settings).map_err(|e| Error::io("encode", e))?;
+        let mut enc = EncodingReader::new(plain, settings, self.binding(key))
+            .map_err(|e| Error::io("encode", e))?;
         let outcome = self.storage.put_new(key, &mut enc, durability)?;
         Ok((outcome, enc.summary().clone()))
     }
 
-    /// A reader that yields `plain` encoded as an object of this repository.
-    pub fn encoder<R: Read>(&self, plain: R) -> Result<EncodingReader<R>> {
-        EncodingReader::new(plain, self.settings.clone()).map_err(|e| Error::io("encode", e))
+    /// A reader that yields `plain` encoded as this repository's object
+    /// `key` (the object is bound to that key: store it under no other).
+    pub fn encoder<R: Read>(&self, key: &str, plain: R) -> Result<EncodingReader<R>> {
+        EncodingReader::new(plain, self.settings.clone(), self.binding(key))
+            .map_err(|e| Error::io("encode", e))
     }
 
-    /// Stores bytes that are already an encoded object, unless the key exists.
+    /// Stores bytes that are already an encoded object, unless the key
+    /// exists. They must have been encoded for this `key` (see [`Self::encoder`]).
     pub fn put_encoded(&self, key: &str, encoded: &[u8]) -> Result<PutOutcome> {
         self.storage
             .put_new(key, &mut &encoded[..], Durability::Now)
@@ -473,8 +861,29 @@ impl Repository {
 
     /// Copies object `key` from `src` byte for byte, decoding it on the way
     /// so that a damaged source object is refused and nothing is stored.
-    /// Both repositories must share keys (repo-init makes them so).
+    /// Both repositories must share keys and repository id (repo-init makes
+    /// them so); an object of another repository fails to authenticate.
     pub fn copy_object_from(&self, src: &Repository, key: &str) -> Result<PutOutcome> {
+        let mut retried = false;
+        loop {
+            match self.try_copy_object_from(src, key) {
+                Err(Error::Storage { source, .. })
+                    if !retried && unknown_key(&source).is_some_and(|id| self.load_key(&id)) =>
+                {
+                    retried = true;
+                }
+                Err(Error::Storage { source, .. }) if codec::codec_error(&source).is_some() => {
+                    return Err(Error::Corrupt {
+                        key: format!("{key} in repository {}", src.name),
+                        reason: source.to_string(),
+                    })
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn try_copy_object_from(&self, src: &Repository, key: &str) -> Result<PutOutcome> {
         let raw = src
             .storage
             .get(key)?
@@ -485,28 +894,19 @@ impl Repository {
             seen: seen.clone(),
         };
         let mut body = VerifyingCopy {
-            dec: DecodingReader::new(tap, self.keys.values().cloned().collect()),
+            dec: self.decoder(tap, key),
             seen,
             pos: 0,
             done: false,
             scratch: vec![0; 256 << 10],
         };
-        self.storage
-            .put_new(key, &mut body, Durability::AtFlush)
-            .map_err(|e| match e {
-                Error::Storage { source, .. } if codec::codec_error(&source).is_some() => {
-                    Error::Corrupt {
-                        key: format!("{key} in repository {}", src.name),
-                        reason: source.to_string(),
-                    }
-                }
-                other => other,
-            })
+        self.storage.put_new(key, &mut body, Durability::AtFlush)
     }
 
     /// An object's stored bytes, undecoded (small objects: keys).
     pub fn read_raw(&self, key: &str) -> Result<Vec<u8>> {
-        read_small(self.storage.as_ref(), key)?.ok_or_else(|| Error::NotFound(key.to_string()))
+        read_small(self.storage.as_ref(), key, MAX_RAW_LEN)?
+            .ok_or_else(|| Error::NotFound(key.to_string()))
     }
 
     /// Reads a whole object into memory (manifests, labels).
@@ -641,17 +1041,28 @@ impl Repository {
         out: &mut dyn Write,
         threads: usize,
     ) -> Result<[u8; 32]> {
-        let src = self
-            .storage
-            .get(key)?
-            .ok_or_else(|| Error::NotFound(key.to_string()))?;
-        let mut dec =
-            DecodingReader::new(src, self.keys.values().cloned().collect()).with_threads(threads);
-        io::copy(&mut dec, out).map_err(|e| self.read_error(key, e))?;
-        dec.verified_sha256.ok_or_else(|| Error::Corrupt {
-            key: key.into(),
-            reason: "ended before its final frame".into(),
-        })
+        let mut retried = false;
+        loop {
+            let src = self
+                .storage
+                .get(key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            let mut dec = self.decoder(src, key).with_threads(threads);
+            match io::copy(&mut dec, out) {
+                // Sealed by a key not unlocked yet: nothing was written
+                // (the header is checked first); unlock it and read again.
+                Err(e) if !retried && unknown_key(&e).is_some_and(|id| self.load_key(&id)) => {
+                    retried = true;
+                }
+                Err(e) => return Err(self.read_error(key, e)),
+                Ok(_) => {
+                    return dec.verified_sha256.ok_or_else(|| Error::Corrupt {
+                        key: key.into(),
+                        reason: "ended before its final frame".into(),
+                    })
+                }
+            }
+        }
     }
 
     /// Reads a whole object into memory, refusing (as `Corrupt`) one whose
@@ -687,5 +1098,279 @@ impl Repository {
                 source: e,
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::{Path, PathBuf};
+
+    const SEG2: &str = "wal/0000000100000000/000000010000000000000002";
+    const SEG3: &str = "wal/0000000100000000/000000010000000000000003";
+
+    /// A posix repository configuration in `dir`; `mode` as in [encryption].
+    fn config(dir: &Path, repo: &str, mode: &str) -> Config {
+        use std::os::unix::fs::PermissionsExt;
+        let pass = dir.join("passphrase");
+        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let p = dir.join(format!("{repo}.toml"));
+        std::fs::write(
+            &p,
+            format!(
+                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\nmode = \"{mode}\"\npassphrase_file = \"{}\"\nkey_cache = false\n",
+                dir.join(repo).display(),
+                pass.display()
+            ),
+        )
+        .unwrap();
+        Config::load_with_env(Some(&p), std::iter::empty()).unwrap()
+    }
+
+    fn identity() -> ClusterIdentity {
+        ClusterIdentity {
+            system_identifier: 7_310_000_000_000_000_001,
+            pg_major: 15,
+            wal_segment_size: 16 << 20,
+        }
+    }
+
+    fn init(cfg: &Config) -> Repository {
+        Repository::init(
+            cfg,
+            cfg.primary(),
+            &identity(),
+            &InitOptions {
+                encrypt: cfg.encryption.mode == EncryptionMode::Aes256Gcm,
+                kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+                kdf_iterations: 1,
+            },
+        )
+        .unwrap()
+    }
+
+    fn path(cfg: &Config, key: &str) -> PathBuf {
+        cfg.primary().path.join(key)
+    }
+
+    fn edit_descriptor(cfg: &Config, f: impl FnOnce(&mut serde_json::Value)) {
+        let p = path(cfg, DESCRIPTOR_KEY);
+        let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&p, serde_json::to_vec(&v).unwrap()).unwrap();
+    }
+
+    fn open_err(cfg: &Config) -> String {
+        match Repository::open(cfg) {
+            Ok(_) => panic!("opened"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn descriptor_is_validated_and_authenticated() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        init(&cfg);
+        let good = std::fs::read(path(&cfg, DESCRIPTOR_KEY)).unwrap();
+        let d = Descriptor::parse(&good).unwrap();
+        assert!(is_lower_hex(&d.repository_id, 32) && d.mac.is_some());
+        Repository::open(&cfg).unwrap();
+        type Edit = fn(&mut serde_json::Value);
+        let cases: &[(Edit, &str)] = &[
+            (|v| v["encryption"] = "none".into(), "repository"),
+            (|v| v["wal_segment_size"] = 0.into(), "wal_segment_size 0"),
+            (
+                |v| v["wal_segment_size"] = (3u64 << 20).into(),
+                "power of two",
+            ),
+            (
+                |v| v["wal_segment_size"] = (2u64 << 30).into(),
+                "power of two",
+            ),
+            (
+                |v| v["format_version"] = 1.into(),
+                "version 1 is not supported",
+            ),
+            (
+                |v| v["format_version"] = 3.into(),
+                "version 3 is not supported",
+            ),
+            (|v| v["pg_version"] = 99.into(), "pg_version 99"),
+            (
+                |v| v["system_identifier"] = "-1".into(),
+                "system_identifier",
+            ),
+            (
+                |v| v["system_identifier"] = "18446744073709551616".into(),
+                "system_identifier",
+            ),
+            (|v| v["repository_id"] = "XYZ".into(), "repository_id"),
+            (|v| v["current_key_id"] = "00".into(), "current_key_id"),
+            (|v| v["mac"] = serde_json::Value::Null, "MAC is missing"),
+            (|v| v["extra"] = 1.into(), "unknown field"),
+            // Valid-looking edits the MAC catches.
+            (
+                |v| v["system_identifier"] = "42".into(),
+                "repository.json was modified",
+            ),
+            (
+                |v| v["created_at"] = "2020-01-01T00:00:00Z".into(),
+                "repository.json was modified",
+            ),
+            (
+                |v| v["wal_segment_size"] = (64u64 << 20).into(),
+                "repository.json was modified",
+            ),
+        ];
+        for (edit, want) in cases {
+            std::fs::write(path(&cfg, DESCRIPTOR_KEY), &good).unwrap();
+            edit_descriptor(&cfg, *edit);
+            let err = open_err(&cfg);
+            assert!(err.contains(want), "want {want:?}, got: {err}");
+        }
+        std::fs::write(path(&cfg, DESCRIPTOR_KEY), vec![b' '; 100_000]).unwrap();
+        assert!(open_err(&cfg).contains("larger than"));
+        // "none" plus a valid-looking shape: refused by the configuration.
+        std::fs::write(path(&cfg, DESCRIPTOR_KEY), &good).unwrap();
+        edit_descriptor(&cfg, |v| {
+            v["encryption"] = "none".into();
+            v["current_key_id"] = serde_json::Value::Null;
+            v.as_object_mut().unwrap().remove("mac");
+        });
+        let err = open_err(&cfg);
+        assert!(err.contains("requires encryption"), "{err}");
+    }
+
+    #[test]
+    fn configuration_decides_encryption() {
+        let dir = tempfile::tempdir().unwrap();
+        let enc = config(dir.path(), "e", "aes-256-gcm");
+        init(&enc);
+        // mode = "none" against an encrypted repository: refused with a hint.
+        let none_on_enc = config(dir.path(), "e", "none");
+        assert!(open_err(&none_on_enc).contains("mode = \"aes-256-gcm\""));
+        // An unencrypted repository is usable only with mode = "none".
+        let plain = config(dir.path(), "p", "none");
+        let repo = init(&plain);
+        repo.put_object(SEG2, &b"plain"[..]).unwrap();
+        let repo = Repository::open(&plain).unwrap();
+        assert_eq!(repo.read_object_vec(SEG2).unwrap(), b"plain");
+        let enc_on_plain = config(dir.path(), "p", "aes-256-gcm");
+        assert!(open_err(&enc_on_plain).contains("requires encryption"));
+        // repo-init refuses a request the configuration does not allow.
+        let fresh = config(dir.path(), "f", "aes-256-gcm");
+        let err = Repository::init(
+            &fresh,
+            fresh.primary(),
+            &identity(),
+            &InitOptions {
+                encrypt: false,
+                kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+                kdf_iterations: 1,
+            },
+        )
+        .err()
+        .unwrap();
+        assert!(matches!(err, Error::Config(_)), "{err}");
+    }
+
+    #[test]
+    fn plaintext_object_in_encrypted_repository_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        let repo = init(&cfg);
+        repo.put_object(SEG3, &b"real"[..]).unwrap();
+        // A plaintext object with correct CRCs, as an attacker would make it.
+        let plain = Arc::new(base_settings(&cfg));
+        let mut forged = Vec::new();
+        EncodingReader::new(&b"forged"[..], plain, repo.binding(SEG3))
+            .unwrap()
+            .read_to_end(&mut forged)
+            .unwrap();
+        std::fs::write(path(&cfg, SEG3), &forged).unwrap();
+        let repo = Repository::open(&cfg).unwrap();
+        let err = repo.read_object_vec(SEG3).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { key, reason } if key == SEG3 && reason.contains("not encrypted")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn swapped_or_foreign_objects_fail_to_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        let repo = init(&cfg);
+        repo.put_object(SEG2, &b"segment two"[..]).unwrap();
+        repo.put_object(SEG3, &b"segment three"[..]).unwrap();
+        assert_eq!(repo.read_object_vec(SEG3).unwrap(), b"segment three");
+        std::fs::copy(path(&cfg, SEG2), path(&cfg, SEG3)).unwrap();
+        let err = repo.read_object_vec(SEG3).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { key, reason } if key == SEG3 && reason.contains("authentication failed")),
+            "{err}"
+        );
+        // A copy made by repo-init shares the repository id: objects move as they are.
+        let cfg2 = config(dir.path(), "r2", "aes-256-gcm");
+        let copy = Repository::init_copy(&cfg2, cfg2.primary(), &repo).unwrap();
+        assert_eq!(copy.descriptor.repository_id, repo.descriptor.repository_id);
+        assert!(copy.shares_encoding(&repo));
+        copy.copy_object_from(&repo, SEG2).unwrap();
+        assert_eq!(copy.read_object_vec(SEG2).unwrap(), b"segment two");
+        // The swapped object is refused by the copy too, and nothing stored.
+        assert!(matches!(
+            copy.copy_object_from(&repo, SEG3),
+            Err(Error::Corrupt { .. })
+        ));
+        assert!(copy.storage.head(SEG3).unwrap().is_none());
+        // Another repository (other keys, other id): its object does not open here.
+        let cfg3 = config(dir.path(), "r3", "aes-256-gcm");
+        let other = init(&cfg3);
+        other.put_object(SEG3, &b"foreign"[..]).unwrap();
+        std::fs::copy(path(&cfg3, SEG3), path(&cfg, SEG3)).unwrap();
+        let err = repo.read_object_vec(SEG3).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { reason, .. } if reason.contains("does not hold")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_key_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        let repo = init(&cfg);
+        let current = repo.descriptor.current_key_id.clone().unwrap();
+        let current_file = path(&cfg, &layout::key_file(&current));
+        let good = std::fs::read(&current_file).unwrap();
+        // A bogus extra key file (any content) stops nothing.
+        let bogus = "ab".repeat(16);
+        std::fs::write(path(&cfg, &layout::key_file(&bogus)), b"{ not json").unwrap();
+        let repo = Repository::open(&cfg).unwrap();
+        repo.put_object(SEG2, &b"two"[..]).unwrap();
+        assert_eq!(repo.read_object_vec(SEG2).unwrap(), b"two");
+        // An object naming that key fails as "unknown key", loudly.
+        let mut obj = std::fs::read(path(&cfg, SEG2)).unwrap();
+        obj[12..28].copy_from_slice(&hex::decode(&bogus).unwrap());
+        let crc = crc32fast::hash(&obj[0..60]);
+        obj[60..64].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(path(&cfg, SEG2), &obj).unwrap();
+        let err = repo.read_object_vec(SEG2).unwrap_err();
+        assert!(err.to_string().contains("does not hold"), "{err}");
+        // The current key file with a huge Argon2 cost: an error, not an abort.
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v["kdf"]["memory_kib"] = u32::MAX.into();
+        std::fs::write(&current_file, serde_json::to_vec(&v).unwrap()).unwrap();
+        let err = open_err(&cfg);
+        assert!(err.contains("Argon2 memory cost"), "{err}");
+        // The current key file under another id: refused.
+        let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
+        v["key_id"] = bogus.clone().into();
+        std::fs::write(&current_file, serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(open_err(&cfg).contains("does not match"));
+        std::fs::remove_file(&current_file).unwrap();
+        assert!(open_err(&cfg).contains("missing"));
     }
 }

@@ -278,6 +278,8 @@ fn s3_body_altered_in_flight_is_rejected() {
     let mut bad = cfg.clone();
     bad.endpoint = format!("http://{proxy}");
     bad.retries = 1;
+    // No probe: the proxy alters only the first request of a connection.
+    bad.conditional_writes = "header".into();
     let s = storage::open(&bad).unwrap();
     let body = pseudo_random(100_000, 9);
     let e = s.put_new("altered", &mut &body[..], Durability::Now);
@@ -372,4 +374,266 @@ fn s3_throttling_is_retried_with_backoff_then_reported() {
         .to_string();
     assert!(e.contains("SlowDown") && e.contains("503"), "{e}");
     assert_eq!(refused.load(Ordering::SeqCst), 3, "attempts");
+}
+
+// ---- Issue 12: private repositories, locks that follow nothing, the S3 lease,
+// ---- conditional writes on stores that may ignore them.
+
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use walshipper::error::{exit, Error};
+use walshipper::lock::{self, LeaseBody, LeaseOptions};
+
+fn mode(p: &std::path::Path) -> u32 {
+    std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+}
+
+#[test]
+fn posix_repository_is_private_whatever_the_umask() {
+    // SAFETY: umask only changes this process's file-creation mask.
+    let old = unsafe { libc::umask(0) };
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("repo");
+    let s = storage::posix::PosixStorage::new(&root);
+    s.put_new("a/b/c", &mut &b"x"[..], Durability::Now).unwrap();
+    s.put_new("a/d", &mut &b"y"[..], Durability::AtFlush)
+        .unwrap();
+    s.put_replace("meta", &mut &b"z"[..]).unwrap();
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    for d in ["", "a", "a/b"] {
+        assert_eq!(mode(&root.join(d)), 0o700, "directory '{d}'");
+    }
+    for f in ["a/b/c", "a/d", "meta"] {
+        assert_eq!(mode(&root.join(f)), 0o600, "object {f}");
+    }
+}
+
+#[test]
+fn lock_never_follows_a_symlink_nor_truncates_its_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious data").unwrap();
+    let lock_path = dir.path().join(".backup.lock");
+    std::os::unix::fs::symlink(&victim, &lock_path).unwrap();
+    let e = lock::try_lock(dir.path(), "backup")
+        .err()
+        .expect("symlink accepted");
+    assert!(e.to_string().contains("symbolic link"), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious data");
+    // A hard link to someone else's file is refused too.
+    std::fs::remove_file(&lock_path).unwrap();
+    std::fs::hard_link(&victim, &lock_path).unwrap();
+    let e = lock::try_lock(dir.path(), "backup")
+        .err()
+        .expect("hard link accepted");
+    assert!(e.to_string().contains("regular file"), "{e}");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious data");
+    // A plain lock file: taken, private, and busy for a second taker.
+    std::fs::remove_file(&lock_path).unwrap();
+    let held = lock::try_lock(dir.path(), "backup").unwrap();
+    assert_eq!(mode(&lock_path), 0o600);
+    let e = lock::try_lock(dir.path(), "backup")
+        .err()
+        .expect("taken twice");
+    assert_eq!(e.exit_code(), exit::BUSY);
+    assert!(
+        e.to_string()
+            .contains(&format!("pid {}", std::process::id())),
+        "{e}"
+    );
+    drop(held);
+    lock::try_lock(dir.path(), "backup").unwrap();
+}
+
+fn s3(tag: &str) -> Option<(walshipper::config::RepoConfig, Arc<dyn Storage>)> {
+    let cfg = common::s3_repo_config(tag)?;
+    let s: Arc<dyn Storage> = Arc::from(storage::open(&cfg).unwrap());
+    Some((cfg, s))
+}
+
+fn opts(host: &str, pid: u32, ttl_ms: u64, renew_ms: u64) -> LeaseOptions {
+    LeaseOptions {
+        ttl: Duration::from_millis(ttl_ms),
+        renew_every: Duration::from_millis(renew_ms),
+        host: host.into(),
+        pid,
+        holder: format!("walshipper backup (test, {host})"),
+    }
+}
+
+fn lease_body(s: &dyn Storage) -> Option<(LeaseBody, String)> {
+    let (b, tag) = s
+        .get_versioned(&walshipper::layout::lease("backup"), 4096)
+        .unwrap()?;
+    Some((LeaseBody::parse(&b).expect("lease parses"), tag))
+}
+
+#[test]
+fn s3_lease_excludes_other_hosts_is_renewed_and_released() {
+    let Some((_, s)) = s3("lease") else {
+        return;
+    };
+    let a = lock::lease(s.clone(), "backup", &opts("host-a", 1111, 3000, 300)).unwrap();
+    let (body, tag) = lease_body(s.as_ref()).expect("lease object written");
+    assert_eq!((body.host.as_str(), body.pid), ("host-a", 1111));
+    assert!(body.expires_at > body.acquired_at);
+    let busy = |host: &str| match lock::lease(s.clone(), "backup", &opts(host, 2222, 3000, 300)) {
+        Err(e @ Error::Busy(_)) => e,
+        Err(e) => panic!("not Busy: {e}"),
+        Ok(_) => panic!("{host} took a lease that host-a holds"),
+    };
+    let e = busy("host-b");
+    assert_eq!(e.exit_code(), exit::BUSY);
+    assert!(
+        e.to_string().contains("host-a") && e.to_string().contains("1111"),
+        "{e}"
+    );
+    // Renewed in the background: past the first expiry it is still held.
+    std::thread::sleep(Duration::from_millis(3500));
+    let (renewed, tag2) = lease_body(s.as_ref()).unwrap();
+    assert_ne!(tag, tag2, "the lease was not renewed");
+    assert!(renewed.renewals >= 5, "renewals: {}", renewed.renewals);
+    assert!(renewed.expires_at > body.expires_at);
+    assert_eq!(renewed.acquired_at, body.acquired_at);
+    busy("host-b");
+    assert!(a.lost().is_none());
+    // Released on drop: the object is gone and another host may take it.
+    drop(a);
+    assert!(lease_body(s.as_ref()).is_none(), "lease left behind");
+    let b = lock::lease(s.clone(), "backup", &opts("host-b", 2222, 3000, 300)).unwrap();
+    drop(b);
+}
+
+#[test]
+fn s3_stale_lease_is_taken_over_by_exactly_one_host() {
+    let Some((_, s)) = s3("takeover") else {
+        return;
+    };
+    let key = walshipper::layout::lease("backup");
+    let now = chrono::Utc::now();
+    let dead = LeaseBody {
+        holder: "walshipper backup (killed)".into(),
+        host: "dead-host".into(),
+        pid: 4242,
+        acquired_at: now - chrono::Duration::seconds(600),
+        expires_at: now - chrono::Duration::seconds(1),
+        token: "0".repeat(32),
+        renewals: 3,
+    };
+    let bytes = serde_json::to_vec(&dead).unwrap();
+    s.put_versioned(&key, &bytes, None).unwrap().unwrap();
+    // Eight hosts see it expired at once: the If-Match write decides.
+    let barrier = Arc::new(Barrier::new(8));
+    let results: Vec<_> = std::thread::scope(|sc| {
+        let hs: Vec<_> = (0..8u32)
+            .map(|i| {
+                let (s, barrier) = (s.clone(), barrier.clone());
+                sc.spawn(move || {
+                    barrier.wait();
+                    lock::lease(
+                        s,
+                        "backup",
+                        &opts(&format!("host-{i}"), 100 + i, 5000, 1000),
+                    )
+                })
+            })
+            .collect();
+        hs.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let winners: Vec<_> = results.iter().filter(|r| r.is_ok()).collect();
+    assert_eq!(
+        winners.len(),
+        1,
+        "{} hosts took the stale lease",
+        winners.len()
+    );
+    for r in &results {
+        if let Err(e) = r {
+            assert_eq!(e.exit_code(), exit::BUSY, "{e}");
+        }
+    }
+    let (now_held, _) = lease_body(s.as_ref()).unwrap();
+    assert!(now_held.host.starts_with("host-"), "{}", now_held.host);
+    drop(results);
+    assert!(lease_body(s.as_ref()).is_none());
+
+    // A holder that stalls past its TTL loses the lease to a taker, and its
+    // late release leaves the taker's lease alone.
+    let slow = lock::lease(s.clone(), "backup", &opts("slow", 7, 500, 60_000)).unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let taker = lock::lease(s.clone(), "backup", &opts("taker", 8, 5000, 1000)).unwrap();
+    drop(slow);
+    let (held, _) = lease_body(s.as_ref()).expect("the taker's lease was deleted");
+    assert_eq!(held.host, "taker");
+    // A renewer that finds its lease replaced reports it lost.
+    let (_, tag) = lease_body(s.as_ref()).unwrap();
+    let mut forged = held.clone();
+    forged.host = "intruder".into();
+    s.put_versioned(&key, &serde_json::to_vec(&forged).unwrap(), Some(&tag))
+        .unwrap()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(taker.lost().is_some(), "a replaced lease went unnoticed");
+    drop(taker);
+    assert_eq!(lease_body(s.as_ref()).unwrap().0.host, "intruder");
+}
+
+#[test]
+fn s3_conditional_writes_are_probed_and_a_forged_verdict_weakens_nothing() {
+    let Some((cfg, s)) = s3("condwrites") else {
+        return;
+    };
+    let said = s.conditional_writes(true).unwrap();
+    assert!(
+        said.contains("honours"),
+        "SeaweedFS honours If-None-Match: {said}"
+    );
+    let verdict = get_all(s.as_ref(), walshipper::layout::CONDITIONAL_WRITES).unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&verdict).unwrap();
+    assert_eq!(v["conditional_writes_honoured"], true);
+    // The probe leaves nothing else behind.
+    let left: Vec<_> = s
+        .list("locks/")
+        .unwrap()
+        .into_iter()
+        .map(|m| m.key)
+        .collect();
+    assert_eq!(left, [walshipper::layout::CONDITIONAL_WRITES]);
+    // A forged verdict ("ignored") only adds a HEAD: still no overwrite.
+    s.put_replace(
+        walshipper::layout::CONDITIONAL_WRITES,
+        &mut &br#"{"conditional_writes_honoured":false,"probed_at":"x"}"#[..],
+    )
+    .unwrap();
+    let s2 = storage::open(&cfg).unwrap();
+    assert!(s2.conditional_writes(false).unwrap().contains("ignores"));
+    assert_eq!(
+        s2.put_new("k", &mut &b"one"[..], Durability::Now).unwrap(),
+        PutOutcome::Stored
+    );
+    assert_eq!(
+        s2.put_new("k", &mut &b"two"[..], Durability::Now).unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    assert_eq!(get_all(s2.as_ref(), "k").unwrap(), b"one");
+    // conditional_writes = "head": the same, without a probe.
+    let mut head = cfg.clone();
+    head.conditional_writes = "head".into();
+    let s3 = storage::open(&head).unwrap();
+    assert!(s3.conditional_writes(true).unwrap().contains("HEAD"));
+    assert_eq!(
+        s3.put_new("k", &mut &b"three"[..], Durability::Now)
+            .unwrap(),
+        PutOutcome::AlreadyExists
+    );
+    assert_eq!(get_all(s3.as_ref(), "k").unwrap(), b"one");
+    // And emulated compare-and-swap still refuses a stale tag.
+    let t1 = s3.put_versioned("cas", b"a", None).unwrap().unwrap();
+    assert!(s3.put_versioned("cas", b"b", None).unwrap().is_none());
+    let t2 = s3.put_versioned("cas", b"b", Some(&t1)).unwrap().unwrap();
+    assert!(s3.put_versioned("cas", b"c", Some(&t1)).unwrap().is_none());
+    assert!(!s3.delete_versioned("cas", &t1).unwrap());
+    assert!(s3.delete_versioned("cas", &t2).unwrap());
 }

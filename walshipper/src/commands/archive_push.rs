@@ -113,13 +113,11 @@ fn push_many(cfg: &Config, path: &Path) -> Result<()> {
             )));
         }
     }
-    let shared_keys = repos
-        .iter()
-        .all(|r| r.descriptor.current_key_id == first.descriptor.current_key_id);
+    let shared_keys = repos.iter().all(|r| r.shares_encoding(first));
     let encoded = if shared_keys {
         let mut buf = Vec::new();
         first
-            .encoder(open(path)?)?
+            .encoder(&key, open(path)?)?
             .read_to_end(&mut buf)
             .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
         Some(buf)

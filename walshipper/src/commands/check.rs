@@ -30,6 +30,12 @@ pub fn run(cfg: &Config) -> Result<()> {
         )));
     }
     crate::pg::check_identity(&mut client, &repo).map_err(|e| Error::Check(e.to_string()))?;
+    // Re-test how the store protects create-if-absent writes (S3 "auto":
+    // the verdict is kept in the repository for archive-push to use).
+    println!(
+        "conditional writes: {}",
+        repo.storage.conditional_writes(true)?
+    );
     // A restore point guarantees there is WAL to switch away from.
     client
         .execute("SELECT pg_create_restore_point('walshipper check')", &[])

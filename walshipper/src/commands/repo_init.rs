@@ -5,7 +5,7 @@
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::keys::{DEFAULT_KDF_ITERATIONS, DEFAULT_KDF_MEMORY_KIB};
+use crate::keys::{EncryptionMode, DEFAULT_KDF_ITERATIONS, DEFAULT_KDF_MEMORY_KIB};
 use crate::repo::{InitOptions, Repository};
 use crate::wal;
 
@@ -18,6 +18,21 @@ pub struct Args {
 }
 
 pub fn run(cfg: &Config, args: &Args) -> Result<()> {
+    // The configuration decides whether a repository may be unencrypted;
+    // the flag only confirms it, so that neither alone switches it off.
+    match (cfg.encryption.mode, args.no_encryption) {
+        (EncryptionMode::Aes256Gcm, true) => {
+            return Err(Error::Config(
+                "--no-encryption needs [encryption] mode = \"none\" in the configuration (every command then accepts an unencrypted repository); with the default mode = \"aes-256-gcm\" repositories are always encrypted".into(),
+            ))
+        }
+        (EncryptionMode::None, false) => {
+            return Err(Error::Config(
+                "[encryption] mode = \"none\" in the configuration: pass --no-encryption to confirm an unencrypted repository, or set mode = \"aes-256-gcm\"".into(),
+            ))
+        }
+        _ => {}
+    }
     if let Some(n) = &args.repo {
         cfg.find_repo(Some(n))?;
     }
@@ -87,7 +102,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         );
         if !repo.descriptor.encrypted() {
             eprintln!(
-                "WARNING: this repository is NOT encrypted; anyone who can read it can read your data"
+                "WARNING: this repository is NOT encrypted; anyone who can read it can read your data, and nothing authenticates it: it protects against accidents (bit rot, truncation), not against anyone who can write to it"
             );
         }
         if source.is_none() {

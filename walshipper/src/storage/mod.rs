@@ -62,6 +62,45 @@ pub trait Storage: Send + Sync {
     fn delete_prefix(&self, prefix: &str) -> Result<usize>;
     /// Human-readable location, for messages.
     fn describe(&self) -> String;
+
+    // Compare-and-swap on small metadata objects (the S3 lock lease). A
+    // version is the store's opaque tag of one write (an ETag); drivers
+    // without it (posix: locks are flock(2) there) say so.
+
+    /// A small object and its version; an object over `max` bytes is an error.
+    fn get_versioned(&self, key: &str, max: usize) -> Result<Option<(Vec<u8>, String)>> {
+        let _ = max;
+        Err(no_versions(self, key))
+    }
+    /// Writes `body` if `key` is absent (`expected` None) or still at version
+    /// `expected`; the new version, or None when that precondition failed.
+    fn put_versioned(
+        &self,
+        key: &str,
+        body: &[u8],
+        expected: Option<&str>,
+    ) -> Result<Option<String>> {
+        let _ = (body, expected);
+        Err(no_versions(self, key))
+    }
+    /// Deletes `key` only if it is still at version `expected`; false otherwise.
+    fn delete_versioned(&self, key: &str, expected: &str) -> Result<bool> {
+        let _ = expected;
+        Err(no_versions(self, key))
+    }
+    /// How create-if-absent writes are protected on this store, in words.
+    /// `probe`: test the store now (and keep the verdict) where that applies.
+    fn conditional_writes(&self, probe: bool) -> Result<String> {
+        let _ = probe;
+        Ok("atomic create-if-absent by the file system (link(2))".into())
+    }
+}
+
+fn no_versions<S: Storage + ?Sized>(s: &S, key: &str) -> crate::error::Error {
+    crate::error::Error::Invalid(format!(
+        "{}: versioned writes of {key} are not supported by this storage driver",
+        s.describe()
+    ))
 }
 
 /// The driver a repository's configuration names, wrapped as configured.

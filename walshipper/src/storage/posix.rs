@@ -2,15 +2,23 @@
 //! Atomicity comes from writing a hidden temporary file, fsyncing it, then
 //! hard-linking (create-if-absent) or renaming it into place and fsyncing the
 //! directory. Names starting with '.' are temporaries and never listed.
+//!
+//! Everything it creates is private to the repository's owner whatever the
+//! umask: directories 0700, objects and temporaries 0600 (a repository holds
+//! the cluster's data, encrypted or not, and its wrapped keys).
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use super::{Durability, ObjectMeta, PutOutcome, Storage};
 use crate::error::{Error, Result};
+
+/// Modes of what the driver creates (set explicitly: the umask only removes bits).
+pub const DIR_MODE: u32 = 0o700;
+pub const FILE_MODE: u32 = 0o600;
 
 /// Temporaries older than this are from killed writers and are removed.
 const STALE_TMP: Duration = Duration::from_secs(600);
@@ -61,11 +69,14 @@ impl PosixStorage {
         if let Some(parent) = dir.parent() {
             self.ensure_dir(parent)?;
         }
-        match fs::create_dir(dir) {
+        match fs::DirBuilder::new().mode(DIR_MODE).create(dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
             Err(e) => return Err(e),
         }
+        // A umask of 0077 or stricter gives 0700 already; a stranger one
+        // (say 0277) would leave the directory unwritable to us.
+        fs::set_permissions(dir, fs::Permissions::from_mode(DIR_MODE))?;
         if let Some(parent) = dir.parent() {
             fsync_dir(parent)?;
         }
@@ -89,7 +100,7 @@ impl PosixStorage {
             OpenOptions::new()
                 .write(true)
                 .create_new(true)
-                .mode(0o640)
+                .mode(FILE_MODE)
                 .open(&tmp)
         };
         let result = (|| {
@@ -101,6 +112,8 @@ impl PosixStorage {
                 }
                 other => other?,
             };
+            // fchmod: exactly 0600 whatever the umask (link and rename keep it).
+            f.set_permissions(fs::Permissions::from_mode(FILE_MODE))?;
             // Whole 1 MiB writes: an encoder hands out one frame at a time,
             // often a few KiB, and a write plus a writeback request per frame
             // cost more than the data.

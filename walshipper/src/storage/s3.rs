@@ -3,8 +3,13 @@
 //! - Atomicity: a single PUT, or a multipart upload that only becomes visible
 //!   when completed; an upload that fails is aborted.
 //! - Create-if-absent: `If-None-Match: *` on the PUT / CompleteMultipartUpload,
-//!   so two pushers of one segment cannot overwrite each other; servers that
-//!   do not support it still get a HEAD first.
+//!   so two pushers of one segment cannot overwrite each other. A store that
+//!   ignores the header would overwrite silently, so `conditional_writes`
+//!   decides: "header" trusts it, "head" also sends a HEAD first (a race of
+//!   one round trip remains), "auto" probes the store once and keeps the
+//!   verdict in the repository (layout::CONDITIONAL_WRITES). The header is
+//!   sent in every mode, so a wrong or forged verdict can only add HEADs.
+//! - Compare-and-swap (`If-Match` on PUT and DELETE) for the lock lease.
 //! - Integrity in transit: every PUT and part carries x-amz-checksum-sha256,
 //!   which the server verifies before it stores anything.
 //! - Retries: the SDK's standard strategy (exponential backoff with jitter on
@@ -51,6 +56,25 @@ pub struct S3Storage {
     storage_class: Option<StorageClass>,
     part_size: usize,
     endpoint: String,
+    cond: CondMode,
+    /// Whether the store honours If-None-Match / If-Match, once known.
+    honoured: std::sync::Mutex<Option<bool>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum CondMode {
+    Header,
+    Head,
+    Auto,
+}
+
+/// The verdict object is a few dozen bytes; anything bigger is not ours.
+const VERDICT_MAX: usize = 4096;
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Verdict {
+    conditional_writes_honoured: bool,
+    probed_at: String,
 }
 
 fn b64(bytes: &[u8]) -> String {
@@ -190,6 +214,12 @@ impl S3Storage {
             } else {
                 cfg.endpoint.clone()
             },
+            cond: match cfg.conditional_writes.as_str() {
+                "header" => CondMode::Header,
+                "head" => CondMode::Head,
+                _ => CondMode::Auto,
+            },
+            honoured: std::sync::Mutex::new(None),
         })
     }
 
@@ -369,11 +399,129 @@ impl S3Storage {
 
     fn put(&self, key: &str, body: &mut dyn Read, if_absent: bool) -> Result<PutOutcome> {
         let full = self.full(key)?;
+        // For a store that ignores If-None-Match: look first. Two writers
+        // within one round trip of each other can still both write.
+        if if_absent && !self.honours_conditions()? && self.head(key)?.is_some() {
+            return Ok(PutOutcome::AlreadyExists);
+        }
         let first = Self::read_part(body, self.part_size, &full)?;
         if first.len() < self.part_size {
             self.put_single(&full, first, if_absent)
         } else {
             self.put_multipart(&full, first, body, if_absent)
+        }
+    }
+
+    /// Whether conditional headers can be relied on (see the module comment).
+    fn honours_conditions(&self) -> Result<bool> {
+        match self.cond {
+            CondMode::Header => return Ok(true),
+            CondMode::Head => return Ok(false),
+            CondMode::Auto => {}
+        }
+        let mut known = self
+            .honoured
+            .lock()
+            .map_err(|_| Error::Invalid("S3 driver state poisoned".into()))?;
+        if let Some(v) = *known {
+            return Ok(v);
+        }
+        let v = match self.load_verdict()? {
+            Some(v) => v,
+            None => self.probe()?,
+        };
+        *known = Some(v);
+        Ok(v)
+    }
+
+    /// The verdict kept in the repository; None if absent or unreadable
+    /// (then it is probed again).
+    fn load_verdict(&self) -> Result<Option<bool>> {
+        let Some((body, _)) = self.get_versioned(crate::layout::CONDITIONAL_WRITES, VERDICT_MAX)?
+        else {
+            return Ok(None);
+        };
+        Ok(serde_json::from_slice::<Verdict>(&body)
+            .ok()
+            .map(|v| v.conditional_writes_honoured))
+    }
+
+    /// Tests the store with a scratch object: a second If-None-Match: * PUT
+    /// and an If-Match PUT with a wrong tag must both be refused (412).
+    /// Keeps the verdict in the repository and warns if they were not.
+    fn probe(&self) -> Result<bool> {
+        let token = hex::encode(crate::keys::random::<8>()?);
+        let key = crate::layout::write_probe(&token);
+        let full = self.full(&key)?;
+        let raw_put = |body: &'static [u8], none_match: bool, if_match: Option<&str>| {
+            let mut req = self
+                .client
+                .put_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .checksum_sha256(b64(&Sha256::digest(body)))
+                .body(ByteStream::from_static(body));
+            if none_match {
+                req = req.if_none_match("*");
+            }
+            if let Some(t) = if_match {
+                req = req.if_match(t);
+            }
+            match self.rt.block_on(req.send()) {
+                Ok(_) => Ok(true),
+                Err(e) if matches!(http_status(&e), Some(412) | Some(409)) => Ok(false),
+                Err(e) => Err(self.err("probe conditional writes with", &full, sdk_err(e))),
+            }
+        };
+        let result = (|| {
+            if !raw_put(b"probe 1", true, None)? {
+                return Err(Error::Repository(format!(
+                    "probing conditional writes: the fresh object {full} was reported as existing"
+                )));
+            }
+            let second_refused = !raw_put(b"probe 2", true, None)?;
+            let wrong_tag_refused = !raw_put(
+                b"probe 3",
+                false,
+                Some("\"00000000000000000000000000000000\""),
+            )?;
+            Ok(second_refused && wrong_tag_refused)
+        })();
+        let _ = self.delete(&key);
+        let honoured = result?;
+        if !honoured {
+            tracing::warn!(
+                "the object store {} ignores conditional writes (If-None-Match / If-Match): \
+                 walshipper falls back to a HEAD before each create-if-absent write, which two \
+                 writers racing within one round trip can still defeat; use a store that \
+                 supports conditional writes, or set conditional_writes = \"head\" to accept this \
+                 (docs/operations.md)",
+                self.endpoint
+            );
+        }
+        let verdict = serde_json::to_vec(&Verdict {
+            conditional_writes_honoured: honoured,
+            probed_at: chrono::Utc::now().to_rfc3339(),
+        })
+        .map_err(|e| Error::Invalid(e.to_string()))?;
+        // A plain object: a forged verdict can only add HEADs (the header is
+        // always sent), or say "honoured" of a store anyone may overwrite.
+        self.put(crate::layout::CONDITIONAL_WRITES, &mut &verdict[..], false)?;
+        Ok(honoured)
+    }
+
+    /// The current ETag of `key`, for emulating If-Match on stores without it.
+    fn etag_of(&self, full: &str) -> Result<Option<String>> {
+        match self.rt.block_on(
+            self.client
+                .head_object()
+                .bucket(&self.bucket)
+                .key(full)
+                .send(),
+        ) {
+            Ok(out) => Ok(out.e_tag().map(str::to_string)),
+            Err(e) if http_status(&e) == Some(404) => Ok(None),
+            Err(e) => Err(self.err("head", full, sdk_err(e))),
         }
     }
 
@@ -601,5 +749,135 @@ impl Storage for S3Storage {
 
     fn describe(&self) -> String {
         format!("s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
+    }
+
+    fn get_versioned(&self, key: &str, max: usize) -> Result<Option<(Vec<u8>, String)>> {
+        let full = self.full(key)?;
+        let out = match self.rt.block_on(
+            self.client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .send(),
+        ) {
+            Ok(out) => out,
+            Err(e) if http_status(&e) == Some(404) && e.code() != Some("NoSuchBucket") => {
+                return Ok(None)
+            }
+            Err(e) => return Err(self.err("get", &full, sdk_err(e))),
+        };
+        let etag = out.e_tag().unwrap_or_default().to_string();
+        let mut reader = BodyReader {
+            rt: self.rt.clone(),
+            body: out.body,
+            chunk: bytes::Bytes::new(),
+            key: full.clone(),
+        };
+        // Bounded: the object is untrusted.
+        let mut body = Vec::new();
+        (&mut reader)
+            .take(max as u64 + 1)
+            .read_to_end(&mut body)
+            .map_err(|e| self.err("get", &full, e))?;
+        if body.len() > max {
+            return Err(Error::Repository(format!(
+                "s3://{}/{full} is larger than {max} bytes; it was not written by walshipper",
+                self.bucket
+            )));
+        }
+        Ok(Some((body, etag)))
+    }
+
+    fn put_versioned(
+        &self,
+        key: &str,
+        body: &[u8],
+        expected: Option<&str>,
+    ) -> Result<Option<String>> {
+        let full = self.full(key)?;
+        if !self.honours_conditions()? {
+            // Emulated: look, then write. Racy by one round trip (documented).
+            if self.etag_of(&full)?.as_deref() != expected {
+                return Ok(None);
+            }
+        }
+        let mut req = self
+            .client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(&full)
+            .checksum_sha256(b64(&Sha256::digest(body)))
+            .body(ByteStream::from(body.to_vec()));
+        req = match expected {
+            None => req.if_none_match("*"),
+            Some(t) => req.if_match(t),
+        };
+        match self.rt.block_on(req.send()) {
+            Ok(out) => match out.e_tag() {
+                Some(t) => Ok(Some(t.to_string())),
+                // No tag in the answer: ask for it.
+                None => self.etag_of(&full),
+            },
+            // 412: the precondition failed; 409: a concurrent conditional
+            // write; 404: If-Match on an object that is gone (AWS).
+            Err(e) if matches!(http_status(&e), Some(412) | Some(409) | Some(404)) => Ok(None),
+            Err(e) => Err(self.err("put", &full, sdk_err(e))),
+        }
+    }
+
+    fn delete_versioned(&self, key: &str, expected: &str) -> Result<bool> {
+        let full = self.full(key)?;
+        let emulate = |this: &Self| -> Result<bool> {
+            if this.etag_of(&full)?.as_deref() != Some(expected) {
+                return Ok(false);
+            }
+            this.delete(key)?;
+            Ok(true)
+        };
+        if !self.honours_conditions()? {
+            return emulate(self);
+        }
+        match self.rt.block_on(
+            self.client
+                .delete_object()
+                .bucket(&self.bucket)
+                .key(&full)
+                .if_match(expected)
+                .send(),
+        ) {
+            Ok(_) => Ok(true),
+            Err(e) if matches!(http_status(&e), Some(412) | Some(404)) => Ok(false),
+            // Stores without conditional DELETE: look, then delete.
+            Err(e) if http_status(&e) == Some(501) || e.code() == Some("NotImplemented") => {
+                emulate(self)
+            }
+            Err(e) => Err(self.err("delete", &full, sdk_err(e))),
+        }
+    }
+
+    fn conditional_writes(&self, probe: bool) -> Result<String> {
+        let honoured = match self.cond {
+            CondMode::Header => {
+                return Ok("If-None-Match / If-Match trusted (conditional_writes = header)".into())
+            }
+            CondMode::Head => {
+                return Ok(
+                    "HEAD before each create-if-absent write (conditional_writes = head)".into(),
+                )
+            }
+            CondMode::Auto if probe => {
+                let v = self.probe()?;
+                if let Ok(mut known) = self.honoured.lock() {
+                    *known = Some(v);
+                }
+                v
+            }
+            CondMode::Auto => self.honours_conditions()?,
+        };
+        Ok(if honoured {
+            "the store honours If-None-Match / If-Match (probed)".into()
+        } else {
+            "the store ignores If-None-Match / If-Match (probed): HEAD before each create-if-absent write".into()
+        })
     }
 }

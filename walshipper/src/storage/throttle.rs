@@ -116,6 +116,24 @@ impl Storage for Throttled {
             self.bucket.rate
         )
     }
+    // Leases and probes are a few hundred bytes: not paced.
+    fn get_versioned(&self, key: &str, max: usize) -> Result<Option<(Vec<u8>, String)>> {
+        self.inner.get_versioned(key, max)
+    }
+    fn put_versioned(
+        &self,
+        key: &str,
+        body: &[u8],
+        expected: Option<&str>,
+    ) -> Result<Option<String>> {
+        self.inner.put_versioned(key, body, expected)
+    }
+    fn delete_versioned(&self, key: &str, expected: &str) -> Result<bool> {
+        self.inner.delete_versioned(key, expected)
+    }
+    fn conditional_writes(&self, probe: bool) -> Result<String> {
+        self.inner.conditional_writes(probe)
+    }
 }
 
 #[cfg(test)]

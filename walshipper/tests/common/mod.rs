@@ -155,6 +155,8 @@ impl Shipper {
             ),
         )
         .unwrap();
+        // It may hold an S3 secret: walshipper refuses such a file unless private.
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o600)).unwrap();
         Shipper {
             config,
             repo,
