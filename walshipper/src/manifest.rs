@@ -451,3 +451,224 @@ pub fn pg_backup_manifest(
     m.push_str(&format!("\"Manifest-Checksum\": \"{sum}\"}}\n"));
     m
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "20261121-224754I";
+    const FULL: &str = "20261120-010000F";
+
+    fn entry(path: &str, owner: &str) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size: 1,
+            mtime: 0,
+            mode: 0o600,
+            sha256: "ab".repeat(32),
+            object: layout::backup_data(owner, path),
+            deltas: vec![],
+            maps: vec![],
+            stored_size: 0,
+        }
+    }
+
+    fn sample() -> Manifest {
+        let mut big = entry("base/5/16397", FULL);
+        big.deltas = vec![layout::backup_data(ID, "base/5/16397")];
+        big.maps = vec![
+            layout::backup_map(FULL, "base/5/16397"),
+            layout::backup_map(ID, "base/5/16397"),
+        ];
+        Manifest {
+            manifest_version: MANIFEST_VERSION,
+            id: ID.into(),
+            kind: "incr".into(),
+            based_on: Some(FULL.into()),
+            label: "x".into(),
+            system_identifier: "7710756547896858498".into(),
+            pg_version: 15,
+            timeline: 1,
+            start_lsn: "0/5000028".into(),
+            stop_lsn: "0/5000138".into(),
+            start_time: "2026-11-21T22:47:54.1+00:00".into(),
+            stop_time: "2026-11-21T22:47:56.3+00:00".into(),
+            wal_start: "000000010000000000000005".into(),
+            wal_stop: "000000010000000000000005".into(),
+            data_checksums: true,
+            checksum_failures: vec![],
+            size: 2,
+            stored_size: 1,
+            files: vec![
+                entry("base/5/16384", ID),
+                big,
+                entry("pg_tblspc/16390/PG_15_202209061/5/16391", ID),
+            ],
+            dirs: vec![
+                DirEntry {
+                    path: "pg_tblspc/16390".into(),
+                    mode: 0o700,
+                },
+                DirEntry {
+                    path: "pg_tblspc/16390/PG_15_202209061".into(),
+                    mode: 0o700,
+                },
+            ],
+            tablespaces: vec![TablespaceEntry {
+                oid: 16390,
+                location: "/srv/ts1".into(),
+            }],
+            backup_label_object: layout::backup_label(ID),
+            tablespace_map_object: Some(layout::tablespace_map(ID)),
+        }
+    }
+
+    fn refused(m: &Manifest) -> String {
+        match m.validate(&layout::manifest(ID)) {
+            Err(e @ Error::Corrupt { .. }) => e.to_string(),
+            other => panic!("not refused as damaged: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sound_manifest_passes() {
+        let m = sample();
+        m.validate(&layout::manifest(ID)).unwrap();
+        let chain: BTreeSet<String> = [FULL.to_string()].into();
+        m.validate_dependencies(&chain).unwrap();
+        assert!(m.validate_dependencies(&BTreeSet::new()).is_err());
+        let body = serde_json::to_vec(&m).unwrap();
+        assert_eq!(
+            Manifest::decode(&layout::manifest(ID), &body).unwrap().id,
+            ID
+        );
+        assert!(Manifest::decode(&layout::manifest(ID), b"{").is_err());
+    }
+
+    #[test]
+    fn id_must_match_its_key_and_type() {
+        let m = sample();
+        let e = m.validate(&layout::manifest(FULL)).unwrap_err().to_string();
+        assert!(e.contains("not of the backup its name says"), "{e}");
+        assert!(m.validate("backups/x/manifest").is_err());
+        assert!(m.validate(&layout::backup_label(ID)).is_err());
+        let mut t = sample();
+        t.kind = "full".into();
+        assert!(refused(&t).contains("does not match"));
+        let mut b = sample();
+        b.based_on = None;
+        refused(&b);
+        b.based_on = Some("20271121-224754F".into()); // later than itself
+        refused(&b);
+        let mut v = sample();
+        v.manifest_version = MANIFEST_VERSION + 1;
+        assert!(matches!(
+            v.validate(&layout::manifest(ID)),
+            Err(Error::Repository(_))
+        ));
+    }
+
+    #[test]
+    fn paths_stay_inside() {
+        for p in [
+            "../victim/x",
+            "base/../../x",
+            "/etc/passwd",
+            "base//1",
+            "./base",
+            "base/1/",
+            "",
+            "a\nb",
+            "backup_label",
+            "recovery.signal",
+            "pg_tblspc/16390",
+            "pg_tblspc/16390/x",
+            "pg_tblspc/0/PG_15_1/x",
+            "pg_tblspc/016390/PG_15_1/x",
+            "pg_tblspc/16390/PG_14_202107181/x",
+        ] {
+            let mut m = sample();
+            m.files[0].path = p.into();
+            m.files[0].object = format!("backups/{ID}/data/{p}");
+            refused(&m);
+            let mut d = sample();
+            d.dirs.push(DirEntry {
+                path: p.into(),
+                mode: 0o700,
+            });
+            if !matches!(p, "backup_label" | "recovery.signal" | "pg_tblspc/16390") {
+                refused(&d);
+            }
+        }
+        let mut dup = sample();
+        dup.files.push(entry("base/5/16384", ID));
+        refused(&dup);
+    }
+
+    #[test]
+    fn objects_are_backup_objects_of_the_entry_and_the_chain() {
+        let cases: Vec<Box<dyn Fn(&mut Manifest)>> = vec![
+            Box::new(|m| {
+                m.files[0].object = "wal/0000000100000000/000000010000000000000005".into()
+            }),
+            Box::new(|m| m.files[0].object = layout::backup_data(ID, "base/5/other")),
+            Box::new(|m| m.files[0].object = layout::backup_map(ID, "base/5/16384")),
+            Box::new(|m| {
+                m.files[0].object = layout::backup_data("20271121-224754F", "base/5/16384")
+            }),
+            Box::new(|m| m.files[0].object = format!("backups/{ID}/data/../../keys/x")),
+            Box::new(|m| m.files[1].deltas[0] = layout::backup_map(ID, "base/5/16397")),
+            Box::new(|m| m.files[1].maps[0] = layout::backup_data(FULL, "base/5/16397")),
+            Box::new(|m| m.files[0].sha256 = "AB".repeat(32)),
+            Box::new(|m| m.backup_label_object = layout::backup_label(FULL)),
+            Box::new(|m| m.tablespace_map_object = Some(layout::backup_label(ID))),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let mut m = sample();
+            c(&mut m);
+            assert!(m.validate(&layout::manifest(ID)).is_err(), "case {i}");
+        }
+        // An object of an earlier backup outside the chain: only the chain check sees it.
+        let mut m = sample();
+        m.files[0].object = layout::backup_data("20261101-010000F", "base/5/16384");
+        m.validate(&layout::manifest(ID)).unwrap();
+        let chain: BTreeSet<String> = [FULL.to_string()].into();
+        assert!(m.validate_dependencies(&chain).is_err());
+    }
+
+    #[test]
+    fn tablespace_locations() {
+        for loc in [
+            "relative/ts",
+            "/",
+            "",
+            "/srv/../etc",
+            "/srv/./ts",
+            "/srv//ts",
+            "/srv/ts/",
+            "/srv/t\ns",
+        ] {
+            let mut m = sample();
+            m.tablespaces[0].location = loc.into();
+            refused(&m);
+        }
+        let mut two = sample();
+        two.tablespaces.push(TablespaceEntry {
+            oid: 16391,
+            location: "/srv/ts1/inner".into(),
+        });
+        refused(&two);
+        two.tablespaces[1].location = "/srv/ts1".into();
+        refused(&two);
+        two.tablespaces[1] = TablespaceEntry {
+            oid: 16390,
+            location: "/srv/ts2".into(),
+        };
+        refused(&two);
+        two.tablespaces[1].oid = 0;
+        refused(&two);
+        two.tablespaces[1].oid = 16391;
+        two.validate(&layout::manifest(ID)).unwrap();
+        assert!(check_location(Path::new("/srv/ts1")).is_ok());
+    }
+}

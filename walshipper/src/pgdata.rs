@@ -636,6 +636,57 @@ mod tests {
     }
 
     #[test]
+    fn dirfd_never_follows_a_link_below_its_root() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        fs::write(victim.path().join("keep"), b"victim").unwrap();
+        let root = DirFd::open_root(d.path()).unwrap();
+        std::os::unix::fs::symlink(victim.path(), d.path().join("base")).unwrap();
+        // Walking, creating under, or opening through the link fails.
+        assert!(root.walk("base/5", Some(0o700)).is_err());
+        assert!(root.walk("base", None).is_err());
+        assert!(root.parent_of("base/keep", Some(0o700)).is_err());
+        assert!(root.open_file("base").is_err());
+        assert!(root.create_dir("base", 0o700).is_err());
+        // A link (or a hard link) at a file's name is replaced, not written through.
+        std::os::unix::fs::symlink(victim.path().join("keep"), d.path().join("f")).unwrap();
+        fs::hard_link(victim.path().join("keep"), d.path().join("h")).unwrap();
+        for name in ["f", "h"] {
+            use std::io::Write;
+            let mut f = root.create_file(name).unwrap();
+            f.write_all(b"ours").unwrap();
+        }
+        assert_eq!(fs::read(victim.path().join("keep")).unwrap(), b"victim");
+        assert_eq!(fs::read(d.path().join("h")).unwrap(), b"ours");
+        assert_eq!(root.kind("f").unwrap(), Some(EntryKind::File));
+        // Names are single components.
+        for bad in ["..", ".", "a/b", ""] {
+            assert!(root.create_file(bad).is_err(), "{bad}");
+        }
+        // Removal removes the link, never what it points at.
+        std::os::unix::fs::symlink(victim.path(), d.path().join("l2")).unwrap();
+        let sub = root.walk("x/y", Some(0o750)).unwrap();
+        std::os::unix::fs::symlink(victim.path(), d.path().join("x/y/l3")).unwrap();
+        assert_eq!(
+            fs::metadata(d.path().join("x/y")).unwrap().mode() & 0o777,
+            0o750
+        );
+        sub.sync().unwrap();
+        root.remove_contents().unwrap();
+        assert!(fs::read_dir(d.path()).unwrap().next().is_none());
+        assert_eq!(fs::read(victim.path().join("keep")).unwrap(), b"victim");
+        // Links are read, not followed.
+        root.symlink(victim.path(), "16390").unwrap();
+        assert_eq!(
+            root.read_link("16390").unwrap().as_deref(),
+            Some(victim.path())
+        );
+        assert_eq!(root.read_link("none").unwrap(), None);
+        let kinds: Vec<_> = root.entries().unwrap();
+        assert_eq!(kinds, vec![(OsString::from("16390"), EntryKind::Symlink)]);
+    }
+
+    #[test]
     fn scan_follows_the_rules() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path();

@@ -1264,6 +1264,89 @@ mod tests {
         }
     }
 
+    /// PostgreSQL's reading of a quoted value (guc-file.l: the STRING
+    /// token `'([^'\\\n]|\\.|'')*'`, then DeescapeQuotedString): the
+    /// value, and what follows the closing quote on the line.
+    fn pg_parse(quoted: &str) -> (String, String) {
+        let b: Vec<char> = quoted.chars().collect();
+        assert_eq!(b[0], '\'');
+        let mut out = String::new();
+        let mut i = 1;
+        loop {
+            match b[i] {
+                '\\' => {
+                    match b[i + 1] {
+                        'n' => out.push('\n'),
+                        't' => out.push('\t'),
+                        'r' => out.push('\r'),
+                        c => out.push(c),
+                    }
+                    i += 2;
+                }
+                '\'' if b.get(i + 1) == Some(&'\'') => {
+                    out.push('\'');
+                    i += 2;
+                }
+                '\'' => return (out, b[i + 1..].iter().collect()),
+                '\n' => panic!("newline inside a value"),
+                c => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn settings_are_quoted_as_postgresql_reads_them() {
+        for v in [
+            "plain",
+            "it's",
+            "a\\b",
+            "x\\'",
+            "\\",
+            "'",
+            "''\\''",
+            "/usr/bin/walshipper --config '/etc/a b.toml' archive-get %f \"%p\"",
+        ] {
+            let q = conf_quote("test", v).unwrap();
+            assert_eq!(pg_parse(&q), (v.to_string(), String::new()), "{v:?} -> {q}");
+        }
+        // The attack: a name ending in \' and a newline used to become a
+        // second setting that PostgreSQL reads.
+        let attack = "x\\'\nshared_preload_libraries = '/tmp/evil.so' #";
+        assert!(conf_quote("--target-name", attack).is_err());
+        let e = check_target(&Target::Name(attack.into())).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::exit::USAGE);
+        assert!(e.to_string().contains("control characters"), "{e}");
+        for bad in ["a\rb", "a\tb", "a\u{7f}b", "a\u{85}b"] {
+            assert!(conf_quote("x", bad).is_err(), "{bad:?}");
+            assert!(check_target(&Target::Name(bad.into())).is_err());
+        }
+        assert!(check_target(&Target::Name("".into())).is_err());
+        assert!(check_target(&Target::Name("n".repeat(64))).is_err());
+        check_target(&Target::Name("n".repeat(63))).unwrap();
+        check_target(&Target::Name("before 'release' \\ v2".into())).unwrap();
+        let lines = recovery_lines(
+            "/bin/ws archive-get %f \"%p\"",
+            &Target::Name("x\\' y".into()),
+            "pause",
+        )
+        .unwrap();
+        assert_eq!(lines[1], "recovery_target_name = 'x\\\\'' y'");
+        assert_eq!(
+            pg_parse(&lines[1]["recovery_target_name = ".len()..]).0,
+            "x\\' y"
+        );
+    }
+
+    #[test]
+    fn restore_command_words_are_shell_quoted() {
+        assert_eq!(shell_word("/usr/bin/walshipper"), "/usr/bin/walshipper");
+        assert_eq!(shell_word("/a b/c's"), "'/a b/c'\\''s'");
+        assert_eq!(shell_word("/x/$(id)%p"), "'/x/$(id)%%p'");
+    }
+
     #[test]
     fn times_need_a_zone() {
         assert!(parse_time("2026-11-21 10:15:00+00").is_ok());
