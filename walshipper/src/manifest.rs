@@ -607,7 +607,8 @@ mod tests {
 
     #[test]
     fn objects_are_backup_objects_of_the_entry_and_the_chain() {
-        let cases: Vec<Box<dyn Fn(&mut Manifest)>> = vec![
+        type Damage = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<Damage> = vec![
             Box::new(|m| {
                 m.files[0].object = "wal/0000000100000000/000000010000000000000005".into()
             }),
