@@ -232,7 +232,16 @@ fn checked_manifest(repo: &Repository, id: &str) -> Result<Manifest> {
         let key = layout::manifest(id);
         Manifest::decode(&key, &repo.read_object_vec(&key)?)
     };
-    let m = read(id)?;
+    let m = read(id).map_err(|e| match e {
+        // Listed under this id, but not stored under it.
+        Error::NotFound(key) => Error::Corrupt {
+            key,
+            reason: format!(
+                "backup {id} is listed from a manifest stored under another name (a manifest copied or renamed in the repository); run `walshipper verify`"
+            ),
+        },
+        e => e,
+    })?;
     let mut chain = BTreeSet::new();
     let mut next = m.based_on.clone();
     while let Some(b) = next {
