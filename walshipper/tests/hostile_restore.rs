@@ -12,7 +12,7 @@
 
 mod common;
 
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -195,9 +195,17 @@ fn hostile_manifests_and_targets_never_reach_outside_the_target() {
     std::fs::remove_file(good.join("base")).unwrap();
     std::fs::rename(good.join("base.real"), good.join("base")).unwrap();
 
-    // A link planted at a file's name is replaced, not written through.
+    // A link planted at a file's name is replaced, not written through;
+    // pg_wal as a link to another disk (initdb -X) is kept, and nothing is
+    // created or chmod'ed through it.
     std::fs::remove_file(good.join("PG_VERSION")).unwrap();
     std::os::unix::fs::symlink(victim.join("sub/PG_VERSION"), good.join("PG_VERSION")).unwrap();
+    let wal_disk = work.join("wal_disk");
+    std::fs::rename(good.join("pg_wal"), &wal_disk).unwrap();
+    std::fs::set_permissions(&wal_disk, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::remove_dir(wal_disk.join("archive_status")).unwrap();
+    std::os::unix::fs::symlink(&wal_disk, good.join("pg_wal")).unwrap();
+    let wal_disk_before = snapshot(&wal_disk);
     let o = shipper.restore(
         &good,
         &["--backup", &id, "--delta", "--tablespace-map", &remap],
@@ -208,6 +216,12 @@ fn hostile_manifests_and_targets_never_reach_outside_the_target() {
         stderr(&o)
     );
     assert!(!good.join("PG_VERSION").is_symlink());
+    assert!(good.join("pg_wal").is_symlink());
+    assert_eq!(
+        snapshot(&wal_disk),
+        wal_disk_before,
+        "written through pg_wal"
+    );
     check_untouched("planted file link");
 
     // Crafted manifests, re-encoded into the repository.
@@ -356,5 +370,5 @@ fn hostile_manifests_and_targets_never_reach_outside_the_target() {
         .filter(|n| !n.starts_with('t'))
         .collect();
     names.sort();
-    assert_eq!(names, ["good", "good_ts", "victim"]);
+    assert_eq!(names, ["good", "good_ts", "victim", "wal_disk"]);
 }

@@ -461,7 +461,25 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let (repo, mut plan, fallbacks) = choose_repository(cfg, args)?;
     // The listing is not trusted: the manifest used is the one stored
     // under the backup's own key, validated, with its chain.
-    plan.backup = checked_manifest(&repo, &plan.backup.id)?;
+    let checked = checked_manifest(&repo, &plan.backup.id)?;
+    let listed = &plan.backup;
+    if (
+        &checked.start_lsn,
+        &checked.stop_lsn,
+        checked.timeline,
+        &checked.stop_time,
+    ) != (
+        &listed.start_lsn,
+        &listed.stop_lsn,
+        listed.timeline,
+        &listed.stop_time,
+    ) {
+        return Err(Error::Corrupt {
+            key: layout::manifest(&checked.id),
+            reason: "the backup listing shows another manifest for this backup (one copied in the repository); run `walshipper verify`".into(),
+        });
+    }
+    plan.backup = checked;
     let m = &plan.backup;
     let mut sources = vec![&repo];
     sources.extend(fallbacks.iter());
@@ -575,7 +593,21 @@ fn restore_into(
             }
         }
     }
+    // A --delta target may keep pg_wal as a link to another disk (initdb
+    // -X): it is left as it is, and nothing is created or chmod'ed through
+    // it (a backup holds no file below pg_wal).
+    let wal_link =
+        args.delta && matches!(roots.target.kind("pg_wal"), Ok(Some(EntryKind::Symlink)));
+    if wal_link {
+        tracing::info!(
+            "{} is a link: kept as it is",
+            roots.target.display("pg_wal")
+        );
+    }
     for d in &m.dirs {
+        if wal_link && (d.path == "pg_wal" || d.path.starts_with("pg_wal/")) {
+            continue;
+        }
         if d.path.starts_with("pg_tblspc/") && d.path.matches('/').count() == 1 {
             let oid = d.path.trim_start_matches("pg_tblspc/");
             if oid.parse().is_ok_and(|o: u32| locations.contains_key(&o)) {
