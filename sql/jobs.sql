@@ -286,6 +286,13 @@ BEGIN
         RAISE EXCEPTION 'invalid restore point name "%"', name
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Use 1 to 63 characters.';
     END IF;
+    -- The name goes into postgresql.auto.conf (recovery_target_name) and
+    -- into shell commands: control characters (a newline ends a setting and
+    -- starts another) and backslashes (escapes) are refused.
+    IF name ~ '[[:cntrl:]]' OR position(chr(92) IN name) > 0 THEN
+        RAISE EXCEPTION 'invalid restore point name %: control characters and backslashes are not allowed', to_json(name)::text
+            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use printable characters other than a backslash.';
+    END IF;
     IF EXISTS (SELECT 1 FROM backup.restore_points r WHERE r.name = restore_point_create.name) THEN
         RAISE EXCEPTION 'restore point "%" already exists', name
             USING ERRCODE = 'duplicate_object',

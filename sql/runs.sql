@@ -396,7 +396,8 @@ BEGIN
     SELECT * INTO p FROM backup.restore_plan(rp.created_at, target_dir);
     RETURN QUERY SELECT p.backup_id, p.backup_stop_time, p.wal_from, p.wal_to,
         replace(p.command, substring(p.command from ' --target-time .*$'),
-                ' --target-name ' || quote_literal(rp.name) || ' --target-action promote'),
+                -- Shell-quoted: '...', each ' in the name written '\''.
+                ' --target-name ' || '''' || replace(rp.name, '''', '''\''''') || '''' || ' --target-action promote'),
         p.backup_type, p.backup_chain;
 END
 $$;

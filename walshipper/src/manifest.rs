@@ -2,8 +2,14 @@
 //! a backup) and PostgreSQL's `backup_manifest` (written into a restored data
 //! directory so that pg_verifybackup can check it independently).
 
+use std::collections::{BTreeSet, HashSet};
+use std::path::{Component, Path};
+
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+use crate::layout::{self, BackupPart, ObjectName};
 
 /// 2: files may refer to earlier backups' objects and carry block deltas.
 pub const MANIFEST_VERSION: u32 = 2;
@@ -114,12 +120,290 @@ impl Manifest {
     }
 
     /// The other backups whose objects this one uses: restoring it needs them.
-    pub fn depends_on(&self) -> std::collections::BTreeSet<String> {
+    pub fn depends_on(&self) -> BTreeSet<String> {
         self.objects()
-            .filter_map(|k| crate::layout::backup_of(k))
+            .filter_map(|k| layout::backup_of(k))
             .filter(|id| *id != self.id)
             .collect()
     }
+
+    /// Parses the manifest stored under `key` and `validate`s it.
+    pub fn decode(key: &str, body: &[u8]) -> Result<Manifest> {
+        let m: Manifest = serde_json::from_slice(body).map_err(|e| Error::Corrupt {
+            key: key.to_string(),
+            reason: format!("manifest is not valid JSON: {e}"),
+        })?;
+        m.validate(key)?;
+        Ok(m)
+    }
+
+    /// Checks a manifest read back from repository key `key` (untrusted):
+    /// its id is the one in its key and its type the id's letter; every
+    /// path is relative with normal components only; every object is a
+    /// backup object of the right part, for the entry's own path, of this
+    /// backup or an earlier one; tablespaces have a positive oid and an
+    /// absolute, normalized location, no two at or inside one another.
+    /// A newer manifest version is `Error::Repository` (upgrade);
+    /// anything else wrong is `Error::Corrupt` naming `key`.
+    pub fn validate(&self, key: &str) -> Result<()> {
+        let bad = |reason: String| Error::Corrupt {
+            key: key.to_string(),
+            reason,
+        };
+        match layout::parse(key) {
+            Some(ObjectName::Backup {
+                id,
+                part: BackupPart::Manifest,
+            }) if id == self.id => {}
+            Some(ObjectName::Backup {
+                part: BackupPart::Manifest,
+                ..
+            }) => {
+                return Err(bad(format!(
+                    "it holds the manifest of backup {:?}, not of the backup its name says (a manifest copied or moved in the repository)",
+                    self.id
+                )))
+            }
+            _ => return Err(bad("not a backup manifest's key".into())),
+        }
+        if self.manifest_version > MANIFEST_VERSION {
+            return Err(Error::Repository(format!(
+                "backup {} was written by a newer walshipper (manifest version {}); upgrade walshipper to read this repository",
+                self.id, self.manifest_version
+            )));
+        }
+        if self.manifest_version == 0 {
+            return Err(bad("manifest version 0".into()));
+        }
+        if layout::backup_id_type(&self.id) != Some(self.kind.as_str()) {
+            return Err(bad(format!(
+                "type {:?} does not match the letter of id {}",
+                self.kind, self.id
+            )));
+        }
+        match (&self.based_on, self.kind.as_str()) {
+            (None, "full") => {}
+            (Some(b), "diff" | "incr") if is_earlier_backup(b, &self.id) => {
+                if self.kind == "diff" && layout::backup_id_type(b) != Some("full") {
+                    return Err(bad(format!(
+                        "differential backup based on {b}, which is not a full backup"
+                    )));
+                }
+            }
+            (b, k) => return Err(bad(format!("a {k} backup cannot be based on {b:?}"))),
+        }
+        if self.timeline == 0 {
+            return Err(bad("timeline 0".into()));
+        }
+        match (
+            crate::wal::parse_lsn(&self.start_lsn),
+            crate::wal::parse_lsn(&self.stop_lsn),
+        ) {
+            (Some(a), Some(b)) if a <= b => {}
+            _ => {
+                return Err(bad(format!(
+                    "start/stop LSN {:?}/{:?} are not LSNs in order",
+                    self.start_lsn, self.stop_lsn
+                )))
+            }
+        }
+
+        // Tablespaces first: file paths under pg_tblspc are checked against them.
+        let mut oids = HashSet::new();
+        for (i, ts) in self.tablespaces.iter().enumerate() {
+            if ts.oid == 0 || !oids.insert(ts.oid) {
+                return Err(bad(format!("tablespace oid {} is 0 or repeated", ts.oid)));
+            }
+            check_location(Path::new(&ts.location)).map_err(|r| {
+                bad(format!(
+                    "tablespace {} location {:?} {r}",
+                    ts.oid, ts.location
+                ))
+            })?;
+            for other in &self.tablespaces[..i] {
+                let (a, b) = (Path::new(&ts.location), Path::new(&other.location));
+                if a.starts_with(b) || b.starts_with(a) {
+                    return Err(bad(format!(
+                        "tablespaces {} and {} are at one place ({:?}, {:?})",
+                        other.oid, ts.oid, other.location, ts.location
+                    )));
+                }
+            }
+        }
+        let tablespace_dir = format!("PG_{}_", self.pg_version);
+        let check_path = |path: &str, is_dir: bool| -> Result<()> {
+            if !layout::is_safe_rel_path(path) || path.chars().any(char::is_control) {
+                return Err(bad(format!(
+                    "path {path:?} is not relative with normal components only"
+                )));
+            }
+            let mut c = path.split('/');
+            match (c.next(), c.next(), c.next()) {
+                // What restore writes itself, or a server's own state: a
+                // backup never stores these.
+                (Some(top), None, _) if !is_dir && RESERVED_TOP_FILES.contains(&top) => {
+                    Err(bad(format!("path {path:?} is a file a backup never holds")))
+                }
+                (Some("pg_tblspc"), Some(oid), rest) => {
+                    // pg_tblspc/<oid>: the link (a dir entry); inside it,
+                    // only PostgreSQL's version directory PG_<ver>_<catversion>.
+                    let oid_ok = oid.parse::<u32>().is_ok_and(|o| o > 0)
+                        && !oid.starts_with('0')
+                        && oid.bytes().all(|b| b.is_ascii_digit());
+                    let inner_ok = match rest {
+                        None => is_dir,
+                        Some(v) => v.strip_prefix(&tablespace_dir).is_some_and(|cat| {
+                            !cat.is_empty() && cat.bytes().all(|b| b.is_ascii_digit())
+                        }),
+                    };
+                    if oid_ok && inner_ok {
+                        Ok(())
+                    } else {
+                        Err(bad(format!(
+                            "path {path:?} is not pg_tblspc/<oid>/{tablespace_dir}<catversion>/..."
+                        )))
+                    }
+                }
+                _ => Ok(()),
+            }
+        };
+        let owned_by = |k: &str, want: &str, data: bool| -> Result<()> {
+            let ok = match layout::parse(k) {
+                Some(ObjectName::Backup {
+                    id,
+                    part: BackupPart::Data(rel),
+                }) if data => rel == want && (id == self.id || is_earlier_backup(&id, &self.id)),
+                Some(ObjectName::Backup {
+                    id,
+                    part: BackupPart::Map(rel),
+                }) if !data => rel == want && (id == self.id || is_earlier_backup(&id, &self.id)),
+                _ => false,
+            };
+            if ok {
+                Ok(())
+            } else {
+                Err(bad(format!(
+                    "file {want:?} names object {k:?}, which is not a {} object of this or an earlier backup for that path",
+                    if data { "data" } else { "map" }
+                )))
+            }
+        };
+        let mut seen = HashSet::with_capacity(self.files.len());
+        for f in &self.files {
+            check_path(&f.path, false)?;
+            if !seen.insert(f.path.as_str()) {
+                return Err(bad(format!("file {:?} is listed twice", f.path)));
+            }
+            if f.sha256.len() != 64
+                || !f
+                    .sha256
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return Err(bad(format!(
+                    "file {:?}: SHA-256 is not 64 hex digits",
+                    f.path
+                )));
+            }
+            owned_by(&f.object, &f.path, true)?;
+            for d in &f.deltas {
+                owned_by(d, &f.path, true)?;
+            }
+            for mk in &f.maps {
+                owned_by(mk, &f.path, false)?;
+            }
+        }
+        for d in &self.dirs {
+            check_path(&d.path, true)?;
+            if seen.contains(d.path.as_str()) {
+                return Err(bad(format!(
+                    "{:?} is listed as a file and a directory",
+                    d.path
+                )));
+            }
+        }
+        if self.backup_label_object != layout::backup_label(&self.id) {
+            return Err(bad(format!(
+                "backup_label_object {:?} is not this backup's backup_label",
+                self.backup_label_object
+            )));
+        }
+        if let Some(t) = &self.tablespace_map_object {
+            if *t != layout::tablespace_map(&self.id) {
+                return Err(bad(format!(
+                    "tablespace_map_object {t:?} is not this backup's tablespace_map"
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that every backup whose objects this one names is in `chain`
+    /// (the backups it is built on, found by following `based_on`).
+    pub fn validate_dependencies(&self, chain: &BTreeSet<String>) -> Result<()> {
+        match self.depends_on().difference(chain).next() {
+            None => Ok(()),
+            Some(other) => Err(Error::Corrupt {
+                key: layout::manifest(&self.id),
+                reason: format!(
+                    "it names objects of backup {other}, which this backup is not built on"
+                ),
+            }),
+        }
+    }
+}
+
+/// Top-level names restore writes itself or a server owns: never in a backup.
+const RESERVED_TOP_FILES: &[&str] = &[
+    "backup_label",
+    "tablespace_map",
+    "backup_manifest",
+    "recovery.signal",
+    "standby.signal",
+    "postmaster.pid",
+    "postmaster.opts",
+];
+
+/// True if `earlier` is a backup id that started before `id` (or in the same
+/// second, and is not `id`): ids begin with their start time.
+fn is_earlier_backup(earlier: &str, id: &str) -> bool {
+    layout::is_backup_id(earlier)
+        && layout::is_backup_id(id)
+        && earlier != id
+        && earlier[..15] <= id[..15]
+}
+
+/// A tablespace location must be absolute and normalized: a root, then
+/// normal components (no `.`, `..`, `//` or trailing `/`), not `/` itself,
+/// no control characters. Returns what is wrong.
+pub fn check_location(p: &Path) -> std::result::Result<(), &'static str> {
+    let s = p.as_os_str().as_encoded_bytes();
+    if s.is_empty() || s.len() > 4096 {
+        return Err("is empty or too long");
+    }
+    if s.iter().any(|b| *b < 0x20 || *b == 0x7f) {
+        return Err("contains control characters");
+    }
+    if s[0] != b'/' || s.len() == 1 {
+        return Err("is not an absolute path below /");
+    }
+    // Components drop "." and repeated or trailing "/": compare the
+    // rebuilt path with the original to see they were not there.
+    let mut rebuilt = Vec::with_capacity(s.len());
+    for c in p.components() {
+        match c {
+            Component::RootDir => {}
+            Component::Normal(n) => {
+                rebuilt.push(b'/');
+                rebuilt.extend_from_slice(n.as_encoded_bytes());
+            }
+            _ => return Err("has . or .. components"),
+        }
+    }
+    if rebuilt != s {
+        return Err("is not normalized (., // or a trailing /)");
+    }
+    Ok(())
 }
 
 /// One file line of PostgreSQL's backup_manifest.
@@ -166,4 +450,226 @@ pub fn pg_backup_manifest(
     let sum = hex::encode(Sha256::digest(m.as_bytes()));
     m.push_str(&format!("\"Manifest-Checksum\": \"{sum}\"}}\n"));
     m
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ID: &str = "20261121-224754I";
+    const FULL: &str = "20261120-010000F";
+
+    fn entry(path: &str, owner: &str) -> FileEntry {
+        FileEntry {
+            path: path.into(),
+            size: 1,
+            mtime: 0,
+            mode: 0o600,
+            sha256: "ab".repeat(32),
+            object: layout::backup_data(owner, path),
+            deltas: vec![],
+            maps: vec![],
+            stored_size: 0,
+        }
+    }
+
+    fn sample() -> Manifest {
+        let mut big = entry("base/5/16397", FULL);
+        big.deltas = vec![layout::backup_data(ID, "base/5/16397")];
+        big.maps = vec![
+            layout::backup_map(FULL, "base/5/16397"),
+            layout::backup_map(ID, "base/5/16397"),
+        ];
+        Manifest {
+            manifest_version: MANIFEST_VERSION,
+            id: ID.into(),
+            kind: "incr".into(),
+            based_on: Some(FULL.into()),
+            label: "x".into(),
+            system_identifier: "7710756547896858498".into(),
+            pg_version: 15,
+            timeline: 1,
+            start_lsn: "0/5000028".into(),
+            stop_lsn: "0/5000138".into(),
+            start_time: "2026-11-21T22:47:54.1+00:00".into(),
+            stop_time: "2026-11-21T22:47:56.3+00:00".into(),
+            wal_start: "000000010000000000000005".into(),
+            wal_stop: "000000010000000000000005".into(),
+            data_checksums: true,
+            checksum_failures: vec![],
+            size: 2,
+            stored_size: 1,
+            files: vec![
+                entry("base/5/16384", ID),
+                big,
+                entry("pg_tblspc/16390/PG_15_202209061/5/16391", ID),
+            ],
+            dirs: vec![
+                DirEntry {
+                    path: "pg_tblspc/16390".into(),
+                    mode: 0o700,
+                },
+                DirEntry {
+                    path: "pg_tblspc/16390/PG_15_202209061".into(),
+                    mode: 0o700,
+                },
+            ],
+            tablespaces: vec![TablespaceEntry {
+                oid: 16390,
+                location: "/srv/ts1".into(),
+            }],
+            backup_label_object: layout::backup_label(ID),
+            tablespace_map_object: Some(layout::tablespace_map(ID)),
+        }
+    }
+
+    fn refused(m: &Manifest) -> String {
+        match m.validate(&layout::manifest(ID)) {
+            Err(e @ Error::Corrupt { .. }) => e.to_string(),
+            other => panic!("not refused as damaged: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sound_manifest_passes() {
+        let m = sample();
+        m.validate(&layout::manifest(ID)).unwrap();
+        let chain: BTreeSet<String> = [FULL.to_string()].into();
+        m.validate_dependencies(&chain).unwrap();
+        assert!(m.validate_dependencies(&BTreeSet::new()).is_err());
+        let body = serde_json::to_vec(&m).unwrap();
+        assert_eq!(
+            Manifest::decode(&layout::manifest(ID), &body).unwrap().id,
+            ID
+        );
+        assert!(Manifest::decode(&layout::manifest(ID), b"{").is_err());
+    }
+
+    #[test]
+    fn id_must_match_its_key_and_type() {
+        let m = sample();
+        let e = m.validate(&layout::manifest(FULL)).unwrap_err().to_string();
+        assert!(e.contains("not of the backup its name says"), "{e}");
+        assert!(m.validate("backups/x/manifest").is_err());
+        assert!(m.validate(&layout::backup_label(ID)).is_err());
+        let mut t = sample();
+        t.kind = "full".into();
+        assert!(refused(&t).contains("does not match"));
+        let mut b = sample();
+        b.based_on = None;
+        refused(&b);
+        b.based_on = Some("20271121-224754F".into()); // later than itself
+        refused(&b);
+        let mut v = sample();
+        v.manifest_version = MANIFEST_VERSION + 1;
+        assert!(matches!(
+            v.validate(&layout::manifest(ID)),
+            Err(Error::Repository(_))
+        ));
+    }
+
+    #[test]
+    fn paths_stay_inside() {
+        for p in [
+            "../victim/x",
+            "base/../../x",
+            "/etc/passwd",
+            "base//1",
+            "./base",
+            "base/1/",
+            "",
+            "a\nb",
+            "backup_label",
+            "recovery.signal",
+            "pg_tblspc/16390",
+            "pg_tblspc/16390/x",
+            "pg_tblspc/0/PG_15_1/x",
+            "pg_tblspc/016390/PG_15_1/x",
+            "pg_tblspc/16390/PG_14_202107181/x",
+        ] {
+            let mut m = sample();
+            m.files[0].path = p.into();
+            m.files[0].object = format!("backups/{ID}/data/{p}");
+            refused(&m);
+            let mut d = sample();
+            d.dirs.push(DirEntry {
+                path: p.into(),
+                mode: 0o700,
+            });
+            if !matches!(p, "backup_label" | "recovery.signal" | "pg_tblspc/16390") {
+                refused(&d);
+            }
+        }
+        let mut dup = sample();
+        dup.files.push(entry("base/5/16384", ID));
+        refused(&dup);
+    }
+
+    #[test]
+    fn objects_are_backup_objects_of_the_entry_and_the_chain() {
+        type Damage = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<Damage> = vec![
+            Box::new(|m| {
+                m.files[0].object = "wal/0000000100000000/000000010000000000000005".into()
+            }),
+            Box::new(|m| m.files[0].object = layout::backup_data(ID, "base/5/other")),
+            Box::new(|m| m.files[0].object = layout::backup_map(ID, "base/5/16384")),
+            Box::new(|m| {
+                m.files[0].object = layout::backup_data("20271121-224754F", "base/5/16384")
+            }),
+            Box::new(|m| m.files[0].object = format!("backups/{ID}/data/../../keys/x")),
+            Box::new(|m| m.files[1].deltas[0] = layout::backup_map(ID, "base/5/16397")),
+            Box::new(|m| m.files[1].maps[0] = layout::backup_data(FULL, "base/5/16397")),
+            Box::new(|m| m.files[0].sha256 = "AB".repeat(32)),
+            Box::new(|m| m.backup_label_object = layout::backup_label(FULL)),
+            Box::new(|m| m.tablespace_map_object = Some(layout::backup_label(ID))),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let mut m = sample();
+            c(&mut m);
+            assert!(m.validate(&layout::manifest(ID)).is_err(), "case {i}");
+        }
+        // An object of an earlier backup outside the chain: only the chain check sees it.
+        let mut m = sample();
+        m.files[0].object = layout::backup_data("20261101-010000F", "base/5/16384");
+        m.validate(&layout::manifest(ID)).unwrap();
+        let chain: BTreeSet<String> = [FULL.to_string()].into();
+        assert!(m.validate_dependencies(&chain).is_err());
+    }
+
+    #[test]
+    fn tablespace_locations() {
+        for loc in [
+            "relative/ts",
+            "/",
+            "",
+            "/srv/../etc",
+            "/srv/./ts",
+            "/srv//ts",
+            "/srv/ts/",
+            "/srv/t\ns",
+        ] {
+            let mut m = sample();
+            m.tablespaces[0].location = loc.into();
+            refused(&m);
+        }
+        let mut two = sample();
+        two.tablespaces.push(TablespaceEntry {
+            oid: 16391,
+            location: "/srv/ts1/inner".into(),
+        });
+        refused(&two);
+        two.tablespaces[1].location = "/srv/ts1".into();
+        refused(&two);
+        two.tablespaces[1] = TablespaceEntry {
+            oid: 16390,
+            location: "/srv/ts2".into(),
+        };
+        refused(&two);
+        two.tablespaces[1].oid = 0;
+        refused(&two);
+        two.tablespaces[1].oid = 16391;
+        two.validate(&layout::manifest(ID)).unwrap();
+        assert!(check_location(Path::new("/srv/ts1")).is_ok());
+    }
 }

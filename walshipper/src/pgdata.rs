@@ -1,10 +1,17 @@
-//! What a base backup copies from a data directory, following PostgreSQL's
-//! own rules (src/backend/backup/basebackup.c): which directories keep only
-//! their existence, which files are never copied, temporary files, unlogged
-//! relations (only their init fork), and tablespaces behind pg_tblspc.
+//! Data directories. What a base backup copies from one, following
+//! PostgreSQL's own rules (src/backend/backup/basebackup.c): which
+//! directories keep only their existence, which files are never copied,
+//! temporary files, unlogged relations (only their init fork), and
+//! tablespaces behind pg_tblspc. And `DirFd`, through which restore writes
+//! one without ever following a symbolic link below the directories the DBA
+//! named.
 
 use std::collections::HashSet;
+use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
@@ -221,6 +228,393 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
     Ok(())
 }
 
+/// An open directory. Everything below it is reached with `openat` and
+/// friends, one component at a time, with `O_NOFOLLOW`: a symbolic link
+/// planted anywhere below (`base -> /etc`) is an error, never a way out.
+/// Only the root itself is opened by path (it is what the DBA named).
+pub struct DirFd {
+    fd: OwnedFd,
+    /// For messages only; never used to reach the directory again.
+    path: PathBuf,
+}
+
+/// What is at a name in a directory, without following a link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EntryKind {
+    Dir,
+    File,
+    Symlink,
+    Other,
+}
+
+fn cname(name: &str) -> io::Result<CString> {
+    // One plain component only: the callers split paths themselves.
+    if name.is_empty() || name == "." || name == ".." || name.contains('/') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a plain file name"),
+        ));
+    }
+    CString::new(name).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))
+}
+
+fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r)
+    }
+}
+
+fn kind_of(mode: libc::mode_t) -> EntryKind {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => EntryKind::Dir,
+        libc::S_IFREG => EntryKind::File,
+        libc::S_IFLNK => EntryKind::Symlink,
+        _ => EntryKind::Other,
+    }
+}
+
+impl DirFd {
+    /// Opens a directory the DBA named (links in its own path are followed).
+    pub fn open_root(path: &Path) -> io::Result<DirFd> {
+        let c = CString::new(path.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+        // SAFETY: a valid C string; the result is checked.
+        let fd = cvt(unsafe {
+            libc::open(
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC,
+            )
+        })?;
+        Ok(DirFd {
+            // SAFETY: a descriptor we just opened and own.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            path: path.to_path_buf(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The path of `rel` below this directory, for messages.
+    pub fn display(&self, rel: &str) -> String {
+        self.path.join(rel).display().to_string()
+    }
+
+    /// Opens the subdirectory `name`; a link there is refused (ELOOP/ENOTDIR).
+    pub fn open_dir(&self, name: &str) -> io::Result<DirFd> {
+        let c = cname(name)?;
+        // SAFETY: a valid descriptor and C string; the result is checked.
+        let fd = cvt(unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+            )
+        })?;
+        Ok(DirFd {
+            // SAFETY: a descriptor we just opened and own.
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+            path: self.path.join(name),
+        })
+    }
+
+    /// Opens the subdirectory `name`, creating it (mode `mode`) if missing.
+    pub fn create_dir(&self, name: &str, mode: u32) -> io::Result<DirFd> {
+        let c = cname(name)?;
+        // SAFETY: a valid descriptor and C string; the result is checked.
+        let r = unsafe { libc::mkdirat(self.fd.as_raw_fd(), c.as_ptr(), mode as libc::mode_t) };
+        let created = r == 0;
+        if !created {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::EEXIST) {
+                return Err(e);
+            }
+        }
+        let d = self.open_dir(name)?;
+        if created {
+            // mkdirat's mode went through the umask.
+            d.chmod(mode)?;
+        }
+        Ok(d)
+    }
+
+    /// Walks `rel` (`/`-separated normal components) down from here,
+    /// creating missing directories with `mode` when `create`.
+    pub fn walk(&self, rel: &str, create: Option<u32>) -> io::Result<DirFd> {
+        let mut parts = rel.split('/');
+        let first = parts.next().unwrap_or("");
+        let open = |d: &DirFd, n: &str| match create {
+            Some(mode) => d.create_dir(n, mode),
+            None => d.open_dir(n),
+        };
+        let mut d = open(self, first)?;
+        for p in parts {
+            d = open(&d, p)?;
+        }
+        Ok(d)
+    }
+
+    /// The directory holding `rel` and the last component's name.
+    pub fn parent_of<'r>(&self, rel: &'r str, create: Option<u32>) -> io::Result<(DirFd, &'r str)> {
+        match rel.rsplit_once('/') {
+            Some((dir, name)) => Ok((self.walk(dir, create)?, name)),
+            None => Ok((self.dup()?, rel)),
+        }
+    }
+
+    pub fn dup(&self) -> io::Result<DirFd> {
+        Ok(DirFd {
+            fd: self.fd.try_clone()?,
+            path: self.path.clone(),
+        })
+    }
+
+    /// Creates file `name` afresh (mode 0600), open for reading and
+    /// writing. Whatever was at the name (a file, a link, a hard link to
+    /// someone else's file) is unlinked first, never written through.
+    pub fn create_file(&self, name: &str) -> io::Result<fs::File> {
+        self.remove_file(name)?;
+        let c = cname(name)?;
+        // SAFETY: a valid descriptor and C string; the result is checked.
+        let fd = cvt(unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_NOFOLLOW | libc::O_CLOEXEC,
+                0o600 as libc::c_uint,
+            )
+        })?;
+        // SAFETY: a descriptor we just opened and own.
+        Ok(unsafe { fs::File::from_raw_fd(fd) })
+    }
+
+    /// Opens regular file `name` for reading; `None` if there is none.
+    /// A link, FIFO or device is an error (and is not opened for long:
+    /// O_NONBLOCK keeps a FIFO from blocking).
+    pub fn open_file(&self, name: &str) -> io::Result<Option<fs::File>> {
+        let c = cname(name)?;
+        // SAFETY: a valid descriptor and C string; the result is checked.
+        let r = unsafe {
+            libc::openat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                libc::O_RDONLY | libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        // SAFETY: a descriptor we just opened and own.
+        let f = unsafe { fs::File::from_raw_fd(r) };
+        if !f.metadata()?.is_file() {
+            return Err(io::Error::other(format!(
+                "{} is not a regular file",
+                self.display(name)
+            )));
+        }
+        Ok(Some(f))
+    }
+
+    /// What is at `name`, without following a link; `None` if nothing.
+    pub fn kind(&self, name: &str) -> io::Result<Option<EntryKind>> {
+        let c = cname(name)?;
+        // SAFETY: zeroed stat is a valid out-parameter.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: valid descriptor, C string and out-pointer.
+        let r = unsafe {
+            libc::fstatat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        Ok(Some(kind_of(st.st_mode)))
+    }
+
+    /// Unlinks `name` unless it is a directory; fine if it is missing.
+    pub fn remove_file(&self, name: &str) -> io::Result<()> {
+        let c = cname(name)?;
+        // SAFETY: a valid descriptor and C string.
+        let r = unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.raw_os_error() != Some(libc::ENOENT) {
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes `name` and, if it is a directory, everything in it. Links
+    /// are removed, never followed.
+    pub fn remove_all(&self, name: &str) -> io::Result<()> {
+        match self.kind(name)? {
+            None => Ok(()),
+            Some(EntryKind::Dir) => {
+                self.open_dir(name)?.remove_contents()?;
+                let c = cname(name)?;
+                // SAFETY: a valid descriptor and C string.
+                cvt(unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), libc::AT_REMOVEDIR) })
+                    .map(drop)
+            }
+            Some(_) => self.remove_file(name),
+        }
+    }
+
+    /// Removes everything in this directory (links are not followed).
+    pub fn remove_contents(&self) -> io::Result<()> {
+        for (name, _) in self.entries()? {
+            if let Some(n) = name.to_str() {
+                self.remove_all(n)?;
+            } else {
+                // Non-UTF-8: still one plain component.
+                let c = CString::new(name.into_vec())
+                    .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))?;
+                // SAFETY: a valid descriptor and C string.
+                let r = unsafe { libc::unlinkat(self.fd.as_raw_fd(), c.as_ptr(), 0) };
+                if r < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Renames `from` to `to`, both in this directory.
+    pub fn rename(&self, from: &str, to: &str) -> io::Result<()> {
+        let (f, t) = (cname(from)?, cname(to)?);
+        let fd = self.fd.as_raw_fd();
+        // SAFETY: valid descriptors and C strings.
+        cvt(unsafe { libc::renameat(fd, f.as_ptr(), fd, t.as_ptr()) }).map(drop)
+    }
+
+    /// The target of link `name`; `None` if there is nothing or no link.
+    pub fn read_link(&self, name: &str) -> io::Result<Option<PathBuf>> {
+        let c = cname(name)?;
+        let mut buf = vec![0u8; libc::PATH_MAX as usize + 1];
+        // SAFETY: valid descriptor and C string; buf has buf.len() bytes.
+        let n = unsafe {
+            libc::readlinkat(
+                self.fd.as_raw_fd(),
+                c.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            return match e.raw_os_error() {
+                Some(libc::ENOENT) | Some(libc::EINVAL) => Ok(None),
+                _ => Err(e),
+            };
+        }
+        buf.truncate(n as usize);
+        Ok(Some(PathBuf::from(OsString::from_vec(buf))))
+    }
+
+    /// Creates link `name` pointing at `target`.
+    pub fn symlink(&self, target: &Path, name: &str) -> io::Result<()> {
+        let c = cname(name)?;
+        let t = CString::new(target.as_os_str().as_bytes())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a path"))?;
+        // SAFETY: valid descriptor and C strings.
+        cvt(unsafe { libc::symlinkat(t.as_ptr(), self.fd.as_raw_fd(), c.as_ptr()) }).map(drop)
+    }
+
+    pub fn chmod(&self, mode: u32) -> io::Result<()> {
+        // SAFETY: a valid descriptor.
+        cvt(unsafe { libc::fchmod(self.fd.as_raw_fd(), mode as libc::mode_t) }).map(drop)
+    }
+
+    pub fn sync(&self) -> io::Result<()> {
+        // SAFETY: a valid descriptor.
+        cvt(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(drop)
+    }
+
+    /// The names in this directory (without `.` and `..`) and what they are.
+    pub fn entries(&self) -> io::Result<Vec<(OsString, EntryKind)>> {
+        // fdopendir takes the descriptor over: give it a copy.
+        let fd = self.fd.try_clone()?;
+        let raw = std::os::fd::IntoRawFd::into_raw_fd(fd);
+        // SAFETY: a descriptor we own; on success the DIR owns it.
+        let dir = unsafe { libc::fdopendir(raw) };
+        if dir.is_null() {
+            let e = io::Error::last_os_error();
+            // SAFETY: still ours when fdopendir failed.
+            unsafe { libc::close(raw) };
+            return Err(e);
+        }
+        // A copy shares the offset with the original: start from the top.
+        // SAFETY: a valid DIR.
+        unsafe { libc::rewinddir(dir) };
+        let mut out = Vec::new();
+        let result = loop {
+            // SAFETY: errno is thread-local; reset to tell end from error.
+            unsafe { *libc::__errno_location() = 0 };
+            // SAFETY: a valid DIR.
+            let ent = unsafe { libc::readdir(dir) };
+            if ent.is_null() {
+                let e = io::Error::last_os_error();
+                break if e.raw_os_error() == Some(0) {
+                    Ok(())
+                } else {
+                    Err(e)
+                };
+            }
+            // SAFETY: d_name is NUL-terminated within the entry.
+            let name = unsafe { CStr::from_ptr((*ent).d_name.as_ptr()) };
+            let bytes = name.to_bytes();
+            if bytes == b"." || bytes == b".." {
+                continue;
+            }
+            out.push(OsStr::from_bytes(bytes).to_os_string());
+        };
+        // SAFETY: the DIR from fdopendir, closed once.
+        unsafe { libc::closedir(dir) };
+        result?;
+        let mut typed = Vec::with_capacity(out.len());
+        for name in out {
+            let c = CString::new(name.as_bytes())
+                .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))?;
+            // SAFETY: zeroed stat is a valid out-parameter.
+            let mut st: libc::stat = unsafe { std::mem::zeroed() };
+            // SAFETY: valid descriptor, C string and out-pointer.
+            let r = unsafe {
+                libc::fstatat(
+                    self.fd.as_raw_fd(),
+                    c.as_ptr(),
+                    &mut st,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
+            };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENOENT) {
+                    continue;
+                }
+                return Err(e);
+            }
+            typed.push((name, kind_of(st.st_mode)));
+        }
+        Ok(typed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,6 +633,57 @@ mod tests {
         assert!(!is_relation_file("base/5/16384_xyz"));
         assert_eq!(relation_segno("base/5/16384.3"), 3);
         assert_eq!(relation_segno("base/5/16384"), 0);
+    }
+
+    #[test]
+    fn dirfd_never_follows_a_link_below_its_root() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = tempfile::tempdir().unwrap();
+        fs::write(victim.path().join("keep"), b"victim").unwrap();
+        let root = DirFd::open_root(d.path()).unwrap();
+        std::os::unix::fs::symlink(victim.path(), d.path().join("base")).unwrap();
+        // Walking, creating under, or opening through the link fails.
+        assert!(root.walk("base/5", Some(0o700)).is_err());
+        assert!(root.walk("base", None).is_err());
+        assert!(root.parent_of("base/keep", Some(0o700)).is_err());
+        assert!(root.open_file("base").is_err());
+        assert!(root.create_dir("base", 0o700).is_err());
+        // A link (or a hard link) at a file's name is replaced, not written through.
+        std::os::unix::fs::symlink(victim.path().join("keep"), d.path().join("f")).unwrap();
+        fs::hard_link(victim.path().join("keep"), d.path().join("h")).unwrap();
+        for name in ["f", "h"] {
+            use std::io::Write;
+            let mut f = root.create_file(name).unwrap();
+            f.write_all(b"ours").unwrap();
+        }
+        assert_eq!(fs::read(victim.path().join("keep")).unwrap(), b"victim");
+        assert_eq!(fs::read(d.path().join("h")).unwrap(), b"ours");
+        assert_eq!(root.kind("f").unwrap(), Some(EntryKind::File));
+        // Names are single components.
+        for bad in ["..", ".", "a/b", ""] {
+            assert!(root.create_file(bad).is_err(), "{bad}");
+        }
+        // Removal removes the link, never what it points at.
+        std::os::unix::fs::symlink(victim.path(), d.path().join("l2")).unwrap();
+        let sub = root.walk("x/y", Some(0o750)).unwrap();
+        std::os::unix::fs::symlink(victim.path(), d.path().join("x/y/l3")).unwrap();
+        assert_eq!(
+            fs::metadata(d.path().join("x/y")).unwrap().mode() & 0o777,
+            0o750
+        );
+        sub.sync().unwrap();
+        root.remove_contents().unwrap();
+        assert!(fs::read_dir(d.path()).unwrap().next().is_none());
+        assert_eq!(fs::read(victim.path().join("keep")).unwrap(), b"victim");
+        // Links are read, not followed.
+        root.symlink(victim.path(), "16390").unwrap();
+        assert_eq!(
+            root.read_link("16390").unwrap().as_deref(),
+            Some(victim.path())
+        );
+        assert_eq!(root.read_link("none").unwrap(), None);
+        let kinds: Vec<_> = root.entries().unwrap();
+        assert_eq!(kinds, vec![(OsString::from("16390"), EntryKind::Symlink)]);
     }
 
     #[test]

@@ -318,31 +318,12 @@ enum Loaded {
 /// `Manifest::validate` in manifest.rs; this is the minimum: a manifest
 /// copied over another backup's must not pass for it.
 fn check_manifest_binding(m: &Manifest, key: &str) -> std::result::Result<(), String> {
-    let want = layout::backup_of(key).unwrap_or_default();
-    if m.id != want {
-        return Err(format!(
-            "the manifest is that of backup {:?}, not of {want} (moved or copied over)",
-            m.id.chars().take(40).collect::<String>()
-        ));
-    }
-    if m.manifest_version > crate::manifest::MANIFEST_VERSION {
-        return Err(format!(
-            "written by a newer walshipper (manifest version {}); upgrade walshipper to use it",
-            m.manifest_version
-        ));
-    }
-    if layout::backup_id_type(&m.id) != Some(m.kind.as_str()) {
-        return Err(format!(
-            "type {:?} does not match the id's type letter",
-            m.kind.chars().take(8).collect::<String>()
-        ));
-    }
-    if let Some(b) = &m.based_on {
-        if !layout::is_backup_id(b) || *b == m.id {
-            return Err("based_on is not another backup's id".into());
-        }
-    }
-    Ok(())
+    // Manifest::validate: id bound to the key, type letter, paths, object
+    // keys and tablespaces (what restore relies on to stay in its target).
+    m.validate(key).map_err(|e| match e {
+        Error::Corrupt { reason, .. } => reason,
+        other => other.to_string(),
+    })
 }
 
 /// Options of repo-init.
@@ -352,7 +333,6 @@ pub struct InitOptions {
     pub kdf_iterations: u32,
 }
 
-/// Reads a small object whole, refusing one larger than `max` bytes.
 /// Whether a location holds no repository objects. `locks/` is ignored: the
 /// S3 driver's write probe and its verdict may be there from an earlier,
 /// interrupted repo-init.
@@ -363,6 +343,7 @@ fn holds_nothing(storage: &dyn Storage) -> Result<bool> {
         .all(|m| m.key.starts_with(crate::layout::LOCKS_PREFIX)))
 }
 
+/// Reads a small object whole, refusing one larger than `max` bytes.
 fn read_small(storage: &dyn Storage, key: &str, max: usize) -> Result<Option<Vec<u8>>> {
     let Some(r) = storage.get(key)? else {
         return Ok(None);
@@ -909,11 +890,11 @@ impl Repository {
             .ok_or_else(|| Error::NotFound(key.to_string()))
     }
 
-    /// Reads a whole object into memory (manifests, labels).
+    /// Reads a whole object into memory, at most [`MANIFEST_MAX`] bytes
+    /// (the largest object read whole); smaller objects use
+    /// `read_object_capped` with their own bound.
     pub fn read_object_vec(&self, key: &str) -> Result<Vec<u8>> {
-        let mut v = Vec::new();
-        self.read_object(key, &mut v)?;
-        Ok(v)
+        self.read_object_capped(key, MANIFEST_MAX)
     }
 
     /// Every complete backup (one whose manifest exists) whose manifest

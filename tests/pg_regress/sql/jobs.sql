@@ -42,6 +42,10 @@ INSERT INTO backup.backup_executions (kind, status, job_id) VALUES ('full', 'que
 SELECT backup.restore_point_create('before_release', 'v2 deploy') IS NOT NULL AS created;
 SELECT name, note, lsn <= pg_current_wal_lsn() AS lsn_ok FROM backup.restore_points;
 SELECT backup.restore_point_create('before_release');
+-- Names with control characters or backslashes are refused: a name goes
+-- into postgresql.auto.conf and into shell commands.
+SELECT backup.restore_point_create(E'x\\''\nshared_preload_libraries = ''evil''');
+SELECT backup.restore_point_create(E'back\\slash');
 
 -- Only the owner and those granted may act.
 CREATE ROLE pgb_nobody;

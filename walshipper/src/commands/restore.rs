@@ -6,11 +6,14 @@
 //! last: a restore that stops half-way leaves a directory PostgreSQL refuses
 //! to start, never a silently wrong cluster. On failure, what was restored
 //! into an empty directory is removed again.
+//!
+//! The manifest is untrusted: it is validated (`Manifest::validate`), and
+//! everything is written through `pgdata::DirFd`, relative to the target and
+//! the tablespace directories, never following a link below them.
 
-use std::collections::HashMap;
-use std::fs::{self, OpenOptions};
-use std::io::{BufWriter, Seek, SeekFrom, Write};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::collections::{BTreeSet, HashMap};
+use std::fs;
+use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,7 +25,9 @@ use crate::codec::sha256_of;
 use crate::config::Config;
 use crate::delta::DeltaApplier;
 use crate::error::{Error, Result};
-use crate::manifest::{pg_backup_manifest, FileEntry, Manifest, PgManifestFile};
+use crate::layout;
+use crate::manifest::{check_location, pg_backup_manifest, FileEntry, Manifest, PgManifestFile};
+use crate::pgdata::{DirFd, EntryKind};
 use crate::progress::{json_event, Counters, Reporter};
 use crate::repo::Repository;
 use crate::wal;
@@ -121,18 +126,24 @@ pub fn plan(repo: &Repository, backup: Option<&str>, target: &Target) -> Result<
     let first = wal::lsn_segno(chosen.start_lsn(), seg);
     let needed_last = wal::lsn_prev_segno(chosen.stop_lsn(), seg);
     let mut present: HashMap<u64, Option<SystemTime>> = HashMap::new();
-    let prefix = format!("{:08X}", chosen.timeline);
-    for obj in repo.storage.list("wal/")? {
-        let name = obj.key.rsplit('/').next().unwrap_or_default();
-        if let Some(wal::WalFileKind::Segment {
-            tli,
-            log,
-            seg: s,
-            partial: false,
-        }) = wal::parse_name(name)
+    // Keys from the listing are untrusted: only well-formed WAL keys count,
+    // with segment numbers PostgreSQL can write.
+    for obj in repo.storage.list(crate::layout::WAL_PREFIX)? {
+        if let Some(crate::layout::ObjectName::Wal {
+            kind:
+                wal::WalFileKind::Segment {
+                    tli,
+                    log,
+                    seg: s,
+                    partial: false,
+                },
+            ..
+        }) = crate::layout::parse(&obj.key)
         {
-            if format!("{tli:08X}") == prefix {
-                present.insert(wal::seg_no(log, s, seg), obj.modified);
+            if tli == chosen.timeline {
+                if let Some(n) = crate::commands::info::segno_of(log, s, seg) {
+                    present.insert(n, obj.modified);
+                }
             }
         }
     }
@@ -191,9 +202,195 @@ fn is_empty_dir(p: &Path) -> Result<bool> {
     }
 }
 
-/// The repository to restore from: the named one, or the first (in
-/// configuration order) that opens and can serve the target. The others
-/// holding the same backup are returned as fallbacks for single files.
+/// Longest restore point name PostgreSQL takes (MAXFNAMELEN - 1).
+const MAX_TARGET_NAME: usize = 63;
+
+/// Refuses targets PostgreSQL cannot be given safely: control characters
+/// (a newline would end the setting and start another), names too long.
+fn check_target(target: &Target) -> Result<()> {
+    let (what, value) = match target {
+        Target::Name(n) => {
+            if n.is_empty() || n.len() > MAX_TARGET_NAME {
+                return Err(Error::Invalid(format!(
+                    "--target-name must be 1 to {MAX_TARGET_NAME} bytes long (PostgreSQL's limit for restore point names)"
+                )));
+            }
+            ("--target-name", n)
+        }
+        Target::Time { raw, .. } => ("--target-time", raw),
+        Target::Xid(x) => ("--target-xid", x),
+        _ => return Ok(()),
+    };
+    if value.chars().any(char::is_control) {
+        return Err(Error::Invalid(format!(
+            "{what} {value:?} contains control characters (a newline, tab, ...); PostgreSQL cannot take them in a recovery target. A restore point with such a name cannot be restored to by name: use --target-lsn with its LSN (backup.restore_points, or the server log)"
+        )));
+    }
+    Ok(())
+}
+
+/// Reads the manifest of backup `id` again by its own key, validates it
+/// (its id must be the one its key names), follows `based_on` to the full
+/// backup, validating each, and checks that the backup names objects of
+/// that chain only. Returns the validated manifest.
+fn checked_manifest(repo: &Repository, id: &str) -> Result<Manifest> {
+    let read = |id: &str| -> Result<Manifest> {
+        let key = layout::manifest(id);
+        Manifest::decode(&key, &repo.read_object_vec(&key)?)
+    };
+    let m = read(id).map_err(|e| match e {
+        // Listed under this id, but not stored under it.
+        Error::NotFound(key) => Error::Corrupt {
+            key,
+            reason: format!(
+                "backup {id} is listed from a manifest stored under another name (a manifest copied or renamed in the repository); run `walshipper verify`"
+            ),
+        },
+        e => e,
+    })?;
+    let mut chain = BTreeSet::new();
+    let mut next = m.based_on.clone();
+    while let Some(b) = next {
+        // validate() makes every based_on earlier than its backup; the set
+        // stops a loop of equal-second ids all the same.
+        if !chain.insert(b.clone()) {
+            return Err(Error::Corrupt {
+                key: layout::manifest(&b),
+                reason: "the chain of based_on loops".into(),
+            });
+        }
+        next = read(&b)
+            .map_err(|e| match e {
+                Error::NotFound(_) => Error::Corrupt {
+                    key: layout::manifest(id),
+                    reason: format!("it is built on backup {b}, which is not in the repository"),
+                },
+                e => e,
+            })?
+            .based_on;
+    }
+    m.validate_dependencies(&chain)?;
+    Ok(m)
+}
+
+/// `p` made absolute, with its longest existing ancestor resolved (links
+/// followed), so that two spellings of one place compare equal.
+fn resolved(p: &Path) -> PathBuf {
+    let mut head = p.to_path_buf();
+    let mut tail = Vec::new();
+    loop {
+        if let Ok(r) = fs::canonicalize(&head) {
+            let mut out = r;
+            for c in tail.iter().rev() {
+                out.push(c);
+            }
+            return out;
+        }
+        match (head.file_name().map(|n| n.to_os_string()), head.parent()) {
+            (Some(n), Some(parent)) => {
+                tail.push(n);
+                head = parent.to_path_buf();
+            }
+            _ => return p.to_path_buf(),
+        }
+    }
+}
+
+fn overlaps(a: &Path, b: &Path) -> bool {
+    a.starts_with(b) || b.starts_with(a)
+}
+
+/// Where each tablespace of `m` goes, checked: absolute and normalized,
+/// no two at one place, none inside the target or holding it; empty unless
+/// --delta; with --delta, a location from the manifest must be the one the
+/// target's pg_tblspc/<oid> already links to (or be empty), so that --delta
+/// never deletes in another cluster's tablespace.
+fn tablespace_locations(
+    m: &Manifest,
+    args: &Args,
+    target_dir: &Path,
+) -> Result<HashMap<u32, PathBuf>> {
+    for (oid, _) in &args.tablespace_map {
+        if !m.tablespaces.iter().any(|t| t.oid == *oid) {
+            return Err(Error::Invalid(format!(
+                "--tablespace-map names tablespace {oid}, which is not in backup {}",
+                m.id
+            )));
+        }
+    }
+    let target_real = resolved(target_dir);
+    // The target's own links, read without following anything below it.
+    let existing_links = DirFd::open_root(target_dir)
+        .and_then(|d| d.open_dir("pg_tblspc"))
+        .ok();
+    let mut locations: HashMap<u32, PathBuf> = HashMap::new();
+    let mut seen: Vec<(u32, PathBuf)> = Vec::new();
+    for ts in &m.tablespaces {
+        let remap = args.tablespace_map.iter().find(|(oid, _)| *oid == ts.oid);
+        let loc = match remap {
+            // The DBA's spelling: made absolute, `.`, `//` and a trailing
+            // `/` dropped (`..` stays, and is refused below).
+            Some((_, p)) => std::path::absolute(p)
+                .map_err(|e| Error::io(format!("--tablespace-map {}", p.display()), e))?
+                .components()
+                .collect(),
+            None => PathBuf::from(&ts.location),
+        };
+        if let Err(why) = check_location(&loc) {
+            return Err(Error::Invalid(format!(
+                "tablespace {} location {} {why}; remap it with --tablespace-map {}=DIR",
+                ts.oid,
+                loc.display(),
+                ts.oid
+            )));
+        }
+        let real = resolved(&loc);
+        if overlaps(&real, &target_real) || overlaps(&loc, target_dir) {
+            return Err(Error::Invalid(format!(
+                "tablespace {} location {} and the target directory {} are inside one another; remap it with --tablespace-map {}=DIR",
+                ts.oid,
+                loc.display(),
+                target_dir.display(),
+                ts.oid
+            )));
+        }
+        if let Some((other, _)) = seen.iter().find(|(_, r)| overlaps(r, &real)) {
+            return Err(Error::Invalid(format!(
+                "tablespaces {other} and {} would be restored into one place ({}); remap one with --tablespace-map OID=DIR",
+                ts.oid,
+                loc.display()
+            )));
+        }
+        seen.push((ts.oid, real));
+        if !args.delta && !is_empty_dir(&loc)? {
+            return Err(Error::Invalid(format!(
+                "tablespace {} location {} is not empty; remap it with --tablespace-map {}=DIR",
+                ts.oid,
+                loc.display(),
+                ts.oid
+            )));
+        }
+        if args.delta && remap.is_none() {
+            let linked = existing_links
+                .as_ref()
+                .and_then(|d| d.read_link(&ts.oid.to_string()).ok().flatten());
+            if linked.as_deref() != Some(loc.as_path()) && !is_empty_dir(&loc)? {
+                return Err(Error::Invalid(format!(
+                    "--delta would delete files in {} (tablespace {} of backup {}), but {}/pg_tblspc/{} does not link there: it may belong to another cluster. Restore without --delta into an empty directory, or remap it with --tablespace-map {}=DIR",
+                    loc.display(),
+                    ts.oid,
+                    m.id,
+                    target_dir.display(),
+                    ts.oid,
+                    ts.oid
+                )));
+            }
+        }
+        locations.insert(ts.oid, loc);
+    }
+    Ok(locations)
+}
+
 fn choose_repository(cfg: &Config, args: &Args) -> Result<(Repository, Plan, Vec<Repository>)> {
     if let Some(n) = &args.repo {
         cfg.find_repo(Some(n))?;
@@ -251,6 +448,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             args.action
         )));
     }
+    check_target(&args.target)?;
     let target_dir =
         std::path::absolute(&args.target_dir).map_err(|e| Error::io("target directory", e))?;
     let was_empty = is_empty_dir(&target_dir)?;
@@ -266,69 +464,99 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             target_dir.display()
         )));
     }
-    let (repo, plan, fallbacks) = choose_repository(cfg, args)?;
+    let (repo, mut plan, fallbacks) = choose_repository(cfg, args)?;
+    // The listing is not trusted: the manifest used is the one stored
+    // under the backup's own key, validated, with its chain.
+    let checked = checked_manifest(&repo, &plan.backup.id)?;
+    let listed = &plan.backup;
+    if (
+        &checked.start_lsn,
+        &checked.stop_lsn,
+        checked.timeline,
+        &checked.stop_time,
+    ) != (
+        &listed.start_lsn,
+        &listed.stop_lsn,
+        listed.timeline,
+        &listed.stop_time,
+    ) {
+        return Err(Error::Corrupt {
+            key: layout::manifest(&checked.id),
+            reason: "the backup listing shows another manifest for this backup (one copied in the repository); run `walshipper verify`".into(),
+        });
+    }
+    plan.backup = checked;
     let m = &plan.backup;
     let mut sources = vec![&repo];
     sources.extend(fallbacks.iter());
     tracing::info!("restoring backup {} into {}", m.id, target_dir.display());
 
-    // Tablespace locations, remapped where asked.
-    let mut locations: HashMap<u32, PathBuf> = HashMap::new();
-    for ts in &m.tablespaces {
-        let loc = args
-            .tablespace_map
-            .iter()
-            .find(|(oid, _)| *oid == ts.oid)
-            .map(|(_, p)| p.clone())
-            .unwrap_or_else(|| PathBuf::from(&ts.location));
-        if !args.delta && !is_empty_dir(&loc)? {
-            return Err(Error::Invalid(format!(
-                "tablespace {} location {} is not empty; remap it with --tablespace-map {}=DIR",
-                ts.oid,
-                loc.display(),
-                ts.oid
-            )));
-        }
-        locations.insert(ts.oid, loc);
-    }
-    for (oid, _) in &args.tablespace_map {
-        if !locations.contains_key(oid) {
-            return Err(Error::Invalid(format!(
-                "--tablespace-map names tablespace {oid}, which is not in backup {}",
-                m.id
-            )));
-        }
-    }
+    let locations = tablespace_locations(m, args, &target_dir)?;
+    // Which tablespace directories this restore creates (and so may remove).
+    let created: Vec<PathBuf> = locations
+        .values()
+        .filter(|l| fs::symlink_metadata(l).is_err())
+        .cloned()
+        .collect();
+    let target_created = fs::symlink_metadata(&target_dir).is_err();
 
     let result = restore_into(cfg, &sources, &plan, args, &target_dir, &locations, started);
     if result.is_err() && was_empty && !args.delta {
-        // Leave nothing that looks like a data directory.
-        if let Ok(entries) = fs::read_dir(&target_dir) {
-            for e in entries.flatten() {
-                let p = e.path();
-                let _ = if p.is_dir() && !p.is_symlink() {
-                    fs::remove_dir_all(&p)
-                } else {
-                    fs::remove_file(&p)
-                };
-            }
+        // Leave nothing that looks like a data directory. Links are
+        // removed, never followed.
+        if let Ok(d) = DirFd::open_root(&target_dir) {
+            let _ = d.remove_contents();
+        }
+        if target_created {
+            let _ = fs::remove_dir(&target_dir);
         }
         for loc in locations.values() {
-            let _ = fs::remove_dir_all(loc);
+            if let Ok(d) = DirFd::open_root(loc) {
+                let _ = d.remove_contents();
+            }
+            if created.contains(loc) {
+                // rmdir: removes an empty directory, never a link's target.
+                let _ = fs::remove_dir(loc);
+            }
         }
     }
     result
 }
 
-fn dest_path(rel: &str, target_dir: &Path, locations: &HashMap<u32, PathBuf>) -> PathBuf {
-    if let Some(rest) = rel.strip_prefix("pg_tblspc/") {
-        if let Some((oid, inner)) = rest.split_once('/') {
-            if let Some(loc) = oid.parse().ok().and_then(|o: u32| locations.get(&o)) {
-                return loc.join(inner);
+/// The directories a restore writes into: the target and each tablespace's.
+struct Roots {
+    target: DirFd,
+    tablespaces: HashMap<u32, DirFd>,
+}
+
+impl Roots {
+    /// The root a manifest path is written under, and the path inside it:
+    /// `pg_tblspc/<oid>/...` goes to that tablespace's directory.
+    fn locate<'a>(&self, rel: &'a str) -> (&DirFd, &'a str) {
+        if let Some(rest) = rel.strip_prefix("pg_tblspc/") {
+            if let Some((oid, inner)) = rest.split_once('/') {
+                if let Some(root) = oid.parse().ok().and_then(|o: u32| self.tablespaces.get(&o)) {
+                    return (root, inner);
+                }
             }
         }
+        (&self.target, rel)
     }
-    target_dir.join(rel)
+
+    fn display(&self, rel: &str) -> String {
+        let (root, inner) = self.locate(rel);
+        root.display(inner)
+    }
+}
+
+/// Creates (if needed) and opens a directory the DBA named or a validated
+/// tablespace location, mode 0700.
+fn open_root(p: &Path) -> Result<DirFd> {
+    fs::create_dir_all(p).map_err(|e| Error::io(format!("create {}", p.display()), e))?;
+    let d = DirFd::open_root(p).map_err(|e| Error::io(format!("open {}", p.display()), e))?;
+    d.chmod(0o700)
+        .map_err(|e| Error::io(format!("chmod {}", p.display()), e))?;
+    Ok(d)
 }
 
 fn restore_into(
@@ -342,37 +570,72 @@ fn restore_into(
 ) -> Result<()> {
     let m = &plan.backup;
     let repo = sources[0];
-    let mkdir = |p: &Path, mode: u32| -> Result<()> {
-        fs::create_dir_all(p).map_err(|e| Error::io(format!("create {}", p.display()), e))?;
-        fs::set_permissions(p, fs::Permissions::from_mode(mode))
-            .map_err(|e| Error::io(format!("chmod {}", p.display()), e))
+    let mut roots = Roots {
+        target: open_root(target_dir)?,
+        tablespaces: HashMap::new(),
     };
-    mkdir(target_dir, 0o700)?;
     for (oid, loc) in locations {
-        mkdir(loc, 0o700)?;
-        let link = target_dir.join("pg_tblspc").join(oid.to_string());
-        mkdir(&target_dir.join("pg_tblspc"), 0o700)?;
-        if fs::read_link(&link).ok().as_deref() != Some(loc.as_path()) {
-            let _ = fs::remove_file(&link);
-            std::os::unix::fs::symlink(loc, &link)
-                .map_err(|e| Error::io(format!("link {}", link.display()), e))?;
+        roots.tablespaces.insert(*oid, open_root(loc)?);
+    }
+    if !locations.is_empty() {
+        let io =
+            |what: &str, e| Error::io(format!("{what} {}", roots.target.display("pg_tblspc")), e);
+        let links = roots
+            .target
+            .create_dir("pg_tblspc", 0o700)
+            .map_err(|e| io("create", e))?;
+        for (oid, loc) in locations {
+            let name = oid.to_string();
+            if links
+                .read_link(&name)
+                .map_err(|e| io("read", e))?
+                .as_deref()
+                != Some(loc.as_path())
+            {
+                // A file or link is replaced; a directory (an in-place
+                // tablespace) is an error rather than deleted.
+                links.remove_file(&name).map_err(|e| io("replace", e))?;
+                links.symlink(loc, &name).map_err(|e| io("link", e))?;
+            }
         }
     }
+    // A --delta target may keep pg_wal as a link to another disk (initdb
+    // -X): it is left as it is, and nothing is created or chmod'ed through
+    // it (a backup holds no file below pg_wal).
+    let wal_link =
+        args.delta && matches!(roots.target.kind("pg_wal"), Ok(Some(EntryKind::Symlink)));
+    if wal_link {
+        tracing::info!(
+            "{} is a link: kept as it is",
+            roots.target.display("pg_wal")
+        );
+    }
     for d in &m.dirs {
+        if wal_link && (d.path == "pg_wal" || d.path.starts_with("pg_wal/")) {
+            continue;
+        }
         if d.path.starts_with("pg_tblspc/") && d.path.matches('/').count() == 1 {
-            continue; // the tablespace link itself
+            let oid = d.path.trim_start_matches("pg_tblspc/");
+            if oid.parse().is_ok_and(|o: u32| locations.contains_key(&o)) {
+                continue; // the tablespace link itself
+            }
         }
         let mode = if d.mode & 0o777 == 0o750 {
             0o750
         } else {
             0o700
         };
-        mkdir(&dest_path(&d.path, target_dir, locations), mode)?;
+        let (root, inner) = roots.locate(&d.path);
+        if inner.is_empty() {
+            continue;
+        }
+        root.walk(inner, Some(0o700))
+            .and_then(|dir| dir.chmod(mode))
+            .map_err(|e| Error::io(format!("create {}", root.display(inner)), e))?;
     }
     if args.delta {
-        remove_unknown_files(m, target_dir, locations)?;
+        remove_unknown_files(m, &roots)?;
     }
-
     // Everything but pg_control, in parallel, biggest first.
     let (control, rest): (Vec<&FileEntry>, Vec<&FileEntry>) =
         m.files.iter().partition(|f| f.path == "global/pg_control");
@@ -397,13 +660,7 @@ fn restore_into(
                 let Some(f) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     return;
                 };
-                match restore_file(
-                    sources,
-                    f,
-                    &dest_path(&f.path, target_dir, locations),
-                    args.delta,
-                    &syncer,
-                ) {
+                match restore_file(sources, f, &roots, args.delta, &syncer) {
                     Ok(wrote) => {
                         if !wrote {
                             skipped.fetch_add(1, Ordering::Relaxed);
@@ -427,8 +684,8 @@ fn restore_into(
     }
 
     // backup_label, tablespace_map, PostgreSQL's backup_manifest, recovery settings.
-    let label = repo.read_object_vec(&m.backup_label_object)?;
-    write_file(&target_dir.join("backup_label"), &label)?;
+    let label = repo.read_object_capped(&m.backup_label_object, crate::repo::LABEL_MAX)?;
+    write_file(&roots.target, "backup_label", &label)?;
     let mut extra = vec![("backup_label".to_string(), label)];
     if m.tablespace_map_object.is_some() {
         let mut map = String::new();
@@ -444,7 +701,7 @@ fn restore_into(
                 .replace('\r', "\\\r");
             map.push_str(&format!("{} {esc}\n", ts.oid));
         }
-        write_file(&target_dir.join("tablespace_map"), map.as_bytes())?;
+        write_file(&roots.target, "tablespace_map", map.as_bytes())?;
         extra.push(("tablespace_map".to_string(), map.into_bytes()));
     }
     let mut pg_files: Vec<PgManifestFile> = m
@@ -467,30 +724,30 @@ fn restore_into(
         });
     }
     let manifest = pg_backup_manifest(&pg_files, m.timeline, m.start_lsn(), m.stop_lsn());
-    write_file(&target_dir.join("backup_manifest"), manifest.as_bytes())?;
-    write_recovery_settings(cfg, target_dir, &args.target, &args.action)?;
-    write_file(&target_dir.join("recovery.signal"), b"")?;
+    write_file(&roots.target, "backup_manifest", manifest.as_bytes())?;
+    write_recovery_settings(cfg, &roots.target, &args.target, &args.action)?;
+    write_file(&roots.target, "recovery.signal", b"")?;
 
     // Last: pg_control, once everything else is durable. Until it exists
     // PostgreSQL will not start here.
     syncer.finish()?;
     for f in control {
-        restore_file(sources, f, &target_dir.join(&f.path), false, &syncer)?;
+        restore_file(sources, f, &roots, false, &syncer)?;
     }
     // Files were fsynced as they were written; now the directories naming them.
-    let mut dirs: Vec<PathBuf> = m
-        .dirs
-        .iter()
-        .map(|d| dest_path(&d.path, target_dir, locations))
-        .collect();
-    dirs.push(target_dir.to_path_buf());
-    dirs.push(target_dir.join("global"));
-    dirs.extend(locations.values().cloned());
-    for d in dirs {
-        if let Ok(f) = fs::File::open(&d) {
-            f.sync_all()
-                .map_err(|e| Error::io(format!("fsync {}", d.display()), e))?;
+    let fsync = |d: &DirFd| {
+        d.sync()
+            .map_err(|e| Error::io(format!("fsync {}", d.path().display()), e))
+    };
+    for d in m.dirs.iter().map(|d| d.path.as_str()).chain(["global"]) {
+        let (root, inner) = roots.locate(d);
+        if let Ok(dir) = root.walk(inner, None) {
+            fsync(&dir)?;
         }
+    }
+    fsync(&roots.target)?;
+    for d in roots.tablespaces.values() {
+        fsync(d)?;
     }
     let summary = serde_json::json!({
         "event": "done", "backup_id": m.id, "target_dir": target_dir.display().to_string(),
@@ -698,25 +955,18 @@ impl Syncer {
     }
 }
 
-fn write_file(path: &Path, body: &[u8]) -> Result<()> {
-    let tmp = path.with_file_name(format!(
-        ".{}.walshipper.tmp",
-        path.file_name().and_then(|n| n.to_str()).unwrap_or("f")
-    ));
+/// Writes `name` in `dir` durably: beside it first, then renamed over it.
+fn write_file(dir: &DirFd, name: &str, body: &[u8]) -> Result<()> {
+    let tmp = format!(".{name}.walshipper.tmp");
     let r = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)?;
+        let mut f = dir.create_file(&tmp)?;
         f.write_all(body)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        dir.rename(&tmp, name)
     })();
     r.map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        Error::io(format!("write {}", path.display()), e)
+        let _ = dir.remove_file(&tmp);
+        Error::io(format!("write {}", dir.display(name)), e)
     })
 }
 
@@ -724,18 +974,23 @@ fn write_file(path: &Path, body: &[u8]) -> Result<()> {
 fn restore_file(
     sources: &[&Repository],
     f: &FileEntry,
-    dest: &Path,
+    roots: &Roots,
     delta: bool,
     syncer: &Syncer,
 ) -> Result<bool> {
+    let (root, inner) = roots.locate(&f.path);
+    let dest = PathBuf::from(roots.display(&f.path));
+    // Parents are opened one by one without following links (and created
+    // if the manifest did not list them).
+    let (dir, name) = root
+        .parent_of(inner, Some(0o700))
+        .map_err(|e| Error::io(format!("open the directory of {}", dest.display()), e))?;
     if delta {
-        if let Ok(meta) = fs::metadata(dest) {
-            if meta.len() == f.size {
-                if let Ok(sha) = fs::File::open(dest).and_then(sha256_of) {
-                    if hex::encode(sha) == f.sha256 {
-                        return Ok(false);
-                    }
-                }
+        if let Ok(Some(file)) = dir.open_file(name) {
+            if file.metadata().is_ok_and(|m| m.len() == f.size)
+                && sha256_of(file).is_ok_and(|sha| hex::encode(sha) == f.sha256)
+            {
+                return Ok(false);
             }
         }
     }
@@ -743,17 +998,16 @@ fn restore_file(
     // failed restore is cleaned up whole and pg_control comes last. With
     // --delta an existing good file must survive a failed rewrite, so write
     // beside it and rename.
-    let name = dest.file_name().and_then(|n| n.to_str()).unwrap_or("f");
     let tmp = if delta {
-        dest.with_file_name(format!(".{name}.walshipper.tmp"))
+        format!(".{name}.walshipper.tmp")
     } else {
-        dest.to_path_buf()
+        name.to_string()
     };
     // Each repository that holds the backup is tried in turn; the file is
     // rewritten from the start by the next one.
     let mut result = Err(Error::NotFound(f.object.clone()));
     for (i, repo) in sources.iter().enumerate() {
-        result = restore_file_from(repo, f, &tmp, dest, delta, syncer);
+        result = restore_file_from(repo, f, &dir, &tmp, name, &dest, delta, syncer);
         match &result {
             Err(e @ (Error::Corrupt { .. } | Error::Storage { .. } | Error::NotFound(_)))
                 if i + 1 < sources.len() =>
@@ -768,14 +1022,11 @@ fn restore_file(
         }
     }
     if result.is_err() {
-        let _ = fs::remove_file(&tmp);
+        let _ = dir.remove_file(&tmp);
     }
     result.map(|()| true)
 }
 
-/// Writes the file `f` describes into `file` (empty, open for reading and
-/// writing, at `path`): the whole object, then each block delta in place.
-/// Returns the SHA-256 of the result, which must be the file the backup read.
 pub(crate) fn rebuild_file(
     repo: &Repository,
     f: &FileEntry,
@@ -801,142 +1052,205 @@ pub(crate) fn rebuild_file(
     sha256_of(&mut *file).map_err(local)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn restore_file_from(
     repo: &Repository,
     f: &FileEntry,
-    tmp: &Path,
+    dir: &DirFd,
+    tmp: &str,
+    name: &str,
     dest: &Path,
     delta: bool,
     syncer: &Syncer,
 ) -> Result<()> {
-    {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(tmp)
-            .map_err(|e| Error::io(format!("create {}", tmp.display()), e))?;
-        let threads = if f.size > 64 << 20 { repo.threads() } else { 1 };
-        let (sha, file) = if !f.deltas.is_empty() {
-            let mut file = file;
-            let sha = rebuild_file(repo, f, &mut file, tmp, threads)?;
-            (sha, file)
-        } else if f.size >= DIRECT_MIN {
-            let mut w = DirectWriter::new(file);
-            let sha = repo.read_object_with(&f.object, &mut w, threads)?;
-            let file = w
-                .finish()
-                .map_err(|e| Error::io(format!("write {}", tmp.display()), e))?;
-            (sha, file)
-        } else {
-            let mut w = BufWriter::with_capacity(1 << 20, file);
-            let sha = repo.read_object_with(&f.object, &mut w, threads)?;
-            let file = w
-                .into_inner()
-                .map_err(|e| Error::io(format!("write {}", tmp.display()), e.into_error()))?;
-            (sha, file)
-        };
-        if hex::encode(sha) != f.sha256 {
-            return Err(Error::Corrupt {
-                key: f.deltas.last().unwrap_or(&f.object).clone(),
-                reason: format!(
-                    "its SHA-256 {} is not the manifest's {} for {}",
-                    hex::encode(sha),
-                    f.sha256,
-                    f.path
-                ),
-            });
-        }
-        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
-        let _ = file.set_modified(mtime);
-        if delta {
-            // Replacing a file: durable under its temporary name first.
-            file.sync_all()
-                .map_err(|e| Error::io(format!("fsync {}", tmp.display()), e))?;
-            fs::rename(tmp, dest)
-                .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
-        } else {
-            syncer.submit(file, dest)?;
-        }
-        Ok(())
+    let tmp_path = PathBuf::from(dir.display(tmp));
+    let file = dir
+        .create_file(tmp)
+        .map_err(|e| Error::io(format!("create {}", tmp_path.display()), e))?;
+    let threads = if f.size > 64 << 20 { repo.threads() } else { 1 };
+    let (sha, file) = if !f.deltas.is_empty() {
+        let mut file = file;
+        let sha = rebuild_file(repo, f, &mut file, &tmp_path, threads)?;
+        (sha, file)
+    } else if f.size >= DIRECT_MIN {
+        let mut w = DirectWriter::new(file);
+        let sha = repo.read_object_with(&f.object, &mut w, threads)?;
+        let file = w
+            .finish()
+            .map_err(|e| Error::io(format!("write {}", tmp_path.display()), e))?;
+        (sha, file)
+    } else {
+        let mut w = BufWriter::with_capacity(1 << 20, file);
+        let sha = repo.read_object_with(&f.object, &mut w, threads)?;
+        let file = w
+            .into_inner()
+            .map_err(|e| Error::io(format!("write {}", tmp_path.display()), e.into_error()))?;
+        (sha, file)
+    };
+    if hex::encode(sha) != f.sha256 {
+        return Err(Error::Corrupt {
+            key: f.deltas.last().unwrap_or(&f.object).clone(),
+            reason: format!(
+                "its SHA-256 {} is not the manifest's {} for {}",
+                hex::encode(sha),
+                f.sha256,
+                f.path
+            ),
+        });
     }
-}
-
-/// --delta: files in the target that the backup does not have are removed
-/// (they would otherwise survive into the recovered cluster).
-fn remove_unknown_files(
-    m: &Manifest,
-    target_dir: &Path,
-    locations: &HashMap<u32, PathBuf>,
-) -> Result<()> {
-    let keep: std::collections::HashSet<PathBuf> = m
-        .files
-        .iter()
-        .map(|f| dest_path(&f.path, target_dir, locations))
-        .collect();
-    let mut roots = vec![target_dir.to_path_buf()];
-    roots.extend(locations.values().cloned());
-    fn walk(
-        dir: &Path,
-        keep: &std::collections::HashSet<PathBuf>,
-        top: &Path,
-    ) -> std::io::Result<()> {
-        for e in fs::read_dir(dir)? {
-            let e = e?;
-            let p = e.path();
-            let ft = e.file_type()?;
-            if ft.is_symlink() {
-                continue;
-            }
-            if ft.is_dir() {
-                if dir == top && e.file_name() == "pg_wal" {
-                    continue;
-                }
-                walk(&p, keep, top)?;
-            } else if !keep.contains(&p) {
-                fs::remove_file(&p)?;
-            }
-        }
-        Ok(())
-    }
-    for r in roots {
-        if r.exists() {
-            walk(&r, &keep, &r).map_err(|e| Error::io(format!("clean {}", r.display()), e))?;
-        }
+    let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
+    let _ = file.set_modified(mtime);
+    if delta {
+        // Replacing a file: durable under its temporary name first.
+        file.sync_all()
+            .map_err(|e| Error::io(format!("fsync {}", tmp_path.display()), e))?;
+        dir.rename(tmp, name)
+            .map_err(|e| Error::io(format!("rename to {}", dest.display()), e))?;
+    } else {
+        syncer.submit(file, dest)?;
     }
     Ok(())
 }
 
-fn quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', "''"))
+/// --delta: files in the target that the backup does not have are removed
+/// (they would otherwise survive into the recovered cluster). Links are
+/// neither followed nor removed; the walk stays below the target and the
+/// tablespace directories.
+fn remove_unknown_files(m: &Manifest, roots: &Roots) -> Result<()> {
+    let keep: std::collections::HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+    fn walk(
+        dir: &DirFd,
+        rel: &str,
+        keep: &std::collections::HashSet<&str>,
+        top: bool,
+    ) -> std::io::Result<()> {
+        for (name, kind) in dir.entries()? {
+            let Some(name) = name.to_str() else {
+                tracing::warn!(
+                    "--delta: leaving a non-UTF-8 name in {}",
+                    dir.path().display()
+                );
+                continue;
+            };
+            let child = if rel.is_empty() {
+                name.to_string()
+            } else {
+                format!("{rel}/{name}")
+            };
+            match kind {
+                EntryKind::Symlink => {}
+                EntryKind::Dir => {
+                    if top && name == "pg_wal" {
+                        continue;
+                    }
+                    walk(&dir.open_dir(name)?, &child, keep, false)?;
+                }
+                _ => {
+                    if !keep.contains(child.as_str()) {
+                        dir.remove_file(name)?;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+    walk(&roots.target, "", &keep, true)
+        .map_err(|e| Error::io(format!("clean {}", roots.target.path().display()), e))?;
+    for (oid, root) in &roots.tablespaces {
+        walk(root, &format!("pg_tblspc/{oid}"), &keep, false)
+            .map_err(|e| Error::io(format!("clean {}", root.path().display()), e))?;
+    }
+    Ok(())
 }
 
-fn write_recovery_settings(cfg: &Config, dir: &Path, target: &Target, action: &str) -> Result<()> {
+/// Quotes a value for postgresql.conf as PostgreSQL's parser reads it
+/// (guc-file.l, DeescapeQuotedString): inside single quotes, `'` is
+/// doubled and `\` escaped. Control characters are refused: a newline
+/// would end the setting (and start another one), and there is no safe
+/// escape for them that every PostgreSQL version reads back the same.
+pub fn conf_quote(what: &str, s: &str) -> Result<String> {
+    if s.chars().any(char::is_control) {
+        return Err(Error::Invalid(format!(
+            "{what} {s:?} contains control characters, which PostgreSQL's configuration cannot hold safely"
+        )));
+    }
+    Ok(format!("'{}'", s.replace('\\', "\\\\").replace('\'', "''")))
+}
+
+/// Quotes one word for the shell that runs restore_command, and doubles
+/// `%` (PostgreSQL substitutes %f, %p, %r, %% in it).
+fn shell_word(s: &str) -> String {
+    let plain = !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"/._-+:,=@".contains(&b));
+    let w = if plain {
+        s.to_string()
+    } else {
+        format!("'{}'", s.replace('\'', "'\\''"))
+    };
+    w.replace('%', "%%")
+}
+
+/// The recovery settings restore writes (restore_command and the target).
+fn recovery_lines(cmd: &str, target: &Target, action: &str) -> Result<Vec<String>> {
+    let mut lines = vec![format!(
+        "restore_command = {}",
+        conf_quote("restore_command", cmd)?
+    )];
+    match target {
+        Target::End => {}
+        Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
+        Target::Time { raw, .. } => lines.push(format!(
+            "recovery_target_time = {}",
+            conf_quote("--target-time", raw)?
+        )),
+        Target::Lsn(l) => lines.push(format!("recovery_target_lsn = '{}'", wal::format_lsn(*l))),
+        Target::Xid(x) => lines.push(format!(
+            "recovery_target_xid = {}",
+            conf_quote("--target-xid", x)?
+        )),
+        Target::Name(n) => lines.push(format!(
+            "recovery_target_name = {}",
+            conf_quote("--target-name", n)?
+        )),
+    }
+    if *target != Target::End {
+        lines.push(format!(
+            "recovery_target_action = {}",
+            conf_quote("--target-action", action)?
+        ));
+    }
+    Ok(lines)
+}
+
+fn write_recovery_settings(cfg: &Config, dir: &DirFd, target: &Target, action: &str) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locate the walshipper binary", e))?;
-    let mut cmd = exe.display().to_string();
+    let mut cmd = shell_word(&exe.display().to_string());
     match &cfg.source {
-        Some(p) => cmd.push_str(&format!(" --config {}", p.display())),
+        Some(p) => {
+            let p = std::path::absolute(p).unwrap_or_else(|_| p.clone());
+            cmd.push_str(&format!(
+                " --config {}",
+                shell_word(&p.display().to_string())
+            ))
+        }
         None => tracing::warn!(
             "no config file: restore_command relies on walshipper's defaults and environment"
         ),
     }
     cmd.push_str(" archive-get %f \"%p\"");
-    let mut lines = vec![format!("restore_command = {}", quote(&cmd))];
-    match target {
-        Target::End => {}
-        Target::Immediate => lines.push("recovery_target = 'immediate'".into()),
-        Target::Time { raw, .. } => lines.push(format!("recovery_target_time = {}", quote(raw))),
-        Target::Lsn(l) => lines.push(format!("recovery_target_lsn = '{}'", wal::format_lsn(*l))),
-        Target::Xid(x) => lines.push(format!("recovery_target_xid = {}", quote(x))),
-        Target::Name(n) => lines.push(format!("recovery_target_name = {}", quote(n))),
-    }
-    if *target != Target::End {
-        lines.push(format!("recovery_target_action = {}", quote(action)));
-    }
-    let path = dir.join("postgresql.auto.conf");
-    let old = fs::read_to_string(&path).unwrap_or_default();
+    let lines = recovery_lines(&cmd, target, action)?;
+    let name = "postgresql.auto.conf";
+    let old = match dir.open_file(name) {
+        Ok(None) => String::new(),
+        Ok(Some(mut f)) => {
+            let mut s = String::new();
+            f.read_to_string(&mut s)
+                .map_err(|e| Error::io(format!("read {}", dir.display(name)), e))?;
+            s
+        }
+        Err(e) => return Err(Error::io(format!("read {}", dir.display(name)), e)),
+    };
     let ours = [
         "restore_command",
         "recovery_target",
@@ -962,7 +1276,7 @@ fn write_recovery_settings(cfg: &Config, dir: &Path, target: &Target, action: &s
         text.push_str(&l);
         text.push('\n');
     }
-    write_file(&path, text.as_bytes())
+    write_file(dir, name, text.as_bytes())
 }
 
 #[cfg(test)]
@@ -995,6 +1309,89 @@ mod tests {
             file.sync_all().unwrap();
             assert_eq!(fs::read(&path).unwrap(), data, "size {size}");
         }
+    }
+
+    /// PostgreSQL's reading of a quoted value (guc-file.l: the STRING
+    /// token `'([^'\\\n]|\\.|'')*'`, then DeescapeQuotedString): the
+    /// value, and what follows the closing quote on the line.
+    fn pg_parse(quoted: &str) -> (String, String) {
+        let b: Vec<char> = quoted.chars().collect();
+        assert_eq!(b[0], '\'');
+        let mut out = String::new();
+        let mut i = 1;
+        loop {
+            match b[i] {
+                '\\' => {
+                    match b[i + 1] {
+                        'n' => out.push('\n'),
+                        't' => out.push('\t'),
+                        'r' => out.push('\r'),
+                        c => out.push(c),
+                    }
+                    i += 2;
+                }
+                '\'' if b.get(i + 1) == Some(&'\'') => {
+                    out.push('\'');
+                    i += 2;
+                }
+                '\'' => return (out, b[i + 1..].iter().collect()),
+                '\n' => panic!("newline inside a value"),
+                c => {
+                    out.push(c);
+                    i += 1;
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn settings_are_quoted_as_postgresql_reads_them() {
+        for v in [
+            "plain",
+            "it's",
+            "a\\b",
+            "x\\'",
+            "\\",
+            "'",
+            "''\\''",
+            "/usr/bin/walshipper --config '/etc/a b.toml' archive-get %f \"%p\"",
+        ] {
+            let q = conf_quote("test", v).unwrap();
+            assert_eq!(pg_parse(&q), (v.to_string(), String::new()), "{v:?} -> {q}");
+        }
+        // The attack: a name ending in \' and a newline used to become a
+        // second setting that PostgreSQL reads.
+        let attack = "x\\'\nshared_preload_libraries = '/tmp/evil.so' #";
+        assert!(conf_quote("--target-name", attack).is_err());
+        let e = check_target(&Target::Name(attack.into())).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::exit::USAGE);
+        assert!(e.to_string().contains("control characters"), "{e}");
+        for bad in ["a\rb", "a\tb", "a\u{7f}b", "a\u{85}b"] {
+            assert!(conf_quote("x", bad).is_err(), "{bad:?}");
+            assert!(check_target(&Target::Name(bad.into())).is_err());
+        }
+        assert!(check_target(&Target::Name("".into())).is_err());
+        assert!(check_target(&Target::Name("n".repeat(64))).is_err());
+        check_target(&Target::Name("n".repeat(63))).unwrap();
+        check_target(&Target::Name("before 'release' \\ v2".into())).unwrap();
+        let lines = recovery_lines(
+            "/bin/ws archive-get %f \"%p\"",
+            &Target::Name("x\\' y".into()),
+            "pause",
+        )
+        .unwrap();
+        assert_eq!(lines[1], "recovery_target_name = 'x\\\\'' y'");
+        assert_eq!(
+            pg_parse(&lines[1]["recovery_target_name = ".len()..]).0,
+            "x\\' y"
+        );
+    }
+
+    #[test]
+    fn restore_command_words_are_shell_quoted() {
+        assert_eq!(shell_word("/usr/bin/walshipper"), "/usr/bin/walshipper");
+        assert_eq!(shell_word("/a b/c's"), "'/a b/c'\\''s'");
+        assert_eq!(shell_word("/x/$(id)%p"), "'/x/$(id)%%p'");
     }
 
     #[test]
