@@ -195,6 +195,13 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    // archive-get loads the configuration itself and chooses its own exit
+    // status: a configuration it cannot read during recovery must stop
+    // recovery (status > 125), not end it (2 would read as "not found").
+    if let Command::ArchiveGet { walfile, dest } = &cli.command {
+        let code = commands::archive_get::main(cli.config.as_deref(), walfile, dest);
+        return ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX));
+    }
     let result = Config::load(cli.config.as_deref())
         .and_then(|cfg| run(&cfg, cli.repo.as_deref(), &cli.command));
     match result {
