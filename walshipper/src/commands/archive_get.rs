@@ -56,8 +56,7 @@ pub fn main(config: Option<&Path>, name: &str, dest: &Path) -> i32 {
         return exit::RECOVERY_STOP;
     };
     let standby = standby_mode();
-    // SAFETY: getppid has no preconditions and cannot fail.
-    let parent = unsafe { libc::getppid() };
+    let parents = parents();
     let started = Instant::now();
     let mut timeout: Option<u64> = None;
     let mut delay = Duration::from_secs(1);
@@ -104,7 +103,7 @@ pub fn main(config: Option<&Path>, name: &str, dest: &Path) -> i32 {
             "walshipper: {e}; retrying {name} in {}s",
             pause.as_secs_f32().ceil()
         );
-        if !sleep_unless_orphaned(pause, parent) {
+        if !sleep_unless_orphaned(pause, parents) {
             // PostgreSQL gave up on us (shutdown): nobody waits for the file.
             return exit::RECOVERY_STOP;
         }
@@ -144,13 +143,34 @@ fn standby_mode() -> bool {
     Path::new("standby.signal").is_file() && Path::new("PG_VERSION").is_file()
 }
 
-/// Sleeps `d`; false as soon as the parent process is gone (the server
-/// stopped while we waited: a later write into its pg_wal would be wrong).
-fn sleep_unless_orphaned(d: Duration, parent: libc::pid_t) -> bool {
+/// The parent process id of `pid`, from /proc (None if unreadable).
+fn ppid_of(pid: libc::pid_t) -> Option<libc::pid_t> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
+    stat.rsplit_once(')')?
+        .1
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Our parent and its parent: PostgreSQL's startup process runs
+/// restore_command through `sh -c`, and the shell may stay in between.
+fn parents() -> (libc::pid_t, Option<libc::pid_t>) {
+    // SAFETY: getppid has no preconditions and cannot fail.
+    let parent = unsafe { libc::getppid() };
+    (parent, ppid_of(parent))
+}
+
+/// Sleeps `d`; false as soon as the parent or grandparent process is gone
+/// (the server stopped while we waited: a later write into its pg_wal, maybe
+/// under a new server, would be wrong).
+fn sleep_unless_orphaned(d: Duration, start: (libc::pid_t, Option<libc::pid_t>)) -> bool {
     let end = Instant::now() + d;
     loop {
-        // SAFETY: getppid has no preconditions and cannot fail.
-        if unsafe { libc::getppid() } != parent {
+        let current = parents();
+        if current.0 != start.0 || (start.1.is_some() && current.1 != start.1) {
             return false;
         }
         let now = Instant::now();
