@@ -293,16 +293,37 @@ fn fault_at(c: &Cluster, shipper: &Shipper, d: &Path, trigger: &str, fault: &str
     flag
 }
 
-/// Waits until the server has stopped by itself.
+/// Waits until recovery has either failed (the server stopped by itself)
+/// or ended (promoted): whichever comes first, the assertions say which.
 fn wait_stopped(c: &Cluster, timeout: Duration) {
     let start = Instant::now();
-    while c.data.join("postmaster.pid").exists() {
+    loop {
+        let log = c.log_text();
+        let failed = log.contains("due to startup process failure");
+        let ended = log.contains("archive recovery complete")
+            || log.contains("database system is ready to accept connections");
+        if ended || (failed && !c.data.join("postmaster.pid").exists()) {
+            return;
+        }
         assert!(
             start.elapsed() < timeout,
-            "recovery neither stopped nor failed within {timeout:?}:\n{}",
-            c.log_text()
+            "recovery neither stopped nor ended within {timeout:?}:\n{log}"
         );
         std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until the repository answers again: a restarted SeaweedFS takes a
+/// moment before it serves reads (HTTP 500 meanwhile).
+fn wait_serving(shipper: &Shipper) {
+    let start = Instant::now();
+    loop {
+        let o = run(shipper.cmd().arg("info"));
+        if o.status.success() {
+            return;
+        }
+        assert!(start.elapsed() < MIN, "store not serving: {}", stderr(&o));
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
 
@@ -397,6 +418,7 @@ fn recovery_stops_on_a_failing_store_and_resumes_after_it() {
     // The store is back: starting the server again resumes recovery, and
     // nothing committed is missing.
     store.ctl("start");
+    wait_serving(&shipper);
     c.start_nowait();
     c.wait_promoted(MIN);
     assert_eq!(c.sql("SELECT max(id) FROM marker"), "5", "{}", c.log_text());
