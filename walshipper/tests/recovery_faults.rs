@@ -57,8 +57,37 @@ fn archive_get_exit_statuses() {
         &format!("[restore]\narchive_get_retry_timeout = {RETRY}\n"),
     );
     let seg = cluster.switch_and_wait_archived(MIN);
-    cluster.stop();
     let dest = d.join("got");
+
+    // A timeline switch first (standby promoted): the history file, the old
+    // timeline's .partial, and the new timeline's first segment (which
+    // begins with the old timeline's pages) pass the content checks.
+    cluster.stop();
+    std::fs::write(cluster.data.join("standby.signal"), "").unwrap();
+    cluster.configure(&[format!("restore_command = {}", shipper.restore_command())]);
+    cluster.start();
+    run_ok(
+        Command::new(pg_bin("pg_ctl"))
+            .arg("-D")
+            .arg(&cluster.data)
+            .args(["-w", "promote"]),
+    );
+    cluster.wait_promoted(MIN);
+    let tl2 = cluster.switch_and_wait_archived(MIN);
+    assert!(tl2.starts_with("00000002"), "{tl2}");
+    cluster.stop();
+    for name in ["00000002.history".to_string(), tl2.clone()] {
+        let (o, _) = get(&mut shipper.cmd(), &name, &dest);
+        assert_eq!(code(&o), 0, "{name}: {}", stderr(&o));
+        std::fs::remove_file(&dest).unwrap();
+    }
+    let o = run(shipper.cmd().arg("verify"));
+    assert!(
+        o.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        stderr(&o)
+    );
     let absent = "0000000100000099000000FF";
 
     // Every repository answers "not there": 1, at once and quietly.
