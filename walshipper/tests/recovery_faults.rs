@@ -183,6 +183,31 @@ fn archive_get_exit_statuses() {
         "{}",
         stderr(&o)
     );
+    // A write that fails midway (here: a file size limit, EFBIG, standing in
+    // for a full disk) is the destination's problem, not a repository read.
+    let o = run(Command::new("sh")
+        .arg("-c")
+        .arg("trap '' XFSZ; ulimit -f 64; exec \"$0\" \"$@\"")
+        .arg(walshipper_bin())
+        .arg("--config")
+        .arg(&shipper.config)
+        .args(["archive-get", &seg])
+        .arg(&dest)
+        .env_remove("WALSHIPPER_PASSPHRASE"));
+    assert_eq!(code(&o), 128, "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("cannot write {}: File too large", dest.display())),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stderr(&o).contains("storage read"), "{}", stderr(&o));
+    assert!(!dest.exists());
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("walshipper.tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     // A restore_command set up with the arguments the wrong way round.
     let (o, _) = get(&mut shipper.cmd(), "pg_wal/RECOVERYXLOG", &dest);
     assert_eq!(code(&o), 128, "{}", stderr(&o));

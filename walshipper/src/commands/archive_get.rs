@@ -46,7 +46,7 @@ enum Outcome {
 /// The whole command, configuration loading included (a configuration that
 /// cannot be read during recovery must stop it, not end it): returns the
 /// process exit status.
-pub fn main(config: Option<&Path>, name: &str, dest: &Path) -> i32 {
+pub fn main(config: Option<&Path>, only: Option<&str>, name: &str, dest: &Path) -> i32 {
     let Some(kind) = wal::parse_name(name) else {
         // PostgreSQL only ever passes WAL file names as %f: this is a
         // restore_command that is set up wrong, and recovery must not end.
@@ -66,7 +66,7 @@ pub fn main(config: Option<&Path>, name: &str, dest: &Path) -> i32 {
         let outcome = match Config::load(config) {
             Ok(cfg) => {
                 timeout = Some(cfg.restore.archive_get_retry_timeout);
-                attempt(&cfg, name, &kind, dest)
+                attempt(&cfg, only, name, &kind, dest)
             }
             Err(e) => Outcome::Retry(e),
         };
@@ -112,14 +112,14 @@ pub fn main(config: Option<&Path>, name: &str, dest: &Path) -> i32 {
 }
 
 /// The library entry point: one pass, no retry. `Error::NotFound` only
-/// when every repository answered "not there".
-pub fn run(cfg: &Config, name: &str, dest: &Path) -> Result<()> {
+/// when every repository (or `only`) answered "not there".
+pub fn run(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Result<()> {
     let kind = wal::parse_name(name).ok_or_else(|| {
         Error::Invalid(format!(
             "'{name}' is not a WAL file name (use %f in restore_command)"
         ))
     })?;
-    match attempt(cfg, name, &kind, dest) {
+    match attempt(cfg, only, name, &kind, dest) {
         Outcome::Restored => Ok(()),
         Outcome::NotThere => Err(Error::NotFound(name.to_string())),
         Outcome::Stop(e, _) | Outcome::Retry(e) => Err(e),
@@ -189,13 +189,28 @@ fn is_damage(e: &Error) -> bool {
     )
 }
 
-/// One pass over the repositories in configuration order; the next one is
-/// asked when one lacks the file or fails.
-fn attempt(cfg: &Config, name: &str, kind: &WalFileKind, dest: &Path) -> Outcome {
+/// One pass over the repositories in configuration order (or only the one
+/// `--repo` names: the way to recover from the survivor when another
+/// configured repository is lost for good); the next one is asked when one
+/// lacks the file or fails.
+fn attempt(
+    cfg: &Config,
+    only: Option<&str>,
+    name: &str,
+    kind: &WalFileKind,
+    dest: &Path,
+) -> Outcome {
     let key = crate::layout::wal(name, kind);
+    let repos = match only {
+        Some(_) => match cfg.find_repo(only) {
+            Ok(rc) => std::slice::from_ref(rc),
+            Err(e) => return Outcome::Retry(e),
+        },
+        None => &cfg.repos[..],
+    };
     let mut retry = None;
     let mut stop = None;
-    for rc in &cfg.repos {
+    for rc in repos {
         // Only the object itself may answer "not there": a repository that
         // cannot be opened (not mounted, bucket or descriptor missing) says
         // nothing about the file.
@@ -212,7 +227,7 @@ fn attempt(cfg: &Config, name: &str, kind: &WalFileKind, dest: &Path) -> Outcome
             Err(Error::NotFound(_)) => continue,
             Err(e) => e,
         };
-        if cfg.repos.len() > 1 {
+        if repos.len() > 1 {
             eprintln!("walshipper: repository {}: {e}", rc.name);
         }
         if is_damage(&e) {
