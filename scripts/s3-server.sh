@@ -2,7 +2,8 @@
 # The S3-compatible test server (SeaweedFS `weed mini` on 127.0.0.1), adapted
 # from ../shared/recipes/s3-test-server.sh. Run as the user who owns S3_DIR.
 # Usage: s3-server.sh start | stop | kill   (kill = SIGKILL, for outage tests)
-# Environment: S3_DIR, S3_PORT, WEED, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_BUCKET.
+# Environment: S3_DIR, S3_PORT, WEED, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, S3_BUCKET,
+# WEED_EXTRA_ARGS (e.g. -master.port=... for a second server beside the first).
 set -euo pipefail
 S3_DIR=${S3_DIR:-/var/tmp/pg_backup/s3}
 S3_PORT=${S3_PORT:-18333}
@@ -23,7 +24,7 @@ start() {
   setsid "$WEED" -logdir="$S3_DIR/log" mini -dir="$S3_DIR/data" \
       -ip=127.0.0.1 -ip.bind=127.0.0.1 -s3.port="$S3_PORT" \
       -webdav=false -admin.ui=false -s3.port.iceberg=0 -s3.port.lance=0 \
-      -master.telemetry=false >>"$S3_DIR/log/stdout.log" 2>&1 </dev/null &
+      -master.telemetry=false ${WEED_EXTRA_ARGS:-} >>"$S3_DIR/log/stdout.log" 2>&1 </dev/null &
   echo $! >"$S3_DIR/weed.pid"
   for _ in $(seq 1 600); do
     if ! kill -0 "$(cat "$S3_DIR/weed.pid")" 2>/dev/null; then

@@ -32,6 +32,8 @@ as_test_user bash -euo pipefail -c '
   PGB_TEST_BACKEND=s3 cargo test -p walshipper --locked --test archive --test backup --test incremental --test hostile_objects -- --test-threads=2
   echo "==> walshipper: object store killed under load (alone: it stops the S3 server)"
   PGB_TEST_S3_CTL="$PWD/scripts/s3-server.sh" cargo test -p walshipper --locked --test s3_outage
+  echo "==> walshipper: recovery under a failing store (alone: starts and stops an S3 server of its own)"
+  PGB_TEST_S3_CTL="$PWD/scripts/s3-server.sh" cargo test -p walshipper --locked --test recovery_faults recovery_stops
   cd pg_backup_ext
   echo "==> pg_backup_ext: #[pg_test]"; cargo pgrx test pg15
   echo "==> pg_backup_ext: pg_regress"

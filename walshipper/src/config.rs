@@ -26,6 +26,7 @@ pub struct Config {
     pub encryption: EncryptionConfig,
     pub compression: CompressionConfig,
     pub archive: ArchiveConfig,
+    pub restore: RestoreConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -130,6 +131,23 @@ pub struct ArchiveConfig {
     /// every repository has the segment) or "primary" (the first suffices;
     /// the others are reported as lagging and caught up by repo-sync).
     pub push_to: String,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestoreConfig {
+    /// Seconds archive-get keeps retrying a repository that fails (rather
+    /// than answering "not there") before it makes recovery stop (FATAL);
+    /// 0 = no retry. docs/disaster-recovery.md, "archive-get during recovery".
+    pub archive_get_retry_timeout: u64,
+}
+
+impl Default for RestoreConfig {
+    fn default() -> Self {
+        RestoreConfig {
+            archive_get_retry_timeout: 300,
+        }
+    }
 }
 
 impl Default for PgConfig {
@@ -280,6 +298,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("compression", "threads"),
     ("archive", "check_timeout"),
     ("archive", "push_to"),
+    ("restore", "archive_get_retry_timeout"),
 ];
 
 /// Environment variables with a meaning of their own (not config keys).
@@ -514,6 +533,9 @@ impl Config {
                 self.archive.check_timeout = parse(name, v, "a number of seconds")?
             }
             ("archive", "push_to") => self.archive.push_to = v.into(),
+            ("restore", "archive_get_retry_timeout") => {
+                self.restore.archive_get_retry_timeout = parse(name, v, "a number of seconds")?
+            }
             _ => return Err(Error::Config(format!("unknown key {section}.{key}"))),
         }
         Ok(())

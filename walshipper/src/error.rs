@@ -83,7 +83,9 @@ pub enum Error {
 /// Process exit codes. archive-get's codes matter to PostgreSQL: 1 means
 /// "no such file" (a normal probe); any status above 125 makes recovery stop
 /// with FATAL, which is what we want for damage or a wrong key: carrying on
-/// would silently end recovery early and lose data.
+/// would silently end recovery early and lose data. archive-get therefore
+/// uses only 0, 1, 126 and 128 (and 3 on a standby, which never promotes on
+/// its own): see commands::archive_get.
 pub mod exit {
     pub const OK: i32 = 0;
     pub const NOT_FOUND: i32 = 1;
@@ -94,6 +96,13 @@ pub mod exit {
     pub const VERIFY_FAILED: i32 = 6;
     pub const BUSY: i32 = 7;
     pub const DAMAGED: i32 = 126;
+    /// archive-get: the file could not be fetched for another reason than
+    /// "not there" (store unreachable, configuration or passphrase
+    /// unreadable, destination not writable), still after retrying for
+    /// `restore.archive_get_retry_timeout`. Above 125 so that recovery
+    /// stops instead of ending early; not 126/127, which PostgreSQL's log
+    /// calls "command not executable" / "command not found".
+    pub const RECOVERY_STOP: i32 = 128;
 }
 
 impl Error {

@@ -20,8 +20,8 @@ struct Cli {
     #[arg(long, global = true, env = "WALSHIPPER_CONFIG")]
     config: Option<PathBuf>,
     /// The repository to use, by name (backup, restore, verify, info,
-    /// repo-init; repo-sync: the one to fill). Default: the first, or all
-    /// where that makes sense.
+    /// repo-init, archive-get; repo-sync: the one to fill). Default: the
+    /// first, or all where that makes sense.
     #[arg(long, global = true)]
     repo: Option<String>,
     #[command(subcommand)]
@@ -225,6 +225,14 @@ fn main() -> ExitCode {
         }
     };
     init_logging();
+    // archive-get loads the configuration itself and chooses its own exit
+    // status: a configuration it cannot read during recovery must stop
+    // recovery (status > 125), not end it (2 would read as "not found").
+    if let Command::ArchiveGet { walfile, dest } = &cli.command {
+        let code =
+            commands::archive_get::main(cli.config.as_deref(), cli.repo.as_deref(), walfile, dest);
+        return ExitCode::from(u8::try_from(code).unwrap_or(u8::MAX));
+    }
     let result = Config::load(cli.config.as_deref())
         .and_then(|cfg| run(&cfg, cli.repo.as_deref(), &cli.command));
     match result {
@@ -256,7 +264,9 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
             },
         ),
         Command::ArchivePush { path } => commands::archive_push::run(cfg, path),
-        Command::ArchiveGet { walfile, dest } => commands::archive_get::run(cfg, walfile, dest),
+        Command::ArchiveGet { walfile, dest } => {
+            commands::archive_get::run(cfg, repo, walfile, dest)
+        }
         Command::Info { json } => commands::info::run(cfg, *json, repo),
         Command::Check => commands::check::run(cfg),
         Command::RepoSync { dry_run, json } => commands::repo_sync::run(

@@ -1,7 +1,7 @@
 //! PostgreSQL WAL files: names, what archive-push accepts, and the few bytes
 //! of pg_control and WAL page headers we read.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -22,6 +22,9 @@ const XLP_LONG_HEADER: u16 = 0x0002;
 /// XLogLongPageHeaderData: magic u16, info u16, tli u32, pageaddr u64,
 /// rem_len u32, (pad), sysid u64 @24, seg_size u32 @32, blcksz u32 @36.
 const LONG_HEADER_LEN: usize = 40;
+/// Largest timeline or backup history file accepted (PostgreSQL writes a few
+/// hundred bytes; a long-lived cluster's history stays far below this).
+pub const MAX_HISTORY_FILE: u64 = 16 << 20;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WalFileKind {
@@ -124,10 +127,16 @@ pub fn validate(path: &Path, id: &ClusterIdentity) -> Result<WalFileKind> {
             std::fs::File::open(path)
                 .and_then(|mut f| f.read_exact(&mut h))
                 .map_err(|e| bad(format!("cannot read the page header: {e}")))?;
-            check_long_header(&h, seg_no(log, seg, id.wal_segment_size), id).map_err(bad)?;
+            check_long_header(
+                &h,
+                kind_tli(&kind),
+                seg_no(log, seg, id.wal_segment_size),
+                id,
+            )
+            .map_err(bad)?;
         }
         WalFileKind::History { .. } | WalFileKind::BackupHistory { .. } => {
-            if meta.len() > 16 << 20 {
+            if meta.len() > MAX_HISTORY_FILE {
                 return Err(bad("too large for a history file".into()));
             }
             let text = std::fs::read(path).map_err(|e| bad(format!("cannot read: {e}")))?;
@@ -144,13 +153,23 @@ pub fn validate(path: &Path, id: &ClusterIdentity) -> Result<WalFileKind> {
     Ok(kind)
 }
 
+fn kind_tli(kind: &WalFileKind) -> u32 {
+    match kind {
+        WalFileKind::Segment { tli, .. }
+        | WalFileKind::History { tli }
+        | WalFileKind::BackupHistory { tli, .. } => *tli,
+    }
+}
+
 fn check_long_header(
     h: &[u8; LONG_HEADER_LEN],
+    name_tli: u32,
     segno: u64,
     id: &ClusterIdentity,
 ) -> std::result::Result<(), String> {
     let magic = u16::from_le_bytes([h[0], h[1]]);
     let info = u16::from_le_bytes([h[2], h[3]]);
+    let tli = u32::from_le_bytes(h[4..8].try_into().unwrap_or_default());
     let pageaddr = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
     let sysid = u64::from_le_bytes(h[24..32].try_into().unwrap_or_default());
     let seg_size = u32::from_le_bytes(h[32..36].try_into().unwrap_or_default());
@@ -164,7 +183,17 @@ fn check_long_header(
     if info & XLP_LONG_HEADER == 0 {
         return Err("first page has no long header".into());
     }
-    if pageaddr != segno * id.wal_segment_size {
+    // The first segment of a new timeline starts as a copy of its parent's
+    // segment up to the switch point, so its first page may carry an
+    // ancestor's timeline; never a later one (PostgreSQL's own reader
+    // refuses a timeline that is not in the history, and one that goes
+    // backwards). Ancestry itself is left to PostgreSQL's history check.
+    if tli == 0 || tli > name_tli {
+        return Err(format!(
+            "page timeline {tli} does not fit the file name's timeline {name_tli}"
+        ));
+    }
+    if Some(pageaddr) != segno.checked_mul(id.wal_segment_size) {
         return Err(format!(
             "page address {:X}/{:X} does not match the file name",
             pageaddr >> 32,
@@ -247,6 +276,163 @@ pub fn read_identity(data_dir: &Path) -> Result<ClusterIdentity> {
     )))
 }
 
+/// Checks what a repository returned for WAL file `name` against that name,
+/// as a `Write` sink the decoded bytes go through (archive-get, verify). The
+/// object's bytes are untrusted even when they decrypt: an unencrypted
+/// repository, or one written by a mistaken or hostile hand, can hold another
+/// segment, another cluster's, or text under a segment's name.
+pub struct ContentCheck {
+    name: String,
+    kind: WalFileKind,
+    /// Bytes kept: the long page header of a segment, a whole history file
+    /// (bounded; anything longer is refused).
+    keep: usize,
+    head: Vec<u8>,
+    len: u64,
+}
+
+impl ContentCheck {
+    pub fn new(name: &str, kind: &WalFileKind) -> ContentCheck {
+        let keep = match kind {
+            WalFileKind::Segment { .. } => LONG_HEADER_LEN,
+            _ => MAX_HISTORY_FILE as usize + 1,
+        };
+        ContentCheck {
+            name: name.to_string(),
+            kind: kind.clone(),
+            keep,
+            head: Vec::new(),
+            len: 0,
+        }
+    }
+
+    /// After every byte went through: whether they are WAL file `name` of
+    /// this cluster. The error says what does not match.
+    pub fn finish(&self, id: &ClusterIdentity) -> std::result::Result<(), String> {
+        // The size comes from the repository's descriptor: never divide by it unchecked.
+        let size = id.wal_segment_size;
+        if !size.is_power_of_two() || !((1 << 20)..=(1 << 30)).contains(&size) {
+            return Err(format!(
+                "the repository's WAL segment size {size} is not a power of two from 1 MiB to 1 GiB"
+            ));
+        }
+        match &self.kind {
+            WalFileKind::Segment { tli, log, seg, .. } => {
+                // `.partial` files are whole segments too: PostgreSQL copies
+                // the segment in which the timeline ended, tail included.
+                if self.len != id.wal_segment_size {
+                    return Err(format!(
+                        "{} bytes, but this cluster's WAL segments are {} bytes",
+                        self.len, id.wal_segment_size
+                    ));
+                }
+                let h: &[u8; LONG_HEADER_LEN] = self
+                    .head
+                    .as_slice()
+                    .try_into()
+                    .map_err(|_| "shorter than a page header".to_string())?;
+                let segno = seg_no(*log, *seg, id.wal_segment_size);
+                check_long_header(h, *tli, segno, id)
+            }
+            WalFileKind::History { tli } => check_history(&self.head, self.len, *tli)
+                .map_err(|e| format!("{e} (timeline history)")),
+            WalFileKind::BackupHistory { .. } => {
+                check_backup_history(&self.head, self.len, &self.name, id.wal_segment_size)
+            }
+        }
+    }
+}
+
+impl Write for ContentCheck {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let room = self.keep.saturating_sub(self.head.len());
+        self.head.extend_from_slice(&buf[..room.min(buf.len())]);
+        self.len = self.len.saturating_add(buf.len() as u64);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn history_text(body: &[u8], len: u64) -> std::result::Result<&str, String> {
+    if len > MAX_HISTORY_FILE {
+        return Err(format!("{len} bytes, too large for a history file"));
+    }
+    std::str::from_utf8(body).map_err(|_| "not text".to_string())
+}
+
+/// `TTTTTTTT.history` as PostgreSQL writes and reads it (timeline.c):
+/// lines `<parent tli>\t<switch LSN>\t<reason>`, `#` comments and blank
+/// lines ignored; parents strictly increasing and all below T.
+fn check_history(body: &[u8], len: u64, tli: u32) -> std::result::Result<(), String> {
+    let text = history_text(body, len)?;
+    let mut last: Option<u32> = None;
+    for line in text.lines() {
+        let line = line.trim_start();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let mut fields = line.split_whitespace();
+        let parent: u32 = fields
+            .next()
+            .and_then(|f| f.parse().ok())
+            .ok_or_else(|| format!("line '{}' has no timeline number", line.escape_debug()))?;
+        fields
+            .next()
+            .and_then(parse_lsn)
+            .ok_or_else(|| format!("line '{}' has no switch point", line.escape_debug()))?;
+        if parent >= tli || last.is_some_and(|l| parent <= l) {
+            return Err(format!(
+                "parent timeline {parent} cannot precede timeline {tli} here"
+            ));
+        }
+        last = Some(parent);
+    }
+    if last.is_none() {
+        return Err(format!("no parent timeline listed for timeline {tli}"));
+    }
+    Ok(())
+}
+
+/// `<segment>.<offset>.backup` (pg_backup_stop): its START WAL LOCATION
+/// must be the segment and offset in its name.
+fn check_backup_history(
+    body: &[u8],
+    len: u64,
+    name: &str,
+    seg_size: u64,
+) -> std::result::Result<(), String> {
+    let text = history_text(body, len)?;
+    let (Some(seg_name), Some(offset)) = (name.get(0..24), name.get(25..33)) else {
+        return Err("not a backup history file name".into());
+    };
+    let start = text
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+        .ok_or("not a backup history file (no START WAL LOCATION)")?;
+    // "0/2000028 (file 000000010000000000000002)"
+    let (lsn, file) = start
+        .split_once(" (file ")
+        .and_then(|(l, f)| Some((parse_lsn(l)?, f.strip_suffix(')')?)))
+        .ok_or_else(|| format!("START WAL LOCATION '{}' is malformed", start.escape_debug()))?;
+    let want_offset = u32::from_str_radix(offset, 16).ok();
+    let Some(WalFileKind::Segment { log, seg, .. }) = parse_name(seg_name) else {
+        return Err("not a backup history file name".into());
+    };
+    if file != seg_name
+        || lsn_segno(lsn, seg_size) != seg_no(log, seg, seg_size)
+        || Some(lsn % seg_size) != want_offset.map(u64::from)
+    {
+        return Err(format!(
+            "it records a backup starting at {} in {file}, not the one its name says",
+            format_lsn(lsn)
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -302,6 +488,118 @@ mod tests {
             assert_eq!(seg_no(log, seg, size), segno);
         }
         assert_eq!(segment_name(1, 256, size), "000000010000000100000000");
+    }
+
+    fn identity() -> ClusterIdentity {
+        ClusterIdentity {
+            system_identifier: 7_000_000_000_000_000_001,
+            pg_major: 15,
+            wal_segment_size: 1 << 20,
+        }
+    }
+
+    /// A segment whose first page says: timeline `tli`, address `addr`.
+    fn segment(id: &ClusterIdentity, tli: u32, addr: u64) -> Vec<u8> {
+        let mut v = vec![0u8; id.wal_segment_size as usize];
+        v[0..2].copy_from_slice(&page_magic(id.pg_major).unwrap().to_le_bytes());
+        v[2..4].copy_from_slice(&XLP_LONG_HEADER.to_le_bytes());
+        v[4..8].copy_from_slice(&tli.to_le_bytes());
+        v[8..16].copy_from_slice(&addr.to_le_bytes());
+        v[24..32].copy_from_slice(&id.system_identifier.to_le_bytes());
+        v[32..36].copy_from_slice(&(id.wal_segment_size as u32).to_le_bytes());
+        v
+    }
+
+    fn check(name: &str, body: &[u8], id: &ClusterIdentity) -> std::result::Result<(), String> {
+        let kind = parse_name(name).unwrap();
+        let mut c = ContentCheck::new(name, &kind);
+        // In uneven pieces, as a decoder hands them over.
+        for chunk in body.chunks(7) {
+            c.write_all(chunk).unwrap();
+        }
+        c.finish(id)
+    }
+
+    #[test]
+    fn restored_segments_must_be_the_named_one() {
+        let id = identity();
+        let seg = id.wal_segment_size;
+        let name = segment_name(2, 5, seg);
+        assert_eq!(check(&name, &segment(&id, 2, 5 * seg), &id), Ok(()));
+        // The first segment of timeline 2 may begin with timeline 1's pages.
+        assert_eq!(check(&name, &segment(&id, 1, 5 * seg), &id), Ok(()));
+        let partial = format!("{name}.partial");
+        assert_eq!(check(&partial, &segment(&id, 2, 5 * seg), &id), Ok(()));
+        let refused = |body: Vec<u8>, what: &str| {
+            let e = check(&name, &body, &id).unwrap_err();
+            assert!(e.contains(what), "{e}");
+        };
+        refused(segment(&id, 2, 4 * seg), "page address");
+        refused(segment(&id, 3, 5 * seg), "timeline 3");
+        refused(segment(&id, 0, 5 * seg), "timeline 0");
+        let mut other = identity();
+        other.system_identifier += 1;
+        refused(segment(&other, 2, 5 * seg), "system identifier");
+        let mut old = identity();
+        old.pg_major = 14;
+        refused(segment(&old, 2, 5 * seg), "magic");
+        let mut short = segment(&id, 2, 5 * seg);
+        short.truncate(seg as usize - 1);
+        refused(short, "bytes");
+        refused(Vec::new(), "bytes");
+        let mut bad_size = segment(&id, 2, 5 * seg);
+        bad_size[32..36].copy_from_slice(&(2u32 << 20).to_le_bytes());
+        refused(bad_size, "segment size");
+        let mut no_long = segment(&id, 2, 5 * seg);
+        no_long[2] = 0;
+        refused(no_long, "long header");
+        // A descriptor's segment size is never divided by unchecked.
+        let mut zero = identity();
+        zero.wal_segment_size = 0;
+        assert!(check(&name, &[], &zero).is_err());
+    }
+
+    #[test]
+    fn restored_history_files_must_fit_their_name() {
+        let id = identity();
+        let h3 = "1\t0/3000000\tno recovery target specified\n\n2\t0/5000060\tbefore 2026\n";
+        assert_eq!(check("00000003.history", h3.as_bytes(), &id), Ok(()));
+        assert_eq!(
+            check(
+                "00000003.history",
+                b"# comment\n1\t0/3000000\treason\n",
+                &id
+            ),
+            Ok(())
+        );
+        for (name, body) in [
+            ("00000002.history", h3), // lists timeline 2 as its own parent
+            ("00000003.history", "2\t0/5\tx\n1\t0/3\tx\n"), // parents out of order
+            ("00000003.history", ""),
+            ("00000003.history", "one\t0/3000000\n"),
+            ("00000003.history", "1\tnot-an-lsn\n"),
+        ] {
+            assert!(
+                check(name, body.as_bytes(), &id).is_err(),
+                "{name}: {body:?}"
+            );
+        }
+        assert!(check("00000003.history", &[0xff, 0xfe], &id).is_err());
+        let huge = vec![b'#'; MAX_HISTORY_FILE as usize + 1];
+        assert!(check("00000003.history", &huge, &id).is_err());
+
+        let label = "START WAL LOCATION: 0/200028 (file 000000010000000000000002)\n\
+                     STOP WAL LOCATION: 0/300100 (file 000000010000000000000003)\n";
+        let name = "000000010000000000000002.00000028.backup";
+        assert_eq!(check(name, label.as_bytes(), &id), Ok(()));
+        for other in [
+            "000000010000000000000002.00000030.backup",
+            "000000010000000000000003.00000028.backup",
+            "000000020000000000000002.00000028.backup",
+        ] {
+            assert!(check(other, label.as_bytes(), &id).is_err(), "{other}");
+        }
+        assert!(check(name, b"STOP WAL LOCATION: 0/300100\n", &id).is_err());
     }
 }
 

@@ -725,7 +725,13 @@ fn restore_into(
     }
     let manifest = pg_backup_manifest(&pg_files, m.timeline, m.start_lsn(), m.stop_lsn());
     write_file(&roots.target, "backup_manifest", manifest.as_bytes())?;
-    write_recovery_settings(cfg, &roots.target, &args.target, &args.action)?;
+    write_recovery_settings(
+        cfg,
+        &roots.target,
+        args.repo.as_deref(),
+        &args.target,
+        &args.action,
+    )?;
     write_file(&roots.target, "recovery.signal", b"")?;
 
     // Last: pg_control, once everything else is durable. Until it exists
@@ -1223,7 +1229,13 @@ fn recovery_lines(cmd: &str, target: &Target, action: &str) -> Result<Vec<String
     Ok(lines)
 }
 
-fn write_recovery_settings(cfg: &Config, dir: &DirFd, target: &Target, action: &str) -> Result<()> {
+fn write_recovery_settings(
+    cfg: &Config,
+    dir: &DirFd,
+    repo: Option<&str>,
+    target: &Target,
+    action: &str,
+) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locate the walshipper binary", e))?;
     let mut cmd = shell_word(&exe.display().to_string());
     match &cfg.source {
@@ -1237,6 +1249,11 @@ fn write_recovery_settings(cfg: &Config, dir: &DirFd, target: &Target, action: &
         None => tracing::warn!(
             "no config file: restore_command relies on walshipper's defaults and environment"
         ),
+    }
+    // Restored from a named repository: WAL comes from it too (archive-get
+    // would otherwise stop recovery while the primary does not answer).
+    if let Some(r) = repo {
+        cmd.push_str(&format!(" --repo {}", shell_word(r)));
     }
     cmd.push_str(" archive-get %f \"%p\"");
     let lines = recovery_lines(&cmd, target, action)?;

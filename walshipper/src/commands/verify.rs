@@ -121,24 +121,37 @@ pub fn run(
         }
     }
 
-    // WAL: every segment per timeline; gaps from the oldest backup's start on.
+    // WAL: every segment per timeline; gaps from the oldest backup's start
+    // on. WAL objects are read apart from the rest (`check_wal`): each one's
+    // content is checked against its name, not only its frames.
     let mut segments: BTreeMap<u32, BTreeMap<u64, String>> = BTreeMap::new();
-    for obj in repo.storage.list("wal/")? {
-        let name = obj.key.rsplit('/').next().unwrap_or_default().to_string();
-        match wal::parse_name(&name) {
-            Some(WalFileKind::Segment {
+    let mut wal_work: Vec<(String, String, WalFileKind)> = Vec::new();
+    for obj in repo.storage.list(crate::layout::WAL_PREFIX)? {
+        // Only well-formed keys, where the layout puts that name: a copy
+        // elsewhere is not what archive-get would serve.
+        let Some(crate::layout::ObjectName::Wal { name, kind }) = crate::layout::parse(&obj.key)
+        else {
+            problems.push(format!(
+                "{}: not a WAL key walshipper writes; not used",
+                obj.key.escape_debug()
+            ));
+            continue;
+        };
+        match kind {
+            WalFileKind::Segment {
                 tli,
                 log,
                 seg: s,
                 partial: false,
-            }) => {
-                segments
-                    .entry(tli)
-                    .or_default()
-                    .insert(wal::seg_no(log, s, seg), obj.key.clone());
-            }
-            Some(_) => work.push((obj.key.clone(), None, format!("WAL {name}"))),
-            None => {}
+            } => match crate::commands::info::segno_of(log, s, seg) {
+                Some(n) => {
+                    segments.entry(tli).or_default().insert(n, obj.key.clone());
+                }
+                None => problems.push(format!(
+                    "WAL {name}: a segment number PostgreSQL never writes; not used"
+                )),
+            },
+            kind => wal_work.push((obj.key.clone(), name, kind)),
         }
     }
     let oldest_start = backups
@@ -152,29 +165,23 @@ pub fn run(
             Some((btli, _)) if btli > *tli => continue,
             _ => *segs.keys().next().unwrap_or(&0),
         };
-        let last = *segs.keys().next_back().unwrap_or(&0);
-        let mut missing_from: Option<u64> = None;
-        for s in from..=last {
-            match segs.get(&s) {
-                Some(key) => {
-                    if let Some(a) = missing_from.take() {
-                        problems.push(format!(
-                            "WAL gap on timeline {tli}: {} to {} missing; recovery cannot cross it",
-                            wal::segment_name(*tli, a, seg),
-                            wal::segment_name(*tli, s - 1, seg)
-                        ));
-                    }
-                    wal_checked += 1;
-                    work.push((
-                        key.clone(),
-                        None,
-                        format!("WAL {}", wal::segment_name(*tli, s, seg)),
-                    ));
-                }
-                None => {
-                    missing_from.get_or_insert(s);
-                }
+        // Steps through the segments present (a forged key far ahead must
+        // not make this walk 2^40 numbers); a jump is a gap.
+        let mut expected = from;
+        for (&s, key) in segs.range(from..) {
+            if s > expected {
+                problems.push(format!(
+                    "WAL gap on timeline {tli}: {} to {} missing; recovery cannot cross it",
+                    wal::segment_name(*tli, expected, seg),
+                    wal::segment_name(*tli, s - 1, seg)
+                ));
             }
+            expected = s + 1;
+            wal_checked += 1;
+            let name = wal::segment_name(*tli, s, seg);
+            let kind = wal::parse_name(&name)
+                .ok_or_else(|| Error::Invalid(format!("internal: segment name {name}")))?;
+            wal_work.push((key.clone(), name, kind));
         }
     }
     // Each backup's own WAL range must exist (also when it is on an older timeline).
@@ -201,6 +208,8 @@ pub fn run(
             }
         }
     }
+
+    problems.extend(check_wal(&repo, &wal_work, jobs));
 
     let next = AtomicUsize::new(0);
     let found: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -259,7 +268,7 @@ pub fn run(
             serde_json::json!({
                 "ok": problems.is_empty(), "backups": backups.iter().map(|m| &m.id).collect::<Vec<_>>(),
                 "damaged_backups": scan.damaged,
-                "objects_checked": work.len(), "files_rebuilt": rebuilds.len(), "wal_segments_checked": wal_checked, "problems": problems,
+                "objects_checked": work.len() + wal_work.len(), "files_rebuilt": rebuilds.len(), "wal_segments_checked": wal_checked, "problems": problems,
             })
         );
     } else {
@@ -271,7 +280,7 @@ pub fn run(
         }
         println!(
             "{} objects read, {} files rebuilt from block deltas, {} WAL segments in range",
-            work.len(),
+            work.len() + wal_work.len(),
             rebuilds.len(),
             wal_checked
         );
@@ -290,6 +299,43 @@ pub fn run(
             problems.len()
         )))
     }
+}
+
+/// Reads every WAL object (key, file name, kind) on `jobs` threads: every
+/// frame, and the content against the name (`wal::ContentCheck`: page
+/// header of segments, history contents), as archive-get does.
+fn check_wal(
+    repo: &Repository,
+    items: &[(String, String, WalFileKind)],
+    jobs: usize,
+) -> Vec<String> {
+    let id = match repo.descriptor.identity() {
+        Ok(id) => id,
+        Err(e) => return vec![format!("WAL: {e}; no WAL file checked")],
+    };
+    let next = AtomicUsize::new(0);
+    let found: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    std::thread::scope(|sc| {
+        for _ in 0..jobs.max(1) {
+            sc.spawn(|| loop {
+                let Some((key, name, kind)) = items.get(next.fetch_add(1, Ordering::Relaxed))
+                else {
+                    return;
+                };
+                let mut check = wal::ContentCheck::new(name, kind);
+                let problem = match repo.read_object(key, &mut check) {
+                    Ok(_) => check.finish(&id).err().map(|reason| {
+                        format!("WAL {name}: stored object {key} is not this file of this cluster: {reason}")
+                    }),
+                    Err(e) => Some(format!("WAL {name}: {e}")),
+                };
+                if let (Some(p), Ok(mut f)) = (problem, found.lock()) {
+                    f.push(p);
+                }
+            });
+        }
+    });
+    found.into_inner().unwrap_or_default()
 }
 
 /// Rebuilds a delta file in a private temporary file, unlinked at once.
