@@ -47,6 +47,17 @@ impl Lock {
         let lease = self.lease.as_ref()?;
         lease.shared.state.lock().ok()?.lost.clone()
     }
+
+    /// Err(Busy) when the lock was lost: called before each step that
+    /// must not run beside another holder (writing a manifest, deleting).
+    pub fn ensure_held(&self) -> Result<()> {
+        match self.lost() {
+            None => Ok(()),
+            Some(why) => Err(Error::Busy(format!(
+                "the repository lock was lost ({why}); stopping before changing the repository"
+            ))),
+        }
+    }
 }
 
 /// Takes lock `name` in `dir` (created 0700 if needed) without waiting.

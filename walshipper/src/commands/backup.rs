@@ -66,7 +66,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let repo = Repository::open_repo(cfg, rc)?;
     // Checked before any work: every WAL position below divides by it.
     crate::commands::info::checked_seg_size(&repo)?;
-    let _lock = lock::repository(rc, &repo.descriptor.system_identifier)?;
+    let lock = lock::repository(rc, &repo.descriptor.system_identifier)?;
     remove_incomplete(&repo)?;
     // A damaged backup is never built on: the reference is chosen among
     // the intact ones, and the user is told which were passed over.
@@ -166,6 +166,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let result = copy_and_finish(
         cfg,
         &repo,
+        &lock,
         &mut client,
         args,
         &kind,
@@ -206,6 +207,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
 fn copy_and_finish(
     cfg: &Config,
     repo: &Repository,
+    lock: &lock::Lock,
     client: &mut postgres::Client,
     args: &Args,
     kind: &str,
@@ -353,7 +355,9 @@ fn copy_and_finish(
         tablespace_map_object: spcmap_key,
     };
     let body = serde_json::to_vec(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
-    // Written last, durably: from now on the backup exists.
+    // Written last, durably: from now on the backup exists. Not if another
+    // host took the lease meanwhile (its expire may be removing our base).
+    lock.ensure_held()?;
     repo.put_object(&layout::manifest(id), &body[..])?;
 
     let mut chain = base_chain.to_vec();

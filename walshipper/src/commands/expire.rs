@@ -158,7 +158,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     };
     let repo = Repository::open_repo(cfg, rc)?;
     // A dry run changes nothing and may run beside a backup.
-    let _lock = if args.dry_run {
+    let lock = if args.dry_run {
         None
     } else {
         Some(crate::lock::repository(
@@ -257,6 +257,9 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             .iter()
             .fold(0u64, |a, o| a.saturating_add(o.size));
         if !args.dry_run {
+            if let Some(l) = &lock {
+                l.ensure_held()?;
+            }
             // The manifest first: from then on the backup does not exist.
             repo.storage.delete(&layout::manifest(id))?;
             repo.storage.delete_prefix(&prefix)?;
@@ -317,6 +320,9 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         report.wal_removed_first = names.first().map(|s| s.to_string());
         report.wal_removed_last = names.last().map(|s| s.to_string());
         report.wal_removed = doomed.len();
+        if let Some(l) = lock.as_ref().filter(|_| !args.dry_run) {
+            l.ensure_held()?;
+        }
         for (key, size) in &doomed {
             if !args.dry_run {
                 repo.storage.delete(key)?;
