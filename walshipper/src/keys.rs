@@ -267,7 +267,12 @@ impl KeyFile {
     /// costs within bounds and wrapped-key lengths exact. Nothing is derived.
     pub fn parse(name_id: &str, body: &[u8]) -> Result<KeyFile> {
         let key = crate::layout::key_file(name_id);
-        let bad = |reason: String| Error::Repository(format!("key file {key}: {reason}"));
+        // A key file no writer produces is damage (or forgery): no retry
+        // mends it, so archive-get stops recovery at once (exit 126).
+        let bad = |reason: String| Error::Corrupt {
+            key: key.clone(),
+            reason,
+        };
         if body.len() > MAX_KEY_FILE_LEN {
             return Err(bad(format!(
                 "{} bytes; a key file is at most {MAX_KEY_FILE_LEN}",

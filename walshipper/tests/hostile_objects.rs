@@ -59,6 +59,7 @@ fn assert_get_refused(s: &Shipper, name: &str, dir: &Path, want: &str) {
     let o = run(s
         .cmd()
         .env("WALSHIPPER_ENCRYPTION_KEY_CACHE", "false")
+        .env("WALSHIPPER_RESTORE_ARCHIVE_GET_RETRY_TIMEOUT", "2")
         .args(["archive-get", name])
         .arg(&dest));
     let code = o.status.code().unwrap_or(-1);
@@ -230,6 +231,7 @@ fn hostile_repository_is_refused() {
     let o = run(shipper
         .cmd()
         .env("WALSHIPPER_ENCRYPTION_KEY_CACHE", "false")
+        .env("WALSHIPPER_RESTORE_ARCHIVE_GET_RETRY_TIMEOUT", "2")
         .args(["archive-get", &b])
         .arg(dir.join("huge")));
     assert_refused(
@@ -248,6 +250,7 @@ fn hostile_repository_is_refused() {
     let o = run(shipper
         .cmd()
         .env("WALSHIPPER_ENCRYPTION_KEY_CACHE", "false")
+        .env("WALSHIPPER_RESTORE_ARCHIVE_GET_RETRY_TIMEOUT", "2")
         .arg("archive-push")
         .arg(seg_b.join(&b)));
     assert!(
@@ -258,6 +261,7 @@ fn hostile_repository_is_refused() {
     let o = run(shipper
         .cmd()
         .env("WALSHIPPER_ENCRYPTION_KEY_CACHE", "false")
+        .env("WALSHIPPER_RESTORE_ARCHIVE_GET_RETRY_TIMEOUT", "2")
         .args(["archive-get", &c])
         .arg(dir.join("c")));
     assert!(
