@@ -424,7 +424,11 @@ impl DirFd {
 
     /// What is at `name`, without following a link; `None` if nothing.
     pub fn kind(&self, name: &str) -> io::Result<Option<EntryKind>> {
-        let c = cname(name)?;
+        Ok(self.lstat(&cname(name)?)?.map(|st| kind_of(st.st_mode)))
+    }
+
+    /// fstatat without following a link; `None` if nothing is there.
+    fn lstat(&self, c: &std::ffi::CStr) -> io::Result<Option<libc::stat>> {
         // SAFETY: zeroed stat is a valid out-parameter.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: valid descriptor, C string and out-pointer.
@@ -443,7 +447,7 @@ impl DirFd {
                 _ => Err(e),
             };
         }
-        Ok(Some(kind_of(st.st_mode)))
+        Ok(Some(st))
     }
 
     /// Unlinks `name` unless it is a directory; fine if it is missing.
@@ -591,24 +595,10 @@ impl DirFd {
         for name in out {
             let c = CString::new(name.as_bytes())
                 .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "NUL in a name"))?;
-            // SAFETY: zeroed stat is a valid out-parameter.
-            let mut st: libc::stat = unsafe { std::mem::zeroed() };
-            // SAFETY: valid descriptor, C string and out-pointer.
-            let r = unsafe {
-                libc::fstatat(
-                    self.fd.as_raw_fd(),
-                    c.as_ptr(),
-                    &mut st,
-                    libc::AT_SYMLINK_NOFOLLOW,
-                )
+            // Gone since the listing: nothing to do with it.
+            let Some(st) = self.lstat(&c)? else {
+                continue;
             };
-            if r < 0 {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() == Some(libc::ENOENT) {
-                    continue;
-                }
-                return Err(e);
-            }
             typed.push((name, kind_of(st.st_mode)));
         }
         Ok(typed)
