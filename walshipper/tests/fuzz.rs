@@ -20,6 +20,7 @@
 //! - PGB_FUZZ_JOBS: child processes at once (default 2)
 //! - PGB_FUZZ_REPLAY=`target:case`: rebuild that case's input from the
 //!   seed, print it (hex), save it under /tmp and run it in this process
+//! - PGB_FUZZ_MAX_FINDINGS: a target stops after this many findings (10)
 //! - PGB_FUZZ_STRICT=1: findings of targets in [`EXPECTED_OPEN`] fail
 //!   the test too (bench/fuzz.sh sets it)
 
@@ -73,8 +74,15 @@ const EXPECTED_OPEN: &[(&str, &str, &str)] = &[
 
 const TIMEOUT: Duration = Duration::from_secs(1);
 const HANG: Duration = Duration::from_secs(5);
-/// A child stops after this many findings (each timeout costs up to HANG).
-const MAX_FINDINGS_PER_CHILD: u64 = 5;
+/// A target stops after this many findings (each hang costs HANG), unless
+/// PGB_FUZZ_MAX_FINDINGS says otherwise.
+const MAX_FINDINGS: u64 = 10;
+
+fn max_findings() -> u64 {
+    env("PGB_FUZZ_MAX_FINDINGS")
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(MAX_FINDINGS)
+}
 const CHILD_AS_LIMIT: u64 = 2 << 30;
 const EXIT_HANG: i32 = 86;
 
@@ -1252,7 +1260,7 @@ fn fuzz_child() {
         } else if took > TIMEOUT {
             report(format!("timeout {} {case} took {took:?}", target.name));
         }
-        if findings >= MAX_FINDINGS_PER_CHILD {
+        if findings >= max_findings() {
             if let Ok(mut o) = out.lock() {
                 let _ = writeln!(
                     o,
@@ -1369,7 +1377,7 @@ fn run_target(target: &Target, seed: u64, n: u64, base: &Path) -> Tally {
         }
         next = resume.unwrap_or(n);
         t.cases = next;
-        if t.findings.len() as u64 >= MAX_FINDINGS_PER_CHILD * 2 {
+        if t.findings.len() as u64 >= max_findings() {
             t.stopped_early = true;
             break;
         }
