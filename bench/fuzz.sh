@@ -30,6 +30,8 @@ if [ "$(id -u)" = 0 ]; then
   exit
 fi
 cd "$here/.."
+# Integer overflow is a finding too (a release build would wrap silently).
+export CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
 cargo test --release -p walshipper --locked --test fuzz --no-run -q
 # Nothing a repository holds may make a parser allocate without limit.
 ulimit -v "${FUZZ_MEM_KIB:-4194304}"

@@ -898,8 +898,6 @@ fn exec_manifest(input: &[u8], _: &Corpus) {
         let _ = layout::is_safe_rel_path(&f.path);
         let _ = walshipper::delta::blocks_in(f.size);
     }
-    let _ = wal::parse_name(&m.wal_start);
-    let _ = wal::parse_name(&m.wal_stop);
     let _ = layout::backup_id_type(&m.id);
 }
 
