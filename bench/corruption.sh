@@ -21,5 +21,7 @@ if [ "$(id -u)" = 0 ]; then
   exit
 fi
 cd "$here/.."
+# The same release build as bench/fuzz.sh (overflow checks on).
+export CARGO_PROFILE_RELEASE_OVERFLOW_CHECKS=true
 export PGB_CORRUPTIONS="${PGB_CORRUPTIONS:-2000}" PGB_CORRUPTION_STRICT="${PGB_CORRUPTION_STRICT:-1}"
 exec cargo test --release -p walshipper --locked --test corruption -- --nocapture
