@@ -646,14 +646,16 @@ fn corrupt(
         "bitflip" => {
             let mut b = std::fs::read(&a).unwrap();
             let n = 1 + rng.below(3);
-            let mut at = Vec::new();
-            for _ in 0..n {
-                let i = rng.below(b.len());
-                b[i] ^= 1 << rng.below(8);
-                at.push(i);
+            // Distinct bits: flipping one twice would undo the damage.
+            let mut at = BTreeSet::new();
+            while at.len() < n.min(b.len() * 8) {
+                at.insert((rng.below(b.len()), rng.below(8)));
+            }
+            for &(i, bit) in &at {
+                b[i] ^= 1 << bit;
             }
             std::fs::write(&a, b).unwrap();
-            format!("flipped bits at {at:?}")
+            format!("flipped bits (byte, bit) {at:?}")
         }
         "truncate" => {
             let len = std::fs::metadata(&a).unwrap().len() as usize;
