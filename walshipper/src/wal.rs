@@ -51,6 +51,10 @@ fn hex_u32(s: &str) -> Option<u32> {
 
 /// Classifies a WAL file name as PostgreSQL writes it; None for anything else.
 pub fn parse_name(name: &str) -> Option<WalFileKind> {
+    // Names come from listings too: slicing below assumes ASCII.
+    if !name.is_ascii() {
+        return None;
+    }
     if let Some(t) = name.strip_suffix(".history") {
         return hex_u32(t).map(|tli| WalFileKind::History { tli });
     }
@@ -79,13 +83,22 @@ pub fn parse_name(name: &str) -> Option<WalFileKind> {
 }
 
 /// Segment number (XLogSegNo) from the log/seg parts of a name.
+/// Saturating: names and sizes may come from a repository (a descriptor is
+/// validated, but this must not be what panics if one is not).
 pub fn seg_no(log: u32, seg: u32, seg_size: u64) -> u64 {
-    u64::from(log) * (0x1_0000_0000u64 / seg_size) + u64::from(seg)
+    u64::from(log)
+        .saturating_mul(segs_per_log(seg_size))
+        .saturating_add(u64::from(seg))
+}
+
+/// Segments per 4 GiB of WAL ("log" number); at least 1.
+fn segs_per_log(seg_size: u64) -> u64 {
+    0x1_0000_0000u64.checked_div(seg_size).unwrap_or(1).max(1)
 }
 
 /// Segment file name for a timeline and segment number.
 pub fn segment_name(tli: u32, segno: u64, seg_size: u64) -> String {
-    let per = 0x1_0000_0000u64 / seg_size;
+    let per = segs_per_log(seg_size);
     format!("{:08X}{:08X}{:08X}", tli, segno / per, segno % per)
 }
 
