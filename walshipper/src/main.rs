@@ -221,7 +221,16 @@ fn main() -> ExitCode {
         Ok(c) => c,
         Err(e) => {
             let _ = e.print();
-            return ExitCode::from(if e.use_stderr() { exit::USAGE as u8 } else { 0 });
+            // A restore_command with a word missing must stop recovery, not
+            // end it: 2 would read as "not in the archive" and promote.
+            let code = if !e.use_stderr() {
+                0
+            } else if std::env::args().any(|a| a == "archive-get") {
+                exit::RECOVERY_STOP
+            } else {
+                exit::USAGE
+            };
+            return ExitCode::from(code as u8);
         }
     };
     init_logging();

@@ -211,6 +211,9 @@ fn archive_get_exit_statuses() {
     // A restore_command set up with the arguments the wrong way round.
     let (o, _) = get(&mut shipper.cmd(), "pg_wal/RECOVERYXLOG", &dest);
     assert_eq!(code(&o), 128, "{}", stderr(&o));
+    // One with "%p" missing: clap's usage error, still 128 (not 2).
+    let o = run(shipper.cmd().args(["archive-get", &seg]));
+    assert_eq!(code(&o), 128, "{}", stderr(&o));
 
     // Another segment's object under this name is refused at once (126),
     // by archive-get and by verify.
