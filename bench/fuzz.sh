@@ -12,7 +12,7 @@
 #   PGB_FUZZ_SCALE=full      or ci, or a number of cases per target
 #   PGB_FUZZ_TARGETS=a,b     only these targets (header, object, manifest,
 #                            blockmap, delta, keyfile, descriptor, walname,
-#                            walpage, layout)
+#                            walpage, layout, lease)
 #   PGB_FUZZ_JOBS=2          targets run at once
 #   PGB_FUZZ_REPLAY=t:n      rebuild case n of target t from the seed, print
 #                            and run it

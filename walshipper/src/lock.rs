@@ -215,7 +215,8 @@ impl LeaseBody {
         (b.holder.len() <= 1024 && b.host.len() <= 256 && b.token.len() <= 64).then_some(b)
     }
 
-    fn describe(&self) -> String {
+    /// For messages: who holds it, printable whatever the lease says.
+    pub fn describe(&self) -> String {
         format!(
             "{} on host {} (pid {}), since {}, lease valid until {} unless renewed",
             printable(&self.holder),

@@ -328,6 +328,7 @@ struct Corpus {
     wal_names: Vec<String>,
     wal_headers: Vec<Vec<u8>>,
     repo_keys: Vec<String>,
+    leases: Vec<Vec<u8>>,
     /// A posix repository for the descriptor target (per process).
     repo: Option<(walshipper::config::Config, PathBuf)>,
     /// Scratch directory of this process, removed at exit by the parent.
@@ -546,6 +547,10 @@ impl Corpus {
             wal_names,
             wal_headers,
             repo_keys,
+            leases: vec![
+                br#"{"holder":"walshipper backup --type full","host":"db1","pid":4242,"acquired_at":"2026-11-26T01:00:00Z","expires_at":"2026-11-26T01:02:00Z","token":"00112233445566778899aabbccddeeff","renewals":0}"#.to_vec(),
+                br#"{"holder":"walshipper expire","host":"db2.example.net","pid":1,"acquired_at":"2026-11-26T01:00:00.123456+00:00","expires_at":"9999-12-31T23:59:59Z","token":"","renewals":18446744073709551615}"#.to_vec(),
+            ],
             repo,
             scratch,
         }
@@ -684,7 +689,25 @@ const TARGETS: &[Target] = &[
         gen: gen_layout,
         exec: exec_layout,
     },
+    Target {
+        name: "lease",
+        ci: 3_000,
+        full: 500_000,
+        gen: |r, c| gen_json(r, &c.leases),
+        exec: exec_lease,
+    },
 ];
+
+/// The S3 lease as read back (walshipper::lock): parsed, bounded, described.
+fn exec_lease(input: &[u8], _: &Corpus) {
+    if let Some(l) = walshipper::lock::LeaseBody::parse(input) {
+        let d = l.describe();
+        assert!(
+            !d.chars().any(char::is_control),
+            "control character in {d:?}"
+        );
+    }
+}
 
 fn gen_bytes(rng: &mut Rng, seeds: &[Vec<u8>]) -> Vec<u8> {
     if rng.chance(3) {
