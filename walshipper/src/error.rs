@@ -29,7 +29,7 @@ pub enum Error {
     Corrupt { key: String, reason: String },
 
     /// The passphrase does not open the repository's key.
-    #[error("wrong passphrase: it does not unlock key {key_id} of the repository (check [encryption] passphrase_file or WALSHIPPER_PASSPHRASE)")]
+    #[error("wrong passphrase: it does not unlock key {key_id} of the repository (check [encryption] passphrase_file or WALSHIPPER_PASSPHRASE; if the passphrase is right, keys/{key_id}.json was altered: restore it from another copy of the repository)")]
     WrongPassphrase { key_id: String },
 
     /// The object asked for is not in the repository.

@@ -44,6 +44,8 @@ const MIN_SALT_LEN: usize = 16;
 const MAX_SALT_LEN: usize = 64;
 /// A key file is a few hundred bytes; anything larger is not one.
 pub const MAX_KEY_FILE_LEN: usize = 16 << 10;
+/// Version 2 authenticates every field of the file (see [`KeyFile::aad`]).
+pub const KEY_FILE_VERSION: u32 = 2;
 
 /// `[encryption] mode`: whether this host requires the repository to be
 /// encrypted. The local configuration decides, never the repository.
@@ -252,14 +254,18 @@ impl KeyFile {
             ))
         })?;
         let kek = argon2_kek(passphrase, &kdf)?;
-        let wrapped = seal(&kek, &id, &key.key)?;
-        let file = KeyFile {
-            version: 1,
+        let mut file = KeyFile {
+            version: KEY_FILE_VERSION,
             key_id: hex::encode(id),
             created_at: chrono::Utc::now().to_rfc3339(),
             kdf,
-            wrapped,
+            wrapped: WrappedKey {
+                algorithm: "aes-256-gcm".into(),
+                nonce: String::new(),
+                ciphertext: String::new(),
+            },
         };
+        file.wrapped = seal(&kek, &file.aad(), &key.key)?;
         Ok((file, key))
     }
 
@@ -282,9 +288,9 @@ impl KeyFile {
         }
         let file: KeyFile =
             serde_json::from_slice(body).map_err(|e| bad(format!("not a key file: {e}")))?;
-        if file.version != 1 {
+        if file.version != KEY_FILE_VERSION {
             return Err(bad(format!(
-                "unsupported key file version {}",
+                "key file version {} is not {KEY_FILE_VERSION}, the only one this walshipper reads",
                 file.version
             )));
         }
@@ -294,9 +300,40 @@ impl KeyFile {
                 file.key_id
             )));
         }
+        if file.created_at.len() > 64
+            || chrono::DateTime::parse_from_rfc3339(&file.created_at).is_err()
+        {
+            return Err(bad(format!(
+                "created_at {:.40?} is not an RFC 3339 time",
+                file.created_at
+            )));
+        }
         file.kdf.check().map_err(bad)?;
         file.wrapped.check().map_err(bad)?;
         Ok(file)
+    }
+
+    /// The associated data of the wrapped key: every other field of the
+    /// file, so that no byte of it can change without the unwrap failing
+    /// (a changed cost or salt already fails, but `created_at` would not).
+    /// Fields are length-prefixed so that no two files share an encoding.
+    fn aad(&self) -> Vec<u8> {
+        let mut a = b"walshipper key file v2".to_vec();
+        let k = &self.kdf;
+        for field in [
+            self.key_id.as_bytes(),
+            self.created_at.as_bytes(),
+            k.algorithm.as_bytes(),
+            &k.memory_kib.to_be_bytes(),
+            &k.iterations.to_be_bytes(),
+            &k.parallelism.to_be_bytes(),
+            k.salt.as_bytes(),
+            self.wrapped.algorithm.as_bytes(),
+        ] {
+            a.extend_from_slice(&(field.len() as u32).to_be_bytes());
+            a.extend_from_slice(field);
+        }
+        a
     }
 
     pub fn id_bytes(&self) -> Result<[u8; 16]> {
@@ -310,7 +347,7 @@ impl KeyFile {
     pub fn unlock(&self, passphrase: &[u8]) -> Result<DataKey> {
         let id = self.id_bytes()?;
         let kek = argon2_kek(passphrase, &self.kdf)?;
-        match open(&kek, &id, &self.wrapped)? {
+        match open(&kek, &self.aad(), &self.wrapped)? {
             Some(key) => Ok(DataKey { id, key }),
             None => Err(Error::WrongPassphrase {
                 key_id: self.key_id.clone(),
@@ -594,6 +631,27 @@ mod tests {
             KeyFile::create(b"pw", 1024, 1),
             Err(Error::Invalid(_))
         ));
+    }
+
+    #[test]
+    fn every_field_of_a_key_file_is_authenticated() {
+        let (file, _) = KeyFile::create(b"pw", MIN_KDF_MEMORY_KIB, 1).unwrap();
+        let id = file.key_id.clone();
+        let v = serde_json::to_value(&file).unwrap();
+        let mut later = v.clone();
+        later["created_at"] = "2020-01-01T00:00:00+00:00".into();
+        let f = KeyFile::parse(&id, &serde_json::to_vec(&later).unwrap()).unwrap();
+        assert!(matches!(
+            f.unlock(b"pw"),
+            Err(Error::WrongPassphrase { .. })
+        ));
+        let mut junk = v.clone();
+        junk["created_at"] = "yesterday".into();
+        assert!(KeyFile::parse(&id, &serde_json::to_vec(&junk).unwrap()).is_err());
+        let mut old = v;
+        old["version"] = 1.into();
+        let err = KeyFile::parse(&id, &serde_json::to_vec(&old).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("version 1"), "{err}");
     }
 
     #[test]

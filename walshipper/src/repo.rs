@@ -717,6 +717,42 @@ impl Repository {
         file.unlock(pass).map(Some)
     }
 
+    /// Reads every key file back and unwraps it with the passphrase, never
+    /// from the host's key cache: `verify` must prove the repository itself
+    /// still opens, as a new host would need it to. Returns the problems.
+    pub fn check_key_files(&self) -> Result<Vec<String>> {
+        let Some(u) = &self.unlocker else {
+            return Ok(Vec::new());
+        };
+        let mut problems = Vec::new();
+        for obj in self.storage.list(layout::KEYS_PREFIX)? {
+            let id = match layout::parse(&obj.key) {
+                Some(layout::ObjectName::KeyFile { key_id }) => key_id,
+                _ => {
+                    problems.push(format!(
+                        "foreign object {:?} among the key files (ignored)",
+                        obj.key
+                    ));
+                    continue;
+                }
+            };
+            match self.unlock_file(&id, &u.pass) {
+                Ok(Some(k)) => {
+                    let known = self.keys.read().unwrap_or_else(|p| p.into_inner());
+                    if known.get(&k.id).is_some_and(|c| c.key != k.key) {
+                        problems.push(format!(
+                            "key file {}: unwraps to another key than the one in use",
+                            obj.key
+                        ));
+                    }
+                }
+                Ok(None) => problems.push(format!("key file {} vanished while read", obj.key)),
+                Err(e) => problems.push(format!("key file {}: {e}", obj.key)),
+            }
+        }
+        Ok(problems)
+    }
+
     /// Unlocks the key an object names, if this repository may hold it.
     /// Returns whether a new key is now available. A key file that is
     /// missing, bogus or doesn't open is skipped with a warning: only the

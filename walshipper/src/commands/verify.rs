@@ -54,6 +54,7 @@ pub fn run(
     }
     let backups = scan.backups;
     if backup.is_none() {
+        problems.extend(repo.check_key_files()?);
         // Keys under backups/ that walshipper would not write: never used,
         // but someone put them there.
         for obj in repo.storage.list(layout::BACKUPS_PREFIX)? {
