@@ -1,6 +1,20 @@
 -- pg_backup catalog (schema backup). The control plane's record of what to
 -- back up, when, and what happened. It never holds a secret: keys and
 -- credentials live in walshipper's configuration.
+--
+-- Nobody but the extension's owner writes these tables: operators act
+-- through the SECURITY DEFINER functions of the other files, monitors read
+-- (sql/security.sql grants both). Every function has search_path pinned to
+-- pg_catalog, pg_temp (sql/security.sql), so it names everything else with
+-- its schema.
+
+-- Who is acting: inside a SECURITY DEFINER function current_user is the
+-- extension's owner, so the caller is the role set with SET ROLE, else the
+-- session's user. Recorded in every audit row and "by" column.
+CREATE FUNCTION backup._caller() RETURNS name LANGUAGE sql STABLE
+SET search_path = pg_catalog, pg_temp
+AS $$ SELECT CASE WHEN current_setting('role') IN ('none', '') THEN session_user
+                  ELSE current_setting('role')::name END $$;
 
 CREATE TABLE backup.backup_jobs (
     job_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -10,23 +24,17 @@ CREATE TABLE backup.backup_jobs (
     schedule        text NOT NULL,
     timezone        text NOT NULL DEFAULT 'UTC',
     active          boolean NOT NULL DEFAULT true,
-    retention_full_count integer CHECK (retention_full_count > 0),
-    retention_window interval CHECK (retention_window > interval '0'),
-    -- Grandfather-father-son: how many days, weeks, months and years keep
-    -- their newest backup, counted in the job's time zone. NULL = not set;
-    -- with every retention column NULL, walshipper's configured policy applies.
-    retention_keep_daily   integer CHECK (retention_keep_daily >= 0),
-    retention_keep_weekly  integer CHECK (retention_keep_weekly >= 0),
-    retention_keep_monthly integer CHECK (retention_keep_monthly >= 0),
-    retention_keep_yearly  integer CHECK (retention_keep_yearly >= 0),
-    options         jsonb NOT NULL DEFAULT '{}' CHECK (jsonb_typeof(options) = 'object'),
+    -- The walshipper repository it backs up to (a [[repo]] name); NULL: the
+    -- primary (the first configured). Retention is the repository's, not
+    -- the job's: see backup.retention_policies.
+    repository      text CHECK (repository ~ '^[A-Za-z0-9_-]{1,63}$'),
     next_run_at     timestamptz,
-    created_by      name NOT NULL DEFAULT current_user,
+    created_by      name NOT NULL DEFAULT backup._caller(),
     created_at      timestamptz NOT NULL DEFAULT now(),
-    updated_by      name NOT NULL DEFAULT current_user,
+    updated_by      name NOT NULL DEFAULT backup._caller(),
     updated_at      timestamptz NOT NULL DEFAULT now()
 );
-COMMENT ON TABLE backup.backup_jobs IS 'Scheduled backups: what kind, when (cron in a time zone), how long to keep.';
+COMMENT ON TABLE backup.backup_jobs IS 'Scheduled backups: what kind, when (cron in a time zone), into which repository.';
 
 CREATE TABLE backup.backup_executions (
     execution_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
@@ -36,7 +44,9 @@ CREATE TABLE backup.backup_executions (
     kind            text NOT NULL CHECK (kind IN ('full', 'diff', 'incr')),
     status          text NOT NULL DEFAULT 'queued'
                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
-    requested_by    name NOT NULL DEFAULT current_user,
+    requested_by    name NOT NULL DEFAULT backup._caller(),
+    -- The repository it backs up to; NULL: the primary.
+    repository      text CHECK (repository ~ '^[A-Za-z0-9_-]{1,63}$'),
     queued_at       timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
@@ -46,15 +56,19 @@ CREATE TABLE backup.backup_executions (
     start_lsn       pg_lsn,
     stop_lsn        pg_lsn,
     timeline        integer,
-    backup_id       text,
+    -- walshipper's id (it lands in shell commands restore_plan prints).
+    backup_id       text CHECK (backup_id ~ '^[0-9]{8}-[0-9]{6}[FDI]([1-9][0-9]{0,2})?$'),
     size_bytes      bigint CHECK (size_bytes >= 0),
     stored_bytes    bigint CHECK (stored_bytes >= 0),
     bytes_done      bigint CHECK (bytes_done >= 0),
     bytes_total     bigint CHECK (bytes_total >= 0),
     error           text,
+    -- walshipper's advice for the failure (its JSON error event's hint).
+    error_hint      text,
     summary         jsonb,
     worker_pid      integer,
-    -- When walshipper expire removed this backup from the repository.
+    -- When walshipper expire removed this backup from its repository (the
+    -- one it was taken into; copies elsewhere: backup.repository_backups).
     expired_at      timestamptz,
     CHECK (started_at IS NULL OR started_at >= queued_at),
     CHECK (finished_at IS NULL OR finished_at >= coalesce(started_at, queued_at)),
@@ -75,11 +89,13 @@ CREATE INDEX backup_executions_backup_id ON backup.backup_executions (backup_id)
 CREATE INDEX backup_executions_succeeded ON backup.backup_executions (finished_at) WHERE status = 'succeeded';
 
 CREATE TABLE backup.restore_points (
-    name            text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 63),
+    -- Names land in postgresql.auto.conf and in shell commands: only
+    -- characters neither needs to escape.
+    name            text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
     lsn             pg_lsn NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     timeline        integer NOT NULL,
-    created_by      name NOT NULL DEFAULT current_user,
+    created_by      name NOT NULL DEFAULT backup._caller(),
     note            text
 );
 COMMENT ON TABLE backup.restore_points IS 'Named points to restore to (walshipper restore --target-name).';
@@ -104,13 +120,54 @@ CREATE UNIQUE INDEX alerts_one_open ON backup.alerts (kind, subject) WHERE resol
 CREATE TABLE backup.audit_log (
     audit_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     at              timestamptz NOT NULL DEFAULT now(),
-    actor           name NOT NULL DEFAULT current_user,
+    actor           name NOT NULL DEFAULT backup._caller(),
     action          text NOT NULL,
     object_type     text NOT NULL,
     object_name     text,
     details         jsonb NOT NULL DEFAULT '{}'
 );
 CREATE INDEX audit_log_at ON backup.audit_log (at DESC);
+
+-- Append-only: rows are never changed or removed, except by a superuser
+-- (who could drop the trigger anyway). Nothing in the extension does either.
+CREATE FUNCTION backup._audit_log_append_only() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NOT coalesce((SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user), false) THEN
+        RAISE EXCEPTION 'backup.audit_log is append-only (% refused)', TG_OP
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'Audit rows are kept for good; only a superuser may remove them.';
+    END IF;
+    RETURN CASE WHEN TG_OP = 'DELETE' THEN OLD ELSE NEW END;
+END
+$$;
+CREATE TRIGGER audit_log_append_only BEFORE UPDATE OR DELETE ON backup.audit_log
+    FOR EACH ROW EXECUTE FUNCTION backup._audit_log_append_only();
+CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON backup.audit_log
+    FOR EACH STATEMENT EXECUTE FUNCTION backup._audit_log_append_only();
+
+-- Retention belongs to a repository: the policy `walshipper expire --repo`
+-- applies to it after every backup. A repository without a row keeps the
+-- policy of walshipper's configuration. Changed only through
+-- backup.retention_set() and backup.retention_reset(), which audit it.
+CREATE TABLE backup.retention_policies (
+    repository      text PRIMARY KEY CHECK (repository ~ '^[A-Za-z0-9_-]{1,63}$'),
+    keep_full       integer CHECK (keep_full >= 1),
+    recovery_window interval CHECK (recovery_window > interval '0'),
+    -- Grandfather-father-son: how many days, weeks, months and years keep
+    -- their newest backup, counted in timezone.
+    keep_daily      integer CHECK (keep_daily >= 0),
+    keep_weekly     integer CHECK (keep_weekly >= 0),
+    keep_monthly    integer CHECK (keep_monthly >= 0),
+    keep_yearly     integer CHECK (keep_yearly >= 0),
+    timezone        text NOT NULL DEFAULT 'UTC',
+    updated_by      name NOT NULL DEFAULT backup._caller(),
+    updated_at      timestamptz NOT NULL DEFAULT now(),
+    CHECK (coalesce(keep_full, 0) + coalesce(keep_daily, 0) + coalesce(keep_weekly, 0)
+           + coalesce(keep_monthly, 0) + coalesce(keep_yearly, 0) > 0 OR recovery_window IS NOT NULL)
+);
+COMMENT ON TABLE backup.retention_policies IS 'Retention of each repository, applied by walshipper expire after every backup.';
 
 -- What each configured repository holds, as `walshipper info --json` last
 -- reported it (refreshed by the scheduler every pg_backup.repo_status_interval).
@@ -127,6 +184,16 @@ CREATE TABLE backup.repository_status (
     last_backup_stop timestamptz,
     position        integer NOT NULL,
     checked_at      timestamptz NOT NULL DEFAULT now()
+);
+
+-- Which repository holds which backup, as walshipper last reported it
+-- (info --json every pg_backup.repo_status_interval; expire reports remove
+-- rows at once). A backup copied by repo-sync appears here for each copy.
+CREATE TABLE backup.repository_backups (
+    repository      text NOT NULL,
+    backup_id       text NOT NULL,
+    seen_at         timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (repository, backup_id)
 );
 
 REVOKE ALL ON ALL TABLES IN SCHEMA backup FROM PUBLIC;

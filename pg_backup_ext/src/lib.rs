@@ -1,7 +1,7 @@
 //! pg_backup_ext: the control plane of pg_backup inside PostgreSQL.
 //!
-//! Thin by design: the catalog (sql/catalog.sql), SQL entry points
-//! (sql/jobs.sql and the functions below) and, later, scheduling live here;
+//! Thin by design: the catalog and SQL API (sql/*.sql), the scheduler
+//! (worker.rs) and the few C-level functions below live here;
 //! every byte of backup data is handled by the `walshipper` binary, which
 //! this extension launches and never links.
 
@@ -14,16 +14,58 @@ pub mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
 
+// The SQL, split by concern (see each file's head); security.sql pins every
+// function's search_path and sets the privileges, last.
 extension_sql_file!("../../sql/catalog.sql", name = "catalog", bootstrap);
+extension_sql_file!("../../sql/common.sql", name = "common");
+extension_sql_file!(
+    "../../sql/alerts.sql",
+    name = "alerts",
+    requires = ["common"]
+);
 extension_sql_file!(
     "../../sql/jobs.sql",
     name = "jobs",
-    requires = [cron_next_epoch, cron_check]
+    requires = ["common", cron_next_epoch, cron_check]
+);
+extension_sql_file!(
+    "../../sql/restore_points.sql",
+    name = "restore_points",
+    requires = ["common"]
+);
+extension_sql_file!(
+    "../../sql/retention.sql",
+    name = "retention",
+    requires = ["jobs", "alerts"]
+);
+extension_sql_file!(
+    "../../sql/restore.sql",
+    name = "restore",
+    requires = ["common"]
 );
 extension_sql_file!(
     "../../sql/runs.sql",
     name = "runs",
-    requires = ["jobs", _run_in_worker],
+    requires = ["jobs", _run_in_worker]
+);
+extension_sql_file!(
+    "../../sql/scheduler.sql",
+    name = "scheduler",
+    requires = ["jobs", "alerts", "retention"]
+);
+extension_sql_file!("../../sql/views.sql", name = "views", requires = ["common"]);
+extension_sql_file!(
+    "../../sql/security.sql",
+    name = "security",
+    requires = [
+        "runs",
+        "scheduler",
+        "views",
+        "restore",
+        "restore_points",
+        "retention",
+        version
+    ],
     finalize
 );
 
@@ -44,19 +86,22 @@ pub extern "C-unwind" fn _PG_init() {
         .load();
 }
 
-/// Runs a backup now in a background worker of its own and waits for it
-/// (backup_run(wait => true)). The worker records the run in its own
-/// transactions, so the outcome stays in backup.backup_executions even when
-/// the caller's transaction ends in an error. Returns the execution id.
+/// Runs backup `execution_id` now in a background worker of its own and
+/// waits for it (backup_run(wait => true), which took the id). The worker
+/// records the run, its audit row and its outcome in its own transactions,
+/// so they stay in the catalog even when the caller's transaction ends in
+/// an error. `requester`: the role asking, recorded as such.
 #[pg_extern]
-fn _run_in_worker(job_id: Option<i64>, kind: &str) -> i64 {
+fn _run_in_worker(execution_id: i64, job_id: Option<i64>, kind: &str, requester: Option<i64>) {
     // SAFETY: reading the backend's own identity.
-    let (db, user, me) = unsafe { (pg_sys::MyDatabaseId, pg_sys::GetUserId(), pg_sys::MyProcPid) };
+    let (db, me) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+    // bgw_extra holds 128 bytes: numbers and the kind only.
     let extra = format!(
-        "{} {} {} {kind}",
+        "{} {} {} {} {kind}",
         u32::from(db),
-        u32::from(user),
-        job_id.unwrap_or(0)
+        execution_id,
+        job_id.unwrap_or(0),
+        requester.unwrap_or(0)
     );
     let worker = pgrx::bgworkers::BackgroundWorkerBuilder::new("pg_backup run")
         .set_function("pg_backup_run_main")
@@ -71,26 +116,13 @@ fn _run_in_worker(job_id: Option<i64>, kind: &str) -> i64 {
                 hint: "Raise max_worker_processes, or use backup_run() without wait and let the scheduler run it.".into(),
             })
         });
-    let pid = match worker.wait_for_startup() {
-        Ok(pid) => pid,
-        Err(_) => raise(schedule::ScheduleError {
+    if worker.wait_for_startup().is_err() {
+        raise(schedule::ScheduleError {
             message: "the backup worker did not start".into(),
             hint: "See the server log.".into(),
-        }),
-    };
-    let _ = worker.wait_for_shutdown();
-    Spi::get_one_with_args::<i64>(
-        "SELECT execution_id FROM backup.backup_executions WHERE worker_pid = $1 ORDER BY execution_id DESC LIMIT 1",
-        &[(pid as i32).into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| {
-        raise(schedule::ScheduleError {
-            message: "the backup worker ended without recording a run".into(),
-            hint: "Another run of this job may have started at the same moment; see backup.running_backups and the server log.".into(),
         })
-    })
+    }
+    let _ = worker.wait_for_shutdown();
 }
 
 /// The extension's version, e.g. `SELECT backup.version();`
@@ -215,7 +247,7 @@ mod tests {
             Some("1".into())
         );
         Spi::run("INSERT INTO backup.backup_executions (job_id, kind, status, started_at) SELECT job_id, 'full', 'running', now() FROM backup.backup_jobs").expect("run");
-        Spi::run("SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'succeeded', '{\"backup_id\":\"b1\",\"start_lsn\":\"0/1\",\"stop_lsn\":\"0/2\",\"size\":10,\"stored_size\":5,\"timeline\":1}', NULL, 1, 60)").expect("finish");
+        Spi::run("SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'succeeded', '{\"backup_id\":\"20260101-000000F\",\"start_lsn\":\"0/1\",\"stop_lsn\":\"0/2\",\"size\":10,\"stored_size\":5,\"timeline\":1}', NULL, 1, 60)").expect("finish");
         assert_eq!(
             one("SELECT count(*)::text FROM backup.alerts WHERE resolved_at IS NULL"),
             Some("0".into())
@@ -261,8 +293,8 @@ mod tests {
     }
 
     #[pg_test]
-    fn diff_and_incr_jobs_and_retention_are_validated() {
-        // diff and incr jobs and runs are accepted now.
+    fn retention_belongs_to_repositories_and_is_validated() {
+        // diff and incr jobs and runs are accepted.
         Spi::run("SELECT backup.job_create('hourly_incr', '0 * * * *', kind => 'incr')")
             .expect("incr job");
         Spi::run("SELECT backup.backup_run(kind => 'diff')").expect("diff run");
@@ -272,90 +304,88 @@ mod tests {
         );
 
         let e =
-            error_of("SELECT backup.job_create('gfs', '0 1 * * *', retention_keep_daily => -1)")
-                .expect("refused");
+            error_of("SELECT backup.retention_set('repo1', keep_daily => -1)").expect("refused");
         assert!(
-            e.starts_with("retention_keep_daily must be 0 or more, not -1 | "),
+            e.starts_with("keep_daily must be 0 or more, not -1 | "),
             "{e}"
         );
-        let e =
-            error_of("SELECT backup.job_create('gfs', '0 1 * * *', retention_keep_yearly => -3)")
-                .expect("refused");
-        assert!(e.contains("retention_keep_yearly must be 0 or more"), "{e}");
-        let e = error_of(
-            "SELECT backup.job_create('gfs', '0 1 * * *', retention_keep_daily => 0, retention_keep_weekly => 0)",
-        )
-        .expect("refused");
+        let e = error_of("SELECT backup.retention_set('repo1', keep_daily => 0, keep_weekly => 0)")
+            .expect("refused");
         assert!(e.contains("keeps no backup"), "{e}");
+        let e =
+            error_of("SELECT backup.retention_set('bad name', keep_full => 1)").expect("refused");
+        assert!(e.contains("invalid repository name"), "{e}");
 
-        // A full job's window must cover the time between two of its backups.
-        let e = error_of(
-            "SELECT backup.job_create('weekly', '0 3 * * 0', retention_window => '1 day')",
-        )
-        .expect("refused");
+        // A recovery window must cover the time between the full backups
+        // into the repository (jobs without one back up to the primary).
+        Spi::run("SELECT backup.job_create('weekly', '0 3 * * 0')").expect("weekly");
+        let e = error_of("SELECT backup.retention_set('repo1', recovery_window => '1 day')")
+            .expect("refused");
         assert_eq!(
             e,
-            "retention_window 1 day is shorter than the 7 days between full backups of job \"weekly\" | \
+            "recovery_window 1 day is shorter than the 7 days between full backups into repository \"repo1\" | \
              Full backups up to 7 days apart cannot give a recovery window of 1 day without keeping the previous \
-             full backup too: set retention_window to at least 7 days, or schedule full backups more often."
+             full backup too: set recovery_window to at least 7 days, or schedule full backups more often."
         );
-        // Week days only: the weekend is the longest gap.
-        let e = error_of(
-            "SELECT backup.job_create('workdays', '0 2 * * 1-5', retention_window => '1 day')",
-        )
-        .expect("refused");
-        assert!(e.contains("at least 3 days"), "{e}");
-        // What fits is accepted: calendar months, a window as long as the gap,
-        // and any window on an incr job (retention is the repository's).
-        for ok in [
-            "SELECT backup.job_create('weekly', '0 3 * * 0', retention_window => '7 days', retention_full_count => 2)",
-            "SELECT backup.job_create('monthly', '0 3 1 * *', retention_window => '1 mon', timezone => 'Europe/Berlin')",
-            "SELECT backup.job_create('daily', '30 2 * * *', retention_window => '24 hours', timezone => 'Europe/Berlin')",
-            "SELECT backup.job_create('weekly_incr', '0 4 * * 0', kind => 'incr', retention_window => '1 hour')",
-        ] {
-            assert_eq!(error_of(ok), None, "{ok}");
-        }
-        // Altering into a short window is refused too.
-        let e = error_of("SELECT backup.job_alter('weekly', retention_window => '2 days')")
+        // A second full job on work days: the longest gap is now Friday
+        // 02:00 to Sunday 03:00 (the weekly job's).
+        Spi::run("SELECT backup.job_create('workdays', '0 2 * * 1-5')").expect("workdays");
+        let e = error_of("SELECT backup.retention_set('repo1', recovery_window => '1 day')")
             .expect("refused");
-        assert!(e.contains("shorter than the 7 days"), "{e}");
-
-        // GFS columns, and the flags expiry passes to walshipper.
+        assert!(e.contains("shorter than the 2 days 01:00:00"), "{e}");
+        assert_eq!(
+            error_of(
+                "SELECT backup.retention_set('repo1', recovery_window => '3 days', keep_full => 2)"
+            ),
+            None
+        );
+        // A job into another repository does not count for repo1.
         Spi::run(
-            "SELECT backup.job_create('gfs', '15 1 * * *', timezone => 'Europe/Berlin', retention_full_count => 2,
-                    retention_window => '7 days', retention_keep_daily => 7, retention_keep_weekly => 4)",
+            "SELECT backup.job_create('offsite_monthly', '0 3 1 * *', repository => 'offsite')",
+        )
+        .expect("offsite job");
+        assert_eq!(
+            error_of(
+                "SELECT backup.retention_set('repo1', recovery_window => '3 days', keep_full => 2)"
+            ),
+            None
+        );
+        let e = error_of("SELECT backup.retention_set('offsite', recovery_window => '7 days')")
+            .expect("refused");
+        assert!(e.contains("repository \"offsite\""), "{e}");
+
+        // GFS, and the flags expiry passes to walshipper for each repository.
+        Spi::run(
+            "SELECT backup.retention_set('offsite', timezone => 'Europe/Berlin', keep_full => 2,
+                    recovery_window => '31 days', keep_daily => 7, keep_weekly => 4, keep_monthly => 12, keep_yearly => 0)",
         )
         .expect("gfs");
-        Spi::run("SELECT backup.job_alter('gfs', retention_keep_monthly => 12, retention_keep_yearly => 0)")
-            .expect("alter");
         assert_eq!(
-            one("SELECT concat_ws(' ', retention_keep_daily, retention_keep_weekly, retention_keep_monthly, retention_keep_yearly) FROM backup.backup_jobs WHERE name = 'gfs'"),
-            Some("7 4 12 0".into())
+            one("SELECT string_agg(coalesce(repository, '-') || ' ' || args::text, '; ' ORDER BY repository) FROM backup._sched_expire_plan()"),
+            Some("offsite {--keep-full,2,--recovery-window,2678400s,--keep-daily,7,--keep-weekly,4,--keep-monthly,12,--keep-yearly,0,--timezone,Europe/Berlin}; \
+                  repo1 {--keep-full,2,--recovery-window,259200s}".into())
         );
-        Spi::run("INSERT INTO backup.backup_executions (job_id, kind) SELECT job_id, 'full' FROM backup.backup_jobs WHERE name = 'gfs'").expect("run");
+        // Back to walshipper's configured policy: flags no more.
+        Spi::run("SELECT backup.retention_reset('repo1')").expect("reset");
         assert_eq!(
-            one("SELECT backup._sched_expire_args(max(execution_id))::text FROM backup.backup_executions"),
-            Some("{--keep-full,2,--recovery-window,604800s,--keep-daily,7,--keep-weekly,4,--keep-monthly,12,--keep-yearly,0,--timezone,Europe/Berlin}".into())
-        );
-        // A run without a job, or a job without retention: walshipper's policy.
-        assert_eq!(
-            one("SELECT backup._sched_expire_args(min(execution_id))::text FROM backup.backup_executions"),
-            Some("{}".into())
+            one("SELECT args::text FROM backup._sched_expire_plan() WHERE repository = 'repo1'"),
+            None
         );
         assert_eq!(
-            one("SELECT backup._sched_expire_args(-1)::text"),
-            Some("{}".into())
+            one("SELECT string_agg(action || ':' || object_name || ':' || coalesce(details->'policy'->>'keep_monthly', '-'), ' ' ORDER BY audit_id) FROM backup.audit_log WHERE object_type = 'retention'"),
+            Some("set:repo1:- set:repo1:- set:offsite:12 reset:repo1:-".into())
         );
+        // Before walshipper reported its repositories: one plan, no flags.
+        Spi::run("TRUNCATE backup.retention_policies").expect("truncate");
         assert_eq!(
-            one("SELECT details->'retention'->>'keep_monthly' FROM backup.audit_log WHERE action = 'alter' AND object_name = 'gfs'"),
-            Some("12".into())
+            one("SELECT coalesce(repository, 'all') || ' ' || args::text FROM backup._sched_expire_plan()"),
+            Some("all {}".into())
         );
     }
 
     /// A week of backups, two chains; expiry removes the older chain.
     fn two_chains() {
-        Spi::run("SELECT backup.job_create('nightly', '30 2 * * *', kind => 'incr', retention_full_count => 1)")
-            .expect("job");
+        Spi::run("SELECT backup.job_create('nightly', '30 2 * * *', kind => 'incr')").expect("job");
         for (id, kind, stop, chain) in [
             (
                 "20251110-023000F",
@@ -408,11 +438,11 @@ mod tests {
     fn expiry_is_recorded() {
         two_chains();
         let last = "(SELECT max(execution_id) FROM backup.backup_executions)";
-        // A failure raises one alert with walshipper's reason.
-        Spi::run(&format!("SELECT backup._sched_expire_done(NULL, {last}, 'cannot list s3://b/p: HTTP 403 (exit 3)')")).expect("failed");
+        // A failure raises one alert per repository with walshipper's reason.
+        Spi::run(&format!("SELECT backup._sched_expire_done(NULL, {last}, 'cannot list s3://b/p: HTTP 403 (exit 3)', 'repo1')")).expect("failed");
         assert_eq!(
             one(&format!("SELECT kind || ' ' || severity || ' ' || subject || ': ' || replace(message, 'backup ' || {last} || ' ', 'backup N ') FROM backup.alerts WHERE resolved_at IS NULL")),
-            Some("expire_failed warning walshipper expire: expiry after backup N failed: cannot list s3://b/p: HTTP 403 (exit 3)".into())
+            Some("expire_failed warning walshipper expire repo1: expiry of repository repo1 after backup N failed: cannot list s3://b/p: HTTP 403 (exit 3)".into())
         );
         // A dry run is audited and changes nothing else.
         Spi::run_with_args(
@@ -438,19 +468,25 @@ mod tests {
             one("SELECT count(*)::text FROM backup.alerts WHERE resolved_at IS NULL"),
             Some("0".into())
         );
-        // One audit row: by the job's owner, the report without the kept
+        // One audit row: by the scheduler, the report without the kept
         // list's details, the kept ids, what it followed.
         assert_eq!(
-            one("SELECT (actor = (SELECT created_by FROM backup.backup_jobs))::text || ' ' || object_type || ' ' || object_name
+            one("SELECT actor || ' ' || object_type || ' ' || object_name
                    || ' ' || (details->'kept')::text || ' ' || (details->>'bytes_freed') || ' ' || (details->>'wal_removed')
-                   || ' ' || jsonb_array_length(details->'removed') || ' ' || (details->>'job') || ' ' || (details ? 'policy')
+                   || ' ' || jsonb_array_length(details->'removed') || ' ' || (details ? 'policy')
                    FROM backup.audit_log WHERE action = 'expire' AND NOT (details->>'dry_run')::boolean"),
-            Some("true repository repo1 [\"20251120-023000F\", \"20251121-023000I\"] 53477376 17 2 nightly true".into())
+            Some("scheduler repository repo1 [\"20251120-023000F\", \"20251121-023000I\"] 53477376 17 2 true".into())
         );
         // Reported twice (a retry): nothing more to mark.
         let n = Spi::get_one_with_args::<i32>(
             &format!("SELECT backup._sched_expire_done($1::jsonb, {last})"),
             &[EXPIRE_REPORT.into()],
+        );
+        assert_eq!(n, Ok(Some(0)));
+        // The report of another repository does not expire what this one holds.
+        let n = Spi::get_one_with_args::<i32>(
+            "SELECT backup._sched_expire_done(jsonb_set($1::jsonb, '{repository}', '\"offsite\"'), 1)",
+            &[EXPIRE_REPORT.replace("20251120", "20251121").into()],
         );
         assert_eq!(n, Ok(Some(0)));
 

@@ -20,16 +20,37 @@ pub struct Run {
     pub bytes_done: i64,
     pub bytes_total: i64,
     pub done_event: Option<serde_json::Value>,
+    /// walshipper's error event (`{"event":"error", ...}`), if it printed one.
+    pub error_event: Option<serde_json::Value>,
 }
 
 pub enum Outcome {
     Succeeded(serde_json::Value),
-    Failed(String),
+    /// The reason, and walshipper's hint when its error event gave one.
+    Failed(String, Option<String>),
 }
 
-pub fn spawn(exe: &str, config: &str, execution_id: i64, kind: &str) -> Result<Run, String> {
+impl Outcome {
+    pub fn failed(reason: impl Into<String>) -> Outcome {
+        Outcome::Failed(reason.into(), None)
+    }
+}
+
+/// `walshipper --config CONFIG [--repo REPO] backup --json --type KIND`.
+pub fn spawn(
+    exe: &str,
+    config: &str,
+    repo: Option<&str>,
+    execution_id: i64,
+    kind: &str,
+) -> Result<Run, String> {
+    let mut args = vec!["--config", config];
+    if let Some(r) = repo {
+        args.extend(["--repo", r]);
+    }
+    args.extend(["backup", "--json", "--type", kind]);
     let mut child = Command::new(exe)
-        .args(["--config", config, "backup", "--json", "--type", kind])
+        .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -69,6 +90,7 @@ pub fn spawn(exe: &str, config: &str, execution_id: i64, kind: &str) -> Result<R
         bytes_done: 0,
         bytes_total: 0,
         done_event: None,
+        error_event: None,
     })
 }
 
@@ -85,40 +107,51 @@ impl Run {
                     self.bytes_total = v["bytes_total"].as_i64().unwrap_or(self.bytes_total);
                 }
                 Some("done") => self.done_event = Some(v),
+                Some("error") => self.error_event = Some(v),
                 _ => {}
             }
         }
         let status = match self.child.try_wait() {
             Ok(Some(s)) => s,
             Ok(None) => return None,
-            Err(e) => return Some(Outcome::Failed(format!("cannot wait for walshipper: {e}"))),
+            Err(e) => return Some(Outcome::failed(format!("cannot wait for walshipper: {e}"))),
         };
         // Let the reader threads drain what is left.
         std::thread::sleep(std::time::Duration::from_millis(50));
         while let Ok(line) = self.lines.try_recv() {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                if v["event"] == "done" {
-                    self.done_event = Some(v);
+                match v["event"].as_str() {
+                    Some("done") => self.done_event = Some(v),
+                    Some("error") => self.error_event = Some(v),
+                    _ => {}
                 }
             }
         }
         let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        let reason = err
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("walshipper:"))
-            .map(|l| l.trim_start_matches("walshipper:").trim().to_string())
-            .unwrap_or_else(|| err.lines().last().unwrap_or("").to_string());
+        // walshipper's own words: its error event, else its stderr.
+        let event = self.error_event.take();
+        let reason = event
+            .as_ref()
+            .and_then(|e| e["message"].as_str())
+            .map(str::to_string)
+            .unwrap_or_else(|| failure_reason(&err));
+        let hint = event
+            .as_ref()
+            .and_then(|e| e["hint"].as_str())
+            .map(str::to_string);
         Some(match (status.success(), self.done_event.take()) {
             (true, Some(done)) => Outcome::Succeeded(done),
             (true, None) => {
-                Outcome::Failed("walshipper exited without reporting a finished backup".into())
+                Outcome::failed("walshipper exited without reporting a finished backup")
             }
-            (false, _) => Outcome::Failed(match status.code() {
-                Some(c) if !reason.is_empty() => format!("{reason} (exit {c})"),
-                Some(c) => format!("walshipper exited with status {c}"),
-                None => "walshipper was killed by a signal".into(),
-            }),
+            (false, _) => Outcome::Failed(
+                match status.code() {
+                    Some(c) if !reason.is_empty() => format!("{reason} (exit {c})"),
+                    Some(c) => format!("walshipper exited with status {c}"),
+                    None => "walshipper was killed by a signal".into(),
+                },
+                hint,
+            ),
         })
     }
 
@@ -143,9 +176,14 @@ pub struct Probe {
 pub enum ProbeEnd {
     /// Exit 0, with what it printed on stdout.
     Succeeded(String),
-    /// A non-zero exit (`code` None: killed by a signal) and walshipper's
-    /// one-line reason, if it gave one.
-    Failed { code: Option<i32>, reason: String },
+    /// A non-zero exit (`code` None: killed by a signal), walshipper's
+    /// one-line reason, if it gave one, and what it printed on stdout (an
+    /// expire of every repository reports those that worked).
+    Failed {
+        code: Option<i32>,
+        reason: String,
+        stdout: String,
+    },
 }
 
 impl ProbeEnd {
@@ -226,6 +264,7 @@ impl Probe {
                     return Some(ProbeEnd::Failed {
                         code: None,
                         reason: format!("cannot wait for walshipper: {e}"),
+                        stdout: String::new(),
                     })
                 }
             },
@@ -243,9 +282,20 @@ impl Probe {
         Some(if status.success() {
             ProbeEnd::Succeeded(out)
         } else {
+            // Its error event's message when it printed one (--json).
+            let event = out.lines().rev().find_map(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .filter(|v| v["event"] == "error")
+            });
             ProbeEnd::Failed {
                 code: status.code(),
-                reason: failure_reason(&err),
+                reason: event
+                    .as_ref()
+                    .and_then(|e| e["message"].as_str())
+                    .map(str::to_string)
+                    .unwrap_or_else(|| failure_reason(&err)),
+                stdout: out,
             }
         })
     }

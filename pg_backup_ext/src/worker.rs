@@ -1,9 +1,14 @@
 //! The scheduler: a background worker that wakes every second, queues due
 //! jobs, starts queued runs (up to pg_backup.max_concurrent), follows their
 //! progress, enforces the timeout, honours cancellation, records outcomes,
-//! runs walshipper expire after successful backups, and raises archiving
-//! and RPO alerts. Catalog work is in SQL
-//! (sql/runs.sql, backup._sched_*); this loop only drives it.
+//! runs walshipper expire on every repository after successful backups, and
+//! raises archiving, RPO and worker_error alerts. Catalog work is in SQL
+//! (sql/scheduler.sql and sql/retention.sql, backup._sched_*); this loop
+//! only drives it.
+//!
+//! Both workers connect as the bootstrap superuser and first pin their
+//! search_path to pg_catalog, pg_temp: nothing another role creates in a
+//! schema of the default path can stand in for what their queries name.
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;
@@ -14,6 +19,26 @@ use pgrx::prelude::*;
 use crate::run::{self, Outcome, Probe, ProbeEnd, Run};
 use crate::settings;
 
+/// Run once per connection, before any other query.
+fn pin_search_path() {
+    BackgroundWorker::transaction(|| {
+        if let Err(e) = Spi::run("SET search_path TO pg_catalog, pg_temp") {
+            log!("pg_backup: cannot pin search_path: {e}");
+        }
+    });
+}
+
+/// Failures of this cycle, for the worker_error alert.
+static CYCLE_ERRORS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
+
+/// Logs a failure of the scheduler itself and remembers it for the alert.
+fn worker_error(msg: String) {
+    log!("pg_backup scheduler: {msg}");
+    if let Ok(mut v) = CYCLE_ERRORS.lock() {
+        v.push(msg);
+    }
+}
+
 fn catalog_ready() -> bool {
     Spi::get_one::<bool>("SELECT to_regclass('backup.backup_executions') IS NOT NULL AND to_regprocedure('backup._sched_claim(integer)') IS NOT NULL")
         .ok()
@@ -22,17 +47,18 @@ fn catalog_ready() -> bool {
 }
 
 fn finish(id: i64, outcome: Outcome) {
-    let (status, summary, error) = match outcome {
-        Outcome::Succeeded(v) => ("succeeded", Some(v.to_string()), None),
-        Outcome::Failed(e) if e == "cancelled" => (
+    let (status, summary, error, hint) = match outcome {
+        Outcome::Succeeded(v) => ("succeeded", Some(v.to_string()), None, None),
+        Outcome::Failed(e, _) if e == "cancelled" => (
             "cancelled",
             None,
             Some("cancelled by backup_cancel()".to_string()),
+            None,
         ),
-        Outcome::Failed(e) => ("failed", None, Some(e)),
+        Outcome::Failed(e, hint) => ("failed", None, Some(e), hint),
     };
     let r = Spi::run_with_args(
-        "SELECT backup._sched_finish($1, $2, $3::jsonb, $4, $5, $6)",
+        "SELECT backup._sched_finish($1, $2, $3::jsonb, $4, $5, $6, $7)",
         &[
             id.into(),
             status.to_string().into(),
@@ -40,10 +66,11 @@ fn finish(id: i64, outcome: Outcome) {
             error.into(),
             settings::RETRY_MAX.get().into(),
             settings::RETRY_DELAY.get().into(),
+            hint.into(),
         ],
     );
     if let Err(e) = r {
-        log!("pg_backup scheduler: cannot record the end of run {id}: {e}");
+        worker_error(format!("cannot record the end of run {id}: {e}"));
     }
 }
 
@@ -80,7 +107,7 @@ impl RepoStatus {
                 }
             };
             if let Err(e) = r {
-                log!("pg_backup scheduler: cannot record repository status: {e}");
+                worker_error(format!("cannot record repository status: {e}"));
             }
             return;
         }
@@ -98,6 +125,7 @@ impl RepoStatus {
         match Probe::spawn(&exe, &cfg, &["info", "--json"]) {
             Ok(p) => self.probe = Some(p),
             Err(e) => {
+                worker_error(e.clone());
                 let _ =
                     Spi::run_with_args("SELECT backup._sched_repo_status(NULL, $1)", &[e.into()]);
             }
@@ -111,13 +139,17 @@ impl RepoStatus {
 }
 
 /// `walshipper expire` after successful backups (scheduled, or by
-/// backup_run() in any session): one at a time, started when no backup of
-/// ours runs, with the retention of the backup's job. While one is due or
-/// running the scheduler starts no new backup: either would find the
-/// repository locked (walshipper exit 7).
+/// backup_run() in any session), on every repository with its own policy
+/// (backup._sched_expire_plan()), one repository at a time, started when no
+/// backup of ours runs. While one is due or running the scheduler starts no
+/// new backup: either would find the repository locked (walshipper exit 7).
 #[derive(Default)]
 struct Expiry {
-    probe: Option<(i64, Probe)>,
+    /// The running expire: after which execution, on which repository.
+    probe: Option<(i64, Option<String>, Probe)>,
+    /// Repositories still to expire after `current` (repository, flags).
+    queue: Vec<(Option<String>, Vec<String>)>,
+    current: Option<i64>,
     /// The newest successful execution still to expire after.
     pending: Option<i64>,
     /// Successes of the last minutes already noticed (None before the first look).
@@ -131,12 +163,12 @@ fn expire_timeout() -> Duration {
 
 impl Expiry {
     fn busy(&self) -> bool {
-        self.probe.is_some() || self.pending.is_some()
+        self.probe.is_some() || self.pending.is_some() || !self.queue.is_empty()
     }
 
     fn ready() -> bool {
         Spi::get_one::<bool>(
-            "SELECT to_regprocedure('backup._sched_expire_done(jsonb,bigint,text)') IS NOT NULL",
+            "SELECT to_regprocedure('backup._sched_expire_done(jsonb,bigint,text,text)') IS NOT NULL",
         )
         .ok()
         .flatten()
@@ -149,10 +181,16 @@ impl Expiry {
         }
         self.follow();
         self.notice_successes();
-        if self.probe.is_none() && !backups_running {
+        if self.probe.is_some() || backups_running {
+            return;
+        }
+        if self.queue.is_empty() {
             if let Some(id) = self.pending.take() {
-                self.start(id);
+                self.plan(id);
             }
+        }
+        if !self.queue.is_empty() {
+            self.start_next();
         }
     }
 
@@ -179,18 +217,32 @@ impl Expiry {
         }
     }
 
-    fn start(&mut self, id: i64) {
-        // Never fall back to walshipper's configured policy because the
-        // job's could not be read.
-        let args = match Spi::get_one_with_args::<Vec<String>>(
-            "SELECT backup._sched_expire_args($1)",
-            &[id.into()],
-        ) {
-            Ok(a) => a.unwrap_or_default(),
+    /// The repositories to expire after execution `id`, with their flags.
+    /// Never falls back to walshipper's configured policy because the
+    /// catalog's could not be read.
+    fn plan(&mut self, id: i64) {
+        let plan = Spi::get_one::<String>(
+            "SELECT coalesce(json_agg(json_build_array(repository, args)), '[]')::text FROM backup._sched_expire_plan()",
+        );
+        let rows: Vec<(Option<String>, Vec<String>)> = match plan {
+            Ok(Some(json)) => serde_json::from_str(&json).unwrap_or_default(),
+            Ok(None) => Vec::new(),
             Err(e) => {
-                log!("pg_backup scheduler: expiry after backup {id} skipped: cannot read its retention: {e}");
+                worker_error(format!(
+                    "expiry after backup {id} skipped: cannot read the retention policies: {e}"
+                ));
                 return;
             }
+        };
+        self.current = Some(id);
+        // Popped from the end: the first repository first.
+        self.queue = rows.into_iter().rev().collect();
+    }
+
+    fn start_next(&mut self) {
+        let Some(id) = self.current else {
+            self.queue.clear();
+            return;
         };
         // Not while a backup_run(wait => true) backs up: after it.
         let locked =
@@ -199,18 +251,26 @@ impl Expiry {
                 .flatten()
                 .unwrap_or(false);
         if !locked {
-            self.pending = Some(id);
             return;
         }
+        let Some((repo, args)) = self.queue.pop() else {
+            Self::unlock();
+            return;
+        };
         let exe = settings::string(&settings::WALSHIPPER_PATH);
         let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
-        let mut argv = vec!["expire", "--json"];
+        let mut argv: Vec<&str> = Vec::new();
+        if let Some(r) = &repo {
+            argv.extend(["--repo", r.as_str()]);
+        }
+        argv.extend(["expire", "--json"]);
         argv.extend(args.iter().map(String::as_str));
         match Probe::spawn(&exe, &cfg, &argv) {
-            Ok(p) => self.probe = Some((id, p)),
+            Ok(p) => self.probe = Some((id, repo, p)),
             Err(e) => {
                 Self::unlock();
-                Self::record(None, id, Some(e))
+                worker_error(e.clone());
+                Self::record(None, id, repo.as_deref(), Some(e))
             }
         }
     }
@@ -219,11 +279,19 @@ impl Expiry {
         let _ = Spi::run("SELECT pg_advisory_unlock(backup._repo_lock_key(), 0)");
     }
 
+    /// The expire reports (`{"event":"expire",...}` lines) in its output.
+    fn reports(out: &str) -> Vec<serde_json::Value> {
+        out.lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter(|v| v["event"] == "expire")
+            .collect()
+    }
+
     fn follow(&mut self) {
-        let Some((id, p)) = &mut self.probe else {
+        let Some((id, repo, p)) = &mut self.probe else {
             return;
         };
-        let id = *id;
+        let (id, repo) = (*id, repo.clone());
         let end = match p.poll() {
             Some(end) => end,
             None if p.started.elapsed() > expire_timeout() => {
@@ -234,6 +302,7 @@ impl Expiry {
                         "walshipper expire did not finish within {}s and was stopped",
                         expire_timeout().as_secs()
                     ),
+                    stdout: String::new(),
                 }
             }
             None => return,
@@ -242,26 +311,24 @@ impl Expiry {
         Self::unlock();
         match end {
             ProbeEnd::Succeeded(out) => {
-                let report = out.lines().rev().find_map(|l| {
-                    serde_json::from_str::<serde_json::Value>(l)
-                        .ok()
-                        .filter(|v| v["event"] == "expire")
-                });
-                match report {
-                    Some(r) => {
-                        log!(
-                            "pg_backup scheduler: expiry after backup {id} removed {} backup(s) and {} WAL segment(s), {} bytes",
-                            r["removed"].as_array().map_or(0, Vec::len),
-                            r["wal_removed"].as_i64().unwrap_or(0),
-                            r["bytes_freed"].as_i64().unwrap_or(0)
-                        );
-                        Self::record(Some(r.to_string()), id, None)
-                    }
-                    None => Self::record(
+                let reports = Self::reports(&out);
+                if reports.is_empty() {
+                    Self::record(
                         None,
                         id,
+                        repo.as_deref(),
                         Some("walshipper expire exited 0 without a report".into()),
-                    ),
+                    );
+                }
+                for r in reports {
+                    log!(
+                        "pg_backup scheduler: expiry of repository {} after backup {id} removed {} backup(s) and {} WAL segment(s), {} bytes",
+                        r["repository"].as_str().unwrap_or("?"),
+                        r["removed"].as_array().map_or(0, Vec::len),
+                        r["wal_removed"].as_i64().unwrap_or(0),
+                        r["bytes_freed"].as_i64().unwrap_or(0)
+                    );
+                    Self::record(Some(r.to_string()), id, repo.as_deref(), None)
                 }
             }
             // Busy: a backup or another expire holds the repository. Not a
@@ -269,32 +336,53 @@ impl Expiry {
             ProbeEnd::Failed {
                 code: Some(7),
                 reason,
+                ..
             } => log!(
-                "pg_backup scheduler: expiry after backup {id} skipped, the repository is busy ({reason}); it runs again after the next backup"
+                "pg_backup scheduler: expiry of {} after backup {id} skipped, the repository is busy ({reason}); it runs again after the next backup",
+                repo.as_deref().unwrap_or("every repository")
             ),
-            ProbeEnd::Failed { code, reason } => Self::record(
-                None,
-                id,
-                Some(ProbeEnd::describe(code, &reason, "walshipper expire")),
-            ),
+            ProbeEnd::Failed {
+                code,
+                reason,
+                stdout,
+            } => {
+                // Without --repo, the repositories that worked reported.
+                for r in Self::reports(&stdout) {
+                    Self::record(Some(r.to_string()), id, repo.as_deref(), None)
+                }
+                Self::record(
+                    None,
+                    id,
+                    repo.as_deref(),
+                    Some(ProbeEnd::describe(code, &reason, "walshipper expire")),
+                )
+            }
         }
     }
 
-    fn record(report: Option<String>, id: i64, error: Option<String>) {
+    fn record(report: Option<String>, id: i64, repo: Option<&str>, error: Option<String>) {
         if let Some(e) = &error {
-            log!("pg_backup scheduler: expiry after backup {id} failed: {e}");
+            log!(
+                "pg_backup scheduler: expiry of {} after backup {id} failed: {e}",
+                repo.unwrap_or("every repository")
+            );
         }
         let r = Spi::run_with_args(
-            "SELECT backup._sched_expire_done($1::jsonb, $2, $3)",
-            &[report.into(), id.into(), error.into()],
+            "SELECT backup._sched_expire_done($1::jsonb, $2, $3, $4)",
+            &[
+                report.into(),
+                id.into(),
+                error.into(),
+                repo.map(str::to_string).into(),
+            ],
         );
         if let Err(e) = r {
-            log!("pg_backup scheduler: cannot record the expiry after backup {id}: {e}");
+            worker_error(format!("cannot record the expiry after backup {id}: {e}"));
         }
     }
 
     fn stop(&mut self) {
-        if let Some((id, p)) = &mut self.probe {
+        if let Some((id, _, p)) = &mut self.probe {
             p.kill();
             log!("pg_backup scheduler: expiry after backup {id} stopped by the shutdown");
         }
@@ -323,10 +411,10 @@ fn follow_runs(runs: &mut HashMap<i64, Run>, status: &mut RepoStatus) {
                 .unwrap_or(false);
                 if cancel {
                     r.kill();
-                    Some(Outcome::Failed("cancelled".into()))
+                    Some(Outcome::failed("cancelled"))
                 } else if r.started.elapsed() > timeout {
                     r.kill();
-                    Some(Outcome::Failed(format!(
+                    Some(Outcome::failed(format!(
                         "timed out after {}s (pg_backup.run_timeout)",
                         timeout.as_secs()
                     )))
@@ -354,13 +442,16 @@ fn claim_and_check(runs: &mut HashMap<i64, Run>, hold: bool) {
     } else {
         (settings::MAX_CONCURRENT.get() as i64 - runs.len() as i64).max(0) as i32
     };
-    let claimed = Spi::get_one_with_args::<String>(
+    let claimed = match Spi::get_one_with_args::<String>(
         "SELECT coalesce(json_agg(c)::text, '[]') FROM backup._sched_claim($1) c",
         &[slots.into()],
-    )
-    .ok()
-    .flatten()
-    .unwrap_or_else(|| "[]".into());
+    ) {
+        Ok(c) => c.unwrap_or_else(|| "[]".into()),
+        Err(e) => {
+            worker_error(format!("cannot queue or claim runs: {e}"));
+            "[]".into()
+        }
+    };
     let claimed: Vec<serde_json::Value> = serde_json::from_str(&claimed).unwrap_or_default();
     for c in claimed {
         let (Some(id), Some(kind)) = (c["execution_id"].as_i64(), c["kind"].as_str()) else {
@@ -368,20 +459,57 @@ fn claim_and_check(runs: &mut HashMap<i64, Run>, hold: bool) {
         };
         let exe = settings::string(&settings::WALSHIPPER_PATH);
         let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
-        match run::spawn(&exe, &cfg, id, kind) {
+        match run::spawn(&exe, &cfg, c["repository"].as_str(), id, kind) {
             Ok(r) => {
                 runs.insert(id, r);
             }
-            Err(e) => finish(id, Outcome::Failed(e)),
+            Err(e) => {
+                worker_error(e.clone());
+                finish(id, Outcome::failed(e))
+            }
         }
     }
-    let _ = Spi::run_with_args(
+    if let Err(e) = Spi::run_with_args(
         "SELECT backup._sched_check_health($1, $2)",
         &[
             settings::RPO_TARGET.get().into(),
             settings::OVERDUE_GRACE.get().into(),
         ],
-    );
+    ) {
+        worker_error(format!("cannot check health: {e}"));
+    }
+}
+
+/// How long the scheduler must run without failing before worker_error is
+/// resolved: a failure that recurs every few cycles is one open alert.
+const WORKER_ERROR_QUIET: Duration = Duration::from_secs(30);
+
+/// Raises worker_error with this cycle's failures, or resolves it once no
+/// failure happened for WORKER_ERROR_QUIET. `last`: the last failure.
+fn report_cycle(last: &mut Option<std::time::Instant>) {
+    if !catalog_ready() {
+        return;
+    }
+    let errors = CYCLE_ERRORS
+        .lock()
+        .map(|mut v| std::mem::take(&mut *v))
+        .unwrap_or_default();
+    let message = if !errors.is_empty() {
+        *last = Some(std::time::Instant::now());
+        Some(errors.join("; "))
+    } else if last.is_some_and(|t| t.elapsed() > WORKER_ERROR_QUIET) {
+        *last = None;
+        None
+    } else {
+        return;
+    };
+    let resolving = message.is_none();
+    if let Err(e) = Spi::run_with_args("SELECT backup._sched_worker_error($1)", &[message.into()]) {
+        log!("pg_backup scheduler: cannot record its own health: {e}");
+        if resolving {
+            *last = Some(std::time::Instant::now());
+        }
+    }
 }
 
 #[pg_guard]
@@ -390,6 +518,7 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = settings::string(&settings::DATABASE);
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
+    pin_search_path();
     log!("pg_backup scheduler started (database {db})");
     let stale = BackgroundWorker::transaction(|| {
         if catalog_ready() {
@@ -402,11 +531,15 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         }
     });
     if stale > 0 {
-        log!("pg_backup scheduler: marked {stale} interrupted run(s) failed");
+        worker_error(format!(
+            "restarted: {stale} run(s) interrupted by a server or scheduler restart were marked failed"
+        ));
     }
     let mut runs: HashMap<i64, Run> = HashMap::new();
     let mut status = RepoStatus::default();
     let mut expiry = Expiry::default();
+    // Resolve a worker_error left open by an earlier scheduler once quiet.
+    let mut last_error = Some(std::time::Instant::now());
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
         if BackgroundWorker::sighup_received() {
             // SAFETY: reloading the configuration file is what a worker does on SIGHUP.
@@ -429,6 +562,8 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
                 st.tick()
             }
         });
+        let mut last = std::panic::AssertUnwindSafe(&mut last_error);
+        BackgroundWorker::transaction(move || report_cycle(&mut last));
     }
     // Shutting down: our runs end with us.
     if let Some(p) = &mut status.probe {
@@ -440,39 +575,76 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         BackgroundWorker::transaction(|| {
             finish(
                 id,
-                Outcome::Failed("stopped: the server shut down during the run".into()),
+                Outcome::failed("stopped: the server shut down during the run"),
             )
         });
     }
 }
 
 /// A dynamic worker running one backup for backup_run(wait => true). Its
-/// extra holds "database-oid user-oid job-id kind".
+/// extra holds "database-oid execution-id job-id requester-oid kind": it
+/// records run execution-id (the id backup_run() took and returns) as asked
+/// by the requester, audits it, runs it and records the outcome, each in a
+/// transaction of its own.
 #[pg_guard]
 #[unsafe(no_mangle)]
 pub extern "C-unwind" fn pg_backup_run_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
     let extra = BackgroundWorker::get_extra().to_string();
     let parts: Vec<&str> = extra.split(' ').collect();
-    let [db, user, job, kind] = parts[..] else {
+    let [db, id, job, requester, kind] = parts[..] else {
         log!("pg_backup run: bad worker argument {extra:?}");
         return;
     };
     let db = pg_sys::Oid::from(db.parse::<u32>().unwrap_or(0));
-    let user = pg_sys::Oid::from(user.parse::<u32>().unwrap_or(0));
-    let job: i64 = job.parse().unwrap_or(0);
+    let (Ok(id), Ok(job), Ok(requester)) = (
+        id.parse::<i64>(),
+        job.parse::<i64>(),
+        requester.parse::<i64>(),
+    ) else {
+        log!("pg_backup run: bad worker argument {extra:?}");
+        return;
+    };
     let kind = kind.to_string();
-    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), Some(user));
-    let id = BackgroundWorker::transaction(|| {
-        Spi::get_one_with_args::<i64>(
-            "INSERT INTO backup.backup_executions (job_id, kind, status, started_at, worker_pid) \
-             VALUES (nullif($1, 0), $2, 'running', now(), pg_backend_pid()) RETURNING execution_id",
-            &[job.into(), kind.clone().into()],
+    // As the superuser, like the scheduler: the requester may not write
+    // the catalog; it is recorded as the one who asked.
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
+    pin_search_path();
+    let repo = BackgroundWorker::transaction(|| {
+        let r = Spi::get_one_with_args::<String>(
+            "INSERT INTO backup.backup_executions \
+                 (execution_id, job_id, kind, status, started_at, worker_pid, requested_by, repository) \
+             OVERRIDING SYSTEM VALUE \
+             SELECT $1, b.job_id, $3, 'running', now(), pg_backend_pid(), \
+                    coalesce((SELECT r.rolname FROM pg_roles r WHERE r.oid = $4::oid), 'unknown'), b.repository \
+               FROM (SELECT NULL) x LEFT JOIN backup.backup_jobs b ON b.job_id = nullif($2, 0) \
+             RETURNING json_build_object('repository', repository)::text",
+            &[id.into(), job.into(), kind.clone().into(), requester.into()],
         )
-        .ok()
-        .flatten()
+        .and_then(|r| {
+            Spi::run_with_args(
+                "SELECT backup._audit('run', 'backup', \
+                        coalesce((SELECT b.name FROM backup.backup_jobs b WHERE b.job_id = nullif($2, 0)), 'manual'), \
+                        jsonb_build_object('execution_id', $1, 'wait', true), \
+                        (SELECT e.requested_by FROM backup.backup_executions e WHERE e.execution_id = $1))",
+                &[id.into(), job.into()],
+            )
+            .map(|_| r)
+        });
+        match r {
+            Ok(Some(json)) => Some(
+                serde_json::from_str::<serde_json::Value>(&json)
+                    .ok()
+                    .and_then(|v| v["repository"].as_str().map(str::to_string)),
+            ),
+            Ok(None) => None,
+            Err(e) => {
+                log!("pg_backup run: cannot record run {id}: {e}");
+                None
+            }
+        }
     });
-    let Some(id) = id else { return };
+    let Some(repo) = repo else { return };
     // Not while the scheduler expires the repository (walshipper would
     // refuse this backup with exit 7): wait for it to end, and keep it from
     // starting one until this backup has ended (the lock ends with us).
@@ -484,15 +656,15 @@ pub extern "C-unwind" fn pg_backup_run_main(_arg: pg_sys::Datum) {
     let exe = settings::string(&settings::WALSHIPPER_PATH);
     let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
     let timeout = Duration::from_secs(settings::RUN_TIMEOUT.get().max(60) as u64);
-    let outcome = match run::spawn(&exe, &cfg, id, &kind) {
-        Err(e) => Outcome::Failed(e),
+    let outcome = match run::spawn(&exe, &cfg, repo.as_deref(), id, &kind) {
+        Err(e) => Outcome::failed(e),
         Ok(mut r) => loop {
             if let Some(o) = r.poll() {
                 break o;
             }
             if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
                 r.kill();
-                break Outcome::Failed("stopped: the server shut down during the run".into());
+                break Outcome::failed("stopped: the server shut down during the run");
             }
             let (done, total) = (r.bytes_done, r.bytes_total);
             let cancel = BackgroundWorker::transaction(|| {
@@ -506,11 +678,11 @@ pub extern "C-unwind" fn pg_backup_run_main(_arg: pg_sys::Datum) {
             });
             if cancel {
                 r.kill();
-                break Outcome::Failed("cancelled".into());
+                break Outcome::failed("cancelled");
             }
             if r.started.elapsed() > timeout {
                 r.kill();
-                break Outcome::Failed(format!(
+                break Outcome::failed(format!(
                     "timed out after {}s (pg_backup.run_timeout)",
                     timeout.as_secs()
                 ));

@@ -1,0 +1,125 @@
+-- Privileges, applied last. The model:
+--   * the extension's owner (a superuser: the scheduler's functions run
+--     walshipper) owns and alone writes every table;
+--   * operators act only through the operator API below, SECURITY DEFINER
+--     functions that check their input and audit what they do;
+--   * monitors read the tables and views;
+--   * nobody else gets anything, and internal functions (backup._*) are
+--     executable by the owner only;
+--   * every function runs with search_path pinned to pg_catalog, pg_temp,
+--     so no object another role creates (in public or anywhere) can stand
+--     in for a built-in one: a planted public.make_interval() or operator
+--     never runs as the owner.
+-- backup.grant_operator(role) and backup.grant_monitor(role) give the roles
+-- in one call each; backup.revoke_all(role) takes everything back.
+
+DO $$
+DECLARE
+    f regprocedure;
+BEGIN
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
+              WHERE p.pronamespace = 'backup'::regnamespace LOOP
+        EXECUTE format('ALTER FUNCTION %s SET search_path = pg_catalog, pg_temp', f);
+    END LOOP;
+END
+$$;
+
+REVOKE ALL ON ALL FUNCTIONS IN SCHEMA backup FROM PUBLIC;
+REVOKE ALL ON ALL TABLES IN SCHEMA backup FROM PUBLIC;
+REVOKE ALL ON ALL SEQUENCES IN SCHEMA backup FROM PUBLIC;
+REVOKE ALL ON SCHEMA backup FROM PUBLIC;
+-- Harmless helpers (they read nothing), for whoever has USAGE on the schema.
+GRANT EXECUTE ON FUNCTION backup.version(), backup.cron_next(text, text, timestamptz),
+    backup.cron_next_epoch(text, text, float8), backup.cron_check(text, text) TO PUBLIC;
+
+-- What an operator may execute.
+CREATE FUNCTION backup._operator_functions()
+RETURNS regprocedure[] LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT ARRAY[
+        'backup.backup_run(text, text, boolean)',
+        'backup.backup_cancel(bigint)',
+        'backup.job_create(text, text, text, text, boolean, text)',
+        'backup.job_alter(text, text, text, text, text)',
+        'backup.job_enable(text, boolean)',
+        'backup.job_drop(text)',
+        'backup.restore_point_create(text, text)',
+        'backup.restore_plan(timestamptz, text)',
+        'backup.restore_plan(text, text)',
+        'backup.retention_set(text, integer, interval, integer, integer, integer, integer, text)',
+        'backup.retention_reset(text)',
+        'backup.alert_ack(bigint, text)'
+    ]::regprocedure[]
+$$;
+
+-- What a monitor may read: every table and view of the schema.
+CREATE FUNCTION backup._monitor_relations()
+RETURNS regclass[] LANGUAGE sql STABLE
+AS $$
+    SELECT array_agg(c.oid::regclass ORDER BY c.relname) FROM pg_catalog.pg_class c
+     WHERE c.relnamespace = 'backup'::regnamespace AND c.relkind IN ('r', 'v')
+$$;
+
+-- Owner only: role may read every catalog table and view (monitoring).
+CREATE FUNCTION backup.grant_monitor(role regrole)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    r regclass;
+BEGIN
+    IF role IS NULL OR role::oid = 0 THEN
+        RAISE EXCEPTION 'grant_monitor needs a role' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    EXECUTE format('GRANT USAGE ON SCHEMA backup TO %s', role);
+    FOREACH r IN ARRAY backup._monitor_relations() LOOP
+        EXECUTE format('GRANT SELECT ON %s TO %s', r, role);
+    END LOOP;
+    PERFORM backup._audit('grant', 'role', role::text, '{"grant": "monitor"}');
+END
+$$;
+
+-- Owner only: role may monitor, and act through the operator API.
+CREATE FUNCTION backup.grant_operator(role regrole)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    PERFORM backup.grant_monitor(role);
+    FOREACH f IN ARRAY backup._operator_functions() LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
+    END LOOP;
+    PERFORM backup._audit('grant', 'role', role::text, '{"grant": "operator"}');
+END
+$$;
+
+-- Owner only: takes back everything granted on the schema's objects.
+CREATE FUNCTION backup.revoke_all(role regrole)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    r regclass;
+    f regprocedure;
+BEGIN
+    IF role IS NULL OR role::oid = 0 THEN
+        RAISE EXCEPTION 'revoke_all needs a role' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    EXECUTE format('REVOKE ALL ON SCHEMA backup FROM %s', role);
+    FOREACH r IN ARRAY backup._monitor_relations() LOOP
+        EXECUTE format('REVOKE ALL ON %s FROM %s', r, role);
+    END LOOP;
+    FOR f IN SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'backup'::regnamespace LOOP
+        EXECUTE format('REVOKE ALL ON FUNCTION %s FROM %s', f, role);
+    END LOOP;
+    PERFORM backup._audit('revoke', 'role', role::text);
+END
+$$;
+
+-- The functions above too.
+ALTER FUNCTION backup._operator_functions() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup._monitor_relations() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup.grant_monitor(regrole) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup.grant_operator(regrole) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup.revoke_all(regrole) SET search_path = pg_catalog, pg_temp;
+REVOKE ALL ON FUNCTION backup._operator_functions(), backup._monitor_relations(), backup.grant_monitor(regrole),
+    backup.grant_operator(regrole), backup.revoke_all(regrole) FROM PUBLIC;

@@ -1,0 +1,99 @@
+-- Status views: what monitors read (granted by backup.grant_monitor()).
+-- Views call no internal function: a monitor may execute none.
+
+CREATE VIEW backup.wal_archive_status AS
+SELECT a.archived_count, a.last_archived_wal, a.last_archived_time,
+       now() - a.last_archived_time AS last_archived_age,
+       a.failed_count, a.last_failed_wal, a.last_failed_time,
+       pg_walfile_name(pg_current_wal_lsn()) AS current_wal,
+       -- Data at risk: everything since the last archived segment, if WAL was written since.
+       CASE WHEN a.last_archived_wal IS NULL THEN NULL
+            WHEN pg_walfile_name(pg_current_wal_lsn()) > a.last_archived_wal
+                 AND pg_current_wal_lsn() > ('0/0'::pg_lsn + 0) THEN now() - a.last_archived_time
+            ELSE interval '0' END AS rpo_estimate,
+       coalesce(nullif(current_setting('pg_backup.rpo_target', true), ''), '900s')::interval AS rpo_target
+  FROM pg_stat_archiver a;
+
+CREATE VIEW backup.job_status AS
+SELECT j.name, j.kind, j.schedule, j.timezone, j.active,
+       s.last_success, f.last_failure,
+       coalesce(c.consecutive_failures, 0) AS consecutive_failures,
+       j.next_run_at AS next_run,
+       CASE WHEN NOT j.active THEN 'disabled'
+            WHEN r.running THEN 'running'
+            WHEN coalesce(c.consecutive_failures, 0) > 0 THEN 'failing'
+            WHEN s.last_success IS NULL THEN 'never succeeded'
+            ELSE 'ok' END AS health,
+       s.last_backup_id, s.last_backup_type,
+       coalesce(k.backups_kept, 0) AS backups_kept
+  FROM backup.backup_jobs j
+  LEFT JOIN LATERAL (SELECT e.finished_at AS last_success, e.backup_id AS last_backup_id, e.kind AS last_backup_type
+                       FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'succeeded'
+                      ORDER BY e.finished_at DESC LIMIT 1) s ON true
+  -- Backups of this job still in the repository (expiry has not removed them).
+  LEFT JOIN LATERAL (SELECT count(*) AS backups_kept FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'succeeded' AND e.expired_at IS NULL) k ON true
+  LEFT JOIN LATERAL (SELECT max(finished_at) AS last_failure FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'failed') f ON true
+  LEFT JOIN LATERAL (SELECT count(*) AS consecutive_failures FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id AND e.status = 'failed'
+                        AND e.finished_at > coalesce(s.last_success, '-infinity')) c ON true
+  LEFT JOIN LATERAL (SELECT bool_or(e.status IN ('queued', 'running')) AS running FROM backup.backup_executions e
+                      WHERE e.job_id = j.job_id) r ON true;
+
+CREATE VIEW backup.running_backups AS
+SELECT e.execution_id, j.name AS job, e.kind, e.status, e.started_at, now() - e.started_at AS elapsed,
+       e.bytes_done, e.bytes_total,
+       round(100.0 * e.bytes_done / nullif(e.bytes_total, 0), 1) AS percent
+  FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
+ WHERE e.status IN ('queued', 'running');
+
+-- The backups the catalog knows to be in the repository they were taken
+-- into, oldest first (expired ones left out: see
+-- backup_executions.expired_at), with every repository known to hold a copy.
+CREATE VIEW backup.backups AS
+SELECT e.backup_id,
+       e.kind AS type,
+       coalesce(e.summary->>'requested_type', e.kind) AS requested_type,
+       e.summary->>'based_on' AS based_on,
+       -- As backup._backup_chain(), which monitors may not execute.
+       CASE WHEN jsonb_typeof(e.summary->'chain') = 'array' AND jsonb_array_length(e.summary->'chain') > 0
+            THEN ARRAY(SELECT jsonb_array_elements_text(e.summary->'chain'))
+            ELSE ARRAY[e.backup_id] END AS chain,
+       j.name AS job,
+       e.repository,
+       ARRAY(SELECT rb.repository FROM backup.repository_backups rb
+              LEFT JOIN backup.repository_status rs ON rs.name = rb.repository
+             WHERE rb.backup_id = e.backup_id ORDER BY rs.position, rb.repository) AS held_by,
+       (e.summary->>'start_time')::timestamptz AS start_time,
+       (e.summary->>'stop_time')::timestamptz AS stop_time,
+       e.start_lsn, e.stop_lsn, e.timeline,
+       e.size_bytes, e.stored_bytes,
+       e.execution_id
+  FROM backup.backup_executions e
+  LEFT JOIN backup.backup_jobs j USING (job_id)
+ WHERE e.status = 'succeeded' AND e.expired_at IS NULL
+ ORDER BY (e.summary->>'stop_time')::timestamptz, e.execution_id;
+
+-- One row per configured repository: where it is, whether it answers, how
+-- far its WAL and backups reach, and how far it trails the primary.
+CREATE VIEW backup.repositories AS
+SELECT s.name,
+       s.position = 1 AS is_primary,
+       s.type,
+       s.location,
+       CASE WHEN NOT s.ok THEN 'unavailable'
+            WHEN s.last_wal IS DISTINCT FROM p.last_wal THEN 'lagging'
+            ELSE 'ok' END AS status,
+       s.last_wal AS last_archived_wal,
+       s.wal_segments,
+       s.last_backup,
+       s.last_backup_stop,
+       s.backups,
+       s.error,
+       s.checked_at
+  FROM backup.repository_status s
+  LEFT JOIN backup.repository_status p ON p.position = 1
+ ORDER BY s.position;
+
