@@ -73,6 +73,33 @@ fn sql_backups_schedules_failures_and_restore_points() {
     start_with_extension(&shipper, &c);
     c.pgbench(&["-i", "-s", "1", "-q"]);
 
+    // A role that may create in public plants functions and an operator
+    // that match the scheduler's calls better than the built-ins
+    // (make_interval(secs => integer), text || bigint). The scheduler's
+    // connection and functions have search_path pinned: none of it runs,
+    // over all the scheduler cycles of this test (checked at its end).
+    for sql in [
+        "CREATE ROLE planter",
+        "GRANT CREATE ON SCHEMA public TO planter",
+        "CREATE TABLE public.fired (what text, by_user name DEFAULT current_user)",
+        "GRANT INSERT ON public.fired TO PUBLIC",
+        "SET ROLE planter; \
+         CREATE FUNCTION public.make_interval(secs integer) RETURNS interval LANGUAGE sql \
+           AS $$ INSERT INTO public.fired (what) VALUES ('make_interval') RETURNING interval '1 second' $$; \
+         CREATE FUNCTION public.text_bigint(text, bigint) RETURNS text LANGUAGE sql \
+           AS $$ INSERT INTO public.fired (what) VALUES ('||') RETURNING $1 OPERATOR(pg_catalog.||) $2::text $$; \
+         CREATE OPERATOR public.|| (LEFTARG = text, RIGHTARG = bigint, FUNCTION = public.text_bigint)",
+    ] {
+        c.sql(sql);
+    }
+    // The trap works for a session that does not pin its path.
+    assert_eq!(
+        c.sql("SELECT make_interval(secs => 1)::text || ('x' || 1::bigint)"),
+        "00:00:01x1"
+    );
+    assert_eq!(c.sql("SELECT count(*) FROM public.fired"), "2");
+    c.sql("TRUNCATE public.fired");
+
     // backup_run(wait => true): a succeeded execution whose figures match the repository's.
     let id = c.sql("SELECT backup.backup_run(wait => true)");
     let row: serde_json::Value = serde_json::from_str(&c.sql(&format!(
@@ -147,6 +174,13 @@ fn sql_backups_schedules_failures_and_restore_points() {
         c.sql("SELECT count(*) FROM backup.alerts WHERE kind = 'backup_failed' AND resolved_at IS NULL"),
         "1"
     );
+    // The scheduler could not start walshipper: its own alert, with the path.
+    let worker_alert =
+        "SELECT count(*) FROM backup.alerts WHERE kind = 'worker_error' AND resolved_at IS NULL";
+    wait_for(&c, worker_alert, "1", Duration::from_secs(10));
+    assert!(c
+        .sql("SELECT message FROM backup.alerts WHERE kind = 'worker_error'")
+        .contains("/nonexistent/walshipper"));
     // The same through backup_run(wait => true): an SQL error with the reason.
     let out = run(c
         .psql_cmd()
@@ -177,6 +211,7 @@ fn sql_backups_schedules_failures_and_restore_points() {
     ));
     c.sql("SELECT pg_reload_conf()");
     wait_for(&c, repo_alert, "0", Duration::from_secs(30));
+    wait_for(&c, worker_alert, "0", Duration::from_secs(60));
     let command = c.sql(&format!(
         "SELECT command FROM backup.restore_plan('before_two', '{}')",
         d.join("r").display()
@@ -203,6 +238,34 @@ fn sql_backups_schedules_failures_and_restore_points() {
     let r = start_restored(d, "r", &["shared_preload_libraries = ''".to_string()]);
     assert_eq!(r.sql("SELECT string_agg(id::text, ',') FROM marker"), "1");
     r.stop();
+
+    // Nothing planted ran, whatever the scheduler did meanwhile.
+    c.start();
+    assert_eq!(
+        c.sql("SELECT count(*) FROM public.fired"),
+        "0",
+        "planted code ran: {}",
+        c.sql("SELECT json_agg(f) FROM public.fired f")
+    );
+
+    // A hostile target directory: the printed command, run as printed by a
+    // shell, passes it as one word and runs nothing else.
+    let hostile = "r2'$(touch Q)';touch P;'";
+    let command = c.sql(&format!(
+        "SELECT command FROM backup.restore_plan('before_two', '{}')",
+        d.join(hostile).display().to_string().replace('\'', "''")
+    ));
+    c.stop();
+    let o = run(std::process::Command::new("sh")
+        .args(["-c", &command])
+        .current_dir(d));
+    assert!(
+        o.status.success(),
+        "{command}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(!d.join("P").exists() && !d.join("Q").exists(), "{command}");
+    assert!(d.join(hostile).join("PG_VERSION").exists(), "{command}");
 }
 
 #[test]
@@ -253,86 +316,218 @@ fn a_run_interrupted_by_a_server_restart_is_marked_failed() {
     );
 }
 
+/// The backup ids `walshipper --repo NAME info --json` lists, and the
+/// first WAL segment it holds.
+fn holdings(shipper: &Shipper, repo: &str) -> (Vec<String>, String) {
+    let out = run_ok(shipper.cmd().args(["--repo", repo, "info", "--json"]));
+    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let ids = info["backups"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["id"].as_str().unwrap().to_string())
+        .collect();
+    let first = info["wal"]["timelines"][0]["first"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    (ids, first)
+}
+
 #[test]
-fn incremental_jobs_and_expiry_after_each_backup() {
+fn incremental_jobs_and_expiry_per_repository() {
     let dir = scratch("ext-expire");
     let d = dir.path();
     let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
+    // Two repositories, the primary repo1 and offsite; archiving to both.
+    let cfg = std::fs::read_to_string(&shipper.config).unwrap();
+    let cfg = cfg
+        .replacen("[repo]\n", "[[repo]]\nname = \"repo1\"\n", 1)
+        .replacen(
+            "[encryption]",
+            &format!(
+                "[[repo]]\nname = \"offsite\"\ntype = \"posix\"\npath = \"{}\"\n[encryption]",
+                d.join("offsite").display()
+            ),
+            1,
+        );
+    std::fs::write(&shipper.config, cfg).unwrap();
     let c = preloaded_cluster(
         d,
         &shipper,
-        &["pg_backup.database = 'postgres'", "pg_backup.retry_max = 0"],
+        &[
+            "pg_backup.database = 'postgres'",
+            "pg_backup.retry_max = 0",
+            "pg_backup.repo_status_interval = 1",
+        ],
     );
     start_with_extension(&shipper, &c);
     c.pgbench(&["-i", "-s", "1", "-q"]);
+    wait_for(
+        &c,
+        "SELECT string_agg(name, ',' ORDER BY is_primary DESC) FROM backup.repositories",
+        "repo1,offsite",
+        Duration::from_secs(30),
+    );
 
-    // A recovery window shorter than the gap between full backups is refused.
+    // Retention is each repository's, set in SQL and audited; a job's
+    // retention no longer exists, and a short window is refused.
     let o = run(c.psql_cmd().args([
         "-c",
         "SELECT backup.job_create('bad', '0 3 * * 0', retention_window => '1 day')",
     ]));
+    assert!(!o.status.success());
+    c.sql("SELECT backup.job_create('weekly_full', '0 3 * * 0')");
+    c.sql("SELECT backup.job_create('daily_incr', '0 3 * * 1-6', kind => 'incr')");
+    c.sql("SELECT backup.job_create('offsite_full', '0 4 * * 0', repository => 'offsite')");
+    let o = run(c.psql_cmd().args([
+        "-c",
+        "SELECT backup.retention_set('repo1', recovery_window => '1 day')",
+    ]));
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        !o.status.success() && err.contains("retention_window") && err.contains("HINT"),
+        !o.status.success() && err.contains("recovery_window") && err.contains("HINT"),
         "{err}"
     );
-    // Far-off schedules: the runs are started by hand.
-    c.sql("SELECT backup.job_create('weekly_full', '0 3 * * 0', retention_full_count => 1)");
-    c.sql("SELECT backup.job_create('daily_incr', '0 3 * * 1-6', kind => 'incr', retention_full_count => 1)");
+    c.sql("SELECT backup.retention_set('repo1', keep_full => 1)");
+    c.sql("SELECT backup.retention_set('offsite', keep_full => 2)");
+    assert_eq!(
+        c.sql("SELECT string_agg(object_name, ',' ORDER BY audit_id) FROM backup.audit_log WHERE object_type = 'retention'"),
+        "repo1,offsite"
+    );
 
     let backup_of = |id: &str| {
         c.sql(&format!(
             "SELECT backup_id FROM backup.backup_executions WHERE execution_id = {id}"
         ))
     };
-    let f1 = c.sql("SELECT backup.backup_run('weekly_full', wait => true)");
-    c.sql("UPDATE pgbench_accounts SET abalance = 1 WHERE aid <= 1000");
-    let i1 = c.sql("SELECT backup.backup_run('daily_incr', wait => true)");
+    let expired_after = |id: &str| {
+        wait_for(
+            &c,
+            &format!(
+                "SELECT string_agg(object_name, ',' ORDER BY object_name) FROM backup.audit_log \
+                 WHERE action = 'expire' AND details->>'execution_id' = '{id}'"
+            ),
+            "offsite,repo1",
+            Duration::from_secs(60),
+        );
+    };
+    let start_segment = |id: &str| {
+        c.sql(&format!(
+            "SELECT summary->>'wal_start' FROM backup.backup_executions WHERE execution_id = {id}"
+        ))
+    };
+
+    // Rounds of: a full backup and an incremental on it into repo1, expiry
+    // of both repositories after each, then repo-sync. After each expiry
+    // each repository holds what its policy keeps; repo-sync never brings
+    // back what a repository's policy removed; the catalog agrees.
+    let mut fulls: Vec<String> = Vec::new();
+    for round in 1..=4 {
+        let f = c.sql("SELECT backup.backup_run('weekly_full', wait => true)");
+        expired_after(&f);
+        c.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid <= 1000");
+        let i = c.sql("SELECT backup.backup_run('daily_incr', wait => true)");
+        assert_eq!(
+            c.sql(&format!(
+                "SELECT kind || ' ' || (summary->>'based_on') FROM backup.backup_executions WHERE execution_id = {i}"
+            )),
+            format!("incr {}", backup_of(&f))
+        );
+        expired_after(&i);
+        fulls.push(backup_of(&f));
+        let mut want1 = vec![backup_of(&f), backup_of(&i)];
+        want1.sort();
+        let (held1, first1) = holdings(&shipper, "repo1");
+        assert_eq!(
+            held1, want1,
+            "round {round}: repo1 keeps one full backup and its incr"
+        );
+        assert!(
+            first1 >= start_segment(&f),
+            "round {round}: repo1 WAL from {first1}"
+        );
+        // offsite got repo1's backups by earlier syncs: the last two fulls
+        // (with the incrs on them) of those.
+        let (held2, _) = holdings(&shipper, "offsite");
+        let kept_fulls: Vec<&String> = fulls[..round - 1].iter().rev().take(2).collect();
+        assert_eq!(
+            held2.iter().filter(|b| b.ends_with('F')).count(),
+            kept_fulls.len(),
+            "round {round}: offsite {held2:?}"
+        );
+        assert!(
+            kept_fulls.iter().all(|k| held2.contains(k)),
+            "round {round}: offsite {held2:?}"
+        );
+
+        run_ok(shipper.cmd().args(["repo-sync"]));
+        let (after1, first_after) = holdings(&shipper, "repo1");
+        assert_eq!(
+            after1, want1,
+            "round {round}: repo-sync brought back into repo1"
+        );
+        assert_eq!(
+            first_after, first1,
+            "round {round}: repo-sync brought back WAL"
+        );
+        let (after2, _) = holdings(&shipper, "offsite");
+        assert!(
+            after2.contains(&backup_of(&f)),
+            "round {round}: offsite {after2:?}"
+        );
+
+        // The catalog agrees with both (the scheduler refreshes every second).
+        wait_for(
+            &c,
+            &catalog_of_sql("repo1"),
+            &after1.join(","),
+            Duration::from_secs(30),
+        );
+        wait_for(
+            &c,
+            &catalog_of_sql("offsite"),
+            &after2.join(","),
+            Duration::from_secs(30),
+        );
+    }
+    // offsite's policy removed its copy of the first full in round 4.
+    assert!(!holdings(&shipper, "offsite").0.contains(&fulls[0]));
+    // The first full backup left repo1 in round 2; the catalog says so.
     assert_eq!(
         c.sql(&format!(
-            "SELECT kind || ' ' || (summary->>'based_on') FROM backup.backup_executions WHERE execution_id = {i1}"
+            "SELECT expired_at IS NOT NULL FROM backup.backup_executions WHERE backup_id = '{}'",
+            fulls[0]
         )),
-        format!("incr {}", backup_of(&f1))
+        "t"
     );
-    // The second full: keeping one full, expiry removes the first and the incr on it.
-    let f2 = c.sql("SELECT backup.backup_run('weekly_full', wait => true)");
-    wait_for(
-        &c,
-        "SELECT count(*) FROM backup.backup_executions WHERE expired_at IS NOT NULL",
-        "2",
-        Duration::from_secs(60),
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT array_to_string(held_by, ',') FROM backup.backups WHERE backup_id = '{}'",
+            fulls[3]
+        )),
+        "repo1,offsite"
     );
-    let removed = c.sql(
-        "SELECT string_agg(r->>'id', ',' ORDER BY r->>'id') FROM backup.audit_log a, \
-         jsonb_array_elements(a.details->'removed') r WHERE a.action = 'expire'",
+
+    // A job backs up to its repository.
+    let o = c.sql("SELECT backup.backup_run('offsite_full', wait => true)");
+    let ob = backup_of(&o);
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT repository FROM backup.backup_executions WHERE execution_id = {o}"
+        )),
+        "offsite"
     );
-    let mut want = [backup_of(&f1), backup_of(&i1)];
-    want.sort();
-    assert_eq!(removed, want.join(","));
-    let info = shipper.info();
-    let ids: Vec<_> = info["backups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["id"].as_str().unwrap().to_string())
-        .collect();
-    assert_eq!(ids, [backup_of(&f2)]);
+    assert!(holdings(&shipper, "offsite").0.contains(&ob));
+    assert!(!holdings(&shipper, "repo1").0.contains(&ob));
 
     // restore_plan follows the chain and refuses what retention removed.
-    let i2 = c.sql("SELECT backup.backup_run('daily_incr', wait => true)");
     c.sql("SELECT pg_switch_wal()");
-    let plan = wait_for(
-        &c,
-        "SELECT backup_type || ' ' || array_to_string(backup_chain, ',') FROM backup.restore_plan(\
-         (SELECT stop_time FROM backup.backups ORDER BY stop_time DESC LIMIT 1))",
-        &format!("incr {},{}", backup_of(&f2), backup_of(&i2)),
-        Duration::from_secs(30),
-    );
-    assert!(plan.starts_with("incr"));
     let o = run(c.psql_cmd().args([
         "-c",
         &format!(
-            "SELECT * FROM backup.restore_plan((SELECT finished_at FROM backup.backup_executions WHERE execution_id = {f1}))"
+            "SELECT * FROM backup.restore_plan((SELECT finished_at FROM backup.backup_executions WHERE backup_id = '{}'))",
+            fulls[0]
         ),
     ]));
     let err = String::from_utf8_lossy(&o.stderr);
@@ -341,4 +536,17 @@ fn incremental_jobs_and_expiry_after_each_backup() {
         c.sql("SELECT count(*) FROM backup.alerts WHERE kind = 'expire_failed'"),
         "0"
     );
+    // Every run the scheduler or a session started, and its end, is audited.
+    assert_eq!(
+        c.sql("SELECT count(*) FILTER (WHERE action = 'run') || ' ' || count(*) FILTER (WHERE action = 'finish') \
+               FROM backup.audit_log WHERE object_type = 'backup'"),
+        "9 9"
+    );
+}
+
+fn catalog_of_sql(repo: &str) -> String {
+    format!(
+        "SELECT coalesce(string_agg(backup_id, ',' ORDER BY backup_id), '') FROM backup.repository_backups \
+         WHERE repository = '{repo}'"
+    )
 }
