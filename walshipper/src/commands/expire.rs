@@ -15,7 +15,7 @@
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use pg_backup_contract::{Event, ExpireReport, KeptBackup, RemovedBackup, RetentionPolicy};
 
 use crate::commands::backup::remove_incomplete;
 use crate::config::Config;
@@ -40,43 +40,6 @@ pub struct Args {
     pub timezone: Option<String>,
     /// Decide as if it were this moment (what-if runs and tests).
     pub now: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Kept {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    stop_time: String,
-    reasons: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct Removed {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    stop_time: String,
-    stored_size: u64,
-}
-
-#[derive(Serialize)]
-struct Report {
-    event: &'static str,
-    dry_run: bool,
-    repository: String,
-    policy: serde_json::Value,
-    kept: Vec<Kept>,
-    removed: Vec<Removed>,
-    /// Backups whose manifest is damaged: never removed (nothing can tell
-    /// what they hold or who needs them), reported every run.
-    damaged: Vec<DamagedBackup>,
-    wal_removed: usize,
-    wal_removed_first: Option<String>,
-    wal_removed_last: Option<String>,
-    bytes_freed: u64,
-    /// The earliest moment the kept backups can restore to.
-    restorable_from: Option<String>,
 }
 
 impl Args {
@@ -122,14 +85,17 @@ impl Args {
     }
 }
 
-fn policy_json(p: &Policy) -> serde_json::Value {
-    serde_json::json!({
-        "keep_full": p.keep_full,
-        "recovery_window": p.recovery_window.map(retention::format_duration),
-        "keep_daily": p.keep_daily, "keep_weekly": p.keep_weekly,
-        "keep_monthly": p.keep_monthly, "keep_yearly": p.keep_yearly,
-        "timezone": p.timezone.name(),
-    })
+/// The policy as the report (docs/contract.md) and tombstones show it.
+pub fn policy_report(p: &Policy) -> RetentionPolicy {
+    RetentionPolicy {
+        keep_full: p.keep_full,
+        recovery_window: p.recovery_window.map(retention::format_duration),
+        keep_daily: p.keep_daily,
+        keep_weekly: p.keep_weekly,
+        keep_monthly: p.keep_monthly,
+        keep_yearly: p.keep_yearly,
+        timezone: p.timezone.name().to_string(),
+    }
 }
 
 fn kind_of(m: &Manifest) -> Kind {
@@ -179,11 +145,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             layout::backup_prefix(&d.id)
         );
     }
-    let mut report = Report {
-        event: "expire",
+    let mut report = ExpireReport {
         dry_run: args.dry_run,
         repository: repo.name.clone(),
-        policy: policy_json(&policy),
+        policy: policy_report(&policy),
         kept: Vec::new(),
         removed: Vec::new(),
         damaged: scan.damaged,
@@ -226,7 +191,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     }
     for m in &backups {
         if let Some(reasons) = decision.keep.get(&m.id) {
-            report.kept.push(Kept {
+            report.kept.push(KeptBackup {
                 id: m.id.clone(),
                 kind: m.kind.clone(),
                 stop_time: m.stop_time.clone(),
@@ -266,7 +231,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             tracing::info!("expired backup {id} ({} backup)", m.kind);
         }
         report.bytes_freed = report.bytes_freed.saturating_add(size);
-        report.removed.push(Removed {
+        report.removed.push(RemovedBackup {
             id: id.clone(),
             kind: m.kind.clone(),
             stop_time: m.stop_time.clone(),
@@ -319,7 +284,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             .collect();
         report.wal_removed_first = names.first().map(|s| s.to_string());
         report.wal_removed_last = names.last().map(|s| s.to_string());
-        report.wal_removed = doomed.len();
+        report.wal_removed = doomed.len() as u64;
         if let Some(l) = lock.as_ref().filter(|_| !args.dry_run) {
             l.ensure_held()?;
         }
@@ -336,10 +301,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
 
     report.removed.reverse();
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).map_err(|e| Error::Invalid(e.to_string()))?
-        );
+        crate::progress::event(&Event::Expire(report));
         return Ok(());
     }
     for d in &report.damaged {
