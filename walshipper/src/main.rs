@@ -20,8 +20,9 @@ struct Cli {
     #[arg(long, global = true, env = "WALSHIPPER_CONFIG")]
     config: Option<PathBuf>,
     /// The repository to use, by name (backup, restore, verify, info,
-    /// repo-init, archive-get; repo-sync: the one to fill). Default: the
-    /// first, or all where that makes sense.
+    /// repo-init, archive-get; repo-sync: the one to fill; expire: the one
+    /// to expire). Default: the first, or all where that makes sense
+    /// (repo-init, repo-sync, expire).
     #[arg(long, global = true)]
     repo: Option<String>,
     #[command(subcommand)]

@@ -1,21 +1,27 @@
 //! `expire`: removes the backups no retention policy keeps (never one that a
 //! kept backup is built on), then the WAL that no kept backup needs (every
 //! segment before the oldest kept backup's start). The rules are in
-//! `retention`; this command applies them to a repository.
+//! `retention`; this command applies them to each repository with that
+//! repository's own policy (or to the one `--repo` names).
 //!
 //! Order and safety: it holds the repository's backup lock (an incremental
-//! backup refers to earlier backups' objects); a backup's manifest is deleted
-//! first, so a backup half-removed by a crash is an incomplete one, which
-//! the next backup or expire clears; WAL goes after the backups.
+//! backup refers to earlier backups' objects); for each backup removed it
+//! writes a tombstone `expired/<id>` first (so that repo-sync does not copy
+//! the backup back from another repository), then deletes the manifest, so
+//! a backup half-removed by a crash is an incomplete one, which the next
+//! backup or expire clears; WAL goes after the backups. A tombstone whose
+//! backup still exists (a crash between the two) is harmless: the backup is
+//! still listed and the next expire removes it again.
 //!
 //! A backup whose manifest is damaged is never removed, nor are the backups
 //! a damaged diff/incr may be built on; each run reports them. Only keys
-//! `layout` accepts are deleted.
+//! `layout` accepts are deleted; tombstones never are.
 
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
 use pg_backup_contract::{Event, ExpireReport, KeptBackup, RemovedBackup, RetentionPolicy};
+use serde::{Deserialize, Serialize};
 
 use crate::commands::backup::remove_incomplete;
 use crate::config::Config;
@@ -106,12 +112,76 @@ fn kind_of(m: &Manifest) -> Kind {
     }
 }
 
+/// A tombstone (`expired/<id>`): this repository's retention removed backup
+/// `id`. repo-sync reads the listing only (it never copies one into another
+/// repository, nor a backup that has one in its target); the body says
+/// what was removed, when and by which policy, for people and `verify`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub backup_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub stop_time: String,
+    pub expired_at: String,
+    pub policy: RetentionPolicy,
+}
+
+/// A tombstone is a few hundred bytes; anything far larger is not one.
+pub const TOMBSTONE_MAX: usize = 64 << 10;
+
+/// Reads backup `id`'s tombstone from `repo`: decoded and authenticated
+/// like every object (bound to its key), then checked to name `id`.
+pub fn read_tombstone(repo: &Repository, id: &str) -> Result<Tombstone> {
+    let key = layout::tombstone(id);
+    let body = repo.read_object_capped(&key, TOMBSTONE_MAX)?;
+    let t: Tombstone = serde_json::from_slice(&body).map_err(|e| Error::Corrupt {
+        key: key.clone(),
+        reason: format!("tombstone is not valid JSON: {e}"),
+    })?;
+    if t.backup_id != id {
+        return Err(Error::Corrupt {
+            key,
+            reason: format!("tombstone names backup {}, not {id}", t.backup_id),
+        });
+    }
+    Ok(t)
+}
+
+/// Writes backup `m`'s tombstone, durably, before anything of it is
+/// deleted: from then on repo-sync does not copy it back into `repo`. One
+/// already there (a crash after it, before the manifest went) is kept.
+fn write_tombstone(repo: &Repository, m: &Manifest, policy: &Policy) -> Result<()> {
+    let t = Tombstone {
+        backup_id: m.id.clone(),
+        kind: m.kind.clone(),
+        stop_time: m.stop_time.clone(),
+        expired_at: Utc::now().to_rfc3339(),
+        policy: policy_report(policy),
+    };
+    let body = serde_json::to_vec(&t).map_err(|e| Error::Invalid(e.to_string()))?;
+    repo.put_object(&layout::tombstone(&m.id), &body[..])?;
+    Ok(())
+}
+
+/// Expires every configured repository, each with its own policy (or the
+/// one `--repo` names). Retention flags need `--repo` when there are
+/// several: one policy for all would defeat per-repository retention. A
+/// repository that fails is reported and the others are still expired.
 pub fn run(cfg: &Config, args: &Args) -> Result<()> {
-    let rc = cfg.find_repo(args.repo.as_deref())?;
-    let configured = rc
-        .retention_policy()
-        .map_err(|e| Error::Config(format!("repository {}: {e}", rc.name)))?;
-    let policy = args.policy(configured)?;
+    let targets: Vec<&crate::config::RepoConfig> = match &args.repo {
+        Some(n) => vec![cfg.find_repo(Some(n))?],
+        None if cfg.repos.len() > 1 && (args.has_policy_flags() || args.timezone.is_some()) => {
+            return Err(Error::Invalid(format!(
+                "retention flags (--keep-full, --recovery-window, --keep-daily, ..., --timezone) apply to one repository: name it with --repo ({}); without them, expire applies each repository's configured policy",
+                cfg.repos
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+        None => cfg.repos.iter().collect(),
+    };
     let now: DateTime<Utc> = match &args.now {
         Some(t) => crate::commands::restore::parse_time(t)
             .map_err(|_| {
@@ -122,6 +192,48 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             .into(),
         None => Utc::now(),
     };
+    if targets.len() == 1 {
+        return expire_one(cfg, targets[0], args, now);
+    }
+    let mut failed: Vec<(String, i32)> = Vec::new();
+    for rc in &targets {
+        if let Err(e) = expire_one(cfg, rc, args, now) {
+            eprintln!("walshipper: repository {}: {e}", rc.name);
+            if args.json {
+                crate::progress::event(&e.event(Some(&rc.name)));
+            }
+            failed.push((rc.name.clone(), e.exit_code()));
+        }
+    }
+    match failed.first() {
+        None => Ok(()),
+        Some((_, code)) => Err(Error::Partial {
+            code: *code,
+            message: format!(
+                "expire failed on {} of {} repositories ({}); the others were expired",
+                failed.len(),
+                targets.len(),
+                failed
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// Expires one repository with its configured policy (or the flags').
+fn expire_one(
+    cfg: &Config,
+    rc: &crate::config::RepoConfig,
+    args: &Args,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let configured = rc
+        .retention_policy()
+        .map_err(|e| Error::Config(format!("repository {}: {e}", rc.name)))?;
+    let policy = args.policy(configured)?;
     let repo = Repository::open_repo(cfg, rc)?;
     // A dry run changes nothing and may run beside a backup.
     let lock = if args.dry_run {
@@ -225,7 +337,9 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             if let Some(l) = &lock {
                 l.ensure_held()?;
             }
-            // The manifest first: from then on the backup does not exist.
+            // The tombstone first (repo-sync must not copy it back here),
+            // then the manifest: from then on the backup does not exist.
+            write_tombstone(&repo, m, &policy)?;
             repo.storage.delete(&layout::manifest(id))?;
             repo.storage.delete_prefix(&prefix)?;
             tracing::info!("expired backup {id} ({} backup)", m.kind);
