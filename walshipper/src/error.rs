@@ -78,32 +78,17 @@ pub enum Error {
     /// A check (`walshipper check`) found a problem.
     #[error("check failed: {0}")]
     Check(String),
+
+    /// A command that works on several repositories failed on some of them
+    /// (each already reported); `code` is the first failure's exit code.
+    #[error("{message}")]
+    Partial { code: i32, message: String },
 }
 
-/// Process exit codes. archive-get's codes matter to PostgreSQL: 1 means
-/// "no such file" (a normal probe); any status above 125 makes recovery stop
-/// with FATAL, which is what we want for damage or a wrong key: carrying on
-/// would silently end recovery early and lose data. archive-get therefore
-/// uses only 0, 1, 126 and 128 (and 3 on a standby, which never promotes on
-/// its own): see commands::archive_get.
-pub mod exit {
-    pub const OK: i32 = 0;
-    pub const NOT_FOUND: i32 = 1;
-    pub const USAGE: i32 = 2;
-    pub const UNAVAILABLE: i32 = 3;
-    pub const CONFLICT: i32 = 4;
-    pub const CHECK_FAILED: i32 = 5;
-    pub const VERIFY_FAILED: i32 = 6;
-    pub const BUSY: i32 = 7;
-    pub const DAMAGED: i32 = 126;
-    /// archive-get: the file could not be fetched for another reason than
-    /// "not there" (store unreachable, configuration or passphrase
-    /// unreadable, destination not writable), still after retrying for
-    /// `restore.archive_get_retry_timeout`. Above 125 so that recovery
-    /// stops instead of ending early; not 126/127, which PostgreSQL's log
-    /// calls "command not executable" / "command not found".
-    pub const RECOVERY_STOP: i32 = 128;
-}
+/// Process exit codes: one definition, in the contract crate the extension
+/// reads too (docs/contract.md). archive-get uses only 0, 1, 126 and 128
+/// (and 3 on a standby): see commands::archive_get.
+pub use pg_backup_contract::exit;
 
 impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Self {
@@ -126,6 +111,45 @@ impl Error {
             Error::VerifyFailed(_) => exit::VERIFY_FAILED,
             Error::Busy(_) => exit::BUSY,
             Error::Corrupt { .. } | Error::WrongPassphrase { .. } => exit::DAMAGED,
+            Error::Partial { code, .. } => *code,
         }
+    }
+
+    /// The kind of error, as the error event names it (`exit::kind`).
+    pub fn kind(&self) -> &'static str {
+        exit::kind(self.exit_code())
+    }
+
+    /// What to do about it, in a few words; None where the message already
+    /// says it or there is nothing general to say.
+    pub fn hint(&self) -> Option<&'static str> {
+        Some(match self {
+            Error::Config(_) => "fix the configuration file (--config, WALSHIPPER_CONFIG) or the WALSHIPPER_* variable the message names",
+            Error::Invalid(_) => "check the command line: walshipper <command> --help",
+            Error::InvalidWal { .. } => "archive-push takes only this cluster's WAL files: archive_command should pass %p",
+            Error::Repository(_) => "check the [repo] settings; a new repository is created with walshipper repo-init",
+            Error::Corrupt { .. } => "run walshipper verify; a second repository holding an intact copy repairs it (repo-sync)",
+            Error::WrongPassphrase { .. } => "check [encryption] passphrase_file or WALSHIPPER_PASSPHRASE",
+            Error::NotFound(_) => "walshipper info lists what the repository holds",
+            Error::Conflict { .. } => "check archive_command on every server: two clusters may archive to one repository",
+            Error::Storage { .. } => "check that the store is reachable and the credentials are right, then retry",
+            Error::Io { .. } => "check the path, its permissions and the free space",
+            Error::Postgres { .. } => "check that the server runs and that [pg] host, port, user and database let walshipper connect",
+            Error::Busy(_) => "another backup or expire holds the repository: retry after it ends",
+            Error::VerifyFailed(_) => "the lines above name what is damaged or missing; repair it from another repository (repo-sync) or take a new backup",
+            Error::Check(_) => "fix what the message names and run walshipper check again",
+            Error::Partial { .. } => "the error of each repository is reported above; the others were done",
+        })
+    }
+
+    /// The error as a `--json` error event.
+    pub fn event(&self, repository: Option<&str>) -> pg_backup_contract::Event {
+        pg_backup_contract::Event::Error(pg_backup_contract::ErrorEvent {
+            code: self.exit_code(),
+            kind: self.kind().to_string(),
+            message: self.to_string(),
+            hint: self.hint().map(str::to_string),
+            repository: repository.map(str::to_string),
+        })
     }
 }

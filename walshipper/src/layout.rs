@@ -13,6 +13,7 @@ pub const KEYS_PREFIX: &str = "keys/";
 pub const WAL_PREFIX: &str = "wal/";
 pub const BACKUPS_PREFIX: &str = "backups/";
 pub const LOCKS_PREFIX: &str = "locks/";
+pub const EXPIRED_PREFIX: &str = "expired/";
 
 /// A parsed repository key: what the object is and whose.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -35,6 +36,11 @@ pub enum ObjectName {
     /// `locks/<name>.lease`
     Lease {
         name: String,
+    },
+    /// `expired/<id>`: this repository's retention removed backup `id`
+    /// (repo-sync must not bring it back here).
+    Tombstone {
+        id: String,
     },
 }
 
@@ -89,6 +95,11 @@ pub fn backup_data(id: &str, rel: &str) -> String {
 
 pub fn backup_map(id: &str, rel: &str) -> String {
     format!("{BACKUPS_PREFIX}{id}/map/{rel}")
+}
+
+/// The tombstone expire writes before it removes backup `id`.
+pub fn tombstone(id: &str) -> String {
+    format!("{EXPIRED_PREFIX}{id}")
 }
 
 pub fn lease(name: &str) -> String {
@@ -194,6 +205,9 @@ pub fn parse(key: &str) -> Option<ObjectName> {
             part,
         });
     }
+    if let Some(id) = key.strip_prefix(EXPIRED_PREFIX) {
+        return is_backup_id(id).then(|| ObjectName::Tombstone { id: id.into() });
+    }
     if let Some(rest) = key.strip_prefix(LOCKS_PREFIX) {
         let name = rest.strip_suffix(".lease")?;
         let ok = !name.is_empty()
@@ -248,6 +262,11 @@ mod tests {
             parse(&lease("backup")),
             Some(ObjectName::Lease { .. })
         ));
+        assert_eq!(tombstone(id), "expired/20261121-224754F");
+        assert_eq!(
+            parse(&tombstone(id)),
+            Some(ObjectName::Tombstone { id: id.into() })
+        );
     }
 
     #[test]
@@ -269,6 +288,12 @@ mod tests {
             "keys/B9E74F7FED63D9C51335EAB2976B86C5.json",
             "keys/../repository.json",
             "locks/../x.lease",
+            "expired/",
+            "expired/20261121-224754X",
+            "expired/20261121-224754F/",
+            "expired/20261121-224754F/manifest",
+            "expired/../20261121-224754F",
+            "expired/20261121-224754F.json",
             "",
             "repository.json.bak",
         ] {

@@ -20,8 +20,9 @@ struct Cli {
     #[arg(long, global = true, env = "WALSHIPPER_CONFIG")]
     config: Option<PathBuf>,
     /// The repository to use, by name (backup, restore, verify, info,
-    /// repo-init, archive-get; repo-sync: the one to fill). Default: the
-    /// first, or all where that makes sense.
+    /// repo-init, archive-get; repo-sync: the one to fill; expire: the one
+    /// to expire). Default: the first, or all where that makes sense
+    /// (repo-init, repo-sync, expire).
     #[arg(long, global = true)]
     repo: Option<String>,
     #[command(subcommand)]
@@ -154,6 +155,31 @@ enum Command {
     },
 }
 
+impl Command {
+    /// Whether the command was asked for JSON output: then a failure is
+    /// also an error event on stdout (docs/contract.md).
+    fn json(&self) -> bool {
+        match self {
+            Command::Info { json }
+            | Command::RepoSync { json, .. }
+            | Command::Backup { json, .. }
+            | Command::Restore { json, .. }
+            | Command::Expire { json, .. }
+            | Command::Verify { json, .. } => *json,
+            Command::RepoInit { .. }
+            | Command::ArchivePush { .. }
+            | Command::ArchiveGet { .. }
+            | Command::Check => false,
+        }
+    }
+}
+
+/// The error event of a failed `--json` run, on stdout beside the message
+/// on stderr: the caller (pg_backup_ext) reads one stream for both.
+fn print_error_event(e: &Error) {
+    walshipper::progress::event(&e.event(None));
+}
+
 fn init_logging() {
     let filter =
         tracing_subscriber::EnvFilter::try_from_env("WALSHIPPER_LOG").unwrap_or_else(|_| {
@@ -230,6 +256,18 @@ fn main() -> ExitCode {
             } else {
                 exit::USAGE
             };
+            // The command line did not parse, so --json is looked for by hand.
+            if code == exit::USAGE && std::env::args().any(|a| a == "--json") {
+                let msg = e.kind().to_string();
+                let detail = e.to_string();
+                let first = detail
+                    .lines()
+                    .find(|l| !l.trim().is_empty())
+                    .unwrap_or(&msg)
+                    .trim_start_matches("error: ")
+                    .to_string();
+                print_error_event(&Error::Invalid(first));
+            }
             return ExitCode::from(code as u8);
         }
     };
@@ -252,6 +290,9 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("walshipper: {e}");
+            if cli.command.json() {
+                print_error_event(&e);
+            }
             ExitCode::from(e.exit_code() as u8)
         }
     }

@@ -26,6 +26,14 @@ pub fn json_event(value: serde_json::Value) {
     let _ = out.flush();
 }
 
+/// Prints one event of the contract with the extension (docs/contract.md)
+/// as a line on stdout: through its type, so no field name can drift.
+pub fn event(e: &pg_backup_contract::Event) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{}", e.to_line());
+    let _ = out.flush();
+}
+
 impl Reporter {
     /// Reports every second until dropped. `what` names the operation.
     pub fn start(what: &'static str, counters: Arc<Counters>, json: bool) -> Reporter {
@@ -44,12 +52,15 @@ impl Reporter {
                     let done = counters.bytes_done.load(Ordering::Relaxed);
                     let total = counters.bytes_total.load(Ordering::Relaxed);
                     if json {
-                        json_event(serde_json::json!({
-                            "event": "progress", "operation": what,
-                            "bytes_done": done, "bytes_total": total,
-                            "files_done": counters.files_done.load(Ordering::Relaxed),
-                            "files_total": counters.files_total.load(Ordering::Relaxed),
-                        }));
+                        event(&pg_backup_contract::Event::Progress(
+                            pg_backup_contract::Progress {
+                                operation: what.to_string(),
+                                bytes_done: done,
+                                bytes_total: total,
+                                files_done: counters.files_done.load(Ordering::Relaxed),
+                                files_total: counters.files_total.load(Ordering::Relaxed),
+                            },
+                        ));
                     } else {
                         let pct = if total > 0 {
                             done as f64 * 100.0 / total as f64

@@ -289,15 +289,9 @@ pub const MANIFEST_MAX: usize = 1 << 30;
 pub const LABEL_MAX: usize = 16 << 20;
 
 /// A backup whose manifest cannot be used: reported by info and verify,
-/// skipped by restore, backup and expire (which keeps it).
-#[derive(Clone, Debug, Serialize)]
-pub struct DamagedBackup {
-    /// The manifest's key.
-    pub key: String,
-    /// The backup id its key names.
-    pub id: String,
-    pub reason: String,
-}
+/// skipped by restore, backup and expire (which keeps it). Part of expire's
+/// report, hence defined in the contract crate.
+pub use pg_backup_contract::DamagedBackup;
 
 /// What `scan_backups` found.
 #[derive(Default)]

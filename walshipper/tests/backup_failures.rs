@@ -218,9 +218,18 @@ fn verify_finds_damage_and_restore_refuses_it() {
     c.switch_and_wait_archived(MIN);
     std::fs::remove_file(shipper.wal_object(&later)).unwrap();
     let o = run(shipper.cmd().args(["verify", "--json"]));
-    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(o.status.code(), Some(6));
+    // The report, then (a failed --json run) the error event.
+    let docs: Vec<serde_json::Value> = serde_json::Deserializer::from_slice(&o.stdout)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let v = &docs[0];
     assert_eq!(v["ok"], false);
     assert!(v["problems"].to_string().contains("gap"), "{v}");
+    assert_eq!(docs.len(), 2, "{docs:?}");
+    assert_eq!(docs[1]["event"], "error");
+    assert_eq!(docs[1]["kind"], "verify_failed");
 }
 
 #[test]

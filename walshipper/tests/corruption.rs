@@ -376,7 +376,8 @@ fn build_world(d: &Path) -> World {
                 },
                 None,
             ),
-            ObjectName::Lease { .. } => continue,
+            // Neither is read by restore or verify.
+            ObjectName::Lease { .. } | ObjectName::Tombstone { .. } => continue,
         };
         if kind == Kind::Data && !readers.contains_key(&key) {
             // Stored by a backup but read by none (cannot happen today).

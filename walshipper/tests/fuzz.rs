@@ -1111,6 +1111,7 @@ fn exec_layout(input: &[u8], _: &Corpus) {
         layout::ObjectName::KeyFile { key_id } => layout::key_file(key_id),
         layout::ObjectName::Wal { name, kind } => layout::wal(name, kind),
         layout::ObjectName::Lease { name } => layout::lease(name),
+        layout::ObjectName::Tombstone { id } => layout::tombstone(id),
         layout::ObjectName::Backup { id, part } => match part {
             layout::BackupPart::Manifest => layout::manifest(id),
             layout::BackupPart::BackupLabel => layout::backup_label(id),

@@ -38,9 +38,11 @@ fn replace(s: &dyn Storage, key: &str, body: &[u8]) {
 
 fn json_of(o: &Output) -> serde_json::Value {
     let out = String::from_utf8_lossy(&o.stdout);
+    // The last report line; a failed --json run ends with an error event.
     out.lines()
         .rev()
-        .find_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["event"] != "error")
         .unwrap_or_else(|| {
             panic!(
                 "no JSON in: {out}\nstderr: {}",

@@ -27,10 +27,11 @@ use crate::manifest::{
 use crate::page::{self, BLCKSZ, RELSEG_BLOCKS};
 use crate::pg::{connect, pg_err};
 use crate::pgdata::{self, SourceFile};
-use crate::progress::{json_event, Counters, Reporter};
+use crate::progress::{Counters, Reporter};
 use crate::repo::Repository;
 use crate::storage::Durability;
 use crate::wal;
+use pg_backup_contract::{BackupDone, BackupStart, Event};
 
 pub struct Args {
     pub kind: String,
@@ -143,11 +144,12 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| format!("walshipper {id}"));
     if args.json {
-        json_event(
-            serde_json::json!({"event": "start", "backup_id": id, "type": kind,
-            "requested_type": args.kind,
-            "based_on": reference.as_ref().map(|m| &m.id)}),
-        );
+        crate::progress::event(&Event::Start(BackupStart {
+            backup_id: id.clone(),
+            kind: kind.clone(),
+            requested_type: args.kind.clone(),
+            based_on: reference.as_ref().map(|m| m.id.clone()),
+        }));
     }
     let start_sql = if version >= 150000 {
         "SELECT pg_backup_start($1, true)::text"
@@ -362,18 +364,26 @@ fn copy_and_finish(
 
     let mut chain = base_chain.to_vec();
     chain.push(id.to_string());
-    let summary = serde_json::json!({
-        "event": "done", "backup_id": id, "type": manifest.kind,
-        "requested_type": args.kind, "based_on": manifest.based_on, "chain": chain,
-        "start_lsn": manifest.start_lsn, "stop_lsn": manifest.stop_lsn, "timeline": timeline,
-        "start_time": manifest.start_time, "stop_time": manifest.stop_time,
-        "wal_start": manifest.wal_start, "wal_stop": manifest.wal_stop,
-        "size": manifest.size, "stored_size": manifest.stored_size,
-        "files": manifest.files.len(), "duration_s": started.elapsed().as_secs_f64(),
-        "checksum_failures": failures.iter().map(|f| f.blocks.len()).sum::<usize>(),
-    });
     if args.json {
-        json_event(summary);
+        crate::progress::event(&Event::Done(BackupDone {
+            backup_id: id.to_string(),
+            kind: manifest.kind.clone(),
+            requested_type: args.kind.clone(),
+            based_on: manifest.based_on.clone(),
+            chain,
+            start_lsn: manifest.start_lsn.clone(),
+            stop_lsn: manifest.stop_lsn.clone(),
+            timeline,
+            start_time: manifest.start_time.clone(),
+            stop_time: manifest.stop_time.clone(),
+            wal_start: manifest.wal_start.clone(),
+            wal_stop: manifest.wal_stop.clone(),
+            size: manifest.size,
+            stored_size: manifest.stored_size,
+            files: manifest.files.len() as u64,
+            duration_s: started.elapsed().as_secs_f64(),
+            checksum_failures: failures.iter().map(|f| f.blocks.len() as u64).sum(),
+        }));
     } else {
         println!(
             "{} backup {id} complete{}: {} files, {} → {} stored, LSN {}..{}, in {:.1}s",

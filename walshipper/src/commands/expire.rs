@@ -1,21 +1,27 @@
 //! `expire`: removes the backups no retention policy keeps (never one that a
 //! kept backup is built on), then the WAL that no kept backup needs (every
 //! segment before the oldest kept backup's start). The rules are in
-//! `retention`; this command applies them to a repository.
+//! `retention`; this command applies them to each repository with that
+//! repository's own policy (or to the one `--repo` names).
 //!
 //! Order and safety: it holds the repository's backup lock (an incremental
-//! backup refers to earlier backups' objects); a backup's manifest is deleted
-//! first, so a backup half-removed by a crash is an incomplete one, which
-//! the next backup or expire clears; WAL goes after the backups.
+//! backup refers to earlier backups' objects); for each backup removed it
+//! writes a tombstone `expired/<id>` first (so that repo-sync does not copy
+//! the backup back from another repository), then deletes the manifest, so
+//! a backup half-removed by a crash is an incomplete one, which the next
+//! backup or expire clears; WAL goes after the backups. A tombstone whose
+//! backup still exists (a crash between the two) is harmless: the backup is
+//! still listed and the next expire removes it again.
 //!
 //! A backup whose manifest is damaged is never removed, nor are the backups
 //! a damaged diff/incr may be built on; each run reports them. Only keys
-//! `layout` accepts are deleted.
+//! `layout` accepts are deleted; tombstones never are.
 
 use std::collections::BTreeSet;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use pg_backup_contract::{Event, ExpireReport, KeptBackup, RemovedBackup, RetentionPolicy};
+use serde::{Deserialize, Serialize};
 
 use crate::commands::backup::remove_incomplete;
 use crate::config::Config;
@@ -40,43 +46,6 @@ pub struct Args {
     pub timezone: Option<String>,
     /// Decide as if it were this moment (what-if runs and tests).
     pub now: Option<String>,
-}
-
-#[derive(Serialize)]
-struct Kept {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    stop_time: String,
-    reasons: Vec<String>,
-}
-
-#[derive(Serialize)]
-struct Removed {
-    id: String,
-    #[serde(rename = "type")]
-    kind: String,
-    stop_time: String,
-    stored_size: u64,
-}
-
-#[derive(Serialize)]
-struct Report {
-    event: &'static str,
-    dry_run: bool,
-    repository: String,
-    policy: serde_json::Value,
-    kept: Vec<Kept>,
-    removed: Vec<Removed>,
-    /// Backups whose manifest is damaged: never removed (nothing can tell
-    /// what they hold or who needs them), reported every run.
-    damaged: Vec<DamagedBackup>,
-    wal_removed: usize,
-    wal_removed_first: Option<String>,
-    wal_removed_last: Option<String>,
-    bytes_freed: u64,
-    /// The earliest moment the kept backups can restore to.
-    restorable_from: Option<String>,
 }
 
 impl Args {
@@ -122,14 +91,17 @@ impl Args {
     }
 }
 
-fn policy_json(p: &Policy) -> serde_json::Value {
-    serde_json::json!({
-        "keep_full": p.keep_full,
-        "recovery_window": p.recovery_window.map(retention::format_duration),
-        "keep_daily": p.keep_daily, "keep_weekly": p.keep_weekly,
-        "keep_monthly": p.keep_monthly, "keep_yearly": p.keep_yearly,
-        "timezone": p.timezone.name(),
-    })
+/// The policy as the report (docs/contract.md) and tombstones show it.
+pub fn policy_report(p: &Policy) -> RetentionPolicy {
+    RetentionPolicy {
+        keep_full: p.keep_full,
+        recovery_window: p.recovery_window.map(retention::format_duration),
+        keep_daily: p.keep_daily,
+        keep_weekly: p.keep_weekly,
+        keep_monthly: p.keep_monthly,
+        keep_yearly: p.keep_yearly,
+        timezone: p.timezone.name().to_string(),
+    }
 }
 
 fn kind_of(m: &Manifest) -> Kind {
@@ -140,12 +112,76 @@ fn kind_of(m: &Manifest) -> Kind {
     }
 }
 
+/// A tombstone (`expired/<id>`): this repository's retention removed backup
+/// `id`. repo-sync reads the listing only (it never copies one into another
+/// repository, nor a backup that has one in its target); the body says
+/// what was removed, when and by which policy, for people and `verify`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Tombstone {
+    pub backup_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub stop_time: String,
+    pub expired_at: String,
+    pub policy: RetentionPolicy,
+}
+
+/// A tombstone is a few hundred bytes; anything far larger is not one.
+pub const TOMBSTONE_MAX: usize = 64 << 10;
+
+/// Reads backup `id`'s tombstone from `repo`: decoded and authenticated
+/// like every object (bound to its key), then checked to name `id`.
+pub fn read_tombstone(repo: &Repository, id: &str) -> Result<Tombstone> {
+    let key = layout::tombstone(id);
+    let body = repo.read_object_capped(&key, TOMBSTONE_MAX)?;
+    let t: Tombstone = serde_json::from_slice(&body).map_err(|e| Error::Corrupt {
+        key: key.clone(),
+        reason: format!("tombstone is not valid JSON: {e}"),
+    })?;
+    if t.backup_id != id {
+        return Err(Error::Corrupt {
+            key,
+            reason: format!("tombstone names backup {}, not {id}", t.backup_id),
+        });
+    }
+    Ok(t)
+}
+
+/// Writes backup `m`'s tombstone, durably, before anything of it is
+/// deleted: from then on repo-sync does not copy it back into `repo`. One
+/// already there (a crash after it, before the manifest went) is kept.
+fn write_tombstone(repo: &Repository, m: &Manifest, policy: &Policy) -> Result<()> {
+    let t = Tombstone {
+        backup_id: m.id.clone(),
+        kind: m.kind.clone(),
+        stop_time: m.stop_time.clone(),
+        expired_at: Utc::now().to_rfc3339(),
+        policy: policy_report(policy),
+    };
+    let body = serde_json::to_vec(&t).map_err(|e| Error::Invalid(e.to_string()))?;
+    repo.put_object(&layout::tombstone(&m.id), &body[..])?;
+    Ok(())
+}
+
+/// Expires every configured repository, each with its own policy (or the
+/// one `--repo` names). Retention flags need `--repo` when there are
+/// several: one policy for all would defeat per-repository retention. A
+/// repository that fails is reported and the others are still expired.
 pub fn run(cfg: &Config, args: &Args) -> Result<()> {
-    let rc = cfg.find_repo(args.repo.as_deref())?;
-    let configured = rc
-        .retention_policy()
-        .map_err(|e| Error::Config(format!("repository {}: {e}", rc.name)))?;
-    let policy = args.policy(configured)?;
+    let targets: Vec<&crate::config::RepoConfig> = match &args.repo {
+        Some(n) => vec![cfg.find_repo(Some(n))?],
+        None if cfg.repos.len() > 1 && (args.has_policy_flags() || args.timezone.is_some()) => {
+            return Err(Error::Invalid(format!(
+                "retention flags (--keep-full, --recovery-window, --keep-daily, ..., --timezone) apply to one repository: name it with --repo ({}); without them, expire applies each repository's configured policy",
+                cfg.repos
+                    .iter()
+                    .map(|r| r.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )))
+        }
+        None => cfg.repos.iter().collect(),
+    };
     let now: DateTime<Utc> = match &args.now {
         Some(t) => crate::commands::restore::parse_time(t)
             .map_err(|_| {
@@ -156,6 +192,48 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             .into(),
         None => Utc::now(),
     };
+    if targets.len() == 1 {
+        return expire_one(cfg, targets[0], args, now);
+    }
+    let mut failed: Vec<(String, i32)> = Vec::new();
+    for rc in &targets {
+        if let Err(e) = expire_one(cfg, rc, args, now) {
+            eprintln!("walshipper: repository {}: {e}", rc.name);
+            if args.json {
+                crate::progress::event(&e.event(Some(&rc.name)));
+            }
+            failed.push((rc.name.clone(), e.exit_code()));
+        }
+    }
+    match failed.first() {
+        None => Ok(()),
+        Some((_, code)) => Err(Error::Partial {
+            code: *code,
+            message: format!(
+                "expire failed on {} of {} repositories ({}); the others were expired",
+                failed.len(),
+                targets.len(),
+                failed
+                    .iter()
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }),
+    }
+}
+
+/// Expires one repository with its configured policy (or the flags').
+fn expire_one(
+    cfg: &Config,
+    rc: &crate::config::RepoConfig,
+    args: &Args,
+    now: DateTime<Utc>,
+) -> Result<()> {
+    let configured = rc
+        .retention_policy()
+        .map_err(|e| Error::Config(format!("repository {}: {e}", rc.name)))?;
+    let policy = args.policy(configured)?;
     let repo = Repository::open_repo(cfg, rc)?;
     // A dry run changes nothing and may run beside a backup.
     let lock = if args.dry_run {
@@ -179,11 +257,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             layout::backup_prefix(&d.id)
         );
     }
-    let mut report = Report {
-        event: "expire",
+    let mut report = ExpireReport {
         dry_run: args.dry_run,
         repository: repo.name.clone(),
-        policy: policy_json(&policy),
+        policy: policy_report(&policy),
         kept: Vec::new(),
         removed: Vec::new(),
         damaged: scan.damaged,
@@ -226,7 +303,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     }
     for m in &backups {
         if let Some(reasons) = decision.keep.get(&m.id) {
-            report.kept.push(Kept {
+            report.kept.push(KeptBackup {
                 id: m.id.clone(),
                 kind: m.kind.clone(),
                 stop_time: m.stop_time.clone(),
@@ -260,13 +337,15 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             if let Some(l) = &lock {
                 l.ensure_held()?;
             }
-            // The manifest first: from then on the backup does not exist.
+            // The tombstone first (repo-sync must not copy it back here),
+            // then the manifest: from then on the backup does not exist.
+            write_tombstone(&repo, m, &policy)?;
             repo.storage.delete(&layout::manifest(id))?;
             repo.storage.delete_prefix(&prefix)?;
             tracing::info!("expired backup {id} ({} backup)", m.kind);
         }
         report.bytes_freed = report.bytes_freed.saturating_add(size);
-        report.removed.push(Removed {
+        report.removed.push(RemovedBackup {
             id: id.clone(),
             kind: m.kind.clone(),
             stop_time: m.stop_time.clone(),
@@ -319,7 +398,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             .collect();
         report.wal_removed_first = names.first().map(|s| s.to_string());
         report.wal_removed_last = names.last().map(|s| s.to_string());
-        report.wal_removed = doomed.len();
+        report.wal_removed = doomed.len() as u64;
         if let Some(l) = lock.as_ref().filter(|_| !args.dry_run) {
             l.ensure_held()?;
         }
@@ -336,10 +415,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
 
     report.removed.reverse();
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string(&report).map_err(|e| Error::Invalid(e.to_string()))?
-        );
+        crate::progress::event(&Event::Expire(report));
         return Ok(());
     }
     for d in &report.damaged {

@@ -29,45 +29,32 @@ pub struct Info {
     pub repositories: Vec<RepoSummary>,
 }
 
-#[derive(Serialize, Clone)]
-pub struct RepoSummary {
-    pub name: String,
-    #[serde(rename = "type")]
-    pub kind: String,
-    pub location: String,
-    pub ok: bool,
-    pub error: Option<String>,
-    pub segments: u64,
-    /// The newest WAL segment of the newest timeline.
-    pub last_wal: Option<String>,
-    pub backups: usize,
-    pub last_backup: Option<String>,
-    pub last_backup_stop_time: Option<String>,
-}
+/// One configured repository as `info --json` lists it under
+/// `repositories`: the extension reads these (docs/contract.md).
+pub use pg_backup_contract::RepoStatus as RepoSummary;
 
-impl RepoSummary {
-    fn of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummary {
-        let mut s = RepoSummary {
-            name: rc.name.clone(),
-            kind: rc.kind.clone(),
-            location: rc.location(),
-            ok: info.is_ok(),
-            error: info.as_ref().err().map(|e| e.to_string()),
-            segments: 0,
-            last_wal: None,
-            backups: 0,
-            last_backup: None,
-            last_backup_stop_time: None,
-        };
-        if let Ok(i) = info {
-            s.segments = i.wal.segments;
-            s.last_wal = i.wal.timelines.last().map(|t| t.last.clone());
-            s.backups = i.backups.len();
-            s.last_backup = i.backups.last().map(|b| b.id.clone());
-            s.last_backup_stop_time = i.backups.last().map(|b| b.stop_time.clone());
-        }
-        s
+/// A repository's line in `repositories`: what `collect` found, or why not.
+fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummary {
+    let mut s = RepoSummary {
+        name: rc.name.clone(),
+        kind: rc.kind.clone(),
+        location: rc.location(),
+        ok: info.is_ok(),
+        error: info.as_ref().err().map(|e| e.to_string()),
+        segments: 0,
+        last_wal: None,
+        backups: 0,
+        last_backup: None,
+        last_backup_stop_time: None,
+    };
+    if let Ok(i) = info {
+        s.segments = i.wal.segments;
+        s.last_wal = i.wal.timelines.last().map(|t| t.last.clone());
+        s.backups = i.backups.len() as u64;
+        s.last_backup = i.backups.last().map(|b| b.id.clone());
+        s.last_backup_stop_time = i.backups.last().map(|b| b.stop_time.clone());
     }
+    s
 }
 
 #[derive(Serialize)]
@@ -298,7 +285,7 @@ pub fn run(cfg: &Config, json: bool, only: Option<&str>) -> Result<()> {
         .iter()
         .zip(&infos)
         .filter(|(rc, _)| only.is_none_or(|n| n == rc.name))
-        .map(|(rc, i)| RepoSummary::of(rc, i))
+        .map(|(rc, i)| summary_of(rc, i))
         .collect();
     // The detail shown: the first repository that answered.
     let mut first_err = None;

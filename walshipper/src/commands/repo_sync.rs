@@ -3,15 +3,23 @@
 //! copied byte for byte and verified on the way (a damaged source object is
 //! reported and skipped, never copied). Backups that are incomplete in the
 //! source (no manifest) are not copied.
+//!
+//! Each repository's retention is its own: a backup whose tombstone
+//! (`expired/<id>`, written by expire) is in the target is not copied back,
+//! nor any backup built on it; WAL before the oldest backup the target will
+//! hold is not copied either (expire would remove it again). Tombstones
+//! themselves are never copied.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Serialize;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout;
+use crate::manifest::Manifest;
 use crate::repo::Repository;
+use crate::wal::{self, WalFileKind};
 
 pub struct Args {
     /// Only copy into this repository (default: every one).
@@ -27,6 +35,14 @@ struct Report {
     backups_copied: Vec<String>,
     keys_copied: usize,
     failed: Vec<String>,
+    /// Backups not copied because the target's retention removed them
+    /// (a tombstone there), or one they are built on: not failures.
+    backups_skipped_expired: Vec<String>,
+    /// WAL files not copied because they precede the oldest backup the
+    /// target holds (its expire would remove them again), and that
+    /// backup's first segment.
+    wal_skipped: usize,
+    wal_skipped_before: Option<String>,
 }
 
 /// What a repository holds, by object key.
@@ -37,6 +53,39 @@ struct Holdings {
     keys: BTreeSet<String>,
     /// Every WAL and backup object key, for "does this repository have it".
     objects: std::collections::HashSet<String>,
+}
+
+/// The backups whose tombstone (`expired/<id>`) `repo` holds: its
+/// retention removed them. Tombstones are never copied: each repository's
+/// retention is its own.
+fn tombstones(repo: &Repository) -> Result<BTreeSet<String>> {
+    let mut ids = BTreeSet::new();
+    for m in repo.storage.list(layout::EXPIRED_PREFIX)? {
+        match layout::parse(&m.key) {
+            Some(layout::ObjectName::Tombstone { id }) => {
+                ids.insert(id);
+            }
+            _ => tracing::warn!(
+                "repository {}: ignoring {:?}, not a key walshipper writes",
+                repo.name,
+                m.key
+            ),
+        }
+    }
+    Ok(ids)
+}
+
+/// The segment number of a WAL key, for segments and backup history files
+/// (None for timeline history files, which are always copied).
+fn wal_segno(key: &str, seg_size: u64) -> Option<u64> {
+    match layout::parse(key)? {
+        layout::ObjectName::Wal {
+            kind:
+                WalFileKind::Segment { log, seg, .. } | WalFileKind::BackupHistory { log, seg, .. },
+            ..
+        } => crate::commands::info::segno_of(log, seg, seg_size),
+        _ => None,
+    }
 }
 
 /// Lists what `repo` holds. Listings are untrusted: only keys `layout`
@@ -170,73 +219,143 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             failures += 1;
             false
         };
+        // Which backups the target lacks, from the first source holding an
+        // intact manifest of each. Ids sort by start time.
+        let tombstones = tombstones(target)?;
+        let mut unsatisfied = 0;
+        let mut wanted: BTreeMap<String, (usize, Manifest)> = BTreeMap::new();
+        let mut skipped: BTreeSet<String> = BTreeSet::new();
+        let candidates: BTreeSet<&String> = sources
+            .iter()
+            .flat_map(|(_, h)| h.backups.keys())
+            .filter(|id| !have.backups.contains_key(*id))
+            .collect();
+        for id in candidates {
+            // The target's retention removed it: not brought back.
+            if tombstones.contains(id) {
+                skipped.insert(id.clone());
+                continue;
+            }
+            let mut damaged = Vec::new();
+            for (i, (src, h)) in sources.iter().enumerate() {
+                if !h.backups.contains_key(id) {
+                    continue;
+                }
+                // A damaged manifest is not copied; another source's may be.
+                match src.find_backup(id) {
+                    Ok(m) => {
+                        wanted.insert(id.clone(), (i, m));
+                        break;
+                    }
+                    Err(e @ Error::Corrupt { .. }) => damaged.push(format!("{}: {e}", src.name)),
+                    Err(e) => return Err(e),
+                }
+            }
+            if !wanted.contains_key(id) {
+                for d in &damaged {
+                    eprintln!("backup {id}: not copied from {d}");
+                }
+                report.failed.push(layout::manifest(id));
+                unsatisfied += 1;
+            }
+        }
+        // Nor anything built on what it removed (its chain is incomplete
+        // there). Repeated until stable: bases need not sort first.
+        loop {
+            let before = skipped.len();
+            for (id, (_, m)) in &wanted {
+                let needs = m.depends_on().into_iter().chain(m.based_on.clone());
+                if !skipped.contains(id)
+                    && needs
+                        .into_iter()
+                        .any(|d| tombstones.contains(&d) || skipped.contains(&d))
+                {
+                    skipped.insert(id.clone());
+                }
+            }
+            if skipped.len() == before {
+                break;
+            }
+        }
+        wanted.retain(|id, _| !skipped.contains(id));
+        report.backups_skipped_expired = skipped.into_iter().collect();
+
+        // WAL the target's expire would remove again is not copied: every
+        // segment before the start of the oldest backup it will hold.
+        // Only where expire removes WAL (a policy, or tombstones showing
+        // one was applied); with no backup to hold, everything is copied.
+        let policy_set = cfg.repos[t]
+            .retention_policy()
+            .map(|p| !p.is_empty())
+            .unwrap_or(false);
+        let seg = crate::commands::info::checked_seg_size(target)?;
+        let cutoff = if policy_set || !tombstones.is_empty() {
+            target
+                .scan_backups()?
+                .backups
+                .iter()
+                .chain(wanted.values().map(|(_, m)| m))
+                .map(|m| (wal::lsn_segno(m.start_lsn(), seg), m.wal_start.clone()))
+                .min()
+        } else {
+            None
+        };
         let missing_wal: BTreeSet<&String> = sources
             .iter()
             .flat_map(|(_, h)| h.wal.iter())
             .filter(|k| !have.wal.contains(*k))
             .collect();
         for key in missing_wal {
+            if let Some((cut, first)) = &cutoff {
+                if wal_segno(key, seg).is_some_and(|n| n < *cut) {
+                    report.wal_skipped += 1;
+                    report.wal_skipped_before = Some(first.clone());
+                    continue;
+                }
+            }
             if copy(key, key, &mut report) {
                 report
                     .wal_copied
                     .push(key.rsplit('/').next().unwrap_or(key).to_string());
             }
         }
-        let mut done = BTreeSet::new();
-        let mut unsatisfied = 0;
-        for (src, h) in &sources {
-            for (id, keys) in &h.backups {
-                if have.backups.contains_key(id) || !done.insert(id.clone()) {
+        for (id, (i, m)) in &wanted {
+            let keys = &sources[*i].1.backups[id];
+            let manifest = layout::manifest(id);
+            // A diff/incr refers to earlier backups' objects: those
+            // backups (copied before it, ids sort by time) must be there.
+            if let Some(dep) = m
+                .depends_on()
+                .into_iter()
+                .find(|d| !have.backups.contains_key(d) && !report.backups_copied.contains(d))
+            {
+                if !args.dry_run {
+                    eprintln!(
+                        "backup {id}: not copied, it is based on backup {dep}, which {} does not hold",
+                        target.name
+                    );
+                    report.failed.push(manifest.clone());
+                    unsatisfied += 1;
                     continue;
                 }
-                let manifest = layout::manifest(id);
-                // A diff/incr refers to earlier backups' objects: those
-                // backups (copied before it, ids sort by time) must be there.
-                // A damaged manifest is not copied; the others still are.
-                let m = match src.find_backup(id) {
-                    Ok(m) => m,
-                    Err(e @ Error::Corrupt { .. }) => {
-                        eprintln!("backup {id}: not copied from {}: {e}", src.name);
-                        done.remove(id);
-                        report.failed.push(manifest.clone());
-                        unsatisfied += 1;
-                        continue;
-                    }
-                    Err(e) => return Err(e),
-                };
-                if let Some(dep) = m
-                    .depends_on()
-                    .into_iter()
-                    .find(|d| !have.backups.contains_key(d) && !report.backups_copied.contains(d))
-                {
-                    if !args.dry_run {
-                        eprintln!(
-                            "backup {id}: not copied, it is based on backup {dep}, which {} does not hold",
-                            target.name
-                        );
-                        report.failed.push(manifest.clone());
-                        unsatisfied += 1;
-                        continue;
-                    }
+            }
+            // An earlier interrupted copy may have left some files: they
+            // are kept (identical bytes) and only the rest is copied.
+            let mut ok = true;
+            for key in keys.iter().filter(|k| **k != manifest) {
+                if target.storage.head(key)?.is_some() {
+                    continue;
                 }
-                // An earlier interrupted copy may have left some files: they
-                // are kept (identical bytes) and only the rest is copied.
-                let mut ok = true;
-                for key in keys.iter().filter(|k| **k != manifest) {
-                    if target.storage.head(key)?.is_some() {
-                        continue;
-                    }
-                    ok &= copy(key, &format!("backup {id}"), &mut report);
-                }
-                if ok && !args.dry_run {
+                ok &= copy(key, &format!("backup {id}"), &mut report);
+            }
+            if ok && !args.dry_run {
+                target.storage.flush()?;
+            }
+            if ok && copy(&manifest, &format!("backup {id}"), &mut report) {
+                if !args.dry_run {
                     target.storage.flush()?;
                 }
-                if ok && copy(&manifest, &format!("backup {id}"), &mut report) {
-                    if !args.dry_run {
-                        target.storage.flush()?;
-                    }
-                    report.backups_copied.push(id.clone());
-                }
+                report.backups_copied.push(id.clone());
             }
         }
         failures += unsatisfied;
@@ -248,7 +367,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
         } else {
             println!(
-                "{}: {verb} {} WAL files, {} backups{}{}",
+                "{}: {verb} {} WAL files, {} backups{}{}{}{}",
                 report.repository,
                 report.wal_copied.len(),
                 report.backups_copied.len(),
@@ -256,6 +375,21 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                     format!(", {} keys", report.keys_copied)
                 } else {
                     String::new()
+                },
+                if report.backups_skipped_expired.is_empty() {
+                    String::new()
+                } else {
+                    format!(
+                        "; not copied, expired here: {}",
+                        report.backups_skipped_expired.join(" ")
+                    )
+                },
+                match &report.wal_skipped_before {
+                    Some(first) => format!(
+                        "; {} WAL files before {first} not copied (older than its oldest backup)",
+                        report.wal_skipped
+                    ),
+                    None => String::new(),
                 },
                 if report.failed.is_empty() {
                     String::new()

@@ -1,0 +1,352 @@
+//! The contract between walshipper and pg_backup_ext, written down once:
+//! the exit codes walshipper ends with and the JSON lines it prints with
+//! `--json` that the extension reads. walshipper serializes through these
+//! types and the extension parses with them, so a field cannot be renamed
+//! on one side only. docs/contract.md describes every field; a test below
+//! checks that its tables name exactly the fields these types have.
+
+use serde::{Deserialize, Serialize};
+
+/// Process exit codes. archive-get's codes matter to PostgreSQL: 1 means
+/// "no such file" (a normal probe); any status above 125 makes recovery stop
+/// with FATAL, which is what we want for damage or a wrong key: carrying on
+/// would silently end recovery early and lose data. archive-get therefore
+/// uses only 0, 1, 126 and 128 (and 3 on a standby, which never promotes on
+/// its own).
+pub mod exit {
+    pub const OK: i32 = 0;
+    pub const NOT_FOUND: i32 = 1;
+    pub const USAGE: i32 = 2;
+    pub const UNAVAILABLE: i32 = 3;
+    pub const CONFLICT: i32 = 4;
+    pub const CHECK_FAILED: i32 = 5;
+    pub const VERIFY_FAILED: i32 = 6;
+    pub const BUSY: i32 = 7;
+    pub const DAMAGED: i32 = 126;
+    /// archive-get: the file could not be fetched for another reason than
+    /// "not there" (store unreachable, configuration or passphrase
+    /// unreadable, destination not writable), still after retrying for
+    /// `restore.archive_get_retry_timeout`. Above 125 so that recovery
+    /// stops instead of ending early; not 126/127, which PostgreSQL's log
+    /// calls "command not executable" / "command not found".
+    pub const RECOVERY_STOP: i32 = 128;
+
+    /// Every code with the `kind` an error event gives it.
+    pub const ALL: &[(i32, &str)] = &[
+        (OK, "ok"),
+        (NOT_FOUND, "not_found"),
+        (USAGE, "usage"),
+        (UNAVAILABLE, "unavailable"),
+        (CONFLICT, "conflict"),
+        (CHECK_FAILED, "check_failed"),
+        (VERIFY_FAILED, "verify_failed"),
+        (BUSY, "busy"),
+        (DAMAGED, "damaged"),
+        (RECOVERY_STOP, "recovery_stop"),
+    ];
+
+    /// The error kind of an exit code (`unknown` for a code not above).
+    pub fn kind(code: i32) -> &'static str {
+        ALL.iter()
+            .find(|(c, _)| *c == code)
+            .map_or("unknown", |(_, k)| k)
+    }
+}
+
+/// One line walshipper prints with `--json`, told apart by its `event`.
+/// Lines of another event (or none) are not part of the contract: readers
+/// skip what does not parse as an `Event`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    /// `backup`: the backup has an id and is starting.
+    Start(BackupStart),
+    /// `backup` and `restore`: every second while data is copied.
+    Progress(Progress),
+    /// `backup`: the backup is stored (its manifest written).
+    Done(BackupDone),
+    /// `expire`: one line per repository expired.
+    Expire(ExpireReport),
+    /// Any command run with `--json` that fails (besides its message on stderr).
+    Error(ErrorEvent),
+}
+
+impl Event {
+    /// The event as one JSON line (without the newline).
+    pub fn to_line(&self) -> String {
+        // Plain data (strings, numbers, options): serializing cannot fail.
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Parses one line of walshipper's output; None for other lines.
+    pub fn parse(line: &str) -> Option<Event> {
+        serde_json::from_str(line).ok()
+    }
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackupStart {
+    pub backup_id: String,
+    /// full, diff or incr: what is taken.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// What was asked for (a diff/incr without a full becomes a full).
+    pub requested_type: String,
+    pub based_on: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    /// `backup` or `restore`.
+    pub operation: String,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub files_done: u64,
+    pub files_total: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackupDone {
+    pub backup_id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub requested_type: String,
+    pub based_on: Option<String>,
+    /// The full this backup is built on first, then every backup up to it.
+    pub chain: Vec<String>,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub timeline: u32,
+    pub start_time: String,
+    pub stop_time: String,
+    pub wal_start: String,
+    pub wal_stop: String,
+    pub size: u64,
+    pub stored_size: u64,
+    pub files: u64,
+    pub duration_s: f64,
+    pub checksum_failures: u64,
+}
+
+/// The retention policy an expire applied.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RetentionPolicy {
+    pub keep_full: Option<u32>,
+    pub recovery_window: Option<String>,
+    pub keep_daily: u32,
+    pub keep_weekly: u32,
+    pub keep_monthly: u32,
+    pub keep_yearly: u32,
+    pub timezone: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeptBackup {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub stop_time: String,
+    pub reasons: Vec<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RemovedBackup {
+    pub id: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub stop_time: String,
+    pub stored_size: u64,
+}
+
+/// A backup whose manifest cannot be used: reported, never removed.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DamagedBackup {
+    /// The manifest's key.
+    pub key: String,
+    /// The backup id its key names.
+    pub id: String,
+    pub reason: String,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ExpireReport {
+    pub dry_run: bool,
+    pub repository: String,
+    pub policy: RetentionPolicy,
+    pub kept: Vec<KeptBackup>,
+    pub removed: Vec<RemovedBackup>,
+    pub damaged: Vec<DamagedBackup>,
+    pub wal_removed: u64,
+    pub wal_removed_first: Option<String>,
+    pub wal_removed_last: Option<String>,
+    pub bytes_freed: u64,
+    pub restorable_from: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ErrorEvent {
+    /// The exit code the command ends with.
+    pub code: i32,
+    /// `exit::kind(code)`.
+    pub kind: String,
+    pub message: String,
+    /// What to do about it, when there is something short to say.
+    pub hint: Option<String>,
+    /// The repository it is about, when a command works on several and
+    /// goes on with the others (expire).
+    pub repository: Option<String>,
+}
+
+/// One configured repository in `info --json` (its `repositories` array).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RepoStatus {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub location: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    pub segments: u64,
+    /// The newest WAL segment of the newest timeline.
+    pub last_wal: Option<String>,
+    pub backups: u64,
+    pub last_backup: Option<String>,
+    pub last_backup_stop_time: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::{BTreeMap, BTreeSet};
+
+    const DOC: &str = include_str!("../../docs/contract.md");
+
+    fn keys(v: &serde_json::Value) -> BTreeSet<String> {
+        v.as_object().expect("an object").keys().cloned().collect()
+    }
+
+    /// Every table of docs/contract.md, by its `<!-- contract: NAME -->`
+    /// marker: the first column of each row, without backquotes.
+    fn doc_tables() -> BTreeMap<String, BTreeSet<String>> {
+        let mut tables = BTreeMap::new();
+        let mut current: Option<String> = None;
+        for line in DOC.lines() {
+            if let Some(name) = line
+                .trim()
+                .strip_prefix("<!-- contract: ")
+                .and_then(|r| r.strip_suffix(" -->"))
+            {
+                assert!(
+                    tables.insert(name.to_string(), BTreeSet::new()).is_none(),
+                    "two tables marked {name}"
+                );
+                current = Some(name.to_string());
+                continue;
+            }
+            let Some(name) = &current else { continue };
+            let line = line.trim();
+            if !line.starts_with('|') {
+                if !line.is_empty() && !tables[name].is_empty() {
+                    current = None;
+                }
+                continue;
+            }
+            let first = line
+                .trim_matches('|')
+                .split('|')
+                .next()
+                .unwrap_or("")
+                .trim();
+            if first.starts_with("---") || first == "field" || first == "code" {
+                continue;
+            }
+            tables
+                .get_mut(name)
+                .expect("marked")
+                .insert(first.trim_matches('`').to_string());
+        }
+        tables
+    }
+
+    fn json<T: Serialize>(x: T) -> serde_json::Value {
+        serde_json::to_value(x).unwrap()
+    }
+
+    /// A value of every documented type, by the name of its table.
+    fn samples() -> BTreeMap<&'static str, serde_json::Value> {
+        BTreeMap::from([
+            ("start", json(Event::Start(BackupStart::default()))),
+            ("progress", json(Event::Progress(Progress::default()))),
+            ("done", json(Event::Done(BackupDone::default()))),
+            ("expire", json(Event::Expire(ExpireReport::default()))),
+            ("error", json(Event::Error(ErrorEvent::default()))),
+            ("policy", json(RetentionPolicy::default())),
+            ("kept", json(KeptBackup::default())),
+            ("removed", json(RemovedBackup::default())),
+            ("damaged", json(DamagedBackup::default())),
+            ("repositories", json(RepoStatus::default())),
+        ])
+    }
+
+    #[test]
+    fn doc_names_exactly_the_fields() {
+        let tables = doc_tables();
+        let samples = samples();
+        for (name, sample) in &samples {
+            let documented = tables
+                .get(*name)
+                .unwrap_or_else(|| panic!("docs/contract.md has no table marked {name}"));
+            assert_eq!(
+                documented,
+                &keys(sample),
+                "docs/contract.md table {name} vs the struct's fields"
+            );
+        }
+        let exits: BTreeSet<String> = exit::ALL.iter().map(|(c, k)| format!("{c} {k}")).collect();
+        let documented: BTreeSet<String> = DOC
+            .lines()
+            .skip_while(|l| l.trim() != "<!-- contract: exit -->")
+            .skip(1)
+            .take_while(|l| l.trim().is_empty() || l.trim_start().starts_with('|'))
+            .filter_map(|l| {
+                let cols: Vec<&str> = l.trim().trim_matches('|').split('|').collect();
+                let code = cols.first()?.trim().parse::<i32>().ok()?;
+                Some(format!("{code} {}", cols.get(1)?.trim().trim_matches('`')))
+            })
+            .collect();
+        assert_eq!(documented, exits, "docs/contract.md exit code table");
+        let unknown: Vec<&String> = tables
+            .keys()
+            .filter(|t| *t != "exit" && !samples.contains_key(t.as_str()))
+            .collect();
+        assert!(unknown.is_empty(), "tables for no struct: {unknown:?}");
+    }
+
+    #[test]
+    fn events_round_trip_and_carry_their_name() {
+        let e = Event::Error(ErrorEvent {
+            code: exit::BUSY,
+            kind: exit::kind(exit::BUSY).into(),
+            message: "locked".into(),
+            hint: None,
+            repository: Some("offsite".into()),
+        });
+        let line = e.to_line();
+        assert!(
+            line.starts_with(r#"{"event":"error","code":7,"kind":"busy""#),
+            "{line}"
+        );
+        assert_eq!(Event::parse(&line), Some(e));
+        // Lines of other events, and unknown fields, do not trouble a reader.
+        assert_eq!(Event::parse(r#"{"event":"finished"}"#), None);
+        let p = Event::parse(
+            r#"{"event":"progress","operation":"backup","bytes_done":1,"bytes_total":2,"files_done":0,"files_total":1,"new":true}"#,
+        );
+        assert!(matches!(
+            p,
+            Some(Event::Progress(Progress { bytes_total: 2, .. }))
+        ));
+        assert_eq!(exit::kind(126), "damaged");
+        assert_eq!(exit::kind(99), "unknown");
+    }
+}
