@@ -212,6 +212,10 @@ pub struct RepoStatus {
     pub backups: u64,
     pub last_backup: Option<String>,
     pub last_backup_stop_time: Option<String>,
+    /// Every backup it holds, oldest first (the catalog's
+    /// backup.repository_backups mirrors these).
+    #[serde(default)]
+    pub backup_ids: Vec<String>,
 }
 
 #[cfg(test)]

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use pg_backup_contract::Event;
+
 pub struct Run {
     pub execution_id: i64,
     child: Child,
@@ -19,9 +21,9 @@ pub struct Run {
     pub started: Instant,
     pub bytes_done: i64,
     pub bytes_total: i64,
-    pub done_event: Option<serde_json::Value>,
-    /// walshipper's error event (`{"event":"error", ...}`), if it printed one.
-    pub error_event: Option<serde_json::Value>,
+    pub done_event: Option<pg_backup_contract::BackupDone>,
+    /// walshipper's error event, if it printed one.
+    pub error_event: Option<pg_backup_contract::ErrorEvent>,
 }
 
 pub enum Outcome {
@@ -98,18 +100,7 @@ impl Run {
     /// Reads what walshipper printed so far; Some when it has exited.
     pub fn poll(&mut self) -> Option<Outcome> {
         while let Ok(line) = self.lines.try_recv() {
-            let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-                continue;
-            };
-            match v["event"].as_str() {
-                Some("progress") => {
-                    self.bytes_done = v["bytes_done"].as_i64().unwrap_or(self.bytes_done);
-                    self.bytes_total = v["bytes_total"].as_i64().unwrap_or(self.bytes_total);
-                }
-                Some("done") => self.done_event = Some(v),
-                Some("error") => self.error_event = Some(v),
-                _ => {}
-            }
+            self.read_line(&line);
         }
         let status = match self.child.try_wait() {
             Ok(Some(s)) => s,
@@ -119,28 +110,20 @@ impl Run {
         // Let the reader threads drain what is left.
         std::thread::sleep(std::time::Duration::from_millis(50));
         while let Ok(line) = self.lines.try_recv() {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
-                match v["event"].as_str() {
-                    Some("done") => self.done_event = Some(v),
-                    Some("error") => self.error_event = Some(v),
-                    _ => {}
-                }
-            }
+            self.read_line(&line);
         }
         let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
         // walshipper's own words: its error event, else its stderr.
         let event = self.error_event.take();
         let reason = event
             .as_ref()
-            .and_then(|e| e["message"].as_str())
-            .map(str::to_string)
+            .map(|e| e.message.clone())
             .unwrap_or_else(|| failure_reason(&err));
-        let hint = event
-            .as_ref()
-            .and_then(|e| e["hint"].as_str())
-            .map(str::to_string);
+        let hint = event.and_then(|e| e.hint);
         Some(match (status.success(), self.done_event.take()) {
-            (true, Some(done)) => Outcome::Succeeded(done),
+            (true, Some(done)) => {
+                Outcome::Succeeded(serde_json::to_value(done).unwrap_or_default())
+            }
             (true, None) => {
                 Outcome::failed("walshipper exited without reporting a finished backup")
             }
@@ -153,6 +136,20 @@ impl Run {
                 hint,
             ),
         })
+    }
+
+    /// One line of walshipper's stdout, read as the contract's events
+    /// (docs/contract.md); anything else is not for us.
+    fn read_line(&mut self, line: &str) {
+        match Event::parse(line) {
+            Some(Event::Progress(p)) => {
+                self.bytes_done = i64::try_from(p.bytes_done).unwrap_or(i64::MAX);
+                self.bytes_total = i64::try_from(p.bytes_total).unwrap_or(i64::MAX);
+            }
+            Some(Event::Done(d)) => self.done_event = Some(d),
+            Some(Event::Error(e)) => self.error_event = Some(e),
+            _ => {}
+        }
     }
 
     pub fn kill(&mut self) {
@@ -282,18 +279,15 @@ impl Probe {
         Some(if status.success() {
             ProbeEnd::Succeeded(out)
         } else {
-            // Its error event's message when it printed one (--json).
-            let event = out.lines().rev().find_map(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .filter(|v| v["event"] == "error")
+            // Its (last) error event's message when it printed one (--json).
+            let event = out.lines().rev().find_map(|l| match Event::parse(l) {
+                Some(Event::Error(e)) => Some(e),
+                _ => None,
             });
             ProbeEnd::Failed {
                 code: status.code(),
                 reason: event
-                    .as_ref()
-                    .and_then(|e| e["message"].as_str())
-                    .map(str::to_string)
+                    .map(|e| e.message)
                     .unwrap_or_else(|| failure_reason(&err)),
                 stdout: out,
             }

@@ -279,12 +279,20 @@ impl Expiry {
         let _ = Spi::run("SELECT pg_advisory_unlock(backup._repo_lock_key(), 0)");
     }
 
-    /// The expire reports (`{"event":"expire",...}` lines) in its output.
-    fn reports(out: &str) -> Vec<serde_json::Value> {
+    /// The expire reports in its output (one per repository expired), as
+    /// the contract's `expire` events.
+    fn reports(out: &str) -> Vec<pg_backup_contract::ExpireReport> {
         out.lines()
-            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-            .filter(|v| v["event"] == "expire")
+            .filter_map(|l| match pg_backup_contract::Event::parse(l) {
+                Some(pg_backup_contract::Event::Expire(r)) => Some(r),
+                _ => None,
+            })
             .collect()
+    }
+
+    /// A report as the catalog stores it: the event line itself.
+    fn report_json(r: pg_backup_contract::ExpireReport) -> String {
+        pg_backup_contract::Event::Expire(r).to_line()
     }
 
     fn follow(&mut self) {
@@ -323,18 +331,18 @@ impl Expiry {
                 for r in reports {
                     log!(
                         "pg_backup scheduler: expiry of repository {} after backup {id} removed {} backup(s) and {} WAL segment(s), {} bytes",
-                        r["repository"].as_str().unwrap_or("?"),
-                        r["removed"].as_array().map_or(0, Vec::len),
-                        r["wal_removed"].as_i64().unwrap_or(0),
-                        r["bytes_freed"].as_i64().unwrap_or(0)
+                        r.repository,
+                        r.removed.len(),
+                        r.wal_removed,
+                        r.bytes_freed
                     );
-                    Self::record(Some(r.to_string()), id, repo.as_deref(), None)
+                    Self::record(Some(Self::report_json(r)), id, repo.as_deref(), None)
                 }
             }
             // Busy: a backup or another expire holds the repository. Not a
             // failure; the next successful backup expires again.
             ProbeEnd::Failed {
-                code: Some(7),
+                code: Some(pg_backup_contract::exit::BUSY),
                 reason,
                 ..
             } => log!(
@@ -348,7 +356,7 @@ impl Expiry {
             } => {
                 // Without --repo, the repositories that worked reported.
                 for r in Self::reports(&stdout) {
-                    Self::record(Some(r.to_string()), id, repo.as_deref(), None)
+                    Self::record(Some(Self::report_json(r)), id, repo.as_deref(), None)
                 }
                 Self::record(
                     None,

@@ -71,8 +71,8 @@ SELECT count(*) FROM backup.backups;
 SELECT backup.job_create('sneaky', '0 1 * * *');
 RESET ROLE;
 
--- The audit log is append-only, even for the extension's own functions'
--- owner when not a superuser; a superuser may clean up.
+-- The audit log is append-only, even for a role granted UPDATE and DELETE
+-- on it; a superuser may clean up.
 CREATE ROLE pgb_owner_like;
 GRANT SELECT, UPDATE, DELETE ON backup.audit_log TO pgb_owner_like;
 GRANT USAGE ON SCHEMA backup TO pgb_owner_like;

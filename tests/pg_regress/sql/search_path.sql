@@ -39,6 +39,9 @@ CREATE FUNCTION planted.text_concat(text, text) RETURNS text LANGUAGE sql
 CREATE OPERATOR planted.|| (LEFTARG = text, RIGHTARG = text, FUNCTION = planted.text_concat);
 RESET ROLE;
 
+-- Runs q, returning its SQLSTATE instead of a message with a timestamp.
+CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql
+  AS $$ BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$;
 -- The caller's path puts the planted schema first, even before pg_catalog.
 CREATE ROLE pgb_op;
 SELECT backup.grant_operator('pgb_op');
@@ -53,17 +56,20 @@ SELECT backup.backup_cancel((SELECT max(execution_id) FROM backup.backup_executi
 SELECT backup.restore_point_create('shadow_point') IS NOT NULL AS point;
 SELECT backup.retention_set('repo1', keep_full => 3, recovery_window => '30 days');
 SELECT backup.retention_reset('repo1');
-SELECT * FROM backup.restore_plan('shadow_point');
-SELECT * FROM backup.restore_plan(pg_catalog.now() - interval '1 hour');
+-- No backup yet (no_data_found), but every line of both ran.
+SELECT pg_temp.sqlstate_of($q$SELECT * FROM backup.restore_plan('shadow_point')$q$);
+SELECT pg_temp.sqlstate_of($q$SELECT * FROM backup.restore_plan(pg_catalog.now() - interval '1 hour')$q$);
 SELECT count(*) >= 0 AS ok FROM backup.job_status, backup.backups, backup.wal_archive_status, backup.repositories;
-SELECT backup.job_drop('shadowed');
 RESET ROLE;
--- The scheduler's SQL, as the owner with the same hostile path.
+-- The scheduler's SQL, as the owner with the same hostile path (a job is
+-- active, so the health check computes its period and grace).
 SELECT backup._sched_claim(0);
 SELECT backup._sched_check_health(900, 60);
 SELECT backup._raise_alert('worker_error', 'critical', 'scheduler', 'test');
 SELECT backup.alert_ack((SELECT max(alert_id) FROM backup.alerts));
 SELECT backup._sched_worker_error(NULL);
+SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'failed', NULL, 'test', 5, 60);
+SELECT backup.job_drop('shadowed');
 SELECT count(*) AS planted_code_ran FROM planted.fired;
 RESET search_path;
 

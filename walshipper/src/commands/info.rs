@@ -46,8 +46,10 @@ fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummar
         backups: 0,
         last_backup: None,
         last_backup_stop_time: None,
+        backup_ids: Vec::new(),
     };
     if let Ok(i) = info {
+        s.backup_ids = i.backups.iter().map(|b| b.id.clone()).collect();
         s.segments = i.wal.segments;
         s.last_wal = i.wal.timelines.last().map(|t| t.last.clone());
         s.backups = i.backups.len() as u64;
