@@ -1,7 +1,8 @@
 //! pg_backup_ext: the control plane of pg_backup inside PostgreSQL.
 //!
 //! Thin by design: the catalog (sql/catalog.sql), SQL entry points
-//! (sql/jobs.sql and the functions below) and, later, scheduling live here;
+//! (sql/jobs.sql, sql/runs.sql and the functions below) and the scheduler
+//! (a background worker, worker.rs) live here;
 //! every byte of backup data is handled by the `walshipper` binary, which
 //! this extension launches and never links.
 
