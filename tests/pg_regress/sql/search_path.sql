@@ -68,7 +68,12 @@ SELECT backup._sched_check_health(900, 60);
 SELECT backup._raise_alert('worker_error', 'critical', 'scheduler', 'test');
 SELECT backup.alert_ack((SELECT max(alert_id) FROM backup.alerts));
 SELECT backup._sched_worker_error(NULL);
+-- A failed run of the job: alert, audit, and a retry later (make_interval).
+INSERT INTO backup.backup_executions (job_id, kind, status, started_at)
+SELECT job_id, 'full', 'running', pg_catalog.now() FROM backup.backup_jobs WHERE name OPERATOR(pg_catalog.=) 'shadowed';
 SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'failed', NULL, 'test', 5, 60);
+SELECT status, attempt FROM backup.backup_executions ORDER BY execution_id;
+SELECT backup.backup_cancel((SELECT max(execution_id) FROM backup.backup_executions));
 SELECT backup.job_drop('shadowed');
 SELECT count(*) AS planted_code_ran FROM planted.fired;
 RESET search_path;
