@@ -56,7 +56,14 @@ BEGIN
                         SELECT n + 1, backup.cron_next(j.schedule, 'UTC', f.at) FROM f WHERE n < 50)
                     SELECT f.at AT TIME ZONE 'UTC' AS t FROM f) x
      WHERE j.active AND j.kind = 'full'
-       AND (j.repository = p_repository OR (j.repository IS NULL AND (primary_name IS NULL OR primary_name = p_repository)));
+       AND (j.repository = p_repository
+            OR (j.repository IS NULL AND primary_name = p_repository)
+            -- Before walshipper reported which repository is the primary,
+            -- jobs without one count for a repository no job names (the
+            -- stricter reading: fewer jobs, longer gaps).
+            OR (j.repository IS NULL AND primary_name IS NULL
+                AND NOT EXISTS (SELECT 1 FROM backup.backup_jobs o
+                                 WHERE o.active AND o.kind = 'full' AND o.repository = p_repository)));
     IF times IS NULL OR array_length(times, 1) < 2 THEN
         RETURN;
     END IF;

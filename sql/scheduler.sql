@@ -30,9 +30,9 @@ BEGIN
     FOR j IN SELECT * FROM backup.backup_jobs b WHERE b.active AND b.next_run_at <= now() ORDER BY b.next_run_at FOR UPDATE SKIP LOCKED LOOP
         IF pg_try_advisory_xact_lock(backup._job_lock_key(), j.job_id::integer)
            AND NOT EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
-            INSERT INTO backup.backup_executions (job_id, kind, requested_by, repository)
+            INSERT INTO backup.backup_executions AS n (job_id, kind, requested_by, repository)
             VALUES (j.job_id, j.kind, 'scheduler', j.repository)
-            RETURNING execution_id INTO id;
+            RETURNING n.execution_id INTO id;
             PERFORM backup._audit('run', 'backup', j.name,
                 jsonb_build_object('execution_id', id, 'scheduled', true, 'kind', j.kind), 'scheduler');
         END IF;

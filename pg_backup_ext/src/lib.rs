@@ -365,12 +365,21 @@ mod tests {
             Some("offsite {--keep-full,2,--recovery-window,2678400s,--keep-daily,7,--keep-weekly,4,--keep-monthly,12,--keep-yearly,0,--timezone,Europe/Berlin}; \
                   repo1 {--keep-full,2,--recovery-window,259200s}".into())
         );
-        // Back to walshipper's configured policy: flags no more.
+        // Back to walshipper's configured policy: repo1 has no flags any
+        // more (and, unknown to the catalog until walshipper reports it,
+        // no plan row of its own).
         Spi::run("SELECT backup.retention_reset('repo1')").expect("reset");
         assert_eq!(
-            one("SELECT args::text FROM backup._sched_expire_plan() WHERE repository = 'repo1'"),
-            None
+            one("SELECT string_agg(repository, ',') FROM backup._sched_expire_plan()"),
+            Some("offsite".into())
         );
+        Spi::run("INSERT INTO backup.repository_status (name, type, location, ok, position) VALUES ('repo1', 'posix', '/r', true, 1)")
+            .expect("status");
+        assert_eq!(
+            one("SELECT string_agg(repository || ' ' || args::text, '; ' ORDER BY repository) FROM backup._sched_expire_plan()"),
+            Some("offsite {--keep-full,2,--recovery-window,2678400s,--keep-daily,7,--keep-weekly,4,--keep-monthly,12,--keep-yearly,0,--timezone,Europe/Berlin}; repo1 {}".into())
+        );
+        Spi::run("DELETE FROM backup.repository_status").expect("status");
         assert_eq!(
             one("SELECT string_agg(action || ':' || object_name || ':' || coalesce(details->'policy'->>'keep_monthly', '-'), ' ' ORDER BY audit_id) FROM backup.audit_log WHERE object_type = 'retention'"),
             Some("set:repo1:- set:repo1:- set:offsite:12 reset:repo1:-".into())
