@@ -230,8 +230,8 @@ BEGIN
              WHERE b.repository = r->>'name'
                AND b.backup_id NOT IN (SELECT jsonb_array_elements_text(r->'backup_ids'));
             INSERT INTO backup.repository_backups (repository, backup_id)
-            SELECT r->>'name', i FROM jsonb_array_elements_text(r->'backup_ids') i
-             WHERE i ~ '^[0-9]{8}-[0-9]{6}[FDI]([1-9][0-9]{0,2})?$'
+            SELECT r->>'name', ids.id FROM jsonb_array_elements_text(r->'backup_ids') AS ids (id)
+             WHERE ids.id ~ '^[0-9]{8}-[0-9]{6}[FDI]([1-9][0-9]{0,2})?$'
             ON CONFLICT (repository, backup_id) DO UPDATE SET seen_at = now();
         END IF;
         IF (r->>'ok')::boolean THEN

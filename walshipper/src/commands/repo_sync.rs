@@ -280,26 +280,19 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         wanted.retain(|id, _| !skipped.contains(id));
         report.backups_skipped_expired = skipped.into_iter().collect();
 
-        // WAL the target's expire would remove again is not copied: every
-        // segment before the start of the oldest backup it will hold.
-        // Only where expire removes WAL (a policy, or tombstones showing
-        // one was applied); with no backup to hold, everything is copied.
-        let policy_set = cfg.repos[t]
-            .retention_policy()
-            .map(|p| !p.is_empty())
-            .unwrap_or(false);
+        // WAL before the start of the oldest backup the target will hold
+        // is not copied: no restore from the target can use it, and its
+        // expire (with a policy from the configuration or from the SQL
+        // catalog's flags, which this host cannot know) removed it. With no
+        // backup to hold, everything is copied.
         let seg = crate::commands::info::checked_seg_size(target)?;
-        let cutoff = if policy_set || !tombstones.is_empty() {
-            target
-                .scan_backups()?
-                .backups
-                .iter()
-                .chain(wanted.values().map(|(_, m)| m))
-                .map(|m| (wal::lsn_segno(m.start_lsn(), seg), m.wal_start.clone()))
-                .min()
-        } else {
-            None
-        };
+        let cutoff = target
+            .scan_backups()?
+            .backups
+            .iter()
+            .chain(wanted.values().map(|(_, m)| m))
+            .map(|m| (wal::lsn_segno(m.start_lsn(), seg), m.wal_start.clone()))
+            .min();
         let missing_wal: BTreeSet<&String> = sources
             .iter()
             .flat_map(|(_, h)| h.wal.iter())
