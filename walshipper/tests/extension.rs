@@ -319,17 +319,9 @@ fn a_run_interrupted_by_a_server_restart_is_marked_failed() {
     );
 }
 
-/// The backup ids `walshipper --repo NAME info --json` lists, and the
-/// first WAL segment it holds.
+/// The backup ids repository `repo` lists, and the first WAL segment it holds.
 fn holdings(shipper: &Shipper, repo: &str) -> (Vec<String>, String) {
-    let out = run_ok(shipper.cmd().args(["--repo", repo, "info", "--json"]));
-    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let ids = info["backups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["id"].as_str().unwrap().to_string())
-        .collect();
+    let (ids, info) = shipper.held(repo);
     let first = info["wal"]["timelines"][0]["first"]
         .as_str()
         .unwrap_or_default()

@@ -427,20 +427,7 @@ fn recovery_stops_on_a_failing_store_and_resumes_after_it() {
         &shipper.config,
         &format!("[restore]\narchive_get_retry_timeout = {RETRY}\n"),
     );
-    let src = Cluster::init(
-        d,
-        "src",
-        &[
-            "archive_mode = on".into(),
-            format!("archive_command = {}", shipper.archive_command()),
-        ],
-    );
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    src.start();
+    let src = shipper.start_archiving(d, "src");
     src.sql("CREATE TABLE marker (id int PRIMARY KEY)");
     shipper.backup(&[]);
     // One committed marker per segment, over several segments.

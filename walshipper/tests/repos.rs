@@ -208,20 +208,7 @@ fn push_to_primary_lets_a_lagging_repository_catch_up() {
         offsite.display()
     );
     two_repo_config(&shipper, "primary", &second);
-    let src = Cluster::init(
-        d,
-        "src",
-        &[
-            "archive_mode = on".into(),
-            format!("archive_command = {}", shipper.archive_command()),
-        ],
-    );
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    src.start();
+    let src = shipper.start_archiving(d, "src");
     // The second repository becomes unwritable: pushes still succeed (primary has them).
     use std::os::unix::fs::PermissionsExt;
     let wal_dir = offsite.join("wal");
@@ -272,19 +259,6 @@ fn json_lines(out: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-/// The backup ids repository `name` lists, oldest first, and its `info --json`.
-fn held(shipper: &Shipper, name: &str) -> (Vec<String>, serde_json::Value) {
-    let out = run_ok(shipper.cmd().args(["--repo", name, "info", "--json"]));
-    let info: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let ids = info["backups"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| b["id"].as_str().unwrap().to_string())
-        .collect();
-    (ids, info)
-}
-
 /// The tombstones repository `name` holds, each read back (decoded,
 /// authenticated, bound to its key) and naming its own backup.
 fn tombstones(shipper: &Shipper, name: &str) -> Vec<String> {
@@ -322,20 +296,7 @@ fn each_repository_keeps_its_own_retention_through_repo_sync() {
     let shipper = Shipper::new(d, &src_dir, &d.join("src-sock"), 5432);
     let second = format!("{}retention_full = 3\n", second_repo(d));
     two_repo_config_with(&shipper, "all", "retention_full = 1\n", &second);
-    let src = Cluster::init(
-        d,
-        "src",
-        &[
-            "archive_mode = on".into(),
-            format!("archive_command = {}", shipper.archive_command()),
-        ],
-    );
-    run_ok(
-        shipper
-            .cmd()
-            .args(["repo-init", "--kdf-memory-kib", "8192"]),
-    );
-    src.start();
+    let src = shipper.start_archiving(d, "src");
     src.sql("CREATE TABLE t AS SELECT generate_series(1, 10000) g");
     let keep = |ids: &[String], n: usize| ids[ids.len().saturating_sub(n)..].to_vec();
     let mut ids: Vec<String> = Vec::new();
@@ -351,7 +312,7 @@ fn each_repository_keeps_its_own_retention_through_repo_sync() {
                 .unwrap()
                 .to_string(),
         );
-        let offsite_before = held(&shipper, "offsite").0;
+        let offsite_before = shipper.held("offsite").0;
 
         let reports = json_lines(&run_ok(shipper.cmd().args(["expire", "--json"])));
         let names: Vec<&str> = reports
@@ -375,8 +336,8 @@ fn each_repository_keeps_its_own_retention_through_repo_sync() {
 
         // main: its newest backup only; offsite: its newest 3 as of its
         // expire, and the new backup repo-sync brought.
-        let (main, main_info) = held(&shipper, "main");
-        let (offsite, offsite_info) = held(&shipper, "offsite");
+        let (main, main_info) = shipper.held("main");
+        let (offsite, offsite_info) = shipper.held("offsite");
         assert_eq!(main, keep(&ids, 1), "round {round}: main");
         let mut want = keep(&offsite_before, 3);
         want.push(ids.last().unwrap().clone());
@@ -443,8 +404,8 @@ fn each_repository_keeps_its_own_retention_through_repo_sync() {
             && out.contains("offsite: copied 0 WAL files, 0 backups"),
         "{out}"
     );
-    assert_eq!(held(&shipper, "main").0, keep(&ids, 1));
-    assert_eq!(held(&shipper, "offsite").0, keep(&ids, 3));
+    assert_eq!(shipper.held("main").0, keep(&ids, 1));
+    assert_eq!(shipper.held("offsite").0, keep(&ids, 3));
 
     // Policy flags need --repo with several repositories: exit 2, and an
     // error event on stdout with --json.

@@ -187,6 +187,36 @@ impl Shipper {
         )
     }
 
+    /// The backup ids repository `name` lists, oldest first, and its
+    /// `info --json`.
+    pub fn held(&self, name: &str) -> (Vec<String>, serde_json::Value) {
+        let out = run_ok(self.cmd().args(["--repo", name, "info", "--json"]));
+        let info: serde_json::Value = serde_json::from_str(&out).expect("info --json is JSON");
+        let ids = info["backups"]
+            .as_array()
+            .expect("a backups array")
+            .iter()
+            .map(|b| b["id"].as_str().unwrap_or_default().to_string())
+            .collect();
+        (ids, info)
+    }
+
+    /// A cluster `name` in `d` archiving through this shipper into its
+    /// configured repositories, which are created first; started.
+    pub fn start_archiving(&self, d: &Path, name: &str) -> Cluster {
+        let cluster = Cluster::init(
+            d,
+            name,
+            &[
+                "archive_mode = on".into(),
+                format!("archive_command = {}", self.archive_command()),
+            ],
+        );
+        run_ok(self.cmd().args(["repo-init", "--kdf-memory-kib", "8192"]));
+        cluster.start();
+        cluster
+    }
+
     pub fn info(&self) -> serde_json::Value {
         let out = run_ok(self.cmd().args(["info", "--json"]));
         serde_json::from_str(&out).expect("info --json is JSON")
