@@ -19,9 +19,16 @@ BEGIN
 END
 $$;
 
+-- An alert row another transaction holds (an acknowledgement not yet
+-- committed) is resolved on a later cycle: the scheduler never waits on it.
 CREATE FUNCTION backup._resolve_alert(p_kind text, p_subject text)
 RETURNS void LANGUAGE sql
-AS $$ UPDATE backup.alerts SET resolved_at = now() WHERE kind = p_kind AND subject = p_subject AND resolved_at IS NULL $$;
+AS $$
+    UPDATE backup.alerts SET resolved_at = now()
+     WHERE alert_id IN (SELECT a.alert_id FROM backup.alerts a
+                         WHERE a.kind = p_kind AND a.subject = p_subject AND a.resolved_at IS NULL
+                           FOR UPDATE SKIP LOCKED)
+$$;
 
 -- An operator has seen an open alert: it stays open (and keeps its
 -- condition's place) until the condition clears, but is marked as handled.
@@ -31,6 +38,10 @@ AS $$
 DECLARE
     a backup.alerts;
 BEGIN
+    IF length(note) > 1000 THEN
+        RAISE EXCEPTION 'the note is % characters long; at most 1000', length(note)
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     SELECT * INTO a FROM backup.alerts x WHERE x.alert_id = alert_ack.alert_id FOR UPDATE;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no alert %', alert_id

@@ -8,6 +8,30 @@
 -- pg_catalog, pg_temp (sql/security.sql), so it names everything else with
 -- its schema.
 
+-- The schema must be ours alone: CREATE EXTENSION reuses an existing
+-- schema "backup" as is, and objects another role put there (operators,
+-- functions) would be bound into this script's views and run as the
+-- installing superuser. Refuse anything but the empty schema the
+-- installation itself created.
+DO $$
+DECLARE
+    nsp oid := (SELECT n.oid FROM pg_catalog.pg_namespace n WHERE n.nspname OPERATOR(pg_catalog.=) 'backup');
+BEGIN
+    IF (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.oid OPERATOR(pg_catalog.=) nsp)
+           OPERATOR(pg_catalog.<>) (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname OPERATOR(pg_catalog.=) current_user)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) g
+                   WHERE n.oid OPERATOR(pg_catalog.=) nsp AND g.grantee OPERATOR(pg_catalog.<>) n.nspowner)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_proc p WHERE p.pronamespace OPERATOR(pg_catalog.=) nsp)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_class c WHERE c.relnamespace OPERATOR(pg_catalog.=) nsp)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_operator o WHERE o.oprnamespace OPERATOR(pg_catalog.=) nsp)
+       OR EXISTS (SELECT 1 FROM pg_catalog.pg_type t WHERE t.typnamespace OPERATOR(pg_catalog.=) nsp) THEN
+        RAISE EXCEPTION 'schema "backup" already exists with an owner, grants or objects of its own'
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'pg_backup_ext installs into a schema "backup" that only it populates: drop or rename the existing one first.';
+    END IF;
+END
+$$;
+
 -- Who is acting: inside a SECURITY DEFINER function current_user is the
 -- extension's owner, so the caller is the role set with SET ROLE, else the
 -- session's user. Recorded in every audit row and "by" column.
@@ -21,13 +45,13 @@ CREATE TABLE backup.backup_jobs (
     name            text NOT NULL UNIQUE
                     CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$'),
     kind            text NOT NULL DEFAULT 'full' CHECK (kind IN ('full', 'diff', 'incr')),
-    schedule        text NOT NULL,
+    schedule        text NOT NULL CHECK (length(schedule) <= 200),
     timezone        text NOT NULL DEFAULT 'UTC',
     active          boolean NOT NULL DEFAULT true,
     -- The walshipper repository it backs up to (a [[repo]] name); NULL: the
     -- primary (the first configured). Retention is the repository's, not
     -- the job's: see backup.retention_policies.
-    repository      text CHECK (repository ~ '^[A-Za-z0-9_-]{1,63}$'),
+    repository      text CHECK (repository ~ '^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$'),
     next_run_at     timestamptz,
     created_by      name NOT NULL DEFAULT backup._caller(),
     created_at      timestamptz NOT NULL DEFAULT now(),
@@ -46,7 +70,7 @@ CREATE TABLE backup.backup_executions (
                     CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled')),
     requested_by    name NOT NULL DEFAULT backup._caller(),
     -- The repository it backs up to; NULL: the primary.
-    repository      text CHECK (repository ~ '^[A-Za-z0-9_-]{1,63}$'),
+    repository      text CHECK (repository ~ '^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$'),
     queued_at       timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
@@ -96,7 +120,7 @@ CREATE TABLE backup.restore_points (
     created_at      timestamptz NOT NULL DEFAULT now(),
     timeline        integer NOT NULL,
     created_by      name NOT NULL DEFAULT backup._caller(),
-    note            text
+    note            text CHECK (length(note) <= 1000)
 );
 COMMENT ON TABLE backup.restore_points IS 'Named points to restore to (walshipper restore --target-name).';
 
@@ -152,7 +176,7 @@ CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON backup.audit_log
 -- policy of walshipper's configuration. Changed only through
 -- backup.retention_set() and backup.retention_reset(), which audit it.
 CREATE TABLE backup.retention_policies (
-    repository      text PRIMARY KEY CHECK (repository ~ '^[A-Za-z0-9_-]{1,63}$'),
+    repository      text PRIMARY KEY CHECK (repository ~ '^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$'),
     keep_full       integer CHECK (keep_full >= 1),
     recovery_window interval CHECK (recovery_window > interval '0'),
     -- Grandfather-father-son: how many days, weeks, months and years keep
@@ -185,6 +209,15 @@ CREATE TABLE backup.repository_status (
     position        integer NOT NULL,
     checked_at      timestamptz NOT NULL DEFAULT now()
 );
+
+-- One row: locked by every check that keeps walshipper expire and backups
+-- apart (sql/common.sql), and the scheduler's pid while an expire runs.
+CREATE TABLE backup.repository_activity (
+    id              integer PRIMARY KEY CHECK (id = 1),
+    expire_pid      integer,
+    expire_since    timestamptz
+);
+INSERT INTO backup.repository_activity (id) VALUES (1);
 
 -- Which repository holds which backup, as walshipper last reported it
 -- (info --json every pg_backup.repo_status_interval; expire reports remove

@@ -68,7 +68,7 @@ DECLARE
     exe text := coalesce(nullif(current_setting('pg_backup.walshipper_path', true), ''), '/usr/local/bin/walshipper');
     words text[];
 BEGIN
-    IF dir ~ '[[:cntrl:]]' OR dir = '' THEN
+    IF dir ~ '[[:cntrl:]]' OR dir !~ '^/' THEN
         RAISE EXCEPTION 'invalid target_dir %', to_json(dir)::text
             USING ERRCODE = 'invalid_parameter_value', HINT = 'Give an absolute directory path without control characters.';
     END IF;
@@ -115,7 +115,9 @@ BEGIN
 END
 $$;
 
--- Operator API: the same for a named restore point.
+-- Operator API: the same for a named restore point. Its WAL is checked
+-- by position: the segment holding the point must be archived (on the
+-- point's timeline, when that is the server's), not by the clock.
 CREATE FUNCTION backup.restore_plan(restore_point text, target_dir text DEFAULT NULL)
 RETURNS TABLE (backup_id text, backup_stop_time timestamptz, wal_from text, wal_to text, command text,
                backup_type text, backup_chain text[])
@@ -123,19 +125,33 @@ LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 DECLARE
     rp backup.restore_points;
-    p record;
     e backup.backup_executions;
+    last_wal text;
+    need text;
 BEGIN
     SELECT * INTO rp FROM backup.restore_points r WHERE r.name = restore_point;
     IF NOT FOUND THEN
         RAISE EXCEPTION 'no restore point %', coalesce(to_json(restore_point)::text, 'NULL')
             USING ERRCODE = 'undefined_object', HINT = 'See backup.restore_points, or create one with backup.restore_point_create().';
     END IF;
-    SELECT * INTO p FROM backup.restore_plan(rp.created_at, target_dir);
-    SELECT * INTO e FROM backup.backup_executions x WHERE x.backup_id = p.backup_id AND x.status = 'succeeded'
-     ORDER BY x.execution_id DESC LIMIT 1;
-    RETURN QUERY SELECT p.backup_id, p.backup_stop_time, p.wal_from, p.wal_to,
+    e := backup._restore_base(rp.created_at);
+    SELECT a.last_archived_wal INTO last_wal FROM pg_stat_archiver a;
+    IF NOT pg_is_in_recovery()
+       AND rp.timeline = (SELECT c.timeline_id FROM pg_control_checkpoint() c) THEN
+        need := pg_walfile_name(rp.lsn);
+    END IF;
+    -- A .backup file of segment N is archived before N is complete: only
+    -- a later segment, or N itself, proves N is.
+    IF last_wal IS NULL OR left(last_wal, 24) < coalesce(need, '')
+       OR (left(last_wal, 24) = need AND length(last_wal) <> 24) THEN
+        RAISE EXCEPTION 'the WAL of restore point "%" (segment %) is not archived yet (last archived: %)',
+                        rp.name, need, coalesce(last_wal, 'none')
+            USING ERRCODE = 'object_not_in_prerequisite_state',
+                  HINT = 'Run SELECT pg_switch_wal() and wait for archiving (see backup.wal_archive_status).';
+    END IF;
+    RETURN QUERY SELECT e.backup_id, (e.summary->>'stop_time')::timestamptz, e.summary->>'wal_start',
+        coalesce(need, last_wal),
         backup._restore_command(e, target_dir, ARRAY['--target-name', rp.name]),
-        p.backup_type, p.backup_chain;
+        e.kind, backup._backup_chain(e);
 END
 $$;

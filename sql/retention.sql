@@ -193,12 +193,15 @@ $$;
 -- expire_failed alert of that repository resolved. Returns the number of
 -- executions marked expired.
 CREATE FUNCTION backup._sched_expire_done(p_report jsonb, p_execution_id bigint, p_error text DEFAULT NULL,
-                                          p_repository text DEFAULT NULL)
+                                          p_repository text DEFAULT NULL, p_primary text DEFAULT NULL)
 RETURNS integer LANGUAGE plpgsql
 AS $$
 DECLARE
-    repo text := coalesce(p_report->>'repository', p_repository);
-    primary_name text := (backup._known_repositories())[1];
+    repo text := coalesce(p_repository, p_report->>'repository');
+    -- Which repository executions without one were taken into: the one
+    -- walshipper reported first, else the first report of an expire of
+    -- every repository (p_primary).
+    primary_name text := coalesce((backup._known_repositories())[1], p_primary);
     subject text := coalesce('walshipper expire ' || repo, 'walshipper expire');
     removed jsonb;
     kept jsonb;
@@ -211,10 +214,21 @@ BEGIN
             jsonb_build_object('execution_id', p_execution_id, 'repository', repo, 'error', p_error));
         RETURN 0;
     END IF;
+    IF p_report->>'repository' IS DISTINCT FROM repo THEN
+        PERFORM backup._raise_alert('expire_failed', 'warning', subject,
+            format('expiry of repository %s after backup %s reported on repository %s instead', repo, p_execution_id,
+                   coalesce(p_report->>'repository', 'none')),
+            jsonb_build_object('execution_id', p_execution_id, 'repository', repo));
+        RETURN 0;
+    END IF;
     removed := CASE WHEN jsonb_typeof(p_report->'removed') = 'array' THEN p_report->'removed' ELSE '[]' END;
     kept := CASE WHEN jsonb_typeof(p_report->'kept') = 'array' THEN p_report->'kept' ELSE '[]' END;
     PERFORM backup._audit('expire', 'repository', repo,
-        (p_report - 'kept') || jsonb_build_object(
+        -- Bounded: a repository can hold any number of damaged manifests.
+        (p_report - 'kept' - 'damaged') || jsonb_build_object(
+            'damaged', (SELECT coalesce(jsonb_agg(d), '[]') FROM (SELECT d FROM jsonb_array_elements(
+                            CASE WHEN jsonb_typeof(p_report->'damaged') = 'array' THEN p_report->'damaged' ELSE '[]' END) d
+                            LIMIT 20) x),
             'kept', (SELECT coalesce(jsonb_agg(k->'id'), '[]') FROM jsonb_array_elements(kept) k),
             'execution_id', p_execution_id,
             'policy_set_by', (SELECT r.updated_by FROM backup.retention_policies r WHERE r.repository = repo)),
@@ -226,7 +240,7 @@ BEGIN
      WHERE b.repository = repo AND b.backup_id IN (SELECT r->>'id' FROM jsonb_array_elements(removed) r);
     UPDATE backup.backup_executions e SET expired_at = now()
      WHERE e.status = 'succeeded' AND e.expired_at IS NULL
-       AND coalesce(e.repository, primary_name, repo) = repo
+       AND coalesce(e.repository, primary_name) = repo
        AND e.backup_id IN (SELECT r->>'id' FROM jsonb_array_elements(removed) r);
     GET DIAGNOSTICS n = ROW_COUNT;
     PERFORM backup._resolve_alert('expire_failed', subject);

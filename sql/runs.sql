@@ -13,7 +13,10 @@ DECLARE
     run backup.backup_executions;
 BEGIN
     IF job_name IS NOT NULL THEN
-        SELECT * INTO j FROM backup.backup_jobs b WHERE b.name = job_name;
+        -- Locked until this transaction ends (with wait => true, until the
+        -- backup has): the scheduler skips the job meanwhile. Not a key
+        -- lock, so executions may still reference the job.
+        SELECT * INTO j FROM backup.backup_jobs b WHERE b.name = job_name FOR NO KEY UPDATE;
         IF NOT FOUND THEN
             RAISE EXCEPTION 'backup job "%" does not exist', job_name
                 USING ERRCODE = 'undefined_object', HINT = 'Omit job_name for a one-off backup, or see backup.backup_jobs.';
@@ -24,8 +27,7 @@ BEGIN
         RAISE EXCEPTION 'unknown backup kind "%"', kind USING ERRCODE = 'invalid_parameter_value', HINT = 'Use full, diff or incr.';
     END IF;
     IF job_name IS NOT NULL THEN
-        IF NOT pg_try_advisory_xact_lock(backup._job_lock_key(), j.job_id::integer)
-           OR EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
+        IF EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
             RAISE EXCEPTION 'backup job "%" already has a run queued or running', job_name
                 USING ERRCODE = 'object_in_use', HINT = 'See backup.running_backups; cancel with backup.backup_cancel(execution_id).';
         END IF;

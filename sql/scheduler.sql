@@ -28,8 +28,7 @@ DECLARE
     id bigint;
 BEGIN
     FOR j IN SELECT * FROM backup.backup_jobs b WHERE b.active AND b.next_run_at <= now() ORDER BY b.next_run_at FOR UPDATE SKIP LOCKED LOOP
-        IF pg_try_advisory_xact_lock(backup._job_lock_key(), j.job_id::integer)
-           AND NOT EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
+        IF NOT EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
             INSERT INTO backup.backup_executions AS n (job_id, kind, requested_by, repository)
             VALUES (j.job_id, j.kind, 'scheduler', j.repository)
             RETURNING n.execution_id INTO id;
@@ -52,10 +51,15 @@ BEGIN
 END
 $$;
 
+-- Progress, and whether cancellation was asked for. A row another
+-- transaction holds (a cancel not yet committed) is skipped this time: the
+-- scheduler never waits on a lock an operator's open transaction holds.
 CREATE FUNCTION backup._sched_progress(p_id bigint, p_done bigint, p_total bigint)
 RETURNS boolean LANGUAGE sql
 AS $$
-    UPDATE backup.backup_executions SET bytes_done = p_done, bytes_total = p_total WHERE execution_id = p_id;
+    UPDATE backup.backup_executions SET bytes_done = p_done, bytes_total = p_total
+     WHERE execution_id = (SELECT x.execution_id FROM backup.backup_executions x
+                            WHERE x.execution_id = p_id FOR UPDATE SKIP LOCKED);
     SELECT cancel_requested FROM backup.backup_executions WHERE execution_id = p_id;
 $$;
 
@@ -218,7 +222,7 @@ BEGIN
                last_wal, backups, last_backup, last_backup_stop, position, checked_at)
         VALUES (r->>'name', r->>'type', r->>'location', (r->>'ok')::boolean, r->>'error',
                (r->>'segments')::bigint, r->>'last_wal', (r->>'backups')::integer,
-               r->>'last_backup', (r->>'last_backup_stop_time')::timestamptz, i, now())
+               r->>'last_backup', backup._timestamptz_or_null(r->>'last_backup_stop_time'), i, now())
         ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, location = EXCLUDED.location,
                ok = EXCLUDED.ok, error = EXCLUDED.error, wal_segments = EXCLUDED.wal_segments,
                last_wal = EXCLUDED.last_wal, backups = EXCLUDED.backups,

@@ -46,9 +46,18 @@ AS $$
         'backup.restore_point_create(text, text)',
         'backup.restore_plan(timestamptz, text)',
         'backup.restore_plan(text, text)',
-        'backup.retention_set(text, integer, interval, integer, integer, integer, integer, text)',
-        'backup.retention_reset(text)',
         'backup.alert_ack(bigint, text)'
+    ]::regprocedure[]
+$$;
+
+-- Changing retention removes backups (expiry follows the next backup): an
+-- operator may only with grant_operator(role, retention => true).
+CREATE FUNCTION backup._retention_functions()
+RETURNS regprocedure[] LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT ARRAY[
+        'backup.retention_set(text, integer, interval, integer, integer, integer, integer, text)',
+        'backup.retention_reset(text)'
     ]::regprocedure[]
 $$;
 
@@ -78,18 +87,21 @@ BEGIN
 END
 $$;
 
--- Owner only: role may monitor, and act through the operator API.
-CREATE FUNCTION backup.grant_operator(role regrole)
+-- Owner only: role may monitor, and act through the operator API; with
+-- retention => true also set repositories' retention.
+CREATE FUNCTION backup.grant_operator(role regrole, retention boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql
 AS $$
 DECLARE
     f regprocedure;
 BEGIN
     PERFORM backup.grant_monitor(role);
-    FOREACH f IN ARRAY backup._operator_functions() LOOP
+    FOREACH f IN ARRAY backup._operator_functions()
+                       || CASE WHEN retention THEN backup._retention_functions() ELSE '{}' END LOOP
         EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
     END LOOP;
-    PERFORM backup._audit('grant', 'role', role::text, '{"grant": "operator"}');
+    PERFORM backup._audit('grant', 'role', role::text,
+        jsonb_build_object('grant', 'operator', 'retention', coalesce(retention, false)));
 END
 $$;
 
@@ -117,9 +129,10 @@ $$;
 
 -- The functions above too.
 ALTER FUNCTION backup._operator_functions() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup._retention_functions() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup._monitor_relations() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.grant_monitor(regrole) SET search_path = pg_catalog, pg_temp;
-ALTER FUNCTION backup.grant_operator(regrole) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup.grant_operator(regrole, boolean) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.revoke_all(regrole) SET search_path = pg_catalog, pg_temp;
-REVOKE ALL ON FUNCTION backup._operator_functions(), backup._monitor_relations(), backup.grant_monitor(regrole),
-    backup.grant_operator(regrole), backup.revoke_all(regrole) FROM PUBLIC;
+REVOKE ALL ON FUNCTION backup._operator_functions(), backup._retention_functions(), backup._monitor_relations(),
+    backup.grant_monitor(regrole), backup.grant_operator(regrole, boolean), backup.revoke_all(regrole) FROM PUBLIC;

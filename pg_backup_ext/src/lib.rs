@@ -258,6 +258,21 @@ mod tests {
         );
     }
 
+    /// walshipper's summary is untrusted: a backup id that is not of its
+    /// form (it lands in shell commands) fails the run instead.
+    #[pg_test]
+    fn a_forged_backup_id_fails_the_run() {
+        Spi::run("INSERT INTO backup.backup_executions (kind, status, started_at) VALUES ('full', 'running', now())")
+            .expect("run");
+        Spi::run("SELECT backup._sched_finish((SELECT max(execution_id) FROM backup.backup_executions), 'succeeded', \
+                  '{\"backup_id\":\"20260101-000000F'' $(touch /tmp/x) ''\",\"type\":\"full\"}', NULL, 0, 60)")
+            .expect("finish");
+        assert_eq!(
+            one("SELECT status || ': ' || error || ' ' || (backup_id IS NULL) FROM backup.backup_executions"),
+            Some("failed: walshipper reported success with an invalid backup id \"20260101-000000F' $(touch /tmp/x) '\" true".into())
+        );
+    }
+
     #[pg_test]
     fn overdue_jobs_raise_an_alert() {
         Spi::run("SELECT backup.job_create('hourly', '0 * * * *')").expect("create");
@@ -446,6 +461,10 @@ mod tests {
     #[pg_test]
     fn expiry_is_recorded() {
         two_chains();
+        // walshipper reported repo1 as the primary (executions without a
+        // repository were taken into it).
+        Spi::run("INSERT INTO backup.repository_status (name, type, location, ok, position) VALUES ('repo1', 'posix', '/r', true, 1)")
+            .expect("status");
         let last = "(SELECT max(execution_id) FROM backup.backup_executions)";
         // A failure raises one alert per repository with walshipper's reason.
         Spi::run(&format!("SELECT backup._sched_expire_done(NULL, {last}, 'cannot list s3://b/p: HTTP 403 (exit 3)', 'repo1')")).expect("failed");
@@ -492,6 +511,22 @@ mod tests {
             &[EXPIRE_REPORT.into()],
         );
         assert_eq!(n, Ok(Some(0)));
+        // A report about another repository than the one expired is refused.
+        assert_eq!(
+            Spi::get_one_with_args::<i32>(
+                "SELECT backup._sched_expire_done($1::jsonb, 1, NULL, 'offsite')",
+                &[EXPIRE_REPORT.into()],
+            ),
+            Ok(Some(0))
+        );
+        assert_eq!(
+            one("SELECT message FROM backup.alerts WHERE resolved_at IS NULL"),
+            Some(
+                "expiry of repository offsite after backup 1 reported on repository repo1 instead"
+                    .into()
+            )
+        );
+        Spi::run("UPDATE backup.alerts SET resolved_at = now()").expect("resolve");
         // The report of another repository does not expire what this one holds.
         let n = Spi::get_one_with_args::<i32>(
             "SELECT backup._sched_expire_done(jsonb_set($1::jsonb, '{repository}', '\"offsite\"'), 1)",

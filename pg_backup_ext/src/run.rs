@@ -117,9 +117,9 @@ impl Run {
         let event = self.error_event.take();
         let reason = event
             .as_ref()
-            .map(|e| e.message.clone())
+            .map(|e| clean(&e.message))
             .unwrap_or_else(|| failure_reason(&err));
-        let hint = event.and_then(|e| e.hint);
+        let hint = event.and_then(|e| e.hint).map(|h| clean(&h));
         Some(match (status.success(), self.done_event.take()) {
             (true, Some(done)) => {
                 Outcome::Succeeded(serde_json::to_value(done).unwrap_or_default())
@@ -215,15 +215,26 @@ fn collected(h: &mut Option<JoinHandle<String>>) -> String {
 /// walshipper's reason for failing: its last `walshipper: ...` line on
 /// stderr, or else the last line.
 pub fn failure_reason(stderr: &str) -> String {
-    stderr
-        .lines()
-        .rev()
-        .find(|l| l.starts_with("walshipper:"))
-        .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
-        .unwrap_or("")
-        .trim_start_matches("walshipper:")
-        .trim()
-        .to_string()
+    clean(
+        stderr
+            .lines()
+            .rev()
+            .find(|l| l.starts_with("walshipper:"))
+            .or_else(|| stderr.lines().rev().find(|l| !l.trim().is_empty()))
+            .unwrap_or("")
+            .trim_start_matches("walshipper:")
+            .trim(),
+    )
+}
+
+/// Text from walshipper (which may repeat repository content) as it goes
+/// into the catalog, alerts, SQL errors and the server log: one line, no
+/// control characters, at most 2000 characters.
+pub fn clean(s: &str) -> String {
+    s.chars()
+        .take(2000)
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
 }
 
 impl Probe {
@@ -287,7 +298,7 @@ impl Probe {
             ProbeEnd::Failed {
                 code: status.code(),
                 reason: event
-                    .map(|e| e.message)
+                    .map(|e| clean(&e.message))
                     .unwrap_or_else(|| failure_reason(&err)),
                 stdout: out,
             }

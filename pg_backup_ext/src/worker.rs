@@ -19,13 +19,25 @@ use pgrx::prelude::*;
 use crate::run::{self, Outcome, Probe, ProbeEnd, Run};
 use crate::settings;
 
-/// Run once per connection, before any other query.
-fn pin_search_path() {
+/// Run once per connection, before any other query: the search path, and
+/// settings a database's defaults could otherwise impose on the workers
+/// (read-only transactions, a statement timeout that stops every cycle).
+/// A lock wait is bounded: an operator's transaction left open on a row the
+/// scheduler needs makes it fail (and restart, with a worker_error alert)
+/// instead of hanging. False when the session could not be set up.
+fn pin_session() -> bool {
     BackgroundWorker::transaction(|| {
-        if let Err(e) = Spi::run("SET search_path TO pg_catalog, pg_temp") {
-            log!("pg_backup: cannot pin search_path: {e}");
+        match Spi::run(
+            "SET search_path TO pg_catalog, pg_temp; SET lock_timeout = '10s'; \
+             SET statement_timeout = 0; SET default_transaction_read_only = off",
+        ) {
+            Ok(()) => true,
+            Err(e) => {
+                log!("pg_backup: cannot set up the session (search_path): {e}; stopping");
+                false
+            }
         }
-    });
+    })
 }
 
 /// Failures of this cycle, for the worker_error alert.
@@ -39,8 +51,14 @@ fn worker_error(msg: String) {
     }
 }
 
+/// The extension is installed here, in schema backup: only then are the
+/// backup.* functions the scheduler calls its own (a look-alike schema
+/// another role created is never called).
 fn catalog_ready() -> bool {
-    Spi::get_one::<bool>("SELECT to_regclass('backup.backup_executions') IS NOT NULL AND to_regprocedure('backup._sched_claim(integer)') IS NOT NULL")
+    Spi::get_one::<bool>(
+        "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_extension e JOIN pg_catalog.pg_namespace n ON n.oid = e.extnamespace \
+                         WHERE e.extname = 'pg_backup_ext' AND n.nspname = 'backup')",
+    )
         .ok()
         .flatten()
         .unwrap_or(false)
@@ -168,7 +186,7 @@ impl Expiry {
 
     fn ready() -> bool {
         Spi::get_one::<bool>(
-            "SELECT to_regprocedure('backup._sched_expire_done(jsonb,bigint,text,text)') IS NOT NULL",
+            "SELECT to_regprocedure('backup._sched_expire_done(jsonb,bigint,text,text,text)') IS NOT NULL",
         )
         .ok()
         .flatten()
@@ -244,13 +262,13 @@ impl Expiry {
             self.queue.clear();
             return;
         };
-        // Not while a backup_run(wait => true) backs up: after it.
-        let locked =
-            Spi::get_one::<bool>("SELECT pg_try_advisory_lock(backup._repo_lock_key(), 0)")
-                .ok()
-                .flatten()
-                .unwrap_or(false);
-        if !locked {
+        // Not while any backup runs (a backup_run(wait => true) one too):
+        // after it. Recorded, so that such a run waits for this expire.
+        let free = Spi::get_one::<bool>("SELECT backup._sched_expire_begin()")
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+        if !free {
             return;
         }
         let Some((repo, args)) = self.queue.pop() else {
@@ -276,7 +294,9 @@ impl Expiry {
     }
 
     fn unlock() {
-        let _ = Spi::run("SELECT pg_advisory_unlock(backup._repo_lock_key(), 0)");
+        if let Err(e) = Spi::run("SELECT backup._sched_expire_end()") {
+            worker_error(format!("cannot record the end of an expire: {e}"));
+        }
     }
 
     /// The expire reports in its output (one per repository expired), as
@@ -328,6 +348,10 @@ impl Expiry {
                         Some("walshipper expire exited 0 without a report".into()),
                     );
                 }
+                // Without --repo, walshipper expires in configuration order:
+                // the first report is the primary's.
+                let primary = reports.first().map(|r| r.repository.clone());
+                let primary = primary.filter(|_| repo.is_none());
                 for r in reports {
                     log!(
                         "pg_backup scheduler: expiry of repository {} after backup {id} removed {} backup(s) and {} WAL segment(s), {} bytes",
@@ -336,7 +360,13 @@ impl Expiry {
                         r.wal_removed,
                         r.bytes_freed
                     );
-                    Self::record(Some(Self::report_json(r)), id, repo.as_deref(), None)
+                    Self::record_with_primary(
+                        Some(Self::report_json(r)),
+                        id,
+                        repo.as_deref(),
+                        None,
+                        primary.as_deref(),
+                    )
                 }
             }
             // Busy: a backup or another expire holds the repository. Not a
@@ -368,7 +398,19 @@ impl Expiry {
         }
     }
 
+    /// `repo`: the repository expired (None: every one, in configuration
+    /// order; `primary` then names the first that reported).
     fn record(report: Option<String>, id: i64, repo: Option<&str>, error: Option<String>) {
+        Self::record_with_primary(report, id, repo, error, None)
+    }
+
+    fn record_with_primary(
+        report: Option<String>,
+        id: i64,
+        repo: Option<&str>,
+        error: Option<String>,
+        primary: Option<&str>,
+    ) {
         if let Some(e) = &error {
             log!(
                 "pg_backup scheduler: expiry of {} after backup {id} failed: {e}",
@@ -376,12 +418,13 @@ impl Expiry {
             );
         }
         let r = Spi::run_with_args(
-            "SELECT backup._sched_expire_done($1::jsonb, $2, $3, $4)",
+            "SELECT backup._sched_expire_done($1::jsonb, $2, $3, $4, $5)",
             &[
                 report.into(),
                 id.into(),
                 error.into(),
                 repo.map(str::to_string).into(),
+                primary.map(str::to_string).into(),
             ],
         );
         if let Err(e) = r {
@@ -526,7 +569,9 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
     BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGHUP | SignalWakeFlags::SIGTERM);
     let db = settings::string(&settings::DATABASE);
     BackgroundWorker::connect_worker_to_spi(Some(&db), None);
-    pin_search_path();
+    if !pin_session() {
+        return;
+    }
     log!("pg_backup scheduler started (database {db})");
     let stale = BackgroundWorker::transaction(|| {
         if catalog_ready() {
@@ -617,7 +662,9 @@ pub extern "C-unwind" fn pg_backup_run_main(_arg: pg_sys::Datum) {
     // As the superuser, like the scheduler: the requester may not write
     // the catalog; it is recorded as the one who asked.
     BackgroundWorker::connect_worker_to_spi_by_oid(Some(db), None);
-    pin_search_path();
+    if !pin_session() {
+        return;
+    }
     let repo = BackgroundWorker::transaction(|| {
         let r = Spi::get_one_with_args::<String>(
             "INSERT INTO backup.backup_executions \
@@ -654,16 +701,34 @@ pub extern "C-unwind" fn pg_backup_run_main(_arg: pg_sys::Datum) {
     });
     let Some(repo) = repo else { return };
     // Not while the scheduler expires the repository (walshipper would
-    // refuse this backup with exit 7): wait for it to end, and keep it from
-    // starting one until this backup has ended (the lock ends with us).
-    BackgroundWorker::transaction(|| {
-        if let Err(e) = Spi::run("SELECT pg_advisory_lock_shared(backup._repo_lock_key(), 0)") {
-            log!("pg_backup run: cannot wait for a running expire: {e}");
+    // refuse this backup with exit 7): wait for it to end. The scheduler
+    // starts no expire while this run is recorded as running.
+    let timeout = Duration::from_secs(settings::RUN_TIMEOUT.get().max(60) as u64);
+    let waiting = std::time::Instant::now();
+    loop {
+        let free = BackgroundWorker::transaction(|| {
+            Spi::get_one::<bool>("SELECT backup._run_may_start()")
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+        });
+        if free {
+            break;
         }
-    });
+        if waiting.elapsed() > timeout
+            || !BackgroundWorker::wait_latch(Some(Duration::from_secs(1)))
+        {
+            BackgroundWorker::transaction(|| {
+                finish(
+                    id,
+                    Outcome::failed("not started: walshipper expire held the repository until the run timed out or the server stopped"),
+                )
+            });
+            return;
+        }
+    }
     let exe = settings::string(&settings::WALSHIPPER_PATH);
     let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
-    let timeout = Duration::from_secs(settings::RUN_TIMEOUT.get().max(60) as u64);
     let outcome = match run::spawn(&exe, &cfg, repo.as_deref(), id, &kind) {
         Err(e) => Outcome::failed(e),
         Ok(mut r) => loop {

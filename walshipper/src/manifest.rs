@@ -175,6 +175,16 @@ impl Manifest {
         if self.manifest_version == 0 {
             return Err(bad("manifest version 0".into()));
         }
+        // Times are repeated to others (info --json, the SQL catalog): only
+        // times that parse.
+        for (what, t) in [
+            ("start_time", &self.start_time),
+            ("stop_time", &self.stop_time),
+        ] {
+            if t.len() > 64 || chrono::DateTime::parse_from_rfc3339(t).is_err() {
+                return Err(bad(format!("{what} {:.40?} is not an RFC 3339 time", t)));
+            }
+        }
         if layout::backup_id_type(&self.id) != Some(self.kind.as_str()) {
             return Err(bad(format!(
                 "type {:?} does not match the letter of id {}",

@@ -5,7 +5,9 @@
 CREATE ROLE pgb_operator;
 CREATE ROLE pgb_monitor;
 CREATE ROLE pgb_nobody;
-SELECT backup.grant_operator('pgb_operator');
+CREATE ROLE pgb_operator_no_retention;
+SELECT backup.grant_operator('pgb_operator', retention => true);
+SELECT backup.grant_operator('pgb_operator_no_retention');
 SELECT backup.grant_monitor('pgb_monitor');
 -- Only the owner grants.
 SET ROLE pgb_operator;
@@ -44,6 +46,13 @@ SELECT created_by, updated_by FROM backup.backup_jobs;
 SELECT requested_by FROM backup.backup_executions;
 SELECT created_by FROM backup.restore_points;
 SELECT updated_by FROM backup.retention_policies;
+
+-- Retention removes backups: only an operator granted it may change it.
+SET ROLE pgb_operator_no_retention;
+SELECT backup.retention_set('repo1', keep_full => 1);
+SELECT backup.retention_reset('repo1');
+SELECT backup.job_create('allowed_job', '15 6 * * *') > 0 AS created;
+RESET ROLE;
 
 -- A monitor reads every view and table, backups included, and acts on nothing.
 SET ROLE pgb_monitor;
@@ -92,4 +101,5 @@ RESET ROLE;
 TRUNCATE backup.backup_executions, backup.backup_jobs, backup.restore_points, backup.alerts, backup.audit_log,
          backup.retention_policies RESTART IDENTITY CASCADE;
 SELECT backup.revoke_all('pgb_monitor');
-DROP ROLE pgb_operator, pgb_monitor, pgb_nobody, pgb_owner_like;
+SELECT backup.revoke_all('pgb_operator_no_retention');
+DROP ROLE pgb_operator, pgb_monitor, pgb_nobody, pgb_owner_like, pgb_operator_no_retention;

@@ -44,7 +44,7 @@ CREATE FUNCTION pg_temp.sqlstate_of(q text) RETURNS text LANGUAGE plpgsql
   AS $$ BEGIN EXECUTE q; RETURN 'ok'; EXCEPTION WHEN OTHERS THEN RETURN SQLSTATE; END $$;
 -- The caller's path puts the planted schema first, even before pg_catalog.
 CREATE ROLE pgb_op;
-SELECT backup.grant_operator('pgb_op');
+SELECT backup.grant_operator('pgb_op', retention => true);
 SET search_path = planted, pg_catalog, public;
 SET ROLE pgb_op;
 SELECT backup.job_create('shadowed', '0 3 * * *') > 0 AS created;
