@@ -11,11 +11,16 @@ AS $$
     VALUES (coalesce(p_actor, backup._caller()), p_action, p_type, p_name, coalesce(p_details, '{}'))
 $$;
 
--- A word for a POSIX shell: '...' with each ' written '\''. Nothing inside
--- single quotes is special to a shell, so any text comes out as one word.
+-- A word for a POSIX shell: as it is when it holds only characters no
+-- shell treats specially (so commands stay readable), else '...' with each
+-- ' written '\''. Nothing inside single quotes is special to a shell, so
+-- any text comes out as one word.
 CREATE FUNCTION backup._shell_quote(s text)
 RETURNS text LANGUAGE sql IMMUTABLE STRICT
-AS $$ SELECT '''' || replace(s, '''', '''\''''') || '''' $$;
+AS $$
+    SELECT CASE WHEN s ~ '^[A-Za-z0-9_./:@%+,-]+$' THEN s
+                ELSE '''' || replace(s, '''', '''\''''') || '''' END
+$$;
 
 -- Expire and backups must not run on a repository at once (walshipper
 -- would refuse one with exit 7). They are kept apart through the catalog,

@@ -273,6 +273,29 @@ mod tests {
         );
     }
 
+    /// Words for restore_plan's command: plain ones as they are, the
+    /// rest single-quoted so that a shell reads each as one word.
+    #[pg_test]
+    fn shell_quoting() {
+        let q = |w: &str| {
+            Spi::get_one_with_args::<String>("SELECT backup._shell_quote($1)", &[w.into()])
+                .expect("query")
+                .expect("a word")
+        };
+        assert_eq!(q("--target-name"), "--target-name");
+        assert_eq!(
+            q("/var/lib/pg_15/main.restored"),
+            "/var/lib/pg_15/main.restored"
+        );
+        assert_eq!(q("it's"), r"'it'\''s'");
+        assert_eq!(q("$(id)"), "'$(id)'");
+        assert_eq!(q("a b"), "'a b'");
+        assert_eq!(q(""), "''");
+        assert_eq!(q("~root"), "'~root'");
+        assert_eq!(q("X=1"), "'X=1'");
+        assert_eq!(q("a\nb"), "'a\nb'");
+    }
+
     #[pg_test]
     fn overdue_jobs_raise_an_alert() {
         Spi::run("SELECT backup.job_create('hourly', '0 * * * *')").expect("create");
