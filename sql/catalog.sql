@@ -115,7 +115,10 @@ CREATE INDEX backup_executions_succeeded ON backup.backup_executions (finished_a
 CREATE TABLE backup.restore_points (
     -- Names land in postgresql.auto.conf and in shell commands: only
     -- characters neither needs to escape.
-    name            text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,62}$'),
+    name            text PRIMARY KEY CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,47}$'),
+    -- The name in the WAL (recovery_target_name): name-<12 random hex
+    -- digits>, unique to this call (sql/restore_points.sql says why).
+    wal_name        text NOT NULL UNIQUE CHECK (wal_name ~ '^[A-Za-z0-9_][A-Za-z0-9_.:-]{0,47}-[0-9a-f]{12}$'),
     lsn             pg_lsn NOT NULL,
     created_at      timestamptz NOT NULL DEFAULT now(),
     timeline        integer NOT NULL,

@@ -151,7 +151,7 @@ BEGIN
     END IF;
     RETURN QUERY SELECT e.backup_id, (e.summary->>'stop_time')::timestamptz, e.summary->>'wal_start',
         coalesce(need, last_wal),
-        backup._restore_command(e, target_dir, ARRAY['--target-name', rp.name]),
+        backup._restore_command(e, target_dir, ARRAY['--target-name', rp.wal_name]),
         e.kind, backup._backup_chain(e);
 END
 $$;

@@ -52,6 +52,17 @@ SELECT backup.restore_point_create('x'';touch /tmp/pwned;''');
 SELECT backup.restore_point_create('$(id)');
 SELECT backup.restore_point_create(repeat('a', 64));
 SELECT backup.restore_point_create('release-2.4:rc1') IS NOT NULL AS created;
+-- In the WAL each point has a name of its own (a random suffix): one made
+-- in a transaction that rolled back stays in the WAL, but is never the
+-- target of the point made later under the same name.
+BEGIN;
+SELECT backup.restore_point_create('rolled_back') IS NOT NULL AS created;
+ROLLBACK;
+SELECT count(*) AS recorded FROM backup.restore_points WHERE name = 'rolled_back';
+SELECT backup.restore_point_create('rolled_back') IS NOT NULL AS created_again;
+SELECT name, wal_name ~ ('^' || replace(name, '.', '\.') || '-[0-9a-f]{12}$') AS wal_name_ok
+  FROM backup.restore_points ORDER BY name;
+SELECT backup.restore_point_create(repeat('b', 48)) IS NOT NULL AS longest_name;
 
 -- Differential and incremental jobs; retention is the repository's, not the job's.
 SELECT backup.job_create('hourly_incr', '0 * * * *', kind => 'incr') > 0 AS created;
