@@ -196,28 +196,19 @@ fn build_world(d: &Path) -> World {
         "[repo]\ntype = \"posix\"\npath = \"{}\"\n",
         shipper.repo.display()
     ));
-    assert_not_root();
     // 1 MiB segments keep every verify and archive-get of a case cheap.
-    run_ok(Command::new(pg_bin("initdb")).arg("-D").arg(&data).args([
-        "-U",
-        "postgres",
-        "-A",
-        "trust",
-        "-k",
-        "--no-sync",
-        "-E",
-        "UTF8",
-        "--locale=C",
-        "--wal-segsize=1",
-    ]));
-    let c = Cluster::at(d, "src");
-    c.configure(&[
-        "wal_level = replica".into(),
-        "archive_mode = on".into(),
-        format!("archive_command = {}", shipper.archive_command()),
-        "max_wal_size = 32MB".into(),
-        "min_wal_size = 4MB".into(),
-    ]);
+    let c = Cluster::init_with(
+        d,
+        "src",
+        &["--wal-segsize=1"],
+        &[
+            "wal_level = replica".into(),
+            "archive_mode = on".into(),
+            format!("archive_command = {}", shipper.archive_command()),
+            "max_wal_size = 32MB".into(),
+            "min_wal_size = 4MB".into(),
+        ],
+    );
     run_ok(
         shipper
             .cmd()

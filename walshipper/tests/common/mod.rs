@@ -288,6 +288,11 @@ pub struct Cluster {
 impl Cluster {
     /// initdb with data checksums; `conf` lines are appended to postgresql.conf.
     pub fn init(dir: &Path, name: &str, conf: &[String]) -> Cluster {
+        Cluster::init_with(dir, name, &[], conf)
+    }
+
+    /// The same with more initdb arguments (e.g. `--wal-segsize=1`).
+    pub fn init_with(dir: &Path, name: &str, initdb_args: &[&str], conf: &[String]) -> Cluster {
         assert_not_root();
         let data = dir.join(name);
         run_ok(
@@ -304,7 +309,8 @@ impl Cluster {
                     "-E",
                     "UTF8",
                     "--locale=C",
-                ]),
+                ])
+                .args(initdb_args),
         );
         let c = Cluster::at(dir, name);
         c.configure(conf);
