@@ -69,6 +69,15 @@ pub enum Event {
     Expire(ExpireReport),
     /// Any command run with `--json` that fails (besides its message on stderr).
     Error(ErrorEvent),
+    /// `restore-test`, `table-restore`: a phase begins.
+    Phase(PhaseEvent),
+    /// `verify`: the result of a read-back (also when it found problems).
+    Verify(VerifyReport),
+    /// `restore-test`: the result (passed or failed), always its last event
+    /// but for an `error` line when it failed.
+    RestoreTest(RestoreTestReport),
+    /// `table-restore`: the tables were loaded.
+    TableRestore(TableRestoreReport),
 }
 
 impl Event {
@@ -197,6 +206,131 @@ pub struct ErrorEvent {
     pub repository: Option<String>,
 }
 
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct PhaseEvent {
+    /// `restore_test` or `table_restore`.
+    pub operation: String,
+    /// `restore`, `start`, `replay`, `checks`, `copy` or `cleanup`.
+    pub phase: String,
+    /// Seconds since the operation started.
+    pub elapsed_s: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct VerifyReport {
+    pub ok: bool,
+    pub repository: String,
+    /// The backups checked.
+    pub backups: Vec<String>,
+    pub damaged_backups: Vec<DamagedBackup>,
+    pub objects_checked: u64,
+    pub files_rebuilt: u64,
+    pub wal_segments_checked: u64,
+    /// What is wrong, one line each (empty when ok).
+    pub problems: Vec<String>,
+    pub duration_s: f64,
+}
+
+/// What a restore was asked to recover to.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryTarget {
+    /// `end` (of the archived WAL), `immediate`, `time`, `lsn`, `xid` or `name`.
+    pub kind: String,
+    /// The time, LSN, xid or restore point name (null for end and immediate).
+    pub value: Option<String>,
+}
+
+/// One check of a restored cluster.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct CheckResult {
+    /// `pg_verifybackup`, `pg_amcheck <db>`, `target`, or `custom: <name>`.
+    pub name: String,
+    pub passed: bool,
+    /// What was found (the tool's output, shortened, or the query's result).
+    pub detail: String,
+    pub duration_s: f64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoreTestReport {
+    /// The recovery record's id (the repository's `recoveries/`).
+    pub operation_id: String,
+    pub repository: String,
+    pub backup_id: String,
+    pub target: RecoveryTarget,
+    pub passed: bool,
+    /// Fetching, decrypting and writing the files.
+    pub restore_s: f64,
+    /// From starting PostgreSQL until recovery reached the target and the
+    /// cluster was open.
+    pub replay_s: f64,
+    pub checks_s: f64,
+    /// restore + replay + checks: the measured RTO.
+    pub total_s: f64,
+    /// The last WAL record replayed.
+    pub recovered_lsn: Option<String>,
+    /// The commit time of the last transaction replayed.
+    pub recovered_time: Option<String>,
+    pub checks: Vec<CheckResult>,
+    pub error: Option<String>,
+    /// Where the scratch server's log was kept (a failed test), else null.
+    pub server_log: Option<String>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RestoredTable {
+    /// `schema.table` as it was in the backup.
+    pub source: String,
+    /// `schema.table` it was loaded as in the live database.
+    pub restored_as: String,
+    pub rows: u64,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableRestoreReport {
+    pub operation_id: String,
+    pub repository: String,
+    pub backup_id: String,
+    pub target: RecoveryTarget,
+    pub database: String,
+    /// The new schema the tables were loaded into.
+    pub schema: String,
+    pub tables: Vec<RestoredTable>,
+    pub restore_s: f64,
+    pub replay_s: f64,
+    /// Dumping from the scratch cluster and loading into the live database.
+    pub copy_s: f64,
+    pub total_s: f64,
+    pub recovered_lsn: Option<String>,
+    pub recovered_time: Option<String>,
+}
+
+/// What a restore did, as walshipper keeps it in the repository
+/// (`recoveries/`) and `info --json` lists it: restores run from the command
+/// line reach `backup.recovery_operations` this way.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct RecoveryRecord {
+    /// Sorts by time: `<YYYYmmddTHHMMSSZ>-<8 hex>`.
+    pub id: String,
+    /// `restore`, `restore_test` or `table_restore`.
+    pub operation: String,
+    pub host: String,
+    /// The operating system user that ran it.
+    pub os_user: String,
+    pub started_at: String,
+    pub finished_at: String,
+    pub backup_id: String,
+    pub target: RecoveryTarget,
+    /// Where the data directory was restored to.
+    pub target_dir: String,
+    /// The databases restored (`--db-include`); empty: all of them.
+    pub databases: Vec<String>,
+    pub succeeded: bool,
+    pub duration_s: f64,
+    pub error: Option<String>,
+    pub walshipper_version: String,
+}
+
 /// One configured repository in `info --json` (its `repositories` array).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RepoStatus {
@@ -216,6 +350,10 @@ pub struct RepoStatus {
     /// backup.repository_backups mirrors these).
     #[serde(default)]
     pub backup_ids: Vec<String>,
+    /// Its recovery records, oldest first: those newer than
+    /// `--recoveries-after ID`, else the newest 50.
+    #[serde(default)]
+    pub recoveries: Vec<RecoveryRecord>,
 }
 
 #[cfg(test)]
@@ -289,6 +427,20 @@ mod tests {
             ("removed", json(RemovedBackup::default())),
             ("damaged", json(DamagedBackup::default())),
             ("repositories", json(RepoStatus::default())),
+            ("phase", json(Event::Phase(PhaseEvent::default()))),
+            ("verify", json(Event::Verify(VerifyReport::default()))),
+            (
+                "restore_test",
+                json(Event::RestoreTest(RestoreTestReport::default())),
+            ),
+            (
+                "table_restore",
+                json(Event::TableRestore(TableRestoreReport::default())),
+            ),
+            ("target", json(RecoveryTarget::default())),
+            ("check", json(CheckResult::default())),
+            ("restored_table", json(RestoredTable::default())),
+            ("recovery", json(RecoveryRecord::default())),
         ])
     }
 

@@ -47,6 +47,7 @@ fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummar
         last_backup: None,
         last_backup_stop_time: None,
         backup_ids: Vec::new(),
+        recoveries: Vec::new(),
     };
     if let Ok(i) = info {
         s.backup_ids = i.backups.iter().map(|b| b.id.clone()).collect();
