@@ -14,6 +14,7 @@ pub const WAL_PREFIX: &str = "wal/";
 pub const BACKUPS_PREFIX: &str = "backups/";
 pub const LOCKS_PREFIX: &str = "locks/";
 pub const EXPIRED_PREFIX: &str = "expired/";
+pub const RECOVERIES_PREFIX: &str = "recoveries/";
 
 /// A parsed repository key: what the object is and whose.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -40,6 +41,10 @@ pub enum ObjectName {
     /// `expired/<id>`: this repository's retention removed backup `id`
     /// (repo-sync must not bring it back here).
     Tombstone {
+        id: String,
+    },
+    /// `recoveries/<id>`: what a restore did (`recovery_log`).
+    Recovery {
         id: String,
     },
 }
@@ -95,6 +100,25 @@ pub fn backup_data(id: &str, rel: &str) -> String {
 
 pub fn backup_map(id: &str, rel: &str) -> String {
     format!("{BACKUPS_PREFIX}{id}/map/{rel}")
+}
+
+/// The record of a restore (`recovery_log`).
+pub fn recovery(id: &str) -> String {
+    format!("{RECOVERIES_PREFIX}{id}")
+}
+
+/// `YYYYmmddTHHMMSSZ-` then 8 lowercase hex digits.
+pub fn is_recovery_id(id: &str) -> bool {
+    let b = id.as_bytes();
+    b.len() == 25
+        && b[..8].iter().all(u8::is_ascii_digit)
+        && b[8] == b'T'
+        && b[9..15].iter().all(u8::is_ascii_digit)
+        && b[15] == b'Z'
+        && b[16] == b'-'
+        && b[17..]
+            .iter()
+            .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
 }
 
 /// The tombstone expire writes before it removes backup `id`.
@@ -208,6 +232,9 @@ pub fn parse(key: &str) -> Option<ObjectName> {
     if let Some(id) = key.strip_prefix(EXPIRED_PREFIX) {
         return is_backup_id(id).then(|| ObjectName::Tombstone { id: id.into() });
     }
+    if let Some(id) = key.strip_prefix(RECOVERIES_PREFIX) {
+        return is_recovery_id(id).then(|| ObjectName::Recovery { id: id.into() });
+    }
     if let Some(rest) = key.strip_prefix(LOCKS_PREFIX) {
         let name = rest.strip_suffix(".lease")?;
         let ok = !name.is_empty()
@@ -263,6 +290,11 @@ mod tests {
             Some(ObjectName::Lease { .. })
         ));
         assert_eq!(tombstone(id), "expired/20261121-224754F");
+        let r = "20261126T061500Z-0a1b2c3d";
+        assert_eq!(
+            parse(&recovery(r)),
+            Some(ObjectName::Recovery { id: r.into() })
+        );
         assert_eq!(
             parse(&tombstone(id)),
             Some(ObjectName::Tombstone { id: id.into() })
@@ -294,6 +326,11 @@ mod tests {
             "expired/20261121-224754F/manifest",
             "expired/../20261121-224754F",
             "expired/20261121-224754F.json",
+            "recoveries/",
+            "recoveries/20261126T061500Z-0a1b2c3",
+            "recoveries/20261126T061500Z-0A1B2C3D",
+            "recoveries/../20261126T061500Z-0a1b2c3d",
+            "recoveries/20261126T061500Z-0a1b2c3d/x",
             "",
             "repository.json.bak",
         ] {

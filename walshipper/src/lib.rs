@@ -19,6 +19,7 @@ pub mod page;
 pub mod pg;
 pub mod pgdata;
 pub mod progress;
+pub mod recovery_log;
 pub mod repo;
 pub mod retention;
 pub mod storage;

@@ -408,8 +408,11 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
                     tablespace_map: map,
                     json: *json,
                     repo: repo.map(str::to_string),
+                    db_include: Vec::new(),
+                    record: true,
                 },
             )
+            .map(|_| ())
         }
         Command::Expire {
             dry_run,

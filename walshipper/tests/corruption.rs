@@ -367,8 +367,11 @@ fn build_world(d: &Path) -> World {
                 },
                 None,
             ),
-            // Neither is read by restore or verify.
-            ObjectName::Lease { .. } | ObjectName::Tombstone { .. } => continue,
+            // None is read by restore or verify (records only by info,
+            // which skips a damaged one).
+            ObjectName::Lease { .. }
+            | ObjectName::Tombstone { .. }
+            | ObjectName::Recovery { .. } => continue,
         };
         if kind == Kind::Data && !readers.contains_key(&key) {
             // Stored by a backup but read by none (cannot happen today).

@@ -1112,6 +1112,7 @@ fn exec_layout(input: &[u8], _: &Corpus) {
         layout::ObjectName::Wal { name, kind } => layout::wal(name, kind),
         layout::ObjectName::Lease { name } => layout::lease(name),
         layout::ObjectName::Tombstone { id } => layout::tombstone(id),
+        layout::ObjectName::Recovery { id } => layout::recovery(id),
         layout::ObjectName::Backup { id, part } => match part {
             layout::BackupPart::Manifest => layout::manifest(id),
             layout::BackupPart::BackupLabel => layout::backup_label(id),

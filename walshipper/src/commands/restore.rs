@@ -58,6 +58,24 @@ pub struct Args {
     /// Read from this repository only (default: the first that can serve
     /// the target, falling back to the others file by file).
     pub repo: Option<String>,
+    /// Restore only these databases (and the system ones); empty: all.
+    pub db_include: Vec<String>,
+    /// Keep a record of this restore in the repository (`recovery_log`).
+    /// restore-test and table-restore keep their own.
+    pub record: bool,
+}
+
+/// What a restore did, for the commands built on it.
+#[derive(Clone, Debug)]
+pub struct Restored {
+    pub backup_id: String,
+    /// The repository it was restored from.
+    pub repository: String,
+    pub timeline: u32,
+    /// Last WAL segment the archive holds without a gap from the backup.
+    pub wal_end_segno: u64,
+    pub wal_segment_size: u64,
+    pub duration_s: f64,
 }
 
 /// Parses a target time; a time zone is required, so that the target cannot
@@ -440,8 +458,9 @@ fn choose_repository(cfg: &Config, args: &Args) -> Result<(Repository, Plan, Vec
     }
 }
 
-pub fn run(cfg: &Config, args: &Args) -> Result<()> {
+pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
     let started = Instant::now();
+    let record_id = crate::recovery_log::new_id();
     if !["promote", "pause", "shutdown"].contains(&args.action.as_str()) {
         return Err(Error::Invalid(format!(
             "--target-action '{}' is not one of promote, pause, shutdown",
@@ -464,10 +483,55 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             target_dir.display()
         )));
     }
+    if !args.db_include.is_empty() {
+        return Err(Error::Invalid("--db-include is not available yet".into()));
+    }
     let (repo, mut plan, fallbacks) = choose_repository(cfg, args)?;
+    let result = restore_planned(
+        cfg,
+        args,
+        &target_dir,
+        was_empty,
+        &repo,
+        &mut plan,
+        &fallbacks,
+        started,
+    );
+    if args.record {
+        let mut rec = crate::recovery_log::start("restore", record_id);
+        rec.backup_id = plan.backup.id.clone();
+        rec.target = crate::recovery_log::target_of(&args.target);
+        rec.target_dir = target_dir.display().to_string();
+        rec.databases = args.db_include.clone();
+        crate::recovery_log::finish(&mut rec, started, result.as_ref().err());
+        crate::recovery_log::write_all(&[&repo], &rec);
+    }
+    result?;
+    Ok(Restored {
+        backup_id: plan.backup.id.clone(),
+        repository: repo.name.clone(),
+        timeline: plan.backup.timeline,
+        wal_end_segno: plan.wal_end_segno,
+        wal_segment_size: repo.descriptor.wal_segment_size,
+        duration_s: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The restore once the backup and repository are chosen.
+#[allow(clippy::too_many_arguments)]
+fn restore_planned(
+    cfg: &Config,
+    args: &Args,
+    target_dir: &Path,
+    was_empty: bool,
+    repo: &Repository,
+    plan: &mut Plan,
+    fallbacks: &[Repository],
+    started: Instant,
+) -> Result<()> {
     // The listing is not trusted: the manifest used is the one stored
     // under the backup's own key, validated, with its chain.
-    let checked = checked_manifest(&repo, &plan.backup.id)?;
+    let checked = checked_manifest(repo, &plan.backup.id)?;
     let listed = &plan.backup;
     if (
         &checked.start_lsn,
@@ -487,28 +551,28 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     }
     plan.backup = checked;
     let m = &plan.backup;
-    let mut sources = vec![&repo];
+    let mut sources = vec![repo];
     sources.extend(fallbacks.iter());
     tracing::info!("restoring backup {} into {}", m.id, target_dir.display());
 
-    let locations = tablespace_locations(m, args, &target_dir)?;
+    let locations = tablespace_locations(m, args, target_dir)?;
     // Which tablespace directories this restore creates (and so may remove).
     let created: Vec<PathBuf> = locations
         .values()
         .filter(|l| fs::symlink_metadata(l).is_err())
         .cloned()
         .collect();
-    let target_created = fs::symlink_metadata(&target_dir).is_err();
+    let target_created = fs::symlink_metadata(target_dir).is_err();
 
-    let result = restore_into(cfg, &sources, &plan, args, &target_dir, &locations, started);
+    let result = restore_into(cfg, &sources, plan, args, target_dir, &locations, started);
     if result.is_err() && was_empty && !args.delta {
         // Leave nothing that looks like a data directory. Links are
         // removed, never followed.
-        if let Ok(d) = DirFd::open_root(&target_dir) {
+        if let Ok(d) = DirFd::open_root(target_dir) {
             let _ = d.remove_contents();
         }
         if target_created {
-            let _ = fs::remove_dir(&target_dir);
+            let _ = fs::remove_dir(target_dir);
         }
         for loc in locations.values() {
             if let Ok(d) = DirFd::open_root(loc) {

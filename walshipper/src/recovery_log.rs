@@ -1,0 +1,246 @@
+//! The repository's record of restores (`recoveries/<id>`): what `restore`,
+//! `restore-test` and `table-restore` did, when, from which backup, on
+//! which host. `info --json` lists them, and the extension takes them into
+//! `backup.recovery_operations`, so that a restore run from the command line
+//! is on record beside those started from SQL (docs/contract.md).
+//!
+//! A record is an object like any other (sealed, bound to its key). Read
+//! back, it is untrusted: a record that does not decode, names another id,
+//! or carries oversized or unknown values is skipped with a warning, never
+//! passed on.
+
+use crate::error::{Error, Result};
+use crate::layout;
+use crate::repo::Repository;
+
+pub use pg_backup_contract::{RecoveryRecord, RecoveryTarget};
+
+/// The largest record read back.
+const RECORD_MAX: usize = 64 << 10;
+/// Records `info` lists when not asked for those after an id.
+pub const LIST_DEFAULT: usize = 50;
+/// Records `info` lists at most in one call (the extension asks again).
+pub const LIST_MAX: usize = 500;
+/// Longest `error` kept in a record.
+const ERROR_MAX: usize = 2000;
+
+/// A new record id: the time now, then 8 random hex digits.
+pub fn new_id() -> String {
+    // Without randomness (never seen), the time alone still sorts.
+    let r = crate::keys::random::<4>().unwrap_or_default();
+    format!(
+        "{}-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ"),
+        hex::encode(r)
+    )
+}
+
+/// A record for an operation starting now (finished_at and the outcome are
+/// filled in by `finish`).
+pub fn start(operation: &str, id: String) -> RecoveryRecord {
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    RecoveryRecord {
+        id,
+        operation: operation.into(),
+        host: crate::lock::host_name(),
+        os_user: os_user(),
+        started_at: now.clone(),
+        finished_at: now,
+        walshipper_version: env!("CARGO_PKG_VERSION").into(),
+        ..Default::default()
+    }
+}
+
+/// Sets the outcome and end time of `rec`.
+pub fn finish(rec: &mut RecoveryRecord, started: std::time::Instant, error: Option<&Error>) {
+    rec.finished_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    rec.duration_s = started.elapsed().as_secs_f64();
+    rec.succeeded = error.is_none();
+    rec.error = error.map(|e| truncate(&e.to_string(), ERROR_MAX));
+}
+
+fn truncate(s: &str, max: usize) -> String {
+    if s.len() <= max {
+        return s.to_string();
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    s[..end].to_string()
+}
+
+fn os_user() -> String {
+    // SAFETY: getuid cannot fail; getpwuid returns NULL or a pointer to a
+    // static entry, read at once.
+    unsafe {
+        let pw = libc::getpwuid(libc::getuid());
+        if pw.is_null() || (*pw).pw_name.is_null() {
+            return format!("uid {}", libc::getuid());
+        }
+        std::ffi::CStr::from_ptr((*pw).pw_name)
+            .to_string_lossy()
+            .into_owned()
+    }
+}
+
+/// Stores `rec` in `repo`. The caller decides whether a failure matters: a
+/// restore from a read-only repository must not fail for its record.
+pub fn write(repo: &Repository, rec: &RecoveryRecord) -> Result<()> {
+    check(rec).map_err(|why| Error::Invalid(format!("recovery record {}: {why}", rec.id)))?;
+    let body = serde_json::to_vec(rec)
+        .map_err(|e| Error::Invalid(format!("recovery record {}: {e}", rec.id)))?;
+    repo.put_object(&layout::recovery(&rec.id), body.as_slice())?;
+    Ok(())
+}
+
+/// Writes `rec` to every repository in `repos`, warning about those that
+/// refuse it.
+pub fn write_all(repos: &[&Repository], rec: &RecoveryRecord) {
+    for r in repos {
+        if let Err(e) = write(r, rec) {
+            tracing::warn!(
+                "the record of this {} ({}) could not be stored in repository {}: {e}",
+                rec.operation,
+                rec.id,
+                r.name
+            );
+        }
+    }
+}
+
+/// What a well-formed record holds; everything read back goes through it.
+fn check(rec: &RecoveryRecord) -> std::result::Result<(), String> {
+    if !layout::is_recovery_id(&rec.id) {
+        return Err("malformed id".into());
+    }
+    if !["restore", "restore_test", "table_restore"].contains(&rec.operation.as_str()) {
+        return Err(format!(
+            "unknown operation {:?}",
+            truncate(&rec.operation, 40)
+        ));
+    }
+    if !["end", "immediate", "time", "lsn", "xid", "name"].contains(&rec.target.kind.as_str()) {
+        return Err("unknown target kind".into());
+    }
+    let short = [
+        &rec.host,
+        &rec.os_user,
+        &rec.started_at,
+        &rec.finished_at,
+        &rec.backup_id,
+        &rec.walshipper_version,
+    ];
+    if short.iter().any(|s| s.len() > 256)
+        || rec.target.value.as_ref().is_some_and(|v| v.len() > 256)
+        || rec.target_dir.len() > 4096
+        || rec.databases.len() > 1000
+        || rec.databases.iter().any(|d| d.len() > 64)
+        || rec.error.as_ref().is_some_and(|e| e.len() > ERROR_MAX)
+    {
+        return Err("a field is too long".into());
+    }
+    for t in [&rec.started_at, &rec.finished_at] {
+        if chrono::DateTime::parse_from_rfc3339(t).is_err() {
+            return Err(format!("{t:?} is not an RFC 3339 time"));
+        }
+    }
+    if !rec.duration_s.is_finite() || rec.duration_s < 0.0 {
+        return Err("bad duration".into());
+    }
+    Ok(())
+}
+
+/// The records of `repo` with an id after `after` (all if None: then only
+/// the newest `LIST_DEFAULT`), oldest first, at most `LIST_MAX`. Records
+/// that fail to read or check are skipped with a warning.
+pub fn list(repo: &Repository, after: Option<&str>) -> Result<Vec<RecoveryRecord>> {
+    let mut ids: Vec<String> = repo
+        .storage
+        .list(layout::RECOVERIES_PREFIX)?
+        .into_iter()
+        .filter_map(|o| match layout::parse(&o.key) {
+            Some(layout::ObjectName::Recovery { id }) => Some(id),
+            _ => None,
+        })
+        .filter(|id| after.is_none_or(|a| id.as_str() > a))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    if after.is_none() && ids.len() > LIST_DEFAULT {
+        ids.drain(..ids.len() - LIST_DEFAULT);
+    }
+    ids.truncate(LIST_MAX);
+    let mut out = Vec::new();
+    for id in ids {
+        let key = layout::recovery(&id);
+        let rec = repo
+            .read_object_capped(&key, RECORD_MAX)
+            .and_then(|body| {
+                serde_json::from_slice::<RecoveryRecord>(&body).map_err(|e| Error::Corrupt {
+                    key: key.clone(),
+                    reason: format!("not a recovery record: {e}"),
+                })
+            })
+            .and_then(|rec| {
+                let why = if rec.id != id {
+                    Some("it names another id".to_string())
+                } else {
+                    check(&rec).err()
+                };
+                match why {
+                    None => Ok(rec),
+                    Some(reason) => Err(Error::Corrupt {
+                        key: key.clone(),
+                        reason,
+                    }),
+                }
+            });
+        match rec {
+            Ok(r) => out.push(r),
+            Err(e) => tracing::warn!("skipping recovery record {key}: {e}"),
+        }
+    }
+    Ok(out)
+}
+
+/// The target as a record states it.
+pub fn target_of(t: &crate::commands::restore::Target) -> RecoveryTarget {
+    use crate::commands::restore::Target;
+    let (kind, value) = match t {
+        Target::End => ("end", None),
+        Target::Immediate => ("immediate", None),
+        Target::Time { raw, .. } => ("time", Some(raw.clone())),
+        Target::Lsn(l) => ("lsn", Some(crate::wal::format_lsn(*l))),
+        Target::Xid(x) => ("xid", Some(x.clone())),
+        Target::Name(n) => ("name", Some(n.clone())),
+    };
+    RecoveryTarget {
+        kind: kind.into(),
+        value,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_are_well_formed_and_records_checked() {
+        let id = new_id();
+        assert!(layout::is_recovery_id(&id), "{id}");
+        let mut r = start("restore", id);
+        finish(&mut r, std::time::Instant::now(), None);
+        r.target.kind = "end".into();
+        assert_eq!(check(&r), Ok(()));
+        let mut bad = r.clone();
+        bad.operation = "format_disk".into();
+        assert!(check(&bad).is_err());
+        let mut bad = r.clone();
+        bad.host = "x".repeat(300);
+        assert!(check(&bad).is_err());
+        let mut bad = r;
+        bad.duration_s = f64::NAN;
+        assert!(check(&bad).is_err());
+    }
+}
