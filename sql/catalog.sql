@@ -44,7 +44,11 @@ CREATE TABLE backup.backup_jobs (
     job_id          bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     name            text NOT NULL UNIQUE
                     CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$'),
-    kind            text NOT NULL DEFAULT 'full' CHECK (kind IN ('full', 'diff', 'incr')),
+    -- A backup (full, diff, incr), or a check of the backups: an integrity
+    -- read-back (verify) or a restore test (restore_test), recorded in
+    -- backup.backup_verifications.
+    kind            text NOT NULL DEFAULT 'full'
+                    CHECK (kind IN ('full', 'diff', 'incr', 'verify', 'restore_test')),
     schedule        text NOT NULL CHECK (length(schedule) <= 200),
     timezone        text NOT NULL DEFAULT 'UTC',
     active          boolean NOT NULL DEFAULT true,
@@ -130,7 +134,9 @@ COMMENT ON TABLE backup.restore_points IS 'Named points to restore to (walshippe
 CREATE TABLE backup.alerts (
     alert_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kind            text NOT NULL CHECK (kind IN ('backup_failed', 'job_overdue', 'archive_failing', 'rpo_exceeded', 'worker_error',
-                                                 'repository_unavailable', 'repository_lagging', 'expire_failed')),
+                                                 'repository_unavailable', 'repository_lagging', 'expire_failed',
+                                                 'verification_failed', 'restore_test_failed', 'table_restore_failed',
+                                                 'restore_test_overdue', 'rto_exceeded')),
     severity        text NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
     subject         text NOT NULL,
     message         text NOT NULL,
@@ -230,6 +236,132 @@ CREATE TABLE backup.repository_backups (
     backup_id       text NOT NULL,
     seen_at         timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (repository, backup_id)
+);
+
+-- Every recovery: restore tests and table restores started from SQL, and
+-- the restores walshipper recorded in a repository (recoveries/), taken in
+-- when the scheduler refreshes repository status (source 'command_line').
+CREATE TABLE backup.recovery_operations (
+    operation_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    kind            text NOT NULL CHECK (kind IN ('restore', 'restore_test', 'table_restore')),
+    source          text NOT NULL CHECK (source IN ('sql', 'command_line')),
+    -- walshipper's id of its record in the repository (YYYYmmddTHHMMSSZ-<8 hex>).
+    record_id       text UNIQUE CHECK (record_id ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$'),
+    -- NULL: the primary.
+    repository      text CHECK (repository ~ '^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$'),
+    backup_id       text CHECK (backup_id ~ '^[0-9]{8}-[0-9]{6}[FDI]([1-9][0-9]{0,2})?$'),
+    -- end (of the archived WAL), immediate, time, lsn, xid or name; value:
+    -- the time (UTC), LSN, xid or restore point name in the WAL.
+    target_kind     text NOT NULL DEFAULT 'end'
+                    CHECK (target_kind IN ('end', 'immediate', 'time', 'lsn', 'xid', 'name')),
+    target_value    text CHECK (length(target_value) <= 256),
+    target_dir      text CHECK (length(target_dir) <= 4096),
+    -- The databases a restore brought back (--db-include); empty: all.
+    databases       text[],
+    -- A table restore: the database, the new schema, the tables asked for
+    -- (schema.table) and the role the loaded objects belong to.
+    database        text,
+    schema_name     text,
+    tables          jsonb,
+    load_role       name,
+    -- A role, or os_user@host for a command-line restore.
+    requested_by    text NOT NULL DEFAULT backup._caller(),
+    status          text NOT NULL DEFAULT 'queued'
+                    CHECK (status IN ('queued', 'running', 'succeeded', 'failed', 'cancelled', 'interrupted')),
+    -- Where a running operation is (walshipper's phase events).
+    phase           text,
+    bytes_done      bigint CHECK (bytes_done >= 0),
+    bytes_total     bigint CHECK (bytes_total >= 0),
+    queued_at       timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    duration_s      double precision CHECK (duration_s >= 0),
+    error           text,
+    error_hint      text,
+    -- walshipper's result event (restore_test, table_restore) or record.
+    report          jsonb,
+    worker_pid      integer,
+    cancel_requested boolean NOT NULL DEFAULT false,
+    CHECK ((status IN ('succeeded', 'failed', 'cancelled', 'interrupted')) = (finished_at IS NOT NULL)),
+    CHECK (status NOT IN ('failed', 'interrupted') OR error IS NOT NULL),
+    CHECK (kind <> 'table_restore' OR source <> 'sql' OR (database IS NOT NULL AND schema_name IS NOT NULL AND load_role IS NOT NULL))
+);
+COMMENT ON TABLE backup.recovery_operations IS 'Every recovery: restore tests, table restores and command-line restores, with target, timings, result and who asked.';
+CREATE INDEX recovery_operations_open ON backup.recovery_operations (status) WHERE status IN ('queued', 'running');
+
+-- Proof that backups are sound: integrity read-backs (walshipper verify)
+-- and restore tests (walshipper restore-test, which measures the RTO).
+CREATE TABLE backup.backup_verifications (
+    verification_id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    -- The backup checked; NULL when asked for none (the newest for a
+    -- restore test, set from its result; every backup for a read-back,
+    -- listed in report->'backups').
+    backup_id       text CHECK (backup_id ~ '^[0-9]{8}-[0-9]{6}[FDI]([1-9][0-9]{0,2})?$'),
+    -- NULL: the primary.
+    repository      text CHECK (repository ~ '^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$'),
+    kind            text NOT NULL CHECK (kind IN ('integrity', 'restore_test')),
+    job_id          bigint REFERENCES backup.backup_jobs (job_id) ON DELETE SET NULL,
+    requested_by    name NOT NULL DEFAULT backup._caller(),
+    status          text NOT NULL DEFAULT 'queued'
+                    CHECK (status IN ('queued', 'running', 'passed', 'failed', 'cancelled', 'interrupted')),
+    queued_at       timestamptz NOT NULL DEFAULT now(),
+    started_at      timestamptz,
+    finished_at     timestamptz,
+    target_kind     text NOT NULL DEFAULT 'end'
+                    CHECK (target_kind IN ('end', 'immediate', 'time', 'lsn', 'xid', 'name')),
+    target_value    text CHECK (length(target_value) <= 256),
+    -- A restore test's measured phases, in seconds; rto_s is their sum.
+    restore_s       double precision,
+    replay_s        double precision,
+    checks_s        double precision,
+    rto_s           double precision,
+    recovered_lsn   pg_lsn,
+    recovered_time  timestamptz,
+    -- Each check: name, passed, detail, duration_s.
+    checks          jsonb,
+    error           text,
+    error_hint      text,
+    operation_id    bigint REFERENCES backup.recovery_operations (operation_id),
+    -- walshipper's result event (verify, restore_test).
+    report          jsonb,
+    worker_pid      integer,
+    cancel_requested boolean NOT NULL DEFAULT false,
+    CHECK (started_at IS NULL OR started_at >= queued_at),
+    CHECK ((status IN ('passed', 'failed', 'cancelled', 'interrupted')) = (finished_at IS NOT NULL)),
+    CHECK (status NOT IN ('failed', 'interrupted') OR error IS NOT NULL)
+);
+COMMENT ON TABLE backup.backup_verifications IS 'Integrity read-backs and restore tests of backups, with their measured phases, RTO and checks.';
+CREATE INDEX backup_verifications_open ON backup.backup_verifications (status) WHERE status IN ('queued', 'running');
+CREATE INDEX backup_verifications_passed ON backup.backup_verifications (kind, finished_at) WHERE status = 'passed';
+-- Never two checks of one job queued or running at once.
+CREATE UNIQUE INDEX backup_verifications_one_active_per_job
+    ON backup.backup_verifications (job_id) WHERE status IN ('queued', 'running');
+
+-- The DBA's own checks of a restore test: a query run in the restored
+-- cluster, and the result it must give (its first column of the first
+-- row, as text). job_id NULL: every restore test.
+CREATE TABLE backup.restore_checks (
+    check_id        bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    name            text NOT NULL UNIQUE CHECK (name ~ '^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$'),
+    database        text NOT NULL CHECK (length(database) BETWEEN 1 AND 63),
+    query           text NOT NULL CHECK (length(query) BETWEEN 1 AND 10000),
+    expected        text NOT NULL CHECK (length(expected) <= 10000),
+    job_id          bigint REFERENCES backup.backup_jobs (job_id) ON DELETE CASCADE,
+    created_by      name NOT NULL DEFAULT backup._caller(),
+    created_at      timestamptz NOT NULL DEFAULT now()
+);
+COMMENT ON TABLE backup.restore_checks IS 'Queries every restore test (or one job''s) runs in the restored cluster, with their expected results.';
+
+-- The RPO each repository had, sampled about once a minute by the
+-- scheduler and kept pg_backup.rpo_history long: backup.recovery_objectives'
+-- worst RPO.
+CREATE TABLE backup.rpo_samples (
+    repository      text NOT NULL,
+    sampled_at      timestamptz NOT NULL DEFAULT now(),
+    rpo             interval,
+    -- Its WAL was the primary's (or it is the primary).
+    in_sync         boolean NOT NULL,
+    PRIMARY KEY (repository, sampled_at)
 );
 
 REVOKE ALL ON ALL TABLES IN SCHEMA backup FROM PUBLIC;

@@ -29,7 +29,7 @@ $$;
 -- backup.repository_activity, which only the owner may lock.
 
 -- The scheduler, before starting walshipper expire: true (and recorded)
--- when no backup runs.
+-- when no backup, verification or recovery runs.
 CREATE FUNCTION backup._sched_expire_begin()
 RETURNS boolean LANGUAGE plpgsql
 AS $$
@@ -38,6 +38,10 @@ BEGIN
     IF EXISTS (SELECT 1 FROM backup.backup_executions e
                 WHERE e.status = 'running'
                   AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = e.worker_pid)) THEN
+        RETURN false;
+    END IF;
+    -- Nor while a verification or recovery reads a backup it could remove.
+    IF backup._recovery_running() THEN
         RETURN false;
     END IF;
     UPDATE backup.repository_activity a SET expire_pid = pg_backend_pid(), expire_since = now() WHERE a.id = 1;

@@ -18,9 +18,10 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'Use 1 to 63 letters, digits, "_", "." or "-", starting with a letter, digit or "_".';
     END IF;
-    IF j.kind IS NULL OR j.kind NOT IN ('full', 'diff', 'incr') THEN
-        RAISE EXCEPTION 'unknown backup kind "%"', j.kind
-            USING ERRCODE = 'invalid_parameter_value', HINT = 'Use full, diff or incr.';
+    IF j.kind IS NULL OR j.kind NOT IN ('full', 'diff', 'incr', 'verify', 'restore_test') THEN
+        RAISE EXCEPTION 'unknown job kind "%"', j.kind
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Use full, diff or incr (backups), verify (an integrity read-back) or restore_test.';
     END IF;
     IF j.timezone IS NULL OR NOT EXISTS (SELECT 1 FROM pg_timezone_names WHERE name = j.timezone) THEN
         RAISE EXCEPTION 'unknown time zone "%"', j.timezone
@@ -36,7 +37,9 @@ BEGIN
        AND b.job_id IS DISTINCT FROM j.job_id AND b.name <> j.name
      LIMIT 1;
     IF other IS NOT NULL THEN
-        RAISE EXCEPTION 'job "%" already runs % backups on schedule "%" in %', other, j.kind, j.schedule, j.timezone
+        RAISE EXCEPTION 'job "%" already runs % on schedule "%" in %', other,
+                        CASE WHEN j.kind IN ('full', 'diff', 'incr') THEN j.kind || ' backups' ELSE j.kind END,
+                        j.schedule, j.timezone
             USING ERRCODE = 'unique_violation',
                   HINT = 'Two jobs doing the same thing at the same moment would only compete; alter or drop the other job.';
     END IF;

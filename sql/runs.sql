@@ -22,6 +22,11 @@ BEGIN
                 USING ERRCODE = 'undefined_object', HINT = 'Omit job_name for a one-off backup, or see backup.backup_jobs.';
         END IF;
     END IF;
+    IF j.kind IN ('verify', 'restore_test') THEN
+        RAISE EXCEPTION 'job "%" is a % job, not a backup job', job_name, j.kind
+            USING ERRCODE = 'wrong_object_type',
+                  HINT = 'Run it now with backup.verify_run() or backup.restore_test_run().';
+    END IF;
     kind := coalesce(kind, j.kind, 'full');
     IF kind NOT IN ('full', 'diff', 'incr') THEN
         RAISE EXCEPTION 'unknown backup kind "%"', kind USING ERRCODE = 'invalid_parameter_value', HINT = 'Use full, diff or incr.';

@@ -28,7 +28,14 @@ DECLARE
     id bigint;
 BEGIN
     FOR j IN SELECT * FROM backup.backup_jobs b WHERE b.active AND b.next_run_at <= now() ORDER BY b.next_run_at FOR UPDATE SKIP LOCKED LOOP
-        IF NOT EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
+        IF j.kind IN ('verify', 'restore_test') THEN
+            -- A check of the backups, recorded in backup.backup_verifications.
+            IF NOT EXISTS (SELECT 1 FROM backup.backup_verifications v WHERE v.job_id = j.job_id AND v.status IN ('queued', 'running')) THEN
+                PERFORM backup._recovery_enqueue(jsonb_build_object(
+                    'table', 'verification', 'kind', CASE j.kind WHEN 'verify' THEN 'integrity' ELSE 'restore_test' END,
+                    'repository', j.repository, 'job_id', j.job_id, 'job_name', j.name, 'scheduled', true), NULL, 'scheduler');
+            END IF;
+        ELSIF NOT EXISTS (SELECT 1 FROM backup.backup_executions e WHERE e.job_id = j.job_id AND e.status IN ('queued', 'running')) THEN
             INSERT INTO backup.backup_executions AS n (job_id, kind, requested_by, repository)
             VALUES (j.job_id, j.kind, 'scheduler', j.repository)
             RETURNING n.execution_id INTO id;
@@ -67,7 +74,8 @@ $$;
 -- or 'scheduler'). On failure: an alert, and a retry if the job allows one.
 -- p_hint is walshipper's advice (its JSON error event), kept for the DBA.
 CREATE FUNCTION backup._sched_finish(p_id bigint, p_status text, p_summary jsonb, p_error text,
-                                     p_retry_max integer, p_retry_delay integer, p_hint text DEFAULT NULL)
+                                     p_retry_max integer, p_retry_delay integer, p_hint text DEFAULT NULL,
+                                     p_verify boolean DEFAULT false)
 RETURNS void LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -126,6 +134,12 @@ BEGIN
             INSERT INTO backup.repository_backups (repository, backup_id)
             VALUES (coalesce(e.repository, (backup._known_repositories())[1], 'primary'), e.backup_id)
             ON CONFLICT DO NOTHING;
+            -- pg_backup.verify_after_backup: read the new backup back at once.
+            IF p_verify THEN
+                PERFORM backup._recovery_enqueue(jsonb_build_object(
+                    'table', 'verification', 'kind', 'integrity', 'backup_id', e.backup_id, 'repository', e.repository,
+                    'after_execution', p_id), NULL, 'scheduler');
+            END IF;
         END IF;
     END IF;
 END
@@ -165,6 +179,10 @@ BEGIN
         period := backup.cron_next(j.schedule, j.timezone, n1) - n1;
         SELECT max(finished_at) INTO last_ok FROM backup.backup_executions
          WHERE job_id = j.job_id AND status = 'succeeded';
+        IF j.kind IN ('verify', 'restore_test') THEN
+            SELECT max(finished_at) INTO last_ok FROM backup.backup_verifications
+             WHERE job_id = j.job_id AND status = 'passed';
+        END IF;
         IF coalesce(last_ok, j.created_at) < now() - period - make_interval(secs => p_overdue_grace) THEN
             PERFORM backup._raise_alert('job_overdue', 'warning', j.name,
                 format('backup job %s has not succeeded since %s (it runs every %s)',
@@ -237,6 +255,11 @@ BEGIN
             SELECT r->>'name', ids.id FROM jsonb_array_elements_text(r->'backup_ids') AS ids (id)
              WHERE ids.id ~ '^[0-9]{8}-[0-9]{6}[FDI]([1-9][0-9]{0,2})?$'
             ON CONFLICT (repository, backup_id) DO UPDATE SET seen_at = now();
+        END IF;
+        -- Its recovery records: restores run from the command line, and
+        -- the records of those started from SQL.
+        IF (r->>'ok')::boolean AND jsonb_typeof(r->'recoveries') = 'array' THEN
+            PERFORM backup._sched_import_recoveries(r->>'name', r->'recoveries');
         END IF;
         IF (r->>'ok')::boolean THEN
             PERFORM backup._resolve_alert('repository_unavailable', r->>'name');

@@ -46,7 +46,13 @@ AS $$
         'backup.restore_point_create(text, text)',
         'backup.restore_plan(timestamptz, text)',
         'backup.restore_plan(text, text)',
-        'backup.alert_ack(bigint, text)'
+        'backup.alert_ack(bigint, text)',
+        'backup.verify_run(text, boolean, text)',
+        'backup.restore_test_run(text, timestamptz, text, boolean, text)',
+        'backup.verification_cancel(bigint)',
+        'backup.recovery_cancel(bigint)',
+        'backup.restore_check_create(text, text, text, text, text)',
+        'backup.restore_check_drop(text)'
     ]::regprocedure[]
 $$;
 
@@ -105,6 +111,19 @@ BEGIN
 END
 $$;
 
+-- Owner only: role may restore tables from SQL (backup.table_restore(),
+-- which reveals what any table held in the past: never part of
+-- grant_operator), and monitor, to follow its recovery operations.
+CREATE FUNCTION backup.grant_table_restore(role regrole)
+RETURNS void LANGUAGE plpgsql
+AS $$
+BEGIN
+    PERFORM backup.grant_monitor(role);
+    EXECUTE format('GRANT EXECUTE ON FUNCTION backup.table_restore(text[], text, timestamptz, text, boolean) TO %s', role);
+    PERFORM backup._audit('grant', 'role', role::text, '{"grant": "table_restore"}');
+END
+$$;
+
 -- Owner only: takes back everything granted on the schema's objects.
 CREATE FUNCTION backup.revoke_all(role regrole)
 RETURNS void LANGUAGE plpgsql
@@ -134,5 +153,7 @@ ALTER FUNCTION backup._monitor_relations() SET search_path = pg_catalog, pg_temp
 ALTER FUNCTION backup.grant_monitor(regrole) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.grant_operator(regrole, boolean) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.revoke_all(regrole) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup.grant_table_restore(regrole) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION backup._operator_functions(), backup._retention_functions(), backup._monitor_relations(),
-    backup.grant_monitor(regrole), backup.grant_operator(regrole, boolean), backup.revoke_all(regrole) FROM PUBLIC;
+    backup.grant_monitor(regrole), backup.grant_operator(regrole, boolean), backup.revoke_all(regrole),
+    backup.grant_table_restore(regrole) FROM PUBLIC;

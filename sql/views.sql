@@ -14,7 +14,16 @@ SELECT a.archived_count, a.last_archived_wal, a.last_archived_time,
        coalesce(nullif(current_setting('pg_backup.rpo_target', true), ''), '900s')::interval AS rpo_target
   FROM pg_stat_archiver a;
 
+-- Backup jobs' runs, and verify and restore_test jobs' (a passed check
+-- counts as succeeded).
 CREATE VIEW backup.job_status AS
+WITH runs AS (
+    SELECT e.job_id, e.status, e.finished_at, e.backup_id, e.kind FROM backup.backup_executions e
+    UNION ALL
+    SELECT v.job_id, CASE v.status WHEN 'passed' THEN 'succeeded' WHEN 'interrupted' THEN 'failed' ELSE v.status END,
+           v.finished_at, v.backup_id, v.kind
+      FROM backup.backup_verifications v WHERE v.job_id IS NOT NULL
+)
 SELECT j.name, j.kind, j.schedule, j.timezone, j.active,
        s.last_success, f.last_failure,
        coalesce(c.consecutive_failures, 0) AS consecutive_failures,
@@ -28,18 +37,18 @@ SELECT j.name, j.kind, j.schedule, j.timezone, j.active,
        coalesce(k.backups_kept, 0) AS backups_kept
   FROM backup.backup_jobs j
   LEFT JOIN LATERAL (SELECT e.finished_at AS last_success, e.backup_id AS last_backup_id, e.kind AS last_backup_type
-                       FROM backup.backup_executions e
+                       FROM runs e
                       WHERE e.job_id = j.job_id AND e.status = 'succeeded'
                       ORDER BY e.finished_at DESC LIMIT 1) s ON true
   -- Backups of this job still in the repository (expiry has not removed them).
   LEFT JOIN LATERAL (SELECT count(*) AS backups_kept FROM backup.backup_executions e
                       WHERE e.job_id = j.job_id AND e.status = 'succeeded' AND e.expired_at IS NULL) k ON true
-  LEFT JOIN LATERAL (SELECT max(finished_at) AS last_failure FROM backup.backup_executions e
+  LEFT JOIN LATERAL (SELECT max(finished_at) AS last_failure FROM runs e
                       WHERE e.job_id = j.job_id AND e.status = 'failed') f ON true
-  LEFT JOIN LATERAL (SELECT count(*) AS consecutive_failures FROM backup.backup_executions e
+  LEFT JOIN LATERAL (SELECT count(*) AS consecutive_failures FROM runs e
                       WHERE e.job_id = j.job_id AND e.status = 'failed'
                         AND e.finished_at > coalesce(s.last_success, '-infinity')) c ON true
-  LEFT JOIN LATERAL (SELECT bool_or(e.status IN ('queued', 'running')) AS running FROM backup.backup_executions e
+  LEFT JOIN LATERAL (SELECT bool_or(e.status IN ('queued', 'running')) AS running FROM runs e
                       WHERE e.job_id = j.job_id) r ON true;
 
 CREATE VIEW backup.running_backups AS
@@ -97,3 +106,51 @@ SELECT s.name,
   LEFT JOIN backup.repository_status p ON p.position = 1
  ORDER BY s.position;
 
+
+-- The recovery objectives, one row per repository: the RPO (target, now,
+-- worst over pg_backup.rpo_history), the RTO (target, and the last one a
+-- restore test measured), the last passed restore test, and the backups
+-- held there that no verification or restore test has passed yet.
+-- The RPO now is the archiver's (as backup.wal_archive_status) for a
+-- repository whose WAL is the primary's; for one that lags, the time since
+-- it was last seen in step, at least the archiver's.
+CREATE VIEW backup.recovery_objectives AS
+WITH a AS (SELECT w.rpo_estimate, w.rpo_target FROM backup.wal_archive_status w),
+     p AS (SELECT s.name, s.last_wal FROM backup.repository_status s WHERE s.position = 1)
+SELECT s.name AS repository,
+       s.position = 1 AS is_primary,
+       a.rpo_target,
+       CASE WHEN s.position = 1 OR s.last_wal IS NOT DISTINCT FROM p.last_wal THEN a.rpo_estimate
+            ELSE greatest(a.rpo_estimate,
+                          now() - (SELECT max(x.sampled_at) FROM backup.rpo_samples x WHERE x.repository = s.name AND x.in_sync))
+       END AS rpo_now,
+       greatest(CASE WHEN s.position = 1 OR s.last_wal IS NOT DISTINCT FROM p.last_wal THEN a.rpo_estimate END,
+                (SELECT max(x.rpo) FROM backup.rpo_samples x
+                  WHERE x.repository = s.name
+                    AND x.sampled_at > now() - coalesce(nullif(current_setting('pg_backup.rpo_history', true), ''), '7d')::interval))
+           AS rpo_worst,
+       coalesce(nullif(current_setting('pg_backup.rpo_history', true), ''), '7d')::interval AS rpo_history,
+       coalesce(nullif(current_setting('pg_backup.rto_target', true), ''), '1h')::interval AS rto_target,
+       make_interval(secs => t.rto_s) AS last_rto,
+       t.finished_at AS last_restore_test_passed_at,
+       t.verification_id AS last_restore_test,
+       cardinality(n.ids) AS backups_never_verified,
+       n.ids AS never_verified_ids,
+       (s.position = 1 OR s.last_wal IS NOT DISTINCT FROM p.last_wal) AS wal_in_sync
+  FROM backup.repository_status s
+  CROSS JOIN a
+  LEFT JOIN p ON true
+  LEFT JOIN LATERAL (SELECT v.rto_s, v.finished_at, v.verification_id FROM backup.backup_verifications v
+                      WHERE v.kind = 'restore_test' AND v.status = 'passed'
+                        AND coalesce(v.repository, p.name) = s.name
+                      ORDER BY v.finished_at DESC LIMIT 1) t ON true
+  LEFT JOIN LATERAL (SELECT coalesce(array_agg(b.backup_id ORDER BY b.backup_id), '{}') AS ids
+                       FROM backup.repository_backups b
+                      WHERE b.repository = s.name
+                        AND NOT EXISTS (SELECT 1 FROM backup.backup_verifications v
+                                         WHERE v.status = 'passed' AND coalesce(v.repository, p.name) = s.name
+                                           AND (v.backup_id = b.backup_id
+                                                OR (v.kind = 'integrity' AND v.backup_id IS NULL
+                                                    AND jsonb_typeof(v.report->'backups') = 'array'
+                                                    AND v.report->'backups' ? b.backup_id)))) n ON true
+ ORDER BY s.position;

@@ -53,6 +53,16 @@ extension_sql_file!(
     name = "scheduler",
     requires = ["jobs", "alerts", "retention"]
 );
+extension_sql_file!(
+    "../../sql/verifications.sql",
+    name = "verifications",
+    requires = ["restore", "restore_points", _recovery_in_worker]
+);
+extension_sql_file!(
+    "../../sql/recovery.sql",
+    name = "recovery",
+    requires = ["verifications", "alerts", "views"]
+);
 extension_sql_file!("../../sql/views.sql", name = "views", requires = ["common"]);
 extension_sql_file!(
     "../../sql/security.sql",
@@ -64,6 +74,8 @@ extension_sql_file!(
         "restore",
         "restore_points",
         "retention",
+        "verifications",
+        "recovery",
         version
     ],
     finalize
@@ -119,6 +131,75 @@ fn _run_in_worker(execution_id: i64, job_id: Option<i64>, kind: &str, requester:
     if worker.wait_for_startup().is_err() {
         raise(schedule::ScheduleError {
             message: "the backup worker did not start".into(),
+            hint: "See the server log.".into(),
+        })
+    }
+    let _ = worker.wait_for_shutdown();
+}
+
+/// Runs verification or recovery operation `id` (`table`: "verification"
+/// or "operation") now in a background worker of its own and waits for it
+/// (verify_run, restore_test_run and table_restore with wait => true, which
+/// took the id and built `request`). The worker records the request, its
+/// audit row and its outcome in its own transactions, so they stay in the
+/// catalog even when the caller's transaction ends in an error.
+#[pg_extern]
+fn _recovery_in_worker(table: &str, id: i64, request: &str, requester: Option<i64>) {
+    if table != "verification" && table != "operation" {
+        raise(schedule::ScheduleError {
+            message: format!("unknown request table {table:?}"),
+            hint: "Internal: use verify_run(), restore_test_run() or table_restore().".into(),
+        })
+    }
+    // SAFETY: reading the backend's own identity.
+    let (db, me) = unsafe { (pg_sys::MyDatabaseId, pg_sys::MyProcPid) };
+    let path = worker::request_path(table, id);
+    let written = path
+        .parent()
+        .map_or(Ok(()), |dir| {
+            use std::os::unix::fs::DirBuilderExt;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(dir)
+        })
+        .and_then(|_| {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .open(&path)?
+                .write_all(request.as_bytes())
+        });
+    if let Err(e) = written {
+        raise(schedule::ScheduleError {
+            message: format!("cannot hand the request to a worker ({}): {e}", path.display()),
+            hint: "Check the data directory's free space, or run it without wait and let the scheduler run it.".into(),
+        })
+    }
+    let extra = format!("{} {table} {id} {}", u32::from(db), requester.unwrap_or(0));
+    let worker = pgrx::bgworkers::BackgroundWorkerBuilder::new("pg_backup recovery")
+        .set_function("pg_backup_recovery_main")
+        .set_library("pg_backup_ext")
+        .enable_spi_access()
+        .set_extra(&extra)
+        .set_notify_pid(me)
+        .load_dynamic();
+    let Ok(worker) = worker else {
+        let _ = std::fs::remove_file(&path);
+        raise(schedule::ScheduleError {
+            message: "could not start a background worker".into(),
+            hint:
+                "Raise max_worker_processes, or run it without wait and let the scheduler run it."
+                    .into(),
+        })
+    };
+    if worker.wait_for_startup().is_err() {
+        let _ = std::fs::remove_file(&path);
+        raise(schedule::ScheduleError {
+            message: "the worker did not start".into(),
             hint: "See the server log.".into(),
         })
     }

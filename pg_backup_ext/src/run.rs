@@ -1,8 +1,8 @@
 //! walshipper as a child process, spawned with an argument vector (no
 //! shell), its output read by plain threads (which never touch PostgreSQL),
 //! its end classified: a backup run (used by the scheduler and by
-//! backup_run(wait => true)), and the short commands the scheduler runs in
-//! the background (info, expire).
+//! backup_run(wait => true)), verifications and recoveries (Task), and the
+//! short commands the scheduler runs in the background (info, expire).
 
 use std::io::{BufRead, BufReader, Read};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -60,29 +60,7 @@ pub fn spawn(
         .map_err(|e| {
             format!("cannot run walshipper at {exe}: {e} (check pg_backup.walshipper_path)")
         })?;
-    let (tx, lines) = channel();
-    let stdout = child.stdout.take();
-    std::thread::spawn(move || {
-        if let Some(out) = stdout {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        }
-    });
-    let stderr = Arc::new(Mutex::new(String::new()));
-    let err_buf = stderr.clone();
-    let child_err = child.stderr.take();
-    std::thread::spawn(move || {
-        if let Some(mut e) = child_err {
-            let mut s = String::new();
-            let _ = e.read_to_string(&mut s);
-            if let Ok(mut b) = err_buf.lock() {
-                *b = s;
-            }
-        }
-    });
+    let (lines, stderr) = readers(&mut child);
     Ok(Run {
         execution_id,
         child,
@@ -308,5 +286,221 @@ impl Probe {
     pub fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A verification or recovery: `walshipper --config CONFIG ARGS...` (a
+/// `verify`, `restore-test` or `table-restore` with `--json`, its argument
+/// vector built by backup._recovery_args()), followed through its events:
+/// phases and progress while it runs, then its result event, error event
+/// and exit code. Stopped with SIGTERM, so that walshipper stops its
+/// scratch cluster and removes its scratch directory; SIGKILL only if it
+/// has not exited a minute later.
+pub struct Task {
+    child: Child,
+    lines: Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+    pub started: Instant,
+    pub phase: Option<String>,
+    pub bytes_done: i64,
+    pub bytes_total: i64,
+    /// The `verify`, `restore_test` or `table_restore` event, as printed.
+    result: Option<serde_json::Value>,
+    error_event: Option<pg_backup_contract::ErrorEvent>,
+    /// When it was asked to stop, and why (the outcome to record).
+    stopping: Option<(Instant, String, &'static str)>,
+}
+
+/// How a task ended.
+pub struct TaskEnd {
+    /// The result event, when walshipper printed one.
+    pub result: Option<serde_json::Value>,
+    /// The exit code (None: killed by a signal).
+    pub code: Option<i32>,
+    /// walshipper's reason (error event, else stderr), with the exit status.
+    pub error: Option<String>,
+    pub hint: Option<String>,
+    /// The outcome forced by a stop: `cancelled`, `failed` (timed out) or
+    /// `interrupted` (the server shut down).
+    pub forced: Option<&'static str>,
+}
+
+/// How long a stopped task may take to clean up before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(60);
+
+impl Task {
+    pub fn spawn(exe: &str, config: &str, args: &[String]) -> Result<Task, String> {
+        let mut child = Command::new(exe)
+            .args(["--config", config])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                format!("cannot run walshipper at {exe}: {e} (check pg_backup.walshipper_path)")
+            })?;
+        let (lines, stderr) = readers(&mut child);
+        Ok(Task {
+            child,
+            lines,
+            stderr,
+            started: Instant::now(),
+            phase: None,
+            bytes_done: 0,
+            bytes_total: 0,
+            result: None,
+            error_event: None,
+            stopping: None,
+        })
+    }
+
+    fn read_line(&mut self, line: &str) {
+        match Event::parse(line) {
+            Some(Event::Phase(p)) => self.phase = Some(clean(&p.phase)),
+            Some(Event::Progress(p)) => {
+                self.bytes_done = i64::try_from(p.bytes_done).unwrap_or(i64::MAX);
+                self.bytes_total = i64::try_from(p.bytes_total).unwrap_or(i64::MAX);
+            }
+            Some(e @ (Event::Verify(_) | Event::RestoreTest(_) | Event::TableRestore(_))) => {
+                self.result = serde_json::to_value(e).ok()
+            }
+            Some(Event::Error(e)) => self.error_event = Some(e),
+            _ => {}
+        }
+    }
+
+    /// Asks walshipper to stop (SIGTERM), recording `why` and the outcome
+    /// (`cancelled` or `failed`); poll() reports the end once it exited.
+    pub fn stop(&mut self, why: impl Into<String>, outcome: &'static str) {
+        if self.stopping.is_some() {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // SAFETY: signalling our own child, which has not been reaped
+            // (try_wait has not returned its status), so the pid is its.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        }
+        self.stopping = Some((Instant::now(), why.into(), outcome));
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stopping.is_some()
+    }
+
+    /// Reads what walshipper printed so far; Some when it has exited.
+    pub fn poll(&mut self) -> Option<TaskEnd> {
+        while let Ok(line) = self.lines.try_recv() {
+            self.read_line(&line);
+        }
+        let status = match self.child.try_wait() {
+            Ok(Some(s)) => s,
+            Ok(None) => {
+                if let Some((since, _, _)) = &self.stopping {
+                    if since.elapsed() > STOP_GRACE {
+                        let _ = self.child.kill();
+                    }
+                }
+                return None;
+            }
+            Err(e) => {
+                return Some(TaskEnd {
+                    result: None,
+                    code: None,
+                    error: Some(format!("cannot wait for walshipper: {e}")),
+                    hint: None,
+                    forced: Some("failed"),
+                })
+            }
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        while let Ok(line) = self.lines.try_recv() {
+            self.read_line(&line);
+        }
+        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
+        let event = self.error_event.take();
+        let reason = event
+            .as_ref()
+            .map(|e| clean(&e.message))
+            .unwrap_or_else(|| failure_reason(&err));
+        let hint = event.and_then(|e| e.hint).map(|h| clean(&h));
+        let (error, forced) = match self.stopping.take() {
+            Some((_, why, outcome)) => (Some(why), Some(outcome)),
+            None if status.success() => (None, None),
+            None => (
+                Some(match status.code() {
+                    Some(c) if !reason.is_empty() => format!("{reason} (exit {c})"),
+                    Some(c) => format!("walshipper exited with status {c}"),
+                    None => "walshipper was killed by a signal".into(),
+                }),
+                None,
+            ),
+        };
+        Some(TaskEnd {
+            result: self.result.take(),
+            code: status.code(),
+            error,
+            hint,
+            forced,
+        })
+    }
+
+    /// Stops it and waits for it (the scheduler is shutting down).
+    pub fn stop_and_wait(&mut self) {
+        self.stop(
+            "interrupted: the server shut down during the run",
+            "interrupted",
+        );
+        let until = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < until {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Threads reading a child's stdout (line by line, into a channel) and
+/// stderr (whole); they never touch PostgreSQL.
+fn readers(child: &mut Child) -> (Receiver<String>, Arc<Mutex<String>>) {
+    let (tx, lines) = channel();
+    let stdout = child.stdout.take();
+    std::thread::spawn(move || {
+        if let Some(out) = stdout {
+            for line in BufReader::new(out).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    let stderr = Arc::new(Mutex::new(String::new()));
+    let err_buf = stderr.clone();
+    let child_err = child.stderr.take();
+    std::thread::spawn(move || {
+        if let Some(mut e) = child_err {
+            let mut s = String::new();
+            let _ = e.read_to_string(&mut s);
+            if let Ok(mut b) = err_buf.lock() {
+                *b = s;
+            }
+        }
+    });
+    (lines, stderr)
+}
+
+impl TaskEnd {
+    /// A task that could not run (or be followed): `reason`.
+    pub fn failed(reason: impl Into<String>) -> TaskEnd {
+        TaskEnd {
+            result: None,
+            code: None,
+            error: Some(reason.into()),
+            hint: None,
+            forced: Some("failed"),
+        }
     }
 }

@@ -19,6 +19,10 @@ pub static RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(300);
 pub static OVERDUE_GRACE: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static REPO_STATUS_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(60);
 pub static EXPIRE_AFTER_BACKUP: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static VERIFY_AFTER_BACKUP: GucSetting<bool> = GucSetting::<bool>::new(true);
+pub static RTO_TARGET: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static RESTORE_TEST_MAX_AGE: GucSetting<i32> = GucSetting::<i32>::new(35 * 86400);
+pub static RPO_HISTORY: GucSetting<i32> = GucSetting::<i32>::new(7 * 86400);
 
 pub fn string(s: &GucSetting<Option<CString>>) -> String {
     s.get()
@@ -121,6 +125,44 @@ pub fn define_runtime() {
         &EXPIRE_AFTER_BACKUP,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_backup.verify_after_backup",
+        c"Queue an integrity verification (walshipper verify) of each backup once it succeeded.",
+        c"Recorded in backup.backup_verifications; a failure raises verification_failed.",
+        &VERIFY_AFTER_BACKUP,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.rto_target",
+        c"Recovery time objective in seconds; a restore test measuring more raises rto_exceeded.",
+        c"",
+        &RTO_TARGET,
+        1,
+        86400 * 30,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.restore_test_max_age",
+        c"Seconds without a passed restore test before restore_test_overdue is raised.",
+        c"Only once the oldest backup is older than this, so that a new installation is not alarmed.",
+        &RESTORE_TEST_MAX_AGE,
+        3600,
+        86400 * 3660,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.rpo_history",
+        c"Seconds of RPO samples kept for the worst RPO of backup.recovery_objectives.",
+        c"",
+        &RPO_HISTORY,
+        3600,
+        86400 * 366,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
 }
 

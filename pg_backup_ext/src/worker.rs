@@ -16,7 +16,7 @@ use std::time::Duration;
 use pgrx::bgworkers::{BackgroundWorker, SignalWakeFlags};
 use pgrx::prelude::*;
 
-use crate::run::{self, Outcome, Probe, ProbeEnd, Run};
+use crate::run::{self, Outcome, Probe, ProbeEnd, Run, Task, TaskEnd};
 use crate::settings;
 
 /// Run once per connection, before any other query: the search path, and
@@ -76,7 +76,7 @@ fn finish(id: i64, outcome: Outcome) {
         Outcome::Failed(e, hint) => ("failed", None, Some(e), hint),
     };
     let r = Spi::run_with_args(
-        "SELECT backup._sched_finish($1, $2, $3::jsonb, $4, $5, $6, $7)",
+        "SELECT backup._sched_finish($1, $2, $3::jsonb, $4, $5, $6, $7, $8)",
         &[
             id.into(),
             status.to_string().into(),
@@ -85,6 +85,7 @@ fn finish(id: i64, outcome: Outcome) {
             settings::RETRY_MAX.get().into(),
             settings::RETRY_DELAY.get().into(),
             hint.into(),
+            settings::VERIFY_AFTER_BACKUP.get().into(),
         ],
     );
     if let Err(e) = r {
@@ -140,7 +141,16 @@ impl RepoStatus {
         self.last = Some(std::time::Instant::now());
         let exe = settings::string(&settings::WALSHIPPER_PATH);
         let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
-        match Probe::spawn(&exe, &cfg, &["info", "--json"]) {
+        // Only the recovery records not taken in yet (with a margin:
+        // backup._sched_recoveries_after()).
+        let after = Spi::get_one::<String>("SELECT backup._sched_recoveries_after()")
+            .ok()
+            .flatten();
+        let mut argv = vec!["info", "--json"];
+        if let Some(a) = &after {
+            argv.extend(["--recoveries-after", a.as_str()]);
+        }
+        match Probe::spawn(&exe, &cfg, &argv) {
             Ok(p) => self.probe = Some(p),
             Err(e) => {
                 worker_error(e.clone());
@@ -441,6 +451,139 @@ impl Expiry {
     }
 }
 
+/// Verifications and recoveries (sql/verifications.sql, sql/recovery.sql):
+/// the scheduler starts the oldest queued one when none runs and no expire
+/// does (backup._recovery_try_start() decides, under the lock that keeps
+/// expire out), follows its phases and progress, stops it on cancellation
+/// or run_timeout, and records its end.
+#[derive(Default)]
+struct Recoveries {
+    /// The running one: its table (`verification` or `operation`), id and process.
+    running: Option<(String, i64, Task)>,
+}
+
+/// How long a verification or recovery may run: pg_backup.run_timeout.
+fn task_timeout() -> Duration {
+    Duration::from_secs(settings::RUN_TIMEOUT.get().max(60) as u64)
+}
+
+/// Records a phase and progress of task `id`, and stops it when it was
+/// cancelled or ran too long. Some once it has ended.
+fn follow_task(table: &str, id: i64, t: &mut Task) -> Option<TaskEnd> {
+    if let Some(end) = t.poll() {
+        return Some(end);
+    }
+    let cancel = Spi::get_one_with_args::<bool>(
+        "SELECT backup._sched_recovery_progress($1, $2, $3, $4, $5)",
+        &[
+            table.to_string().into(),
+            id.into(),
+            t.phase.clone().into(),
+            t.bytes_done.into(),
+            t.bytes_total.into(),
+        ],
+    )
+    .ok()
+    .flatten()
+    .unwrap_or(false);
+    if t.stopping() {
+        return None;
+    }
+    if cancel {
+        t.stop("cancelled", "cancelled");
+    } else if t.started.elapsed() > task_timeout() {
+        t.stop(
+            format!(
+                "timed out after {}s (pg_backup.run_timeout) and was stopped",
+                task_timeout().as_secs()
+            ),
+            "failed",
+        );
+    }
+    None
+}
+
+/// Records the end of task `id` (backup._sched_recovery_finish()).
+fn record_task_end(table: &str, id: i64, end: TaskEnd) {
+    if let Some(e) = &end.error {
+        log!("pg_backup: {table} {id} ended: {e}");
+    }
+    let r = Spi::run_with_args(
+        "SELECT backup._sched_recovery_finish($1, $2, $3::jsonb, $4, $5, $6, $7)",
+        &[
+            table.to_string().into(),
+            id.into(),
+            end.result.map(|v| v.to_string()).into(),
+            end.code.into(),
+            end.error.into(),
+            end.hint.into(),
+            end.forced.map(str::to_string).into(),
+        ],
+    );
+    if let Err(e) = r {
+        worker_error(format!("cannot record the end of {table} {id}: {e}"));
+    }
+}
+
+impl Recoveries {
+    fn ready() -> bool {
+        Spi::get_one::<bool>("SELECT to_regprocedure('backup._sched_recovery_claim()') IS NOT NULL")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    }
+
+    /// True when one ended (the repository status is then refreshed soon,
+    /// which takes its recovery record in).
+    fn tick(&mut self) -> bool {
+        if !catalog_ready() || !Self::ready() {
+            return false;
+        }
+        if let Some((table, id, t)) = &mut self.running {
+            let (table, id) = (table.clone(), *id);
+            if let Some(end) = follow_task(&table, id, t) {
+                self.running = None;
+                record_task_end(&table, id, end);
+                return true;
+            }
+            return false;
+        }
+        let claimed = match Spi::get_one::<String>("SELECT backup._sched_recovery_claim()::text") {
+            Ok(Some(c)) => c,
+            Ok(None) => return false,
+            Err(e) => {
+                worker_error(format!("cannot start a verification or recovery: {e}"));
+                return false;
+            }
+        };
+        let Ok(c) = serde_json::from_str::<serde_json::Value>(&claimed) else {
+            return false;
+        };
+        let (Some(table), Some(id)) = (c["table"].as_str(), c["id"].as_i64()) else {
+            return false;
+        };
+        let args: Vec<String> = serde_json::from_value(c["args"].clone()).unwrap_or_default();
+        let exe = settings::string(&settings::WALSHIPPER_PATH);
+        let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
+        match Task::spawn(&exe, &cfg, &args) {
+            Ok(t) => self.running = Some((table.to_string(), id, t)),
+            Err(e) => {
+                worker_error(e.clone());
+                record_task_end(table, id, TaskEnd::failed(e));
+            }
+        }
+        false
+    }
+
+    fn stop(&mut self) {
+        if let Some((table, id, mut t)) = self.running.take() {
+            t.stop_and_wait();
+            let end = t.poll().unwrap_or_else(|| TaskEnd::failed("stopped"));
+            BackgroundWorker::transaction(|| record_task_end(&table, id, end));
+        }
+    }
+}
+
 /// Follows the runs we own and records their ends.
 fn follow_runs(runs: &mut HashMap<i64, Run>, status: &mut RepoStatus) {
     if !catalog_ready() {
@@ -529,6 +672,18 @@ fn claim_and_check(runs: &mut HashMap<i64, Run>, hold: bool) {
     ) {
         worker_error(format!("cannot check health: {e}"));
     }
+    if Recoveries::ready() {
+        if let Err(e) = Spi::run_with_args(
+            "SELECT backup._sched_check_recoveries($1, $2), backup._sched_sample_rpo($3)",
+            &[
+                settings::RTO_TARGET.get().into(),
+                settings::RESTORE_TEST_MAX_AGE.get().into(),
+                settings::RPO_HISTORY.get().into(),
+            ],
+        ) {
+            worker_error(format!("cannot check the recovery objectives: {e}"));
+        }
+    }
 }
 
 /// How long the scheduler must run without failing before worker_error is
@@ -575,22 +730,32 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
     log!("pg_backup scheduler started (database {db})");
     let stale = BackgroundWorker::transaction(|| {
         if catalog_ready() {
-            Spi::get_one::<i32>("SELECT backup._sched_fail_stale()")
+            let runs = Spi::get_one::<i32>("SELECT backup._sched_fail_stale()")
                 .ok()
                 .flatten()
-                .unwrap_or(0)
+                .unwrap_or(0);
+            let checks = if Recoveries::ready() {
+                Spi::get_one::<i32>("SELECT backup._sched_interrupt_stale()")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            } else {
+                0
+            };
+            runs + checks
         } else {
             0
         }
     });
     if stale > 0 {
         worker_error(format!(
-            "restarted: {stale} run(s) interrupted by a server or scheduler restart were marked failed"
+            "restarted: {stale} run(s), verification(s) or recoveries interrupted by a server or scheduler restart were marked so"
         ));
     }
     let mut runs: HashMap<i64, Run> = HashMap::new();
     let mut status = RepoStatus::default();
     let mut expiry = Expiry::default();
+    let mut recoveries = Recoveries::default();
     // Resolve a worker_error left open by an earlier scheduler once quiet.
     let mut last_error = Some(std::time::Instant::now());
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
@@ -607,6 +772,10 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         let mut ex = std::panic::AssertUnwindSafe(&mut expiry);
         BackgroundWorker::transaction(move || ex.tick(!idle));
         let hold = expiry.busy();
+        let mut rc = std::panic::AssertUnwindSafe(&mut recoveries);
+        if BackgroundWorker::transaction(move || rc.tick()) {
+            status.soon();
+        }
         let mut r = std::panic::AssertUnwindSafe(&mut runs);
         BackgroundWorker::transaction(move || claim_and_check(&mut r, hold));
         let mut st = std::panic::AssertUnwindSafe(&mut status);
@@ -623,6 +792,7 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         p.kill();
     }
     expiry.stop();
+    recoveries.stop();
     for (id, mut r) in runs.drain() {
         r.kill();
         BackgroundWorker::transaction(|| {
@@ -763,4 +933,132 @@ pub extern "C-unwind" fn pg_backup_run_main(_arg: pg_sys::Datum) {
         },
     };
     BackgroundWorker::transaction(|| finish(id, outcome));
+}
+
+/// Where `_recovery_in_worker` leaves a request for its worker: in the
+/// data directory (every backend's working directory), which only the
+/// server's user may write. bgw_extra (128 bytes) cannot hold one.
+pub fn request_path(table: &str, id: i64) -> std::path::PathBuf {
+    std::path::Path::new("pg_backup_ext").join(format!("{table}-{id}.json"))
+}
+
+/// A dynamic worker running one verification or recovery for a caller that
+/// waits (verify_run, restore_test_run, table_restore with wait => true).
+/// Its extra holds "database-oid table id requester-oid"; the request is in
+/// request_path(). It records the request as asked by the requester (with
+/// its audit row), waits its turn (no other verification or recovery, no
+/// expire), runs it and records its end, each in a transaction of its own.
+#[pg_guard]
+#[unsafe(no_mangle)]
+pub extern "C-unwind" fn pg_backup_recovery_main(_arg: pg_sys::Datum) {
+    BackgroundWorker::attach_signal_handlers(SignalWakeFlags::SIGTERM);
+    let extra = BackgroundWorker::get_extra().to_string();
+    let parts: Vec<&str> = extra.split(' ').collect();
+    let [db, table, id, requester] = parts[..] else {
+        log!("pg_backup recovery: bad worker argument {extra:?}");
+        return;
+    };
+    let (Ok(db), Ok(id), Ok(requester)) = (
+        db.parse::<u32>(),
+        id.parse::<i64>(),
+        requester.parse::<i64>(),
+    ) else {
+        log!("pg_backup recovery: bad worker argument {extra:?}");
+        return;
+    };
+    if table != "verification" && table != "operation" {
+        log!("pg_backup recovery: bad worker argument {extra:?}");
+        return;
+    }
+    let path = request_path(table, id);
+    let request = std::fs::read_to_string(&path);
+    let _ = std::fs::remove_file(&path);
+    let request = match request {
+        Ok(r) => r,
+        Err(e) => {
+            log!(
+                "pg_backup recovery: cannot read request {}: {e}",
+                path.display()
+            );
+            return;
+        }
+    };
+    BackgroundWorker::connect_worker_to_spi_by_oid(Some(pg_sys::Oid::from(db)), None);
+    if !pin_session() {
+        return;
+    }
+    let recorded = BackgroundWorker::transaction(|| {
+        Spi::run_with_args(
+            "SELECT backup._recovery_enqueue($1::jsonb, $2, \
+                    coalesce((SELECT r.rolname FROM pg_roles r WHERE r.oid = $3::oid), 'unknown'))",
+            &[request.into(), id.into(), requester.into()],
+        )
+    });
+    if let Err(e) = recorded {
+        log!("pg_backup recovery: cannot record {table} {id}: {e}");
+        return;
+    }
+    // Its turn: no other verification or recovery, no expire.
+    let waiting = std::time::Instant::now();
+    let args = loop {
+        let (args, queued) = BackgroundWorker::transaction(|| {
+            let args = Spi::get_one_with_args::<String>(
+                "SELECT to_json(backup._recovery_try_start($1, $2))::text",
+                &[table.to_string().into(), id.into()],
+            )
+            .ok()
+            .flatten()
+            .and_then(|j| {
+                serde_json::from_str::<Option<Vec<String>>>(&j)
+                    .ok()
+                    .flatten()
+            });
+            let queued = Spi::get_one_with_args::<bool>(
+                "SELECT CASE $1 WHEN 'verification' THEN (SELECT status = 'queued' FROM backup.backup_verifications WHERE verification_id = $2) \
+                                ELSE (SELECT status = 'queued' FROM backup.recovery_operations WHERE operation_id = $2) END",
+                &[table.to_string().into(), id.into()],
+            )
+            .ok()
+            .flatten()
+            .unwrap_or(false);
+            (args, queued)
+        });
+        if let Some(a) = args {
+            break a;
+        }
+        // Cancelled while it waited.
+        if !queued {
+            return;
+        }
+        if waiting.elapsed() > task_timeout()
+            || !BackgroundWorker::wait_latch(Some(Duration::from_secs(1)))
+        {
+            BackgroundWorker::transaction(|| {
+                record_task_end(
+                    table,
+                    id,
+                    TaskEnd::failed("not started: another verification or recovery, or walshipper expire, held the repository until the run timed out or the server stopped"),
+                )
+            });
+            return;
+        }
+    };
+    let exe = settings::string(&settings::WALSHIPPER_PATH);
+    let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
+    let end = match Task::spawn(&exe, &cfg, &args) {
+        Err(e) => TaskEnd::failed(e),
+        Ok(mut t) => loop {
+            let mut tt = std::panic::AssertUnwindSafe(&mut t);
+            if let Some(end) =
+                BackgroundWorker::transaction(move || follow_task(table, id, &mut tt))
+            {
+                break end;
+            }
+            if !BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
+                t.stop_and_wait();
+                break t.poll().unwrap_or_else(|| TaskEnd::failed("stopped"));
+            }
+        },
+    };
+    BackgroundWorker::transaction(|| record_task_end(table, id, end));
 }
