@@ -467,6 +467,7 @@ DECLARE
     finished timestamptz;
     mine bigint;
     id bigint;
+    bid text;
     who text;
     n integer := 0;
 BEGIN
@@ -510,14 +511,14 @@ BEGIN
                     backup._seconds_or_null(r->'duration_s'),
                     CASE WHEN r->'succeeded' = 'true' THEN NULL ELSE backup._line(coalesce(r->>'error', 'failed (no reason recorded)')) END,
                     r)
-            RETURNING o.operation_id INTO id;
+            RETURNING o.operation_id, o.backup_id INTO id, bid;
         EXCEPTION WHEN OTHERS THEN
             RAISE WARNING 'pg_backup: recovery record % of repository % skipped: %', rid, p_repository, SQLERRM;
             CONTINUE;
         END;
         PERFORM backup._audit(op, 'recovery', rid,
             jsonb_strip_nulls(jsonb_build_object('operation_id', id, 'source', 'command_line', 'repository', p_repository,
-                                                 'backup_id', r->>'backup_id', 'target_dir', left(r->>'target_dir', 4096),
+                                                 'backup_id', bid, 'target_dir', left(r->>'target_dir', 4096),
                                                  'succeeded', r->'succeeded', 'requested_by', who)),
             left(who, 63)::name);
         n := n + 1;
@@ -531,7 +532,7 @@ $$;
 -- rto_exceeded (the newest passed restore test of a repository took
 -- longer than p_rto_target seconds).
 CREATE FUNCTION backup._sched_check_recoveries(p_rto_target integer, p_max_age integer)
-RETURNS void LANGUAGE plpgsql
+RETURNS void LANGUAGE plpgsql SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
     age interval := make_interval(secs => p_max_age);
@@ -546,7 +547,7 @@ BEGIN
     IF oldest < now() - age AND coalesce(last_pass, '-infinity') < now() - age THEN
         PERFORM backup._raise_alert('restore_test_overdue', 'warning', 'restore_test',
             format('no restore test passed in the last %s (last: %s): nothing proves the backups restorable',
-                   justify_interval(age), coalesce(last_pass::text, 'never')),
+                   justify_interval(age), coalesce(to_char(last_pass AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI') || ' UTC', 'never')),
             jsonb_build_object('last_passed_at', last_pass));
     ELSE
         PERFORM backup._resolve_alert('restore_test_overdue', 'restore_test');

@@ -79,7 +79,8 @@ BEGIN
         PERFORM backup._audit('run', 'verification', coalesce(p_req->>'job_name', p_req->>'kind'),
             jsonb_strip_nulls(jsonb_build_object('verification_id', id, 'kind', p_req->>'kind', 'operation_id', op,
                 'backup_id', p_req->>'backup_id', 'repository', p_req->>'repository',
-                'target', jsonb_build_object('kind', p_req->>'target_kind', 'value', p_req->>'target_value'),
+                'target', CASE WHEN p_req->>'kind' = 'restore_test'
+                               THEN jsonb_build_object('kind', coalesce(p_req->>'target_kind', 'end'), 'value', p_req->>'target_value') END,
                 'wait', p_id IS NOT NULL, 'scheduled', p_req->'scheduled', 'after_execution', p_req->'after_execution')),
             who);
         RETURN id;
