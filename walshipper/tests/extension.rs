@@ -542,3 +542,318 @@ fn catalog_of_sql(repo: &str) -> String {
          WHERE repository = '{repo}'"
     )
 }
+
+/// md5 of a table's rows in order.
+fn md5_of(c: &Cluster, table: &str) -> String {
+    c.sql(&format!(
+        "SELECT md5(string_agg(t::text, ',' ORDER BY t::text)) FROM {table} t"
+    ))
+}
+
+/// The SQL error of `sql` (psql's stderr); panics if it succeeded.
+fn sql_error(c: &Cluster, sql: &str) -> String {
+    let o = run(c.psql_cmd().args(["-c", sql]));
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(!o.status.success(), "{sql} succeeded: {err}");
+    err
+}
+
+/// What a scratch directory holds besides `logs/`.
+fn scratch_leftovers(scratch: &std::path::Path) -> Vec<String> {
+    std::fs::read_dir(scratch)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n != "logs")
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue 14 from SQL, on one cluster: verify_after_backup, a restore test
+/// of a backup taken under pgbench, a scheduled restore test, a table
+/// restore to a restore point while the cluster serves, bad input, a
+/// command-line restore taken into the catalog, and a damaged backup.
+#[test]
+fn restore_tests_and_table_restores_from_sql() {
+    let t0 = Instant::now();
+    let dir = scratch("ext-rt");
+    let d = dir.path();
+    let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
+    let scratch_dir = d.join("scr");
+    let mut cfg = std::fs::read_to_string(&shipper.config).unwrap();
+    cfg.push_str(&format!(
+        "[restore_test]\nscratch_dir = \"{}\"\npg_bin_dir = \"{}\"\n",
+        scratch_dir.display(),
+        pg_bin("postgres").parent().unwrap().display()
+    ));
+    std::fs::write(&shipper.config, cfg).unwrap();
+    let c = preloaded_cluster(
+        d,
+        &shipper,
+        &[
+            "pg_backup.database = 'postgres'",
+            "pg_backup.retry_max = 0",
+            "pg_backup.repo_status_interval = 1",
+        ],
+    );
+    start_with_extension(&shipper, &c);
+    c.pgbench(&["-i", "-s", "1", "-q"]);
+    let accounts = c.sql("SELECT count(*) FROM pgbench_accounts");
+
+    // A backup taken under pgbench; verify_after_backup reads it back.
+    let mut bench = std::process::Command::new(pg_bin("pgbench"))
+        .args(["-U", "postgres", "-h"])
+        .arg(&c.socket)
+        .args(["-c", "2", "-T", "5", "postgres"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let run_id = c.sql("SELECT backup.backup_run(wait => true)");
+    assert!(bench.wait().unwrap().success());
+    let backup_id = c.sql(&format!(
+        "SELECT backup_id FROM backup.backup_executions WHERE execution_id = {run_id}"
+    ));
+    wait_for(
+        &c,
+        &format!(
+            "SELECT status || ' ' || requested_by FROM backup.backup_verifications \
+             WHERE kind = 'integrity' AND backup_id = '{backup_id}'"
+        ),
+        "passed scheduler",
+        Duration::from_secs(60),
+    );
+    eprintln!("backup and verification {:.1}s", t0.elapsed().as_secs_f64());
+
+    // A restore test, waited for: passes, with its phases, RTO, checks
+    // (the DBA's own among them) and recovery operation recorded.
+    let t = Instant::now();
+    c.sql(&format!(
+        "SELECT backup.restore_check_create('accounts', 'SELECT count(*) FROM pgbench_accounts', '{accounts}')"
+    ));
+    let v = c.sql("SELECT backup.restore_test_run(wait => true)");
+    let row: serde_json::Value = serde_json::from_str(&c.sql(&format!(
+        "SELECT row_to_json(v) FROM backup.backup_verifications v WHERE verification_id = {v}"
+    )))
+    .unwrap();
+    assert_eq!(row["status"], "passed", "{row}");
+    assert_eq!(row["backup_id"], backup_id.as_str(), "{row}");
+    for phase in ["restore_s", "replay_s", "checks_s", "rto_s"] {
+        assert!(row[phase].as_f64().unwrap_or(0.0) > 0.0, "{phase}: {row}");
+    }
+    assert!(row["recovered_lsn"].is_string(), "{row}");
+    let checks = row["checks"].as_array().unwrap();
+    assert!(
+        checks
+            .iter()
+            .any(|k| k["name"] == "custom: accounts" && k["passed"] == true),
+        "{row}"
+    );
+    assert!(
+        checks
+            .iter()
+            .any(|k| k["name"].as_str().unwrap_or("").starts_with("pg_amcheck")),
+        "{row}"
+    );
+    let op = row["operation_id"].as_i64().unwrap();
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT kind || ' ' || source || ' ' || status || ' ' || (record_id IS NOT NULL) || ' ' || (phase IS NULL) \
+             || ' ' || (duration_s > 0) FROM backup.recovery_operations WHERE operation_id = {op}"
+        )),
+        "restore_test sql succeeded true true true"
+    );
+    // Audited: the request and the end, both naming the operation.
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT string_agg(action, ',' ORDER BY audit_id) FROM backup.audit_log \
+             WHERE object_type = 'verification' AND details->>'operation_id' = '{op}'"
+        )),
+        "run,finish"
+    );
+    assert!(scratch_leftovers(&scratch_dir).is_empty());
+    wait_for(
+        &c,
+        "SELECT (last_rto > interval '0') || ' ' || (last_restore_test_passed_at IS NOT NULL) || ' ' || backups_never_verified \
+         FROM backup.recovery_objectives WHERE is_primary",
+        "true true 0",
+        Duration::from_secs(10),
+    );
+    eprintln!("restore test {:.1}s", t.elapsed().as_secs_f64());
+
+    // A scheduled restore_test job runs on its own and records its result
+    // (made due now instead of waiting for its minute).
+    let t = Instant::now();
+    c.sql("SELECT backup.job_create('rt-job', '0 3 1 * *', kind => 'restore_test')");
+    c.sql("UPDATE backup.backup_jobs SET next_run_at = now() WHERE name = 'rt-job'");
+    wait_for(
+        &c,
+        "SELECT v.status || ' ' || v.requested_by FROM backup.backup_verifications v \
+         JOIN backup.backup_jobs j USING (job_id) WHERE j.name = 'rt-job' AND v.status NOT IN ('queued', 'running')",
+        "passed scheduler",
+        Duration::from_secs(120),
+    );
+    assert_eq!(
+        c.sql("SELECT health FROM backup.job_status WHERE name = 'rt-job'"),
+        "ok"
+    );
+    eprintln!("scheduled restore test {:.1}s", t.elapsed().as_secs_f64());
+
+    // A table dropped and another updated by accident after a restore
+    // point come back from SQL into a new schema, row for row as they were
+    // at the point, owned by the role that asked, while pgbench reads.
+    let t = Instant::now();
+    c.sql(
+        "CREATE ROLE app LOGIN; GRANT CREATE ON DATABASE postgres TO app; \
+         CREATE TABLE t_drop (id int PRIMARY KEY, v text); \
+         CREATE TABLE t_upd (id int PRIMARY KEY, d_id int REFERENCES t_drop, v text); \
+         INSERT INTO t_drop SELECT g, 'd' || g FROM generate_series(1, 500) g; \
+         INSERT INTO t_upd SELECT g, g, 'u' || g FROM generate_series(1, 500) g",
+    );
+    c.sql("SELECT backup.grant_table_restore('app')");
+    let (drop_md5, upd_md5) = (md5_of(&c, "t_drop"), md5_of(&c, "t_upd"));
+    c.sql("SELECT backup.restore_point_create('before_accident')");
+    c.sql("DROP TABLE t_upd; DELETE FROM t_drop WHERE id > 100; UPDATE t_drop SET v = 'changed'");
+    c.switch_and_wait_archived(Duration::from_secs(60));
+    let mut reader = std::process::Command::new(pg_bin("pgbench"))
+        .args(["-U", "postgres", "-h"])
+        .arg(&c.socket)
+        .args(["-c", "1", "-S", "-R", "20", "-T", "10", "postgres"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let op = c.sql(
+        "SET ROLE app; SELECT backup.table_restore(ARRAY['t_drop', 'public.t_upd'], 'recovered', \
+         restore_point => 'before_accident')",
+    );
+    assert_eq!(md5_of(&c, "recovered.t_drop"), drop_md5);
+    assert_eq!(md5_of(&c, "recovered.t_upd"), upd_md5);
+    assert_eq!(
+        c.sql("SELECT string_agg(DISTINCT tableowner, ',') FROM pg_tables WHERE schemaname = 'recovered'"),
+        "app"
+    );
+    assert_eq!(c.sql("SELECT DISTINCT v FROM t_drop"), "changed");
+    assert!(
+        reader.wait().unwrap().success(),
+        "the live cluster stopped serving"
+    );
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT status || ' ' || requested_by || ' ' || load_role || ' ' || target_kind || ' ' || (record_id IS NOT NULL) \
+             || ' ' || (report->'tables'->0->>'rows') FROM backup.recovery_operations WHERE operation_id = {op}"
+        )),
+        "succeeded app app name true 500"
+    );
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT string_agg(action || ':' || actor, ',' ORDER BY audit_id) FROM backup.audit_log \
+             WHERE object_type = 'recovery' AND details->>'operation_id' = '{op}'"
+        )),
+        "run:app,finish:app"
+    );
+    assert!(scratch_leftovers(&scratch_dir).is_empty());
+    eprintln!("table restore {:.1}s", t.elapsed().as_secs_f64());
+
+    // Bad input: a clear SQL error, nothing left behind.
+    let t = Instant::now();
+    let ops = c.sql("SELECT count(*) FROM backup.recovery_operations");
+    let err = sql_error(
+        &c,
+        "SELECT backup.table_restore(ARRAY['t_drop'], 'recovered', restore_point => 'before_accident')",
+    );
+    assert!(err.contains("schema \"recovered\" already exists"), "{err}");
+    let err = sql_error(
+        &c,
+        "SELECT backup.table_restore(ARRAY['t_drop'], 'bad1', target_time => '2001-01-01 00:00+00')",
+    );
+    assert!(err.contains("no backup ends before"), "{err}");
+    assert_eq!(
+        c.sql("SELECT count(*) FROM backup.recovery_operations"),
+        ops
+    );
+    // An unknown table is found out by walshipper: the run fails, saying so.
+    let err = sql_error(
+        &c,
+        "SELECT backup.table_restore(ARRAY['t_drop', 'no_such'], 'bad2', restore_point => 'before_accident')",
+    );
+    assert!(
+        err.contains("no_such") && err.contains("does not exist"),
+        "{err}"
+    );
+    assert!(err.contains("HINT"), "{err}");
+    assert_eq!(
+        c.sql("SELECT count(*) FROM pg_namespace WHERE nspname LIKE 'bad%'"),
+        "0"
+    );
+    assert_eq!(
+        c.sql("SELECT count(*) FROM backup.alerts WHERE kind = 'table_restore_failed' AND resolved_at IS NULL"),
+        "1"
+    );
+    assert!(scratch_leftovers(&scratch_dir).is_empty());
+    eprintln!("bad input {:.1}s", t.elapsed().as_secs_f64());
+
+    // A restore run from the command line is taken into the catalog at
+    // the next refresh, with its audit row.
+    let t = Instant::now();
+    let o = shipper.restore(&d.join("cli-restore"), &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let cli = wait_for(
+        &c,
+        "SELECT kind || ' ' || status || ' ' || (requested_by LIKE '%@%') || ' ' || backup_id FROM backup.recovery_operations \
+         WHERE source = 'command_line'",
+        &format!("restore succeeded true {backup_id}"),
+        Duration::from_secs(30),
+    );
+    assert!(!cli.is_empty());
+    assert_eq!(
+        c.sql(
+            "SELECT count(*) FROM backup.audit_log a JOIN backup.recovery_operations o \
+             ON (a.details->>'operation_id')::bigint = o.operation_id WHERE o.source = 'command_line'"
+        ),
+        "1"
+    );
+    // Operations started from SQL are not recorded twice.
+    assert_eq!(
+        c.sql("SELECT count(*) FROM backup.recovery_operations WHERE source = 'command_line'"),
+        "1"
+    );
+    eprintln!("command-line restore {:.1}s", t.elapsed().as_secs_f64());
+
+    // A damaged backup file: the restore test fails naming it, with an alert.
+    let t = Instant::now();
+    let wcfg = walshipper::config::Config::load(Some(&shipper.config)).unwrap();
+    let storage = walshipper::storage::open(wcfg.primary()).unwrap();
+    let victim = storage
+        .list(&format!("backups/{backup_id}/data/"))
+        .unwrap()
+        .into_iter()
+        .max_by_key(|o| o.size)
+        .unwrap()
+        .key;
+    let mut body = Vec::new();
+    std::io::Read::read_to_end(&mut storage.get(&victim).unwrap().unwrap(), &mut body).unwrap();
+    let mid = body.len() / 2;
+    body[mid] ^= 0x5a;
+    storage.put_replace(&victim, &mut body.as_slice()).unwrap();
+    let err = sql_error(&c, "SELECT backup.restore_test_run(wait => true)");
+    assert!(
+        err.contains("restore test") && err.contains("failed"),
+        "{err}"
+    );
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT status || ' ' || (error LIKE '%{victim}%') FROM backup.backup_verifications \
+             WHERE kind = 'restore_test' ORDER BY verification_id DESC LIMIT 1"
+        )),
+        "failed true"
+    );
+    let alert = c.sql(
+        "SELECT message FROM backup.alerts WHERE kind = 'restore_test_failed' AND resolved_at IS NULL",
+    );
+    assert!(alert.contains(&victim), "{alert}");
+    assert!(scratch_leftovers(&scratch_dir).is_empty());
+    eprintln!("damaged backup {:.1}s", t.elapsed().as_secs_f64());
+    eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
+}
