@@ -441,13 +441,14 @@ $$;
 -- `walshipper info --recoveries-after` for the next refresh: the newest
 -- record known, less a day, because a record is named by the time its
 -- restore started and stored when it ended (a long restore's record lands
--- after shorter ones started later). NULL: none known (walshipper lists
--- its newest).
+-- after shorter ones started later). An id itself (walshipper checks its
+-- form), the first of its second. NULL: none known (walshipper lists its
+-- newest).
 CREATE FUNCTION backup._sched_recoveries_after()
 RETURNS text LANGUAGE sql STABLE
 AS $$
     SELECT to_char(to_timestamp(left(max(o.record_id), 16), 'YYYYMMDD"T"HH24MISS"Z"') - interval '1 day',
-                   'YYYYMMDD"T"HH24MISS"Z"')
+                   'YYYYMMDD"T"HH24MISS"Z"') || '-00000000'
       FROM backup.recovery_operations o WHERE o.record_id IS NOT NULL
 $$;
 
