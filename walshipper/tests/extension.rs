@@ -821,6 +821,39 @@ fn restore_tests_and_table_restores_from_sql() {
     );
     eprintln!("command-line restore {:.1}s", t.elapsed().as_secs_f64());
 
+    // A restore test cancelled while it runs (held in its checks by a
+    // check of its job's that sleeps): walshipper is stopped, its scratch
+    // cluster and directory are gone, the run is recorded as cancelled.
+    let t = Instant::now();
+    c.sql("SELECT backup.job_create('slow-job', '0 4 1 * *', kind => 'restore_test')");
+    c.sql("SELECT backup.restore_check_create('slow', 'SELECT 1 FROM pg_sleep(30)', '1', job_name => 'slow-job')");
+    c.sql("UPDATE backup.backup_jobs SET next_run_at = now() WHERE name = 'slow-job'");
+    let slow = "(SELECT verification_id FROM backup.backup_verifications v JOIN backup.backup_jobs j USING (job_id) \
+                WHERE j.name = 'slow-job')";
+    wait_for(
+        &c,
+        &format!("SELECT phase FROM backup.recovery_operations WHERE operation_id = (SELECT operation_id FROM backup.backup_verifications WHERE verification_id = {slow})"),
+        "checks",
+        Duration::from_secs(60),
+    );
+    c.sql(&format!("SELECT backup.verification_cancel({slow})"));
+    wait_for(
+        &c,
+        &format!(
+            "SELECT v.status || ' ' || o.status || ' ' || v.error FROM backup.backup_verifications v \
+             JOIN backup.recovery_operations o USING (operation_id) WHERE v.verification_id = {slow}"
+        ),
+        "cancelled cancelled cancelled",
+        Duration::from_secs(30),
+    );
+    assert!(
+        scratch_leftovers(&scratch_dir).is_empty(),
+        "{:?}",
+        scratch_leftovers(&scratch_dir)
+    );
+    c.sql("SELECT backup.job_drop('slow-job')");
+    eprintln!("cancelled restore test {:.1}s", t.elapsed().as_secs_f64());
+
     // A damaged backup file: the restore test fails naming it, with an alert.
     let t = Instant::now();
     let wcfg = walshipper::config::Config::load(Some(&shipper.config)).unwrap();
