@@ -51,6 +51,10 @@ enum Command {
     Info {
         #[arg(long)]
         json: bool,
+        /// List only the recovery records newer than this id (default:
+        /// the newest 50).
+        #[arg(long, value_name = "ID")]
+        recoveries_after: Option<String>,
     },
     /// Check the server's archiving end to end.
     Check,
@@ -112,6 +116,10 @@ enum Command {
         /// Restore tablespace OID to DIR instead of its original location.
         #[arg(long = "tablespace-map", value_name = "OID=DIR")]
         tablespace_map: Vec<String>,
+        /// Restore only this database (repeatable), and the system ones;
+        /// the others are left as empty sparse files, to be dropped.
+        #[arg(long = "db-include", value_name = "NAME")]
+        db_include: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -160,7 +168,7 @@ impl Command {
     /// also an error event on stdout (docs/contract.md).
     fn json(&self) -> bool {
         match self {
-            Command::Info { json }
+            Command::Info { json, .. }
             | Command::RepoSync { json, .. }
             | Command::Backup { json, .. }
             | Command::Restore { json, .. }
@@ -317,7 +325,10 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
         Command::ArchiveGet { walfile, dest } => {
             commands::archive_get::run(cfg, repo, walfile, dest)
         }
-        Command::Info { json } => commands::info::run(cfg, *json, repo),
+        Command::Info {
+            json,
+            recoveries_after,
+        } => commands::info::run(cfg, *json, repo, recoveries_after.as_deref()),
         Command::Check => commands::check::run(cfg),
         Command::RepoSync { dry_run, json } => commands::repo_sync::run(
             cfg,
@@ -354,6 +365,7 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
             jobs,
             delta,
             tablespace_map,
+            db_include,
             json,
         } => {
             use commands::restore::{parse_time, Target};
@@ -408,7 +420,7 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
                     tablespace_map: map,
                     json: *json,
                     repo: repo.map(str::to_string),
-                    db_include: Vec::new(),
+                    db_include: db_include.clone(),
                     record: true,
                 },
             )

@@ -135,10 +135,16 @@ fn check(rec: &RecoveryRecord) -> std::result::Result<(), String> {
         || rec.target.value.as_ref().is_some_and(|v| v.len() > 256)
         || rec.target_dir.len() > 4096
         || rec.databases.len() > 1000
-        || rec.databases.iter().any(|d| d.len() > 64)
+        || rec.databases.iter().any(|d| {
+            d.is_empty() || d.len() > crate::manifest::MAX_DATABASE_NAME || d.contains('\0')
+        })
         || rec.error.as_ref().is_some_and(|e| e.len() > ERROR_MAX)
     {
         return Err("a field is too long".into());
+    }
+    // Empty when it failed before a backup was chosen.
+    if !rec.backup_id.is_empty() && !layout::is_backup_id(&rec.backup_id) {
+        return Err("backup_id is not a backup id".into());
     }
     for t in [&rec.started_at, &rec.finished_at] {
         if chrono::DateTime::parse_from_rfc3339(t).is_err() {
@@ -239,8 +245,30 @@ mod tests {
         let mut bad = r.clone();
         bad.host = "x".repeat(300);
         assert!(check(&bad).is_err());
-        let mut bad = r;
+        let mut bad = r.clone();
         bad.duration_s = f64::NAN;
         assert!(check(&bad).is_err());
+        let mut bad = r.clone();
+        bad.backup_id = "../keys".into();
+        assert!(check(&bad).is_err());
+        let mut bad = r.clone();
+        bad.started_at = "yesterday".into();
+        assert!(check(&bad).is_err());
+        let mut bad = r.clone();
+        bad.target.kind = "rm -rf".into();
+        assert!(check(&bad).is_err());
+        for name in [String::new(), "d".repeat(64), "a\0b".into()] {
+            let mut bad = r.clone();
+            bad.databases = vec![name];
+            assert!(check(&bad).is_err());
+        }
+        let mut bad = r.clone();
+        bad.error = Some("e".repeat(ERROR_MAX + 1));
+        assert!(check(&bad).is_err());
+        let mut good = r;
+        good.backup_id = "20261121-224754F".into();
+        good.databases = vec!["d".repeat(63)];
+        good.error = Some(truncate(&"é".repeat(ERROR_MAX), ERROR_MAX));
+        assert_eq!(check(&good), Ok(()));
     }
 }
