@@ -1163,17 +1163,23 @@ impl Drop for DirectWriter {
     }
 }
 
+/// Written files waiting for fsync at most (open descriptors).
+const SYNC_QUEUE: usize = 256;
+
 /// Flushes restored files on a thread of its own, so that decoding workers
 /// never wait on the disk: a worker hands over the written file and goes on
 /// with the next one. `finish` waits until every file is durable.
 struct Syncer {
-    tx: Option<std::sync::mpsc::Sender<(fs::File, PathBuf)>>,
+    tx: Option<std::sync::mpsc::SyncSender<(fs::File, PathBuf)>>,
     handle: Option<std::thread::JoinHandle<Option<Error>>>,
 }
 
 impl Syncer {
     fn start() -> Syncer {
-        let (tx, rx) = std::sync::mpsc::channel::<(fs::File, PathBuf)>();
+        // Bounded: each queued file is an open descriptor, and files that
+        // need no reading (--db-include's zero files, tiny ones) come faster
+        // than fsync takes them; a full queue makes the workers wait.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(fs::File, PathBuf)>(SYNC_QUEUE);
         let handle = std::thread::spawn(move || {
             let mut first_error = None;
             for (file, path) in rx {
