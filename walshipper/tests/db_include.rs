@@ -247,6 +247,12 @@ fn one_database_restored_the_others_sparse_and_dropped_and_every_restore_on_reco
             .psql_cmd()
             .args(["-d", db, "-c", "SELECT count(*) FROM items"]));
         assert!(!o.status.success(), "{db} answered: {}", text(&o));
+        // Refused for its empty files (PG_VERSION is zeros too).
+        assert!(
+            String::from_utf8_lossy(&o.stderr).contains("is not a valid data directory"),
+            "{}",
+            text(&o)
+        );
         c.sql(&format!("DROP DATABASE \"{db}\""));
     }
     assert_eq!(
