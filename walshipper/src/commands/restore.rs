@@ -92,7 +92,7 @@ pub struct Restored {
 pub const SYSTEM_DATABASES: &[&str] = &["template0", "template1", "postgres"];
 
 /// Which databases a `--db-include` restore writes.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct DbSelection {
     /// Oids whose files are restored.
     keep: BTreeSet<u32>,
@@ -185,7 +185,11 @@ pub fn select_databases(m: &Manifest, include: &[String]) -> Result<Option<DbSel
             )));
         }
     }
-    let mut sel = DbSelection::default();
+    let mut sel = DbSelection {
+        keep: BTreeSet::new(),
+        restored: Vec::new(),
+        excluded: Vec::new(),
+    };
     for d in &m.databases {
         let wanted = include.contains(&d.name)
             || SYSTEM_DATABASES.contains(&d.name.as_str())
@@ -627,15 +631,14 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
         crate::recovery_log::write_all(&[&repo], &rec);
     }
     let sel = result?;
+    let ignore: BTreeSet<String> = plan
+        .backup
+        .files
+        .iter()
+        .filter(|f| sel.as_ref().is_some_and(|s| s.zeroed(&f.path)))
+        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d.to_string()))
+        .collect();
     let excluded = sel.map(|s| s.excluded).unwrap_or_default();
-    let mut ignore: BTreeSet<String> = BTreeSet::new();
-    for f in &plan.backup.files {
-        if let Some((oid, dir)) = database_dir(&f.path) {
-            if excluded.iter().any(|d| d.oid == oid) {
-                ignore.insert(dir.to_string());
-            }
-        }
-    }
     Ok(Restored {
         backup_id: plan.backup.id.clone(),
         repository: repo.name.clone(),
