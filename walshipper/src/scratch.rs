@@ -289,7 +289,13 @@ pub fn sweep(scratch_dir: &Path) {
     };
     for e in entries.flatten() {
         let path = e.path();
-        if e.file_name() == "logs" || !e.file_type().is_ok_and(|t| t.is_dir()) {
+        // Only directories named like ours (a record id) are ever touched:
+        // --scratch-dir may name a directory that holds other things too.
+        let ours = e
+            .file_name()
+            .to_str()
+            .is_some_and(crate::layout::is_recovery_id);
+        if !ours || !e.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
         let owner = fs::read_to_string(path.join("owner")).ok();
@@ -297,12 +303,15 @@ pub fn sweep(scratch_dir: &Path) {
             Some((pid, started)) => start_time(pid) == Some(started),
             None => {
                 // Without an owner file: being created right now, or left
-                // by a crash between mkdir and writing it.
-                e.metadata()
+                // empty by a crash between mkdir and writing it.
+                let old = e
+                    .metadata()
                     .and_then(|m| m.modified())
                     .ok()
                     .and_then(|t| t.elapsed().ok())
-                    .is_none_or(|age| age < OWNERLESS_GRACE)
+                    .is_some_and(|age| age >= OWNERLESS_GRACE);
+                let empty = fs::read_dir(&path).is_ok_and(|mut d| d.next().is_none());
+                !(old && empty)
             }
         };
         if owner_alive {
@@ -458,23 +467,28 @@ impl Scratch {
                 107 - id.len() - 30
             )));
         }
-        fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&dir)
-            .map_err(|e| Error::io(format!("create scratch directory {}", dir.display()), e))?;
+        if !dir.exists() {
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&dir)
+                .map_err(|e| Error::io(format!("create scratch directory {}", dir.display()), e))?;
+        }
+        // An existing directory is used as it is, if no one else can
+        // write in it (its logs/ and our directories are below it).
         let meta = fs::metadata(&dir)
             .map_err(|e| Error::io(format!("scratch directory {}", dir.display()), e))?;
         // SAFETY: getuid cannot fail.
         let uid = unsafe { libc::getuid() };
-        if std::os::unix::fs::MetadataExt::uid(&meta) != uid {
+        if !meta.is_dir()
+            || std::os::unix::fs::MetadataExt::uid(&meta) != uid
+            || meta.permissions().mode() & 0o022 != 0
+        {
             return Err(Error::Invalid(format!(
-                "scratch directory {} belongs to another user; it must be walshipper's own",
+                "scratch directory {} must be a directory of walshipper's own user that no one else can write in (chmod 700 it, or choose another [restore_test] scratch_dir)",
                 dir.display()
             )));
         }
-        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
-            .map_err(|e| Error::io(format!("chmod 700 {}", dir.display()), e))?;
         sweep(&dir);
         let root = dir.join(id);
         fs::DirBuilder::new()
@@ -1052,10 +1066,15 @@ mod tests {
         )
         .unwrap();
         fs::create_dir(d.path().join("logs")).unwrap();
+        // Not named like ours, with a dead owner: never touched.
+        let foreign = d.path().join("someone-elses");
+        fs::create_dir(&foreign).unwrap();
+        fs::write(foreign.join("owner"), "pid 1\nstart 1\n").unwrap();
         sweep(d.path());
         assert!(!stale.exists());
         assert!(live.exists());
         assert!(d.path().join("logs").exists());
+        assert!(foreign.exists());
     }
 
     #[test]

@@ -144,7 +144,7 @@ fn restore_tests_and_table_restores() {
     c.pgbench(&["-i", "-s", "2", "-q"]);
     c.sql(
         "CREATE ROLE app; GRANT CREATE ON DATABASE postgres TO app; \
-         CREATE TABLE t_drop(id int PRIMARY KEY, v text); \
+         CREATE TABLE t_drop(id int PRIMARY KEY, v text, s serial); \
          CREATE TABLE \"T_upd\"(id int PRIMARY KEY, d_id int REFERENCES t_drop, v text); \
          CREATE INDEX t_upd_v ON \"T_upd\"(v); \
          INSERT INTO t_drop SELECT g, 'd' || g FROM generate_series(1, 500) g; \
@@ -223,6 +223,7 @@ fn restore_tests_and_table_restores() {
         r["recovered_lsn"].is_string() && r["server_log"].is_null(),
         "{r}"
     );
+    eprintln!("{r:#}");
     let phases: Vec<&str> = ev
         .iter()
         .filter(|e| e["event"] == "phase")
@@ -323,6 +324,11 @@ fn restore_tests_and_table_restores() {
     assert_eq!(tables[1]["restored_as"], "\"Recovered\".\"T_upd\"");
     assert!(r["copy_s"].as_f64().unwrap() > 0.0);
     assert_eq!(md5_of(&c, "\"Recovered\".t_drop"), drop_md5);
+    // Its owned sequence came along, where it was.
+    assert_eq!(
+        c.sql("SELECT last_value FROM \"Recovered\".t_drop_s_seq"),
+        "500"
+    );
     assert_eq!(md5_of(&c, "\"Recovered\".\"T_upd\""), upd_md5);
     // Indexes (two keys and t_upd_v), the foreign key inside the set,
     // everything owned by app.
@@ -356,6 +362,7 @@ fn restore_tests_and_table_restores() {
             .args(args));
         assert_eq!(o.status.code(), Some(2), "{}", text(&o));
         let err = String::from_utf8_lossy(&o.stderr);
+        eprintln!("{err}");
         assert!(err.contains(want), "{want:?} not in: {err}");
         assert_clean(&scratch_dir);
         assert_eq!(

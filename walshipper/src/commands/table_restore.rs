@@ -98,7 +98,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let mut kept = None;
     if let Some(s) = sc.take() {
         target_dir = s.data.display().to_string();
-        kept = s.finish(result.is_err());
+        // A server log helps with a failure of the server or the tools,
+        // not with a mistyped table name.
+        let keep = matches!(&result, Err(e) if !matches!(e, Error::Invalid(_)));
+        kept = s.finish(keep);
     }
     if let Some(r) = &repo {
         let mut rec = recovery_log::start(OPERATION, id.clone());
