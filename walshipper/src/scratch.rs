@@ -549,6 +549,18 @@ impl Scratch {
         target: &Target,
         json: bool,
     ) -> Result<Restored> {
+        // Fail in a second rather than after filling the disk.
+        if let Some(free) = free_bytes(&self.root) {
+            if free < plan.backup.size {
+                return Err(Error::Invalid(format!(
+                    "the scratch directory {} has {} free, backup {} needs {} (and room for WAL); free space or choose another [restore_test] scratch_dir",
+                    self.root.display(),
+                    crate::commands::info::human(free),
+                    plan.backup.id,
+                    crate::commands::info::human(plan.backup.size)
+                )));
+            }
+        }
         let tablespace_map = plan
             .backup
             .tablespaces
@@ -984,6 +996,20 @@ pub fn die_with_parent(cmd: &mut Command, sig: libc::c_int) {
             }
             Ok(())
         });
+    }
+}
+
+/// Bytes an unprivileged user may still write on the file system of `p`.
+fn free_bytes(p: &Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs with a NUL-terminated path and a zeroed out struct.
+    unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return None;
+        }
+        Some((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
     }
 }
 
