@@ -435,6 +435,8 @@ pub struct Scratch {
     /// Users tried to connect first (the configured one, the OS user).
     candidates: Vec<String>,
     shared_buffers: String,
+    /// The backup's PostgreSQL major version (settings differ by version).
+    pg_major: u32,
     finished: bool,
 }
 
@@ -526,6 +528,7 @@ impl Scratch {
                 c
             },
             shared_buffers: cfg.restore_test.shared_buffers.clone(),
+            pg_major: 0,
             finished: false,
             root,
         };
@@ -588,6 +591,7 @@ impl Scratch {
 
     /// Chooses PostgreSQL's program directory for the backup's major version.
     pub fn set_bin_dir(&mut self, cfg: &Config, pg_major: u32) {
+        self.pg_major = pg_major;
         let configured = &cfg.restore_test.pg_bin_dir;
         self.bin_dir = if !configured.as_os_str().is_empty() {
             Some(configured.clone())
@@ -690,7 +694,6 @@ impl Scratch {
             // with anyone, never run production's recovery hooks.
             s("archive_mode", "off"),
             s("archive_command", ""),
-            s("archive_library", ""),
             s("archive_cleanup_command", ""),
             s("recovery_end_command", ""),
             s("primary_conninfo", ""),
@@ -736,8 +739,11 @@ impl Scratch {
             s("log_min_duration_statement", "-1"),
             s("TimeZone", "UTC"),
             s("cluster_name", "walshipper-scratch"),
-            s("event_source", "walshipper-scratch"),
         ];
+        if self.pg_major >= 15 {
+            // Archive modules (PostgreSQL 15 on) archive without a command.
+            v.push(s("archive_library", ""));
+        }
         // Prepared transactions in the backup are recovered at the end of
         // recovery: as many slots and locks as the primary had.
         v.extend(self.control_minimums());

@@ -68,11 +68,11 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             "table-restore takes --target-time, --target-name or --target-lsn (or none: the end of the archived WAL)".into(),
         ));
     }
-    // Early, before minutes of restoring: the live side must take the load.
-    check_live(cfg, args)?;
-
+    // Before any thread exists: priorities and the signal mask are inherited.
     scratch::lower_priority(cfg);
     scratch::guard_signals();
+    // Early, before minutes of restoring: the live side must take the load.
+    check_live(cfg, args)?;
     let mut report = TableRestoreReport {
         operation_id: id.clone(),
         target: recovery_log::target_of(&args.target),
@@ -177,9 +177,16 @@ fn check_live(cfg: &Config, args: &Args) -> Result<()> {
         )));
     }
     let sql = "SELECT pg_has_role(current_user, $1, 'MEMBER'), \
-               has_database_privilege($1, current_database(), 'CREATE'), current_user::text";
+               has_database_privilege($1, current_database(), 'CREATE'), current_user::text, \
+               (SELECT rolsuper FROM pg_roles WHERE rolname = $1)";
     let row = c.query_one(sql, &[&args.role]).map_err(pg_err(sql))?;
     let (member, create, me): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
+    if row.get::<_, Option<bool>>(3) == Some(true) {
+        tracing::warn!(
+            "role {} is a superuser: index expressions, defaults and check constraints of the restored tables run with superuser rights while they load; a role of the tables' owners is safer",
+            sql::display_ident(&args.role)
+        );
+    }
     if !member {
         return Err(Error::Invalid(format!(
             "the [pg] user {me} cannot SET ROLE {r}; GRANT {r} TO {me}, or choose another --role",
