@@ -56,6 +56,23 @@ struct Active {
 
 static ACTIVE: Mutex<Option<Active>> = Mutex::new(None);
 
+/// The record an interrupted run leaves: the configuration to reach its
+/// repository, the repository's name, the record so far, its start.
+type Pending = (Config, String, pg_backup_contract::RecoveryRecord, Instant);
+
+static PENDING_RECORD: Mutex<Option<Pending>> = Mutex::new(None);
+
+/// Keeps `rec` to be written (failed, "interrupted by ...") to repository
+/// `repo` if a signal ends the run; `None` once the run writes its own.
+pub fn record_if_interrupted(
+    cfg: &Config,
+    repo: &str,
+    rec: Option<(pg_backup_contract::RecoveryRecord, Instant)>,
+) {
+    let mut g = PENDING_RECORD.lock().unwrap_or_else(|e| e.into_inner());
+    *g = rec.map(|(r, t)| (cfg.clone(), repo.to_string(), r, t));
+}
+
 fn with_active(f: impl FnOnce(&mut Option<Active>)) {
     let mut g = ACTIVE.lock().unwrap_or_else(|e| e.into_inner());
     f(&mut g);
@@ -161,6 +178,21 @@ fn on_signal(sig: libc::c_int) -> ! {
         kept.map(|p| format!(" (server log kept in {})", p.display()))
             .unwrap_or_default()
     );
+    let pending = PENDING_RECORD
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take();
+    if let Some((cfg, repo, mut rec, started)) = pending {
+        let err = Error::Invalid(msg.clone());
+        crate::recovery_log::finish(&mut rec, started, Some(&err));
+        match cfg
+            .find_repo(Some(&repo))
+            .and_then(|rc| Repository::open_repo(&cfg, rc))
+        {
+            Ok(r) => crate::recovery_log::write_all(&[&r], &rec),
+            Err(e) => tracing::warn!("the record of this interrupted run was not stored: {e}"),
+        }
+    }
     eprintln!("walshipper: {msg}");
     if json {
         crate::progress::event(&pg_backup_contract::Event::Error(

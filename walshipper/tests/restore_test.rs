@@ -232,13 +232,11 @@ fn restore_tests_and_table_restores() {
     assert_eq!(phases, ["restore", "checks", "replay", "checks", "cleanup"]);
     assert_eq!(ev.last().unwrap()["event"], "restore_test");
     assert_clean(&scratch_dir);
-    if test_backend() == "posix" {
-        let id = r["operation_id"].as_str().unwrap();
-        assert!(
-            s.repo.join("recoveries").join(id).exists(),
-            "no record {id}"
-        );
-    }
+    // The promoted copy (a new timeline) archived nothing into the repository.
+    assert!(
+        !s.has_wal("00000002.history"),
+        "the scratch server archived"
+    );
     eprintln!("restore test to the end {:.1}s", t.elapsed().as_secs_f64());
 
     // 2. To the restore point, with a check that fails: exit 6, the
@@ -461,5 +459,30 @@ fn restore_tests_and_table_restores() {
     assert_eq!(ev.last().unwrap()["kind"], "damaged");
     assert_clean(&scratch_dir);
     eprintln!("damaged {:.1}s", t.elapsed().as_secs_f64());
+
+    // Every run is on record in the repository, the interrupted one too.
+    let repo = walshipper::repo::Repository::open(&cfg).unwrap();
+    let recs = walshipper::recovery_log::list(&repo, None).unwrap();
+    let summary: Vec<(String, bool)> = recs
+        .iter()
+        .map(|r| (r.operation.clone(), r.succeeded))
+        .collect();
+    let want: Vec<(String, bool)> = [
+        ("restore_test", true),
+        ("restore_test", false),
+        ("table_restore", true),
+        // bad input: the target before every backup has no backup to
+        // record; the unknown table has one
+        ("table_restore", false),
+        ("restore_test", false), // SIGTERM
+        ("restore_test", false), // damaged (the SIGKILLed run left none)
+    ]
+    .iter()
+    .map(|(o, ok)| (o.to_string(), *ok))
+    .collect();
+    assert_eq!(summary, want, "{recs:#?}");
+    assert!(recs[4].error.as_deref().unwrap().contains("SIGTERM"));
+    assert_eq!(recs[3].databases, ["postgres"]);
+    assert!(recs[5].error.as_deref().unwrap().contains("damaged"));
     eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
 }

@@ -98,19 +98,8 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         report.server_log = s.finish(!report.passed).map(|p| p.display().to_string());
     }
     if let Some(r) = &repo {
-        let mut rec = recovery_log::start(OPERATION, id.clone());
-        rec.backup_id = report.backup_id.clone();
-        rec.target = report.target.clone();
-        rec.target_dir = cfg
-            .restore_test
-            .scratch_dir
-            .join(&id)
-            .join("data")
-            .display()
-            .to_string();
-        if let Some(d) = &args.scratch_dir {
-            rec.target_dir = d.join(&id).join("data").display().to_string();
-        }
+        scratch::record_if_interrupted(cfg, &r.name, None);
+        let mut rec = record(cfg, args, &id, &report);
         recovery_log::finish(&mut rec, started, result.as_ref().err());
         recovery_log::write_all(&[r], &rec);
     }
@@ -120,6 +109,24 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         print_human(&report);
     }
     result
+}
+
+/// The recovery record of this run (its outcome filled in by `finish`).
+fn record(
+    cfg: &Config,
+    args: &Args,
+    id: &str,
+    report: &RestoreTestReport,
+) -> recovery_log::RecoveryRecord {
+    let mut rec = recovery_log::start(OPERATION, id.to_string());
+    rec.backup_id = report.backup_id.clone();
+    rec.target = report.target.clone();
+    let dir = args
+        .scratch_dir
+        .as_deref()
+        .unwrap_or(&cfg.restore_test.scratch_dir);
+    rec.target_dir = dir.join(id).join("data").display().to_string();
+    rec
 }
 
 fn print_human(r: &RestoreTestReport) {
@@ -194,6 +201,11 @@ fn test(
     };
     report.repository = repo.name.clone();
     report.backup_id = plan.backup.id.clone();
+    scratch::record_if_interrupted(
+        cfg,
+        &repo.name,
+        Some((record(cfg, args, id, report), started)),
+    );
     let repo = repo_slot.insert(repo);
     let restored = sc.restore(cfg, args.repo.as_deref(), &plan, &args.target, args.json);
     report.restore_s = started.elapsed().as_secs_f64();

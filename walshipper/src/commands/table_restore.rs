@@ -104,11 +104,8 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         kept = s.finish(keep);
     }
     if let Some(r) = &repo {
-        let mut rec = recovery_log::start(OPERATION, id.clone());
-        rec.backup_id = report.backup_id.clone();
-        rec.target = report.target.clone();
-        rec.target_dir = target_dir;
-        rec.databases = vec![args.database.clone()];
+        scratch::record_if_interrupted(cfg, &r.name, None);
+        let mut rec = record(args, &id, &report, target_dir);
         recovery_log::finish(&mut rec, started, result.as_ref().err());
         recovery_log::write_all(&[r], &rec);
     }
@@ -134,6 +131,21 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The recovery record of this run (its outcome filled in by `finish`).
+fn record(
+    args: &Args,
+    id: &str,
+    report: &TableRestoreReport,
+    target_dir: String,
+) -> recovery_log::RecoveryRecord {
+    let mut rec = recovery_log::start(OPERATION, id.to_string());
+    rec.backup_id = report.backup_id.clone();
+    rec.target = report.target.clone();
+    rec.target_dir = target_dir;
+    rec.databases = vec![args.database.clone()];
+    rec
 }
 
 /// A connection to database `db` of the live cluster ([pg]).
@@ -237,6 +249,14 @@ fn restore_tables(
     };
     report.repository = repo.name.clone();
     report.backup_id = plan.backup.id.clone();
+    scratch::record_if_interrupted(
+        cfg,
+        &repo.name,
+        Some((
+            record(args, id, report, sc.data.display().to_string()),
+            started,
+        )),
+    );
     *repo_slot = Some(repo);
     let restored = sc.restore(cfg, args.repo.as_deref(), &plan, &args.target, args.json);
     report.restore_s = started.elapsed().as_secs_f64();
