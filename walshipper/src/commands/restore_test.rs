@@ -207,7 +207,14 @@ fn test(
         Some((record(cfg, args, id, report), started)),
     );
     let repo = repo_slot.insert(repo);
-    let restored = sc.restore(cfg, args.repo.as_deref(), &plan, &args.target, args.json);
+    let restored = sc.restore(
+        cfg,
+        args.repo.as_deref(),
+        &plan,
+        &args.target,
+        &[],
+        args.json,
+    );
     report.restore_s = started.elapsed().as_secs_f64();
     let restored = restored?;
     // restore may have read from a fallback repository: record there.

@@ -258,7 +258,14 @@ fn restore_tables(
         )),
     );
     *repo_slot = Some(repo);
-    let restored = sc.restore(cfg, args.repo.as_deref(), &plan, &args.target, args.json);
+    let restored = sc.restore(
+        cfg,
+        args.repo.as_deref(),
+        &plan,
+        &args.target,
+        std::slice::from_ref(&args.database),
+        args.json,
+    );
     report.restore_s = started.elapsed().as_secs_f64();
     let restored = restored?;
     report.repository = restored.repository.clone();
