@@ -154,7 +154,22 @@ pub fn guard_signals() {
     }
 }
 
+/// Set by the signal thread as it starts cleaning up.
+static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Once a signal arrived, the signal thread owns the end of the run (its
+/// record, its message, its exit status): the calling thread waits for it
+/// to exit the process instead of finishing on its own.
+pub fn yield_if_interrupted() {
+    if INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) {
+        loop {
+            std::thread::park();
+        }
+    }
+}
+
 fn on_signal(sig: libc::c_int) -> ! {
+    INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
     let name = match sig {
         libc::SIGTERM => "SIGTERM",
         libc::SIGINT => "SIGINT",
@@ -776,6 +791,7 @@ impl Scratch {
             s("log_statement", "none"),
             s("log_min_duration_statement", "-1"),
             s("TimeZone", "UTC"),
+            s("log_timezone", "UTC"),
             s("cluster_name", "walshipper-scratch"),
         ];
         if self.pg_major >= 15 {
@@ -981,9 +997,21 @@ impl Scratch {
             .unwrap_or_default()
     }
 
+    /// The last `n` lines of the server log, without the refusals of
+    /// walshipper's own connection attempts while it waited.
     pub fn log_tail(&self, n: usize) -> String {
+        const WAITING: &[&str] = &[
+            "the database system is not accepting connections",
+            "the database system is starting up",
+            "the database system is not yet accepting connections",
+            "Hot standby mode is disabled",
+            "Consistent recovery state has not been yet reached",
+        ];
         let text = self.log_text();
-        let lines: Vec<&str> = text.lines().collect();
+        let lines: Vec<&str> = text
+            .lines()
+            .filter(|l| !WAITING.iter().any(|w| l.contains(w)))
+            .collect();
         lines[lines.len().saturating_sub(n)..].join("\n")
     }
 

@@ -283,6 +283,32 @@ fn restore_tests_and_table_restores() {
     assert_clean(&scratch_dir);
     eprintln!("restore test to a point {:.1}s", t.elapsed().as_secs_f64());
 
+    // 2b. To a restore point that was never made: PostgreSQL stops at the
+    //     end of the WAL without reaching it; exit 6 with its words, human
+    //     output, the log kept.
+    let t = Instant::now();
+    let o = run(s
+        .cmd()
+        .args(["restore-test", "--target-name", "no-such-point"]));
+    assert_eq!(o.status.code(), Some(6), "{}", text(&o));
+    let out = String::from_utf8_lossy(&o.stdout);
+    let err = String::from_utf8_lossy(&o.stderr);
+    eprintln!("{out}{err}");
+    assert!(
+        out.contains("FAILED") && out.contains("measured RTO"),
+        "{out}"
+    );
+    assert!(
+        err.contains("stopped during recovery") && err.contains("recovery target"),
+        "{err}"
+    );
+    assert!(out.contains("log is kept in"), "{out}");
+    assert_clean(&scratch_dir);
+    eprintln!(
+        "restore test to a missing point {:.1}s",
+        t.elapsed().as_secs_f64()
+    );
+
     // 3. table-restore of a dropped and an updated table, at the point,
     //    while the live cluster serves a read load.
     let t = Instant::now();
@@ -470,6 +496,7 @@ fn restore_tests_and_table_restores() {
     let want: Vec<(String, bool)> = [
         ("restore_test", true),
         ("restore_test", false),
+        ("restore_test", false), // no such point
         ("table_restore", true),
         // bad input: the target before every backup has no backup to
         // record; the unknown table has one
@@ -481,8 +508,8 @@ fn restore_tests_and_table_restores() {
     .map(|(o, ok)| (o.to_string(), *ok))
     .collect();
     assert_eq!(summary, want, "{recs:#?}");
-    assert!(recs[4].error.as_deref().unwrap().contains("SIGTERM"));
-    assert_eq!(recs[3].databases, ["postgres"]);
-    assert!(recs[5].error.as_deref().unwrap().contains("damaged"));
+    assert!(recs[5].error.as_deref().unwrap().contains("SIGTERM"));
+    assert_eq!(recs[4].databases, ["postgres"]);
+    assert!(recs[6].error.as_deref().unwrap().contains("damaged"));
     eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
 }

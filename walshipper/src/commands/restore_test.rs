@@ -90,6 +90,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let mut repo: Option<Repository> = None;
     let mut sc: Option<Scratch> = None;
     let result = test(cfg, args, &id, started, &mut report, &mut repo, &mut sc);
+    scratch::yield_if_interrupted();
     report.total_s = report.restore_s + report.replay_s + report.checks_s;
     report.passed = result.is_ok();
     report.error = result.as_ref().err().map(|e| e.to_string());

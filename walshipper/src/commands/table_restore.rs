@@ -92,6 +92,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         &mut repo,
         &mut sc,
     );
+    scratch::yield_if_interrupted();
     report.total_s = report.restore_s + report.replay_s + report.copy_s;
     phase(args.json, OPERATION, "cleanup", started);
     let mut target_dir = String::new();
