@@ -730,6 +730,8 @@ impl Scratch {
             // a Debian data directory has no postgresql.conf, and
             // production's may include files that are not here.
             s("config_file", &path(&self.root.join("postgresql.conf"))),
+            // As -D says, whatever a restored file might say.
+            s("data_directory", &path(&self.data)),
             s("hba_file", &path(&self.root.join("pg_hba.conf"))),
             s("ident_file", &path(&self.root.join("pg_ident.conf"))),
             s("external_pid_file", ""),
