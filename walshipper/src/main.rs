@@ -147,6 +147,7 @@ enum Command {
     /// Prove a backup restorable: restore it into a scratch directory,
     /// recover, check, measure the time taken (RTO), remove it again.
     RestoreTest {
+        /// Phases and the result as JSON lines on stdout.
         #[arg(long)]
         json: bool,
         /// Backup to test (default: the newest that can reach the target).
@@ -166,6 +167,7 @@ enum Command {
     },
     /// Load tables as they were at a target into a new schema of the live database.
     TableRestore {
+        /// Phases and the result as JSON lines on stdout.
         #[arg(long)]
         json: bool,
         /// The database the tables are in (and are loaded into).

@@ -437,7 +437,13 @@ fn restore_tests_and_table_restores() {
     // 6. SIGKILL once the server runs: the server dies with walshipper
     //    (PDEATHSIG), its directory stays until the next run sweeps it.
     let t = Instant::now();
-    let mut child = spawn_until_phase(&s, &["restore-test", "--json"], "replay");
+    // A slow check keeps the run alive until it is killed.
+    let slow = r#"{"name":"slow","query":"SELECT pg_sleep(30)","expected":""}"#;
+    let mut child = spawn_until_phase(
+        &s,
+        &["restore-test", "--json", "--check-json", slow],
+        "replay",
+    );
     wait_until("the scratch server", Duration::from_secs(30), || {
         processes_under(&scratch_dir)
             .iter()
