@@ -129,11 +129,6 @@ fn database_dir(path: &str) -> Option<(u32, &str)> {
     Some((oid, &path[..end]))
 }
 
-/// Quotes a name as an SQL identifier.
-pub fn quote_ident(name: &str) -> String {
-    format!("\"{}\"", name.replace('"', "\"\""))
-}
-
 /// Checks the names given to --db-include before anything is read.
 fn check_db_include(names: &[String]) -> Result<()> {
     if names.len() > 1000 {
@@ -1001,7 +996,7 @@ fn restore_into(
             excluded.len()
         );
         for name in &excluded {
-            t.push_str(&format!("  DROP DATABASE {};\n", quote_ident(name)));
+            t.push_str(&format!("  DROP DATABASE {};\n", crate::sql::ident(name)));
         }
         t.push_str("To check the restored files: pg_verifybackup");
         for d in &ignore {
@@ -1795,7 +1790,6 @@ mod tests {
         assert!(s.zeroed("base/17000/1"));
         assert!(check_db_include(&["d".repeat(64)]).is_err());
         assert!(check_db_include(&[String::new()]).is_err());
-        assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
     }
 
     #[test]
