@@ -500,6 +500,8 @@ mod tests {
             wal_end_segno: 5,
             wal_segment_size: 16 << 20,
             duration_s: 0.0,
+            databases_excluded: Vec::new(),
+            verifybackup_ignore: Vec::new(),
         }
     }
 
