@@ -27,6 +27,7 @@ pub struct Config {
     pub compression: CompressionConfig,
     pub archive: ArchiveConfig,
     pub restore: RestoreConfig,
+    pub restore_test: RestoreTestConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -140,6 +141,41 @@ pub struct RestoreConfig {
     /// than answering "not there") before it makes recovery stop (FATAL);
     /// 0 = no retry. docs/disaster-recovery.md, "archive-get during recovery".
     pub archive_get_retry_timeout: u64,
+}
+
+/// `[restore_test]`: the scratch clusters of `restore-test` and
+/// `table-restore` (docs/operations.md).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RestoreTestConfig {
+    /// Where scratch clusters are restored (one subdirectory each, and
+    /// `logs/` for the server logs of failed runs); created mode 0700.
+    pub scratch_dir: PathBuf,
+    /// PostgreSQL's programs (postgres, pg_verifybackup, pg_amcheck,
+    /// pg_dump, pg_restore); empty = /usr/lib/postgresql/<major>/bin if it
+    /// exists, else the PATH.
+    pub pg_bin_dir: PathBuf,
+    /// CPU niceness walshipper and the scratch server run at (0..19).
+    pub nice: i32,
+    /// I/O priority: "idle", "best-effort" (lowest level) or "none" (unchanged).
+    pub io_class: String,
+    /// Seconds each custom check may run (its statement_timeout).
+    pub check_timeout: u64,
+    /// shared_buffers of the scratch server.
+    pub shared_buffers: String,
+}
+
+impl Default for RestoreTestConfig {
+    fn default() -> Self {
+        RestoreTestConfig {
+            scratch_dir: "/var/tmp/walshipper-scratch".into(),
+            pg_bin_dir: PathBuf::new(),
+            nice: 10,
+            io_class: "best-effort".into(),
+            check_timeout: 60,
+            shared_buffers: "128MB".into(),
+        }
+    }
 }
 
 impl Default for RestoreConfig {
@@ -299,6 +335,12 @@ pub const KEYS: &[(&str, &str)] = &[
     ("archive", "check_timeout"),
     ("archive", "push_to"),
     ("restore", "archive_get_retry_timeout"),
+    ("restore_test", "scratch_dir"),
+    ("restore_test", "pg_bin_dir"),
+    ("restore_test", "nice"),
+    ("restore_test", "io_class"),
+    ("restore_test", "check_timeout"),
+    ("restore_test", "shared_buffers"),
 ];
 
 /// Environment variables with a meaning of their own (not config keys).
@@ -536,6 +578,16 @@ impl Config {
             ("restore", "archive_get_retry_timeout") => {
                 self.restore.archive_get_retry_timeout = parse(name, v, "a number of seconds")?
             }
+            ("restore_test", "scratch_dir") => self.restore_test.scratch_dir = v.into(),
+            ("restore_test", "pg_bin_dir") => self.restore_test.pg_bin_dir = v.into(),
+            ("restore_test", "nice") => {
+                self.restore_test.nice = parse(name, v, "a niceness from 0 to 19")?
+            }
+            ("restore_test", "io_class") => self.restore_test.io_class = v.into(),
+            ("restore_test", "check_timeout") => {
+                self.restore_test.check_timeout = parse(name, v, "a number of seconds")?
+            }
+            ("restore_test", "shared_buffers") => self.restore_test.shared_buffers = v.into(),
             _ => return Err(Error::Config(format!("unknown key {section}.{key}"))),
         }
         Ok(())
@@ -675,6 +727,38 @@ impl Config {
                     )))
                 }
             }
+        }
+        let rt = &self.restore_test;
+        if !(0..=19).contains(&rt.nice) {
+            return Err(Error::Config(format!(
+                "restore_test.nice: {} is not a niceness from 0 to 19",
+                rt.nice
+            )));
+        }
+        if !matches!(rt.io_class.as_str(), "idle" | "best-effort" | "none") {
+            return Err(Error::Config(format!(
+                "restore_test.io_class: '{}' is not one of idle, best-effort, none",
+                rt.io_class
+            )));
+        }
+        if !rt.scratch_dir.is_absolute() {
+            return Err(Error::Config(format!(
+                "restore_test.scratch_dir: '{}' is not an absolute path",
+                rt.scratch_dir.display()
+            )));
+        }
+        if rt.check_timeout == 0 {
+            return Err(Error::Config(
+                "restore_test.check_timeout: must be at least 1 second".into(),
+            ));
+        }
+        if rt.shared_buffers.is_empty()
+            || !rt.shared_buffers.bytes().all(|b| b.is_ascii_alphanumeric())
+        {
+            return Err(Error::Config(format!(
+                "restore_test.shared_buffers: '{}' is not a size like 128MB",
+                rt.shared_buffers
+            )));
         }
         if !matches!(self.archive.push_to.as_str(), "all" | "primary") {
             return Err(Error::Config(format!(

@@ -22,6 +22,8 @@ pub mod progress;
 pub mod recovery_log;
 pub mod repo;
 pub mod retention;
+pub mod scratch;
+pub mod sql;
 pub mod storage;
 pub mod wal;
 

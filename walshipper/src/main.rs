@@ -51,6 +51,10 @@ enum Command {
     Info {
         #[arg(long)]
         json: bool,
+        /// List only the recovery records newer than this id (default:
+        /// the newest 50).
+        #[arg(long, value_name = "ID")]
+        recoveries_after: Option<String>,
     },
     /// Check the server's archiving end to end.
     Check,
@@ -112,6 +116,10 @@ enum Command {
         /// Restore tablespace OID to DIR instead of its original location.
         #[arg(long = "tablespace-map", value_name = "OID=DIR")]
         tablespace_map: Vec<String>,
+        /// Restore only this database (repeatable), and the system ones;
+        /// the others are left as empty sparse files, to be dropped.
+        #[arg(long = "db-include", value_name = "NAME")]
+        db_include: Vec<String>,
         #[arg(long)]
         json: bool,
     },
@@ -144,6 +152,52 @@ enum Command {
         #[arg(long)]
         now: Option<String>,
     },
+    /// Prove a backup restorable: restore it into a scratch directory,
+    /// recover, check, measure the time taken (RTO), remove it again.
+    RestoreTest {
+        /// Phases and the result as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Backup to test (default: the newest that can reach the target).
+        #[arg(long)]
+        backup: Option<String>,
+        #[command(flatten)]
+        targets: ScratchTarget,
+        /// `immediate`: stop as soon as the backup is consistent.
+        #[arg(long, group = "scratch_target")]
+        target: Option<String>,
+        /// A check: '{"name":..,"database":..,"query":..,"expected":..}' (repeatable).
+        #[arg(long = "check-json", value_name = "JSON")]
+        check_json: Vec<String>,
+        /// Instead of [restore_test] scratch_dir.
+        #[arg(long)]
+        scratch_dir: Option<PathBuf>,
+    },
+    /// Load tables as they were at a target into a new schema of the live database.
+    TableRestore {
+        /// Phases and the result as JSON lines on stdout.
+        #[arg(long)]
+        json: bool,
+        /// The database the tables are in (and are loaded into).
+        #[arg(long)]
+        database: String,
+        /// schema.table in SQL syntax (unquoted names fold to lower case); repeatable.
+        #[arg(long = "table", value_name = "QUALIFIED", required = true)]
+        tables: Vec<String>,
+        /// The new schema to load them into (must not exist).
+        #[arg(long)]
+        into_schema: String,
+        /// The role the loaded objects belong to (pg_restore --role).
+        #[arg(long)]
+        role: String,
+        /// Backup to restore from (default: the newest that can reach the target).
+        #[arg(long)]
+        backup: Option<String>,
+        #[command(flatten)]
+        target: ScratchTarget,
+        #[arg(long)]
+        scratch_dir: Option<PathBuf>,
+    },
     /// Read back and check backups and the WAL they need.
     Verify {
         #[arg(long)]
@@ -155,17 +209,61 @@ enum Command {
     },
 }
 
+/// The recovery targets of restore-test and table-restore (default: the
+/// end of the archived WAL).
+#[derive(clap::Args)]
+struct ScratchTarget {
+    /// Recover to this time (with a zone, e.g. '2026-11-21 10:15:00+00').
+    #[arg(long, group = "scratch_target")]
+    target_time: Option<String>,
+    /// Recover to this named restore point.
+    #[arg(long, group = "scratch_target")]
+    target_name: Option<String>,
+    /// Recover to this LSN.
+    #[arg(long, group = "scratch_target")]
+    target_lsn: Option<String>,
+}
+
+impl ScratchTarget {
+    fn target(&self, immediate: Option<&str>) -> walshipper::Result<commands::restore::Target> {
+        use commands::restore::{parse_time, Target};
+        Ok(if let Some(t) = &self.target_time {
+            Target::Time {
+                at: parse_time(t)?,
+                raw: t.clone(),
+            }
+        } else if let Some(n) = &self.target_name {
+            Target::Name(n.clone())
+        } else if let Some(l) = &self.target_lsn {
+            Target::Lsn(walshipper::wal::parse_lsn(l).ok_or_else(|| {
+                Error::Invalid(format!("--target-lsn '{l}' is not an LSN like 0/3000028"))
+            })?)
+        } else if let Some(t) = immediate {
+            if t != "immediate" {
+                return Err(Error::Invalid(format!(
+                    "--target '{t}': only 'immediate' is known"
+                )));
+            }
+            Target::Immediate
+        } else {
+            Target::End
+        })
+    }
+}
+
 impl Command {
     /// Whether the command was asked for JSON output: then a failure is
     /// also an error event on stdout (docs/contract.md).
     fn json(&self) -> bool {
         match self {
-            Command::Info { json }
+            Command::Info { json, .. }
             | Command::RepoSync { json, .. }
             | Command::Backup { json, .. }
             | Command::Restore { json, .. }
             | Command::Expire { json, .. }
-            | Command::Verify { json, .. } => *json,
+            | Command::Verify { json, .. }
+            | Command::RestoreTest { json, .. }
+            | Command::TableRestore { json, .. } => *json,
             Command::RepoInit { .. }
             | Command::ArchivePush { .. }
             | Command::ArchiveGet { .. }
@@ -317,7 +415,10 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
         Command::ArchiveGet { walfile, dest } => {
             commands::archive_get::run(cfg, repo, walfile, dest)
         }
-        Command::Info { json } => commands::info::run(cfg, *json, repo),
+        Command::Info {
+            json,
+            recoveries_after,
+        } => commands::info::run(cfg, *json, repo, recoveries_after.as_deref()),
         Command::Check => commands::check::run(cfg),
         Command::RepoSync { dry_run, json } => commands::repo_sync::run(
             cfg,
@@ -354,6 +455,7 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
             jobs,
             delta,
             tablespace_map,
+            db_include,
             json,
         } => {
             use commands::restore::{parse_time, Target};
@@ -408,7 +510,7 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
                     tablespace_map: map,
                     json: *json,
                     repo: repo.map(str::to_string),
-                    db_include: Vec::new(),
+                    db_include: db_include.clone(),
                     record: true,
                 },
             )
@@ -439,6 +541,53 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
                 keep_yearly: *keep_yearly,
                 timezone: timezone.clone(),
                 now: now.clone(),
+            },
+        ),
+        Command::RestoreTest {
+            json,
+            backup,
+            targets,
+            target: immediate,
+            check_json,
+            scratch_dir,
+        } => {
+            let checks = check_json
+                .iter()
+                .map(|c| commands::restore_test::CustomCheck::parse(c))
+                .collect::<walshipper::Result<Vec<_>>>()?;
+            commands::restore_test::run(
+                cfg,
+                &commands::restore_test::Args {
+                    json: *json,
+                    repo: repo.map(str::to_string),
+                    backup: backup.clone(),
+                    target: targets.target(immediate.as_deref())?,
+                    checks,
+                    scratch_dir: scratch_dir.clone(),
+                },
+            )
+        }
+        Command::TableRestore {
+            json,
+            database,
+            tables,
+            into_schema,
+            role,
+            backup,
+            target,
+            scratch_dir,
+        } => commands::table_restore::run(
+            cfg,
+            &commands::table_restore::Args {
+                json: *json,
+                repo: repo.map(str::to_string),
+                backup: backup.clone(),
+                target: target.target(None)?,
+                database: database.clone(),
+                tables: tables.clone(),
+                schema: into_schema.clone(),
+                role: role.clone(),
+                scratch_dir: scratch_dir.clone(),
             },
         ),
         Command::Verify { backup, jobs, json } => commands::verify::run(

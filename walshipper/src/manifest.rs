@@ -59,6 +59,21 @@ pub struct TablespaceEntry {
     pub location: String,
 }
 
+/// A database of the cluster as pg_database listed it at backup time.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseEntry {
+    pub oid: u32,
+    pub name: String,
+}
+
+/// Most databases a manifest may list (a bound on what is read back, far
+/// above any real cluster).
+pub const MAX_DATABASES: usize = 100_000;
+/// PostgreSQL's longest identifier (NAMEDATALEN - 1).
+pub const MAX_DATABASE_NAME: usize = 63;
+/// PostgreSQL's FirstNormalObjectId: oids below it are initdb's.
+pub const FIRST_NORMAL_OID: u32 = 16384;
+
 #[derive(Clone, Debug, Serialize, Deserialize, Default)]
 pub struct ChecksumFailure {
     pub path: String,
@@ -95,6 +110,10 @@ pub struct Manifest {
     /// Objects holding the backup_label and tablespace_map pg_backup_stop returned.
     pub backup_label_object: String,
     pub tablespace_map_object: Option<String>,
+    /// The cluster's databases (pg_database at the end of the backup), for
+    /// `restore --db-include`. Empty in manifests of walshipper before it.
+    #[serde(default)]
+    pub databases: Vec<DatabaseEntry>,
 }
 
 impl Manifest {
@@ -332,6 +351,30 @@ impl Manifest {
                 )));
             }
         }
+        // Databases: names restore compares with the DBA's and prints in
+        // `DROP DATABASE` lines; oids it matches with base/<oid>.
+        if self.databases.len() > MAX_DATABASES {
+            return Err(bad(format!(
+                "{} databases listed, more than {MAX_DATABASES}",
+                self.databases.len()
+            )));
+        }
+        let mut db_oids = HashSet::new();
+        let mut db_names = HashSet::new();
+        for db in &self.databases {
+            if db.oid == 0 || !db_oids.insert(db.oid) {
+                return Err(bad(format!("database oid {} is 0 or repeated", db.oid)));
+            }
+            if db.name.is_empty() || db.name.len() > MAX_DATABASE_NAME || db.name.contains('\0') {
+                return Err(bad(format!(
+                    "database {} has a name PostgreSQL cannot have ({:.80?})",
+                    db.oid, db.name
+                )));
+            }
+            if !db_names.insert(db.name.as_str()) {
+                return Err(bad(format!("database name {:?} is repeated", db.name)));
+            }
+        }
         if self.backup_label_object != layout::backup_label(&self.id) {
             return Err(bad(format!(
                 "backup_label_object {:?} is not this backup's backup_label",
@@ -530,6 +573,20 @@ mod tests {
             }],
             backup_label_object: layout::backup_label(ID),
             tablespace_map_object: Some(layout::tablespace_map(ID)),
+            databases: vec![
+                DatabaseEntry {
+                    oid: 1,
+                    name: "template1".into(),
+                },
+                DatabaseEntry {
+                    oid: 5,
+                    name: "postgres".into(),
+                },
+                DatabaseEntry {
+                    oid: 16400,
+                    name: "app \"one\"".into(),
+                },
+            ],
         }
     }
 
@@ -645,6 +702,52 @@ mod tests {
         m.validate(&layout::manifest(ID)).unwrap();
         let chain: BTreeSet<String> = [FULL.to_string()].into();
         assert!(m.validate_dependencies(&chain).is_err());
+    }
+
+    #[test]
+    fn databases_are_checked() {
+        type Damage = Box<dyn Fn(&mut Manifest)>;
+        let cases: Vec<Damage> = vec![
+            Box::new(|m| m.databases[2].oid = 5),
+            Box::new(|m| m.databases[2].oid = 0),
+            Box::new(|m| m.databases[2].name = "postgres".into()),
+            Box::new(|m| m.databases[2].name = String::new()),
+            Box::new(|m| m.databases[2].name = "x".repeat(64)),
+            Box::new(|m| m.databases[2].name = "a\0b".into()),
+            Box::new(|m| {
+                m.databases = (1..=MAX_DATABASES as u32 + 1)
+                    .map(|oid| DatabaseEntry {
+                        oid,
+                        name: format!("d{oid}"),
+                    })
+                    .collect()
+            }),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let mut m = sample();
+            c(&mut m);
+            assert!(
+                matches!(
+                    m.validate(&layout::manifest(ID)),
+                    Err(Error::Corrupt { .. })
+                ),
+                "case {i}"
+            );
+        }
+        let mut m = sample();
+        m.databases[2].name = "é".repeat(31); // 62 bytes
+        m.validate(&layout::manifest(ID)).unwrap();
+        // Not numeric: the manifest does not parse.
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["databases"][0]["oid"] = serde_json::json!("1");
+        assert!(Manifest::decode(&layout::manifest(ID), v.to_string().as_bytes()).is_err());
+        v["databases"][0]["oid"] = serde_json::json!(-1);
+        assert!(Manifest::decode(&layout::manifest(ID), v.to_string().as_bytes()).is_err());
+        // A manifest written before the list existed still reads (empty).
+        let mut old = serde_json::to_value(sample()).unwrap();
+        old.as_object_mut().unwrap().remove("databases");
+        let m = Manifest::decode(&layout::manifest(ID), old.to_string().as_bytes()).unwrap();
+        assert!(m.databases.is_empty());
     }
 
     #[test]

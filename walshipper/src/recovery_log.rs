@@ -135,10 +135,16 @@ fn check(rec: &RecoveryRecord) -> std::result::Result<(), String> {
         || rec.target.value.as_ref().is_some_and(|v| v.len() > 256)
         || rec.target_dir.len() > 4096
         || rec.databases.len() > 1000
-        || rec.databases.iter().any(|d| d.len() > 64)
+        || rec.databases.iter().any(|d| {
+            d.is_empty() || d.len() > crate::manifest::MAX_DATABASE_NAME || d.contains('\0')
+        })
         || rec.error.as_ref().is_some_and(|e| e.len() > ERROR_MAX)
     {
         return Err("a field is too long".into());
+    }
+    // Empty when it failed before a backup was chosen.
+    if !rec.backup_id.is_empty() && !layout::is_backup_id(&rec.backup_id) {
+        return Err("backup_id is not a backup id".into());
     }
     for t in [&rec.started_at, &rec.finished_at] {
         if chrono::DateTime::parse_from_rfc3339(t).is_err() {
@@ -225,6 +231,100 @@ pub fn target_of(t: &crate::commands::restore::Target) -> RecoveryTarget {
 mod tests {
     use super::*;
 
+    /// An unencrypted posix repository in `dir` (unsealed objects: what is
+    /// left to check is the record itself).
+    fn plain_repo(dir: &std::path::Path) -> Repository {
+        let p = dir.join("ws.toml");
+        std::fs::write(
+            &p,
+            format!(
+                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\nmode = \"none\"\n",
+                dir.join("repo").display()
+            ),
+        )
+        .unwrap();
+        let cfg = crate::config::Config::load_with_env(Some(&p), std::iter::empty()).unwrap();
+        Repository::init(
+            &cfg,
+            cfg.primary(),
+            &crate::wal::ClusterIdentity {
+                system_identifier: 7_310_000_000_000_000_001,
+                pg_major: 15,
+                wal_segment_size: 16 << 20,
+            },
+            &crate::repo::InitOptions {
+                encrypt: false,
+                kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+                kdf_iterations: 1,
+            },
+        )
+        .unwrap()
+    }
+
+    fn record(id: &str) -> RecoveryRecord {
+        let mut r = start("restore", id.into());
+        r.target.kind = "end".into();
+        r.backup_id = "20261121-224754F".into();
+        r.databases = vec!["app".into()];
+        finish(&mut r, std::time::Instant::now(), None);
+        r
+    }
+
+    #[test]
+    fn list_pages_and_skips_what_is_not_a_sound_record() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = plain_repo(dir.path());
+        let ids: Vec<String> = (0..LIST_DEFAULT + 3)
+            .map(|i| format!("20261126T06{:04}Z-0000000a", i))
+            .collect();
+        for id in &ids {
+            write(&repo, &record(id)).unwrap();
+        }
+        let all = list(&repo, None).unwrap();
+        assert_eq!(all.len(), LIST_DEFAULT);
+        assert_eq!(all[0].id, ids[3], "the newest, oldest first");
+        assert_eq!(all.last().unwrap().id, *ids.last().unwrap());
+        assert_eq!(all[0].databases, ["app"]);
+        let after = list(&repo, Some(&ids[LIST_DEFAULT])).unwrap();
+        assert_eq!(
+            after.iter().map(|r| &r.id).collect::<Vec<_>>(),
+            ids[LIST_DEFAULT + 1..].iter().collect::<Vec<_>>()
+        );
+        let obj = |id: &str| dir.path().join("repo").join(layout::recovery(id));
+        let last = ids.last().unwrap();
+        // A sound record stored under another id; garbage; an oversized
+        // object; a record with a value no walshipper writes.
+        let renamed = "20991231T235959Z-0123abcd";
+        std::fs::copy(obj(last), obj(renamed)).unwrap();
+        // Unsealed, the copy reads: only the id inside tells it apart.
+        assert!(repo
+            .read_object_capped(&layout::recovery(renamed), RECORD_MAX)
+            .is_ok());
+        std::fs::write(obj(&ids[LIST_DEFAULT + 1]), b"\x00garbage").unwrap();
+        let mut big = record(&ids[LIST_DEFAULT]);
+        big.error = Some("e".repeat(RECORD_MAX));
+        repo.storage.delete(&layout::recovery(&big.id)).unwrap();
+        repo.put_object(
+            &layout::recovery(&big.id),
+            serde_json::to_vec(&big).unwrap().as_slice(),
+        )
+        .unwrap();
+        let mut odd = record("20991231T235959Z-0000ffff");
+        odd.operation = "format_disk".into();
+        repo.put_object(
+            &layout::recovery(&odd.id),
+            serde_json::to_vec(&odd).unwrap().as_slice(),
+        )
+        .unwrap();
+        let after = list(&repo, Some(&ids[LIST_DEFAULT - 1])).unwrap();
+        assert_eq!(
+            after.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            [last.as_str()]
+        );
+        // The write side refuses what the read side would skip.
+        assert!(write(&repo, &odd).is_err());
+    }
+
     #[test]
     fn ids_are_well_formed_and_records_checked() {
         let id = new_id();
@@ -239,8 +339,30 @@ mod tests {
         let mut bad = r.clone();
         bad.host = "x".repeat(300);
         assert!(check(&bad).is_err());
-        let mut bad = r;
+        let mut bad = r.clone();
         bad.duration_s = f64::NAN;
         assert!(check(&bad).is_err());
+        let mut bad = r.clone();
+        bad.backup_id = "../keys".into();
+        assert!(check(&bad).is_err());
+        let mut bad = r.clone();
+        bad.started_at = "yesterday".into();
+        assert!(check(&bad).is_err());
+        let mut bad = r.clone();
+        bad.target.kind = "rm -rf".into();
+        assert!(check(&bad).is_err());
+        for name in [String::new(), "d".repeat(64), "a\0b".into()] {
+            let mut bad = r.clone();
+            bad.databases = vec![name];
+            assert!(check(&bad).is_err());
+        }
+        let mut bad = r.clone();
+        bad.error = Some("e".repeat(ERROR_MAX + 1));
+        assert!(check(&bad).is_err());
+        let mut good = r;
+        good.backup_id = "20261121-224754F".into();
+        good.databases = vec!["d".repeat(63)];
+        good.error = Some(truncate(&"é".repeat(ERROR_MAX), ERROR_MAX));
+        assert_eq!(check(&good), Ok(()));
     }
 }

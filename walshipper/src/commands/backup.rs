@@ -22,7 +22,8 @@ use crate::error::{Error, Result};
 use crate::layout;
 use crate::lock;
 use crate::manifest::{
-    ChecksumFailure, DirEntry, FileEntry, Manifest, TablespaceEntry, MANIFEST_VERSION,
+    ChecksumFailure, DatabaseEntry, DirEntry, FileEntry, Manifest, TablespaceEntry,
+    MANIFEST_VERSION,
 };
 use crate::page::{self, BLCKSZ, RELSEG_BLOCKS};
 use crate::pg::{connect, pg_err};
@@ -266,6 +267,10 @@ fn copy_and_finish(
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Invalid("backup_label without START TIMELINE".into()))?;
 
+    // At the stop, the databases the recovered cluster will have: a
+    // database created during the backup is in the list, one dropped is not.
+    let databases = list_databases(client)?;
+
     let label_key = layout::backup_label(id);
     repo.put_object_with(
         &label_key,
@@ -355,6 +360,7 @@ fn copy_and_finish(
             .collect(),
         backup_label_object: label_key,
         tablespace_map_object: spcmap_key,
+        databases,
     };
     let body = serde_json::to_vec(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     // Written last, durably: from now on the backup exists. Not if another
@@ -405,6 +411,21 @@ fn copy_and_finish(
 }
 
 /// `m` and the backups it is based on, newest first.
+/// The cluster's databases (for `restore --db-include`).
+fn list_databases(client: &mut postgres::Client) -> Result<Vec<DatabaseEntry>> {
+    let sql = "SELECT oid::int8, datname::text FROM pg_database ORDER BY oid";
+    let rows = client.query(sql, &[]).map_err(pg_err(sql))?;
+    rows.iter()
+        .map(|r| {
+            let oid: i64 = r.try_get(0).map_err(pg_err(sql))?;
+            let name: String = r.try_get(1).map_err(pg_err(sql))?;
+            let oid = u32::try_from(oid)
+                .map_err(|_| Error::Invalid(format!("pg_database lists oid {oid} for {name:?}")))?;
+            Ok(DatabaseEntry { oid, name })
+        })
+        .collect()
+}
+
 fn backup_chain(backups: &[Manifest], m: &Manifest) -> Vec<String> {
     let mut chain = vec![m.id.clone()];
     let mut next = m.based_on.clone();

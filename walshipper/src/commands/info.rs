@@ -27,6 +27,9 @@ pub struct Info {
     /// Every configured repository, in configuration order (the detail
     /// above is for the first that opened, or the one named by --repo).
     pub repositories: Vec<RepoSummary>,
+    /// Its recovery records (shown under `repositories`).
+    #[serde(skip)]
+    pub recoveries: Vec<crate::recovery_log::RecoveryRecord>,
 }
 
 /// One configured repository as `info --json` lists it under
@@ -56,8 +59,24 @@ fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummar
         s.backups = i.backups.len() as u64;
         s.last_backup = i.backups.last().map(|b| b.id.clone());
         s.last_backup_stop_time = i.backups.last().map(|b| b.stop_time.clone());
+        s.recoveries = i.recoveries.clone();
     }
     s
+}
+
+/// The recovery records of `repo` after `after` (recovery_log::list). A
+/// repository whose records cannot be listed still has its info shown.
+fn recoveries_of(
+    repo: &Repository,
+    after: Option<&str>,
+) -> Vec<crate::recovery_log::RecoveryRecord> {
+    crate::recovery_log::list(repo, after).unwrap_or_else(|e| {
+        tracing::warn!(
+            "repository {}: its recovery records cannot be listed: {e}",
+            repo.name
+        );
+        Vec::new()
+    })
 }
 
 #[derive(Serialize)]
@@ -257,8 +276,12 @@ pub fn collect(repo: &Repository) -> Result<Info> {
         created_at: d.created_at.clone(),
         wal: wal_info,
         repositories: Vec::new(),
+        recoveries: Vec::new(),
     })
 }
+
+/// Recovery records the human `info` shows.
+const RECOVERIES_SHOWN: usize = 5;
 
 pub fn human(bytes: u64) -> String {
     let units = ["B", "KiB", "MiB", "GiB", "TiB"];
@@ -271,9 +294,21 @@ pub fn human(bytes: u64) -> String {
     format!("{v:.1} {}", units[u])
 }
 
-pub fn run(cfg: &Config, json: bool, only: Option<&str>) -> Result<()> {
+pub fn run(
+    cfg: &Config,
+    json: bool,
+    only: Option<&str>,
+    recoveries_after: Option<&str>,
+) -> Result<()> {
     if let Some(n) = only {
         cfg.find_repo(Some(n))?;
+    }
+    if let Some(a) = recoveries_after {
+        if !layout::is_recovery_id(a) {
+            return Err(crate::error::Error::Invalid(format!(
+                "--recoveries-after {a:?} is not a recovery record id (YYYYmmddTHHMMSSZ-<8 hex>, as info --json lists them)"
+            )));
+        }
     }
     let mut infos: Vec<Result<Info>> = Vec::new();
     for rc in &cfg.repos {
@@ -281,7 +316,11 @@ pub fn run(cfg: &Config, json: bool, only: Option<&str>) -> Result<()> {
             infos.push(Err(crate::error::Error::Invalid("not asked for".into())));
             continue;
         }
-        infos.push(Repository::open_repo(cfg, rc).and_then(|r| collect(&r)));
+        infos.push(Repository::open_repo(cfg, rc).and_then(|r| {
+            let mut i = collect(&r)?;
+            i.recoveries = recoveries_of(&r, recoveries_after);
+            Ok(i)
+        }));
     }
     let summaries: Vec<RepoSummary> = cfg
         .repos
@@ -395,6 +434,41 @@ pub fn run(cfg: &Config, json: bool, only: Option<&str>) -> Result<()> {
             "{:<18} DAMAGED: {} (not used by restore or backup, kept by expire; run `walshipper verify`)",
             d.id, d.reason
         );
+    }
+    // The last few restores from this repository, newest last.
+    if !info.recoveries.is_empty() {
+        println!();
+        println!(
+            "{:<25} {:<13} {:<18} {:<20} {:<8} where",
+            "recovery", "operation", "backup", "target", "result"
+        );
+        let from = info.recoveries.len().saturating_sub(RECOVERIES_SHOWN);
+        for r in &info.recoveries[from..] {
+            let target = match &r.target.value {
+                Some(v) => format!("{} {v}", r.target.kind),
+                None => r.target.kind.clone(),
+            };
+            println!(
+                "{:<25} {:<13} {:<18} {:<20} {:<8} {}@{}:{}",
+                r.id,
+                r.operation,
+                if r.backup_id.is_empty() {
+                    "-"
+                } else {
+                    &r.backup_id
+                },
+                target
+                    .escape_debug()
+                    .to_string()
+                    .chars()
+                    .take(20)
+                    .collect::<String>(),
+                if r.succeeded { "ok" } else { "FAILED" },
+                r.os_user.escape_debug(),
+                r.host.escape_debug(),
+                r.target_dir.escape_debug()
+            );
+        }
     }
     if !w.foreign.is_empty() {
         println!(

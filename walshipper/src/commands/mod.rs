@@ -10,4 +10,6 @@ pub mod info;
 pub mod repo_init;
 pub mod repo_sync;
 pub mod restore;
+pub mod restore_test;
+pub mod table_restore;
 pub mod verify;

@@ -26,7 +26,10 @@ use crate::config::Config;
 use crate::delta::DeltaApplier;
 use crate::error::{Error, Result};
 use crate::layout;
-use crate::manifest::{check_location, pg_backup_manifest, FileEntry, Manifest, PgManifestFile};
+use crate::manifest::{
+    check_location, pg_backup_manifest, DatabaseEntry, FileEntry, Manifest, PgManifestFile,
+    FIRST_NORMAL_OID, MAX_DATABASE_NAME,
+};
 use crate::pgdata::{DirFd, EntryKind};
 use crate::progress::{json_event, Counters, Reporter};
 use crate::repo::Repository;
@@ -76,6 +79,124 @@ pub struct Restored {
     pub wal_end_segno: u64,
     pub wal_segment_size: u64,
     pub duration_s: f64,
+    /// Databases left out (`--db-include`): their files are zero, they
+    /// must be dropped.
+    pub databases_excluded: Vec<String>,
+    /// Directories to pass to `pg_verifybackup -i` (the excluded
+    /// databases', which the restored backup_manifest does not list).
+    pub verifybackup_ignore: Vec<String>,
+}
+
+/// Databases always restored with `--db-include`, as pgBackRest does: a
+/// cluster without them cannot be used or connected to.
+pub const SYSTEM_DATABASES: &[&str] = &["template0", "template1", "postgres"];
+
+/// Which databases a `--db-include` restore writes.
+#[derive(Clone, Debug)]
+pub struct DbSelection {
+    /// Oids whose files are restored.
+    keep: BTreeSet<u32>,
+    pub restored: Vec<DatabaseEntry>,
+    pub excluded: Vec<DatabaseEntry>,
+}
+
+impl DbSelection {
+    /// Whether the file at manifest path `path` is written as zeros: it
+    /// belongs to a database left out (one the list does not name too,
+    /// e.g. dropped during the backup).
+    pub fn zeroed(&self, path: &str) -> bool {
+        database_dir(path)
+            .is_some_and(|(oid, _)| oid >= FIRST_NORMAL_OID && !self.keep.contains(&oid))
+    }
+}
+
+/// The database oid of a manifest path in a database directory
+/// (`base/<oid>/...`, `pg_tblspc/<ts>/<version>/<oid>/...`), and that
+/// directory.
+fn database_dir(path: &str) -> Option<(u32, &str)> {
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    let parts: Vec<&str> = path.splitn(6, '/').collect();
+    let (oid, depth) = match parts.as_slice() {
+        ["base", oid, _, ..] => (*oid, 2),
+        ["pg_tblspc", ts, _, oid, _, ..] if digits(ts) => (*oid, 4),
+        _ => return None,
+    };
+    if !digits(oid) {
+        return None;
+    }
+    let oid = oid.parse().ok()?;
+    let end: usize = parts[..depth].iter().map(|p| p.len() + 1).sum::<usize>() - 1;
+    Some((oid, &path[..end]))
+}
+
+/// Checks the names given to --db-include before anything is read.
+fn check_db_include(names: &[String]) -> Result<()> {
+    if names.len() > 1000 {
+        return Err(Error::Invalid(
+            "--db-include given more than 1000 times; restore the whole cluster instead".into(),
+        ));
+    }
+    for n in names {
+        if n.is_empty() || n.len() > MAX_DATABASE_NAME {
+            return Err(Error::Invalid(format!(
+                "--db-include {n:?} is not a database name PostgreSQL can have (1 to {MAX_DATABASE_NAME} bytes)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The databases of backup `m` to restore for `include` (the system ones
+/// always), or None to restore all.
+pub fn select_databases(m: &Manifest, include: &[String]) -> Result<Option<DbSelection>> {
+    if include.is_empty() {
+        return Ok(None);
+    }
+    if m.databases.is_empty() {
+        return Err(Error::Invalid(format!(
+            "backup {} has no list of its databases: it was taken by an older walshipper; restore the whole cluster (without --db-include), or take a new backup",
+            m.id
+        )));
+    }
+    for name in include {
+        if !m.databases.iter().any(|d| d.name == *name) {
+            let mut names: Vec<String> = m
+                .databases
+                .iter()
+                .map(|d| format!("{:?}", d.name))
+                .collect();
+            names.sort();
+            let more = names.len().saturating_sub(50);
+            names.truncate(50);
+            return Err(Error::Invalid(format!(
+                "--db-include {name:?}: backup {} has no such database; it has {}{}",
+                m.id,
+                names.join(", "),
+                if more > 0 {
+                    format!(" and {more} more")
+                } else {
+                    String::new()
+                }
+            )));
+        }
+    }
+    let mut sel = DbSelection {
+        keep: BTreeSet::new(),
+        restored: Vec::new(),
+        excluded: Vec::new(),
+    };
+    for d in &m.databases {
+        let wanted = include.contains(&d.name)
+            || SYSTEM_DATABASES.contains(&d.name.as_str())
+            || d.oid < FIRST_NORMAL_OID;
+        if wanted {
+            sel.keep.insert(d.oid);
+            sel.restored.push(d.clone());
+        } else {
+            sel.excluded.push(d.clone());
+        }
+    }
+    Ok(Some(sel))
 }
 
 /// Parses a target time; a time zone is required, so that the target cannot
@@ -483,9 +604,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
             target_dir.display()
         )));
     }
-    if !args.db_include.is_empty() {
-        return Err(Error::Invalid("--db-include is not available yet".into()));
-    }
+    check_db_include(&args.db_include)?;
     let (repo, mut plan, fallbacks) = choose_repository(cfg, args)?;
     let result = restore_planned(
         cfg,
@@ -506,7 +625,15 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
         crate::recovery_log::finish(&mut rec, started, result.as_ref().err());
         crate::recovery_log::write_all(&[&repo], &rec);
     }
-    result?;
+    let sel = result?;
+    let ignore: BTreeSet<String> = plan
+        .backup
+        .files
+        .iter()
+        .filter(|f| sel.as_ref().is_some_and(|s| s.zeroed(&f.path)))
+        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d.to_string()))
+        .collect();
+    let excluded = sel.map(|s| s.excluded).unwrap_or_default();
     Ok(Restored {
         backup_id: plan.backup.id.clone(),
         repository: repo.name.clone(),
@@ -514,6 +641,8 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
         wal_end_segno: plan.wal_end_segno,
         wal_segment_size: repo.descriptor.wal_segment_size,
         duration_s: started.elapsed().as_secs_f64(),
+        databases_excluded: excluded.into_iter().map(|d| d.name).collect(),
+        verifybackup_ignore: ignore.into_iter().collect(),
     })
 }
 
@@ -528,7 +657,7 @@ fn restore_planned(
     plan: &mut Plan,
     fallbacks: &[Repository],
     started: Instant,
-) -> Result<()> {
+) -> Result<Option<DbSelection>> {
     // The listing is not trusted: the manifest used is the one stored
     // under the backup's own key, validated, with its chain.
     let checked = checked_manifest(repo, &plan.backup.id)?;
@@ -551,6 +680,7 @@ fn restore_planned(
     }
     plan.backup = checked;
     let m = &plan.backup;
+    let sel = select_databases(m, &args.db_include)?;
     let mut sources = vec![repo];
     sources.extend(fallbacks.iter());
     tracing::info!("restoring backup {} into {}", m.id, target_dir.display());
@@ -564,7 +694,16 @@ fn restore_planned(
         .collect();
     let target_created = fs::symlink_metadata(target_dir).is_err();
 
-    let result = restore_into(cfg, &sources, plan, args, target_dir, &locations, started);
+    let result = restore_into(
+        cfg,
+        &sources,
+        plan,
+        args,
+        target_dir,
+        &locations,
+        sel.as_ref(),
+        started,
+    );
     if result.is_err() && was_empty && !args.delta {
         // Leave nothing that looks like a data directory. Links are
         // removed, never followed.
@@ -584,7 +723,7 @@ fn restore_planned(
             }
         }
     }
-    result
+    result.map(|()| sel)
 }
 
 /// The directories a restore writes into: the target and each tablespace's.
@@ -623,6 +762,7 @@ fn open_root(p: &Path) -> Result<DirFd> {
     Ok(d)
 }
 
+#[allow(clippy::too_many_arguments)]
 fn restore_into(
     cfg: &Config,
     sources: &[&Repository],
@@ -630,8 +770,10 @@ fn restore_into(
     args: &Args,
     target_dir: &Path,
     locations: &HashMap<u32, PathBuf>,
+    sel: Option<&DbSelection>,
     started: Instant,
 ) -> Result<()> {
+    let zeroed = |f: &FileEntry| sel.is_some_and(|s| s.zeroed(&f.path));
     let m = &plan.backup;
     let repo = sources[0];
     let mut roots = Roots {
@@ -724,7 +866,7 @@ fn restore_into(
                 let Some(f) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     return;
                 };
-                match restore_file(sources, f, &roots, args.delta, &syncer) {
+                match restore_file(sources, f, &roots, args.delta, zeroed(f), &syncer) {
                     Ok(wrote) => {
                         if !wrote {
                             skipped.fetch_add(1, Ordering::Relaxed);
@@ -768,9 +910,12 @@ fn restore_into(
         write_file(&roots.target, "tablespace_map", map.as_bytes())?;
         extra.push(("tablespace_map".to_string(), map.into_bytes()));
     }
+    // The zeroed files are left out: their checksums would fail. Their
+    // directories are what `pg_verifybackup -i` is told to skip.
     let mut pg_files: Vec<PgManifestFile> = m
         .files
         .iter()
+        .filter(|f| !zeroed(f))
         .map(|f| PgManifestFile {
             path: f.path.clone(),
             size: f.size,
@@ -802,7 +947,7 @@ fn restore_into(
     // PostgreSQL will not start here.
     syncer.finish()?;
     for f in control {
-        restore_file(sources, f, &roots, false, &syncer)?;
+        restore_file(sources, f, &roots, false, false, &syncer)?;
     }
     // Files were fsynced as they were written; now the directories naming them.
     let fsync = |d: &DirFd| {
@@ -819,14 +964,52 @@ fn restore_into(
     for d in roots.tablespaces.values() {
         fsync(d)?;
     }
+    let (restored, excluded): (Vec<String>, Vec<String>) = match sel {
+        Some(s) => (
+            s.restored.iter().map(|d| d.name.clone()).collect(),
+            s.excluded.iter().map(|d| d.name.clone()).collect(),
+        ),
+        None => (
+            m.databases.iter().map(|d| d.name.clone()).collect(),
+            Vec::new(),
+        ),
+    };
+    let ignore: BTreeSet<&str> = m
+        .files
+        .iter()
+        .filter(|f| zeroed(f))
+        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d))
+        .collect();
     let summary = serde_json::json!({
         "event": "done", "backup_id": m.id, "target_dir": target_dir.display().to_string(),
         "files": m.files.len(), "files_unchanged": skipped.load(Ordering::Relaxed),
         "size": m.size, "duration_s": started.elapsed().as_secs_f64(),
         "wal_reaches": wal::segment_name(m.timeline, plan.wal_end_segno, repo.descriptor.wal_segment_size),
+        "databases_restored": restored, "databases_excluded": excluded,
+        "pg_verifybackup_ignore": ignore,
+    });
+    // What the DBA must do about the databases left out, on stderr with
+    // --json (stdout is the JSON lines).
+    let excluded_note = (!excluded.is_empty()).then(|| {
+        let mut t = format!(
+            "{} database(s) were not restored (--db-include) and cannot be used: their files are empty. Once recovery has ended, drop them:\n",
+            excluded.len()
+        );
+        for name in &excluded {
+            t.push_str(&format!("  DROP DATABASE {};\n", crate::sql::ident(name)));
+        }
+        t.push_str("To check the restored files: pg_verifybackup");
+        for d in &ignore {
+            t.push_str(&format!(" -i {d}"));
+        }
+        t.push_str(&format!(" {}", target_dir.display()));
+        t
     });
     if args.json {
         json_event(summary);
+        if let Some(n) = &excluded_note {
+            tracing::warn!("{n}");
+        }
     } else {
         println!(
             "restored backup {} ({} files, {}) into {} in {:.1}s; start PostgreSQL on it to recover{}",
@@ -840,6 +1023,9 @@ fn restore_into(
                 _ => format!(" to the target, then {}", args.action),
             }
         );
+        if let Some(n) = &excluded_note {
+            println!("{n}");
+        }
     }
     Ok(())
 }
@@ -975,17 +1161,23 @@ impl Drop for DirectWriter {
     }
 }
 
+/// Written files waiting for fsync at most (open descriptors).
+const SYNC_QUEUE: usize = 256;
+
 /// Flushes restored files on a thread of its own, so that decoding workers
 /// never wait on the disk: a worker hands over the written file and goes on
 /// with the next one. `finish` waits until every file is durable.
 struct Syncer {
-    tx: Option<std::sync::mpsc::Sender<(fs::File, PathBuf)>>,
+    tx: Option<std::sync::mpsc::SyncSender<(fs::File, PathBuf)>>,
     handle: Option<std::thread::JoinHandle<Option<Error>>>,
 }
 
 impl Syncer {
     fn start() -> Syncer {
-        let (tx, rx) = std::sync::mpsc::channel::<(fs::File, PathBuf)>();
+        // Bounded: each queued file is an open descriptor, and files that
+        // need no reading (--db-include's zero files, tiny ones) come faster
+        // than fsync takes them; a full queue makes the workers wait.
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(fs::File, PathBuf)>(SYNC_QUEUE);
         let handle = std::thread::spawn(move || {
             let mut first_error = None;
             for (file, path) in rx {
@@ -1046,6 +1238,7 @@ fn restore_file(
     f: &FileEntry,
     roots: &Roots,
     delta: bool,
+    zero: bool,
     syncer: &Syncer,
 ) -> Result<bool> {
     let (root, inner) = roots.locate(&f.path);
@@ -1055,6 +1248,9 @@ fn restore_file(
     let (dir, name) = root
         .parent_of(inner, Some(0o700))
         .map_err(|e| Error::io(format!("open the directory of {}", dest.display()), e))?;
+    if zero {
+        return write_zero_file(f, &dir, name, &dest, delta, syncer);
+    }
     if delta {
         if let Ok(Some(file)) = dir.open_file(name) {
             if file.metadata().is_ok_and(|m| m.len() == f.size)
@@ -1095,6 +1291,53 @@ fn restore_file(
         let _ = dir.remove_file(&tmp);
     }
     result.map(|()| true)
+}
+
+/// A file of a database left out (`--db-include`): the manifest's size,
+/// all zeros, sparse (no block allocated), nothing read from the
+/// repository. WAL replay can still write into it; PostgreSQL reads zero
+/// pages as new ones. False if --delta found such a file already.
+fn write_zero_file(
+    f: &FileEntry,
+    dir: &DirFd,
+    name: &str,
+    dest: &Path,
+    delta: bool,
+    syncer: &Syncer,
+) -> Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    if delta {
+        if let Ok(Some(file)) = dir.open_file(name) {
+            if file
+                .metadata()
+                .is_ok_and(|m| m.len() == f.size && m.blocks() == 0)
+            {
+                return Ok(false);
+            }
+        }
+    }
+    let tmp = if delta {
+        format!(".{name}.walshipper.tmp")
+    } else {
+        name.to_string()
+    };
+    let io = |e| Error::io(format!("write {}", dest.display()), e);
+    let r = (|| {
+        let file = dir.create_file(&tmp).map_err(io)?;
+        file.set_len(f.size).map_err(io)?;
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
+        let _ = file.set_modified(mtime);
+        if delta {
+            file.sync_all().map_err(io)?;
+            dir.rename(&tmp, name).map_err(io)
+        } else {
+            syncer.submit(file, dest)
+        }
+    })();
+    if r.is_err() && delta {
+        let _ = dir.remove_file(&tmp);
+    }
+    r.map(|()| true)
 }
 
 pub(crate) fn rebuild_file(
@@ -1473,6 +1716,80 @@ mod tests {
         assert_eq!(shell_word("/usr/bin/walshipper"), "/usr/bin/walshipper");
         assert_eq!(shell_word("/a b/c's"), "'/a b/c'\\''s'");
         assert_eq!(shell_word("/x/$(id)%p"), "'/x/$(id)%%p'");
+    }
+
+    #[test]
+    fn databases_are_selected_by_name_and_their_files_by_path() {
+        assert_eq!(
+            database_dir("base/16400/16384"),
+            Some((16400, "base/16400"))
+        );
+        assert_eq!(
+            database_dir("base/16400/16384_fsm"),
+            Some((16400, "base/16400"))
+        );
+        assert_eq!(
+            database_dir("pg_tblspc/16390/PG_15_202209061/16400/16391.1"),
+            Some((16400, "pg_tblspc/16390/PG_15_202209061/16400"))
+        );
+        for p in [
+            "base/16400",
+            "base/x1/2",
+            "base//2",
+            "global/1262",
+            "pg_tblspc/16390/PG_15_202209061/16400",
+            "pg_tblspc/x/PG_15_202209061/16400/1",
+            "base/99999999999/1",
+        ] {
+            assert_eq!(database_dir(p), None, "{p}");
+        }
+        let db = |oid, name: &str| DatabaseEntry {
+            oid,
+            name: name.into(),
+        };
+        let json = serde_json::json!({
+            "manifest_version": 2, "id": "20261121-224754F", "type": "full", "based_on": null,
+            "label": "x", "system_identifier": "1", "pg_version": 15, "timeline": 1,
+            "start_lsn": "0/1", "stop_lsn": "0/2", "start_time": "", "stop_time": "",
+            "wal_start": "", "wal_stop": "", "data_checksums": true, "checksum_failures": [],
+            "size": 0, "stored_size": 0, "files": [], "dirs": [], "tablespaces": [],
+            "backup_label_object": "", "tablespace_map_object": null,
+        });
+        let mut m: Manifest = serde_json::from_value(json).unwrap();
+        let e = select_databases(&m, &["app".into()]).unwrap_err();
+        assert!(e.to_string().contains("older walshipper"), "{e}");
+        assert!(select_databases(&m, &[]).unwrap().is_none());
+        m.databases = vec![
+            db(1, "template1"),
+            db(4, "template0"),
+            db(5, "postgres"),
+            db(16400, "app"),
+            db(16401, "other"),
+            db(16500, "third"),
+        ];
+        let e = select_databases(&m, &["nope".into()]).unwrap_err();
+        assert_eq!(e.exit_code(), crate::error::exit::USAGE);
+        assert!(
+            e.to_string().contains(r#""app", "other", "postgres""#),
+            "{e}"
+        );
+        let s = select_databases(&m, &["app".into()]).unwrap().unwrap();
+        let names = |v: &[DatabaseEntry]| v.iter().map(|d| d.name.clone()).collect::<Vec<_>>();
+        assert_eq!(
+            names(&s.restored),
+            ["template1", "template0", "postgres", "app"]
+        );
+        assert_eq!(names(&s.excluded), ["other", "third"]);
+        assert!(!s.zeroed("base/16400/1234"));
+        assert!(!s.zeroed("base/5/1234"));
+        assert!(!s.zeroed("global/pg_control"));
+        assert!(s.zeroed("base/16401/1234"));
+        assert!(s.zeroed("pg_tblspc/16390/PG_15_202209061/16500/1"));
+        // A database directory the list does not name (dropped during the
+        // backup) is not read either.
+        assert!(s.zeroed("base/17000/1"));
+        assert!(check_db_include(&["d".repeat(64)]).is_err());
+        assert!(check_db_include(&[String::new()]).is_err());
     }
 
     #[test]

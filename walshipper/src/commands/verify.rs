@@ -23,6 +23,7 @@ pub fn run(
     jobs: usize,
     json: bool,
 ) -> Result<()> {
+    let started = std::time::Instant::now();
     let repo = Repository::open_repo(cfg, cfg.find_repo(repo_name)?)?;
     let seg = crate::commands::info::checked_seg_size(&repo)?;
     let mut problems: Vec<String> = Vec::new();
@@ -269,14 +270,19 @@ pub fn run(
     problems.sort();
 
     if json {
-        println!(
-            "{}",
-            serde_json::json!({
-                "ok": problems.is_empty(), "backups": backups.iter().map(|m| &m.id).collect::<Vec<_>>(),
-                "damaged_backups": scan.damaged,
-                "objects_checked": work.len() + wal_work.len(), "files_rebuilt": rebuilds.len(), "wal_segments_checked": wal_checked, "problems": problems,
-            })
-        );
+        crate::progress::event(&pg_backup_contract::Event::Verify(
+            pg_backup_contract::VerifyReport {
+                ok: problems.is_empty(),
+                repository: repo.name.clone(),
+                backups: backups.iter().map(|m| m.id.clone()).collect(),
+                damaged_backups: scan.damaged.clone(),
+                objects_checked: (work.len() + wal_work.len()) as u64,
+                files_rebuilt: rebuilds.len() as u64,
+                wal_segments_checked: wal_checked as u64,
+                problems: problems.clone(),
+                duration_s: started.elapsed().as_secs_f64(),
+            },
+        ));
     } else {
         for m in &backups {
             println!("backup {}: {} files", m.id, m.files.len());
