@@ -533,6 +533,16 @@ impl Recoveries {
             .unwrap_or(false)
     }
 
+    /// A verification or recovery runs (ours, or a waiting caller's worker).
+    fn any_running() -> bool {
+        catalog_ready()
+            && Self::ready()
+            && Spi::get_one::<bool>("SELECT backup._recovery_running()")
+                .ok()
+                .flatten()
+                .unwrap_or(false)
+    }
+
     /// True when one ended (the repository status is then refreshed soon,
     /// which takes its recovery record in).
     fn tick(&mut self) -> bool {
@@ -771,7 +781,12 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         let idle = runs.is_empty();
         let mut ex = std::panic::AssertUnwindSafe(&mut expiry);
         BackgroundWorker::transaction(move || ex.tick(!idle));
-        let hold = expiry.busy();
+        // Backups wait for a due expire, so that it finds a moment between
+        // them; not while a verification or recovery (ours or a waiting
+        // caller's) keeps that expire from starting: holding them would
+        // not bring it sooner.
+        let hold = expiry.busy()
+            && (expiry.probe.is_some() || !BackgroundWorker::transaction(Recoveries::any_running));
         let mut rc = std::panic::AssertUnwindSafe(&mut recoveries);
         if BackgroundWorker::transaction(move || rc.tick()) {
             status.soon();
