@@ -886,6 +886,26 @@ fn restore_tests_and_table_restores_from_sql() {
         "SELECT message FROM backup.alerts WHERE kind = 'restore_test_failed' AND resolved_at IS NULL",
     );
     assert!(alert.contains(&victim), "{alert}");
+    // The integrity read-back finds it too, waited for from SQL.
+    let err = sql_error(
+        &c,
+        &format!("SELECT backup.verify_run('{backup_id}', wait => true)"),
+    );
+    assert!(
+        err.contains("verification") && err.contains("failed"),
+        "{err}"
+    );
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT status || ' ' || (error LIKE '%{victim}%') FROM backup.backup_verifications \
+             WHERE kind = 'integrity' ORDER BY verification_id DESC LIMIT 1"
+        )),
+        "failed true"
+    );
+    assert_eq!(
+        c.sql("SELECT count(*) FROM backup.alerts WHERE kind = 'verification_failed' AND resolved_at IS NULL"),
+        "1"
+    );
     assert!(scratch_leftovers(&scratch_dir).is_empty());
     eprintln!("damaged backup {:.1}s", t.elapsed().as_secs_f64());
     eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
