@@ -125,7 +125,7 @@ impl Error {
     pub fn hint(&self) -> Option<&'static str> {
         Some(match self {
             Error::Config(_) => "fix the configuration file (--config, WALSHIPPER_CONFIG) or the WALSHIPPER_* variable the message names",
-            Error::Invalid(_) => "check the command line: walshipper <command> --help",
+            Error::Invalid(_) => "fix what the message names (an option, a target, a name); walshipper <command> --help lists the options",
             Error::InvalidWal { .. } => "archive-push takes only this cluster's WAL files: archive_command should pass %p",
             Error::Repository(_) => "check the [repo] settings; a new repository is created with walshipper repo-init",
             Error::Corrupt { .. } => "run walshipper verify; a second repository holding an intact copy repairs it (repo-sync)",
