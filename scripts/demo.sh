@@ -177,7 +177,7 @@ sql "SELECT pg_switch_wal()"
 wait_true "SELECT last_archived_time >= '$t0' FROM backup.wal_archive_status" 30
 sql "SELECT backup.restore_check_create('accounts_back', 'SELECT count(*) FROM accounts', '1010')"
 sql "SELECT backup.restore_test_run(wait => true)"
-sql -x "SELECT verification_id, kind, backup_id, status, restore_s, replay_s, checks_s, rto_s, recovered_lsn, recovered_time, jsonb_path_query_array(checks, '$[*].name') AS checks FROM backup.backup_verifications WHERE kind = 'restore_test'"
+sql -x "SELECT verification_id, kind, backup_id, status, restore_s, replay_s, checks_s, rto_s, recovered_lsn, recovered_time, jsonb_path_query_array(checks, '\$[*].name') AS checks FROM backup.backup_verifications WHERE kind = 'restore_test'"
 sql -x "SELECT * FROM backup.recovery_objectives"
 sql "SELECT operation_id, kind, source, status, backup_id, target_kind, round(duration_s::numeric, 1) AS seconds FROM backup.recovery_operations ORDER BY operation_id"
 
