@@ -151,6 +151,12 @@ fn restore_tests_and_table_restores() {
          INSERT INTO \"T_upd\" SELECT g, g, 'u' || g FROM generate_series(1, 500) g; \
          CREATE TABLE rt(x int); INSERT INTO rt VALUES (1), (2), (3);",
     );
+    // A table whose CHECK constraint calls a function of app's, which runs
+    // during the load (COPY): under SET ROLE from a superuser it would
+    // RESET ROLE and make app a superuser; it records who it ran as.
+    c.sql(
+        "CREATE TABLE seen(session_u text, current_u text); GRANT INSERT ON seen TO app;          CREATE FUNCTION app_check(int) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN            IF session_user <> current_user THEN RESET ROLE; ALTER ROLE app SUPERUSER; END IF;            INSERT INTO public.seen VALUES (session_user, current_user); RETURN true; END $f$;          ALTER FUNCTION app_check(int) OWNER TO app;          CREATE TABLE t_chk(id int CHECK (public.app_check(id)));          INSERT INTO t_chk VALUES (1), (2);",
+    );
     let before_backups = c.sql("SELECT now()");
     // A backup taken while pgbench writes.
     let mut bench = Command::new(pg_bin("pgbench"))
@@ -320,6 +326,7 @@ fn restore_tests_and_table_restores() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    c.sql("TRUNCATE seen");
     let o = run(s.cmd().args([
         "table-restore",
         "--json",
@@ -329,6 +336,8 @@ fn restore_tests_and_table_restores() {
         "T_DROP",
         "--table",
         "public.\"T_upd\"",
+        "--table",
+        "t_chk",
         "--into-schema",
         "Recovered",
         "--role",
@@ -341,7 +350,18 @@ fn restore_tests_and_table_restores() {
     let r = one(&ev, "table_restore", &o);
     assert_eq!(r["schema"], "Recovered");
     let tables = r["tables"].as_array().unwrap();
-    assert_eq!(tables.len(), 2, "{r}");
+    assert_eq!(tables.len(), 3, "{r}");
+    assert_eq!(tables[2]["rows"], 2);
+    // The load ran as app itself: its function could not become the
+    // superuser.
+    assert_eq!(
+        c.sql("SELECT string_agg(DISTINCT session_u || '/' || current_u, ',') FROM seen"),
+        "app/app"
+    );
+    assert_eq!(
+        c.sql("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'"),
+        "f"
+    );
     assert_eq!(tables[0]["source"], "public.t_drop");
     assert_eq!(tables[0]["restored_as"], "\"Recovered\".t_drop");
     assert_eq!(tables[0]["rows"], 500);
