@@ -143,7 +143,7 @@ fn restore_tests_and_table_restores() {
     // foreign key between them, under a mixed-case name.
     c.pgbench(&["-i", "-s", "2", "-q"]);
     c.sql(
-        "CREATE ROLE app; GRANT CREATE ON DATABASE postgres TO app; \
+        "CREATE ROLE app LOGIN; GRANT CREATE ON DATABASE postgres TO app; \
          CREATE TABLE t_drop(id int PRIMARY KEY, v text, s serial); \
          CREATE TABLE \"T_upd\"(id int PRIMARY KEY, d_id int REFERENCES t_drop, v text); \
          CREATE INDEX t_upd_v ON \"T_upd\"(v); \

@@ -209,10 +209,12 @@ fn check_live(cfg: &Config, args: &Args) -> Result<Loader> {
     // as a superuser, for what its code can do during the load.
     let sql = "SELECT pg_has_role(current_user, $1, 'MEMBER'), \
                has_database_privilege($1, current_database(), 'CREATE'), current_user::text, \
-               EXISTS (SELECT 1 FROM pg_roles s WHERE s.rolsuper AND pg_has_role($1, s.oid, 'MEMBER'))";
+               EXISTS (SELECT 1 FROM pg_roles s WHERE s.rolsuper AND pg_has_role($1, s.oid, 'MEMBER')), \
+               (SELECT rolcanlogin FROM pg_roles WHERE rolname = $1)";
     let row = c.query_one(sql, &[&args.role]).map_err(pg_err(sql))?;
     let (member, create, me, superuser): (bool, bool, String, bool) =
         (row.get(0), row.get(1), row.get(2), row.get(3));
+    let can_login = row.get::<_, Option<bool>>(4) == Some(true);
     if !create {
         return Err(Error::Invalid(format!(
             "role {r} may not create schemas in database {d}; GRANT CREATE ON DATABASE {d} TO {r}, or choose another --role",
@@ -235,6 +237,12 @@ fn check_live(cfg: &Config, args: &Args) -> Result<Loader> {
         return Ok(Loader::SetRole);
     }
     drop(c);
+    if !can_login {
+        return Err(Error::Invalid(format!(
+            "role {r} cannot log in (NOLOGIN), and table-restore loads as {r} itself so that code of {r}'s that runs during the load has {r}'s rights only; ALTER ROLE {r} LOGIN (and let walshipper's operating system user connect as it: pg_hba.conf/pg_ident.conf map or ~/.pgpass), choose a login role, or use a superuser --role",
+            r = sql::display_ident(&args.role)
+        )));
+    }
     // Early, rather than after minutes of restoring. Only a refusal by the
     // server's rules fails here: a password (which this client does not
     // look up in ~/.pgpass, pg_restore does) is left to the load.
