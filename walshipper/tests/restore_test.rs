@@ -155,7 +155,22 @@ fn restore_tests_and_table_restores() {
     // during the load (COPY): under SET ROLE from a superuser it would
     // RESET ROLE and make app a superuser; it records who it ran as.
     c.sql(
-        "CREATE TABLE seen(session_u text, current_u text); GRANT INSERT ON seen TO app;          CREATE FUNCTION app_check(int) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN            IF session_user <> current_user THEN RESET ROLE; ALTER ROLE app SUPERUSER; END IF;            INSERT INTO public.seen VALUES (session_user, current_user); RETURN true; END $f$;          ALTER FUNCTION app_check(int) OWNER TO app;          CREATE TABLE t_chk(id int CHECK (public.app_check(id)));          INSERT INTO t_chk VALUES (1), (2);",
+        "CREATE TABLE seen(session_u text, current_u text); GRANT INSERT ON seen TO app; \
+         CREATE FUNCTION app_check(int) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN \
+           IF session_user <> current_user THEN RESET ROLE; ALTER ROLE app SUPERUSER; END IF; \
+           INSERT INTO public.seen VALUES (session_user, current_user); RETURN true; END $f$; \
+         ALTER FUNCTION app_check(int) OWNER TO app; \
+         CREATE TABLE t_chk(id int CHECK (public.app_check(id))); \
+         INSERT INTO t_chk VALUES (1), (2);",
+    );
+    // Production's event trigger, enabled the default way: it must not
+    // fire on table-restore's DDL in the scratch copy.
+    c.sql(
+        "CREATE FUNCTION no_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $f$ BEGIN \
+           IF current_setting('cluster_name') = 'walshipper-scratch' THEN \
+             RAISE EXCEPTION 'production event trigger fired in the scratch copy'; END IF; END $f$; \
+         CREATE EVENT TRIGGER no_ddl ON ddl_command_start \
+           WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE SCHEMA') EXECUTE FUNCTION no_ddl();",
     );
     let before_backups = c.sql("SELECT now()");
     // A backup taken while pgbench writes.
