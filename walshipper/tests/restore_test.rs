@@ -499,10 +499,32 @@ fn restore_tests_and_table_restores() {
     eprintln!("SIGKILL {:.1}s", t.elapsed().as_secs_f64());
 
     // 7. A damaged data object of the backup: exit 126 naming it; the
-    //    killed run's directory is swept first.
+    //    killed run's directory is swept first. A second repository, a
+    //    sound copy made before the damage, is not fallen back to: a
+    //    restore test tests the one repository it names (the primary).
     let t = Instant::now();
     let cfg = walshipper::config::Config::load(Some(&s.config)).unwrap();
     let storage = walshipper::storage::open(cfg.primary()).unwrap();
+    let second = d.path().join("repo2");
+    std::fs::create_dir(&second).unwrap();
+    let copy = walshipper::storage::open(&walshipper::config::RepoConfig {
+        kind: "posix".into(),
+        path: second.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    for o in storage.list("").unwrap() {
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut storage.get(&o.key).unwrap().unwrap(), &mut body).unwrap();
+        copy.put_replace(&o.key, &mut body.as_slice()).unwrap();
+    }
+    let two_repos = |args: &[&str]| {
+        run(s
+            .cmd()
+            .env("WALSHIPPER_REPO2_PATH", &second)
+            .env("WALSHIPPER_REPO2_TYPE", "posix")
+            .args(args))
+    };
     let prefix = format!("backups/{backup_id}/data/");
     let victim = storage
         .list(&prefix)
@@ -516,14 +538,25 @@ fn restore_tests_and_table_restores() {
     let mid = body.len() / 2;
     body[mid] ^= 0x5a;
     storage.put_replace(&victim, &mut body.as_slice()).unwrap();
-    let o = run(s.cmd().args(["restore-test", "--json"]));
+    let o = two_repos(&["restore-test", "--json"]);
     assert_eq!(o.status.code(), Some(126), "{}", text(&o));
     let ev = events(&o);
     let r = one(&ev, "restore_test", &o);
     assert_eq!(r["passed"], false);
+    assert_eq!(r["repository"], "repo1");
     let err = r["error"].as_str().unwrap();
     assert!(err.contains("damaged") && err.contains(&victim), "{err}");
     assert_eq!(ev.last().unwrap()["kind"], "damaged");
+    assert_clean(&scratch_dir);
+    // The sound copy, named: passes (its record goes to repo2).
+    let o = two_repos(&["restore-test", "--json", "--repo", "repo2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ev = events(&o);
+    let r = one(&ev, "restore_test", &o);
+    assert_eq!(
+        (&r["passed"], &r["repository"]),
+        (&true.into(), &"repo2".into())
+    );
     assert_clean(&scratch_dir);
     eprintln!("damaged {:.1}s", t.elapsed().as_secs_f64());
 
