@@ -56,7 +56,16 @@ pub fn finish(rec: &mut RecoveryRecord, started: std::time::Instant, error: Opti
     rec.finished_at = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     rec.duration_s = started.elapsed().as_secs_f64();
     rec.succeeded = error.is_none();
-    rec.error = error.map(|e| truncate(&e.to_string(), ERROR_MAX));
+    // Our own messages may hold newlines (a server log's tail): spaces,
+    // since a record carries no control characters (see `check`).
+    rec.error = error.map(|e| {
+        let flat: String = e
+            .to_string()
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        truncate(&flat, ERROR_MAX)
+    });
 }
 
 fn truncate(s: &str, max: usize) -> String {
@@ -141,6 +150,26 @@ fn check(rec: &RecoveryRecord) -> std::result::Result<(), String> {
         || rec.error.as_ref().is_some_and(|e| e.len() > ERROR_MAX)
     {
         return Err("a field is too long".into());
+    }
+    // Shown in the catalog and on terminals: a forged record must not
+    // carry terminal escapes or fake lines there.
+    let control = |s: &str| s.chars().any(char::is_control);
+    if [
+        &rec.host,
+        &rec.os_user,
+        &rec.target_dir,
+        &rec.started_at,
+        &rec.finished_at,
+        &rec.backup_id,
+        &rec.walshipper_version,
+    ]
+    .iter()
+    .any(|s| control(s))
+        || rec.databases.iter().any(|d| control(d))
+        || rec.target.value.as_deref().is_some_and(control)
+        || rec.error.as_deref().is_some_and(control)
+    {
+        return Err("a field holds a control character".into());
     }
     // Empty when it failed before a backup was chosen.
     if !rec.backup_id.is_empty() && !layout::is_backup_id(&rec.backup_id) {
@@ -359,6 +388,30 @@ mod tests {
         let mut bad = r.clone();
         bad.error = Some("e".repeat(ERROR_MAX + 1));
         assert!(check(&bad).is_err());
+        // Control characters, in every string field a catalog shows.
+        type Field = fn(&mut RecoveryRecord, String);
+        let fields: [Field; 6] = [
+            |r, v| r.host = v,
+            |r, v| r.os_user = v,
+            |r, v| r.target_dir = v,
+            |r, v| r.databases = vec![v],
+            |r, v| r.target.value = Some(v),
+            |r, v| r.error = Some(v),
+        ];
+        for set in fields {
+            for v in ["a\x1b[2Jb", "a\nb", "a\u{9b}b"] {
+                let mut bad = r.clone();
+                set(&mut bad, v.into());
+                assert!(check(&bad).is_err(), "{v:?} passed: {bad:?}");
+            }
+        }
+        // Our own errors keep working: their control characters become spaces.
+        let mut failed = r.clone();
+        let e = Error::Invalid("the log ends with:\nFATAL:\tx\x1b[0m".into());
+        finish(&mut failed, std::time::Instant::now(), Some(&e));
+        let msg = failed.error.clone().unwrap();
+        assert!(msg.contains("with: FATAL: x [0m"), "{msg}");
+        assert_eq!(check(&failed), Ok(()));
         let mut good = r;
         good.backup_id = "20261121-224754F".into();
         good.databases = vec!["d".repeat(63)];

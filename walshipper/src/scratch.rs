@@ -404,36 +404,20 @@ fn parse_owner(s: &str) -> Option<(u32, u64)> {
     Some((pid?, start?))
 }
 
-/// The backup and repository a restore to `target` uses: the first
-/// configured repository (or `repo`) that can plan it, as restore chooses.
+/// The repository a restore test or table restore reads (`repo`, else the
+/// primary: the first configured) and its backup for `target`. Pinned:
+/// the restore does not fall back to another repository on damage, since
+/// a test must test the repository it names.
 pub fn plan(
     cfg: &Config,
     repo: Option<&str>,
     backup: Option<&str>,
     target: &Target,
 ) -> Result<(Repository, restore::Plan)> {
-    if let Some(n) = repo {
-        cfg.find_repo(Some(n))?;
-    }
-    let mut first_err = None;
-    for rc in &cfg.repos {
-        if repo.is_some_and(|n| n != rc.name) {
-            continue;
-        }
-        match Repository::open_repo(cfg, rc).and_then(|r| {
-            let p = restore::plan(&r, backup, target)?;
-            Ok((r, p))
-        }) {
-            Ok(x) => return Ok(x),
-            Err(e) => {
-                if cfg.repos.len() > 1 {
-                    tracing::warn!("repository {}: {e}", rc.name);
-                }
-                first_err.get_or_insert(e);
-            }
-        }
-    }
-    Err(first_err.unwrap_or_else(|| Error::Invalid("no repository".into())))
+    let rc = cfg.find_repo(repo)?;
+    let r = Repository::open_repo(cfg, rc)?;
+    let p = restore::plan(&r, backup, target)?;
+    Ok((r, p))
 }
 
 /// A check's outcome, timed.
@@ -516,7 +500,7 @@ impl Scratch {
                 107 - id.len() - 30
             )));
         }
-        if !dir.exists() {
+        if fs::symlink_metadata(&dir).is_err() {
             fs::DirBuilder::new()
                 .recursive(true)
                 .mode(0o700)
@@ -525,8 +509,16 @@ impl Scratch {
         }
         // An existing directory is used as it is, if no one else can
         // write in it (its logs/ and our directories are below it).
-        let meta = fs::metadata(&dir)
+        // Not followed: a link planted where the directory is expected
+        // (/var/tmp is everyone's) would lead the scratch elsewhere.
+        let meta = fs::symlink_metadata(&dir)
             .map_err(|e| Error::io(format!("scratch directory {}", dir.display()), e))?;
+        if meta.file_type().is_symlink() {
+            return Err(Error::Invalid(format!(
+                "scratch directory {} is a symbolic link; name the real directory ([restore_test] scratch_dir or --scratch-dir), or remove the link if you did not create it",
+                dir.display()
+            )));
+        }
         // SAFETY: getuid cannot fail.
         let uid = unsafe { libc::getuid() };
         if !meta.is_dir()
@@ -592,10 +584,11 @@ impl Scratch {
     /// up to recover to `target` and promote; tablespaces go inside the
     /// scratch directory, never to their production locations. With
     /// `db_include`, only those databases (and the system ones).
+    /// Reads only repository `repo` (see `plan`).
     pub fn restore(
         &mut self,
         cfg: &Config,
-        repo: Option<&str>,
+        repo: &str,
         plan: &restore::Plan,
         target: &Target,
         db_include: &[String],
@@ -630,7 +623,7 @@ impl Scratch {
                 delta: false,
                 tablespace_map,
                 json,
-                repo: repo.map(str::to_string),
+                repo: Some(repo.to_string()),
                 db_include: db_include.to_vec(),
                 record: false,
             },
@@ -750,6 +743,11 @@ impl Scratch {
             s("primary_slot_name", ""),
             s("synchronous_standby_names", ""),
             s("synchronous_commit", "off"),
+            // A copy of production's subscriptions would fetch from
+            // production's publishers once promoted (and advance their
+            // slots): no apply or table sync workers at all.
+            s("max_logical_replication_workers", "0"),
+            s("max_sync_workers_per_subscription", "0"),
             // No pg_backup_ext scheduler (it would take backups), no
             // pg_cron, no other library of production's.
             s("shared_preload_libraries", ""),
@@ -1170,6 +1168,28 @@ mod tests {
         assert!(live.exists());
         assert!(d.path().join("logs").exists());
         assert!(foreign.exists());
+    }
+
+    #[test]
+    fn a_symlinked_scratch_dir_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        fs::DirBuilder::new().mode(0o700).create(&real).unwrap();
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        let cfg = Config::default();
+        let id = "20260101T000000Z-00000000";
+        let err = Scratch::create(&cfg, Some(&link), id, false)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("symbolic link"), "{err}");
+        assert!(!real.join(id).exists());
+        // The real directory itself is fine.
+        let sc = Scratch::create(&cfg, Some(&real), id, false).unwrap();
+        assert!(sc.root.is_dir());
+        drop(sc);
+        assert!(!real.join(id).exists());
     }
 
     #[test]

@@ -77,7 +77,13 @@ fn recoveries(shipper: &Shipper, extra: &[&str]) -> (Vec<serde_json::Value>, Str
 fn one_database_restored_the_others_sparse_and_dropped_and_every_restore_on_record() {
     let dir = scratch("dbinc");
     let d = dir.path();
-    let (shipper, src) = archiving_cluster(d, "src", &[]);
+    // Without data checksums (and wal_log_hints): a VACUUM then logs
+    // heap VISIBLE records without a full-page image, which replay applies
+    // to the excluded databases' zero pages (invalid pages: recovery needs
+    // ignore_invalid_pages, or PANICs).
+    let (shipper, src) = archiving_cluster_with(d, "src", &["--no-data-checksums"], &[]);
+    assert_eq!(src.sql("SHOW data_checksums"), "off");
+    assert_eq!(src.sql("SHOW wal_log_hints"), "off");
     let ts_dir = d.join("ts1");
     std::fs::create_dir_all(&ts_dir).unwrap();
     src.sql(&format!(
@@ -97,7 +103,9 @@ fn one_database_restored_the_others_sparse_and_dropped_and_every_restore_on_reco
              INSERT INTO items SELECT g, md5(g::text), g % 97 FROM generate_series(1, 20000) g;
              CREATE INDEX ON items (n);
              CREATE TABLE spaced (id int PRIMARY KEY, v text) TABLESPACE ts1;
-             INSERT INTO spaced SELECT g, repeat('x', g % 50) FROM generate_series(1, 5000) g;",
+             INSERT INTO spaced SELECT g, repeat('x', g % 50) FROM generate_series(1, 5000) g;
+             CREATE TABLE vis (id int) WITH (autovacuum_enabled = off);
+             INSERT INTO vis SELECT generate_series(1, 5000);",
         );
     }
     let done = shipper.backup(&[]);
@@ -112,6 +120,8 @@ fn one_database_restored_the_others_sparse_and_dropped_and_every_restore_on_reco
              DELETE FROM spaced WHERE id % 3 = 0;
              CREATE TABLE later AS SELECT g FROM generate_series(1, 1000) g;",
         );
+        // Pages untouched since the backup made all-visible.
+        sql_in(&src, db, "VACUUM vis");
     }
     let oids: Vec<String> = dbs
         .iter()
@@ -172,9 +182,13 @@ fn one_database_restored_the_others_sparse_and_dropped_and_every_restore_on_reco
     );
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
-        err.contains(r#"DROP DATABASE "app two";"#) && err.contains(r#"DROP DATABASE "app3";"#),
+        err.contains(r#"DROP DATABASE "app two";"#)
+            && err.contains(r#"DROP DATABASE "app3";"#)
+            && err.contains("ALTER SYSTEM RESET ignore_invalid_pages;"),
         "{err}"
     );
+    let auto = std::fs::read_to_string(r1.join("postgresql.auto.conf")).unwrap();
+    assert!(auto.contains("\nignore_invalid_pages = on\n"), "{auto}");
 
     // The excluded databases' files: the backup's sizes, nothing allocated,
     // in the data directory and in the tablespace.

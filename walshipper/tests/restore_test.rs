@@ -143,13 +143,34 @@ fn restore_tests_and_table_restores() {
     // foreign key between them, under a mixed-case name.
     c.pgbench(&["-i", "-s", "2", "-q"]);
     c.sql(
-        "CREATE ROLE app; GRANT CREATE ON DATABASE postgres TO app; \
+        "CREATE ROLE app LOGIN; GRANT CREATE ON DATABASE postgres TO app; \
          CREATE TABLE t_drop(id int PRIMARY KEY, v text, s serial); \
          CREATE TABLE \"T_upd\"(id int PRIMARY KEY, d_id int REFERENCES t_drop, v text); \
          CREATE INDEX t_upd_v ON \"T_upd\"(v); \
          INSERT INTO t_drop SELECT g, 'd' || g FROM generate_series(1, 500) g; \
          INSERT INTO \"T_upd\" SELECT g, g, 'u' || g FROM generate_series(1, 500) g; \
          CREATE TABLE rt(x int); INSERT INTO rt VALUES (1), (2), (3);",
+    );
+    // A table whose CHECK constraint calls a function of app's, which runs
+    // during the load (COPY): under SET ROLE from a superuser it would
+    // RESET ROLE and make app a superuser; it records who it ran as.
+    c.sql(
+        "CREATE TABLE seen(session_u text, current_u text); GRANT INSERT ON seen TO app; \
+         CREATE FUNCTION app_check(int) RETURNS bool LANGUAGE plpgsql AS $f$ BEGIN \
+           IF session_user <> current_user THEN RESET ROLE; ALTER ROLE app SUPERUSER; END IF; \
+           INSERT INTO public.seen VALUES (session_user, current_user); RETURN true; END $f$; \
+         ALTER FUNCTION app_check(int) OWNER TO app; \
+         CREATE TABLE t_chk(id int CHECK (public.app_check(id))); \
+         INSERT INTO t_chk VALUES (1), (2);",
+    );
+    // Production's event trigger, enabled the default way: it must not
+    // fire on table-restore's DDL in the scratch copy.
+    c.sql(
+        "CREATE FUNCTION no_ddl() RETURNS event_trigger LANGUAGE plpgsql AS $f$ BEGIN \
+           IF current_setting('cluster_name') = 'walshipper-scratch' THEN \
+             RAISE EXCEPTION 'production event trigger fired in the scratch copy'; END IF; END $f$; \
+         CREATE EVENT TRIGGER no_ddl ON ddl_command_start \
+           WHEN TAG IN ('ALTER TABLE', 'DROP TRIGGER', 'CREATE SCHEMA') EXECUTE FUNCTION no_ddl();",
     );
     let before_backups = c.sql("SELECT now()");
     // A backup taken while pgbench writes.
@@ -320,6 +341,7 @@ fn restore_tests_and_table_restores() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    c.sql("TRUNCATE seen");
     let o = run(s.cmd().args([
         "table-restore",
         "--json",
@@ -329,6 +351,8 @@ fn restore_tests_and_table_restores() {
         "T_DROP",
         "--table",
         "public.\"T_upd\"",
+        "--table",
+        "t_chk",
         "--into-schema",
         "Recovered",
         "--role",
@@ -341,7 +365,18 @@ fn restore_tests_and_table_restores() {
     let r = one(&ev, "table_restore", &o);
     assert_eq!(r["schema"], "Recovered");
     let tables = r["tables"].as_array().unwrap();
-    assert_eq!(tables.len(), 2, "{r}");
+    assert_eq!(tables.len(), 3, "{r}");
+    assert_eq!(tables[2]["rows"], 2);
+    // The load ran as app itself: its function could not become the
+    // superuser.
+    assert_eq!(
+        c.sql("SELECT string_agg(DISTINCT session_u || '/' || current_u, ',') FROM seen"),
+        "app/app"
+    );
+    assert_eq!(
+        c.sql("SELECT rolsuper FROM pg_roles WHERE rolname = 'app'"),
+        "f"
+    );
     assert_eq!(tables[0]["source"], "public.t_drop");
     assert_eq!(tables[0]["restored_as"], "\"Recovered\".t_drop");
     assert_eq!(tables[0]["rows"], 500);
@@ -464,10 +499,32 @@ fn restore_tests_and_table_restores() {
     eprintln!("SIGKILL {:.1}s", t.elapsed().as_secs_f64());
 
     // 7. A damaged data object of the backup: exit 126 naming it; the
-    //    killed run's directory is swept first.
+    //    killed run's directory is swept first. A second repository, a
+    //    sound copy made before the damage, is not fallen back to: a
+    //    restore test tests the one repository it names (the primary).
     let t = Instant::now();
     let cfg = walshipper::config::Config::load(Some(&s.config)).unwrap();
     let storage = walshipper::storage::open(cfg.primary()).unwrap();
+    let second = d.path().join("repo2");
+    std::fs::create_dir(&second).unwrap();
+    let copy = walshipper::storage::open(&walshipper::config::RepoConfig {
+        kind: "posix".into(),
+        path: second.clone(),
+        ..Default::default()
+    })
+    .unwrap();
+    for o in storage.list("").unwrap() {
+        let mut body = Vec::new();
+        std::io::Read::read_to_end(&mut storage.get(&o.key).unwrap().unwrap(), &mut body).unwrap();
+        copy.put_replace(&o.key, &mut body.as_slice()).unwrap();
+    }
+    let two_repos = |args: &[&str]| {
+        run(s
+            .cmd()
+            .env("WALSHIPPER_REPO2_PATH", &second)
+            .env("WALSHIPPER_REPO2_TYPE", "posix")
+            .args(args))
+    };
     let prefix = format!("backups/{backup_id}/data/");
     let victim = storage
         .list(&prefix)
@@ -481,14 +538,25 @@ fn restore_tests_and_table_restores() {
     let mid = body.len() / 2;
     body[mid] ^= 0x5a;
     storage.put_replace(&victim, &mut body.as_slice()).unwrap();
-    let o = run(s.cmd().args(["restore-test", "--json"]));
+    let o = two_repos(&["restore-test", "--json"]);
     assert_eq!(o.status.code(), Some(126), "{}", text(&o));
     let ev = events(&o);
     let r = one(&ev, "restore_test", &o);
     assert_eq!(r["passed"], false);
+    assert_eq!(r["repository"], "repo1");
     let err = r["error"].as_str().unwrap();
     assert!(err.contains("damaged") && err.contains(&victim), "{err}");
     assert_eq!(ev.last().unwrap()["kind"], "damaged");
+    assert_clean(&scratch_dir);
+    // The sound copy, named: passes (its record goes to repo2).
+    let o = two_repos(&["restore-test", "--json", "--repo", "repo2"]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ev = events(&o);
+    let r = one(&ev, "restore_test", &o);
+    assert_eq!(
+        (&r["passed"], &r["repository"]),
+        (&true.into(), &"repo2".into())
+    );
     assert_clean(&scratch_dir);
     eprintln!("damaged {:.1}s", t.elapsed().as_secs_f64());
 

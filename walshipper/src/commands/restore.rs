@@ -940,6 +940,7 @@ fn restore_into(
         args.repo.as_deref(),
         &args.target,
         &args.action,
+        sel.as_ref().is_some_and(|s| !s.excluded.is_empty()),
     )?;
     write_file(&roots.target, "recovery.signal", b"")?;
 
@@ -998,6 +999,9 @@ fn restore_into(
         for name in &excluded {
             t.push_str(&format!("  DROP DATABASE {};\n", crate::sql::ident(name)));
         }
+        t.push_str(
+            "then remove the setting that lets recovery pass over their empty pages (it takes effect at the next restart):\n  ALTER SYSTEM RESET ignore_invalid_pages;\n",
+        );
         t.push_str("To check the restored files: pg_verifybackup");
         for d in &ignore {
             t.push_str(&format!(" -i {d}"));
@@ -1536,12 +1540,21 @@ fn recovery_lines(cmd: &str, target: &Target, action: &str) -> Result<Vec<String
     Ok(lines)
 }
 
+/// The recovery settings in postgresql.auto.conf, replacing those of an
+/// earlier restore. With databases `excluded` (--db-include) also
+/// `ignore_invalid_pages = on`: their files are zeroes, and a WAL record
+/// without a full-page image that touches such a page (a heap VISIBLE
+/// record, on a cluster without data checksums or wal_log_hints) is an
+/// invalid page, on which PostgreSQL PANICs once recovery is consistent.
+/// It stays in postgresql.auto.conf (as any file setting it also applies
+/// to a scratch server): the DBA resets it after dropping those databases.
 fn write_recovery_settings(
     cfg: &Config,
     dir: &DirFd,
     repo: Option<&str>,
     target: &Target,
     action: &str,
+    excluded: bool,
 ) -> Result<()> {
     let exe = std::env::current_exe().map_err(|e| Error::io("locate the walshipper binary", e))?;
     let mut cmd = shell_word(&exe.display().to_string());
@@ -1563,7 +1576,10 @@ fn write_recovery_settings(
         cmd.push_str(&format!(" --repo {}", shell_word(r)));
     }
     cmd.push_str(" archive-get %f \"%p\"");
-    let lines = recovery_lines(&cmd, target, action)?;
+    let mut lines = recovery_lines(&cmd, target, action)?;
+    if excluded {
+        lines.push("ignore_invalid_pages = on".into());
+    }
     let name = "postgresql.auto.conf";
     let old = match dir.open_file(name) {
         Ok(None) => String::new(),
@@ -1588,7 +1604,10 @@ fn write_recovery_settings(
         .lines()
         .filter(|l| {
             let key = l.split('=').next().unwrap_or("").trim();
-            !ours.contains(&key) && !l.starts_with("# walshipper restore")
+            // A production setting of ignore_invalid_pages is kept unless
+            // ours replaces it.
+            let replaced = ours.contains(&key) || (excluded && key == "ignore_invalid_pages");
+            !replaced && !l.starts_with("# walshipper restore")
         })
         .map(|l| format!("{l}\n"))
         .collect();

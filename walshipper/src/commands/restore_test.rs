@@ -208,26 +208,9 @@ fn test(
         Some((record(cfg, args, id, report), started)),
     );
     let repo = repo_slot.insert(repo);
-    let restored = sc.restore(
-        cfg,
-        args.repo.as_deref(),
-        &plan,
-        &args.target,
-        &[],
-        args.json,
-    );
+    let restored = sc.restore(cfg, &repo.name, &plan, &args.target, &[], args.json);
     report.restore_s = started.elapsed().as_secs_f64();
     let restored = restored?;
-    // restore may have read from a fallback repository: record there.
-    if restored.repository != repo.name {
-        if let Ok(r) = cfg
-            .find_repo(Some(&restored.repository))
-            .and_then(|rc| Repository::open_repo(cfg, rc))
-        {
-            report.repository = r.name.clone();
-            *repo = r;
-        }
-    }
     sc.set_bin_dir(cfg, plan.backup.pg_version);
 
     // Before the server starts and changes the files.

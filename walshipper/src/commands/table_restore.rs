@@ -7,9 +7,11 @@
 //! keys to tables outside the set, triggers and rules are dropped (they
 //! would reach into, or fire functions of, the live database), and
 //! PostgreSQL's own tools copy the schema out (`pg_dump -n`) and into the
-//! live database (`pg_restore --single-transaction --role ROLE`): all or
-//! nothing, and owned by ROLE, never loaded as a superuser (an index
-//! expression can call a user's function).
+//! live database (`pg_restore --single-transaction`): all or nothing, and
+//! owned by ROLE. A non-superuser ROLE loads over a connection as ROLE
+//! itself, never as the [pg] superuser with SET ROLE: a check constraint or
+//! generated column calls ROLE's functions during COPY, and those could
+//! RESET ROLE back to the superuser.
 
 use std::path::PathBuf;
 use std::time::Instant;
@@ -72,7 +74,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     scratch::lower_priority(cfg);
     scratch::guard_signals();
     // Early, before minutes of restoring: the live side must take the load.
-    check_live(cfg, args)?;
+    let loader = check_live(cfg, args)?;
     let mut report = TableRestoreReport {
         operation_id: id.clone(),
         target: recovery_log::target_of(&args.target),
@@ -85,6 +87,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     let result = restore_tables(
         cfg,
         args,
+        loader,
         &id,
         &tables,
         started,
@@ -166,9 +169,22 @@ fn connect_live(cfg: &Config, db: &str) -> Result<postgres::Client> {
     })
 }
 
-/// The new schema must not exist; ROLE must exist, be one the [pg] user
-/// can SET ROLE to, and be allowed to create schemas in the database.
-fn check_live(cfg: &Config, args: &Args) -> Result<()> {
+/// How the load reaches the live database.
+#[derive(Clone, Copy, PartialEq, Debug)]
+enum Loader {
+    /// ROLE is (or can become) a superuser: the [pg] user loads with
+    /// `--role ROLE`; nothing is lost, ROLE could do anything anyway.
+    SetRole,
+    /// Connected as ROLE itself: code of ROLE's that runs during the load
+    /// (CHECK constraints, generated columns, domain checks during COPY)
+    /// cannot `RESET ROLE` back to the [pg] superuser.
+    AsRole,
+}
+
+/// The new schema must not exist; ROLE must exist and be allowed to create
+/// schemas in the database; the load must be able to connect as ROLE (or,
+/// for a superuser ROLE, the [pg] user be able to SET ROLE to it).
+fn check_live(cfg: &Config, args: &Args) -> Result<Loader> {
     let mut c = connect_live(cfg, &args.database)?;
     let sql = "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1), \
                EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $2)";
@@ -189,24 +205,16 @@ fn check_live(cfg: &Config, args: &Args) -> Result<()> {
             sql::display_ident(&args.role)
         )));
     }
+    // A role that is a member of a superuser role can become one: as good
+    // as a superuser, for what its code can do during the load.
     let sql = "SELECT pg_has_role(current_user, $1, 'MEMBER'), \
                has_database_privilege($1, current_database(), 'CREATE'), current_user::text, \
-               (SELECT rolsuper FROM pg_roles WHERE rolname = $1)";
+               EXISTS (SELECT 1 FROM pg_roles s WHERE s.rolsuper AND pg_has_role($1, s.oid, 'MEMBER')), \
+               (SELECT rolcanlogin FROM pg_roles WHERE rolname = $1)";
     let row = c.query_one(sql, &[&args.role]).map_err(pg_err(sql))?;
-    let (member, create, me): (bool, bool, String) = (row.get(0), row.get(1), row.get(2));
-    if row.get::<_, Option<bool>>(3) == Some(true) {
-        tracing::warn!(
-            "role {} is a superuser: index expressions, defaults and check constraints of the restored tables run with superuser rights while they load; a role of the tables' owners is safer",
-            sql::display_ident(&args.role)
-        );
-    }
-    if !member {
-        return Err(Error::Invalid(format!(
-            "the [pg] user {me} cannot SET ROLE {r}; GRANT {r} TO {me}, or choose another --role",
-            r = sql::display_ident(&args.role),
-            me = sql::display_ident(&me)
-        )));
-    }
+    let (member, create, me, superuser): (bool, bool, String, bool) =
+        (row.get(0), row.get(1), row.get(2), row.get(3));
+    let can_login = row.get::<_, Option<bool>>(4) == Some(true);
     if !create {
         return Err(Error::Invalid(format!(
             "role {r} may not create schemas in database {d}; GRANT CREATE ON DATABASE {d} TO {r}, or choose another --role",
@@ -214,13 +222,75 @@ fn check_live(cfg: &Config, args: &Args) -> Result<()> {
             d = sql::display_ident(&args.database)
         )));
     }
-    Ok(())
+    if superuser {
+        tracing::warn!(
+            "role {} is a superuser: defaults and check constraints of the restored tables run with superuser rights while they load; a role of the tables' owners is safer",
+            sql::display_ident(&args.role)
+        );
+        if !member {
+            return Err(Error::Invalid(format!(
+                "the [pg] user {me} cannot SET ROLE {r}; GRANT {r} TO {me}, or choose another --role",
+                r = sql::display_ident(&args.role),
+                me = sql::display_ident(&me)
+            )));
+        }
+        return Ok(Loader::SetRole);
+    }
+    drop(c);
+    if !can_login {
+        return Err(Error::Invalid(format!(
+            "role {r} cannot log in (NOLOGIN), and table-restore loads as {r} itself so that code of {r}'s that runs during the load has {r}'s rights only; ALTER ROLE {r} LOGIN (and let walshipper's operating system user connect as it: pg_hba.conf/pg_ident.conf map or ~/.pgpass), choose a login role, or use a superuser --role",
+            r = sql::display_ident(&args.role)
+        )));
+    }
+    // Early, rather than after minutes of restoring. Only a refusal by the
+    // server's rules fails here: a password (which this client does not
+    // look up in ~/.pgpass, pg_restore does) is left to the load.
+    match connect_as_role(cfg, args) {
+        Ok(_) => {}
+        Err(e)
+            if e.code()
+                == Some(&postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION) =>
+        {
+            return Err(role_refused(cfg, args, &e.to_string()));
+        }
+        Err(e) => tracing::debug!("connecting as {} without a password: {e}", args.role),
+    }
+    Ok(Loader::AsRole)
+}
+
+/// A connection to the live database as ROLE, without a password.
+fn connect_as_role(
+    cfg: &Config,
+    args: &Args,
+) -> std::result::Result<postgres::Client, postgres::Error> {
+    let mut c = postgres::Config::new();
+    c.host(&cfg.pg.host)
+        .port(cfg.pg.port)
+        .user(&args.role)
+        .dbname(&args.database)
+        .application_name("walshipper table-restore")
+        .connect_timeout(std::time::Duration::from_secs(10));
+    c.connect(postgres::NoTls)
+}
+
+/// The error when the live cluster does not let walshipper in as ROLE.
+fn role_refused(cfg: &Config, args: &Args, why: &str) -> Error {
+    Error::Invalid(format!(
+        "cannot connect to database {d} as role {r} (host={h} port={p}), which table-restore loads as so that code of {r}'s that runs during the load (check constraints, generated columns) has {r}'s rights only; nothing was loaded: {why}. Allow walshipper's operating system user to connect as {r} (a pg_hba.conf/pg_ident.conf map, or a password in its ~/.pgpass), or run the table restore with a superuser --role",
+        d = sql::display_ident(&args.database),
+        r = sql::display_ident(&args.role),
+        h = cfg.pg.host,
+        p = cfg.pg.port,
+        why = scratch::shorten(why)
+    ))
 }
 
 #[allow(clippy::too_many_arguments)]
 fn restore_tables(
     cfg: &Config,
     args: &Args,
+    loader: Loader,
     id: &str,
     wanted: &[(String, String)],
     started: Instant,
@@ -258,18 +328,17 @@ fn restore_tables(
             started,
         )),
     );
-    *repo_slot = Some(repo);
     let restored = sc.restore(
         cfg,
-        args.repo.as_deref(),
+        &repo.name,
         &plan,
         &args.target,
         std::slice::from_ref(&args.database),
         args.json,
     );
+    *repo_slot = Some(repo);
     report.restore_s = started.elapsed().as_secs_f64();
-    let restored = restored?;
-    report.repository = restored.repository.clone();
+    restored?;
     sc.set_bin_dir(cfg, plan.backup.pg_version);
 
     phase(args.json, OPERATION, "replay", started);
@@ -283,7 +352,7 @@ fn restore_tables(
 
     phase(args.json, OPERATION, "copy", started);
     let t = Instant::now();
-    let result = copy_tables(cfg, args, sc, wanted, report);
+    let result = copy_tables(cfg, args, loader, sc, wanted, report);
     report.copy_s = t.elapsed().as_secs_f64();
     result
 }
@@ -294,6 +363,7 @@ fn restore_tables(
 fn copy_tables(
     cfg: &Config,
     args: &Args,
+    loader: Loader,
     sc: &Scratch,
     wanted: &[(String, String)],
     report: &mut TableRestoreReport,
@@ -310,6 +380,10 @@ fn copy_tables(
         }
         e => e,
     })?;
+    // Production's event triggers (ENABLE, the default) would fire on the
+    // DDL below; with replica they do not (nor ordinary triggers).
+    let q = "SET session_replication_role = replica";
+    c.batch_execute(q).map_err(pg_err(q))?;
     let new = &args.schema;
     let mut tx = c.transaction().map_err(pg_err("begin"))?;
     // A schema of the new name at the target (restoring a dropped schema
@@ -488,22 +562,38 @@ fn copy_tables(
             scratch::shorten(&out)
         )));
     }
+    let user = match loader {
+        Loader::SetRole => &cfg.pg.user,
+        Loader::AsRole => &args.role,
+    };
     let live = sql::conninfo(&[
         ("host", &cfg.pg.host),
         ("port", &cfg.pg.port.to_string()),
-        ("user", &cfg.pg.user),
+        ("user", user),
         ("dbname", db),
         ("application_name", "walshipper table-restore"),
     ]);
     let mut cmd = sc.tool("pg_restore");
     cmd.args(["--single-transaction", "--exit-on-error", "--no-owner"])
-        .args(["--no-privileges", "--no-tablespaces", "--role"])
-        .arg(&args.role)
-        .arg("--dbname")
-        .arg(live)
-        .arg(&dump);
+        .args(["--no-privileges", "--no-tablespaces"]);
+    match loader {
+        Loader::SetRole => {
+            cmd.arg("--role").arg(&args.role);
+        }
+        // The [pg] user's password is not ROLE's: ROLE's comes from
+        // ~/.pgpass or the server trusts the OS user (peer, map).
+        Loader::AsRole => {
+            cmd.env_remove("PGPASSWORD");
+        }
+    }
+    cmd.arg("--dbname").arg(live).arg(&dump);
     let (ok, out) = sc.run_tool(cmd);
     if !ok {
+        // libpq's own words (LC_ALL=C): the connection failed, before
+        // anything was sent.
+        if loader == Loader::AsRole && out.contains("connection to server") {
+            return Err(role_refused(cfg, args, &out));
+        }
         return Err(Error::Invalid(format!(
             "loading the tables into database {} failed, nothing was loaded (one transaction): {}",
             sql::display_ident(db),

@@ -291,10 +291,18 @@ impl Cluster {
         Cluster::init_with(dir, name, &[], conf)
     }
 
-    /// The same with more initdb arguments (e.g. `--wal-segsize=1`).
+    /// The same with more initdb arguments (e.g. `--wal-segsize=1`);
+    /// `--no-data-checksums` (initdb's own from PostgreSQL 18 on) leaves
+    /// out the default `-k`.
     pub fn init_with(dir: &Path, name: &str, initdb_args: &[&str], conf: &[String]) -> Cluster {
         assert_not_root();
         let data = dir.join(name);
+        let checksums = !initdb_args.contains(&"--no-data-checksums");
+        let initdb_args: Vec<&str> = initdb_args
+            .iter()
+            .copied()
+            .filter(|a| *a != "--no-data-checksums")
+            .collect();
         run_ok(
             Command::new(pg_bin("initdb"))
                 .args(["-D"])
@@ -304,12 +312,12 @@ impl Cluster {
                     "postgres",
                     "-A",
                     "trust",
-                    "-k",
                     "--no-sync",
                     "-E",
                     "UTF8",
                     "--locale=C",
                 ])
+                .args(checksums.then_some("-k"))
                 .args(initdb_args),
         );
         let c = Cluster::at(dir, name);
@@ -541,7 +549,8 @@ pub fn segment_range(first: &str, last: &str) -> Vec<String> {
 }
 
 /// PostgreSQL's own checks of a recovered cluster: pg_amcheck on every
-/// database (heap and indexes), then, stopped, pg_checksums.
+/// database (heap and indexes), then, stopped, pg_checksums (if the
+/// cluster has data checksums).
 #[allow(dead_code)]
 pub fn postgres_checks(c: Cluster) {
     run_ok(
@@ -550,12 +559,15 @@ pub fn postgres_checks(c: Cluster) {
             .arg(&c.socket)
             .args(["--all", "--heapallindexed", "--install-missing"]),
     );
+    let checksums = c.sql("SHOW data_checksums") == "on";
     c.stop();
-    run_ok(
-        Command::new(pg_bin("pg_checksums"))
-            .args(["--check", "-D"])
-            .arg(&c.data),
-    );
+    if checksums {
+        run_ok(
+            Command::new(pg_bin("pg_checksums"))
+                .args(["--check", "-D"])
+                .arg(&c.data),
+        );
+    }
 }
 
 /// Starts a restored data directory and waits until recovery ends.
@@ -572,13 +584,23 @@ pub fn start_restored(d: &Path, name: &str, extra_conf: &[String]) -> Cluster {
 /// A started cluster `name` in `d` archiving through walshipper into a fresh
 /// encrypted repository (a cheap KDF: tests are not about its cost).
 pub fn archiving_cluster(d: &Path, name: &str, extra_conf: &[&str]) -> (Shipper, Cluster) {
+    archiving_cluster_with(d, name, &[], extra_conf)
+}
+
+/// The same with more initdb arguments (see `Cluster::init_with`).
+pub fn archiving_cluster_with(
+    d: &Path,
+    name: &str,
+    initdb_args: &[&str],
+    extra_conf: &[&str],
+) -> (Shipper, Cluster) {
     let shipper = Shipper::new(d, &d.join(name), &d.join(format!("{name}-sock")), 5432);
     let mut conf = vec![
         "archive_mode = on".to_string(),
         format!("archive_command = {}", shipper.archive_command()),
     ];
     conf.extend(extra_conf.iter().map(|s| s.to_string()));
-    let cluster = Cluster::init(d, name, &conf);
+    let cluster = Cluster::init_with(d, name, initdb_args, &conf);
     run_ok(
         shipper
             .cmd()
