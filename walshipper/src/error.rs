@@ -60,7 +60,7 @@ pub enum Error {
         source: std::io::Error,
     },
 
-    #[error("{context}: {source}")]
+    #[error("{context}: {}", pg_text(source))]
     Postgres {
         context: String,
         #[source]
@@ -151,5 +151,20 @@ impl Error {
             hint: self.hint().map(str::to_string),
             repository: repository.map(str::to_string),
         })
+    }
+}
+
+/// The server's own words for a PostgreSQL error: the client library's
+/// Display of a server error is only "db error".
+fn pg_text(e: &postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut t = format!("{}: {}", db.severity(), db.message());
+            if let Some(d) = db.detail() {
+                t.push_str(&format!(" ({d})"));
+            }
+            t
+        }
+        None => e.to_string(),
     }
 }
