@@ -96,9 +96,15 @@ SELECT backup.verify_run() > 0 AS operator_may_verify;
 SELECT backup._sched_recovery_claim();
 SELECT backup._recovery_in_worker('verification', 1, '{}', NULL);
 SELECT backup.grant_table_restore('pgb_rec_operator');
+-- A restore check reads anything in the restored copy and its result is
+-- stored where monitors read: not an operator's either.
+SELECT backup.restore_check_create('secrets', 'SELECT count(*) FROM pg_authid', '1');
+SELECT backup.restore_check_drop('secrets');
 RESET ROLE;
 SET ROLE pgb_rec_restorer;
 SELECT backup.table_restore(ARRAY['orders'], 'restored3', wait => false) > 0 AS queued;
+SELECT backup.restore_check_create('restorer_check', 'SELECT 1', '1') > 0 AS restorer_may_check;
+SELECT backup.restore_check_drop('restorer_check');
 SELECT load_role, requested_by FROM backup.recovery_operations WHERE schema_name = 'restored3';
 SELECT backup.verify_run();
 RESET ROLE;
