@@ -302,9 +302,13 @@ DECLARE
     failing text;
     subject text;
     ev text := p_result->>'event';
+    repo text;
 BEGIN
     rid := CASE WHEN p_result->>'operation_id' ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$' THEN p_result->>'operation_id' END;
     bid := CASE WHEN p_result->>'backup_id' ~ '^[0-9]{8}-[0-9]{6}[FDI]([1-9][0-9]{0,2})?$' THEN p_result->>'backup_id' END;
+    -- The repository walshipper read (a request naming none ran on one, the
+    -- primary): what recovery_objectives credits.
+    repo := CASE WHEN p_result->>'repository' ~ '^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$' THEN p_result->>'repository' END;
     IF p_table = 'verification' THEN
         SELECT * INTO v FROM backup.backup_verifications x WHERE x.verification_id = p_id FOR UPDATE;
         IF NOT FOUND OR v.status NOT IN ('queued', 'running') THEN
@@ -327,6 +331,7 @@ BEGIN
                                                            'walshipper reported no result')) END;
         UPDATE backup.backup_verifications x
            SET status = st, finished_at = greatest(now(), x.queued_at, coalesce(x.started_at, x.queued_at)),
+               repository = coalesce(x.repository, repo),
                backup_id = coalesce(x.backup_id, bid,
                                     -- A read-back of one backup names it.
                                     CASE WHEN jsonb_typeof(p_result->'backups') = 'array' AND jsonb_array_length(p_result->'backups') = 1
@@ -353,6 +358,7 @@ BEGIN
                    record_id = CASE WHEN NOT EXISTS (SELECT 1 FROM backup.recovery_operations y
                                                       WHERE y.record_id = rid AND y.operation_id <> x.operation_id)
                                     THEN coalesce(rid, x.record_id) ELSE x.record_id END,
+                   repository = v.repository,
                    backup_id = v.backup_id, target_kind = v.target_kind, target_value = v.target_value,
                    duration_s = coalesce(v.rto_s, extract(epoch FROM now() - x.started_at)),
                    error = err, error_hint = v.error_hint, report = p_result
@@ -387,6 +393,7 @@ BEGIN
            record_id = CASE WHEN NOT EXISTS (SELECT 1 FROM backup.recovery_operations y
                                               WHERE y.record_id = rid AND y.operation_id <> x.operation_id)
                             THEN coalesce(rid, x.record_id) ELSE x.record_id END,
+           repository = coalesce(x.repository, repo),
            backup_id = coalesce(bid, x.backup_id),
            target_kind = CASE WHEN p_result->'target'->>'kind' IN ('end', 'immediate', 'time', 'lsn', 'xid', 'name')
                               THEN p_result->'target'->>'kind' ELSE x.target_kind END,
