@@ -280,7 +280,10 @@ CREATE TABLE backup.recovery_operations (
     error_hint      text,
     -- walshipper's result event (restore_test, table_restore) or record.
     report          jsonb,
+    -- The worker running it: pid and backend start (a pid alone may be
+    -- reused by another process once the worker died).
     worker_pid      integer,
+    worker_started  timestamptz,
     cancel_requested boolean NOT NULL DEFAULT false,
     CHECK ((status IN ('succeeded', 'failed', 'cancelled', 'interrupted')) = (finished_at IS NOT NULL)),
     CHECK (status NOT IN ('failed', 'interrupted') OR error IS NOT NULL),
@@ -324,7 +327,9 @@ CREATE TABLE backup.backup_verifications (
     operation_id    bigint REFERENCES backup.recovery_operations (operation_id),
     -- walshipper's result event (verify, restore_test).
     report          jsonb,
+    -- As recovery_operations.worker_pid, worker_started.
     worker_pid      integer,
+    worker_started  timestamptz,
     cancel_requested boolean NOT NULL DEFAULT false,
     CHECK (started_at IS NULL OR started_at >= queued_at),
     CHECK ((status IN ('passed', 'failed', 'cancelled', 'interrupted')) = (finished_at IS NOT NULL)),

@@ -111,15 +111,30 @@ BEGIN
 END
 $$;
 
+-- The backend that started at p_started with pid p_pid is alive: the pid
+-- alone could be another process's once that backend died.
+CREATE FUNCTION backup._worker_alive(p_pid integer, p_started timestamptz)
+RETURNS boolean LANGUAGE sql STABLE
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = p_pid AND s.backend_start = p_started)
+$$;
+
+-- This backend's start, recorded with its pid by whoever runs a task.
+CREATE FUNCTION backup._backend_started()
+RETURNS timestamptz LANGUAGE sql STABLE
+AS $$
+    SELECT s.backend_start FROM pg_stat_activity s WHERE s.pid = pg_backend_pid()
+$$;
+
 -- A verification or recovery runs (its worker is alive).
 CREATE FUNCTION backup._recovery_running()
 RETURNS boolean LANGUAGE sql STABLE
 AS $$
     SELECT EXISTS (SELECT 1 FROM backup.backup_verifications v
-                    WHERE v.status = 'running' AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = v.worker_pid))
+                    WHERE v.status = 'running' AND backup._worker_alive(v.worker_pid, v.worker_started))
         OR EXISTS (SELECT 1 FROM backup.recovery_operations o
                     WHERE o.status = 'running' AND o.source = 'sql'
-                      AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = o.worker_pid))
+                      AND backup._worker_alive(o.worker_pid, o.worker_started))
 $$;
 
 -- walshipper's words for a target.
@@ -190,18 +205,19 @@ BEGIN
         RETURN NULL;
     END IF;
     IF p_table = 'verification' THEN
-        UPDATE backup.backup_verifications v SET status = 'running', started_at = now(), worker_pid = pg_backend_pid()
+        UPDATE backup.backup_verifications v SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
+               worker_started = backup._backend_started()
          WHERE v.verification_id = p_id AND v.status = 'queued'
         RETURNING v.operation_id INTO op;
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
         UPDATE backup.recovery_operations o SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
-               phase = 'starting'
+               worker_started = backup._backend_started(), phase = 'starting'
          WHERE o.operation_id = op AND o.status = 'queued';
     ELSE
         UPDATE backup.recovery_operations o SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
-               phase = 'starting'
+               worker_started = backup._backend_started(), phase = 'starting'
          WHERE o.operation_id = p_id AND o.status = 'queued';
         IF NOT FOUND THEN
             RETURN NULL;
@@ -420,26 +436,32 @@ BEGIN
 END
 $$;
 
--- Worker start: verifications and recoveries whose worker is gone were
--- interrupted by a restart. Returns how many.
+-- Every scheduler tick (and at its start): verifications and recoveries
+-- whose worker (pid and backend start) is gone, by a restart or a worker
+-- that died on an error, were interrupted; marking them so lets the queue
+-- behind them (and expire) go on. Returns how many.
 CREATE FUNCTION backup._sched_interrupt_stale()
 RETURNS integer LANGUAGE plpgsql
 AS $$
 DECLARE
     n integer;
     m integer;
+    msg text := 'interrupted: its worker ended without recording a result (a server or scheduler restart, '
+                || 'or the worker failed: see the server log)';
 BEGIN
+    -- Fresh backend states for each statement: a worker that claimed a row
+    -- after this transaction first looked must be seen alive.
+    PERFORM pg_stat_clear_snapshot();
     UPDATE backup.backup_verifications v
        SET status = 'interrupted', finished_at = greatest(now(), v.queued_at, coalesce(v.started_at, v.queued_at)),
-           error = 'interrupted: the server or the scheduler restarted during the run'
-     WHERE v.status = 'running'
-       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = v.worker_pid AND a.pid <> pg_backend_pid());
+           error = msg
+     WHERE v.status = 'running' AND NOT backup._worker_alive(v.worker_pid, v.worker_started);
     GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM pg_stat_clear_snapshot();
     UPDATE backup.recovery_operations o
        SET status = 'interrupted', finished_at = greatest(now(), coalesce(o.started_at, o.queued_at)), phase = NULL,
-           error = 'interrupted: the server or the scheduler restarted during the run'
-     WHERE o.status = 'running' AND o.source = 'sql'
-       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = o.worker_pid AND a.pid <> pg_backend_pid());
+           error = msg
+     WHERE o.status = 'running' AND o.source = 'sql' AND NOT backup._worker_alive(o.worker_pid, o.worker_started);
     GET DIAGNOSTICS m = ROW_COUNT;
     RETURN n + m;
 END

@@ -126,6 +126,8 @@ BEGIN
                                          CASE tbl WHEN 'verification' THEN 'verification_id' ELSE 'operation_id' END));
     PERFORM backup._recovery_in_worker(tbl, id, p_req::text,
                                        (SELECT r.oid::bigint FROM pg_roles r WHERE r.rolname = backup._caller()));
+    -- A worker that died on an error left its row running: interrupted.
+    PERFORM backup._sched_interrupt_stale();
     IF tbl = 'verification' THEN
         SELECT v.status, v.error, v.error_hint INTO st, err, hint FROM backup.backup_verifications v WHERE v.verification_id = id;
     ELSE
