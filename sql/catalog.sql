@@ -216,7 +216,12 @@ CREATE TABLE backup.repository_status (
     last_backup     text,
     last_backup_stop timestamptz,
     position        integer NOT NULL,
-    checked_at      timestamptz NOT NULL DEFAULT now()
+    checked_at      timestamptz NOT NULL DEFAULT now(),
+    -- Up to where its recovery records were taken in (a record id, or the
+    -- time of the last complete listing as one): the next refresh asks for
+    -- records after the oldest of these, less a margin
+    -- (backup._sched_recoveries_after()).
+    recoveries_seen text CHECK (recoveries_seen ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$')
 );
 
 -- One row: locked by every check that keeps walshipper expire and backups

@@ -467,18 +467,20 @@ BEGIN
 END
 $$;
 
--- `walshipper info --recoveries-after` for the next refresh: the newest
--- record known, less a day, because a record is named by the time its
--- restore started and stored when it ended (a long restore's record lands
--- after shorter ones started later). An id itself (walshipper checks its
--- form), the first of its second. NULL: none known (walshipper lists its
--- newest).
+-- `walshipper info --recoveries-after` for the next refresh (one id for
+-- every repository): the oldest point up to which a repository's records
+-- were taken in (repository_status.recoveries_seen: one unreachable for a
+-- while keeps its older point, so nothing it holds is skipped), less 7
+-- days, because a record is named by the time its restore started and
+-- stored when it ended (a long restore's record lands after shorter ones
+-- started later). Records listed again are known and skipped. NULL when
+-- none was taken in yet (walshipper lists its newest).
 CREATE FUNCTION backup._sched_recoveries_after()
 RETURNS text LANGUAGE sql STABLE
 AS $$
-    SELECT to_char(to_timestamp(left(max(o.record_id), 16), 'YYYYMMDD"T"HH24MISS"Z"') - interval '1 day',
+    SELECT to_char(to_timestamp(left(min(s.recoveries_seen), 16), 'YYYYMMDD"T"HH24MISS"Z"') - interval '7 days',
                    'YYYYMMDD"T"HH24MISS"Z"') || '-00000000'
-      FROM backup.recovery_operations o WHERE o.record_id IS NOT NULL
+      FROM backup.repository_status s WHERE s.recoveries_seen IS NOT NULL
 $$;
 
 -- Takes a repository's recovery records (info --json's `recoveries`,
@@ -553,6 +555,15 @@ BEGIN
             left(who, 63)::name);
         n := n + 1;
     END LOOP;
+    -- Taken in up to now; a listing cut at walshipper's limit (500
+    -- records) only up to its newest record, where the next one goes on.
+    UPDATE backup.repository_status s
+       SET recoveries_seen = greatest(s.recoveries_seen,
+               CASE WHEN jsonb_array_length(p_records) >= 500
+                    THEN (SELECT max(x->>'id') FROM jsonb_array_elements(p_records) x
+                           WHERE x->>'id' ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$')
+                    ELSE to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS"Z"') || '-00000000' END)
+     WHERE s.name = p_repository;
     RETURN n;
 END
 $$;

@@ -78,7 +78,16 @@ SELECT operation_id, kind, source, record_id, repository, backup_id, target_kind
 SELECT actor, action, object_type, object_name, details - 'operation_id' AS details,
        (details->>'operation_id')::bigint = (SELECT operation_id FROM backup.recovery_operations o WHERE o.record_id = a.object_name) AS names_it
   FROM backup.audit_log a WHERE details->>'source' = 'command_line' ORDER BY audit_id;
+-- The next refresh asks for records after the point each repository was
+-- listed up to (now, for repo1), less 7 days; one listed last a month ago
+-- (unreachable since) holds that point back, so none of its records is skipped.
+SELECT backup._sched_recoveries_after()
+       BETWEEN to_char((now() - interval '7 days 5 minutes') AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS"Z"')
+           AND to_char((now() - interval '7 days') AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS"Z-00000000"') AS week_before_now;
+INSERT INTO backup.repository_status (name, type, location, ok, position, recoveries_seen)
+VALUES ('offsite', 'posix', '/r2', false, 2, '20261001T000000Z-00000000');
 SELECT backup._sched_recoveries_after();
+DELETE FROM backup.repository_status WHERE name = 'offsite';
 -- Reported again: nothing new.
 SELECT backup._sched_import_recoveries('repo1', (SELECT jsonb_agg(report) FROM backup.recovery_operations WHERE source = 'command_line'));
 

@@ -135,11 +135,24 @@ SELECT repository, in_sync FROM backup.rpo_samples ORDER BY repository;
 SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
  WHERE attrelid = 'backup.recovery_objectives'::regclass AND attnum > 0 ORDER BY attnum;
 
--- After a restart: a verification whose worker is gone was interrupted.
+-- A verification whose worker is gone was interrupted; a live pid with
+-- another backend start is a reused pid, not its worker. A live worker's
+-- (this session, pid and start) is kept running.
 SELECT backup.verify_run() AS v \gset
+SELECT backup.verify_run() AS v2 \gset
+SELECT backup.verify_run() AS v3 \gset
 UPDATE backup.backup_verifications SET status = 'running', started_at = now(), worker_pid = 0 WHERE verification_id = :v;
+UPDATE backup.backup_verifications SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
+       worker_started = backup._backend_started() - interval '1 hour' WHERE verification_id = :v2;
+UPDATE backup.backup_verifications SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
+       worker_started = backup._backend_started() WHERE verification_id = :v3;
+SELECT backup._recovery_running() AS running;
 SELECT backup._sched_interrupt_stale();
-SELECT status, error FROM backup.backup_verifications WHERE verification_id = :v;
+SELECT verification_id - :v AS n, status, error FROM backup.backup_verifications WHERE verification_id IN (:v, :v2, :v3)
+ ORDER BY verification_id;
+UPDATE backup.backup_verifications SET worker_started = worker_started - interval '1 hour' WHERE verification_id = :v3;
+SELECT backup._recovery_running() AS running;
+SELECT backup._sched_interrupt_stale();
 
 -- Every request and end is audited (the scheduler's as 'scheduler').
 SELECT actor = current_user AS by_me, action, object_type, object_name, details - 'verification_id' - 'operation_id' - 'rto_s' AS details
