@@ -216,7 +216,12 @@ CREATE TABLE backup.repository_status (
     last_backup     text,
     last_backup_stop timestamptz,
     position        integer NOT NULL,
-    checked_at      timestamptz NOT NULL DEFAULT now()
+    checked_at      timestamptz NOT NULL DEFAULT now(),
+    -- Up to where its recovery records were taken in (a record id, or the
+    -- time of the last complete listing as one): the next refresh asks for
+    -- records after the oldest of these, less a margin
+    -- (backup._sched_recoveries_after()).
+    recoveries_seen text CHECK (recoveries_seen ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$')
 );
 
 -- One row: locked by every check that keeps walshipper expire and backups
@@ -280,7 +285,10 @@ CREATE TABLE backup.recovery_operations (
     error_hint      text,
     -- walshipper's result event (restore_test, table_restore) or record.
     report          jsonb,
+    -- The worker running it: pid and backend start (a pid alone may be
+    -- reused by another process once the worker died).
     worker_pid      integer,
+    worker_started  timestamptz,
     cancel_requested boolean NOT NULL DEFAULT false,
     CHECK ((status IN ('succeeded', 'failed', 'cancelled', 'interrupted')) = (finished_at IS NOT NULL)),
     CHECK (status NOT IN ('failed', 'interrupted') OR error IS NOT NULL),
@@ -324,7 +332,9 @@ CREATE TABLE backup.backup_verifications (
     operation_id    bigint REFERENCES backup.recovery_operations (operation_id),
     -- walshipper's result event (verify, restore_test).
     report          jsonb,
+    -- As recovery_operations.worker_pid, worker_started.
     worker_pid      integer,
+    worker_started  timestamptz,
     cancel_requested boolean NOT NULL DEFAULT false,
     CHECK (started_at IS NULL OR started_at >= queued_at),
     CHECK ((status IN ('passed', 'failed', 'cancelled', 'interrupted')) = (finished_at IS NOT NULL)),

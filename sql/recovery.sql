@@ -111,15 +111,30 @@ BEGIN
 END
 $$;
 
+-- The backend that started at p_started with pid p_pid is alive: the pid
+-- alone could be another process's once that backend died.
+CREATE FUNCTION backup._worker_alive(p_pid integer, p_started timestamptz)
+RETURNS boolean LANGUAGE sql STABLE
+AS $$
+    SELECT EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = p_pid AND s.backend_start = p_started)
+$$;
+
+-- This backend's start, recorded with its pid by whoever runs a task.
+CREATE FUNCTION backup._backend_started()
+RETURNS timestamptz LANGUAGE sql STABLE
+AS $$
+    SELECT s.backend_start FROM pg_stat_activity s WHERE s.pid = pg_backend_pid()
+$$;
+
 -- A verification or recovery runs (its worker is alive).
 CREATE FUNCTION backup._recovery_running()
 RETURNS boolean LANGUAGE sql STABLE
 AS $$
     SELECT EXISTS (SELECT 1 FROM backup.backup_verifications v
-                    WHERE v.status = 'running' AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = v.worker_pid))
+                    WHERE v.status = 'running' AND backup._worker_alive(v.worker_pid, v.worker_started))
         OR EXISTS (SELECT 1 FROM backup.recovery_operations o
                     WHERE o.status = 'running' AND o.source = 'sql'
-                      AND EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = o.worker_pid))
+                      AND backup._worker_alive(o.worker_pid, o.worker_started))
 $$;
 
 -- walshipper's words for a target.
@@ -190,18 +205,19 @@ BEGIN
         RETURN NULL;
     END IF;
     IF p_table = 'verification' THEN
-        UPDATE backup.backup_verifications v SET status = 'running', started_at = now(), worker_pid = pg_backend_pid()
+        UPDATE backup.backup_verifications v SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
+               worker_started = backup._backend_started()
          WHERE v.verification_id = p_id AND v.status = 'queued'
         RETURNING v.operation_id INTO op;
         IF NOT FOUND THEN
             RETURN NULL;
         END IF;
         UPDATE backup.recovery_operations o SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
-               phase = 'starting'
+               worker_started = backup._backend_started(), phase = 'starting'
          WHERE o.operation_id = op AND o.status = 'queued';
     ELSE
         UPDATE backup.recovery_operations o SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
-               phase = 'starting'
+               worker_started = backup._backend_started(), phase = 'starting'
          WHERE o.operation_id = p_id AND o.status = 'queued';
         IF NOT FOUND THEN
             RETURN NULL;
@@ -302,9 +318,13 @@ DECLARE
     failing text;
     subject text;
     ev text := p_result->>'event';
+    repo text;
 BEGIN
     rid := CASE WHEN p_result->>'operation_id' ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$' THEN p_result->>'operation_id' END;
     bid := CASE WHEN p_result->>'backup_id' ~ '^[0-9]{8}-[0-9]{6}[FDI]([1-9][0-9]{0,2})?$' THEN p_result->>'backup_id' END;
+    -- The repository walshipper read (a request naming none ran on one, the
+    -- primary): what recovery_objectives credits.
+    repo := CASE WHEN p_result->>'repository' ~ '^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$' THEN p_result->>'repository' END;
     IF p_table = 'verification' THEN
         SELECT * INTO v FROM backup.backup_verifications x WHERE x.verification_id = p_id FOR UPDATE;
         IF NOT FOUND OR v.status NOT IN ('queued', 'running') THEN
@@ -327,6 +347,7 @@ BEGIN
                                                            'walshipper reported no result')) END;
         UPDATE backup.backup_verifications x
            SET status = st, finished_at = greatest(now(), x.queued_at, coalesce(x.started_at, x.queued_at)),
+               repository = coalesce(x.repository, repo),
                backup_id = coalesce(x.backup_id, bid,
                                     -- A read-back of one backup names it.
                                     CASE WHEN jsonb_typeof(p_result->'backups') = 'array' AND jsonb_array_length(p_result->'backups') = 1
@@ -353,6 +374,7 @@ BEGIN
                    record_id = CASE WHEN NOT EXISTS (SELECT 1 FROM backup.recovery_operations y
                                                       WHERE y.record_id = rid AND y.operation_id <> x.operation_id)
                                     THEN coalesce(rid, x.record_id) ELSE x.record_id END,
+                   repository = v.repository,
                    backup_id = v.backup_id, target_kind = v.target_kind, target_value = v.target_value,
                    duration_s = coalesce(v.rto_s, extract(epoch FROM now() - x.started_at)),
                    error = err, error_hint = v.error_hint, report = p_result
@@ -387,6 +409,7 @@ BEGIN
            record_id = CASE WHEN NOT EXISTS (SELECT 1 FROM backup.recovery_operations y
                                               WHERE y.record_id = rid AND y.operation_id <> x.operation_id)
                             THEN coalesce(rid, x.record_id) ELSE x.record_id END,
+           repository = coalesce(x.repository, repo),
            backup_id = coalesce(bid, x.backup_id),
            target_kind = CASE WHEN p_result->'target'->>'kind' IN ('end', 'immediate', 'time', 'lsn', 'xid', 'name')
                               THEN p_result->'target'->>'kind' ELSE x.target_kind END,
@@ -413,43 +436,51 @@ BEGIN
 END
 $$;
 
--- Worker start: verifications and recoveries whose worker is gone were
--- interrupted by a restart. Returns how many.
+-- Every scheduler tick (and at its start): verifications and recoveries
+-- whose worker (pid and backend start) is gone, by a restart or a worker
+-- that died on an error, were interrupted; marking them so lets the queue
+-- behind them (and expire) go on. Returns how many.
 CREATE FUNCTION backup._sched_interrupt_stale()
 RETURNS integer LANGUAGE plpgsql
 AS $$
 DECLARE
     n integer;
     m integer;
+    msg text := 'interrupted: its worker ended without recording a result (a server or scheduler restart, '
+                || 'or the worker failed: see the server log)';
 BEGIN
+    -- Fresh backend states for each statement: a worker that claimed a row
+    -- after this transaction first looked must be seen alive.
+    PERFORM pg_stat_clear_snapshot();
     UPDATE backup.backup_verifications v
        SET status = 'interrupted', finished_at = greatest(now(), v.queued_at, coalesce(v.started_at, v.queued_at)),
-           error = 'interrupted: the server or the scheduler restarted during the run'
-     WHERE v.status = 'running'
-       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = v.worker_pid AND a.pid <> pg_backend_pid());
+           error = msg
+     WHERE v.status = 'running' AND NOT backup._worker_alive(v.worker_pid, v.worker_started);
     GET DIAGNOSTICS n = ROW_COUNT;
+    PERFORM pg_stat_clear_snapshot();
     UPDATE backup.recovery_operations o
        SET status = 'interrupted', finished_at = greatest(now(), coalesce(o.started_at, o.queued_at)), phase = NULL,
-           error = 'interrupted: the server or the scheduler restarted during the run'
-     WHERE o.status = 'running' AND o.source = 'sql'
-       AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.pid = o.worker_pid AND a.pid <> pg_backend_pid());
+           error = msg
+     WHERE o.status = 'running' AND o.source = 'sql' AND NOT backup._worker_alive(o.worker_pid, o.worker_started);
     GET DIAGNOSTICS m = ROW_COUNT;
     RETURN n + m;
 END
 $$;
 
--- `walshipper info --recoveries-after` for the next refresh: the newest
--- record known, less a day, because a record is named by the time its
--- restore started and stored when it ended (a long restore's record lands
--- after shorter ones started later). An id itself (walshipper checks its
--- form), the first of its second. NULL: none known (walshipper lists its
--- newest).
+-- `walshipper info --recoveries-after` for the next refresh (one id for
+-- every repository): the oldest point up to which a repository's records
+-- were taken in (repository_status.recoveries_seen: one unreachable for a
+-- while keeps its older point, so nothing it holds is skipped), less 7
+-- days, because a record is named by the time its restore started and
+-- stored when it ended (a long restore's record lands after shorter ones
+-- started later). Records listed again are known and skipped. NULL when
+-- none was taken in yet (walshipper lists its newest).
 CREATE FUNCTION backup._sched_recoveries_after()
 RETURNS text LANGUAGE sql STABLE
 AS $$
-    SELECT to_char(to_timestamp(left(max(o.record_id), 16), 'YYYYMMDD"T"HH24MISS"Z"') - interval '1 day',
+    SELECT to_char(to_timestamp(left(min(s.recoveries_seen), 16), 'YYYYMMDD"T"HH24MISS"Z"') - interval '7 days',
                    'YYYYMMDD"T"HH24MISS"Z"') || '-00000000'
-      FROM backup.recovery_operations o WHERE o.record_id IS NOT NULL
+      FROM backup.repository_status s WHERE s.recoveries_seen IS NOT NULL
 $$;
 
 -- Takes a repository's recovery records (info --json's `recoveries`,
@@ -524,6 +555,15 @@ BEGIN
             left(who, 63)::name);
         n := n + 1;
     END LOOP;
+    -- Taken in up to now; a listing cut at walshipper's limit (500
+    -- records) only up to its newest record, where the next one goes on.
+    UPDATE backup.repository_status s
+       SET recoveries_seen = greatest(s.recoveries_seen,
+               CASE WHEN jsonb_array_length(p_records) >= 500
+                    THEN (SELECT max(x->>'id') FROM jsonb_array_elements(p_records) x
+                           WHERE x->>'id' ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$')
+                    ELSE to_char(now() AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS"Z"') || '-00000000' END)
+     WHERE s.name = p_repository;
     RETURN n;
 END
 $$;

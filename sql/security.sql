@@ -50,7 +50,20 @@ AS $$
         'backup.verify_run(text, boolean, text)',
         'backup.restore_test_run(text, timestamptz, text, boolean, text)',
         'backup.verification_cancel(bigint)',
-        'backup.recovery_cancel(bigint)',
+        'backup.recovery_cancel(bigint)'
+    ]::regprocedure[]
+$$;
+
+-- What a table restorer may execute besides what a monitor may: each
+-- reveals past contents of any table, never part of grant_operator.
+-- table_restore() loads them into a schema of the caller's; a restore
+-- check runs its query as a member of pg_read_all_data in the restored
+-- copy, and its result (or mere pass/fail) is stored where monitors read.
+CREATE FUNCTION backup._table_restore_functions()
+RETURNS regprocedure[] LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT ARRAY[
+        'backup.table_restore(text[], text, timestamptz, text, boolean)',
         'backup.restore_check_create(text, text, text, text, text)',
         'backup.restore_check_drop(text)'
     ]::regprocedure[]
@@ -111,15 +124,21 @@ BEGIN
 END
 $$;
 
--- Owner only: role may restore tables from SQL (backup.table_restore(),
--- which reveals what any table held in the past: never part of
--- grant_operator), and monitor, to follow its recovery operations.
+-- Owner only: role may restore tables from SQL (backup.table_restore())
+-- and create and drop restore checks (backup.restore_check_create(),
+-- restore_check_drop(): a check's query reads anything in the restored
+-- copy), both revealing what any table held: never part of grant_operator;
+-- and monitor, to follow its recovery operations.
 CREATE FUNCTION backup.grant_table_restore(role regrole)
 RETURNS void LANGUAGE plpgsql
 AS $$
+DECLARE
+    f regprocedure;
 BEGIN
     PERFORM backup.grant_monitor(role);
-    EXECUTE format('GRANT EXECUTE ON FUNCTION backup.table_restore(text[], text, timestamptz, text, boolean) TO %s', role);
+    FOREACH f IN ARRAY backup._table_restore_functions() LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
+    END LOOP;
     PERFORM backup._audit('grant', 'role', role::text, '{"grant": "table_restore"}');
 END
 $$;
@@ -149,11 +168,13 @@ $$;
 -- The functions above too.
 ALTER FUNCTION backup._operator_functions() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup._retention_functions() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup._table_restore_functions() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup._monitor_relations() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.grant_monitor(regrole) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.grant_operator(regrole, boolean) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.revoke_all(regrole) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.grant_table_restore(regrole) SET search_path = pg_catalog, pg_temp;
-REVOKE ALL ON FUNCTION backup._operator_functions(), backup._retention_functions(), backup._monitor_relations(),
+REVOKE ALL ON FUNCTION backup._operator_functions(), backup._retention_functions(),
+    backup._table_restore_functions(), backup._monitor_relations(),
     backup.grant_monitor(regrole), backup.grant_operator(regrole, boolean), backup.revoke_all(regrole),
     backup.grant_table_restore(regrole) FROM PUBLIC;

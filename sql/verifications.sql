@@ -126,6 +126,8 @@ BEGIN
                                          CASE tbl WHEN 'verification' THEN 'verification_id' ELSE 'operation_id' END));
     PERFORM backup._recovery_in_worker(tbl, id, p_req::text,
                                        (SELECT r.oid::bigint FROM pg_roles r WHERE r.rolname = backup._caller()));
+    -- A worker that died on an error left its row running: interrupted.
+    PERFORM backup._sched_interrupt_stale();
     IF tbl = 'verification' THEN
         SELECT v.status, v.error, v.error_hint INTO st, err, hint FROM backup.backup_verifications v WHERE v.verification_id = id;
     ELSE
@@ -218,9 +220,14 @@ BEGIN
 END
 $$;
 
--- Operator API: a check every restore test (or, with job_name, that
--- restore_test job's) runs in the restored cluster: query, in database,
--- must return expected (the first column of its first row, as text).
+-- A check every restore test (or, with job_name, that restore_test job's)
+-- runs in the restored cluster: query, in database, must return expected
+-- (the first column of its first row, as text). Not an operator function:
+-- the query runs as a member of pg_read_all_data in the restored copy and
+-- its result lands in backup_verifications (checks, report), which
+-- monitors read, so only superusers and roles given
+-- backup.grant_table_restore(role), already trusted with all past data,
+-- may execute it (and restore_check_drop).
 CREATE FUNCTION backup.restore_check_create(name text, query text, expected text,
                                             database text DEFAULT current_database(), job_name text DEFAULT NULL)
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
@@ -264,7 +271,7 @@ BEGIN
 END
 $$;
 
--- Operator API.
+-- Superusers and table restorers, as restore_check_create().
 CREATE FUNCTION backup.restore_check_drop(name text)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER
 AS $$

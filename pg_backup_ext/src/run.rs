@@ -13,6 +13,45 @@ use std::time::{Duration, Instant};
 
 use pg_backup_contract::Event;
 
+/// `exe` as a child that dies with this worker: PR_SET_PDEATHSIG sends it
+/// SIGTERM (walshipper cleans up on it) when the thread that spawned it
+/// exits, so a crashed scheduler or waited worker never leaves a restore
+/// test running unsupervised (racing expire and the next test). That is
+/// why it must be spawned on the worker's main thread, which lives as long
+/// as the process: refused from any other.
+fn walshipper_command(exe: &str) -> Result<Command, String> {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: getpid and gettid only return ids.
+    let (pid, tid) = unsafe { (libc::getpid(), libc::gettid()) };
+    if pid != tid {
+        return Err("walshipper must be started from the worker's main thread".into());
+    }
+    let mut cmd = Command::new(exe);
+    // SAFETY: runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: prctl and getppid are, and
+    // nothing is allocated. If the worker died before prctl took effect
+    // (the parent is no longer `pid`), the child gives up at once.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != pid {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
 pub struct Run {
     pub execution_id: i64,
     child: Child,
@@ -51,7 +90,7 @@ pub fn spawn(
         args.extend(["--repo", r]);
     }
     args.extend(["backup", "--json", "--type", kind]);
-    let mut child = Command::new(exe)
+    let mut child = walshipper_command(exe)?
         .args(&args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -218,7 +257,7 @@ pub fn clean(s: &str) -> String {
 impl Probe {
     /// Runs `exe --config config args...`.
     pub fn spawn(exe: &str, config: &str, args: &[&str]) -> Result<Probe, String> {
-        let mut child = Command::new(exe)
+        let mut child = walshipper_command(exe)?
             .args(["--config", config])
             .args(args)
             .stdin(Stdio::null())
@@ -330,7 +369,7 @@ const STOP_GRACE: Duration = Duration::from_secs(60);
 
 impl Task {
     pub fn spawn(exe: &str, config: &str, args: &[String]) -> Result<Task, String> {
-        let mut child = Command::new(exe)
+        let mut child = walshipper_command(exe)?
             .args(["--config", config])
             .args(args)
             .stdin(Stdio::null())

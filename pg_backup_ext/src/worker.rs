@@ -549,6 +549,16 @@ impl Recoveries {
         if !catalog_ready() || !Self::ready() {
             return false;
         }
+        // A waited worker that died on an error leaves its row running:
+        // marked interrupted here (pid and backend start), else it would
+        // hold the queue and expire for good. Ours is alive, so kept.
+        match Spi::get_one::<i32>("SELECT backup._sched_interrupt_stale()") {
+            Ok(Some(n)) if n > 0 => {
+                log!("pg_backup scheduler: {n} verification(s) or recoveries whose worker is gone marked interrupted")
+            }
+            Ok(_) => {}
+            Err(e) => worker_error(format!("cannot check verifications and recoveries: {e}")),
+        }
         if let Some((table, id, t)) = &mut self.running {
             let (table, id) = (table.clone(), *id);
             if let Some(end) = follow_task(&table, id, t) {

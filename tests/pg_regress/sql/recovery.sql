@@ -78,7 +78,16 @@ SELECT operation_id, kind, source, record_id, repository, backup_id, target_kind
 SELECT actor, action, object_type, object_name, details - 'operation_id' AS details,
        (details->>'operation_id')::bigint = (SELECT operation_id FROM backup.recovery_operations o WHERE o.record_id = a.object_name) AS names_it
   FROM backup.audit_log a WHERE details->>'source' = 'command_line' ORDER BY audit_id;
+-- The next refresh asks for records after the point each repository was
+-- listed up to (now, for repo1), less 7 days; one listed last a month ago
+-- (unreachable since) holds that point back, so none of its records is skipped.
+SELECT backup._sched_recoveries_after()
+       BETWEEN to_char((now() - interval '7 days 5 minutes') AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS"Z"')
+           AND to_char((now() - interval '7 days') AT TIME ZONE 'UTC', 'YYYYMMDD"T"HH24MISS"Z-00000000"') AS week_before_now;
+INSERT INTO backup.repository_status (name, type, location, ok, position, recoveries_seen)
+VALUES ('offsite', 'posix', '/r2', false, 2, '20261001T000000Z-00000000');
 SELECT backup._sched_recoveries_after();
+DELETE FROM backup.repository_status WHERE name = 'offsite';
 -- Reported again: nothing new.
 SELECT backup._sched_import_recoveries('repo1', (SELECT jsonb_agg(report) FROM backup.recovery_operations WHERE source = 'command_line'));
 
@@ -96,9 +105,15 @@ SELECT backup.verify_run() > 0 AS operator_may_verify;
 SELECT backup._sched_recovery_claim();
 SELECT backup._recovery_in_worker('verification', 1, '{}', NULL);
 SELECT backup.grant_table_restore('pgb_rec_operator');
+-- A restore check reads anything in the restored copy and its result is
+-- stored where monitors read: not an operator's either.
+SELECT backup.restore_check_create('secrets', 'SELECT count(*) FROM pg_authid', '1');
+SELECT backup.restore_check_drop('secrets');
 RESET ROLE;
 SET ROLE pgb_rec_restorer;
 SELECT backup.table_restore(ARRAY['orders'], 'restored3', wait => false) > 0 AS queued;
+SELECT backup.restore_check_create('restorer_check', 'SELECT 1', '1') > 0 AS restorer_may_check;
+SELECT backup.restore_check_drop('restorer_check');
 SELECT load_role, requested_by FROM backup.recovery_operations WHERE schema_name = 'restored3';
 SELECT backup.verify_run();
 RESET ROLE;

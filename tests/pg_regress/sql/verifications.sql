@@ -95,18 +95,19 @@ SELECT kind, subject, message FROM backup.alerts WHERE resolved_at IS NULL ORDER
 SELECT backup.verification_cancel(4);
 SELECT status, error FROM backup.backup_verifications WHERE verification_id = 4;
 
--- A passed restore test resolves its alert and measures the RTO.
+-- A passed restore test resolves its alert and measures the RTO. Asked of
+-- no repository, it is credited to the one walshipper reports it read.
 SELECT backup.restore_test_run() AS rt \gset
 SELECT backup._sched_recovery_claim()->>'id' = :'rt' AS started;
 SELECT backup._sched_recovery_progress('verification', :rt, 'restore', 1000, 4000) AS cancel;
 SELECT phase, bytes_done, bytes_total FROM backup.recovery_operations WHERE status = 'running';
 SELECT backup._sched_recovery_finish('verification', :rt,
-  '{"event":"restore_test","operation_id":"20261126T040001Z-00000001","repository":"repo1","backup_id":"20261125-020000F",
+  '{"event":"restore_test","operation_id":"20261126T040001Z-00000001","repository":"offsite","backup_id":"20261125-020000F",
     "target":{"kind":"end","value":null},"passed":true,"restore_s":4000,"replay_s":20,"checks_s":5,"total_s":4025,
     "recovered_lsn":"0/6000000","recovered_time":null,"checks":[{"name":"target","passed":true,"detail":"0/6000000","duration_s":0}],
     "error":null,"server_log":null}', 0, NULL, NULL);
-SELECT status, rto_s, error FROM backup.backup_verifications WHERE verification_id = :rt;
-SELECT o.status, o.record_id, o.duration_s FROM backup.recovery_operations o
+SELECT status, repository, rto_s, error FROM backup.backup_verifications WHERE verification_id = :rt;
+SELECT o.status, o.repository, o.record_id, o.duration_s FROM backup.recovery_operations o
   JOIN backup.backup_verifications v USING (operation_id) WHERE v.verification_id = :rt;
 SELECT kind, subject FROM backup.alerts WHERE resolved_at IS NULL ORDER BY kind;
 
@@ -134,11 +135,24 @@ SELECT repository, in_sync FROM backup.rpo_samples ORDER BY repository;
 SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute
  WHERE attrelid = 'backup.recovery_objectives'::regclass AND attnum > 0 ORDER BY attnum;
 
--- After a restart: a verification whose worker is gone was interrupted.
+-- A verification whose worker is gone was interrupted; a live pid with
+-- another backend start is a reused pid, not its worker. A live worker's
+-- (this session, pid and start) is kept running.
 SELECT backup.verify_run() AS v \gset
+SELECT backup.verify_run() AS v2 \gset
+SELECT backup.verify_run() AS v3 \gset
 UPDATE backup.backup_verifications SET status = 'running', started_at = now(), worker_pid = 0 WHERE verification_id = :v;
+UPDATE backup.backup_verifications SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
+       worker_started = backup._backend_started() - interval '1 hour' WHERE verification_id = :v2;
+UPDATE backup.backup_verifications SET status = 'running', started_at = now(), worker_pid = pg_backend_pid(),
+       worker_started = backup._backend_started() WHERE verification_id = :v3;
+SELECT backup._recovery_running() AS running;
 SELECT backup._sched_interrupt_stale();
-SELECT status, error FROM backup.backup_verifications WHERE verification_id = :v;
+SELECT verification_id - :v AS n, status, error FROM backup.backup_verifications WHERE verification_id IN (:v, :v2, :v3)
+ ORDER BY verification_id;
+UPDATE backup.backup_verifications SET worker_started = worker_started - interval '1 hour' WHERE verification_id = :v3;
+SELECT backup._recovery_running() AS running;
+SELECT backup._sched_interrupt_stale();
 
 -- Every request and end is audited (the scheduler's as 'scheduler').
 SELECT actor = current_user AS by_me, action, object_type, object_name, details - 'verification_id' - 'operation_id' - 'rto_s' AS details
