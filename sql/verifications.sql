@@ -126,17 +126,23 @@ BEGIN
                                          CASE tbl WHEN 'verification' THEN 'verification_id' ELSE 'operation_id' END));
     PERFORM backup._recovery_in_worker(tbl, id, p_req::text,
                                        (SELECT r.oid::bigint FROM pg_roles r WHERE r.rolname = backup._caller()));
-    -- A worker that died on an error left its row running: interrupted.
-    PERFORM backup._sched_interrupt_stale();
-    IF tbl = 'verification' THEN
-        SELECT v.status, v.error, v.error_hint INTO st, err, hint FROM backup.backup_verifications v WHERE v.verification_id = id;
-    ELSE
-        SELECT o.status, o.error, o.error_hint INTO st, err, hint FROM backup.recovery_operations o WHERE o.operation_id = id;
-    END IF;
-    IF NOT FOUND THEN
-        RAISE EXCEPTION 'the worker ended without recording % %', replace(tbl, 'operation', 'recovery operation'), id
-            USING HINT = 'See the server log.';
-    END IF;
+    LOOP
+        -- A worker that died on an error left its row running: interrupted.
+        PERFORM backup._sched_interrupt_stale();
+        IF tbl = 'verification' THEN
+            SELECT v.status, v.error, v.error_hint INTO st, err, hint FROM backup.backup_verifications v WHERE v.verification_id = id;
+        ELSE
+            SELECT o.status, o.error, o.error_hint INTO st, err, hint FROM backup.recovery_operations o WHERE o.operation_id = id;
+        END IF;
+        IF NOT FOUND THEN
+            RAISE EXCEPTION 'the worker ended without recording % %', replace(tbl, 'operation', 'recovery operation'), id
+                USING HINT = 'See the server log.';
+        END IF;
+        -- The scheduler starts the oldest queued request, ours included, and
+        -- may have started it before our worker did: then wait for its end.
+        EXIT WHEN st <> 'running';
+        PERFORM pg_sleep(1);
+    END LOOP;
     IF st NOT IN ('passed', 'succeeded') THEN
         RAISE EXCEPTION '% % %: %', CASE WHEN p_req->>'kind' = 'integrity' THEN 'verification'
                                          ELSE replace(p_req->>'kind', '_', ' ') END,
