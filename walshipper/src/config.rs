@@ -76,6 +76,9 @@ pub struct RepoConfig {
     pub conditional_writes: String,
     /// Upload bandwidth limit in bytes per second for this process; 0 = none.
     pub upload_limit: u64,
+    /// Download bandwidth limit in bytes per second for this process (every
+    /// read: archive-get, restore, restore-test, verify); 0 = none.
+    pub download_limit: u64,
     /// Retention (`walshipper expire`): keep the newest N full backups (0 = not set).
     pub retention_full: u32,
     /// Keep every moment of this window restorable ("7d", "36h"; empty = not set).
@@ -218,6 +221,7 @@ impl Default for RepoConfig {
             connect_timeout: 10,
             conditional_writes: "auto".into(),
             upload_limit: 0,
+            download_limit: 0,
             retention_full: 0,
             retention_window: String::new(),
             retention_daily: 0,
@@ -319,6 +323,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("repo", "connect_timeout"),
     ("repo", "conditional_writes"),
     ("repo", "upload_limit"),
+    ("repo", "download_limit"),
     ("repo", "retention_full"),
     ("repo", "retention_window"),
     ("repo", "retention_daily"),
@@ -616,6 +621,7 @@ impl Config {
             "connect_timeout" => r.connect_timeout = parse(name, v, "a number of seconds")?,
             "conditional_writes" => r.conditional_writes = v.into(),
             "upload_limit" => r.upload_limit = parse(name, v, "bytes per second")?,
+            "download_limit" => r.download_limit = parse(name, v, "bytes per second")?,
             "retention_full" => r.retention_full = parse(name, v, "a whole number")?,
             "retention_window" => r.retention_window = v.into(),
             "retention_daily" => r.retention_daily = parse(name, v, "a whole number")?,

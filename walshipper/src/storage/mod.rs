@@ -109,8 +109,12 @@ pub fn open(cfg: &RepoConfig) -> Result<Box<dyn Storage>> {
         "s3" => Box::new(s3::S3Storage::new(cfg)?),
         _ => Box::new(posix::PosixStorage::new(cfg.path.clone())),
     };
-    Ok(if cfg.upload_limit > 0 {
-        Box::new(throttle::Throttled::new(driver, cfg.upload_limit))
+    Ok(if cfg.upload_limit > 0 || cfg.download_limit > 0 {
+        Box::new(throttle::Throttled::new(
+            driver,
+            cfg.upload_limit,
+            cfg.download_limit,
+        ))
     } else {
         driver
     })

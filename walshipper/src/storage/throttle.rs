@@ -1,6 +1,8 @@
-//! Upload bandwidth limit: a wrapper around any driver that paces the bodies
-//! it writes. One budget per wrapped storage, shared by every thread of the
-//! process, so `backup --jobs 8` stays under the limit as a whole.
+//! Upload and download bandwidth limits: a wrapper around any driver that
+//! paces the bodies it writes and reads. One budget per direction and
+//! wrapped storage, shared by every thread of the process, so `backup
+//! --jobs 8` or a restore test beside production stays under the limit as a
+//! whole.
 
 use std::io::{self, Read};
 use std::sync::{Arc, Mutex};
@@ -55,44 +57,82 @@ impl Read for Paced<'_> {
     }
 }
 
-pub struct Throttled {
-    inner: Box<dyn Storage>,
+/// A reader paced by a shared bucket, owning both (a body handed back by `get`).
+struct PacedOwned {
+    inner: Box<dyn Read + Send>,
     bucket: Arc<Bucket>,
 }
 
+impl Read for PacedOwned {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let max = buf.len().min(256 << 10);
+        let n = self.inner.read(&mut buf[..max])?;
+        self.bucket.take(n);
+        Ok(n)
+    }
+}
+
+pub struct Throttled {
+    inner: Box<dyn Storage>,
+    /// Uploads and downloads; None: that direction is not limited.
+    up: Option<Arc<Bucket>>,
+    down: Option<Arc<Bucket>>,
+}
+
+fn bucket(bytes_per_second: u64) -> Option<Arc<Bucket>> {
+    (bytes_per_second > 0).then(|| {
+        let rate = bytes_per_second as f64;
+        Arc::new(Bucket {
+            rate,
+            state: Mutex::new((rate, Instant::now())),
+        })
+    })
+}
+
 impl Throttled {
-    pub fn new(inner: Box<dyn Storage>, bytes_per_second: u64) -> Throttled {
-        let rate = bytes_per_second.max(1) as f64;
+    /// Limits in bytes per second; 0: that direction is not limited.
+    pub fn new(inner: Box<dyn Storage>, upload: u64, download: u64) -> Throttled {
         Throttled {
             inner,
-            bucket: Arc::new(Bucket {
-                rate,
-                state: Mutex::new((rate, Instant::now())),
+            up: bucket(upload),
+            down: bucket(download),
+        }
+    }
+
+    fn paced_put<T>(
+        &self,
+        body: &mut dyn Read,
+        put: impl FnOnce(&mut dyn Read) -> Result<T>,
+    ) -> Result<T> {
+        match &self.up {
+            Some(b) => put(&mut Paced {
+                inner: body,
+                bucket: b,
             }),
+            None => put(body),
         }
     }
 }
 
 impl Storage for Throttled {
     fn put_new(&self, key: &str, body: &mut dyn Read, d: Durability) -> Result<PutOutcome> {
-        let mut paced = Paced {
-            inner: body,
-            bucket: &self.bucket,
-        };
-        self.inner.put_new(key, &mut paced, d)
+        self.paced_put(body, |b| self.inner.put_new(key, b, d))
     }
     fn flush(&self) -> Result<()> {
         self.inner.flush()
     }
     fn put_replace(&self, key: &str, body: &mut dyn Read) -> Result<()> {
-        let mut paced = Paced {
-            inner: body,
-            bucket: &self.bucket,
-        };
-        self.inner.put_replace(key, &mut paced)
+        self.paced_put(body, |b| self.inner.put_replace(key, b))
     }
     fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
-        self.inner.get(key)
+        let body = self.inner.get(key)?;
+        Ok(match (&self.down, body) {
+            (Some(b), Some(inner)) => Some(Box::new(PacedOwned {
+                inner,
+                bucket: b.clone(),
+            })),
+            (_, body) => body,
+        })
     }
     fn head(&self, key: &str) -> Result<Option<ObjectMeta>> {
         self.inner.head(key)
@@ -110,11 +150,14 @@ impl Storage for Throttled {
         self.inner.delete_prefix(prefix)
     }
     fn describe(&self) -> String {
-        format!(
-            "{} (uploads limited to {} B/s)",
-            self.inner.describe(),
-            self.bucket.rate
-        )
+        let mut limits = Vec::new();
+        if let Some(b) = &self.up {
+            limits.push(format!("uploads limited to {} B/s", b.rate));
+        }
+        if let Some(b) = &self.down {
+            limits.push(format!("downloads limited to {} B/s", b.rate));
+        }
+        format!("{} ({})", self.inner.describe(), limits.join(", "))
     }
     // Leases and probes are a few hundred bytes: not paced.
     fn get_versioned(&self, key: &str, max: usize) -> Result<Option<(Vec<u8>, String)>> {
@@ -156,5 +199,24 @@ mod tests {
         // 2 MiB at 4 MiB/s from an empty bucket: about half a second.
         let t = start.elapsed();
         assert!(t >= Duration::from_millis(450), "{t:?}");
+    }
+
+    #[test]
+    fn downloads_are_paced_and_uploads_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let posix = super::super::posix::PosixStorage::new(dir.path().to_path_buf());
+        let t = Throttled::new(Box::new(posix), 0, 4 << 20);
+        let data = vec![7u8; 6 << 20];
+        let start = Instant::now();
+        t.put_new("x", &mut &data[..], Durability::Now).unwrap();
+        assert!(start.elapsed() < Duration::from_millis(450), "upload paced");
+        let start = Instant::now();
+        let mut body = t.get("x").unwrap().unwrap();
+        let n = io::copy(&mut body, &mut io::sink()).unwrap();
+        assert_eq!(n, 6 << 20);
+        // 6 MiB at 4 MiB/s, the first second's budget (4 MiB) at once.
+        let took = start.elapsed();
+        assert!(took >= Duration::from_millis(450), "{took:?}");
+        assert!(t.describe().contains("downloads limited"));
     }
 }
