@@ -404,6 +404,25 @@ fn parse_owner(s: &str) -> Option<(u32, u64)> {
     Some((pid?, start?))
 }
 
+/// How every scratch operation begins: its run directory (in `sc_slot`,
+/// so that the caller cleans it up whatever follows), then the plan: the
+/// backup, and the one repository it is read from.
+#[allow(clippy::too_many_arguments)]
+pub fn begin<'a>(
+    cfg: &Config,
+    sc_slot: &'a mut Option<Scratch>,
+    scratch_dir: Option<&Path>,
+    id: &str,
+    repo: Option<&str>,
+    backup: Option<&str>,
+    target: &Target,
+    json: bool,
+) -> Result<(&'a mut Scratch, Repository, restore::Plan)> {
+    let sc = sc_slot.insert(Scratch::create(cfg, scratch_dir, id, json)?);
+    let (repo, plan) = plan(cfg, repo, backup, target)?;
+    Ok((sc, repo, plan))
+}
+
 /// The repository a restore test or table restore reads (`repo`, else the
 /// primary: the first configured) and its backup for `target`. Pinned:
 /// the restore does not fall back to another repository on damage, since

@@ -299,25 +299,17 @@ fn restore_tables(
     sc_slot: &mut Option<Scratch>,
 ) -> Result<()> {
     phase(args.json, OPERATION, "restore", started);
-    let sc = sc_slot.insert(Scratch::create(
+    let (sc, repo, plan) = scratch::begin(
         cfg,
+        sc_slot,
         args.scratch_dir.as_deref(),
         id,
-        args.json,
-    )?);
-    let planned = scratch::plan(
-        cfg,
         args.repo.as_deref(),
         args.backup.as_deref(),
         &args.target,
-    );
-    let (repo, plan) = match planned {
-        Ok(x) => x,
-        Err(e) => {
-            report.restore_s = started.elapsed().as_secs_f64();
-            return Err(e);
-        }
-    };
+        args.json,
+    )
+    .inspect_err(|_| report.restore_s = started.elapsed().as_secs_f64())?;
     report.repository = repo.name.clone();
     report.backup_id = plan.backup.id.clone();
     scratch::record_if_interrupted(
