@@ -52,6 +52,25 @@ fn walshipper_command(exe: &str) -> Result<Command, String> {
     Ok(cmd)
 }
 
+/// `exe --config config args...` started with stdin closed and its output
+/// piped to the caller: every walshipper run of the extension.
+fn spawn_walshipper<S: AsRef<std::ffi::OsStr>>(
+    exe: &str,
+    config: &str,
+    args: &[S],
+) -> Result<Child, String> {
+    walshipper_command(exe)?
+        .args(["--config", config])
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!("cannot run walshipper at {exe}: {e} (check pg_backup.walshipper_path)")
+        })
+}
+
 pub struct Run {
     pub execution_id: i64,
     child: Child,
@@ -85,20 +104,12 @@ pub fn spawn(
     execution_id: i64,
     kind: &str,
 ) -> Result<Run, String> {
-    let mut args = vec!["--config", config];
+    let mut args = Vec::new();
     if let Some(r) = repo {
         args.extend(["--repo", r]);
     }
     args.extend(["backup", "--json", "--type", kind]);
-    let mut child = walshipper_command(exe)?
-        .args(&args)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| {
-            format!("cannot run walshipper at {exe}: {e} (check pg_backup.walshipper_path)")
-        })?;
+    let mut child = spawn_walshipper(exe, config, &args)?;
     let (lines, stderr) = readers(&mut child);
     Ok(Run {
         execution_id,
@@ -257,16 +268,7 @@ pub fn clean(s: &str) -> String {
 impl Probe {
     /// Runs `exe --config config args...`.
     pub fn spawn(exe: &str, config: &str, args: &[&str]) -> Result<Probe, String> {
-        let mut child = walshipper_command(exe)?
-            .args(["--config", config])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                format!("cannot run walshipper at {exe}: {e} (check pg_backup.walshipper_path)")
-            })?;
+        let mut child = spawn_walshipper(exe, config, args)?;
         let out = drain(child.stdout.take());
         let err = drain(child.stderr.take());
         Ok(Probe {
@@ -369,16 +371,7 @@ const STOP_GRACE: Duration = Duration::from_secs(60);
 
 impl Task {
     pub fn spawn(exe: &str, config: &str, args: &[String]) -> Result<Task, String> {
-        let mut child = walshipper_command(exe)?
-            .args(["--config", config])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .map_err(|e| {
-                format!("cannot run walshipper at {exe}: {e} (check pg_backup.walshipper_path)")
-            })?;
+        let mut child = spawn_walshipper(exe, config, args)?;
         let (lines, stderr) = readers(&mut child);
         Ok(Task {
             child,
