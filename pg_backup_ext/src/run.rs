@@ -140,14 +140,7 @@ impl Run {
         while let Ok(line) = self.lines.try_recv() {
             self.read_line(&line);
         }
-        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        // walshipper's own words: its error event, else its stderr.
-        let event = self.error_event.take();
-        let reason = event
-            .as_ref()
-            .map(|e| clean(&e.message))
-            .unwrap_or_else(|| failure_reason(&err));
-        let hint = event.and_then(|e| e.hint).map(|h| clean(&h));
+        let (reason, hint) = reason_and_hint(&self.stderr, self.error_event.take());
         Some(match (status.success(), self.done_event.take()) {
             (true, Some(done)) => {
                 Outcome::Succeeded(serde_json::to_value(done).unwrap_or_default())
@@ -238,6 +231,19 @@ fn collected(h: &mut Option<JoinHandle<String>>) -> String {
         Some(h) if h.is_finished() => h.join().unwrap_or_default(),
         _ => String::new(),
     }
+}
+
+/// Why a walshipper run failed, in its own words: its error event's
+/// message and hint, else the reason on its stderr.
+fn reason_and_hint(
+    stderr: &Mutex<String>,
+    event: Option<pg_backup_contract::ErrorEvent>,
+) -> (String, Option<String>) {
+    let reason = event
+        .as_ref()
+        .map(|e| clean(&e.message))
+        .unwrap_or_else(|| failure_reason(&stderr.lock().map(|s| s.clone()).unwrap_or_default()));
+    (reason, event.and_then(|e| e.hint).map(|h| clean(&h)))
 }
 
 /// walshipper's reason for failing: its last `walshipper: ...` line on
@@ -449,13 +455,7 @@ impl Task {
         while let Ok(line) = self.lines.try_recv() {
             self.read_line(&line);
         }
-        let err = self.stderr.lock().map(|s| s.clone()).unwrap_or_default();
-        let event = self.error_event.take();
-        let reason = event
-            .as_ref()
-            .map(|e| clean(&e.message))
-            .unwrap_or_else(|| failure_reason(&err));
-        let hint = event.and_then(|e| e.hint).map(|h| clean(&h));
+        let (reason, hint) = reason_and_hint(&self.stderr, self.error_event.take());
         let (error, forced) = match self.stopping.take() {
             Some((_, why, outcome)) => (Some(why), Some(outcome)),
             None if status.success() => (None, None),
