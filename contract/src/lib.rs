@@ -22,6 +22,9 @@ pub mod exit {
     pub const CHECK_FAILED: i32 = 5;
     pub const VERIFY_FAILED: i32 = 6;
     pub const BUSY: i32 = 7;
+    /// backup: refused before it started, because the repository would be
+    /// left with less than its configured minimum free space.
+    pub const NO_SPACE: i32 = 8;
     pub const DAMAGED: i32 = 126;
     /// archive-get: the file could not be fetched for another reason than
     /// "not there" (store unreachable, configuration or passphrase
@@ -41,6 +44,7 @@ pub mod exit {
         (CHECK_FAILED, "check_failed"),
         (VERIFY_FAILED, "verify_failed"),
         (BUSY, "busy"),
+        (NO_SPACE, "no_space"),
         (DAMAGED, "damaged"),
         (RECOVERY_STOP, "recovery_stop"),
     ];
@@ -354,6 +358,32 @@ pub struct RepoStatus {
     /// `--recoveries-after ID`, else the newest 50.
     #[serde(default)]
     pub recoveries: Vec<RecoveryRecord>,
+    /// Bytes of every object it holds (WAL, backups, records), as listed.
+    #[serde(default)]
+    pub stored_bytes: u64,
+    /// What it may hold in all: the file system's size (posix) or the
+    /// configured `quota` (s3); None: unknown (s3 without a quota).
+    #[serde(default)]
+    pub capacity_bytes: Option<u64>,
+    /// What is left: the file system's space available to walshipper
+    /// (posix) or quota minus stored_bytes (s3, at least 0); None: unknown.
+    #[serde(default)]
+    pub free_bytes: Option<u64>,
+    /// Where capacity and free come from: `filesystem`, `quota` or `none`.
+    #[serde(default)]
+    pub capacity_source: String,
+    /// The configured minimum free space a backup must leave (0: none).
+    #[serde(default)]
+    pub min_free_bytes: u64,
+    /// `aes-256-gcm` or `none`.
+    #[serde(default)]
+    pub encryption: String,
+    /// When the data key new objects are sealed with was created.
+    #[serde(default)]
+    pub key_created_at: Option<String>,
+    /// When its oldest backup ended: the earliest moment it restores to.
+    #[serde(default)]
+    pub first_backup_stop_time: Option<String>,
 }
 
 #[cfg(test)]

@@ -65,6 +65,21 @@ extension_sql_file!(
 );
 extension_sql_file!("../../sql/views.sql", name = "views", requires = ["common"]);
 extension_sql_file!(
+    "../../sql/notifications.sql",
+    name = "notifications",
+    requires = ["alerts", "jobs"]
+);
+extension_sql_file!(
+    "../../sql/capacity.sql",
+    name = "capacity",
+    requires = ["alerts", "scheduler", "views"]
+);
+extension_sql_file!(
+    "../../sql/compliance.sql",
+    name = "compliance",
+    requires = ["capacity", "recovery", "retention", "views"]
+);
+extension_sql_file!(
     "../../sql/security.sql",
     name = "security",
     requires = [
@@ -76,6 +91,9 @@ extension_sql_file!(
         "retention",
         "verifications",
         "recovery",
+        "notifications",
+        "capacity",
+        "compliance",
         version
     ],
     finalize

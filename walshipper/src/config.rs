@@ -28,6 +28,10 @@ pub struct Config {
     pub archive: ArchiveConfig,
     pub restore: RestoreConfig,
     pub restore_test: RestoreTestConfig,
+    /// `[serve]`: the monitoring service (crate::serve).
+    pub serve: crate::serve::ServeConfig,
+    /// `[notify]`: where alerts are sent (crate::notify).
+    pub notify: crate::notify::NotifyConfig,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -71,6 +71,11 @@ pub enum Error {
     #[error("{0}")]
     Busy(String),
 
+    /// A backup refused before it started: the repository would be left
+    /// with less than its `min_free_space` (the message gives the figures).
+    #[error("{0}")]
+    NoSpace(String),
+
     /// verify found damaged or missing data.
     #[error("{0}")]
     VerifyFailed(String),
@@ -110,6 +115,7 @@ impl Error {
             Error::Check(_) => exit::CHECK_FAILED,
             Error::VerifyFailed(_) => exit::VERIFY_FAILED,
             Error::Busy(_) => exit::BUSY,
+            Error::NoSpace(_) => exit::NO_SPACE,
             Error::Corrupt { .. } | Error::WrongPassphrase { .. } => exit::DAMAGED,
             Error::Partial { code, .. } => *code,
         }
@@ -136,6 +142,7 @@ impl Error {
             Error::Io { .. } => "check the path, its permissions and the free space",
             Error::Postgres { .. } => "check that the server runs and that [pg] host, port, user and database let walshipper connect",
             Error::Busy(_) => "another backup or expire holds the repository: retry after it ends",
+            Error::NoSpace(_) => "free space in the repository (walshipper expire, or a shorter retention), grow its volume or quota, or lower the repository's min_free_space",
             Error::VerifyFailed(_) => "the lines above name what is damaged or missing; repair it from another repository (repo-sync) or take a new backup",
             Error::Check(_) => "fix what the message names and run walshipper check again",
             Error::Partial { .. } => "the error of each repository is reported above; the others were done",

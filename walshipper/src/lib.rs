@@ -6,6 +6,7 @@
 //! into a repository; `wal` knows PostgreSQL's WAL files; `commands` are the
 //! CLI verbs.
 
+pub mod catalog;
 pub mod codec;
 pub mod commands;
 pub mod config;
@@ -15,6 +16,7 @@ pub mod keys;
 pub mod layout;
 pub mod lock;
 pub mod manifest;
+pub mod notify;
 pub mod page;
 pub mod pg;
 pub mod pgdata;
@@ -23,6 +25,7 @@ pub mod recovery_log;
 pub mod repo;
 pub mod retention;
 pub mod scratch;
+pub mod serve;
 pub mod sql;
 pub mod storage;
 pub mod wal;

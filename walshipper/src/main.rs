@@ -207,6 +207,27 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The monitoring service: /metrics, /health, the dashboard and the
+    /// compliance report over HTTP, and the notifier ([serve], [notify]).
+    Serve,
+    /// Write the compliance report for a period as a printable HTML document.
+    Report {
+        /// Start of the period (a date or a time with a zone; default: 30 days ago).
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the period (default: now).
+        #[arg(long)]
+        to: Option<String>,
+        /// The file to write (default: standard output).
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Send a test message through the configured notification channels.
+    NotifyTest {
+        /// Only this channel (a [[notify.channel]] name).
+        #[arg(long)]
+        channel: Option<String>,
+    },
 }
 
 /// The recovery targets of restore-test and table-restore (default: the
@@ -267,6 +288,9 @@ impl Command {
             Command::RepoInit { .. }
             | Command::ArchivePush { .. }
             | Command::ArchiveGet { .. }
+            | Command::Serve
+            | Command::Report { .. }
+            | Command::NotifyTest { .. }
             | Command::Check => false,
         }
     }
@@ -597,5 +621,10 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
             jobs.unwrap_or_else(|| cfg.threads()),
             *json,
         ),
+        Command::Serve => walshipper::serve::run(cfg),
+        Command::Report { from, to, output } => {
+            commands::report::run(cfg, from.as_deref(), to.as_deref(), output.as_deref())
+        }
+        Command::NotifyTest { channel } => walshipper::notify::test(cfg, channel.as_deref()),
     }
 }

@@ -51,6 +51,9 @@ fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummar
         last_backup_stop_time: None,
         backup_ids: Vec::new(),
         recoveries: Vec::new(),
+        // Capacity, encryption and the oldest backup: set by issue 15's
+        // capacity work (see docs/contract.md).
+        ..Default::default()
     };
     if let Ok(i) = info {
         s.backup_ids = i.backups.iter().map(|b| b.id.clone()).collect();

@@ -9,6 +9,7 @@ pub mod expire;
 pub mod info;
 pub mod repo_init;
 pub mod repo_sync;
+pub mod report;
 pub mod restore;
 pub mod restore_test;
 pub mod table_restore;

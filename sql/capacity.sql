@@ -1,0 +1,2 @@
+-- Storage capacity: each repository's size, room and growth, the
+-- projection of when it fills, and the repository_almost_full alert.

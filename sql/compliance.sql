@@ -1,0 +1,3 @@
+-- The compliance report: for a period, what an auditor asks for, as rows
+-- (backup.compliance_report()); walshipper report and serve's /report
+-- render them as a document.

@@ -1,0 +1,4 @@
+-- Notifications: every alert raised or resolved becomes an event that
+-- walshipper's notifier (walshipper serve) sends out by webhook and e-mail
+-- and records here. Channels and their secrets live in walshipper's
+-- configuration, never in the catalog.
