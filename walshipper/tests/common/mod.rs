@@ -638,3 +638,55 @@ impl Rng {
         (0..n).map(|_| self.next() as u8).collect()
     }
 }
+
+// A cluster with pg_backup_ext (installed by scripts/test.sh) and its
+// scheduler: the extension, monitoring and notification tests share these.
+
+/// Polls `sql` until it returns `want` (panics with the catalog and the server log after `timeout`).
+pub fn wait_for(c: &Cluster, sql: &str, want: &str, timeout: Duration) -> String {
+    let start = Instant::now();
+    loop {
+        let got = c.try_sql(sql).unwrap_or_default();
+        if got == want {
+            return got;
+        }
+        if start.elapsed() > timeout {
+            panic!(
+                "waited {timeout:?} for `{sql}` to be {want:?}, last {got:?}\nexecutions: {}\nlog:\n{}",
+                c.sql("SELECT json_agg(e) FROM backup.backup_executions e"),
+                c.log_text()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+/// A cluster with pg_backup_ext preloaded, pointed at the real walshipper.
+pub fn preloaded_cluster(d: &std::path::Path, shipper: &Shipper, extra: &[&str]) -> Cluster {
+    let mut conf = vec![
+        "archive_mode = on".to_string(),
+        format!("archive_command = {}", shipper.archive_command()),
+        "shared_preload_libraries = 'pg_backup_ext'".into(),
+        format!(
+            "pg_backup.walshipper_path = '{}'",
+            walshipper_bin().display()
+        ),
+        format!(
+            "pg_backup.walshipper_config = '{}'",
+            shipper.config.display()
+        ),
+    ];
+    conf.extend(extra.iter().map(|s| s.to_string()));
+    Cluster::init(d, "src", &conf)
+}
+
+/// Creates the repository, starts the cluster, creates the extension.
+pub fn start_with_extension(shipper: &Shipper, c: &Cluster) {
+    run_ok(
+        shipper
+            .cmd()
+            .args(["repo-init", "--kdf-memory-kib", "8192"]),
+    );
+    c.start();
+    c.sql("CREATE EXTENSION pg_backup_ext");
+}
