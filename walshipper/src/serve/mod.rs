@@ -4,6 +4,9 @@
 //! compliance report (`/report`); beside it runs the notifier
 //! (crate::notify), which sends alerts out by webhook and e-mail.
 
+pub mod dashboard;
+pub mod report;
+
 use serde::Deserialize;
 
 use crate::config::Config;
