@@ -4,8 +4,10 @@
 //! compliance report (`/report`); beside it runs the notifier
 //! (crate::notify), which sends alerts out by webhook and e-mail.
 
+pub mod charts;
 pub mod dashboard;
 pub mod report;
+pub mod repos;
 
 use serde::Deserialize;
 
