@@ -94,11 +94,10 @@ pub struct TimeAxis {
 impl TimeAxis {
     /// An axis over `t0..t1` (widened to at least a minute, padded 2 %).
     pub fn new(t0: f64, t1: f64, x0: f64, w: f64) -> TimeAxis {
-        let (mut t0, mut t1) = if t1 > t0 { (t0, t1) } else { (t1, t0) };
+        let (mut t0, t1) = if t1 > t0 { (t0, t1) } else { (t1, t0) };
+        // Widened into the past: the right edge is usually now.
         if t1 - t0 < 60.0 {
-            let mid = (t0 + t1) / 2.0;
-            t0 = mid - 30.0;
-            t1 = mid + 30.0;
+            t0 = t1 - 60.0;
         }
         let pad = (t1 - t0) * 0.02;
         TimeAxis {
@@ -147,21 +146,55 @@ impl TimeAxis {
     }
 }
 
-/// Round numbers from 0 up to at least `max`: (step, top).
-fn nice_scale(max: f64, ticks: usize) -> (f64, f64) {
-    let max = if max.is_finite() && max > 0.0 {
-        max
-    } else {
-        1.0
-    };
-    let raw = max / ticks.max(1) as f64;
-    let mag = 10f64.powf(raw.log10().floor());
-    let step = [1.0, 2.0, 2.5, 5.0, 10.0]
-        .iter()
-        .map(|m| m * mag)
-        .find(|s| *s >= raw)
-        .unwrap_or(10.0 * mag);
-    (step, (max / step).ceil() * step)
+/// What a chart's values are: how its axis is stepped and labelled.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Unit {
+    Seconds,
+    Bytes,
+    Count,
+}
+
+impl Unit {
+    pub fn fmt(self, v: f64) -> String {
+        match self {
+            Unit::Seconds => duration(v),
+            Unit::Bytes => bytes(v),
+            Unit::Count => format!("{}", v.round() as i64),
+        }
+    }
+
+    /// Round steps from 0 up to at least `max`, about `ticks` of them: (step, top).
+    pub fn scale(self, max: f64, ticks: usize) -> (f64, f64) {
+        let max = if max.is_finite() && max > 0.0 {
+            max
+        } else {
+            0.0
+        };
+        let ticks = ticks.max(1) as f64;
+        let candidates: Vec<f64> = match self {
+            Unit::Seconds => [
+                1.0, 2.0, 5.0, 10.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 900.0, 1800.0, 3600.0,
+                7200.0, 10800.0, 21600.0, 43200.0, 86400.0, 172800.0, 604800.0,
+            ]
+            .to_vec(),
+            Unit::Bytes => (0..6)
+                .flat_map(|k| {
+                    [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0]
+                        .map(|m| m * 1024f64.powi(k))
+                })
+                .collect(),
+            Unit::Count => (0..12)
+                .flat_map(|k| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(k)))
+                .collect(),
+        };
+        let step = candidates
+            .iter()
+            .copied()
+            .find(|s| max / s <= ticks)
+            .unwrap_or_else(|| (max / ticks).max(1.0));
+        let top = ((max / step).ceil() * step).max(step);
+        (step, top)
+    }
 }
 
 /// Opens an SVG element: scalable, with an accessible title.
@@ -226,7 +259,7 @@ pub fn line_chart(
     t1: f64,
     series: &[Series],
     hlines: &[HLine],
-    fmt: &dyn Fn(f64) -> String,
+    unit: Unit,
     w: f64,
     h: f64,
 ) -> String {
@@ -239,7 +272,7 @@ pub fn line_chart(
         .chain(hlines.iter().map(|l| l.value))
         .filter(|v| v.is_finite())
         .fold(0.0f64, f64::max);
-    let (step, ymax) = nice_scale(max * 1.05, 4);
+    let (step, ymax) = unit.scale(max * 1.05, 4);
     let y = |v: f64| top + plot_h - (v / ymax).clamp(0.0, 1.05) * plot_h;
     let mut s = svg_open(w, h, title);
     let mut v = 0.0;
@@ -248,7 +281,7 @@ pub fn line_chart(
             s,
             "<line x1=\"{left}\" y1=\"{yy:.1}\" x2=\"{x2}\" y2=\"{yy:.1}\" stroke=\"#e3e3e3\"/>\
              <text x=\"{lx}\" y=\"{ty:.1}\" font-size=\"11\" text-anchor=\"end\" fill=\"#444\">{}</text>",
-            esc(&fmt(v)),
+            esc(&unit.fmt(v)),
             yy = y(v),
             x2 = w - right,
             lx = left - 6.0,
@@ -336,8 +369,7 @@ pub fn day_bars(
         .iter()
         .map(|(_, parts)| parts.iter().map(|p| p.0).sum::<f64>())
         .fold(0.0f64, f64::max);
-    let (step, ymax) = nice_scale(max.max(1.0), 4);
-    let step = step.max(1.0);
+    let (step, ymax) = Unit::Count.scale(max.max(1.0), 4);
     let y = |v: f64| top + plot_h - (v / ymax).clamp(0.0, 1.0) * plot_h;
     let mut s = svg_open(w, h, title);
     let mut v = 0.0;
@@ -454,6 +486,8 @@ pub fn timeline(title: &str, t0: f64, t1: f64, lanes: &[Lane], pins: &[Pin], w: 
     s.push_str(&time_grid(&axis, top, h - bottom, 10));
     for (i, lane) in lanes.iter().enumerate() {
         let y0 = top + i as f64 * LANE_H;
+        // Labels that would overlap the previous one are left to the tooltip.
+        let mut label_end = f64::MIN;
         let mid = y0 + LANE_H / 2.0 + 4.0;
         let _ = write!(
             s,
@@ -510,7 +544,11 @@ pub fn timeline(title: &str, t0: f64, t1: f64, lanes: &[Lane], pins: &[Pin], w: 
                         "<rect x=\"{a:.1}\" y=\"{ry:.1}\" width=\"{wpx:.1}\" height=\"{rh:.1}\" fill=\"{fill}\" stroke=\"{color}\" rx=\"2\"><title>{}</title></rect>",
                         esc(title)
                     );
-                    if let Some(l) = label {
+                    if let Some(l) = label
+                        .as_ref()
+                        .filter(|l| a > label_end + 4.0 && a + 6.2 * l.chars().count() as f64 <= w)
+                    {
+                        label_end = a + 6.2 * l.chars().count() as f64;
                         let _ = write!(
                             s,
                             "<text x=\"{:.1}\" y=\"{:.1}\" font-size=\"10\" fill=\"#333\">{}</text>",
@@ -641,7 +679,7 @@ mod tests {
                 label: "<u>".into(),
                 color: RED,
             }],
-            &|v| format!("{v}"),
+            Unit::Count,
             600.0,
             200.0,
         );

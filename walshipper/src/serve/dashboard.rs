@@ -728,7 +728,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             (charts::BLUE, "box", "full backup"),
             (charts::ORANGE, "box", "differential"),
             (charts::SKY, "box", "incremental"),
-            ("#555", "dash", "chain: linked to its base"),
+            ("#555", "line", "chain: linked to its base"),
             (charts::RED, "cross", "failed run"),
             (charts::PURPLE, "pin", "restore point"),
             (charts::GREEN, "band", "restorable window"),
@@ -778,7 +778,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
                 label: format!("target {}", charts::duration(rpo_target)),
                 color: charts::RED,
             }],
-            &charts::duration,
+            charts::Unit::Seconds,
             650.0,
             240.0,
         ));
@@ -866,7 +866,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             now,
             &series,
             &[],
-            &charts::duration,
+            charts::Unit::Seconds,
             650.0,
             240.0,
         ));
@@ -948,7 +948,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             now,
             &series,
             &hl,
-            &charts::bytes,
+            charts::Unit::Bytes,
             650.0,
             220.0,
         ));
@@ -1022,10 +1022,10 @@ pub(super) fn bucketed(
     let width = ((to - from) / CHART_POINTS).max(60.0);
     // table, agg and filter are this module's constants, never input.
     let sql = format!(
-        "SELECT repository, floor(extract(epoch FROM sampled_at) / $3) * $3, {agg}
+        "SELECT repository, max(extract(epoch FROM sampled_at))::float8, {agg}
            FROM {table}
           WHERE sampled_at >= to_timestamp($1) AND sampled_at <= to_timestamp($2) AND {filter}
-          GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 20000"
+          GROUP BY 1, floor(extract(epoch FROM sampled_at)::float8 / $3::float8) ORDER BY 1, 2 LIMIT 20000"
     );
     query(db, what, &sql, &[&from, &to, &width])?
         .iter()
@@ -1044,11 +1044,11 @@ pub(super) fn storage_history(
     query(
         db,
         "storage history",
-        "SELECT repository, floor(extract(epoch FROM sampled_at) / $3) * $3,
+        "SELECT repository, max(extract(epoch FROM sampled_at))::float8,
                 max(stored_bytes)::float8, max(capacity_bytes)::float8, min(free_bytes)::float8
            FROM backup.repository_usage
           WHERE sampled_at >= to_timestamp($1) AND sampled_at <= to_timestamp($2)
-          GROUP BY 1, 2 ORDER BY 1, 2 LIMIT 20000",
+          GROUP BY 1, floor(extract(epoch FROM sampled_at)::float8 / $3::float8) ORDER BY 1, 2 LIMIT 20000",
         &[&from, &to, &width],
     )?
     .iter()

@@ -155,7 +155,19 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
     })
     .collect::<Result<_>>()?;
     let now = super::dashboard::now_epoch();
-    let sysid = system_identifier(db);
+    // The summary carries it when pg_control_system() is granted to the
+    // function's caller; else ask directly.
+    let sysid = rows
+        .iter()
+        .find(|r| r.section == "summary" && r.item == "system_identifier")
+        .and_then(|r| {
+            r.detail
+                .as_ref()?
+                .get("system_identifier")?
+                .as_str()
+                .map(String::from)
+        })
+        .or_else(|| system_identifier(db));
 
     let mut p = String::with_capacity(64 * 1024);
     let _ = write!(
@@ -177,53 +189,120 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
         esc(env!("CARGO_PKG_VERSION")),
     );
 
-    // The summary block: the verdict first, then the summary rows as tiles.
-    let worst = rows.iter().map(|r| rank(&r.status)).max().unwrap_or(0);
+    // The summary block: the verdict (the function's `overall` row, else
+    // the worst status of all), then the figures an auditor asks first.
+    let overall = rows
+        .iter()
+        .find(|r| r.section == "summary" && r.item == "overall");
+    let worst = match overall {
+        Some(o) => rank(&o.status),
+        None => rows.iter().map(|r| rank(&r.status)).max().unwrap_or(0),
+    };
     let (verdict, class) = match worst {
-        3 => ("FAILED: some requirement was not met", "t-fail"),
-        2 => ("WARNING: met, with findings", "t-warn"),
-        1 => ("OK: every requirement met", "t-ok"),
-        _ => ("no data for this period", "t-warn"),
+        3 => ("FAILED", "t-fail"),
+        2 => ("WARNING", "t-warn"),
+        1 => ("OK", "t-ok"),
+        _ => ("NO DATA", "t-warn"),
     };
     let counts = |s: &str| rows.iter().filter(|r| r.status == s).count();
     p.push_str("<div class=\"big\">");
-    let _ = write!(
-        p,
-        "<div class=\"tile {class}\"><div class=\"k\">overall status</div><div class=\"v\">{}</div>\
-         <div class=\"k\">{} ok · {} warning · {} failed</div></div>",
-        esc(verdict),
-        counts("ok"),
-        counts("warning"),
-        counts("failed")
+    tile(
+        &mut p,
+        "overall status",
+        verdict,
+        &format!(
+            "{} ok · {} warning · {} failed",
+            counts("ok"),
+            counts("warning"),
+            counts("failed")
+        ),
+        class,
     );
-    for r in rows.iter().filter(|r| r.section == "summary") {
-        let class = match r.status.as_str() {
-            "ok" => "t-ok",
-            "warning" => "t-warn",
-            "failed" => "t-fail",
-            _ => "",
-        };
-        let label = if r.subject.is_empty() {
-            r.item.replace('_', " ")
-        } else {
-            format!("{} · {}", r.subject, r.item.replace('_', " "))
-        };
-        let _ = write!(
-            p,
-            "<div class=\"tile {class}\"><div class=\"k\">{}</div><div class=\"v\">{}</div><div class=\"k\">{}</div></div>",
-            esc(&label),
-            esc(&r.value),
-            esc(&r.status)
+    // Success rate: the backups section's runs and successes, summed.
+    let sum = |key: &str| -> f64 {
+        rows.iter()
+            .filter(|r| r.section == "backups")
+            .filter_map(|r| r.detail.as_ref()?.get(key)?.as_f64())
+            .sum()
+    };
+    let (runs, ok) = (sum("runs"), sum("succeeded"));
+    if runs > 0.0 {
+        tile(
+            &mut p,
+            "backup success rate",
+            &format!("{:.1} %", 100.0 * ok / runs),
+            &format!("{ok} of {runs} runs succeeded"),
+            if ok < runs { "t-warn" } else { "t-ok" },
+        );
+    } else {
+        tile(
+            &mut p,
+            "backup success rate",
+            "—",
+            "no backup ran",
+            "t-warn",
         );
     }
+    // RPO and RTO: met where measured, per repository.
+    for (item, label) in [("rpo", "RPO met"), ("rto", "RTO met")] {
+        let mine: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.section == "recovery_objectives" && r.item == item)
+            .collect();
+        let measured = mine.iter().filter(|r| r.status != "info").count();
+        let met = mine.iter().filter(|r| r.status == "ok").count();
+        if measured == 0 {
+            tile(&mut p, label, "not measured", "in this period", "t-warn");
+        } else {
+            tile(
+                &mut p,
+                label,
+                &format!("{met} of {measured}"),
+                "repositories measured",
+                if met < measured { "t-fail" } else { "t-ok" },
+            );
+        }
+    }
+    let tests: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.section == "verification" && r.item == "restore_test")
+        .collect();
+    let field = |r: &Row, k: &str| {
+        r.detail
+            .as_ref()
+            .and_then(|d| d.get(k)?.as_f64())
+            .unwrap_or(0.0)
+    };
+    let (done, passed) = (
+        tests.iter().map(|r| field(r, "done")).sum::<f64>(),
+        tests.iter().map(|r| field(r, "passed")).sum::<f64>(),
+    );
+    tile(
+        &mut p,
+        "restore tests passed",
+        &format!("{passed} of {done}"),
+        if done > 0.0 {
+            "in this period"
+        } else {
+            "none in this period"
+        },
+        if done == 0.0 || passed < done {
+            "t-warn"
+        } else {
+            "t-ok"
+        },
+    );
     p.push_str("</div>");
+    if let Some(o) = overall {
+        let _ = write!(p, "<p class=\"note\">{}</p>", esc(&o.value));
+    }
 
     // Charts over the period.
     p.push_str("<div class=\"charts\"><h2>The period in pictures</h2>");
     let days = query(
         db,
         "backups per day",
-        "SELECT floor(extract(epoch FROM finished_at) / 86400) * 86400,
+        "SELECT (floor(extract(epoch FROM finished_at)::float8 / 86400) * 86400)::float8,
                 count(*) FILTER (WHERE status = 'succeeded'), count(*) FILTER (WHERE status = 'failed')
            FROM backup.backup_executions
           WHERE finished_at >= to_timestamp($1) AND finished_at < to_timestamp($2)
@@ -296,7 +375,7 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
             t,
             &series,
             &hl,
-            &charts::bytes,
+            charts::Unit::Bytes,
             1040.0,
             240.0,
         ));
@@ -347,7 +426,7 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
                 label: format!("target {}", charts::duration(target)),
                 color: charts::RED,
             }],
-            &charts::duration,
+            charts::Unit::Seconds,
             1040.0,
             240.0,
         ));
@@ -402,6 +481,16 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
     p.push_str("<p class=\"note\">Statuses: ok = met; warning = met with a finding to look at; failed = not met; info = for the record. \
                 Times in UTC. The rows are backup.compliance_report(period_start, period_end); the same report is served by walshipper serve at /report.</p></body></html>");
     Ok(p)
+}
+
+fn tile(p: &mut String, key: &str, value: &str, sub: &str, class: &str) {
+    let _ = write!(
+        p,
+        "<div class=\"tile {class}\"><div class=\"k\">{}</div><div class=\"v\">{}</div><div class=\"k\">{}</div></div>",
+        esc(key),
+        esc(value),
+        esc(sub)
+    );
 }
 
 #[cfg(test)]
