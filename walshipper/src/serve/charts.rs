@@ -92,12 +92,12 @@ pub struct TimeAxis {
 }
 
 impl TimeAxis {
-    /// An axis over `t0..t1` (widened to at least a minute, padded 2 %).
+    /// An axis over `t0..t1` (widened to at least 20 s, padded 2 %).
     pub fn new(t0: f64, t1: f64, x0: f64, w: f64) -> TimeAxis {
         let (mut t0, t1) = if t1 > t0 { (t0, t1) } else { (t1, t0) };
         // Widened into the past: the right edge is usually now.
-        if t1 - t0 < 60.0 {
-            t0 = t1 - 60.0;
+        if t1 - t0 < 20.0 {
+            t0 = t1 - 20.0;
         }
         let pad = (t1 - t0) * 0.02;
         TimeAxis {
@@ -260,8 +260,7 @@ pub fn line_chart(
     series: &[Series],
     hlines: &[HLine],
     unit: Unit,
-    w: f64,
-    h: f64,
+    (w, h): (f64, f64),
 ) -> String {
     let (left, right, top, bottom) = (78.0, 14.0, 12.0, 34.0);
     let axis = TimeAxis::new(t0, t1, left, w - left - right);
@@ -355,13 +354,11 @@ pub fn mark(m: Marker, x: f64, y: f64, color: &str, title: &str) -> String {
     }
 }
 
-/// Stacked bars, one per day: `days` are (day start, [(value, colour, label)]).
-pub fn day_bars(
-    title: &str,
-    days: &[(f64, Vec<(f64, &'static str, String)>)],
-    w: f64,
-    h: f64,
-) -> String {
+/// One day's stacked bar: (day start, [(value, colour, label)]).
+pub type DayBar = (f64, Vec<(f64, &'static str, String)>);
+
+/// Stacked bars, one per day.
+pub fn day_bars(title: &str, days: &[DayBar], w: f64, h: f64) -> String {
     let (left, right, top, bottom) = (48.0, 10.0, 12.0, 34.0);
     let plot_w = w - left - right;
     let plot_h = h - top - bottom;
@@ -680,8 +677,7 @@ mod tests {
                 color: RED,
             }],
             Unit::Count,
-            600.0,
-            200.0,
+            (600.0, 200.0),
         );
         assert!(!s.contains("<b>") && !s.contains("<i>") && !s.contains("<u>"));
         assert!(!s.contains("NaN"));

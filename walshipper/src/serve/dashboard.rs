@@ -18,8 +18,6 @@ use super::charts::{self, esc, Item, Lane, Pin, Series};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
-/// How long the repositories' contents are reused between page loads.
-pub const REPO_MAX_AGE: Duration = Duration::from_secs(60);
 /// How far back the timeline and the duration chart look.
 const TIMELINE_DAYS: f64 = 7.0;
 /// Points a chart line is thinned to (each the worst of its bucket).
@@ -63,6 +61,20 @@ pub(super) fn now_epoch() -> f64 {
 }
 
 // --- what the page is drawn from ------------------------------------------
+
+/// last archived WAL and time, RPO now and target, failures, last failed WAL and time.
+type ArchiveRow = (
+    Option<String>,
+    Option<f64>,
+    Option<f64>,
+    f64,
+    i64,
+    Option<String>,
+    Option<f64>,
+);
+
+/// A storage sample: repository, time, stored, capacity, free.
+pub(super) type UsageSample = (String, f64, f64, Option<f64>, Option<f64>);
 
 struct Backup {
     id: String,
@@ -271,15 +283,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
         archive_failed_count,
         last_failed_wal,
         last_failed_time,
-    ): (
-        Option<String>,
-        Option<f64>,
-        Option<f64>,
-        f64,
-        i64,
-        Option<String>,
-        Option<f64>,
-    ) = match archive.first() {
+    ): ArchiveRow = match archive.first() {
         Some(r) => (
             get(r, 0)?,
             get(r, 1)?,
@@ -327,7 +331,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             pairs.push((l, t));
         }
     }
-    let views = super::repos::views(cfg, REPO_MAX_AGE);
+    let views = super::repos::views(cfg, Duration::from_secs(cfg.serve.info_interval));
     let seg_size = views
         .iter()
         .map(|v| v.wal_segment_size)
@@ -779,8 +783,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
                 color: charts::RED,
             }],
             charts::Unit::Seconds,
-            650.0,
-            240.0,
+            (650.0, 240.0),
         ));
         let mut leg: Vec<(&str, &str, &str)> = series
             .iter()
@@ -867,8 +870,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             &series,
             &[],
             charts::Unit::Seconds,
-            650.0,
-            240.0,
+            (650.0, 240.0),
         ));
         let leg: Vec<(&str, &str, &str)> = series
             .iter()
@@ -906,8 +908,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
         if let Some(e) = st.and_then(|s| s.error.as_deref()) {
             let _ = write!(p, "<div class=\"note\">{}</div>", esc(e));
         }
-        let mine: Vec<&(String, f64, f64, Option<f64>, Option<f64>)> =
-            usage.iter().filter(|u| &u.0 == name).collect();
+        let mine: Vec<&UsageSample> = usage.iter().filter(|u| &u.0 == name).collect();
         if mine.is_empty() {
             p.push_str("<div class=\"empty\">No storage sample yet: the scheduler records one when it refreshes repository status.</div></div>");
             continue;
@@ -949,8 +950,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             &series,
             &hl,
             charts::Unit::Bytes,
-            650.0,
-            220.0,
+            (650.0, 220.0),
         ));
         let mut leg: Vec<(&str, &str, &str)> =
             vec![(charts::BLUE, "line", "bytes stored by walshipper")];
@@ -1039,7 +1039,7 @@ pub(super) fn storage_history(
     db: &mut postgres::Client,
     from: f64,
     to: f64,
-) -> Result<Vec<(String, f64, f64, Option<f64>, Option<f64>)>> {
+) -> Result<Vec<UsageSample>> {
     let width = ((to - from) / CHART_POINTS).max(60.0);
     query(
         db,

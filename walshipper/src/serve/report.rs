@@ -315,7 +315,7 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
         .collect::<Result<_>>()?;
     let first_day = (f / 86400.0).floor() as i64;
     let last_day = ((t - 1.0) / 86400.0).floor() as i64;
-    let bars: Vec<(f64, Vec<(f64, &'static str, String)>)> = (first_day..=last_day)
+    let bars: Vec<charts::DayBar> = (first_day..=last_day)
         .map(|d| {
             let (ok, bad) = per_day.get(&(d * 86400)).copied().unwrap_or((0, 0));
             (
@@ -376,8 +376,7 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
             &series,
             &hl,
             charts::Unit::Bytes,
-            1040.0,
-            240.0,
+            (1040.0, 240.0),
         ));
         let mut leg: Vec<(&str, &str, &str)> = series
             .iter()
@@ -427,8 +426,7 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
                 color: charts::RED,
             }],
             charts::Unit::Seconds,
-            1040.0,
-            240.0,
+            (1040.0, 240.0),
         ));
         let mut leg: Vec<(&str, &str, &str)> = series
             .iter()
