@@ -224,13 +224,20 @@ fn dashboard_and_report_in_a_browser() {
     let full = backup_of(&c, "backup.backup_run('nightly', 'full', wait => true)");
     c.pgbench(&["-t", "200"]);
     c.sql("SELECT backup.restore_point_create('before_upgrade', 'a note')");
-    c.sql("SELECT pg_switch_wal()");
+    // The segment this switch completes: removed below, a gap in the WAL.
+    let lost = c.sql("SELECT pg_walfile_name(pg_switch_wal())");
     let incr = backup_of(&c, "backup.backup_run(kind => 'incr', wait => true)");
     c.pgbench(&["-t", "200"]);
     let diff = backup_of(&c, "backup.backup_run(kind => 'diff', wait => true)");
     for id in [&full, &incr, &diff] {
         assert!(id.len() >= 16, "a backup id: {id:?}");
     }
+
+    // A WAL segment lost from the repository (the backups after it archived
+    // later ones): the dashboard must show the gap.
+    let lost_file = shipper.wal_object(&lost);
+    std::fs::remove_file(&lost_file)
+        .unwrap_or_else(|e| panic!("{} was archived: {e}", lost_file.display()));
 
     // A failed run: walshipper cannot be started.
     c.sql("ALTER SYSTEM SET pg_backup.walshipper_path = '/nonexistent/walshipper'");
@@ -355,6 +362,8 @@ fn dashboard_and_report_in_a_browser() {
         "failed run",
         "restorable window",
         "approximate",
+        "WAL gap in repo1, timeline 1",
+        lost.as_str(),
     ] {
         assert!(dom.contains(text), "the dashboard lacks {text:?}");
     }
