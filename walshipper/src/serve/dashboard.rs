@@ -557,18 +557,47 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             (Some(a), Some(b)) => Some(a.max(b)),
             (a, b) => a.or(b),
         };
-        if let (Some(a), Some(b)) = (first_stop, window_end) {
+        // A WAL gap interrupts it: recovery from a backup before the gap
+        // stops there; the next backup after it opens the window again.
+        let gap_times: Vec<(f64, f64)> = views
+            .iter()
+            .filter(|v| &v.name == name)
+            .flat_map(|v| v.wal.iter().flat_map(|t| t.gaps.iter()))
+            .filter_map(|g| Some((clock.time(g.0 as f64)?, clock.time(g.1 as f64)?)))
+            .collect();
+        if let (Some(a), Some(end)) = (first_stop, window_end) {
             t_min = t_min.min(a);
-            items.push(Item::Band {
-                t0: a,
-                t1: b.max(a),
-                color: charts::GREEN,
-                title: format!(
-                    "{name}: restorable from {} to {}",
-                    charts::utc(a, true),
-                    charts::utc(b, true)
-                ),
-            });
+            let mut stops: Vec<f64> = backups
+                .iter()
+                .filter(|b| b.repos.contains(name) && b.stop >= a)
+                .map(|b| b.stop)
+                .collect();
+            stops.push(a);
+            stops.sort_by(f64::total_cmp);
+            let mut bands: Vec<(f64, f64)> = Vec::new();
+            for s0 in stops {
+                let s1 = gap_times
+                    .iter()
+                    .filter(|g| g.1 > s0)
+                    .map(|g| g.0.max(s0))
+                    .fold(end.max(s0), f64::min);
+                match bands.last_mut() {
+                    Some(last) if s0 <= last.1 => last.1 = last.1.max(s1),
+                    _ => bands.push((s0, s1)),
+                }
+            }
+            for (b0, b1) in bands {
+                items.push(Item::Band {
+                    t0: b0,
+                    t1: b1,
+                    color: charts::GREEN,
+                    title: format!(
+                        "{name}: restorable from {} to {}",
+                        charts::utc(b0, true),
+                        charts::utc(b1, true)
+                    ),
+                });
+            }
         }
         for b in backups.iter().filter(|b| b.repos.contains(name)) {
             t_min = t_min.min(b.start);
