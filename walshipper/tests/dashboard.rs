@@ -218,6 +218,65 @@ fn dashboard_and_report_in_a_browser() {
     start_with_extension(&shipper, &c);
     c.pgbench(&["-i", "-s", "1", "-q"]);
 
+    // The service reads as a monitor, never as the owner.
+    c.sql("CREATE ROLE dash_monitor LOGIN");
+    c.sql("SELECT backup.grant_monitor('dash_monitor')");
+    let port = free_port();
+    let serve_conf = d.join("serve.toml");
+    let base = std::fs::read_to_string(&shipper.config).unwrap();
+    std::fs::write(
+        &serve_conf,
+        format!(
+            "{base}[serve]\nlisten = \"127.0.0.1:{port}\"\nuser = \"dash_monitor\"\ninfo_interval = 2\n"
+        ),
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&serve_conf, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let log = std::fs::File::create(d.join("serve.log")).unwrap();
+    let server = Killed(
+        Command::new(walshipper_bin())
+            .arg("--config")
+            .arg(&serve_conf)
+            .arg("serve")
+            .env_remove("WALSHIPPER_PASSPHRASE")
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("walshipper serve starts"),
+    );
+    let start = Instant::now();
+    let (head, _) = loop {
+        match http_get(port, "/health") {
+            Ok(r) => break r,
+            Err(e) if start.elapsed() < Duration::from_secs(30) => {
+                let _ = e;
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            Err(e) => panic!(
+                "walshipper serve does not answer on {port}: {e}\n{}",
+                std::fs::read_to_string(d.join("serve.log")).unwrap_or_default()
+            ),
+        }
+    };
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "{head}"
+    );
+
+    // Before any history: every part says so in a sentence.
+    let (head, page) = http_get(port, "/").unwrap();
+    assert!(head.contains(" 200"), "{head}\n{page}");
+    for empty in [
+        "No backup job is scheduled yet",
+        "No backup has run in the last days",
+    ] {
+        assert!(
+            page.contains(empty),
+            "the empty dashboard lacks {empty:?}:\n{page}"
+        );
+    }
+
     // History: a job, a full backup, a restore point, an incremental and a
     // differential on it, with writes between them.
     c.sql("SELECT backup.job_create('nightly', '0 3 * * *')");
@@ -268,52 +327,6 @@ fn dashboard_and_report_in_a_browser() {
         "SELECT status || ' ' || last_backup FROM backup.repositories",
         &format!("ok {diff}"),
         Duration::from_secs(30),
-    );
-
-    // The service reads as a monitor, never as the owner.
-    c.sql("CREATE ROLE dash_monitor LOGIN");
-    c.sql("SELECT backup.grant_monitor('dash_monitor')");
-    let port = free_port();
-    let serve_conf = d.join("serve.toml");
-    let base = std::fs::read_to_string(&shipper.config).unwrap();
-    std::fs::write(
-        &serve_conf,
-        format!(
-            "{base}[serve]\nlisten = \"127.0.0.1:{port}\"\nuser = \"dash_monitor\"\ninfo_interval = 2\n"
-        ),
-    )
-    .unwrap();
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(&serve_conf, std::fs::Permissions::from_mode(0o600)).unwrap();
-    let log = std::fs::File::create(d.join("serve.log")).unwrap();
-    let server = Killed(
-        Command::new(walshipper_bin())
-            .arg("--config")
-            .arg(&serve_conf)
-            .arg("serve")
-            .env_remove("WALSHIPPER_PASSPHRASE")
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
-            .expect("walshipper serve starts"),
-    );
-    let start = Instant::now();
-    let (head, _) = loop {
-        match http_get(port, "/health") {
-            Ok(r) => break r,
-            Err(e) if start.elapsed() < Duration::from_secs(30) => {
-                let _ = e;
-                std::thread::sleep(Duration::from_millis(200));
-            }
-            Err(e) => panic!(
-                "walshipper serve does not answer on {port}: {e}\n{}",
-                std::fs::read_to_string(d.join("serve.log")).unwrap_or_default()
-            ),
-        }
-    };
-    assert!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "{head}"
     );
 
     // The raw page: escaped, no script, no secret.

@@ -393,7 +393,7 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
 
     // The headline: what a person checks first, big.
     p.push_str("<div class=\"big\">");
-    let n_crit = alerts
+    let n_open = alerts
         .first()
         .map(|r| get::<i64>(r, 6))
         .transpose()?
@@ -413,11 +413,11 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
     tile(
         &mut p,
         "open alerts",
-        &n_crit.to_string(),
+        &n_open.to_string(),
         &format!("{crit} critical"),
         if crit > 0 {
             "t-fail"
-        } else if n_crit > 0 {
+        } else if n_open > 0 {
             "t-warn"
         } else {
             "t-ok"
@@ -599,7 +599,10 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
                 });
             }
         }
-        for b in backups.iter().filter(|b| b.repos.contains(name)) {
+        for b in backups
+            .iter()
+            .filter(|b| b.repos.contains(name) && b.stop >= since)
+        {
             t_min = t_min.min(b.start);
             if let Some(base) = b.based_on.as_deref().and_then(|id| by_id.get(id)) {
                 items.push(Item::Link {
@@ -1015,11 +1018,11 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             );
         }
         p.push_str("</table>");
-        if n_crit > alerts.len() as i64 {
+        if n_open > alerts.len() as i64 {
             let _ = write!(
                 p,
                 "<div class=\"note\">and {} more (backup.alerts)</div>",
-                n_crit - alerts.len() as i64
+                n_open - alerts.len() as i64
             );
         }
     }

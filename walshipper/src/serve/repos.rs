@@ -80,6 +80,10 @@ fn view_of(name: &str, i: &info::Info) -> RepoView {
 /// Every configured repository, read at most once per `max_age` (a
 /// repository that fails is retried on the same schedule, its error kept).
 pub fn views(cfg: &Config, max_age: Duration) -> Vec<Arc<RepoView>> {
+    // One reader at a time: pages asked for together wait for one read
+    // of each repository instead of each starting its own.
+    static READING: Mutex<()> = Mutex::new(());
+    let _one = READING.lock().unwrap_or_else(|p| p.into_inner());
     cfg.repos
         .iter()
         .map(|rc| {
