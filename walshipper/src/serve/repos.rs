@@ -28,7 +28,8 @@ pub struct RepoView {
     pub system_identifier: Option<String>,
     pub wal_segment_size: u64,
     pub wal: Vec<TimelineWal>,
-    /// Why it could not be read (then `wal` is empty).
+    /// Why it could not be read (then `wal` is empty): the kind of error
+    /// only, the page being no place for paths of secrets.
     pub error: Option<String>,
     pub read_at: Instant,
 }
@@ -98,13 +99,19 @@ pub fn views(cfg: &Config, max_age: Duration) -> Vec<Arc<RepoView>> {
             let v = match Repository::open_repo(cfg, rc).and_then(|r| info::collect(&r)) {
                 Ok(i) => view_of(&rc.name, &i),
                 Err(e) => {
+                    // The full message may name a secret's file (an
+                    // unreadable passphrase file): it goes to the log only.
                     tracing::warn!("dashboard: repository {} cannot be read: {e}", rc.name);
+                    let e = format!(
+                        "{} error (the walshipper serve log has the details)",
+                        e.kind()
+                    );
                     RepoView {
                         name: rc.name.clone(),
                         system_identifier: None,
                         wal_segment_size: 0,
                         wal: Vec::new(),
-                        error: Some(e.to_string()),
+                        error: Some(e),
                         read_at: Instant::now(),
                     }
                 }
