@@ -126,20 +126,35 @@ pub fn capacity_of(
 }
 
 /// Bytes under the prefixes `collect` does not list for its own sake
-/// (keys, recovery records, locks, expiry markers) and the descriptor.
-fn other_stored_bytes(repo: &Repository) -> Result<u64> {
-    let mut n = repo.storage.head(layout::DESCRIPTOR)?.map_or(0, |m| m.size);
+/// (keys, recovery records, locks, expiry markers) and the descriptor. A
+/// listing that fails is left out (logged): info still reports the rest.
+fn other_stored_bytes(repo: &Repository) -> u64 {
+    let mut n = match repo.storage.head(layout::DESCRIPTOR) {
+        Ok(m) => m.map_or(0, |m| m.size),
+        Err(e) => {
+            tracing::warn!(
+                "repository {}: stored bytes without the descriptor: {e}",
+                repo.name
+            );
+            0
+        }
+    };
     for p in [
         layout::KEYS_PREFIX,
         layout::RECOVERIES_PREFIX,
         layout::LOCKS_PREFIX,
         layout::EXPIRED_PREFIX,
     ] {
-        for o in repo.storage.list(p)? {
-            n = n.saturating_add(o.size);
+        match repo.storage.list(p) {
+            Ok(objects) => {
+                for o in objects {
+                    n = n.saturating_add(o.size);
+                }
+            }
+            Err(e) => tracing::warn!("repository {}: stored bytes without {p}: {e}", repo.name),
         }
     }
-    Ok(n)
+    n
 }
 
 /// When the data key new objects are sealed with was created (its key
@@ -344,7 +359,7 @@ pub fn collect(repo: &Repository) -> Result<Info> {
     let stored_bytes = wal_info
         .size_stored
         .saturating_add(backups_bytes)
-        .saturating_add(other_stored_bytes(repo)?);
+        .saturating_add(other_stored_bytes(repo));
     let backups = scan
         .backups
         .into_iter()
