@@ -62,8 +62,8 @@ pub fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSu
         last_backup_stop_time: None,
         backup_ids: Vec::new(),
         recoveries: Vec::new(),
-        // Capacity, encryption and the oldest backup: set by issue 15's
-        // capacity work (see docs/contract.md).
+        // Unknown until the repository answers (below).
+        capacity_source: "none".into(),
         ..Default::default()
     };
     if let Ok(i) = info {
@@ -83,8 +83,6 @@ pub fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSu
             s.free_bytes = c.free;
             s.capacity_source = c.source.to_string();
             s.min_free_bytes = c.min_free;
-        } else {
-            s.capacity_source = "none".into();
         }
     }
     s
