@@ -74,7 +74,8 @@ BEGIN
                   HINT = 'For example: SELECT * FROM backup.compliance_report(now() - interval ''30 days'', now());';
     END IF;
     IF p_end <= p_start THEN
-        RAISE EXCEPTION 'the period must end after it starts (it runs from % to %)', p_start, p_end
+        RAISE EXCEPTION 'the period must end after it starts (it runs from % to %)',
+                        backup._report_time(p_start), backup._report_time(p_end)
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'period_end must be later than period_start.';
     END IF;
@@ -112,7 +113,7 @@ BEGIN
             ELSE
                 n_slots := n_slots + 1;
                 IF jsonb_array_length(missed) < 20 THEN
-                    missed := missed || to_jsonb(slot);
+                    missed := missed || to_jsonb(to_char(slot AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS"Z"'));
                 END IF;
             END IF;
             slot := next_slot;
@@ -269,7 +270,7 @@ BEGIN
                 'value', CASE WHEN p.repository IS NULL THEN 'walshipper configuration'
                               ELSE concat_ws(', ',
                                    'keep ' || p.keep_full || ' full',
-                                   'recovery window ' || p.recovery_window,
+                                   'recovery window ' || backup._report_duration(extract(epoch FROM p.recovery_window)),
                                    nullif(p.keep_daily, 0) || ' daily', nullif(p.keep_weekly, 0) || ' weekly',
                                    nullif(p.keep_monthly, 0) || ' monthly', nullif(p.keep_yearly, 0) || ' yearly') END,
                 'status', 'info',
