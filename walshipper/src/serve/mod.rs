@@ -343,7 +343,7 @@ fn route(cfg: &Config, auth: &Auth, session: &mut Session, req: &Request) -> Res
     }
     match req.path.as_str() {
         "/metrics" => {
-            let body = metrics::scrape(session);
+            let body = metrics::scrape(session, &cfg.primary().name);
             Response::new(200, metrics::CONTENT_TYPE, body)
         }
         "/" => match session.with(|db| dashboard::render(db, cfg)) {
