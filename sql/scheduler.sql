@@ -213,12 +213,14 @@ $$;
 
 -- The scheduler's report of `walshipper info --json` (NULL report: info
 -- itself failed, with p_error). Raises/resolves repository_unavailable and
--- repository_lagging alerts.
+-- repository_lagging alerts; samples storage use and raises/resolves
+-- repository_almost_full (backup._capacity_refresh()).
 CREATE FUNCTION backup._sched_repo_status(p_report jsonb, p_error text DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql
 AS $$
 DECLARE
     r jsonb;
+    c jsonb;
     i integer := 0;
     primary_wal text;
 BEGIN
@@ -236,16 +238,36 @@ BEGIN
      WHERE name NOT IN (SELECT x->>'name' FROM jsonb_array_elements(p_report->'repositories') x);
     FOR r IN SELECT * FROM jsonb_array_elements(p_report->'repositories') LOOP
         i := i + 1;
+        -- Its size, room and keys: only what a repository that answered says.
+        c := CASE WHEN (r->>'ok')::boolean THEN r ELSE '{}' END;
         INSERT INTO backup.repository_status AS s (name, type, location, ok, error, wal_segments,
-               last_wal, backups, last_backup, last_backup_stop, position, checked_at)
+               last_wal, backups, last_backup, last_backup_stop, position, checked_at,
+               stored_bytes, capacity_bytes, free_bytes, capacity_source, min_free_bytes,
+               encryption, key_created_at, first_backup_stop)
         VALUES (r->>'name', r->>'type', r->>'location', (r->>'ok')::boolean, r->>'error',
                (r->>'segments')::bigint, r->>'last_wal', (r->>'backups')::integer,
-               r->>'last_backup', backup._timestamptz_or_null(r->>'last_backup_stop_time'), i, now())
+               r->>'last_backup', backup._timestamptz_or_null(r->>'last_backup_stop_time'), i, now(),
+               backup._capacity_bytes_or_null(c->'stored_bytes'), backup._capacity_bytes_or_null(c->'capacity_bytes'),
+               backup._capacity_bytes_or_null(c->'free_bytes'),
+               CASE WHEN c->>'capacity_source' IN ('filesystem', 'quota', 'none') THEN c->>'capacity_source' END,
+               backup._capacity_bytes_or_null(c->'min_free_bytes'),
+               left(nullif(c->>'encryption', ''), 64),
+               backup._timestamptz_or_null(c->>'key_created_at'),
+               backup._timestamptz_or_null(c->>'first_backup_stop_time'))
         ON CONFLICT (name) DO UPDATE SET type = EXCLUDED.type, location = EXCLUDED.location,
                ok = EXCLUDED.ok, error = EXCLUDED.error, wal_segments = EXCLUDED.wal_segments,
                last_wal = EXCLUDED.last_wal, backups = EXCLUDED.backups,
                last_backup = EXCLUDED.last_backup, last_backup_stop = EXCLUDED.last_backup_stop,
-               position = EXCLUDED.position, checked_at = EXCLUDED.checked_at;
+               position = EXCLUDED.position, checked_at = EXCLUDED.checked_at,
+               -- A repository that did not answer keeps what was last known of it.
+               stored_bytes = CASE WHEN EXCLUDED.ok THEN EXCLUDED.stored_bytes ELSE s.stored_bytes END,
+               capacity_bytes = CASE WHEN EXCLUDED.ok THEN EXCLUDED.capacity_bytes ELSE s.capacity_bytes END,
+               free_bytes = CASE WHEN EXCLUDED.ok THEN EXCLUDED.free_bytes ELSE s.free_bytes END,
+               capacity_source = CASE WHEN EXCLUDED.ok THEN EXCLUDED.capacity_source ELSE s.capacity_source END,
+               min_free_bytes = CASE WHEN EXCLUDED.ok THEN EXCLUDED.min_free_bytes ELSE s.min_free_bytes END,
+               encryption = CASE WHEN EXCLUDED.ok THEN EXCLUDED.encryption ELSE s.encryption END,
+               key_created_at = CASE WHEN EXCLUDED.ok THEN EXCLUDED.key_created_at ELSE s.key_created_at END,
+               first_backup_stop = CASE WHEN EXCLUDED.ok THEN EXCLUDED.first_backup_stop ELSE s.first_backup_stop END;
         -- What it holds, when walshipper lists it (backup_ids).
         IF (r->>'ok')::boolean AND jsonb_typeof(r->'backup_ids') = 'array' THEN
             DELETE FROM backup.repository_backups b
@@ -278,6 +300,8 @@ BEGIN
             PERFORM backup._resolve_alert('repository_lagging', r->>'name');
         END IF;
     END LOOP;
+    -- Storage history, growth and the repository_almost_full alert (sql/capacity.sql).
+    PERFORM backup._capacity_refresh();
 END
 $$;
 

@@ -102,6 +102,9 @@ BEGIN
     FOREACH r IN ARRAY backup._monitor_relations() LOOP
         EXECUTE format('GRANT SELECT ON %s TO %s', r, role);
     END LOOP;
+    -- The compliance report (it reads as its caller) and its formatting helpers.
+    EXECUTE format('GRANT EXECUTE ON FUNCTION backup.compliance_report(timestamptz, timestamptz), '
+                   'backup._report_duration(double precision), backup._report_time(timestamptz) TO %s', role);
     PERFORM backup._audit('grant', 'role', role::text, '{"grant": "monitor"}');
 END
 $$;

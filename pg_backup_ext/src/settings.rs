@@ -23,6 +23,12 @@ pub static VERIFY_AFTER_BACKUP: GucSetting<bool> = GucSetting::<bool>::new(true)
 pub static RTO_TARGET: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static RESTORE_TEST_MAX_AGE: GucSetting<i32> = GucSetting::<i32>::new(35 * 86400);
 pub static RPO_HISTORY: GucSetting<i32> = GucSetting::<i32>::new(7 * 86400);
+// Storage capacity (sql/capacity.sql reads them with current_setting()).
+pub static STORAGE_SAMPLE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static STORAGE_HISTORY: GucSetting<i32> = GucSetting::<i32>::new(400 * 86400);
+pub static STORAGE_GROWTH_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(14 * 86400);
+pub static STORAGE_WARN_PERCENT: GucSetting<i32> = GucSetting::<i32>::new(85);
+pub static STORAGE_WARN_DAYS: GucSetting<i32> = GucSetting::<i32>::new(14);
 
 pub fn string(s: &GucSetting<Option<CString>>) -> String {
     s.get()
@@ -163,6 +169,56 @@ pub fn define_runtime() {
         86400 * 366,
         GucContext::Sighup,
         GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.storage_sample_interval",
+        c"Seconds between samples of each repository's size and free space in backup.repository_usage.",
+        c"Taken when the scheduler refreshes repository status (pg_backup.repo_status_interval), at most this often.",
+        &STORAGE_SAMPLE_INTERVAL,
+        1,
+        86400 * 7,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.storage_history",
+        c"Seconds of storage samples kept in backup.repository_usage.",
+        c"The storage charts and the compliance report reach back this far.",
+        &STORAGE_HISTORY,
+        86400,
+        86400 * 3660,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.storage_growth_window",
+        c"Seconds of storage samples a repository's growth is computed over (backup.repository_capacity).",
+        c"The least-squares slope of the bytes stored over this window projects when the repository fills.",
+        &STORAGE_GROWTH_WINDOW,
+        3600,
+        86400 * 366,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.storage_warn_percent",
+        c"Percent of a repository's capacity in use at which repository_almost_full is raised.",
+        c"",
+        &STORAGE_WARN_PERCENT,
+        1,
+        100,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.storage_warn_days",
+        c"Days: repository_almost_full is raised when a repository is projected to reach its minimum free space sooner.",
+        c"0 turns the projection's warning off.",
+        &STORAGE_WARN_DAYS,
+        0,
+        3650,
+        GucContext::Sighup,
+        GucFlags::default(),
     );
 }
 

@@ -94,6 +94,111 @@ pub struct RepoConfig {
     pub retention_monthly: u32,
     pub retention_yearly: u32,
     pub retention_timezone: String,
+    /// What this repository may hold in all ("500GiB", "10TB", bytes; empty
+    /// or 0 = no quota): caps the file system's size (posix), and is the
+    /// only capacity an s3 repository has (docs/operations.md, "Storage
+    /// capacity").
+    #[serde(deserialize_with = "size_text")]
+    pub quota: String,
+    /// The free space a backup must leave: a size, or a percent of the
+    /// capacity ("5%", the default); "0" = never refuse.
+    #[serde(deserialize_with = "size_text")]
+    pub min_free_space: String,
+}
+
+/// A size in TOML: a string ("500GiB") or a whole number of bytes.
+fn size_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error as _;
+    match toml::Value::deserialize(d)? {
+        toml::Value::String(s) => Ok(s),
+        toml::Value::Integer(i) if i >= 0 => Ok(i.to_string()),
+        _ => Err(D::Error::custom(
+            "expected a size like \"500GiB\", \"10GB\" or a whole number of bytes",
+        )),
+    }
+}
+
+/// Default `min_free_space`: WAL archiving keeps writing after a backup and
+/// must never be the one to find the volume full, and file systems slow
+/// down when nearly full; a share of the capacity scales with the volume.
+pub const DEFAULT_MIN_FREE_SPACE: &str = "5%";
+
+/// Parses a size: whole bytes ("1048576"), or a number with a unit, decimal
+/// (kB, MB, GB, TB, PB: powers of 1000) or binary (KiB, MiB, GiB, TiB, PiB:
+/// powers of 1024), case-insensitive, a space allowed ("1.5 TiB").
+pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
+    let t = text.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1_000,
+        "m" | "mb" => 1_000_000,
+        "g" | "gb" => 1_000_000_000,
+        "t" | "tb" => 1_000_000_000_000,
+        "p" | "pb" => 1_000_000_000_000_000,
+        "kib" => 1 << 10,
+        "mib" => 1 << 20,
+        "gib" => 1 << 30,
+        "tib" => 1 << 40,
+        "pib" => 1 << 50,
+        _ => {
+            return Err(format!(
+                "'{t}' is not a size like 500GiB, 10GB or a number of bytes"
+            ))
+        }
+    };
+    let bad = || format!("'{t}' is not a size like 500GiB, 10GB or a number of bytes");
+    if num.is_empty() {
+        return Err(bad());
+    }
+    if let Ok(n) = num.parse::<u64>() {
+        return n
+            .checked_mul(mult)
+            .ok_or_else(|| format!("'{t}' is too large"));
+    }
+    let f: f64 = num.parse().map_err(|_| bad())?;
+    let v = f * mult as f64;
+    // u64::MAX as f64 rounds up to 2^64: anything at or above it overflows.
+    if !v.is_finite() || v >= u64::MAX as f64 {
+        return Err(format!("'{t}' is too large"));
+    }
+    Ok(v as u64)
+}
+
+/// `min_free_space`, parsed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum MinFree {
+    Bytes(u64),
+    /// Of the capacity; nothing when the capacity is unknown.
+    Percent(f64),
+}
+
+impl MinFree {
+    pub fn parse(text: &str) -> std::result::Result<MinFree, String> {
+        let t = text.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let v: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("'{t}' is not a percent like 5%"))?;
+            if !(0.0..100.0).contains(&v) {
+                return Err(format!("'{t}': a percent from 0 to below 100"));
+            }
+            return Ok(MinFree::Percent(v));
+        }
+        parse_size(t).map(MinFree::Bytes)
+    }
+
+    /// In bytes, for a repository of `capacity` bytes (None: unknown).
+    pub fn bytes(self, capacity: Option<u64>) -> u64 {
+        match self {
+            MinFree::Bytes(b) => b,
+            MinFree::Percent(p) => capacity.map_or(0, |c| (c as f64 * p / 100.0) as u64),
+        }
+    }
 }
 
 /// `[repo]` or `[[repo]]`. Decided on the raw value, so that an unknown or
@@ -233,11 +338,27 @@ impl Default for RepoConfig {
             retention_monthly: 0,
             retention_yearly: 0,
             retention_timezone: "UTC".into(),
+            quota: String::new(),
+            min_free_space: DEFAULT_MIN_FREE_SPACE.into(),
         }
     }
 }
 
 impl RepoConfig {
+    /// The configured quota in bytes; None: none (empty or 0). Checked by
+    /// `Config::validate`, so a bad value here is none.
+    pub fn quota_bytes(&self) -> Option<u64> {
+        match self.quota.trim() {
+            "" => None,
+            q => parse_size(q).ok().filter(|b| *b > 0),
+        }
+    }
+
+    /// The configured minimum free space (checked by `Config::validate`).
+    pub fn min_free(&self) -> MinFree {
+        MinFree::parse(&self.min_free_space).unwrap_or(MinFree::Bytes(0))
+    }
+
     /// The retention policy this repository's configuration sets.
     pub fn retention_policy(&self) -> std::result::Result<crate::retention::Policy, String> {
         let timezone = self.retention_timezone.parse().map_err(|_| {
@@ -335,6 +456,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("repo", "retention_monthly"),
     ("repo", "retention_yearly"),
     ("repo", "retention_timezone"),
+    ("repo", "quota"),
+    ("repo", "min_free_space"),
     ("encryption", "mode"),
     ("encryption", "passphrase_file"),
     ("encryption", "key_cache"),
@@ -633,6 +756,8 @@ impl Config {
             "retention_monthly" => r.retention_monthly = parse(name, v, "a whole number")?,
             "retention_yearly" => r.retention_yearly = parse(name, v, "a whole number")?,
             "retention_timezone" => r.retention_timezone = v.into(),
+            "quota" => r.quota = v.into(),
+            "min_free_space" => r.min_free_space = v.into(),
             _ => return Err(Error::Config(format!("unknown key repo.{key} ({name})"))),
         }
         Ok(())
@@ -696,6 +821,12 @@ impl Config {
             }
             r.retention_policy()
                 .map_err(|e| Error::Config(format!("{at}: {e}")))?;
+            if !r.quota.trim().is_empty() {
+                parse_size(&r.quota)
+                    .map_err(|e| Error::Config(format!("{}: {e}", at_key("quota"))))?;
+            }
+            MinFree::parse(&r.min_free_space)
+                .map_err(|e| Error::Config(format!("{}: {e}", at_key("min_free_space"))))?;
             match r.kind.as_str() {
                 "posix" => {
                     if !r.path.is_absolute() {
@@ -996,5 +1127,45 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("conditional_writes"), "{e}");
+    }
+
+    #[test]
+    fn sizes_quota_and_min_free_space() {
+        assert_eq!(parse_size("1048576"), Ok(1 << 20));
+        assert_eq!(parse_size("500GiB"), Ok(500 << 30));
+        assert_eq!(parse_size("10GB"), Ok(10_000_000_000));
+        assert_eq!(parse_size(" 1.5 tib "), Ok(3 << 39));
+        assert!(parse_size("100000TiB").is_ok());
+        assert!(parse_size("20000000PiB").is_err());
+        assert!(parse_size("99999999999999999999").is_err());
+        assert!(parse_size("GiB").is_err());
+        assert!(parse_size("5 apples").is_err());
+        assert!(parse_size("-1").is_err());
+        assert_eq!(MinFree::parse("5%"), Ok(MinFree::Percent(5.0)));
+        assert!(MinFree::parse("100%").is_err());
+        assert_eq!(MinFree::Percent(5.0).bytes(Some(1000)), 50);
+        assert_eq!(MinFree::Percent(5.0).bytes(None), 0);
+        assert_eq!(MinFree::parse("0"), Ok(MinFree::Bytes(0)));
+        let c = load("[repo]\npath = \"/r\"\nquota = 1000\n", &[]).unwrap();
+        assert_eq!(c.primary().quota_bytes(), Some(1000));
+        assert_eq!(c.primary().min_free(), MinFree::Percent(5.0));
+        let c = load(
+            "[repo]\npath = \"/r\"\n",
+            &[
+                ("WALSHIPPER_REPO_QUOTA", "2MiB"),
+                ("WALSHIPPER_REPO_MIN_FREE_SPACE", "1MB"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.primary().quota_bytes(), Some(2 << 20));
+        assert_eq!(c.primary().min_free(), MinFree::Bytes(1_000_000));
+        let e = load("[repo]\npath = \"/r\"\nmin_free_space = \"lots\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("min_free_space"), "{e}");
+        let e = load("[repo]\npath = \"/r\"\nquota = \"5 apples\"\n", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("quota"), "{e}");
     }
 }

@@ -944,8 +944,16 @@ impl Repository {
     /// manifest its key names). A storage error (the store did not answer)
     /// is an error, not damage: it says nothing about the object.
     pub fn scan_backups(&self) -> Result<BackupScan> {
+        self.scan_backups_sized().map(|(scan, _)| scan)
+    }
+
+    /// `scan_backups`, and the bytes of every object its listing of
+    /// backups/ found (info's stored bytes: one listing, not two).
+    pub fn scan_backups_sized(&self) -> Result<(BackupScan, u64)> {
         let mut scan = BackupScan::default();
+        let mut listed: u64 = 0;
         for meta in self.storage.list(layout::BACKUPS_PREFIX)? {
+            listed = listed.saturating_add(meta.size);
             match layout::parse(&meta.key) {
                 Some(layout::ObjectName::Backup {
                     part: layout::BackupPart::Manifest,
@@ -976,7 +984,7 @@ impl Repository {
                 m.id.clone(),
             )
         });
-        Ok(scan)
+        Ok((scan, listed))
     }
 
     /// Reads and checks the manifest at `key`. Damage (undecodable, too

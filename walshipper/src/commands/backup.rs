@@ -56,6 +56,97 @@ fn reference_backup(backups: &[Manifest], kind: &str) -> Option<Manifest> {
     }
 }
 
+/// A first diff or incr (none of that type yet) is estimated at this share
+/// of the full backup it builds on: an estimate, not a bound.
+const FIRST_DELTA_SHARE: f64 = 0.25;
+
+/// What a backup of `kind` is expected to store, and where that comes
+/// from: the newest backup of that type in this repository; a first full,
+/// the data directory's files as a base backup copies them (an upper
+/// bound: compression only shrinks them); a first diff or incr, a share of
+/// the newest full's. None: unknown (the data directory cannot be read).
+fn estimate(cfg: &Config, backups: &[Manifest], kind: &str) -> (Option<u64>, String) {
+    if let Some(m) = backups.iter().rev().find(|m| m.kind == kind) {
+        return (
+            Some(m.stored_size),
+            format!("the stored size of the newest {kind} backup, {}", m.id),
+        );
+    }
+    if kind != "full" {
+        if let Some(f) = backups.iter().rev().find(|m| m.kind == "full") {
+            return (
+                Some((f.stored_size as f64 * FIRST_DELTA_SHARE) as u64),
+                format!(
+                    "a first {kind} backup, a quarter of the stored size of full backup {}",
+                    f.id
+                ),
+            );
+        }
+    }
+    match pgdata::scan(&cfg.pg.data_dir) {
+        Ok(s) => (
+            Some(s.files.iter().fold(0u64, |a, f| a.saturating_add(f.size))),
+            "the first full backup, the size of the data directory (an upper bound: compression only shrinks it)".into(),
+        ),
+        Err(e) => {
+            tracing::warn!("the size of this first full backup is unknown: {e}");
+            (None, "unknown".into())
+        }
+    }
+}
+
+/// Refuses a backup that would leave repository `rc` with less than its
+/// `min_free_space` (exit code 8, `no_space`). A repository whose free
+/// space is unknown (s3 without a quota) is never refused, nor one with
+/// `min_free_space = 0`.
+fn check_free_space(
+    cfg: &Config,
+    rc: &crate::config::RepoConfig,
+    repo: &Repository,
+    backups: &[Manifest],
+    kind: &str,
+) -> Result<()> {
+    use crate::commands::info::human;
+    if rc.min_free() == crate::config::MinFree::Bytes(0) {
+        return Ok(());
+    }
+    let space = repo.storage.space().unwrap_or_else(|e| {
+        tracing::warn!("repository {}: its free space is unknown: {e}", rc.name);
+        None
+    });
+    let cap = crate::storage::capacity(rc, space, || {
+        crate::storage::stored_bytes(repo.storage.as_ref())
+    })?;
+    let Some(free) = cap.free else {
+        return Ok(());
+    };
+    let (est, why) = estimate(cfg, backups, kind);
+    let needed = est.unwrap_or(0).saturating_add(cap.min_free);
+    tracing::debug!(
+        "repository {}: {free} bytes free, this {kind} backup expected to store {est:?} ({why}), min_free_space {}",
+        rc.name,
+        cap.min_free
+    );
+    if free >= needed {
+        return Ok(());
+    }
+    let expected = match est {
+        Some(e) => format!("is expected to store about {} ({why})", human(e)),
+        None => "has an unknown size".into(),
+    };
+    Err(Error::NoSpace(format!(
+        "backup refused: repository {} has {} free out of {} ({}), and this {kind} backup {expected}, which would leave less than its min_free_space of {}",
+        rc.name,
+        human(free),
+        cap.capacity.map_or("unknown".to_string(), human),
+        match cap.source {
+            "quota" => "its quota",
+            _ => "its file system",
+        },
+        human(cap.min_free)
+    )))
+}
+
 pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     if !["full", "diff", "incr"].contains(&args.kind.as_str()) {
         return Err(Error::Invalid(format!(
@@ -106,6 +197,8 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         }
         None => "full".to_string(),
     };
+    // Before anything is written or PostgreSQL is asked to start a backup.
+    check_free_space(cfg, rc, &repo, &backups, &kind)?;
 
     let mut client = connect(cfg)?;
     let q1 = |client: &mut postgres::Client, sql: &str| -> Result<String> {

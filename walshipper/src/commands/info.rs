@@ -30,14 +30,25 @@ pub struct Info {
     /// Its recovery records (shown under `repositories`).
     #[serde(skip)]
     pub recoveries: Vec<crate::recovery_log::RecoveryRecord>,
+    /// Bytes of every object it holds, as listed (shown under `repositories`).
+    #[serde(skip)]
+    pub stored_bytes: u64,
+    /// When its current data key was created (encrypted repositories).
+    #[serde(skip)]
+    pub key_created_at: Option<String>,
+    /// Its capacity (`collect_repo`; None from `collect` alone, which has
+    /// no configuration to take a quota or minimum from).
+    #[serde(skip)]
+    pub capacity: Option<crate::storage::Capacity>,
 }
 
 /// One configured repository as `info --json` lists it under
 /// `repositories`: the extension reads these (docs/contract.md).
 pub use pg_backup_contract::RepoStatus as RepoSummary;
 
-/// A repository's line in `repositories`: what `collect` found, or why not.
-fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummary {
+/// A repository's line in `repositories` (what the extension stores in
+/// backup.repository_status): what `collect_repo` found, or why not.
+pub fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummary {
     let mut s = RepoSummary {
         name: rc.name.clone(),
         kind: rc.kind.clone(),
@@ -51,8 +62,8 @@ fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummar
         last_backup_stop_time: None,
         backup_ids: Vec::new(),
         recoveries: Vec::new(),
-        // Capacity, encryption and the oldest backup: set by issue 15's
-        // capacity work (see docs/contract.md).
+        // Unknown until the repository answers (below).
+        capacity_source: "none".into(),
         ..Default::default()
     };
     if let Ok(i) = info {
@@ -63,8 +74,105 @@ fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSummar
         s.last_backup = i.backups.last().map(|b| b.id.clone());
         s.last_backup_stop_time = i.backups.last().map(|b| b.stop_time.clone());
         s.recoveries = i.recoveries.clone();
+        s.stored_bytes = i.stored_bytes;
+        s.encryption = i.encryption.clone();
+        s.key_created_at = i.key_created_at.clone();
+        s.first_backup_stop_time = i.backups.first().map(|b| b.stop_time.clone());
+        if let Some(c) = &i.capacity {
+            s.capacity_bytes = c.capacity;
+            s.free_bytes = c.free;
+            s.capacity_source = c.source.to_string();
+            s.min_free_bytes = c.min_free;
+        }
     }
     s
+}
+
+/// Opens repository `rc`, collects its info, recovery records (after
+/// `recoveries_after`) and capacity: everything `summary_of` reports.
+pub fn collect_repo(
+    cfg: &Config,
+    rc: &crate::config::RepoConfig,
+    recoveries_after: Option<&str>,
+) -> Result<Info> {
+    let r = Repository::open_repo(cfg, rc)?;
+    let mut i = collect(&r)?;
+    i.recoveries = recoveries_of(&r, recoveries_after);
+    i.capacity = Some(capacity_of(rc, &r, i.stored_bytes));
+    Ok(i)
+}
+
+/// The capacity of `repo` (configured as `rc`) holding `stored` bytes. A
+/// file system that cannot be asked counts as unknown: info still reports
+/// the rest.
+pub fn capacity_of(
+    rc: &crate::config::RepoConfig,
+    repo: &Repository,
+    stored: u64,
+) -> crate::storage::Capacity {
+    let space = repo.storage.space().unwrap_or_else(|e| {
+        tracing::warn!("repository {}: its free space is unknown: {e}", repo.name);
+        None
+    });
+    // `stored` is known already: this cannot fail.
+    crate::storage::capacity(rc, space, || Ok(stored)).unwrap_or(crate::storage::Capacity {
+        capacity: None,
+        free: None,
+        source: "none",
+        min_free: 0,
+    })
+}
+
+/// Bytes under the prefixes `collect` does not list for its own sake
+/// (keys, recovery records, locks, expiry markers) and the descriptor. A
+/// listing that fails is left out (logged): info still reports the rest.
+fn other_stored_bytes(repo: &Repository) -> u64 {
+    let mut n = match repo.storage.head(layout::DESCRIPTOR) {
+        Ok(m) => m.map_or(0, |m| m.size),
+        Err(e) => {
+            tracing::warn!(
+                "repository {}: stored bytes without the descriptor: {e}",
+                repo.name
+            );
+            0
+        }
+    };
+    for p in [
+        layout::KEYS_PREFIX,
+        layout::RECOVERIES_PREFIX,
+        layout::LOCKS_PREFIX,
+        layout::EXPIRED_PREFIX,
+    ] {
+        match repo.storage.list(p) {
+            Ok(objects) => {
+                for o in objects {
+                    n = n.saturating_add(o.size);
+                }
+            }
+            Err(e) => tracing::warn!("repository {}: stored bytes without {p}: {e}", repo.name),
+        }
+    }
+    n
+}
+
+/// When the data key new objects are sealed with was created (its key
+/// file's created_at); None when unencrypted or unreadable (logged: info
+/// still reports the rest, verify names a bad key file).
+fn key_created_at(repo: &Repository) -> Option<String> {
+    let id = repo.descriptor.current_key_id.as_deref()?;
+    let read = repo
+        .read_raw(&layout::key_file(id))
+        .and_then(|b| crate::keys::KeyFile::parse(id, &b));
+    match read {
+        Ok(f) => Some(f.created_at),
+        Err(e) => {
+            tracing::warn!(
+                "repository {}: its current key file cannot be read: {e}",
+                repo.name
+            );
+            None
+        }
+    }
 }
 
 /// The recovery records of `repo` after `after` (recovery_log::list). A
@@ -244,7 +352,12 @@ pub fn collect(repo: &Repository) -> Result<Info> {
             gaps,
         });
     }
-    let scan = repo.scan_backups()?;
+    let (scan, backups_bytes) = repo.scan_backups_sized()?;
+    // The listings above, not another of everything.
+    let stored_bytes = wal_info
+        .size_stored
+        .saturating_add(backups_bytes)
+        .saturating_add(other_stored_bytes(repo));
     let backups = scan
         .backups
         .into_iter()
@@ -280,7 +393,28 @@ pub fn collect(repo: &Repository) -> Result<Info> {
         wal: wal_info,
         repositories: Vec::new(),
         recoveries: Vec::new(),
+        stored_bytes,
+        key_created_at: key_created_at(repo),
+        capacity: None,
     })
+}
+
+/// Capacity, free space and the minimum a backup leaves, in words.
+fn capacity_line(c: &crate::storage::Capacity) -> String {
+    let room = match (c.capacity, c.free) {
+        (Some(t), Some(f)) => format!("{} free of {} ({})", human(f), human(t), c.source),
+        _ => "unknown (no file system to ask and no quota configured)".to_string(),
+    };
+    if c.min_free == 0 {
+        format!("{room}; backups do not check the free space")
+    } else {
+        let low = if c.free.is_some_and(|f| f < c.min_free) {
+            " — BELOW IT: backups are refused"
+        } else {
+            ""
+        };
+        format!("{room}; backups leave {} free{low}", human(c.min_free))
+    }
 }
 
 /// Recovery records the human `info` shows.
@@ -319,11 +453,7 @@ pub fn run(
             infos.push(Err(crate::error::Error::Invalid("not asked for".into())));
             continue;
         }
-        infos.push(Repository::open_repo(cfg, rc).and_then(|r| {
-            let mut i = collect(&r)?;
-            i.recoveries = recoveries_of(&r, recoveries_after);
-            Ok(i)
-        }));
+        infos.push(collect_repo(cfg, rc, recoveries_after));
     }
     let summaries: Vec<RepoSummary> = cfg
         .repos
@@ -371,6 +501,13 @@ pub fn run(
         println!("encryption        NONE — this repository is NOT encrypted: anyone who can read it can read the data");
     }
     println!("created           {}", info.created_at);
+    if let Some(k) = &info.key_created_at {
+        println!("current key       created {k}");
+    }
+    println!("stored            {}", human(info.stored_bytes));
+    if let Some(c) = &info.capacity {
+        println!("capacity          {}", capacity_line(c));
+    }
     let w = &info.wal;
     let ratio = if w.size_stored > 0 {
         w.size_plain as f64 / w.size_stored as f64
@@ -483,8 +620,15 @@ pub fn run(
     if info.repositories.len() > 1 {
         println!();
         println!(
-            "{:<12} {:<6} {:<40} {:>9} {:<25} last backup",
-            "repository", "type", "location", "segments", "last WAL"
+            "{:<12} {:<6} {:<40} {:>9} {:<25} {:<18} {:>10} {:>10}",
+            "repository",
+            "type",
+            "location",
+            "segments",
+            "last WAL",
+            "last backup",
+            "stored",
+            "free"
         );
         for r in &info.repositories {
             if let Some(e) = &r.error {
@@ -495,13 +639,15 @@ pub fn run(
                 continue;
             }
             println!(
-                "{:<12} {:<6} {:<40} {:>9} {:<25} {}",
+                "{:<12} {:<6} {:<40} {:>9} {:<25} {:<18} {:>10} {:>10}",
                 r.name,
                 r.kind,
                 r.location,
                 r.segments,
                 r.last_wal.as_deref().unwrap_or("-"),
-                r.last_backup.as_deref().unwrap_or("-")
+                r.last_backup.as_deref().unwrap_or("-"),
+                human(r.stored_bytes),
+                r.free_bytes.map_or("unknown".to_string(), human)
             );
         }
     }

@@ -20,6 +20,68 @@ pub struct ObjectMeta {
     pub modified: Option<std::time::SystemTime>,
 }
 
+/// A file system's size and the bytes an unprivileged user may still write
+/// there (what walshipper, not root, can use).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Space {
+    pub total: u64,
+    pub available: u64,
+}
+
+/// A repository's capacity as `info` and the check before a backup see it
+/// (docs/operations.md, "Storage capacity").
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Capacity {
+    /// What it may hold in all; None: unknown.
+    pub capacity: Option<u64>,
+    /// What is left; None: unknown.
+    pub free: Option<u64>,
+    /// `filesystem`, `quota` or `none` (docs/contract.md).
+    pub source: &'static str,
+    /// The configured minimum free space, in bytes, for that capacity.
+    pub min_free: u64,
+}
+
+/// The capacity of a repository: its file system (`space`), capped by a
+/// configured quota; with a quota, `stored` (the bytes it holds) is taken
+/// from it. `stored` is only read when a quota is configured.
+pub fn capacity(
+    cfg: &RepoConfig,
+    space: Option<Space>,
+    stored: impl FnOnce() -> Result<u64>,
+) -> Result<Capacity> {
+    let (capacity, free, source) = match (space, cfg.quota_bytes()) {
+        (None, None) => (None, None, "none"),
+        (Some(s), None) => (Some(s.total), Some(s.available), "filesystem"),
+        (space, Some(q)) => {
+            let left = q.saturating_sub(stored()?);
+            match space {
+                // The file system is the smaller bound: it decides.
+                Some(s) if s.total < q => {
+                    (Some(s.total), Some(s.available.min(left)), "filesystem")
+                }
+                Some(s) => (Some(q), Some(s.available.min(left)), "quota"),
+                None => (Some(q), Some(left), "quota"),
+            }
+        }
+    };
+    Ok(Capacity {
+        capacity,
+        free,
+        source,
+        min_free: cfg.min_free().bytes(capacity),
+    })
+}
+
+/// Bytes of every object under the repository, as listed (one listing of
+/// everything: for the check before a backup, when a quota needs it).
+pub fn stored_bytes(storage: &dyn Storage) -> Result<u64> {
+    Ok(storage
+        .list("")?
+        .iter()
+        .fold(0u64, |a, o| a.saturating_add(o.size)))
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum PutOutcome {
     Stored,
@@ -88,6 +150,11 @@ pub trait Storage: Send + Sync {
         let _ = expected;
         Err(no_versions(self, key))
     }
+    /// The size of what holds the objects and the room left in it, as the
+    /// backend knows (posix: the file system); None: unknown (s3).
+    fn space(&self) -> Result<Option<Space>> {
+        Ok(None)
+    }
     /// How create-if-absent writes are protected on this store, in words.
     /// `probe`: test the store now (and keep the verdict) where that applies.
     fn conditional_writes(&self, probe: bool) -> Result<String> {
@@ -118,4 +185,58 @@ pub fn open(cfg: &RepoConfig) -> Result<Box<dyn Storage>> {
     } else {
         driver
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn capacity_from_file_system_and_quota() {
+        let fs = Some(Space {
+            total: 1000,
+            available: 300,
+        });
+        let mut rc = RepoConfig::default();
+        // The file system alone; the default minimum is 5 % of it. A
+        // listing is never asked for without a quota.
+        let c = capacity(&rc, fs, || panic!("listed without a quota")).unwrap();
+        assert_eq!(
+            (c.capacity, c.free, c.source, c.min_free),
+            (Some(1000), Some(300), "filesystem", 50)
+        );
+        // A quota below the file system's size caps both.
+        rc.quota = "500".into();
+        let c = capacity(&rc, fs, || Ok(400)).unwrap();
+        assert_eq!(
+            (c.capacity, c.free, c.source),
+            (Some(500), Some(100), "quota")
+        );
+        // Above it, the file system decides.
+        rc.quota = "5000".into();
+        let c = capacity(&rc, fs, || Ok(400)).unwrap();
+        assert_eq!(
+            (c.capacity, c.free, c.source),
+            (Some(1000), Some(300), "filesystem")
+        );
+        // s3: the quota only; more stored than the quota is no room, not an underflow.
+        rc.quota = "1KiB".into();
+        rc.min_free_space = "100".into();
+        let c = capacity(&rc, None, || Ok(2000)).unwrap();
+        assert_eq!(
+            (c.capacity, c.free, c.source, c.min_free),
+            (Some(1024), Some(0), "quota", 100)
+        );
+        // Nothing to measure against: unknown, and a percent minimum is 0.
+        rc.quota = String::new();
+        rc.min_free_space = "5%".into();
+        let c = capacity(&rc, None, || panic!("listed without a quota")).unwrap();
+        assert_eq!(
+            (c.capacity, c.free, c.source, c.min_free),
+            (None, None, "none", 0)
+        );
+        // A listing that fails is the caller's error.
+        rc.quota = "1GiB".into();
+        assert!(capacity(&rc, None, || Err(crate::error::Error::Invalid("x".into()))).is_err());
+    }
 }

@@ -364,6 +364,34 @@ impl Storage for PosixStorage {
     fn describe(&self) -> String {
         format!("posix:{}", self.root.display())
     }
+
+    fn space(&self) -> Result<Option<super::Space>> {
+        fs_space(&self.root)
+            .map(Some)
+            .map_err(|e| err("statvfs", "", e))
+    }
+}
+
+/// The size of the file system holding `p` (f_blocks) and what an
+/// unprivileged user may still write there (f_bavail, not f_bfree: the
+/// blocks reserved for root are not walshipper's to use).
+pub fn fs_space(p: &Path) -> io::Result<super::Space> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(p.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs with a NUL-terminated path and a zeroed struct it fills.
+    let st = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut st) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+        st
+    };
+    let frsize = st.f_frsize as u64;
+    Ok(super::Space {
+        total: (st.f_blocks as u64).saturating_mul(frsize),
+        available: (st.f_bavail as u64).saturating_mul(frsize),
+    })
 }
 
 #[cfg(test)]

@@ -174,6 +174,9 @@ impl Storage for Throttled {
     fn delete_versioned(&self, key: &str, expected: &str) -> Result<bool> {
         self.inner.delete_versioned(key, expected)
     }
+    fn space(&self) -> Result<Option<super::Space>> {
+        self.inner.space()
+    }
     fn conditional_writes(&self, probe: bool) -> Result<String> {
         self.inner.conditional_writes(probe)
     }
