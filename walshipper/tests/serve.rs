@@ -215,17 +215,10 @@ fn metric_names_in(expr: &str) -> Vec<String> {
     out
 }
 
-/// Metrics that exist only with data this test does not make: the
-/// repository's size and capacity figures (NULL in backup.repository_status
-/// until the scheduler's refresh records them from info --json; a known
-/// capacity; sql/capacity.sql's view).
+/// Metrics that exist only with history this test does not make: growth
+/// needs storage samples spread over time (sql/capacity.sql), and a
+/// projection a repository that grows.
 const CONDITIONAL: &[&str] = &[
-    "pg_backup_repository_stored_bytes",
-    "pg_backup_repository_min_free_bytes",
-    "pg_backup_repository_first_backup_stop_timestamp_seconds",
-    "pg_backup_repository_capacity_bytes",
-    "pg_backup_repository_free_bytes",
-    "pg_backup_repository_used_ratio",
     "pg_backup_repository_growth_bytes_per_day",
     "pg_backup_repository_projected_full_timestamp_seconds",
 ];
@@ -626,6 +619,40 @@ fn metrics_auth_health_and_a_real_prometheus() {
                 .then_some(())
                 .ok_or(format!("metrics {got:?}, catalog {before:?}"))
         },
+    );
+    // The repository's size and room: the catalog's (info --json's, as
+    // the scheduler's last refresh recorded them).
+    eventually(
+        "repository figures match the catalog",
+        Duration::from_secs(30),
+        || {
+            let q = "SELECT concat_ws(' ', coalesce(stored_bytes::text, '-'), coalesce(capacity_bytes::text, '-'), \
+                        coalesce(free_bytes::text, '-'), coalesce(min_free_bytes::text, '-')) \
+                   FROM backup.repository_status WHERE name = 'repo1'";
+            let before = c.sql(q);
+            let m = samples(&scrape().body);
+            if c.sql(q) != before {
+                return Err("the catalog moved".into());
+            }
+            let got: Vec<String> = ["stored", "capacity", "free", "min_free"]
+                .iter()
+                .map(|n| {
+                    m.get(&format!(
+                        "pg_backup_repository_{n}_bytes{{repository=\"repo1\"}}"
+                    ))
+                    .map(|v| v.to_string())
+                    .unwrap_or("-".into())
+                })
+                .collect();
+            (got.join(" ") == before)
+                .then_some(())
+                .ok_or(format!("metrics {got:?}, catalog {before:?}"))
+        },
+    );
+    assert!(
+        !c.sql("SELECT stored_bytes FROM backup.repository_status WHERE name = 'repo1'")
+            .is_empty(),
+        "the scheduler records the repository's size"
     );
     // Every alert kind and severity is present, 0 when none.
     let kinds = m
