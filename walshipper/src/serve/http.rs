@@ -418,6 +418,58 @@ mod tests {
         ));
     }
 
+    /// A real socket: answers, HEAD without a body, a head too large,
+    /// and a stop that ends `serve`.
+    #[test]
+    fn serves_and_stops() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = AtomicBool::new(false);
+        let ask = |raw: &[u8]| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(raw).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        std::thread::scope(|scope| {
+            let server = scope.spawn(|| {
+                serve(
+                    listener,
+                    2,
+                    &stop,
+                    || 0u32,
+                    |n, req| {
+                        *n += 1;
+                        Response::text(200, format!("{} {}", req.path, n))
+                    },
+                )
+            });
+            let got = ask(b"GET /a%20b HTTP/1.1\r\nHost: x\r\n\r\n");
+            assert!(got.starts_with("HTTP/1.1 200 OK\r\n"), "{got}");
+            assert!(
+                got.contains("\r\nX-Content-Type-Options: nosniff\r\n"),
+                "{got}"
+            );
+            // The path decoded; the worker's own state counted the request.
+            assert!(got.ends_with("\r\n\r\n/a b 1\n"), "{got}");
+            let head = ask(b"HEAD / HTTP/1.1\r\n\r\n");
+            assert!(
+                head.starts_with("HTTP/1.1 200 OK") && head.ends_with("\r\n\r\n"),
+                "{head}"
+            );
+            let mut long = b"GET /".to_vec();
+            long.extend(std::iter::repeat_n(b'a', MAX_HEAD + 10));
+            assert!(ask(&long).starts_with("HTTP/1.1 414 "));
+            let mut big = b"GET / HTTP/1.1\r\n".to_vec();
+            big.extend(std::iter::repeat_n(b'h', MAX_HEAD + 10));
+            assert!(ask(&big).starts_with("HTTP/1.1 431 "));
+            assert!(ask(b"GET / HTTP/1.1 extra\r\n\r\n").starts_with("HTTP/1.1 400 "));
+            stop.store(true, Ordering::SeqCst);
+            server.join().unwrap();
+        });
+    }
+
     #[test]
     fn percent_decoding() {
         assert_eq!(percent_decode("a%2Fb%zz%", false), "a/b%zz%");
