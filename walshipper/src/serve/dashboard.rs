@@ -974,6 +974,25 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
                 color: charts::RED,
             });
         }
+        // The figures now, in words: a few MiB stored under a capacity
+        // of hundreds of GiB is a flat line on the chart.
+        if let Some(last) = mine.last() {
+            let room = match (last.3, last.4) {
+                (Some(c), Some(f)) if c > 0.0 => format!(
+                    " · {} free of {} ({:.1} % used)",
+                    charts::bytes(f),
+                    charts::bytes(c),
+                    100.0 * (c - f) / c
+                ),
+                _ => " · capacity unknown".into(),
+            };
+            let _ = write!(
+                p,
+                "<div class=\"note\"><b>{} stored</b>{}</div>",
+                esc(&charts::bytes(last.2)),
+                esc(&room)
+            );
+        }
         let t0 = mine.iter().map(|u| u.1).fold(now, f64::min);
         p.push_str(&charts::line_chart(
             &format!("Storage of {name} over time"),
