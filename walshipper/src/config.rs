@@ -473,6 +473,18 @@ pub const KEYS: &[(&str, &str)] = &[
     ("restore_test", "io_class"),
     ("restore_test", "check_timeout"),
     ("restore_test", "shared_buffers"),
+    ("serve", "listen"),
+    ("serve", "token_file"),
+    ("serve", "basic_auth_user"),
+    ("serve", "basic_auth_password_file"),
+    ("serve", "host"),
+    ("serve", "port"),
+    ("serve", "user"),
+    ("serve", "database"),
+    ("serve", "password_file"),
+    ("serve", "statement_timeout"),
+    ("serve", "info_interval"),
+    ("serve", "workers"),
 ];
 
 /// Environment variables with a meaning of their own (not config keys).
@@ -720,6 +732,22 @@ impl Config {
                 self.restore_test.check_timeout = parse(name, v, "a number of seconds")?
             }
             ("restore_test", "shared_buffers") => self.restore_test.shared_buffers = v.into(),
+            ("serve", "listen") => self.serve.listen = v.into(),
+            ("serve", "token_file") => self.serve.token_file = v.into(),
+            ("serve", "basic_auth_user") => self.serve.basic_auth_user = v.into(),
+            ("serve", "basic_auth_password_file") => self.serve.basic_auth_password_file = v.into(),
+            ("serve", "host") => self.serve.host = v.into(),
+            ("serve", "port") => self.serve.port = parse(name, v, "a port number")?,
+            ("serve", "user") => self.serve.user = v.into(),
+            ("serve", "database") => self.serve.database = v.into(),
+            ("serve", "password_file") => self.serve.password_file = v.into(),
+            ("serve", "statement_timeout") => {
+                self.serve.statement_timeout = parse(name, v, "a number of seconds")?
+            }
+            ("serve", "info_interval") => {
+                self.serve.info_interval = parse(name, v, "a number of seconds")?
+            }
+            ("serve", "workers") => self.serve.workers = parse(name, v, "a number of threads")?,
             _ => return Err(Error::Config(format!("unknown key {section}.{key}"))),
         }
         Ok(())
