@@ -300,8 +300,6 @@ impl Smtp {
             l.local_addr().unwrap().port()
         };
         let mut child = Command::new(PYTHON)
-            // aiosmtpd 1.4 warns of its own deprecated attribute on each login.
-            .env("PYTHONWARNINGS", "ignore")
             .arg(d.join("sink.py"))
             .arg(&dir)
             .arg(cert)
@@ -310,6 +308,7 @@ impl Smtp {
             .args([SMTP_USER, SMTP_PASSWORD])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(d.join("sink.log")).unwrap())
             .spawn()
             .unwrap();
         let mut line = String::new();
@@ -354,6 +353,40 @@ impl Smtp {
             .iter()
             .filter(|(s, _)| s.starts_with(prefix))
             .count()
+    }
+}
+
+/// `walshipper serve`, killed when dropped; its log in serve.log.
+struct Serve(Child);
+
+impl Serve {
+    fn start(shipper: &Shipper, d: &Path) -> Serve {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("serve.log"))
+            .unwrap();
+        Serve(
+            shipper
+                .cmd()
+                .arg("serve")
+                .env("WALSHIPPER_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(log)
+                .spawn()
+                .unwrap(),
+        )
+    }
+
+    fn stop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
 
@@ -471,16 +504,11 @@ fn alerts_go_out_by_webhook_and_email_once_each_retried_and_given_up() {
     start_with_extension(&shipper, &c);
     c.sql("CREATE ROLE notifier LOGIN");
     c.sql("SELECT backup.grant_notifier('notifier')");
-    // The notifier runs as that role, in its own threads.
-    let mut cfg = walshipper::config::Config::load_with_env(
-        Some(&shipper.config),
-        Vec::<(String, String)>::new(),
-    )
-    .unwrap();
-    cfg.pg.user = "notifier".into();
-    walshipper::notify::spawn(&cfg)
-        .unwrap()
-        .expect("a notifier thread");
+    // walshipper serve runs the notifier, connected as that role.
+    let mut config = std::fs::read_to_string(&shipper.config).unwrap();
+    config.push_str("[serve]\nlisten = \"127.0.0.1:0\"\nuser = \"notifier\"\n");
+    std::fs::write(&shipper.config, config).unwrap();
+    let mut serve = Serve::start(&shipper, d);
 
     // A job overdue (created long ago, never succeeded) whose backup fails
     // (its configuration is missing), then succeeds.
@@ -743,6 +771,48 @@ fn alerts_go_out_by_webhook_and_email_once_each_retried_and_given_up() {
                 && v["event"] == "resolved"
         })
     });
+    // A restart sends nothing twice: the deliveries are in the catalog. A
+    // channel sends in order, so once a new test has arrived, anything
+    // resent would have too.
+    serve.stop();
+    let hook_calls = rx.on("/hook").len();
+    let mails = smtp.mails().len();
+    let mut serve = Serve::start(&shipper, d);
+    let id = c.sql("SELECT backup.notification_test('hook')");
+    wait_for(
+        &c,
+        &format!("SELECT status FROM backup.notification_deliveries WHERE event_id = {id}"),
+        "sent",
+        Duration::from_secs(20),
+    );
+    assert!(rx.on("/hook").len() > hook_calls);
+    assert!(smtp.mails().len() >= mails);
+    for (kind, raised) in [
+        ("backup_failed", "CRITICAL"),
+        ("job_overdue", "WARNING"),
+        ("archive_failing", "CRITICAL"),
+    ] {
+        assert_eq!(rx.count("/hook", kind, "raised"), 1, "{kind}");
+        assert_eq!(rx.count("/hook", kind, "resolved"), 1, "{kind}");
+        assert_eq!(
+            smtp.count(&format!("[pg_backup] {raised} {kind} ")),
+            1,
+            "{kind}"
+        );
+        assert_eq!(
+            smtp.count(&format!("[pg_backup] RESOLVED {kind} ")),
+            1,
+            "{kind}"
+        );
+    }
+    serve.stop();
+    assert!(
+        !std::fs::read_to_string(d.join("serve.log"))
+            .unwrap()
+            .contains(SMTP_PASSWORD),
+        "a secret in the log"
+    );
+
     // One delivery id per event and channel, whatever the attempts.
     let ids: Vec<String> = rx
         .events("/hook")

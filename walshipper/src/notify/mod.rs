@@ -282,7 +282,7 @@ impl ClusterId {
         ClusterId {
             system_identifier: None,
             host: hostname(),
-            database: cfg.pg.database.clone(),
+            database: crate::catalog::target(cfg).database,
         }
     }
 }

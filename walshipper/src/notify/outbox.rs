@@ -65,9 +65,9 @@ fn channel_thread(cfg: &Config, i: usize) {
 
 fn run_channel(cfg: &Config, c: &ChannelConfig, connected: &mut bool) -> Result<()> {
     let mut client = crate::catalog::connect(cfg)?;
-    // A lock held on the catalog must not stall this thread for ever.
-    let setup = "SET application_name = 'walshipper notifier'; SET statement_timeout = '30s'; \
-                 LISTEN backup_notify";
+    // catalog::connect set a statement_timeout: a lock held on the catalog
+    // does not stall this thread for ever.
+    let setup = "SET application_name = 'walshipper notifier'; LISTEN backup_notify";
     client.batch_execute(setup).map_err(pg_err(setup))?;
     *connected = true;
     let mut cluster = ClusterId::local(cfg);
