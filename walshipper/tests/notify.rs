@@ -447,13 +447,18 @@ fn alerts_go_out_by_webhook_and_email_once_each_retried_and_given_up() {
     let mut config = std::fs::read_to_string(&shipper.config).unwrap();
     config.push_str(&format!(
         "[notify]\npoll_interval = 2\nmax_attempts = 3\nretry_backoff = 1\ntimeout = 3\n\
-         {}{}{}{}{}",
+         {}{}{}{}{}{}",
         hook("hook", ""),
         mail("mail", "smtp.password", ""),
         // Only failed backups, and they fail: 500, a hang, a wrong password.
         hook("flaky", "kinds = [\"backup_failed\"]\n"),
         hook("slow", "kinds = [\"backup_failed\"]\ntimeout = 4\n"),
         mail("badmail", "wrong.password", "kinds = [\"backup_failed\"]\n"),
+        // Only tests (no such alert here), one an hour.
+        hook(
+            "capped",
+            "kinds = [\"repository_almost_full\"]\nrate_limit = 1\n"
+        ),
     ));
     std::fs::write(&shipper.config, config).unwrap();
 
@@ -755,9 +760,11 @@ fn alerts_go_out_by_webhook_and_email_once_each_retried_and_given_up() {
             "SELECT string_agg(channel || ':' || status, ',' ORDER BY channel) FROM backup.notification_deliveries \
               WHERE event_id = {id} AND channel <> 'slow'"
         ),
-        "badmail:failed,flaky:sent,hook:sent,mail:sent",
+        "badmail:failed,capped:sent,flaky:sent,hook:sent,mail:sent",
         Duration::from_secs(40),
     );
+    // Over its rate limit, the next one waits (not sent, not lost).
+    let capped = c.sql("SELECT backup.notification_test('capped')");
     assert_eq!(
         rx.count("/hook", "notification_test", "test"),
         before_hook + 1
@@ -787,6 +794,22 @@ fn alerts_go_out_by_webhook_and_email_once_each_retried_and_given_up() {
     );
     assert!(rx.on("/hook").len() > hook_calls);
     assert!(smtp.mails().len() >= mails);
+    // (Besides notify-test's, which does not go through the catalog.)
+    let from_catalog = rx
+        .events("/capped")
+        .iter()
+        .filter(|v| !v["delivery_id"].as_str().unwrap().starts_with("test-"))
+        .count();
+    assert_eq!(from_catalog, 1);
+    assert_eq!(
+        c.sql(&format!(
+            "SELECT count(*) FROM backup.notification_pending('capped') WHERE event_id = {capped} AND NOT seen"
+        )),
+        "1"
+    );
+    assert!(std::fs::read_to_string(d.join("serve.log"))
+        .unwrap()
+        .contains("the channel's rate_limit"));
     for (kind, raised) in [
         ("backup_failed", "CRITICAL"),
         ("job_overdue", "WARNING"),

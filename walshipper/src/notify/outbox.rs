@@ -83,8 +83,9 @@ fn run_channel(cfg: &Config, c: &ChannelConfig, connected: &mut bool) -> Result<
         }
     }
     tracing::info!(channel = %c.name, "notifier: {} ready", super::describe(c));
+    let mut limited = false;
     loop {
-        let wait = cycle(&cfg.notify, c, &mut client, &cluster)?;
+        let wait = cycle(&cfg.notify, c, &mut client, &cluster, &mut limited)?;
         if wait.is_zero() {
             continue;
         }
@@ -121,6 +122,7 @@ fn cycle(
     c: &ChannelConfig,
     client: &mut postgres::Client,
     cluster: &ClusterId,
+    limited: &mut bool,
 ) -> Result<Duration> {
     let poll = Duration::from_secs(n.poll_interval);
     let rows = client
@@ -191,11 +193,19 @@ fn cycle(
             return Ok(Duration::from_secs_f64(secs));
         }
         if limit > 0 && sent_last_hour >= limit {
-            tracing::warn!(
-                channel = %c.name,
-                "notifier: {limit} messages sent in the last hour, the channel's rate_limit: the next wait (in order)"
-            );
+            // Said once when the limit is reached, not at every look.
+            if !*limited {
+                tracing::warn!(
+                    channel = %c.name,
+                    "notifier: {limit} messages sent in the last hour, the channel's rate_limit: the next wait (in order)"
+                );
+            }
+            *limited = true;
             return Ok(poll);
+        }
+        if *limited {
+            tracing::info!(channel = %c.name, "notifier: under the rate_limit again");
+            *limited = false;
         }
         let claim = "SELECT backup.notification_claim($1, $2, $3)";
         let attempt: Option<i32> = client
