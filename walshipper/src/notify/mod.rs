@@ -105,8 +105,9 @@ pub struct ChannelConfig {
     pub tls: String,
     pub username: String,
     pub password_file: PathBuf,
-    /// PEM certificates of a private CA the server's certificate is checked
-    /// against (besides the system's).
+    /// PEM certificates of a private CA. email: the server's certificate
+    /// is checked against them besides the system's CAs; webhook: against
+    /// them only (instead of the public CAs).
     pub tls_ca_file: PathBuf,
     pub from: String,
     pub to: Vec<String>,

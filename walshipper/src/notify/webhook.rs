@@ -152,7 +152,17 @@ pub(super) fn send(
     let ts = now.timestamp();
     let sig = signature(&secret, ts, body.as_bytes());
 
-    let agent: ureq::Agent = ureq::Agent::config_builder()
+    let mut config = ureq::Agent::config_builder();
+    if !c.tls_ca_file.as_os_str().is_empty() {
+        match private_roots(c, &at) {
+            Ok(roots) => {
+                config =
+                    config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
+            }
+            Err(e) => return Outcome::Fail(e),
+        }
+    }
+    let agent: ureq::Agent = config
         .timeout_global(Some(timeout))
         .timeout_connect(Some(timeout))
         .http_status_as_error(false)
@@ -216,6 +226,23 @@ pub(super) fn send(
             }
         }
     }
+}
+
+/// The certificates of `tls_ca_file`: the only CAs a receiver's
+/// certificate is checked against (an internal receiver's private CA).
+fn private_roots(c: &ChannelConfig, at: &str) -> Result<ureq::tls::RootCerts, String> {
+    let what = format!("{at} tls_ca_file {}", c.tls_ca_file.display());
+    let pem = std::fs::read(&c.tls_ca_file).map_err(|e| format!("{what}: {e}"))?;
+    let certs: Vec<ureq::tls::Certificate<'static>> = ureq::tls::parse_pem(&pem)
+        .filter_map(|item| match item {
+            Ok(ureq::tls::PemItem::Certificate(cert)) => Some(cert),
+            _ => None,
+        })
+        .collect();
+    if certs.is_empty() {
+        return Err(format!("{what}: no PEM certificate in it"));
+    }
+    Ok(ureq::tls::RootCerts::new_with_certs(&certs))
 }
 
 #[cfg(test)]
