@@ -11,7 +11,8 @@
 --     in for a built-in one: a planted public.make_interval() or operator
 --     never runs as the owner.
 -- backup.grant_operator(role) and backup.grant_monitor(role) give the roles
--- in one call each; backup.revoke_all(role) takes everything back.
+-- in one call each (backup.grant_notifier(role): walshipper's notifier);
+-- backup.revoke_all(role) takes everything back.
 
 DO $$
 DECLARE
