@@ -11,7 +11,8 @@
 --     in for a built-in one: a planted public.make_interval() or operator
 --     never runs as the owner.
 -- backup.grant_operator(role) and backup.grant_monitor(role) give the roles
--- in one call each; backup.revoke_all(role) takes everything back.
+-- in one call each (backup.grant_notifier(role): walshipper's notifier);
+-- backup.revoke_all(role) takes everything back.
 
 DO $$
 DECLARE
@@ -50,7 +51,21 @@ AS $$
         'backup.verify_run(text, boolean, text)',
         'backup.restore_test_run(text, timestamptz, text, boolean, text)',
         'backup.verification_cancel(bigint)',
-        'backup.recovery_cancel(bigint)'
+        'backup.recovery_cancel(bigint)',
+        'backup.notification_test(text)'
+    ]::regprocedure[]
+$$;
+
+-- What walshipper's notifier calls (sql/notifications.sql) besides what a
+-- monitor may read.
+CREATE FUNCTION backup._notifier_functions()
+RETURNS regprocedure[] LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT ARRAY[
+        'backup.notification_pending(text, integer)',
+        'backup.notification_sent_last_hour(text)',
+        'backup.notification_claim(bigint, text, integer)',
+        'backup.notification_done(bigint, text, text, text, integer)'
     ]::regprocedure[]
 $$;
 
@@ -146,6 +161,22 @@ BEGIN
 END
 $$;
 
+-- Owner only: role may monitor, and record what walshipper's notifier
+-- sends (the role walshipper serve connects as when [notify] has channels).
+CREATE FUNCTION backup.grant_notifier(role regrole)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    PERFORM backup.grant_monitor(role);
+    FOREACH f IN ARRAY backup._notifier_functions() LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
+    END LOOP;
+    PERFORM backup._audit('grant', 'role', role::text, '{"grant": "notifier"}');
+END
+$$;
+
 -- Owner only: takes back everything granted on the schema's objects.
 CREATE FUNCTION backup.revoke_all(role regrole)
 RETURNS void LANGUAGE plpgsql
@@ -172,6 +203,8 @@ $$;
 ALTER FUNCTION backup._operator_functions() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup._retention_functions() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup._table_restore_functions() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup._notifier_functions() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup.grant_notifier(regrole) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup._monitor_relations() SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.grant_monitor(regrole) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.grant_operator(regrole, boolean) SET search_path = pg_catalog, pg_temp;
@@ -180,4 +213,4 @@ ALTER FUNCTION backup.grant_table_restore(regrole) SET search_path = pg_catalog,
 REVOKE ALL ON FUNCTION backup._operator_functions(), backup._retention_functions(),
     backup._table_restore_functions(), backup._monitor_relations(),
     backup.grant_monitor(regrole), backup.grant_operator(regrole, boolean), backup.revoke_all(regrole),
-    backup.grant_table_restore(regrole) FROM PUBLIC;
+    backup.grant_table_restore(regrole), backup._notifier_functions(), backup.grant_notifier(regrole) FROM PUBLIC;

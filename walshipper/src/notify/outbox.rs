@@ -1,0 +1,259 @@
+//! The notifier: one thread per channel, each with its own catalog
+//! connection, so a receiver that hangs holds up only its own channel (and
+//! never the HTTP server or the scheduler, another process). Each thread
+//! LISTENs on backup_notify (sql/notifications.sql) and looks at the
+//! catalog at least every poll_interval; it takes its channel's events in
+//! order, records a skip for what the channel does not take, claims each
+//! delivery before sending it (another notifier leaves it alone) and
+//! records the outcome.
+
+use std::sync::Arc;
+
+use postgres::fallible_iterator::FallibleIterator;
+use std::time::Duration;
+
+use super::{route::route, send, ChannelConfig, ClusterId, Event, NotifyConfig, Outcome};
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::pg::pg_err;
+
+/// Starts the notifier: a supervising thread that runs (and joins) one
+/// thread per channel.
+pub fn spawn(cfg: &Config) -> Result<std::thread::JoinHandle<()>> {
+    let cfg = Arc::new(cfg.clone());
+    std::thread::Builder::new()
+        .name("notifier".into())
+        .spawn(move || {
+            let mut threads = Vec::new();
+            for i in 0..cfg.notify.channels.len() {
+                let cfg = Arc::clone(&cfg);
+                let name = cfg.notify.channels[i].name.clone();
+                match std::thread::Builder::new()
+                    .name(format!("notify-{name}"))
+                    .spawn(move || channel_thread(&cfg, i))
+                {
+                    Ok(t) => threads.push(t),
+                    Err(e) => {
+                        tracing::error!(channel = %name, "cannot start the notifier thread: {e}")
+                    }
+                }
+            }
+            for t in threads {
+                let _ = t.join();
+            }
+        })
+        .map_err(|e| Error::io("cannot start the notifier thread", e))
+}
+
+/// Runs channel `i` forever, reconnecting to the catalog with a growing
+/// pause when the connection fails.
+fn channel_thread(cfg: &Config, i: usize) {
+    let c = &cfg.notify.channels[i];
+    let mut pause = Duration::from_secs(1);
+    loop {
+        let mut connected = false;
+        if let Err(e) = run_channel(cfg, c, &mut connected) {
+            tracing::warn!(channel = %c.name, "notifier: {e}; again in {} s", pause.as_secs());
+        }
+        if connected {
+            pause = Duration::from_secs(1);
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(Duration::from_secs(60));
+    }
+}
+
+fn run_channel(cfg: &Config, c: &ChannelConfig, connected: &mut bool) -> Result<()> {
+    let mut client = crate::catalog::connect(cfg)?;
+    // catalog::connect set a statement_timeout: a lock held on the catalog
+    // does not stall this thread for ever.
+    let setup = "SET application_name = 'walshipper notifier'; LISTEN backup_notify";
+    client.batch_execute(setup).map_err(pg_err(setup))?;
+    *connected = true;
+    let mut cluster = ClusterId::local(cfg);
+    // Readable by members of pg_monitor and superusers; without it, the
+    // message names the host and database only.
+    let sysid = "SELECT system_identifier::text FROM pg_control_system()";
+    match client.query_one(sysid, &[]) {
+        Ok(r) => cluster.system_identifier = r.get(0),
+        Err(_) => {
+            client
+                .batch_execute("ROLLBACK")
+                .map_err(pg_err("ROLLBACK"))?;
+        }
+    }
+    tracing::info!(channel = %c.name, "notifier: {} ready", super::describe(c));
+    let mut limited = false;
+    loop {
+        let wait = cycle(&cfg.notify, c, &mut client, &cluster, &mut limited)?;
+        if wait.is_zero() {
+            continue;
+        }
+        // Woken by a new event, or the poll interval passes.
+        let mut n = client.notifications();
+        let woken = n
+            .timeout_iter(wait)
+            .next()
+            .map_err(pg_err("waiting for backup_notify"))?;
+        if woken.is_some() {
+            // Several events at once need one look.
+            let mut more = n.iter();
+            while more.next().map_err(pg_err("backup_notify"))?.is_some() {}
+        }
+    }
+}
+
+fn ts(v: Option<f64>) -> Option<chrono::DateTime<chrono::Utc>> {
+    v.and_then(|s| chrono::DateTime::from_timestamp_micros((s * 1e6).round() as i64))
+}
+
+const PENDING: &str =
+    "SELECT event_id, event, alert_id, kind, severity, subject, job, message, hint, \
+     details::text, extract(epoch FROM created_at)::float8, extract(epoch FROM raised_at)::float8, \
+     extract(epoch FROM resolved_at)::float8, attempts, ready, seen, \
+     extract(epoch FROM ready_at - now())::float8 \
+     FROM backup.notification_pending($1, $2)";
+const BATCH: i32 = 50;
+
+/// One look at the channel's pending events. Returns how long to wait
+/// before the next look.
+fn cycle(
+    n: &NotifyConfig,
+    c: &ChannelConfig,
+    client: &mut postgres::Client,
+    cluster: &ClusterId,
+    limited: &mut bool,
+) -> Result<Duration> {
+    let poll = Duration::from_secs(n.poll_interval);
+    let rows = client
+        .query(PENDING, &[&c.name, &BATCH])
+        .map_err(pg_err("backup.notification_pending"))?;
+    let limit = n.rate_limit_of(c) as i64;
+    let mut sent_last_hour: i64 = if limit > 0 {
+        let q = "SELECT backup.notification_sent_last_hour($1)";
+        client.query_one(q, &[&c.name]).map_err(pg_err(q))?.get(0)
+    } else {
+        0
+    };
+    let timeout = n.timeout_of(c);
+    // Long enough for one attempt (an SMTP exchange is several commands).
+    let lease = (timeout.as_secs() * 4 + 30) as i32;
+    let full = rows.len() as i32 == BATCH;
+    for row in &rows {
+        let ev = Event {
+            event_id: row.get(0),
+            event: row.get(1),
+            alert_id: row.get(2),
+            kind: row.get(3),
+            severity: row.get(4),
+            subject: row.get(5),
+            job: row.get(6),
+            message: row.get(7),
+            hint: row.get(8),
+            details: serde_json::from_str(row.get::<_, &str>(9)).unwrap_or_default(),
+            created_at: ts(row.get(10)).unwrap_or_else(chrono::Utc::now),
+            raised_at: ts(row.get(11)),
+            resolved_at: ts(row.get(12)),
+        };
+        let ready: bool = row.get(14);
+        let seen: bool = row.get(15);
+        if !seen {
+            let age = (chrono::Utc::now() - ev.created_at).num_seconds();
+            if age > n.max_age as i64 {
+                done(
+                    client,
+                    &ev,
+                    c,
+                    "skipped",
+                    &format!(
+                        "{age} s old when the notifier first saw it, over notify.max_age ({} s): not sent",
+                        n.max_age
+                    ),
+                    0,
+                )?;
+                continue;
+            }
+            if let Err(why) = route(c, &ev) {
+                done(
+                    client,
+                    &ev,
+                    c,
+                    "skipped",
+                    &format!("not routed here: {why}"),
+                    0,
+                )?;
+                continue;
+            }
+        }
+        if !ready {
+            // Waiting for its next attempt (or another notifier has it):
+            // later events wait too, so they arrive in order.
+            let until: Option<f64> = row.get(16);
+            let secs = until.unwrap_or(1.0).clamp(0.2, n.poll_interval as f64);
+            return Ok(Duration::from_secs_f64(secs));
+        }
+        if limit > 0 && sent_last_hour >= limit {
+            // Said once when the limit is reached, not at every look.
+            if !*limited {
+                tracing::warn!(
+                    channel = %c.name,
+                    "notifier: {limit} messages sent in the last hour, the channel's rate_limit: the next wait (in order)"
+                );
+            }
+            *limited = true;
+            return Ok(poll);
+        }
+        if *limited {
+            tracing::info!(channel = %c.name, "notifier: under the rate_limit again");
+            *limited = false;
+        }
+        let claim = "SELECT backup.notification_claim($1, $2, $3)";
+        let attempt: Option<i32> = client
+            .query_one(claim, &[&ev.event_id, &c.name, &lease])
+            .map_err(pg_err(claim))?
+            .get(0);
+        let Some(attempt) = attempt else {
+            // Another notifier took it meanwhile.
+            return Ok(Duration::from_secs(1));
+        };
+        let attempt = attempt.max(1) as u32;
+        match send(n, c, &ev, cluster, attempt) {
+            Outcome::Sent => {
+                tracing::info!(channel = %c.name, event_id = ev.event_id, kind = %ev.kind,
+                               event = %ev.event, attempt, "notification sent");
+                done(client, &ev, c, "sent", "", 0)?;
+                sent_last_hour += 1;
+            }
+            Outcome::Retry(e) if attempt < n.max_attempts => {
+                let after = n.backoff(attempt);
+                tracing::warn!(channel = %c.name, event_id = ev.event_id, attempt,
+                               "notification not delivered, again in {after} s: {e}");
+                done(client, &ev, c, "retry", &e, after)?;
+                return Ok(Duration::from_secs(after.max(1)).min(poll));
+            }
+            Outcome::Retry(e) | Outcome::Fail(e) => {
+                tracing::error!(channel = %c.name, event_id = ev.event_id, attempt,
+                                "notification given up: {e}");
+                done(client, &ev, c, "failed", &e, 0)?;
+            }
+        }
+    }
+    Ok(if full { Duration::ZERO } else { poll })
+}
+
+fn done(
+    client: &mut postgres::Client,
+    ev: &Event,
+    c: &ChannelConfig,
+    status: &str,
+    error: &str,
+    retry_in: u64,
+) -> Result<()> {
+    let q = "SELECT backup.notification_done($1, $2, $3, $4, $5)";
+    let error = (!error.is_empty()).then(|| super::clean(error, 1000));
+    let retry_in = retry_in.min(86400) as i32;
+    client
+        .execute(q, &[&ev.event_id, &c.name, &status, &error, &retry_in])
+        .map_err(pg_err(q))?;
+    Ok(())
+}
