@@ -7,7 +7,9 @@
 # backup job, a full and an incremental backup, a restore point, an
 # "accident" (a dropped table), backup.restore_plan(); the command it prints,
 # run as printed, restores a copy of the cluster to the restore point; the
-# table is taken back from the copy; the catalog views show the state.
+# table is taken back from the copy; the catalog views show the state; the
+# monitoring service serves metrics and the dashboard, and the compliance
+# report is written for an auditor.
 # Rerunning it starts over (it stops and removes the previous run's clusters).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -185,6 +187,27 @@ step "12. the catalog, in production"
 sql -x "SELECT name, kind, schedule, timezone, health, last_success, last_backup_id, last_backup_type, backups_kept, next_run FROM backup.job_status"
 sql "SELECT backup_id, type, chain, stop_time, pg_size_pretty(size_bytes) AS size, pg_size_pretty(stored_bytes) AS stored FROM backup.backups"
 sql -x "SELECT * FROM backup.wal_archive_status"
+
+step "13. watched without asking: walshipper serve (metrics, health, dashboard), the compliance report"
+# The monitoring service on a port of its own for the demo (loopback: no
+# authentication needed); a real set-up runs it from systemd
+# (docs/monitoring/walshipper-serve.service).
+WALSHIPPER_SERVE_LISTEN=127.0.0.1:19187 "$W" --config walshipper.toml serve >serve.log 2>&1 &
+serve_pid=$!
+for ((i = 0; i < 40; i++)); do
+  curl -sf http://127.0.0.1:19187/health >/dev/null 2>&1 && break
+  sleep 0.25
+done
+echo "GET /health: $(curl -sf http://127.0.0.1:19187/health)"
+echo "GET /metrics (some of them):"
+curl -sf http://127.0.0.1:19187/metrics |
+  grep -E '^pg_backup_(backups_total|rpo_seconds|last_rto_seconds|repository_(stored|free)_bytes|alerts_open\{kind="backup_failed")' | sed 's/^/  /'
+curl -sf http://127.0.0.1:19187/ >dashboard.html
+echo "GET /: $(wc -c <dashboard.html) bytes of dashboard (saved as $D/dashboard.html)"
+kill -TERM "$serve_pid" && wait "$serve_pid" || die "walshipper serve did not stop cleanly; see $D/serve.log"
+sql "SELECT section, subject, item, value, status FROM backup.compliance_report(now() - interval '1 day') WHERE section IN ('summary', 'backups', 'recovery_objectives', 'storage')"
+"$W" --config walshipper.toml report --from "$(date -u -d yesterday +%F)" --output report.html
+echo "the compliance report for an auditor: $D/report.html ($(wc -c <report.html) bytes, printable)"
 pg_ctl -D pg -m fast -w stop >/dev/null
 
-step "done: the dropped table recovered from SQL, the cluster restored to the restore point with the command restore_plan() printed, the newest backup proven restorable with its RTO measured; everything is in $D"
+step "done: the dropped table recovered from SQL, the cluster restored to the restore point with the command restore_plan() printed, the newest backup proven restorable with its RTO measured, metrics, dashboard and compliance report served; everything is in $D"
