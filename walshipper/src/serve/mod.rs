@@ -304,6 +304,11 @@ pub fn run(cfg: &Config) -> Result<()> {
         t.database
     );
     let notifier = crate::notify::spawn(cfg)?;
+    if let Err(e) = repos::spawn_refresher(cfg, &STOP) {
+        tracing::warn!(
+            "cannot start the repository reader thread: {e}; the dashboard shows no WAL"
+        );
+    }
     http::serve(
         listener,
         s.workers,
