@@ -826,6 +826,8 @@ fn metrics_auth_health_and_a_real_prometheus() {
     let h = get(&addr, "/health", None);
     assert_eq!(h.status, 503, "{}", h.body);
     assert!(h.body.contains("\"unavailable\""), "{}", h.body);
+    let page = get(&addr, "/", Some("Bearer a-test-token-012345678"));
+    assert_eq!(page.status, 503, "{}", page.body);
     c.start();
     for _ in 0..8 {
         // Every worker's connection, not only one.

@@ -209,7 +209,7 @@ fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
                 count(*) FILTER (WHERE e.status = 'succeeded'),
                 count(*) FILTER (WHERE e.status = 'failed'),
                 count(*) FILTER (WHERE e.status = 'cancelled'),
-                count(*) FILTER (WHERE e.status = 'running'),
+                count(*) FILTER (WHERE e.status IN ('queued', 'running')),
                 extract(epoch FROM max(e.finished_at) FILTER (WHERE e.status = 'succeeded'))::float8,
                 extract(epoch FROM max(e.finished_at) FILTER (WHERE e.status = 'failed'))::float8
            FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
@@ -225,7 +225,7 @@ fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
     );
     let mut running = Family::gauge(
         "pg_backup_backups_running",
-        "Backup runs in progress now, by job, kind and repository.",
+        "Backup runs queued or running now, by job, kind and repository.",
     );
     let mut last_ok = Family::gauge(
         "pg_backup_backup_last_success_timestamp_seconds",
