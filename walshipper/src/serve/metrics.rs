@@ -204,7 +204,7 @@ const REPO: &str = "coalesce(e.repository, (SELECT s.name FROM backup.repository
 
 fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
     let sql = format!(
-        "SELECT coalesce(j.name, '') AS job, e.kind, {REPO} AS repository,
+        "SELECT coalesce(e.job_name, '') AS job, e.kind, {REPO} AS repository,
                 count(*) FILTER (WHERE e.started_at IS NOT NULL),
                 count(*) FILTER (WHERE e.status = 'succeeded'),
                 count(*) FILTER (WHERE e.status = 'failed'),
@@ -212,7 +212,7 @@ fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
                 count(*) FILTER (WHERE e.status IN ('queued', 'running')),
                 extract(epoch FROM max(e.finished_at) FILTER (WHERE e.status = 'succeeded'))::float8,
                 extract(epoch FROM max(e.finished_at) FILTER (WHERE e.status = 'failed'))::float8
-           FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
+           FROM backup.backup_executions e
           GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     );
     let mut started = Family::counter(
@@ -323,10 +323,10 @@ fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
 
     // The newest successful backup of each job and repository.
     let sql = format!(
-        "SELECT DISTINCT ON (1, 2) coalesce(j.name, ''), {REPO},
+        "SELECT DISTINCT ON (1, 2) coalesce(e.job_name, ''), {REPO},
                 extract(epoch FROM e.finished_at - e.started_at)::float8,
                 e.size_bytes::float8, e.stored_bytes::float8
-           FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
+           FROM backup.backup_executions e
           WHERE e.status = 'succeeded'
           ORDER BY 1, 2, e.finished_at DESC"
     );
