@@ -356,14 +356,15 @@ fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
 }
 
 fn jobs(tx: &mut Tx, out: &mut Families) -> Result<()> {
-    let sql = "SELECT s.name, s.kind, s.active,
+    // coalesce: a NULL where Rust reads a plain value would panic.
+    let sql = "SELECT s.name, s.kind, coalesce(s.active, false),
                       extract(epoch FROM s.last_success)::float8,
                       extract(epoch FROM s.last_failure)::float8,
-                      s.consecutive_failures::float8,
+                      coalesce(s.consecutive_failures, 0)::float8,
                       extract(epoch FROM s.next_run)::float8,
                       EXISTS (SELECT 1 FROM backup.alerts a WHERE a.kind = 'job_overdue'
                                  AND a.subject = s.name AND a.resolved_at IS NULL),
-                      s.health = 'running'
+                      coalesce(s.health = 'running', false)
                  FROM backup.job_status s ORDER BY s.name";
     let mut enabled = Family::gauge(
         "pg_backup_job_enabled",
