@@ -67,6 +67,10 @@ COMMENT ON TABLE backup.backup_jobs IS 'Scheduled backups: what kind, when (cron
 CREATE TABLE backup.backup_executions (
     execution_id    bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     job_id          bigint REFERENCES backup.backup_jobs (job_id) ON DELETE SET NULL,
+    -- The job's name when the run was queued (set by a trigger): kept when
+    -- the job is renamed or deleted, so metrics and reports label past runs
+    -- as they were (NULL: a run asked for by hand).
+    job_name        text,
     -- What was taken: walshipper takes a full backup when a diff or incr
     -- has no base (the requested kind is then in summary->>'requested_type').
     kind            text NOT NULL CHECK (kind IN ('full', 'diff', 'incr')),
@@ -115,6 +119,20 @@ CREATE INDEX backup_executions_open ON backup.backup_executions (status)
 CREATE INDEX backup_executions_backup_id ON backup.backup_executions (backup_id) WHERE backup_id IS NOT NULL;
 -- The scheduler looks for new successes every second (expiry after a backup).
 CREATE INDEX backup_executions_succeeded ON backup.backup_executions (finished_at) WHERE status = 'succeeded';
+
+-- A run keeps the name its job had when it was queued (backup_executions.job_name).
+CREATE FUNCTION backup._execution_job_name() RETURNS trigger LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    IF NEW.job_id IS NOT NULL AND NEW.job_name IS NULL THEN
+        NEW.job_name := (SELECT j.name FROM backup.backup_jobs j WHERE j.job_id = NEW.job_id);
+    END IF;
+    RETURN NEW;
+END
+$$;
+CREATE TRIGGER backup_executions_job_name BEFORE INSERT ON backup.backup_executions
+    FOR EACH ROW EXECUTE FUNCTION backup._execution_job_name();
 
 CREATE TABLE backup.restore_points (
     -- Names land in postgresql.auto.conf and in shell commands: only

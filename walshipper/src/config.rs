@@ -187,7 +187,12 @@ impl MinFree {
             if !(0.0..100.0).contains(&v) {
                 return Err(format!("'{t}': a percent from 0 to below 100"));
             }
-            return Ok(MinFree::Percent(v));
+            // "0%" is off, as "0" is: one value for "no minimum".
+            return Ok(if v == 0.0 {
+                MinFree::Bytes(0)
+            } else {
+                MinFree::Percent(v)
+            });
         }
         parse_size(t).map(MinFree::Bytes)
     }
@@ -1174,6 +1179,8 @@ mod tests {
         assert_eq!(MinFree::Percent(5.0).bytes(Some(1000)), 50);
         assert_eq!(MinFree::Percent(5.0).bytes(None), 0);
         assert_eq!(MinFree::parse("0"), Ok(MinFree::Bytes(0)));
+        assert_eq!(MinFree::parse("0%"), Ok(MinFree::Bytes(0)));
+        assert_eq!(MinFree::parse(" 0.0 %"), Ok(MinFree::Bytes(0)));
         let c = load("[repo]\npath = \"/r\"\nquota = 1000\n", &[]).unwrap();
         assert_eq!(c.primary().quota_bytes(), Some(1000));
         assert_eq!(c.primary().min_free(), MinFree::Percent(5.0));

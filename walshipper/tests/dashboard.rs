@@ -329,8 +329,17 @@ fn dashboard_and_report_in_a_browser() {
         Duration::from_secs(30),
     );
 
-    // The raw page: escaped, no script, no secret.
-    let (head, page) = http_get(port, "/").unwrap();
+    // The raw page: escaped, no script, no secret. The repositories are
+    // read in the background (info_interval = 2): wait for a reading that
+    // saw the gap.
+    let started = std::time::Instant::now();
+    let (head, page) = loop {
+        let (head, page) = http_get(port, "/").unwrap();
+        if page.contains("WAL gap in repo1") || started.elapsed() > Duration::from_secs(20) {
+            break (head, page);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     assert!(head.contains(" 200"), "{head}\n{page}");
     assert!(
         head.to_ascii_lowercase()

@@ -818,6 +818,20 @@ fn metrics_auth_health_and_a_real_prometheus() {
     let _ = prom.kill();
     let _ = prom.wait();
 
+    // A job dropped: its past runs keep their series (the name the run was
+    // queued under), none moves to backup_job="" where increase() would
+    // see an old failure as new.
+    c.sql("SELECT backup.job_drop('nightly')");
+    let m = samples(&scrape().body);
+    assert_eq!(
+        value(&m, "pg_backup_backups_total{backup_job=\"nightly\",kind=\"full\",repository=\"repo1\",status=\"failed\"}"),
+        1.0
+    );
+    assert_eq!(
+        value(&m, "pg_backup_backups_total{backup_job=\"\",kind=\"full\",repository=\"repo1\",status=\"failed\"}"),
+        0.0
+    );
+
     // The catalog goes away: /metrics says so (catalog_up 0), /health is
     // 503; it comes back: the same connection slots reconnect.
     c.stop();
@@ -826,6 +840,8 @@ fn metrics_auth_health_and_a_real_prometheus() {
     let h = get(&addr, "/health", None);
     assert_eq!(h.status, 503, "{}", h.body);
     assert!(h.body.contains("\"unavailable\""), "{}", h.body);
+    let page = get(&addr, "/", Some(bearer));
+    assert_eq!(page.status, 503, "{}", page.body);
     c.start();
     for _ in 0..8 {
         // Every worker's connection, not only one.

@@ -98,7 +98,7 @@ fn estimate(cfg: &Config, backups: &[Manifest], kind: &str) -> (Option<u64>, Str
 /// Refuses a backup that would leave repository `rc` with less than its
 /// `min_free_space` (exit code 8, `no_space`). A repository whose free
 /// space is unknown (s3 without a quota) is never refused, nor one with
-/// `min_free_space = 0`.
+/// `min_free_space = 0` (or "0%": both parse to no minimum).
 fn check_free_space(
     cfg: &Config,
     rc: &crate::config::RepoConfig,

@@ -398,7 +398,7 @@ pub fn day_bars(title: &str, days: &[DayBar], w: f64, h: f64) -> String {
                 s,
                 "<rect x=\"{x:.1}\" y=\"{ya:.1}\" width=\"{bw:.1}\" height=\"{:.1}\" fill=\"{color}\"><title>{}: {} {}</title></rect>",
                 (yb - ya).max(0.5),
-                esc(&utc(*day, false)[..10]),
+                esc(utc(*day, false).get(..10).unwrap_or("?")),
                 val,
                 esc(label)
             );

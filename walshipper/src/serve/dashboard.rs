@@ -9,7 +9,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write;
-use std::time::Duration;
 
 use postgres::types::{FromSql, ToSql};
 use postgres::Row;
@@ -331,7 +330,8 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             pairs.push((l, t));
         }
     }
-    let views = super::repos::views(cfg, Duration::from_secs(cfg.serve.info_interval));
+    // The background refresher's last reading: never waits on a repository.
+    let views = super::repos::views(cfg);
     let seg_size = views
         .iter()
         .map(|v| v.wal_segment_size)
@@ -720,7 +720,11 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
                     });
                 }
             }
-            None => {}
+            None => lanes.push(Lane {
+                label: format!("{name} · WAL (not read yet)"),
+                items: Vec::new(),
+                group_start: false,
+            }),
         }
     }
     if archive_failed_count > 0 {

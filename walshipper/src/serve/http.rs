@@ -2,17 +2,22 @@
 //! HEAD only, one request per connection (`Connection: close`), no request
 //! bodies. Everything about a request is bounded: the head (request line
 //! and headers) is at most `MAX_HEAD` bytes and must arrive within
-//! `HEAD_TIMEOUT`; a fixed number of worker threads handle requests and a
-//! short queue holds waiting connections (beyond it a client gets 503 at
-//! once). tiny_http was considered and not used: it reads header lines
-//! without a length limit or deadline and starts a thread per connection,
-//! which a client on a non-loopback address could exploit.
+//! `HEAD_TIMEOUT`, the response must be taken within `WRITE_TIMEOUT`, both
+//! in a connection's own small thread; connections are capped per peer
+//! address and in all (beyond that a client gets 503 at once). Only
+//! complete requests reach the fixed number of worker threads (which hold
+//! the catalog connections), so idle or slow clients cannot starve
+//! /metrics and /health. tiny_http was considered and not used: it reads
+//! header lines without a length limit or deadline and starts a thread per
+//! connection without a cap, which a client on a non-loopback address
+//! could exploit.
 
+use std::collections::HashMap;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Longest request head (request line + headers) accepted.
@@ -20,11 +25,21 @@ pub const MAX_HEAD: usize = 16 * 1024;
 /// Longest request target (path and query) accepted.
 pub const MAX_TARGET: usize = 2048;
 /// Time a client has to send its whole request head.
-pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// Time a client has to take the response.
+pub const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Time a client has to take the whole response.
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Connections waiting for a worker, beyond those being handled.
+/// After the response: how long, and how much, of what a client still
+/// sends is read before closing.
+const DRAIN_TIME: Duration = Duration::from_millis(500);
+const DRAIN_MAX: usize = 4 * 1024;
+/// Complete requests waiting for a worker, beyond those being handled.
 const QUEUE: usize = 32;
+/// Time a request may wait for and take in a worker before the client is
+/// told 503 (catalog queries have their own statement_timeout).
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
+/// Open connections at once: in all, and from one peer address.
+pub const MAX_CONNECTIONS: usize = 64;
+pub const MAX_CONNECTIONS_PER_PEER: usize = 8;
 
 /// Headers every response carries: the pages are self-contained (inline
 /// styles and SVG only, no script), never cached, never framed elsewhere.
@@ -251,7 +266,8 @@ fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
     hay.windows(needle.len()).position(|w| w == needle)
 }
 
-/// Writes `resp` (without its body for HEAD) and closes.
+/// Writes `resp` (without its body for HEAD) within `WRITE_TIMEOUT` in all
+/// (a client taking a few bytes at a time cannot stretch it), and closes.
 pub fn write_response(stream: &mut TcpStream, resp: &Response, head_only: bool) {
     let mut out = format!(
         "HTTP/1.1 {} {}\r\nContent-Length: {}\r\nConnection: close\r\n",
@@ -271,26 +287,50 @@ pub fn write_response(stream: &mut TcpStream, resp: &Response, head_only: bool) 
         out.push_str(&format!("{n}: {v}\r\n"));
     }
     out.push_str("\r\n");
-    let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let mut all = out.into_bytes();
     if !head_only && resp.status != 204 {
         all.extend_from_slice(&resp.body);
     }
-    if let Err(e) = stream.write_all(&all).and_then(|_| stream.flush()) {
+    if let Err(e) = write_within(stream, &all, Instant::now() + WRITE_TIMEOUT) {
         tracing::debug!("writing a response failed: {e}");
     }
     let _ = stream.shutdown(std::net::Shutdown::Write);
-    // Drain what the client still sends (briefly) so that closing does not
-    // reset the connection before it read the response.
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    // Drain what the client still sends (briefly: DRAIN_TIME in all, at
+    // most DRAIN_MAX bytes) so that closing does not reset the connection
+    // before it read the response.
+    let deadline = Instant::now() + DRAIN_TIME;
     let mut sink = [0u8; 1024];
     let mut drained = 0;
-    while drained < 64 * 1024 {
+    while drained < DRAIN_MAX {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() || stream.set_read_timeout(Some(left)).is_err() {
+            break;
+        }
         match stream.read(&mut sink) {
             Ok(0) | Err(_) => break,
             Ok(n) => drained += n,
         }
     }
+}
+
+/// `write_all` with one deadline for the whole buffer: the socket's write
+/// timeout is set to what is left before each write.
+fn write_within(stream: &mut TcpStream, mut buf: &[u8], deadline: Instant) -> std::io::Result<()> {
+    use std::io::{Error, ErrorKind};
+    while !buf.is_empty() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::new(ErrorKind::TimedOut, "the client took too long"));
+        }
+        stream.set_write_timeout(Some(left))?;
+        match stream.write(buf) {
+            Ok(0) => return Err(Error::new(ErrorKind::WriteZero, "the client went away")),
+            Ok(n) => buf = &buf[n..],
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    stream.flush()
 }
 
 /// Waits up to `timeout` for `listener` to have a connection to accept.
@@ -306,9 +346,61 @@ fn poll_readable(listener: &TcpListener, timeout: Duration) -> bool {
     r > 0 && fds.revents & libc::POLLIN != 0
 }
 
-/// Serves `listener` with `workers` threads until `stop` is set. Each
-/// worker owns a state made by `make_state` (a catalog connection) and
-/// answers with `handle`.
+/// Open connections, in all and per peer address.
+#[derive(Default)]
+struct Conns {
+    total: usize,
+    per_ip: HashMap<IpAddr, usize>,
+}
+
+/// One connection's place in `Conns`, given back when dropped.
+struct ConnSlot<'a> {
+    conns: &'a Mutex<Conns>,
+    ip: IpAddr,
+}
+
+impl<'a> ConnSlot<'a> {
+    /// A place for a connection from `ip`, or None when that peer or
+    /// everyone together already has as many as allowed.
+    fn take(conns: &'a Mutex<Conns>, ip: IpAddr) -> Option<Self> {
+        let mut c = conns.lock().unwrap_or_else(|p| p.into_inner());
+        let mine = c.per_ip.get(&ip).copied().unwrap_or(0);
+        if c.total >= MAX_CONNECTIONS || mine >= MAX_CONNECTIONS_PER_PEER {
+            return None;
+        }
+        c.total += 1;
+        c.per_ip.insert(ip, mine + 1);
+        Some(ConnSlot { conns, ip })
+    }
+}
+
+impl Drop for ConnSlot<'_> {
+    fn drop(&mut self) {
+        let mut c = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        c.total = c.total.saturating_sub(1);
+        if let Some(n) = c.per_ip.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                c.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// A complete request handed to a worker, and where its answer goes.
+type Job = (Request, mpsc::SyncSender<Response>);
+
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n";
+
+/// Serves `listener` until `stop` is set. Each connection gets a small
+/// thread of its own that reads the request head and writes the answer,
+/// both under an overall deadline, so a slow or idle client only ever
+/// holds its own thread; connections are capped per peer address
+/// (`MAX_CONNECTIONS_PER_PEER`) and in all (`MAX_CONNECTIONS`). Only
+/// complete requests reach the `workers` threads, each owning a state made
+/// by `make_state` (a catalog connection) and answering with `handle`. A
+/// handler that panics answers 500; its worker carries on with a new state.
 pub fn serve<S, M, H>(
     listener: TcpListener,
     workers: usize,
@@ -319,8 +411,9 @@ pub fn serve<S, M, H>(
     M: Fn() -> S + Sync,
     H: Fn(&mut S, &Request) -> Response + Sync,
 {
-    let (tx, rx) = mpsc::sync_channel::<TcpStream>(QUEUE);
-    let rx = std::sync::Mutex::new(rx);
+    let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE);
+    let rx = Mutex::new(rx);
+    let conns = Mutex::new(Conns::default());
     std::thread::scope(|scope| {
         for i in 0..workers.max(1) {
             let (rx, make_state, handle) = (&rx, &make_state, &handle);
@@ -333,8 +426,22 @@ pub fn serve<S, M, H>(
                             Ok(r) => r.recv(),
                             Err(_) => return,
                         };
-                        let Ok(mut stream) = next else { return };
-                        handle_connection(&mut stream, &mut state, handle);
+                        let Ok((req, reply)) = next else { return };
+                        let answered =
+                            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                handle(&mut state, &req)
+                            }));
+                        let resp = answered.unwrap_or_else(|_| {
+                            tracing::error!(
+                                "answering {} {} panicked (a bug): answered 500",
+                                req.method,
+                                req.path
+                            );
+                            // The state may be half-way through something.
+                            state = make_state();
+                            Response::text(500, "internal error (the service's log says more)")
+                        });
+                        let _ = reply.send(resp);
                     }
                 });
             if let Err(e) = spawned {
@@ -345,31 +452,43 @@ pub fn serve<S, M, H>(
             if !poll_readable(&listener, Duration::from_millis(250)) {
                 continue;
             }
-            let stream = match listener.accept() {
-                Ok((s, _)) => s,
+            let (mut stream, peer) = match listener.accept() {
+                Ok(s) => s,
                 Err(e) => {
                     tracing::debug!("accept failed: {e}");
                     continue;
                 }
             };
             let _ = stream.set_nonblocking(false);
-            if let Err(mpsc::TrySendError::Full(mut s)) = tx.try_send(stream) {
-                // Every worker busy and the queue full: say so at once
-                // rather than let connections pile up.
-                let _ = s.set_write_timeout(Some(Duration::from_secs(1)));
-                let _ = s.write_all(
-                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nRetry-After: 1\r\nConnection: close\r\n\r\n",
-                );
+            let Some(slot) = ConnSlot::take(&conns, peer.ip()) else {
+                // Too many connections: say so at once (never blocking
+                // the accept loop on this client) and close; what already
+                // arrived is read first so that the close is not a reset.
+                let _ = stream.set_nonblocking(true);
+                let mut sink = [0u8; 4096];
+                let _ = stream.read(&mut sink);
+                let _ = stream.write(BUSY);
+                let _ = stream.shutdown(std::net::Shutdown::Write);
+                continue;
+            };
+            let tx = tx.clone();
+            let spawned = std::thread::Builder::new()
+                .name("serve-conn".into())
+                .stack_size(256 * 1024)
+                .spawn_scoped(scope, move || {
+                    let _slot = slot;
+                    handle_connection(&mut stream, &tx);
+                });
+            if let Err(e) = spawned {
+                tracing::warn!("cannot start a connection thread: {e}");
             }
         }
         drop(tx);
     });
 }
 
-fn handle_connection<S, H>(stream: &mut TcpStream, state: &mut S, handle: &H)
-where
-    H: Fn(&mut S, &Request) -> Response,
-{
+/// One connection: its head, a worker's answer, the answer written.
+fn handle_connection(stream: &mut TcpStream, jobs: &mpsc::SyncSender<Job>) {
     let req = match read_head(stream) {
         Ok(r) => r,
         Err(HeadError::Gone) => return,
@@ -378,8 +497,18 @@ where
             return;
         }
     };
-    let resp = handle(state, &req);
-    write_response(stream, &resp, req.method == "HEAD");
+    let head_only = req.method == "HEAD";
+    let (reply_tx, reply_rx) = mpsc::sync_channel(1);
+    let resp = match jobs.try_send((req, reply_tx)) {
+        Ok(()) => reply_rx
+            .recv_timeout(ANSWER_TIMEOUT)
+            .unwrap_or_else(|_| Response::text(503, "the answer took too long; try again later")),
+        // Every worker busy and the queue full: say so at once.
+        Err(_) => {
+            Response::text(503, "busy; try again in a moment").with_header("Retry-After", "1")
+        }
+    };
+    write_response(stream, &resp, head_only);
 }
 
 #[cfg(test)]
@@ -465,6 +594,112 @@ mod tests {
             big.extend(std::iter::repeat_n(b'h', MAX_HEAD + 10));
             assert!(ask(&big).starts_with("HTTP/1.1 431 "));
             assert!(ask(b"GET / HTTP/1.1 extra\r\n\r\n").starts_with("HTTP/1.1 400 "));
+            stop.store(true, Ordering::SeqCst);
+            server.join().unwrap();
+        });
+    }
+
+    /// Idle and trickling clients (more than there are workers) do not
+    /// starve the workers: a request still answers promptly; a handler's
+    /// panic answers 500 and the worker survives; a client that keeps
+    /// trickling after its response is cut off within the drain's
+    /// deadline; beyond MAX_CONNECTIONS_PER_PEER a peer gets 503 at once.
+    #[test]
+    fn slow_clients_do_not_starve_workers() {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let stop = AtomicBool::new(false);
+        let ask = |raw: &[u8]| {
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            s.write_all(raw).unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).unwrap();
+            out
+        };
+        std::thread::scope(|scope| {
+            let server = scope.spawn(|| {
+                serve(
+                    listener,
+                    2,
+                    &stop,
+                    || (),
+                    |_, req| {
+                        if req.path == "/panic" {
+                            let v: Vec<u8> = Vec::new();
+                            let _ = v[req.path.len()];
+                        }
+                        Response::text(200, "ok")
+                    },
+                )
+            });
+            // Whatever fails below, the server stops (or the scope hangs).
+            struct StopOnDrop<'a>(&'a AtomicBool);
+            impl Drop for StopOnDrop<'_> {
+                fn drop(&mut self) {
+                    self.0.store(true, Ordering::SeqCst);
+                }
+            }
+            let _stop = StopOnDrop(&stop);
+            // Idle sockets (no byte sent) and a trickling one: 6 > 2 workers.
+            let mut idle: Vec<TcpStream> =
+                (0..5).map(|_| TcpStream::connect(addr).unwrap()).collect();
+            let mut trickle = TcpStream::connect(addr).unwrap();
+            trickle.write_all(b"GET / HT").unwrap();
+            idle.push(trickle);
+            std::thread::sleep(Duration::from_millis(300));
+            let t = Instant::now();
+            for _ in 0..4 {
+                assert!(ask(b"GET /health HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 "));
+            }
+            assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+            // Two panics (as many as workers), then still answers.
+            for _ in 0..2 {
+                assert!(ask(b"GET /panic HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 500 "));
+            }
+            assert!(ask(b"GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 "));
+            // 6 open + 2 more = MAX_CONNECTIONS_PER_PEER; the next is
+            // refused at once (it sends nothing: the answer comes anyway).
+            idle.push(TcpStream::connect(addr).unwrap());
+            idle.push(TcpStream::connect(addr).unwrap());
+            std::thread::sleep(Duration::from_millis(300));
+            let mut refused = TcpStream::connect(addr).unwrap();
+            refused
+                .set_read_timeout(Some(Duration::from_secs(2)))
+                .unwrap();
+            let mut got = String::new();
+            refused.read_to_string(&mut got).unwrap();
+            assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
+            drop(idle);
+            // The slots come back once those connections are gone.
+            let t = Instant::now();
+            loop {
+                let got = ask(b"GET /health HTTP/1.1\r\n\r\n");
+                if got.starts_with("HTTP/1.1 200 ") {
+                    break;
+                }
+                assert!(t.elapsed() < Duration::from_secs(8), "{got}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            // Trickling after the response: the server closes anyway.
+            let mut s = TcpStream::connect(addr).unwrap();
+            s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+            let t = Instant::now();
+            let mut got = Vec::new();
+            let mut buf = [0u8; 256];
+            s.set_read_timeout(Some(Duration::from_millis(100)))
+                .unwrap();
+            loop {
+                let _ = s.write_all(b"x");
+                match s.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => got.extend_from_slice(&buf[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(_) => break,
+                }
+                assert!(t.elapsed() < Duration::from_secs(3), "still open");
+            }
+            assert!(got.starts_with(b"HTTP/1.1 200 "));
             stop.store(true, Ordering::SeqCst);
             server.join().unwrap();
         });

@@ -204,15 +204,15 @@ const REPO: &str = "coalesce(e.repository, (SELECT s.name FROM backup.repository
 
 fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
     let sql = format!(
-        "SELECT coalesce(j.name, '') AS job, e.kind, {REPO} AS repository,
+        "SELECT coalesce(e.job_name, '') AS job, e.kind, {REPO} AS repository,
                 count(*) FILTER (WHERE e.started_at IS NOT NULL),
                 count(*) FILTER (WHERE e.status = 'succeeded'),
                 count(*) FILTER (WHERE e.status = 'failed'),
                 count(*) FILTER (WHERE e.status = 'cancelled'),
-                count(*) FILTER (WHERE e.status = 'running'),
+                count(*) FILTER (WHERE e.status IN ('queued', 'running')),
                 extract(epoch FROM max(e.finished_at) FILTER (WHERE e.status = 'succeeded'))::float8,
                 extract(epoch FROM max(e.finished_at) FILTER (WHERE e.status = 'failed'))::float8
-           FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
+           FROM backup.backup_executions e
           GROUP BY 1, 2, 3 ORDER BY 1, 2, 3"
     );
     let mut started = Family::counter(
@@ -225,7 +225,7 @@ fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
     );
     let mut running = Family::gauge(
         "pg_backup_backups_running",
-        "Backup runs in progress now, by job, kind and repository.",
+        "Backup runs queued or running now, by job, kind and repository.",
     );
     let mut last_ok = Family::gauge(
         "pg_backup_backup_last_success_timestamp_seconds",
@@ -323,10 +323,10 @@ fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
 
     // The newest successful backup of each job and repository.
     let sql = format!(
-        "SELECT DISTINCT ON (1, 2) coalesce(j.name, ''), {REPO},
+        "SELECT DISTINCT ON (1, 2) coalesce(e.job_name, ''), {REPO},
                 extract(epoch FROM e.finished_at - e.started_at)::float8,
                 e.size_bytes::float8, e.stored_bytes::float8
-           FROM backup.backup_executions e LEFT JOIN backup.backup_jobs j USING (job_id)
+           FROM backup.backup_executions e
           WHERE e.status = 'succeeded'
           ORDER BY 1, 2, e.finished_at DESC"
     );
@@ -356,14 +356,15 @@ fn backups(tx: &mut Tx, primary: &str, out: &mut Families) -> Result<()> {
 }
 
 fn jobs(tx: &mut Tx, out: &mut Families) -> Result<()> {
-    let sql = "SELECT s.name, s.kind, s.active,
+    // coalesce: a NULL where Rust reads a plain value would panic.
+    let sql = "SELECT s.name, s.kind, coalesce(s.active, false),
                       extract(epoch FROM s.last_success)::float8,
                       extract(epoch FROM s.last_failure)::float8,
-                      s.consecutive_failures::float8,
+                      coalesce(s.consecutive_failures, 0)::float8,
                       extract(epoch FROM s.next_run)::float8,
                       EXISTS (SELECT 1 FROM backup.alerts a WHERE a.kind = 'job_overdue'
                                  AND a.subject = s.name AND a.resolved_at IS NULL),
-                      s.health = 'running'
+                      coalesce(s.health = 'running', false)
                  FROM backup.job_status s ORDER BY s.name";
     let mut enabled = Family::gauge(
         "pg_backup_job_enabled",

@@ -304,6 +304,11 @@ pub fn run(cfg: &Config) -> Result<()> {
         t.database
     );
     let notifier = crate::notify::spawn(cfg)?;
+    if let Err(e) = repos::spawn_refresher(cfg, &STOP) {
+        tracing::warn!(
+            "cannot start the repository reader thread: {e}; the dashboard shows no WAL"
+        );
+    }
     http::serve(
         listener,
         s.workers,
@@ -321,15 +326,41 @@ pub fn run(cfg: &Config) -> Result<()> {
 }
 
 /// A page's failure as a short answer: 503 when the catalog cannot be
-/// reached, 500 otherwise. The message is for an operator; it never holds
-/// a secret (errors name settings, not their values).
+/// reached (`catalog_unreachable`), 500 otherwise (a permission denied, a
+/// statement timeout: retrying will not help). The message is for an
+/// operator; it never holds a secret (errors name settings, not values).
 fn failure(what: &str, e: &Error) -> Response {
     tracing::warn!("{what}: {e}");
-    let status = match e {
-        Error::Postgres { .. } => 503,
-        _ => 500,
-    };
+    let status = if catalog_unreachable(e) { 503 } else { 500 };
     Response::text(status, format!("{what}: {e}"))
+}
+
+/// Whether `e` means no connection to the catalog: none could be opened or
+/// it closed (no server answer at all), a connection exception (SQLSTATE
+/// class 08), or the server shutting down or starting (57P01..57P03).
+fn catalog_unreachable(e: &Error) -> bool {
+    let Error::Postgres { source, .. } = e else {
+        return false;
+    };
+    match source.as_db_error() {
+        // Not the server's answer: closed, or a socket error (refused,
+        // reset); a column that does not convert is neither.
+        None => {
+            source.is_closed() || {
+                let mut cause = std::error::Error::source(source);
+                let mut io = false;
+                while let Some(c) = cause {
+                    io |= c.is::<std::io::Error>();
+                    cause = c.source();
+                }
+                io
+            }
+        }
+        Some(db) => {
+            let code = db.code().code();
+            code.starts_with("08") || matches!(code, "57P01" | "57P02" | "57P03")
+        }
+    }
 }
 
 fn route(cfg: &Config, auth: &Auth, session: &mut Session, req: &Request) -> Response {

@@ -1,8 +1,11 @@
 //! What each configured repository holds (`commands::info::collect`),
-//! cached: listing a repository's WAL and reading its manifests costs
-//! requests, and the dashboard reloads every minute on many screens.
+//! read by a background thread every `info_interval` seconds: listing a
+//! repository's WAL and reading its manifests costs requests (minutes on a
+//! slow S3, forever on a hung mount), and the dashboard reloads every
+//! minute on many screens without ever waiting for it.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,51 +81,71 @@ fn view_of(name: &str, i: &info::Info) -> RepoView {
     }
 }
 
-/// Every configured repository, read at most once per `max_age` (a
-/// repository that fails is retried on the same schedule, its error kept).
-pub fn views(cfg: &Config, max_age: Duration) -> Vec<Arc<RepoView>> {
-    // One reader at a time: pages asked for together wait for one read
-    // of each repository instead of each starting its own.
-    static READING: Mutex<()> = Mutex::new(());
-    let _one = READING.lock().unwrap_or_else(|p| p.into_inner());
+/// Reads one repository (the slow part: a listing of its WAL, its
+/// manifests). An error is kept as its kind only.
+fn read_one(cfg: &Config, rc: &crate::config::RepoConfig) -> RepoView {
+    match Repository::open_repo(cfg, rc).and_then(|r| info::collect(&r)) {
+        Ok(i) => view_of(&rc.name, &i),
+        Err(e) => {
+            // The full message may name a secret's file (an unreadable
+            // passphrase file): it goes to the log only.
+            tracing::warn!("dashboard: repository {} cannot be read: {e}", rc.name);
+            RepoView {
+                name: rc.name.clone(),
+                system_identifier: None,
+                wal_segment_size: 0,
+                wal: Vec::new(),
+                error: Some(format!(
+                    "{} error (the walshipper serve log has the details)",
+                    e.kind()
+                )),
+                read_at: Instant::now(),
+            }
+        }
+    }
+}
+
+/// The repositories as last read by the refresher, in configuration
+/// order; one not read yet is missing. Never waits on a repository (only
+/// on the cache's lock, held for a copy of a few pointers).
+pub fn views(cfg: &Config) -> Vec<Arc<RepoView>> {
+    let c = cache().lock().unwrap_or_else(|p| p.into_inner());
     cfg.repos
         .iter()
-        .map(|rc| {
-            let cached = cache()
-                .lock()
-                .ok()
-                .and_then(|c| c.get(&rc.name).cloned())
-                .filter(|v| v.read_at.elapsed() < max_age);
-            if let Some(v) = cached {
-                return v;
-            }
-            let v = match Repository::open_repo(cfg, rc).and_then(|r| info::collect(&r)) {
-                Ok(i) => view_of(&rc.name, &i),
-                Err(e) => {
-                    // The full message may name a secret's file (an
-                    // unreadable passphrase file): it goes to the log only.
-                    tracing::warn!("dashboard: repository {} cannot be read: {e}", rc.name);
-                    let e = format!(
-                        "{} error (the walshipper serve log has the details)",
-                        e.kind()
-                    );
-                    RepoView {
-                        name: rc.name.clone(),
-                        system_identifier: None,
-                        wal_segment_size: 0,
-                        wal: Vec::new(),
-                        error: Some(e),
-                        read_at: Instant::now(),
-                    }
-                }
-            };
-            let v = Arc::new(v);
-            if let Ok(mut c) = cache().lock() {
-                c.insert(rc.name.clone(), v.clone());
-            }
-            v
-        })
+        .filter_map(|rc| c.get(&rc.name).cloned())
         .collect()
+}
+
+/// Starts the thread that reads every configured repository now and then
+/// every `info_interval` seconds, until `stop`. Pages only ever use its
+/// last result, so a slow repository (S3 far away) or a hung mount delays
+/// this thread alone, never a request.
+pub fn spawn_refresher(
+    cfg: &Config,
+    stop: &'static AtomicBool,
+) -> std::io::Result<std::thread::JoinHandle<()>> {
+    let cfg = cfg.clone();
+    let every = Duration::from_secs(cfg.serve.info_interval.max(1));
+    std::thread::Builder::new()
+        .name("serve-repos".into())
+        .spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                let started = Instant::now();
+                for rc in &cfg.repos {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let v = Arc::new(read_one(&cfg, rc));
+                    cache()
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .insert(rc.name.clone(), v);
+                }
+                while started.elapsed() < every && !stop.load(Ordering::SeqCst) {
+                    std::thread::sleep(Duration::from_millis(250));
+                }
+            }
+        })
 }
 
 #[cfg(test)]
