@@ -802,31 +802,15 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
             "<div class=\"empty\">No RPO sample yet: the scheduler takes one a minute.</div>",
         );
     } else {
-        let series = series_by_repo(
-            &rpo,
-            &[charts::BLUE, charts::ORANGE, charts::SKY, charts::GREEN],
-        );
         let t0 = rpo.iter().map(|r| r.1).fold(now, f64::min);
         p.push_str("<div class=\"card\">");
-        p.push_str(&charts::line_chart(
+        p.push_str(&rpo_chart(
             "RPO over time against the target",
-            t0,
-            now,
-            &series,
-            &[charts::HLine {
-                value: rpo_target,
-                label: format!("target {}", charts::duration(rpo_target)),
-                color: charts::RED,
-            }],
-            charts::Unit::Seconds,
+            &rpo,
+            (t0, now),
+            rpo_target,
             (650.0, 240.0),
         ));
-        let mut leg: Vec<(&str, &str, &str)> = series
-            .iter()
-            .map(|s| (s.color, "line", s.label.as_str()))
-            .collect();
-        leg.push((charts::RED, "dash", "RPO target"));
-        p.push_str(&charts::legend(&leg));
         p.push_str("<div class=\"note\">The worst RPO of each interval: the age of the newest WAL a repository holds while WAL was being written.</div></div>");
     }
     p.push_str("</div><div>");
@@ -1127,6 +1111,42 @@ pub(super) fn series_by_repo(rows: &[(String, f64, f64)], colors: &[&'static str
             }),
         }
     }
+    out
+}
+
+/// The RPO of each repository over time (`rows`: repository, time, RPO in
+/// seconds) against the target, with its legend: the dashboard's and the
+/// report's chart.
+pub(super) fn rpo_chart(
+    title: &str,
+    rows: &[(String, f64, f64)],
+    (from, to): (f64, f64),
+    target: f64,
+    size: (f64, f64),
+) -> String {
+    let series = series_by_repo(
+        rows,
+        &[charts::BLUE, charts::ORANGE, charts::SKY, charts::GREEN],
+    );
+    let mut out = charts::line_chart(
+        title,
+        from,
+        to,
+        &series,
+        &[charts::HLine {
+            value: target,
+            label: format!("target {}", charts::duration(target)),
+            color: charts::RED,
+        }],
+        charts::Unit::Seconds,
+        size,
+    );
+    let mut leg: Vec<(&str, &str, &str)> = series
+        .iter()
+        .map(|s| (s.color, "line", s.label.as_str()))
+        .collect();
+    leg.push((charts::RED, "dash", "RPO target"));
+    out.push_str(&charts::legend(&leg));
     out
 }
 

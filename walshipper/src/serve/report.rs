@@ -7,7 +7,9 @@ use std::fmt::Write;
 use chrono::{DateTime, NaiveDate, Utc};
 
 use super::charts::{self, esc};
-use super::dashboard::{bucketed, get, query, series_by_repo, storage_history, system_identifier};
+use super::dashboard::{
+    bucketed, get, query, rpo_chart, series_by_repo, storage_history, system_identifier,
+};
 use crate::error::{Error, Result};
 
 /// The sections of backup.compliance_report(), in the order they are shown.
@@ -413,27 +415,13 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
     if rpo.is_empty() {
         p.push_str("<div class=\"empty\">No RPO sample in this period.</div>");
     } else {
-        let colors = [charts::BLUE, charts::ORANGE, charts::SKY, charts::GREEN];
-        let series = series_by_repo(&rpo, &colors);
-        p.push_str(&charts::line_chart(
+        p.push_str(&rpo_chart(
             "RPO per repository against the target",
-            f,
-            t,
-            &series,
-            &[charts::HLine {
-                value: target,
-                label: format!("target {}", charts::duration(target)),
-                color: charts::RED,
-            }],
-            charts::Unit::Seconds,
+            &rpo,
+            (f, t),
+            target,
             (1040.0, 240.0),
         ));
-        let mut leg: Vec<(&str, &str, &str)> = series
-            .iter()
-            .map(|s| (s.color, "line", s.label.as_str()))
-            .collect();
-        leg.push((charts::RED, "dash", "RPO target"));
-        p.push_str(&charts::legend(&leg));
     }
     p.push_str("</div></div>");
 
