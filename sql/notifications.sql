@@ -27,7 +27,7 @@ CREATE TABLE backup.notification_events (
     details         jsonb NOT NULL DEFAULT '{}',
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- A test for one channel only (NULL: every channel).
-    channel         text,
+    channel         text CHECK (channel ~ '^[A-Za-z0-9_-]{1,48}$'),
     requested_by    name,
     CHECK ((event = 'test') = (alert_id IS NULL)),
     CHECK (channel IS NULL OR event = 'test')
@@ -38,7 +38,8 @@ COMMENT ON TABLE backup.notification_events IS
 
 CREATE TABLE backup.notification_deliveries (
     event_id        bigint NOT NULL REFERENCES backup.notification_events (event_id) ON DELETE CASCADE,
-    channel         text NOT NULL,
+    -- walshipper checks its [[notify.channel]] names by the same rule.
+    channel         text NOT NULL CHECK (channel ~ '^[A-Za-z0-9_-]{1,48}$'),
     status          text NOT NULL CHECK (status IN ('pending', 'sent', 'failed', 'skipped')),
     attempts        integer NOT NULL DEFAULT 0,
     -- The last failure, or why the event was skipped. Never a secret:
@@ -120,6 +121,20 @@ CREATE TRIGGER notification_alert_resolved AFTER UPDATE OF resolved_at ON backup
     FOR EACH ROW WHEN (OLD.resolved_at IS NULL AND NEW.resolved_at IS NOT NULL)
     EXECUTE FUNCTION backup._notification_alert_changed();
 
+-- A channel name as walshipper's configuration allows it, or an error (no
+-- invented name slips into the outbox or an alert).
+CREATE FUNCTION backup._notification_channel_check(channel text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF channel IS NULL OR channel !~ '^[A-Za-z0-9_-]{1,48}$' THEN
+        RAISE EXCEPTION 'no channel can be named %', coalesce(left(channel, 60), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Channel names ([[notify.channel]] name in walshipper''s configuration) hold 1 to 48 letters, digits, ''-'' and ''_''.';
+    END IF;
+END
+$$;
+
 -- Operator: a test message through every channel (or the one named), sent
 -- by the notifier within seconds. Returns the event id: see
 -- backup.notification_deliveries for what became of it.
@@ -129,10 +144,8 @@ AS $$
 DECLARE
     id bigint;
 BEGIN
-    IF channel IS NOT NULL AND channel !~ '^[A-Za-z0-9_-]{1,48}$' THEN
-        RAISE EXCEPTION 'no channel can be named %', left(channel, 60)
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Channel names ([[notify.channel]] name in walshipper''s configuration) hold 1 to 48 letters, digits, ''-'' and ''_''.';
+    IF channel IS NOT NULL THEN
+        PERFORM backup._notification_channel_check(channel);
     END IF;
     INSERT INTO backup.notification_events (event, kind, severity, subject, message, channel, requested_by)
     VALUES ('test', 'notification_test', 'info', coalesce(channel, ''),
@@ -183,13 +196,16 @@ $$;
 -- Notifier: takes event p_event for p_channel for p_lease seconds (another
 -- notifier leaves it alone meanwhile) and counts an attempt. Returns the
 -- attempt's number, or NULL when it is not to be tried now (done, held by
--- another notifier, or waiting for its next attempt).
+-- another notifier, or waiting for its next attempt). The number is the
+-- claim's token: notification_done() takes it back and ignores a holder
+-- whose lease ran out and was claimed again.
 CREATE FUNCTION backup.notification_claim(p_event bigint, p_channel text, p_lease integer)
 RETURNS integer LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 DECLARE
     n integer;
 BEGIN
+    PERFORM backup._notification_channel_check(p_channel);
     INSERT INTO backup.notification_deliveries AS d (event_id, channel, status, attempts, locked_until)
     VALUES (p_event, p_channel, 'pending', 1, now() + make_interval(secs => greatest(p_lease, 1)))
     ON CONFLICT (event_id, channel) DO UPDATE
@@ -204,17 +220,23 @@ $$;
 -- Notifier: what became of an attempt (or, skipped, of an event the
 -- channel does not take). p_status: 'sent'; 'retry' (again in p_retry_in
 -- seconds); 'failed' (given up: the alert notification_failed, about the
--- channel, is raised); 'skipped' (p_error says why). A sent message
--- resolves the channel's notification_failed alert.
+-- channel, is raised); 'skipped' (p_error says why). sent, retry and
+-- failed act only on the claim p_attempt (notification_claim()'s answer)
+-- while it is held: anything else is ignored. A sent message resolves the
+-- channel's notification_failed alert. p_error is the notifier's own text
+-- (never a receiver's answer); it lands in last_error and the alert's
+-- details, the alert's message is fixed.
 CREATE FUNCTION backup.notification_done(p_event bigint, p_channel text, p_status text,
-                                         p_error text DEFAULT NULL, p_retry_in integer DEFAULT NULL)
+                                         p_error text DEFAULT NULL, p_retry_in integer DEFAULT NULL,
+                                         p_attempt integer DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 DECLARE
     d backup.notification_deliveries;
     err text := left(p_error, 1000);
 BEGIN
-    IF p_status NOT IN ('sent', 'retry', 'failed', 'skipped') THEN
+    PERFORM backup._notification_channel_check(p_channel);
+    IF p_status IS NULL OR p_status NOT IN ('sent', 'retry', 'failed', 'skipped') THEN
         RAISE EXCEPTION 'unknown delivery status %', p_status USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_status = 'skipped' THEN
@@ -225,6 +247,10 @@ BEGIN
          WHERE x.status = 'pending';
         RETURN;
     END IF;
+    IF p_attempt IS NULL THEN
+        RAISE EXCEPTION 'notification_done(%) needs p_attempt, the number notification_claim() returned', p_status
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     UPDATE backup.notification_deliveries x
        SET status = CASE p_status WHEN 'retry' THEN 'pending' ELSE p_status END,
            last_error = err,
@@ -233,6 +259,7 @@ BEGIN
            sent_at = CASE WHEN p_status = 'sent' THEN now() END,
            updated_at = now()
      WHERE x.event_id = p_event AND x.channel = p_channel AND x.status = 'pending'
+       AND x.attempts = p_attempt AND x.locked_until IS NOT NULL
     RETURNING * INTO d;
     IF NOT FOUND THEN
         RETURN;
@@ -241,9 +268,10 @@ BEGIN
         PERFORM backup._resolve_alert('notification_failed', p_channel);
     ELSIF p_status = 'failed' THEN
         PERFORM backup._raise_alert('notification_failed', 'warning', p_channel,
-            format('notifications to channel %s are failing: event %s not delivered after %s attempts: %s',
-                   p_channel, p_event, d.attempts, coalesce(err, 'unknown error')),
-            jsonb_build_object('channel', p_channel, 'event_id', p_event, 'attempts', d.attempts));
+            format('notifications to channel %s are failing: event %s given up after %s attempts',
+                   p_channel, p_event, d.attempts),
+            jsonb_build_object('channel', p_channel, 'event_id', p_event, 'attempts', d.attempts,
+                               'error', coalesce(err, 'unknown error')));
     END IF;
 END
 $$;

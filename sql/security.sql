@@ -65,7 +65,7 @@ AS $$
         'backup.notification_pending(text, integer)',
         'backup.notification_sent_last_hour(text)',
         'backup.notification_claim(bigint, text, integer)',
-        'backup.notification_done(bigint, text, text, text, integer)'
+        'backup.notification_done(bigint, text, text, text, integer, integer)'
     ]::regprocedure[]
 $$;
 

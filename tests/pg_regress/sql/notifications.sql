@@ -27,18 +27,26 @@ SELECT event_id, event, attempts, ready, seen FROM backup.notification_pending('
 SELECT backup.notification_claim(1, 'ops', 60) AS attempt;
 SELECT backup.notification_claim(1, 'ops', 60) AS held;
 SELECT event_id, attempts, ready, seen FROM backup.notification_pending('ops') WHERE event_id = 1;
-SELECT backup.notification_done(1, 'ops', 'retry', 'webhook http://127.0.0.1:9 answered 500', 0);
+-- A result without the claim's token, or with another's, is refused or ignored.
+SELECT backup.notification_done(1, 'ops', 'retry', 'x', 0);
+SELECT backup.notification_done(1, 'ops', 'failed', 'forged', 0, 7);
+SELECT backup.notification_done(1, 'ops', 'retry', 'webhook http://127.0.0.1:9 answered 500', 0, 1);
+-- Released: the same token again is ignored.
+SELECT backup.notification_done(1, 'ops', 'failed', 'stale', 0, 1);
 SELECT backup.notification_claim(1, 'ops', 60) AS attempt;
-SELECT backup.notification_done(1, 'ops', 'failed', 'webhook http://127.0.0.1:9 answered 500');
+SELECT backup.notification_done(1, 'ops', 'failed', 'webhook http://127.0.0.1:9 answered 500', 0, 2);
 SELECT kind, severity, subject, message, details FROM backup.alerts WHERE kind = 'notification_failed';
 SELECT event, kind, subject FROM backup.notification_events WHERE kind = 'notification_failed';
 SELECT backup.notification_claim(2, 'ops', 60) AS attempt;
-SELECT backup.notification_done(2, 'ops', 'sent');
+SELECT backup.notification_done(2, 'ops', 'sent', NULL, NULL, 1);
 SELECT count(*) AS still_failing FROM backup.alerts WHERE kind = 'notification_failed' AND resolved_at IS NULL;
 SELECT backup.notification_done(3, 'ops', 'skipped', 'not routed here: severity critical is below min_severity');
 -- Closed deliveries stay closed.
-SELECT backup.notification_done(1, 'ops', 'sent');
+SELECT backup.notification_done(1, 'ops', 'sent', NULL, NULL, 2);
 SELECT backup.notification_claim(1, 'ops', 60) AS closed;
+-- Only names walshipper's configuration allows.
+SELECT backup.notification_claim(1, 'no such; channel', 60);
+SELECT backup.notification_done(1, repeat('x', 49), 'failed', 'text of my choosing', 0, 1);
 SELECT backup.notification_done(1, 'ops', 'bogus');
 SELECT event_id, channel, status, attempts, last_error, sent_at IS NOT NULL AS sent
   FROM backup.notification_deliveries ORDER BY event_id, channel;
@@ -72,7 +80,7 @@ SET ROLE pgb_notifier;
 SELECT event, subject FROM backup.notification_pending('ops') WHERE event = 'test';
 SELECT event FROM backup.notification_pending('mail') WHERE event = 'test';
 SELECT backup.notification_claim(4, 'ops', 60) AS attempt;
-SELECT backup.notification_done(4, 'ops', 'sent');
+SELECT backup.notification_done(4, 'ops', 'sent', NULL, NULL, 1);
 SELECT backup.notification_test();
 SELECT backup._raise_alert('backup_failed', 'critical', 'x', 'y');
 INSERT INTO backup.notification_deliveries (event_id, channel, status) VALUES (5, 'ops', 'sent');

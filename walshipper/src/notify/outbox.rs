@@ -170,6 +170,7 @@ fn cycle(
                         n.max_age
                     ),
                     0,
+                    None,
                 )?;
                 continue;
             }
@@ -181,6 +182,7 @@ fn cycle(
                     "skipped",
                     &format!("not routed here: {why}"),
                     0,
+                    None,
                 )?;
                 continue;
             }
@@ -216,31 +218,35 @@ fn cycle(
             // Another notifier took it meanwhile.
             return Ok(Duration::from_secs(1));
         };
+        // The claim's token: notification_done() ignores us if the lease
+        // ran out and another notifier claimed it again.
+        let token = Some(attempt);
         let attempt = attempt.max(1) as u32;
         match send(n, c, &ev, cluster, attempt) {
             Outcome::Sent => {
                 tracing::info!(channel = %c.name, event_id = ev.event_id, kind = %ev.kind,
                                event = %ev.event, attempt, "notification sent");
-                done(client, &ev, c, "sent", "", 0)?;
+                done(client, &ev, c, "sent", "", 0, token)?;
                 sent_last_hour += 1;
             }
             Outcome::Retry(e) if attempt < n.max_attempts => {
                 let after = n.backoff(attempt);
                 tracing::warn!(channel = %c.name, event_id = ev.event_id, attempt,
                                "notification not delivered, again in {after} s: {e}");
-                done(client, &ev, c, "retry", &e, after)?;
+                done(client, &ev, c, "retry", &e, after, token)?;
                 return Ok(Duration::from_secs(after.max(1)).min(poll));
             }
             Outcome::Retry(e) | Outcome::Fail(e) => {
                 tracing::error!(channel = %c.name, event_id = ev.event_id, attempt,
                                 "notification given up: {e}");
-                done(client, &ev, c, "failed", &e, 0)?;
+                done(client, &ev, c, "failed", &e, 0, token)?;
             }
         }
     }
     Ok(if full { Duration::ZERO } else { poll })
 }
 
+#[allow(clippy::too_many_arguments)]
 fn done(
     client: &mut postgres::Client,
     ev: &Event,
@@ -248,12 +254,16 @@ fn done(
     status: &str,
     error: &str,
     retry_in: u64,
+    attempt: Option<i32>,
 ) -> Result<()> {
-    let q = "SELECT backup.notification_done($1, $2, $3, $4, $5)";
+    let q = "SELECT backup.notification_done($1, $2, $3, $4, $5, $6)";
     let error = (!error.is_empty()).then(|| super::clean(error, 1000));
     let retry_in = retry_in.min(86400) as i32;
     client
-        .execute(q, &[&ev.event_id, &c.name, &status, &error, &retry_in])
+        .execute(
+            q,
+            &[&ev.event_id, &c.name, &status, &error, &retry_in, &attempt],
+        )
         .map_err(pg_err(q))?;
     Ok(())
 }
