@@ -143,9 +143,27 @@ RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 DECLARE
     id bigint;
+    prev backup.notification_events;
 BEGIN
     IF channel IS NOT NULL THEN
         PERFORM backup._notification_channel_check(channel);
+    END IF;
+    -- One test at a time per channel (and for all): a loop of tests would
+    -- fill the channel's rate limit. Serialised so two callers see each other.
+    PERFORM pg_advisory_xact_lock(hashtext('backup.notification_test'));
+    SELECT e.* INTO prev FROM backup.notification_events e
+     WHERE e.event = 'test' AND e.channel IS NOT DISTINCT FROM notification_test.channel
+       AND (e.created_at > now() - interval '1 minute'
+            OR NOT EXISTS (SELECT FROM backup.notification_deliveries d WHERE d.event_id = e.event_id)
+            OR EXISTS (SELECT FROM backup.notification_deliveries d
+                        WHERE d.event_id = e.event_id AND d.status = 'pending'))
+     ORDER BY e.event_id DESC LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'a test notification for % is already queued (event %, %)',
+                coalesce('channel ' || channel, 'every channel'), prev.event_id,
+                to_char(prev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"')
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Wait for it (backup.notification_deliveries shows what became of it; at most one test a minute), or check that walshipper serve runs with [[notify.channel]] configured.';
     END IF;
     INSERT INTO backup.notification_events (event, kind, severity, subject, message, channel, requested_by)
     VALUES ('test', 'notification_test', 'info', coalesce(channel, ''),
@@ -158,9 +176,10 @@ BEGIN
 END
 $$;
 
--- Notifier: the next events for p_channel, oldest first, with what the
--- channel's delivery of each is (ready: may be tried now). Events a
--- delivery row closed (sent, failed, skipped) are not returned.
+-- Notifier: the next events for p_channel, alerts oldest first, then tests
+-- (a test never waits ahead of an alert), with what the channel's delivery
+-- of each is (ready: may be tried now; seen: the notifier recorded it).
+-- Events a delivery row closed (sent, failed, skipped) are not returned.
 CREATE FUNCTION backup.notification_pending(p_channel text, p_limit integer DEFAULT 50)
 RETURNS TABLE (event_id bigint, event text, alert_id bigint, kind text, severity text, subject text,
                job text, message text, hint text, details jsonb, created_at timestamptz,
@@ -180,7 +199,7 @@ AS $$
       LEFT JOIN backup.notification_deliveries d ON d.event_id = e.event_id AND d.channel = p_channel
      WHERE (e.channel IS NULL OR e.channel = p_channel)
        AND (d.event_id IS NULL OR d.status = 'pending')
-     ORDER BY e.event_id
+     ORDER BY e.event = 'test', e.event_id
      LIMIT least(greatest(p_limit, 1), 1000)
 $$;
 
@@ -191,6 +210,20 @@ RETURNS bigint LANGUAGE sql STABLE SECURITY DEFINER
 AS $$
     SELECT count(*) FROM backup.notification_deliveries
      WHERE channel = p_channel AND sent_at > now() - interval '1 hour'
+$$;
+
+-- Notifier: records that it saw event p_event for p_channel and will send
+-- it (a pending delivery, no attempt yet), so a message that waits (rate
+-- limit, an earlier one retried) is not taken for an old one later.
+CREATE FUNCTION backup.notification_seen(p_event bigint, p_channel text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER
+AS $$
+BEGIN
+    PERFORM backup._notification_channel_check(p_channel);
+    INSERT INTO backup.notification_deliveries (event_id, channel, status)
+    VALUES (p_event, p_channel, 'pending')
+    ON CONFLICT (event_id, channel) DO NOTHING;
+END
 $$;
 
 -- Notifier: takes event p_event for p_channel for p_lease seconds (another

@@ -66,6 +66,9 @@ SET ROLE pgb_notify_operator;
 SELECT backup.notification_test() > 0 AS queued;
 SELECT backup.notification_test('ops') > 0 AS queued;
 SELECT backup.notification_test('no such; channel');
+-- One at a time per channel: a loop cannot flood it.
+SELECT backup.notification_test('ops');
+SELECT count(*) AS queued FROM (SELECT backup.notification_test() FROM generate_series(1, 2000)) t;
 SELECT backup.notification_claim(1, 'ops', 60);
 RESET ROLE;
 SELECT event, kind, severity, subject, channel, requested_by, message LIKE 'test notification requested by pgb_notify_operator at %' AS message
@@ -77,7 +80,10 @@ SELECT count(*) AS events FROM backup.notification_events;
 SELECT backup.notification_done(4, 'ops', 'sent');
 RESET ROLE;
 SET ROLE pgb_notifier;
-SELECT event, subject FROM backup.notification_pending('ops') WHERE event = 'test';
+-- Tests come after the alerts waiting; seen events stay pending, unclaimed.
+SELECT event_id, event, subject FROM backup.notification_pending('ops');
+SELECT backup.notification_seen(5, 'ops');
+SELECT event_id, attempts, ready, seen FROM backup.notification_pending('ops') WHERE event_id = 5;
 SELECT event FROM backup.notification_pending('mail') WHERE event = 'test';
 SELECT backup.notification_claim(4, 'ops', 60) AS attempt;
 SELECT backup.notification_done(4, 'ops', 'sent', NULL, NULL, 1);

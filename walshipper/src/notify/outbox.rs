@@ -186,6 +186,12 @@ fn cycle(
                 )?;
                 continue;
             }
+            // Seen now: however long it waits (rate limit, an earlier
+            // message retried), max_age no longer applies to it.
+            let q = "SELECT backup.notification_seen($1, $2)";
+            client
+                .execute(q, &[&ev.event_id, &c.name])
+                .map_err(pg_err(q))?;
         }
         if !ready {
             // Waiting for its next attempt (or another notifier has it):
