@@ -10,7 +10,7 @@
 use std::sync::Arc;
 
 use postgres::fallible_iterator::FallibleIterator;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::{route::route, send, ChannelConfig, ClusterId, Event, NotifyConfig, Outcome};
 use crate::config::Config;
@@ -45,12 +45,12 @@ pub fn spawn(cfg: &Config) -> Result<std::thread::JoinHandle<()>> {
         .map_err(|e| Error::io("cannot start the notifier thread", e))
 }
 
-/// Runs channel `i` forever, reconnecting to the catalog with a growing
-/// pause when the connection fails.
+/// Runs channel `i` until the service stops, reconnecting to the catalog
+/// with a growing pause when the connection fails.
 fn channel_thread(cfg: &Config, i: usize) {
     let c = &cfg.notify.channels[i];
     let mut pause = Duration::from_secs(1);
-    loop {
+    while !stopping() {
         let mut connected = false;
         if let Err(e) = run_channel(cfg, c, &mut connected) {
             tracing::warn!(channel = %c.name, "notifier: {e}; again in {} s", pause.as_secs());
@@ -58,9 +58,54 @@ fn channel_thread(cfg: &Config, i: usize) {
         if connected {
             pause = Duration::from_secs(1);
         }
-        std::thread::sleep(pause);
+        if !nap(pause) {
+            break;
+        }
         pause = (pause * 2).min(Duration::from_secs(60));
     }
+    tracing::info!(channel = %c.name, "notifier stopped");
+}
+
+/// True once `walshipper serve` is shutting down (SIGTERM, SIGINT).
+fn stopping() -> bool {
+    crate::serve::stopping()
+}
+
+/// Sleeps `d` in slices of at most a second; false when the service is
+/// stopping (then it returns at once).
+fn nap(d: Duration) -> bool {
+    let end = Instant::now() + d;
+    loop {
+        if stopping() {
+            return false;
+        }
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(SLICE));
+    }
+}
+
+/// How long a wait goes without looking at serve::stopping().
+const SLICE: Duration = Duration::from_secs(1);
+
+/// Waits for the notifier `walshipper serve` started to stop (after
+/// serve::stopping() turned true) at most `bound`: a channel thread ends
+/// after the attempt in hand (at most its timeout). False when it did not.
+pub fn join(handle: std::thread::JoinHandle<()>, bound: Duration) -> bool {
+    let end = Instant::now() + bound;
+    while !handle.is_finished() {
+        if Instant::now() >= end {
+            tracing::warn!(
+                "notifier: still sending after {} s; not waiting for it",
+                bound.as_secs()
+            );
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    handle.join().is_ok()
 }
 
 fn run_channel(cfg: &Config, c: &ChannelConfig, connected: &mut bool) -> Result<()> {
@@ -84,23 +129,33 @@ fn run_channel(cfg: &Config, c: &ChannelConfig, connected: &mut bool) -> Result<
     }
     tracing::info!(channel = %c.name, "notifier: {} ready", super::describe(c));
     let mut limited = false;
-    loop {
+    while !stopping() {
         let wait = cycle(&cfg.notify, c, &mut client, &cluster, &mut limited)?;
         if wait.is_zero() {
             continue;
         }
-        // Woken by a new event, or the poll interval passes.
-        let mut n = client.notifications();
-        let woken = n
-            .timeout_iter(wait)
-            .next()
-            .map_err(pg_err("waiting for backup_notify"))?;
-        if woken.is_some() {
-            // Several events at once need one look.
-            let mut more = n.iter();
-            while more.next().map_err(pg_err("backup_notify"))?.is_some() {}
+        // Woken by a new event, or the poll interval passes; a second at a
+        // time, so a shutdown is seen.
+        let end = Instant::now() + wait;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || stopping() {
+                break;
+            }
+            let mut n = client.notifications();
+            let woken = n
+                .timeout_iter(left.min(SLICE))
+                .next()
+                .map_err(pg_err("waiting for backup_notify"))?;
+            if woken.is_some() {
+                // Several events at once need one look.
+                let mut more = n.iter();
+                while more.next().map_err(pg_err("backup_notify"))?.is_some() {}
+                break;
+            }
         }
     }
+    Ok(())
 }
 
 fn ts(v: Option<f64>) -> Option<chrono::DateTime<chrono::Utc>> {
@@ -140,6 +195,10 @@ fn cycle(
     let lease = (timeout.as_secs() * 4 + 30) as i32;
     let full = rows.len() as i32 == BATCH;
     for row in &rows {
+        if stopping() {
+            // Nothing claimed yet: the next notifier takes it from here.
+            return Ok(poll);
+        }
         let ev = Event {
             event_id: row.get(0),
             event: row.get(1),
