@@ -4,7 +4,6 @@
 //! 2xx is delivered; 5xx, 408, 429, a timeout or a connection error is
 //! retried; any other answer fails at once.
 
-use std::io::Read;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -186,33 +185,23 @@ pub(super) fn send(
     }
     let where_ = redacted_url(&c.url);
     match req.send(body.as_bytes()) {
-        Ok(mut resp) => {
-            let status = resp.status().as_u16();
-            // A few words of the receiver's answer help; more is its business.
-            let mut text = String::new();
-            let _ = resp
-                .body_mut()
-                .as_reader()
-                .take(300)
-                .read_to_string(&mut text);
-            let said = clean(text.trim(), 200);
-            let msg = |what: &str| {
-                if said.is_empty() {
-                    format!("webhook {where_} answered {status}{what}")
-                } else {
-                    format!("webhook {where_} answered {status}{what}: {said}")
-                }
-            };
-            match status {
+        Ok(resp) => {
+            // Only the status: the receiver's text may echo the URL's path
+            // (a token) or anything else, and this text goes to the
+            // catalog, the logs and the other channels.
+            let status = resp.status();
+            let said = answered(&where_, status.as_u16(), status.canonical_reason());
+            match status.as_u16() {
                 200..=299 => Outcome::Sent,
-                408 | 429 | 500..=599 => Outcome::Retry(msg("")),
-                300..=399 => Outcome::Fail(msg(" (a redirect: set url to where it points)")),
-                _ => Outcome::Fail(msg("")),
+                408 | 429 | 500..=599 => Outcome::Retry(said),
+                300..=399 => {
+                    Outcome::Fail(format!("{said} (a redirect: set url to where it points)"))
+                }
+                _ => Outcome::Fail(said),
             }
         }
         Err(e) => {
-            // ureq's errors name no URL, but scrub it anyway: its path may be a token.
-            let text = clean(&e.to_string().replace(&c.url, &where_), 300);
+            let text = scrub(&e.to_string(), c, authorization.as_deref());
             let what = match e {
                 ureq::Error::Timeout(_) => format!(
                     "webhook {where_} did not answer within {} s ({text})",
@@ -226,6 +215,41 @@ pub(super) fn send(
             }
         }
     }
+}
+
+/// "webhook <scheme://host> answered <code> <reason>": never the body.
+fn answered(where_: &str, status: u16, reason: Option<&str>) -> String {
+    match reason {
+        Some(r) => format!("webhook {where_} answered {status} {r}"),
+        None => format!("webhook {where_} answered {status}"),
+    }
+}
+
+/// A library's error text without what may be secret: the URL (whole, or
+/// its path and query), the header values and the Authorization value.
+fn scrub(text: &str, c: &ChannelConfig, authorization: Option<&str>) -> String {
+    let mut t = text.to_string();
+    let mut secrets: Vec<&str> = vec![c.url.as_str()];
+    if let Some(rest) = c.url.split_once("://").map(|x| x.1) {
+        if let Some(i) = rest.find(['/', '?', '#']) {
+            secrets.push(&rest[i..]);
+        }
+        // User info (user:password@).
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if let Some((user, _)) = authority.rsplit_once('@') {
+            secrets.push(user);
+        }
+    }
+    secrets.extend(c.headers.values().map(String::as_str));
+    secrets.extend(authorization);
+    // Longest first, so a part does not break up a whole; "/" alone says nothing.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for s in secrets {
+        if s.len() > 1 {
+            t = t.replace(s, "[redacted]");
+        }
+    }
+    clean(&t, 300)
 }
 
 /// The certificates of `tls_ca_file`: the only CAs a receiver's
@@ -265,5 +289,26 @@ mod tests {
             "https://hooks.example:8443"
         );
         assert_eq!(redacted_url("http://127.0.0.1:9"), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn errors_hold_no_body_no_path_no_header_value() {
+        assert_eq!(
+            answered("https://h", 404, Some("Not Found")),
+            "webhook https://h answered 404 Not Found"
+        );
+        let c = ChannelConfig {
+            url: "https://u:pw@h.example/hook/T0K3N?sig=abc".into(),
+            headers: [("X-Api-Key".to_string(), "k3y-value".to_string())].into(),
+            ..Default::default()
+        };
+        let t = scrub(
+            "io: https://u:pw@h.example/hook/T0K3N?sig=abc /hook/T0K3N?sig=abc k3y-value Bearer zz",
+            &c,
+            Some("Bearer zz"),
+        );
+        for secret in ["T0K3N", "sig=abc", "k3y-value", "Bearer zz", "pw@"] {
+            assert!(!t.contains(secret), "{t}");
+        }
     }
 }
