@@ -22,7 +22,7 @@ pub fn port_of(c: &ChannelConfig) -> u16 {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+pub(super) fn is_loopback(host: &str) -> bool {
     host == "localhost"
         || host
             .trim_start_matches('[')

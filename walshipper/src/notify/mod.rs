@@ -86,7 +86,7 @@ pub struct ChannelConfig {
     pub rate_limit: Option<u32>,
 
     // webhook
-    /// http:// or https:// URL the JSON is POSTed to.
+    /// https:// URL the JSON is POSTed to (http:// only to a loopback host).
     pub url: String,
     /// The HMAC-SHA256 key the body is signed with (required).
     pub secret_file: PathBuf,
@@ -502,17 +502,17 @@ mod tests {
         );
 
         for (bad, want) in [
-            ("name = \"a b\"\ntype = \"webhook\"\nurl = \"http://x\"\nsecret_file = \"/s\"", "name must be"),
+            ("name = \"a b\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"\nsecret_file = \"/s\"", "name must be"),
             ("name = \"a\"\ntype = \"sms\"", "type must be webhook or email"),
             ("name = \"a\"\ntype = \"webhook\"\nurl = \"ftp://x\"\nsecret_file = \"/s\"", "http:// or https://"),
-            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://x\"", "secret_file"),
-            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://x\"\nsecret_file = \"/s\"\nmin_severity = \"high\"", "min_severity"),
-            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://x\"\nsecret_file = \"/s\"\nkinds = [\"backup_fail\"]", "unknown alert kind 'backup_fail'"),
+            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"", "secret_file"),
+            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"\nsecret_file = \"/s\"\nmin_severity = \"high\"", "min_severity"),
+            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"\nsecret_file = \"/s\"\nkinds = [\"backup_fail\"]", "unknown alert kind 'backup_fail'"),
             ("name = \"a\"\ntype = \"email\"\nsmtp_host = \"smtp.example\"\ntls = \"none\"\nfrom = \"a@b.c\"\nto = [\"d@e.f\"]", "loopback"),
             ("name = \"a\"\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"a@b.c\"\nto = []", "to"),
             ("name = \"a\"\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"not an address\"\nto = [\"d@e.f\"]", "from"),
             ("name = \"a\"\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"a@b.c\"\nto = [\"d@e.f\"]\nusername = \"u\"", "password_file"),
-            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://x\"\nsecret_file = \"/s\"\nheaders = { \"Bad Header\" = \"v\" }", "header"),
+            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"\nsecret_file = \"/s\"\nheaders = { \"Bad Header\" = \"v\" }", "header"),
         ] {
             let e = load(&format!("{BASE}[[notify.channel]]\n{bad}\n"))
                 .and_then(|c| c.notify.validate())

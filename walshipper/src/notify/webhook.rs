@@ -25,6 +25,16 @@ pub(super) fn validate(c: &ChannelConfig, at: &str) -> Result<()> {
     if c.url.chars().any(|ch| ch.is_control() || ch == ' ') {
         return bad("url holds a space or a control character".into());
     }
+    // In clear, the alert and the Authorization header could be read on
+    // the way: only to this host.
+    if let Some(rest) = c.url.strip_prefix("http://") {
+        if !super::email::is_loopback(&host_of(rest)) {
+            return bad(format!(
+                "url {} is plain http:// to another host: use https:// (http:// only to localhost, 127.0.0.1 or ::1)",
+                redacted_url(&c.url)
+            ));
+        }
+    }
     if c.secret_file.as_os_str().is_empty() {
         return bad(
             "secret_file is required: the key the body is signed with (HMAC-SHA256), so the receiver can check the sender"
@@ -52,6 +62,21 @@ pub(super) fn validate(c: &ChannelConfig, at: &str) -> Result<()> {
         return bad("smtp_host and to are e-mail settings, not a webhook's".into());
     }
     Ok(())
+}
+
+/// The host of "host[:port]/..." after the scheme (user info and port
+/// dropped; an IPv6 address keeps its brackets).
+fn host_of(rest: &str) -> String {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let hostport = authority.rsplit('@').next().unwrap_or_default();
+    if hostport.starts_with('[') {
+        return hostport
+            .split_inclusive(']')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+    }
+    hostport.split(':').next().unwrap_or_default().to_string()
 }
 
 /// The URL without what may be a secret (user info, path, query): only
@@ -289,6 +314,37 @@ mod tests {
             "https://hooks.example:8443"
         );
         assert_eq!(redacted_url("http://127.0.0.1:9"), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        let with = |url: &str| {
+            validate(
+                &ChannelConfig {
+                    url: url.into(),
+                    secret_file: "/s".into(),
+                    ..Default::default()
+                },
+                "c",
+            )
+        };
+        for ok in [
+            "http://127.0.0.1:9/x",
+            "http://localhost/x",
+            "http://[::1]:8080/",
+            "https://h.example/x",
+        ] {
+            with(ok).unwrap();
+        }
+        for bad in [
+            "http://h.example/x",
+            "http://127.0.0.1.evil.example/",
+            "http://localhost@h.example/",
+            "http://10.0.0.1:80/",
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("use https://"), "{bad}: {e}");
+        }
     }
 
     #[test]
