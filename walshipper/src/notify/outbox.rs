@@ -30,7 +30,7 @@ pub fn spawn(cfg: &Config) -> Result<std::thread::JoinHandle<()>> {
                 let name = cfg.notify.channels[i].name.clone();
                 match std::thread::Builder::new()
                     .name(format!("notify-{name}"))
-                    .spawn(move || channel_thread(&cfg, i))
+                    .spawn(move || supervised(&cfg, i))
                 {
                     Ok(t) => threads.push(t),
                     Err(e) => {
@@ -45,25 +45,70 @@ pub fn spawn(cfg: &Config) -> Result<std::thread::JoinHandle<()>> {
         .map_err(|e| Error::io("cannot start the notifier thread", e))
 }
 
-/// Runs channel `i` until the service stops, reconnecting to the catalog
-/// with a growing pause when the connection fails.
+/// Runs channel `i`, started again (after a pause, logged) if it panics:
+/// a bug in one message's handling does not end the channel for good.
+fn supervised(cfg: &Config, i: usize) {
+    loop {
+        let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| channel_thread(cfg, i)));
+        if run.is_ok() {
+            return;
+        }
+        tracing::error!(
+            channel = %cfg.notify.channels[i].name,
+            "notifier thread panicked (a bug: please report it); started again in {} s",
+            PANIC_PAUSE.as_secs()
+        );
+        if !nap(PANIC_PAUSE) {
+            return;
+        }
+    }
+}
+
+const PANIC_PAUSE: Duration = Duration::from_secs(30);
+
+/// Runs channel `i` until the service stops. On an error (the catalog
+/// unreachable, a permission missing) it starts over after a pause that
+/// doubles up to a minute and is reset only by a cycle that worked; the
+/// first error of a series is logged with what to do.
 fn channel_thread(cfg: &Config, i: usize) {
     let c = &cfg.notify.channels[i];
     let mut pause = Duration::from_secs(1);
+    let mut failing = false;
     while !stopping() {
-        let mut connected = false;
-        if let Err(e) = run_channel(cfg, c, &mut connected) {
-            tracing::warn!(channel = %c.name, "notifier: {e}; again in {} s", pause.as_secs());
-        }
-        if connected {
-            pause = Duration::from_secs(1);
+        let mut worked = false;
+        if let Err(e) = run_channel(cfg, c, &mut worked) {
+            if worked {
+                pause = Duration::from_secs(1);
+                failing = false;
+            }
+            if !failing {
+                tracing::error!(channel = %c.name, "notifier: {e}; again in {} s{}", pause.as_secs(), hint_for(cfg, &e));
+            } else {
+                tracing::warn!(channel = %c.name, "notifier: still failing: {e}; again in {} s", pause.as_secs());
+            }
+            failing = true;
         }
         if !nap(pause) {
             break;
         }
-        pause = (pause * 2).min(Duration::from_secs(60));
+        pause = (pause * 2).min(MAX_PAUSE);
     }
     tracing::info!(channel = %c.name, "notifier stopped");
+}
+
+const MAX_PAUSE: Duration = Duration::from_secs(60);
+
+/// What to do about a notifier's error, when it is a missing grant.
+fn hint_for(cfg: &Config, e: &Error) -> String {
+    let text = e.to_string();
+    if text.contains("permission denied") || text.contains("does not exist") {
+        let role = crate::catalog::target(cfg).user.replace('\'', "''");
+        format!(
+            " (hint: the notifier's role needs the notifier's grants: as the catalog's owner, SELECT backup.grant_notifier('{role}'))"
+        )
+    } else {
+        String::new()
+    }
 }
 
 /// True once `walshipper serve` is shutting down (SIGTERM, SIGINT).
@@ -108,13 +153,13 @@ pub fn join(handle: std::thread::JoinHandle<()>, bound: Duration) -> bool {
     handle.join().is_ok()
 }
 
-fn run_channel(cfg: &Config, c: &ChannelConfig, connected: &mut bool) -> Result<()> {
+/// Sets `worked` once a cycle went through (the error backoff resets).
+fn run_channel(cfg: &Config, c: &ChannelConfig, worked: &mut bool) -> Result<()> {
     let mut client = crate::catalog::connect(cfg)?;
     // catalog::connect set a statement_timeout: a lock held on the catalog
     // does not stall this thread for ever.
     let setup = "SET application_name = 'walshipper notifier'; LISTEN backup_notify";
     client.batch_execute(setup).map_err(pg_err(setup))?;
-    *connected = true;
     let mut cluster = ClusterId::local(cfg);
     // Readable by members of pg_monitor and superusers; without it, the
     // message names the host and database only.
@@ -131,6 +176,7 @@ fn run_channel(cfg: &Config, c: &ChannelConfig, connected: &mut bool) -> Result<
     let mut limited = false;
     while !stopping() {
         let wait = cycle(&cfg.notify, c, &mut client, &cluster, &mut limited)?;
+        *worked = true;
         if wait.is_zero() {
             continue;
         }
