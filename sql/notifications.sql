@@ -159,9 +159,8 @@ BEGIN
                         WHERE d.event_id = e.event_id AND d.status = 'pending'))
      ORDER BY e.event_id DESC LIMIT 1;
     IF FOUND THEN
-        RAISE EXCEPTION 'a test notification for % is already queued (event %, %)',
-                coalesce('channel ' || channel, 'every channel'), prev.event_id,
-                to_char(prev.created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS "UTC"')
+        RAISE EXCEPTION 'a test notification for % is already queued (event %)',
+                coalesce('channel ' || channel, 'every channel'), prev.event_id
             USING ERRCODE = 'object_in_use',
                   HINT = 'Wait for it (backup.notification_deliveries shows what became of it; at most one test a minute), or check that walshipper serve runs with [[notify.channel]] configured.';
     END IF;
@@ -273,11 +272,11 @@ BEGIN
         RAISE EXCEPTION 'unknown delivery status %', p_status USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_status = 'skipped' THEN
-        INSERT INTO backup.notification_deliveries AS x (event_id, channel, status, last_error)
+        INSERT INTO backup.notification_deliveries (event_id, channel, status, last_error)
         VALUES (p_event, p_channel, 'skipped', err)
-        ON CONFLICT (event_id, channel) DO UPDATE
-           SET status = 'skipped', last_error = err, locked_until = NULL, updated_at = now()
-         WHERE x.status = 'pending';
+        -- Only an event nobody recorded yet: a delivery seen or claimed
+        -- (perhaps by another notifier) is not skipped under its holder.
+        ON CONFLICT (event_id, channel) DO NOTHING;
         RETURN;
     END IF;
     IF p_attempt IS NULL THEN

@@ -48,6 +48,9 @@ SELECT backup.notification_claim(1, 'ops', 60) AS closed;
 SELECT backup.notification_claim(1, 'no such; channel', 60);
 SELECT backup.notification_done(1, repeat('x', 49), 'failed', 'text of my choosing', 0, 1);
 SELECT backup.notification_done(1, 'ops', 'bogus');
+-- A skip does not take a delivery another notifier holds.
+SELECT backup.notification_claim(6, 'ops', 60) AS attempt;
+SELECT backup.notification_done(6, 'ops', 'skipped', 'too old');
 SELECT event_id, channel, status, attempts, last_error, sent_at IS NOT NULL AS sent
   FROM backup.notification_deliveries ORDER BY event_id, channel;
 SELECT backup.notification_sent_last_hour('ops') AS ops, backup.notification_sent_last_hour('mail') AS mail;
