@@ -178,6 +178,13 @@ impl NotifyConfig {
         if self.timeout == 0 || self.timeout > 600 {
             return bad("notify.timeout: between 1 and 600 seconds".into());
         }
+        // 0 would skip every event (none is seen the instant it is made).
+        if self.max_age < self.poll_interval.max(60) {
+            return bad(format!(
+                "notify.max_age: at least {} seconds (60, and not under poll_interval)",
+                self.poll_interval.max(60)
+            ));
+        }
         if self.retry_backoff > 86400 {
             return bad("notify.retry_backoff: at most 86400 seconds".into());
         }
@@ -519,6 +526,16 @@ mod tests {
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{bad}: {e}");
+        }
+        for (n, want) in [
+            ("max_age = 0", "notify.max_age: at least 60"),
+            ("poll_interval = 600\nmax_age = 300", "at least 600"),
+        ] {
+            let e = load(&format!("{BASE}[notify]\n{n}\n"))
+                .and_then(|c| c.notify.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{n}: {e}");
         }
     }
 
