@@ -132,6 +132,9 @@ fn nap(d: Duration) -> bool {
     }
 }
 
+/// The least time between two looks at the catalog that a NOTIFY woke.
+const MIN_CYCLE: Duration = Duration::from_millis(200);
+
 /// How long a wait goes without looking at serve::stopping().
 const SLICE: Duration = Duration::from_secs(1);
 
@@ -175,6 +178,7 @@ fn run_channel(cfg: &Config, c: &ChannelConfig, worked: &mut bool) -> Result<()>
     tracing::info!(channel = %c.name, "notifier: {} ready", super::describe(c));
     let mut limited = false;
     while !stopping() {
+        let started = Instant::now();
         let wait = cycle(&cfg.notify, c, &mut client, &cluster, &mut limited)?;
         *worked = true;
         if wait.is_zero() {
@@ -197,6 +201,12 @@ fn run_channel(cfg: &Config, c: &ChannelConfig, worked: &mut bool) -> Result<()>
                 // Several events at once need one look.
                 let mut more = n.iter();
                 while more.next().map_err(pg_err("backup_notify"))?.is_some() {}
+                // Any role may NOTIFY backup_notify: a loop of them gets
+                // at most one look at the catalog per MIN_CYCLE.
+                let since = started.elapsed();
+                if since < MIN_CYCLE {
+                    std::thread::sleep(MIN_CYCLE - since);
+                }
                 break;
             }
         }
