@@ -267,15 +267,16 @@ fn classify(e: &lettre::transport::smtp::Error, server: &str, user: &str, at: &s
         ));
     }
     if e.is_timeout() {
-        return Outcome::Retry(format!(
-            "SMTP server {server} did not answer in time: {text}"
-        ));
+        return Outcome::Retry(
+            format!("SMTP server {server} did not answer in time: {text}"),
+            None,
+        );
     }
     if e.is_client() && !e.is_transient() {
         // e.g. no STARTTLS offered while tls = "starttls" requires it.
         return Outcome::Fail(format!("SMTP server {server}: {text}"));
     }
-    Outcome::Retry(format!("SMTP server {server}: {text}"))
+    Outcome::Retry(format!("SMTP server {server}: {text}"), None)
 }
 
 #[cfg(test)]

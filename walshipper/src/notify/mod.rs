@@ -333,8 +333,8 @@ pub fn send(
     }
 }
 
-/// Reads a secret from a file private to its owner, without its trailing
-/// newline. `what` names the setting (`notify.channel 'x' secret_file`).
+/// Reads a secret from a file private to its owner, without whitespace
+/// at either end. `what` names the setting (`notify.channel 'x' secret_file`).
 pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
@@ -544,7 +544,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s");
-        std::fs::write(&p, "k3y\n").unwrap();
+        std::fs::write(&p, " k3y \r\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = read_secret(&p, "x").unwrap_err().to_string();
         assert!(e.contains("chmod 600") && !e.contains("k3y"), "{e}");

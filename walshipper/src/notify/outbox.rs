@@ -350,14 +350,15 @@ fn cycle(
                 done(client, &ev, c, "sent", "", 0, token)?;
                 sent_last_hour += 1;
             }
-            Outcome::Retry(e) if attempt < n.max_attempts => {
-                let after = n.backoff(attempt);
+            Outcome::Retry(e, asked) if attempt < n.max_attempts => {
+                // The receiver's Retry-After, when it said one.
+                let after = asked.unwrap_or_else(|| n.backoff(attempt));
                 tracing::warn!(channel = %c.name, event_id = ev.event_id, attempt,
                                "notification not delivered, again in {after} s: {e}");
                 done(client, &ev, c, "retry", &e, after, token)?;
                 return Ok(Duration::from_secs(after.max(1)).min(poll));
             }
-            Outcome::Retry(e) | Outcome::Fail(e) => {
+            Outcome::Retry(e, _) | Outcome::Fail(e) => {
                 tracing::error!(channel = %c.name, event_id = ev.event_id, attempt,
                                 "notification given up: {e}");
                 done(client, &ev, c, "failed", &e, 0, token)?;

@@ -216,9 +216,17 @@ pub(super) fn send(
             // catalog, the logs and the other channels.
             let status = resp.status();
             let said = answered(&where_, status.as_u16(), status.canonical_reason());
+            let retry_after = match status.as_u16() {
+                429 | 503 => retry_after(
+                    resp.headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()),
+                ),
+                _ => None,
+            };
             match status.as_u16() {
                 200..=299 => Outcome::Sent,
-                408 | 429 | 500..=599 => Outcome::Retry(said),
+                408 | 429 | 500..=599 => Outcome::Retry(said, retry_after),
                 300..=399 => {
                     Outcome::Fail(format!("{said} (a redirect: set url to where it points)"))
                 }
@@ -236,10 +244,16 @@ pub(super) fn send(
             };
             match e {
                 ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl => Outcome::Fail(what),
-                _ => Outcome::Retry(what),
+                _ => Outcome::Retry(what, None),
             }
         }
     }
+}
+
+/// Retry-After in its seconds form (the date form is not used by the
+/// receivers this is for), at most an hour.
+fn retry_after(v: Option<&str>) -> Option<u64> {
+    v?.trim().parse::<u64>().ok().map(|s| s.min(3600))
 }
 
 /// "webhook <scheme://host> answered <code> <reason>": never the body.
@@ -314,6 +328,14 @@ mod tests {
             "https://hooks.example:8443"
         );
         assert_eq!(redacted_url("http://127.0.0.1:9"), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn retry_after_in_seconds_capped_at_an_hour() {
+        assert_eq!(retry_after(Some(" 120 ")), Some(120));
+        assert_eq!(retry_after(Some("86400")), Some(3600));
+        assert_eq!(retry_after(Some("Wed, 21 Oct 2026 07:28:00 GMT")), None);
+        assert_eq!(retry_after(None), None);
     }
 
     #[test]
