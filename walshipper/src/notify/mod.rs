@@ -41,7 +41,7 @@ pub struct NotifyConfig {
     /// Seconds per attempt (connect, send, answer), unless the channel says.
     pub timeout: u64,
     /// Messages per channel per hour (0: no limit), unless the channel says.
-    /// Over it, messages wait in order; none is dropped.
+    /// Over it, messages wait in order (a seen event is never skipped for its age).
     pub rate_limit: u32,
     /// Seconds: an event older than this when the notifier first sees it
     /// (the notifier was down) is recorded as skipped, not sent.
@@ -311,8 +311,9 @@ fn hostname() -> String {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     Sent,
-    /// Worth trying again (timeout, connection refused, 5xx, 408, 429).
-    Retry(String),
+    /// Worth trying again (timeout, connection refused, 5xx, 408, 429),
+    /// after the seconds the receiver asked for (Retry-After) if any.
+    Retry(String, Option<u64>),
     /// Not worth trying again (4xx, authentication refused, a bad address).
     Fail(String),
 }
@@ -357,9 +358,12 @@ pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
             path.display()
         )));
     }
-    while v.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+    // Whitespace at both ends is not part of it (as serve::read_secret).
+    while v.last().is_some_and(u8::is_ascii_whitespace) {
         v.pop();
     }
+    let lead = v.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    v.drain(..lead);
     if v.is_empty() {
         return Err(Error::Config(format!("{what} {} is empty", path.display())));
     }
@@ -430,7 +434,7 @@ pub fn test(cfg: &Config, channel: Option<&str>) -> Result<()> {
     for c in chosen {
         match send(n, c, &ev, &cluster, 1) {
             Outcome::Sent => println!("{} ({}): ok", c.name, describe(c)),
-            Outcome::Retry(e) | Outcome::Fail(e) => {
+            Outcome::Retry(e, _) | Outcome::Fail(e) => {
                 println!("{} ({}): FAILED: {e}", c.name, describe(c));
                 failed.push(c.name.clone());
             }
