@@ -201,11 +201,37 @@ pub(super) fn send(
         b = b.credentials(Credentials::new(c.username.clone(), password));
     }
     let transport = b.build();
-    match transport.send(&message) {
-        Ok(_) => Outcome::Sent,
-        Err(e) => classify(&e, &server, &c.username, &at),
+    // lettre's timeout is per socket operation: a server that answers
+    // each command slowly could hold the channel for ever. The whole
+    // message gets TOTAL timeouts (the claim's lease in outbox.rs is
+    // longer); past that it is retried later and the thread, left alone,
+    // ends at its next socket timeout.
+    let total = timeout * TOTAL;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("smtp-{}", c.name))
+        .spawn(move || {
+            let _ = tx.send(transport.send(&message));
+        });
+    if let Err(e) = spawned {
+        return Outcome::Retry(format!("{at}: cannot start the SMTP thread: {e}"), None);
+    }
+    match rx.recv_timeout(total) {
+        Ok(Ok(_)) => Outcome::Sent,
+        Ok(Err(e)) => classify(&e, &server, &c.username, &at),
+        Err(_) => Outcome::Retry(
+            format!(
+                "SMTP server {server} did not take the message within {} s",
+                total.as_secs()
+            ),
+            None,
+        ),
     }
 }
+
+/// One message's deadline, in channel timeouts (outbox.rs leases a claim
+/// for more: timeout × 4 + 30 s).
+pub const TOTAL: u32 = 4;
 
 fn build(c: &ChannelConfig, ev: &Event, cluster: &ClusterId) -> Result<Message, String> {
     let mut m = Message::builder()

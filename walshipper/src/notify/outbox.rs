@@ -247,8 +247,9 @@ fn cycle(
         0
     };
     let timeout = n.timeout_of(c);
-    // Long enough for one attempt (an SMTP exchange is several commands).
-    let lease = (timeout.as_secs() * 4 + 30) as i32;
+    // Longer than one attempt can take (an e-mail gives up after
+    // email::TOTAL timeouts, a webhook after one).
+    let lease = (timeout.as_secs() * u64::from(super::email::TOTAL) + 30) as i32;
     let full = rows.len() as i32 == BATCH;
     for row in &rows {
         if stopping() {
