@@ -182,9 +182,10 @@ pub(super) fn send(
         Ok(m) => m,
         Err(e) => return Outcome::Fail(format!("{at}: cannot build the message: {e}")),
     };
+    // A local file gone wrong since the start (checked then): retried.
     let tls = match tls(c, &at) {
         Ok(t) => t,
-        Err(e) => return Outcome::Fail(e.to_string()),
+        Err(e) => return Outcome::Retry(e.to_string(), None),
     };
     let mut b = SmtpTransport::builder_dangerous(c.smtp_host.as_str())
         .port(port)
@@ -193,10 +194,10 @@ pub(super) fn send(
     if !c.username.is_empty() {
         let password = match read_secret(&c.password_file, &format!("{at} password_file")) {
             Ok(p) => p,
-            Err(e) => return Outcome::Fail(e.to_string()),
+            Err(e) => return Outcome::Retry(e.to_string(), None),
         };
         let Ok(password) = String::from_utf8(password) else {
-            return Outcome::Fail(format!("{at} password_file is not UTF-8 text"));
+            return Outcome::Retry(format!("{at} password_file is not UTF-8 text"), None);
         };
         b = b.credentials(Credentials::new(c.username.clone(), password));
     }
@@ -269,6 +270,20 @@ fn tls(c: &ChannelConfig, at: &str) -> Result<Tls> {
     } else {
         Tls::Required(p)
     })
+}
+
+/// Reads every file channel `c` needs (at start).
+pub(super) fn check_files(c: &ChannelConfig, at: &str) -> Result<()> {
+    tls(c, at)?;
+    if !c.username.is_empty() {
+        let p = read_secret(&c.password_file, &format!("{at} password_file"))?;
+        if String::from_utf8(p).is_err() {
+            return Err(Error::Config(format!(
+                "{at} password_file is not UTF-8 text"
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Retry what may pass later (a timeout, a refused connection, a 4xx

@@ -232,6 +232,20 @@ impl NotifyConfig {
         Ok(())
     }
 
+    /// Reads every channel's files (secrets, CA certificates): a missing
+    /// or open file stops `walshipper serve` at start, not every message.
+    pub fn check_files(&self) -> Result<()> {
+        for c in &self.channels {
+            let at = format!("notify.channel '{}'", c.name);
+            match c.kind.as_str() {
+                "webhook" => webhook::check_files(c, &at)?,
+                "email" => email::check_files(c, &at)?,
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
     /// The channel's timeout per attempt.
     pub fn timeout_of(&self, c: &ChannelConfig) -> Duration {
         Duration::from_secs(if c.timeout > 0 {
@@ -478,6 +492,7 @@ pub fn spawn(cfg: &Config) -> Result<Option<std::thread::JoinHandle<()>>> {
         return Ok(None);
     }
     cfg.notify.validate()?;
+    cfg.notify.check_files()?;
     outbox::spawn(cfg).map(Some)
 }
 
@@ -554,6 +569,30 @@ mod tests {
         assert!(e.contains("chmod 600") && !e.contains("k3y"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_secret(&p, "x").unwrap(), b"k3y");
+    }
+
+    #[test]
+    fn channel_files_are_read_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("s");
+        let cfg = |file: &Path| NotifyConfig {
+            channels: vec![ChannelConfig {
+                name: "ops".into(),
+                kind: "webhook".into(),
+                url: "https://h.example/".into(),
+                secret_file: file.to_path_buf(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = cfg(&secret).check_files().unwrap_err().to_string();
+        assert!(e.contains("notify.channel 'ops' secret_file"), "{e}");
+        std::fs::write(&secret, "k").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(cfg(&secret).check_files().is_err());
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        cfg(&secret).check_files().unwrap();
     }
 
     #[test]

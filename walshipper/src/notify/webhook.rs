@@ -151,24 +151,11 @@ pub(super) fn send(
     timeout: Duration,
 ) -> Outcome {
     let at = format!("notify.channel '{}'", c.name);
-    let secret = match read_secret(&c.secret_file, &format!("{at} secret_file")) {
-        Ok(s) => s,
-        Err(e) => return Outcome::Fail(e.to_string()),
-    };
-    let authorization = if c.authorization_file.as_os_str().is_empty() {
-        None
-    } else {
-        match read_secret(&c.authorization_file, &format!("{at} authorization_file")) {
-            Ok(a) => match String::from_utf8(a) {
-                Ok(s) if !s.chars().any(|ch| ch.is_control()) => Some(s),
-                _ => {
-                    return Outcome::Fail(format!(
-                        "{at} authorization_file must hold one line of text"
-                    ))
-                }
-            },
-            Err(e) => return Outcome::Fail(e.to_string()),
-        }
+    // A local file gone wrong since the start (checked then): retried, the
+    // operator may fix it; it is not the receiver's fault.
+    let (secret, authorization) = match secrets(c, &at) {
+        Ok(x) => x,
+        Err(e) => return Outcome::Retry(e.to_string(), None),
     };
     let now = chrono::Utc::now();
     let id = delivery_id(ev, &c.name);
@@ -183,7 +170,7 @@ pub(super) fn send(
                 config =
                     config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
             }
-            Err(e) => return Outcome::Fail(e),
+            Err(e) => return Outcome::Retry(e, None),
         }
     }
     let agent: ureq::Agent = config
@@ -289,6 +276,31 @@ fn scrub(text: &str, c: &ChannelConfig, authorization: Option<&str>) -> String {
         }
     }
     clean(&t, 300)
+}
+
+/// The HMAC key and the Authorization value (if any) of channel `c`.
+fn secrets(c: &ChannelConfig, at: &str) -> Result<(Vec<u8>, Option<String>)> {
+    let secret = read_secret(&c.secret_file, &format!("{at} secret_file"))?;
+    if c.authorization_file.as_os_str().is_empty() {
+        return Ok((secret, None));
+    }
+    let a = read_secret(&c.authorization_file, &format!("{at} authorization_file"))?;
+    match String::from_utf8(a) {
+        Ok(s) if !s.chars().any(|ch| ch.is_control()) => Ok((secret, Some(s))),
+        _ => Err(Error::Config(format!(
+            "{at} authorization_file must hold one line of text"
+        ))),
+    }
+}
+
+/// Reads every file channel `c` needs (at start: a mistake stops
+/// `walshipper serve` instead of failing each message).
+pub(super) fn check_files(c: &ChannelConfig, at: &str) -> Result<()> {
+    secrets(c, at)?;
+    if !c.tls_ca_file.as_os_str().is_empty() {
+        private_roots(c, at).map_err(Error::Config)?;
+    }
+    Ok(())
 }
 
 /// The certificates of `tls_ca_file`: the only CAs a receiver's
