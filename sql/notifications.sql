@@ -251,8 +251,10 @@ $$;
 
 -- Notifier: what became of an attempt (or, skipped, of an event the
 -- channel does not take). p_status: 'sent'; 'retry' (again in p_retry_in
--- seconds); 'failed' (given up: the alert notification_failed, about the
--- channel, is raised); 'skipped' (p_error says why). sent, retry and
+-- seconds); 'held' (as retry, but the attempt is not counted: a local
+-- configuration error; notification_failed is raised); 'failed' (given
+-- up: the alert notification_failed, about the channel, is raised);
+-- 'skipped' (p_error says why). sent, retry and
 -- failed act only on the claim p_attempt (notification_claim()'s answer)
 -- while it is held: anything else is ignored. A sent message resolves the
 -- channel's notification_failed alert. p_error is the notifier's own text
@@ -268,7 +270,7 @@ DECLARE
     err text := left(p_error, 1000);
 BEGIN
     PERFORM backup._notification_channel_check(p_channel);
-    IF p_status IS NULL OR p_status NOT IN ('sent', 'retry', 'failed', 'skipped') THEN
+    IF p_status IS NULL OR p_status NOT IN ('sent', 'retry', 'held', 'failed', 'skipped') THEN
         RAISE EXCEPTION 'unknown delivery status %', p_status USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_status = 'skipped' THEN
@@ -284,7 +286,10 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
     UPDATE backup.notification_deliveries x
-       SET status = CASE p_status WHEN 'retry' THEN 'pending' ELSE p_status END,
+       SET status = CASE WHEN p_status IN ('retry', 'held') THEN 'pending' ELSE p_status END,
+           -- held: walshipper's own configuration failed (a secret file),
+           -- not the receiver: the attempt is not counted.
+           attempts = CASE WHEN p_status = 'held' THEN greatest(x.attempts - 1, 0) ELSE x.attempts END,
            last_error = err,
            next_attempt_at = now() + make_interval(secs => greatest(coalesce(p_retry_in, 0), 0)),
            locked_until = NULL,
@@ -298,6 +303,11 @@ BEGIN
     END IF;
     IF p_status = 'sent' THEN
         PERFORM backup._resolve_alert('notification_failed', p_channel);
+    ELSIF p_status = 'held' THEN
+        -- Once: an open alert about the channel is not raised again.
+        PERFORM backup._raise_alert('notification_failed', 'warning', p_channel,
+            format('notifications to channel %s are held: walshipper''s configuration of the channel fails', p_channel),
+            jsonb_build_object('channel', p_channel, 'event_id', p_event, 'error', coalesce(err, 'unknown error')));
     ELSIF p_status = 'failed' THEN
         PERFORM backup._raise_alert('notification_failed', 'warning', p_channel,
             format('notifications to channel %s are failing: event %s given up after %s attempts',

@@ -51,6 +51,13 @@ SELECT backup.notification_done(1, 'ops', 'bogus');
 -- A skip does not take a delivery another notifier holds.
 SELECT backup.notification_claim(6, 'ops', 60) AS attempt;
 SELECT backup.notification_done(6, 'ops', 'skipped', 'too old');
+-- Held by a local configuration error: the attempt is not counted, the
+-- alert is raised once.
+SELECT backup.notification_done(6, 'ops', 'held', 'secret_file: No such file', 0, 1);
+SELECT backup.notification_claim(6, 'ops', 60) AS attempt;
+SELECT backup.notification_done(6, 'ops', 'held', 'secret_file: No such file', 0, 1);
+SELECT count(*) AS held_alerts FROM backup.alerts WHERE kind = 'notification_failed' AND resolved_at IS NULL;
+SELECT backup.notification_claim(6, 'ops', 60) AS attempt;
 SELECT event_id, channel, status, attempts, last_error, sent_at IS NOT NULL AS sent
   FROM backup.notification_deliveries ORDER BY event_id, channel;
 SELECT backup.notification_sent_last_hour('ops') AS ops, backup.notification_sent_last_hour('mail') AS mail;

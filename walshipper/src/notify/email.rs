@@ -185,7 +185,7 @@ pub(super) fn send(
     // A local file gone wrong since the start (checked then): retried.
     let tls = match tls(c, &at) {
         Ok(t) => t,
-        Err(e) => return Outcome::Retry(e.to_string(), None),
+        Err(e) => return Outcome::Held(e.to_string()),
     };
     let mut b = SmtpTransport::builder_dangerous(c.smtp_host.as_str())
         .port(port)
@@ -194,10 +194,10 @@ pub(super) fn send(
     if !c.username.is_empty() {
         let password = match read_secret(&c.password_file, &format!("{at} password_file")) {
             Ok(p) => p,
-            Err(e) => return Outcome::Retry(e.to_string(), None),
+            Err(e) => return Outcome::Held(e.to_string()),
         };
         let Ok(password) = String::from_utf8(password) else {
-            return Outcome::Retry(format!("{at} password_file is not UTF-8 text"), None);
+            return Outcome::Held(format!("{at} password_file is not UTF-8 text"));
         };
         b = b.credentials(Credentials::new(c.username.clone(), password));
     }

@@ -330,6 +330,9 @@ pub enum Outcome {
     Retry(String, Option<u64>),
     /// Not worth trying again (4xx, authentication refused, a bad address).
     Fail(String),
+    /// walshipper's own configuration failed (a secret or CA file changed
+    /// since the start): tried again without using up an attempt.
+    Held(String),
 }
 
 /// Sends `ev` through channel `c` once.
@@ -448,7 +451,7 @@ pub fn test(cfg: &Config, channel: Option<&str>) -> Result<()> {
     for c in chosen {
         match send(n, c, &ev, &cluster, 1) {
             Outcome::Sent => println!("{} ({}): ok", c.name, describe(c)),
-            Outcome::Retry(e, _) | Outcome::Fail(e) => {
+            Outcome::Retry(e, _) | Outcome::Fail(e) | Outcome::Held(e) => {
                 println!("{} ({}): FAILED: {e}", c.name, describe(c));
                 failed.push(c.name.clone());
             }

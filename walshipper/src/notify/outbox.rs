@@ -359,6 +359,13 @@ fn cycle(
                 done(client, &ev, c, "retry", &e, after, token)?;
                 return Ok(Duration::from_secs(after.max(1)).min(poll));
             }
+            Outcome::Held(e) => {
+                let after = n.retry_backoff.max(n.poll_interval);
+                tracing::error!(channel = %c.name, event_id = ev.event_id,
+                                "notification held (walshipper's configuration), again in {after} s: {e}");
+                done(client, &ev, c, "held", &e, after, token)?;
+                return Ok(Duration::from_secs(after.max(1)).min(poll));
+            }
             Outcome::Retry(e, _) | Outcome::Fail(e) => {
                 tracing::error!(channel = %c.name, event_id = ev.event_id, attempt,
                                 "notification given up: {e}");

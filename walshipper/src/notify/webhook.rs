@@ -155,7 +155,7 @@ pub(super) fn send(
     // operator may fix it; it is not the receiver's fault.
     let (secret, authorization) = match secrets(c, &at) {
         Ok(x) => x,
-        Err(e) => return Outcome::Retry(e.to_string(), None),
+        Err(e) => return Outcome::Held(e.to_string()),
     };
     let now = chrono::Utc::now();
     let id = delivery_id(ev, &c.name);
@@ -170,7 +170,7 @@ pub(super) fn send(
                 config =
                     config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
             }
-            Err(e) => return Outcome::Retry(e, None),
+            Err(e) => return Outcome::Held(e),
         }
     }
     let agent: ureq::Agent = config
