@@ -27,7 +27,7 @@ CREATE TABLE backup.notification_events (
     details         jsonb NOT NULL DEFAULT '{}',
     created_at      timestamptz NOT NULL DEFAULT now(),
     -- A test for one channel only (NULL: every channel).
-    channel         text,
+    channel         text CHECK (channel ~ '^[A-Za-z0-9_-]{1,48}$'),
     requested_by    name,
     CHECK ((event = 'test') = (alert_id IS NULL)),
     CHECK (channel IS NULL OR event = 'test')
@@ -38,7 +38,8 @@ COMMENT ON TABLE backup.notification_events IS
 
 CREATE TABLE backup.notification_deliveries (
     event_id        bigint NOT NULL REFERENCES backup.notification_events (event_id) ON DELETE CASCADE,
-    channel         text NOT NULL,
+    -- walshipper checks its [[notify.channel]] names by the same rule.
+    channel         text NOT NULL CHECK (channel ~ '^[A-Za-z0-9_-]{1,48}$'),
     status          text NOT NULL CHECK (status IN ('pending', 'sent', 'failed', 'skipped')),
     attempts        integer NOT NULL DEFAULT 0,
     -- The last failure, or why the event was skipped. Never a secret:
@@ -120,6 +121,20 @@ CREATE TRIGGER notification_alert_resolved AFTER UPDATE OF resolved_at ON backup
     FOR EACH ROW WHEN (OLD.resolved_at IS NULL AND NEW.resolved_at IS NOT NULL)
     EXECUTE FUNCTION backup._notification_alert_changed();
 
+-- A channel name as walshipper's configuration allows it, or an error (no
+-- invented name slips into the outbox or an alert).
+CREATE FUNCTION backup._notification_channel_check(channel text)
+RETURNS void LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF channel IS NULL OR channel !~ '^[A-Za-z0-9_-]{1,48}$' THEN
+        RAISE EXCEPTION 'no channel can be named %', coalesce(left(channel, 60), 'NULL')
+            USING ERRCODE = 'invalid_parameter_value',
+                  HINT = 'Channel names ([[notify.channel]] name in walshipper''s configuration) hold 1 to 48 letters, digits, ''-'' and ''_''.';
+    END IF;
+END
+$$;
+
 -- Operator: a test message through every channel (or the one named), sent
 -- by the notifier within seconds. Returns the event id: see
 -- backup.notification_deliveries for what became of it.
@@ -128,11 +143,26 @@ RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 DECLARE
     id bigint;
+    prev backup.notification_events;
 BEGIN
-    IF channel IS NOT NULL AND channel !~ '^[A-Za-z0-9_-]{1,48}$' THEN
-        RAISE EXCEPTION 'no channel can be named %', left(channel, 60)
-            USING ERRCODE = 'invalid_parameter_value',
-                  HINT = 'Channel names ([[notify.channel]] name in walshipper''s configuration) hold 1 to 48 letters, digits, ''-'' and ''_''.';
+    IF channel IS NOT NULL THEN
+        PERFORM backup._notification_channel_check(channel);
+    END IF;
+    -- One test at a time per channel (and for all): a loop of tests would
+    -- fill the channel's rate limit. Serialised so two callers see each other.
+    PERFORM pg_advisory_xact_lock(hashtext('backup.notification_test'));
+    SELECT e.* INTO prev FROM backup.notification_events e
+     WHERE e.event = 'test' AND e.channel IS NOT DISTINCT FROM notification_test.channel
+       AND (e.created_at > now() - interval '1 minute'
+            OR NOT EXISTS (SELECT FROM backup.notification_deliveries d WHERE d.event_id = e.event_id)
+            OR EXISTS (SELECT FROM backup.notification_deliveries d
+                        WHERE d.event_id = e.event_id AND d.status = 'pending'))
+     ORDER BY e.event_id DESC LIMIT 1;
+    IF FOUND THEN
+        RAISE EXCEPTION 'a test notification for % is already queued (event %)',
+                coalesce('channel ' || channel, 'every channel'), prev.event_id
+            USING ERRCODE = 'object_in_use',
+                  HINT = 'Wait for it (backup.notification_deliveries shows what became of it; at most one test a minute), or check that walshipper serve runs with [[notify.channel]] configured.';
     END IF;
     INSERT INTO backup.notification_events (event, kind, severity, subject, message, channel, requested_by)
     VALUES ('test', 'notification_test', 'info', coalesce(channel, ''),
@@ -145,9 +175,10 @@ BEGIN
 END
 $$;
 
--- Notifier: the next events for p_channel, oldest first, with what the
--- channel's delivery of each is (ready: may be tried now). Events a
--- delivery row closed (sent, failed, skipped) are not returned.
+-- Notifier: the next events for p_channel, alerts oldest first, then tests
+-- (a test never waits ahead of an alert), with what the channel's delivery
+-- of each is (ready: may be tried now; seen: the notifier recorded it).
+-- Events a delivery row closed (sent, failed, skipped) are not returned.
 CREATE FUNCTION backup.notification_pending(p_channel text, p_limit integer DEFAULT 50)
 RETURNS TABLE (event_id bigint, event text, alert_id bigint, kind text, severity text, subject text,
                job text, message text, hint text, details jsonb, created_at timestamptz,
@@ -167,7 +198,7 @@ AS $$
       LEFT JOIN backup.notification_deliveries d ON d.event_id = e.event_id AND d.channel = p_channel
      WHERE (e.channel IS NULL OR e.channel = p_channel)
        AND (d.event_id IS NULL OR d.status = 'pending')
-     ORDER BY e.event_id
+     ORDER BY e.event = 'test', e.event_id
      LIMIT least(greatest(p_limit, 1), 1000)
 $$;
 
@@ -180,16 +211,33 @@ AS $$
      WHERE channel = p_channel AND sent_at > now() - interval '1 hour'
 $$;
 
+-- Notifier: records that it saw event p_event for p_channel and will send
+-- it (a pending delivery, no attempt yet), so a message that waits (rate
+-- limit, an earlier one retried) is not taken for an old one later.
+CREATE FUNCTION backup.notification_seen(p_event bigint, p_channel text)
+RETURNS void LANGUAGE plpgsql SECURITY DEFINER
+AS $$
+BEGIN
+    PERFORM backup._notification_channel_check(p_channel);
+    INSERT INTO backup.notification_deliveries (event_id, channel, status)
+    VALUES (p_event, p_channel, 'pending')
+    ON CONFLICT (event_id, channel) DO NOTHING;
+END
+$$;
+
 -- Notifier: takes event p_event for p_channel for p_lease seconds (another
 -- notifier leaves it alone meanwhile) and counts an attempt. Returns the
 -- attempt's number, or NULL when it is not to be tried now (done, held by
--- another notifier, or waiting for its next attempt).
+-- another notifier, or waiting for its next attempt). The number is the
+-- claim's token: notification_done() takes it back and ignores a holder
+-- whose lease ran out and was claimed again.
 CREATE FUNCTION backup.notification_claim(p_event bigint, p_channel text, p_lease integer)
 RETURNS integer LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 DECLARE
     n integer;
 BEGIN
+    PERFORM backup._notification_channel_check(p_channel);
     INSERT INTO backup.notification_deliveries AS d (event_id, channel, status, attempts, locked_until)
     VALUES (p_event, p_channel, 'pending', 1, now() + make_interval(secs => greatest(p_lease, 1)))
     ON CONFLICT (event_id, channel) DO UPDATE
@@ -203,47 +251,69 @@ $$;
 
 -- Notifier: what became of an attempt (or, skipped, of an event the
 -- channel does not take). p_status: 'sent'; 'retry' (again in p_retry_in
--- seconds); 'failed' (given up: the alert notification_failed, about the
--- channel, is raised); 'skipped' (p_error says why). A sent message
--- resolves the channel's notification_failed alert.
+-- seconds); 'held' (as retry, but the attempt is not counted: a local
+-- configuration error; notification_failed is raised); 'failed' (given
+-- up: the alert notification_failed, about the channel, is raised);
+-- 'skipped' (p_error says why). sent, retry and
+-- failed act only on the claim p_attempt (notification_claim()'s answer)
+-- while it is held: anything else is ignored. A sent message resolves the
+-- channel's notification_failed alert. p_error is the notifier's own text
+-- (never a receiver's answer); it lands in last_error and the alert's
+-- details, the alert's message is fixed.
 CREATE FUNCTION backup.notification_done(p_event bigint, p_channel text, p_status text,
-                                         p_error text DEFAULT NULL, p_retry_in integer DEFAULT NULL)
+                                         p_error text DEFAULT NULL, p_retry_in integer DEFAULT NULL,
+                                         p_attempt integer DEFAULT NULL)
 RETURNS void LANGUAGE plpgsql SECURITY DEFINER
 AS $$
 DECLARE
     d backup.notification_deliveries;
     err text := left(p_error, 1000);
 BEGIN
-    IF p_status NOT IN ('sent', 'retry', 'failed', 'skipped') THEN
+    PERFORM backup._notification_channel_check(p_channel);
+    IF p_status IS NULL OR p_status NOT IN ('sent', 'retry', 'held', 'failed', 'skipped') THEN
         RAISE EXCEPTION 'unknown delivery status %', p_status USING ERRCODE = 'invalid_parameter_value';
     END IF;
     IF p_status = 'skipped' THEN
-        INSERT INTO backup.notification_deliveries AS x (event_id, channel, status, last_error)
+        INSERT INTO backup.notification_deliveries (event_id, channel, status, last_error)
         VALUES (p_event, p_channel, 'skipped', err)
-        ON CONFLICT (event_id, channel) DO UPDATE
-           SET status = 'skipped', last_error = err, locked_until = NULL, updated_at = now()
-         WHERE x.status = 'pending';
+        -- Only an event nobody recorded yet: a delivery seen or claimed
+        -- (perhaps by another notifier) is not skipped under its holder.
+        ON CONFLICT (event_id, channel) DO NOTHING;
         RETURN;
     END IF;
+    IF p_attempt IS NULL THEN
+        RAISE EXCEPTION 'notification_done(%) needs p_attempt, the number notification_claim() returned', p_status
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     UPDATE backup.notification_deliveries x
-       SET status = CASE p_status WHEN 'retry' THEN 'pending' ELSE p_status END,
+       SET status = CASE WHEN p_status IN ('retry', 'held') THEN 'pending' ELSE p_status END,
+           -- held: walshipper's own configuration failed (a secret file),
+           -- not the receiver: the attempt is not counted.
+           attempts = CASE WHEN p_status = 'held' THEN greatest(x.attempts - 1, 0) ELSE x.attempts END,
            last_error = err,
            next_attempt_at = now() + make_interval(secs => greatest(coalesce(p_retry_in, 0), 0)),
            locked_until = NULL,
            sent_at = CASE WHEN p_status = 'sent' THEN now() END,
            updated_at = now()
      WHERE x.event_id = p_event AND x.channel = p_channel AND x.status = 'pending'
+       AND x.attempts = p_attempt AND x.locked_until IS NOT NULL
     RETURNING * INTO d;
     IF NOT FOUND THEN
         RETURN;
     END IF;
     IF p_status = 'sent' THEN
         PERFORM backup._resolve_alert('notification_failed', p_channel);
+    ELSIF p_status = 'held' THEN
+        -- Once: an open alert about the channel is not raised again.
+        PERFORM backup._raise_alert('notification_failed', 'warning', p_channel,
+            format('notifications to channel %s are held: walshipper''s configuration of the channel fails', p_channel),
+            jsonb_build_object('channel', p_channel, 'event_id', p_event, 'error', coalesce(err, 'unknown error')));
     ELSIF p_status = 'failed' THEN
         PERFORM backup._raise_alert('notification_failed', 'warning', p_channel,
-            format('notifications to channel %s are failing: event %s not delivered after %s attempts: %s',
-                   p_channel, p_event, d.attempts, coalesce(err, 'unknown error')),
-            jsonb_build_object('channel', p_channel, 'event_id', p_event, 'attempts', d.attempts));
+            format('notifications to channel %s are failing: event %s given up after %s attempts',
+                   p_channel, p_event, d.attempts),
+            jsonb_build_object('channel', p_channel, 'event_id', p_event, 'attempts', d.attempts,
+                               'error', coalesce(err, 'unknown error')));
     END IF;
 END
 $$;

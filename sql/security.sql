@@ -64,8 +64,9 @@ AS $$
     SELECT ARRAY[
         'backup.notification_pending(text, integer)',
         'backup.notification_sent_last_hour(text)',
+        'backup.notification_seen(bigint, text)',
         'backup.notification_claim(bigint, text, integer)',
-        'backup.notification_done(bigint, text, text, text, integer)'
+        'backup.notification_done(bigint, text, text, text, integer, integer)'
     ]::regprocedure[]
 $$;
 

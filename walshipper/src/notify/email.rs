@@ -22,7 +22,7 @@ pub fn port_of(c: &ChannelConfig) -> u16 {
     }
 }
 
-fn is_loopback(host: &str) -> bool {
+pub(super) fn is_loopback(host: &str) -> bool {
     host == "localhost"
         || host
             .trim_start_matches('[')
@@ -182,9 +182,10 @@ pub(super) fn send(
         Ok(m) => m,
         Err(e) => return Outcome::Fail(format!("{at}: cannot build the message: {e}")),
     };
+    // A local file gone wrong since the start (checked then): retried.
     let tls = match tls(c, &at) {
         Ok(t) => t,
-        Err(e) => return Outcome::Fail(e.to_string()),
+        Err(e) => return Outcome::Held(e.to_string()),
     };
     let mut b = SmtpTransport::builder_dangerous(c.smtp_host.as_str())
         .port(port)
@@ -193,19 +194,45 @@ pub(super) fn send(
     if !c.username.is_empty() {
         let password = match read_secret(&c.password_file, &format!("{at} password_file")) {
             Ok(p) => p,
-            Err(e) => return Outcome::Fail(e.to_string()),
+            Err(e) => return Outcome::Held(e.to_string()),
         };
         let Ok(password) = String::from_utf8(password) else {
-            return Outcome::Fail(format!("{at} password_file is not UTF-8 text"));
+            return Outcome::Held(format!("{at} password_file is not UTF-8 text"));
         };
         b = b.credentials(Credentials::new(c.username.clone(), password));
     }
     let transport = b.build();
-    match transport.send(&message) {
-        Ok(_) => Outcome::Sent,
-        Err(e) => classify(&e, &server, &c.username, &at),
+    // lettre's timeout is per socket operation: a server that answers
+    // each command slowly could hold the channel for ever. The whole
+    // message gets TOTAL timeouts (the claim's lease in outbox.rs is
+    // longer); past that it is retried later and the thread, left alone,
+    // ends at its next socket timeout.
+    let total = timeout * TOTAL;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name(format!("smtp-{}", c.name))
+        .spawn(move || {
+            let _ = tx.send(transport.send(&message));
+        });
+    if let Err(e) = spawned {
+        return Outcome::Retry(format!("{at}: cannot start the SMTP thread: {e}"), None);
+    }
+    match rx.recv_timeout(total) {
+        Ok(Ok(_)) => Outcome::Sent,
+        Ok(Err(e)) => classify(&e, &server, &c.username, &at),
+        Err(_) => Outcome::Retry(
+            format!(
+                "SMTP server {server} did not take the message within {} s",
+                total.as_secs()
+            ),
+            None,
+        ),
     }
 }
+
+/// One message's deadline, in channel timeouts (outbox.rs leases a claim
+/// for more: timeout × 4 + 30 s).
+pub const TOTAL: u32 = 4;
 
 fn build(c: &ChannelConfig, ev: &Event, cluster: &ClusterId) -> Result<Message, String> {
     let mut m = Message::builder()
@@ -245,6 +272,20 @@ fn tls(c: &ChannelConfig, at: &str) -> Result<Tls> {
     })
 }
 
+/// Reads every file channel `c` needs (at start).
+pub(super) fn check_files(c: &ChannelConfig, at: &str) -> Result<()> {
+    tls(c, at)?;
+    if !c.username.is_empty() {
+        let p = read_secret(&c.password_file, &format!("{at} password_file"))?;
+        if String::from_utf8(p).is_err() {
+            return Err(Error::Config(format!(
+                "{at} password_file is not UTF-8 text"
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Retry what may pass later (a timeout, a refused connection, a 4xx
 /// reply); fail a refused authentication, any other 5xx reply and a TLS
 /// failure at once, saying what to check.
@@ -267,15 +308,16 @@ fn classify(e: &lettre::transport::smtp::Error, server: &str, user: &str, at: &s
         ));
     }
     if e.is_timeout() {
-        return Outcome::Retry(format!(
-            "SMTP server {server} did not answer in time: {text}"
-        ));
+        return Outcome::Retry(
+            format!("SMTP server {server} did not answer in time: {text}"),
+            None,
+        );
     }
     if e.is_client() && !e.is_transient() {
         // e.g. no STARTTLS offered while tls = "starttls" requires it.
         return Outcome::Fail(format!("SMTP server {server}: {text}"));
     }
-    Outcome::Retry(format!("SMTP server {server}: {text}"))
+    Outcome::Retry(format!("SMTP server {server}: {text}"), None)
 }
 
 #[cfg(test)]

@@ -41,7 +41,7 @@ pub struct NotifyConfig {
     /// Seconds per attempt (connect, send, answer), unless the channel says.
     pub timeout: u64,
     /// Messages per channel per hour (0: no limit), unless the channel says.
-    /// Over it, messages wait in order; none is dropped.
+    /// Over it, messages wait in order (a seen event is never skipped for its age).
     pub rate_limit: u32,
     /// Seconds: an event older than this when the notifier first sees it
     /// (the notifier was down) is recorded as skipped, not sent.
@@ -86,7 +86,7 @@ pub struct ChannelConfig {
     pub rate_limit: Option<u32>,
 
     // webhook
-    /// http:// or https:// URL the JSON is POSTed to.
+    /// https:// URL the JSON is POSTed to (http:// only to a loopback host).
     pub url: String,
     /// The HMAC-SHA256 key the body is signed with (required).
     pub secret_file: PathBuf,
@@ -178,6 +178,13 @@ impl NotifyConfig {
         if self.timeout == 0 || self.timeout > 600 {
             return bad("notify.timeout: between 1 and 600 seconds".into());
         }
+        // 0 would skip every event (none is seen the instant it is made).
+        if self.max_age < self.poll_interval.max(60) {
+            return bad(format!(
+                "notify.max_age: at least {} seconds (60, and not under poll_interval)",
+                self.poll_interval.max(60)
+            ));
+        }
         if self.retry_backoff > 86400 {
             return bad("notify.retry_backoff: at most 86400 seconds".into());
         }
@@ -220,6 +227,20 @@ impl NotifyConfig {
                         "{at}: type must be webhook or email, not '{other}'"
                     ))
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every channel's files (secrets, CA certificates): a missing
+    /// or open file stops `walshipper serve` at start, not every message.
+    pub fn check_files(&self) -> Result<()> {
+        for c in &self.channels {
+            let at = format!("notify.channel '{}'", c.name);
+            match c.kind.as_str() {
+                "webhook" => webhook::check_files(c, &at)?,
+                "email" => email::check_files(c, &at)?,
+                _ => {}
             }
         }
         Ok(())
@@ -304,10 +325,14 @@ fn hostname() -> String {
 #[derive(Debug, PartialEq, Eq)]
 pub enum Outcome {
     Sent,
-    /// Worth trying again (timeout, connection refused, 5xx, 408, 429).
-    Retry(String),
+    /// Worth trying again (timeout, connection refused, 5xx, 408, 429),
+    /// after the seconds the receiver asked for (Retry-After) if any.
+    Retry(String, Option<u64>),
     /// Not worth trying again (4xx, authentication refused, a bad address).
     Fail(String),
+    /// walshipper's own configuration failed (a secret or CA file changed
+    /// since the start): tried again without using up an attempt.
+    Held(String),
 }
 
 /// Sends `ev` through channel `c` once.
@@ -326,8 +351,8 @@ pub fn send(
     }
 }
 
-/// Reads a secret from a file private to its owner, without its trailing
-/// newline. `what` names the setting (`notify.channel 'x' secret_file`).
+/// Reads a secret from a file private to its owner, without whitespace
+/// at either end. `what` names the setting (`notify.channel 'x' secret_file`).
 pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
     use std::io::Read;
     use std::os::unix::fs::PermissionsExt;
@@ -350,9 +375,12 @@ pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
             path.display()
         )));
     }
-    while v.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+    // Whitespace at both ends is not part of it (as serve::read_secret).
+    while v.last().is_some_and(u8::is_ascii_whitespace) {
         v.pop();
     }
+    let lead = v.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    v.drain(..lead);
     if v.is_empty() {
         return Err(Error::Config(format!("{what} {} is empty", path.display())));
     }
@@ -423,7 +451,7 @@ pub fn test(cfg: &Config, channel: Option<&str>) -> Result<()> {
     for c in chosen {
         match send(n, c, &ev, &cluster, 1) {
             Outcome::Sent => println!("{} ({}): ok", c.name, describe(c)),
-            Outcome::Retry(e) | Outcome::Fail(e) => {
+            Outcome::Retry(e, _) | Outcome::Fail(e) | Outcome::Held(e) => {
                 println!("{} ({}): FAILED: {e}", c.name, describe(c));
                 failed.push(c.name.clone());
             }
@@ -467,6 +495,7 @@ pub fn spawn(cfg: &Config) -> Result<Option<std::thread::JoinHandle<()>>> {
         return Ok(None);
     }
     cfg.notify.validate()?;
+    cfg.notify.check_files()?;
     outbox::spawn(cfg).map(Some)
 }
 
@@ -502,23 +531,33 @@ mod tests {
         );
 
         for (bad, want) in [
-            ("name = \"a b\"\ntype = \"webhook\"\nurl = \"http://x\"\nsecret_file = \"/s\"", "name must be"),
+            ("name = \"a b\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"\nsecret_file = \"/s\"", "name must be"),
             ("name = \"a\"\ntype = \"sms\"", "type must be webhook or email"),
             ("name = \"a\"\ntype = \"webhook\"\nurl = \"ftp://x\"\nsecret_file = \"/s\"", "http:// or https://"),
-            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://x\"", "secret_file"),
-            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://x\"\nsecret_file = \"/s\"\nmin_severity = \"high\"", "min_severity"),
-            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://x\"\nsecret_file = \"/s\"\nkinds = [\"backup_fail\"]", "unknown alert kind 'backup_fail'"),
+            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"", "secret_file"),
+            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"\nsecret_file = \"/s\"\nmin_severity = \"high\"", "min_severity"),
+            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"\nsecret_file = \"/s\"\nkinds = [\"backup_fail\"]", "unknown alert kind 'backup_fail'"),
             ("name = \"a\"\ntype = \"email\"\nsmtp_host = \"smtp.example\"\ntls = \"none\"\nfrom = \"a@b.c\"\nto = [\"d@e.f\"]", "loopback"),
             ("name = \"a\"\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"a@b.c\"\nto = []", "to"),
             ("name = \"a\"\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"not an address\"\nto = [\"d@e.f\"]", "from"),
             ("name = \"a\"\ntype = \"email\"\nsmtp_host = \"h\"\nfrom = \"a@b.c\"\nto = [\"d@e.f\"]\nusername = \"u\"", "password_file"),
-            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://x\"\nsecret_file = \"/s\"\nheaders = { \"Bad Header\" = \"v\" }", "header"),
+            ("name = \"a\"\ntype = \"webhook\"\nurl = \"http://127.0.0.1\"\nsecret_file = \"/s\"\nheaders = { \"Bad Header\" = \"v\" }", "header"),
         ] {
             let e = load(&format!("{BASE}[[notify.channel]]\n{bad}\n"))
                 .and_then(|c| c.notify.validate())
                 .unwrap_err()
                 .to_string();
             assert!(e.contains(want), "{bad}: {e}");
+        }
+        for (n, want) in [
+            ("max_age = 0", "notify.max_age: at least 60"),
+            ("poll_interval = 600\nmax_age = 300", "at least 600"),
+        ] {
+            let e = load(&format!("{BASE}[notify]\n{n}\n"))
+                .and_then(|c| c.notify.validate())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{n}: {e}");
         }
     }
 
@@ -527,12 +566,36 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("s");
-        std::fs::write(&p, "k3y\n").unwrap();
+        std::fs::write(&p, " k3y \r\n").unwrap();
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
         let e = read_secret(&p, "x").unwrap_err().to_string();
         assert!(e.contains("chmod 600") && !e.contains("k3y"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
         assert_eq!(read_secret(&p, "x").unwrap(), b"k3y");
+    }
+
+    #[test]
+    fn channel_files_are_read_at_start() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let secret = d.path().join("s");
+        let cfg = |file: &Path| NotifyConfig {
+            channels: vec![ChannelConfig {
+                name: "ops".into(),
+                kind: "webhook".into(),
+                url: "https://h.example/".into(),
+                secret_file: file.to_path_buf(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let e = cfg(&secret).check_files().unwrap_err().to_string();
+        assert!(e.contains("notify.channel 'ops' secret_file"), "{e}");
+        std::fs::write(&secret, "k").unwrap();
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o644)).unwrap();
+        assert!(cfg(&secret).check_files().is_err());
+        std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+        cfg(&secret).check_files().unwrap();
     }
 
     #[test]

@@ -4,7 +4,6 @@
 //! 2xx is delivered; 5xx, 408, 429, a timeout or a connection error is
 //! retried; any other answer fails at once.
 
-use std::io::Read;
 use std::time::Duration;
 
 use hmac::{Hmac, Mac};
@@ -25,6 +24,16 @@ pub(super) fn validate(c: &ChannelConfig, at: &str) -> Result<()> {
     }
     if c.url.chars().any(|ch| ch.is_control() || ch == ' ') {
         return bad("url holds a space or a control character".into());
+    }
+    // In clear, the alert and the Authorization header could be read on
+    // the way: only to this host.
+    if let Some(rest) = c.url.strip_prefix("http://") {
+        if !super::email::is_loopback(&host_of(rest)) {
+            return bad(format!(
+                "url {} is plain http:// to another host: use https:// (http:// only to localhost, 127.0.0.1 or ::1)",
+                redacted_url(&c.url)
+            ));
+        }
     }
     if c.secret_file.as_os_str().is_empty() {
         return bad(
@@ -53,6 +62,21 @@ pub(super) fn validate(c: &ChannelConfig, at: &str) -> Result<()> {
         return bad("smtp_host and to are e-mail settings, not a webhook's".into());
     }
     Ok(())
+}
+
+/// The host of "host[:port]/..." after the scheme (user info and port
+/// dropped; an IPv6 address keeps its brackets).
+fn host_of(rest: &str) -> String {
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    let hostport = authority.rsplit('@').next().unwrap_or_default();
+    if hostport.starts_with('[') {
+        return hostport
+            .split_inclusive(']')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+    }
+    hostport.split(':').next().unwrap_or_default().to_string()
 }
 
 /// The URL without what may be a secret (user info, path, query): only
@@ -127,24 +151,11 @@ pub(super) fn send(
     timeout: Duration,
 ) -> Outcome {
     let at = format!("notify.channel '{}'", c.name);
-    let secret = match read_secret(&c.secret_file, &format!("{at} secret_file")) {
-        Ok(s) => s,
-        Err(e) => return Outcome::Fail(e.to_string()),
-    };
-    let authorization = if c.authorization_file.as_os_str().is_empty() {
-        None
-    } else {
-        match read_secret(&c.authorization_file, &format!("{at} authorization_file")) {
-            Ok(a) => match String::from_utf8(a) {
-                Ok(s) if !s.chars().any(|ch| ch.is_control()) => Some(s),
-                _ => {
-                    return Outcome::Fail(format!(
-                        "{at} authorization_file must hold one line of text"
-                    ))
-                }
-            },
-            Err(e) => return Outcome::Fail(e.to_string()),
-        }
+    // A local file gone wrong since the start (checked then): retried, the
+    // operator may fix it; it is not the receiver's fault.
+    let (secret, authorization) = match secrets(c, &at) {
+        Ok(x) => x,
+        Err(e) => return Outcome::Held(e.to_string()),
     };
     let now = chrono::Utc::now();
     let id = delivery_id(ev, &c.name);
@@ -159,7 +170,7 @@ pub(super) fn send(
                 config =
                     config.tls_config(ureq::tls::TlsConfig::builder().root_certs(roots).build())
             }
-            Err(e) => return Outcome::Fail(e),
+            Err(e) => return Outcome::Held(e),
         }
     }
     let agent: ureq::Agent = config
@@ -186,33 +197,31 @@ pub(super) fn send(
     }
     let where_ = redacted_url(&c.url);
     match req.send(body.as_bytes()) {
-        Ok(mut resp) => {
-            let status = resp.status().as_u16();
-            // A few words of the receiver's answer help; more is its business.
-            let mut text = String::new();
-            let _ = resp
-                .body_mut()
-                .as_reader()
-                .take(300)
-                .read_to_string(&mut text);
-            let said = clean(text.trim(), 200);
-            let msg = |what: &str| {
-                if said.is_empty() {
-                    format!("webhook {where_} answered {status}{what}")
-                } else {
-                    format!("webhook {where_} answered {status}{what}: {said}")
-                }
+        Ok(resp) => {
+            // Only the status: the receiver's text may echo the URL's path
+            // (a token) or anything else, and this text goes to the
+            // catalog, the logs and the other channels.
+            let status = resp.status();
+            let said = answered(&where_, status.as_u16(), status.canonical_reason());
+            let retry_after = match status.as_u16() {
+                429 | 503 => retry_after(
+                    resp.headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()),
+                ),
+                _ => None,
             };
-            match status {
+            match status.as_u16() {
                 200..=299 => Outcome::Sent,
-                408 | 429 | 500..=599 => Outcome::Retry(msg("")),
-                300..=399 => Outcome::Fail(msg(" (a redirect: set url to where it points)")),
-                _ => Outcome::Fail(msg("")),
+                408 | 429 | 500..=599 => Outcome::Retry(said, retry_after),
+                300..=399 => {
+                    Outcome::Fail(format!("{said} (a redirect: set url to where it points)"))
+                }
+                _ => Outcome::Fail(said),
             }
         }
         Err(e) => {
-            // ureq's errors name no URL, but scrub it anyway: its path may be a token.
-            let text = clean(&e.to_string().replace(&c.url, &where_), 300);
+            let text = scrub(&e.to_string(), c, authorization.as_deref());
             let what = match e {
                 ureq::Error::Timeout(_) => format!(
                     "webhook {where_} did not answer within {} s ({text})",
@@ -222,10 +231,76 @@ pub(super) fn send(
             };
             match e {
                 ureq::Error::BadUri(_) | ureq::Error::InvalidProxyUrl => Outcome::Fail(what),
-                _ => Outcome::Retry(what),
+                _ => Outcome::Retry(what, None),
             }
         }
     }
+}
+
+/// Retry-After in its seconds form (the date form is not used by the
+/// receivers this is for), at most an hour.
+fn retry_after(v: Option<&str>) -> Option<u64> {
+    v?.trim().parse::<u64>().ok().map(|s| s.min(3600))
+}
+
+/// "webhook <scheme://host> answered <code> <reason>": never the body.
+fn answered(where_: &str, status: u16, reason: Option<&str>) -> String {
+    match reason {
+        Some(r) => format!("webhook {where_} answered {status} {r}"),
+        None => format!("webhook {where_} answered {status}"),
+    }
+}
+
+/// A library's error text without what may be secret: the URL (whole, or
+/// its path and query), the header values and the Authorization value.
+fn scrub(text: &str, c: &ChannelConfig, authorization: Option<&str>) -> String {
+    let mut t = text.to_string();
+    let mut secrets: Vec<&str> = vec![c.url.as_str()];
+    if let Some(rest) = c.url.split_once("://").map(|x| x.1) {
+        if let Some(i) = rest.find(['/', '?', '#']) {
+            secrets.push(&rest[i..]);
+        }
+        // User info (user:password@).
+        let authority = rest.split(['/', '?', '#']).next().unwrap_or_default();
+        if let Some((user, _)) = authority.rsplit_once('@') {
+            secrets.push(user);
+        }
+    }
+    secrets.extend(c.headers.values().map(String::as_str));
+    secrets.extend(authorization);
+    // Longest first, so a part does not break up a whole; "/" alone says nothing.
+    secrets.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    for s in secrets {
+        if s.len() > 1 {
+            t = t.replace(s, "[redacted]");
+        }
+    }
+    clean(&t, 300)
+}
+
+/// The HMAC key and the Authorization value (if any) of channel `c`.
+fn secrets(c: &ChannelConfig, at: &str) -> Result<(Vec<u8>, Option<String>)> {
+    let secret = read_secret(&c.secret_file, &format!("{at} secret_file"))?;
+    if c.authorization_file.as_os_str().is_empty() {
+        return Ok((secret, None));
+    }
+    let a = read_secret(&c.authorization_file, &format!("{at} authorization_file"))?;
+    match String::from_utf8(a) {
+        Ok(s) if !s.chars().any(|ch| ch.is_control()) => Ok((secret, Some(s))),
+        _ => Err(Error::Config(format!(
+            "{at} authorization_file must hold one line of text"
+        ))),
+    }
+}
+
+/// Reads every file channel `c` needs (at start: a mistake stops
+/// `walshipper serve` instead of failing each message).
+pub(super) fn check_files(c: &ChannelConfig, at: &str) -> Result<()> {
+    secrets(c, at)?;
+    if !c.tls_ca_file.as_os_str().is_empty() {
+        private_roots(c, at).map_err(Error::Config)?;
+    }
+    Ok(())
 }
 
 /// The certificates of `tls_ca_file`: the only CAs a receiver's
@@ -265,5 +340,65 @@ mod tests {
             "https://hooks.example:8443"
         );
         assert_eq!(redacted_url("http://127.0.0.1:9"), "http://127.0.0.1:9");
+    }
+
+    #[test]
+    fn retry_after_in_seconds_capped_at_an_hour() {
+        assert_eq!(retry_after(Some(" 120 ")), Some(120));
+        assert_eq!(retry_after(Some("86400")), Some(3600));
+        assert_eq!(retry_after(Some("Wed, 21 Oct 2026 07:28:00 GMT")), None);
+        assert_eq!(retry_after(None), None);
+    }
+
+    #[test]
+    fn plain_http_only_to_loopback() {
+        let with = |url: &str| {
+            validate(
+                &ChannelConfig {
+                    url: url.into(),
+                    secret_file: "/s".into(),
+                    ..Default::default()
+                },
+                "c",
+            )
+        };
+        for ok in [
+            "http://127.0.0.1:9/x",
+            "http://localhost/x",
+            "http://[::1]:8080/",
+            "https://h.example/x",
+        ] {
+            with(ok).unwrap();
+        }
+        for bad in [
+            "http://h.example/x",
+            "http://127.0.0.1.evil.example/",
+            "http://localhost@h.example/",
+            "http://10.0.0.1:80/",
+        ] {
+            let e = with(bad).unwrap_err().to_string();
+            assert!(e.contains("use https://"), "{bad}: {e}");
+        }
+    }
+
+    #[test]
+    fn errors_hold_no_body_no_path_no_header_value() {
+        assert_eq!(
+            answered("https://h", 404, Some("Not Found")),
+            "webhook https://h answered 404 Not Found"
+        );
+        let c = ChannelConfig {
+            url: "https://u:pw@h.example/hook/T0K3N?sig=abc".into(),
+            headers: [("X-Api-Key".to_string(), "k3y-value".to_string())].into(),
+            ..Default::default()
+        };
+        let t = scrub(
+            "io: https://u:pw@h.example/hook/T0K3N?sig=abc /hook/T0K3N?sig=abc k3y-value Bearer zz",
+            &c,
+            Some("Bearer zz"),
+        );
+        for secret in ["T0K3N", "sig=abc", "k3y-value", "Bearer zz", "pw@"] {
+            assert!(!t.contains(secret), "{t}");
+        }
     }
 }
