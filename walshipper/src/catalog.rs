@@ -100,3 +100,26 @@ impl Session {
         Err(Error::Invalid("the catalog connection broke twice".into()))
     }
 }
+
+/// The alert severities backup.alerts allows, least severe first.
+pub const SEVERITIES: [&str; 3] = ["info", "warning", "critical"];
+
+/// The alert kinds backup.alerts' CHECK allows (sql/catalog.sql): the
+/// notifier's routing and the metrics' label set.
+pub const ALERT_KINDS: [&str; 15] = [
+    "backup_failed",
+    "job_overdue",
+    "archive_failing",
+    "rpo_exceeded",
+    "worker_error",
+    "repository_unavailable",
+    "repository_lagging",
+    "expire_failed",
+    "verification_failed",
+    "restore_test_failed",
+    "table_restore_failed",
+    "restore_test_overdue",
+    "rto_exceeded",
+    "notification_failed",
+    "repository_almost_full",
+];

@@ -141,28 +141,12 @@ impl Default for ChannelConfig {
     }
 }
 
-pub const SEVERITIES: [&str; 3] = ["info", "warning", "critical"];
+pub use crate::catalog::SEVERITIES;
 
-/// The alert kinds a channel may name in `kinds` (backup.alerts' CHECK),
-/// and the test event's.
-pub const KINDS: [&str; 16] = [
-    "backup_failed",
-    "job_overdue",
-    "archive_failing",
-    "rpo_exceeded",
-    "worker_error",
-    "repository_unavailable",
-    "repository_lagging",
-    "expire_failed",
-    "verification_failed",
-    "restore_test_failed",
-    "table_restore_failed",
-    "restore_test_overdue",
-    "rto_exceeded",
-    "notification_failed",
-    "repository_almost_full",
-    "notification_test",
-];
+/// What a channel's `kinds` may name: the alert kinds, and the test event's.
+fn known_kind(k: &str) -> bool {
+    crate::catalog::ALERT_KINDS.contains(&k) || k == "notification_test"
+}
 
 impl NotifyConfig {
     /// Checks every channel (names, URLs, addresses, the TLS mode); the
@@ -210,10 +194,10 @@ impl NotifyConfig {
                     "{at}: min_severity must be info, warning or critical"
                 ));
             }
-            if let Some(k) = c.kinds.iter().find(|k| !KINDS.contains(&k.as_str())) {
+            if let Some(k) = c.kinds.iter().find(|k| !known_kind(k)) {
                 return bad(format!(
                     "{at}: kinds: unknown alert kind '{k}' (known: {})",
-                    KINDS.join(", ")
+                    crate::catalog::ALERT_KINDS.join(", ") + ", notification_test"
                 ));
             }
             if c.timeout > 600 {

@@ -37,26 +37,7 @@ const SIZE_BUCKETS: &[f64] = &[
     1099511627776.0,
     4398046511104.0,
 ];
-/// The alert severities backup.alerts allows.
-const SEVERITIES: &[&str] = &["info", "warning", "critical"];
-/// The alert kinds, should the catalog's check constraint not be readable.
-const ALERT_KINDS: &[&str] = &[
-    "backup_failed",
-    "job_overdue",
-    "archive_failing",
-    "rpo_exceeded",
-    "worker_error",
-    "repository_unavailable",
-    "repository_lagging",
-    "expire_failed",
-    "verification_failed",
-    "restore_test_failed",
-    "table_restore_failed",
-    "restore_test_overdue",
-    "rto_exceeded",
-    "notification_failed",
-    "repository_almost_full",
-];
+use crate::catalog::{ALERT_KINDS, SEVERITIES};
 
 /// One metric family being filled.
 pub struct Family(MetricFamily);
@@ -703,7 +684,7 @@ fn alerts(tx: &mut Tx, out: &mut Families) -> Result<()> {
                 .get(&(kind.clone(), sev.to_string()))
                 .copied()
                 .unwrap_or((0, 0, 0));
-            let l = [("kind", kind.as_str()), ("severity", *sev)];
+            let l = [("kind", kind.as_str()), ("severity", sev)];
             open.add(&l, o as f64);
             unacked.add(&l, u as f64);
             raised.add(&l, t as f64);

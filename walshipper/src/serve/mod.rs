@@ -317,9 +317,10 @@ pub fn run(cfg: &Config) -> Result<()> {
         |session, req| route(cfg, &auth, session, req),
     );
     if let Some(n) = notifier {
-        if n.is_finished() {
-            let _ = n.join();
-        }
+        // Let a message being sent finish and be recorded (else it goes out
+        // again after its lease), within systemd's TimeoutStopSec (30 s).
+        let bound = (cfg.notify.timeout.saturating_mul(4) + 5).min(25);
+        crate::notify::outbox::join(n, std::time::Duration::from_secs(bound));
     }
     tracing::info!("walshipper serve stopped");
     Ok(())
