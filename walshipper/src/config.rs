@@ -995,6 +995,46 @@ impl Config {
     }
 }
 
+/// Reads a secret (a token, password or HMAC key) from a file: it must be
+/// private to its owner (mode 0600), at most 64 KiB (a bigger file is a
+/// mistake, not a secret) and not empty once whitespace at both ends is
+/// dropped. `what` names the setting in errors; the secret never appears.
+pub fn read_secret_file(path: &Path, what: &str) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let cannot = |e: std::io::Error| Error::Config(format!("{what} {}: {e}", path.display()));
+    let f = std::fs::File::open(path).map_err(cannot)?;
+    let mode = f.metadata().map_err(cannot)?.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::Config(format!(
+            "{what} {} is open to group or others (mode {:04o}); chmod 600 it (owned by the user walshipper runs as)",
+            path.display(),
+            mode & 0o7777
+        )));
+    }
+    let mut v = zeroize::Zeroizing::new(Vec::new());
+    f.take(65537).read_to_end(&mut v).map_err(cannot)?;
+    if v.len() > 65536 {
+        return Err(Error::Config(format!(
+            "{what} {} is over 64 KiB: not a secret",
+            path.display()
+        )));
+    }
+    let end = v.len()
+        - v.iter()
+            .rev()
+            .take_while(|c| c.is_ascii_whitespace())
+            .count();
+    let start = v[..end]
+        .iter()
+        .take_while(|c| c.is_ascii_whitespace())
+        .count();
+    if start == end {
+        return Err(Error::Config(format!("{what} {} is empty", path.display())));
+    }
+    Ok(zeroize::Zeroizing::new(v[start..end].to_vec()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -196,7 +196,7 @@ pub(super) fn send(
             Ok(p) => p,
             Err(e) => return Outcome::Held(e.to_string()),
         };
-        let Ok(password) = String::from_utf8(password) else {
+        let Ok(password) = String::from_utf8(password.to_vec()) else {
             return Outcome::Held(format!("{at} password_file is not UTF-8 text"));
         };
         b = b.credentials(Credentials::new(c.username.clone(), password));
@@ -277,7 +277,7 @@ pub(super) fn check_files(c: &ChannelConfig, at: &str) -> Result<()> {
     tls(c, at)?;
     if !c.username.is_empty() {
         let p = read_secret(&c.password_file, &format!("{at} password_file"))?;
-        if String::from_utf8(p).is_err() {
+        if std::str::from_utf8(&p).is_err() {
             return Err(Error::Config(format!(
                 "{at} password_file is not UTF-8 text"
             )));

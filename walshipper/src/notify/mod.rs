@@ -18,7 +18,7 @@ pub mod route;
 pub mod webhook;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::Deserialize;
@@ -335,41 +335,7 @@ pub fn send(
     }
 }
 
-/// Reads a secret from a file private to its owner, without whitespace
-/// at either end. `what` names the setting (`notify.channel 'x' secret_file`).
-pub fn read_secret(path: &Path, what: &str) -> Result<Vec<u8>> {
-    use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
-    let cannot = |e: std::io::Error| Error::Config(format!("{what} {}: {e}", path.display()));
-    let f = std::fs::File::open(path).map_err(cannot)?;
-    let meta = f.metadata().map_err(cannot)?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        return Err(Error::Config(format!(
-            "{what} {} is open to group or others (mode {:04o}); chmod 600 it (owned by the user walshipper runs as)",
-            path.display(),
-            meta.permissions().mode() & 0o7777
-        )));
-    }
-    let mut v = Vec::new();
-    // A secret is short: a bounded read of whatever the path holds.
-    f.take(65537).read_to_end(&mut v).map_err(cannot)?;
-    if v.len() > 65536 {
-        return Err(Error::Config(format!(
-            "{what} {} is over 64 KiB: not a secret",
-            path.display()
-        )));
-    }
-    // Whitespace at both ends is not part of it (as serve::read_secret).
-    while v.last().is_some_and(u8::is_ascii_whitespace) {
-        v.pop();
-    }
-    let lead = v.iter().take_while(|c| c.is_ascii_whitespace()).count();
-    v.drain(..lead);
-    if v.is_empty() {
-        return Err(Error::Config(format!("{what} {} is empty", path.display())));
-    }
-    Ok(v)
-}
+pub use crate::config::read_secret_file as read_secret;
 
 /// Text from a peer or a library, made safe for a log line, the catalog
 /// and a message: control characters out, at most `max` characters.
@@ -555,7 +521,7 @@ mod tests {
         let e = read_secret(&p, "x").unwrap_err().to_string();
         assert!(e.contains("chmod 600") && !e.contains("k3y"), "{e}");
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
-        assert_eq!(read_secret(&p, "x").unwrap(), b"k3y");
+        assert_eq!(read_secret(&p, "x").unwrap().as_slice(), b"k3y");
     }
 
     #[test]
@@ -563,7 +529,7 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let secret = d.path().join("s");
-        let cfg = |file: &Path| NotifyConfig {
+        let cfg = |file: &std::path::Path| NotifyConfig {
             channels: vec![ChannelConfig {
                 name: "ops".into(),
                 kind: "webhook".into(),

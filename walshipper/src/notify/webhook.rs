@@ -282,11 +282,11 @@ fn scrub(text: &str, c: &ChannelConfig, authorization: Option<&str>) -> String {
 fn secrets(c: &ChannelConfig, at: &str) -> Result<(Vec<u8>, Option<String>)> {
     let secret = read_secret(&c.secret_file, &format!("{at} secret_file"))?;
     if c.authorization_file.as_os_str().is_empty() {
-        return Ok((secret, None));
+        return Ok((secret.to_vec(), None));
     }
     let a = read_secret(&c.authorization_file, &format!("{at} authorization_file"))?;
-    match String::from_utf8(a) {
-        Ok(s) if !s.chars().any(|ch| ch.is_control()) => Ok((secret, Some(s))),
+    match std::str::from_utf8(&a) {
+        Ok(s) if !s.chars().any(|ch| ch.is_control()) => Ok((secret.to_vec(), Some(s.to_string()))),
         _ => Err(Error::Config(format!(
             "{at} authorization_file must hold one line of text"
         ))),

@@ -645,6 +645,16 @@ th,td{border-bottom:1px solid #e4e4e4;padding:4px 8px;text-align:left;vertical-a
 svg.chart{max-width:100%;height:auto;background:#fff}\
 .mono{font-family:'DejaVu Sans Mono',monospace;font-size:12px}";
 
+/// A headline figure: a key, a big value and a line under it, coloured by `class` (ok, warn, bad).
+pub fn tile(p: &mut String, key: &str, value: &str, sub: &str, class: &str) {
+    let _ = std::fmt::Write::write_fmt(p, format_args!(
+        "<div class=\"tile {class}\"><div class=\"k\">{}</div><div class=\"v\">{}</div><div class=\"k\">{}</div></div>",
+        esc(key),
+        esc(value),
+        esc(sub)
+    ));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,7 @@ use std::fmt::Write;
 use postgres::types::{FromSql, ToSql};
 use postgres::Row;
 
-use super::charts::{self, esc, Item, Lane, Pin, Series};
+use super::charts::{self, esc, tile, Item, Lane, Pin, Series};
 use crate::config::Config;
 use crate::error::{Error, Result};
 
@@ -1035,16 +1035,6 @@ pub fn render(db: &mut postgres::Client, cfg: &Config) -> Result<String> {
     }
     p.push_str("<div class=\"note\">Read-only page. Act through SQL: backup.backup_run(), backup.alert_ack(), backup.compliance_report(); the compliance report: <a href=\"/report\">/report</a>.</div></body></html>");
     Ok(p)
-}
-
-fn tile(p: &mut String, key: &str, value: &str, sub: &str, class: &str) {
-    let _ = write!(
-        p,
-        "<div class=\"tile {class}\"><div class=\"k\">{}</div><div class=\"v\">{}</div><div class=\"k\">{}</div></div>",
-        esc(key),
-        esc(value),
-        esc(sub)
-    );
 }
 
 /// (repository, bucket time, value) from `table`'s samples in `from..to`,

@@ -80,33 +80,16 @@ pub fn stopping() -> bool {
     STOP.load(Ordering::SeqCst)
 }
 
-/// Reads a secret from a file: whitespace at the ends is dropped; the file
-/// must be private to its owner and the secret not empty.
+/// A secret file's text (crate::config::read_secret_file), which must be UTF-8.
 pub fn read_secret(path: &Path, key: &str) -> Result<Zeroizing<String>> {
-    use std::io::Read;
-    use std::os::unix::fs::PermissionsExt;
-    let cannot =
-        |e: std::io::Error| Error::Config(format!("{key}: cannot read {}: {e}", path.display()));
-    let f = std::fs::File::open(path).map_err(cannot)?;
-    let mode = f.metadata().map_err(cannot)?.permissions().mode();
-    if mode & 0o077 != 0 {
-        return Err(Error::Config(format!(
-            "{key}: {} is open to group or others (mode {:04o}); make it private: chmod 600 {}",
-            path.display(),
-            mode & 0o7777,
+    let bytes = crate::config::read_secret_file(path, key)?;
+    match std::str::from_utf8(&bytes) {
+        Ok(t) => Ok(Zeroizing::new(t.to_string())),
+        Err(_) => Err(Error::Config(format!(
+            "{key} {} is not UTF-8 text",
             path.display()
-        )));
+        ))),
     }
-    let mut text = Zeroizing::new(String::new());
-    // A secret is short; a huge file is a mistake, not a secret.
-    f.take(64 * 1024)
-        .read_to_string(&mut text)
-        .map_err(cannot)?;
-    let secret = Zeroizing::new(text.trim().to_string());
-    if secret.is_empty() {
-        return Err(Error::Config(format!("{key}: {} is empty", path.display())));
-    }
-    Ok(secret)
 }
 
 /// What clients must present (when anything).

@@ -6,7 +6,7 @@ use std::fmt::Write;
 
 use chrono::{DateTime, NaiveDate, Utc};
 
-use super::charts::{self, esc};
+use super::charts::{self, esc, tile};
 use super::dashboard::{
     bucketed, get, query, rpo_chart, series_by_repo, storage_history, system_identifier,
 };
@@ -467,16 +467,6 @@ pub fn render(db: &mut postgres::Client, from: DateTime<Utc>, to: DateTime<Utc>)
     p.push_str("<p class=\"note\">Statuses: ok = met; warning = met with a finding to look at; failed = not met; info = for the record. \
                 Times in UTC. The rows are backup.compliance_report(period_start, period_end); the same report is served by walshipper serve at /report.</p></body></html>");
     Ok(p)
-}
-
-fn tile(p: &mut String, key: &str, value: &str, sub: &str, class: &str) {
-    let _ = write!(
-        p,
-        "<div class=\"tile {class}\"><div class=\"k\">{}</div><div class=\"v\">{}</div><div class=\"k\">{}</div></div>",
-        esc(key),
-        esc(value),
-        esc(sub)
-    );
 }
 
 #[cfg(test)]
