@@ -82,6 +82,9 @@ pub enum Event {
     RestoreTest(RestoreTestReport),
     /// `table-restore`: the tables were loaded.
     TableRestore(TableRestoreReport),
+    /// `key passphrase`, `key rotate`, `key retire`: the result (also when
+    /// it failed, then followed by an `error` line).
+    Key(KeyReport),
 }
 
 impl Event {
@@ -233,6 +236,70 @@ pub struct VerifyReport {
     /// What is wrong, one line each (empty when ok).
     pub problems: Vec<String>,
     pub duration_s: f64,
+    /// The data keys the objects checked are sealed by, with their counts
+    /// (`objects`/`bytes` of those checked); a key the repository no
+    /// longer holds has `present` false and is also a problem.
+    #[serde(default)]
+    pub keys: Vec<KeyStatus>,
+}
+
+/// One data key of a repository: `info --json`'s `keys`, `key list --json`,
+/// `verify --json`'s `keys`. Never key material.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyStatus {
+    /// 32 lowercase hex digits, as in `keys/<key_id>.json` and object headers.
+    pub key_id: String,
+    /// When it was created (its key file says); None when the file is
+    /// missing or unreadable.
+    pub created_at: Option<String>,
+    /// New objects are sealed by it (`repository.json`'s `current_key_id`).
+    pub current: bool,
+    /// Its key file is in the repository. False: objects name a key the
+    /// repository no longer holds (they cannot be read).
+    pub present: bool,
+    /// Objects sealed by it and their stored bytes, when counted
+    /// (`info --key-usage`, `key list --usage`, `verify`); None otherwise.
+    pub objects: Option<u64>,
+    pub bytes: Option<u64>,
+    /// What is wrong with its key file, if anything.
+    pub error: Option<String>,
+}
+
+/// The result of `key passphrase`, `key rotate` or `key retire`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyReport {
+    /// `passphrase`, `passphrase_finish`, `rotate` or `retire`.
+    pub operation: String,
+    pub succeeded: bool,
+    /// rotate: the new current key; retire: the key retired; else None.
+    pub key_id: Option<String>,
+    /// passphrase: `both` (the new passphrase opens every key file and the
+    /// old one still does: `--keep-old`, or the new one could not be put
+    /// where the configuration reads it) or `done` (only the new one opens
+    /// them). Empty for the other operations.
+    pub stage: String,
+    /// One per configured repository, in configuration order.
+    pub repositories: Vec<KeyRepoResult>,
+    pub duration_s: f64,
+}
+
+/// What a key operation did to one repository.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct KeyRepoResult {
+    pub repository: String,
+    pub ok: bool,
+    pub error: Option<String>,
+    /// The key new objects are sealed with after the operation.
+    pub current_key_id: Option<String>,
+    /// passphrase: key files re-wrapped; rotate: key files added (0 or 1).
+    pub key_files: u64,
+    /// retire: objects re-encrypted under the current key by this run.
+    pub objects_rewritten: u64,
+    pub bytes_rewritten: u64,
+    /// retire: objects still sealed by the retired key (0 when done).
+    pub objects_remaining: u64,
+    /// retire: its key file was removed from this repository.
+    pub key_file_removed: bool,
 }
 
 /// What a restore was asked to recover to.
@@ -384,6 +451,13 @@ pub struct RepoStatus {
     /// When its oldest backup ended: the earliest moment it restores to.
     #[serde(default)]
     pub first_backup_stop_time: Option<String>,
+    /// Its data keys (empty when unencrypted), current first, then newest
+    /// first; `objects`/`bytes` only with `--key-usage`.
+    #[serde(default)]
+    pub keys: Vec<KeyStatus>,
+    /// When the objects were counted per key (`--key-usage`); None: not counted.
+    #[serde(default)]
+    pub keys_counted_at: Option<String>,
 }
 
 #[cfg(test)]
@@ -471,6 +545,9 @@ mod tests {
             ("check", json(CheckResult::default())),
             ("restored_table", json(RestoredTable::default())),
             ("recovery", json(RecoveryRecord::default())),
+            ("key", json(Event::Key(KeyReport::default()))),
+            ("key_repository", json(KeyRepoResult::default())),
+            ("key_status", json(KeyStatus::default())),
         ])
     }
 

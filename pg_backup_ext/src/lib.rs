@@ -80,6 +80,11 @@ extension_sql_file!(
     requires = ["capacity", "recovery", "retention", "views"]
 );
 extension_sql_file!(
+    "../../sql/keys.sql",
+    name = "keys",
+    requires = ["alerts", "scheduler", "views"]
+);
+extension_sql_file!(
     "../../sql/security.sql",
     name = "security",
     requires = [
@@ -94,6 +99,7 @@ extension_sql_file!(
         "notifications",
         "capacity",
         "compliance",
+        "keys",
         version
     ],
     finalize

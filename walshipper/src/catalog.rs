@@ -106,7 +106,7 @@ pub const SEVERITIES: [&str; 3] = ["info", "warning", "critical"];
 
 /// The alert kinds backup.alerts' CHECK allows (sql/catalog.sql): the
 /// notifier's routing and the metrics' label set.
-pub const ALERT_KINDS: [&str; 15] = [
+pub const ALERT_KINDS: [&str; 17] = [
     "backup_failed",
     "job_overdue",
     "archive_failing",
@@ -122,4 +122,6 @@ pub const ALERT_KINDS: [&str; 15] = [
     "rto_exceeded",
     "notification_failed",
     "repository_almost_full",
+    "key_rotation_failed",
+    "key_rotation_overdue",
 ];

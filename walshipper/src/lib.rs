@@ -12,6 +12,7 @@ pub mod commands;
 pub mod config;
 pub mod delta;
 pub mod error;
+pub mod failpoint;
 pub mod keys;
 pub mod layout;
 pub mod lock;

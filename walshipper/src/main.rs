@@ -55,6 +55,10 @@ enum Command {
         /// the newest 50).
         #[arg(long, value_name = "ID")]
         recoveries_after: Option<String>,
+        /// Count the objects each data key seals (reads every object's
+        /// header: one small read per object).
+        #[arg(long)]
+        key_usage: bool,
     },
     /// Check the server's archiving end to end.
     Check,
@@ -228,6 +232,57 @@ enum Command {
         #[arg(long)]
         channel: Option<String>,
     },
+    /// Data keys and the passphrase: change, rotate, retire, list.
+    Key {
+        #[command(subcommand)]
+        action: KeyCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyCommand {
+    /// The data keys of every configured repository.
+    List {
+        #[arg(long)]
+        json: bool,
+        /// Count the objects each key seals (one small read per object).
+        #[arg(long)]
+        usage: bool,
+    },
+    /// Change the passphrase: re-wrap every key file of every configured
+    /// repository (nothing else is rewritten).
+    Passphrase {
+        /// Read the new passphrase from this file (mode 0600).
+        #[arg(long, value_name = "FILE", group = "new_passphrase")]
+        new_file: Option<PathBuf>,
+        /// Read the new passphrase from standard input (one line).
+        #[arg(long, group = "new_passphrase")]
+        new_stdin: bool,
+        /// Keep the old passphrase working too, until `--finish`.
+        #[arg(long)]
+        keep_old: bool,
+        /// Make the old passphrase stop working: remove every wrapping the
+        /// configured passphrase does not open.
+        #[arg(long, conflicts_with_all = ["new_file", "new_stdin", "keep_old"])]
+        finish: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make a new data key current: new WAL and backups are sealed by it.
+    Rotate {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-encrypt every object sealed by KEY_ID under the current key, then
+    /// remove KEY_ID's key file. Resumable: run it again after a failure.
+    Retire {
+        key_id: String,
+        /// Objects re-encrypted in parallel (default: one per CPU).
+        #[arg(long)]
+        jobs: Option<usize>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// The recovery targets of restore-test and table-restore (default: the
@@ -285,6 +340,12 @@ impl Command {
             | Command::Verify { json, .. }
             | Command::RestoreTest { json, .. }
             | Command::TableRestore { json, .. } => *json,
+            Command::Key { action } => match action {
+                KeyCommand::List { json, .. }
+                | KeyCommand::Passphrase { json, .. }
+                | KeyCommand::Rotate { json }
+                | KeyCommand::Retire { json, .. } => *json,
+            },
             Command::RepoInit { .. }
             | Command::ArchivePush { .. }
             | Command::ArchiveGet { .. }
@@ -442,7 +503,8 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
         Command::Info {
             json,
             recoveries_after,
-        } => commands::info::run(cfg, *json, repo, recoveries_after.as_deref()),
+            key_usage,
+        } => commands::info::run(cfg, *json, repo, recoveries_after.as_deref(), *key_usage),
         Command::Check => commands::check::run(cfg),
         Command::RepoSync { dry_run, json } => commands::repo_sync::run(
             cfg,
@@ -626,5 +688,44 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
             commands::report::run(cfg, from.as_deref(), to.as_deref(), output.as_deref())
         }
         Command::NotifyTest { channel } => walshipper::notify::test(cfg, channel.as_deref()),
+        Command::Key { action } => match action {
+            KeyCommand::List { json, usage } => commands::key::list::run(cfg, *json, *usage),
+            KeyCommand::Passphrase {
+                new_file,
+                new_stdin,
+                keep_old,
+                finish,
+                json,
+            } => {
+                use commands::key::passphrase::{Args, NewPassphrase};
+                let new = match (new_file, new_stdin) {
+                    (Some(f), _) => Some(NewPassphrase::File(f)),
+                    (None, true) => Some(NewPassphrase::Stdin),
+                    (None, false) if *finish => None,
+                    (None, false) => {
+                        return Err(Error::Invalid(
+                            "key passphrase needs --new-file FILE or --new-stdin (or --finish)"
+                                .into(),
+                        ))
+                    }
+                };
+                commands::key::passphrase::run(
+                    cfg,
+                    &Args {
+                        new,
+                        keep_old: *keep_old,
+                        finish: *finish,
+                        json: *json,
+                    },
+                )
+            }
+            KeyCommand::Rotate { json } => commands::key::rotate::run(cfg, *json),
+            KeyCommand::Retire { key_id, jobs, json } => commands::key::retire::run(
+                cfg,
+                key_id,
+                jobs.unwrap_or_else(|| cfg.threads()),
+                *json,
+            ),
+        },
     }
 }

@@ -436,7 +436,9 @@ pub fn run(
     json: bool,
     only: Option<&str>,
     recoveries_after: Option<&str>,
+    key_usage: bool,
 ) -> Result<()> {
+    let _ = key_usage;
     if let Some(n) = only {
         cfg.find_repo(Some(n))?;
     }

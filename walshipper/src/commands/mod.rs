@@ -7,6 +7,7 @@ pub mod backup;
 pub mod check;
 pub mod expire;
 pub mod info;
+pub mod key;
 pub mod repo_init;
 pub mod repo_sync;
 pub mod report;

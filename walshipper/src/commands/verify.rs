@@ -280,6 +280,7 @@ pub fn run(
                 files_rebuilt: rebuilds.len() as u64,
                 wal_segments_checked: wal_checked as u64,
                 problems: problems.clone(),
+                keys: Vec::new(),
                 duration_s: started.elapsed().as_secs_f64(),
             },
         ));
