@@ -484,6 +484,7 @@ impl Repository {
         }
         let mut keys = HashMap::new();
         let mut current = None;
+        let mut unlocker = None;
         if opts.encrypt {
             let pass = Zeroizing::new(cfg.passphrase()?);
             if pass.len() < 12 {
@@ -504,6 +505,11 @@ impl Repository {
             }
             current = Some(key.clone());
             keys.insert(key.id, key);
+            unlocker = Some(Unlocker {
+                pass,
+                cache: cfg.key_cache_dir().map(KeyCache::new),
+                failed: Mutex::new(HashSet::new()),
+            });
         }
         let repository_id = crate::keys::random::<16>()?;
         let mut descriptor = Descriptor {
@@ -543,7 +549,7 @@ impl Repository {
             repository_id,
             require_encryption: opts.encrypt,
             keys: RwLock::new(keys),
-            unlocker: None,
+            unlocker,
             settings: Arc::new(settings),
         })
     }
@@ -709,6 +715,87 @@ impl Repository {
         };
         let file = KeyFile::parse(id_hex, &body)?;
         file.unlock(pass).map(Some)
+    }
+
+    /// The key file `keys/<id_hex>.json`, parsed and checked (not
+    /// unwrapped); None if absent.
+    pub fn key_file(&self, id_hex: &str) -> Result<Option<KeyFile>> {
+        let key = layout::key_file(id_hex);
+        let Some(body) = read_small(self.storage.as_ref(), &key, MAX_KEY_FILE_LEN)? else {
+            return Ok(None);
+        };
+        KeyFile::parse(id_hex, &body).map(Some)
+    }
+
+    /// The data key new objects are sealed with (None: unencrypted).
+    pub fn current_key(&self) -> Option<DataKey> {
+        self.settings.key.clone()
+    }
+
+    /// Stores a new key file (create-only: an existing file of that id is
+    /// left as it is and is an error unless it holds the same bytes).
+    pub fn add_key_file(&self, file: &KeyFile) -> Result<()> {
+        let body = serde_json::to_vec_pretty(file).map_err(|e| Error::Repository(e.to_string()))?;
+        let key = layout::key_file(&file.key_id);
+        if self
+            .storage
+            .put_new(&key, &mut &body[..], Durability::Now)?
+            == PutOutcome::AlreadyExists
+            && read_small(self.storage.as_ref(), &key, MAX_KEY_FILE_LEN)?.as_deref()
+                != Some(&body[..])
+        {
+            return Err(Error::Repository(format!(
+                "{key} already exists with other content in {}",
+                self.storage.describe()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Makes `key` current: rewrites repository.json with its id and a MAC
+    /// under it (one atomic replace), and seals what this handle writes from
+    /// now on with it. Its key file must already be in this repository, or
+    /// the repository would no longer open.
+    pub fn make_current(&mut self, key: DataKey) -> Result<()> {
+        let id_hex = hex::encode(key.id);
+        let pass = match &self.unlocker {
+            Some(u) => u.pass.clone(),
+            None => {
+                return Err(Error::Invalid(
+                    "an unencrypted repository has no keys".into(),
+                ))
+            }
+        };
+        match self.unlock_file(&id_hex, &pass)? {
+            Some(k) if k.key == key.key => {}
+            Some(_) => {
+                return Err(Error::Repository(format!(
+                    "{} unwraps to another key; not making it current",
+                    layout::key_file(&id_hex)
+                )))
+            }
+            None => {
+                return Err(Error::Repository(format!(
+                    "{} is not in {}; store it before making it current",
+                    layout::key_file(&id_hex),
+                    self.storage.describe()
+                )))
+            }
+        }
+        let mut d = self.descriptor.clone();
+        d.current_key_id = Some(id_hex);
+        d.seal(&key)?;
+        let body = serde_json::to_vec_pretty(&d).map_err(|e| Error::Repository(e.to_string()))?;
+        self.storage.put_replace(DESCRIPTOR_KEY, &mut &body[..])?;
+        self.descriptor = d;
+        let mut s = (*self.settings).clone();
+        s.key = Some(key.clone());
+        self.settings = Arc::new(s);
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.id, key);
+        Ok(())
     }
 
     /// Reads every key file back and unwraps it with the passphrase, never
@@ -912,6 +999,45 @@ impl Repository {
             scratch: vec![0; 256 << 10],
         };
         self.storage.put_new(key, &mut body, Durability::AtFlush)
+    }
+
+    /// Every object of this repository written through the codec (WAL,
+    /// backup files and manifests, tombstones, recovery records), as listed:
+    /// what a data key may have sealed. Names no writer produces are left
+    /// out (they are not the repository's; `verify` reports them).
+    pub fn sealed_objects(&self) -> Result<Vec<storage::ObjectMeta>> {
+        let mut out = Vec::new();
+        for prefix in [
+            layout::WAL_PREFIX,
+            layout::BACKUPS_PREFIX,
+            layout::EXPIRED_PREFIX,
+            layout::RECOVERIES_PREFIX,
+        ] {
+            out.extend(self.storage.list(prefix)?.into_iter().filter(|m| {
+                matches!(
+                    layout::parse(&m.key),
+                    Some(
+                        layout::ObjectName::Wal { .. }
+                            | layout::ObjectName::Backup { .. }
+                            | layout::ObjectName::Tombstone { .. }
+                            | layout::ObjectName::Recovery { .. }
+                    )
+                )
+            }));
+        }
+        Ok(out)
+    }
+
+    /// The data key that sealed object `key`, from its 64-byte header alone
+    /// (nothing is decrypted: the header is checked by its CRC only, so
+    /// this is a census, not a proof). None: the object is not encrypted.
+    pub fn object_key_id(&self, key: &str) -> Result<Option<[u8; 16]>> {
+        let mut src = self
+            .storage
+            .get(key)?
+            .ok_or_else(|| Error::NotFound(key.to_string()))?;
+        let h = DecodingReader::read_header(&mut src).map_err(|e| self.read_error(key, e))?;
+        Ok(h.encrypted.then_some(h.key_id))
     }
 
     /// An object's stored bytes, undecoded (small objects: keys).
@@ -1354,6 +1480,36 @@ mod tests {
             matches!(&err, Error::Corrupt { reason, .. } if reason.contains("does not hold")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn rotation_keeps_old_objects_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        let mut repo = init(&cfg);
+        let old = repo.current_key().unwrap();
+        repo.put_object(SEG2, &b"under the old key"[..]).unwrap();
+        let pass = cfg.passphrase().unwrap();
+        let (file, new) = KeyFile::create(&pass, crate::keys::MIN_KDF_MEMORY_KIB, 1).unwrap();
+        // Not current before its file is stored.
+        assert!(repo.make_current(new.clone()).is_err());
+        repo.add_key_file(&file).unwrap();
+        repo.add_key_file(&file).unwrap();
+        repo.make_current(new.clone()).unwrap();
+        repo.put_object(SEG3, &b"under the new key"[..]).unwrap();
+        let repo = Repository::open(&cfg).unwrap();
+        assert_eq!(repo.current_key().unwrap().id, new.id);
+        assert_eq!(repo.object_key_id(SEG2).unwrap(), Some(old.id));
+        assert_eq!(repo.object_key_id(SEG3).unwrap(), Some(new.id));
+        assert_eq!(repo.read_object_vec(SEG2).unwrap(), b"under the old key");
+        assert_eq!(repo.read_object_vec(SEG3).unwrap(), b"under the new key");
+        let keys: Vec<String> = repo
+            .sealed_objects()
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(keys, vec![SEG2.to_string(), SEG3.to_string()]);
     }
 
     #[test]
