@@ -226,6 +226,10 @@ pub struct EncryptionConfig {
     /// configuration decides, never the repository (docs/operations.md).
     pub mode: crate::keys::EncryptionMode,
     pub passphrase_file: PathBuf,
+    /// A command (argument vector, run without a shell) whose standard
+    /// output is the passphrase; when set, it is used instead of
+    /// passphrase_file. Empty: not used.
+    pub passphrase_command: Vec<String>,
     /// Cache unwrapped keys on this host (see keys::KeyCache).
     pub key_cache: bool,
     /// Where; empty = $HOME/.cache/walshipper.
@@ -404,6 +408,7 @@ impl Default for EncryptionConfig {
         EncryptionConfig {
             mode: Default::default(),
             passphrase_file: "/etc/walshipper/passphrase".into(),
+            passphrase_command: Vec::new(),
             key_cache: true,
             key_cache_dir: PathBuf::new(),
         }

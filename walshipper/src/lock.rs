@@ -161,6 +161,22 @@ pub fn repository(rc: &crate::config::RepoConfig, system_identifier: &str) -> Re
     }
 }
 
+/// The lock of a repository's key files, held by `key passphrase`, `key
+/// rotate` and `key retire`: each rewrites key files or the descriptor by
+/// read-modify-write, which two at once would undo for one another. Not
+/// held by backups (they only read keys); `key retire` also takes
+/// [`repository`], as it replaces objects a backup or expire may use.
+pub fn keys(rc: &crate::config::RepoConfig) -> Result<Lock> {
+    match rc.kind.as_str() {
+        "posix" => try_lock(&rc.path, "keys"),
+        _ => lease(
+            Arc::from(crate::storage::open(rc)?),
+            "keys",
+            &LeaseOptions::default(),
+        ),
+    }
+}
+
 /// Parameters of a lease; tests shorten the times and pose as other hosts.
 #[derive(Clone, Debug)]
 pub struct LeaseOptions {
