@@ -302,6 +302,8 @@ BEGIN
     END LOOP;
     -- Storage history, growth and the repository_almost_full alert (sql/capacity.sql).
     PERFORM backup._capacity_refresh();
+    -- Data keys, and the key_rotation_overdue alert (sql/keys.sql).
+    PERFORM backup._key_refresh(p_report);
 END
 $$;
 

@@ -11,7 +11,8 @@
 --     in for a built-in one: a planted public.make_interval() or operator
 --     never runs as the owner.
 -- backup.grant_operator(role) and backup.grant_monitor(role) give the roles
--- in one call each (backup.grant_notifier(role): walshipper's notifier);
+-- in one call each (backup.grant_notifier(role): walshipper's notifier;
+-- backup.grant_key_manager(role): the data keys' rotation policy);
 -- backup.revoke_all(role) takes everything back.
 
 DO $$
@@ -93,6 +94,21 @@ AS $$
     SELECT ARRAY[
         'backup.retention_set(text, integer, interval, integer, integer, integer, integer, text)',
         'backup.retention_reset(text)'
+    ]::regprocedure[]
+$$;
+
+-- The data keys' rotation policy and operations: key custodians only
+-- (backup.grant_key_manager()), never part of grant_operator. Separation
+-- of duties, as an audit of key handling expects: those who run backups do
+-- not decide how long a key protects them; and retiring a key re-encrypts
+-- every object it sealed, holding backups off while it runs.
+CREATE FUNCTION backup._key_functions()
+RETURNS regprocedure[] LANGUAGE sql IMMUTABLE
+AS $$
+    SELECT ARRAY[
+        'backup.set_key_rotation(interval, interval)',
+        'backup.rotate_key_now()',
+        'backup.retire_key(text)'
     ]::regprocedure[]
 $$;
 
@@ -178,6 +194,23 @@ BEGIN
 END
 $$;
 
+-- Owner only: role may monitor, and set the data keys' rotation policy,
+-- rotate now and retire a key (backup.set_key_rotation(), rotate_key_now(),
+-- retire_key()): a key custodian. Never part of grant_operator.
+CREATE FUNCTION backup.grant_key_manager(role regrole)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    f regprocedure;
+BEGIN
+    PERFORM backup.grant_monitor(role);
+    FOREACH f IN ARRAY backup._key_functions() LOOP
+        EXECUTE format('GRANT EXECUTE ON FUNCTION %s TO %s', f, role);
+    END LOOP;
+    PERFORM backup._audit('grant', 'role', role::text, '{"grant": "key_manager"}');
+END
+$$;
+
 -- Owner only: takes back everything granted on the schema's objects.
 CREATE FUNCTION backup.revoke_all(role regrole)
 RETURNS void LANGUAGE plpgsql
@@ -211,7 +244,10 @@ ALTER FUNCTION backup.grant_monitor(regrole) SET search_path = pg_catalog, pg_te
 ALTER FUNCTION backup.grant_operator(regrole, boolean) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.revoke_all(regrole) SET search_path = pg_catalog, pg_temp;
 ALTER FUNCTION backup.grant_table_restore(regrole) SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup._key_functions() SET search_path = pg_catalog, pg_temp;
+ALTER FUNCTION backup.grant_key_manager(regrole) SET search_path = pg_catalog, pg_temp;
 REVOKE ALL ON FUNCTION backup._operator_functions(), backup._retention_functions(),
     backup._table_restore_functions(), backup._monitor_relations(),
     backup.grant_monitor(regrole), backup.grant_operator(regrole, boolean), backup.revoke_all(regrole),
-    backup.grant_table_restore(regrole), backup._notifier_functions(), backup.grant_notifier(regrole) FROM PUBLIC;
+    backup.grant_table_restore(regrole), backup._notifier_functions(), backup.grant_notifier(regrole),
+    backup._key_functions(), backup.grant_key_manager(regrole) FROM PUBLIC;

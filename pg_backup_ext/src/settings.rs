@@ -29,6 +29,12 @@ pub static STORAGE_HISTORY: GucSetting<i32> = GucSetting::<i32>::new(400 * 86400
 pub static STORAGE_GROWTH_WINDOW: GucSetting<i32> = GucSetting::<i32>::new(14 * 86400);
 pub static STORAGE_WARN_PERCENT: GucSetting<i32> = GucSetting::<i32>::new(85);
 pub static STORAGE_WARN_DAYS: GucSetting<i32> = GucSetting::<i32>::new(14);
+// Data keys (sql/keys.sql reads key_rotation_grace and key_retry_delay
+// with current_setting(); the scheduler the other two).
+pub static KEY_TASK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(6 * 3600);
+pub static KEY_ROTATION_GRACE: GucSetting<i32> = GucSetting::<i32>::new(86400);
+pub static KEY_RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(3600);
+pub static KEY_USAGE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(86400);
 
 pub fn string(s: &GucSetting<Option<CString>>) -> String {
     s.get()
@@ -219,6 +225,46 @@ pub fn define_runtime() {
         3650,
         GucContext::Sighup,
         GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.key_task_timeout",
+        c"Seconds a walshipper key rotate or key retire run by the scheduler may take before it is stopped and marked failed.",
+        c"Retiring a key re-encrypts every object it sealed: hours on a large repository. Backups wait while it runs.",
+        &KEY_TASK_TIMEOUT,
+        60,
+        86400 * 7,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.key_rotation_grace",
+        c"Seconds past a key's rotation period (backup.set_key_rotation) before key_rotation_overdue is raised.",
+        c"",
+        &KEY_ROTATION_GRACE,
+        0,
+        86400 * 90,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.key_retry_delay",
+        c"Seconds after a failed key rotation or retirement before the rotation policy tries again.",
+        c"A request (backup.rotate_key_now, backup.retire_key) is carried out when asked for.",
+        &KEY_RETRY_DELAY,
+        0,
+        86400 * 7,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.key_usage_interval",
+        c"Seconds between counts of the objects each data key seals (walshipper info --key-usage); 0 = never.",
+        c"A count reads the header of every object: one request per object on an object store. A key operation is followed by one.",
+        &KEY_USAGE_INTERVAL,
+        0,
+        86400 * 366,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
     );
 }
 

@@ -98,6 +98,9 @@ fn finish(id: i64, outcome: Outcome) {
 struct RepoStatus {
     probe: Option<Probe>,
     last: Option<std::time::Instant>,
+    /// When objects were last counted per key (`--key-usage`); None: count
+    /// at the next refresh (at start, and after a key operation).
+    usage_last: Option<std::time::Instant>,
 }
 
 impl RepoStatus {
@@ -150,6 +153,17 @@ impl RepoStatus {
         if let Some(a) = &after {
             argv.extend(["--recoveries-after", a.as_str()]);
         }
+        // Counting reads every object's header (a request each on S3): at
+        // most every pg_backup.key_usage_interval, and after key operations.
+        let usage_every = settings::KEY_USAGE_INTERVAL.get();
+        if usage_every > 0
+            && self
+                .usage_last
+                .is_none_or(|t| t.elapsed() >= Duration::from_secs(usage_every as u64))
+        {
+            self.usage_last = Some(std::time::Instant::now());
+            argv.push("--key-usage");
+        }
         match Probe::spawn(&exe, &cfg, &argv) {
             Ok(p) => self.probe = Some(p),
             Err(e) => {
@@ -163,6 +177,212 @@ impl RepoStatus {
     /// Refresh soon (a backup just ended).
     fn soon(&mut self) {
         self.last = None;
+    }
+
+    /// Refresh soon, counting the objects each key seals (a key operation ended).
+    fn soon_with_usage(&mut self) {
+        self.last = None;
+        self.usage_last = None;
+    }
+}
+
+/// The data keys' rotation policy (sql/keys.sql): `walshipper key rotate`
+/// or `key retire KEY_ID` on every repository, one at a time, when the
+/// policy says one is due or an operator asked (backup.rotate_key_now(),
+/// backup.retire_key()). Started only when no backup, expire,
+/// verification or recovery runs and no refresh of repository status is
+/// under way (so that the refresh after it sees what it did); recorded in
+/// backup.repository_activity like an expire, so that none of those starts
+/// until it ends (a key operation holds the repositories' lock: a backup
+/// would be refused busy). Its end is recorded by backup._sched_key_done():
+/// the operation, an audit row, the key_rotation_failed alert.
+#[derive(Default)]
+struct KeyTask {
+    /// The running operation: its id, what it runs, the process.
+    probe: Option<(i64, String, Probe)>,
+    /// An operation is queued (the repositories were busy at the last look).
+    waiting: bool,
+}
+
+fn key_task_timeout() -> Duration {
+    Duration::from_secs(settings::KEY_TASK_TIMEOUT.get().max(60) as u64)
+}
+
+impl KeyTask {
+    fn ready() -> bool {
+        Spi::get_one::<bool>("SELECT to_regprocedure('backup._sched_key_start()') IS NOT NULL")
+            .ok()
+            .flatten()
+            .unwrap_or(false)
+    }
+
+    /// Backups are held while an operation runs or waits for its moment.
+    fn busy(&self) -> bool {
+        self.probe.is_some() || self.waiting
+    }
+
+    /// `others_busy`: an expire is due or runs, or a refresh of repository
+    /// status is under way: nothing is started. True when an operation ended
+    /// (repository status is then refreshed, with the keys' usage).
+    fn tick(&mut self, others_busy: bool) -> bool {
+        if !catalog_ready() || !Self::ready() {
+            return false;
+        }
+        if self.probe.is_some() {
+            return self.follow();
+        }
+        if others_busy {
+            return false;
+        }
+        let next = match Spi::get_one::<pgrx::JsonB>("SELECT backup._sched_key_start()") {
+            Ok(v) => v.map(|j| j.0),
+            Err(e) => {
+                worker_error(format!("cannot plan key rotation: {e}"));
+                return false;
+            }
+        };
+        self.waiting = next.as_ref().is_some_and(|v| v["waiting"] == true);
+        let Some(next) = next.filter(|v| v["operation_id"].is_i64()) else {
+            return false;
+        };
+        let id = next["operation_id"].as_i64().unwrap_or_default();
+        let args: Vec<String> = next["args"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let what = format!("walshipper {}", args.get(..2).unwrap_or_default().join(" "));
+        let exe = settings::string(&settings::WALSHIPPER_PATH);
+        let cfg = settings::string(&settings::WALSHIPPER_CONFIG);
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        log!("pg_backup scheduler: key operation {id} started ({what})");
+        match Probe::spawn(&exe, &cfg, &argv) {
+            Ok(p) => {
+                self.probe = Some((id, what, p));
+                false
+            }
+            Err(e) => {
+                worker_error(e.clone());
+                Self::record(id, None, Some(e), None, false);
+                true
+            }
+        }
+    }
+
+    /// The `key` event and the `error` event walshipper printed, if any.
+    fn events(
+        out: &str,
+    ) -> (
+        Option<pg_backup_contract::KeyReport>,
+        Option<pg_backup_contract::ErrorEvent>,
+    ) {
+        let (mut key, mut error) = (None, None);
+        for l in out.lines() {
+            match pg_backup_contract::Event::parse(l) {
+                Some(pg_backup_contract::Event::Key(r)) => key = Some(r),
+                Some(pg_backup_contract::Event::Error(e)) => error = Some(e),
+                _ => {}
+            }
+        }
+        (key, error)
+    }
+
+    fn follow(&mut self) -> bool {
+        let Some((id, what, p)) = &mut self.probe else {
+            return false;
+        };
+        let (id, what) = (*id, what.clone());
+        let end = match p.poll() {
+            Some(end) => end,
+            None if p.started.elapsed() > key_task_timeout() => {
+                // Killed: key operations are safe to stop anywhere (a retire
+                // resumes where it stopped).
+                p.kill();
+                ProbeEnd::Failed {
+                    code: None,
+                    reason: format!(
+                        "{what} did not finish within {}s (pg_backup.key_task_timeout) and was stopped",
+                        key_task_timeout().as_secs()
+                    ),
+                    stdout: String::new(),
+                }
+            }
+            None => return false,
+        };
+        self.probe = None;
+        let (report, error, busy) = match end {
+            ProbeEnd::Succeeded(out) => match Self::events(&out) {
+                (Some(r), _) => (Some(r), None, false),
+                (None, _) => (
+                    None,
+                    Some(format!("{what} exited 0 without a report")),
+                    false,
+                ),
+            },
+            ProbeEnd::Failed {
+                code,
+                reason,
+                stdout,
+            } => {
+                let (report, event) = Self::events(&stdout);
+                let hint = event.and_then(|e| e.hint).map(|h| run::clean(&h));
+                let error = ProbeEnd::describe(code, &reason, &what);
+                log!("pg_backup scheduler: key operation {id} ({what}) failed: {error}");
+                let busy = code == Some(pg_backup_contract::exit::BUSY);
+                Self::record(id, report, Some(error), hint, busy);
+                return true;
+            }
+        };
+        if error.is_none() {
+            log!("pg_backup scheduler: key operation {id} ({what}) ended");
+        }
+        Self::record(id, report, error, None, busy);
+        true
+    }
+
+    /// The end of operation `id` (backup._sched_key_done() checks the report).
+    fn record(
+        id: i64,
+        report: Option<pg_backup_contract::KeyReport>,
+        error: Option<String>,
+        hint: Option<String>,
+        busy: bool,
+    ) {
+        let report = report.map(|r| pg_backup_contract::Event::Key(r).to_line());
+        let r = Spi::run_with_args(
+            "SELECT backup._sched_key_done($1, $2::jsonb, $3, $4, $5)",
+            &[
+                id.into(),
+                report.into(),
+                error.into(),
+                hint.into(),
+                busy.into(),
+            ],
+        );
+        if let Err(e) = r {
+            worker_error(format!("cannot record the end of key operation {id}: {e}"));
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some((id, what, p)) = &mut self.probe {
+            p.kill();
+            log!("pg_backup scheduler: key operation {id} ({what}) stopped by the shutdown");
+            let id = *id;
+            BackgroundWorker::transaction(|| {
+                Self::record(
+                    id,
+                    None,
+                    Some("interrupted: the server shut down during the operation".into()),
+                    None,
+                    false,
+                )
+            });
+        }
+        self.probe = None;
     }
 }
 
@@ -775,6 +995,7 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
     let mut runs: HashMap<i64, Run> = HashMap::new();
     let mut status = RepoStatus::default();
     let mut expiry = Expiry::default();
+    let mut keys = KeyTask::default();
     let mut recoveries = Recoveries::default();
     // Resolve a worker_error left open by an earlier scheduler once quiet.
     let mut last_error = Some(std::time::Instant::now());
@@ -789,23 +1010,36 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         // Each in a transaction of its own: what was recorded before is
         // committed whatever happens after.
         let idle = runs.is_empty();
+        let key_running = keys.probe.is_some();
         let mut ex = std::panic::AssertUnwindSafe(&mut expiry);
-        BackgroundWorker::transaction(move || ex.tick(!idle));
+        BackgroundWorker::transaction(move || ex.tick(!idle || key_running));
+        // A key operation: after any expire, and not while repository
+        // status is being read (the next refresh must see what it did).
+        let others = expiry.busy() || status.probe.is_some();
+        let mut ks = std::panic::AssertUnwindSafe(&mut keys);
+        if BackgroundWorker::transaction(move || ks.tick(others)) {
+            status.soon_with_usage();
+        }
         // Backups wait for a due expire, so that it finds a moment between
         // them; not while a verification or recovery (ours or a waiting
         // caller's) keeps that expire from starting: holding them would
         // not bring it sooner.
-        let hold = expiry.busy()
-            && (expiry.probe.is_some() || !BackgroundWorker::transaction(Recoveries::any_running));
+        let hold = (expiry.busy() || keys.busy())
+            && (expiry.probe.is_some()
+                || keys.probe.is_some()
+                || !BackgroundWorker::transaction(Recoveries::any_running));
         let mut rc = std::panic::AssertUnwindSafe(&mut recoveries);
         if BackgroundWorker::transaction(move || rc.tick()) {
             status.soon();
         }
         let mut r = std::panic::AssertUnwindSafe(&mut runs);
         BackgroundWorker::transaction(move || claim_and_check(&mut r, hold));
+        // Not while a key operation runs: what info reads could be from
+        // before it ended.
         let mut st = std::panic::AssertUnwindSafe(&mut status);
+        let key_running = keys.probe.is_some();
         BackgroundWorker::transaction(move || {
-            if catalog_ready() {
+            if catalog_ready() && !key_running {
                 st.tick()
             }
         });
@@ -817,6 +1051,7 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
         p.kill();
     }
     expiry.stop();
+    keys.stop();
     recoveries.stop();
     for (id, mut r) in runs.drain() {
         r.kill();
