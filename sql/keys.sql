@@ -122,8 +122,8 @@ CREATE FUNCTION backup._key_overdue_check()
 RETURNS void LANGUAGE plpgsql SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
-    grace interval := make_interval(secs => coalesce(
-        nullif(current_setting('pg_backup.key_rotation_grace', true), '')::integer, 86400));
+    grace interval := justify_interval(make_interval(secs => coalesce(
+        nullif(current_setting('pg_backup.key_rotation_grace', true), '')::integer, 86400)));
     p backup.key_rotation_policy;
     k record;
 BEGIN
