@@ -122,8 +122,9 @@ CREATE FUNCTION backup._key_overdue_check()
 RETURNS void LANGUAGE plpgsql SET IntervalStyle = 'postgres'
 AS $$
 DECLARE
-    grace interval := justify_interval(make_interval(secs => coalesce(
-        nullif(current_setting('pg_backup.key_rotation_grace', true), '')::integer, 86400)));
+    -- Shown with its unit ('1d'): read as an interval, shown in days.
+    grace interval := justify_interval(coalesce(
+        nullif(current_setting('pg_backup.key_rotation_grace', true), ''), '1d')::interval);
     p backup.key_rotation_policy;
     k record;
 BEGIN
@@ -156,9 +157,9 @@ $$;
 -- key_status). Every value is checked (the report is walshipper's, never
 -- trusted to fit): an entry without a valid key id is skipped, a time or
 -- count that does not fit is NULL; a repository reporting more than 1000
--- keys is left as it was. A known key absent from the report of a
--- repository that answered is retired (a missing one only when objects
--- were counted: only then would walshipper have named it).
+-- keys, or none while encrypted, is left as it was. A known key absent
+-- from the report of a repository that answered is retired (a missing one
+-- only when objects were counted: only then would walshipper name it).
 CREATE FUNCTION backup._key_refresh(p_report jsonb)
 RETURNS void LANGUAGE plpgsql
 AS $$
@@ -174,6 +175,9 @@ BEGIN
                    OR r->'ok' IS DISTINCT FROM 'true'::jsonb
                    OR jsonb_typeof(r->'keys') IS DISTINCT FROM 'array'
                    OR jsonb_array_length(r->'keys') > 1000
+                   -- An encrypted repository has at least its current key:
+                   -- a report naming none is not believed.
+                   OR (jsonb_array_length(r->'keys') = 0 AND r->>'encryption' IS DISTINCT FROM 'none')
                    OR coalesce(r->>'name', '') !~ '^[A-Za-z0-9_][A-Za-z0-9_-]{0,62}$';
         counted := backup._timestamptz_or_null(r->>'keys_counted_at');
         IF counted > now() + interval '1 day' THEN
@@ -354,8 +358,7 @@ CREATE FUNCTION backup._sched_key_start()
 RETURNS jsonb LANGUAGE plpgsql
 AS $$
 DECLARE
-    retry interval := make_interval(secs => coalesce(
-        nullif(current_setting('pg_backup.key_retry_delay', true), '')::integer, 3600));
+    retry interval := coalesce(nullif(current_setting('pg_backup.key_retry_delay', true), ''), '1h')::interval;
     p backup.key_rotation_policy;
     o backup.key_operations;
     last_end timestamptz;

@@ -7,6 +7,9 @@
 \set SHOW_CONTEXT never
 TRUNCATE backup.repository_status, backup.repository_usage, backup.repository_backups, backup.alerts,
          backup.encryption_keys, backup.key_operations RESTART IDENTITY CASCADE;
+-- As the scheduler's session reads them: with their units.
+SET pg_backup.key_rotation_grace = '1d';
+SET pg_backup.key_retry_delay = '1h';
 CREATE TEMP TABLE audit_mark AS SELECT coalesce(max(audit_id), 0) AS id FROM backup.audit_log;
 
 -- The policy: off at first; every check refuses with a reason.
@@ -138,6 +141,12 @@ SELECT backup._sched_repo_status(jsonb_build_object('repositories', jsonb_build_
   jsonb_build_object('name', 'offsite', 'type', 's3', 'location', 's3://b/p', 'ok', false, 'error', 'gone'))));
 SELECT x.repository, coalesce(k.name, 'new') AS key, x.status, x.objects
   FROM backup.keys x LEFT JOIN k ON k.id = x.key_id ORDER BY 1 DESC, 2;
+-- An encrypted repository reporting no key at all is not believed.
+SELECT backup._sched_repo_status(jsonb_build_object('repositories', jsonb_build_array(
+  jsonb_build_object('name', 'repo1', 'type', 'posix', 'location', '/r', 'ok', true, 'encryption', 'aes-256-gcm',
+    'keys_counted_at', pg_temp.ago(0), 'keys', '[]'::jsonb),
+  jsonb_build_object('name', 'offsite', 'type', 's3', 'location', 's3://b/p', 'ok', false, 'error', 'gone'))));
+SELECT count(*) FILTER (WHERE status <> 'retired') AS still_known FROM backup.keys WHERE repository = 'repo1';
 TRUNCATE backup.alerts RESTART IDENTITY;
 
 -- Retirement by the policy: a (100 days) is not yet 180 days old; made
