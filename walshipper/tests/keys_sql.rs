@@ -221,16 +221,17 @@ fn key_rotation_from_sql_is_carried_out_audited_and_alerted() {
     // Any rotation that started before the policy was turned off ends first.
     wait_for(&c, "SELECT backup._sched_key_pending()", "f", WAIT);
     let now_current = descriptor_key(&shipper);
-    assert!(
+    assert_eq!(
         c.sql(&format!(
             "SELECT count(*) FROM backup.audit_log WHERE action = 'key_rotated' AND object_name = '{third}'"
-        )) == "1",
+        )),
+        "1",
         "the policy's rotation is audited with its key"
     );
     assert_eq!(
-        c.sql(&format!(
+        c.sql(
             "SELECT key_id FROM backup.key_operations WHERE status = 'succeeded' ORDER BY operation_id DESC LIMIT 1"
-        )),
+        ),
         now_current
     );
 
