@@ -312,8 +312,9 @@ $$;
 
 -- Operator API: retire key_id (the scheduler runs walshipper key retire:
 -- every object it sealed is re-encrypted under the current key, then its
--- key file is removed, in every repository). Only a key the catalog knows
--- as previous: never the current one. Returns the operation's id.
+-- key file is removed, in every repository). Only a key a configured
+-- repository holds as previous: never the current one. Returns the
+-- operation's id.
 CREATE FUNCTION backup.retire_key(key_id text)
 RETURNS bigint LANGUAGE plpgsql SECURITY DEFINER
 AS $$
@@ -326,7 +327,9 @@ BEGIN
             USING ERRCODE = 'invalid_parameter_value',
                   HINT = 'A key id is 32 lowercase hexadecimal digits; see backup.keys.';
     END IF;
-    SELECT array_agg(DISTINCT k.status) INTO st FROM backup.keys k WHERE k.key_id = retire_key.key_id;
+    -- As the repositories still configured last reported it.
+    SELECT array_agg(DISTINCT k.status) INTO st FROM backup.keys k
+     WHERE k.key_id = retire_key.key_id AND k.repository IN (SELECT s.name FROM backup.repository_status s);
     IF st IS NULL THEN
         RAISE EXCEPTION 'no key % is known', key_id
             USING ERRCODE = 'undefined_object', HINT = 'See backup.keys (refreshed with backup.repositories).';

@@ -217,6 +217,24 @@ VALUES ('rotate', 'requested', 'x', 'running', now(), 2147483647);
 SELECT backup._sched_key_start();
 SELECT operation_id, status, error FROM backup.key_operations WHERE operation_id = 7;
 TRUNCATE backup.alerts RESTART IDENTITY;
+-- A rotation done in one repository and not the other: critical (the
+-- repositories now seal with different keys), the one that rotated
+-- recorded so.
+INSERT INTO backup.key_operations (operation, reason, requested_by, status, started_at, worker_pid)
+VALUES ('rotate', 'requested', 'x', 'running', now(), pg_backend_pid());
+SELECT backup._sched_key_done(8, jsonb_build_object('event', 'key', 'operation', 'rotate', 'succeeded', false,
+    'key_id', repeat('1', 32), 'repositories', jsonb_build_array(
+        jsonb_build_object('repository', 'repo1', 'ok', true, 'current_key_id', repeat('1', 32), 'key_files', 1),
+        jsonb_build_object('repository', 'offsite', 'ok', false, 'error', 'timed out', 'current_key_id', repeat('f', 32)))),
+    'repository offsite: timed out (exit 3)', NULL);
+SELECT severity, subject, message LIKE '%now seal with different keys%' AS says_why FROM backup.alerts;
+SELECT repository, key_id = repeat('1', 32) AS new_key, status FROM backup.keys WHERE status = 'current' ORDER BY 1 DESC;
+SELECT backup._sched_repo_status(jsonb_build_object('repositories', jsonb_build_array(
+  jsonb_build_object('name', 'repo1', 'type', 'posix', 'location', '/r', 'ok', true, 'encryption', 'aes-256-gcm',
+    'keys', jsonb_build_array(
+      jsonb_build_object('key_id', repeat('f', 32), 'created_at', pg_temp.ago(0), 'current', true, 'present', true))),
+  jsonb_build_object('name', 'offsite', 'type', 's3', 'location', 's3://b/p', 'ok', false, 'error', 'gone'))));
+TRUNCATE backup.alerts RESTART IDENTITY;
 
 -- Requests: checked, audited, queued once.
 SELECT backup.retire_key('not a key');
