@@ -264,6 +264,16 @@ pub fn run_command(argv: &[String], timeout: Duration) -> Result<Zeroizing<Vec<u
         // Its own process group, so that a timeout kills a wrapper script
         // and what it started (the pipes close only when all are gone).
         .process_group(0);
+    // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+    // Killed with us (the archiver stopping archive-push at shutdown) rather
+    // than left waiting on a secret store that no one will ask again; the
+    // spawning thread waits for it, so it cannot exit first.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            Ok(())
+        });
+    }
     // walshipper's own settings (a repository's secret_access_key) are
     // none of its business; the rest of the environment (VAULT_ADDR,
     // AWS_PROFILE, CREDENTIALS_DIRECTORY) is what such tools need.
@@ -272,6 +282,7 @@ pub fn run_command(argv: &[String], timeout: Duration) -> Result<Zeroizing<Vec<u
             cmd.env_remove(k);
         }
     }
+    check_program(Path::new(program), &what)?;
     let started = Instant::now();
     let mut child = cmd.spawn().map_err(|e| {
         let why = match e.kind() {
@@ -395,6 +406,25 @@ pub fn run_command(argv: &[String], timeout: Duration) -> Result<Zeroizing<Vec<u
     Ok(value)
 }
 
+/// The program runs with walshipper's rights and environment (a
+/// repository's S3 credentials included): one that group or others may
+/// replace is refused, as a shared passphrase file is.
+fn check_program(program: &Path, what: &str) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(m) = std::fs::metadata(program) else {
+        // spawn says why (missing, not permitted) in its own words.
+        return Ok(());
+    };
+    let mode = m.permissions().mode();
+    if mode & 0o022 != 0 {
+        return Err(Error::Config(format!(
+            "{what} may be changed by group or others (mode {:04o}): it would run with walshipper's rights; chmod go-w it",
+            mode & 0o7777
+        )));
+    }
+    Ok(())
+}
+
 fn kill_group(pid: libc::pid_t) {
     // SAFETY: kill has no memory preconditions; the group is the child's own
     // (process_group(0)), never ours.
@@ -445,6 +475,11 @@ mod tests {
         let big = script(d.path(), "big", "head -c 100000 /dev/zero | tr '\\0' a");
         let e = run_command(&[big], t).unwrap_err().to_string();
         assert!(e.contains("more than 64 KiB"), "{e}");
+        let shared = script(d.path(), "shared", "echo x");
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o722)).unwrap();
+        let e = run_command(&[shared], t).unwrap_err().to_string();
+        assert!(e.contains("chmod go-w"), "{e}");
         let args = script(d.path(), "args", "printf '%s|%s' \"$1\" \"$2\"");
         let v = run_command(&[args, "a b".into(), "$HOME".into()], t).unwrap();
         assert_eq!(

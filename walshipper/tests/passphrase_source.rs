@@ -395,6 +395,51 @@ fn a_bad_passphrase_command_is_a_clear_error_and_changes_nothing() {
         }
     }
 
+    // walshipper killed while the command runs (the archiver stopped at
+    // shutdown): the command dies with it instead of waiting on a secret
+    // store no one will ask again (a wrapper script that ends in `exec`).
+    let pidfile2 = dir.join("orphan.pid");
+    let cfg =
+        config(
+            dir,
+            "orphan.toml",
+            &data,
+            &repos,
+            &format!(
+            "passphrase_command = [\"{}\"]\npassphrase_command_timeout = 60\nkey_cache = false\n",
+            s("orphan", &format!("echo $$ > '{}'\nexec sleep 60", pidfile2.display()))
+        ),
+        );
+    let mut child = walshipper(&cfg)
+        .arg("archive-push")
+        .arg(&seg)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    let pid: i32 = loop {
+        if let Some(p) = std::fs::read_to_string(&pidfile2)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+        {
+            break p;
+        }
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "the command never ran"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let t = Instant::now();
+    while group_alive(pid) && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!group_alive(pid), "the command outlived walshipper");
+    assert!(snapshot(&good) == before, "the repository changed");
+
     // The control: the right passphrase from a command writes the segment,
     // so a snapshot that did not change above was not blind.
     let ok = config(
