@@ -455,6 +455,27 @@ fn a_bad_passphrase_command_is_a_clear_error_and_changes_nothing() {
     run_ok(walshipper(&ok).arg("archive-push").arg(&seg));
     assert!(snapshot(&good) != before, "archive-push wrote nothing");
 
+    // During recovery a failing command (the secret store down) must not
+    // read as "not in the archive" (1..=125 end recovery and promote):
+    // archive-get retries, then stops recovery with 128.
+    let getting = config(
+        dir,
+        "get.toml",
+        &data,
+        &repos,
+        &format!(
+            "passphrase_command = [\"{}\"]\nkey_cache = false\n[restore]\narchive_get_retry_timeout = 0\n",
+            dir.join("fails").display()
+        ),
+    );
+    let out = run(walshipper(&getting)
+        .args(["archive-get", "000000010000000000000001"])
+        .arg(dir.join("got")));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(128), "archive-get: {err}");
+    assert!(err.contains("exited with status 1"), "{err}");
+    assert!(!dir.join("got").exists());
+
     // WALSHIPPER_PASSPHRASE wins over a command (which would fail here).
     let failing = config(
         dir,
