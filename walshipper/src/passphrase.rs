@@ -380,7 +380,7 @@ pub fn run_command(argv: &[String], timeout: Duration) -> Result<Zeroizing<Vec<u
             _ => "failed".to_string(),
         };
         return Err(Error::Config(format!(
-            "{what} {how}{said} (nothing was read or changed; {hint})"
+            "{what} {how}{said} (nothing was changed; {hint})"
         )));
     }
     let (read, mut value) = output;
