@@ -19,6 +19,7 @@ pub mod lock;
 pub mod manifest;
 pub mod notify;
 pub mod page;
+pub mod passphrase;
 pub mod pg;
 pub mod pgdata;
 pub mod progress;

@@ -261,11 +261,65 @@ impl Descriptor {
 
 /// What opening an encrypted repository needs later to unlock a key that
 /// an object names (keys other than the current one are unlocked on demand).
+///
+/// The passphrase is read lazily: a key found in the host's key cache needs
+/// none, and with `passphrase_command` reading it means running the
+/// command (a Vault call), which archive-push must not do per segment.
 struct Unlocker {
-    pass: Zeroizing<Vec<u8>>,
+    source: crate::passphrase::Source,
+    /// Read from `source` on first need, then kept (wiped on drop).
+    pass: Mutex<Option<Zeroizing<Vec<u8>>>>,
     cache: Option<KeyCache>,
     /// Key ids whose files failed: not tried again in this process.
     failed: Mutex<HashSet<String>>,
+}
+
+impl Unlocker {
+    fn new(cfg: &Config, pass: Option<Zeroizing<Vec<u8>>>) -> Unlocker {
+        Unlocker {
+            source: cfg.passphrase_source(),
+            pass: Mutex::new(pass),
+            cache: cfg.key_cache_dir().map(KeyCache::new),
+            failed: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The passphrase, read from its source on the first call (an error is
+    /// not kept: the next call tries again).
+    pub(crate) fn passphrase(&self) -> Result<Zeroizing<Vec<u8>>> {
+        let mut p = self.pass.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = p.as_ref() {
+            return Ok(v.clone());
+        }
+        let v = self.source.read()?;
+        *p = Some(v.clone());
+        Ok(v)
+    }
+
+    /// What cache entries are bound to: the passphrase, or for a command
+    /// source its argument vector (passphrase::Source::cache_binding).
+    fn binding(&self) -> Result<Zeroizing<Vec<u8>>> {
+        if self.source.is_command() {
+            self.source.cache_binding()
+        } else {
+            self.passphrase()
+        }
+    }
+
+    /// The key from the host's cache, without reading the passphrase when
+    /// the source is a command.
+    fn cached(&self, id_hex: &str) -> Option<DataKey> {
+        let c = self.cache.as_ref()?;
+        let b = self.binding().ok()?;
+        c.get(id_hex, &b)
+    }
+
+    /// Best effort, like the cache itself.
+    fn remember(&self, key: &DataKey) {
+        if let (Some(c), Ok(b)) = (&self.cache, self.binding()) {
+            c.put(key, &b);
+        }
+    }
 }
 
 pub struct Repository {
@@ -486,7 +540,7 @@ impl Repository {
         let mut current = None;
         let mut unlocker = None;
         if opts.encrypt {
-            let pass = Zeroizing::new(cfg.passphrase()?);
+            let pass = cfg.passphrase()?;
             if pass.len() < 12 {
                 return Err(Error::Config(
                     "the passphrase is shorter than 12 characters; use a long random one (e.g. openssl rand -base64 48)".into(),
@@ -500,16 +554,11 @@ impl Repository {
                 &mut &body[..],
                 Durability::Now,
             )?;
-            if let Some(dir) = cfg.key_cache_dir() {
-                KeyCache::new(dir).put(&key, &pass);
-            }
+            let u = Unlocker::new(cfg, Some(pass));
+            u.remember(&key);
             current = Some(key.clone());
             keys.insert(key.id, key);
-            unlocker = Some(Unlocker {
-                pass,
-                cache: cfg.key_cache_dir().map(KeyCache::new),
-                failed: Mutex::new(HashSet::new()),
-            });
+            unlocker = Some(u);
         }
         let repository_id = crate::keys::random::<16>()?;
         let mut descriptor = Descriptor {
@@ -669,25 +718,25 @@ impl Repository {
     /// descriptor's MAC with it. Other keys are unlocked when an object names
     /// one: a bogus or unreadable old key file then fails only the objects it
     /// sealed, and costs nothing to commands that don't read them.
+    /// The passphrase is read only if the host's key cache does not hold the
+    /// current key.
     fn unlock(&mut self, cfg: &Config) -> Result<()> {
-        let pass = Zeroizing::new(cfg.passphrase()?);
-        let cache = cfg.key_cache_dir().map(KeyCache::new);
+        let u = Unlocker::new(cfg, None);
         let id = self.descriptor.current_key_bytes()?.ok_or_else(|| {
             Error::Repository("encrypted repository without current_key_id".into())
         })?;
         let id_hex = hex::encode(id);
-        let key = match cache.as_ref().and_then(|c| c.get(&id_hex, &pass)) {
+        let key = match u.cached(&id_hex) {
             Some(k) => k,
             None => {
+                let pass = u.passphrase()?;
                 let k = self.unlock_file(&id_hex, &pass)?.ok_or_else(|| {
                     Error::Repository(format!(
                         "the current key {} is missing from the repository; restore it from another copy of the repository",
                         layout::key_file(&id_hex)
                     ))
                 })?;
-                if let Some(c) = &cache {
-                    c.put(&k, &pass);
-                }
+                u.remember(&k);
                 k
             }
         };
@@ -699,11 +748,7 @@ impl Repository {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.id, key);
-        self.unlocker = Some(Unlocker {
-            pass,
-            cache,
-            failed: Mutex::new(HashSet::new()),
-        });
+        self.unlocker = Some(u);
         Ok(())
     }
 
@@ -730,6 +775,27 @@ impl Repository {
     /// The data key new objects are sealed with (None: unencrypted).
     pub fn current_key(&self) -> Option<DataKey> {
         self.settings.key.clone()
+    }
+
+    /// The passphrase that opens this repository's key files, read from its
+    /// source (environment, command or file) on first use by this handle;
+    /// an error for an unencrypted repository. For commands that wrap or
+    /// unwrap key files (`key passphrase`, `key rotate`).
+    pub fn passphrase(&self) -> Result<Zeroizing<Vec<u8>>> {
+        match &self.unlocker {
+            Some(u) => u.passphrase(),
+            None => Err(Error::Invalid(
+                "an unencrypted repository has no passphrase".into(),
+            )),
+        }
+    }
+
+    /// Puts `key` in this host's key cache, bound as the configured source
+    /// needs (the passphrase, or a command's argument vector); best effort.
+    pub fn cache_key(&self, key: &DataKey) {
+        if let Some(u) = &self.unlocker {
+            u.remember(key);
+        }
     }
 
     /// Stores a new key file (create-only: an existing file of that id is
@@ -759,7 +825,7 @@ impl Repository {
     pub fn make_current(&mut self, key: DataKey) -> Result<()> {
         let id_hex = hex::encode(key.id);
         let pass = match &self.unlocker {
-            Some(u) => u.pass.clone(),
+            Some(u) => u.passphrase()?,
             None => {
                 return Err(Error::Invalid(
                     "an unencrypted repository has no keys".into(),
@@ -805,6 +871,9 @@ impl Repository {
         let Some(u) = &self.unlocker else {
             return Ok(Vec::new());
         };
+        // From its source, never from the cache: a stale passphrase in the
+        // secret store shows here, not at the next reboot.
+        let pass = u.passphrase()?;
         let mut problems = Vec::new();
         for obj in self.storage.list(layout::KEYS_PREFIX)? {
             let id = match layout::parse(&obj.key) {
@@ -817,7 +886,7 @@ impl Repository {
                     continue;
                 }
             };
-            match self.unlock_file(&id, &u.pass) {
+            match self.unlock_file(&id, &pass) {
                 Ok(Some(k)) => {
                     let known = self.keys.read().unwrap_or_else(|p| p.into_inner());
                     if known.get(&k.id).is_some_and(|c| c.key != k.key) {
@@ -849,13 +918,17 @@ impl Repository {
         if failed.contains(id_hex) {
             return false;
         }
-        let key = match u.cache.as_ref().and_then(|c| c.get(id_hex, &u.pass)) {
+        // The passphrase is read (the command run) only on a cache miss.
+        let key = match u.cached(id_hex) {
             Some(k) => Ok(Some(k)),
-            None => self.unlock_file(id_hex, &u.pass).inspect(|k| {
-                if let (Some(c), Some(k)) = (&u.cache, k) {
-                    c.put(k, &u.pass);
-                }
-            }),
+            None => u
+                .passphrase()
+                .and_then(|pass| self.unlock_file(id_hex, &pass))
+                .inspect(|k| {
+                    if let Some(k) = k {
+                        u.remember(k);
+                    }
+                }),
         };
         match key {
             Ok(Some(k)) => {
