@@ -128,6 +128,37 @@ fn current_of(keys: &[serde_json::Value]) -> String {
     keys[0]["key_id"].as_str().unwrap().to_string()
 }
 
+/// A configuration like the shipper's with other repositories (`repos`:
+/// `[[repo]]` sections), unencrypted when `plain`.
+fn config_with(shipper: &Shipper, file: &str, repos: &str, plain: bool) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(&shipper.config).unwrap();
+    let start = text.find("[[repo]]").unwrap();
+    let end = text.find("[encryption]").unwrap();
+    let mut rest = text[end..].to_string();
+    if plain {
+        rest = rest.replace("[encryption]\n", "[encryption]\nmode = \"none\"\n");
+    }
+    let p = shipper.config.with_file_name(file);
+    std::fs::write(&p, format!("{}{repos}{rest}", &text[..start])).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+    p
+}
+
+fn walshipper_with(config: &std::path::Path) -> std::process::Command {
+    let mut c = std::process::Command::new(walshipper_bin());
+    c.arg("--config").arg(config);
+    c.env_remove("WALSHIPPER_PASSPHRASE");
+    c
+}
+
+fn posix_repo(name: &str, path: &std::path::Path) -> String {
+    format!(
+        "[[repo]]\nname = \"{name}\"\ntype = \"posix\"\npath = \"{}\"\nmin_free_space = \"0\"\n",
+        path.display()
+    )
+}
+
 const CHECKSUM: &str =
     "SELECT md5(string_agg(aid || ':' || abalance, ',' ORDER BY aid)) FROM pgbench_accounts";
 
@@ -366,6 +397,65 @@ fn rotation_across_two_repositories_crash_walk_and_a_missing_key() {
         let v = event(&out, "verify");
         assert!(out.status.success() && v["ok"] == true, "{v}");
     }
+
+    // Refused, changing nothing: a repository that is not there, one that
+    // is not a copy (its own keys), an unencrypted one.
+    let keys_before = key_list(&shipper);
+    let main = posix_repo("main", &shipper.repo);
+    let nowhere = d.join("nowhere");
+    let cfg = config_with(
+        &shipper,
+        "absent.toml",
+        &format!("{main}{}", posix_repo("gone", &nowhere)),
+        false,
+    );
+    let out = run(walshipper_with(&cfg).args(["key", "rotate"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("nothing was changed"),
+        "{out:?}"
+    );
+    assert!(!nowhere.exists());
+    let own = config_with(
+        &shipper,
+        "own.toml",
+        &posix_repo("other", &d.join("other")),
+        false,
+    );
+    run_ok(walshipper_with(&own).args(["repo-init", "--kdf-memory-kib", "8192"]));
+    let cfg = config_with(
+        &shipper,
+        "two.toml",
+        &format!("{main}{}", posix_repo("other", &d.join("other"))),
+        false,
+    );
+    let out = run(walshipper_with(&cfg).args(["key", "rotate"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(err.contains("are not copies of one another"), "{err}");
+    let cfg = config_with(
+        &shipper,
+        "plain.toml",
+        &posix_repo("plain", &d.join("plain")),
+        true,
+    );
+    run_ok(walshipper_with(&cfg).args(["repo-init", "--no-encryption"]));
+    let out = run(walshipper_with(&cfg).args(["key", "rotate"]));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(err.contains("is not encrypted"), "{err}");
+    assert_eq!(
+        key_list(&shipper),
+        keys_before,
+        "a refused rotation changed keys"
+    );
+    let other = run_ok(walshipper_with(&own).args(["key", "list", "--json"]));
+    let other: serde_json::Value = serde_json::from_str(&other).unwrap();
+    assert_eq!(
+        other["repositories"][0]["keys"].as_array().unwrap().len(),
+        1,
+        "{other}"
+    );
 
     // The old key's file deleted from one copy: verify names the key and
     // fails (although this host's key cache still opens it), info shows it
