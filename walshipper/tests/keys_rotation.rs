@@ -231,10 +231,10 @@ fn rotation_across_two_repositories_crash_walk_and_a_missing_key() {
     );
     // The accounts as they were at the target: without the increments of
     // markers 21 to 30.
-    let at_target = src.sql(&format!(
+    let at_target = src.sql(
         "SELECT (SELECT count(*) FROM marker WHERE id <= 20) || ':' || \
            (SELECT md5(string_agg(aid || ':' || (abalance - CASE WHEN aid > 20 AND aid <= 30 THEN aid ELSE 0 END), ',' ORDER BY aid)) FROM pgbench_accounts)"
-    ));
+    );
     assert_eq!(src.sql("SELECT failed_count FROM pg_stat_archiver"), "0");
 
     // Which key seals what, read from the headers in both repositories.
@@ -398,6 +398,10 @@ fn rotation_across_two_repositories_crash_walk_and_a_missing_key() {
         assert!(out.status.success() && v["ok"] == true, "{v}");
     }
 
+    // (shown when the test fails)
+    eprintln!("{}", run_ok(shipper.cmd().args(["key", "list", "--usage"])));
+    eprintln!("{}", run_ok(shipper.cmd().arg("info")));
+
     // Refused, changing nothing: a repository that is not there, one that
     // is not a copy (its own keys), an unencrypted one.
     let keys_before = key_list(&shipper);
@@ -463,6 +467,8 @@ fn rotation_across_two_repositories_crash_walk_and_a_missing_key() {
     std::fs::remove_file(shipper.repo.join(format!("keys/{old}.json"))).unwrap();
     let out = run(shipper.cmd().args(["--repo", "main", "verify", "--json"]));
     assert_eq!(out.status.code(), Some(6), "{out:?}");
+    let text = run(shipper.cmd().args(["--repo", "main", "verify"]));
+    eprintln!("{}", String::from_utf8_lossy(&text.stdout));
     let v = event(&out, "verify");
     assert_eq!(v["ok"], false);
     let k = v["keys"]

@@ -240,7 +240,7 @@ pub fn run(
                 let read = repo.read_object_sealed(key, &mut std::io::sink(), 1, &mut sealed_by);
                 let size = sizes.get(key).copied().unwrap_or(0);
                 let problem = match keys.note(key, sealed_by, size) {
-                    Some(missing) => Some(missing),
+                    Some(missing) => missing,
                     None => match read {
                         Ok(got) => match sha {
                             Some(want) if *want != hex::encode(got) => Some(format!(
@@ -283,7 +283,9 @@ pub fn run(
             crate::census::Sealing::Key(id) => Some(id),
             _ => None,
         };
-        if let (Some(p), Ok(mut f)) = (keys.note(&meta.key, sealed_by, meta.size), found.lock()) {
+        if let (Some(Some(p)), Ok(mut f)) =
+            (keys.note(&meta.key, sealed_by, meta.size), found.lock())
+        {
             f.push(p);
         }
     });
@@ -312,6 +314,7 @@ pub fn run(
         }
     });
     problems.extend(found.into_inner().unwrap_or_default());
+    problems.extend(keys.more_missing());
     problems.sort();
     let key_statuses = keys.statuses(&repo);
 
@@ -395,7 +398,7 @@ fn check_wal(
                 let read = repo.read_object_sealed(key, &mut check, 1, &mut sealed_by);
                 let size = sizes.get(key).copied().unwrap_or(0);
                 let problem = match keys.note(key, sealed_by, size) {
-                    Some(missing) => Some(missing),
+                    Some(missing) => missing,
                     None => match read {
                         Ok(_) => check.finish(&id).err().map(|reason| {
                             format!("WAL {name}: stored object {key} is not this file of this cluster: {reason}")
@@ -447,7 +450,12 @@ struct KeyUse<'a> {
     counted: Mutex<std::collections::HashSet<String>>,
     /// Whether keys/<id>.json is in the repository (asked once per key).
     held: Mutex<HashMap<[u8; 16], bool>>,
+    /// Objects found sealed by each missing key.
+    missing: Mutex<HashMap<[u8; 16], u64>>,
 }
+
+/// Objects named one by one per missing key; the rest are one line.
+const MISSING_LISTED: u64 = 10;
 
 impl<'a> KeyUse<'a> {
     fn new(repo: &'a Repository) -> KeyUse<'a> {
@@ -456,13 +464,16 @@ impl<'a> KeyUse<'a> {
             tally: Mutex::new(BTreeMap::new()),
             counted: Mutex::new(std::collections::HashSet::new()),
             held: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
         }
     }
 
     /// Counts object `key` (of `size` stored bytes) under the key that
-    /// sealed it; the problem line when the repository no longer holds
-    /// that key.
-    fn note(&self, key: &str, sealed_by: Option<[u8; 16]>, size: u64) -> Option<String> {
+    /// sealed it. None: the repository holds that key (or the object names
+    /// none); Some: it does not, with the problem line for the first
+    /// [`MISSING_LISTED`] objects of that key (`more_missing` sums up the
+    /// others).
+    fn note(&self, key: &str, sealed_by: Option<[u8; 16]>, size: u64) -> Option<Option<String>> {
         let id = sealed_by?;
         let first = self
             .counted
@@ -491,13 +502,42 @@ impl<'a> KeyUse<'a> {
                 .insert(id, held);
             held
         });
-        (!held).then(|| {
+        if held {
+            return None;
+        }
+        if !first {
+            // Read twice (shared by backups, or rebuilt): named once.
+            return Some(None);
+        }
+        let n = {
+            let mut m = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(id).or_default();
+            *n += 1;
+            *n
+        };
+        Some((n <= MISSING_LISTED).then(|| {
             let id = hex::encode(id);
             format!(
                 "{key} is sealed by key {id}, which this repository no longer holds ({} is missing): it cannot be read; restore the key file from another copy of the repository",
                 layout::key_file(&id)
             )
-        })
+        }))
+    }
+
+    /// One line per missing key that seals more objects than were named.
+    fn more_missing(&self) -> Vec<String> {
+        let m = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(_, n)| **n > MISSING_LISTED)
+            .map(|(id, n)| {
+                let id = hex::encode(id);
+                format!(
+                    "{} more objects are sealed by key {id}, which this repository no longer holds ({} is missing): they cannot be read; restore the key file from another copy of the repository",
+                    n - MISSING_LISTED,
+                    layout::key_file(&id)
+                )
+            })
+            .collect()
     }
 
     /// The keys of the objects read (and the current key), as `key_status`.
