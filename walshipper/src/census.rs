@@ -308,6 +308,95 @@ mod tests {
         assert_eq!(ids, ["d", "c", "a", "b"]);
     }
 
+    /// A posix repository with objects under two keys, one object cut
+    /// short and one naming a key the repository does not hold.
+    #[test]
+    fn census_of_a_real_repository() {
+        use crate::keys::KeyFile;
+        use crate::repo::{InitOptions, Repository};
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pass = dir.path().join("passphrase");
+        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let toml = dir.path().join("r.toml");
+        let root = dir.path().join("r");
+        std::fs::write(
+            &toml,
+            format!(
+                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\npassphrase_file = \"{}\"\nkey_cache = false\n",
+                root.display(),
+                pass.display()
+            ),
+        )
+        .unwrap();
+        let cfg = Config::load_with_env(Some(&toml), std::iter::empty()).unwrap();
+        let id = crate::wal::ClusterIdentity {
+            system_identifier: 7_310_000_000_000_000_003,
+            pg_major: 15,
+            wal_segment_size: 16 << 20,
+        };
+        let opts = InitOptions {
+            encrypt: true,
+            kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+            kdf_iterations: 1,
+        };
+        let mut repo = Repository::init(&cfg, cfg.primary(), &id, &opts).unwrap();
+        let old = repo.current_key().unwrap().id;
+        let seg = |n: u32| format!("wal/0000000100000000/0000000100000000000000{n:02X}");
+        for n in 1..=4 {
+            repo.put_object(&seg(n), &b"old"[..]).unwrap();
+        }
+        let (file, new) = KeyFile::create(
+            b"unit-test passphrase, long enough",
+            crate::keys::MIN_KDF_MEMORY_KIB,
+            1,
+        )
+        .unwrap();
+        repo.add_key_file(&file).unwrap();
+        repo.make_current(new.clone()).unwrap();
+        for n in 5..=6 {
+            repo.put_object(&seg(n), &b"new"[..]).unwrap();
+        }
+        // Cut short: not a header.
+        let p = |k: &str| root.join(k);
+        std::fs::write(p(&seg(1)), b"WSHPOBJ").unwrap();
+        // Sealed by a key this repository does not hold (header CRC fixed).
+        let gone = [0xab; 16];
+        let mut obj = std::fs::read(p(&seg(2))).unwrap();
+        obj[12..28].copy_from_slice(&gone);
+        let crc = crc32fast::hash(&obj[0..60]);
+        obj[60..64].copy_from_slice(&crc.to_le_bytes());
+        std::fs::write(p(&seg(2)), &obj).unwrap();
+
+        let c = count(&repo, 4).unwrap();
+        assert_eq!(c.keys[&old].objects, 2);
+        assert_eq!(c.keys[&new.id].objects, 2);
+        assert_eq!(c.keys[&gone].objects, 1);
+        assert_eq!(c.unreadable, 1);
+        assert_eq!(c.unreadable_listed[0].key, seg(1));
+        let total: u64 = c.keys.values().map(|t| t.bytes).sum();
+        let listed: u64 = repo.sealed_objects().unwrap().iter().map(|m| m.size).sum();
+        assert_eq!(total + 7, listed);
+
+        let s = key_statuses(&repo, Some(&c)).unwrap();
+        let ids: Vec<&str> = s.iter().map(|k| k.key_id.as_str()).collect();
+        let (o, n, g) = (hex::encode(old), hex::encode(new.id), hex::encode(gone));
+        // Current, newest, then the one whose creation is unknown.
+        assert_eq!(ids, [n.as_str(), o.as_str(), g.as_str()]);
+        assert!(s[0].current && s[0].present && s[0].objects == Some(2));
+        assert!(!s[2].present && s[2].created_at.is_none() && s[2].error.is_some());
+        // Without a census: key files only, nothing counted.
+        let s = key_statuses(&repo, None).unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(s.iter().all(|k| k.objects.is_none() && k.present));
+
+        let by_old = sealed_by(&repo, &old, 2).unwrap();
+        let keys: Vec<String> = by_old.objects.iter().map(|m| m.key.clone()).collect();
+        assert_eq!(keys, [seg(3), seg(4)]);
+        assert_eq!(by_old.unreadable.len(), 1);
+    }
+
     #[test]
     fn key_ids_are_parsed_strictly() {
         assert!(key_bytes(&"ab".repeat(16)).is_some());
