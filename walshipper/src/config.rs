@@ -509,6 +509,8 @@ const SPECIAL_ENV: &[&str] = &[
     "WALSHIPPER_CONFIG",
     "WALSHIPPER_PASSPHRASE",
     "WALSHIPPER_LOG",
+    // Crash points for the tests (failpoint.rs): not a setting.
+    "WALSHIPPER_CRASH_AT",
 ];
 
 /// `WALSHIPPER_REPO<N>_<KEY>` (N >= 2) → (N, key).

@@ -7,6 +7,7 @@
 //! CLI verbs.
 
 pub mod catalog;
+pub mod census;
 pub mod codec;
 pub mod commands;
 pub mod config;

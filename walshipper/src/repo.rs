@@ -499,6 +499,27 @@ impl Write for CappedVec {
     }
 }
 
+/// Passes an object's bytes through, keeping a copy of its header (the
+/// first `HEADER_LEN` bytes) for `read_object_sealed`.
+struct HeaderTap<R> {
+    inner: R,
+    head: Arc<Mutex<Vec<u8>>>,
+    done: bool,
+}
+
+impl<R: Read> Read for HeaderTap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if !self.done {
+            let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+            let take = n.min(codec::HEADER_LEN - head.len());
+            head.extend_from_slice(&buf[..take]);
+            self.done = head.len() == codec::HEADER_LEN;
+        }
+        Ok(n)
+    }
+}
+
 /// The key id of an UnknownKey error: an object sealed by a key not unlocked yet.
 fn unknown_key(e: &io::Error) -> Option<String> {
     match codec::codec_error(e) {
@@ -1259,28 +1280,7 @@ impl Repository {
         out: &mut dyn Write,
         threads: usize,
     ) -> Result<[u8; 32]> {
-        let mut retried = false;
-        loop {
-            let src = self
-                .storage
-                .get(key)?
-                .ok_or_else(|| Error::NotFound(key.to_string()))?;
-            let mut dec = self.decoder(src, key).with_threads(threads);
-            match io::copy(&mut dec, out) {
-                // Sealed by a key not unlocked yet: nothing was written
-                // (the header is checked first); unlock it and read again.
-                Err(e) if !retried && unknown_key(&e).is_some_and(|id| self.load_key(&id)) => {
-                    retried = true;
-                }
-                Err(e) => return Err(self.read_error(key, e)),
-                Ok(_) => {
-                    return dec.verified_sha256.ok_or_else(|| Error::Corrupt {
-                        key: key.into(),
-                        reason: "ended before its final frame".into(),
-                    })
-                }
-            }
-        }
+        self.read_object_sealed(key, out, threads, &mut None)
     }
 
     /// Reads a whole object into memory, refusing (as `Corrupt`) one whose
@@ -1315,6 +1315,67 @@ impl Repository {
                 key: key.into(),
                 source: e,
             },
+        }
+    }
+
+    /// As `read_object_with`, and sets `sealed_by` to the key the object's
+    /// header names once the header was read (also when the object then
+    /// fails: `verify` names the key of an object it cannot read).
+    ///
+    /// Retries: a key not unlocked yet is unlocked and the object read
+    /// again. A key that cannot be unlocked (its file is missing or does not
+    /// open) gets the object read once more before failing: `key retire`
+    /// re-seals objects under the current key and then removes the old key
+    /// file, so an object read just before its re-sealing names a key that
+    /// is gone by now, and its second read is the re-sealed one.
+    pub fn read_object_sealed(
+        &self,
+        key: &str,
+        out: &mut dyn Write,
+        threads: usize,
+        sealed_by: &mut Option<[u8; 16]>,
+    ) -> Result<[u8; 32]> {
+        let mut unlocked = false;
+        let mut reread = false;
+        loop {
+            let src = self
+                .storage
+                .get(key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            let head = Arc::new(Mutex::new(Vec::with_capacity(codec::HEADER_LEN)));
+            let tap = HeaderTap {
+                inner: src,
+                head: head.clone(),
+                done: false,
+            };
+            let mut dec = self.decoder(tap, key).with_threads(threads);
+            let copied = io::copy(&mut dec, out);
+            let head = head.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Ok(h) = <[u8; codec::HEADER_LEN]>::try_from(&head[..]) {
+                if let Ok(h) = codec::Header::parse(&h) {
+                    *sealed_by = h.encrypted.then_some(h.key_id);
+                }
+            }
+            match copied {
+                // Nothing was written on UnknownKey: the header is checked
+                // before any frame is decoded.
+                Err(e) => match unknown_key(&e) {
+                    Some(id) if !unlocked && self.load_key(&id) => unlocked = true,
+                    Some(id) if !reread => {
+                        tracing::debug!(
+                            "{key} names key {id}, which cannot be unlocked; reading it once more in case `key retire` re-sealed it meanwhile"
+                        );
+                        reread = true;
+                    }
+                    _ => return Err(self.read_error(key, e)),
+                },
+                Ok(_) => {
+                    return dec.verified_sha256.ok_or_else(|| Error::Corrupt {
+                        key: key.into(),
+                        reason: "ended before its final frame".into(),
+                    })
+                }
+            }
         }
     }
 }
@@ -1620,5 +1681,154 @@ mod tests {
         assert!(open_err(&cfg).contains("does not match"));
         std::fs::remove_file(&current_file).unwrap();
         assert!(open_err(&cfg).contains("missing"));
+    }
+}
+
+/// `read_object_sealed` against `key retire` running at the same time: a
+/// real posix repository, with the store's `get` used as the moment at which
+/// the retirement of an object's key happens (re-sealed, then its key file
+/// removed), exactly between a reader's GET and its unlocking of that key.
+#[cfg(test)]
+mod retire_race_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const SEG: &str = "wal/0000000100000000/000000010000000000000002";
+
+    /// The posix store of the repository, which on the first GET of `SEG`
+    /// returns the object as it is and then retires its key: writes `resealed`
+    /// over it and removes `old_key_file`, as `key retire` does.
+    struct RetireDuringRead {
+        inner: Box<dyn Storage>,
+        resealed: Option<Vec<u8>>,
+        old_key_file: String,
+        gets: AtomicUsize,
+    }
+
+    impl Storage for RetireDuringRead {
+        fn put_new(&self, k: &str, b: &mut dyn Read, d: Durability) -> Result<PutOutcome> {
+            self.inner.put_new(k, b, d)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn put_replace(&self, k: &str, b: &mut dyn Read) -> Result<()> {
+            self.inner.put_replace(k, b)
+        }
+        fn get(&self, k: &str) -> Result<Option<Box<dyn Read + Send>>> {
+            let first = k == SEG && self.gets.fetch_add(1, Ordering::SeqCst) == 0;
+            let got = self.inner.get(k)?;
+            if first {
+                // The reader holds the old object's bytes (posix: the open
+                // file, as S3 serves one version per GET).
+                let mut old = Vec::new();
+                got.ok_or_else(|| Error::NotFound(k.into()))?
+                    .read_to_end(&mut old)
+                    .map_err(|e| Error::io("read", e))?;
+                if let Some(new) = &self.resealed {
+                    self.inner.put_replace(k, &mut &new[..])?;
+                }
+                self.inner.delete(&self.old_key_file)?;
+                return Ok(Some(Box::new(io::Cursor::new(old))));
+            }
+            Ok(got)
+        }
+        fn head(&self, k: &str) -> Result<Option<storage::ObjectMeta>> {
+            self.inner.head(k)
+        }
+        fn list(&self, p: &str) -> Result<Vec<storage::ObjectMeta>> {
+            self.inner.list(p)
+        }
+        fn list_children(&self, p: &str) -> Result<Vec<String>> {
+            self.inner.list_children(p)
+        }
+        fn delete(&self, k: &str) -> Result<()> {
+            self.inner.delete(k)
+        }
+        fn delete_prefix(&self, p: &str) -> Result<usize> {
+            self.inner.delete_prefix(p)
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    /// A repository whose `SEG` is sealed by an old key, with a new key
+    /// current; the store retires the old key during the first read of
+    /// `SEG` (re-sealing it under the new key when `reseal`).
+    fn repository(dir: &std::path::Path, reseal: bool) -> (Repository, [u8; 16], [u8; 16]) {
+        use std::os::unix::fs::PermissionsExt;
+        let pass = dir.join("passphrase");
+        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let toml = dir.join("r.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\npassphrase_file = \"{}\"\nkey_cache = false\n",
+                dir.join("r").display(),
+                pass.display()
+            ),
+        )
+        .unwrap();
+        let cfg = Config::load_with_env(Some(&toml), std::iter::empty()).unwrap();
+        let id = ClusterIdentity {
+            system_identifier: 7_310_000_000_000_000_002,
+            pg_major: 15,
+            wal_segment_size: 16 << 20,
+        };
+        let opts = InitOptions {
+            encrypt: true,
+            kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+            kdf_iterations: 1,
+        };
+        let mut repo = Repository::init(&cfg, cfg.primary(), &id, &opts).unwrap();
+        let old = repo.current_key().unwrap().id;
+        repo.put_object(SEG, &b"sealed by the old key"[..]).unwrap();
+        let p = cfg.passphrase().unwrap();
+        let (file, new) = KeyFile::create(&p, crate::keys::MIN_KDF_MEMORY_KIB, 1).unwrap();
+        repo.add_key_file(&file).unwrap();
+        repo.make_current(new.clone()).unwrap();
+        let mut resealed = Vec::new();
+        repo.encoder(SEG, &b"sealed by the old key"[..])
+            .unwrap()
+            .read_to_end(&mut resealed)
+            .unwrap();
+        // A reader that opened after the rotation: it holds the new key only.
+        let mut repo = Repository::open(&cfg).unwrap();
+        repo.storage = Box::new(RetireDuringRead {
+            inner: storage::open(cfg.primary()).unwrap(),
+            resealed: reseal.then_some(resealed),
+            old_key_file: layout::key_file(&hex::encode(old)),
+            gets: AtomicUsize::new(0),
+        });
+        (repo, old, new.id)
+    }
+
+    #[test]
+    fn an_object_resealed_while_read_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _, new) = repository(dir.path(), true);
+        let mut out = Vec::new();
+        let mut sealed_by = None;
+        repo.read_object_sealed(SEG, &mut out, 1, &mut sealed_by)
+            .unwrap();
+        assert_eq!(out, b"sealed by the old key");
+        assert_eq!(sealed_by, Some(new));
+    }
+
+    #[test]
+    fn an_object_of_a_key_that_is_gone_fails_after_one_more_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, old, _) = repository(dir.path(), false);
+        let mut out = Vec::new();
+        let mut sealed_by = None;
+        let err = repo
+            .read_object_sealed(SEG, &mut out, 1, &mut sealed_by)
+            .unwrap_err();
+        assert!(err.to_string().contains("does not hold"), "{err}");
+        assert!(out.is_empty());
+        // Its key is named even though it could not be read.
+        assert_eq!(sealed_by, Some(old));
     }
 }
