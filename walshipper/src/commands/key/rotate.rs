@@ -20,11 +20,10 @@
 use std::time::Instant;
 
 use pg_backup_contract::{KeyRepoResult, KeyReport};
-use zeroize::Zeroizing;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::keys::{KeyCache, KeyFile};
+use crate::keys::KeyFile;
 use crate::repo::Repository;
 
 const POINT: &str = "key-rotate";
@@ -32,7 +31,7 @@ const POINT: &str = "key-rotate";
 pub fn run(cfg: &Config, json: bool) -> Result<()> {
     let started = Instant::now();
     let (_locks, mut repos) = open_all_locked(cfg)?;
-    let pass = Zeroizing::new(cfg.passphrase()?);
+    let pass = repos[0].passphrase()?;
     let mut results: Vec<KeyRepoResult> = repos
         .iter()
         .map(|r| KeyRepoResult {
@@ -119,10 +118,9 @@ pub fn run(cfg: &Config, json: bool) -> Result<()> {
         }
     }
     if first_err.is_none() {
-        // This host's next commands need no Argon2 for the new key.
-        if let Some(dir) = cfg.key_cache_dir() {
-            KeyCache::new(dir).put(&key, &pass);
-        }
+        // This host's next commands need no Argon2 (or passphrase command)
+        // for the new key.
+        repos[0].cache_key(&key);
     }
     finish(json, started, &plan, &file, results, first_err)
 }
