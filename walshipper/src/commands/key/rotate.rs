@@ -52,7 +52,8 @@ pub fn run(cfg: &Config, json: bool) -> Result<()> {
         ))
     })?;
     let pass = Zeroizing::new(cfg.passphrase()?);
-    let (file, key) = KeyFile::create(&pass, cur_file.kdf.memory_kib, cur_file.kdf.iterations)?;
+    let (memory_kib, iterations) = cur_file.costs();
+    let (file, key) = KeyFile::create(&pass, memory_kib, iterations)?;
     for r in &repos {
         r.add_key_file(&file)?;
     }
