@@ -502,6 +502,7 @@ const SPECIAL_ENV: &[&str] = &[
     "WALSHIPPER_CONFIG",
     "WALSHIPPER_PASSPHRASE",
     "WALSHIPPER_LOG",
+    "WALSHIPPER_CRASH_AT",
 ];
 
 /// `WALSHIPPER_REPO<N>_<KEY>` (N >= 2) → (N, key).

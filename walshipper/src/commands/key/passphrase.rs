@@ -55,7 +55,7 @@ pub struct Args<'a> {
 /// passphrase stops working: a walshipper that read the old passphrase just
 /// before the rename (an archive-push) unlocks its key within milliseconds
 /// of reading it; this lets it finish instead of failing once.
-const INSTALL_GRACE: Duration = Duration::from_secs(2);
+const INSTALL_GRACE: Duration = Duration::from_secs(1);
 
 /// One repository during the change: held under its key lock.
 struct Held {
@@ -117,7 +117,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         let old_ones = finish(cfg, &mut held, &configured, None)?;
         if resuming && old_ones == 0 {
             return Err(Error::Invalid(
-                "the new passphrase is the one the configuration already gives, and no key file holds another: nothing to change".into(),
+                "the new passphrase is already the configured one and the only one that opens the key files: nothing to change (a change to it that was interrupted is complete)".into(),
             ));
         }
         return report(&held, "passphrase_finish", "done", started, args.json);
