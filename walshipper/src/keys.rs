@@ -836,7 +836,8 @@ pub fn read_new_passphrase_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
             mode & 0o7777
         )));
     }
-    let mut p = Zeroizing::new(Vec::new());
+    // Allocated once: a growing buffer would leave copies behind, unwiped.
+    let mut p = Zeroizing::new(Vec::with_capacity(MAX_PASSPHRASE_LEN + 1));
     f.take(MAX_PASSPHRASE_LEN as u64 + 1)
         .read_to_end(&mut p)
         .map_err(cannot)?;
@@ -855,7 +856,7 @@ pub fn read_new_passphrase_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
 /// bytes up to the first newline, at most [`MAX_PASSPHRASE_LEN`].
 pub fn read_passphrase_line(input: &mut dyn std::io::Read) -> Result<Zeroizing<Vec<u8>>> {
     use std::io::Read;
-    let mut p = Zeroizing::new(Vec::new());
+    let mut p = Zeroizing::new(Vec::with_capacity(MAX_PASSPHRASE_LEN + 1));
     let mut byte = Zeroizing::new([0u8; 1]);
     let mut limited = input.take(MAX_PASSPHRASE_LEN as u64 + 1);
     loop {
@@ -917,6 +918,12 @@ pub fn replace_passphrase_file(path: &Path, passphrase: &[u8]) -> Result<()> {
         .ok_or_else(|| Error::Config(format!("{} is not a file name", path.display())))?;
     let tmp = dir.join(format!(".{}.new-passphrase.tmp", name.to_string_lossy()));
     let ctx = |what: &str| format!("{what} {} (installing the new passphrase)", tmp.display());
+    // The new file keeps the old one's owner and group: run as root, it
+    // must stay readable by the user walshipper archives as.
+    let owner = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.uid(), m.gid())
+    });
     // A leftover of a killed run holds a passphrase: replace it, never reuse.
     let _ = std::fs::remove_file(&tmp);
     let written = (|| -> Result<()> {
@@ -927,6 +934,10 @@ pub fn replace_passphrase_file(path: &Path, passphrase: &[u8]) -> Result<()> {
             .custom_flags(libc::O_NOFOLLOW)
             .open(&tmp)
             .map_err(|e| Error::io(ctx("create"), e))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                .map_err(|e| Error::io(ctx("give the owner of the old file to"), e))?;
+        }
         f.write_all(passphrase)
             .and_then(|_| f.write_all(b"\n"))
             .and_then(|_| f.sync_all())

@@ -20,7 +20,7 @@
 //! Nothing but key files (and the passphrase file) is rewritten: objects
 //! name their data key, which does not change.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -63,8 +63,8 @@ struct Held {
     _lock: Lock,
     /// Every key file, as last written or read.
     files: Vec<KeyFile>,
-    /// Key files rewritten by this run.
-    rewritten: u64,
+    /// Key ids of the files rewritten by this run (once or twice each).
+    rewritten: BTreeSet<String>,
 }
 
 /// Where the configured passphrase comes from (what `Config::passphrase`
@@ -141,6 +141,18 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         }
         Source::File(p) => p,
     };
+    // A symbolic link points at a file something else manages (a secret
+    // store's mount, configuration management): replacing the link would
+    // leave that file with the old passphrase, to come back later.
+    let is_link = std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink());
+    if is_link {
+        report(&held, "passphrase", "both", started, args.json)?;
+        next_steps(&format!(
+            "{} is a symbolic link: put the new passphrase where it points (or wherever the tool that manages it keeps it)",
+            path.display()
+        ));
+        return Ok(());
+    }
     if let Err(e) = keys::replace_passphrase_file(&path, &new) {
         tracing::error!(
             "cannot install the new passphrase in {}: {e}",
@@ -154,7 +166,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         return Ok(());
     }
     // What the configuration reads now must be the new passphrase.
-    if cfg.passphrase()?[..] != new[..] {
+    if Zeroizing::new(cfg.passphrase()?)[..] != new[..] {
         return Err(Error::Config(format!(
             "{} was replaced, but the configuration does not read the new passphrase from it; both passphrases still open every key file: fix the configuration, then run `walshipper key passphrase --finish`",
             path.display()
@@ -269,7 +281,7 @@ fn open_all(cfg: &Config) -> Result<Vec<Held>> {
             repo,
             _lock: lock,
             files,
-            rewritten: 0,
+            rewritten: BTreeSet::new(),
         });
     }
     Ok(held)
@@ -353,8 +365,8 @@ fn add_slots(held: &mut [Held], configured: &[u8], new: &[u8]) -> Result<()> {
             hd.repo.name,
             layout::key_file(&back.key_id)
         );
+        hd.rewritten.insert(back.key_id.clone());
         hd.files[i] = back;
-        hd.rewritten += 1;
         crate::failpoint::point("key-passphrase");
     }
     Ok(())
@@ -417,8 +429,8 @@ fn finish(cfg: &Config, held: &mut [Held], target: &[u8], old: Option<&[u8]>) ->
             hd.repo.name,
             layout::key_file(&back.key_id)
         );
+        hd.rewritten.insert(back.key_id.clone());
         hd.files[i] = back;
-        hd.rewritten += 1;
         crate::failpoint::point("key-passphrase");
     }
     // The host's cache entries were sealed under the old passphrase: each
@@ -450,7 +462,7 @@ fn report(held: &[Held], operation: &str, stage: &str, started: Instant, json: b
             repository: h.repo.name.clone(),
             ok: true,
             current_key_id: h.repo.descriptor.current_key_id.clone(),
-            key_files: h.rewritten,
+            key_files: h.rewritten.len() as u64,
             ..Default::default()
         })
         .collect();
