@@ -370,10 +370,19 @@ fn change_the_passphrase_under_load_killed_anywhere_and_bad_input() {
     let new2 = "the second new passphrase, long too";
     let new2_file = f.d.join("new2");
     write_private(&new2_file, &format!("{new2}\n"));
-    walk(&f, new1, new2, "file", |cmd| {
-        cmd.args(["key", "passphrase", "--new-file"])
-            .arg(&new2_file);
-    });
+    let points = walk(
+        &f,
+        new1,
+        new2,
+        "file",
+        |cmd| {
+            cmd.args(["key", "passphrase", "--new-file"])
+                .arg(&new2_file);
+        },
+        |when| f.only(new2, new1, when),
+    );
+    // The pre-check, 6 slots added, the install, 6 slots removed.
+    assert_eq!(points, 14);
     if std::env::var("PGB_KEY_CAMPAIGN").as_deref() == Ok("full") {
         walk_keep_old_then_finish(&f, new1, new2);
     }
@@ -387,7 +396,14 @@ fn change_the_passphrase_under_load_killed_anywhere_and_bad_input() {
 /// Runs the change killed at point 1, 2, ... until a run completes; after
 /// each kill checks the invariants, re-runs it to completion, checks the
 /// result, and puts the starting state back.
-fn walk(f: &Fixture, old: &str, new: &str, what: &str, args: impl Fn(&mut Command)) {
+fn walk(
+    f: &Fixture,
+    old: &str,
+    new: &str,
+    what: &str,
+    args: impl Fn(&mut Command),
+    done: impl Fn(&str),
+) -> usize {
     let saved = f.key_files();
     let saved_pass = std::fs::read(&f.shipper.passphrase_file).unwrap();
     let mut reached = Vec::new();
@@ -429,45 +445,41 @@ fn walk(f: &Fixture, old: &str, new: &str, what: &str, args: impl Fn(&mut Comman
             "{what}: re-run after point {n}: {}",
             text(&o)
         );
-        f.only(new, old, &format!("{what}, re-run after point {n}"));
+        done(&format!("{what}, re-run after point {n}"));
         // Back to the starting state for the next point.
         f.restore_key_files(&saved);
         std::fs::write(&f.shipper.passphrase_file, &saved_pass).unwrap();
     }
-    assert!(
-        reached.len() >= 10,
-        "{what}: only {} crash points: {reached:?}",
-        reached.len()
-    );
-    f.only(new, old, &format!("{what}, the run that completed"));
+    done(&format!("{what}, the run that completed"));
     // Leave it at `old` again for what follows.
     f.restore_key_files(&saved);
     std::fs::write(&f.shipper.passphrase_file, &saved_pass).unwrap();
+    reached.len()
 }
 
-/// PGB_KEY_CAMPAIGN=full: the passphrase in the environment (so the run
-/// stops at stage both), killed anywhere; then `--finish` killed anywhere.
+/// PGB_KEY_CAMPAIGN=full: the passphrase in the environment and
+/// `--keep-old` (the run stops at stage both) walked over every point; then
+/// `--finish` refused with the old passphrase, and walked over every point.
 fn walk_keep_old_then_finish(f: &Fixture, old: &str, new: &str) {
     let new_file = f.d.join("new-keep");
     write_private(&new_file, &format!("{new}\n"));
     let saved = f.key_files();
-    for n in 1.. {
-        let o = run(f
-            .shipper
-            .cmd()
-            .env("WALSHIPPER_PASSPHRASE", old)
-            .env("WALSHIPPER_CRASH_AT", format!("key-passphrase:{n}"))
+    let keep_old = |c: &mut Command| {
+        c.env("WALSHIPPER_PASSPHRASE", old)
             .args(["key", "passphrase", "--keep-old", "--new-file"])
-            .arg(&new_file));
-        f.all_readable(&[old, new], n, &format!("keep-old, point {n}"));
-        if o.status.success() {
-            break;
+            .arg(&new_file);
+    };
+    let both = |when: &str| {
+        for (k, which) in f.opened_by(&[old, new]) {
+            assert_eq!(which, [true, true], "{when}: both open {k:?}");
         }
-        assert_eq!(o.status.signal(), Some(9), "{}", text(&o));
-    }
-    for (k, which) in f.opened_by(&[old, new]) {
-        assert_eq!(which, [true, true], "keep-old: both open {k:?}");
-    }
+    };
+    // The pre-check and 6 key files.
+    assert_eq!(walk(f, old, new, "keep-old", keep_old, both), 7);
+    let mut c = f.shipper.cmd();
+    keep_old(&mut c);
+    run_ok(&mut c);
+    both("keep-old, completed");
     // --finish with the old passphrase still configured: refused.
     let o = run(f.shipper.cmd().env("WALSHIPPER_PASSPHRASE", old).args([
         "key",
@@ -480,20 +492,15 @@ fn walk_keep_old_then_finish(f: &Fixture, old: &str, new: &str) {
         "{}",
         text(&o)
     );
-    for n in 1.. {
-        let o = run(f
-            .shipper
-            .cmd()
-            .env("WALSHIPPER_PASSPHRASE", new)
-            .env("WALSHIPPER_CRASH_AT", format!("key-passphrase:{n}"))
-            .args(["key", "passphrase", "--finish"]));
-        f.all_readable(&[old, new], n, &format!("finish, point {n}"));
-        if o.status.success() {
-            break;
-        }
-        assert_eq!(o.status.signal(), Some(9), "{}", text(&o));
-    }
-    f.only(new, old, "keep-old, then finish");
+    both("--finish refused");
+    let finish = |c: &mut Command| {
+        c.env("WALSHIPPER_PASSPHRASE", new)
+            .args(["key", "passphrase", "--finish"]);
+    };
+    assert_eq!(
+        walk(f, old, new, "finish", finish, |w: &str| f.only(new, old, w)),
+        7
+    );
     f.restore_key_files(&saved);
 }
 
