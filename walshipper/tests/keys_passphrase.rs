@@ -208,6 +208,14 @@ fn setup() -> Fixture {
     cluster.start();
     let repos = Config::load(Some(&shipper.config)).unwrap().repos;
     assert_eq!(repos.len(), 2);
+    eprintln!(
+        "repositories: {}",
+        repos
+            .iter()
+            .map(|r| format!("{} ({})", r.name, r.kind))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     // Three keys, a segment sealed by each.
     let mut segments = Vec::new();
     for i in 0..3 {

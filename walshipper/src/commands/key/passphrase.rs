@@ -109,6 +109,11 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         None => None,
     };
     let resuming = args.new.is_some() && new.is_none();
+    if resuming && args.keep_old {
+        return Err(Error::Invalid(
+            "the new passphrase is already the configured one: with --keep-old there is nothing to add (run `walshipper key passphrase --finish` to make the old one stop working)".into(),
+        ));
+    }
     let mut held = open_all(cfg)?;
     crate::failpoint::point("key-passphrase");
     let Some(new) = new else {
@@ -120,7 +125,12 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                 "the new passphrase is already the configured one and the only one that opens the key files: nothing to change (a change to it that was interrupted is complete)".into(),
             ));
         }
-        return report(&held, "passphrase_finish", "done", started, args.json);
+        let operation = if args.finish {
+            "passphrase_finish"
+        } else {
+            "passphrase"
+        };
+        return report(&held, operation, "done", started, args.json);
     };
     add_slots(&mut held, &configured, &new)?;
     let path = match source(cfg) {
@@ -194,9 +204,9 @@ fn read_stdin() -> Result<Zeroizing<Vec<u8>>> {
     let _echo_off = EchoOff::new()?;
     eprint!("New passphrase: ");
     let a = keys::read_passphrase_line(&mut stdin.lock())?;
-    eprint!("\nThe same again: ");
+    // ECHONL: the terminal still echoes the newline typed.
+    eprint!("The same again: ");
     let b = keys::read_passphrase_line(&mut stdin.lock())?;
-    eprintln!();
     if a[..] != b[..] {
         return Err(Error::Invalid(
             "the two entries differ; nothing was changed".into(),
