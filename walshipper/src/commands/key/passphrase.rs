@@ -60,7 +60,8 @@ const INSTALL_GRACE: Duration = Duration::from_secs(1);
 /// One repository during the change: held under its key lock.
 struct Held {
     repo: Repository,
-    _lock: Lock,
+    /// Checked before each write (an S3 lease can be lost).
+    lock: Lock,
     /// Every key file, as last written or read.
     files: Vec<KeyFile>,
     /// Key ids of the files rewritten by this run (once or twice each).
@@ -289,7 +290,7 @@ fn open_all(cfg: &Config) -> Result<Vec<Held>> {
         }
         held.push(Held {
             repo,
-            _lock: lock,
+            lock,
             files,
             rewritten: BTreeSet::new(),
         });
@@ -360,6 +361,7 @@ fn add_slots(held: &mut [Held], configured: &[u8], new: &[u8]) -> Result<()> {
     for (h, i, key) in todo {
         let hd = &mut held[h];
         let next = hd.files[i].with_slot_for(&key, configured, new)?;
+        hd.lock.ensure_held()?;
         let back = hd.repo.replace_key_file(&next)?;
         for (p, what) in [
             (new, "does not open with the new passphrase"),
@@ -414,6 +416,7 @@ fn finish(cfg: &Config, held: &mut [Held], target: &[u8], old: Option<&[u8]>) ->
     for (h, i, keep, key) in todo {
         let hd = &mut held[h];
         let next = hd.files[i].keeping(&keep)?;
+        hd.lock.ensure_held()?;
         let back = hd.repo.replace_key_file(&next)?;
         let (opened, k) = back
             .slots_opened_by(target)
