@@ -13,8 +13,8 @@
 //! 3. bad input: each a clear error, key files byte-identical.
 //!
 //! One cluster for the file; 40 s here (80 s with 4 other builds running).
-//! PGB_KEY_CAMPAIGN=full (+30 s) also
-//! walks `--keep-old` then `--finish` with the passphrase in the environment.
+//! PGB_KEY_CAMPAIGN=full (+30 s) also walks `--keep-old` then `--finish`
+//! with the passphrase in the environment.
 //! The walk is deterministic (no seed): it prints the points it reached.
 
 mod common;
