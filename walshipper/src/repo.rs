@@ -839,6 +839,22 @@ impl Repository {
         Ok(())
     }
 
+    /// Replaces the key file of `file.key_id` (one atomic replace: a reader
+    /// sees the old file or the new one, never a part), then reads it back
+    /// and returns it as parsed. Only for a change of its passphrase slots:
+    /// the caller checks that what it returns still opens as intended.
+    pub fn replace_key_file(&self, file: &KeyFile) -> Result<KeyFile> {
+        let body = serde_json::to_vec_pretty(file).map_err(|e| Error::Repository(e.to_string()))?;
+        let key = layout::key_file(&file.key_id);
+        self.storage.put_replace(&key, &mut &body[..])?;
+        self.key_file(&file.key_id)?.ok_or_else(|| {
+            Error::Repository(format!(
+                "{key} vanished from {} right after it was written",
+                self.storage.describe()
+            ))
+        })
+    }
+
     /// Makes `key` current: rewrites repository.json with its id and a MAC
     /// under it (one atomic replace), and seals what this handle writes from
     /// now on with it. Its key file must already be in this repository, or
@@ -1670,7 +1686,7 @@ mod tests {
         assert!(err.to_string().contains("does not hold"), "{err}");
         // The current key file with a huge Argon2 cost: an error, not an abort.
         let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
-        v["kdf"]["memory_kib"] = u32::MAX.into();
+        v["slots"][0]["kdf"]["memory_kib"] = u32::MAX.into();
         std::fs::write(&current_file, serde_json::to_vec(&v).unwrap()).unwrap();
         let err = open_err(&cfg);
         assert!(err.contains("Argon2 memory cost"), "{err}");

@@ -69,7 +69,10 @@ pub fn run(cfg: &Config, json: bool) -> Result<()> {
                     repos[0].name
                 ))
             })?;
-            KeyFile::create(&pass, cur_file.kdf.memory_kib, cur_file.kdf.iterations)?
+            {
+                let (memory_kib, iterations) = cur_file.costs();
+                KeyFile::create(&pass, memory_kib, iterations)?
+            }
         }
     };
 
@@ -174,7 +177,33 @@ fn open_all_locked(cfg: &Config) -> Result<(Vec<crate::lock::Lock>, Vec<Reposito
     if repos.is_empty() {
         return Err(Error::Config("no repository is configured".into()));
     }
+    for r in &repos {
+        refuse_during_passphrase_change(r)?;
+    }
     Ok((locks, repos))
+}
+
+/// A key file with more than one wrapping is a passphrase change between
+/// its stages (`key passphrase --keep-old`, or one interrupted). A key made
+/// now would be wrapped by the configured passphrase alone, so the hosts on
+/// the other one could no longer open the repository: refused.
+fn refuse_during_passphrase_change(r: &Repository) -> Result<()> {
+    for obj in r.storage.list(crate::layout::KEYS_PREFIX)? {
+        let Some(crate::layout::ObjectName::KeyFile { key_id }) = crate::layout::parse(&obj.key)
+        else {
+            continue;
+        };
+        if let Some(f) = r.key_file(&key_id)? {
+            if f.slots.len() > 1 {
+                return Err(Error::Invalid(format!(
+                    "a passphrase change is under way in repository {}: keys/{key_id}.json is wrapped by {} passphrases. A new key would be wrapped by the configured one only, and hosts on the other could no longer open the repository. Finish the change first (`walshipper key passphrase --finish` once every host has the new passphrase), then rotate; nothing was changed",
+                    r.name,
+                    f.slots.len()
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// None when every repository has the same current key; else the key file
