@@ -67,6 +67,8 @@ fn key_rotation_from_sql_is_carried_out_audited_and_alerted() {
             "pg_backup.key_retry_delay = 1",
             "pg_backup.key_usage_interval = 3600",
             "pg_backup.verify_after_backup = off",
+            // No expire with the wrong configuration below.
+            "pg_backup.expire_after_backup = off",
         ],
     );
     start_with_extension(&shipper, &c);
@@ -187,7 +189,7 @@ fn key_rotation_from_sql_is_carried_out_audited_and_alerted() {
 
     // 3. backup.keys follows walshipper info --json: the new key current,
     // the first previous, with the objects each seals (counted after a key
-    // operation).
+    // operation; walshipper gives the time of the count to the second).
     let keys = info_keys(&shipper);
     let current: Vec<_> = keys.iter().filter(|k| k["current"] == true).collect();
     assert_eq!(current.len(), 1, "{keys:?}");
@@ -195,10 +197,11 @@ fn key_rotation_from_sql_is_carried_out_audited_and_alerted() {
     wait_for(
         &c,
         &format!(
-            "SELECT string_agg(key_id || ' ' || status, ', ' ORDER BY status) FROM backup.keys \
-              WHERE counted_at > (SELECT finished_at FROM backup.key_operations WHERE operation_id = {op})"
+            "SELECT string_agg(key_id || ' ' || status || ' ' || (created_at IS NOT NULL), ', ' ORDER BY status) \
+               FROM backup.keys \
+              WHERE counted_at >= (SELECT date_trunc('second', finished_at) FROM backup.key_operations WHERE operation_id = {op})"
         ),
-        &format!("{second} current, {first} previous"),
+        &format!("{second} current true, {first} previous true"),
         WAIT,
     );
     assert_eq!(
