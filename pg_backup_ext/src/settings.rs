@@ -259,7 +259,7 @@ pub fn define_runtime() {
     GucRegistry::define_int_guc(
         c"pg_backup.key_usage_interval",
         c"Seconds between counts of the objects each data key seals (walshipper info --key-usage); 0 = never.",
-        c"A count reads the header of every object: one request per object on an object store. A key operation is followed by one.",
+        c"A count reads the header of every object: one request per object on an object store. A key operation is followed by one (unless 0).",
         &KEY_USAGE_INTERVAL,
         0,
         86400 * 366,
