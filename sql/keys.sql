@@ -384,7 +384,13 @@ BEGIN
            AND NOT EXISTS (SELECT 1 FROM backup.repository_status s WHERE NOT s.ok) THEN
             IF EXISTS (SELECT 1 FROM backup.keys k
                         WHERE k.status = 'current' AND k.rotation_due_at <= now()
-                          AND k.repository IN (SELECT s.name FROM backup.repository_status s)) THEN
+                          AND k.repository IN (SELECT s.name FROM backup.repository_status s))
+               -- Never twice within the period, whatever a report says of
+               -- the keys' ages (a clock or report gone wrong would
+               -- otherwise rotate at every refresh).
+               AND NOT EXISTS (SELECT 1 FROM backup.key_operations x
+                                WHERE x.operation = 'rotate' AND x.status = 'succeeded'
+                                  AND x.finished_at > now() - p.rotate_every) THEN
                 PERFORM backup._key_enqueue('rotate', NULL, 'policy', 'scheduler');
             ELSE
                 -- The oldest key due, never one still current anywhere.

@@ -129,6 +129,10 @@ SELECT backup._sched_repo_status(jsonb_build_object('repositories', jsonb_build_
       jsonb_build_object('key_id', (SELECT id FROM k WHERE name = 'a'), 'created_at', pg_temp.ago(100), 'current', false, 'present', true))))));
 SELECT x.repository, coalesce(k.name, 'new') AS key, x.status, x.objects, x.retired_at IS NOT NULL AS retired_at_set
   FROM backup.keys x LEFT JOIN k ON k.id = x.key_id ORDER BY 1 DESC, 2;
+-- A report that makes the new key look old again does not rotate it twice
+-- within the period.
+UPDATE backup.encryption_keys SET created_at = now() - interval '100 days' WHERE key_id = repeat('f', 32);
+SELECT backup._sched_key_start();
 -- A counted report that no longer names c: no object is sealed by it any more.
 SELECT backup._sched_repo_status(jsonb_build_object('repositories', jsonb_build_array(
   jsonb_build_object('name', 'repo1', 'type', 'posix', 'location', '/r', 'ok', true, 'encryption', 'aes-256-gcm',
