@@ -4,6 +4,7 @@
 //! not features of a driver.
 
 use std::io::Read;
+use std::path::Path;
 
 use crate::config::RepoConfig;
 use crate::error::Result;
@@ -124,6 +125,30 @@ pub trait Storage: Send + Sync {
     fn delete_prefix(&self, prefix: &str) -> Result<usize>;
     /// Human-readable location, for messages.
     fn describe(&self) -> String;
+
+    /// Replaces `key` by `body`, but only once `check` has read the new
+    /// bytes back and approved them: a large object is never replaced by
+    /// bytes nobody decoded (`key retire`). posix: a hidden temporary beside
+    /// the object, fsynced, checked, renamed over it, directory fsynced. s3:
+    /// a private local copy under `spool`, checked, PUT with a SHA-256 the
+    /// server verifies, then the stored object read back and checked (PUT
+    /// again from the copy, which is still good, if that fails). `check`'s
+    /// flag says whether it reads the store (true) or a local copy (false).
+    /// An error leaves the old object, or (s3, the checks after a PUT
+    /// failing every time) what the store made of the verified copy.
+    fn replace_checked(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        spool: &Path,
+        check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+    ) -> Result<()> {
+        let _ = (body, spool, check);
+        Err(crate::error::Error::Invalid(format!(
+            "{}: checked replacement of {key} is not supported by this storage driver",
+            self.describe()
+        )))
+    }
 
     // Compare-and-swap on small metadata objects (the S3 lock lease). A
     // version is the store's opaque tag of one write (an ETag); drivers

@@ -124,6 +124,30 @@ impl Storage for Throttled {
     fn put_replace(&self, key: &str, body: &mut dyn Read) -> Result<()> {
         self.paced_put(body, |b| self.inner.put_replace(key, b))
     }
+    fn replace_checked(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        spool: &std::path::Path,
+        check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+    ) -> Result<()> {
+        // Reads of the store count against the download limit; a local
+        // copy's do not.
+        let down = self.down.clone();
+        let mut paced_check = |r: &mut dyn Read, store: bool| match (&down, store) {
+            (Some(b), true) => check(
+                &mut Paced {
+                    inner: r,
+                    bucket: b,
+                },
+                true,
+            ),
+            _ => check(r, store),
+        };
+        self.paced_put(body, |b| {
+            self.inner.replace_checked(key, b, spool, &mut paced_check)
+        })
+    }
     fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
         let body = self.inner.get(key)?;
         Ok(match (&self.down, body) {

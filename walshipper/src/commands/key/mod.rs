@@ -8,11 +8,13 @@
 //!   stages, so that a crash leaves each repository openable by the old or
 //!   the new passphrase, never by neither).
 //! - `rotate.rs`: a new data key becomes current.
-//! - `retire.rs`: re-encrypt what an old key sealed, then remove its file.
+//! - `retire.rs`: re-encrypt what an old key sealed, then remove its file;
+//!   `reseal.rs`: one object re-encrypted, checked, and only then replaced.
 //! - `list.rs`: the keys of each repository and, on request, what each seals.
 
 pub mod list;
 pub mod passphrase;
+pub mod reseal;
 pub mod retire;
 pub mod rotate;
 
