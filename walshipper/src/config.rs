@@ -502,6 +502,8 @@ const SPECIAL_ENV: &[&str] = &[
     "WALSHIPPER_CONFIG",
     "WALSHIPPER_PASSPHRASE",
     "WALSHIPPER_LOG",
+    // Crash points (failpoint.rs), for the tests.
+    "WALSHIPPER_CRASH_AT",
 ];
 
 /// `WALSHIPPER_REPO<N>_<KEY>` (N >= 2) → (N, key).

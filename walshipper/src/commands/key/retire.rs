@@ -20,6 +20,7 @@
 //! A damaged object is reported and left as it is; the key file is then
 //! kept, and the command fails.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -77,7 +78,8 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     let counters = Arc::new(Counters::default());
     let mut censuses = Vec::new();
     for r in &repos {
-        let c = census(r, &old, jobs)?;
+        let mut seen = HashSet::new();
+        let c = census(r, &old, jobs, &mut seen)?;
         counters
             .files_total
             .fetch_add(c.sealed.len() as u64, Ordering::Relaxed);
@@ -85,10 +87,10 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
             c.sealed.iter().map(|m| m.size).sum::<u64>(),
             Ordering::Relaxed,
         );
-        censuses.push(c);
+        censuses.push((c, seen));
     }
     let Some(old_key) = unlocked else {
-        let sealed: usize = censuses.iter().map(|c| c.sealed.len()).sum();
+        let sealed: usize = censuses.iter().map(|(c, _)| c.sealed.len()).sum();
         if sealed == 0 {
             return Err(Error::Invalid(format!(
                 "no configured repository has key {key_id}, nor any object sealed by it (`walshipper key list` shows the keys); nothing was changed"
@@ -107,8 +109,8 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     let reporter = Reporter::start("retire", counters.clone(), json);
     let mut results = Vec::new();
     let mut first_error: Option<Error> = None;
-    for (r, c) in repos.iter().zip(censuses) {
-        let res = retire_in(cfg, r, key_id, &old, jobs, c, &counters);
+    for (r, (c, seen)) in repos.iter().zip(censuses) {
+        let res = retire_in(cfg, r, key_id, &old, jobs, c, seen, &counters);
         if let (Some(e), None) = (&res.error, &first_error) {
             first_error = Some(Error::Partial {
                 code: res.code,
@@ -200,9 +202,23 @@ struct Census {
     unreadable: Vec<(String, String)>,
 }
 
-/// One header read per object, on `jobs` threads.
-fn census(repo: &Repository, old: &[u8; 16], jobs: usize) -> Result<Census> {
-    let objects = repo.sealed_objects()?;
+/// One header read per object, on `jobs` threads; names in `seen` are
+/// skipped, and every name listed is added to it. A later census needs only
+/// the new names: no writer turns an existing object into one sealed by a
+/// retired key (WAL and repo-sync only create names; backup and expire,
+/// which could replace or remove them, are locked out), and every object
+/// sealed by it that an earlier census found was re-sealed or reported.
+fn census(
+    repo: &Repository,
+    old: &[u8; 16],
+    jobs: usize,
+    seen: &mut HashSet<String>,
+) -> Result<Census> {
+    let objects: Vec<ObjectMeta> = repo
+        .sealed_objects()?
+        .into_iter()
+        .filter(|m| seen.insert(m.key.clone()))
+        .collect();
     let out = Mutex::new(Census::default());
     let failure: Mutex<Option<Error>> = Mutex::new(None);
     parallel(objects.len(), jobs, |i| {
@@ -282,6 +298,7 @@ fn clean_spool(dir: &Path) {
 
 /// Retires the key from one repository: rounds of re-sealing until a
 /// census finds nothing, then the key file goes.
+#[allow(clippy::too_many_arguments)]
 fn retire_in(
     cfg: &Config,
     repo: &Repository,
@@ -289,6 +306,7 @@ fn retire_in(
     old: &[u8; 16],
     jobs: usize,
     first: Census,
+    mut seen: HashSet<String>,
     counters: &Counters,
 ) -> RepoOutcome {
     let mut result = KeyRepoResult {
@@ -324,7 +342,7 @@ fn retire_in(
     loop {
         let c = match census_now.take() {
             Some(c) => c,
-            None => match census(repo, old, jobs) {
+            None => match census(repo, old, jobs, &mut seen) {
                 Ok(c) => {
                     counters
                         .files_total
