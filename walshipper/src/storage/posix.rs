@@ -478,4 +478,67 @@ mod tests {
         assert!(s.list("nothing/").unwrap().is_empty());
         assert!(s.put_new("../x", &mut &b""[..], Durability::Now).is_err());
     }
+
+    /// `replace_checked`: the check reads the new bytes before they
+    /// replace anything; a refusal, or a body that fails, leaves the old
+    /// object and no temporary; a killed run's temporary is removed.
+    #[test]
+    fn replace_checked_replaces_only_what_was_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PosixStorage::new(dir.path());
+        let read = |s: &PosixStorage| {
+            let mut v = Vec::new();
+            s.get("w/x").unwrap().unwrap().read_to_end(&mut v).unwrap();
+            v
+        };
+        let entries = |d: &Path| {
+            let mut v: Vec<String> = fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        s.put_new("w/x", &mut &b"old"[..], Durability::Now).unwrap();
+        let spool = dir.path().join("unused");
+        // Refused by the check: the old object stays, nothing is left.
+        let err = s
+            .replace_checked("w/x", &mut &b"new"[..], &spool, &mut |r, store| {
+                assert!(store);
+                let mut v = Vec::new();
+                r.read_to_end(&mut v).unwrap();
+                assert_eq!(v, b"new");
+                Err(Error::Invalid("refused".into()))
+            })
+            .unwrap_err();
+        assert!(err.to_string().contains("refused"));
+        assert_eq!(read(&s), b"old");
+        assert_eq!(entries(&dir.path().join("w")), vec!["x"]);
+        // A body that fails midway: the check is never called.
+        let mut failing = (&b"ne"[..]).chain(FailingReader);
+        let err = s
+            .replace_checked("w/x", &mut failing, &spool, &mut |_, _| {
+                panic!("checked a body that failed")
+            })
+            .unwrap_err();
+        assert!(matches!(err, Error::Storage { op: "write", .. }), "{err}");
+        assert_eq!(read(&s), b"old");
+        assert_eq!(entries(&dir.path().join("w")), vec!["x"]);
+        // What a killed run left is removed; approved bytes replace the object.
+        fs::write(dir.path().join("w/.x.reseal.tmp"), b"partial").unwrap();
+        s.replace_checked("w/x", &mut &b"new"[..], &spool, &mut |_, _| Ok(()))
+            .unwrap();
+        assert_eq!(read(&s), b"new");
+        assert_eq!(entries(&dir.path().join("w")), vec!["x"]);
+        assert!(!spool.exists());
+    }
+
+    struct FailingReader;
+
+    impl Read for FailingReader {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::other("the source failed"))
+        }
+    }
 }

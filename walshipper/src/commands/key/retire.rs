@@ -221,7 +221,8 @@ fn census(
         .collect();
     let out = Mutex::new(Census::default());
     let failure: Mutex<Option<Error>> = Mutex::new(None);
-    parallel(objects.len(), jobs, |i| {
+    // Header reads wait on the store, not the CPU: more of them at once.
+    parallel(objects.len(), (jobs * 4).clamp(4, 32), |i| {
         let m = &objects[i];
         match repo.object_key_id(&m.key) {
             Ok(Some(id)) if id == *old => lock(&out).sealed.push(m.clone()),
