@@ -337,6 +337,21 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
             text(&out)
         );
     }
+    // A backup or expire holding a repository: exit 7 at once.
+    {
+        use std::os::unix::io::AsRawFd;
+        let held = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(shipper.repo.join(".backup.lock"))
+            .unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let out = run(&mut retire_cmd(&shipper, &shipper.config, &key1));
+        assert_eq!(out.status.code(), Some(7), "{}", text(&out));
+    }
     assert_eq!(
         snapshot(&shipper),
         before,
@@ -582,7 +597,7 @@ fn replace_checked_reads_back_before_it_counts() {
         drivers.push(("s3".into(), rc));
     }
     for (name, mut rc) in drivers {
-        for limit in [0u64, 64 << 20] {
+        for limit in [0u64, 8 << 20] {
             rc.upload_limit = limit;
             rc.download_limit = limit;
             let s = walshipper::storage::open(&rc).unwrap();
@@ -601,19 +616,29 @@ fn replace_checked_reads_back_before_it_counts() {
             // A body that fails midway: never checked, the old object stays.
             let mut failing = (&new[..1 << 20]).chain(Failing);
             let err = s
-                .replace_checked(&key, &mut failing, &spool, &mut |_, _| {
-                    panic!("{name}: checked a body that failed")
-                })
+                .replace_checked(
+                    &key,
+                    &mut failing,
+                    &spool,
+                    &mut |_, _| panic!("{name}: checked a body that failed"),
+                    walshipper::storage::Pacing::NONE,
+                )
                 .unwrap_err();
             assert!(err.to_string().contains("injected"), "{name}: {err}");
             assert!(read(s.as_ref()) == old, "{name}: the old object changed");
             // Refused at the first check: the old object stays.
             let mut calls = Vec::new();
             let err = s
-                .replace_checked(&key, &mut &new[..], &spool, &mut |_, store| {
-                    calls.push(store);
-                    Err(walshipper::Error::Invalid("refused".into()))
-                })
+                .replace_checked(
+                    &key,
+                    &mut &new[..],
+                    &spool,
+                    &mut |_, store| {
+                        calls.push(store);
+                        Err(walshipper::Error::Invalid("refused".into()))
+                    },
+                    walshipper::storage::Pacing::NONE,
+                )
                 .unwrap_err();
             assert!(err.to_string().contains("refused"), "{name}: {err}");
             assert_eq!(calls.len(), 1, "{name}");
@@ -621,16 +646,23 @@ fn replace_checked_reads_back_before_it_counts() {
             // Each check reads all of the new bytes; on S3 the store's copy
             // failing its first check is stored again.
             let mut calls = Vec::new();
-            s.replace_checked(&key, &mut &new[..], &spool, &mut |r, store| {
-                let mut v = Vec::new();
-                r.read_to_end(&mut v).unwrap();
-                assert!(v == new, "{name}: checked other bytes");
-                calls.push(store);
-                if name == "s3" && calls.len() == 2 {
-                    return Err(walshipper::Error::Invalid("flaky".into()));
-                }
-                Ok(())
-            })
+            let started = std::time::Instant::now();
+            s.replace_checked(
+                &key,
+                &mut &new[..],
+                &spool,
+                &mut |r, store| {
+                    let mut v = Vec::new();
+                    r.read_to_end(&mut v).unwrap();
+                    assert!(v == new, "{name}: checked other bytes");
+                    calls.push(store);
+                    if name == "s3" && calls.len() == 2 {
+                        return Err(walshipper::Error::Invalid("flaky".into()));
+                    }
+                    Ok(())
+                },
+                walshipper::storage::Pacing::NONE,
+            )
             .unwrap();
             let want: &[bool] = if name == "s3" {
                 &[false, true, true]
@@ -638,19 +670,32 @@ fn replace_checked_reads_back_before_it_counts() {
                 &[true]
             };
             assert_eq!(calls, want, "{name}");
+            if name == "s3" && limit > 0 {
+                // 12 MiB each way to and from the store (two PUTs, two
+                // reads), 8 MiB/s with one second's budget at the start:
+                // at least 0.5 s each way (0.2 s in all unlimited here).
+                let took = started.elapsed();
+                assert!(took >= Duration::from_millis(900), "not paced: {took:?}");
+            }
             assert!(read(s.as_ref()) == new, "{name}: not replaced");
             if name == "s3" {
                 // A store that never reads back right: three PUTs, then an error.
                 let mut stores = 0;
                 let err = s
-                    .replace_checked(&key, &mut &old[..], &spool, &mut |_, store| {
-                        stores += usize::from(store);
-                        if store {
-                            Err(walshipper::Error::Invalid("never right".into()))
-                        } else {
-                            Ok(())
-                        }
-                    })
+                    .replace_checked(
+                        &key,
+                        &mut &old[..],
+                        &spool,
+                        &mut |_, store| {
+                            stores += usize::from(store);
+                            if store {
+                                Err(walshipper::Error::Invalid("never right".into()))
+                            } else {
+                                Ok(())
+                            }
+                        },
+                        walshipper::storage::Pacing::NONE,
+                    )
                     .unwrap_err();
                 assert!(err.to_string().contains("never right"), "{err}");
                 assert_eq!(stores, 3);

@@ -288,6 +288,7 @@ impl Storage for PosixStorage {
         body: &mut dyn Read,
         _spool: &Path,
         check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+        pacing: super::Pacing,
     ) -> Result<()> {
         let path = self.path(key)?;
         let dir = path.parent().unwrap_or(&self.root);
@@ -303,12 +304,24 @@ impl Storage for PosixStorage {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(err("remove", key, e)),
         }
+        let mut body = super::PacedRead {
+            inner: body,
+            budget: pacing.up,
+        };
         let tmp = self
-            .write_at(dir, tmp, body, true)
+            .write_at(dir, tmp, &mut body, true)
             .map_err(|e| err("write", key, e))?;
         let checked = File::open(&tmp)
             .map_err(|e| err("read back", key, e))
-            .and_then(|f| check(&mut io::BufReader::with_capacity(1 << 20, f), true));
+            .and_then(|f| {
+                check(
+                    &mut super::PacedRead {
+                        inner: &mut io::BufReader::with_capacity(1 << 20, f),
+                        budget: pacing.down,
+                    },
+                    true,
+                )
+            });
         if let Err(e) = checked {
             let _ = fs::remove_file(&tmp);
             return Err(e);
@@ -504,13 +517,19 @@ mod tests {
         let spool = dir.path().join("unused");
         // Refused by the check: the old object stays, nothing is left.
         let err = s
-            .replace_checked("w/x", &mut &b"new"[..], &spool, &mut |r, store| {
-                assert!(store);
-                let mut v = Vec::new();
-                r.read_to_end(&mut v).unwrap();
-                assert_eq!(v, b"new");
-                Err(Error::Invalid("refused".into()))
-            })
+            .replace_checked(
+                "w/x",
+                &mut &b"new"[..],
+                &spool,
+                &mut |r, store| {
+                    assert!(store);
+                    let mut v = Vec::new();
+                    r.read_to_end(&mut v).unwrap();
+                    assert_eq!(v, b"new");
+                    Err(Error::Invalid("refused".into()))
+                },
+                crate::storage::Pacing::NONE,
+            )
             .unwrap_err();
         assert!(err.to_string().contains("refused"));
         assert_eq!(read(&s), b"old");
@@ -518,17 +537,27 @@ mod tests {
         // A body that fails midway: the check is never called.
         let mut failing = (&b"ne"[..]).chain(FailingReader);
         let err = s
-            .replace_checked("w/x", &mut failing, &spool, &mut |_, _| {
-                panic!("checked a body that failed")
-            })
+            .replace_checked(
+                "w/x",
+                &mut failing,
+                &spool,
+                &mut |_, _| panic!("checked a body that failed"),
+                crate::storage::Pacing::NONE,
+            )
             .unwrap_err();
         assert!(matches!(err, Error::Storage { op: "write", .. }), "{err}");
         assert_eq!(read(&s), b"old");
         assert_eq!(entries(&dir.path().join("w")), vec!["x"]);
         // What a killed run left is removed; approved bytes replace the object.
         fs::write(dir.path().join("w/.x.reseal.tmp"), b"partial").unwrap();
-        s.replace_checked("w/x", &mut &b"new"[..], &spool, &mut |_, _| Ok(()))
-            .unwrap();
+        s.replace_checked(
+            "w/x",
+            &mut &b"new"[..],
+            &spool,
+            &mut |_, _| Ok(()),
+            crate::storage::Pacing::NONE,
+        )
+        .unwrap();
         assert_eq!(read(&s), b"new");
         assert_eq!(entries(&dir.path().join("w")), vec!["x"]);
         assert!(!spool.exists());

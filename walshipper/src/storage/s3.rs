@@ -634,6 +634,7 @@ impl Storage for S3Storage {
         body: &mut dyn Read,
         spool: &std::path::Path,
         check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+        pacing: super::Pacing,
     ) -> Result<()> {
         use std::io::{Seek, Write};
         use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -684,11 +685,20 @@ impl Storage for S3Storage {
             f.rewind().map_err(|e| local("read", e))?;
             self.put(
                 key,
-                &mut io::BufReader::with_capacity(1 << 20, &mut f),
+                &mut super::PacedRead {
+                    inner: &mut io::BufReader::with_capacity(1 << 20, &mut f),
+                    budget: pacing.up,
+                },
                 false,
             )?;
             let stored = match self.get(key)? {
-                Some(mut r) => check(&mut r, true),
+                Some(mut r) => check(
+                    &mut super::PacedRead {
+                        inner: &mut r,
+                        budget: pacing.down,
+                    },
+                    true,
+                ),
                 None => Err(self.err(
                     "read back",
                     &full,

@@ -130,23 +130,25 @@ impl Storage for Throttled {
         body: &mut dyn Read,
         spool: &std::path::Path,
         check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+        _pacing: super::Pacing,
     ) -> Result<()> {
-        // Reads of the store count against the download limit; a local
-        // copy's do not.
-        let down = self.down.clone();
-        let mut paced_check = |r: &mut dyn Read, store: bool| match (&down, store) {
-            (Some(b), true) => check(
-                &mut Paced {
-                    inner: r,
-                    bucket: b,
-                },
-                true,
-            ),
-            _ => check(r, store),
+        // The driver draws on the budgets for what really crosses to and
+        // from the store (s3: the PUT and the read-back, not its local copy).
+        let take_up = |n: usize| {
+            if let Some(b) = &self.up {
+                b.take(n)
+            }
         };
-        self.paced_put(body, |b| {
-            self.inner.replace_checked(key, b, spool, &mut paced_check)
-        })
+        let take_down = |n: usize| {
+            if let Some(b) = &self.down {
+                b.take(n)
+            }
+        };
+        let pacing = super::Pacing {
+            up: self.up.is_some().then_some(&take_up as super::Budget),
+            down: self.down.is_some().then_some(&take_down as super::Budget),
+        };
+        self.inner.replace_checked(key, body, spool, check, pacing)
     }
     fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
         let body = self.inner.get(key)?;

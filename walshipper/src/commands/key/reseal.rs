@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 use crate::codec::{self, Header, Summary};
 use crate::error::{Error, Result};
 use crate::repo::Repository;
+use crate::storage::Pacing;
 
 /// What became of one object.
 #[derive(Debug, PartialEq, Eq)]
@@ -99,7 +100,7 @@ pub fn reseal(repo: &Repository, key: &str, old: &[u8; 16], spool: &Path) -> Res
     };
     match repo
         .storage
-        .replace_checked(key, &mut body, spool, &mut check)
+        .replace_checked(key, &mut body, spool, &mut check, Pacing::NONE)
     {
         Ok(()) => {
             let stored = summary

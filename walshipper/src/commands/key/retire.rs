@@ -69,11 +69,23 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     // The old key, from whichever repository still holds its file (copies
     // share keys: one that lost it can still have its objects re-sealed).
     let mut unlocked = None;
+    let mut unlock_error = None;
     for r in &repos {
-        if let Some(k) = r.unlock_key(key_id)? {
-            unlocked = Some(k);
-            break;
+        match r.unlock_key(key_id) {
+            Ok(Some(k)) => {
+                unlocked = Some(k);
+                break;
+            }
+            Ok(None) => {}
+            // Another copy's file may still open.
+            Err(e) => {
+                tracing::warn!("repository {}: key {key_id}: {e}", r.name);
+                unlock_error.get_or_insert(e);
+            }
         }
+    }
+    if let (None, Some(e)) = (&unlocked, unlock_error) {
+        return Err(e);
     }
     let counters = Arc::new(Counters::default());
     let mut censuses = Vec::new();
