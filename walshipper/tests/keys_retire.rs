@@ -438,6 +438,14 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
     let seg = shipper.wal_object(&key1_segment);
     let original = std::fs::read(&seg).unwrap();
     let damaged = original[11] == 1 && original[12..28] == hex::decode(&key1).unwrap()[..];
+    eprintln!(
+        "keys_retire: {key1_segment} {}",
+        if damaged {
+            "still sealed by key 1: damaged for the final run"
+        } else {
+            "already re-sealed: the damaged-object case is skipped"
+        }
+    );
     if damaged {
         let mut bad = original.clone();
         let at = bad.len() / 2;

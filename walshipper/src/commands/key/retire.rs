@@ -56,7 +56,21 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
         .and_then(|v| v.try_into().ok())
         .ok_or_else(|| Error::Invalid(format!("{key_id} is not a key id")))?;
     // Refusals first, before any lock is taken: bad input changes nothing.
-    check_retirable(&open_all(cfg)?, key_id)?;
+    let repos = open_all(cfg)?;
+    check_retirable(&repos, key_id)?;
+    let mut has_file = false;
+    for r in &repos {
+        has_file |= r.storage.head(&layout::key_file(key_id))?.is_some();
+    }
+    if !has_file {
+        // Without its file nowhere can anything be done: say why.
+        let mut sealed = 0;
+        for r in &repos {
+            sealed += census(r, &old, jobs, &mut HashSet::new())?.sealed.len();
+        }
+        return Err(no_key_file(key_id, sealed));
+    }
+    drop(repos);
     let mut locks = Vec::new();
     for rc in &cfg.repos {
         locks.push(crate::lock::keys(rc)?);
@@ -102,16 +116,9 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
         censuses.push((c, seen));
     }
     let Some(old_key) = unlocked else {
+        // (its file went between the check above and the locks)
         let sealed: usize = censuses.iter().map(|(c, _)| c.sealed.len()).sum();
-        if sealed == 0 {
-            return Err(Error::Invalid(format!(
-                "no configured repository has key {key_id}, nor any object sealed by it (`walshipper key list` shows the keys); nothing was changed"
-            )));
-        }
-        return Err(Error::Repository(format!(
-            "{sealed} objects are sealed by key {key_id}, but no configured repository holds {}; they cannot be read. Restore that key file from another copy of the repository, then run key retire again",
-            layout::key_file(key_id)
-        )));
+        return Err(no_key_file(key_id, sealed));
     };
     for r in &repos {
         r.hold_key(old_key.clone());
@@ -174,6 +181,19 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
         }),
         Some(e) => Err(e),
     }
+}
+
+/// No configured repository holds the key's file; `sealed` objects name it.
+fn no_key_file(key_id: &str, sealed: usize) -> Error {
+    if sealed == 0 {
+        return Error::Invalid(format!(
+            "no configured repository has key {key_id}, nor any object sealed by it (`walshipper key list` shows the keys); nothing was changed"
+        ));
+    }
+    Error::Repository(format!(
+        "{sealed} objects are sealed by key {key_id}, but no configured repository holds {}; they cannot be read. Restore that key file from another copy of the repository, then run key retire again; nothing was changed",
+        layout::key_file(key_id)
+    ))
 }
 
 fn open_all(cfg: &Config) -> Result<Vec<Repository>> {
