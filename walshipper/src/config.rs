@@ -11,6 +11,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walshipper/walshipper.toml";
+pub const DEFAULT_PASSPHRASE_FILE: &str = "/etc/walshipper/passphrase";
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -228,8 +229,11 @@ pub struct EncryptionConfig {
     pub passphrase_file: PathBuf,
     /// A command (argument vector, run without a shell) whose standard
     /// output is the passphrase; when set, it is used instead of
-    /// passphrase_file. Empty: not used.
+    /// passphrase_file (setting both is refused). Empty: not used. See
+    /// crate::passphrase.
     pub passphrase_command: Vec<String>,
+    /// Seconds the command may take before it is killed.
+    pub passphrase_command_timeout: u64,
     /// Cache unwrapped keys on this host (see keys::KeyCache).
     pub key_cache: bool,
     /// Where; empty = $HOME/.cache/walshipper.
@@ -407,8 +411,9 @@ impl Default for EncryptionConfig {
     fn default() -> Self {
         EncryptionConfig {
             mode: Default::default(),
-            passphrase_file: "/etc/walshipper/passphrase".into(),
+            passphrase_file: DEFAULT_PASSPHRASE_FILE.into(),
             passphrase_command: Vec::new(),
+            passphrase_command_timeout: crate::passphrase::DEFAULT_TIMEOUT_S,
             key_cache: true,
             key_cache_dir: PathBuf::new(),
         }
@@ -470,6 +475,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("repo", "min_free_space"),
     ("encryption", "mode"),
     ("encryption", "passphrase_file"),
+    ("encryption", "passphrase_command"),
+    ("encryption", "passphrase_command_timeout"),
     ("encryption", "key_cache"),
     ("encryption", "key_cache_dir"),
     ("compression", "level"),
@@ -502,7 +509,7 @@ const SPECIAL_ENV: &[&str] = &[
     "WALSHIPPER_CONFIG",
     "WALSHIPPER_PASSPHRASE",
     "WALSHIPPER_LOG",
-    // Crash points (failpoint.rs), for the tests.
+    // Crash points for the tests (failpoint.rs): not a setting.
     "WALSHIPPER_CRASH_AT",
 ];
 
@@ -526,7 +533,7 @@ fn parse<T: std::str::FromStr>(name: &str, v: &str, what: &str) -> Result<T> {
 }
 
 /// Refuses a file holding a secret that group or others may read.
-fn check_private(path: &Path, mode: u32, what: &str) -> Result<()> {
+pub(crate) fn check_private(path: &Path, mode: u32, what: &str) -> Result<()> {
     if mode & 0o077 == 0 {
         return Ok(());
     }
@@ -719,6 +726,12 @@ impl Config {
                 self.encryption.mode = parse(name, v, "\"aes-256-gcm\" or \"none\"")?
             }
             ("encryption", "passphrase_file") => self.encryption.passphrase_file = v.into(),
+            ("encryption", "passphrase_command") => {
+                self.encryption.passphrase_command = crate::passphrase::parse_env_command(name, v)?
+            }
+            ("encryption", "passphrase_command_timeout") => {
+                self.encryption.passphrase_command_timeout = parse(name, v, "a number of seconds")?
+            }
             ("encryption", "key_cache") => {
                 self.encryption.key_cache = parse(name, v, "true or false")?
             }
@@ -962,6 +975,7 @@ impl Config {
         if self.pg.port == 0 {
             return Err(Error::Config("pg.port: 0 is not a port".into()));
         }
+        crate::passphrase::validate(self)?;
         Ok(())
     }
 
@@ -972,23 +986,17 @@ impl Config {
         }
     }
 
-    /// The passphrase: WALSHIPPER_PASSPHRASE wins over the file.
-    pub fn passphrase(&self) -> Result<Vec<u8>> {
-        if let Ok(p) = std::env::var("WALSHIPPER_PASSPHRASE") {
-            if p.is_empty() {
-                return Err(Error::Config(
-                    "WALSHIPPER_PASSPHRASE is set but empty".into(),
-                ));
-            }
-            return Ok(p.into_bytes());
-        }
-        let path = &self.encryption.passphrase_file;
-        // A missing file is reported by read_passphrase_file with its hint.
-        if let Ok(m) = std::fs::metadata(path) {
-            use std::os::unix::fs::PermissionsExt;
-            check_private(path, m.permissions().mode(), "holds the passphrase")?;
-        }
-        crate::keys::read_passphrase_file(path)
+    /// The passphrase, from its source (crate::passphrase): the
+    /// environment's WALSHIPPER_PASSPHRASE, else passphrase_command, else
+    /// passphrase_file. Runs the command (at most once a minute per
+    /// process): repositories read it only when the key cache misses.
+    pub fn passphrase(&self) -> Result<zeroize::Zeroizing<Vec<u8>>> {
+        self.passphrase_source().read()
+    }
+
+    /// Where the passphrase comes from (without reading it).
+    pub fn passphrase_source(&self) -> crate::passphrase::Source {
+        crate::passphrase::Source::of(self)
     }
 
     pub fn key_cache_dir(&self) -> Option<PathBuf> {
@@ -1180,6 +1188,94 @@ mod tests {
     }
 
     #[test]
+    fn passphrase_command_from_toml_and_env() {
+        use crate::passphrase::Source;
+        let toml = "[encryption]\npassphrase_command = [\"/usr/bin/vault\", \"kv\", \"get\", \"-field=passphrase\", \"secret/walshipper\"]\npassphrase_command_timeout = 5\n";
+        let c = load(toml, &[]).unwrap();
+        assert_eq!(
+            c.encryption.passphrase_command,
+            [
+                "/usr/bin/vault",
+                "kv",
+                "get",
+                "-field=passphrase",
+                "secret/walshipper"
+            ]
+        );
+        assert_eq!(c.encryption.passphrase_command_timeout, 5);
+        // The environment overrides the file's command, as any key.
+        let c = load(
+            toml,
+            &[
+                (
+                    "WALSHIPPER_ENCRYPTION_PASSPHRASE_COMMAND",
+                    r#"["/usr/bin/sops", "-d", "--extract", "[\"passphrase\"]", "/etc/w.enc.yaml"]"#,
+                ),
+                ("WALSHIPPER_ENCRYPTION_PASSPHRASE_COMMAND_TIMEOUT", "60"),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.encryption.passphrase_command,
+            [
+                "/usr/bin/sops",
+                "-d",
+                "--extract",
+                "[\"passphrase\"]",
+                "/etc/w.enc.yaml"
+            ]
+        );
+        assert_eq!(c.encryption.passphrase_command_timeout, 60);
+        // An empty variable unsets it: the file is the source again.
+        let c = load(toml, &[("WALSHIPPER_ENCRYPTION_PASSPHRASE_COMMAND", "")]).unwrap();
+        assert!(matches!(
+            c.passphrase_source(),
+            Source::File(_) | Source::Env
+        ));
+        // Refused: a relative program, both command and file, a bad timeout.
+        let e = load(
+            "[encryption]\npassphrase_command = [\"vault\", \"kv\"]\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("must be an absolute path"), "{e}");
+        let e = load(
+            "[encryption]\npassphrase_command = [\"/bin/cat\"]\npassphrase_file = \"/etc/p\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("both passphrase_command and passphrase_file"),
+            "{e}"
+        );
+        let e = load(toml, &[("WALSHIPPER_ENCRYPTION_PASSPHRASE_FILE", "/x")])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("both passphrase_command and passphrase_file"),
+            "{e}"
+        );
+        for t in ["0", "3601"] {
+            let e = load(
+                toml,
+                &[("WALSHIPPER_ENCRYPTION_PASSPHRASE_COMMAND_TIMEOUT", t)],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("passphrase_command_timeout"), "{e}");
+        }
+        let e = load(
+            "[encryption]\npassphrase_command = \"/usr/bin/vault kv get\"\n",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("passphrase_command"), "{e}");
+    }
+
+    #[test]
     fn a_shared_passphrase_file_is_refused() {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
@@ -1193,7 +1289,7 @@ mod tests {
             let e = c.passphrase().unwrap_err().to_string();
             assert!(e.contains(&format!("chmod 600 {}", pass.display())), "{e}");
             std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
-            assert_eq!(c.passphrase().unwrap(), b"correct horse");
+            assert_eq!(&c.passphrase().unwrap()[..], b"correct horse");
         }
     }
 

@@ -29,7 +29,7 @@ pub enum Error {
     Corrupt { key: String, reason: String },
 
     /// The passphrase does not open the repository's key.
-    #[error("wrong passphrase: it does not unlock key {key_id} of the repository (check [encryption] passphrase_file or WALSHIPPER_PASSPHRASE; if the passphrase is right, keys/{key_id}.json was altered: restore it from another copy of the repository)")]
+    #[error("wrong passphrase: it does not unlock key {key_id} of the repository (check WALSHIPPER_PASSPHRASE, [encryption] passphrase_command or passphrase_file, whichever is in use; if the passphrase is right, keys/{key_id}.json was altered: restore it from another copy of the repository)")]
     WrongPassphrase { key_id: String },
 
     /// The object asked for is not in the repository.
@@ -135,7 +135,7 @@ impl Error {
             Error::InvalidWal { .. } => "archive-push takes only this cluster's WAL files: archive_command should pass %p",
             Error::Repository(_) => "check the [repo] settings; a new repository is created with walshipper repo-init",
             Error::Corrupt { .. } => "run walshipper verify; a second repository holding an intact copy repairs it (repo-sync)",
-            Error::WrongPassphrase { .. } => "check [encryption] passphrase_file or WALSHIPPER_PASSPHRASE",
+            Error::WrongPassphrase { .. } => "check the passphrase source: WALSHIPPER_PASSPHRASE, else [encryption] passphrase_command, else passphrase_file",
             Error::NotFound(_) => "walshipper info lists what the repository holds",
             Error::Conflict { .. } => "check archive_command on every server: two clusters may archive to one repository",
             Error::Storage { .. } => "check that the store is reachable and the credentials are right, then retry",

@@ -4,6 +4,13 @@
 //! be changed (re-wrap) and data keys rotated (new objects use the newest
 //! key) without rewriting stored data.
 //!
+//! A key file (version 3) holds 1 to [`MAX_KEY_SLOTS`] slots, each wrapping
+//! the same data key under one passphrase (like LUKS key slots): a
+//! passphrase change first adds a slot for the new passphrase, then removes
+//! the old one, so that every moment of it leaves the file openable by the
+//! old or the new passphrase. Version 2 files (one wrapping) are still read,
+//! as one slot.
+//!
 //! Key files are read back from the repository and so are untrusted: their
 //! size, name and Argon2 costs are checked before anything is derived
 //! ([`KeyFile::parse`]), so a planted key file costs at most a bounded KDF
@@ -44,8 +51,18 @@ const MIN_SALT_LEN: usize = 16;
 const MAX_SALT_LEN: usize = 64;
 /// A key file is a few hundred bytes; anything larger is not one.
 pub const MAX_KEY_FILE_LEN: usize = 16 << 10;
-/// Version 2 authenticates every field of the file (see [`KeyFile::aad`]).
-pub const KEY_FILE_VERSION: u32 = 2;
+/// The version written: slots (version 2, one wrapping, is still read).
+pub const KEY_FILE_VERSION: u32 = 3;
+/// The version before slots: read as a file of one slot, never written.
+pub const KEY_FILE_VERSION_V2: u32 = 2;
+/// At most this many wrappings per key file: bounds the Argon2 runs of a
+/// wrong passphrase (one per slot, each within the cost bounds above) and
+/// leaves room for a change in progress on several hosts (`--keep-old`).
+pub const MAX_KEY_SLOTS: usize = 4;
+/// A new passphrase must be at least this long (as `repo-init` asks).
+pub const MIN_PASSPHRASE_LEN: usize = 12;
+/// A passphrase file or line bigger than this is a mistake, not a passphrase.
+pub const MAX_PASSPHRASE_LEN: usize = 64 << 10;
 
 /// `[encryption] mode`: whether this host requires the repository to be
 /// encrypted. The local configuration decides, never the repository.
@@ -98,15 +115,93 @@ pub struct WrappedKey {
     pub ciphertext: String,
 }
 
-/// `keys/<key_id>.json` in the repository.
+/// One wrapping of a key file's data key under one passphrase.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
+pub struct KeySlot {
+    pub kdf: KdfParams,
+    pub wrapped: WrappedKey,
+}
+
+/// `keys/<key_id>.json` in the repository. In memory a version 2 file is a
+/// file of one slot (its `kdf` and `wrapped`); it is written back only as
+/// version 3 ([`KeyFile::with_slot_for`] converts it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(try_from = "RawKeyFile", into = "RawKeyFile")]
 pub struct KeyFile {
     pub version: u32,
     pub key_id: String,
     pub created_at: String,
-    pub kdf: KdfParams,
-    pub wrapped: WrappedKey,
+    /// In the order they were added: the last is the newest.
+    pub slots: Vec<KeySlot>,
+}
+
+/// The JSON of both versions: v2 has `kdf` and `wrapped`, v3 `slots`.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawKeyFile {
+    version: u32,
+    key_id: String,
+    created_at: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kdf: Option<KdfParams>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    wrapped: Option<WrappedKey>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    slots: Option<Vec<KeySlot>>,
+}
+
+impl TryFrom<RawKeyFile> for KeyFile {
+    type Error = String;
+    fn try_from(r: RawKeyFile) -> std::result::Result<KeyFile, String> {
+        let slots = match (r.version, r.kdf, r.wrapped, r.slots) {
+            (KEY_FILE_VERSION_V2, Some(kdf), Some(wrapped), None) => vec![KeySlot { kdf, wrapped }],
+            (KEY_FILE_VERSION, None, None, Some(slots)) => slots,
+            (KEY_FILE_VERSION_V2 | KEY_FILE_VERSION, ..) => {
+                return Err(format!(
+                    "a version {} key file has {}",
+                    r.version,
+                    if r.version == KEY_FILE_VERSION {
+                        "\"slots\" and no \"kdf\" or \"wrapped\""
+                    } else {
+                        "\"kdf\" and \"wrapped\" and no \"slots\""
+                    }
+                ))
+            }
+            (v, ..) => {
+                return Err(format!(
+                    "key file version {v} is not {KEY_FILE_VERSION_V2} or {KEY_FILE_VERSION}, the ones this walshipper reads"
+                ))
+            }
+        };
+        Ok(KeyFile {
+            version: r.version,
+            key_id: r.key_id,
+            created_at: r.created_at,
+            slots,
+        })
+    }
+}
+
+impl From<KeyFile> for RawKeyFile {
+    fn from(f: KeyFile) -> RawKeyFile {
+        let mut r = RawKeyFile {
+            version: f.version,
+            key_id: f.key_id,
+            created_at: f.created_at,
+            kdf: None,
+            wrapped: None,
+            slots: None,
+        };
+        match (f.version, f.slots.as_slice()) {
+            (KEY_FILE_VERSION_V2, [one]) => {
+                r.kdf = Some(one.kdf.clone());
+                r.wrapped = Some(one.wrapped.clone());
+            }
+            _ => r.slots = Some(f.slots),
+        }
+        r
+    }
 }
 
 pub fn random<const N: usize>() -> Result<[u8; N]> {
@@ -229,8 +324,25 @@ fn open(kek: &[u8; 32], aad: &[u8], w: &WrappedKey) -> Result<Option<[u8; 32]>> 
     }
 }
 
+/// New Argon2id parameters with a fresh salt, checked against the bounds.
+fn new_kdf(memory_kib: u32, iterations: u32) -> Result<KdfParams> {
+    let kdf = KdfParams {
+        algorithm: "argon2id".into(),
+        memory_kib,
+        iterations,
+        parallelism: 1,
+        salt: hex::encode(random::<16>()?),
+    };
+    kdf.check().map_err(|e| {
+        Error::Invalid(format!(
+            "{e} (choose --kdf-memory-kib and --kdf-iterations within these bounds)"
+        ))
+    })?;
+    Ok(kdf)
+}
+
 impl KeyFile {
-    /// A new random data key wrapped by `passphrase`.
+    /// A new random data key wrapped by `passphrase` (version 3, one slot).
     pub fn create(
         passphrase: &[u8],
         memory_kib: u32,
@@ -241,23 +353,33 @@ impl KeyFile {
             id,
             key: random::<32>()?,
         };
-        let kdf = KdfParams {
-            algorithm: "argon2id".into(),
-            memory_kib,
-            iterations,
-            parallelism: 1,
-            salt: hex::encode(random::<16>()?),
-        };
-        kdf.check().map_err(|e| {
-            Error::Invalid(format!(
-                "{e} (choose --kdf-memory-kib and --kdf-iterations within these bounds)"
-            ))
-        })?;
-        let kek = argon2_kek(passphrase, &kdf)?;
         let mut file = KeyFile {
             version: KEY_FILE_VERSION,
             key_id: hex::encode(id),
             created_at: chrono::Utc::now().to_rfc3339(),
+            slots: Vec::new(),
+        };
+        file.push_slot(&key, passphrase, memory_kib, iterations)?;
+        Ok((file, key))
+    }
+
+    /// Wraps `key` under `passphrase` in a new last slot (fresh salt).
+    fn push_slot(
+        &mut self,
+        key: &DataKey,
+        passphrase: &[u8],
+        memory_kib: u32,
+        iterations: u32,
+    ) -> Result<()> {
+        if self.slots.len() >= MAX_KEY_SLOTS {
+            return Err(Error::Repository(format!(
+                "{} already holds {MAX_KEY_SLOTS} passphrase wrappings, the most a key file may; finish the change in progress first (walshipper key passphrase --finish)",
+                crate::layout::key_file(&self.key_id)
+            )));
+        }
+        let kdf = new_kdf(memory_kib, iterations)?;
+        let kek = argon2_kek(passphrase, &kdf)?;
+        let mut slot = KeySlot {
             kdf,
             wrapped: WrappedKey {
                 algorithm: "aes-256-gcm".into(),
@@ -265,13 +387,15 @@ impl KeyFile {
                 ciphertext: String::new(),
             },
         };
-        file.wrapped = seal(&kek, &file.aad(), &key.key)?;
-        Ok((file, key))
+        slot.wrapped = seal(&kek, &self.slot_aad(&slot), &key.key)?;
+        self.slots.push(slot);
+        Ok(())
     }
 
     /// Parses and checks `keys/<name_id>.json` as read from the repository:
-    /// bounded size, known version, the id inside equal to the name, KDF
-    /// costs within bounds and wrapped-key lengths exact. Nothing is derived.
+    /// bounded size, known version, the id inside equal to the name, 1 to
+    /// [`MAX_KEY_SLOTS`] slots, KDF costs within bounds and wrapped-key
+    /// lengths exact. Nothing is derived.
     pub fn parse(name_id: &str, body: &[u8]) -> Result<KeyFile> {
         let key = crate::layout::key_file(name_id);
         // A key file no writer produces is damage (or forgery): no retry
@@ -288,12 +412,6 @@ impl KeyFile {
         }
         let file: KeyFile =
             serde_json::from_slice(body).map_err(|e| bad(format!("not a key file: {e}")))?;
-        if file.version != KEY_FILE_VERSION {
-            return Err(bad(format!(
-                "key file version {} is not {KEY_FILE_VERSION}, the only one this walshipper reads",
-                file.version
-            )));
-        }
         if file.key_id != name_id || !is_lower_hex(name_id, 32) {
             return Err(bad(format!(
                 "the key id inside ({:.40}) does not match the file name",
@@ -308,18 +426,34 @@ impl KeyFile {
                 file.created_at
             )));
         }
-        file.kdf.check().map_err(bad)?;
-        file.wrapped.check().map_err(bad)?;
+        if !(1..=MAX_KEY_SLOTS).contains(&file.slots.len()) {
+            return Err(bad(format!(
+                "{} passphrase slots; a key file has 1 to {MAX_KEY_SLOTS}",
+                file.slots.len()
+            )));
+        }
+        for s in &file.slots {
+            s.kdf.check().map_err(&bad)?;
+            s.wrapped.check().map_err(&bad)?;
+        }
         Ok(file)
     }
 
-    /// The associated data of the wrapped key: every other field of the
-    /// file, so that no byte of it can change without the unwrap failing
-    /// (a changed cost or salt already fails, but `created_at` would not).
-    /// Fields are length-prefixed so that no two files share an encoding.
-    fn aad(&self) -> Vec<u8> {
-        let mut a = b"walshipper key file v2".to_vec();
-        let k = &self.kdf;
+    /// The associated data of one slot's wrapped key: the file's id and
+    /// creation time and every other field of the slot, so that no byte of
+    /// the file can change without the unwrap failing (a changed cost or
+    /// salt already fails, but `created_at` would not) and a slot moved into
+    /// another key file does not open. Fields are length-prefixed so that
+    /// no two files share an encoding. Version 2 files used the same fields
+    /// under their own label.
+    fn slot_aad(&self, slot: &KeySlot) -> Vec<u8> {
+        let label: &[u8] = if self.version == KEY_FILE_VERSION_V2 {
+            b"walshipper key file v2"
+        } else {
+            b"walshipper key file v3"
+        };
+        let mut a = label.to_vec();
+        let k = &slot.kdf;
         for field in [
             self.key_id.as_bytes(),
             self.created_at.as_bytes(),
@@ -328,7 +462,7 @@ impl KeyFile {
             &k.iterations.to_be_bytes(),
             &k.parallelism.to_be_bytes(),
             k.salt.as_bytes(),
-            self.wrapped.algorithm.as_bytes(),
+            slot.wrapped.algorithm.as_bytes(),
         ] {
             a.extend_from_slice(&(field.len() as u32).to_be_bytes());
             a.extend_from_slice(field);
@@ -343,16 +477,110 @@ impl KeyFile {
             .map_err(|_| Error::Repository("key file: bad key_id length".into()))
     }
 
-    /// Unwraps with the passphrase (the slow path).
-    pub fn unlock(&self, passphrase: &[u8]) -> Result<DataKey> {
+    /// The Argon2 costs (memory KiB, passes) of the newest slot: what a new
+    /// wrapping or a new key costs by default.
+    pub fn costs(&self) -> (u32, u32) {
+        self.slots
+            .last()
+            .map_or((DEFAULT_KDF_MEMORY_KIB, DEFAULT_KDF_ITERATIONS), |s| {
+                (s.kdf.memory_kib, s.kdf.iterations)
+            })
+    }
+
+    /// Unwraps slot `i` with the passphrase; None if it does not open
+    /// (another passphrase, or a tampered slot).
+    pub fn unlock_slot(&self, i: usize, passphrase: &[u8]) -> Result<Option<DataKey>> {
         let id = self.id_bytes()?;
-        let kek = argon2_kek(passphrase, &self.kdf)?;
-        match open(&kek, &self.aad(), &self.wrapped)? {
-            Some(key) => Ok(DataKey { id, key }),
-            None => Err(Error::WrongPassphrase {
-                key_id: self.key_id.clone(),
-            }),
+        let slot = self
+            .slots
+            .get(i)
+            .ok_or_else(|| Error::Repository(format!("key file: no slot {i}")))?;
+        let kek = argon2_kek(passphrase, &slot.kdf)?;
+        Ok(open(&kek, &self.slot_aad(slot), &slot.wrapped)?.map(|key| DataKey { id, key }))
+    }
+
+    /// The slots `passphrase` opens and the key they hold. Every slot is
+    /// tried (at most [`MAX_KEY_SLOTS`] Argon2 runs); two slots that open to
+    /// different keys are refused (a forged slot).
+    pub fn slots_opened_by(&self, passphrase: &[u8]) -> Result<(Vec<usize>, Option<DataKey>)> {
+        let mut opened = Vec::new();
+        let mut key: Option<DataKey> = None;
+        for i in 0..self.slots.len() {
+            if let Some(k) = self.unlock_slot(i, passphrase)? {
+                if key.as_ref().is_some_and(|have| have.key != k.key) {
+                    return Err(Error::Corrupt {
+                        key: crate::layout::key_file(&self.key_id),
+                        reason: "two of its slots unwrap to different keys".into(),
+                    });
+                }
+                key = Some(k);
+                opened.push(i);
+            }
         }
+        Ok((opened, key))
+    }
+
+    /// Unwraps with the passphrase (the slow path): the first slot it opens,
+    /// trying each in turn (at most [`MAX_KEY_SLOTS`] Argon2 runs).
+    pub fn unlock(&self, passphrase: &[u8]) -> Result<DataKey> {
+        for i in 0..self.slots.len() {
+            if let Some(k) = self.unlock_slot(i, passphrase)? {
+                return Ok(k);
+            }
+        }
+        Err(Error::WrongPassphrase {
+            key_id: self.key_id.clone(),
+        })
+    }
+
+    /// This file (as version 3) with a new last slot wrapping `key` under
+    /// `new_pass`, at the costs of the newest slot. A version 2 file's one
+    /// wrapping is re-made as a version 3 slot under `current_pass`, which
+    /// must open it (its associated data names version 2). `key` must be
+    /// the key this file holds (the caller unwrapped it).
+    pub fn with_slot_for(
+        &self,
+        key: &DataKey,
+        current_pass: &[u8],
+        new_pass: &[u8],
+    ) -> Result<KeyFile> {
+        let (m, t) = self.costs();
+        let mut f = if self.version == KEY_FILE_VERSION_V2 {
+            if self.unlock(current_pass)?.key != key.key {
+                return Err(Error::Repository(format!(
+                    "{} does not hold the key being re-wrapped",
+                    crate::layout::key_file(&self.key_id)
+                )));
+            }
+            let mut f = KeyFile {
+                version: KEY_FILE_VERSION,
+                key_id: self.key_id.clone(),
+                created_at: self.created_at.clone(),
+                slots: Vec::new(),
+            };
+            f.push_slot(key, current_pass, m, t)?;
+            f
+        } else {
+            self.clone()
+        };
+        f.push_slot(key, new_pass, m, t)?;
+        Ok(f)
+    }
+
+    /// This file with only the slots in `keep` (indices, kept in order).
+    pub fn keeping(&self, keep: &[usize]) -> Result<KeyFile> {
+        if keep.is_empty() {
+            return Err(Error::Repository(format!(
+                "refusing to remove every slot of {}",
+                crate::layout::key_file(&self.key_id)
+            )));
+        }
+        let mut f = self.clone();
+        f.slots = (0..self.slots.len())
+            .filter(|i| keep.contains(i))
+            .map(|i| self.slots[i].clone())
+            .collect();
+        Ok(f)
     }
 }
 
@@ -581,6 +809,157 @@ pub fn read_passphrase_file(path: &Path) -> Result<Vec<u8>> {
     Ok(p)
 }
 
+/// Drops the line end(s) a passphrase file or line ends with, as
+/// [`read_passphrase_file`] does: the passphrase is every other byte.
+fn trim_line_end(p: &mut Vec<u8>) {
+    while p.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
+        p.pop();
+    }
+}
+
+/// Reads a NEW passphrase from a file (`key passphrase --new-file`): a
+/// regular file private to its owner (no group or other permission bits),
+/// at most [`MAX_PASSPHRASE_LEN`] bytes, read as the configured passphrase
+/// file is (trailing newlines dropped), so that the same file can later be
+/// the configured one. The passphrase never appears in an error.
+pub fn read_new_passphrase_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::PermissionsExt;
+    let what = "--new-file";
+    let cannot = |e: std::io::Error| Error::Invalid(format!("{what} {}: {e}", path.display()));
+    let f = std::fs::File::open(path).map_err(cannot)?;
+    let meta = f.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(Error::Invalid(format!(
+            "{what} {} is not a regular file",
+            path.display()
+        )));
+    }
+    let mode = meta.permissions().mode();
+    if mode & 0o077 != 0 {
+        return Err(Error::Invalid(format!(
+            "{what} {} is open to group or others (mode {:04o}); a passphrase file must be private: chmod 600 it",
+            path.display(),
+            mode & 0o7777
+        )));
+    }
+    // Allocated once: a growing buffer would leave copies behind, unwiped.
+    let mut p = Zeroizing::new(Vec::with_capacity(MAX_PASSPHRASE_LEN + 1));
+    f.take(MAX_PASSPHRASE_LEN as u64 + 1)
+        .read_to_end(&mut p)
+        .map_err(cannot)?;
+    if p.len() > MAX_PASSPHRASE_LEN {
+        return Err(Error::Invalid(format!(
+            "{what} {} is over {} KiB: not a passphrase",
+            path.display(),
+            MAX_PASSPHRASE_LEN >> 10
+        )));
+    }
+    trim_line_end(&mut p);
+    Ok(p)
+}
+
+/// Reads a NEW passphrase as one line from `input` (`--new-stdin`): the
+/// bytes up to the first newline, at most [`MAX_PASSPHRASE_LEN`].
+pub fn read_passphrase_line(input: &mut dyn std::io::Read) -> Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    let mut p = Zeroizing::new(Vec::with_capacity(MAX_PASSPHRASE_LEN + 1));
+    let mut byte = Zeroizing::new([0u8; 1]);
+    let mut limited = input.take(MAX_PASSPHRASE_LEN as u64 + 1);
+    loop {
+        match limited.read(&mut byte[..]) {
+            Ok(0) => break,
+            Ok(_) if byte[0] == b'\n' => break,
+            Ok(_) => p.push(byte[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(Error::io("read the new passphrase from standard input", e)),
+        }
+    }
+    if p.len() > MAX_PASSPHRASE_LEN {
+        return Err(Error::Invalid(format!(
+            "the new passphrase on standard input is over {} KiB: not a passphrase",
+            MAX_PASSPHRASE_LEN >> 10
+        )));
+    }
+    trim_line_end(&mut p);
+    Ok(p)
+}
+
+/// Checks a new passphrase against the configured one: long enough, and
+/// another one. Says nothing of either passphrase but its length bound.
+pub fn check_new_passphrase(new: &[u8], configured: &[u8]) -> Result<()> {
+    if new.is_empty() {
+        return Err(Error::Invalid(
+            "the new passphrase is empty (nothing was changed)".into(),
+        ));
+    }
+    if new.len() < MIN_PASSPHRASE_LEN {
+        return Err(Error::Invalid(format!(
+            "the new passphrase is shorter than {MIN_PASSPHRASE_LEN} characters; use a long random one (e.g. openssl rand -base64 48); nothing was changed"
+        )));
+    }
+    if new == configured {
+        return Err(Error::Invalid(
+            "the new passphrase is the one the configuration already gives (nothing to change)"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Replaces the passphrase file at `path` with `passphrase` atomically: a
+/// private (0600) temporary file in the same directory, written and
+/// fsynced, renamed over it, then the directory fsynced. A reader (an
+/// archive-push starting meanwhile) reads the old passphrase or the new
+/// one, never a part; a crash leaves one of the two and at most a
+/// temporary file (removed by the next run).
+pub fn replace_passphrase_file(path: &Path, passphrase: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Config(format!("{} is not a file name", path.display())))?;
+    let tmp = dir.join(format!(".{}.new-passphrase.tmp", name.to_string_lossy()));
+    let ctx = |what: &str| format!("{what} {} (installing the new passphrase)", tmp.display());
+    // The new file keeps the old one's owner and group: run as root, it
+    // must stay readable by the user walshipper archives as.
+    let owner = std::fs::metadata(path).ok().map(|m| {
+        use std::os::unix::fs::MetadataExt;
+        (m.uid(), m.gid())
+    });
+    // A leftover of a killed run holds a passphrase: replace it, never reuse.
+    let _ = std::fs::remove_file(&tmp);
+    let written = (|| -> Result<()> {
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+            .map_err(|e| Error::io(ctx("create"), e))?;
+        if let Some((uid, gid)) = owner {
+            std::os::unix::fs::fchown(&f, Some(uid), Some(gid))
+                .map_err(|e| Error::io(ctx("give the owner of the old file to"), e))?;
+        }
+        f.write_all(passphrase)
+            .and_then(|_| f.write_all(b"\n"))
+            .and_then(|_| f.sync_all())
+            .map_err(|e| Error::io(ctx("write"), e))?;
+        std::fs::rename(&tmp, path).map_err(|e| Error::io(ctx("rename"), e))
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    std::fs::File::open(&dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| Error::io(format!("fsync {}", dir.display()), e))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -598,8 +977,8 @@ mod tests {
     fn file_json(memory_kib: u32, iterations: u32) -> (String, serde_json::Value) {
         let (file, _) = KeyFile::create(b"pw", MIN_KDF_MEMORY_KIB, 1).unwrap();
         let mut v = serde_json::to_value(&file).unwrap();
-        v["kdf"]["memory_kib"] = memory_kib.into();
-        v["kdf"]["iterations"] = iterations.into();
+        v["slots"][0]["kdf"]["memory_kib"] = memory_kib.into();
+        v["slots"][0]["kdf"]["iterations"] = iterations.into();
         (file.key_id, v)
     }
 
@@ -623,13 +1002,13 @@ mod tests {
             assert!(matches!(file.unlock(b"pw"), Err(Error::Repository(_))));
         }
         let (id, mut v) = file_json(MIN_KDF_MEMORY_KIB, 1);
-        v["kdf"]["parallelism"] = 1000.into();
+        v["slots"][0]["kdf"]["parallelism"] = 1000.into();
         assert!(KeyFile::parse(&id, &serde_json::to_vec(&v).unwrap()).is_err());
         let (id, mut v) = file_json(MIN_KDF_MEMORY_KIB, 1);
-        v["kdf"]["salt"] = "00".into();
+        v["slots"][0]["kdf"]["salt"] = "00".into();
         assert!(KeyFile::parse(&id, &serde_json::to_vec(&v).unwrap()).is_err());
         let (id, mut v) = file_json(MIN_KDF_MEMORY_KIB, 1);
-        v["wrapped"]["ciphertext"] = "00".repeat(4000).into();
+        v["slots"][0]["wrapped"]["ciphertext"] = "00".repeat(4000).into();
         assert!(KeyFile::parse(&id, &serde_json::to_vec(&v).unwrap()).is_err());
         let (id, v) = file_json(MIN_KDF_MEMORY_KIB, 1);
         assert!(KeyFile::parse(&id, &serde_json::to_vec(&v).unwrap()).is_ok());
@@ -695,5 +1074,207 @@ mod tests {
         let sdir = shm.path().join(format!("walshipper-{uid}"));
         std::fs::set_permissions(&sdir, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(cache.get(&id, b"pw").is_none());
+    }
+
+    fn reparse(f: &KeyFile) -> KeyFile {
+        KeyFile::parse(&f.key_id, &serde_json::to_vec(f).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn v3_slots_round_trip() {
+        let (file, key) = KeyFile::create(b"old passphrase", MIN_KDF_MEMORY_KIB, 1).unwrap();
+        let v = serde_json::to_value(&file).unwrap();
+        assert_eq!(v["version"], 3);
+        assert_eq!(v["slots"].as_array().unwrap().len(), 1);
+        assert!(v.get("kdf").is_none() && v.get("wrapped").is_none());
+        let both = reparse(
+            &file
+                .with_slot_for(&key, b"old passphrase", b"new passphrase")
+                .unwrap(),
+        );
+        assert_eq!(both.slots.len(), 2);
+        for p in [&b"old passphrase"[..], b"new passphrase"] {
+            assert_eq!(both.unlock(p).unwrap().key, key.key);
+        }
+        assert!(matches!(
+            both.unlock(b"wrong passphrase"),
+            Err(Error::WrongPassphrase { .. })
+        ));
+        let (opened, k) = both.slots_opened_by(b"new passphrase").unwrap();
+        assert_eq!(opened, vec![1]);
+        assert_eq!(k.unwrap().key, key.key);
+        let done = reparse(&both.keeping(&opened).unwrap());
+        assert_eq!(done.unlock(b"new passphrase").unwrap().key, key.key);
+        assert!(matches!(
+            done.unlock(b"old passphrase"),
+            Err(Error::WrongPassphrase { .. })
+        ));
+        assert!(both.keeping(&[]).is_err());
+        assert_eq!(done.costs(), (MIN_KDF_MEMORY_KIB, 1));
+    }
+
+    /// A version 2 file built here from its documented format (not by the
+    /// code under test): still read, and converted to version 3 when a slot
+    /// is added.
+    #[test]
+    fn version_2_files_are_still_read() {
+        let key = [7u8; 32];
+        let id = "0123456789abcdef0123456789abcdef";
+        let created = "2026-01-02T03:04:05+00:00";
+        let salt = "11".repeat(16);
+        let kdf = KdfParams {
+            algorithm: "argon2id".into(),
+            memory_kib: MIN_KDF_MEMORY_KIB,
+            iterations: 1,
+            parallelism: 1,
+            salt: salt.clone(),
+        };
+        let mut aad = b"walshipper key file v2".to_vec();
+        for f in [
+            id.as_bytes(),
+            created.as_bytes(),
+            b"argon2id",
+            &MIN_KDF_MEMORY_KIB.to_be_bytes(),
+            &1u32.to_be_bytes(),
+            &1u32.to_be_bytes(),
+            salt.as_bytes(),
+            b"aes-256-gcm",
+        ] {
+            aad.extend_from_slice(&(f.len() as u32).to_be_bytes());
+            aad.extend_from_slice(f);
+        }
+        let kek = argon2_kek(b"v2 passphrase", &kdf).unwrap();
+        let w = seal(&kek, &aad, &key).unwrap();
+        let body = serde_json::json!({"version": 2, "key_id": id, "created_at": created,
+            "kdf": kdf, "wrapped": w});
+        let f = KeyFile::parse(id, &serde_json::to_vec(&body).unwrap()).unwrap();
+        assert_eq!(f.version, 2);
+        let k = f.unlock(b"v2 passphrase").unwrap();
+        assert_eq!(k.key, key);
+        assert!(f.unlock(b"another passphrase").is_err());
+        // Written back unchanged, it is the same version 2 JSON.
+        assert_eq!(serde_json::to_value(&f).unwrap(), body);
+        let v3 = reparse(
+            &f.with_slot_for(&k, b"v2 passphrase", b"v3 passphrase!")
+                .unwrap(),
+        );
+        assert_eq!(v3.version, 3);
+        assert_eq!(v3.created_at, created);
+        assert_eq!(v3.slots.len(), 2);
+        assert_eq!(v3.unlock(b"v2 passphrase").unwrap().key, key);
+        assert_eq!(v3.unlock(b"v3 passphrase!").unwrap().key, key);
+        // A version 2 file with slots, a version 3 file with kdf: refused.
+        let mut mixed = body.clone();
+        mixed["slots"] = serde_json::to_value(&v3.slots).unwrap();
+        assert!(KeyFile::parse(id, &serde_json::to_vec(&mixed).unwrap()).is_err());
+        let mut mixed = serde_json::to_value(&v3).unwrap();
+        mixed["kdf"] = serde_json::to_value(&kdf).unwrap();
+        assert!(KeyFile::parse(id, &serde_json::to_vec(&mixed).unwrap()).is_err());
+        let mut unknown = serde_json::to_value(&v3).unwrap();
+        unknown["slots"][0]["note"] = "x".into();
+        assert!(KeyFile::parse(id, &serde_json::to_vec(&unknown).unwrap()).is_err());
+    }
+
+    #[test]
+    fn a_slot_is_bound_to_its_key_file() {
+        let (a, ka) = KeyFile::create(b"passphrase a", MIN_KDF_MEMORY_KIB, 1).unwrap();
+        let (b, _) = KeyFile::create(b"passphrase b", MIN_KDF_MEMORY_KIB, 1).unwrap();
+        // A's slot moved into B (same passphrase): does not open there.
+        let mut moved = b.clone();
+        moved.slots.push(a.slots[0].clone());
+        let moved = reparse(&moved);
+        assert!(matches!(
+            moved.unlock(b"passphrase a"),
+            Err(Error::WrongPassphrase { .. })
+        ));
+        // Editing created_at (or a cost, or the salt) breaks every slot.
+        let two = a
+            .with_slot_for(&ka, b"passphrase a", b"passphrase c")
+            .unwrap();
+        let mut v = serde_json::to_value(&two).unwrap();
+        v["created_at"] = "2020-01-01T00:00:00+00:00".into();
+        let edited = KeyFile::parse(&a.key_id, &serde_json::to_vec(&v).unwrap()).unwrap();
+        for p in [&b"passphrase a"[..], b"passphrase c"] {
+            assert!(matches!(
+                edited.unlock(p),
+                Err(Error::WrongPassphrase { .. })
+            ));
+        }
+        let mut v = serde_json::to_value(&two).unwrap();
+        v["slots"][1]["kdf"]["iterations"] = 2.into();
+        let edited = KeyFile::parse(&a.key_id, &serde_json::to_vec(&v).unwrap()).unwrap();
+        assert!(edited.unlock(b"passphrase c").is_err());
+        assert_eq!(edited.unlock(b"passphrase a").unwrap().key, ka.key);
+    }
+
+    #[test]
+    fn slot_count_is_bounded() {
+        let (mut f, k) = KeyFile::create(b"p0 passphrase", MIN_KDF_MEMORY_KIB, 1).unwrap();
+        for i in 1..MAX_KEY_SLOTS {
+            f = f
+                .with_slot_for(&k, b"unused", format!("p{i} passphrase").as_bytes())
+                .unwrap();
+        }
+        assert_eq!(reparse(&f).slots.len(), MAX_KEY_SLOTS);
+        let err = f
+            .with_slot_for(&k, b"unused", b"one too many")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--finish"), "{err}");
+        let mut v = serde_json::to_value(&f).unwrap();
+        let extra = v["slots"][0].clone();
+        v["slots"].as_array_mut().unwrap().push(extra);
+        let err = KeyFile::parse(&f.key_id, &serde_json::to_vec(&v).unwrap()).unwrap_err();
+        assert!(err.to_string().contains("1 to 4"), "{err}");
+        v["slots"] = serde_json::json!([]);
+        assert!(KeyFile::parse(&f.key_id, &serde_json::to_vec(&v).unwrap()).is_err());
+        // A wrong passphrase costs one Argon2 run per slot, then a clear error.
+        assert!(matches!(
+            f.unlock(b"none of them"),
+            Err(Error::WrongPassphrase { .. })
+        ));
+        assert_eq!(f.unlock(b"p3 passphrase").unwrap().key, k.key);
+    }
+
+    #[test]
+    fn new_passphrase_input() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("new");
+        std::fs::write(&p, "a new passphrase, long\n").unwrap();
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = read_new_passphrase_file(&p).unwrap_err().to_string();
+        assert!(
+            err.contains("chmod 600") && !err.contains("a new passphrase"),
+            "{err}"
+        );
+        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        assert_eq!(
+            &read_new_passphrase_file(&p).unwrap()[..],
+            b"a new passphrase, long"
+        );
+        assert!(read_new_passphrase_file(dir.path()).is_err());
+        assert!(read_new_passphrase_file(&dir.path().join("absent")).is_err());
+        let mut input = &b"line one passphrase\r\nline two\n"[..];
+        assert_eq!(
+            &read_passphrase_line(&mut input).unwrap()[..],
+            b"line one passphrase"
+        );
+        assert!(read_passphrase_line(&mut &b""[..]).unwrap().is_empty());
+        assert!(check_new_passphrase(b"", b"old passphrase").is_err());
+        assert!(check_new_passphrase(b"short", b"old passphrase").is_err());
+        assert!(check_new_passphrase(b"old passphrase", b"old passphrase").is_err());
+        assert!(check_new_passphrase(b"new passphrase", b"old passphrase").is_ok());
+        // The installed file reads back as the passphrase, private.
+        let conf = dir.path().join("passphrase");
+        std::fs::write(&conf, "old\n").unwrap();
+        replace_passphrase_file(&conf, b"installed passphrase").unwrap();
+        assert_eq!(
+            read_passphrase_file(&conf).unwrap(),
+            b"installed passphrase"
+        );
+        let mode = std::fs::metadata(&conf).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
     }
 }

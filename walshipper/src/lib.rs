@@ -7,6 +7,7 @@
 //! CLI verbs.
 
 pub mod catalog;
+pub mod census;
 pub mod codec;
 pub mod commands;
 pub mod config;
@@ -19,6 +20,7 @@ pub mod lock;
 pub mod manifest;
 pub mod notify;
 pub mod page;
+pub mod passphrase;
 pub mod pg;
 pub mod pgdata;
 pub mod progress;

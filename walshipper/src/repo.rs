@@ -261,11 +261,65 @@ impl Descriptor {
 
 /// What opening an encrypted repository needs later to unlock a key that
 /// an object names (keys other than the current one are unlocked on demand).
+///
+/// The passphrase is read lazily: a key found in the host's key cache needs
+/// none, and with `passphrase_command` reading it means running the
+/// command (a Vault call), which archive-push must not do per segment.
 struct Unlocker {
-    pass: Zeroizing<Vec<u8>>,
+    source: crate::passphrase::Source,
+    /// Read from `source` on first need, then kept (wiped on drop).
+    pass: Mutex<Option<Zeroizing<Vec<u8>>>>,
     cache: Option<KeyCache>,
     /// Key ids whose files failed: not tried again in this process.
     failed: Mutex<HashSet<String>>,
+}
+
+impl Unlocker {
+    fn new(cfg: &Config, pass: Option<Zeroizing<Vec<u8>>>) -> Unlocker {
+        Unlocker {
+            source: cfg.passphrase_source(),
+            pass: Mutex::new(pass),
+            cache: cfg.key_cache_dir().map(KeyCache::new),
+            failed: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// The passphrase, read from its source on the first call (an error is
+    /// not kept: the next call tries again).
+    pub(crate) fn passphrase(&self) -> Result<Zeroizing<Vec<u8>>> {
+        let mut p = self.pass.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(v) = p.as_ref() {
+            return Ok(v.clone());
+        }
+        let v = self.source.read()?;
+        *p = Some(v.clone());
+        Ok(v)
+    }
+
+    /// What cache entries are bound to: the passphrase, or for a command
+    /// source its argument vector (passphrase::Source::cache_binding).
+    fn binding(&self) -> Result<Zeroizing<Vec<u8>>> {
+        if self.source.is_command() {
+            self.source.cache_binding()
+        } else {
+            self.passphrase()
+        }
+    }
+
+    /// The key from the host's cache, without reading the passphrase when
+    /// the source is a command.
+    fn cached(&self, id_hex: &str) -> Option<DataKey> {
+        let c = self.cache.as_ref()?;
+        let b = self.binding().ok()?;
+        c.get(id_hex, &b)
+    }
+
+    /// Best effort, like the cache itself.
+    fn remember(&self, key: &DataKey) {
+        if let (Some(c), Ok(b)) = (&self.cache, self.binding()) {
+            c.put(key, &b);
+        }
+    }
 }
 
 pub struct Repository {
@@ -415,10 +469,7 @@ impl Read for VerifyingCopy {
             }
             if self.dec.read(&mut self.scratch)? == 0 {
                 if self.dec.verified_sha256.is_none() {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        CodecError::Truncated,
-                    ));
+                    return Err(io::Error::other("object ended before its final frame"));
                 }
                 self.done = true;
             }
@@ -445,6 +496,27 @@ impl Write for CappedVec {
 
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
+    }
+}
+
+/// Passes an object's bytes through, keeping a copy of its header (the
+/// first `HEADER_LEN` bytes) for `read_object_sealed`.
+struct HeaderTap<R> {
+    inner: R,
+    head: Arc<Mutex<Vec<u8>>>,
+    done: bool,
+}
+
+impl<R: Read> Read for HeaderTap<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if !self.done {
+            let mut head = self.head.lock().unwrap_or_else(|p| p.into_inner());
+            let take = n.min(codec::HEADER_LEN - head.len());
+            head.extend_from_slice(&buf[..take]);
+            self.done = head.len() == codec::HEADER_LEN;
+        }
+        Ok(n)
     }
 }
 
@@ -489,7 +561,7 @@ impl Repository {
         let mut current = None;
         let mut unlocker = None;
         if opts.encrypt {
-            let pass = Zeroizing::new(cfg.passphrase()?);
+            let pass = cfg.passphrase()?;
             if pass.len() < 12 {
                 return Err(Error::Config(
                     "the passphrase is shorter than 12 characters; use a long random one (e.g. openssl rand -base64 48)".into(),
@@ -503,16 +575,11 @@ impl Repository {
                 &mut &body[..],
                 Durability::Now,
             )?;
-            if let Some(dir) = cfg.key_cache_dir() {
-                KeyCache::new(dir).put(&key, &pass);
-            }
+            let u = Unlocker::new(cfg, Some(pass));
+            u.remember(&key);
             current = Some(key.clone());
             keys.insert(key.id, key);
-            unlocker = Some(Unlocker {
-                pass,
-                cache: cfg.key_cache_dir().map(KeyCache::new),
-                failed: Mutex::new(HashSet::new()),
-            });
+            unlocker = Some(u);
         }
         let repository_id = crate::keys::random::<16>()?;
         let mut descriptor = Descriptor {
@@ -672,25 +739,25 @@ impl Repository {
     /// descriptor's MAC with it. Other keys are unlocked when an object names
     /// one: a bogus or unreadable old key file then fails only the objects it
     /// sealed, and costs nothing to commands that don't read them.
+    /// The passphrase is read only if the host's key cache does not hold the
+    /// current key.
     fn unlock(&mut self, cfg: &Config) -> Result<()> {
-        let pass = Zeroizing::new(cfg.passphrase()?);
-        let cache = cfg.key_cache_dir().map(KeyCache::new);
+        let u = Unlocker::new(cfg, None);
         let id = self.descriptor.current_key_bytes()?.ok_or_else(|| {
             Error::Repository("encrypted repository without current_key_id".into())
         })?;
         let id_hex = hex::encode(id);
-        let key = match cache.as_ref().and_then(|c| c.get(&id_hex, &pass)) {
+        let key = match u.cached(&id_hex) {
             Some(k) => k,
             None => {
+                let pass = u.passphrase()?;
                 let k = self.unlock_file(&id_hex, &pass)?.ok_or_else(|| {
                     Error::Repository(format!(
                         "the current key {} is missing from the repository; restore it from another copy of the repository",
                         layout::key_file(&id_hex)
                     ))
                 })?;
-                if let Some(c) = &cache {
-                    c.put(&k, &pass);
-                }
+                u.remember(&k);
                 k
             }
         };
@@ -702,11 +769,7 @@ impl Repository {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.id, key);
-        self.unlocker = Some(Unlocker {
-            pass,
-            cache,
-            failed: Mutex::new(HashSet::new()),
-        });
+        self.unlocker = Some(u);
         Ok(())
     }
 
@@ -735,6 +798,27 @@ impl Repository {
         self.settings.key.clone()
     }
 
+    /// The passphrase that opens this repository's key files, read from its
+    /// source (environment, command or file) on first use by this handle;
+    /// an error for an unencrypted repository. For commands that wrap or
+    /// unwrap key files (`key passphrase`, `key rotate`).
+    pub fn passphrase(&self) -> Result<Zeroizing<Vec<u8>>> {
+        match &self.unlocker {
+            Some(u) => u.passphrase(),
+            None => Err(Error::Invalid(
+                "an unencrypted repository has no passphrase".into(),
+            )),
+        }
+    }
+
+    /// Puts `key` in this host's key cache, bound as the configured source
+    /// needs (the passphrase, or a command's argument vector); best effort.
+    pub fn cache_key(&self, key: &DataKey) {
+        if let Some(u) = &self.unlocker {
+            u.remember(key);
+        }
+    }
+
     /// Stores a new key file (create-only: an existing file of that id is
     /// left as it is and is an error unless it holds the same bytes).
     pub fn add_key_file(&self, file: &KeyFile) -> Result<()> {
@@ -755,6 +839,22 @@ impl Repository {
         Ok(())
     }
 
+    /// Replaces the key file of `file.key_id` (one atomic replace: a reader
+    /// sees the old file or the new one, never a part), then reads it back
+    /// and returns it as parsed. Only for a change of its passphrase slots:
+    /// the caller checks that what it returns still opens as intended.
+    pub fn replace_key_file(&self, file: &KeyFile) -> Result<KeyFile> {
+        let body = serde_json::to_vec_pretty(file).map_err(|e| Error::Repository(e.to_string()))?;
+        let key = layout::key_file(&file.key_id);
+        self.storage.put_replace(&key, &mut &body[..])?;
+        self.key_file(&file.key_id)?.ok_or_else(|| {
+            Error::Repository(format!(
+                "{key} vanished from {} right after it was written",
+                self.storage.describe()
+            ))
+        })
+    }
+
     /// Makes `key` current: rewrites repository.json with its id and a MAC
     /// under it (one atomic replace), and seals what this handle writes from
     /// now on with it. Its key file must already be in this repository, or
@@ -762,7 +862,7 @@ impl Repository {
     pub fn make_current(&mut self, key: DataKey) -> Result<()> {
         let id_hex = hex::encode(key.id);
         let pass = match &self.unlocker {
-            Some(u) => u.pass.clone(),
+            Some(u) => u.passphrase()?,
             None => {
                 return Err(Error::Invalid(
                     "an unencrypted repository has no keys".into(),
@@ -808,6 +908,9 @@ impl Repository {
         let Some(u) = &self.unlocker else {
             return Ok(Vec::new());
         };
+        // From its source, never from the cache: a stale passphrase in the
+        // secret store shows here, not at the next reboot.
+        let pass = u.passphrase()?;
         let mut problems = Vec::new();
         for obj in self.storage.list(layout::KEYS_PREFIX)? {
             let id = match layout::parse(&obj.key) {
@@ -820,7 +923,7 @@ impl Repository {
                     continue;
                 }
             };
-            match self.unlock_file(&id, &u.pass) {
+            match self.unlock_file(&id, &pass) {
                 Ok(Some(k)) => {
                     let known = self.keys.read().unwrap_or_else(|p| p.into_inner());
                     if known.get(&k.id).is_some_and(|c| c.key != k.key) {
@@ -852,13 +955,17 @@ impl Repository {
         if failed.contains(id_hex) {
             return false;
         }
-        let key = match u.cache.as_ref().and_then(|c| c.get(id_hex, &u.pass)) {
+        // The passphrase is read (the command run) only on a cache miss.
+        let key = match u.cached(id_hex) {
             Some(k) => Ok(Some(k)),
-            None => self.unlock_file(id_hex, &u.pass).inspect(|k| {
-                if let (Some(c), Some(k)) = (&u.cache, k) {
-                    c.put(k, &u.pass);
-                }
-            }),
+            None => u
+                .passphrase()
+                .and_then(|pass| self.unlock_file(id_hex, &pass))
+                .inspect(|k| {
+                    if let Some(k) = k {
+                        u.remember(k);
+                    }
+                }),
         };
         match key {
             Ok(Some(k)) => {
@@ -1189,28 +1296,7 @@ impl Repository {
         out: &mut dyn Write,
         threads: usize,
     ) -> Result<[u8; 32]> {
-        let mut retried = false;
-        loop {
-            let src = self
-                .storage
-                .get(key)?
-                .ok_or_else(|| Error::NotFound(key.to_string()))?;
-            let mut dec = self.decoder(src, key).with_threads(threads);
-            match io::copy(&mut dec, out) {
-                // Sealed by a key not unlocked yet: nothing was written
-                // (the header is checked first); unlock it and read again.
-                Err(e) if !retried && unknown_key(&e).is_some_and(|id| self.load_key(&id)) => {
-                    retried = true;
-                }
-                Err(e) => return Err(self.read_error(key, e)),
-                Ok(_) => {
-                    return dec.verified_sha256.ok_or_else(|| Error::Corrupt {
-                        key: key.into(),
-                        reason: "ended before its final frame".into(),
-                    })
-                }
-            }
-        }
+        self.read_object_sealed(key, out, threads, &mut None)
     }
 
     /// Reads a whole object into memory, refusing (as `Corrupt`) one whose
@@ -1248,6 +1334,67 @@ impl Repository {
         }
     }
 
+    /// As `read_object_with`, and sets `sealed_by` to the key the object's
+    /// header names once the header was read (also when the object then
+    /// fails: `verify` names the key of an object it cannot read).
+    ///
+    /// Retries: a key not unlocked yet is unlocked and the object read
+    /// again. A key that cannot be unlocked (its file is missing or does not
+    /// open) gets the object read once more before failing: `key retire`
+    /// re-seals objects under the current key and then removes the old key
+    /// file, so an object read just before its re-sealing names a key that
+    /// is gone by now, and its second read is the re-sealed one.
+    pub fn read_object_sealed(
+        &self,
+        key: &str,
+        out: &mut dyn Write,
+        threads: usize,
+        sealed_by: &mut Option<[u8; 16]>,
+    ) -> Result<[u8; 32]> {
+        let mut unlocked = false;
+        let mut reread = false;
+        loop {
+            let src = self
+                .storage
+                .get(key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            let head = Arc::new(Mutex::new(Vec::with_capacity(codec::HEADER_LEN)));
+            let tap = HeaderTap {
+                inner: src,
+                head: head.clone(),
+                done: false,
+            };
+            let mut dec = self.decoder(tap, key).with_threads(threads);
+            let copied = io::copy(&mut dec, out);
+            let head = head.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            if let Ok(h) = <[u8; codec::HEADER_LEN]>::try_from(&head[..]) {
+                if let Ok(h) = codec::Header::parse(&h) {
+                    *sealed_by = h.encrypted.then_some(h.key_id);
+                }
+            }
+            match copied {
+                // Nothing was written on UnknownKey: the header is checked
+                // before any frame is decoded.
+                Err(e) => match unknown_key(&e) {
+                    Some(id) if !unlocked && self.load_key(&id) => unlocked = true,
+                    Some(id) if !reread => {
+                        tracing::debug!(
+                            "{key} names key {id}, which cannot be unlocked; reading it once more in case `key retire` re-sealed it meanwhile"
+                        );
+                        reread = true;
+                    }
+                    _ => return Err(self.read_error(key, e)),
+                },
+                Ok(_) => {
+                    return dec.verified_sha256.ok_or_else(|| Error::Corrupt {
+                        key: key.into(),
+                        reason: "ended before its final frame".into(),
+                    })
+                }
+            }
+        }
+    }
+
     // --- key retire: re-sealing objects under the current key ---
 
     /// Unlocks key `id_hex` from its key file in this repository (this
@@ -1266,9 +1413,9 @@ impl Repository {
                 "{id_hex:.40?} is not a key id (32 lowercase hex digits)"
             )));
         }
-        let key = match u.cache.as_ref().and_then(|c| c.get(id_hex, &u.pass)) {
+        let key = match u.cached(id_hex) {
             Some(k) => Some(k),
-            None => self.unlock_file(id_hex, &u.pass)?,
+            None => self.unlock_file(id_hex, &u.passphrase()?)?,
         };
         if let Some(k) = &key {
             self.keys
@@ -1358,7 +1505,10 @@ impl<R: Read> Read for FullyDecoded<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.0.read(buf)?;
         if n == 0 && !buf.is_empty() && self.0.verified_sha256.is_none() {
-            return Err(io::Error::other("object ended before its final frame"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                CodecError::Truncated,
+            ));
         }
         Ok(n)
     }
@@ -1654,7 +1804,7 @@ mod tests {
         assert!(err.to_string().contains("does not hold"), "{err}");
         // The current key file with a huge Argon2 cost: an error, not an abort.
         let mut v: serde_json::Value = serde_json::from_slice(&good).unwrap();
-        v["kdf"]["memory_kib"] = u32::MAX.into();
+        v["slots"][0]["kdf"]["memory_kib"] = u32::MAX.into();
         std::fs::write(&current_file, serde_json::to_vec(&v).unwrap()).unwrap();
         let err = open_err(&cfg);
         assert!(err.contains("Argon2 memory cost"), "{err}");
@@ -1665,5 +1815,154 @@ mod tests {
         assert!(open_err(&cfg).contains("does not match"));
         std::fs::remove_file(&current_file).unwrap();
         assert!(open_err(&cfg).contains("missing"));
+    }
+}
+
+/// `read_object_sealed` against `key retire` running at the same time: a
+/// real posix repository, with the store's `get` used as the moment at which
+/// the retirement of an object's key happens (re-sealed, then its key file
+/// removed), exactly between a reader's GET and its unlocking of that key.
+#[cfg(test)]
+mod retire_race_tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const SEG: &str = "wal/0000000100000000/000000010000000000000002";
+
+    /// The posix store of the repository, which on the first GET of `SEG`
+    /// returns the object as it is and then retires its key: writes `resealed`
+    /// over it and removes `old_key_file`, as `key retire` does.
+    struct RetireDuringRead {
+        inner: Box<dyn Storage>,
+        resealed: Option<Vec<u8>>,
+        old_key_file: String,
+        gets: AtomicUsize,
+    }
+
+    impl Storage for RetireDuringRead {
+        fn put_new(&self, k: &str, b: &mut dyn Read, d: Durability) -> Result<PutOutcome> {
+            self.inner.put_new(k, b, d)
+        }
+        fn flush(&self) -> Result<()> {
+            self.inner.flush()
+        }
+        fn put_replace(&self, k: &str, b: &mut dyn Read) -> Result<()> {
+            self.inner.put_replace(k, b)
+        }
+        fn get(&self, k: &str) -> Result<Option<Box<dyn Read + Send>>> {
+            let first = k == SEG && self.gets.fetch_add(1, Ordering::SeqCst) == 0;
+            let got = self.inner.get(k)?;
+            if first {
+                // The reader holds the old object's bytes (posix: the open
+                // file, as S3 serves one version per GET).
+                let mut old = Vec::new();
+                got.ok_or_else(|| Error::NotFound(k.into()))?
+                    .read_to_end(&mut old)
+                    .map_err(|e| Error::io("read", e))?;
+                if let Some(new) = &self.resealed {
+                    self.inner.put_replace(k, &mut &new[..])?;
+                }
+                self.inner.delete(&self.old_key_file)?;
+                return Ok(Some(Box::new(io::Cursor::new(old))));
+            }
+            Ok(got)
+        }
+        fn head(&self, k: &str) -> Result<Option<storage::ObjectMeta>> {
+            self.inner.head(k)
+        }
+        fn list(&self, p: &str) -> Result<Vec<storage::ObjectMeta>> {
+            self.inner.list(p)
+        }
+        fn list_children(&self, p: &str) -> Result<Vec<String>> {
+            self.inner.list_children(p)
+        }
+        fn delete(&self, k: &str) -> Result<()> {
+            self.inner.delete(k)
+        }
+        fn delete_prefix(&self, p: &str) -> Result<usize> {
+            self.inner.delete_prefix(p)
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    /// A repository whose `SEG` is sealed by an old key, with a new key
+    /// current; the store retires the old key during the first read of
+    /// `SEG` (re-sealing it under the new key when `reseal`).
+    fn repository(dir: &std::path::Path, reseal: bool) -> (Repository, [u8; 16], [u8; 16]) {
+        use std::os::unix::fs::PermissionsExt;
+        let pass = dir.join("passphrase");
+        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let toml = dir.join("r.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\npassphrase_file = \"{}\"\nkey_cache = false\n",
+                dir.join("r").display(),
+                pass.display()
+            ),
+        )
+        .unwrap();
+        let cfg = Config::load_with_env(Some(&toml), std::iter::empty()).unwrap();
+        let id = ClusterIdentity {
+            system_identifier: 7_310_000_000_000_000_002,
+            pg_major: 15,
+            wal_segment_size: 16 << 20,
+        };
+        let opts = InitOptions {
+            encrypt: true,
+            kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+            kdf_iterations: 1,
+        };
+        let mut repo = Repository::init(&cfg, cfg.primary(), &id, &opts).unwrap();
+        let old = repo.current_key().unwrap().id;
+        repo.put_object(SEG, &b"sealed by the old key"[..]).unwrap();
+        let p = cfg.passphrase().unwrap();
+        let (file, new) = KeyFile::create(&p, crate::keys::MIN_KDF_MEMORY_KIB, 1).unwrap();
+        repo.add_key_file(&file).unwrap();
+        repo.make_current(new.clone()).unwrap();
+        let mut resealed = Vec::new();
+        repo.encoder(SEG, &b"sealed by the old key"[..])
+            .unwrap()
+            .read_to_end(&mut resealed)
+            .unwrap();
+        // A reader that opened after the rotation: it holds the new key only.
+        let mut repo = Repository::open(&cfg).unwrap();
+        repo.storage = Box::new(RetireDuringRead {
+            inner: storage::open(cfg.primary()).unwrap(),
+            resealed: reseal.then_some(resealed),
+            old_key_file: layout::key_file(&hex::encode(old)),
+            gets: AtomicUsize::new(0),
+        });
+        (repo, old, new.id)
+    }
+
+    #[test]
+    fn an_object_resealed_while_read_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, _, new) = repository(dir.path(), true);
+        let mut out = Vec::new();
+        let mut sealed_by = None;
+        repo.read_object_sealed(SEG, &mut out, 1, &mut sealed_by)
+            .unwrap();
+        assert_eq!(out, b"sealed by the old key");
+        assert_eq!(sealed_by, Some(new));
+    }
+
+    #[test]
+    fn an_object_of_a_key_that_is_gone_fails_after_one_more_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let (repo, old, _) = repository(dir.path(), false);
+        let mut out = Vec::new();
+        let mut sealed_by = None;
+        let err = repo
+            .read_object_sealed(SEG, &mut out, 1, &mut sealed_by)
+            .unwrap_err();
+        assert!(err.to_string().contains("does not hold"), "{err}");
+        assert!(out.is_empty());
+        // Its key is named even though it could not be read.
+        assert_eq!(sealed_by, Some(old));
     }
 }

@@ -225,8 +225,8 @@ fn hostile_repository_is_refused() {
     let key_file = walshipper::layout::key_file(&key_id);
     let good_key = store.json(&key_file);
     let mut huge = good_key.clone();
-    huge["kdf"]["memory_kib"] = u32::MAX.into();
-    huge["kdf"]["iterations"] = u32::MAX.into();
+    huge["slots"][0]["kdf"]["memory_kib"] = u32::MAX.into();
+    huge["slots"][0]["kdf"]["iterations"] = u32::MAX.into();
     store.put_json(&key_file, &huge);
     let o = run(shipper
         .cmd()

@@ -269,9 +269,7 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
     for i in 1..=10 {
         src.sql(&format!("INSERT INTO marker VALUES ({i})"));
     }
-    // This segment is needed by the point-in-time restore from the full
-    // backup, not by the incremental chain: it is the one damaged later.
-    let key1_segment = src.switch_and_wait_archived(MIN);
+    src.switch_and_wait_archived(MIN);
 
     // Key 2: rotate, an incremental backup and WAL.
     let out = run_ok(shipper.cmd().args(["key", "rotate"]));
@@ -433,24 +431,41 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
         eprintln!("keys_retire: verified at {:?}", t0.elapsed());
     }
 
-    // A damaged object sealed by key 1 (if the runs so far left one): it
-    // is reported and left as it is, and key 1 is kept in that repository.
-    let seg = shipper.wal_object(&key1_segment);
-    let original = std::fs::read(&seg).unwrap();
-    let damaged = original[11] == 1 && original[12..28] == hex::decode(&key1).unwrap()[..];
-    eprintln!(
-        "keys_retire: {key1_segment} {}",
-        if damaged {
-            "still sealed by key 1: damaged for the final run"
-        } else {
-            "already re-sealed: the damaged-object case is skipped"
-        }
-    );
-    if damaged {
+    // A damaged object sealed by key 1: it is reported and left as it is,
+    // and key 1 is kept in that repository. The victim is the WAL segment
+    // sealed by key 1 that the runs so far reached last (WAL objects come
+    // after backups/, main before offsite): one the incremental chain does
+    // not need, so the restore beside the final run is unaffected.
+    let victim = ["main", "offsite"].iter().find_map(|repo| {
+        let s = storage(&shipper, repo);
+        let last = s
+            .list("wal/")
+            .unwrap()
+            .into_iter()
+            .filter(|m| !m.key.starts_with("wal/history/"))
+            .filter(|m| {
+                let mut h = [0u8; 64];
+                s.get(&m.key).unwrap().unwrap().read_exact(&mut h).unwrap();
+                h[11] == 1 && hex::encode(&h[12..28]) == key1
+            })
+            .last()?;
+        Some((repo.to_string(), last.key))
+    });
+    let mut original = Vec::new();
+    if let Some((repo, key)) = &victim {
+        let s = storage(&shipper, repo);
+        s.get(key)
+            .unwrap()
+            .unwrap()
+            .read_to_end(&mut original)
+            .unwrap();
         let mut bad = original.clone();
         let at = bad.len() / 2;
         bad[at] ^= 0x40;
-        std::fs::write(&seg, &bad).unwrap();
+        s.put_replace(key, &mut &bad[..]).unwrap();
+        eprintln!("keys_retire: {repo}: {key} damaged for the final run");
+    } else {
+        eprintln!("keys_retire: no WAL sealed by key 1 left: the damaged-object case is skipped");
     }
 
     // The final run, with a restore of the incremental chain beside it.
@@ -481,40 +496,47 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
     );
     let ev = key_event(&out);
     assert_eq!(ev["operation"], "retire", "{ev}");
-    let offsite = repo_result(&ev, "offsite");
-    assert_eq!(offsite["ok"], true, "{ev}");
-    assert_eq!(offsite["objects_remaining"], 0, "{ev}");
-    assert_eq!(offsite["key_file_removed"], true, "{ev}");
-    assert_eq!(offsite["current_key_id"], key2.as_str(), "{ev}");
     let progress = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| l.contains("\"progress\"") && l.contains("\"retire\""))
         .count();
     eprintln!("keys_retire: {progress} progress events in the final run");
-    if damaged {
+    for repo in ["main", "offsite"] {
+        let r = repo_result(&ev, repo);
+        assert_eq!(r["current_key_id"], key2.as_str(), "{ev}");
+        if victim.as_ref().is_some_and(|(v, _)| v == repo) {
+            continue;
+        }
+        assert_eq!(r["ok"], true, "{ev}");
+        assert_eq!(r["objects_remaining"], 0, "{ev}");
+        assert_eq!(r["key_file_removed"], true, "{ev}");
+    }
+    if let Some((repo, key)) = &victim {
         assert_eq!(out.status.code(), Some(126), "{}", text(&out));
         assert_eq!(ev["succeeded"], false, "{ev}");
-        let main = repo_result(&ev, "main");
-        assert_eq!(main["ok"], false, "{ev}");
-        assert_eq!(main["objects_remaining"], 1, "{ev}");
-        assert_eq!(main["key_file_removed"], false, "{ev}");
-        let err = main["error"].as_str().unwrap();
+        let r = repo_result(&ev, repo);
+        assert_eq!(r["ok"], false, "{ev}");
+        assert_eq!(r["objects_remaining"], 1, "{ev}");
+        assert_eq!(r["key_file_removed"], false, "{ev}");
+        let err = r["error"].as_str().unwrap();
         assert!(
-            err.contains(&key1_segment) && err.contains("damaged"),
+            err.contains(key.as_str()) && err.contains("damaged"),
             "{err}"
         );
-        assert_eq!(
-            std::fs::read(&seg).unwrap()[..64],
-            original[..64],
-            "rewritten"
+        let s = storage(&shipper, repo);
+        let mut now = Vec::new();
+        s.get(key).unwrap().unwrap().read_to_end(&mut now).unwrap();
+        assert!(
+            now[..64] == original[..64],
+            "the damaged object was rewritten"
         );
-        assert!(shipper.repo.join(format!("keys/{key1}.json")).exists());
+        assert!(s.head(&format!("keys/{key1}.json")).unwrap().is_some());
         // Repaired (here: its original bytes back), a run resumes and ends.
-        std::fs::write(&seg, &original).unwrap();
+        s.put_replace(key, &mut &original[..]).unwrap();
         let out = run(&mut retire_cmd(&shipper, &limited, &key1));
         assert!(out.status.success(), "{}", text(&out));
-        let main = repo_result(&key_event(&out), "main").clone();
-        assert_eq!(main["objects_rewritten"], 1, "{main}");
+        let r = repo_result(&key_event(&out), repo).clone();
+        assert_eq!(r["objects_rewritten"], 1, "{r}");
     } else {
         assert!(out.status.success(), "{}", text(&out));
         assert_eq!(ev["succeeded"], true, "{ev}");

@@ -40,6 +40,13 @@ pub struct Info {
     /// no configuration to take a quota or minimum from).
     #[serde(skip)]
     pub capacity: Option<crate::storage::Capacity>,
+    /// Its data keys (shown under `repositories`): current first, then
+    /// newest first; counted only with `--key-usage`.
+    #[serde(skip)]
+    pub keys: Vec<pg_backup_contract::KeyStatus>,
+    /// When they were counted (`--key-usage`); None: not counted.
+    #[serde(skip)]
+    pub keys_counted_at: Option<String>,
 }
 
 /// One configured repository as `info --json` lists it under
@@ -78,6 +85,8 @@ pub fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSu
         s.encryption = i.encryption.clone();
         s.key_created_at = i.key_created_at.clone();
         s.first_backup_stop_time = i.backups.first().map(|b| b.stop_time.clone());
+        s.keys = i.keys.clone();
+        s.keys_counted_at = i.keys_counted_at.clone();
         if let Some(c) = &i.capacity {
             s.capacity_bytes = c.capacity;
             s.free_bytes = c.free;
@@ -89,17 +98,41 @@ pub fn summary_of(rc: &crate::config::RepoConfig, info: &Result<Info>) -> RepoSu
 }
 
 /// Opens repository `rc`, collects its info, recovery records (after
-/// `recoveries_after`) and capacity: everything `summary_of` reports.
+/// `recoveries_after`) and capacity: everything `summary_of` reports. With
+/// `key_usage`, counts the objects each data key seals (one header read
+/// per object).
 pub fn collect_repo(
     cfg: &Config,
     rc: &crate::config::RepoConfig,
     recoveries_after: Option<&str>,
+    key_usage: bool,
 ) -> Result<Info> {
     let r = Repository::open_repo(cfg, rc)?;
     let mut i = collect(&r)?;
     i.recoveries = recoveries_of(&r, recoveries_after);
     i.capacity = Some(capacity_of(rc, &r, i.stored_bytes));
+    if key_usage {
+        count_keys(cfg, &r, &mut i);
+    }
     Ok(i)
+}
+
+/// Replaces `info.keys` by the keys with their objects counted. A census
+/// that cannot be taken (the store stopped answering) leaves the keys
+/// uncounted (`keys_counted_at` None), logged: info reports the rest.
+fn count_keys(cfg: &Config, repo: &Repository, info: &mut Info) {
+    let counted = crate::census::count(repo, crate::census::default_jobs(cfg))
+        .and_then(|c| crate::census::key_statuses(repo, Some(&c)).map(|keys| (keys, c.counted_at)));
+    match counted {
+        Ok((keys, at)) => {
+            info.keys = keys;
+            info.keys_counted_at = Some(at);
+        }
+        Err(e) => tracing::warn!(
+            "repository {}: the objects per key could not be counted: {e}",
+            repo.name
+        ),
+    }
 }
 
 /// The capacity of `repo` (configured as `rc`) holding `stored` bytes. A
@@ -379,7 +412,10 @@ pub fn collect(repo: &Repository) -> Result<Info> {
             stored_size: m.stored_size,
         })
         .collect();
+    let keys = crate::census::key_statuses(repo, None)?;
     Ok(Info {
+        keys,
+        keys_counted_at: None,
         backups,
         damaged_backups: scan.damaged,
         repository: repo.storage.describe(),
@@ -438,7 +474,6 @@ pub fn run(
     recoveries_after: Option<&str>,
     key_usage: bool,
 ) -> Result<()> {
-    let _ = key_usage;
     if let Some(n) = only {
         cfg.find_repo(Some(n))?;
     }
@@ -455,7 +490,7 @@ pub fn run(
             infos.push(Err(crate::error::Error::Invalid("not asked for".into())));
             continue;
         }
-        infos.push(collect_repo(cfg, rc, recoveries_after));
+        infos.push(collect_repo(cfg, rc, recoveries_after, key_usage));
     }
     let summaries: Vec<RepoSummary> = cfg
         .repos
@@ -507,6 +542,18 @@ pub fn run(
         println!("current key       created {k}");
     }
     println!("stored            {}", human(info.stored_bytes));
+    if info.encrypted {
+        println!();
+        match &info.keys_counted_at {
+            Some(at) => println!("data keys (objects counted at {at})"),
+            None => println!("data keys (--key-usage counts the objects each seals)"),
+        }
+        print!(
+            "{}",
+            crate::commands::key::list::key_table(&info.keys, "  ")
+        );
+        println!();
+    }
     if let Some(c) = &info.capacity {
         println!("capacity          {}", capacity_line(c));
     }

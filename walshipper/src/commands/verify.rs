@@ -2,9 +2,11 @@
 //! they need, checking every frame, every SHA-256 against the manifest, and
 //! that the WAL has no gap from the oldest backup onwards.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
+
+use pg_backup_contract::KeyStatus;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -54,11 +56,14 @@ pub fn run(
         ));
     }
     let backups = scan.backups;
+    // Stored sizes of what is read, for the bytes per key.
+    let mut sizes: HashMap<String, u64> = HashMap::new();
+    let backup_objects = repo.storage.list(layout::BACKUPS_PREFIX)?;
     if backup.is_none() {
         problems.extend(repo.check_key_files()?);
         // Keys under backups/ that walshipper would not write: never used,
         // but someone put them there.
-        for obj in repo.storage.list(layout::BACKUPS_PREFIX)? {
+        for obj in &backup_objects {
             if layout::parse(&obj.key).is_none() {
                 problems.push(format!(
                     "foreign object {:?}: not a key walshipper writes (ignored)",
@@ -67,6 +72,10 @@ pub fn run(
             }
         }
     }
+    for obj in backup_objects {
+        sizes.insert(obj.key, obj.size);
+    }
+    let keys = KeyUse::new(&repo);
 
     // Objects to read: (key, expected SHA-256 or None, what it is).
     let mut work: Vec<(String, Option<String>, String)> = Vec::new();
@@ -129,6 +138,7 @@ pub fn run(
     let mut segments: BTreeMap<u32, BTreeMap<u64, String>> = BTreeMap::new();
     let mut wal_work: Vec<(String, String, WalFileKind)> = Vec::new();
     for obj in repo.storage.list(crate::layout::WAL_PREFIX)? {
+        sizes.insert(obj.key.clone(), obj.size);
         // Only well-formed keys, where the layout puts that name: a copy
         // elsewhere is not what archive-get would serve.
         let Some(crate::layout::ObjectName::Wal { name, kind }) = crate::layout::parse(&obj.key)
@@ -216,7 +226,7 @@ pub fn run(
         }
     }
 
-    problems.extend(check_wal(&repo, &wal_work, jobs));
+    problems.extend(check_wal(&repo, &wal_work, jobs, &keys, &sizes));
 
     let next = AtomicUsize::new(0);
     let found: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -226,20 +236,57 @@ pub fn run(
                 let Some((key, sha, what)) = work.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     return;
                 };
-                let problem = match repo.read_object(key, &mut std::io::sink()) {
-                    Ok(got) => match sha {
-                        Some(want) if *want != hex::encode(got) => Some(format!(
-                            "{what}: SHA-256 {} is not the manifest's {want}",
-                            hex::encode(got)
-                        )),
-                        _ => None,
+                let mut sealed_by = None;
+                let read = repo.read_object_sealed(key, &mut std::io::sink(), 1, &mut sealed_by);
+                let size = sizes.get(key).copied().unwrap_or(0);
+                let problem = match keys.note(key, sealed_by, size) {
+                    Some(missing) => missing,
+                    None => match read {
+                        Ok(got) => match sha {
+                            Some(want) if *want != hex::encode(got) => Some(format!(
+                                "{what}: SHA-256 {} is not the manifest's {want}",
+                                hex::encode(got)
+                            )),
+                            _ => None,
+                        },
+                        Err(e) => Some(format!("{what}: {e}")),
                     },
-                    Err(e) => Some(format!("{what}: {e}")),
                 };
                 if let (Some(p), Ok(mut f)) = (problem, found.lock()) {
                     f.push(p);
                 }
             });
+        }
+    });
+    // The objects read by rebuilding (whole file and deltas) and the
+    // manifests: their keys from their headers (the rebuild reads them).
+    let mut headers: Vec<crate::storage::ObjectMeta> = Vec::new();
+    let mut header_seen = std::collections::HashSet::new();
+    let mut note_header = |k: &String| {
+        if header_seen.insert(k.clone()) {
+            headers.push(crate::storage::ObjectMeta {
+                key: k.clone(),
+                size: sizes.get(k).copied().unwrap_or(0),
+                modified: None,
+            });
+        }
+    };
+    for (f, _) in &rebuilds {
+        note_header(&f.object);
+        f.deltas.iter().for_each(&mut note_header);
+    }
+    for m in &backups {
+        note_header(&layout::manifest(&m.id));
+    }
+    crate::census::for_each_sealing(&repo, &headers, jobs, |meta, s| {
+        let sealed_by = match s {
+            crate::census::Sealing::Key(id) => Some(id),
+            _ => None,
+        };
+        if let (Some(Some(p)), Ok(mut f)) =
+            (keys.note(&meta.key, sealed_by, meta.size), found.lock())
+        {
+            f.push(p);
         }
     });
     let next = AtomicUsize::new(0);
@@ -267,7 +314,9 @@ pub fn run(
         }
     });
     problems.extend(found.into_inner().unwrap_or_default());
+    problems.extend(keys.more_missing());
     problems.sort();
+    let key_statuses = keys.statuses(&repo);
 
     if json {
         crate::progress::event(&pg_backup_contract::Event::Verify(
@@ -280,7 +329,7 @@ pub fn run(
                 files_rebuilt: rebuilds.len() as u64,
                 wal_segments_checked: wal_checked as u64,
                 problems: problems.clone(),
-                keys: Vec::new(),
+                keys: key_statuses.clone(),
                 duration_s: started.elapsed().as_secs_f64(),
             },
         ));
@@ -297,6 +346,13 @@ pub fn run(
             rebuilds.len(),
             wal_checked
         );
+        if repo.descriptor.encrypted() {
+            println!("data keys of the objects read:");
+            print!(
+                "{}",
+                crate::commands::key::list::key_table(&key_statuses, "  ")
+            );
+        }
         for p in &problems {
             println!("PROBLEM: {p}");
         }
@@ -321,6 +377,8 @@ fn check_wal(
     repo: &Repository,
     items: &[(String, String, WalFileKind)],
     jobs: usize,
+    keys: &KeyUse,
+    sizes: &HashMap<String, u64>,
 ) -> Vec<String> {
     let id = match repo.descriptor.identity() {
         Ok(id) => id,
@@ -336,11 +394,17 @@ fn check_wal(
                     return;
                 };
                 let mut check = wal::ContentCheck::new(name, kind);
-                let problem = match repo.read_object(key, &mut check) {
-                    Ok(_) => check.finish(&id).err().map(|reason| {
-                        format!("WAL {name}: stored object {key} is not this file of this cluster: {reason}")
-                    }),
-                    Err(e) => Some(format!("WAL {name}: {e}")),
+                let mut sealed_by = None;
+                let read = repo.read_object_sealed(key, &mut check, 1, &mut sealed_by);
+                let size = sizes.get(key).copied().unwrap_or(0);
+                let problem = match keys.note(key, sealed_by, size) {
+                    Some(missing) => missing,
+                    None => match read {
+                        Ok(_) => check.finish(&id).err().map(|reason| {
+                            format!("WAL {name}: stored object {key} is not this file of this cluster: {reason}")
+                        }),
+                        Err(e) => Some(format!("WAL {name}: {e}")),
+                    },
                 };
                 if let (Some(p), Ok(mut f)) = (problem, found.lock()) {
                     f.push(p);
@@ -373,4 +437,143 @@ fn rebuild_and_hash(
     // Nothing is left behind, whatever happens next.
     let _ = std::fs::remove_file(&path);
     crate::commands::restore::rebuild_file(repo, f, &mut file, &path, 1)
+}
+
+/// The data keys of the objects verify reads: objects and bytes per key, and
+/// whether the repository holds each key's file. Read through the host's key
+/// cache, an object can open although its key file is gone; a new host
+/// could not read it, so that is a problem all the same.
+struct KeyUse<'a> {
+    repo: &'a Repository,
+    tally: Mutex<BTreeMap<[u8; 16], crate::census::Tally>>,
+    /// Objects counted (one shared by several backups counts once).
+    counted: Mutex<std::collections::HashSet<String>>,
+    /// Whether keys/<id>.json is in the repository (asked once per key).
+    held: Mutex<HashMap<[u8; 16], bool>>,
+    /// Objects found sealed by each missing key.
+    missing: Mutex<HashMap<[u8; 16], u64>>,
+}
+
+/// Objects named one by one per missing key; the rest are one line.
+const MISSING_LISTED: u64 = 10;
+
+impl<'a> KeyUse<'a> {
+    fn new(repo: &'a Repository) -> KeyUse<'a> {
+        KeyUse {
+            repo,
+            tally: Mutex::new(BTreeMap::new()),
+            counted: Mutex::new(std::collections::HashSet::new()),
+            held: Mutex::new(HashMap::new()),
+            missing: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Counts object `key` (of `size` stored bytes) under the key that
+    /// sealed it. None: the repository holds that key (or the object names
+    /// none); Some: it does not, with the problem line for the first
+    /// [`MISSING_LISTED`] objects of that key (`more_missing` sums up the
+    /// others).
+    fn note(&self, key: &str, sealed_by: Option<[u8; 16]>, size: u64) -> Option<Option<String>> {
+        let id = sealed_by?;
+        let first = self
+            .counted
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.to_string());
+        if first {
+            let mut t = self.tally.lock().unwrap_or_else(|p| p.into_inner());
+            let e = t.entry(id).or_default();
+            e.objects += 1;
+            e.bytes = e.bytes.saturating_add(size);
+        }
+        let known = self
+            .held
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&id)
+            .copied();
+        let held = known.unwrap_or_else(|| {
+            // A key file that is there but damaged is held (check_key_files
+            // reports it); a store that does not answer is not "missing".
+            let held = !matches!(self.repo.key_file(&hex::encode(id)), Ok(None));
+            self.held
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(id, held);
+            held
+        });
+        if held {
+            return None;
+        }
+        if !first {
+            // Read twice (shared by backups, or rebuilt): named once.
+            return Some(None);
+        }
+        let n = {
+            let mut m = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+            let n = m.entry(id).or_default();
+            *n += 1;
+            *n
+        };
+        Some((n <= MISSING_LISTED).then(|| {
+            let id = hex::encode(id);
+            format!(
+                "{key} is sealed by key {id}, which this repository no longer holds ({} is missing): it cannot be read; restore the key file from another copy of the repository",
+                layout::key_file(&id)
+            )
+        }))
+    }
+
+    /// One line per missing key that seals more objects than were named.
+    fn more_missing(&self) -> Vec<String> {
+        let m = self.missing.lock().unwrap_or_else(|p| p.into_inner());
+        m.iter()
+            .filter(|(_, n)| **n > MISSING_LISTED)
+            .map(|(id, n)| {
+                let id = hex::encode(id);
+                format!(
+                    "{} more objects are sealed by key {id}, which this repository no longer holds ({} is missing): they cannot be read; restore the key file from another copy of the repository",
+                    n - MISSING_LISTED,
+                    layout::key_file(&id)
+                )
+            })
+            .collect()
+    }
+
+    /// The keys of the objects read (and the current key), as `key_status`.
+    fn statuses(&self, repo: &Repository) -> Vec<KeyStatus> {
+        let tally = self.tally.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let census = crate::census::Census {
+            keys: tally.clone(),
+            ..Default::default()
+        };
+        match crate::census::key_statuses(repo, Some(&census)) {
+            Ok(v) => v
+                .into_iter()
+                .filter(|k| {
+                    k.current
+                        || crate::census::key_bytes(&k.key_id)
+                            .is_some_and(|id| tally.contains_key(&id))
+                })
+                .collect(),
+            Err(e) => {
+                tracing::warn!("the key files could not be listed: {e}");
+                let held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+                let mut v: Vec<KeyStatus> = tally
+                    .iter()
+                    .map(|(id, t)| KeyStatus {
+                        key_id: hex::encode(id),
+                        current: repo.descriptor.current_key_id.as_deref()
+                            == Some(hex::encode(id).as_str()),
+                        present: held.get(id).copied().unwrap_or(true),
+                        objects: Some(t.objects),
+                        bytes: Some(t.bytes),
+                        ..Default::default()
+                    })
+                    .collect();
+                crate::census::sort_keys(&mut v);
+                v
+            }
+        }
+    }
 }

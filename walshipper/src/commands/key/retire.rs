@@ -29,6 +29,7 @@ use std::time::Instant;
 use pg_backup_contract::{KeyRepoResult, KeyReport};
 
 use super::reseal::{self, Outcome};
+use crate::census::Sealing;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::keys::{is_lower_hex, KeyCache};
@@ -46,6 +47,8 @@ const MAX_PROBLEMS: usize = 20;
 
 pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     let started = Instant::now();
+    // Header reads wait on the store, not on a core: the census's own count.
+    let census_jobs = crate::census::default_jobs(cfg);
     if !is_lower_hex(key_id, 32) {
         return Err(Error::Invalid(format!(
             "{key_id:.40?} is not a key id: 32 lowercase hex digits, as `walshipper key list` shows them"
@@ -66,7 +69,9 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
         // Without its file nowhere can anything be done: say why.
         let mut sealed = 0;
         for r in &repos {
-            sealed += census(r, &old, jobs, &mut HashSet::new())?.sealed.len();
+            sealed += census(r, &old, census_jobs, &mut HashSet::new())?
+                .sealed
+                .len();
         }
         return Err(no_key_file(key_id, sealed));
     }
@@ -105,7 +110,7 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     let mut censuses = Vec::new();
     for r in &repos {
         let mut seen = HashSet::new();
-        let c = census(r, &old, jobs, &mut seen)?;
+        let c = census(r, &old, census_jobs, &mut seen)?;
         counters
             .files_total
             .fetch_add(c.sealed.len() as u64, Ordering::Relaxed);
@@ -129,7 +134,16 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     let mut results = Vec::new();
     let mut first_error: Option<Error> = None;
     for (r, (c, seen)) in repos.iter().zip(censuses) {
-        let res = retire_in(cfg, r, key_id, &old, jobs, c, seen, &counters);
+        let res = retire_in(
+            cfg,
+            r,
+            key_id,
+            &old,
+            (jobs, census_jobs),
+            c,
+            seen,
+            &counters,
+        );
         if let (Some(e), None) = (&res.error, &first_error) {
             first_error = Some(Error::Partial {
                 code: res.code,
@@ -229,17 +243,18 @@ fn check_retirable(repos: &[Repository], key_id: &str) -> Result<()> {
 #[derive(Default)]
 struct Census {
     sealed: Vec<ObjectMeta>,
-    /// Objects whose header does not parse: which key sealed them is
+    /// Objects whose header could not be read: which key sealed them is
     /// unknown, so the key file is kept while they exist.
     unreadable: Vec<(String, String)>,
 }
 
-/// One header read per object, on `jobs` threads; names in `seen` are
-/// skipped, and every name listed is added to it. A later census needs only
-/// the new names: no writer turns an existing object into one sealed by a
-/// retired key (WAL and repo-sync only create names; backup and expire,
-/// which could replace or remove them, are locked out), and every object
-/// sealed by it that an earlier census found was re-sealed or reported.
+/// The objects whose header names `old` (crate::census), among those whose
+/// names are not in `seen`; every name listed is added to it. A later
+/// census needs only the new names: no writer turns an existing object into
+/// one sealed by a retired key (WAL and repo-sync only create names; backup
+/// and expire, which could replace or remove them, are locked out), and
+/// every object sealed by it that an earlier census found was re-sealed or
+/// reported.
 fn census(
     repo: &Repository,
     old: &[u8; 16],
@@ -252,24 +267,11 @@ fn census(
         .filter(|m| seen.insert(m.key.clone()))
         .collect();
     let out = Mutex::new(Census::default());
-    let failure: Mutex<Option<Error>> = Mutex::new(None);
-    // Header reads wait on the store, not the CPU: more of them at once.
-    parallel(objects.len(), (jobs * 4).clamp(4, 32), |i| {
-        let m = &objects[i];
-        match repo.object_key_id(&m.key) {
-            Ok(Some(id)) if id == *old => lock(&out).sealed.push(m.clone()),
-            Ok(_) | Err(Error::NotFound(_)) => {}
-            Err(Error::Corrupt { reason, .. }) => {
-                lock(&out).unreadable.push((m.key.clone(), reason))
-            }
-            Err(e) => {
-                lock(&failure).get_or_insert(e);
-            }
-        }
+    crate::census::for_each_sealing(repo, &objects, jobs, |m, s| match s {
+        Sealing::Key(id) if id == *old => lock(&out).sealed.push(m.clone()),
+        Sealing::Unreadable(reason) => lock(&out).unreadable.push((m.key.clone(), reason)),
+        Sealing::Key(_) | Sealing::Plain | Sealing::Vanished => {}
     });
-    if let Some(e) = failure.into_inner().unwrap_or_else(|p| p.into_inner()) {
-        return Err(e);
-    }
     let mut c = out.into_inner().unwrap_or_else(|p| p.into_inner());
     c.sealed.sort_by(|a, b| a.key.cmp(&b.key));
     Ok(c)
@@ -337,7 +339,7 @@ fn retire_in(
     repo: &Repository,
     key_id: &str,
     old: &[u8; 16],
-    jobs: usize,
+    (jobs, census_jobs): (usize, usize),
     first: Census,
     mut seen: HashSet<String>,
     counters: &Counters,
@@ -375,7 +377,7 @@ fn retire_in(
     loop {
         let c = match census_now.take() {
             Some(c) => c,
-            None => match census(repo, old, jobs, &mut seen) {
+            None => match census(repo, old, census_jobs, &mut seen) {
                 Ok(c) => {
                     counters
                         .files_total
@@ -394,7 +396,7 @@ fn retire_in(
         };
         for (key, reason) in &c.unreadable {
             problems.push(format!(
-                "{key}: its header is damaged ({reason}), so the key that sealed it is unknown"
+                "{key}: its header could not be read ({reason}), so the key that sealed it is unknown"
             ));
             code = crate::error::exit::DAMAGED;
         }
