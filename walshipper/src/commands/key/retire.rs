@@ -133,10 +133,13 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     let reporter = Reporter::start("retire", counters.clone(), json);
     let mut results = Vec::new();
     let mut first_error: Option<Error> = None;
-    for (r, (c, seen)) in repos.iter().zip(censuses) {
+    for (i, (r, (c, seen))) in repos.iter().zip(censuses).enumerate() {
+        // This repository's keys and repository locks (taken in this order).
+        let held = &locks[2 * i..2 * i + 2];
         let res = retire_in(
             cfg,
             r,
+            held,
             key_id,
             &old,
             (jobs, census_jobs),
@@ -337,6 +340,7 @@ fn clean_spool(dir: &Path) {
 fn retire_in(
     cfg: &Config,
     repo: &Repository,
+    held: &[crate::lock::Lock],
     key_id: &str,
     old: &[u8; 16],
     (jobs, census_jobs): (usize, usize),
@@ -426,6 +430,12 @@ fn retire_in(
         let bytes = std::sync::atomic::AtomicU64::new(0);
         parallel(c.sealed.len(), jobs, |i| {
             let m = &c.sealed[i];
+            // An S3 lease lost (not renewed for a whole TTL): another
+            // process may hold the repository now; change nothing more.
+            if let Some(e) = held.iter().find_map(|l| l.ensure_held().err()) {
+                lock(&failed).push((m.key.clone(), e.to_string(), e.exit_code()));
+                return;
+            }
             match reseal::reseal(repo, &m.key, old, &spool) {
                 Ok(Outcome::Rewritten { stored }) => {
                     crate::failpoint::point("key-retire");
@@ -468,6 +478,10 @@ fn retire_in(
         }
     }
     // Nothing is sealed by the key here any more: its file can go.
+    if let Some(e) = held.iter().find_map(|l| l.ensure_held().err()) {
+        let code = e.exit_code();
+        return fail(result, vec![e.to_string()], code);
+    }
     let file = layout::key_file(key_id);
     let removed = repo.storage.head(&file).and_then(|h| match h {
         Some(_) => repo.storage.delete(&file),
