@@ -501,6 +501,10 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
         .filter(|l| l.contains("\"progress\"") && l.contains("\"retire\""))
         .count();
     eprintln!("keys_retire: {progress} progress events in the final run");
+    // One a second: a run of more than two seconds printed some.
+    if ev["duration_s"].as_f64().unwrap() > 2.5 {
+        assert!(progress > 0, "no progress event: {}", text(&out));
+    }
     for repo in ["main", "offsite"] {
         let r = repo_result(&ev, repo);
         assert_eq!(r["current_key_id"], key2.as_str(), "{ev}");

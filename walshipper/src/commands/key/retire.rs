@@ -107,6 +107,9 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
         return Err(e);
     }
     let counters = Arc::new(Counters::default());
+    // From the census on (it reads every header: minutes on a large S3
+    // repository), so that the totals are seen growing.
+    let reporter = Reporter::start("retire", counters.clone(), json);
     let mut censuses = Vec::new();
     for r in &repos {
         let mut seen = HashSet::new();
@@ -130,7 +133,6 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     }
     drop(old_key);
 
-    let reporter = Reporter::start("retire", counters.clone(), json);
     let mut results = Vec::new();
     let mut first_error: Option<Error> = None;
     for (i, (r, (c, seen))) in repos.iter().zip(censuses).enumerate() {
