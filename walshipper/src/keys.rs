@@ -726,6 +726,13 @@ impl KeyCache {
         Some(DataKey { id, key })
     }
 
+    /// Forgets a key (`key retire`): best effort, nothing else depends on it.
+    pub fn remove(&self, key_id: &str) {
+        if is_lower_hex(key_id, 32) {
+            let _ = std::fs::remove_file(self.path(key_id));
+        }
+    }
+
     /// Best effort: a cache that cannot be written only costs speed.
     pub fn put(&self, key: &DataKey, passphrase: &[u8]) {
         if let Err(e) = self.try_put(key, passphrase) {

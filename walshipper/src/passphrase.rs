@@ -422,6 +422,16 @@ fn check_program(program: &Path, what: &str) -> Result<()> {
             mode & 0o7777
         )));
     }
+    // Another unprivileged user who owns it could change it too.
+    use std::os::unix::fs::MetadataExt;
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::getuid() };
+    if m.uid() != 0 && m.uid() != uid {
+        return Err(Error::Config(format!(
+            "{what} belongs to user id {}, neither root nor the user walshipper runs as ({uid}): its owner could change what runs with walshipper's rights; make root own it",
+            m.uid()
+        )));
+    }
     Ok(())
 }
 

@@ -1394,6 +1394,124 @@ impl Repository {
             }
         }
     }
+
+    // --- key retire: re-sealing objects under the current key ---
+
+    /// Unlocks key `id_hex` from its key file in this repository (this
+    /// host's key cache first) and keeps it to read what it sealed; None:
+    /// no such file here. Unlike a read that meets an unknown key, an error
+    /// (a damaged file, another passphrase) is returned, not skipped.
+    pub fn unlock_key(&self, id_hex: &str) -> Result<Option<DataKey>> {
+        let u = self.unlocker.as_ref().ok_or_else(|| {
+            Error::Invalid(format!(
+                "repository {} is not encrypted: it has no keys",
+                self.name
+            ))
+        })?;
+        if !is_lower_hex(id_hex, 32) {
+            return Err(Error::Invalid(format!(
+                "{id_hex:.40?} is not a key id (32 lowercase hex digits)"
+            )));
+        }
+        let key = match u.cached(id_hex) {
+            Some(k) => Some(k),
+            None => self.unlock_file(id_hex, &u.passphrase()?)?,
+        };
+        if let Some(k) = &key {
+            self.keys
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(k.id, k.clone());
+        }
+        Ok(key)
+    }
+
+    /// Keeps `key` (unlocked from a copy of this repository: copies share
+    /// their keys) to read what it sealed here.
+    pub fn hold_key(&self, key: DataKey) {
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.id, key);
+    }
+
+    /// Object `key`'s stored bytes `src` (from its first byte, whose header
+    /// is `header`) re-encoded under the current key, with the object's own
+    /// compression and frame size and the same binding (its name, this
+    /// repository). `src` is verified as it streams, and the reader fails
+    /// rather than ends unless all of it verified (every tag, the length,
+    /// the SHA-256): a damaged object never yields a complete new one. Once
+    /// read to the end, the summary's SHA-256 is the verified plaintext's.
+    pub fn resealer<R: Read>(
+        &self,
+        key: &str,
+        header: &codec::Header,
+        src: R,
+    ) -> Result<EncodingReader<FullyDecoded<R>>> {
+        if self.settings.key.is_none() {
+            return Err(Error::Invalid(format!(
+                "repository {} is not encrypted: nothing to re-seal",
+                self.name
+            )));
+        }
+        let mut s = (*self.settings).clone();
+        s.compression = header.compression;
+        s.frame_size = header.frame_size;
+        // Parallelism is across objects (`--jobs`), not within one.
+        s.threads = 1;
+        let dec = FullyDecoded(self.decoder(src, key));
+        EncodingReader::new(dec, Arc::new(s), self.binding(key)).map_err(|e| Error::io("encode", e))
+    }
+
+    /// Decodes `src`, the stored bytes of object `key` as written by
+    /// [`Self::resealer`], entirely with the current key alone: an object
+    /// not sealed by it, or damaged, is `Corrupt`. Returns the plaintext's
+    /// SHA-256 and length.
+    pub fn check_resealed(&self, key: &str, src: &mut dyn Read) -> Result<([u8; 32], u64)> {
+        let current = self
+            .current_key()
+            .ok_or_else(|| Error::Invalid(format!("repository {} is not encrypted", self.name)))?;
+        let mut h = [0u8; codec::HEADER_LEN];
+        codec::read_full(src, &mut h).map_err(|e| self.read_error(key, e))?;
+        let not_current = codec::Header::parse(&h)
+            .ok()
+            .is_none_or(|hd| !hd.encrypted || hd.key_id != current.id);
+        if not_current {
+            return Err(Error::Corrupt {
+                key: key.into(),
+                reason: "the re-sealed copy does not name the current key in its header".into(),
+            });
+        }
+        let mut dec = DecodingReader::new(
+            io::Cursor::new(h).chain(src),
+            vec![current],
+            true,
+            self.binding(key),
+        );
+        let n = io::copy(&mut dec, &mut io::sink()).map_err(|e| self.read_error(key, e))?;
+        let sha = dec.verified_sha256.ok_or_else(|| Error::Corrupt {
+            key: key.into(),
+            reason: "ended before its final frame".into(),
+        })?;
+        Ok((sha, n))
+    }
+}
+
+/// A decoder that fails instead of ending unless the object verified to
+/// its final frame (see [`Repository::resealer`]).
+pub struct FullyDecoded<R>(DecodingReader<R>);
+
+impl<R: Read> Read for FullyDecoded<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.0.read(buf)?;
+        if n == 0 && !buf.is_empty() && self.0.verified_sha256.is_none() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                CodecError::Truncated,
+            ));
+        }
+        Ok(n)
+    }
 }
 
 #[cfg(test)]

@@ -239,6 +239,33 @@ fn a_command_opens_the_repository_once_per_key_per_host() {
     let before = runs(&counter);
     run_ok(walshipper(&cfg).args(["verify"]));
     assert_eq!(runs(&counter), before + 1, "verify asks the source");
+
+    // The secret store already gives another passphrase (changed ahead of
+    // `key passphrase`): the cache still opens the repositories, but a
+    // rotation would wrap the new key by the other passphrase alone, and no
+    // one passphrase would open everything. Refused, nothing changed.
+    let before = snapshot(&cfg);
+    std::fs::write(
+        dir.join("secret"),
+        "a passphrase the key files do not know\n",
+    )
+    .unwrap();
+    let o = run(walshipper(&cfg).args(["key", "rotate"]));
+    assert!(
+        !o.status.success(),
+        "key rotate with a stale secret store succeeded"
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("does not open with the configured passphrase"),
+        "{err}"
+    );
+    assert!(
+        snapshot(&cfg) == before,
+        "a refused rotate changed the repositories"
+    );
+    std::fs::write(dir.join("secret"), format!("{SECRET}\n")).unwrap();
+    run_ok(walshipper(&cfg).args(["key", "rotate"]));
     cluster.stop();
 }
 

@@ -62,8 +62,24 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             cfg.primary().location()
         )));
     }
+    // A copy takes the source's key files and descriptor as they are: no
+    // key operation may change them meanwhile, and none may be half done
+    // (a copy made between the stages of a passphrase change would keep the
+    // old wrapping for good if the host that finishes it does not list it).
+    let mut _keys_lock = None;
     let mut source = match existing {
-        Some(rc) => Some(Repository::open_repo(cfg, rc)?),
+        Some(rc) => {
+            _keys_lock = Some(crate::lock::keys(rc)?);
+            let src = Repository::open_repo(cfg, rc)?;
+            if src.current_key().is_some() {
+                crate::commands::key::check_one_passphrase(
+                    &src,
+                    &src.passphrase()?,
+                    "repo-init of a copy",
+                )?;
+            }
+            Some(src)
+        }
         None => None,
     };
     for rc in targets {

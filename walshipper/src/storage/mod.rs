@@ -4,6 +4,7 @@
 //! not features of a driver.
 
 use std::io::Read;
+use std::path::Path;
 
 use crate::config::RepoConfig;
 use crate::error::Result;
@@ -98,6 +99,43 @@ pub enum Durability {
     AtFlush,
 }
 
+/// A budget to draw on for `n` bytes (sleeping until they are available).
+pub type Budget<'a> = &'a (dyn Fn(usize) + Sync);
+
+/// The budgets of `Storage::replace_checked` for bytes sent to the store
+/// (`up`) and read from it (`down`); None: unlimited.
+#[derive(Clone, Copy, Default)]
+pub struct Pacing<'a> {
+    pub up: Option<Budget<'a>>,
+    pub down: Option<Budget<'a>>,
+}
+
+impl Pacing<'_> {
+    pub const NONE: Pacing<'static> = Pacing {
+        up: None,
+        down: None,
+    };
+}
+
+/// `r`, drawing on `budget` for every byte read (in pieces of at most
+/// 256 KiB, so the pace stays smooth).
+pub struct PacedRead<'a> {
+    pub inner: &'a mut dyn Read,
+    pub budget: Option<Budget<'a>>,
+}
+
+impl Read for PacedRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let Some(take) = self.budget else {
+            return self.inner.read(buf);
+        };
+        let max = buf.len().min(256 << 10);
+        let n = self.inner.read(&mut buf[..max])?;
+        take(n);
+        Ok(n)
+    }
+}
+
 pub trait Storage: Send + Sync {
     /// Stores `body` under `key` atomically, only if `key` does not exist
     /// yet. A crash at any moment leaves either no object or the whole
@@ -124,6 +162,33 @@ pub trait Storage: Send + Sync {
     fn delete_prefix(&self, prefix: &str) -> Result<usize>;
     /// Human-readable location, for messages.
     fn describe(&self) -> String;
+
+    /// Replaces `key` by `body`, but only once `check` has read the new
+    /// bytes back and approved them: a large object is never replaced by
+    /// bytes nobody decoded (`key retire`). posix: a hidden temporary beside
+    /// the object, fsynced, checked, renamed over it, directory fsynced. s3:
+    /// a private local copy under `spool`, checked, PUT with a SHA-256 the
+    /// server verifies, then the stored object read back and checked (PUT
+    /// again from the copy, which is still good, if that fails). `check`'s
+    /// flag says whether it reads the store (true) or a local copy (false).
+    /// `pacing`: what the bytes crossing to and from the store draw on (the
+    /// throttle wrapper sets it; callers pass `Pacing::NONE`).
+    /// An error leaves the old object, or (s3, the checks after a PUT
+    /// failing every time) what the store made of the verified copy.
+    fn replace_checked(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        spool: &Path,
+        check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+        pacing: Pacing,
+    ) -> Result<()> {
+        let _ = (body, spool, check, pacing);
+        Err(crate::error::Error::Invalid(format!(
+            "{}: checked replacement of {key} is not supported by this storage driver",
+            self.describe()
+        )))
+    }
 
     // Compare-and-swap on small metadata objects (the S3 lock lease). A
     // version is the store's opaque tag of one write (an ETag); drivers

@@ -96,6 +96,18 @@ impl PosixStorage {
             .map(u32::from_le_bytes)
             .unwrap_or(0);
         let tmp = dir.join(format!(".{name}.{}.{suffix:08x}.tmp", std::process::id()));
+        self.write_at(dir, tmp, body, sync)
+    }
+
+    /// Writes `body` to the new file `tmp` in `dir` (0600), fsynced if
+    /// `sync`; removes it on error.
+    fn write_at(
+        &self,
+        dir: &Path,
+        tmp: PathBuf,
+        body: &mut dyn Read,
+        sync: bool,
+    ) -> io::Result<PathBuf> {
         let create = || {
             OpenOptions::new()
                 .write(true)
@@ -270,6 +282,57 @@ impl Storage for PosixStorage {
         fsync_dir(dir).map_err(|e| err("fsync", key, e))
     }
 
+    fn replace_checked(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        _spool: &Path,
+        check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+        pacing: super::Pacing,
+    ) -> Result<()> {
+        let path = self.path(key)?;
+        let dir = path.parent().unwrap_or(&self.root);
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("object");
+        // One fixed name per object: what a killed run left is removed
+        // here (a hidden name: listings never show it).
+        let tmp = dir.join(format!(".{name}.reseal.tmp"));
+        match fs::remove_file(&tmp) {
+            Ok(()) => tracing::info!("removed {} (left by an interrupted run)", tmp.display()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(err("remove", key, e)),
+        }
+        let mut body = super::PacedRead {
+            inner: body,
+            budget: pacing.up,
+        };
+        let tmp = self
+            .write_at(dir, tmp, &mut body, true)
+            .map_err(|e| err("write", key, e))?;
+        let checked = File::open(&tmp)
+            .map_err(|e| err("read back", key, e))
+            .and_then(|f| {
+                check(
+                    &mut super::PacedRead {
+                        inner: &mut io::BufReader::with_capacity(1 << 20, f),
+                        budget: pacing.down,
+                    },
+                    true,
+                )
+            });
+        if let Err(e) = checked {
+            let _ = fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if let Err(e) = fs::rename(&tmp, &path) {
+            let _ = fs::remove_file(&tmp);
+            return Err(err("rename", key, e));
+        }
+        fsync_dir(dir).map_err(|e| err("fsync", key, e))
+    }
+
     fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
         let path = self.path(key)?;
         match File::open(&path) {
@@ -427,5 +490,84 @@ mod tests {
         assert!(s.head("a/b").unwrap().is_none());
         assert!(s.list("nothing/").unwrap().is_empty());
         assert!(s.put_new("../x", &mut &b""[..], Durability::Now).is_err());
+    }
+
+    /// `replace_checked`: the check reads the new bytes before they
+    /// replace anything; a refusal, or a body that fails, leaves the old
+    /// object and no temporary; a killed run's temporary is removed.
+    #[test]
+    fn replace_checked_replaces_only_what_was_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = PosixStorage::new(dir.path());
+        let read = |s: &PosixStorage| {
+            let mut v = Vec::new();
+            s.get("w/x").unwrap().unwrap().read_to_end(&mut v).unwrap();
+            v
+        };
+        let entries = |d: &Path| {
+            let mut v: Vec<String> = fs::read_dir(d)
+                .unwrap()
+                .flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect();
+            v.sort();
+            v
+        };
+        s.put_new("w/x", &mut &b"old"[..], Durability::Now).unwrap();
+        let spool = dir.path().join("unused");
+        // Refused by the check: the old object stays, nothing is left.
+        let err = s
+            .replace_checked(
+                "w/x",
+                &mut &b"new"[..],
+                &spool,
+                &mut |r, store| {
+                    assert!(store);
+                    let mut v = Vec::new();
+                    r.read_to_end(&mut v).unwrap();
+                    assert_eq!(v, b"new");
+                    Err(Error::Invalid("refused".into()))
+                },
+                crate::storage::Pacing::NONE,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("refused"));
+        assert_eq!(read(&s), b"old");
+        assert_eq!(entries(&dir.path().join("w")), vec!["x"]);
+        // A body that fails midway: the check is never called.
+        let mut failing = (&b"ne"[..]).chain(FailingReader);
+        let err = s
+            .replace_checked(
+                "w/x",
+                &mut failing,
+                &spool,
+                &mut |_, _| panic!("checked a body that failed"),
+                crate::storage::Pacing::NONE,
+            )
+            .unwrap_err();
+        assert!(matches!(err, Error::Storage { op: "write", .. }), "{err}");
+        assert_eq!(read(&s), b"old");
+        assert_eq!(entries(&dir.path().join("w")), vec!["x"]);
+        // What a killed run left is removed; approved bytes replace the object.
+        fs::write(dir.path().join("w/.x.reseal.tmp"), b"partial").unwrap();
+        s.replace_checked(
+            "w/x",
+            &mut &b"new"[..],
+            &spool,
+            &mut |_, _| Ok(()),
+            crate::storage::Pacing::NONE,
+        )
+        .unwrap();
+        assert_eq!(read(&s), b"new");
+        assert_eq!(entries(&dir.path().join("w")), vec!["x"]);
+        assert!(!spool.exists());
+    }
+
+    struct FailingReader;
+
+    impl Read for FailingReader {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::other("the source failed"))
+        }
     }
 }

@@ -628,6 +628,95 @@ impl Storage for S3Storage {
         self.put(key, body, false).map(|_| ())
     }
 
+    fn replace_checked(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        spool: &std::path::Path,
+        check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+        pacing: super::Pacing,
+    ) -> Result<()> {
+        use std::io::{Seek, Write};
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+        let full = self.full(key)?;
+        let local = |op: &'static str, e: io::Error| Error::Storage {
+            op,
+            key: format!(
+                "{} (local copy of s3://{}/{full})",
+                spool.display(),
+                self.bucket
+            ),
+            source: e,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(spool)
+            .map_err(|e| local("create", e))?;
+        let path = spool.join(format!(
+            ".{}.reseal",
+            hex::encode(crate::keys::random::<8>()?)
+        ));
+        // Removed however this ends (a SIGKILL leaves it to the next run).
+        struct Remove(std::path::PathBuf);
+        impl Drop for Remove {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(&self.0);
+            }
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&path)
+            .map_err(|e| local("create", e))?;
+        let _remove = Remove(path);
+        let mut w = io::BufWriter::with_capacity(1 << 20, &mut f);
+        io::copy(body, &mut w)
+            .and_then(|_| w.flush())
+            .map_err(|e| local("write", e))?;
+        drop(w);
+        f.rewind().map_err(|e| local("read", e))?;
+        check(&mut io::BufReader::with_capacity(1 << 20, &mut f), false)?;
+        const ATTEMPTS: u32 = 3;
+        for attempt in 1..=ATTEMPTS {
+            f.rewind().map_err(|e| local("read", e))?;
+            self.put(
+                key,
+                &mut super::PacedRead {
+                    inner: &mut io::BufReader::with_capacity(1 << 20, &mut f),
+                    budget: pacing.up,
+                },
+                false,
+            )?;
+            let stored = match self.get(key)? {
+                Some(mut r) => check(
+                    &mut super::PacedRead {
+                        inner: &mut r,
+                        budget: pacing.down,
+                    },
+                    true,
+                ),
+                None => Err(self.err(
+                    "read back",
+                    &full,
+                    io::Error::other("the object is missing right after it was stored"),
+                )),
+            };
+            match stored {
+                Ok(()) => return Ok(()),
+                Err(e) if attempt < ATTEMPTS => tracing::warn!(
+                    "s3://{}/{full} did not read back as written ({e}); storing it again from the verified local copy",
+                    self.bucket
+                ),
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
         let full = self.full(key)?;
         match self.rt.block_on(

@@ -124,6 +124,32 @@ impl Storage for Throttled {
     fn put_replace(&self, key: &str, body: &mut dyn Read) -> Result<()> {
         self.paced_put(body, |b| self.inner.put_replace(key, b))
     }
+    fn replace_checked(
+        &self,
+        key: &str,
+        body: &mut dyn Read,
+        spool: &std::path::Path,
+        check: &mut dyn FnMut(&mut dyn Read, bool) -> Result<()>,
+        _pacing: super::Pacing,
+    ) -> Result<()> {
+        // The driver draws on the budgets for what really crosses to and
+        // from the store (s3: the PUT and the read-back, not its local copy).
+        let take_up = |n: usize| {
+            if let Some(b) = &self.up {
+                b.take(n)
+            }
+        };
+        let take_down = |n: usize| {
+            if let Some(b) = &self.down {
+                b.take(n)
+            }
+        };
+        let pacing = super::Pacing {
+            up: self.up.is_some().then_some(&take_up as super::Budget),
+            down: self.down.is_some().then_some(&take_down as super::Budget),
+        };
+        self.inner.replace_checked(key, body, spool, check, pacing)
+    }
     fn get(&self, key: &str) -> Result<Option<Box<dyn Read + Send>>> {
         let body = self.inner.get(key)?;
         Ok(match (&self.down, body) {

@@ -8,15 +8,52 @@
 //!   stages, so that a crash leaves each repository openable by the old or
 //!   the new passphrase, never by neither).
 //! - `rotate.rs`: a new data key becomes current.
-//! - `retire.rs`: re-encrypt what an old key sealed, then remove its file.
+//! - `retire.rs`: re-encrypt what an old key sealed, then remove its file;
+//!   `reseal.rs`: one object re-encrypted, checked, and only then replaced.
 //! - `list.rs`: the keys of each repository and, on request, what each seals.
 
 pub mod list;
 pub mod passphrase;
+pub mod reseal;
 pub mod retire;
 pub mod rotate;
 
 use pg_backup_contract::{Event, KeyReport};
+
+use crate::error::{Error, Result};
+use crate::layout::{self, ObjectName};
+use crate::repo::Repository;
+
+/// Refuses (`what` is the operation, for the message) unless every key file
+/// of `r` has one wrapping and `pass` opens it. Two wrappings are a
+/// passphrase change between its stages; a file `pass` does not open is
+/// wrapped by another passphrase. Either way a key written now would be
+/// wrapped by `pass` alone, and no single passphrase would open the
+/// repository any more. Costs one Argon2 run per key file.
+pub fn check_one_passphrase(r: &Repository, pass: &[u8], what: &str) -> Result<()> {
+    for obj in r.storage.list(layout::KEYS_PREFIX)? {
+        let Some(ObjectName::KeyFile { key_id }) = layout::parse(&obj.key) else {
+            continue;
+        };
+        let Some(f) = r.key_file(&key_id)? else {
+            continue;
+        };
+        if f.slots.len() > 1 {
+            return Err(Error::Invalid(format!(
+                "a passphrase change is under way in repository {}: keys/{key_id}.json is wrapped by {} passphrases. A key written by {what} now would be wrapped by the configured one only, and hosts on the other could no longer open the repository. Finish the change first (`walshipper key passphrase --finish` once every host has the new passphrase); nothing was changed",
+                r.name,
+                f.slots.len()
+            )));
+        }
+        if let Err(e) = f.unlock(pass) {
+            return Err(Error::Invalid(format!(
+                "keys/{key_id}.json of repository {} does not open with the configured passphrase ({e}). A key written by {what} now would need another passphrase than the others. Check the passphrase source (a secret store may already give a new passphrase: change it with `walshipper key passphrase` first), or restore that key file from a copy of the repository; nothing was changed",
+                r.name
+            )));
+        }
+    }
+    Ok(())
+}
 
 /// Prints the report (`--json`: one `key` event; else a few lines).
 pub fn print_report(report: &KeyReport, json: bool) {

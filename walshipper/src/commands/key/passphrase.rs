@@ -194,20 +194,45 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     report(&held, "passphrase", "done", started, args.json)
 }
 
+/// Standard input read with read(2), a byte at a time, so that nothing
+/// beyond the line is consumed and no buffer outside ours holds it.
+struct RawStdin;
+
+impl std::io::Read for RawStdin {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            // SAFETY: reads at most one byte into a valid, writable buffer.
+            let n = unsafe { libc::read(0, buf.as_mut_ptr().cast(), 1) };
+            if n >= 0 {
+                return Ok(n as usize);
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(e);
+            }
+        }
+    }
+}
+
 /// Reads one line from standard input; on a terminal, without echo and
 /// twice (a typing mistake would otherwise become the passphrase).
 fn read_stdin() -> Result<Zeroizing<Vec<u8>>> {
     use std::io::IsTerminal;
-    let stdin = std::io::stdin();
-    if !stdin.is_terminal() {
-        return keys::read_passphrase_line(&mut stdin.lock());
+    // Read from fd 0 directly, not through std's Stdin: its 8 KiB buffer
+    // would keep a copy of the passphrase, never wiped, for the process's life.
+    let mut stdin = RawStdin;
+    if !std::io::stdin().is_terminal() {
+        return keys::read_passphrase_line(&mut stdin);
     }
     let _echo_off = EchoOff::new()?;
     eprint!("New passphrase: ");
-    let a = keys::read_passphrase_line(&mut stdin.lock())?;
+    let a = keys::read_passphrase_line(&mut stdin)?;
     // ECHONL: the terminal still echoes the newline typed.
     eprint!("The same again: ");
-    let b = keys::read_passphrase_line(&mut stdin.lock())?;
+    let b = keys::read_passphrase_line(&mut stdin)?;
     if a[..] != b[..] {
         return Err(Error::Invalid(
             "the two entries differ; nothing was changed".into(),
@@ -450,8 +475,16 @@ fn finish(cfg: &Config, held: &mut [Held], target: &[u8], old: Option<&[u8]>) ->
     // is replaced by one under the new (an entry per key id).
     if let Some(dir) = cfg.key_cache_dir() {
         let cache = KeyCache::new(dir);
+        // A command source's entries are bound to its argument vector, not
+        // to the passphrase it prints (passphrase.rs).
+        let source = crate::passphrase::Source::of(cfg);
+        let binding = if source.is_command() {
+            source.cache_binding()?
+        } else {
+            Zeroizing::new(target.to_vec())
+        };
         for key in keys_seen.values() {
-            cache.put(key, target);
+            cache.put(key, &binding);
         }
     }
     Ok(others)

@@ -30,8 +30,20 @@ const POINT: &str = "key-rotate";
 
 pub fn run(cfg: &Config, json: bool) -> Result<()> {
     let started = Instant::now();
-    let (_locks, mut repos) = open_all_locked(cfg)?;
+    let (locks, mut repos) = open_all_locked(cfg)?;
     let pass = repos[0].passphrase()?;
+    // The new key is wrapped by this passphrase alone: it must be the one
+    // every key file opens with (a cache hit opened the repository without
+    // proving that), and no passphrase change may be between its stages.
+    for r in &repos {
+        super::check_one_passphrase(r, &pass, "rotate")?;
+    }
+    let held = || -> Result<()> {
+        for l in &locks {
+            l.ensure_held()?;
+        }
+        Ok(())
+    };
     let mut results: Vec<KeyRepoResult> = repos
         .iter()
         .map(|r| KeyRepoResult {
@@ -83,7 +95,7 @@ pub fn run(cfg: &Config, json: bool) -> Result<()> {
         // it current) is left as it is.
         let added = match r.key_file(&file.key_id) {
             Ok(Some(_)) => Ok(false),
-            Ok(None) => r.add_key_file(&file).map(|()| true),
+            Ok(None) => held().and_then(|()| r.add_key_file(&file).map(|()| true)),
             Err(e) => Err(e),
         };
         match added {
@@ -107,7 +119,7 @@ pub fn run(cfg: &Config, json: bool) -> Result<()> {
             res.ok = true;
             continue;
         }
-        match r.make_current(key.clone()) {
+        match held().and_then(|()| r.make_current(key.clone())) {
             Ok(()) => {
                 res.ok = true;
                 res.current_key_id = Some(file.key_id.clone());
@@ -177,33 +189,7 @@ fn open_all_locked(cfg: &Config) -> Result<(Vec<crate::lock::Lock>, Vec<Reposito
     if repos.is_empty() {
         return Err(Error::Config("no repository is configured".into()));
     }
-    for r in &repos {
-        refuse_during_passphrase_change(r)?;
-    }
     Ok((locks, repos))
-}
-
-/// A key file with more than one wrapping is a passphrase change between
-/// its stages (`key passphrase --keep-old`, or one interrupted). A key made
-/// now would be wrapped by the configured passphrase alone, so the hosts on
-/// the other one could no longer open the repository: refused.
-fn refuse_during_passphrase_change(r: &Repository) -> Result<()> {
-    for obj in r.storage.list(crate::layout::KEYS_PREFIX)? {
-        let Some(crate::layout::ObjectName::KeyFile { key_id }) = crate::layout::parse(&obj.key)
-        else {
-            continue;
-        };
-        if let Some(f) = r.key_file(&key_id)? {
-            if f.slots.len() > 1 {
-                return Err(Error::Invalid(format!(
-                    "a passphrase change is under way in repository {}: keys/{key_id}.json is wrapped by {} passphrases. A new key would be wrapped by the configured one only, and hosts on the other could no longer open the repository. Finish the change first (`walshipper key passphrase --finish` once every host has the new passphrase), then rotate; nothing was changed",
-                    r.name,
-                    f.slots.len()
-                )));
-            }
-        }
-    }
-    Ok(())
 }
 
 /// None when every repository has the same current key; else the key file
