@@ -48,9 +48,11 @@ DECLARE
     rto_target interval := coalesce(nullif(current_setting('pg_backup.rto_target', true), ''), '1h')::interval;
     warn_percent integer := coalesce(nullif(current_setting('pg_backup.storage_warn_percent', true), ''), '85')::integer;
     warn_days integer := coalesce(nullif(current_setting('pg_backup.storage_warn_days', true), ''), '14')::integer;
-    -- A data key older than this is reported (a yearly rotation is the
-    -- common policy: PCI DSS, NIST SP 800-57's cryptoperiods).
-    key_max_age constant interval := interval '365 days';
+    -- A data key older than this is reported: the rotation policy's period
+    -- (backup.set_key_rotation) plus its grace when one is set, else a year
+    -- (the common policy: PCI DSS, NIST SP 800-57's cryptoperiods).
+    key_policy record;
+    key_max_age interval;
     max_slots constant integer := 10000;
     acc jsonb := '[]';
     j record;
@@ -291,8 +293,37 @@ BEGIN
                                              'checked_at', s.checked_at))
               FROM backup.repository_status s) y), '[]');
 
-    -- encryption: per repository, and the age of the key new objects are
-    -- sealed with (a warning past key_max_age).
+    SELECT p.rotate_every, p.retire_after INTO key_policy FROM backup.key_rotation_policy p;
+    key_max_age := coalesce(key_policy.rotate_every
+                            + coalesce(nullif(current_setting('pg_backup.key_rotation_grace', true), ''), '1d')::interval,
+                            interval '365 days');
+    -- encryption: the rotation policy, the key operations of the period,
+    -- then per repository: encryption, the age of the key new objects are
+    -- sealed with (a warning past key_max_age), and the older keys still in
+    -- use (what they seal).
+    acc := acc || jsonb_build_array(jsonb_build_object(
+        'section', 'encryption', 'subject', '', 'item', 'rotation_policy',
+        'value', CASE WHEN key_policy.rotate_every IS NULL THEN 'none: keys are rotated by hand only'
+                      ELSE format('rotate every %s%s', key_policy.rotate_every,
+                                  CASE WHEN key_policy.retire_after IS NULL THEN ', old keys kept'
+                                       ELSE format(', retire keys after %s', key_policy.retire_after) END) END,
+        'status', CASE WHEN key_policy.rotate_every IS NULL THEN 'warning' ELSE 'ok' END,
+        'detail', jsonb_build_object('rotate_every', key_policy.rotate_every::text,
+                                     'retire_after', key_policy.retire_after::text)));
+    acc := acc || (
+        SELECT jsonb_build_array(jsonb_build_object(
+            'section', 'encryption', 'subject', '', 'item', 'key_operations',
+            'value', format('%s rotations, %s retirements, %s failed', count(*) FILTER (WHERE o.operation = 'rotate' AND o.status = 'succeeded'),
+                            count(*) FILTER (WHERE o.operation = 'retire' AND o.status = 'succeeded'),
+                            count(*) FILTER (WHERE o.status = 'failed')),
+            'status', CASE WHEN count(*) FILTER (WHERE o.status = 'failed') > 0 THEN 'warning'
+                           WHEN count(*) = 0 THEN 'info' ELSE 'ok' END,
+            'detail', jsonb_build_object(
+                'rotated', count(*) FILTER (WHERE o.operation = 'rotate' AND o.status = 'succeeded'),
+                'retired', count(*) FILTER (WHERE o.operation = 'retire' AND o.status = 'succeeded'),
+                'failed', count(*) FILTER (WHERE o.status = 'failed'))))
+          FROM backup.key_operations o
+         WHERE o.finished_at >= p_start AND o.finished_at < p_end);
     acc := acc || coalesce((
         SELECT jsonb_agg(x) FROM (
             SELECT jsonb_build_object(
@@ -313,7 +344,28 @@ BEGIN
                 'detail', jsonb_build_object('key_created_at', s.key_created_at,
                                              'age_days', floor(extract(epoch FROM now() - s.key_created_at) / 86400),
                                              'max_age_days', extract(day FROM key_max_age)))
-              FROM backup.repository_status s) y), '[]');
+              FROM backup.repository_status s
+            UNION ALL
+            SELECT jsonb_build_object(
+                'section', 'encryption', 'subject', s.name, 'item', 'older_keys',
+                'value', CASE WHEN k.previous = 0 AND k.missing = 0 THEN 'none'
+                              ELSE concat_ws(', ',
+                                   CASE WHEN k.previous > 0 THEN format('%s still in use%s', k.previous,
+                                        CASE WHEN k.objects IS NOT NULL THEN format(' (sealing %s objects)', k.objects) END) END,
+                                   CASE WHEN k.missing > 0 THEN format('%s missing: objects name a key the repository no longer holds', k.missing) END) END,
+                'status', CASE WHEN k.missing > 0 THEN 'failed'
+                               WHEN k.retire_overdue > 0 THEN 'warning' ELSE 'ok' END,
+                'detail', jsonb_build_object('previous', k.previous, 'missing', k.missing,
+                                             'objects', k.objects, 'retire_overdue', k.retire_overdue))
+              FROM backup.repository_status s
+              CROSS JOIN LATERAL (
+                   SELECT count(*) FILTER (WHERE kk.status = 'previous') AS previous,
+                          count(*) FILTER (WHERE kk.status = 'missing') AS missing,
+                          sum(kk.objects) FILTER (WHERE kk.status = 'previous') AS objects,
+                          count(*) FILTER (WHERE kk.retire_due_at < now()) AS retire_overdue
+                     FROM backup.keys kk
+                    WHERE kk.repository = s.name) k
+             WHERE s.encryption IS DISTINCT FROM 'none') y), '[]');
 
     -- storage: per repository, stored bytes at the start and the end of the
     -- period (the samples nearest inside it), the growth, and room now.

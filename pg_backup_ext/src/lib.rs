@@ -77,7 +77,7 @@ extension_sql_file!(
 extension_sql_file!(
     "../../sql/compliance.sql",
     name = "compliance",
-    requires = ["capacity", "recovery", "retention", "views"]
+    requires = ["capacity", "recovery", "retention", "views", "keys"]
 );
 extension_sql_file!(
     "../../sql/keys.sql",

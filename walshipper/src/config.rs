@@ -234,6 +234,11 @@ pub struct EncryptionConfig {
     pub passphrase_command: Vec<String>,
     /// Seconds the command may take before it is killed.
     pub passphrase_command_timeout: u64,
+    /// `key retire` deletes a key file no earlier than this many seconds
+    /// after the rotation that replaced the key: a writer that opened the
+    /// repository before the rotation (an archive-push in a long upload)
+    /// may still seal with it until then.
+    pub retire_settle: u64,
     /// Cache unwrapped keys on this host (see keys::KeyCache).
     pub key_cache: bool,
     /// Where; empty = $HOME/.cache/walshipper.
@@ -414,6 +419,7 @@ impl Default for EncryptionConfig {
             passphrase_file: DEFAULT_PASSPHRASE_FILE.into(),
             passphrase_command: Vec::new(),
             passphrase_command_timeout: crate::passphrase::DEFAULT_TIMEOUT_S,
+            retire_settle: 900,
             key_cache: true,
             key_cache_dir: PathBuf::new(),
         }
@@ -477,6 +483,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("encryption", "passphrase_file"),
     ("encryption", "passphrase_command"),
     ("encryption", "passphrase_command_timeout"),
+    ("encryption", "retire_settle"),
     ("encryption", "key_cache"),
     ("encryption", "key_cache_dir"),
     ("compression", "level"),
@@ -728,6 +735,9 @@ impl Config {
             ("encryption", "passphrase_file") => self.encryption.passphrase_file = v.into(),
             ("encryption", "passphrase_command") => {
                 self.encryption.passphrase_command = crate::passphrase::parse_env_command(name, v)?
+            }
+            ("encryption", "retire_settle") => {
+                self.encryption.retire_settle = parse(name, v, "a number of seconds")?
             }
             ("encryption", "passphrase_command_timeout") => {
                 self.encryption.passphrase_command_timeout = parse(name, v, "a number of seconds")?

@@ -688,7 +688,37 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
             commands::report::run(cfg, from.as_deref(), to.as_deref(), output.as_deref())
         }
         Command::NotifyTest { channel } => walshipper::notify::test(cfg, channel.as_deref()),
-        Command::Key { action } => match action {
+        Command::Key { action } => {
+            let r = run_key(cfg, action);
+            if r.is_err() {
+                let (op, id, json) = match action {
+                    KeyCommand::List { .. } => ("", None, false),
+                    KeyCommand::Passphrase { finish, json, .. } => (
+                        if *finish {
+                            "passphrase_finish"
+                        } else {
+                            "passphrase"
+                        },
+                        None,
+                        *json,
+                    ),
+                    KeyCommand::Rotate { json } => ("rotate", None, *json),
+                    KeyCommand::Retire { key_id, json, .. } => {
+                        ("retire", Some(key_id.as_str()), *json)
+                    }
+                };
+                if !op.is_empty() {
+                    commands::key::report_failure(op, id, json);
+                }
+            }
+            r
+        }
+    }
+}
+
+fn run_key(cfg: &walshipper::config::Config, action: &KeyCommand) -> walshipper::Result<()> {
+    {
+        match action {
             KeyCommand::List { json, usage } => commands::key::list::run(cfg, *json, *usage),
             KeyCommand::Passphrase {
                 new_file,
@@ -726,6 +756,6 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
                 jobs.unwrap_or_else(|| cfg.threads()),
                 *json,
             ),
-        },
+        }
     }
 }

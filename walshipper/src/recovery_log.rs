@@ -99,7 +99,9 @@ pub fn write(repo: &Repository, rec: &RecoveryRecord) -> Result<()> {
     check(rec).map_err(|why| Error::Invalid(format!("recovery record {}: {why}", rec.id)))?;
     let body = serde_json::to_vec(rec)
         .map_err(|e| Error::Invalid(format!("recovery record {}: {e}", rec.id)))?;
-    repo.put_object(&layout::recovery(&rec.id), body.as_slice())?;
+    // Written at the end of a restore that may have run for hours: sealed
+    // by the key current now, not the one current when it began.
+    repo.put_object_fresh(&layout::recovery(&rec.id), body.as_slice())?;
     Ok(())
 }
 

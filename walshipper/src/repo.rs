@@ -1053,6 +1053,64 @@ impl Repository {
         Ok((outcome, enc.summary().clone()))
     }
 
+    /// `put_object`, sealed by the key current NOW: repository.json is read
+    /// again (and authenticated with the key it names) instead of trusting
+    /// the one read at opening. For writes long after opening (the record
+    /// of a restore that ran for hours): a `key rotate` and `key retire` in
+    /// between would otherwise leave an object sealed by a key whose file
+    /// is gone.
+    pub fn put_object_fresh(&self, key: &str, plain: impl Read) -> Result<(PutOutcome, Summary)> {
+        let Some(opened_with) = &self.settings.key else {
+            return self.put_object(key, plain);
+        };
+        let body = read_small(self.storage.as_ref(), DESCRIPTOR_KEY, MAX_DESCRIPTOR_LEN)?
+            .ok_or_else(|| Error::Repository("repository.json vanished".into()))?;
+        let d = Descriptor::parse(&body)?;
+        let Some(id_hex) = d.current_key_id.clone() else {
+            return Err(Error::Repository(
+                "repository.json no longer names a current key".into(),
+            ));
+        };
+        if d.repository_id != self.descriptor.repository_id {
+            return Err(Error::Repository(
+                "repository.json now names another repository".into(),
+            ));
+        }
+        if id_hex == hex::encode(opened_with.id) {
+            return self.put_object(key, plain);
+        }
+        let id: [u8; 16] = hex::decode(&id_hex)
+            .ok()
+            .and_then(|v| v.try_into().ok())
+            .ok_or_else(|| Error::Repository("repository.json: bad current_key_id".into()))?;
+        let known = |id: &[u8; 16]| {
+            self.keys
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(id)
+                .cloned()
+        };
+        let current = match known(&id) {
+            Some(k) => k,
+            None if self.load_key(&id_hex) => known(&id).ok_or_else(|| {
+                Error::Repository(format!("key {id_hex} did not stay loaded"))
+            })?,
+            None => {
+                return Err(Error::Repository(format!(
+                    "the current key {id_hex} (repository.json was rewritten since this command opened it) does not unlock"
+                )))
+            }
+        };
+        d.check_mac(&current)?;
+        tracing::info!("the repository's current key changed while this command ran: sealing {key} with {id_hex}");
+        let mut s = (*self.settings).clone();
+        s.key = Some(current);
+        let mut enc = EncodingReader::new(plain, Arc::new(s), self.binding(key))
+            .map_err(|e| Error::io("encode", e))?;
+        let outcome = self.storage.put_new(key, &mut enc, Durability::Now)?;
+        Ok((outcome, enc.summary().clone()))
+    }
+
     /// A reader that yields `plain` encoded as this repository's object
     /// `key` (the object is bound to that key: store it under no other).
     pub fn encoder<R: Read>(&self, key: &str, plain: R) -> Result<EncodingReader<R>> {

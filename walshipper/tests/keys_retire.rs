@@ -606,6 +606,33 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
     });
     // Archiving went on throughout.
     assert_eq!(src.sql("SELECT failed_count FROM pg_stat_archiver"), "0");
+
+    // Right after a rotation, the key file waits out `retire_settle` (here
+    // 4 s) for writers that opened the repository before it; objects
+    // archived meanwhile are looked at again before it goes.
+    run_ok(shipper.cmd().args(["key", "rotate"]));
+    let key3 = current_key(&shipper);
+    assert_ne!(key3, key2);
+    let t = std::time::Instant::now();
+    let out = run(retire_cmd(&shipper, &shipper.config, &key2)
+        .env("WALSHIPPER_ENCRYPTION_RETIRE_SETTLE", "4"));
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        t.elapsed() >= Duration::from_secs(3),
+        "retired {:?} after the rotation, before retire_settle: {}",
+        t.elapsed(),
+        text(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("retire_settle"),
+        "{}",
+        text(&out)
+    );
+    for repo in ["main", "offsite"] {
+        let c = census(&shipper, repo);
+        assert_eq!(c.keys().collect::<Vec<_>>(), vec![&key3], "{repo}: {c:?}");
+        verify_clean(&shipper, repo, "after the settled retire");
+    }
     src.stop();
     eprintln!("keys_retire: done in {:?}", t0.elapsed());
 }

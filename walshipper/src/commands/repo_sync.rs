@@ -162,6 +162,18 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         let h = holdings(&repo)?;
         repos.push((repo, h));
     }
+    // The keys lock of every repository for the whole run (taken once each
+    // opened: locking a posix location creates its directory): repo-sync
+    // copies key files and objects as they are, which must not interleave
+    // with a key operation (a `key retire` between two repositories would
+    // get back an object sealed by the key it is removing, or the key file
+    // itself). Dry runs copy nothing and take none.
+    let mut _keys_locks = Vec::new();
+    if !args.dry_run {
+        for rc in &cfg.repos {
+            _keys_locks.push(crate::lock::keys(rc)?);
+        }
+    }
     let sysid = repos[0].0.descriptor.system_identifier.clone();
     if let Some((r, _)) = repos
         .iter()

@@ -326,6 +326,13 @@ impl Storage for PosixStorage {
             let _ = fs::remove_file(&tmp);
             return Err(e);
         }
+        // The object keeps its time: it was stored then (restore judges how
+        // far the archived WAL reaches by the times of its segments).
+        if let Ok(m) = fs::symlink_metadata(&path) {
+            if let (Ok(t), Ok(f)) = (m.modified(), File::options().write(true).open(&tmp)) {
+                let _ = f.set_modified(t);
+            }
+        }
         if let Err(e) = fs::rename(&tmp, &path) {
             let _ = fs::remove_file(&tmp);
             return Err(err("rename", key, e));

@@ -146,7 +146,7 @@ impl Shipper {
             format!(
                 "[pg]\ndata_dir = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\ndatabase = \"postgres\"\n\
                  {repo_section}\
-                 [encryption]\npassphrase_file = \"{}\"\nkey_cache_dir = \"{}\"\n\
+                 [encryption]\npassphrase_file = \"{}\"\nkey_cache_dir = \"{}\"\nretire_settle = 0\n\
                  [compression]\nlevel = 3\n[archive]\ncheck_timeout = 60\n",
                 data_dir.display(),
                 socket_dir.display(),

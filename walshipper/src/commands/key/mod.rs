@@ -55,8 +55,29 @@ pub fn check_one_passphrase(r: &Repository, pass: &[u8], what: &str) -> Result<(
     Ok(())
 }
 
+/// Whether this process printed its `key` event (see [`report_failure`]).
+static REPORTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The `key` event of a run that failed before it had anything to report
+/// per repository (a refusal, a lock held, a census that could not list):
+/// docs/contract.md promises one `key` event, also when it failed.
+pub fn report_failure(operation: &str, key_id: Option<&str>, json: bool) {
+    if json && !REPORTED.load(std::sync::atomic::Ordering::SeqCst) {
+        print_report(
+            &KeyReport {
+                operation: operation.into(),
+                succeeded: false,
+                key_id: key_id.map(str::to_string),
+                ..Default::default()
+            },
+            json,
+        );
+    }
+}
+
 /// Prints the report (`--json`: one `key` event; else a few lines).
 pub fn print_report(report: &KeyReport, json: bool) {
+    REPORTED.store(true, std::sync::atomic::Ordering::SeqCst);
     if json {
         crate::progress::event(&Event::Key(report.clone()));
         return;

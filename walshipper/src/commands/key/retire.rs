@@ -84,6 +84,7 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
     // Opened again under the locks: a rotation may have ended meanwhile.
     let repos = open_all(cfg)?;
     check_retirable(&repos, key_id)?;
+    let settle_until = settle_deadline(cfg, &repos[0]);
 
     // The old key, from whichever repository still holds its file (copies
     // share keys: one that lost it can still have its objects re-sealed).
@@ -148,6 +149,7 @@ pub fn run(cfg: &Config, key_id: &str, jobs: usize, json: bool) -> Result<()> {
             c,
             seen,
             &counters,
+            settle_until,
         );
         if let (Some(e), None) = (&res.error, &first_error) {
             first_error = Some(Error::Partial {
@@ -349,6 +351,7 @@ fn retire_in(
     first: Census,
     mut seen: HashSet<String>,
     counters: &Counters,
+    mut settle_until: Option<Instant>,
 ) -> RepoOutcome {
     let mut result = KeyRepoResult {
         repository: repo.name.clone(),
@@ -410,6 +413,21 @@ fn retire_in(
             if !problems.is_empty() {
                 result.objects_remaining = c.unreadable.len() as u64;
                 return fail(result, problems, code);
+            }
+            // A writer that opened the repository before the rotation may
+            // still seal with the key: wait out `retire_settle`, then look
+            // at the names that appeared meanwhile once more.
+            if let Some(t) = settle_until.take() {
+                let now = Instant::now();
+                if t > now {
+                    tracing::info!(
+                        "repository {}: nothing is sealed by key {key_id} any more; waiting {} s ([encryption] retire_settle after the rotation) for writers that opened the repository before it, then looking again",
+                        repo.name,
+                        (t - now).as_secs()
+                    );
+                    std::thread::sleep(t - now);
+                    continue;
+                }
             }
             break;
         }
@@ -479,6 +497,26 @@ fn retire_in(
             return fail(result, problems, code);
         }
     }
+    // A posix repository with a symbolic link among its objects' folders:
+    // readers follow it, the census (like every listing) does not, so what
+    // lies behind it may still need the key. Kept, and said why.
+    if let Some(links) = cfg
+        .repos
+        .iter()
+        .find(|rc| rc.name == repo.name && rc.kind == "posix")
+        .map(|rc| symbolic_links(&rc.path))
+        .filter(|l| !l.is_empty())
+    {
+        return fail(
+            result,
+            vec![format!(
+                "the repository has symbolic links ({}{}): objects behind them are not listed, so the key file is kept. walshipper writes no links; move what they point at into the repository and run `key retire` again",
+                links.iter().take(3).cloned().collect::<Vec<_>>().join(", "),
+                if links.len() > 3 { ", ..." } else { "" }
+            )],
+            crate::error::exit::CHECK_FAILED,
+        );
+    }
     // Nothing is sealed by the key here any more: its file can go.
     if let Some(e) = held.iter().find_map(|l| l.ensure_held().err()) {
         let code = e.exit_code();
@@ -504,5 +542,68 @@ fn retire_in(
         result,
         error: None,
         code: 0,
+    }
+}
+
+/// When the key file may go at the earliest: `retire_settle` after the
+/// current key was created (the rotation that replaced the retired key).
+/// None: already past, or the creation time is unknown (then no wait: the
+/// key was current long ago or the file is damaged, and a census follows).
+fn settle_deadline(cfg: &Config, repo: &Repository) -> Option<Instant> {
+    let id = repo.descriptor.current_key_id.as_deref()?;
+    let created = repo.key_file(id).ok()??.created_at;
+    let created = chrono::DateTime::parse_from_rfc3339(&created).ok()?;
+    let settle = chrono::Duration::seconds(cfg.encryption.retire_settle.min(86_400) as i64);
+    let left = (created + settle).signed_duration_since(chrono::Utc::now());
+    left.to_std().ok().map(|d| Instant::now() + d)
+}
+
+/// Symbolic links below the folders of a posix repository that hold
+/// objects a key may seal (repository-relative paths; not followed).
+fn symbolic_links(root: &std::path::Path) -> Vec<String> {
+    fn walk(dir: &std::path::Path, rel: &str, depth: usize, out: &mut Vec<String>) {
+        let Ok(entries) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let rel = format!("{rel}/{name}");
+            match e.file_type() {
+                Ok(t) if t.is_symlink() => out.push(rel),
+                Ok(t) if t.is_dir() && depth < 64 => walk(&e.path(), &rel, depth + 1, out),
+                _ => {}
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for top in ["wal", "backups", "expired", "recoveries"] {
+        match std::fs::symlink_metadata(root.join(top)) {
+            Ok(m) if m.file_type().is_symlink() => out.push(top.to_string()),
+            Ok(m) if m.is_dir() => walk(&root.join(top), top, 0, &mut out),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod link_tests {
+    #[test]
+    fn symbolic_links_below_object_folders_are_found_not_followed() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path().join("repo");
+        let elsewhere = d.path().join("elsewhere");
+        std::fs::create_dir_all(root.join("wal/0000000100000000")).unwrap();
+        std::fs::create_dir_all(root.join("keys")).unwrap();
+        std::fs::create_dir_all(elsewhere.join("deep")).unwrap();
+        assert!(super::symbolic_links(&root).is_empty());
+        // A link to a folder elsewhere, and a loop: found, never entered.
+        std::os::unix::fs::symlink(&elsewhere, root.join("wal/0000000100000001")).unwrap();
+        std::os::unix::fs::symlink(&root, elsewhere.join("deep/loop")).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, root.join("keys/not-an-object-folder")).unwrap();
+        assert_eq!(
+            super::symbolic_links(&root),
+            vec!["wal/0000000100000001".to_string()]
+        );
     }
 }
