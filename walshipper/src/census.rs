@@ -313,35 +313,10 @@ mod tests {
     #[test]
     fn census_of_a_real_repository() {
         use crate::keys::KeyFile;
-        use crate::repo::{InitOptions, Repository};
-        use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
-        let pass = dir.path().join("passphrase");
-        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
-        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let toml = dir.path().join("r.toml");
         let root = dir.path().join("r");
-        std::fs::write(
-            &toml,
-            format!(
-                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\npassphrase_file = \"{}\"\nkey_cache = false\n",
-                root.display(),
-                pass.display()
-            ),
-        )
-        .unwrap();
-        let cfg = Config::load_with_env(Some(&toml), std::iter::empty()).unwrap();
-        let id = crate::wal::ClusterIdentity {
-            system_identifier: 7_310_000_000_000_000_003,
-            pg_major: 15,
-            wal_segment_size: 16 << 20,
-        };
-        let opts = InitOptions {
-            encrypt: true,
-            kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
-            kdf_iterations: 1,
-        };
-        let mut repo = Repository::init(&cfg, cfg.primary(), &id, &opts).unwrap();
+        let (_, mut repo) =
+            crate::repo::test_support::posix_repo(dir.path(), 7_310_000_000_000_000_003);
         let old = repo.current_key().unwrap().id;
         let seg = |n: u32| format!("wal/0000000100000000/0000000100000000000000{n:02X}");
         for n in 1..=4 {

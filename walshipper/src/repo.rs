@@ -1572,6 +1572,47 @@ impl<R: Read> Read for FullyDecoded<R> {
     }
 }
 
+/// Test repositories, one home for the unit tests of every module that
+/// needs a real one (repo, census, key retire).
+#[cfg(test)]
+pub mod test_support {
+    use super::*;
+    use std::path::Path;
+
+    /// An encrypted posix repository in `dir/r` (passphrase file in `dir`,
+    /// the cheapest Argon2 costs, no key cache), created, and its
+    /// configuration.
+    pub fn posix_repo(dir: &Path, system_identifier: u64) -> (Config, Repository) {
+        use std::os::unix::fs::PermissionsExt;
+        let pass = dir.join("passphrase");
+        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
+        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let toml = dir.join("r.toml");
+        std::fs::write(
+            &toml,
+            format!(
+                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\npassphrase_file = \"{}\"\nkey_cache = false\n",
+                dir.join("r").display(),
+                pass.display()
+            ),
+        )
+        .unwrap();
+        let cfg = Config::load_with_env(Some(&toml), std::iter::empty()).unwrap();
+        let id = ClusterIdentity {
+            system_identifier,
+            pg_major: 15,
+            wal_segment_size: 16 << 20,
+        };
+        let opts = InitOptions {
+            encrypt: true,
+            kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
+            kdf_iterations: 1,
+        };
+        let repo = Repository::init(&cfg, cfg.primary(), &id, &opts).unwrap();
+        (cfg, repo)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1949,32 +1990,7 @@ mod retire_race_tests {
     /// current; the store retires the old key during the first read of
     /// `SEG` (re-sealing it under the new key when `reseal`).
     fn repository(dir: &std::path::Path, reseal: bool) -> (Repository, [u8; 16], [u8; 16]) {
-        use std::os::unix::fs::PermissionsExt;
-        let pass = dir.join("passphrase");
-        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
-        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let toml = dir.join("r.toml");
-        std::fs::write(
-            &toml,
-            format!(
-                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\npassphrase_file = \"{}\"\nkey_cache = false\n",
-                dir.join("r").display(),
-                pass.display()
-            ),
-        )
-        .unwrap();
-        let cfg = Config::load_with_env(Some(&toml), std::iter::empty()).unwrap();
-        let id = ClusterIdentity {
-            system_identifier: 7_310_000_000_000_000_002,
-            pg_major: 15,
-            wal_segment_size: 16 << 20,
-        };
-        let opts = InitOptions {
-            encrypt: true,
-            kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
-            kdf_iterations: 1,
-        };
-        let mut repo = Repository::init(&cfg, cfg.primary(), &id, &opts).unwrap();
+        let (cfg, mut repo) = super::test_support::posix_repo(dir, 7_310_000_000_000_000_002);
         let old = repo.current_key().unwrap().id;
         repo.put_object(SEG, &b"sealed by the old key"[..]).unwrap();
         let p = cfg.passphrase().unwrap();

@@ -124,38 +124,11 @@ mod tests {
     use super::*;
     use crate::config::Config;
     use crate::keys::KeyFile;
-    use crate::repo::InitOptions;
 
     const SEG: &str = "wal/0000000100000000/000000010000000000000002";
 
     fn repository(dir: &Path) -> (Config, Repository) {
-        use std::os::unix::fs::PermissionsExt;
-        let pass = dir.join("passphrase");
-        std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
-        std::fs::set_permissions(&pass, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let p = dir.join("c.toml");
-        std::fs::write(
-            &p,
-            format!(
-                "[repo]\ntype = \"posix\"\npath = \"{}\"\n[encryption]\npassphrase_file = \"{}\"\nkey_cache = false\n",
-                dir.join("r").display(),
-                pass.display()
-            ),
-        )
-        .unwrap();
-        let cfg = Config::load_with_env(Some(&p), std::iter::empty()).unwrap();
-        let id = crate::wal::ClusterIdentity {
-            system_identifier: 7_310_000_000_000_000_001,
-            pg_major: 15,
-            wal_segment_size: 16 << 20,
-        };
-        let opts = InitOptions {
-            encrypt: true,
-            kdf_memory_kib: crate::keys::MIN_KDF_MEMORY_KIB,
-            kdf_iterations: 1,
-        };
-        let repo = Repository::init(&cfg, cfg.primary(), &id, &opts).unwrap();
-        (cfg, repo)
+        crate::repo::test_support::posix_repo(dir, 7_310_000_000_000_000_001)
     }
 
     /// Re-sealed under the new key with the same plaintext; then not
