@@ -34,36 +34,6 @@ fn campaign() -> bool {
     std::env::var("PGB_KEY_CAMPAIGN").is_ok_and(|v| v == "full")
 }
 
-/// Two repositories (`main` posix, `offsite` S3 or posix), WAL pushed to
-/// both, scratch (and so the S3 spool) under `d`.
-fn two_repo_config(shipper: &Shipper, d: &Path) {
-    let text = std::fs::read_to_string(&shipper.config).unwrap();
-    let start = text.find("[repo]").unwrap();
-    let end = text.find("[encryption]").unwrap();
-    let second = match s3_repo_config("retire") {
-        Some(mut rc) => {
-            rc.name = "offsite".into();
-            s3_section("[[repo]]", &rc)
-        }
-        None => format!(
-            "[[repo]]\nname = \"offsite\"\ntype = \"posix\"\npath = \"{}\"\n",
-            d.join("offsite").display()
-        ),
-    };
-    let rest = text[end..].replace("[archive]\n", "[archive]\npush_to = \"all\"\n");
-    std::fs::write(
-        &shipper.config,
-        format!(
-            "{}[[repo]]\nname = \"main\"\ntype = \"posix\"\npath = \"{}\"\nmin_free_space = \"0\"\n{second}{rest}\
-             [restore_test]\nscratch_dir = \"{}\"\n",
-            &text[..start],
-            shipper.repo.display(),
-            d.join("scratch").display()
-        ),
-    )
-    .unwrap();
-}
-
 /// A copy of the configuration with both directions of every repository
 /// limited to `rate` bytes per second (for `key retire` only: verify and
 /// restore use the unlimited one).
@@ -243,7 +213,7 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
     let dir = scratch("retire");
     let d = dir.path();
     let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
-    two_repo_config(&shipper, d);
+    shipper.use_main_and_offsite(d, "retire");
     let src = Cluster::init(
         d,
         "src",

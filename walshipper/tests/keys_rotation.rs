@@ -24,39 +24,6 @@ use common::*;
 
 const MIN: Duration = Duration::from_secs(60);
 
-/// The shipper's configuration with two repositories, `main` (posix) and
-/// `offsite` (S3 when the test server is there), WAL pushed to both.
-fn two_repos(shipper: &Shipper, d: &std::path::Path) {
-    let text = std::fs::read_to_string(&shipper.config).unwrap();
-    let start = text.find("[repo]").unwrap();
-    let end = text.find("[encryption]").unwrap();
-    // Not about capacity: the shared test machine's disk may be nearly
-    // full, and the default min_free_space (5%) would refuse the backups.
-    let primary = format!(
-        "[[repo]]\nname = \"main\"\ntype = \"posix\"\npath = \"{}\"\nmin_free_space = \"0\"\n",
-        shipper.repo.display()
-    );
-    let second = match s3_repo_config("keyrot") {
-        Some(mut rc) => {
-            rc.name = "offsite".into();
-            s3_section("[[repo]]", &rc)
-        }
-        None => {
-            eprintln!("PGB_TEST_S3_ENDPOINT not set: the copy is a second directory");
-            format!(
-                "[[repo]]\nname = \"offsite\"\ntype = \"posix\"\npath = \"{}\"\nmin_free_space = \"0\"\n",
-                d.join("offsite").display()
-            )
-        }
-    };
-    let rest = text[end..].replace("[archive]\n", "[archive]\npush_to = \"all\"\n");
-    std::fs::write(
-        &shipper.config,
-        format!("{}{primary}{second}{rest}", &text[..start]),
-    )
-    .unwrap();
-}
-
 fn repo_configs(shipper: &Shipper) -> Vec<walshipper::config::RepoConfig> {
     walshipper::config::Config::load(Some(&shipper.config))
         .unwrap()
@@ -221,7 +188,7 @@ fn rotation_across_two_repositories_crash_walk_and_a_missing_key() {
     let dir = scratch("keyrot");
     let d = dir.path();
     let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
-    two_repos(&shipper, d);
+    shipper.use_main_and_offsite(d, "keyrot");
     let src = Cluster::init(
         d,
         "src",

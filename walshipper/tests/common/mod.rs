@@ -256,6 +256,40 @@ impl Shipper {
         .unwrap();
     }
 
+    /// Two repositories: `main` (posix, this shipper's repository) and its
+    /// copy `offsite` (on the S3 test server when there is one, else the
+    /// posix directory `d/offsite`), WAL pushed to both, no free-space floor
+    /// (the shared test machine's disk may be nearly full: not what these
+    /// tests are about), scratch (and key retire's S3 spool) under `d`.
+    #[allow(dead_code)]
+    pub fn use_main_and_offsite(&self, d: &Path, s3_tag: &str) {
+        let second = match s3_repo_config(s3_tag) {
+            Some(mut rc) => {
+                rc.name = "offsite".into();
+                s3_section("[[repo]]", &rc)
+            }
+            None => format!(
+                "[[repo]]\nname = \"offsite\"\ntype = \"posix\"\npath = \"{}\"\nmin_free_space = \"0\"\n",
+                d.join("offsite").display()
+            ),
+        };
+        self.set_repo_section(&format!(
+            "[[repo]]\nname = \"main\"\ntype = \"posix\"\npath = \"{}\"\nmin_free_space = \"0\"\n{second}",
+            self.repo.display()
+        ));
+        let text = std::fs::read_to_string(&self.config)
+            .unwrap()
+            .replace("[archive]\n", "[archive]\npush_to = \"all\"\n");
+        std::fs::write(
+            &self.config,
+            format!(
+                "{text}[restore_test]\nscratch_dir = \"{}\"\n",
+                d.join("scratch").display()
+            ),
+        )
+        .unwrap();
+    }
+
     /// Whether WAL file `name` is in the primary repository, whatever its backend.
     #[allow(dead_code)]
     pub fn has_wal(&self, name: &str) -> bool {
