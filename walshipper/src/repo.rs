@@ -762,6 +762,14 @@ impl Repository {
             }
         };
         self.descriptor.check_mac(&key)?;
+        self.seal_with(key);
+        self.unlocker = Some(u);
+        Ok(())
+    }
+
+    /// What this handle writes from now on is sealed by `key` (and it opens
+    /// what `key` sealed).
+    fn seal_with(&mut self, key: DataKey) {
         let mut s = (*self.settings).clone();
         s.key = Some(key.clone());
         self.settings = Arc::new(s);
@@ -769,8 +777,6 @@ impl Repository {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.id, key);
-        self.unlocker = Some(u);
-        Ok(())
     }
 
     /// Reads, checks and unwraps `keys/<id_hex>.json`; None if absent.
@@ -891,13 +897,7 @@ impl Repository {
         let body = serde_json::to_vec_pretty(&d).map_err(|e| Error::Repository(e.to_string()))?;
         self.storage.put_replace(DESCRIPTOR_KEY, &mut &body[..])?;
         self.descriptor = d;
-        let mut s = (*self.settings).clone();
-        s.key = Some(key.clone());
-        self.settings = Arc::new(s);
-        self.keys
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(key.id, key);
+        self.seal_with(key);
         Ok(())
     }
 
