@@ -553,9 +553,15 @@ fn settle_deadline(cfg: &Config, repo: &Repository) -> Option<Instant> {
     let id = repo.descriptor.current_key_id.as_deref()?;
     let created = repo.key_file(id).ok()??.created_at;
     let created = chrono::DateTime::parse_from_rfc3339(&created).ok()?;
-    let settle = chrono::Duration::seconds(cfg.encryption.retire_settle.min(86_400) as i64);
+    let settle_s = cfg.encryption.retire_settle.min(86_400);
+    let settle = chrono::Duration::seconds(settle_s as i64);
     let left = (created + settle).signed_duration_since(chrono::Utc::now());
-    left.to_std().ok().map(|d| Instant::now() + d)
+    // created_at is read here without unwrapping (the key may have come
+    // from the cache): a file claiming a creation in the future must not
+    // make the run wait longer than retire_settle itself.
+    left.to_std()
+        .ok()
+        .map(|d| Instant::now() + d.min(std::time::Duration::from_secs(settle_s)))
 }
 
 /// Symbolic links below the folders of a posix repository that hold
