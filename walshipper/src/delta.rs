@@ -356,131 +356,272 @@ impl<R: Read> Read for DeltaReader<R> {
     }
 }
 
-/// Applies a block delta, streamed into it, to a file holding the earlier
-/// version: each block is written in place; the end record sets the size.
-/// Every record is checked before it touches the file: a block number and
-/// length that put it past `MAX_FILE_SIZE`, a length of 0 or over a block,
-/// are refused; at the end a short block must be the file's last one and
-/// no block may lie past the end record's size.
-pub struct DeltaApplier<'f> {
-    file: &'f std::fs::File,
-    buf: Vec<u8>,
-    magic_seen: bool,
-    end: Option<u64>,
+fn invalid(what: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, format!("block delta: {what}"))
+}
+
+/// What comes next in a delta.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Next {
+    /// A record: its block number and length (its bytes are in `data`).
+    Record(u32, usize),
+    /// The end record: the file's size after this delta.
+    End(u64),
+}
+
+/// One block delta, read as a stream by [`merge`]. Every record is checked
+/// before it is used: a block number and length that put it past
+/// `MAX_FILE_SIZE`, a length of 0 or over a block, a block not after the
+/// one before it (writers list each changed block once, in order), a block
+/// after a short block, a block past the end record's size, a short block
+/// that is not the file's last.
+struct DeltaStream<R> {
+    src: R,
+    next: Next,
+    data: Vec<u8>,
+    last_blk: Option<u32>,
     /// The furthest byte any record wrote.
     written_to: u64,
     /// Where a short (partial) block ended, if one was written.
     partial_end: Option<u64>,
 }
 
-fn invalid(what: &str) -> io::Error {
-    io::Error::new(io::ErrorKind::InvalidData, format!("block delta: {what}"))
-}
-
-impl<'f> DeltaApplier<'f> {
-    pub fn new(file: &'f std::fs::File) -> Self {
-        DeltaApplier {
-            file,
-            buf: Vec::with_capacity(2 * BLOCK),
-            magic_seen: false,
-            end: None,
+impl<R: Read> DeltaStream<R> {
+    fn open(mut src: R) -> io::Result<Self> {
+        let mut magic = [0u8; 8];
+        if read_full(&mut src, &mut magic)? != 8 || &magic != DELTA_MAGIC {
+            return Err(invalid("not a block delta"));
+        }
+        let mut d = DeltaStream {
+            src,
+            next: Next::End(0),
+            data: Vec::with_capacity(BLOCK),
+            last_blk: None,
             written_to: 0,
             partial_end: None,
-        }
-    }
-
-    /// Checks that the delta was complete and truncates/extends the file.
-    pub fn finish(self) -> io::Result<u64> {
-        let size = match self.end {
-            Some(size) if self.buf.is_empty() => size,
-            _ => return Err(invalid("ended without its end record")),
         };
-        if self.written_to > size {
-            return Err(invalid("a block lies past the end record's size"));
-        }
-        if self.partial_end.is_some_and(|p| p != size) {
-            return Err(invalid("a short block that is not the file's last"));
-        }
-        self.file.set_len(size)?;
-        Ok(size)
+        d.advance()?;
+        Ok(d)
     }
 
-    fn consume(&mut self) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        let mut pos = 0;
-        if !self.magic_seen {
-            let Some(magic) = self.buf.get(..8) else {
-                return Ok(());
-            };
-            if magic != DELTA_MAGIC {
-                return Err(invalid("not a block delta"));
-            }
-            self.magic_seen = true;
-            pos = 8;
+    /// Reads the next record or the end record.
+    fn advance(&mut self) -> io::Result<()> {
+        let mut head = [0u8; 8];
+        if read_full(&mut self.src, &mut head)? != 8 {
+            return Err(invalid("ended without its end record"));
         }
-        loop {
-            let rest = self.buf.get(pos..).unwrap_or_default();
-            if self.end.is_some() {
-                if !rest.is_empty() {
-                    return Err(invalid("bytes after its end record"));
-                }
-                break;
+        let blk = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
+        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        if blk == END {
+            let mut s = [0u8; 8];
+            if read_full(&mut self.src, &mut s)? != 8 {
+                return Err(invalid("ended inside its end record"));
             }
-            let Some(head) = rest.get(..8) else {
-                break;
-            };
-            let blk = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-            let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
-            if blk == END {
-                let Some(s) = rest.get(8..16) else {
-                    break;
-                };
-                let size = u64::from_le_bytes(s.try_into().map_err(|_| invalid("end record"))?);
-                if len != 0 || size > MAX_FILE_SIZE {
-                    return Err(invalid("end record with a bad size"));
-                }
-                self.end = Some(size);
-                pos += 16;
-                continue;
+            let size = u64::from_le_bytes(s);
+            if len != 0 || size > MAX_FILE_SIZE {
+                return Err(invalid("end record with a bad size"));
             }
-            if len == 0 || len > BLOCK {
-                return Err(invalid("record with a bad length"));
+            if self.written_to > size {
+                return Err(invalid("a block lies past the end record's size"));
             }
-            let offset = u64::from(blk) * BLOCK as u64;
-            let record_end = offset + len as u64;
-            if record_end > MAX_FILE_SIZE {
-                return Err(invalid(
-                    "block beyond the largest file a delta may describe",
-                ));
+            if self.partial_end.is_some_and(|p| p != size) {
+                return Err(invalid("a short block that is not the file's last"));
             }
-            let Some(data) = rest.get(8..8 + len) else {
-                break;
-            };
-            if self.partial_end.is_some() {
-                return Err(invalid("a block after a short block"));
-            }
-            self.file.write_all_at(data, offset)?;
-            self.written_to = self.written_to.max(record_end);
-            if len < BLOCK {
-                self.partial_end = Some(record_end);
-            }
-            pos += 8 + len;
+            self.next = Next::End(size);
+            return Ok(());
         }
-        self.buf.drain(..pos);
+        if len == 0 || len > BLOCK {
+            return Err(invalid("record with a bad length"));
+        }
+        let record_end = u64::from(blk) * BLOCK as u64 + len as u64;
+        if record_end > MAX_FILE_SIZE {
+            return Err(invalid(
+                "block beyond the largest file a delta may describe",
+            ));
+        }
+        if self.partial_end.is_some() {
+            return Err(invalid("a block after a short block"));
+        }
+        if self.last_blk.is_some_and(|l| blk <= l) {
+            return Err(invalid("blocks out of order or listed twice"));
+        }
+        self.data.resize(len, 0);
+        if read_full(&mut self.src, &mut self.data)? != len {
+            return Err(invalid("ended inside a record"));
+        }
+        self.last_blk = Some(blk);
+        self.written_to = self.written_to.max(record_end);
+        if len < BLOCK {
+            self.partial_end = Some(record_end);
+        }
+        self.next = Next::Record(blk, len);
+        Ok(())
+    }
+
+    /// Whether block `blk` keeps all its 8 KiB through this delta: no record
+    /// for it, and the file's size after the delta reaches past it.
+    fn leaves_whole(&self, blk: u64) -> bool {
+        match self.next {
+            // Records come in order and lie within the size.
+            Next::Record(b, _) => u64::from(b) > blk,
+            Next::End(size) => size >= (blk + 1) * BLOCK as u64,
+        }
+    }
+
+    /// Applies this delta to block `blk`, whose bytes are `cur`: its record
+    /// for the block if it has one, then its size, as writing in place and
+    /// `set_len` would (but growing by zeros is refused).
+    fn apply(&mut self, blk: u64, cur: &mut Vec<u8>) -> io::Result<()> {
+        if let Next::Record(b, len) = self.next {
+            if u64::from(b) == blk {
+                if cur.len() < len {
+                    cur.resize(len, 0);
+                }
+                cur[..len].copy_from_slice(&self.data[..len]);
+                self.advance()?;
+            }
+        }
+        let start = blk * BLOCK as u64;
+        let keep = match self.next {
+            Next::Record(..) => BLOCK,
+            Next::End(size) => size.saturating_sub(start).min(BLOCK as u64) as usize,
+        };
+        // Writers list every block past the earlier version's end, so a
+        // file never grows by zeros: refusing it bounds what a delta can
+        // make restore write by the bytes it holds.
+        if keep > cur.len() {
+            return Err(invalid("it grows the file without listing the new blocks"));
+        }
+        cur.truncate(keep);
+        Ok(())
+    }
+
+    /// Reads the rest: the remaining records (checked, unused: a later
+    /// delta cut the file before them), the end record, and then nothing.
+    fn drain(&mut self) -> io::Result<()> {
+        while let Next::Record(..) = self.next {
+            self.advance()?;
+        }
+        let mut extra = [0u8; 1];
+        if read_full(&mut self.src, &mut extra)? != 0 {
+            return Err(invalid("bytes after its end record"));
+        }
         Ok(())
     }
 }
 
-impl Write for DeltaApplier<'_> {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        self.consume()?;
-        Ok(data.len())
-    }
+/// Where a merge failed: reading the base, reading delta `n` (counting from
+/// 0 in the order given), or writing the output.
+#[derive(Debug)]
+pub enum MergeError {
+    Base(io::Error),
+    Delta(usize, io::Error),
+    Output(io::Error),
+}
 
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+/// How much of the base is read at a time (whole blocks).
+const MERGE_RUN: usize = 32 * BLOCK;
+
+/// Rebuilds a file in one sequential pass from its earlier version `base`
+/// and its block `deltas` (oldest first), all read as streams: every block
+/// comes out as applying each delta in place would make it, and the output
+/// is hashed on the way (restore compares that SHA-256 with the manifest's,
+/// which covers the base and every delta). Nothing is written twice or read
+/// back, and memory does not depend on the file's or the deltas' sizes.
+/// `max_size` bounds the output (the manifest's size): a delta claiming a
+/// larger file is refused before more is written.
+pub fn merge<R: Read, W: Write>(
+    mut base: R,
+    deltas: Vec<R>,
+    out: &mut W,
+    max_size: u64,
+) -> Result<[u8; 32], MergeError> {
+    let mut ds = Vec::with_capacity(deltas.len());
+    for (n, d) in deltas.into_iter().enumerate() {
+        ds.push(DeltaStream::open(d).map_err(|e| MergeError::Delta(n, e))?);
     }
+    let last = ds.len().saturating_sub(1);
+    if ds.is_empty() {
+        return Err(MergeError::Delta(0, invalid("no delta to merge")));
+    }
+    let mut sha = Sha256::new();
+    let mut written = 0u64;
+    let mut emit = |bytes: &[u8]| -> Result<(), MergeError> {
+        if written + bytes.len() as u64 > max_size {
+            return Err(MergeError::Delta(
+                last,
+                invalid("the rebuilt file is larger than the manifest says"),
+            ));
+        }
+        out.write_all(bytes).map_err(MergeError::Output)?;
+        sha.update(bytes);
+        written += bytes.len() as u64;
+        Ok(())
+    };
+    let mut cur = Vec::with_capacity(BLOCK);
+    let mut block = |ds: &mut Vec<DeltaStream<R>>,
+                     blk: u64,
+                     base: &[u8],
+                     emit: &mut dyn FnMut(&[u8]) -> Result<(), MergeError>|
+     -> Result<(), MergeError> {
+        cur.clear();
+        cur.extend_from_slice(base);
+        for (n, d) in ds.iter_mut().enumerate() {
+            d.apply(blk, &mut cur)
+                .map_err(|e| MergeError::Delta(n, e))?;
+        }
+        emit(&cur)
+    };
+    let mut buf = vec![0u8; MERGE_RUN];
+    let mut blk = 0u64;
+    loop {
+        let n = read_full(&mut base, &mut buf).map_err(MergeError::Base)?;
+        let mut chunk = &buf[..n];
+        while !chunk.is_empty() {
+            // A run of blocks no delta touches goes out as it is.
+            let mut run = 0;
+            while (run + 1) * BLOCK <= chunk.len()
+                && ds.iter().all(|d| d.leaves_whole(blk + run as u64))
+            {
+                run += 1;
+            }
+            if run > 0 {
+                emit(&chunk[..run * BLOCK])?;
+                blk += run as u64;
+                chunk = &chunk[run * BLOCK..];
+                continue;
+            }
+            let take = chunk.len().min(BLOCK);
+            block(&mut ds, blk, &chunk[..take], &mut emit)?;
+            blk += 1;
+            chunk = &chunk[take..];
+        }
+        if n < buf.len() {
+            break; // the base's end (read_full fills the buffer until then)
+        }
+    }
+    // Past the base's end: what the deltas wrote there, or zeros, up to the
+    // last delta's size.
+    loop {
+        if let Next::End(size) = ds[last].next {
+            if blk * BLOCK as u64 >= size {
+                break;
+            }
+        }
+        if blk * BLOCK as u64 >= max_size {
+            return Err(MergeError::Delta(
+                last,
+                invalid("the rebuilt file is larger than the manifest says"),
+            ));
+        }
+        block(&mut ds, blk, &[], &mut emit)?;
+        blk += 1;
+    }
+    for (n, d) in ds.iter_mut().enumerate() {
+        d.drain().map_err(|e| MergeError::Delta(n, e))?;
+    }
+    out.flush().map_err(MergeError::Output)?;
+    Ok(sha.finalize().into())
 }
 
 #[cfg(test)]
@@ -493,18 +634,6 @@ mod tests {
         m.finish()
     }
 
-    fn file_with(data: &[u8]) -> (tempfile::TempDir, std::fs::File) {
-        let d = tempfile::tempdir().unwrap();
-        let p = d.path().join("f");
-        std::fs::write(&p, data).unwrap();
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&p)
-            .unwrap();
-        (d, f)
-    }
-
     fn roundtrip(old: &[u8], new: &[u8]) -> usize {
         let base = map_of(old);
         assert!(unchanged(old, &base).unwrap());
@@ -514,19 +643,17 @@ mod tests {
         r.read_to_end(&mut delta).unwrap();
         let s = r.finish();
         assert_eq!(s.sha256, <[u8; 32]>::from(Sha256::digest(new)));
-        // Applied in small pieces, as a decoder streams it.
-        let (_d, f) = file_with(old);
-        let mut a = DeltaApplier::new(&f);
-        for c in delta.chunks(1000) {
-            a.write_all(c).unwrap();
-        }
-        assert_eq!(a.finish().unwrap(), new.len() as u64);
+        // Merged with the old version, both read in small pieces.
         let mut got = Vec::new();
-        use std::io::Seek;
-        let mut f2 = &f;
-        f2.seek(io::SeekFrom::Start(0)).unwrap();
-        f2.read_to_end(&mut got).unwrap();
+        let sha = merge(
+            Trickle(old),
+            vec![Trickle(&delta)],
+            &mut got,
+            new.len() as u64,
+        )
+        .unwrap();
         assert!(got == new, "applied delta differs");
+        assert_eq!(sha, s.sha256);
         // The map after the delta is the map of the new file.
         let mut m = base;
         m.apply(&s.map_delta).unwrap();
@@ -573,12 +700,13 @@ mod tests {
         let mut r = DeltaReader::new(&new[..], map_of(&old));
         let mut delta = Vec::new();
         r.read_to_end(&mut delta).unwrap();
-        let (_d, f) = file_with(&old);
-        let mut a = DeltaApplier::new(&f);
-        a.write_all(&delta[..delta.len() - 16]).unwrap();
-        assert!(a.finish().is_err(), "a delta without its end record");
-        let mut a = DeltaApplier::new(&f);
-        assert!(a.write_all(b"NOTADELTA-------").is_err());
+        let merged = |d: &[u8]| merge(&old[..], vec![d], &mut Vec::new(), 1 << 20);
+        assert!(merged(&delta).is_ok());
+        assert!(
+            merged(&delta[..delta.len() - 16]).is_err(),
+            "a delta without its end record"
+        );
+        assert!(merged(b"NOTADELTA-------").is_err());
         let mut m = BlockMap::default();
         assert!(m.apply(b"WSBMAP01").is_err());
         let mut full = map_of(&old).encode();
@@ -652,17 +780,113 @@ mod tests {
         v
     }
 
-    fn apply_delta(parts: &[Vec<u8>]) -> io::Result<u64> {
-        let (_d, f) = file_with(&data(2, 1));
-        let mut a = DeltaApplier::new(&f);
-        a.write_all(DELTA_MAGIC)?;
+    /// The file merged from a two-block base and the delta made of `parts`;
+    /// its size.
+    fn apply_delta(parts: &[Vec<u8>]) -> Result<u64, MergeError> {
+        let mut delta = DELTA_MAGIC.to_vec();
         for p in parts {
-            a.write_all(p)?;
+            delta.extend_from_slice(p);
         }
-        let r = a.finish();
-        // Whatever happened, the file was never extended past the cap.
-        assert!(f.metadata().unwrap().len() <= MAX_FILE_SIZE);
-        r
+        let mut out = Vec::new();
+        merge(&data(2, 1)[..], vec![&delta[..]], &mut out, MAX_FILE_SIZE)?;
+        Ok(out.len() as u64)
+    }
+
+    /// Reads at most 7 bytes at a time, as a stream may.
+    struct Trickle<'a>(&'a [u8]);
+
+    impl Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.0.len()).min(7);
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// What writing each record in place and then setting the size does.
+    fn apply_in_place(file: &mut Vec<u8>, delta: &[u8]) {
+        let mut pos = 8;
+        loop {
+            let blk = u32::from_le_bytes(delta[pos..pos + 4].try_into().unwrap());
+            let len = u32::from_le_bytes(delta[pos + 4..pos + 8].try_into().unwrap()) as usize;
+            if blk == END {
+                let size = u64::from_le_bytes(delta[pos + 8..pos + 16].try_into().unwrap());
+                file.resize(size as usize, 0);
+                return;
+            }
+            let at = blk as usize * BLOCK;
+            if file.len() < at + len {
+                file.resize(at + len, 0);
+            }
+            file[at..at + len].copy_from_slice(&delta[pos + 8..pos + 8 + len]);
+            pos += 8 + len;
+        }
+    }
+
+    /// A random delta of the kind writers make on a file of `prev` bytes:
+    /// blocks in order, every block past the earlier end listed, sizes that
+    /// shrink and grow.
+    fn random_delta(rng: &mut u64, prev: u64, blocks_max: u64) -> Vec<u8> {
+        let mut next = || {
+            *rng ^= *rng << 13;
+            *rng ^= *rng >> 7;
+            *rng ^= *rng << 17;
+            *rng
+        };
+        let size = next() % (blocks_max * BLOCK as u64 + 1);
+        let mut v = DELTA_MAGIC.to_vec();
+        let first_new = prev / BLOCK as u64;
+        for blk in 0..size.div_ceil(BLOCK as u64) {
+            if blk >= first_new || next() % 3 == 0 {
+                let len = (size - blk * BLOCK as u64).min(BLOCK as u64);
+                v.extend(record(blk as u32, len as u32, 0));
+                v.extend(std::iter::repeat_n((next() % 251) as u8, len as usize));
+            }
+        }
+        v.extend(end(size));
+        v
+    }
+
+    #[test]
+    fn merging_gives_the_bytes_of_applying_in_place() {
+        for seed in 1..400u64 {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let base_blocks = (seed % 7) as usize;
+            let mut base = data(base_blocks + 1, seed as u8);
+            base.truncate(base.len() - (seed as usize * 37) % BLOCK);
+            let mut expected = base.clone();
+            let mut deltas = Vec::new();
+            for _ in 0..1 + seed % 3 {
+                let d = random_delta(&mut rng, expected.len() as u64, 8);
+                apply_in_place(&mut expected, &d);
+                deltas.push(d);
+            }
+            let mut out = Vec::new();
+            let sha = merge(
+                Trickle(&base),
+                deltas.iter().map(|d| Trickle(d)).collect(),
+                &mut out,
+                expected.len() as u64,
+            )
+            .unwrap();
+            assert!(out == expected, "seed {seed}");
+            assert_eq!(
+                sha,
+                <[u8; 32]>::from(Sha256::digest(&expected)),
+                "seed {seed}"
+            );
+            // A bound below the rebuilt size is refused.
+            if !expected.is_empty() {
+                let refused = merge(
+                    &base[..],
+                    deltas.iter().map(|d| &d[..]).collect(),
+                    &mut Vec::new(),
+                    expected.len() as u64 - 1,
+                );
+                assert!(refused.is_err(), "seed {seed}");
+            }
+        }
     }
 
     #[test]
@@ -692,6 +916,7 @@ mod tests {
                 vec![record(5, blk, BLOCK), end(8192)],
             ),
             ("u64::MAX size", vec![end(u64::MAX)]),
+            ("grown by zeros", vec![end(3 * 8192)]),
             ("size past the cap", vec![end(MAX_FILE_SIZE + 1)]),
             ("short block not last", vec![record(0, 5, 5), end(2 * 8192)]),
             (
@@ -705,6 +930,14 @@ mod tests {
             }),
             ("no end record", vec![record(0, blk, BLOCK)]),
             ("bytes after the end", vec![end(8192), vec![0]]),
+            (
+                "blocks out of order",
+                vec![record(1, blk, BLOCK), record(0, blk, BLOCK), end(2 * 8192)],
+            ),
+            (
+                "a block twice",
+                vec![record(1, blk, BLOCK), record(1, blk, BLOCK), end(2 * 8192)],
+            ),
         ] {
             assert!(apply_delta(&parts).is_err(), "{what}");
         }

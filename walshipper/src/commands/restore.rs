@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
-use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
+use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -23,7 +23,7 @@ use chrono::{DateTime, FixedOffset};
 
 use crate::codec::sha256_of;
 use crate::config::Config;
-use crate::delta::DeltaApplier;
+use crate::delta;
 use crate::error::{Error, Result};
 use crate::layout;
 use crate::manifest::{
@@ -1344,29 +1344,39 @@ fn write_zero_file(
     r.map(|()| true)
 }
 
-pub(crate) fn rebuild_file(
+/// Rebuilds `f` (which has deltas) into `out` in one sequential pass, its
+/// base and deltas read as streams side by side ([`delta::merge`]), and
+/// returns the SHA-256 of what was written, for the caller to compare with
+/// the manifest's: that check covers the base and every delta, so neither
+/// is hashed on its own.
+pub(crate) fn rebuild_file<W: Write>(
     repo: &Repository,
     f: &FileEntry,
-    file: &mut fs::File,
-    path: &Path,
+    out: &mut W,
+    dest: &Path,
     threads: usize,
 ) -> Result<[u8; 32]> {
-    let local = |e| Error::io(format!("write {}", path.display()), e);
-    {
-        let mut w = BufWriter::with_capacity(1 << 20, &mut *file);
-        repo.read_object_with(&f.object, &mut w, threads)?;
-        w.flush().map_err(local)?;
-    }
+    let base = repo.open_unhashed(&f.object, threads)?;
+    let mut deltas = Vec::with_capacity(f.deltas.len());
     for key in &f.deltas {
-        let mut applier = DeltaApplier::new(file);
-        repo.read_object(key, &mut applier)?;
-        applier.finish().map_err(|e| Error::Corrupt {
-            key: key.clone(),
-            reason: e.to_string(),
-        })?;
+        deltas.push(repo.open_unhashed(key, 1)?);
     }
-    file.seek(SeekFrom::Start(0)).map_err(local)?;
-    sha256_of(&mut *file).map_err(local)
+    let damaged = |key: &String, e: std::io::Error| {
+        if e.kind() == std::io::ErrorKind::InvalidData && crate::codec::codec_error(&e).is_none() {
+            // The delta's own format (codec errors are classified below).
+            Error::Corrupt {
+                key: key.clone(),
+                reason: e.to_string(),
+            }
+        } else {
+            repo.read_error(key, e)
+        }
+    };
+    delta::merge(base, deltas, out, f.size).map_err(|e| match e {
+        delta::MergeError::Base(e) => repo.read_error(&f.object, e),
+        delta::MergeError::Delta(n, e) => damaged(f.deltas.get(n).unwrap_or(&f.object), e),
+        delta::MergeError::Output(e) => Error::io(format!("write {}", dest.display()), e),
+    })
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1386,9 +1396,16 @@ fn restore_file_from(
         .map_err(|e| Error::io(format!("create {}", tmp_path.display()), e))?;
     let threads = if f.size > 64 << 20 { repo.threads() } else { 1 };
     let (sha, file) = if !f.deltas.is_empty() {
-        let mut file = file;
-        let sha = rebuild_file(repo, f, &mut file, &tmp_path, threads)?;
-        (sha, file)
+        let write = |e| Error::io(format!("write {}", tmp_path.display()), e);
+        if f.size >= DIRECT_MIN {
+            let mut w = DirectWriter::new(file);
+            let sha = rebuild_file(repo, f, &mut w, &tmp_path, threads)?;
+            (sha, w.finish().map_err(write)?)
+        } else {
+            let mut w = BufWriter::with_capacity(1 << 20, file);
+            let sha = rebuild_file(repo, f, &mut w, &tmp_path, threads)?;
+            (sha, w.into_inner().map_err(|e| write(e.into_error()))?)
+        }
     } else if f.size >= DIRECT_MIN {
         let mut w = DirectWriter::new(file);
         let sha = repo.read_object_with(&f.object, &mut w, threads)?;

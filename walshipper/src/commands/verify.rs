@@ -81,8 +81,8 @@ pub fn run(
     let mut work: Vec<(String, Option<String>, String)> = Vec::new();
     // Objects shared by several backups (diff/incr refer to earlier ones) are read once.
     let mut seen = std::collections::HashSet::new();
-    // Files a diff/incr rebuilds from block deltas: rebuilt in a temporary
-    // file and checked against the SHA-256 read at backup time.
+    // Files a diff/incr rebuilds from block deltas: rebuilt (hashed, not
+    // written) and checked against the SHA-256 read at backup time.
     let mut rebuilds: Vec<(crate::manifest::FileEntry, String)> = Vec::new();
     for m in &backups {
         // Every key a manifest names must be a backup object's: anything
@@ -291,13 +291,13 @@ pub fn run(
     });
     let next = AtomicUsize::new(0);
     std::thread::scope(|sc| {
-        for t in 0..jobs.max(1) {
+        for _ in 0..jobs.max(1) {
             let (next, found, rebuilds, repo) = (&next, &found, &rebuilds, &repo);
             sc.spawn(move || loop {
                 let Some((f, what)) = rebuilds.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     return;
                 };
-                let problem = match rebuild_and_hash(repo, f, t) {
+                let problem = match rebuild_and_hash(repo, f) {
                     Ok(sha) if hex::encode(sha) == f.sha256 => None,
                     Ok(sha) => Some(format!(
                         "{what}: rebuilt from {} block delta(s), SHA-256 {} is not the manifest's {}",
@@ -415,28 +415,11 @@ fn check_wal(
     found.into_inner().unwrap_or_default()
 }
 
-/// Rebuilds a delta file in a private temporary file, unlinked at once.
-fn rebuild_and_hash(
-    repo: &Repository,
-    f: &crate::manifest::FileEntry,
-    thread: usize,
-) -> Result<[u8; 32]> {
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = std::env::temp_dir().join(format!(
-        ".walshipper-verify-{}-{thread}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&path);
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .map_err(|e| Error::io(format!("create {}", path.display()), e))?;
-    // Nothing is left behind, whatever happens next.
-    let _ = std::fs::remove_file(&path);
-    crate::commands::restore::rebuild_file(repo, f, &mut file, &path, 1)
+/// The SHA-256 of a file rebuilt from its base and block deltas (nothing
+/// is written anywhere).
+fn rebuild_and_hash(repo: &Repository, f: &crate::manifest::FileEntry) -> Result<[u8; 32]> {
+    let nowhere = std::path::Path::new("(nowhere: verify only hashes)");
+    crate::commands::restore::rebuild_file(repo, f, &mut std::io::sink(), nowhere, 1)
 }
 
 /// The data keys of the objects verify reads: objects and bytes per key, and
