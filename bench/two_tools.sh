@@ -1,7 +1,11 @@
 # Sourced by the backup benchmarks, as the test user, with B (a fresh
-# directory) and BIN (walshipper) set: one PostgreSQL 15 cluster (data
-# checksums on) archiving to both walshipper and pgBackRest 2.45, configured
-# alike: zstd level 3, encryption, 2 processes, posix repositories. Started.
+# directory), BIN (walshipper) and PGBR (pgBackRest 2.59.1) set: one
+# PostgreSQL 15 cluster (data checksums on) archiving to both tools, each
+# with its best settings and configured alike: zstd level 3, encryption,
+# 2 processes, posix repositories; pgBackRest with file bundling and block
+# incremental (repo1-bundle, repo1-block). Started.
+# archive_command runs both tools' archive-push one after the other, so the
+# WAL wait at the end of every backup includes both tools' pushes.
 cd "$B"; mkdir sock pgbr-log
 head -c 48 /dev/urandom | base64 > passphrase; chmod 600 passphrase
 cat > walshipper.toml <<CONF
@@ -21,6 +25,8 @@ cat > pgbackrest.conf <<CONF
 repo1-path=$B/pgbr-repo
 repo1-cipher-type=aes-256-cbc
 repo1-cipher-pass=$(cat passphrase)
+repo1-bundle=y
+repo1-block=y
 compress-type=zst
 compress-level=3
 process-max=2
@@ -39,10 +45,10 @@ cat >> pg/postgresql.conf <<CONF
 listen_addresses = ''
 unix_socket_directories = '$B/sock'
 archive_mode = on
-archive_command = '$BIN --config $B/walshipper.toml archive-push %p && pgbackrest --config=$B/pgbackrest.conf --stanza=bench archive-push %p'
+archive_command = '$BIN --config $B/walshipper.toml archive-push %p && $PGBR --config=$B/pgbackrest.conf --stanza=bench archive-push %p'
 max_wal_size = 4GB
 shared_buffers = 256MB
 CONF
 "$BIN" --config walshipper.toml repo-init >/dev/null
 pg_ctl -D pg -l pg.log -w start >/dev/null
-pgbackrest --config="$B/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
+"$PGBR" --config="$B/pgbackrest.conf" --stanza=bench stanza-create >/dev/null
