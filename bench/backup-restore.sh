@@ -54,7 +54,7 @@ one() {
   [ "$tool" = pgbr ] && { repo=pgbr-repo; wal=archive; }
   sync  # the previous step's writes are not left for this one to flush
   before=$(stored $repo $wal)
-  m=$(python3 "$M" "$@" 2>>"$tool.log") || { echo "$tool $step failed: $m"; tail -5 "$tool.log"; exit 1; }
+  m=$(MEASURE_STDOUT=stderr python3 "$M" "$@" 2>>"$tool.log") || { echo "$tool $step failed: $m"; tail -5 "$tool.log"; exit 1; }
   after=$(stored $repo $wal)
   echo "{\"round\": $r, \"tool\": \"$tool\", \"step\": \"$step\", \"stored\": $((after - before)), \"m\": $m}" >> results.jsonl
 }

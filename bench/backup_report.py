@@ -48,6 +48,7 @@ TARGETS = {("full backup", "wall"): 0.5, ("full backup", "cpu"): 1.0,
            ("incremental after a 1 % change", "stored"): 0.5,
            ("restore of full + incr + incr", "wall"): 0.5}
 results = []
+md = []  # the same figures as a Markdown table, for the README
 print(f"walshipper vs {meta['pgbr']} (repo1-bundle=y, repo1-block=y), both: zstd 3, "
       f"encryption, 2 processes, posix repositories; {datetime.date.today()}")
 print(f"database {meta['db_bytes'] / 1e6:.0f} MB (pgbench scale {meta['scale']} + a less "
@@ -55,7 +56,7 @@ print(f"database {meta['db_bytes'] / 1e6:.0f} MB (pgbench scale {meta['scale']} 
       f"(incrementals: 2 per round, pooled), the tools alternating which goes first")
 print("CPU = user + system time of the process tree; RSS = peak resident memory of the "
       "process tree, sampled every 10 ms; stored = what the repository grew by, WAL archive excluded")
-print("archive_command pushes to both tools, so each backup's WAL wait includes both pushes\n")
+print("archive_command pushes to both tools at once, so each backup's WAL wait shares the cores with both pushes\n")
 print(f"{'':46}{'walshipper':>11}{'pgBackRest':>11}{'ratio':>7}{'per round':>13}  target")
 for title, steps in STEPS.items():
     keys = [("wall", "wall (s)"), ("cpu", "CPU (s)"), ("peak_mib", "peak RSS (MiB)")]
@@ -70,6 +71,9 @@ for title, steps in STEPS.items():
         if target:
             results.append(ratio <= target)
         name = title if key == "wall" else ""
+        unit = "MiB" if key in ("peak_mib", "stored") else "s"
+        md.append(f"| {title}, {label.split(' (')[0]} | {a:.2f} {unit} | {b:.2f} {unit} | {ratio:.2f} "
+                  f"({min(pr):.2f}–{max(pr):.2f}) | {t.replace('<=', '≤').replace(': ', ' — ')} |")
         print(f"{name:30}{label:>16}{a:11.2f}{b:11.2f}{ratio:7.2f}"
               f"{min(pr):7.2f}-{max(pr):.2f}  {t}")
 
@@ -82,7 +86,7 @@ for tool, name in [("ws", "walshipper"), ("pgbr", "pgBackRest")]:
     if tool == "ws":
         results.append(ok)
     print(f"  {name:11} chain {chain:.2f} s / full alone {full:.2f} s = {chain / full:.2f}; "
-          f"incrementals' share of the data {100 * share:.1f} %: "
+          f"incrementals' share of the data (their bytes stored / the full's) {100 * share:.1f} %: "
           f"{'met' if ok else 'NOT met'} (chain <= full alone x {1 + share:.3f})"
           + ("" if tool == "ws" else " [information]"))
 for kind, steps in [("backup", ["full", "incr1", "incr2"]), ("restore", ["chain", "fullonly"])]:
@@ -110,3 +114,7 @@ for what, c, w, step in [("backup", cpu["compress"] + cpu["sha256"], 0, "full"),
     print(f"  {what} limit = max(CPU / {cores} cores, write) = {floor:.2f} s; "
           f"walshipper's {'full backup' if step == 'full' else 'chain restore'} {tool:.2f} s "
           f"= {tool / floor:.1f}x, CPU {med(vals('ws', [step], 'cpu')):.2f} s vs {c:.2f} s")
+
+print("\nas a Markdown table (ratio: medians, and the range of the per-round ratios):")
+print(f"\n| | walshipper | {meta['pgbr']} | ratio | target |\n| --- | --- | --- | --- | --- |")
+print("\n".join(md))

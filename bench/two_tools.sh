@@ -4,8 +4,10 @@
 # with its best settings and configured alike: zstd level 3, encryption,
 # 2 processes, posix repositories; pgBackRest with file bundling and block
 # incremental (repo1-bundle, repo1-block). Started.
-# archive_command runs both tools' archive-push one after the other, so the
-# WAL wait at the end of every backup includes both tools' pushes.
+# archive_command runs both tools' archive-push at once (the script
+# archive-walshipper-pgbackrest.sh), so neither tool's backup waits for the
+# other's push to finish first, but each backup's WAL wait shares the cores
+# with both pushes.
 cd "$B"; mkdir sock pgbr-log
 head -c 48 /dev/urandom | base64 > passphrase; chmod 600 passphrase
 cat > walshipper.toml <<CONF
@@ -40,12 +42,22 @@ log-level-file=off
 pg1-path=$B/pg
 pg1-socket-path=$B/sock
 CONF
+cat > archive-walshipper-pgbackrest.sh <<SH
+#!/bin/bash
+# archive_command: both pushes at once; fails if either fails. (pgBackRest
+# refuses an archive_command without "pgbackrest" in it.)
+"$BIN" --config "$B/walshipper.toml" archive-push "\$1" & ws=\$!
+"$PGBR" --config="$B/pgbackrest.conf" --stanza=bench archive-push "\$1" & pb=\$!
+wait \$ws; rc=\$?; wait \$pb || exit
+exit \$rc
+SH
+chmod +x archive-walshipper-pgbackrest.sh
 initdb -D pg -U postgres -A trust -k >/dev/null
 cat >> pg/postgresql.conf <<CONF
 listen_addresses = ''
 unix_socket_directories = '$B/sock'
 archive_mode = on
-archive_command = '$BIN --config $B/walshipper.toml archive-push %p && $PGBR --config=$B/pgbackrest.conf --stanza=bench archive-push %p'
+archive_command = '$B/archive-walshipper-pgbackrest.sh %p'
 max_wal_size = 4GB
 shared_buffers = 256MB
 CONF
