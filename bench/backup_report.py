@@ -1,40 +1,120 @@
-"""Prints the backup/restore comparison from bench/backup-restore.sh's measurements."""
+"""Prints bench/backup-restore.sh's comparison: medians per step, ratios
+walshipper / pgBackRest with the range of the per-round ratios, the issue 17
+targets met or not, and the machine's limit beside them.
+Usage: backup_report.py DIR (with DIR/results.jsonl, meta.json, limit-*.jsonl)."""
+import datetime
 import json
-import os
 import statistics
 import sys
 
-B, ws_one, pb_one = sys.argv[1:4]
+B = sys.argv[1]
+meta = json.load(open(f"{B}/meta.json"))
+rows = [json.loads(line) for line in open(f"{B}/results.jsonl")]
+bad = [r for r in rows if r["m"]["rc"] != 0]
+if bad:
+    sys.exit(f"failed runs: {bad}")
+med = statistics.median
+MIB = 2**20
+STEPS = {  # printed step: the steps measured (the two incrementals pooled)
+    "full backup": ["full"],
+    "incremental after a 1 % change": ["incr1", "incr2"],
+    "restore of full + incr + incr": ["chain"],
+    "restore of the full alone": ["fullonly"],
+}
 
 
-def load(n):
-    return [json.loads(line) for line in open(f"{B}/{n}.jsonl")]
+def vals(tool, steps, key):
+    return [(r["m"][key] if key != "stored" else r["stored"] / MIB)
+            for r in rows if r["tool"] == tool and r["step"] in steps]
 
 
-def du(d):
-    return sum(os.path.getsize(os.path.join(r, f)) for r, _, fs in os.walk(d) for f in fs)
+def pair_ratios(steps, key):
+    out = []
+    for w in rows:
+        if w["tool"] == "ws" and w["step"] in steps:
+            p = next(r for r in rows if r["tool"] == "pgbr" and r["step"] == w["step"]
+                     and r["round"] == w["round"])
+            a, b = (x[key] if key == "stored" else x["m"][key] for x in (w, p))
+            out.append(a / b if b else float("inf"))
+    return out
 
 
-def med(rows, key):
-    return statistics.median(r[key] for r in rows)
+def verdict(ratio, limit):
+    return f"<= {limit}: {'met' if ratio <= limit else 'NOT met'}"
 
 
-print(f"{'':28}{'walshipper':>12}{'pgBackRest':>12}{'ratio':>8}")
-for op in ["backup", "restore"]:
-    w, p = load(f"ws-{op}"), load(f"pgbr-{op}")
-    bad = [r for r in w + p if r["rc"] != 0]
-    if bad:
-        sys.exit(f"a {op} run failed: {bad}")
-    for key, unit in [("wall", "s"), ("cpu", "s"), ("peak_mib", "MiB")]:
-        a, b = med(w, key), med(p, key)
-        print(f"{op + ' ' + key + ' (' + unit + ')':28}{a:12.2f}{b:12.2f}{a / b:8.2f}")
-a = du(f"{B}/ws-repo/backups/{ws_one}") / 2**20
-b = du(f"{B}/pgbr-repo/backup/bench/{pb_one}") / 2**20
-print(f"{'one backup stored (MiB)':28}{a:12.1f}{b:12.1f}{a / b:8.2f}")
-print(f"(medians of {len(load('ws-backup'))} runs each)")
-wb = med(load("ws-backup"), "wall") / med(load("pgbr-backup"), "wall")
-wr = med(load("ws-restore"), "wall") / med(load("pgbr-restore"), "wall")
-pk = max(r["peak_mib"] for r in load("ws-backup") + load("ws-restore"))
-verdict = lambda ok: "met" if ok else "NOT met"
-print(f"targets: backup <= 0.7x pgBackRest: {verdict(wb <= 0.7)} ({wb:.2f}); "
-      f"restore <= 0.7x: {verdict(wr <= 0.7)} ({wr:.2f}); peak < 256 MiB: {verdict(pk < 256)} ({pk:.0f} MiB)")
+TARGETS = {("full backup", "wall"): 0.5, ("full backup", "cpu"): 1.0,
+           ("incremental after a 1 % change", "wall"): 0.5,
+           ("incremental after a 1 % change", "stored"): 0.5,
+           ("restore of full + incr + incr", "wall"): 0.5}
+results = []
+md = []  # the same figures as a Markdown table, for the README
+print(f"walshipper vs {meta['pgbr']} (repo1-bundle=y, repo1-block=y), both: zstd 3, "
+      f"encryption, 2 processes, posix repositories; {datetime.date.today()}")
+print(f"database {meta['db_bytes'] / 1e6:.0f} MB (pgbench scale {meta['scale']} + a less "
+      f"compressible table), {meta['cpus']} CPUs; medians of {meta['runs']} rounds "
+      f"(incrementals: 2 per round, pooled), the tools alternating which goes first")
+print("CPU = user + system time of the process tree; RSS = peak resident memory of the "
+      "process tree, sampled every 10 ms; stored = what the repository grew by, WAL archive excluded")
+print("archive_command pushes to both tools at once, so each backup's WAL wait shares the cores with both pushes\n")
+print(f"{'':46}{'walshipper':>11}{'pgBackRest':>11}{'ratio':>7}{'per round':>13}  target")
+for title, steps in STEPS.items():
+    keys = [("wall", "wall (s)"), ("cpu", "CPU (s)"), ("peak_mib", "peak RSS (MiB)")]
+    if "backup" in title or "incremental" in title:
+        keys.append(("stored", "stored (MiB)"))
+    for key, label in keys:
+        a, b = med(vals("ws", steps, key)), med(vals("pgbr", steps, key))
+        pr = pair_ratios(steps, key)
+        ratio = a / b if b else float("inf")
+        target = TARGETS.get((title, key))
+        t = verdict(ratio, target) if target else ""
+        if target:
+            results.append(ratio <= target)
+        name = title if key == "wall" else ""
+        unit = "MiB" if key in ("peak_mib", "stored") else "s"
+        md.append(f"| {title}, {label.split(' (')[0]} | {a:.2f} {unit} | {b:.2f} {unit} | {ratio:.2f} "
+                  f"({min(pr):.2f}–{max(pr):.2f}) | {t.replace('<=', '≤').replace(': ', ' — ')} |")
+        print(f"{name:30}{label:>16}{a:11.2f}{b:11.2f}{ratio:7.2f}"
+              f"{min(pr):7.2f}-{max(pr):.2f}  {t}")
+
+print("\nrestore of the chain vs restore of the full alone (wall, medians):")
+for tool, name in [("ws", "walshipper"), ("pgbr", "pgBackRest")]:
+    chain, full = med(vals(tool, ["chain"], "wall")), med(vals(tool, ["fullonly"], "wall"))
+    share = med(vals(tool, ["incr1"], "stored")) + med(vals(tool, ["incr2"], "stored"))
+    share /= med(vals(tool, ["full"], "stored"))
+    ok = chain <= full * (1 + share)
+    if tool == "ws":
+        results.append(ok)
+    print(f"  {name:11} chain {chain:.2f} s / full alone {full:.2f} s = {chain / full:.2f}; "
+          f"incrementals' share of the data (their bytes stored / the full's) {100 * share:.1f} %: "
+          f"{'met' if ok else 'NOT met'} (chain <= full alone x {1 + share:.3f})"
+          + ("" if tool == "ws" else " [information]"))
+for kind, steps in [("backup", ["full", "incr1", "incr2"]), ("restore", ["chain", "fullonly"])]:
+    a, b = max(vals("ws", steps, "peak_mib")), max(vals("pgbr", steps, "peak_mib"))
+    results.append(a <= b)
+    print(f"peak RSS of any {kind}: walshipper {a:.0f} MiB, pgBackRest {b:.0f} MiB, "
+          f"ratio {a / b:.2f}: {verdict(a / b, 1)}")
+print(f"targets: {sum(results)} of {len(results)} met "
+      "(archive-push: bench/archive-push.sh; memory as files grow: bench/many-files.sh)")
+
+lim = {k: [json.loads(line) for line in open(f"{B}/limit-{k}.jsonl")]
+       for k in ["compress", "sha256", "decompress", "write"]}
+cpu = {k: med(r["cpu"] for r in v) for k, v in lim.items()}
+rel, cores = meta["rel_bytes"] / MIB, meta["cpus"]
+write = med(r["wall"] for r in lim["write"])
+print(f"\nthe machine's limit on the same data ({rel:.0f} MiB of relation files, in the page cache; "
+      f"medians of {len(lim['write'])}):")
+print(f"  CPU: zstd -3 {cpu['compress']:.2f} s, SHA-256 (openssl, SHA-NI) {cpu['sha256']:.2f} s, "
+      f"zstd -d {cpu['decompress']:.2f} s (CLI tools reading the files directly, one process each)")
+print(f"  write {rel:.0f} MiB to this disk with fsync (dd conv=fsync): wall {write:.2f} s")
+for what, c, w, step in [("backup", cpu["compress"] + cpu["sha256"], 0, "full"),
+                         ("restore", cpu["decompress"] + cpu["sha256"], write, "chain")]:
+    floor = max(c / cores, w)
+    tool = med(vals("ws", [step], "wall"))
+    print(f"  {what} limit = max(CPU / {cores} cores, write) = {floor:.2f} s; "
+          f"walshipper's {'full backup' if step == 'full' else 'chain restore'} {tool:.2f} s "
+          f"= {tool / floor:.1f}x, CPU {med(vals('ws', [step], 'cpu')):.2f} s vs {c:.2f} s")
+
+print("\nas a Markdown table (ratio: medians, and the range of the per-round ratios):")
+print(f"\n| | walshipper | {meta['pgbr']} | ratio | target |\n| --- | --- | --- | --- | --- |")
+print("\n".join(md))

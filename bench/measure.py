@@ -1,6 +1,7 @@
 """Runs a command and reports wall time, CPU time (all descendants) and the
 peak resident memory of its whole process tree (sampled every 10 ms), as
-JSON on stdout. Usage: measure.py CMD [ARG...]"""
+JSON on stdout. Usage: measure.py CMD [ARG...]
+The command's stdout is discarded, or sent to stderr with MEASURE_STDOUT=stderr."""
 import json
 import os
 import resource
@@ -31,7 +32,8 @@ def tree_rss_kib(root):
 
 before = resource.getrusage(resource.RUSAGE_CHILDREN)
 start = time.perf_counter()
-p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+out = sys.stderr if os.environ.get("MEASURE_STDOUT") == "stderr" else subprocess.DEVNULL
+p = subprocess.Popen(sys.argv[1:], stdout=out)
 peak = 0
 while p.poll() is None:
     peak = max(peak, tree_rss_kib(p.pid))
