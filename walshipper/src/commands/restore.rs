@@ -1037,46 +1037,64 @@ fn restore_into(
 /// Files at least this large are written with O_DIRECT.
 const DIRECT_MIN: u64 = 8 << 20;
 const DIRECT_ALIGN: usize = 4096;
-const DIRECT_BUF: usize = 4 << 20;
+/// Each large file is written from two buffers of this size: one filled
+/// by the decoder while the other is being written.
+const DIRECT_BUF: usize = 2 << 20;
 
-/// Writes a large restored file with O_DIRECT where the file system allows
-/// it: measured, copying 1.7 GB into the page cache was half of restore's
-/// CPU time. Full aligned blocks go straight to the device; the unaligned
-/// tail is written through the page cache. Falls back to plain writes if
-/// O_DIRECT is refused.
-struct DirectWriter {
-    file: fs::File,
-    buf: *mut u8,
+/// A buffer aligned for O_DIRECT, DIRECT_BUF bytes, `len` of them filled.
+struct AlignedBuf {
+    ptr: *mut u8,
     len: usize,
-    direct: bool,
 }
 
-// SAFETY: the buffer is owned by the writer and only used through &mut self.
-unsafe impl Send for DirectWriter {}
+// SAFETY: the allocation is owned by the buffer and moves with it.
+unsafe impl Send for AlignedBuf {}
 
-impl DirectWriter {
+impl AlignedBuf {
     fn layout() -> std::alloc::Layout {
         // DIRECT_BUF and DIRECT_ALIGN are constants that form a valid layout.
         std::alloc::Layout::from_size_align(DIRECT_BUF, DIRECT_ALIGN)
             .unwrap_or(std::alloc::Layout::new::<u8>())
     }
 
-    fn new(file: fs::File) -> DirectWriter {
-        // SAFETY: a non-zero-sized layout; checked for null before use.
-        let buf = unsafe { std::alloc::alloc(Self::layout()) };
-        let mut w = DirectWriter {
-            file,
-            buf,
-            len: 0,
-            direct: false,
-        };
-        if !buf.is_null() {
-            // On failure we keep writing through the page cache.
-            let _ = w.set_direct(true);
+    fn new() -> std::io::Result<AlignedBuf> {
+        // SAFETY: a non-zero-sized layout; checked for null.
+        let ptr = unsafe { std::alloc::alloc(Self::layout()) };
+        if ptr.is_null() {
+            return Err(std::io::ErrorKind::OutOfMemory.into());
         }
-        w
+        Ok(AlignedBuf { ptr, len: 0 })
     }
 
+    fn filled(&self) -> &[u8] {
+        // SAFETY: `len` bytes were written through `push`.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    /// Copies as much of `data` as fits; how much that was.
+    fn push(&mut self, data: &[u8]) -> usize {
+        let n = data.len().min(DIRECT_BUF - self.len);
+        // SAFETY: n bytes fit after `len` in the DIRECT_BUF-sized allocation.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(self.len), n) };
+        self.len += n;
+        n
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        // SAFETY: allocated in new() with the same layout.
+        unsafe { std::alloc::dealloc(self.ptr, Self::layout()) };
+    }
+}
+
+/// The file end of a DirectWriter, on its own thread.
+struct DirectFile {
+    file: fs::File,
+    direct: bool,
+}
+
+impl DirectFile {
     fn set_direct(&mut self, on: bool) -> std::io::Result<()> {
         use std::os::unix::io::AsRawFd;
         let fd = self.file.as_raw_fd();
@@ -1096,72 +1114,137 @@ impl DirectWriter {
         Ok(())
     }
 
-    fn flush_aligned(&mut self) -> std::io::Result<()> {
-        let aligned = self.len / DIRECT_ALIGN * DIRECT_ALIGN;
-        if aligned == 0 {
-            return Ok(());
-        }
-        // SAFETY: buf holds `len` initialised bytes.
-        let data = unsafe { std::slice::from_raw_parts(self.buf, aligned) };
-        if let Err(e) = self.file.write_all(data) {
-            if e.raw_os_error() != Some(libc::EINVAL) || !self.direct {
-                return Err(e);
+    /// Writes `data`: its aligned part with O_DIRECT (through the page cache
+    /// if the file system refuses it), and, if `last`, the unaligned tail
+    /// through the page cache.
+    fn write(&mut self, data: &[u8], last: bool) -> std::io::Result<()> {
+        let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
+        let (body, tail) = data.split_at(aligned);
+        if !body.is_empty() {
+            if let Err(e) = self.file.write_all(body) {
+                if e.raw_os_error() != Some(libc::EINVAL) || !self.direct {
+                    return Err(e);
+                }
+                self.set_direct(false)?;
+                self.file.write_all(body)?;
             }
-            // The file system refused O_DIRECT after all: write through the cache.
-            self.set_direct(false)?;
-            self.file.write_all(data)?;
         }
-        // SAFETY: moving the unwritten tail to the front of the same buffer.
-        unsafe { std::ptr::copy(self.buf.add(aligned), self.buf, self.len - aligned) };
-        self.len -= aligned;
+        if !tail.is_empty() && !last {
+            return Err(std::io::Error::other("an unaligned buffer before the last"));
+        }
+        if last && self.direct {
+            self.set_direct(false)?;
+        }
+        self.file.write_all(tail)
+    }
+}
+
+enum DirectJob {
+    Write(AlignedBuf),
+    Last(AlignedBuf),
+}
+
+/// Writes a large restored file with O_DIRECT where the file system allows
+/// it: measured, copying 1.7 GB into the page cache was half of restore's
+/// CPU time, and on this VM's disk O_DIRECT wrote 640 MiB in 0.46 s against
+/// 2.1 s through the page cache and fsync. The writes happen on a thread of
+/// their own, so that the decoder and the hash never wait for the disk
+/// (they did: each write blocks until the device has the data). Full
+/// aligned blocks go straight to the device; the unaligned tail is written
+/// through the page cache.
+struct DirectWriter {
+    cur: AlignedBuf,
+    spare: Option<AlignedBuf>,
+    jobs: Option<std::sync::mpsc::SyncSender<DirectJob>>,
+    back: std::sync::mpsc::Receiver<AlignedBuf>,
+    worker: Option<std::thread::JoinHandle<std::io::Result<fs::File>>>,
+}
+
+impl DirectWriter {
+    fn new(file: fs::File) -> std::io::Result<DirectWriter> {
+        let (cur, spare) = (AlignedBuf::new()?, AlignedBuf::new()?);
+        let (jobs, rx) = std::sync::mpsc::sync_channel::<DirectJob>(1);
+        let (back_tx, back) = std::sync::mpsc::sync_channel::<AlignedBuf>(2);
+        let worker = std::thread::spawn(move || {
+            let mut f = DirectFile {
+                file,
+                direct: false,
+            };
+            // On failure we keep writing through the page cache.
+            let _ = f.set_direct(true);
+            for job in rx {
+                match job {
+                    DirectJob::Write(mut buf) => {
+                        f.write(buf.filled(), false)?;
+                        buf.len = 0;
+                        let _ = back_tx.send(buf);
+                    }
+                    DirectJob::Last(buf) => {
+                        f.write(buf.filled(), true)?;
+                        return Ok(f.file);
+                    }
+                }
+            }
+            Err(std::io::Error::other(
+                "the writer was dropped before its end",
+            ))
+        });
+        Ok(DirectWriter {
+            cur,
+            spare: Some(spare),
+            jobs: Some(jobs),
+            back,
+            worker: Some(worker),
+        })
+    }
+
+    /// The writer thread's error, once it stopped.
+    fn worker_error(&mut self) -> std::io::Error {
+        self.jobs.take();
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(Err(e))) => e,
+            _ => std::io::Error::other("the writer thread stopped"),
+        }
+    }
+
+    fn send(&mut self, job: DirectJob) -> std::io::Result<()> {
+        let sent = self.jobs.as_ref().map(|j| j.send(job).is_ok());
+        if sent != Some(true) {
+            return Err(self.worker_error());
+        }
         Ok(())
     }
 
     fn finish(mut self) -> std::io::Result<fs::File> {
-        self.flush_aligned()?;
-        if self.len > 0 {
-            if self.direct {
-                self.set_direct(false)?;
-            }
-            // SAFETY: buf holds `len` initialised bytes.
-            let tail = unsafe { std::slice::from_raw_parts(self.buf, self.len) };
-            self.file.write_all(tail)?;
-            self.len = 0;
+        let last = std::mem::replace(&mut self.cur, AlignedBuf::new()?);
+        self.send(DirectJob::Last(last))?;
+        self.jobs.take();
+        match self.worker.take().map(|w| w.join()) {
+            Some(Ok(r)) => r,
+            _ => Err(std::io::Error::other("the writer thread panicked")),
         }
-        if self.direct {
-            self.set_direct(false)?;
-        }
-        let file = self.file.try_clone()?;
-        Ok(file)
     }
 }
 
 impl Write for DirectWriter {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        if self.buf.is_null() {
-            return self.file.write(data);
-        }
-        let n = data.len().min(DIRECT_BUF - self.len);
-        // SAFETY: n bytes fit after `len` in the DIRECT_BUF-sized buffer.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.buf.add(self.len), n) };
-        self.len += n;
-        if self.len == DIRECT_BUF {
-            self.flush_aligned()?;
+        let n = self.cur.push(data);
+        if self.cur.len == DIRECT_BUF {
+            let next = match self.spare.take() {
+                Some(b) => b,
+                None => match self.back.recv() {
+                    Ok(b) => b,
+                    Err(_) => return Err(self.worker_error()),
+                },
+            };
+            let full = std::mem::replace(&mut self.cur, next);
+            self.send(DirectJob::Write(full))?;
         }
         Ok(n)
     }
 
     fn flush(&mut self) -> std::io::Result<()> {
         Ok(())
-    }
-}
-
-impl Drop for DirectWriter {
-    fn drop(&mut self) {
-        if !self.buf.is_null() {
-            // SAFETY: allocated in new() with the same layout.
-            unsafe { std::alloc::dealloc(self.buf, Self::layout()) };
-        }
     }
 }
 
@@ -1398,7 +1481,7 @@ fn restore_file_from(
     let (sha, file) = if !f.deltas.is_empty() {
         let write = |e| Error::io(format!("write {}", tmp_path.display()), e);
         if f.size >= DIRECT_MIN {
-            let mut w = DirectWriter::new(file);
+            let mut w = DirectWriter::new(file).map_err(write)?;
             let sha = rebuild_file(repo, f, &mut w, &tmp_path, threads)?;
             (sha, w.finish().map_err(write)?)
         } else {
@@ -1407,7 +1490,8 @@ fn restore_file_from(
             (sha, w.into_inner().map_err(|e| write(e.into_error()))?)
         }
     } else if f.size >= DIRECT_MIN {
-        let mut w = DirectWriter::new(file);
+        let mut w = DirectWriter::new(file)
+            .map_err(|e| Error::io(format!("write {}", tmp_path.display()), e))?;
         let sha = repo.read_object_with(&f.object, &mut w, threads)?;
         let file = w
             .finish()
@@ -1655,12 +1739,14 @@ mod tests {
             4097,
             DIRECT_BUF,
             DIRECT_BUF + 1,
+            2 * DIRECT_BUF,
+            3 * DIRECT_BUF + 4096,
             9 * 1024 * 1024 + 123,
         ] {
             let data: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
             let path = dir.path().join(format!("f{size}"));
             let file = fs::File::create(&path).unwrap();
-            let mut w = DirectWriter::new(file);
+            let mut w = DirectWriter::new(file).unwrap();
             // Odd-sized writes, as the decoder produces them.
             for chunk in data.chunks(333_333) {
                 w.write_all(chunk).unwrap();
