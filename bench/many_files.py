@@ -72,12 +72,14 @@ def write_configs():
         f'[pg]\ndata_dir = "{B}/pg"\nhost = "{SOCK}"\n[encryption]\npassphrase_file = "{B}/passphrase"\n'
         f'key_cache_dir = "{B}/keycache"\n[compression]\nlevel = 3\n'
     )
-    open(f"{B}/ws.toml", "w").write(f'[repo]\npath = "{B}/ws-repo"\n' + common)
+    # min_free_space 0: the shared disk is often below the default 5 % free,
+    # and the few MiB these backups store are not what is measured.
+    open(f"{B}/ws.toml", "w").write(f'[repo]\npath = "{B}/ws-repo"\nmin_free_space = "0"\n' + common)
     for name, port in (("ws-s3", P_CMD), ("ws-s3-arch", P_ARCH)):
         open(f"{B}/{name}.toml", "w").write(
             f'[repo]\ntype = "s3"\nbucket = "walshipper-test"\nprefix = "{TAG}/ws"\n'
             f'endpoint = "http://127.0.0.1:{port}"\nforce_path_style = true\nregion = "us-east-1"\n'
-            f'access_key_id = "testkey"\nsecret_access_key = "testsecret"\n' + common
+            f'access_key_id = "testkey"\nsecret_access_key = "testsecret"\nmin_free_space = "0"\n' + common
         )
         os.chmod(f"{B}/{name}.toml", 0o600)  # a secret: walshipper refuses it otherwise
     best = (
