@@ -319,13 +319,35 @@ pub struct EncodingReader<R> {
 /// Compresses, seals and frames chunks, reusing its zstd context.
 struct FrameEncoder {
     sealer: Arc<Sealer>,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+}
+
+impl Drop for FrameEncoder {
+    fn drop(&mut self) {
+        if let Some(z) = self.zstd.take() {
+            // A thread that is exiting has no cache left to fill: ignored.
+            let _ = CCTX.try_with(|c| *c.borrow_mut() = Some(z));
+        }
+    }
+}
+
+thread_local! {
+    /// The zstd context (and its level) of the thread's last FrameEncoder:
+    /// making one per object cost more than compressing a small file.
+    static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl FrameEncoder {
     fn new(settings: &CodecSettings, sealer: Arc<Sealer>) -> io::Result<FrameEncoder> {
         let zstd = match settings.compression {
-            Compression::Zstd => Some(zstd::bulk::Compressor::new(settings.level)?),
+            Compression::Zstd => {
+                let cached = CCTX.with(|c| c.borrow_mut().take());
+                match cached {
+                    Some((level, z)) if level == settings.level => Some((level, z)),
+                    _ => Some((settings.level, zstd::bulk::Compressor::new(settings.level)?)),
+                }
+            }
             Compression::None => None,
         };
         Ok(FrameEncoder { sealer, zstd })
@@ -333,7 +355,7 @@ impl FrameEncoder {
 
     fn encode(&mut self, index: u32, chunk: &[u8]) -> io::Result<Vec<u8>> {
         let mut body = match &mut self.zstd {
-            Some(z) => z.compress(chunk)?,
+            Some((_, z)) => z.compress(chunk)?,
             None => chunk.to_vec(),
         };
         self.sealer
