@@ -369,7 +369,7 @@ impl FrameEncoder {
 
 /// SHA-256 of a stream, computed inline or, for large objects, on a thread
 /// of its own so that hashing overlaps reading, compressing and writing.
-enum StreamHash {
+pub(crate) enum StreamHash {
     Inline(Sha256),
     Threaded {
         tx: std::sync::mpsc::SyncSender<Arc<Vec<u8>>>,
@@ -379,7 +379,7 @@ enum StreamHash {
 }
 
 impl StreamHash {
-    fn new(threaded: bool) -> StreamHash {
+    pub(crate) fn new(threaded: bool) -> StreamHash {
         if !threaded {
             return StreamHash::Inline(Sha256::new());
         }
@@ -395,7 +395,7 @@ impl StreamHash {
         StreamHash::Threaded { tx, handle }
     }
 
-    fn update(&mut self, chunk: &Arc<Vec<u8>>) -> io::Result<()> {
+    pub(crate) fn update(&mut self, chunk: &Arc<Vec<u8>>) -> io::Result<()> {
         match self {
             StreamHash::Inline(sha) => sha.update(&chunk[..]),
             StreamHash::Threaded { tx, .. } => tx
@@ -406,7 +406,7 @@ impl StreamHash {
         Ok(())
     }
 
-    fn finish(&mut self) -> io::Result<[u8; 32]> {
+    pub(crate) fn finish(&mut self) -> io::Result<[u8; 32]> {
         match std::mem::replace(self, StreamHash::Done) {
             StreamHash::Inline(sha) => Ok(sha.finalize().into()),
             StreamHash::Threaded { tx, handle } => {

@@ -787,24 +787,36 @@ fn copy_one(
         let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
         return Ok(Some((e, failures)));
     };
-    let same = delta::unchanged(io::BufReader::with_capacity(256 << 10, &file), &map)
-        .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
-    if same {
-        counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
-        return Ok(Some((referenced(b), Vec::new())));
+    // A file written since the reference backup (its mtime or size moved)
+    // has most likely changed: one pass finds its changed blocks, hashes it
+    // and stores them. Any other (most files of an incremental) is first
+    // compared by block hashes alone, without the SHA-256 a changed file
+    // needs; if it did change after all, it is read again from the start.
+    let likely_changed = f.mtime != b.mtime || f.size != b.size;
+    let mut file = file;
+    if !likely_changed {
+        let same = delta::unchanged(io::BufReader::with_capacity(256 << 10, &file), &map)
+            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+        if same {
+            counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
+            return Ok(Some((referenced(b), Vec::new())));
+        }
+        io::Seek::rewind(&mut file)
+            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
     }
-    // Changed: read again from the start and store the changed blocks. Their
-    // pages are checked; the others are bytes an earlier backup stored (and
-    // checked). The checker reads a page again by offset, on its own handle.
+    // Only the changed blocks' pages are checked; the others are bytes an
+    // earlier backup stored (and checked). The checker reads a page again
+    // by offset, on its own handle.
     let checker = checking(
         file.try_clone()
             .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?,
         verify,
     )?;
     let failures = checker.failures.clone();
-    let mut file = file;
-    io::Seek::rewind(&mut file).map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
     let mut delta = delta::DeltaReader::new(checking(file, false)?, map);
+    if f.size > BIG_FILE {
+        delta = delta.hash_on_own_thread();
+    }
     if verify {
         delta = delta.on_changed(move |page, offset| {
             if page.len() == BLCKSZ {
@@ -812,8 +824,18 @@ fn copy_one(
             }
         });
     }
+    // Nothing is stored for a file that turns out identical.
+    if likely_changed
+        && !delta
+            .differs()
+            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?
+    {
+        return Ok(Some((referenced(b), Vec::new())));
+    }
     let (_, summary) = repo.put_object_with(&data_key, &mut delta, Durability::AtFlush, threads)?;
-    let d = delta.finish();
+    let d = delta
+        .finish()
+        .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
     let (_, msum) =
         repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
     let mut e = referenced(b);
