@@ -199,6 +199,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     };
     // Before anything is written or PostgreSQL is asked to start a backup.
     check_free_space(cfg, rc, &repo, &backups, &kind)?;
+    tracing::debug!("phase: repository checked at {:?}", started.elapsed());
 
     let mut client = connect(cfg)?;
     let q1 = |client: &mut postgres::Client, sql: &str| -> Result<String> {
@@ -258,6 +259,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         .ok_or_else(|| Error::Invalid(format!("odd start LSN {start_lsn_text}")))?;
     let start_time = chrono::Utc::now();
     tracing::info!("backup {id}: started at {start_lsn_text}");
+    tracing::debug!("phase: pg_backup_start done at {:?}", started.elapsed());
 
     let result = copy_and_finish(
         cfg,
@@ -337,6 +339,7 @@ fn copy_and_finish(
         &counters,
     )?;
     drop(reporter);
+    tracing::debug!("phase: files copied at {:?}", started.elapsed());
 
     // wait_for_archive => false: the server would poll its archive status
     // once a second (a second per backup, measured); wait_for_wal below
@@ -356,6 +359,7 @@ fn copy_and_finish(
     let stop_time = chrono::Utc::now();
     let stop_lsn = wal::parse_lsn(&stop_lsn_text)
         .ok_or_else(|| Error::Invalid(format!("odd stop LSN {stop_lsn_text}")))?;
+    tracing::debug!("phase: pg_backup_stop done at {:?}", started.elapsed());
     let timeline = label_field(&labelfile, "START TIMELINE:")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Invalid("backup_label without START TIMELINE".into()))?;
@@ -404,7 +408,9 @@ fn copy_and_finish(
         last,
         cfg.archive.check_timeout.max(60),
     )?;
+    tracing::debug!("phase: WAL archived at {:?}", started.elapsed());
     repo.storage.flush()?;
+    tracing::debug!("phase: flushed at {:?}", started.elapsed());
 
     let failures: Vec<ChecksumFailure> = copied
         .iter()
@@ -460,6 +466,7 @@ fn copy_and_finish(
     // host took the lease meanwhile (its expire may be removing our base).
     lock.ensure_held()?;
     repo.put_object(&layout::manifest(id), &body[..])?;
+    tracing::debug!("phase: manifest written at {:?}", started.elapsed());
 
     let mut chain = base_chain.to_vec();
     chain.push(id.to_string());
@@ -595,7 +602,8 @@ fn wait_for_wal(
     last: u64,
     timeout_s: u64,
 ) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    let begun = Instant::now();
+    let deadline = begun + Duration::from_secs(timeout_s);
     for segno in first..=last {
         let candidates = [repo.wal_key(tli, segno), repo.wal_key(stop_tli, segno)];
         loop {
@@ -614,7 +622,14 @@ fn wait_for_wal(
                     candidates[0].rsplit('/').next().unwrap_or_default()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // The last segment is usually archived within a few tens of
+            // milliseconds of the stop: polled often at first.
+            let step = if begun.elapsed() < Duration::from_secs(2) {
+                10
+            } else {
+                50
+            };
+            std::thread::sleep(Duration::from_millis(step));
         }
     }
     Ok(())
