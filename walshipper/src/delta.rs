@@ -534,6 +534,15 @@ mod tests {
         r.read_to_end(&mut delta).unwrap();
         let s = r.finish().unwrap();
         assert_eq!(s.sha256, <[u8; 32]>::from(Sha256::digest(new)));
+        // Asked first whether the file differs (the same pass), and hashed
+        // on a thread of its own: the same stream and summary.
+        let mut r2 = DeltaReader::new(new, base.clone()).hash_on_own_thread();
+        assert_eq!(r2.differs().unwrap(), old != new);
+        let mut delta2 = Vec::new();
+        r2.read_to_end(&mut delta2).unwrap();
+        assert!(delta2 == delta, "differs() changed the stream");
+        let s2 = r2.finish().unwrap();
+        assert_eq!((s2.sha256, &s2.map_delta), (s.sha256, &s.map_delta));
         // Applied in small pieces, as a decoder streams it.
         let (_d, f) = file_with(old);
         let mut a = DeltaApplier::new(&f);
