@@ -319,13 +319,35 @@ pub struct EncodingReader<R> {
 /// Compresses, seals and frames chunks, reusing its zstd context.
 struct FrameEncoder {
     sealer: Arc<Sealer>,
-    zstd: Option<zstd::bulk::Compressor<'static>>,
+    zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
+}
+
+impl Drop for FrameEncoder {
+    fn drop(&mut self) {
+        if let Some(z) = self.zstd.take() {
+            // A thread that is exiting has no cache left to fill: ignored.
+            let _ = CCTX.try_with(|c| *c.borrow_mut() = Some(z));
+        }
+    }
+}
+
+thread_local! {
+    /// The zstd context (and its level) of the thread's last FrameEncoder:
+    /// making one per object cost more than compressing a small file.
+    static CCTX: std::cell::RefCell<Option<(i32, zstd::bulk::Compressor<'static>)>> =
+        const { std::cell::RefCell::new(None) };
 }
 
 impl FrameEncoder {
     fn new(settings: &CodecSettings, sealer: Arc<Sealer>) -> io::Result<FrameEncoder> {
         let zstd = match settings.compression {
-            Compression::Zstd => Some(zstd::bulk::Compressor::new(settings.level)?),
+            Compression::Zstd => {
+                let cached = CCTX.with(|c| c.borrow_mut().take());
+                match cached {
+                    Some((level, z)) if level == settings.level => Some((level, z)),
+                    _ => Some((settings.level, zstd::bulk::Compressor::new(settings.level)?)),
+                }
+            }
             Compression::None => None,
         };
         Ok(FrameEncoder { sealer, zstd })
@@ -333,7 +355,7 @@ impl FrameEncoder {
 
     fn encode(&mut self, index: u32, chunk: &[u8]) -> io::Result<Vec<u8>> {
         let mut body = match &mut self.zstd {
-            Some(z) => z.compress(chunk)?,
+            Some((_, z)) => z.compress(chunk)?,
             None => chunk.to_vec(),
         };
         self.sealer
@@ -347,7 +369,7 @@ impl FrameEncoder {
 
 /// SHA-256 of a stream, computed inline or, for large objects, on a thread
 /// of its own so that hashing overlaps reading, compressing and writing.
-enum StreamHash {
+pub(crate) enum StreamHash {
     Inline(Sha256),
     Threaded {
         tx: std::sync::mpsc::SyncSender<Arc<Vec<u8>>>,
@@ -357,7 +379,7 @@ enum StreamHash {
 }
 
 impl StreamHash {
-    fn new(threaded: bool) -> StreamHash {
+    pub(crate) fn new(threaded: bool) -> StreamHash {
         if !threaded {
             return StreamHash::Inline(Sha256::new());
         }
@@ -373,7 +395,7 @@ impl StreamHash {
         StreamHash::Threaded { tx, handle }
     }
 
-    fn update(&mut self, chunk: &Arc<Vec<u8>>) -> io::Result<()> {
+    pub(crate) fn update(&mut self, chunk: &Arc<Vec<u8>>) -> io::Result<()> {
         match self {
             StreamHash::Inline(sha) => sha.update(&chunk[..]),
             StreamHash::Threaded { tx, .. } => tx
@@ -384,7 +406,7 @@ impl StreamHash {
         Ok(())
     }
 
-    fn finish(&mut self) -> io::Result<[u8; 32]> {
+    pub(crate) fn finish(&mut self) -> io::Result<[u8; 32]> {
         match std::mem::replace(self, StreamHash::Done) {
             StreamHash::Inline(sha) => Ok(sha.finalize().into()),
             StreamHash::Threaded { tx, handle } => {

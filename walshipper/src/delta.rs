@@ -243,6 +243,9 @@ impl<R: Read> Read for MapBuilder<R> {
 /// A callback for each changed block: (bytes, file offset).
 type OnChanged = Box<dyn FnMut(&[u8], u64) + Send>;
 
+/// Blocks read from the file at a time: 128 KiB, few system calls.
+const READ_BLOCKS: usize = 16;
+
 /// Reads a file and yields its block delta against `base`: the magic, then
 /// `block u32, length u32, bytes` for every block that differs, then an end
 /// record `u32::MAX, 0, size u64`. Also computes the SHA-256 of the whole
@@ -252,12 +255,11 @@ pub struct DeltaReader<R> {
     base: BlockMap,
     /// Called with each changed block and its offset (page checks).
     on_changed: Option<OnChanged>,
-    block: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
     next_block: u32,
     size: u64,
-    sha: Sha256,
+    sha: crate::codec::StreamHash,
     changed: Vec<(u32, Hash)>,
     done: bool,
 }
@@ -273,21 +275,27 @@ pub struct DeltaSummary {
 
 impl<R: Read> DeltaReader<R> {
     pub fn new(inner: R, base: BlockMap) -> Self {
-        let mut out = Vec::with_capacity(BLOCK + 16);
+        let mut out = Vec::with_capacity(READ_BLOCKS * (BLOCK + 8) + 16);
         out.extend_from_slice(DELTA_MAGIC);
         DeltaReader {
             inner,
             base,
             on_changed: None,
-            block: vec![0; BLOCK],
             out,
             out_pos: 0,
             next_block: 0,
             size: 0,
-            sha: Sha256::new(),
+            sha: crate::codec::StreamHash::new(false),
             changed: Vec::new(),
             done: false,
         }
+    }
+
+    /// Computes the file's SHA-256 on a thread of its own (large files:
+    /// the reading thread then only reads and compares block hashes).
+    pub fn hash_on_own_thread(mut self) -> Self {
+        self.sha = crate::codec::StreamHash::new(true);
+        self
     }
 
     /// Calls `f(block bytes, file offset)` for every changed block.
@@ -296,31 +304,40 @@ impl<R: Read> DeltaReader<R> {
         self
     }
 
-    pub fn finish(self) -> DeltaSummary {
-        DeltaSummary {
-            size: self.size,
-            sha256: self.sha.finalize().into(),
-            map_delta: BlockMap::encode_delta(self.size, &self.changed),
-            changed_blocks: self.changed.len(),
+    /// Reads up to the first changed block (or to the end if there is
+    /// none): false if the file is identical to `base`, in which case
+    /// nothing need be stored and the rest of the stream is not wanted.
+    /// Lets a caller decide before it creates an object, in the same pass.
+    pub fn differs(&mut self) -> io::Result<bool> {
+        while self.changed.is_empty() && !self.done {
+            self.read_chunk()?;
         }
+        Ok(!self.changed.is_empty() || self.size != self.base.size)
     }
 
-    /// Refills `out` with the next record(s).
-    fn fill(&mut self) -> io::Result<()> {
-        self.out.clear();
-        self.out_pos = 0;
-        while self.out.is_empty() && !self.done {
-            let n = read_full(&mut self.inner, &mut self.block)?;
-            if n == 0 {
-                self.out.extend_from_slice(&END.to_le_bytes());
-                self.out.extend_from_slice(&0u32.to_le_bytes());
-                self.out.extend_from_slice(&self.size.to_le_bytes());
-                self.done = true;
-                break;
-            }
-            let data = &self.block[..n];
-            self.sha.update(data);
-            self.size += n as u64;
+    pub fn finish(mut self) -> io::Result<DeltaSummary> {
+        Ok(DeltaSummary {
+            size: self.size,
+            sha256: self.sha.finish()?,
+            map_delta: BlockMap::encode_delta(self.size, &self.changed),
+            changed_blocks: self.changed.len(),
+        })
+    }
+
+    /// Reads the next blocks and appends their records (or the end
+    /// record) to `out`.
+    fn read_chunk(&mut self) -> io::Result<()> {
+        let mut chunk = vec![0u8; READ_BLOCKS * BLOCK];
+        let n = read_full(&mut self.inner, &mut chunk)?;
+        if n == 0 {
+            self.out.extend_from_slice(&END.to_le_bytes());
+            self.out.extend_from_slice(&0u32.to_le_bytes());
+            self.out.extend_from_slice(&self.size.to_le_bytes());
+            self.done = true;
+            return Ok(());
+        }
+        chunk.truncate(n);
+        for data in chunk.chunks(BLOCK) {
             let b = self.next_block;
             if b == END {
                 return Err(io::Error::other("file too large for a block delta"));
@@ -333,10 +350,13 @@ impl<R: Read> DeltaReader<R> {
                 }
                 self.changed.push((b, h));
                 self.out.extend_from_slice(&b.to_le_bytes());
-                self.out.extend_from_slice(&(n as u32).to_le_bytes());
+                self.out
+                    .extend_from_slice(&(data.len() as u32).to_le_bytes());
                 self.out.extend_from_slice(data);
             }
         }
+        self.size += n as u64;
+        self.sha.update(&std::sync::Arc::new(chunk))?;
         Ok(())
     }
 }
@@ -344,10 +364,11 @@ impl<R: Read> DeltaReader<R> {
 impl<R: Read> Read for DeltaReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.out_pos == self.out.len() {
-            if self.done {
-                return Ok(0);
+            self.out.clear();
+            self.out_pos = 0;
+            while self.out.is_empty() && !self.done {
+                self.read_chunk()?;
             }
-            self.fill()?;
         }
         let n = buf.len().min(self.out.len() - self.out_pos);
         buf[..n].copy_from_slice(&self.out[self.out_pos..self.out_pos + n]);
@@ -627,6 +648,7 @@ pub fn merge<R: Read, W: Write>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use sha2::{Digest, Sha256};
 
     fn map_of(data: &[u8]) -> BlockMap {
         let mut m = MapBuilder::new(data);
@@ -641,8 +663,17 @@ mod tests {
         let mut r = DeltaReader::new(new, base.clone());
         let mut delta = Vec::new();
         r.read_to_end(&mut delta).unwrap();
-        let s = r.finish();
+        let s = r.finish().unwrap();
         assert_eq!(s.sha256, <[u8; 32]>::from(Sha256::digest(new)));
+        // Asked first whether the file differs (the same pass), and hashed
+        // on a thread of its own: the same stream and summary.
+        let mut r2 = DeltaReader::new(new, base.clone()).hash_on_own_thread();
+        assert_eq!(r2.differs().unwrap(), old != new);
+        let mut delta2 = Vec::new();
+        r2.read_to_end(&mut delta2).unwrap();
+        assert!(delta2 == delta, "differs() changed the stream");
+        let s2 = r2.finish().unwrap();
+        assert_eq!((s2.sha256, &s2.map_delta), (s.sha256, &s.map_delta));
         // Merged with the old version, both read in small pieces.
         let mut got = Vec::new();
         let sha = merge(

@@ -199,6 +199,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     };
     // Before anything is written or PostgreSQL is asked to start a backup.
     check_free_space(cfg, rc, &repo, &backups, &kind)?;
+    tracing::debug!("phase: repository checked at {:?}", started.elapsed());
 
     let mut client = connect(cfg)?;
     let q1 = |client: &mut postgres::Client, sql: &str| -> Result<String> {
@@ -258,6 +259,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         .ok_or_else(|| Error::Invalid(format!("odd start LSN {start_lsn_text}")))?;
     let start_time = chrono::Utc::now();
     tracing::info!("backup {id}: started at {start_lsn_text}");
+    tracing::debug!("phase: pg_backup_start done at {:?}", started.elapsed());
 
     let result = copy_and_finish(
         cfg,
@@ -337,6 +339,7 @@ fn copy_and_finish(
         &counters,
     )?;
     drop(reporter);
+    tracing::debug!("phase: files copied at {:?}", started.elapsed());
 
     // wait_for_archive => false: the server would poll its archive status
     // once a second (a second per backup, measured); wait_for_wal below
@@ -356,6 +359,7 @@ fn copy_and_finish(
     let stop_time = chrono::Utc::now();
     let stop_lsn = wal::parse_lsn(&stop_lsn_text)
         .ok_or_else(|| Error::Invalid(format!("odd stop LSN {stop_lsn_text}")))?;
+    tracing::debug!("phase: pg_backup_stop done at {:?}", started.elapsed());
     let timeline = label_field(&labelfile, "START TIMELINE:")
         .and_then(|v| v.parse().ok())
         .ok_or_else(|| Error::Invalid("backup_label without START TIMELINE".into()))?;
@@ -404,7 +408,9 @@ fn copy_and_finish(
         last,
         cfg.archive.check_timeout.max(60),
     )?;
+    tracing::debug!("phase: WAL archived at {:?}", started.elapsed());
     repo.storage.flush()?;
+    tracing::debug!("phase: flushed at {:?}", started.elapsed());
 
     let failures: Vec<ChecksumFailure> = copied
         .iter()
@@ -460,6 +466,7 @@ fn copy_and_finish(
     // host took the lease meanwhile (its expire may be removing our base).
     lock.ensure_held()?;
     repo.put_object(&layout::manifest(id), &body[..])?;
+    tracing::debug!("phase: manifest written at {:?}", started.elapsed());
 
     let mut chain = base_chain.to_vec();
     chain.push(id.to_string());
@@ -595,7 +602,8 @@ fn wait_for_wal(
     last: u64,
     timeout_s: u64,
 ) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(timeout_s);
+    let begun = Instant::now();
+    let deadline = begun + Duration::from_secs(timeout_s);
     for segno in first..=last {
         let candidates = [repo.wal_key(tli, segno), repo.wal_key(stop_tli, segno)];
         loop {
@@ -614,7 +622,14 @@ fn wait_for_wal(
                     candidates[0].rsplit('/').next().unwrap_or_default()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(50));
+            // The last segment is usually archived within a few tens of
+            // milliseconds of the stop: polled often at first.
+            let step = if begun.elapsed() < Duration::from_secs(2) {
+                10
+            } else {
+                50
+            };
+            std::thread::sleep(Duration::from_millis(step));
         }
     }
     Ok(())
@@ -787,24 +802,36 @@ fn copy_one(
         let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
         return Ok(Some((e, failures)));
     };
-    let same = delta::unchanged(io::BufReader::with_capacity(256 << 10, &file), &map)
-        .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
-    if same {
-        counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
-        return Ok(Some((referenced(b), Vec::new())));
+    // A file written since the reference backup (its mtime or size moved)
+    // has most likely changed: one pass finds its changed blocks, hashes it
+    // and stores them. Any other (most files of an incremental) is first
+    // compared by block hashes alone, without the SHA-256 a changed file
+    // needs; if it did change after all, it is read again from the start.
+    let likely_changed = f.mtime != b.mtime || f.size != b.size;
+    let mut file = file;
+    if !likely_changed {
+        let same = delta::unchanged(io::BufReader::with_capacity(256 << 10, &file), &map)
+            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+        if same {
+            counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
+            return Ok(Some((referenced(b), Vec::new())));
+        }
+        io::Seek::rewind(&mut file)
+            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
     }
-    // Changed: read again from the start and store the changed blocks. Their
-    // pages are checked; the others are bytes an earlier backup stored (and
-    // checked). The checker reads a page again by offset, on its own handle.
+    // Only the changed blocks' pages are checked; the others are bytes an
+    // earlier backup stored (and checked). The checker reads a page again
+    // by offset, on its own handle.
     let checker = checking(
         file.try_clone()
             .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?,
         verify,
     )?;
     let failures = checker.failures.clone();
-    let mut file = file;
-    io::Seek::rewind(&mut file).map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
     let mut delta = delta::DeltaReader::new(checking(file, false)?, map);
+    if f.size > BIG_FILE {
+        delta = delta.hash_on_own_thread();
+    }
     if verify {
         delta = delta.on_changed(move |page, offset| {
             if page.len() == BLCKSZ {
@@ -812,8 +839,18 @@ fn copy_one(
             }
         });
     }
+    // Nothing is stored for a file that turns out identical.
+    if likely_changed
+        && !delta
+            .differs()
+            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?
+    {
+        return Ok(Some((referenced(b), Vec::new())));
+    }
     let (_, summary) = repo.put_object_with(&data_key, &mut delta, Durability::AtFlush, threads)?;
-    let d = delta.finish();
+    let d = delta
+        .finish()
+        .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
     let (_, msum) =
         repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
     let mut e = referenced(b);
