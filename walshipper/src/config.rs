@@ -27,6 +27,8 @@ pub struct Config {
     pub encryption: EncryptionConfig,
     pub compression: CompressionConfig,
     pub archive: ArchiveConfig,
+    /// `[backup]`: how backups store files.
+    pub backup: BackupConfig,
     pub restore: RestoreConfig,
     pub restore_test: RestoreTestConfig,
     /// `[serve]`: the monitoring service (crate::serve).
@@ -266,6 +268,38 @@ pub struct ArchiveConfig {
 
 #[derive(Clone, Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Store files under 128 KiB in bundles (a few objects, not one per file).
+    pub bundle: bool,
+    /// The plaintext size one bundle aims at (a size: "8MiB").
+    pub bundle_size: String,
+}
+
+/// Bounds of `bundle_size`: below 1 MiB the requests per backup grow again;
+/// above 1 GiB one bundle is a single long request with nothing to retry.
+pub const BUNDLE_SIZE_MIN: u64 = 1 << 20;
+pub const BUNDLE_SIZE_MAX: u64 = 1 << 30;
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            bundle: true,
+            bundle_size: "8MiB".into(),
+        }
+    }
+}
+
+impl BackupConfig {
+    /// `bundle_size` in bytes (validated at load).
+    pub fn bundle_bytes(&self) -> u64 {
+        parse_size(&self.bundle_size)
+            .unwrap_or(8 << 20)
+            .clamp(BUNDLE_SIZE_MIN, BUNDLE_SIZE_MAX)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
 pub struct RestoreConfig {
     /// Seconds archive-get keeps retrying a repository that fails (rather
     /// than answering "not there") before it makes recovery stop (FATAL);
@@ -490,6 +524,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("compression", "threads"),
     ("archive", "check_timeout"),
     ("archive", "push_to"),
+    ("backup", "bundle"),
+    ("backup", "bundle_size"),
     ("restore", "archive_get_retry_timeout"),
     ("restore_test", "scratch_dir"),
     ("restore_test", "pg_bin_dir"),
@@ -754,6 +790,8 @@ impl Config {
                 self.archive.check_timeout = parse(name, v, "a number of seconds")?
             }
             ("archive", "push_to") => self.archive.push_to = v.into(),
+            ("backup", "bundle") => self.backup.bundle = parse(name, v, "true or false")?,
+            ("backup", "bundle_size") => self.backup.bundle_size = v.into(),
             ("restore", "archive_get_retry_timeout") => {
                 self.restore.archive_get_retry_timeout = parse(name, v, "a number of seconds")?
             }
@@ -852,6 +890,15 @@ impl Config {
     pub fn validate(&mut self) -> Result<()> {
         if self.repos.is_empty() {
             self.repos.push(RepoConfig::default());
+        }
+        match parse_size(&self.backup.bundle_size) {
+            Ok(n) if (BUNDLE_SIZE_MIN..=BUNDLE_SIZE_MAX).contains(&n) => {}
+            Ok(n) => {
+                return Err(Error::Config(format!(
+                    "backup.bundle_size: {n} bytes is not between 1MiB and 1GiB"
+                )))
+            }
+            Err(e) => return Err(Error::Config(format!("backup.bundle_size: {e}"))),
         }
         for (i, r) in self.repos.iter_mut().enumerate() {
             if r.name.is_empty() {
@@ -1120,6 +1167,35 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("bucket"), "{e}");
+    }
+
+    #[test]
+    fn bundle_settings_are_bounded() {
+        let c = load("[repo]\npath = \"/r\"\n", &[]).unwrap();
+        assert!(c.backup.bundle);
+        assert_eq!(c.backup.bundle_bytes(), 8 << 20);
+        let c = load(
+            "[repo]\npath = \"/r\"\n[backup]\nbundle = false\nbundle_size = \"64MiB\"\n",
+            &[],
+        )
+        .unwrap();
+        assert!(!c.backup.bundle);
+        assert_eq!(c.backup.bundle_bytes(), 64 << 20);
+        for bad in ["512KiB", "2GiB", "lots", "0"] {
+            let e = load(
+                &format!("[repo]\npath = \"/r\"\n[backup]\nbundle_size = \"{bad}\"\n"),
+                &[],
+            )
+            .unwrap_err()
+            .to_string();
+            assert!(e.contains("backup.bundle_size"), "{bad}: {e}");
+        }
+        let e = load("", &[("WALSHIPPER_BACKUP_BUNDLE", "maybe")])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("WALSHIPPER_BACKUP_BUNDLE"), "{e}");
+        let c = load("", &[("WALSHIPPER_BACKUP_BUNDLE_SIZE", "1MiB")]).unwrap();
+        assert_eq!(c.backup.bundle_bytes(), 1 << 20);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub enum BackupPart {
     Data(String),
     /// A block map or map delta, by relative path.
     Map(String),
+    /// A bundle of small files (`bundle/<n>`, n zero-padded to 6 digits).
+    Bundle(u64),
 }
 
 pub fn key_file(key_id: &str) -> String {
@@ -100,6 +102,21 @@ pub fn backup_data(id: &str, rel: &str) -> String {
 
 pub fn backup_map(id: &str, rel: &str) -> String {
     format!("{BACKUPS_PREFIX}{id}/map/{rel}")
+}
+
+/// Bundle `n` of backup `id`: the concatenated bytes of small files.
+pub fn backup_bundle(id: &str, n: u64) -> String {
+    format!("{BACKUPS_PREFIX}{id}/bundle/{n:06}")
+}
+
+/// The bundle number of `bundle/<n>`: decimal digits as `backup_bundle`
+/// writes them (at least 6, zero-padded, no other leading zero).
+fn parse_bundle_number(s: &str) -> Option<u64> {
+    if s.len() < 6 || s.len() > 20 || !s.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = s.parse().ok()?;
+    (format!("{n:06}") == s).then_some(n)
 }
 
 /// The record of a restore (`recovery_log`).
@@ -219,6 +236,8 @@ pub fn parse(key: &str) -> Option<ObjectName> {
                     is_safe_rel_path(rel).then(|| BackupPart::Data(rel.into()))?
                 } else if let Some(rel) = p.strip_prefix("map/") {
                     is_safe_rel_path(rel).then(|| BackupPart::Map(rel.into()))?
+                } else if let Some(n) = p.strip_prefix("bundle/") {
+                    BackupPart::Bundle(parse_bundle_number(n)?)
                 } else {
                     return None;
                 }
@@ -282,6 +301,22 @@ mod tests {
                 part: BackupPart::Data("base/5/16384".into())
             })
         );
+        let b = backup_bundle(id, 7);
+        assert_eq!(b, "backups/20261121-224754F/bundle/000007");
+        assert_eq!(
+            parse(&b),
+            Some(ObjectName::Backup {
+                id: id.into(),
+                part: BackupPart::Bundle(7)
+            })
+        );
+        assert_eq!(
+            parse(&backup_bundle(id, 1234567)),
+            Some(ObjectName::Backup {
+                id: id.into(),
+                part: BackupPart::Bundle(1234567)
+            })
+        );
         let k = key_file("b9e74f7fed63d9c51335eab2976b86c5");
         assert!(matches!(parse(&k), Some(ObjectName::KeyFile { .. })));
         assert_eq!(parse(DESCRIPTOR), Some(ObjectName::Descriptor));
@@ -313,6 +348,13 @@ mod tests {
             "backups/20261121-224754X/manifest",
             "backups/20261121-224754F0/manifest",
             "backups/20261121-224754F/other",
+            "backups/20261121-224754F/bundle/1",
+            "backups/20261121-224754F/bundle/0000001",
+            "backups/20261121-224754F/bundle/00000a",
+            "backups/20261121-224754F/bundle/+00001",
+            "backups/20261121-224754F/bundle/",
+            "backups/20261121-224754F/bundle/000001/x",
+            "backups/20261121-224754F/bundle/99999999999999999999",
             "wal/0000000200000001/000000010000000100000003",
             "wal/history/000000010000000100000003",
             "wal/0000000100000001/00000001.history",

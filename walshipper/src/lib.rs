@@ -6,6 +6,7 @@
 //! into a repository; `wal` knows PostgreSQL's WAL files; `commands` are the
 //! CLI verbs.
 
+pub mod bundle;
 pub mod catalog;
 pub mod census;
 pub mod codec;

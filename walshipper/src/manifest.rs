@@ -12,7 +12,12 @@ use crate::error::{Error, Result};
 use crate::layout::{self, BackupPart, ObjectName};
 
 /// 2: files may refer to earlier backups' objects and carry block deltas.
-pub const MANIFEST_VERSION: u32 = 2;
+/// 3: small files may be stored in bundles (`object` a bundle, `offset`).
+pub const MANIFEST_VERSION: u32 = 3;
+
+/// Bundled files are smaller than this (delta::MAP_MIN): a reader holds one
+/// bundled file in memory at a time, so the bound is checked on every entry.
+pub const BUNDLED_MAX: u64 = crate::delta::MAP_MIN;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct FileEntry {
@@ -34,7 +39,12 @@ pub struct FileEntry {
     /// per entry of `deltas`. The next diff/incr compares against it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub maps: Vec<String>,
-    /// Bytes this backup stored for the file (0 when it refers to earlier objects).
+    /// Set when `object` is a bundle: where the file's `size` bytes start
+    /// in the bundle's plaintext.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<u64>,
+    /// Bytes this backup stored for the file (0 when it refers to earlier
+    /// objects; a bundled file's share of its bundle's stored bytes).
     pub stored_size: u64,
 }
 
@@ -296,6 +306,38 @@ impl Manifest {
                 _ => Ok(()),
             }
         };
+        let bundled = |f: &FileEntry| -> Result<()> {
+            let ok = match layout::parse(&f.object) {
+                Some(ObjectName::Backup {
+                    id,
+                    part: BackupPart::Bundle(_),
+                }) => id == self.id || is_earlier_backup(&id, &self.id),
+                _ => false,
+            };
+            if !ok {
+                return Err(bad(format!(
+                    "file {:?} has an offset but names object {:?}, which is not a bundle of this or an earlier backup",
+                    f.path, f.object
+                )));
+            }
+            if !f.deltas.is_empty() || !f.maps.is_empty() {
+                return Err(bad(format!(
+                    "bundled file {:?} has block deltas or maps",
+                    f.path
+                )));
+            }
+            let end = f.offset.and_then(|o| o.checked_add(f.size));
+            if f.size >= BUNDLED_MAX || end.is_none_or(|e| e > crate::delta::MAX_FILE_SIZE) {
+                return Err(bad(format!(
+                    "bundled file {:?}: size {} at offset {:?} is not a small file within a bundle (below {BUNDLED_MAX} bytes, ending within {} bytes)",
+                    f.path,
+                    f.size,
+                    f.offset,
+                    crate::delta::MAX_FILE_SIZE
+                )));
+            }
+            Ok(())
+        };
         let owned_by = |k: &str, want: &str, data: bool| -> Result<()> {
             let ok = match layout::parse(k) {
                 Some(ObjectName::Backup {
@@ -333,6 +375,10 @@ impl Manifest {
                     "file {:?}: SHA-256 is not 64 hex digits",
                     f.path
                 )));
+            }
+            if f.offset.is_some() {
+                bundled(f)?;
+                continue;
             }
             owned_by(&f.object, &f.path, true)?;
             for d in &f.deltas {
@@ -522,7 +568,16 @@ mod tests {
             object: layout::backup_data(owner, path),
             deltas: vec![],
             maps: vec![],
+            offset: None,
             stored_size: 0,
+        }
+    }
+
+    fn bundled(path: &str, owner: &str, offset: u64) -> FileEntry {
+        FileEntry {
+            object: layout::backup_bundle(owner, 1),
+            offset: Some(offset),
+            ..entry(path, owner)
         }
     }
 
@@ -556,6 +611,8 @@ mod tests {
                 entry("base/5/16384", ID),
                 big,
                 entry("pg_tblspc/16390/PG_15_202209061/5/16391", ID),
+                bundled("base/5/2601", ID, 0),
+                bundled("base/5/2602", FULL, 8192),
             ],
             dirs: vec![
                 DirEntry {
@@ -688,6 +745,17 @@ mod tests {
             Box::new(|m| m.files[1].deltas[0] = layout::backup_map(ID, "base/5/16397")),
             Box::new(|m| m.files[1].maps[0] = layout::backup_data(FULL, "base/5/16397")),
             Box::new(|m| m.files[0].sha256 = "AB".repeat(32)),
+            // Bundles: only with an offset, only a bundle, no deltas, bounded.
+            Box::new(|m| m.files[0].object = layout::backup_bundle(ID, 1)),
+            Box::new(|m| m.files[3].offset = None),
+            Box::new(|m| m.files[3].object = layout::backup_data(ID, "base/5/2601")),
+            Box::new(|m| m.files[3].object = layout::backup_bundle("20271121-224754F", 1)),
+            Box::new(|m| m.files[3].object = format!("backups/{ID}/bundle/1")),
+            Box::new(|m| m.files[3].deltas = vec![layout::backup_data(ID, "base/5/2601")]),
+            Box::new(|m| m.files[3].maps = vec![layout::backup_map(ID, "base/5/2601")]),
+            Box::new(|m| m.files[3].size = BUNDLED_MAX),
+            Box::new(|m| m.files[3].offset = Some(u64::MAX)),
+            Box::new(|m| m.files[3].offset = Some(crate::delta::MAX_FILE_SIZE)),
             Box::new(|m| m.backup_label_object = layout::backup_label(FULL)),
             Box::new(|m| m.tablespace_map_object = Some(layout::backup_label(ID))),
         ];
@@ -697,10 +765,14 @@ mod tests {
             assert!(m.validate(&layout::manifest(ID)).is_err(), "case {i}");
         }
         // An object of an earlier backup outside the chain: only the chain check sees it.
+        let chain: BTreeSet<String> = [FULL.to_string()].into();
+        let mut m = sample();
+        m.files[4].object = layout::backup_bundle("20261101-010000F", 1);
+        m.validate(&layout::manifest(ID)).unwrap();
+        assert!(m.validate_dependencies(&chain).is_err());
         let mut m = sample();
         m.files[0].object = layout::backup_data("20261101-010000F", "base/5/16384");
         m.validate(&layout::manifest(ID)).unwrap();
-        let chain: BTreeSet<String> = [FULL.to_string()].into();
         assert!(m.validate_dependencies(&chain).is_err());
     }
 

@@ -362,7 +362,7 @@ fn build_world(d: &Path) -> World {
                     BackupPart::Manifest => Kind::Manifest,
                     BackupPart::BackupLabel | BackupPart::TablespaceMap => Kind::Label,
                     BackupPart::Data(_) if deltas.contains(&key) => Kind::Delta,
-                    BackupPart::Data(_) => Kind::Data,
+                    BackupPart::Data(_) | BackupPart::Bundle(_) => Kind::Data,
                     BackupPart::Map(_) => Kind::Map,
                 },
                 None,

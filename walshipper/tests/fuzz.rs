@@ -372,7 +372,7 @@ fn manifest_seed(id: &str, incr: bool) -> Vec<u8> {
     let based = if incr { "\"20261121-224754F\"" } else { "null" };
     let kind = if incr { "incr" } else { "full" };
     format!(
-        r#"{{"manifest_version":2,"id":"{id}","type":"{kind}","based_on":{based},"label":"walshipper {id}",
+        r#"{{"manifest_version":3,"id":"{id}","type":"{kind}","based_on":{based},"label":"walshipper {id}",
 "system_identifier":"{SYSID}","pg_version":15,"timeline":1,"start_lsn":"0/5000028","stop_lsn":"0/5000138",
 "start_time":"2026-11-21T22:47:54.1+00:00","stop_time":"2026-11-21T22:47:56.3+00:00",
 "wal_start":"000000010000000000000005","wal_stop":"000000010000000000000005","data_checksums":true,
@@ -381,7 +381,9 @@ fn manifest_seed(id: &str, incr: bool) -> Vec<u8> {
 "object":"backups/{id}/data/base/5/16384","stored_size":230}},
 {{"path":"base/5/16397","size":67108864,"mtime":1763765290,"mode":384,"sha256":"{z}",
 "object":"backups/20261121-224754F/data/base/5/16397","deltas":["backups/{id}/data/base/5/16397"],
-"maps":["backups/20261121-224754F/map/base/5/16397","backups/{id}/map/base/5/16397"],"stored_size":48211}}],
+"maps":["backups/20261121-224754F/map/base/5/16397","backups/{id}/map/base/5/16397"],"stored_size":48211}},
+{{"path":"base/5/2601","size":100,"mtime":1763765290,"mode":384,"sha256":"{z}",
+"object":"backups/{id}/bundle/000001","offset":4096,"stored_size":50}}],
 "dirs":[{{"path":"pg_wal","mode":448}}],"tablespaces":[{{"oid":16390,"location":"/srv/ts1"}}],
 "backup_label_object":"backups/{id}/backup_label","tablespace_map_object":null}}"#,
         z = "ab".repeat(32)
@@ -1107,6 +1109,7 @@ fn exec_layout(input: &[u8], _: &Corpus) {
                 assert!(layout::is_safe_rel_path(rel), "unsafe path {rel:?} parsed");
                 layout::backup_map(id, rel)
             }
+            layout::BackupPart::Bundle(n) => layout::backup_bundle(id, *n),
         },
     };
     assert_eq!(rebuilt, key, "{name:?} does not build back its key");

@@ -240,8 +240,46 @@ fn hostile_manifests_and_targets_never_reach_outside_the_target() {
         .position(|f| f["path"] == "PG_VERSION")
         .unwrap();
     let victim_s = victim.display().to_string();
+    // Bundles (small files, one object for many): PG_VERSION is in one,
+    // pg_control never is.
+    assert!(files[i]["offset"].is_u64(), "PG_VERSION is not bundled");
+    let bundle = files[i]["object"].as_str().unwrap().to_string();
+    let offset = files[i]["offset"].as_u64().unwrap();
+    let j = files
+        .iter()
+        .position(|f| f["path"] == "global/pg_control")
+        .unwrap();
+    assert!(files[j].get("offset").is_none());
+    let foreign_bundle = bundle.replace(&id, "20200101-000000F");
     type Craft = Box<dyn Fn(&mut serde_json::Value)>;
     let cases: Vec<(&str, Craft, bool)> = vec![
+        (
+            "a bundled file's offset + size overflowing",
+            Box::new(move |v| v["files"][i]["offset"] = u64::MAX.into()),
+            false,
+        ),
+        (
+            "a bundled file naming a bundle of a backup outside the chain",
+            Box::new(move |v| v["files"][i]["object"] = foreign_bundle.clone().into()),
+            false,
+        ),
+        (
+            "a bundle named by an entry without an offset",
+            Box::new(move |v| {
+                v["files"][i].as_object_mut().unwrap().remove("offset");
+            }),
+            false,
+        ),
+        (
+            "an offset on a file stored whole",
+            Box::new(move |v| v["files"][j]["offset"] = 0u64.into()),
+            false,
+        ),
+        (
+            "a bundled file claiming to be large",
+            Box::new(move |v| v["files"][i]["size"] = (1u64 << 20).into()),
+            false,
+        ),
         (
             "a file path with ..",
             Box::new(move |v| v["files"][i]["path"] = "../victim/pwned".into()),
@@ -275,7 +313,7 @@ fn hostile_manifests_and_targets_never_reach_outside_the_target() {
         ),
         (
             "an object outside the backup",
-            Box::new(move |v| v["files"][i]["object"] = "keys/../repository.json".into()),
+            Box::new(move |v| v["files"][j]["object"] = "keys/../repository.json".into()),
             false,
         ),
         (
@@ -338,6 +376,39 @@ fn hostile_manifests_and_targets_never_reach_outside_the_target() {
         );
         r.reset();
     }
+
+    // Bundled bytes that are not the file's: the bundle is damaged (exit
+    // 126, named), nothing is left in the target.
+    for (n, (what, at)) in [
+        ("a bundled file's offset past the bundle's end", 1u64 << 30),
+        ("a bundled file's offset moved by one byte", offset + 1),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        r.craft(move |v| v["files"][i]["offset"] = at.into());
+        let t = work.join(format!("t_bundle{n}"));
+        let ts = format!("{oid}={}", work.join(format!("t_bundle{n}_ts")).display());
+        let o = shipper.restore(&t, &["--backup", &id, "--tablespace-map", &ts]);
+        assert_refused(&o, what);
+        assert_eq!(o.status.code(), Some(126), "{what}: {}", stderr(&o));
+        assert!(stderr(&o).contains(&bundle), "{what}: {}", stderr(&o));
+        assert!(
+            !t.join("global/pg_control").exists(),
+            "{what}: pg_control written"
+        );
+        check_untouched(what);
+        r.reset();
+    }
+
+    // verify reports a bundled file whose bytes are not in its bundle,
+    // naming the bundle.
+    r.craft(move |v| v["files"][i]["offset"] = (1u64 << 30).into());
+    let o = run(shipper.cmd().args(["verify", "--jobs", "1"]));
+    let out = String::from_utf8_lossy(&o.stdout).into_owned() + &stderr(&o);
+    assert!(!o.status.success(), "verify passed a forged offset: {out}");
+    assert!(out.contains(&bundle) && out.contains("ends at"), "{out}");
+    r.reset();
 
     // A manifest moved under another backup's name is not that backup:
     // whether the listing skips it or restore reads it by its own key.

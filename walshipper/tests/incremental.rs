@@ -15,7 +15,9 @@ fn fingerprint(c: &Cluster) -> String {
     c.sql(
         "SELECT (SELECT md5(string_agg(a::text, ',' ORDER BY aid)) FROM pgbench_accounts a) || ' ' || \
                 (SELECT md5(string_agg(t::text, ',' ORDER BY tid)) FROM pgbench_tellers t) || ' ' || \
-                (SELECT count(*) || md5(coalesce(string_agg(n::text, ',' ORDER BY id), '')) FROM notes n)",
+                (SELECT count(*) || md5(coalesce(string_agg(n::text, ',' ORDER BY id), '')) FROM notes n) || ' ' || \
+                (SELECT count(*) || md5(coalesce(string_agg(query_to_xml('SELECT * FROM ' || oid::regclass, false, false, '')::text, ',' ORDER BY relname), '')) \
+                   FROM pg_class WHERE relname LIKE 'small\\_%' AND relkind = 'r')",
     )
 }
 
@@ -51,11 +53,45 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
     src.pgbench(&["-i", "-s", "5", "-q"]);
     src.sql("CREATE TABLE notes (id int PRIMARY KEY, n text)");
     src.sql("CREATE TABLE doomed AS SELECT g FROM generate_series(1, 50000) g");
+    // Many small relations: their files go into bundles.
+    src.sql(
+        "DO $$ BEGIN FOR i IN 1..300 LOOP \
+           EXECUTE format('CREATE TABLE small_%s (id int PRIMARY KEY, v text)', i); \
+           EXECUTE format('INSERT INTO small_%s VALUES (1, %L)', i, 'row ' || i); \
+         END LOOP; END $$",
+    );
     src.sql("CHECKPOINT");
 
     let full = shipper.backup(&["--type", "full"]);
     assert_eq!(full["type"], "full");
     let full_stored = full["stored_size"].as_u64().unwrap();
+    // Far fewer objects than files: the small ones are bundled.
+    let objects_of = |done: &serde_json::Value| {
+        let id = done["backup_id"].as_str().unwrap().to_string();
+        shipper
+            .object_files()
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains(&format!("backups/{id}/")))
+            .collect::<Vec<_>>()
+    };
+    if test_backend() != "s3" {
+        let objs = objects_of(&full);
+        let bundles = objs
+            .iter()
+            .filter(|p| p.to_string_lossy().contains("/bundle/"))
+            .count();
+        let files = full["files"].as_u64().unwrap() as usize;
+        eprintln!(
+            "full: {files} files in {} objects ({bundles} bundles)",
+            objs.len()
+        );
+        assert!(bundles >= 1, "no bundle in the full backup");
+        assert!(
+            objs.len() * 5 < files,
+            "{} objects for {files} files",
+            objs.len()
+        );
+    }
 
     // About 1% of the rows (the DBA's usual day: recent rows change), a new
     // table, a dropped one, a rewritten one.
@@ -74,6 +110,12 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
     );
     src.sql("DELETE FROM notes WHERE id % 3 = 0");
     src.sql("VACUUM pgbench_accounts");
+    // A few small relations change, one is dropped, one is new: the incr
+    // refers to the others in the full's bundles.
+    src.sql("UPDATE small_7 SET v = 'changed in the incr'");
+    src.sql("INSERT INTO small_250 VALUES (2, 'second row')");
+    src.sql("DROP TABLE small_100");
+    src.sql("CREATE TABLE small_new AS SELECT 1 AS id, 'new in the incr'::text AS v");
     src.sql("CHECKPOINT");
     let incr = shipper.backup(&["--type", "incr"]);
     assert_eq!(incr["type"], "incr", "{incr}");

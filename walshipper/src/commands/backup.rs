@@ -10,7 +10,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -334,6 +334,7 @@ fn copy_and_finish(
         reference,
         &scan.files,
         args.jobs.max(1),
+        cfg.backup.bundle.then(|| cfg.backup.bundle_bytes()),
         checksums,
         start_lsn,
         &counters,
@@ -637,6 +638,45 @@ fn wait_for_wal(
 
 type Copied = (FileEntry, Vec<u32>);
 
+/// A work item of the copy: one file, or a group of small files that go
+/// into one bundle.
+enum Work {
+    File(usize),
+    Bundle(Vec<usize>),
+}
+
+/// The work items: files of MAP_MIN and more biggest first (so one large
+/// file does not finish alone at the end), then the small files in path
+/// order, cut into groups of about `bundle_size` bytes (or one by one
+/// when bundling is off).
+fn plan_work(files: &[SourceFile], bundle_size: Option<u64>) -> Vec<Work> {
+    let Some(target) = bundle_size else {
+        let mut order: Vec<usize> = (0..files.len()).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+        return order.into_iter().map(Work::File).collect();
+    };
+    // pg_control on its own: restore writes it last, alone.
+    let (mut big, mut small): (Vec<usize>, Vec<usize>) = (0..files.len())
+        .partition(|&i| files[i].size >= delta::MAP_MIN || files[i].rel == "global/pg_control");
+    big.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+    small.sort_by(|&a, &b| files[a].rel.cmp(&files[b].rel));
+    let mut work: Vec<Work> = big.into_iter().map(Work::File).collect();
+    let mut group = Vec::new();
+    let mut bytes = 0u64;
+    for i in small {
+        group.push(i);
+        bytes += files[i].size;
+        if bytes >= target {
+            work.push(Work::Bundle(std::mem::take(&mut group)));
+            bytes = 0;
+        }
+    }
+    if !group.is_empty() {
+        work.push(Work::Bundle(group));
+    }
+    work
+}
+
 #[allow(clippy::too_many_arguments)]
 fn copy_files(
     repo: &Repository,
@@ -644,17 +684,17 @@ fn copy_files(
     reference: Option<&Manifest>,
     files: &[SourceFile],
     jobs: usize,
+    bundle_size: Option<u64>,
     checksums: bool,
     start_lsn: u64,
     counters: &Arc<Counters>,
 ) -> Result<Vec<Copied>> {
-    // Biggest first, so one large file does not finish alone at the end.
-    let mut order: Vec<usize> = (0..files.len()).collect();
-    order.sort_by_key(|&i| std::cmp::Reverse(files[i].size));
+    let work = plan_work(files, bundle_size);
     let base: std::collections::HashMap<&str, &FileEntry> = reference
         .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())
         .unwrap_or_default();
     let next = AtomicUsize::new(0);
+    let bundles = AtomicU64::new(0);
     let results: Mutex<Vec<Option<Copied>>> = Mutex::new(vec![None; files.len()]);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
@@ -664,16 +704,32 @@ fn copy_files(
                     return;
                 }
                 let n = next.fetch_add(1, Ordering::Relaxed);
-                let Some(&i) = order.get(n) else { return };
-                let f = &files[i];
-                let b = base.get(f.rel.as_str()).copied();
-                match copy_one(repo, id, f, b, checksums, start_lsn, counters) {
-                    Ok(Some(c)) => {
-                        if let Ok(mut r) = results.lock() {
-                            r[i] = Some(c);
-                        }
+                let Some(item) = work.get(n) else { return };
+                let done = match item {
+                    Work::File(i) => {
+                        let f = &files[*i];
+                        let b = base.get(f.rel.as_str()).copied();
+                        copy_one(repo, id, f, b, checksums, start_lsn, counters)
+                            .map(|c| (c.map(|c| vec![(*i, c)]).unwrap_or_default(), 1))
                     }
-                    Ok(None) => {}
+                    Work::Bundle(group) => {
+                        let key =
+                            layout::backup_bundle(id, bundles.fetch_add(1, Ordering::Relaxed) + 1);
+                        copy_bundle(
+                            repo, id, &key, files, group, &base, checksums, start_lsn, counters,
+                        )
+                        .map(|c| (c, group.len()))
+                    }
+                };
+                match done {
+                    Ok((copied, n)) => {
+                        if let Ok(mut r) = results.lock() {
+                            for (i, c) in copied {
+                                r[i] = Some(c);
+                            }
+                        }
+                        counters.files_done.fetch_add(n as u64, Ordering::Relaxed);
+                    }
                     Err(e) => {
                         if let Ok(mut fe) = first_error.lock() {
                             fe.get_or_insert(e);
@@ -681,7 +737,6 @@ fn copy_files(
                         return;
                     }
                 }
-                counters.files_done.fetch_add(1, Ordering::Relaxed);
             });
         }
     });
@@ -694,6 +749,136 @@ fn copy_files(
         .into_iter()
         .flatten()
         .collect())
+}
+
+/// Stores the small files `group` of `files` in bundle `key`, streamed:
+/// each file is read whole (it is small), its pages checked and its
+/// SHA-256 taken; one unchanged since the reference (same size and
+/// SHA-256) refers to the reference's object as before and adds no bytes,
+/// the others are appended and their offsets recorded. Nothing changed:
+/// no object. A file that vanished is left out; one that grew to MAP_MIN
+/// or more since the scan is stored on its own (`copy_one`).
+#[allow(clippy::too_many_arguments)]
+fn copy_bundle(
+    repo: &Repository,
+    id: &str,
+    key: &str,
+    files: &[SourceFile],
+    group: &[usize],
+    base: &std::collections::HashMap<&str, &FileEntry>,
+    checksums: bool,
+    start_lsn: u64,
+    counters: &Arc<Counters>,
+) -> Result<Vec<(usize, Copied)>> {
+    let mut out: Vec<(usize, Copied)> = Vec::with_capacity(group.len());
+    // Appended files, in order: their offsets come from the packer.
+    let mut appended: Vec<usize> = Vec::new();
+    let mut grown: Vec<usize> = Vec::new();
+    let mut members = group.iter();
+    let next = || -> Result<Option<Vec<u8>>> {
+        for &i in members.by_ref() {
+            let f = &files[i];
+            let file = match File::open(&f.abs) {
+                Ok(file) => file,
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(Error::io(format!("open {}", f.abs.display()), e)),
+            };
+            let verify = checksums && pgdata::is_relation_file(&f.rel);
+            let reader = PageCheckingReader::new(
+                file,
+                verify,
+                pgdata::relation_segno(&f.rel),
+                start_lsn,
+                counters.clone(),
+            )
+            .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?;
+            let mut body = Vec::with_capacity(f.size as usize);
+            let mut limited = reader.take(crate::manifest::BUNDLED_MAX);
+            limited
+                .read_to_end(&mut body)
+                .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+            if body.len() as u64 >= crate::manifest::BUNDLED_MAX {
+                grown.push(i);
+                continue;
+            }
+            let failures = limited.into_inner().failures();
+            let sha256 = hex::encode(sha2::Sha256::digest(&body));
+            let entry = match base.get(f.rel.as_str()) {
+                Some(b) if b.size == body.len() as u64 && b.sha256 == sha256 => {
+                    out.push((
+                        i,
+                        (
+                            FileEntry {
+                                mtime: f.mtime,
+                                mode: f.mode,
+                                stored_size: 0,
+                                ..(*b).clone()
+                            },
+                            failures,
+                        ),
+                    ));
+                    continue;
+                }
+                _ => FileEntry {
+                    path: f.rel.clone(),
+                    size: body.len() as u64,
+                    mtime: f.mtime,
+                    mode: f.mode,
+                    sha256,
+                    object: key.to_string(),
+                    deltas: Vec::new(),
+                    maps: Vec::new(),
+                    offset: None,
+                    stored_size: 0,
+                },
+            };
+            appended.push(out.len());
+            out.push((i, (entry, failures)));
+            return Ok(Some(body));
+        }
+        Ok(None)
+    };
+    let mut packer = crate::bundle::Packer::new(next);
+    if packer.prime()? {
+        let put = repo.put_object_with(key, &mut packer, Durability::AtFlush, Some(1));
+        if let Some(e) = packer.take_error() {
+            return Err(e);
+        }
+        let (_, summary) = put?;
+        let (offsets, total) = packer.finish()?;
+        // The bundle's stored bytes shared out by size: the manifest's
+        // stored_size (their sum) stays what this backup added.
+        let mut left = summary.stored_len;
+        let last = appended.len().saturating_sub(1);
+        for (k, (&slot, offset)) in appended.iter().zip(offsets).enumerate() {
+            let e = &mut out[slot].1 .0;
+            e.offset = Some(offset);
+            let share = if k == last {
+                left
+            } else {
+                (summary.stored_len as u128 * e.size as u128 / total.max(1) as u128) as u64
+            };
+            e.stored_size = share.min(left);
+            left -= e.stored_size;
+        }
+    } else {
+        drop(packer);
+    }
+    for i in grown {
+        let f = &files[i];
+        if let Some(c) = copy_one(
+            repo,
+            id,
+            f,
+            base.get(f.rel.as_str()).copied(),
+            checksums,
+            start_lsn,
+            counters,
+        )? {
+            out.push((i, c));
+        }
+    }
+    Ok(out)
 }
 
 /// Copies one file; None if it vanished (dropped during the backup: WAL
@@ -745,6 +930,7 @@ fn copy_one(
         object: data_key.clone(),
         deltas: Vec::new(),
         maps,
+        offset: None,
         stored_size,
     };
     let threads = if f.size > BIG_FILE { None } else { Some(1) };

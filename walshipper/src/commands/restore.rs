@@ -851,8 +851,7 @@ fn restore_into(
         .files_total
         .store(m.files.len() as u64, Ordering::Relaxed);
     let reporter = Reporter::start("restore", counters.clone(), args.json);
-    let mut order = rest.clone();
-    order.sort_by_key(|f| std::cmp::Reverse(f.size));
+    let order = restore_work(&rest, &zeroed);
     let mut syncer = Syncer::start();
     let next = AtomicUsize::new(0);
     let error: Mutex<Option<Error>> = Mutex::new(None);
@@ -863,16 +862,28 @@ fn restore_into(
                 if error.lock().map(|e| e.is_some()).unwrap_or(true) {
                     return;
                 }
-                let Some(f) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                let Some(item) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
                     return;
                 };
-                match restore_file(sources, f, &roots, args.delta, zeroed(f), &syncer) {
-                    Ok(wrote) => {
-                        if !wrote {
-                            skipped.fetch_add(1, Ordering::Relaxed);
-                        }
-                        counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
-                        counters.files_done.fetch_add(1, Ordering::Relaxed);
+                let (done, files) = match item {
+                    RestoreWork::File(f) => (
+                        restore_file(sources, f, &roots, args.delta, zeroed(f), &syncer)
+                            .map(|wrote| usize::from(!wrote)),
+                        std::slice::from_ref(f),
+                    ),
+                    RestoreWork::Bundle(key, files) => (
+                        restore_bundle(sources, key, files, &roots, args.delta, &syncer),
+                        &files[..],
+                    ),
+                };
+                match done {
+                    Ok(kept) => {
+                        skipped.fetch_add(kept, Ordering::Relaxed);
+                        let bytes = files.iter().map(|f| f.size).sum();
+                        counters.bytes_done.fetch_add(bytes, Ordering::Relaxed);
+                        counters
+                            .files_done
+                            .fetch_add(files.len() as u64, Ordering::Relaxed);
                     }
                     Err(e) => {
                         if let Ok(mut slot) = error.lock() {
@@ -1338,6 +1349,10 @@ fn restore_file(
     if zero {
         return write_zero_file(f, &dir, name, &dest, delta, syncer);
     }
+    if f.offset.is_some() {
+        return restore_bundle(sources, &f.object, &[f], roots, delta, syncer)
+            .map(|kept| kept == 0);
+    }
     if delta {
         if let Ok(Some(file)) = dir.open_file(name) {
             if file.metadata().is_ok_and(|m| m.len() == f.size)
@@ -1378,6 +1393,133 @@ fn restore_file(
         let _ = dir.remove_file(&tmp);
     }
     result.map(|()| true)
+}
+
+/// A work item of a restore: one file, or the files of one bundle (read
+/// once, front to back).
+enum RestoreWork<'a> {
+    File(&'a FileEntry),
+    Bundle(&'a str, Vec<&'a FileEntry>),
+}
+
+/// Files biggest first, then one item per bundle. Files left out by
+/// --db-include are written as zeros and read nothing: never in a bundle item.
+fn restore_work<'a>(
+    files: &[&'a FileEntry],
+    zeroed: &dyn Fn(&FileEntry) -> bool,
+) -> Vec<RestoreWork<'a>> {
+    let mut bundles: std::collections::BTreeMap<&'a str, Vec<&'a FileEntry>> =
+        std::collections::BTreeMap::new();
+    let mut single: Vec<&'a FileEntry> = Vec::new();
+    for f in files {
+        if f.offset.is_some() && !zeroed(f) {
+            bundles.entry(f.object.as_str()).or_default().push(f);
+        } else {
+            single.push(f);
+        }
+    }
+    single.sort_by_key(|f| std::cmp::Reverse(f.size));
+    let mut work: Vec<RestoreWork> = single.into_iter().map(RestoreWork::File).collect();
+    work.extend(bundles.into_iter().map(|(k, v)| RestoreWork::Bundle(k, v)));
+    work
+}
+
+/// Restores the files of bundle `key` (`crate::bundle`): with --delta the
+/// ones already identical are kept (and if that is all, the bundle is not
+/// read); the others are cut from one sequential read of the bundle, each
+/// checked against its size and SHA-256 before it is written. Each
+/// repository that holds the backup is tried in turn. Returns the number
+/// of files kept.
+fn restore_bundle(
+    sources: &[&Repository],
+    key: &str,
+    files: &[&FileEntry],
+    roots: &Roots,
+    delta: bool,
+    syncer: &Syncer,
+) -> Result<usize> {
+    let mut need: Vec<&FileEntry> = Vec::with_capacity(files.len());
+    for f in files {
+        if !(delta && is_identical(roots, f)) {
+            need.push(f);
+        }
+    }
+    let kept = files.len() - need.len();
+    if need.is_empty() {
+        return Ok(kept);
+    }
+    let mut result = Err(Error::NotFound(key.to_string()));
+    for (i, repo) in sources.iter().enumerate() {
+        result = crate::bundle::unpack(repo, key, &need, &mut None, &mut |f, body| {
+            write_bundled_file(f, body, roots, delta, syncer)
+        });
+        match &result {
+            Err(e @ (Error::Corrupt { .. } | Error::Storage { .. } | Error::NotFound(_)))
+                if i + 1 < sources.len() =>
+            {
+                tracing::warn!(
+                    "bundle {key}: {e}; reading it from repository {} instead",
+                    sources[i + 1].name
+                );
+            }
+            _ => break,
+        }
+    }
+    result.map(|()| kept)
+}
+
+/// --delta: the file is in the target already, same size and SHA-256.
+fn is_identical(roots: &Roots, f: &FileEntry) -> bool {
+    let (root, inner) = roots.locate(&f.path);
+    let Ok((dir, name)) = root.parent_of(inner, None) else {
+        return false;
+    };
+    match dir.open_file(name) {
+        Ok(Some(file)) => {
+            file.metadata().is_ok_and(|m| m.len() == f.size)
+                && sha256_of(file).is_ok_and(|sha| hex::encode(sha) == f.sha256)
+        }
+        _ => false,
+    }
+}
+
+/// Writes a bundled file whose bytes were checked (`bundle::unpack`), as
+/// `restore_file_from` writes a file: under its name into an empty
+/// directory (fsynced by the Syncer), beside it and renamed with --delta.
+fn write_bundled_file(
+    f: &FileEntry,
+    body: &[u8],
+    roots: &Roots,
+    delta: bool,
+    syncer: &Syncer,
+) -> Result<()> {
+    let (root, inner) = roots.locate(&f.path);
+    let dest = PathBuf::from(roots.display(&f.path));
+    let (dir, name) = root
+        .parent_of(inner, Some(0o700))
+        .map_err(|e| Error::io(format!("open the directory of {}", dest.display()), e))?;
+    let tmp = if delta {
+        format!(".{name}.walshipper.tmp")
+    } else {
+        name.to_string()
+    };
+    let io = |e| Error::io(format!("write {}", dest.display()), e);
+    let r = (|| {
+        let mut file = dir.create_file(&tmp).map_err(io)?;
+        file.write_all(body).map_err(io)?;
+        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
+        let _ = file.set_modified(mtime);
+        if delta {
+            file.sync_all().map_err(io)?;
+            dir.rename(&tmp, name).map_err(io)
+        } else {
+            syncer.submit(file, &dest)
+        }
+    })();
+    if r.is_err() && delta {
+        let _ = dir.remove_file(&tmp);
+    }
+    r
 }
 
 /// A file of a database left out (`--db-include`): the manifest's size,

@@ -84,6 +84,8 @@ pub fn run(
     // Files a diff/incr rebuilds from block deltas: rebuilt (hashed, not
     // written) and checked against the SHA-256 read at backup time.
     let mut rebuilds: Vec<(crate::manifest::FileEntry, String)> = Vec::new();
+    // Bundles: each read once, every file named in it checked.
+    let mut bundles: BTreeMap<String, Vec<(crate::manifest::FileEntry, String)>> = BTreeMap::new();
     for m in &backups {
         // Every key a manifest names must be a backup object's: anything
         // else is not read (it could name WAL, keys or the descriptor).
@@ -100,6 +102,17 @@ pub fn run(
             // file with block deltas is rebuilt, which reads (and checks)
             // its whole object and every delta.
             let what = format!("backup {}: {}", m.id, f.path);
+            if f.offset.is_some() {
+                // Bundled: checked when its bundle is read, once for all
+                // the backups that name these bytes.
+                if seen.insert(format!("{} {:?} {}", f.object, f.offset, f.path)) {
+                    bundles
+                        .entry(f.object.clone())
+                        .or_default()
+                        .push((f.clone(), what));
+                }
+                continue;
+            }
             match f.deltas.last() {
                 None => {
                     if seen.insert(f.object.clone()) {
@@ -258,6 +271,44 @@ pub fn run(
             });
         }
     });
+    let bundle_list: Vec<(&String, &Vec<(crate::manifest::FileEntry, String)>)> =
+        bundles.iter().collect();
+    let next = AtomicUsize::new(0);
+    std::thread::scope(|sc| {
+        for _ in 0..jobs.max(1) {
+            sc.spawn(|| loop {
+                let Some((key, files)) = bundle_list.get(next.fetch_add(1, Ordering::Relaxed))
+                else {
+                    return;
+                };
+                let entries: Vec<&crate::manifest::FileEntry> =
+                    files.iter().map(|(f, _)| f).collect();
+                let mut sealed_by = None;
+                let read =
+                    crate::bundle::unpack(&repo, key, &entries, &mut sealed_by, &mut |_, _| Ok(()));
+                let size = sizes.get(*key).copied().unwrap_or(0);
+                let problem = match keys.note(key, sealed_by, size) {
+                    Some(missing) => missing,
+                    None => read.err().map(|e| {
+                        let whats: Vec<&str> =
+                            files.iter().take(3).map(|(_, w)| w.as_str()).collect();
+                        format!(
+                            "{}{}: {e}",
+                            whats.join(", "),
+                            if files.len() > 3 {
+                                format!(" and {} more files", files.len() - 3)
+                            } else {
+                                String::new()
+                            }
+                        )
+                    }),
+                };
+                if let (Some(p), Ok(mut f)) = (problem, found.lock()) {
+                    f.push(p);
+                }
+            });
+        }
+    });
     // The objects read by rebuilding (whole file and deltas) and the
     // manifests: their keys from their headers (the rebuild reads them).
     let mut headers: Vec<crate::storage::ObjectMeta> = Vec::new();
@@ -325,7 +376,7 @@ pub fn run(
                 repository: repo.name.clone(),
                 backups: backups.iter().map(|m| m.id.clone()).collect(),
                 damaged_backups: scan.damaged.clone(),
-                objects_checked: (work.len() + wal_work.len()) as u64,
+                objects_checked: (work.len() + bundles.len() + wal_work.len()) as u64,
                 files_rebuilt: rebuilds.len() as u64,
                 wal_segments_checked: wal_checked as u64,
                 problems: problems.clone(),
@@ -342,7 +393,7 @@ pub fn run(
         }
         println!(
             "{} objects read, {} files rebuilt from block deltas, {} WAL segments in range",
-            work.len() + wal_work.len(),
+            work.len() + bundles.len() + wal_work.len(),
             rebuilds.len(),
             wal_checked
         );
