@@ -550,6 +550,14 @@ impl DirFd {
         cvt(unsafe { libc::fsync(self.fd.as_raw_fd()) }).map(drop)
     }
 
+    /// syncfs(2) of the file system this directory is on: every file and
+    /// directory written there is durable when it returns (and a writeback
+    /// error since this descriptor was opened is reported).
+    pub fn sync_fs(&self) -> io::Result<()> {
+        // SAFETY: a valid descriptor.
+        cvt(unsafe { libc::syncfs(self.fd.as_raw_fd()) }).map(drop)
+    }
+
     /// The names in this directory (without `.` and `..`) and what they are.
     pub fn entries(&self) -> io::Result<Vec<(OsString, EntryKind)>> {
         // fdopendir takes the descriptor over: give it a copy.
