@@ -1478,6 +1478,24 @@ fn write_bundled_file(
     let (dir, name) = root
         .parent_of(inner, Some(0o700))
         .map_err(|e| Error::io(format!("open the directory of {}", dest.display()), e))?;
+    write_small_file(f, &dir, name, &dest, delta, syncer, |file| {
+        file.write_all(body)
+    })
+}
+
+/// Writes a restored file whose content `fill` writes at once (a bundled
+/// file, a zero file): under its name directly into an empty target, or
+/// with --delta beside it and renamed over it once durable, so that an
+/// existing good file survives a failed rewrite.
+fn write_small_file(
+    f: &FileEntry,
+    dir: &DirFd,
+    name: &str,
+    dest: &Path,
+    delta: bool,
+    syncer: &Syncer,
+    fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = if delta {
         format!(".{name}.walshipper.tmp")
     } else {
@@ -1486,14 +1504,14 @@ fn write_bundled_file(
     let io = |e| Error::io(format!("write {}", dest.display()), e);
     let r = (|| {
         let mut file = dir.create_file(&tmp).map_err(io)?;
-        file.write_all(body).map_err(io)?;
+        fill(&mut file).map_err(io)?;
         let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
         let _ = file.set_modified(mtime);
         if delta {
             file.sync_all().map_err(io)?;
             dir.rename(&tmp, name).map_err(io)
         } else {
-            syncer.submit(file, &dest)
+            syncer.submit(file, dest)
         }
     })();
     if r.is_err() && delta {
@@ -1525,28 +1543,10 @@ fn write_zero_file(
             }
         }
     }
-    let tmp = if delta {
-        format!(".{name}.walshipper.tmp")
-    } else {
-        name.to_string()
-    };
-    let io = |e| Error::io(format!("write {}", dest.display()), e);
-    let r = (|| {
-        let file = dir.create_file(&tmp).map_err(io)?;
-        file.set_len(f.size).map_err(io)?;
-        let mtime = std::time::UNIX_EPOCH + std::time::Duration::from_secs(f.mtime.max(0) as u64);
-        let _ = file.set_modified(mtime);
-        if delta {
-            file.sync_all().map_err(io)?;
-            dir.rename(&tmp, name).map_err(io)
-        } else {
-            syncer.submit(file, dest)
-        }
-    })();
-    if r.is_err() && delta {
-        let _ = dir.remove_file(&tmp);
-    }
-    r.map(|()| true)
+    write_small_file(f, dir, name, dest, delta, syncer, |file| {
+        file.set_len(f.size)
+    })?;
+    Ok(true)
 }
 
 /// Rebuilds `f` (which has deltas) into `out` in one sequential pass, its
