@@ -756,8 +756,10 @@ impl<R: Read> DecodingReader<R> {
             None
         };
         let sealer = Arc::new(Sealer::new(&header, key, &self.binding).map_err(invalid)?);
-        if self.threads > 1 && self.hash {
-            self.sha = StreamHash::new(true);
+        if self.threads > 1 {
+            if self.hash {
+                self.sha = StreamHash::new(true);
+            }
             let (compression, frame_size) = (header.compression, header.frame_size);
             self.pool = Some(Pool::new(self.threads, || {
                 let sealer = sealer.clone();

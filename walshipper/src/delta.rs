@@ -551,8 +551,8 @@ const MERGE_RUN: usize = 32 * BLOCK;
 /// back, and memory does not depend on the file's or the deltas' sizes.
 /// `max_size` bounds the output (the manifest's size): a delta claiming a
 /// larger file is refused before more is written.
-pub fn merge<R: Read, W: Write>(
-    mut base: R,
+pub fn merge<B: Read, R: Read, W: Write>(
+    mut base: B,
     deltas: Vec<R>,
     out: &mut W,
     max_size: u64,

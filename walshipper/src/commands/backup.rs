@@ -844,7 +844,14 @@ fn copy_bundle(
         if let Some(e) = packer.take_error() {
             return Err(e);
         }
-        let (_, summary) = put?;
+        let (outcome, summary) = put?;
+        if outcome != crate::storage::PutOutcome::Stored {
+            // Nothing was read past the first member: never record offsets
+            // into an object this backup did not write.
+            return Err(Error::Invalid(format!(
+                "{key} already exists: a backup's objects are written once"
+            )));
+        }
         let (offsets, total) = packer.finish()?;
         // The bundle's stored bytes shared out by size: the manifest's
         // stored_size (their sum) stays what this backup added.

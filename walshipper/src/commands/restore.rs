@@ -1103,6 +1103,9 @@ impl Drop for AlignedBuf {
 struct DirectFile {
     file: fs::File,
     direct: bool,
+    /// Where the next write goes: writes are positioned, so a write retried
+    /// without O_DIRECT starts where the refused one did.
+    pos: u64,
 }
 
 impl DirectFile {
@@ -1129,16 +1132,18 @@ impl DirectFile {
     /// if the file system refuses it), and, if `last`, the unaligned tail
     /// through the page cache.
     fn write(&mut self, data: &[u8], last: bool) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
         let aligned = data.len() / DIRECT_ALIGN * DIRECT_ALIGN;
         let (body, tail) = data.split_at(aligned);
         if !body.is_empty() {
-            if let Err(e) = self.file.write_all(body) {
+            if let Err(e) = self.file.write_all_at(body, self.pos) {
                 if e.raw_os_error() != Some(libc::EINVAL) || !self.direct {
                     return Err(e);
                 }
                 self.set_direct(false)?;
-                self.file.write_all(body)?;
+                self.file.write_all_at(body, self.pos)?;
             }
+            self.pos += body.len() as u64;
         }
         if !tail.is_empty() && !last {
             return Err(std::io::Error::other("an unaligned buffer before the last"));
@@ -1146,7 +1151,9 @@ impl DirectFile {
         if last && self.direct {
             self.set_direct(false)?;
         }
-        self.file.write_all(tail)
+        self.file.write_all_at(tail, self.pos)?;
+        self.pos += tail.len() as u64;
+        Ok(())
     }
 }
 
@@ -1176,10 +1183,11 @@ impl DirectWriter {
         let (cur, spare) = (AlignedBuf::new()?, AlignedBuf::new()?);
         let (jobs, rx) = std::sync::mpsc::sync_channel::<DirectJob>(1);
         let (back_tx, back) = std::sync::mpsc::sync_channel::<AlignedBuf>(2);
-        let worker = std::thread::spawn(move || {
+        let worker = std::thread::Builder::new().spawn(move || {
             let mut f = DirectFile {
                 file,
                 direct: false,
+                pos: 0,
             };
             // On failure we keep writing through the page cache.
             let _ = f.set_direct(true);
@@ -1199,7 +1207,7 @@ impl DirectWriter {
             Err(std::io::Error::other(
                 "the writer was dropped before its end",
             ))
-        });
+        })?;
         Ok(DirectWriter {
             cur,
             spare: Some(spare),
@@ -1265,18 +1273,41 @@ impl Write for DirectWriter {
 /// of one fsync per file: with tens of thousands of small files (bundles)
 /// the per-file fsyncs were most of a restore's wall time (issue 17).
 /// Files submitted after `finish` (pg_control, written last) are fsynced
-/// one by one.
+/// one by one, and so is every file on kernels whose syncfs does not
+/// report writeback errors (before Linux 5.8).
 struct Syncer {
     finished: bool,
+    /// Linux before 5.8: syncfs(2) does not report writeback errors (as
+    /// PostgreSQL's documentation of `recovery_init_sync_method` says), so
+    /// every file is fsynced as it is written instead.
+    per_file: bool,
+}
+
+/// Whether this kernel's syncfs(2) reports writeback errors (Linux 5.8+).
+fn syncfs_reports_errors() -> bool {
+    // SAFETY: uname fills the zeroed struct it is given.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return false;
+    }
+    // SAFETY: release is NUL-terminated by uname.
+    let release = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }.to_string_lossy();
+    let mut parts = release.split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (5, 8)
 }
 
 impl Syncer {
     fn start() -> Syncer {
-        Syncer { finished: false }
+        Syncer {
+            finished: false,
+            per_file: !syncfs_reports_errors(),
+        }
     }
 
     fn submit(&self, file: fs::File, path: &Path) -> Result<()> {
-        if self.finished {
+        if self.finished || self.per_file {
             return file
                 .sync_all()
                 .map_err(|e| Error::io(format!("fsync {}", path.display()), e));
@@ -1549,23 +1580,45 @@ fn write_zero_file(
     Ok(true)
 }
 
+/// The most objects a rebuild reads side by side (each an open stream with
+/// its buffers; on S3 a connection). A longer chain (hourly incrementals
+/// for a week put 168 deltas on a busy relation) is merged in stages
+/// through unlinked scratch files in `scratch_dir`.
+const MERGE_STREAMS: usize = 32;
+
+/// An unlinked file in `dir` to hold an intermediate version of a file.
+fn scratch_file(dir: &Path) -> std::io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = fs::OpenOptions::new();
+    o.read(true).write(true).mode(0o600);
+    if let Ok(f) = o.clone().custom_flags(libc::O_TMPFILE).open(dir) {
+        return Ok(f);
+    }
+    // File systems without O_TMPFILE: a private name, removed at once.
+    let path = dir.join(format!(
+        ".walshipper-merge-{}-{:?}",
+        std::process::id(),
+        std::thread::current().id()
+    ));
+    let f = o.create_new(true).open(&path)?;
+    fs::remove_file(&path)?;
+    Ok(f)
+}
+
 /// Rebuilds `f` (which has deltas) into `out` in one sequential pass, its
-/// base and deltas read as streams side by side ([`delta::merge`]), and
-/// returns the SHA-256 of what was written, for the caller to compare with
-/// the manifest's: that check covers the base and every delta, so neither
-/// is hashed on its own.
+/// base and deltas read as streams side by side ([`delta::merge`]; at most
+/// `MERGE_STREAMS` at once, longer chains in stages), and returns the
+/// SHA-256 of what was written, for the caller to compare with the
+/// manifest's: that check covers the base and every delta, so neither is
+/// hashed on its own.
 pub(crate) fn rebuild_file<W: Write>(
     repo: &Repository,
     f: &FileEntry,
     out: &mut W,
     dest: &Path,
+    scratch_dir: &Path,
     threads: usize,
 ) -> Result<[u8; 32]> {
-    let base = repo.open_unhashed(&f.object, threads)?;
-    let mut deltas = Vec::with_capacity(f.deltas.len());
-    for key in &f.deltas {
-        deltas.push(repo.open_unhashed(key, 1)?);
-    }
     let damaged = |key: &String, e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::InvalidData && crate::codec::codec_error(&e).is_none() {
             // The delta's own format (codec errors are classified below).
@@ -1577,11 +1630,37 @@ pub(crate) fn rebuild_file<W: Write>(
             repo.read_error(key, e)
         }
     };
-    delta::merge(base, deltas, out, f.size).map_err(|e| match e {
-        delta::MergeError::Base(e) => repo.read_error(&f.object, e),
-        delta::MergeError::Delta(n, e) => damaged(f.deltas.get(n).unwrap_or(&f.object), e),
-        delta::MergeError::Output(e) => Error::io(format!("write {}", dest.display()), e),
-    })
+    let scratch_io = |e| Error::io(format!("a scratch file in {}", scratch_dir.display()), e);
+    let mut base: Box<dyn Read + Send> = Box::new(repo.open_unhashed(&f.object, threads)?);
+    let stages: Vec<&[String]> = f.deltas.chunks(MERGE_STREAMS - 1).collect();
+    for (stage, keys) in stages.iter().enumerate() {
+        let mut deltas = Vec::with_capacity(keys.len());
+        for key in keys.iter() {
+            deltas.push(repo.open_unhashed(key, 1)?);
+        }
+        let last = stage + 1 == stages.len();
+        let map = |e| match e {
+            delta::MergeError::Base(e) if stage == 0 => repo.read_error(&f.object, e),
+            delta::MergeError::Base(e) => scratch_io(e),
+            delta::MergeError::Delta(n, e) => damaged(keys.get(n).unwrap_or(&f.object), e),
+            delta::MergeError::Output(e) if last => {
+                Error::io(format!("write {}", dest.display()), e)
+            }
+            delta::MergeError::Output(e) => scratch_io(e),
+        };
+        if last {
+            return delta::merge(base, deltas, out, f.size).map_err(map);
+        }
+        let mut next = std::io::BufWriter::with_capacity(
+            1 << 20,
+            scratch_file(scratch_dir).map_err(scratch_io)?,
+        );
+        delta::merge(base, deltas, &mut next, delta::MAX_FILE_SIZE).map_err(map)?;
+        let mut file = next.into_inner().map_err(|e| scratch_io(e.into_error()))?;
+        std::io::Seek::rewind(&mut file).map_err(scratch_io)?;
+        base = Box::new(std::io::BufReader::with_capacity(1 << 20, file));
+    }
+    Err(Error::Invalid(format!("{}: no delta to merge", f.path)))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -1596,6 +1675,8 @@ fn restore_file_from(
     syncer: &Syncer,
 ) -> Result<()> {
     let tmp_path = PathBuf::from(dir.display(tmp));
+    // Long delta chains are merged in stages through scratch files here.
+    let scratch_dir = tmp_path.parent().unwrap_or(Path::new("."));
     let file = dir
         .create_file(tmp)
         .map_err(|e| Error::io(format!("create {}", tmp_path.display()), e))?;
@@ -1604,11 +1685,11 @@ fn restore_file_from(
         let write = |e| Error::io(format!("write {}", tmp_path.display()), e);
         if f.size >= DIRECT_MIN {
             let mut w = DirectWriter::new(file).map_err(write)?;
-            let sha = rebuild_file(repo, f, &mut w, &tmp_path, threads)?;
+            let sha = rebuild_file(repo, f, &mut w, &tmp_path, scratch_dir, threads)?;
             (sha, w.finish().map_err(write)?)
         } else {
             let mut w = BufWriter::with_capacity(1 << 20, file);
-            let sha = rebuild_file(repo, f, &mut w, &tmp_path, threads)?;
+            let sha = rebuild_file(repo, f, &mut w, &tmp_path, scratch_dir, threads)?;
             (sha, w.into_inner().map_err(|e| write(e.into_error()))?)
         }
     } else if f.size >= DIRECT_MIN {
@@ -1848,6 +1929,71 @@ fn write_recovery_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A chain longer than `MERGE_STREAMS` (merged in stages through scratch
+    /// files) and a short one give the bytes of applying every delta in turn.
+    #[test]
+    fn long_delta_chains_are_merged_in_stages() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let (_cfg, repo) = crate::repo::test_support::posix_repo(dir.path(), 7);
+        let block = delta::BLOCK;
+        let mut file: Vec<u8> = (0..8 * block).map(|i| (i % 251) as u8).collect();
+        let base_key = crate::layout::backup_data("20261126-000000F", "base/5/1");
+        repo.put_object(&base_key, &file[..]).unwrap();
+        let mut keys = Vec::new();
+        for n in 0..(MERGE_STREAMS * 2 + 3) {
+            // Each delta rewrites one block and grows the file by one.
+            let blk = (n * 5) % (file.len() / block);
+            let fill = vec![n as u8; block];
+            file[blk * block..(blk + 1) * block].copy_from_slice(&fill);
+            let new_blk = file.len() / block;
+            file.extend_from_slice(&fill);
+            let mut d = b"WSDELTA1".to_vec();
+            for b in [blk, new_blk] {
+                d.extend_from_slice(&(b as u32).to_le_bytes());
+                d.extend_from_slice(&(block as u32).to_le_bytes());
+                d.extend_from_slice(&fill);
+            }
+            d.extend_from_slice(&u32::MAX.to_le_bytes());
+            d.extend_from_slice(&0u32.to_le_bytes());
+            d.extend_from_slice(&(file.len() as u64).to_le_bytes());
+            let key = crate::layout::backup_data(&format!("20261126-0001{n:02}I"), "base/5/1");
+            repo.put_object(&key, &d[..]).unwrap();
+            keys.push(key);
+        }
+        for count in [3, keys.len()] {
+            let entry = |deltas: &[String], size: usize| FileEntry {
+                path: "base/5/1".into(),
+                size: size as u64,
+                mtime: 0,
+                mode: 0o600,
+                sha256: String::new(),
+                object: base_key.clone(),
+                deltas: deltas.to_vec(),
+                maps: Vec::new(),
+                offset: None,
+                stored_size: 0,
+            };
+            let size = 8 * block + count * block;
+            let mut out = Vec::new();
+            let sha = rebuild_file(
+                &repo,
+                &entry(&keys[..count], size),
+                &mut out,
+                Path::new("out"),
+                dir.path(),
+                1,
+            )
+            .unwrap();
+            assert_eq!(out.len(), size, "{count} deltas");
+            assert_eq!(sha, <[u8; 32]>::from(sha2::Sha256::digest(&out)));
+            // The whole chain gives the file as it was built above.
+            if count == keys.len() {
+                assert!(out == file, "{count} deltas");
+            }
+        }
+    }
 
     #[test]
     fn direct_writer_writes_exactly_what_it_is_given() {

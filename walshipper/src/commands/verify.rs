@@ -470,7 +470,9 @@ fn check_wal(
 /// is written anywhere).
 fn rebuild_and_hash(repo: &Repository, f: &crate::manifest::FileEntry) -> Result<[u8; 32]> {
     let nowhere = std::path::Path::new("(nowhere: verify only hashes)");
-    crate::commands::restore::rebuild_file(repo, f, &mut std::io::sink(), nowhere, 1)
+    // Only chains longer than restore merges at once use scratch files.
+    let scratch = std::env::temp_dir();
+    crate::commands::restore::rebuild_file(repo, f, &mut std::io::sink(), nowhere, &scratch, 1)
 }
 
 /// The data keys of the objects verify reads: objects and bytes per key, and
