@@ -472,7 +472,7 @@ fn rebuild_and_hash(repo: &Repository, f: &crate::manifest::FileEntry) -> Result
     let nowhere = std::path::Path::new("(nowhere: verify only hashes)");
     // Only chains longer than restore merges at once use scratch files.
     let scratch = std::env::temp_dir();
-    crate::commands::restore::rebuild_file(repo, f, &mut std::io::sink(), nowhere, &scratch, 1)
+    crate::commands::restore::rebuild_file(repo, f, &mut std::io::sink(), nowhere, &scratch)
 }
 
 /// The data keys of the objects verify reads: objects and bytes per key, and
