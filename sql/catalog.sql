@@ -156,7 +156,8 @@ CREATE TABLE backup.alerts (
                                                  'verification_failed', 'restore_test_failed', 'table_restore_failed',
                                                  'restore_test_overdue', 'rto_exceeded',
                                                  'notification_failed', 'repository_almost_full',
-                                                 'key_rotation_failed', 'key_rotation_overdue')),
+                                                 'key_rotation_failed', 'key_rotation_overdue',
+                                                 'wal_receiver_down', 'wal_stream_lagging')),
     severity        text NOT NULL CHECK (severity IN ('info', 'warning', 'critical')),
     subject         text NOT NULL,
     message         text NOT NULL,
@@ -422,3 +423,21 @@ CREATE TABLE backup.rpo_samples (
 );
 
 REVOKE ALL ON ALL TABLES IN SCHEMA backup FROM PUBLIC;
+
+-- The WAL receiver the scheduler supervises (pg_backup.wal_streaming;
+-- src/stream.rs): one row, written only when its state changes, so that an
+-- idle server writes no WAL for it. Lag and the slot are read live from
+-- pg_replication_slots by backup.wal_archive_status.
+CREATE TABLE backup.wal_receiver (
+    id              integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
+    state           text NOT NULL CHECK (state IN ('off', 'running', 'restarting')),
+    since           timestamptz NOT NULL DEFAULT now(),
+    pid             integer,
+    started_at      timestamptz,
+    restarts        bigint NOT NULL DEFAULT 0,
+    last_exit_at    timestamptz,
+    last_error      text,
+    next_start_at   timestamptz
+);
+INSERT INTO backup.wal_receiver (state) VALUES ('off');
+COMMENT ON TABLE backup.wal_receiver IS 'The streaming WAL receiver (walshipper wal-receive) the scheduler runs when pg_backup.wal_streaming is on.';

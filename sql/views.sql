@@ -1,18 +1,53 @@
 -- Status views: what monitors read (granted by backup.grant_monitor()).
 -- Views call no internal function: a monitor may execute none.
 
+-- With pg_backup.wal_streaming on, the RPO is the receiver's: nothing at
+-- risk when its slot has everything the server wrote, else the walsender's
+-- flush_lag (visible to roles with pg_read_all_stats, e.g. pg_monitor;
+-- others get the archiver's estimate), and while the receiver is down the
+-- lesser of the archiver's estimate and the time since it went down.
 CREATE VIEW backup.wal_archive_status AS
+WITH cfg AS (
+    SELECT coalesce(nullif(current_setting('pg_backup.wal_streaming', true), ''), 'off')::boolean AS streaming,
+           coalesce(nullif(current_setting('pg_backup.stream_slot', true), ''), 'walshipper') AS slot_name
+), arch AS (
+    SELECT a.*,
+           -- Data at risk: everything since the last archived segment, if WAL was written since.
+           CASE WHEN a.last_archived_wal IS NULL THEN NULL
+                WHEN pg_walfile_name(pg_current_wal_lsn()) > a.last_archived_wal
+                     AND pg_current_wal_lsn() > ('0/0'::pg_lsn + 0) THEN now() - a.last_archived_time
+                ELSE interval '0' END AS archiver_rpo
+      FROM pg_stat_archiver a
+)
 SELECT a.archived_count, a.last_archived_wal, a.last_archived_time,
        now() - a.last_archived_time AS last_archived_age,
        a.failed_count, a.last_failed_wal, a.last_failed_time,
        pg_walfile_name(pg_current_wal_lsn()) AS current_wal,
-       -- Data at risk: everything since the last archived segment, if WAL was written since.
-       CASE WHEN a.last_archived_wal IS NULL THEN NULL
-            WHEN pg_walfile_name(pg_current_wal_lsn()) > a.last_archived_wal
-                 AND pg_current_wal_lsn() > ('0/0'::pg_lsn + 0) THEN now() - a.last_archived_time
-            ELSE interval '0' END AS rpo_estimate,
-       coalesce(nullif(current_setting('pg_backup.rpo_target', true), ''), '900s')::interval AS rpo_target
-  FROM pg_stat_archiver a;
+       CASE WHEN NOT c.streaming THEN a.archiver_rpo
+            WHEN r.state = 'running' AND sl.active THEN
+                CASE WHEN pg_current_wal_lsn() <= sl.restart_lsn THEN interval '0'
+                     ELSE coalesce(rep.flush_lag, a.archiver_rpo) END
+            ELSE least(a.archiver_rpo, now() - r.since) END AS rpo_estimate,
+       coalesce(nullif(current_setting('pg_backup.rpo_target', true), ''), '900s')::interval AS rpo_target,
+       c.streaming,
+       CASE WHEN c.streaming OR r.state <> 'off' THEN r.state ELSE 'off' END AS receiver_state,
+       r.pid AS receiver_pid,
+       r.since AS receiver_since,
+       r.restarts AS receiver_restarts,
+       r.last_error AS receiver_last_error,
+       c.slot_name,
+       sl.active AS slot_active,
+       -- A physical slot's restart_lsn is where the receiver last reported
+       -- its flush: what is durably in the repository.
+       sl.restart_lsn AS stream_flushed_lsn,
+       pg_current_wal_lsn() - sl.restart_lsn AS slot_retained_bytes,
+       rep.flush_lag AS stream_flush_lag,
+       rep.sync_state AS stream_sync_state
+  FROM arch a
+  CROSS JOIN cfg c
+  LEFT JOIN backup.wal_receiver r ON r.id = 1
+  LEFT JOIN pg_replication_slots sl ON sl.slot_name = c.slot_name
+  LEFT JOIN pg_stat_replication rep ON rep.pid = sl.active_pid;
 
 -- Backup jobs' runs, and verify and restore_test jobs' (a passed check
 -- counts as succeeded).

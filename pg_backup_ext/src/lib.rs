@@ -10,6 +10,7 @@ use pgrx::prelude::*;
 pub mod run;
 pub mod schedule;
 pub mod settings;
+pub mod stream;
 pub mod worker;
 
 ::pgrx::pg_module_magic!(name, version);
@@ -85,6 +86,11 @@ extension_sql_file!(
     requires = ["alerts", "scheduler", "views"]
 );
 extension_sql_file!(
+    "../../sql/streaming.sql",
+    name = "streaming",
+    requires = ["alerts"]
+);
+extension_sql_file!(
     "../../sql/security.sql",
     name = "security",
     requires = [
@@ -98,6 +104,7 @@ extension_sql_file!(
         "recovery",
         "notifications",
         "capacity",
+        "streaming",
         "compliance",
         "keys",
         version

@@ -71,6 +71,40 @@ fn spawn_walshipper<S: AsRef<std::ffi::OsStr>>(
         })
 }
 
+/// The last lines a long-running child wrote to stderr.
+pub type Tail = Arc<Mutex<std::collections::VecDeque<String>>>;
+
+/// `exe --config config wal-receive --slot slot`, the streaming WAL
+/// receiver (src/stream.rs): stdout discarded, the last lines of its
+/// stderr (its log) kept for the reason of an exit. It runs for days, so
+/// nothing it writes accumulates.
+pub fn spawn_receiver(exe: &str, config: &str, slot: &str) -> Result<(Child, Tail), String> {
+    let mut child = walshipper_command(exe)?
+        .args(["--config", config, "wal-receive", "--slot", slot])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| {
+            format!("cannot run walshipper at {exe}: {e} (check pg_backup.walshipper_path)")
+        })?;
+    let tail: Tail = Arc::default();
+    let t = tail.clone();
+    if let Some(err) = child.stderr.take() {
+        std::thread::spawn(move || {
+            for line in BufReader::new(err).lines().map_while(Result::ok) {
+                if let Ok(mut t) = t.lock() {
+                    if t.len() == 20 {
+                        t.pop_front();
+                    }
+                    t.push_back(line);
+                }
+            }
+        });
+    }
+    Ok((child, tail))
+}
+
 pub struct Run {
     pub execution_id: i64,
     child: Child,

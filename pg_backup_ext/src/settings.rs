@@ -35,6 +35,13 @@ pub static KEY_TASK_TIMEOUT: GucSetting<i32> = GucSetting::<i32>::new(6 * 3600);
 pub static KEY_ROTATION_GRACE: GucSetting<i32> = GucSetting::<i32>::new(86400);
 pub static KEY_RETRY_DELAY: GucSetting<i32> = GucSetting::<i32>::new(3600);
 pub static KEY_USAGE_INTERVAL: GucSetting<i32> = GucSetting::<i32>::new(86400);
+// Streaming WAL (src/stream.rs; sql/streaming.sql and the
+// wal_archive_status view read the last three with current_setting()).
+pub static WAL_STREAMING: GucSetting<bool> = GucSetting::<bool>::new(false);
+pub static STREAM_SLOT: GucSetting<Option<CString>> =
+    GucSetting::<Option<CString>>::new(Some(c"walshipper"));
+pub static STREAM_LAG_ALERT: GucSetting<i32> = GucSetting::<i32>::new(256);
+pub static STREAM_DOWN_ALERT: GucSetting<i32> = GucSetting::<i32>::new(60);
 
 pub fn string(s: &GucSetting<Option<CString>>) -> String {
     s.get()
@@ -263,6 +270,42 @@ pub fn define_runtime() {
         &KEY_USAGE_INTERVAL,
         0,
         86400 * 366,
+        GucContext::Sighup,
+        GucFlags::UNIT_S,
+    );
+    GucRegistry::define_bool_guc(
+        c"pg_backup.wal_streaming",
+        c"Stream WAL to the repository: the scheduler keeps `walshipper wal-receive` running.",
+        c"It connects through a physical replication slot (pg_backup.stream_slot); archive_command may stay on beside it.",
+        &WAL_STREAMING,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_string_guc(
+        c"pg_backup.stream_slot",
+        c"The physical replication slot the WAL receiver streams from.",
+        c"Created by walshipper wal-receive if missing. A slot keeps the server's WAL until the receiver has stored it: see backup.wal_archive_status.slot_retained_bytes.",
+        &STREAM_SLOT,
+        GucContext::Sighup,
+        GucFlags::default(),
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.stream_lag_alert",
+        c"MB of WAL the replication slot may hold back before an alert (wal_stream_lagging).",
+        c"The slot's WAL is not yet in the repository and stays in pg_wal: this bounds both the data at risk and the disk it pins.",
+        &STREAM_LAG_ALERT,
+        1,
+        1024 * 1024,
+        GucContext::Sighup,
+        GucFlags::UNIT_MB,
+    );
+    GucRegistry::define_int_guc(
+        c"pg_backup.stream_down_alert",
+        c"Seconds the WAL receiver may be down before an alert (wal_receiver_down).",
+        c"",
+        &STREAM_DOWN_ALERT,
+        1,
+        86400,
         GucContext::Sighup,
         GucFlags::UNIT_S,
     );

@@ -1,8 +1,9 @@
 //! The scheduler: a background worker that wakes every second, queues due
 //! jobs, starts queued runs (up to pg_backup.max_concurrent), follows their
 //! progress, enforces the timeout, honours cancellation, records outcomes,
-//! runs walshipper expire on every repository after successful backups, and
-//! raises archiving, RPO and worker_error alerts. Catalog work is in SQL
+//! runs walshipper expire on every repository after successful backups,
+//! keeps the streaming WAL receiver running (src/stream.rs), and raises
+//! archiving, RPO and worker_error alerts. Catalog work is in SQL
 //! (sql/scheduler.sql and sql/retention.sql, backup._sched_*); this loop
 //! only drives it.
 //!
@@ -997,6 +998,7 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
     let mut expiry = Expiry::default();
     let mut keys = KeyTask::default();
     let mut recoveries = Recoveries::default();
+    let mut receiver = crate::stream::Receiver::default();
     // Resolve a worker_error left open by an earlier scheduler once quiet.
     let mut last_error = Some(std::time::Instant::now());
     while BackgroundWorker::wait_latch(Some(Duration::from_secs(1))) {
@@ -1043,6 +1045,12 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
                 st.tick()
             }
         });
+        let mut rv = std::panic::AssertUnwindSafe(&mut receiver);
+        BackgroundWorker::transaction(move || {
+            if catalog_ready() {
+                rv.tick()
+            }
+        });
         let mut last = std::panic::AssertUnwindSafe(&mut last_error);
         BackgroundWorker::transaction(move || report_cycle(&mut last));
     }
@@ -1053,6 +1061,7 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
     expiry.stop();
     keys.stop();
     recoveries.stop();
+    receiver.stop();
     for (id, mut r) in runs.drain() {
         r.kill();
         BackgroundWorker::transaction(|| {

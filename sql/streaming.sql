@@ -1,0 +1,71 @@
+-- Streaming WAL: the scheduler (src/stream.rs) runs `walshipper
+-- wal-receive` while pg_backup.wal_streaming is on, records its state
+-- here when it changes, and raises the alerts below every cycle (they
+-- write nothing while nothing changes).
+
+-- The receiver's new state: 'running' (pid), 'restarting' (it exited with
+-- p_error; next attempt at p_next_start) or 'off'.
+CREATE FUNCTION backup._stream_report(p_state text, p_pid integer, p_error text, p_next_start timestamptz)
+RETURNS void LANGUAGE sql
+AS $$
+    UPDATE backup.wal_receiver SET
+        state = p_state,
+        since = CASE WHEN state = p_state THEN since ELSE now() END,
+        pid = CASE WHEN p_state = 'running' THEN p_pid END,
+        started_at = CASE WHEN p_state = 'running' THEN now() ELSE started_at END,
+        restarts = restarts + CASE WHEN p_state = 'running' AND last_exit_at IS NOT NULL AND state = 'restarting' THEN 1 ELSE 0 END,
+        last_exit_at = CASE WHEN p_state = 'restarting' THEN now() ELSE last_exit_at END,
+        last_error = CASE WHEN p_state = 'restarting' THEN left(p_error, 2000) ELSE last_error END,
+        next_start_at = CASE WHEN p_state = 'restarting' THEN p_next_start END
+     WHERE id = 1
+$$;
+
+-- Alerts: wal_receiver_down (streaming on, the receiver not running or its
+-- slot not in use for p_down_secs) and wal_stream_lagging (the slot holds
+-- back more than p_lag_mb MB of WAL: WAL not yet in the repository, kept in
+-- pg_wal; raised whether or not streaming is on, since a forgotten slot
+-- pins WAL until the disk fills).
+CREATE FUNCTION backup._stream_check(p_streaming boolean, p_slot text, p_down_secs integer, p_lag_mb integer)
+RETURNS void LANGUAGE plpgsql
+AS $$
+DECLARE
+    r backup.wal_receiver;
+    sl record;
+    retained numeric;
+    down_for interval;
+BEGIN
+    SELECT * INTO r FROM backup.wal_receiver WHERE id = 1;
+    SELECT s.active, s.restart_lsn, s.wal_status INTO sl FROM pg_replication_slots s WHERE s.slot_name = p_slot;
+    IF p_streaming THEN
+        down_for := CASE
+            WHEN r.state <> 'running' THEN now() - r.since
+            WHEN sl IS NULL OR NOT sl.active THEN now() - greatest(r.since, r.started_at)
+        END;
+        IF down_for > make_interval(secs => p_down_secs) THEN
+            PERFORM backup._raise_alert('wal_receiver_down', 'critical', p_slot,
+                format('the WAL receiver has not been streaming for %s (%s): WAL reaches the repository only through archive_command meanwhile',
+                       date_trunc('second', down_for),
+                       CASE WHEN r.state = 'running' THEN 'running, but replication slot ' || p_slot || ' is not in use'
+                            ELSE coalesce('last error: ' || r.last_error, 'not started') END),
+                jsonb_build_object('state', r.state, 'restarts', r.restarts, 'last_error', r.last_error));
+        ELSE
+            PERFORM backup._resolve_alert('wal_receiver_down', p_slot);
+        END IF;
+    ELSE
+        PERFORM backup._resolve_alert('wal_receiver_down', p_slot);
+    END IF;
+    retained := CASE WHEN sl.restart_lsn IS NOT NULL AND NOT pg_is_in_recovery()
+                     THEN pg_current_wal_lsn() - sl.restart_lsn END;
+    IF retained > p_lag_mb::numeric * 1024 * 1024 THEN
+        PERFORM backup._raise_alert('wal_stream_lagging', 'warning', p_slot,
+            format('replication slot %s holds back %s of WAL not yet in the repository (above pg_backup.stream_lag_alert = %s MB)%s',
+                   p_slot, pg_size_pretty(retained), p_lag_mb,
+                   CASE WHEN NOT p_streaming THEN '; streaming is off: drop the slot with pg_drop_replication_slot(''' || p_slot || ''') if it is no longer used'
+                        WHEN NOT sl.active THEN '; the receiver is not connected'
+                        ELSE '' END),
+            jsonb_build_object('retained_bytes', retained, 'wal_status', sl.wal_status, 'active', sl.active));
+    ELSE
+        PERFORM backup._resolve_alert('wal_stream_lagging', p_slot);
+    END IF;
+END
+$$;
