@@ -106,7 +106,7 @@ pub const SEVERITIES: [&str; 3] = ["info", "warning", "critical"];
 
 /// The alert kinds backup.alerts' CHECK allows (sql/catalog.sql): the
 /// notifier's routing and the metrics' label set.
-pub const ALERT_KINDS: [&str; 17] = [
+pub const ALERT_KINDS: [&str; 19] = [
     "backup_failed",
     "job_overdue",
     "archive_failing",
@@ -124,4 +124,6 @@ pub const ALERT_KINDS: [&str; 17] = [
     "repository_almost_full",
     "key_rotation_failed",
     "key_rotation_overdue",
+    "wal_receiver_down",
+    "wal_stream_lagging",
 ];

@@ -405,7 +405,11 @@ fn wal(tx: &mut Tx, out: &mut Families) -> Result<()> {
                       extract(epoch FROM w.last_archived_time)::float8,
                       extract(epoch FROM w.last_failed_time)::float8,
                       coalesce(w.last_failed_time > coalesce(w.last_archived_time, '-infinity'), false),
-                      extract(epoch FROM w.rpo_target)::float8
+                      extract(epoch FROM w.rpo_target)::float8,
+                      w.streaming,
+                      w.receiver_state = 'running' AND coalesce(w.slot_active, false),
+                      w.receiver_restarts::float8,
+                      w.slot_retained_bytes::float8
                  FROM backup.wal_archive_status w";
     let r = tx.query_one(sql, &[]).map_err(pg_err(sql))?;
     let one = |name: &str, help: &str, counter: bool, v: Option<f64>| {
@@ -443,7 +447,7 @@ fn wal(tx: &mut Tx, out: &mut Families) -> Result<()> {
     ));
     out.push(one(
         "pg_backup_wal_archiving_failing",
-        "Whether WAL archiving is failing now (1): its last failure is newer than its last success. There is no streaming WAL receiver yet: this is the archiver's health.",
+        "Whether WAL archiving is failing now (1): its last failure is newer than its last success (the archiver's health; the streaming receiver's is pg_backup_wal_receiver_up).",
         false,
         Some(f64::from(u8::from(r.get::<_, bool>(4)))),
     ));
@@ -452,6 +456,32 @@ fn wal(tx: &mut Tx, out: &mut Families) -> Result<()> {
         "The RPO target (pg_backup.rpo_target), in seconds.",
         false,
         r.get(5),
+    ));
+    let streaming: bool = r.get(6);
+    let up: Option<bool> = r.get(7);
+    out.push(one(
+        "pg_backup_wal_streaming",
+        "Whether WAL streaming is on (pg_backup.wal_streaming): the scheduler keeps walshipper wal-receive running.",
+        false,
+        Some(f64::from(u8::from(streaming))),
+    ));
+    out.push(one(
+        "pg_backup_wal_receiver_up",
+        "1 when the streaming WAL receiver runs and its replication slot is in use; 0 otherwise (also when streaming is off).",
+        false,
+        Some(f64::from(u8::from(up.unwrap_or(false)))),
+    ));
+    out.push(one(
+        "pg_backup_wal_receiver_restarts_total",
+        "Times the scheduler restarted the WAL receiver after it exited.",
+        true,
+        r.get(8),
+    ));
+    out.push(one(
+        "pg_backup_wal_stream_slot_retained_bytes",
+        "WAL the receiver's replication slot keeps in pg_wal, not yet in the repository (absent without the slot).",
+        false,
+        r.get(9),
     ));
     Ok(())
 }
