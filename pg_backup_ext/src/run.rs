@@ -74,13 +74,15 @@ fn spawn_walshipper<S: AsRef<std::ffi::OsStr>>(
 /// The last lines a long-running child wrote to stderr.
 pub type Tail = Arc<Mutex<std::collections::VecDeque<String>>>;
 
-/// `exe --config config wal-receive --slot slot`, the streaming WAL
-/// receiver (src/stream.rs): stdout discarded, the last lines of its
+/// `exe --config config wal-receive` with the slot in the environment
+/// (WALSHIPPER_STREAM_SLOT, which overrides the file's `[stream] slot`),
+/// the streaming WAL receiver (src/stream.rs): stdout discarded, the last lines of its
 /// stderr (its log) kept for the reason of an exit. It runs for days, so
 /// nothing it writes accumulates.
 pub fn spawn_receiver(exe: &str, config: &str, slot: &str) -> Result<(Child, Tail), String> {
     let mut child = walshipper_command(exe)?
-        .args(["--config", config, "wal-receive", "--slot", slot])
+        .args(["--config", config, "wal-receive"])
+        .env("WALSHIPPER_STREAM_SLOT", slot)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

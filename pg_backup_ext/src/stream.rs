@@ -1,5 +1,5 @@
 //! The streaming WAL receiver, supervised by the scheduler: while
-//! pg_backup.wal_streaming is on, `walshipper wal-receive --slot SLOT` runs
+//! pg_backup.wal_streaming is on, `walshipper wal-receive` (with `WALSHIPPER_STREAM_SLOT` set to the slot) runs
 //! as the scheduler's child (argument vector, no shell; it dies with the
 //! scheduler), is restarted with backoff when it exits, and its state is
 //! recorded in backup.wal_receiver only when it changes (an idle server
