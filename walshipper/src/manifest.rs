@@ -156,6 +156,30 @@ impl Manifest {
             .collect()
     }
 
+    /// What a listing of backups keeps of this manifest (`BackupSummary`).
+    pub fn summary(&self) -> BackupSummary {
+        BackupSummary {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            based_on: self.based_on.clone(),
+            label: self.label.clone(),
+            pg_version: self.pg_version,
+            timeline: self.timeline,
+            start_lsn: self.start_lsn.clone(),
+            stop_lsn: self.stop_lsn.clone(),
+            start_time: self.start_time.clone(),
+            stop_time: self.stop_time.clone(),
+            wal_start: self.wal_start.clone(),
+            wal_stop: self.wal_stop.clone(),
+            size: self.size,
+            stored_size: self.stored_size,
+            files: self.files.len(),
+            checksum_failure_blocks: self.checksum_failures.iter().map(|f| f.blocks.len()).sum(),
+            tablespaces: self.tablespaces.clone(),
+            depends_on: self.depends_on(),
+        }
+    }
+
     /// Parses the manifest stored under `key` and `validate`s it.
     pub fn decode(key: &str, body: &[u8]) -> Result<Manifest> {
         let m: Manifest = serde_json::from_slice(body).map_err(|e| Error::Corrupt {
@@ -449,6 +473,52 @@ impl Manifest {
                 ),
             }),
         }
+    }
+}
+
+/// A backup as a listing of the repository keeps it (`Repository::scan_backups`):
+/// its manifest, validated, without the per-file lists. Commands that walk
+/// every backup hold one of these per backup (a few hundred bytes, not a
+/// few hundred per file); the full manifest is read only for the backups a
+/// command uses (`Repository::find_backup`), so memory does not grow with
+/// files × backups kept.
+#[derive(Clone, Debug)]
+pub struct BackupSummary {
+    pub id: String,
+    /// "full", "diff" or "incr", as in the manifest.
+    pub kind: String,
+    pub based_on: Option<String>,
+    pub label: String,
+    pub pg_version: u32,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_time: String,
+    pub stop_time: String,
+    pub wal_start: String,
+    pub wal_stop: String,
+    pub size: u64,
+    pub stored_size: u64,
+    /// How many files the manifest lists.
+    pub files: usize,
+    /// Pages that failed checksum verification during the backup.
+    pub checksum_failure_blocks: usize,
+    pub tablespaces: Vec<TablespaceEntry>,
+    /// The other backups whose objects the manifest names (`Manifest::depends_on`).
+    pub depends_on: BTreeSet<String>,
+}
+
+impl BackupSummary {
+    pub fn start_lsn(&self) -> u64 {
+        crate::wal::parse_lsn(&self.start_lsn).unwrap_or(0)
+    }
+
+    pub fn stop_lsn(&self) -> u64 {
+        crate::wal::parse_lsn(&self.stop_lsn).unwrap_or(0)
+    }
+
+    pub fn stop_time(&self) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+        chrono::DateTime::parse_from_rfc3339(&self.stop_time).ok()
     }
 }
 

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::layout;
 use crate::lock;
 use crate::manifest::{
-    ChecksumFailure, DatabaseEntry, DirEntry, FileEntry, Manifest, TablespaceEntry,
+    BackupSummary, ChecksumFailure, DatabaseEntry, DirEntry, FileEntry, Manifest, TablespaceEntry,
     MANIFEST_VERSION,
 };
 use crate::page::{self, BLCKSZ, RELSEG_BLOCKS};
@@ -48,7 +48,7 @@ const BIG_FILE: u64 = 64 << 20;
 
 /// The backup a diff (the newest full) or incr (the newest of any type)
 /// compares against; None for a full backup or when there is none.
-fn reference_backup(backups: &[Manifest], kind: &str) -> Option<Manifest> {
+fn reference_backup(backups: &[BackupSummary], kind: &str) -> Option<BackupSummary> {
     match kind {
         "diff" => backups.iter().rev().find(|m| m.kind == "full").cloned(),
         "incr" => backups.last().cloned(),
@@ -65,7 +65,7 @@ const FIRST_DELTA_SHARE: f64 = 0.25;
 /// the data directory's files as a base backup copies them (an upper
 /// bound: compression only shrinks them); a first diff or incr, a share of
 /// the newest full's. None: unknown (the data directory cannot be read).
-fn estimate(cfg: &Config, backups: &[Manifest], kind: &str) -> (Option<u64>, String) {
+fn estimate(cfg: &Config, backups: &[BackupSummary], kind: &str) -> (Option<u64>, String) {
     if let Some(m) = backups.iter().rev().find(|m| m.kind == kind) {
         return (
             Some(m.stored_size),
@@ -103,7 +103,7 @@ fn check_free_space(
     cfg: &Config,
     rc: &crate::config::RepoConfig,
     repo: &Repository,
-    backups: &[Manifest],
+    backups: &[BackupSummary],
     kind: &str,
 ) -> Result<()> {
     use crate::commands::info::human;
@@ -199,6 +199,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     };
     // Before anything is written or PostgreSQL is asked to start a backup.
     check_free_space(cfg, rc, &repo, &backups, &kind)?;
+    drop(backups);
+    // The one whole manifest this backup needs: its reference's, compared
+    // file by file (the scan kept summaries only).
+    let reference = reference.map(|r| repo.find_backup(&r.id)).transpose()?;
     tracing::debug!("phase: repository checked at {:?}", started.elapsed());
 
     let mut client = connect(cfg)?;
@@ -527,7 +531,7 @@ fn list_databases(client: &mut postgres::Client) -> Result<Vec<DatabaseEntry>> {
         .collect()
 }
 
-fn backup_chain(backups: &[Manifest], m: &Manifest) -> Vec<String> {
+fn backup_chain(backups: &[BackupSummary], m: &BackupSummary) -> Vec<String> {
     let mut chain = vec![m.id.clone()];
     let mut next = m.based_on.clone();
     while let Some(id) = next {

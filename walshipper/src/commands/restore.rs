@@ -27,8 +27,8 @@ use crate::delta;
 use crate::error::{Error, Result};
 use crate::layout;
 use crate::manifest::{
-    check_location, pg_backup_manifest, DatabaseEntry, FileEntry, Manifest, PgManifestFile,
-    FIRST_NORMAL_OID, MAX_DATABASE_NAME,
+    check_location, pg_backup_manifest, BackupSummary, DatabaseEntry, FileEntry, Manifest,
+    PgManifestFile, FIRST_NORMAL_OID, MAX_DATABASE_NAME,
 };
 use crate::pgdata::{DirFd, EntryKind};
 use crate::progress::{json_event, Counters, Reporter};
@@ -221,7 +221,9 @@ pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {
 
 /// The plan: which backup, and how far the archived WAL reaches from it.
 pub struct Plan {
-    pub backup: Manifest,
+    /// The backup as the listing summarized it; restore reads its whole
+    /// manifest again by its own key (`checked_manifest`).
+    pub backup: BackupSummary,
     /// Last segment reachable without a gap from the backup's start (on its timeline).
     pub wal_end_segno: u64,
     pub wal_end_time: Option<SystemTime>,
@@ -235,14 +237,14 @@ pub fn plan(repo: &Repository, backup: Option<&str>, target: &Target) -> Result<
             "the repository holds no backup yet; take one with `walshipper backup`".into(),
         ));
     }
-    let fits = |m: &Manifest| match target {
+    let fits = |m: &BackupSummary| match target {
         Target::Time { at, .. } => m.stop_time().is_some_and(|s| s <= *at),
         Target::Lsn(l) => m.stop_lsn() <= *l,
         _ => true,
     };
     let chosen = match backup {
         Some(id) => {
-            let m = repo.find_backup(id)?;
+            let m = repo.find_backup(id)?.summary();
             if !fits(&m) {
                 return Err(Error::Invalid(format!(
                     "the target is before the end of backup {id} (it ends at {} / {}); pick an earlier backup or a later target",
@@ -605,14 +607,14 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
         )));
     }
     check_db_include(&args.db_include)?;
-    let (repo, mut plan, fallbacks) = choose_repository(cfg, args)?;
+    let (repo, plan, fallbacks) = choose_repository(cfg, args)?;
     let result = restore_planned(
         cfg,
         args,
         &target_dir,
         was_empty,
         &repo,
-        &mut plan,
+        &plan,
         &fallbacks,
         started,
     );
@@ -625,14 +627,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
         crate::recovery_log::finish(&mut rec, started, result.as_ref().err());
         crate::recovery_log::write_all(&[&repo], &rec);
     }
-    let sel = result?;
-    let ignore: BTreeSet<String> = plan
-        .backup
-        .files
-        .iter()
-        .filter(|f| sel.as_ref().is_some_and(|s| s.zeroed(&f.path)))
-        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d.to_string()))
-        .collect();
+    let (sel, ignore) = result?;
     let excluded = sel.map(|s| s.excluded).unwrap_or_default();
     Ok(Restored {
         backup_id: plan.backup.id.clone(),
@@ -646,7 +641,9 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
     })
 }
 
-/// The restore once the backup and repository are chosen.
+/// The restore once the backup and repository are chosen. Returns the
+/// databases selected, and the directories of those left out (for
+/// pg_verifybackup's --ignore).
 #[allow(clippy::too_many_arguments)]
 fn restore_planned(
     cfg: &Config,
@@ -654,10 +651,10 @@ fn restore_planned(
     target_dir: &Path,
     was_empty: bool,
     repo: &Repository,
-    plan: &mut Plan,
+    plan: &Plan,
     fallbacks: &[Repository],
     started: Instant,
-) -> Result<Option<DbSelection>> {
+) -> Result<(Option<DbSelection>, BTreeSet<String>)> {
     // The listing is not trusted: the manifest used is the one stored
     // under the backup's own key, validated, with its chain.
     let checked = checked_manifest(repo, &plan.backup.id)?;
@@ -678,8 +675,7 @@ fn restore_planned(
             reason: "the backup listing shows another manifest for this backup (one copied in the repository); run `walshipper verify`".into(),
         });
     }
-    plan.backup = checked;
-    let m = &plan.backup;
+    let m = &checked;
     let sel = select_databases(m, &args.db_include)?;
     let mut sources = vec![repo];
     sources.extend(fallbacks.iter());
@@ -698,6 +694,7 @@ fn restore_planned(
         cfg,
         &sources,
         plan,
+        m,
         args,
         target_dir,
         &locations,
@@ -723,7 +720,13 @@ fn restore_planned(
             }
         }
     }
-    result.map(|()| sel)
+    let ignore = m
+        .files
+        .iter()
+        .filter(|f| sel.as_ref().is_some_and(|s| s.zeroed(&f.path)))
+        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d.to_string()))
+        .collect();
+    result.map(|()| (sel, ignore))
 }
 
 /// The directories a restore writes into: the target and each tablespace's.
@@ -767,6 +770,7 @@ fn restore_into(
     cfg: &Config,
     sources: &[&Repository],
     plan: &Plan,
+    m: &Manifest,
     args: &Args,
     target_dir: &Path,
     locations: &HashMap<u32, PathBuf>,
@@ -774,7 +778,6 @@ fn restore_into(
     started: Instant,
 ) -> Result<()> {
     let zeroed = |f: &FileEntry| sel.is_some_and(|s| s.zeroed(&f.path));
-    let m = &plan.backup;
     let repo = sources[0];
     let mut roots = Roots {
         target: open_root(target_dir)?,
