@@ -272,7 +272,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         &mut client,
         args,
         &kind,
-        reference.as_ref(),
+        reference,
         &base_chain,
         &id,
         &label,
@@ -313,7 +313,7 @@ fn copy_and_finish(
     client: &mut postgres::Client,
     args: &Args,
     kind: &str,
-    reference: Option<&Manifest>,
+    reference: Option<Manifest>,
     base_chain: &[String],
     id: &str,
     label: &str,
@@ -323,7 +323,7 @@ fn copy_and_finish(
     start_time: chrono::DateTime<chrono::Utc>,
     started: Instant,
 ) -> Result<Vec<ChecksumFailure>> {
-    let scan = pgdata::scan(&cfg.pg.data_dir)?;
+    let mut scan = pgdata::scan(&cfg.pg.data_dir)?;
     let counters = Arc::new(Counters::default());
     counters
         .bytes_total
@@ -335,7 +335,7 @@ fn copy_and_finish(
     let copied = copy_files(
         repo,
         id,
-        reference,
+        reference.as_ref(),
         &scan.files,
         args.jobs.max(1),
         cfg.backup.bundle.then(|| cfg.backup.bundle_bytes()),
@@ -345,6 +345,10 @@ fn copy_and_finish(
     )?;
     drop(reporter);
     tracing::debug!("phase: files copied at {:?}", started.elapsed());
+    // Per-file memory no longer needed: the reference's manifest and the
+    // listing of the data directory (its directories and tablespaces stay).
+    let based_on = reference.map(|m| m.id);
+    drop(std::mem::take(&mut scan.files));
 
     // wait_for_archive => false: the server would poll its archive status
     // once a second (a second per backup, measured); wait_for_wal below
@@ -430,7 +434,7 @@ fn copy_and_finish(
         manifest_version: MANIFEST_VERSION,
         id: id.to_string(),
         kind: kind.to_string(),
-        based_on: reference.map(|m| m.id.clone()),
+        based_on,
         label: label.to_string(),
         system_identifier: repo.descriptor.system_identifier.clone(),
         pg_version: repo.descriptor.pg_version,
@@ -466,11 +470,10 @@ fn copy_and_finish(
         tablespace_map_object: spcmap_key,
         databases,
     };
-    let body = serde_json::to_vec(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     // Written last, durably: from now on the backup exists. Not if another
     // host took the lease meanwhile (its expire may be removing our base).
     lock.ensure_held()?;
-    repo.put_object(&layout::manifest(id), &body[..])?;
+    repo.put_object(&layout::manifest(id), manifest.json_reader()?)?;
     tracing::debug!("phase: manifest written at {:?}", started.elapsed());
 
     let mut chain = base_chain.to_vec();

@@ -370,27 +370,21 @@ fn check_target(target: &Target) -> Result<()> {
     Ok(())
 }
 
-/// Reads the manifest of backup `id` again by its own key, validates it
-/// (its id must be the one its key names), follows `based_on` to the full
-/// backup, validating each, and checks that the backup names objects of
-/// that chain only. Returns the validated manifest.
-fn checked_manifest(repo: &Repository, id: &str) -> Result<Manifest> {
+/// Reads the manifest of backup `listed` again by its own key, validates
+/// it (its id must be the one its key names, and it must be the manifest
+/// the listing summarized), follows `based_on` to the full backup,
+/// validating each, and checks that the backup names objects of that chain
+/// only. Returns the validated manifest. The chain is walked before the
+/// backup's own manifest is read, each manifest dropped once its
+/// `based_on` is known: one whole manifest is held at a time.
+fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifest> {
+    let id = listed.id.as_str();
     let read = |id: &str| -> Result<Manifest> {
         let key = layout::manifest(id);
         Manifest::decode(&key, &repo.read_object_vec(&key)?)
     };
-    let m = read(id).map_err(|e| match e {
-        // Listed under this id, but not stored under it.
-        Error::NotFound(key) => Error::Corrupt {
-            key,
-            reason: format!(
-                "backup {id} is listed from a manifest stored under another name (a manifest copied or renamed in the repository); run `walshipper verify`"
-            ),
-        },
-        e => e,
-    })?;
     let mut chain = BTreeSet::new();
-    let mut next = m.based_on.clone();
+    let mut next = listed.based_on.clone();
     while let Some(b) = next {
         // validate() makes every based_on earlier than its backup; the set
         // stops a loop of equal-second ids all the same.
@@ -409,6 +403,34 @@ fn checked_manifest(repo: &Repository, id: &str) -> Result<Manifest> {
                 e => e,
             })?
             .based_on;
+    }
+    let m = read(id).map_err(|e| match e {
+        // Listed under this id, but not stored under it.
+        Error::NotFound(key) => Error::Corrupt {
+            key,
+            reason: format!(
+                "backup {id} is listed from a manifest stored under another name (a manifest copied or renamed in the repository); run `walshipper verify`"
+            ),
+        },
+        e => e,
+    })?;
+    if (
+        &m.start_lsn,
+        &m.stop_lsn,
+        m.timeline,
+        &m.stop_time,
+        &m.based_on,
+    ) != (
+        &listed.start_lsn,
+        &listed.stop_lsn,
+        listed.timeline,
+        &listed.stop_time,
+        &listed.based_on,
+    ) {
+        return Err(Error::Corrupt {
+            key: layout::manifest(&m.id),
+            reason: "the backup listing shows another manifest for this backup (one copied in the repository); run `walshipper verify`".into(),
+        });
     }
     m.validate_dependencies(&chain)?;
     Ok(m)
@@ -657,24 +679,7 @@ fn restore_planned(
 ) -> Result<(Option<DbSelection>, BTreeSet<String>)> {
     // The listing is not trusted: the manifest used is the one stored
     // under the backup's own key, validated, with its chain.
-    let checked = checked_manifest(repo, &plan.backup.id)?;
-    let listed = &plan.backup;
-    if (
-        &checked.start_lsn,
-        &checked.stop_lsn,
-        checked.timeline,
-        &checked.stop_time,
-    ) != (
-        &listed.start_lsn,
-        &listed.stop_lsn,
-        listed.timeline,
-        &listed.stop_time,
-    ) {
-        return Err(Error::Corrupt {
-            key: layout::manifest(&checked.id),
-            reason: "the backup listing shows another manifest for this backup (one copied in the repository); run `walshipper verify`".into(),
-        });
-    }
+    let checked = checked_manifest(repo, &plan.backup)?;
     let m = &checked;
     let sel = select_databases(m, &args.db_include)?;
     let mut sources = vec![repo];
