@@ -156,6 +156,86 @@ impl Manifest {
             .collect()
     }
 
+    /// What a listing of backups keeps of this manifest (`BackupSummary`).
+    pub fn summary(&self) -> BackupSummary {
+        BackupSummary {
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            based_on: self.based_on.clone(),
+            label: self.label.clone(),
+            pg_version: self.pg_version,
+            timeline: self.timeline,
+            start_lsn: self.start_lsn.clone(),
+            stop_lsn: self.stop_lsn.clone(),
+            start_time: self.start_time.clone(),
+            stop_time: self.stop_time.clone(),
+            wal_start: self.wal_start.clone(),
+            wal_stop: self.wal_stop.clone(),
+            size: self.size,
+            stored_size: self.stored_size,
+            files: self.files.len(),
+            checksum_failure_blocks: self.checksum_failures.iter().map(|f| f.blocks.len()).sum(),
+            tablespaces: self.tablespaces.clone(),
+            depends_on: self.depends_on(),
+        }
+    }
+
+    /// The manifest's JSON as a reader, for `Repository::put_object`: the
+    /// file list is serialized one entry at a time as the encoder reads, so
+    /// a manifest of many files is never held as one body beside its
+    /// entries (a few hundred bytes per file). Reads back as `to_vec` would.
+    pub fn json_reader(&self) -> Result<JsonReader<'_>> {
+        // Everything but the files, listed field by field: a field added
+        // to Manifest must be added here (the literal is exhaustive).
+        let head = Manifest {
+            manifest_version: self.manifest_version,
+            id: self.id.clone(),
+            kind: self.kind.clone(),
+            based_on: self.based_on.clone(),
+            label: self.label.clone(),
+            system_identifier: self.system_identifier.clone(),
+            pg_version: self.pg_version,
+            timeline: self.timeline,
+            start_lsn: self.start_lsn.clone(),
+            stop_lsn: self.stop_lsn.clone(),
+            start_time: self.start_time.clone(),
+            stop_time: self.stop_time.clone(),
+            wal_start: self.wal_start.clone(),
+            wal_stop: self.wal_stop.clone(),
+            data_checksums: self.data_checksums,
+            checksum_failures: self.checksum_failures.clone(),
+            size: self.size,
+            stored_size: self.stored_size,
+            files: Vec::new(),
+            dirs: self.dirs.clone(),
+            tablespaces: self.tablespaces.clone(),
+            backup_label_object: self.backup_label_object.clone(),
+            tablespace_map_object: self.tablespace_map_object.clone(),
+            databases: self.databases.clone(),
+        };
+        let json_err = |e: serde_json::Error| Error::Invalid(format!("manifest to JSON: {e}"));
+        let serde_json::Value::Object(mut fields) =
+            serde_json::to_value(&head).map_err(json_err)?
+        else {
+            return Err(Error::Invalid("manifest to JSON: not an object".into()));
+        };
+        fields.remove("files");
+        // `{"field":value,...,"files":[` then the entries, then `]}`.
+        let mut buf = serde_json::to_vec(&fields).map_err(json_err)?;
+        buf.pop();
+        if !fields.is_empty() {
+            buf.push(b',');
+        }
+        buf.extend_from_slice(br#""files":["#);
+        Ok(JsonReader {
+            files: self.files.iter(),
+            first: true,
+            buf,
+            pos: 0,
+            ended: false,
+        })
+    }
+
     /// Parses the manifest stored under `key` and `validate`s it.
     pub fn decode(key: &str, body: &[u8]) -> Result<Manifest> {
         let m: Manifest = serde_json::from_slice(body).map_err(|e| Error::Corrupt {
@@ -452,6 +532,88 @@ impl Manifest {
     }
 }
 
+/// `Manifest::json_reader`: the head, then the file entries serialized as
+/// they are read, then the closing `]}`.
+pub struct JsonReader<'a> {
+    files: std::slice::Iter<'a, FileEntry>,
+    first: bool,
+    /// Bytes ready to be read from `pos` on.
+    buf: Vec<u8>,
+    pos: usize,
+    ended: bool,
+}
+
+impl std::io::Read for JsonReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        // Refilled a few entries at a time (about 64 KiB), not per entry.
+        while self.pos == self.buf.len() && !self.ended {
+            self.buf.clear();
+            self.pos = 0;
+            while self.buf.len() < 64 << 10 {
+                let Some(f) = self.files.next() else {
+                    self.buf.extend_from_slice(b"]}");
+                    self.ended = true;
+                    break;
+                };
+                if !std::mem::take(&mut self.first) {
+                    self.buf.push(b',');
+                }
+                serde_json::to_writer(&mut self.buf, f).map_err(std::io::Error::other)?;
+            }
+        }
+        let n = out.len().min(self.buf.len() - self.pos);
+        out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+/// A backup as a listing of the repository keeps it (`Repository::scan_backups`):
+/// its manifest, validated, without the per-file lists. Commands that walk
+/// every backup hold one of these per backup (a few hundred bytes, not a
+/// few hundred per file); the full manifest is read only for the backups a
+/// command uses (`Repository::find_backup`), so memory does not grow with
+/// files × backups kept.
+#[derive(Clone, Debug)]
+pub struct BackupSummary {
+    pub id: String,
+    /// "full", "diff" or "incr", as in the manifest.
+    pub kind: String,
+    pub based_on: Option<String>,
+    pub label: String,
+    pub pg_version: u32,
+    pub timeline: u32,
+    pub start_lsn: String,
+    pub stop_lsn: String,
+    pub start_time: String,
+    pub stop_time: String,
+    pub wal_start: String,
+    pub wal_stop: String,
+    pub size: u64,
+    pub stored_size: u64,
+    /// How many files the manifest lists.
+    pub files: usize,
+    /// Pages that failed checksum verification during the backup.
+    pub checksum_failure_blocks: usize,
+    pub tablespaces: Vec<TablespaceEntry>,
+    /// The other backups whose objects the manifest names (`Manifest::depends_on`).
+    pub depends_on: BTreeSet<String>,
+}
+
+impl BackupSummary {
+    pub fn start_lsn(&self) -> u64 {
+        crate::wal::parse_lsn(&self.start_lsn).unwrap_or(0)
+    }
+
+    pub fn stop_lsn(&self) -> u64 {
+        crate::wal::parse_lsn(&self.stop_lsn).unwrap_or(0)
+    }
+
+    pub fn stop_time(&self) -> Option<chrono::DateTime<chrono::FixedOffset>> {
+        chrono::DateTime::parse_from_rfc3339(&self.stop_time).ok()
+    }
+}
+
 /// Top-level names restore writes itself or a server owns: never in a backup.
 const RESERVED_TOP_FILES: &[&str] = &[
     "backup_label",
@@ -667,6 +829,54 @@ mod tests {
             ID
         );
         assert!(Manifest::decode(&layout::manifest(ID), b"{").is_err());
+    }
+
+    #[test]
+    fn streamed_json_reads_back_as_the_whole_body() {
+        use std::io::Read;
+        let mut m = sample();
+        // Enough entries for several refills of the reader's buffer.
+        for i in 0..2000 {
+            m.files.push(entry(&format!("base/5/{}", 20000 + i), ID));
+        }
+        for files in [m.files.clone(), m.files[..1].to_vec(), Vec::new()] {
+            let m = Manifest { files, ..m.clone() };
+            let mut streamed = Vec::new();
+            let mut r = m.json_reader().unwrap();
+            // Small reads: entries cross the caller's buffer boundaries.
+            let mut chunk = [0u8; 1000];
+            loop {
+                let n = r.read(&mut chunk).unwrap();
+                if n == 0 {
+                    break;
+                }
+                streamed.extend_from_slice(&chunk[..n]);
+            }
+            let whole: serde_json::Value = serde_json::to_value(&m).unwrap();
+            let back: serde_json::Value = serde_json::from_slice(&streamed).unwrap();
+            assert_eq!(back, whole);
+            let d = Manifest::decode(&layout::manifest(ID), &streamed).unwrap();
+            assert_eq!(d.files.len(), m.files.len());
+        }
+    }
+
+    #[test]
+    fn a_summary_carries_no_file_list() {
+        let m = sample();
+        let s = m.summary();
+        assert_eq!(s.files, m.files.len());
+        assert_eq!(s.depends_on, m.depends_on());
+        assert_eq!(s.depends_on, [FULL.to_string()].into());
+        // Its size does not depend on the number of files: nothing of
+        // theirs is kept but the count.
+        let mut big = sample();
+        for i in 0..1000 {
+            big.files
+                .push(entry(&format!("base/5/{}", 20000 + i), FULL));
+        }
+        let t = big.summary();
+        assert_eq!(t.files, m.files.len() + 1000);
+        assert_eq!(format!("{s:?}").len() + 3, format!("{t:?}").len());
     }
 
     #[test]

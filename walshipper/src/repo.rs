@@ -24,7 +24,7 @@ use crate::config::{Config, RepoConfig};
 use crate::error::{Error, Result};
 use crate::keys::{is_lower_hex, EncryptionMode, KeyCache, KeyFile, MAX_KEY_FILE_LEN};
 use crate::layout;
-use crate::manifest::Manifest;
+use crate::manifest::{BackupSummary, Manifest};
 use crate::storage::{self, Durability, PutOutcome, Storage};
 use crate::wal::ClusterIdentity;
 
@@ -350,8 +350,9 @@ pub use pg_backup_contract::DamagedBackup;
 /// What `scan_backups` found.
 #[derive(Default)]
 pub struct BackupScan {
-    /// Intact manifests, oldest first.
-    pub backups: Vec<Manifest>,
+    /// The backups whose manifests are intact, oldest first: summaries,
+    /// without their file lists (`find_backup` reads a whole manifest).
+    pub backups: Vec<BackupSummary>,
     pub damaged: Vec<DamagedBackup>,
 }
 
@@ -1225,7 +1226,7 @@ impl Repository {
     /// reads back intact, oldest first. Damaged manifests are logged and
     /// left out: one of them must not make the others unusable. Commands
     /// that report damage (info, verify, expire, backup) use `scan_backups`.
-    pub fn list_backups(&self) -> Result<Vec<Manifest>> {
+    pub fn list_backups(&self) -> Result<Vec<BackupSummary>> {
         let scan = self.scan_backups()?;
         for d in &scan.damaged {
             tracing::warn!("{}: {} (skipped; see `walshipper verify`)", d.key, d.reason);
@@ -1237,6 +1238,8 @@ impl Repository {
     /// first, and the damaged ones (undecodable, not a manifest, or not the
     /// manifest its key names). A storage error (the store did not answer)
     /// is an error, not damage: it says nothing about the object.
+    /// Each manifest is read, validated in full and summarized before the
+    /// next one is read: one whole manifest is held at a time.
     pub fn scan_backups(&self) -> Result<BackupScan> {
         self.scan_backups_sized().map(|(scan, _)| scan)
     }
@@ -1261,7 +1264,7 @@ impl Repository {
                 }
             }
             match self.load_manifest(&meta.key)? {
-                Loaded::Intact(m) => scan.backups.push(*m),
+                Loaded::Intact(m) => scan.backups.push(m.summary()),
                 // Removed since the listing (expire on another host).
                 Loaded::Missing => {}
                 Loaded::Damaged(reason) => scan.damaged.push(DamagedBackup {

@@ -315,7 +315,9 @@ fn build_world(d: &Path) -> World {
     let cfg = walshipper::config::Config::load_with_env(Some(&shipper.config), Vec::new())
         .expect("config");
     let repo = walshipper::repo::Repository::open(&cfg).expect("open");
-    let manifests = repo.list_backups().expect("backups");
+    let manifests: Vec<_> = (repo.list_backups().expect("backups").iter())
+        .map(|b| repo.find_backup(&b.id).expect("manifest"))
+        .collect();
     let mut readers: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     let mut deltas = BTreeSet::new();
     let mut maps = BTreeSet::new();

@@ -22,7 +22,7 @@ use crate::error::{Error, Result};
 use crate::layout;
 use crate::lock;
 use crate::manifest::{
-    ChecksumFailure, DatabaseEntry, DirEntry, FileEntry, Manifest, TablespaceEntry,
+    BackupSummary, ChecksumFailure, DatabaseEntry, DirEntry, FileEntry, Manifest, TablespaceEntry,
     MANIFEST_VERSION,
 };
 use crate::page::{self, BLCKSZ, RELSEG_BLOCKS};
@@ -48,7 +48,7 @@ const BIG_FILE: u64 = 64 << 20;
 
 /// The backup a diff (the newest full) or incr (the newest of any type)
 /// compares against; None for a full backup or when there is none.
-fn reference_backup(backups: &[Manifest], kind: &str) -> Option<Manifest> {
+fn reference_backup(backups: &[BackupSummary], kind: &str) -> Option<BackupSummary> {
     match kind {
         "diff" => backups.iter().rev().find(|m| m.kind == "full").cloned(),
         "incr" => backups.last().cloned(),
@@ -65,7 +65,7 @@ const FIRST_DELTA_SHARE: f64 = 0.25;
 /// the data directory's files as a base backup copies them (an upper
 /// bound: compression only shrinks them); a first diff or incr, a share of
 /// the newest full's. None: unknown (the data directory cannot be read).
-fn estimate(cfg: &Config, backups: &[Manifest], kind: &str) -> (Option<u64>, String) {
+fn estimate(cfg: &Config, backups: &[BackupSummary], kind: &str) -> (Option<u64>, String) {
     if let Some(m) = backups.iter().rev().find(|m| m.kind == kind) {
         return (
             Some(m.stored_size),
@@ -103,7 +103,7 @@ fn check_free_space(
     cfg: &Config,
     rc: &crate::config::RepoConfig,
     repo: &Repository,
-    backups: &[Manifest],
+    backups: &[BackupSummary],
     kind: &str,
 ) -> Result<()> {
     use crate::commands::info::human;
@@ -199,6 +199,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     };
     // Before anything is written or PostgreSQL is asked to start a backup.
     check_free_space(cfg, rc, &repo, &backups, &kind)?;
+    drop(backups);
+    // The one whole manifest this backup needs: its reference's, compared
+    // file by file (the scan kept summaries only).
+    let reference = reference.map(|r| repo.find_backup(&r.id)).transpose()?;
     tracing::debug!("phase: repository checked at {:?}", started.elapsed());
 
     let mut client = connect(cfg)?;
@@ -268,7 +272,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         &mut client,
         args,
         &kind,
-        reference.as_ref(),
+        reference,
         &base_chain,
         &id,
         &label,
@@ -309,7 +313,7 @@ fn copy_and_finish(
     client: &mut postgres::Client,
     args: &Args,
     kind: &str,
-    reference: Option<&Manifest>,
+    reference: Option<Manifest>,
     base_chain: &[String],
     id: &str,
     label: &str,
@@ -319,7 +323,7 @@ fn copy_and_finish(
     start_time: chrono::DateTime<chrono::Utc>,
     started: Instant,
 ) -> Result<Vec<ChecksumFailure>> {
-    let scan = pgdata::scan(&cfg.pg.data_dir)?;
+    let mut scan = pgdata::scan(&cfg.pg.data_dir)?;
     let counters = Arc::new(Counters::default());
     counters
         .bytes_total
@@ -331,7 +335,7 @@ fn copy_and_finish(
     let copied = copy_files(
         repo,
         id,
-        reference,
+        reference.as_ref(),
         &scan.files,
         args.jobs.max(1),
         cfg.backup.bundle.then(|| cfg.backup.bundle_bytes()),
@@ -341,6 +345,10 @@ fn copy_and_finish(
     )?;
     drop(reporter);
     tracing::debug!("phase: files copied at {:?}", started.elapsed());
+    // Per-file memory no longer needed: the reference's manifest and the
+    // listing of the data directory (its directories and tablespaces stay).
+    let based_on = reference.map(|m| m.id);
+    drop(std::mem::take(&mut scan.files));
 
     // wait_for_archive => false: the server would poll its archive status
     // once a second (a second per backup, measured); wait_for_wal below
@@ -426,7 +434,7 @@ fn copy_and_finish(
         manifest_version: MANIFEST_VERSION,
         id: id.to_string(),
         kind: kind.to_string(),
-        based_on: reference.map(|m| m.id.clone()),
+        based_on,
         label: label.to_string(),
         system_identifier: repo.descriptor.system_identifier.clone(),
         pg_version: repo.descriptor.pg_version,
@@ -462,11 +470,10 @@ fn copy_and_finish(
         tablespace_map_object: spcmap_key,
         databases,
     };
-    let body = serde_json::to_vec(&manifest).map_err(|e| Error::Invalid(e.to_string()))?;
     // Written last, durably: from now on the backup exists. Not if another
     // host took the lease meanwhile (its expire may be removing our base).
     lock.ensure_held()?;
-    repo.put_object(&layout::manifest(id), &body[..])?;
+    repo.put_object(&layout::manifest(id), manifest.json_reader()?)?;
     tracing::debug!("phase: manifest written at {:?}", started.elapsed());
 
     let mut chain = base_chain.to_vec();
@@ -527,7 +534,7 @@ fn list_databases(client: &mut postgres::Client) -> Result<Vec<DatabaseEntry>> {
         .collect()
 }
 
-fn backup_chain(backups: &[Manifest], m: &Manifest) -> Vec<String> {
+fn backup_chain(backups: &[BackupSummary], m: &BackupSummary) -> Vec<String> {
     let mut chain = vec![m.id.clone()];
     let mut next = m.based_on.clone();
     while let Some(id) = next {

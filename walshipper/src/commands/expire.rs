@@ -27,7 +27,7 @@ use crate::commands::backup::remove_incomplete;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout;
-use crate::manifest::Manifest;
+use crate::manifest::BackupSummary;
 use crate::repo::{DamagedBackup, Repository};
 use crate::retention::{self, BackupRef, Kind, Policy};
 use crate::wal::{self, WalFileKind};
@@ -104,7 +104,7 @@ pub fn policy_report(p: &Policy) -> RetentionPolicy {
     }
 }
 
-fn kind_of(m: &Manifest) -> Kind {
+fn kind_of(m: &BackupSummary) -> Kind {
     match m.kind.as_str() {
         "diff" => Kind::Diff,
         "incr" => Kind::Incr,
@@ -150,7 +150,7 @@ pub fn read_tombstone(repo: &Repository, id: &str) -> Result<Tombstone> {
 /// Writes backup `m`'s tombstone, durably, before anything of it is
 /// deleted: from then on repo-sync does not copy it back into `repo`. One
 /// already there (a crash after it, before the manifest went) is kept.
-fn write_tombstone(repo: &Repository, m: &Manifest, policy: &Policy) -> Result<()> {
+fn write_tombstone(repo: &Repository, m: &BackupSummary, policy: &Policy) -> Result<()> {
     let t = Tombstone {
         backup_id: m.id.clone(),
         kind: m.kind.clone(),
@@ -282,8 +282,9 @@ fn expire_one(
                 .map(|t| t.with_timezone(&Utc))
                 .unwrap_or(DateTime::<Utc>::MAX_UTC),
             depends_on: m
-                .depends_on()
-                .into_iter()
+                .depends_on
+                .iter()
+                .cloned()
                 .chain(m.based_on.clone())
                 .collect(),
         })
@@ -294,7 +295,7 @@ fn expire_one(
     // The rules keep every dependency of a kept backup; checked again here
     // against the objects themselves, because a mistake would lose data.
     for m in backups.iter().filter(|m| !removed.contains(m.id.as_str())) {
-        if let Some(d) = m.depends_on().iter().find(|d| removed.contains(d.as_str())) {
+        if let Some(d) = m.depends_on.iter().find(|d| removed.contains(d.as_str())) {
             return Err(Error::Invalid(format!(
                 "internal error: backup {} needs {d}, which the policy would remove; nothing was removed",
                 m.id
@@ -311,7 +312,7 @@ fn expire_one(
             });
         }
     }
-    let kept: Vec<&Manifest> = backups
+    let kept: Vec<&BackupSummary> = backups
         .iter()
         .filter(|m| !removed.contains(m.id.as_str()))
         .collect();
@@ -472,7 +473,7 @@ fn expire_one(
 /// need if its manifest is repaired (from another repository).
 fn keep_bases_of_damaged(
     decision: &mut retention::Decision,
-    backups: &[Manifest],
+    backups: &[BackupSummary],
     damaged: &[DamagedBackup],
 ) {
     for d in damaged {

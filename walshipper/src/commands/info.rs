@@ -395,8 +395,8 @@ pub fn collect(repo: &Repository) -> Result<Info> {
         .backups
         .into_iter()
         .map(|m| BackupInfo {
-            files: m.files.len(),
-            checksum_failures: m.checksum_failures.iter().map(|f| f.blocks.len()).sum(),
+            files: m.files,
+            checksum_failures: m.checksum_failure_blocks,
             id: m.id,
             kind: m.kind,
             based_on: m.based_on,

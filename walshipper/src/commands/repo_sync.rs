@@ -17,7 +17,7 @@ use serde::Serialize;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout;
-use crate::manifest::Manifest;
+use crate::manifest::BackupSummary;
 use crate::repo::Repository;
 use crate::wal::{self, WalFileKind};
 
@@ -235,7 +235,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         // intact manifest of each. Ids sort by start time.
         let tombstones = tombstones(target)?;
         let mut unsatisfied = 0;
-        let mut wanted: BTreeMap<String, (usize, Manifest)> = BTreeMap::new();
+        let mut wanted: BTreeMap<String, (usize, BackupSummary)> = BTreeMap::new();
         let mut skipped: BTreeSet<String> = BTreeSet::new();
         let candidates: BTreeSet<&String> = sources
             .iter()
@@ -254,9 +254,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                     continue;
                 }
                 // A damaged manifest is not copied; another source's may be.
+                // Summarized at once: one whole manifest held at a time.
                 match src.find_backup(id) {
                     Ok(m) => {
-                        wanted.insert(id.clone(), (i, m));
+                        wanted.insert(id.clone(), (i, m.summary()));
                         break;
                     }
                     Err(e @ Error::Corrupt { .. }) => damaged.push(format!("{}: {e}", src.name)),
@@ -276,11 +277,9 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
         loop {
             let before = skipped.len();
             for (id, (_, m)) in &wanted {
-                let needs = m.depends_on().into_iter().chain(m.based_on.clone());
+                let mut needs = m.depends_on.iter().chain(m.based_on.as_ref());
                 if !skipped.contains(id)
-                    && needs
-                        .into_iter()
-                        .any(|d| tombstones.contains(&d) || skipped.contains(&d))
+                    && needs.any(|d| tombstones.contains(d) || skipped.contains(d))
                 {
                     skipped.insert(id.clone());
                 }
@@ -330,9 +329,9 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             // A diff/incr refers to earlier backups' objects: those
             // backups (copied before it, ids sort by time) must be there.
             if let Some(dep) = m
-                .depends_on()
-                .into_iter()
-                .find(|d| !have.backups.contains_key(d) && !report.backups_copied.contains(d))
+                .depends_on
+                .iter()
+                .find(|d| !have.backups.contains_key(*d) && !report.backups_copied.contains(*d))
             {
                 if !args.dry_run {
                     eprintln!(

@@ -27,8 +27,8 @@ use crate::delta;
 use crate::error::{Error, Result};
 use crate::layout;
 use crate::manifest::{
-    check_location, pg_backup_manifest, DatabaseEntry, FileEntry, Manifest, PgManifestFile,
-    FIRST_NORMAL_OID, MAX_DATABASE_NAME,
+    check_location, pg_backup_manifest, BackupSummary, DatabaseEntry, FileEntry, Manifest,
+    PgManifestFile, FIRST_NORMAL_OID, MAX_DATABASE_NAME,
 };
 use crate::pgdata::{DirFd, EntryKind};
 use crate::progress::{json_event, Counters, Reporter};
@@ -221,7 +221,9 @@ pub fn parse_time(s: &str) -> Result<DateTime<FixedOffset>> {
 
 /// The plan: which backup, and how far the archived WAL reaches from it.
 pub struct Plan {
-    pub backup: Manifest,
+    /// The backup as the listing summarized it; restore reads its whole
+    /// manifest again by its own key (`checked_manifest`).
+    pub backup: BackupSummary,
     /// Last segment reachable without a gap from the backup's start (on its timeline).
     pub wal_end_segno: u64,
     pub wal_end_time: Option<SystemTime>,
@@ -235,14 +237,14 @@ pub fn plan(repo: &Repository, backup: Option<&str>, target: &Target) -> Result<
             "the repository holds no backup yet; take one with `walshipper backup`".into(),
         ));
     }
-    let fits = |m: &Manifest| match target {
+    let fits = |m: &BackupSummary| match target {
         Target::Time { at, .. } => m.stop_time().is_some_and(|s| s <= *at),
         Target::Lsn(l) => m.stop_lsn() <= *l,
         _ => true,
     };
     let chosen = match backup {
         Some(id) => {
-            let m = repo.find_backup(id)?;
+            let m = repo.find_backup(id)?.summary();
             if !fits(&m) {
                 return Err(Error::Invalid(format!(
                     "the target is before the end of backup {id} (it ends at {} / {}); pick an earlier backup or a later target",
@@ -368,27 +370,21 @@ fn check_target(target: &Target) -> Result<()> {
     Ok(())
 }
 
-/// Reads the manifest of backup `id` again by its own key, validates it
-/// (its id must be the one its key names), follows `based_on` to the full
-/// backup, validating each, and checks that the backup names objects of
-/// that chain only. Returns the validated manifest.
-fn checked_manifest(repo: &Repository, id: &str) -> Result<Manifest> {
+/// Reads the manifest of backup `listed` again by its own key, validates
+/// it (its id must be the one its key names, and it must be the manifest
+/// the listing summarized), follows `based_on` to the full backup,
+/// validating each, and checks that the backup names objects of that chain
+/// only. Returns the validated manifest. The chain is walked before the
+/// backup's own manifest is read, each manifest dropped once its
+/// `based_on` is known: one whole manifest is held at a time.
+fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifest> {
+    let id = listed.id.as_str();
     let read = |id: &str| -> Result<Manifest> {
         let key = layout::manifest(id);
         Manifest::decode(&key, &repo.read_object_vec(&key)?)
     };
-    let m = read(id).map_err(|e| match e {
-        // Listed under this id, but not stored under it.
-        Error::NotFound(key) => Error::Corrupt {
-            key,
-            reason: format!(
-                "backup {id} is listed from a manifest stored under another name (a manifest copied or renamed in the repository); run `walshipper verify`"
-            ),
-        },
-        e => e,
-    })?;
     let mut chain = BTreeSet::new();
-    let mut next = m.based_on.clone();
+    let mut next = listed.based_on.clone();
     while let Some(b) = next {
         // validate() makes every based_on earlier than its backup; the set
         // stops a loop of equal-second ids all the same.
@@ -407,6 +403,34 @@ fn checked_manifest(repo: &Repository, id: &str) -> Result<Manifest> {
                 e => e,
             })?
             .based_on;
+    }
+    let m = read(id).map_err(|e| match e {
+        // Listed under this id, but not stored under it.
+        Error::NotFound(key) => Error::Corrupt {
+            key,
+            reason: format!(
+                "backup {id} is listed from a manifest stored under another name (a manifest copied or renamed in the repository); run `walshipper verify`"
+            ),
+        },
+        e => e,
+    })?;
+    if (
+        &m.start_lsn,
+        &m.stop_lsn,
+        m.timeline,
+        &m.stop_time,
+        &m.based_on,
+    ) != (
+        &listed.start_lsn,
+        &listed.stop_lsn,
+        listed.timeline,
+        &listed.stop_time,
+        &listed.based_on,
+    ) {
+        return Err(Error::Corrupt {
+            key: layout::manifest(&m.id),
+            reason: "the backup listing shows another manifest for this backup (one copied in the repository); run `walshipper verify`".into(),
+        });
     }
     m.validate_dependencies(&chain)?;
     Ok(m)
@@ -605,14 +629,14 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
         )));
     }
     check_db_include(&args.db_include)?;
-    let (repo, mut plan, fallbacks) = choose_repository(cfg, args)?;
+    let (repo, plan, fallbacks) = choose_repository(cfg, args)?;
     let result = restore_planned(
         cfg,
         args,
         &target_dir,
         was_empty,
         &repo,
-        &mut plan,
+        &plan,
         &fallbacks,
         started,
     );
@@ -625,14 +649,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
         crate::recovery_log::finish(&mut rec, started, result.as_ref().err());
         crate::recovery_log::write_all(&[&repo], &rec);
     }
-    let sel = result?;
-    let ignore: BTreeSet<String> = plan
-        .backup
-        .files
-        .iter()
-        .filter(|f| sel.as_ref().is_some_and(|s| s.zeroed(&f.path)))
-        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d.to_string()))
-        .collect();
+    let (sel, ignore) = result?;
     let excluded = sel.map(|s| s.excluded).unwrap_or_default();
     Ok(Restored {
         backup_id: plan.backup.id.clone(),
@@ -646,7 +663,9 @@ pub fn run(cfg: &Config, args: &Args) -> Result<Restored> {
     })
 }
 
-/// The restore once the backup and repository are chosen.
+/// The restore once the backup and repository are chosen. Returns the
+/// databases selected, and the directories of those left out (for
+/// pg_verifybackup's --ignore).
 #[allow(clippy::too_many_arguments)]
 fn restore_planned(
     cfg: &Config,
@@ -654,32 +673,14 @@ fn restore_planned(
     target_dir: &Path,
     was_empty: bool,
     repo: &Repository,
-    plan: &mut Plan,
+    plan: &Plan,
     fallbacks: &[Repository],
     started: Instant,
-) -> Result<Option<DbSelection>> {
+) -> Result<(Option<DbSelection>, BTreeSet<String>)> {
     // The listing is not trusted: the manifest used is the one stored
     // under the backup's own key, validated, with its chain.
-    let checked = checked_manifest(repo, &plan.backup.id)?;
-    let listed = &plan.backup;
-    if (
-        &checked.start_lsn,
-        &checked.stop_lsn,
-        checked.timeline,
-        &checked.stop_time,
-    ) != (
-        &listed.start_lsn,
-        &listed.stop_lsn,
-        listed.timeline,
-        &listed.stop_time,
-    ) {
-        return Err(Error::Corrupt {
-            key: layout::manifest(&checked.id),
-            reason: "the backup listing shows another manifest for this backup (one copied in the repository); run `walshipper verify`".into(),
-        });
-    }
-    plan.backup = checked;
-    let m = &plan.backup;
+    let checked = checked_manifest(repo, &plan.backup)?;
+    let m = &checked;
     let sel = select_databases(m, &args.db_include)?;
     let mut sources = vec![repo];
     sources.extend(fallbacks.iter());
@@ -698,6 +699,7 @@ fn restore_planned(
         cfg,
         &sources,
         plan,
+        m,
         args,
         target_dir,
         &locations,
@@ -723,7 +725,13 @@ fn restore_planned(
             }
         }
     }
-    result.map(|()| sel)
+    let ignore = m
+        .files
+        .iter()
+        .filter(|f| sel.as_ref().is_some_and(|s| s.zeroed(&f.path)))
+        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d.to_string()))
+        .collect();
+    result.map(|()| (sel, ignore))
 }
 
 /// The directories a restore writes into: the target and each tablespace's.
@@ -767,6 +775,7 @@ fn restore_into(
     cfg: &Config,
     sources: &[&Repository],
     plan: &Plan,
+    m: &Manifest,
     args: &Args,
     target_dir: &Path,
     locations: &HashMap<u32, PathBuf>,
@@ -774,7 +783,6 @@ fn restore_into(
     started: Instant,
 ) -> Result<()> {
     let zeroed = |f: &FileEntry| sel.is_some_and(|s| s.zeroed(&f.path));
-    let m = &plan.backup;
     let repo = sources[0];
     let mut roots = Roots {
         target: open_root(target_dir)?,

@@ -34,7 +34,7 @@ pub fn run(
     let scan = match backup {
         Some(id) => match repo.find_backup(id) {
             Ok(m) => BackupScan {
-                backups: vec![m],
+                backups: vec![m.summary()],
                 damaged: Vec::new(),
             },
             Err(Error::Corrupt { key, reason }) => BackupScan {
@@ -86,7 +86,25 @@ pub fn run(
     let mut rebuilds: Vec<(crate::manifest::FileEntry, String)> = Vec::new();
     // Bundles: each read once, every file named in it checked.
     let mut bundles: BTreeMap<String, Vec<(crate::manifest::FileEntry, String)>> = BTreeMap::new();
-    for m in &backups {
+    for s in &backups {
+        // One whole manifest at a time (the scan kept summaries): what it
+        // names goes into the lists above, then it is dropped.
+        let m = match repo.find_backup(&s.id) {
+            Ok(m) => m,
+            Err(Error::Corrupt { key, reason }) => {
+                problems.push(format!(
+                    "backup {}: manifest {key} is damaged: {reason}; the backup cannot be restored",
+                    s.id
+                ));
+                continue;
+            }
+            // Gone since the listing: expire removed it meanwhile.
+            Err(Error::Invalid(e)) => {
+                tracing::warn!("backup {}: not verified: {e}", s.id);
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         // Every key a manifest names must be a backup object's: anything
         // else is not read (it could name WAL, keys or the descriptor).
         if let Some(k) = m.objects().find(|k| layout::backup_of(k).is_none()) {
@@ -386,7 +404,7 @@ pub fn run(
         ));
     } else {
         for m in &backups {
-            println!("backup {}: {} files", m.id, m.files.len());
+            println!("backup {}: {} files", m.id, m.files);
         }
         for d in &scan.damaged {
             println!("backup {}: DAMAGED manifest", d.id);
