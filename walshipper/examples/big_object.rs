@@ -58,7 +58,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let t = Instant::now();
     let sha = repo.read_object_with(&key, &mut io::sink(), repo.threads())?;
     let get = t.elapsed();
-    assert_eq!(sha, summary.sha256, "read back differs");
+    assert_eq!(sha, summary.hash, "read back differs");
     repo.storage.delete(&key)?;
     println!(
         "{{\"object_gib\": {gib}, \"stored_bytes\": {}, \"put_s\": {:.2}, \"get_s\": {:.2}, \"peak_rss_mib\": {}}}",

@@ -16,6 +16,9 @@ fn main() {
     let _ = sha2::Sha256::digest(&data);
     println!("sha256      {:6.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let t = Instant::now();
+    let _ = blake3::hash(&data);
+    println!("blake3      {:6.1} ms", t.elapsed().as_secs_f64() * 1e3);
+    let t = Instant::now();
     let _ = crc32fast::hash(&data);
     println!("crc32       {:6.1} ms", t.elapsed().as_secs_f64() * 1e3);
     let t = Instant::now();

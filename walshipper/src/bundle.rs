@@ -10,8 +10,6 @@
 
 use std::io::{self, Read, Write};
 
-use sha2::{Digest, Sha256};
-
 use crate::error::{Error, Result};
 use crate::manifest::{FileEntry, BUNDLED_MAX};
 use crate::repo::Repository;
@@ -118,7 +116,7 @@ impl<F: FnMut() -> Result<Option<Vec<u8>>>> Read for Packer<F> {
 /// Cuts the decoded plaintext of bundle `key` into the files of `entries`
 /// (sorted by offset): bytes no entry names are skipped, each file is
 /// collected (at most BUNDLED_MAX bytes), checked against its size and
-/// SHA-256, then handed to `each`.
+/// hash, then handed to `each`.
 struct Splitter<'a, 'b> {
     key: &'a str,
     entries: &'a [&'a FileEntry],
@@ -170,11 +168,14 @@ impl Splitter<'_, '_> {
                     continue;
                 }
             }
-            let sha = hex::encode(Sha256::digest(&self.buf));
-            if sha != e.sha256 {
+            // With the entry's own algorithm (an older manifest's SHA-256).
+            let h = e.hash_alg().digest(&self.buf);
+            if !e.hash_is(&h) {
                 return Err(self.corrupt(format!(
-                    "the {} bytes of {} at offset {off} have SHA-256 {sha}, not the manifest's {}",
-                    e.size, e.path, e.sha256
+                    "the {} bytes of {} at offset {off} have {h}, not the manifest's {}",
+                    e.size,
+                    e.path,
+                    e.hash_text()
                 )));
             }
             (self.each)(e, &self.buf)?;
@@ -204,8 +205,8 @@ impl Write for Splitter<'_, '_> {
 
 /// Reads bundle `key` once, front to back, and hands each file of
 /// `entries` (bundled entries naming `key`, in any order) to `each` with
-/// its bytes, checked against the entry's size and SHA-256. The whole
-/// object is decoded and verified (frames, final SHA-256). A plaintext that
+/// its bytes, checked against the entry's size and hash. The whole
+/// object is decoded and verified (frames, final hash). A plaintext that
 /// ends before a file's end, or files that overlap, are `Corrupt` naming
 /// the bundle. `sealed_by` as in `Repository::read_object_sealed`.
 pub fn unpack(
@@ -274,7 +275,8 @@ mod tests {
             size: body.len() as u64,
             mtime: 0,
             mode: 0o600,
-            sha256: hex::encode(Sha256::digest(body)),
+            sha256: None,
+            blake3: Some(crate::codec::HashAlg::Blake3.digest(body).hex()),
             object: layout::backup_bundle(ID, 1),
             deltas: vec![],
             maps: vec![],
@@ -351,7 +353,14 @@ mod tests {
         refused(far);
         let mut shifted = entries[3].clone();
         shifted.offset = Some(offsets[3] + 1);
-        assert!(refused(shifted).contains("SHA-256"));
+        assert!(refused(shifted).contains("BLAKE3"));
+        // An entry of an older manifest is checked with its SHA-256, and a
+        // hash of the other algorithm never passes for it.
+        let mut old = entries[2].clone();
+        old.set_hash(&crate::codec::HashAlg::Sha256.digest(&bodies[2]));
+        unpack(&repo, &key, &[&old], &mut None, &mut |_, _| Ok(())).unwrap();
+        old.sha256 = entries[2].blake3.clone();
+        assert!(refused(old).contains("SHA-256"));
         let mut big = entries[0].clone();
         big.size = BUNDLED_MAX;
         refused(big);

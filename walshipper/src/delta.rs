@@ -14,18 +14,16 @@
 //! can be copied with old LSNs (CREATE DATABASE ... STRATEGY FILE_COPY). A
 //! hash compares what is actually on disk, for every kind of file, so the
 //! restored file is byte-identical to the one read, and restore can check
-//! the whole file's SHA-256. See docs/repository-format.md for the formats.
+//! the whole file's hash. See docs/repository-format.md for the formats.
 
 use std::io::{self, Read, Write};
 
-use sha2::{Digest, Sha256};
-
-use crate::codec::read_full;
+use crate::codec::{read_full, HashAlg, PlainHash};
 
 /// Block size of maps and deltas.
 pub const BLOCK: usize = 8192;
 /// Files at least this large get block maps and block deltas; smaller files
-/// are compared whole (by SHA-256) and stored whole when they changed.
+/// are compared whole (by their hash) and stored whole when they changed.
 pub const MAP_MIN: u64 = 128 << 10;
 
 /// The largest file a block map or delta may describe. PostgreSQL splits
@@ -248,8 +246,9 @@ const READ_BLOCKS: usize = 16;
 
 /// Reads a file and yields its block delta against `base`: the magic, then
 /// `block u32, length u32, bytes` for every block that differs, then an end
-/// record `u32::MAX, 0, size u64`. Also computes the SHA-256 of the whole
-/// file as read and the map delta.
+/// record `u32::MAX, 0, size u64`. Also computes the hash of the whole
+/// file as read (the current algorithm: it is the new manifest entry's) and
+/// the map delta.
 pub struct DeltaReader<R> {
     inner: R,
     base: BlockMap,
@@ -267,7 +266,7 @@ pub struct DeltaReader<R> {
 /// What a DeltaReader found, once read to the end.
 pub struct DeltaSummary {
     pub size: u64,
-    pub sha256: [u8; 32],
+    pub hash: PlainHash,
     /// Serialised map delta.
     pub map_delta: Vec<u8>,
     pub changed_blocks: usize,
@@ -285,16 +284,16 @@ impl<R: Read> DeltaReader<R> {
             out_pos: 0,
             next_block: 0,
             size: 0,
-            sha: crate::codec::StreamHash::new(false),
+            sha: crate::codec::StreamHash::new(HashAlg::CURRENT, false),
             changed: Vec::new(),
             done: false,
         }
     }
 
-    /// Computes the file's SHA-256 on a thread of its own (large files:
+    /// Computes the file's hash on a thread of its own (large files:
     /// the reading thread then only reads and compares block hashes).
     pub fn hash_on_own_thread(mut self) -> Self {
-        self.sha = crate::codec::StreamHash::new(true);
+        self.sha = crate::codec::StreamHash::new(HashAlg::CURRENT, true);
         self
     }
 
@@ -318,7 +317,7 @@ impl<R: Read> DeltaReader<R> {
     pub fn finish(mut self) -> io::Result<DeltaSummary> {
         Ok(DeltaSummary {
             size: self.size,
-            sha256: self.sha.finish()?,
+            hash: self.sha.finish()?,
             map_delta: BlockMap::encode_delta(self.size, &self.changed),
             changed_blocks: self.changed.len(),
         })
@@ -546,8 +545,9 @@ const MERGE_RUN: usize = 32 * BLOCK;
 /// Rebuilds a file in one sequential pass from its earlier version `base`
 /// and its block `deltas` (oldest first), all read as streams: every block
 /// comes out as applying each delta in place would make it, and the output
-/// is hashed on the way (restore compares that SHA-256 with the manifest's,
-/// which covers the base and every delta). Nothing is written twice or read
+/// is hashed on the way with `alg` (restore compares that hash with the
+/// manifest's, of the same algorithm, which covers the base and every
+/// delta). Nothing is written twice or read
 /// back, and memory does not depend on the file's or the deltas' sizes.
 /// `max_size` bounds the output (the manifest's size): a delta claiming a
 /// larger file is refused before more is written.
@@ -556,7 +556,8 @@ pub fn merge<B: Read, R: Read, W: Write>(
     deltas: Vec<R>,
     out: &mut W,
     max_size: u64,
-) -> Result<[u8; 32], MergeError> {
+    alg: HashAlg,
+) -> Result<PlainHash, MergeError> {
     let mut ds = Vec::with_capacity(deltas.len());
     for (n, d) in deltas.into_iter().enumerate() {
         ds.push(DeltaStream::open(d).map_err(|e| MergeError::Delta(n, e))?);
@@ -565,7 +566,7 @@ pub fn merge<B: Read, R: Read, W: Write>(
     if ds.is_empty() {
         return Err(MergeError::Delta(0, invalid("no delta to merge")));
     }
-    let mut sha = Sha256::new();
+    let mut sha = alg.hasher();
     let mut written = 0u64;
     let mut emit = |bytes: &[u8]| -> Result<(), MergeError> {
         if written + bytes.len() as u64 > max_size {
@@ -642,14 +643,12 @@ pub fn merge<B: Read, R: Read, W: Write>(
         d.drain().map_err(|e| MergeError::Delta(n, e))?;
     }
     out.flush().map_err(MergeError::Output)?;
-    Ok(sha.finalize().into())
+    Ok(sha.finalize())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use sha2::{Digest, Sha256};
-
     fn map_of(data: &[u8]) -> BlockMap {
         let mut m = MapBuilder::new(data);
         io::copy(&mut m, &mut io::sink()).unwrap();
@@ -664,7 +663,7 @@ mod tests {
         let mut delta = Vec::new();
         r.read_to_end(&mut delta).unwrap();
         let s = r.finish().unwrap();
-        assert_eq!(s.sha256, <[u8; 32]>::from(Sha256::digest(new)));
+        assert_eq!(s.hash, HashAlg::Blake3.digest(new));
         // Asked first whether the file differs (the same pass), and hashed
         // on a thread of its own: the same stream and summary.
         let mut r2 = DeltaReader::new(new, base.clone()).hash_on_own_thread();
@@ -673,7 +672,7 @@ mod tests {
         r2.read_to_end(&mut delta2).unwrap();
         assert!(delta2 == delta, "differs() changed the stream");
         let s2 = r2.finish().unwrap();
-        assert_eq!((s2.sha256, &s2.map_delta), (s.sha256, &s.map_delta));
+        assert_eq!((s2.hash, &s2.map_delta), (s.hash, &s.map_delta));
         // Merged with the old version, both read in small pieces.
         let mut got = Vec::new();
         let sha = merge(
@@ -681,10 +680,22 @@ mod tests {
             vec![Trickle(&delta)],
             &mut got,
             new.len() as u64,
+            HashAlg::Blake3,
         )
         .unwrap();
         assert!(got == new, "applied delta differs");
-        assert_eq!(sha, s.sha256);
+        assert_eq!(sha, s.hash);
+        // A manifest entry of an older version (SHA-256) is checked with
+        // its own algorithm.
+        let sha2 = merge(
+            Trickle(old),
+            vec![Trickle(&delta)],
+            &mut io::sink(),
+            new.len() as u64,
+            HashAlg::Sha256,
+        )
+        .unwrap();
+        assert_eq!(sha2, HashAlg::Sha256.digest(new));
         // The map after the delta is the map of the new file.
         let mut m = base;
         m.apply(&s.map_delta).unwrap();
@@ -731,7 +742,7 @@ mod tests {
         let mut r = DeltaReader::new(&new[..], map_of(&old));
         let mut delta = Vec::new();
         r.read_to_end(&mut delta).unwrap();
-        let merged = |d: &[u8]| merge(&old[..], vec![d], &mut Vec::new(), 1 << 20);
+        let merged = |d: &[u8]| merge(&old[..], vec![d], &mut Vec::new(), 1 << 20, HashAlg::Blake3);
         assert!(merged(&delta).is_ok());
         assert!(
             merged(&delta[..delta.len() - 16]).is_err(),
@@ -819,7 +830,13 @@ mod tests {
             delta.extend_from_slice(p);
         }
         let mut out = Vec::new();
-        merge(&data(2, 1)[..], vec![&delta[..]], &mut out, MAX_FILE_SIZE)?;
+        merge(
+            &data(2, 1)[..],
+            vec![&delta[..]],
+            &mut out,
+            MAX_FILE_SIZE,
+            HashAlg::Blake3,
+        )?;
         Ok(out.len() as u64)
     }
 
@@ -899,14 +916,11 @@ mod tests {
                 deltas.iter().map(|d| Trickle(d)).collect(),
                 &mut out,
                 expected.len() as u64,
+                HashAlg::Sha256,
             )
             .unwrap();
             assert!(out == expected, "seed {seed}");
-            assert_eq!(
-                sha,
-                <[u8; 32]>::from(Sha256::digest(&expected)),
-                "seed {seed}"
-            );
+            assert_eq!(sha, HashAlg::Sha256.digest(&expected), "seed {seed}");
             // A bound below the rebuilt size is refused.
             if !expected.is_empty() {
                 let refused = merge(
@@ -914,6 +928,7 @@ mod tests {
                     deltas.iter().map(|d| &d[..]).collect(),
                     &mut Vec::new(),
                     expected.len() as u64 - 1,
+                    HashAlg::Blake3,
                 );
                 assert!(refused.is_err(), "seed {seed}");
             }

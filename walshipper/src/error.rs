@@ -37,7 +37,7 @@ pub enum Error {
     NotFound(String),
 
     /// An object with this name exists with other content; nothing was overwritten.
-    #[error("{name} is already archived with different content (stored SHA-256 {stored}, local SHA-256 {local}); nothing was overwritten. Two clusters may be archiving to one repository: check archive_command on every server")]
+    #[error("{name} is already archived with different content (stored {stored}, local {local}); nothing was overwritten. Two clusters may be archiving to one repository: check archive_command on every server")]
     Conflict {
         name: String,
         stored: String,

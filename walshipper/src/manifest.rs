@@ -8,12 +8,17 @@ use std::path::{Component, Path};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::codec::{HashAlg, PlainHash};
 use crate::error::{Error, Result};
 use crate::layout::{self, BackupPart, ObjectName};
 
 /// 2: files may refer to earlier backups' objects and carry block deltas.
 /// 3: small files may be stored in bundles (`object` a bundle, `offset`).
-pub const MANIFEST_VERSION: u32 = 3;
+/// 4: files carry their BLAKE3 (`blake3`) instead of their SHA-256; an
+///    entry carried over from an older manifest keeps its `sha256`.
+pub const MANIFEST_VERSION: u32 = 4;
+/// The first manifest version whose files may carry `blake3`.
+const BLAKE3_SINCE: u32 = 4;
 
 /// Bundled files are smaller than this (delta::MAP_MIN): a reader holds one
 /// bundled file in memory at a time, so the bound is checked on every entry.
@@ -26,8 +31,15 @@ pub struct FileEntry {
     pub size: u64,
     pub mtime: i64,
     pub mode: u32,
-    /// SHA-256 of the file's bytes as backed up, hex.
-    pub sha256: String,
+    /// SHA-256 of the file's bytes as backed up, hex: the entries of
+    /// manifests before version 4, and entries of later ones carried over
+    /// from them (a large file found unchanged is not hashed again).
+    /// Exactly one of `sha256` and `blake3` is set ([`FileEntry::hash`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// BLAKE3 of the file's bytes as backed up, hex (manifest version 4).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub blake3: Option<String>,
     /// Repository key holding the whole file, as this or an earlier backup
     /// stored it (an unchanged file refers to the earlier backup's object).
     pub object: String,
@@ -49,6 +61,47 @@ pub struct FileEntry {
 }
 
 impl FileEntry {
+    /// The file's recorded hash: its algorithm and hex digits. None only
+    /// for an entry that has both or neither (refused by `validate`).
+    pub fn hash(&self) -> Option<(HashAlg, &str)> {
+        match (&self.sha256, &self.blake3) {
+            (Some(h), None) => Some((HashAlg::Sha256, h)),
+            (None, Some(h)) => Some((HashAlg::Blake3, h)),
+            _ => None,
+        }
+    }
+
+    /// The algorithm to hash the file's bytes with to compare them with
+    /// this entry.
+    pub fn hash_alg(&self) -> HashAlg {
+        self.hash().map_or(HashAlg::CURRENT, |(alg, _)| alg)
+    }
+
+    /// Whether `h` is the entry's hash: the same algorithm and value.
+    pub fn hash_is(&self, h: &PlainHash) -> bool {
+        let mut want = [0u8; 32];
+        self.hash().is_some_and(|(alg, hex)| {
+            alg == h.alg && hex::decode_to_slice(hex, &mut want).is_ok() && want == h.bytes
+        })
+    }
+
+    /// Records `h` as the file's hash (and drops one of the other algorithm).
+    pub fn set_hash(&mut self, h: &PlainHash) {
+        let hex = Some(h.hex());
+        (self.sha256, self.blake3) = match h.alg {
+            HashAlg::Sha256 => (hex, None),
+            HashAlg::Blake3 => (None, hex),
+        };
+    }
+
+    /// The recorded hash for messages, e.g. "BLAKE3 9f…".
+    pub fn hash_text(&self) -> String {
+        match self.hash() {
+            Some((alg, hex)) => format!("{alg} {hex}"),
+            None => "no hash".into(),
+        }
+    }
+
     /// Every object this entry needs.
     pub fn objects(&self) -> impl Iterator<Item = &String> {
         std::iter::once(&self.object)
@@ -445,17 +498,7 @@ impl Manifest {
             if !seen.insert(f.path.as_str()) {
                 return Err(bad(format!("file {:?} is listed twice", f.path)));
             }
-            if f.sha256.len() != 64
-                || !f
-                    .sha256
-                    .bytes()
-                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-            {
-                return Err(bad(format!(
-                    "file {:?}: SHA-256 is not 64 hex digits",
-                    f.path
-                )));
-            }
+            check_hash(f, self.manifest_version).map_err(bad)?;
             if f.offset.is_some() {
                 bundled(f)?;
                 continue;
@@ -667,12 +710,48 @@ pub fn check_location(p: &Path) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
+/// A file entry's hash fields for its manifest version: `sha256` alone
+/// before version 4; then exactly one of `sha256` (carried over from an
+/// older manifest) and `blake3`; 64 lowercase hex digits.
+fn check_hash(f: &FileEntry, manifest_version: u32) -> std::result::Result<(), String> {
+    let (alg, hex) = match (&f.sha256, &f.blake3) {
+        (Some(h), None) => (HashAlg::Sha256, h),
+        (None, Some(h)) if manifest_version >= BLAKE3_SINCE => (HashAlg::Blake3, h),
+        (None, Some(_)) => {
+            return Err(format!(
+                "file {:?} has a BLAKE3 hash, which manifest version {manifest_version} does not have (only {BLAKE3_SINCE} and later)",
+                f.path
+            ))
+        }
+        (Some(_), Some(_)) => {
+            return Err(format!(
+                "file {:?} has both a SHA-256 and a BLAKE3 hash",
+                f.path
+            ))
+        }
+        (None, None) => return Err(format!("file {:?} has no hash", f.path)),
+    };
+    if hex.len() != 64
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
+        return Err(format!(
+            "file {:?}: its {alg} is not 64 lowercase hex digits",
+            f.path
+        ));
+    }
+    Ok(())
+}
+
 /// One file line of PostgreSQL's backup_manifest.
 pub struct PgManifestFile {
     pub path: String,
     pub size: u64,
     pub mtime: i64,
-    pub sha256: String,
+    /// SHA-256, hex; None: no checksum (pg_verifybackup knows no BLAKE3,
+    /// so such files are checked by size only).
+    pub sha256: Option<String>,
 }
 
 fn json_str(s: &str) -> String {
@@ -693,11 +772,14 @@ pub fn pg_backup_manifest(
         let when = chrono::DateTime::from_timestamp(f.mtime, 0)
             .unwrap_or_default()
             .format("%Y-%m-%d %H:%M:%S GMT");
+        let checksum = match &f.sha256 {
+            Some(sha) => format!(", \"Checksum-Algorithm\": \"SHA256\", \"Checksum\": \"{sha}\""),
+            None => String::new(),
+        };
         m.push_str(&format!(
-            "{{ \"Path\": {}, \"Size\": {}, \"Last-Modified\": \"{when}\", \"Checksum-Algorithm\": \"SHA256\", \"Checksum\": \"{}\" }}{}\n",
+            "{{ \"Path\": {}, \"Size\": {}, \"Last-Modified\": \"{when}\"{checksum} }}{}\n",
             json_str(&f.path),
             f.size,
-            f.sha256,
             if i + 1 < files.len() { "," } else { "" }
         ));
     }
@@ -726,7 +808,8 @@ mod tests {
             size: 1,
             mtime: 0,
             mode: 0o600,
-            sha256: "ab".repeat(32),
+            sha256: None,
+            blake3: Some("ab".repeat(32)),
             object: layout::backup_data(owner, path),
             deltas: vec![],
             maps: vec![],
@@ -954,7 +1037,7 @@ mod tests {
             Box::new(|m| m.files[0].object = format!("backups/{ID}/data/../../keys/x")),
             Box::new(|m| m.files[1].deltas[0] = layout::backup_map(ID, "base/5/16397")),
             Box::new(|m| m.files[1].maps[0] = layout::backup_data(FULL, "base/5/16397")),
-            Box::new(|m| m.files[0].sha256 = "AB".repeat(32)),
+            Box::new(|m| m.files[0].blake3 = Some("AB".repeat(32))),
             // Bundles: only with an offset, only a bundle, no deltas, bounded.
             Box::new(|m| m.files[0].object = layout::backup_bundle(ID, 1)),
             Box::new(|m| m.files[3].offset = None),
@@ -984,6 +1067,69 @@ mod tests {
         m.files[0].object = layout::backup_data("20261101-010000F", "base/5/16384");
         m.validate(&layout::manifest(ID)).unwrap();
         assert!(m.validate_dependencies(&chain).is_err());
+    }
+
+    #[test]
+    fn hash_fields_follow_the_manifest_version() {
+        let sha = || Some("cd".repeat(32));
+        // Version 4: BLAKE3, or a SHA-256 carried over from an older manifest.
+        let mut m = sample();
+        m.files[1].blake3 = None;
+        m.files[1].sha256 = sha();
+        m.validate(&layout::manifest(ID)).unwrap();
+        assert_eq!(
+            m.files[1].hash(),
+            Some((HashAlg::Sha256, &*"cd".repeat(32)))
+        );
+        assert_eq!(m.files[0].hash_alg(), HashAlg::Blake3);
+        // Older versions: SHA-256 only.
+        for v in 1..BLAKE3_SINCE {
+            let mut old = sample();
+            old.manifest_version = v;
+            for f in &mut old.files {
+                (f.sha256, f.blake3) = (sha(), None);
+            }
+            old.validate(&layout::manifest(ID)).unwrap();
+            old.files[2].blake3 = sha();
+            old.files[2].sha256 = None;
+            let e = refused(&old);
+            assert!(
+                e.contains("BLAKE3") && e.contains("manifest version"),
+                "{e}"
+            );
+        }
+        type Damage = Box<dyn Fn(&mut FileEntry)>;
+        let cases: Vec<Damage> = vec![
+            Box::new(|f| f.blake3 = None),
+            Box::new(|f| f.sha256 = Some("cd".repeat(32))),
+            Box::new(|f| f.blake3 = Some("ab".repeat(31))),
+            Box::new(|f| f.blake3 = Some("ab".repeat(33))),
+            Box::new(|f| f.blake3 = Some("zz".repeat(32))),
+            Box::new(|f| f.blake3 = Some(String::new())),
+            Box::new(|f| (f.sha256, f.blake3) = (Some("ab".repeat(16)), None)),
+            Box::new(|f| (f.sha256, f.blake3) = (Some("é".repeat(32)), None)),
+        ];
+        for (i, c) in cases.iter().enumerate() {
+            let mut m = sample();
+            c(&mut m.files[3]);
+            let e = refused(&m);
+            assert!(e.contains("base/5/2601"), "case {i}: {e}");
+        }
+        // Comparison needs the same algorithm and value.
+        let f = &mut sample().files[0];
+        let h = HashAlg::Blake3.digest(b"x");
+        f.set_hash(&h);
+        assert!(f.hash_is(&h) && f.sha256.is_none());
+        let s = HashAlg::Sha256.digest(b"x");
+        assert!(!f.hash_is(&s));
+        f.set_hash(&s);
+        assert!(f.hash_is(&s) && !f.hash_is(&h) && f.blake3.is_none());
+        assert!(f.hash_text().starts_with("SHA-256 "));
+        // Neither field: JSON without one parses, and is refused.
+        let mut v = serde_json::to_value(sample()).unwrap();
+        v["files"][0].as_object_mut().unwrap().remove("blake3");
+        let e = Manifest::decode(&layout::manifest(ID), v.to_string().as_bytes()).unwrap_err();
+        assert!(e.to_string().contains("has no hash"), "{e}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use zeroize::Zeroizing;
 
 use crate::codec::{
     self, Binding, CodecError, CodecSettings, Compression, DataKey, DecodingReader, EncodingReader,
-    Summary,
+    PlainHash, Summary,
 };
 use crate::config::{Config, RepoConfig};
 use crate::error::{Error, Result};
@@ -441,7 +441,7 @@ impl Read for Tap {
 }
 
 /// Yields the raw bytes of an object only as fast as a decoder has checked
-/// them, and reports EOF only after the final frame and SHA-256 verified.
+/// them, and reports EOF only after the final frame and hash verified.
 struct VerifyingCopy {
     dec: DecodingReader<Tap>,
     seen: Arc<std::sync::Mutex<Vec<u8>>>,
@@ -469,7 +469,7 @@ impl Read for VerifyingCopy {
                 return Ok(0);
             }
             if self.dec.read(&mut self.scratch)? == 0 {
-                if self.dec.verified_sha256.is_none() {
+                if self.dec.verified_hash.is_none() {
                     return Err(io::Error::other("object ended before its final frame"));
                 }
                 self.done = true;
@@ -1115,7 +1115,18 @@ impl Repository {
     /// A reader that yields `plain` encoded as this repository's object
     /// `key` (the object is bound to that key: store it under no other).
     pub fn encoder<R: Read>(&self, key: &str, plain: R) -> Result<EncodingReader<R>> {
-        EncodingReader::new(plain, self.settings.clone(), self.binding(key))
+        self.encoder_with_hash(key, plain, codec::HashAlg::CURRENT)
+    }
+
+    /// As `encoder`, in the object version of `hash` (version 2 for
+    /// SHA-256: the tests of repositories written before BLAKE3).
+    pub fn encoder_with_hash<R: Read>(
+        &self,
+        key: &str,
+        plain: R,
+        hash: codec::HashAlg,
+    ) -> Result<EncodingReader<R>> {
+        EncodingReader::with_hash(plain, self.settings.clone(), self.binding(key), hash)
             .map_err(|e| Error::io("encode", e))
     }
 
@@ -1344,9 +1355,9 @@ impl Repository {
     }
 
     /// Decodes object `key` into `out`, verifying it entirely; returns the
-    /// plaintext SHA-256. `out` may have received bytes when this fails:
+    /// plaintext's hash (its algorithm the object's). `out` may have received bytes when this fails:
     /// callers write to a temporary and discard it on error.
-    pub fn read_object(&self, key: &str, out: &mut dyn Write) -> Result<[u8; 32]> {
+    pub fn read_object(&self, key: &str, out: &mut dyn Write) -> Result<PlainHash> {
         self.read_object_with(key, out, 1)
     }
 
@@ -1356,7 +1367,7 @@ impl Repository {
         key: &str,
         out: &mut dyn Write,
         threads: usize,
-    ) -> Result<[u8; 32]> {
+    ) -> Result<PlainHash> {
         self.read_object_sealed(key, out, threads, &mut None)
     }
 
@@ -1366,7 +1377,7 @@ impl Repository {
     /// plaintext is not hashed: frames are authenticated (encrypted) or
     /// CRC-checked and the length and frame count checked at the end, but
     /// the caller must check what it read against a hash of its own (the
-    /// manifest's SHA-256 of the rebuilt file) and read to the end. Errors
+    /// manifest's hash of the rebuilt file) and read to the end. Errors
     /// the stream returns become `Error`s through `read_error`.
     pub fn open_unhashed(
         &self,
@@ -1454,7 +1465,7 @@ impl Repository {
         out: &mut dyn Write,
         threads: usize,
         sealed_by: &mut Option<[u8; 16]>,
-    ) -> Result<[u8; 32]> {
+    ) -> Result<PlainHash> {
         let mut unlocked = false;
         let mut reread = false;
         loop {
@@ -1490,7 +1501,7 @@ impl Repository {
                     _ => return Err(self.read_error(key, e)),
                 },
                 Ok(_) => {
-                    return dec.verified_sha256.ok_or_else(|| Error::Corrupt {
+                    return dec.verified_hash.ok_or_else(|| Error::Corrupt {
                         key: key.into(),
                         reason: "ended before its final frame".into(),
                     })
@@ -1544,8 +1555,10 @@ impl Repository {
     /// compression and frame size and the same binding (its name, this
     /// repository). `src` is verified as it streams, and the reader fails
     /// rather than ends unless all of it verified (every tag, the length,
-    /// the SHA-256): a damaged object never yields a complete new one. Once
-    /// read to the end, the summary's SHA-256 is the verified plaintext's.
+    /// the hash): a damaged object never yields a complete new one. Once
+    /// read to the end, the summary's hash is the verified plaintext's, of
+    /// the original's algorithm: the object keeps its format version, so a
+    /// manifest's hash of it still names the algorithm its final frame has.
     pub fn resealer<R: Read>(
         &self,
         key: &str,
@@ -1564,14 +1577,15 @@ impl Repository {
         // Parallelism is across objects (`--jobs`), not within one.
         s.threads = 1;
         let dec = FullyDecoded(self.decoder(src, key));
-        EncodingReader::new(dec, Arc::new(s), self.binding(key)).map_err(|e| Error::io("encode", e))
+        EncodingReader::with_hash(dec, Arc::new(s), self.binding(key), header.hash)
+            .map_err(|e| Error::io("encode", e))
     }
 
     /// Decodes `src`, the stored bytes of object `key` as written by
     /// [`Self::resealer`], entirely with the current key alone: an object
     /// not sealed by it, or damaged, is `Corrupt`. Returns the plaintext's
-    /// SHA-256 and length.
-    pub fn check_resealed(&self, key: &str, src: &mut dyn Read) -> Result<([u8; 32], u64)> {
+    /// hash (of the copy's algorithm) and length.
+    pub fn check_resealed(&self, key: &str, src: &mut dyn Read) -> Result<(PlainHash, u64)> {
         let current = self
             .current_key()
             .ok_or_else(|| Error::Invalid(format!("repository {} is not encrypted", self.name)))?;
@@ -1593,7 +1607,7 @@ impl Repository {
             self.binding(key),
         );
         let n = io::copy(&mut dec, &mut io::sink()).map_err(|e| self.read_error(key, e))?;
-        let sha = dec.verified_sha256.ok_or_else(|| Error::Corrupt {
+        let sha = dec.verified_hash.ok_or_else(|| Error::Corrupt {
             key: key.into(),
             reason: "ended before its final frame".into(),
         })?;
@@ -1608,7 +1622,7 @@ pub struct FullyDecoded<R>(DecodingReader<R>);
 impl<R: Read> Read for FullyDecoded<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let n = self.0.read(buf)?;
-        if n == 0 && !buf.is_empty() && self.0.verified_sha256.is_none() {
+        if n == 0 && !buf.is_empty() && self.0.verified_hash.is_none() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
                 CodecError::Truncated,

@@ -196,7 +196,7 @@ fn push_is_idempotent_and_refuses_conflicts_and_non_wal() {
     assert_eq!(code(&o), 4, "{}", stderr(&o));
     let msg = stderr(&o);
     assert!(
-        msg.contains("different content") && msg.matches("SHA-256").count() == 2,
+        msg.contains("different content") && msg.matches("BLAKE3 ").count() == 2,
         "{msg}"
     );
     assert_eq!(

@@ -361,28 +361,36 @@ fn binding() -> codec::Binding<'static> {
 }
 
 fn encode(plain: &[u8], settings: CodecSettings) -> Vec<u8> {
-    let mut enc =
-        codec::EncodingReader::new(plain, Arc::new(settings), binding()).expect("encoder");
+    encode_with(plain, settings, codec::HashAlg::CURRENT)
+}
+
+/// `hash`: the object version's (2: SHA-256, as older walshipper wrote).
+fn encode_with(plain: &[u8], settings: CodecSettings, hash: codec::HashAlg) -> Vec<u8> {
+    let mut enc = codec::EncodingReader::with_hash(plain, Arc::new(settings), binding(), hash)
+        .expect("encoder");
     let mut out = Vec::new();
     enc.read_to_end(&mut out).expect("encode");
     out
 }
 
-fn manifest_seed(id: &str, incr: bool) -> Vec<u8> {
+/// `version` 3: every file has `sha256`; 4: `blake3`, except the large
+/// file's entry, carried over from an older manifest with its `sha256`.
+fn manifest_seed(id: &str, incr: bool, version: u32) -> Vec<u8> {
     let based = if incr { "\"20261121-224754F\"" } else { "null" };
     let kind = if incr { "incr" } else { "full" };
+    let h = if version >= 4 { "blake3" } else { "sha256" };
     format!(
-        r#"{{"manifest_version":3,"id":"{id}","type":"{kind}","based_on":{based},"label":"walshipper {id}",
+        r#"{{"manifest_version":{version},"id":"{id}","type":"{kind}","based_on":{based},"label":"walshipper {id}",
 "system_identifier":"{SYSID}","pg_version":15,"timeline":1,"start_lsn":"0/5000028","stop_lsn":"0/5000138",
 "start_time":"2026-11-21T22:47:54.1+00:00","stop_time":"2026-11-21T22:47:56.3+00:00",
 "wal_start":"000000010000000000000005","wal_stop":"000000010000000000000005","data_checksums":true,
 "checksum_failures":[{{"path":"base/5/16384","blocks":[3]}}],"size":23456789,"stored_size":1234567,
-"files":[{{"path":"base/5/16384","size":8192,"mtime":1763765274,"mode":384,"sha256":"{z}",
+"files":[{{"path":"base/5/16384","size":8192,"mtime":1763765274,"mode":384,"{h}":"{z}",
 "object":"backups/{id}/data/base/5/16384","stored_size":230}},
 {{"path":"base/5/16397","size":67108864,"mtime":1763765290,"mode":384,"sha256":"{z}",
 "object":"backups/20261121-224754F/data/base/5/16397","deltas":["backups/{id}/data/base/5/16397"],
 "maps":["backups/20261121-224754F/map/base/5/16397","backups/{id}/map/base/5/16397"],"stored_size":48211}},
-{{"path":"base/5/2601","size":100,"mtime":1763765290,"mode":384,"sha256":"{z}",
+{{"path":"base/5/2601","size":100,"mtime":1763765290,"mode":384,"{h}":"{z}",
 "object":"backups/{id}/bundle/000001","offset":4096,"stored_size":50}}],
 "dirs":[{{"path":"pg_wal","mode":448}}],"tablespaces":[{{"oid":16390,"location":"/srv/ts1"}}],
 "backup_label_object":"backups/{id}/backup_label","tablespace_map_object":null}}"#,
@@ -443,6 +451,17 @@ impl Corpus {
                         ));
                     }
                 }
+            }
+            // Version 2 objects (final frame with SHA-256) are still read.
+            for key in [None, Some(keys[i % 2].clone())] {
+                let settings = CodecSettings {
+                    compression: Compression::Zstd,
+                    level: 1,
+                    key,
+                    frame_size: 4096,
+                    threads: 1,
+                };
+                objects.push(encode_with(p, settings, codec::HashAlg::Sha256));
             }
         }
         let headers = objects
@@ -549,8 +568,10 @@ impl Corpus {
             headers,
             objects,
             manifests: vec![
-                manifest_seed("20261121-224754F", false),
-                manifest_seed("20261121-224754I", true),
+                manifest_seed("20261121-224754F", false, 3),
+                manifest_seed("20261121-224754I", true, 3),
+                manifest_seed("20261121-224754F", false, 4),
+                manifest_seed("20261121-224754I", true, 4),
             ],
             maps,
             map_bases,
@@ -925,7 +946,13 @@ fn exec_blockmap(input: &[u8], c: &Corpus) {
 fn exec_delta(input: &[u8], _: &Corpus) {
     let base = vec![7u8; 3 * 8192];
     let mut out = Vec::new();
-    let _ = walshipper::delta::merge(&base[..], vec![input], &mut out, 64 * 8192);
+    let _ = walshipper::delta::merge(
+        &base[..],
+        vec![input],
+        &mut out,
+        64 * 8192,
+        walshipper::codec::HashAlg::Blake3,
+    );
     assert!(out.len() <= 64 * 8192, "a merge wrote past its bound");
 }
 
@@ -1587,8 +1614,10 @@ fn fuzz_seed_corpus_is_valid() {
         std::io::copy(&mut d, &mut std::io::sink()).expect("seed object decodes");
     }
     for m in &c.manifests {
-        serde_json::from_slice::<Manifest>(m)
+        let m = serde_json::from_slice::<Manifest>(m)
             .expect("seed manifest parses: update manifest_seed() to the manifest format");
+        m.validate(&walshipper::layout::manifest(&m.id))
+            .expect("seed manifest is valid: update manifest_seed() to the manifest format");
     }
     for m in &c.maps {
         // A map delta applies to the map of an earlier version: one of the bases.

@@ -340,6 +340,40 @@ fn hostile_manifests_and_targets_never_reach_outside_the_target() {
             },
             false,
         ),
+        // Hashes: the field, its length and the algorithm must fit the
+        // manifest's version; a value passed off as the other algorithm's
+        // fails the comparison with the object's.
+        (
+            "a file's BLAKE3 of 63 hex digits",
+            Box::new(move |v| v["files"][j]["blake3"] = "a".repeat(63).into()),
+            false,
+        ),
+        (
+            "a BLAKE3 in a manifest of version 3",
+            Box::new(|v| v["manifest_version"] = 3.into()),
+            false,
+        ),
+        (
+            "a file with both a SHA-256 and a BLAKE3",
+            Box::new(move |v| v["files"][j]["sha256"] = "ab".repeat(32).into()),
+            false,
+        ),
+        (
+            "a file with no hash",
+            Box::new(move |v| {
+                v["files"][j].as_object_mut().unwrap().remove("blake3");
+            }),
+            false,
+        ),
+        (
+            "a file's BLAKE3 passed off as its SHA-256",
+            Box::new(move |v| {
+                let f = v["files"][j].as_object_mut().unwrap();
+                let b = f.remove("blake3").unwrap();
+                f.insert("sha256".into(), b);
+            }),
+            false,
+        ),
         (
             "a manifest under another backup's name",
             {

@@ -6,7 +6,7 @@ use std::fs::File;
 use std::io::Read;
 use std::path::Path;
 
-use crate::codec::sha256_of;
+use crate::codec::hash_of;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::repo::Repository;
@@ -57,10 +57,10 @@ fn push(
         None => {
             let (outcome, summary) = repo.put_object(key, open(path)?)?;
             tracing::debug!(
-                "archived {name}: {} → {} bytes, sha256 {}",
+                "archived {name}: {} → {} bytes, {}",
                 summary.plain_len,
                 summary.stored_len,
-                hex::encode(summary.sha256)
+                summary.hash
             );
             outcome
         }
@@ -68,8 +68,6 @@ fn push(
     if outcome == PutOutcome::Stored {
         return Ok(());
     }
-    let local =
-        sha256_of(open(path)?).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
     let stored = repo.read_object(key, &mut std::io::sink()).map_err(|e| match e {
         Error::Corrupt { key, reason } => Error::Corrupt {
             key,
@@ -77,14 +75,18 @@ fn push(
         },
         other => other,
     })?;
+    // The stored object's algorithm (SHA-256 for one archived by an older
+    // walshipper, object version 2) decides how the local file is hashed.
+    let local = hash_of(stored.alg, open(path)?)
+        .map_err(|e| Error::io(format!("read {}", path.display()), e))?;
     if stored == local {
         tracing::info!("{name} was already archived with identical content");
         Ok(())
     } else {
         Err(Error::Conflict {
             name: name.to_string(),
-            stored: hex::encode(stored),
-            local: hex::encode(local),
+            stored: stored.to_string(),
+            local: local.to_string(),
         })
     }
 }

@@ -14,8 +14,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use sha2::Digest;
-
+use crate::codec::HashAlg;
 use crate::config::Config;
 use crate::delta;
 use crate::error::{Error, Result};
@@ -760,8 +759,8 @@ fn copy_files(
 
 /// Stores the small files `group` of `files` in bundle `key`, streamed:
 /// each file is read whole (it is small), its pages checked and its
-/// SHA-256 taken; one unchanged since the reference (same size and
-/// SHA-256) refers to the reference's object as before and adds no bytes,
+/// hash taken; one unchanged since the reference (same size and hash,
+/// `unchanged_small`) refers to the reference's object as before and adds no bytes,
 /// the others are appended and their offsets recorded. Nothing changed:
 /// no object. A file that vanished is left out; one that grew to MAP_MIN
 /// or more since the scan is stored on its own (`copy_one`).
@@ -809,9 +808,8 @@ fn copy_bundle(
                 continue;
             }
             let failures = limited.into_inner().failures();
-            let sha256 = hex::encode(sha2::Sha256::digest(&body));
             let entry = match base.get(f.rel.as_str()) {
-                Some(b) if b.size == body.len() as u64 && b.sha256 == sha256 => {
+                Some(b) if unchanged_small(b, &body) => {
                     out.push((
                         i,
                         (
@@ -826,18 +824,23 @@ fn copy_bundle(
                     ));
                     continue;
                 }
-                _ => FileEntry {
-                    path: f.rel.clone(),
-                    size: body.len() as u64,
-                    mtime: f.mtime,
-                    mode: f.mode,
-                    sha256,
-                    object: key.to_string(),
-                    deltas: Vec::new(),
-                    maps: Vec::new(),
-                    offset: None,
-                    stored_size: 0,
-                },
+                _ => {
+                    let mut e = FileEntry {
+                        path: f.rel.clone(),
+                        size: body.len() as u64,
+                        mtime: f.mtime,
+                        mode: f.mode,
+                        sha256: None,
+                        blake3: None,
+                        object: key.to_string(),
+                        deltas: Vec::new(),
+                        maps: Vec::new(),
+                        offset: None,
+                        stored_size: 0,
+                    };
+                    e.set_hash(&HashAlg::CURRENT.digest(&body));
+                    e
+                }
             };
             appended.push(out.len());
             out.push((i, (entry, failures)));
@@ -935,17 +938,23 @@ fn copy_one(
         stored_size: 0,
         ..b.clone()
     };
-    let stored = |summary: &crate::codec::Summary, maps: Vec<String>, stored_size| FileEntry {
-        path: f.rel.clone(),
-        size: summary.plain_len,
-        mtime: f.mtime,
-        mode: f.mode,
-        sha256: hex::encode(summary.sha256),
-        object: data_key.clone(),
-        deltas: Vec::new(),
-        maps,
-        offset: None,
-        stored_size,
+    // The object's final frame and the manifest share the one hash taken.
+    let stored = |summary: &crate::codec::Summary, maps: Vec<String>, stored_size| {
+        let mut e = FileEntry {
+            path: f.rel.clone(),
+            size: summary.plain_len,
+            mtime: f.mtime,
+            mode: f.mode,
+            sha256: None,
+            blake3: None,
+            object: data_key.clone(),
+            deltas: Vec::new(),
+            maps,
+            offset: None,
+            stored_size,
+        };
+        e.set_hash(&summary.hash);
+        e
     };
     let threads = if f.size > BIG_FILE { None } else { Some(1) };
     let Some(file) = open()? else {
@@ -961,7 +970,7 @@ fn copy_one(
             .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
         let failures = reader.failures();
         if let Some(b) = base {
-            if b.size == body.len() as u64 && b.sha256 == hex::encode(sha2::Sha256::digest(&body)) {
+            if unchanged_small(b, &body) {
                 return Ok(Some((referenced(b), failures)));
             }
         }
@@ -1005,7 +1014,7 @@ fn copy_one(
     // A file written since the reference backup (its mtime or size moved)
     // has most likely changed: one pass finds its changed blocks, hashes it
     // and stores them. Any other (most files of an incremental) is first
-    // compared by block hashes alone, without the SHA-256 a changed file
+    // compared by block hashes alone, without the whole-file hash a changed file
     // needs; if it did change after all, it is read again from the start.
     let likely_changed = f.mtime != b.mtime || f.size != b.size;
     let mut file = file;
@@ -1055,12 +1064,21 @@ fn copy_one(
         repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
     let mut e = referenced(b);
     e.size = d.size;
-    e.sha256 = hex::encode(d.sha256);
+    e.set_hash(&d.hash);
     e.deltas.push(data_key);
     e.maps.push(map_key);
     e.stored_size = summary.stored_len + msum.stored_len;
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(Some((e, failures)))
+}
+
+/// Whether a small file read as `body` is the reference's version of it:
+/// same size and hash, hashed with the reference's algorithm. An entry of
+/// an older manifest (SHA-256) is compared by SHA-256, so the first backup
+/// after an upgrade does not store every small file again; the entry kept
+/// then carries that SHA-256 on.
+fn unchanged_small(b: &FileEntry, body: &[u8]) -> bool {
+    b.size == body.len() as u64 && b.hash_is(&b.hash_alg().digest(body))
 }
 
 /// The block map of a file as a backup has it: the full map and its deltas.

@@ -1,8 +1,8 @@
 //! `restore`: a backup into a new data directory, set up to recover to a
 //! target through archive-get.
 //!
-//! Every file is verified (frame tags, object SHA-256, and the manifest's
-//! SHA-256) before it takes its final name. global/pg_control is written
+//! Every file is verified (frame tags, object hash, and the manifest's
+//! hash) before it takes its final name. global/pg_control is written
 //! last: a restore that stops half-way leaves a directory PostgreSQL refuses
 //! to start, never a silently wrong cluster. On failure, what was restored
 //! into an empty directory is removed again.
@@ -21,7 +21,7 @@ use std::time::{Instant, SystemTime};
 
 use chrono::{DateTime, FixedOffset};
 
-use crate::codec::sha256_of;
+use crate::codec::{hash_of, HashAlg, PlainHash};
 use crate::config::Config;
 use crate::delta;
 use crate::error::{Error, Result};
@@ -939,6 +939,8 @@ fn restore_into(
             path: f.path.clone(),
             size: f.size,
             mtime: f.mtime,
+            // pg_verifybackup knows SHA-256, not BLAKE3: a file with a
+            // BLAKE3 is checked by size there (restore checked its hash).
             sha256: f.sha256.clone(),
         })
         .collect();
@@ -948,7 +950,7 @@ fn restore_into(
             path: name.clone(),
             size: body.len() as u64,
             mtime: now,
-            sha256: hex::encode(<sha2::Sha256 as sha2::Digest>::digest(body)),
+            sha256: Some(HashAlg::Sha256.digest(body).hex()),
         });
     }
     let manifest = pg_backup_manifest(&pg_files, m.timeline, m.start_lsn(), m.stop_lsn());
@@ -1375,7 +1377,7 @@ fn restore_file(
     if delta {
         if let Ok(Some(file)) = dir.open_file(name) {
             if file.metadata().is_ok_and(|m| m.len() == f.size)
-                && sha256_of(file).is_ok_and(|sha| hex::encode(sha) == f.sha256)
+                && hash_of(f.hash_alg(), file).is_ok_and(|h| f.hash_is(&h))
             {
                 return Ok(false);
             }
@@ -1446,7 +1448,7 @@ fn restore_work<'a>(
 /// Restores the files of bundle `key` (`crate::bundle`): with --delta the
 /// ones already identical are kept (and if that is all, the bundle is not
 /// read); the others are cut from one sequential read of the bundle, each
-/// checked against its size and SHA-256 before it is written. Each
+/// checked against its size and hash before it is written. Each
 /// repository that holds the backup is tried in turn. Returns the number
 /// of files kept.
 fn restore_bundle(
@@ -1487,7 +1489,7 @@ fn restore_bundle(
     result.map(|()| kept)
 }
 
-/// --delta: the file is in the target already, same size and SHA-256.
+/// --delta: the file is in the target already, same size and hash.
 fn is_identical(roots: &Roots, f: &FileEntry) -> bool {
     let (root, inner) = roots.locate(&f.path);
     let Ok((dir, name)) = root.parent_of(inner, None) else {
@@ -1496,7 +1498,7 @@ fn is_identical(roots: &Roots, f: &FileEntry) -> bool {
     match dir.open_file(name) {
         Ok(Some(file)) => {
             file.metadata().is_ok_and(|m| m.len() == f.size)
-                && sha256_of(file).is_ok_and(|sha| hex::encode(sha) == f.sha256)
+                && hash_of(f.hash_alg(), file).is_ok_and(|h| f.hash_is(&h))
         }
         _ => false,
     }
@@ -1616,16 +1618,16 @@ fn scratch_file(dir: &Path) -> std::io::Result<fs::File> {
 /// Rebuilds `f` (which has deltas) into `out` in one sequential pass, its
 /// base and deltas read as streams side by side ([`delta::merge`]; at most
 /// `MERGE_STREAMS` at once, longer chains in stages), and returns the
-/// SHA-256 of what was written, for the caller to compare with the
-/// manifest's: that check covers the base and every delta, so neither is
-/// hashed on its own.
+/// hash of what was written (with the algorithm of the entry), for the
+/// caller to compare with the manifest's: that check covers the base and
+/// every delta, so neither is hashed on its own.
 pub(crate) fn rebuild_file<W: Write>(
     repo: &Repository,
     f: &FileEntry,
     out: &mut W,
     dest: &Path,
     scratch_dir: &Path,
-) -> Result<[u8; 32]> {
+) -> Result<PlainHash> {
     let damaged = |key: &String, e: std::io::Error| {
         if e.kind() == std::io::ErrorKind::InvalidData && crate::codec::codec_error(&e).is_none() {
             // The delta's own format (codec errors are classified below).
@@ -1659,13 +1661,14 @@ pub(crate) fn rebuild_file<W: Write>(
             delta::MergeError::Output(e) => scratch_io(e),
         };
         if last {
-            return delta::merge(base, deltas, out, f.size).map_err(map);
+            return delta::merge(base, deltas, out, f.size, f.hash_alg()).map_err(map);
         }
         let mut next = std::io::BufWriter::with_capacity(
             1 << 20,
             scratch_file(scratch_dir).map_err(scratch_io)?,
         );
-        delta::merge(base, deltas, &mut next, delta::MAX_FILE_SIZE).map_err(map)?;
+        // An intermediate stage is checked by the last stage's hash.
+        delta::merge(base, deltas, &mut next, delta::MAX_FILE_SIZE, f.hash_alg()).map_err(map)?;
         let mut file = next.into_inner().map_err(|e| scratch_io(e.into_error()))?;
         std::io::Seek::rewind(&mut file).map_err(scratch_io)?;
         base = Box::new(std::io::BufReader::with_capacity(1 << 20, file));
@@ -1718,13 +1721,14 @@ fn restore_file_from(
             .map_err(|e| Error::io(format!("write {}", tmp_path.display()), e.into_error()))?;
         (sha, file)
     };
-    if hex::encode(sha) != f.sha256 {
+    // A whole object's hash is of its own version's algorithm: one of the
+    // other algorithm than the entry's is a mismatch too (never written so).
+    if !f.hash_is(&sha) {
         return Err(Error::Corrupt {
             key: f.deltas.last().unwrap_or(&f.object).clone(),
             reason: format!(
-                "its SHA-256 {} is not the manifest's {} for {}",
-                hex::encode(sha),
-                f.sha256,
+                "its {sha} is not the manifest's {} for {}",
+                f.hash_text(),
                 f.path
             ),
         });
@@ -1944,7 +1948,6 @@ mod tests {
     /// files) and a short one give the bytes of applying every delta in turn.
     #[test]
     fn long_delta_chains_are_merged_in_stages() {
-        use sha2::Digest;
         let dir = tempfile::tempdir().unwrap();
         let (_cfg, repo) = crate::repo::test_support::posix_repo(dir.path(), 7);
         let block = delta::BLOCK;
@@ -1978,7 +1981,8 @@ mod tests {
                 size: size as u64,
                 mtime: 0,
                 mode: 0o600,
-                sha256: String::new(),
+                sha256: None,
+                blake3: Some(String::new()),
                 object: base_key.clone(),
                 deltas: deltas.to_vec(),
                 maps: Vec::new(),
@@ -1996,7 +2000,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(out.len(), size, "{count} deltas");
-            assert_eq!(sha, <[u8; 32]>::from(sha2::Sha256::digest(&out)));
+            assert_eq!(sha, HashAlg::Blake3.digest(&out));
             // The whole chain gives the file as it was built above.
             if count == keys.len() {
                 assert!(out == file, "{count} deltas");

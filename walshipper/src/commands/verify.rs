@@ -1,5 +1,5 @@
 //! `verify`: reads back every object of the backups (or of one) and the WAL
-//! they need, checking every frame, every SHA-256 against the manifest, and
+//! they need, checking every frame, every file's hash against the manifest, and
 //! that the WAL has no gap from the oldest backup onwards.
 
 use std::collections::{BTreeMap, HashMap};
@@ -11,6 +11,7 @@ use pg_backup_contract::KeyStatus;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout;
+use crate::manifest::FileEntry;
 use crate::repo::{BackupScan, DamagedBackup, Repository};
 use crate::wal::{self, WalFileKind};
 
@@ -77,12 +78,12 @@ pub fn run(
     }
     let keys = KeyUse::new(&repo);
 
-    // Objects to read: (key, expected SHA-256 or None, what it is).
-    let mut work: Vec<(String, Option<String>, String)> = Vec::new();
+    // Objects to read: (key, the entry whose hash it must have or None, what it is).
+    let mut work: Vec<(String, Option<FileEntry>, String)> = Vec::new();
     // Objects shared by several backups (diff/incr refer to earlier ones) are read once.
     let mut seen = std::collections::HashSet::new();
     // Files a diff/incr rebuilds from block deltas: rebuilt (hashed, not
-    // written) and checked against the SHA-256 read at backup time.
+    // written) and checked against the hash taken at backup time.
     let mut rebuilds: Vec<(crate::manifest::FileEntry, String)> = Vec::new();
     // Bundles: each read once, every file named in it checked.
     let mut bundles: BTreeMap<String, Vec<(crate::manifest::FileEntry, String)>> = BTreeMap::new();
@@ -116,7 +117,7 @@ pub fn run(
             continue;
         }
         for f in &m.files {
-            // A whole-file object is checked against the file's SHA-256; a
+            // A whole-file object is checked against the file's hash; a
             // file with block deltas is rebuilt, which reads (and checks)
             // its whole object and every delta.
             let what = format!("backup {}: {}", m.id, f.path);
@@ -134,7 +135,7 @@ pub fn run(
             match f.deltas.last() {
                 None => {
                     if seen.insert(f.object.clone()) {
-                        work.push((f.object.clone(), Some(f.sha256.clone()), what));
+                        work.push((f.object.clone(), Some(f.clone()), what));
                     }
                 }
                 Some(last) => {
@@ -273,10 +274,12 @@ pub fn run(
                 let problem = match keys.note(key, sealed_by, size) {
                     Some(missing) => missing,
                     None => match read {
+                        // The object's hash has its version's algorithm; an
+                        // entry of the other never matches it.
                         Ok(got) => match sha {
-                            Some(want) if *want != hex::encode(got) => Some(format!(
-                                "{what}: SHA-256 {} is not the manifest's {want}",
-                                hex::encode(got)
+                            Some(want) if !want.hash_is(&got) => Some(format!(
+                                "{what}: {got} is not the manifest's {}",
+                                want.hash_text()
                             )),
                             _ => None,
                         },
@@ -367,12 +370,11 @@ pub fn run(
                     return;
                 };
                 let problem = match rebuild_and_hash(repo, f) {
-                    Ok(sha) if hex::encode(sha) == f.sha256 => None,
-                    Ok(sha) => Some(format!(
-                        "{what}: rebuilt from {} block delta(s), SHA-256 {} is not the manifest's {}",
+                    Ok(h) if f.hash_is(&h) => None,
+                    Ok(h) => Some(format!(
+                        "{what}: rebuilt from {} block delta(s), {h} is not the manifest's {}",
                         f.deltas.len(),
-                        hex::encode(sha),
-                        f.sha256
+                        f.hash_text()
                     )),
                     Err(e) => Some(format!("{what}: {e}")),
                 };
@@ -484,9 +486,9 @@ fn check_wal(
     found.into_inner().unwrap_or_default()
 }
 
-/// The SHA-256 of a file rebuilt from its base and block deltas (nothing
-/// is written anywhere).
-fn rebuild_and_hash(repo: &Repository, f: &crate::manifest::FileEntry) -> Result<[u8; 32]> {
+/// The hash of a file rebuilt from its base and block deltas, with the
+/// algorithm of its entry (nothing is written anywhere).
+fn rebuild_and_hash(repo: &Repository, f: &FileEntry) -> Result<crate::codec::PlainHash> {
     let nowhere = std::path::Path::new("(nowhere: verify only hashes)");
     // Only chains longer than restore merges at once use scratch files.
     let scratch = std::env::temp_dir();

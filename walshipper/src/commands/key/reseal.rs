@@ -1,8 +1,9 @@
 //! One object re-encrypted under the current key (`key retire`): the stored
 //! object is decoded and verified as it streams, re-sealed with its own
-//! compression, frame size and binding, written beside the original
-//! (`Storage::replace_checked`), read back and decoded entirely, and only
-//! when the plaintext's SHA-256 and length match does it replace the
+//! format version (so its hash algorithm), compression, frame size and
+//! binding, written beside the original (`Storage::replace_checked`), read
+//! back and decoded entirely, and only when the plaintext's hash and
+//! length match does it replace the
 //! original. The old key stays in the repository until every object is
 //! done, so an object is readable at every moment whichever copy a reader
 //! meets.
@@ -85,14 +86,13 @@ pub fn reseal(repo: &Repository, key: &str, old: &[u8; 16], spool: &Path) -> Res
             .and_then(|s| s.clone())
             .ok_or_else(|| Error::Invalid(format!("{key}: checked before it was written")))?;
         let (sha, len) = repo.check_resealed(key, r)?;
-        if sha != want.sha256 || len != want.plain_len {
+        // Same algorithm too: the copy keeps the original's object version.
+        if sha != want.hash || len != want.plain_len {
             return Err(Error::Corrupt {
                 key: key.into(),
                 reason: format!(
-                    "the re-sealed copy reads back as {len} bytes with SHA-256 {}, not the original's {} bytes with {}; the original was kept",
-                    hex::encode(sha),
-                    want.plain_len,
-                    hex::encode(want.sha256)
+                    "the re-sealed copy reads back as {len} bytes with {sha}, not the original's {} bytes with {}; the original was kept",
+                    want.plain_len, want.hash
                 ),
             });
         }
