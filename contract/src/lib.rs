@@ -85,6 +85,10 @@ pub enum Event {
     /// `key passphrase`, `key rotate`, `key retire`: the result (also when
     /// it failed, then followed by an `error` line).
     Key(KeyReport),
+    /// `wal-receive`: the receiver's state, when it starts streaming, after
+    /// writes to the repository (at most once a second) and every
+    /// `status_interval` seconds; `state` `stopped` when it ends cleanly.
+    Stream(StreamStatus),
 }
 
 impl Event {
@@ -402,6 +406,32 @@ pub struct RecoveryRecord {
     pub walshipper_version: String,
 }
 
+/// `wal-receive --json`: where streaming stands.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamStatus {
+    /// `streaming` or `stopped`.
+    pub state: String,
+    pub slot: String,
+    /// The timeline being received.
+    pub timeline: u32,
+    /// WAL received from the server up to here (LSN text).
+    pub received_lsn: String,
+    /// WAL durable in the repository up to here: what was acknowledged
+    /// to the server as flushed, and what a restore recovers.
+    pub flushed_lsn: String,
+    /// The server's end of WAL as it last said (None: not said yet).
+    pub server_lsn: Option<String>,
+    /// server_lsn - flushed_lsn in bytes (0 when unknown).
+    pub lag_bytes: u64,
+    /// Bytes of WAL received since the receiver started.
+    pub bytes_received: u64,
+    /// Complete segments stored since the receiver started.
+    pub segments_stored: u64,
+    /// Seconds since the last write to the repository (None: none yet).
+    pub seconds_since_flush: Option<f64>,
+    pub synchronous: bool,
+}
+
 /// One configured repository in `info --json` (its `repositories` array).
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct RepoStatus {
@@ -548,6 +578,7 @@ mod tests {
             ("key", json(Event::Key(KeyReport::default()))),
             ("key_repository", json(KeyRepoResult::default())),
             ("key_status", json(KeyStatus::default())),
+            ("stream", json(Event::Stream(StreamStatus::default()))),
         ])
     }
 

@@ -35,6 +35,77 @@ pub struct Config {
     pub serve: crate::serve::ServeConfig,
     /// `[notify]`: where alerts are sent (crate::notify).
     pub notify: crate::notify::NotifyConfig,
+    /// `[stream]`: the streaming WAL receiver (`wal-receive`).
+    pub stream: StreamConfig,
+}
+
+/// `[stream]`: how `wal-receive` streams WAL into the repository.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StreamConfig {
+    /// The physical replication slot (created if missing).
+    pub slot: String,
+    /// Seconds between two writes of the growing segment to the repository
+    /// (the data lost at most when the server is destroyed, besides what
+    /// the receiver had not received yet). Fractions allowed.
+    pub flush_interval: f64,
+    /// Acknowledge a flush as soon as the WAL is durable in the repository
+    /// (for `synchronous_standby_names`): every batch received is written
+    /// at once instead of every `flush_interval`.
+    pub synchronous: bool,
+    /// The name the server sees (`synchronous_standby_names`, pg_stat_replication).
+    pub application_name: String,
+    /// Seconds between status updates to the server and progress lines.
+    pub status_interval: u64,
+}
+
+impl StreamConfig {
+    fn validate(&self) -> Result<()> {
+        let ident = |s: &str| {
+            !s.is_empty()
+                && s.len() <= 63
+                && s.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        };
+        if !ident(&self.slot) {
+            return Err(Error::Config(format!(
+                "stream.slot: '{}' is not a replication slot name (lower-case letters, digits and _, at most 63)",
+                self.slot.escape_debug()
+            )));
+        }
+        if !(0.01..=3600.0).contains(&self.flush_interval) {
+            return Err(Error::Config(format!(
+                "stream.flush_interval: {} is not between 0.01 and 3600 seconds",
+                self.flush_interval
+            )));
+        }
+        if self.application_name.is_empty()
+            || self.application_name.len() > 63
+            || !self.application_name.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(Error::Config(
+                "stream.application_name: 1 to 63 printable characters without spaces".into(),
+            ));
+        }
+        if !(1..=3600).contains(&self.status_interval) {
+            return Err(Error::Config(
+                "stream.status_interval: between 1 and 3600 seconds".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Default for StreamConfig {
+    fn default() -> Self {
+        StreamConfig {
+            slot: "walshipper".into(),
+            flush_interval: 1.0,
+            synchronous: false,
+            application_name: "walshipper".into(),
+            status_interval: 10,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -527,6 +598,11 @@ pub const KEYS: &[(&str, &str)] = &[
     ("backup", "bundle"),
     ("backup", "bundle_size"),
     ("restore", "archive_get_retry_timeout"),
+    ("stream", "slot"),
+    ("stream", "flush_interval"),
+    ("stream", "synchronous"),
+    ("stream", "application_name"),
+    ("stream", "status_interval"),
     ("restore_test", "scratch_dir"),
     ("restore_test", "pg_bin_dir"),
     ("restore_test", "nice"),
@@ -792,6 +868,15 @@ impl Config {
             ("archive", "push_to") => self.archive.push_to = v.into(),
             ("backup", "bundle") => self.backup.bundle = parse(name, v, "true or false")?,
             ("backup", "bundle_size") => self.backup.bundle_size = v.into(),
+            ("stream", "slot") => self.stream.slot = v.into(),
+            ("stream", "flush_interval") => {
+                self.stream.flush_interval = parse(name, v, "a number of seconds")?
+            }
+            ("stream", "synchronous") => self.stream.synchronous = parse(name, v, "true or false")?,
+            ("stream", "application_name") => self.stream.application_name = v.into(),
+            ("stream", "status_interval") => {
+                self.stream.status_interval = parse(name, v, "a number of seconds")?
+            }
             ("restore", "archive_get_retry_timeout") => {
                 self.restore.archive_get_retry_timeout = parse(name, v, "a number of seconds")?
             }
@@ -900,6 +985,7 @@ impl Config {
             }
             Err(e) => return Err(Error::Config(format!("backup.bundle_size: {e}"))),
         }
+        self.stream.validate()?;
         for (i, r) in self.repos.iter_mut().enumerate() {
             if r.name.is_empty() {
                 r.name = format!("repo{}", i + 1);

@@ -15,6 +15,9 @@ pub const BACKUPS_PREFIX: &str = "backups/";
 pub const LOCKS_PREFIX: &str = "locks/";
 pub const EXPIRED_PREFIX: &str = "expired/";
 pub const RECOVERIES_PREFIX: &str = "recoveries/";
+/// The streaming receiver's durable pieces of the segment it is filling
+/// (`stream.rs`, docs/repository-format.md "Streamed partial segments").
+pub const STREAM_PREFIX: &str = "stream/";
 
 /// A parsed repository key: what the object is and whose.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -47,6 +50,14 @@ pub enum ObjectName {
     Recovery {
         id: String,
     },
+    /// `stream/<segment>/<start>-<end>`: bytes `start..end` (8 upper-case
+    /// hex digits each) of WAL segment `segment`, stored by `wal-receive`
+    /// before the segment was complete.
+    StreamChunk {
+        segment: String,
+        start: u32,
+        end: u32,
+    },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -78,6 +89,40 @@ pub fn wal(name: &str, kind: &WalFileKind) -> String {
 pub fn wal_segment(tli: u32, segno: u64, seg_size: u64) -> String {
     let name = wal::segment_name(tli, segno, seg_size);
     format!("{WAL_PREFIX}{}/{name}", &name[0..16])
+}
+
+/// Where `wal-receive` keeps the durable pieces of segment `segment`.
+pub fn stream_prefix(segment: &str) -> String {
+    format!("{STREAM_PREFIX}{segment}/")
+}
+
+/// Bytes `start..end` of segment `segment`, streamed.
+pub fn stream_chunk(segment: &str, start: u32, end: u32) -> String {
+    format!("{STREAM_PREFIX}{segment}/{start:08X}-{end:08X}")
+}
+
+fn parse_stream_chunk(rest: &str) -> Option<ObjectName> {
+    let (segment, range) = rest.split_once('/')?;
+    if !matches!(
+        wal::parse_name(segment),
+        Some(WalFileKind::Segment { partial: false, .. })
+    ) {
+        return None;
+    }
+    let (a, b) = range.split_once('-')?;
+    let hex = |s: &str| {
+        (s.len() == 8
+            && s.bytes()
+                .all(|c| c.is_ascii_digit() || (b'A'..=b'F').contains(&c)))
+        .then(|| u32::from_str_radix(s, 16).ok())
+        .flatten()
+    };
+    let (start, end) = (hex(a)?, hex(b)?);
+    (start < end).then(|| ObjectName::StreamChunk {
+        segment: segment.into(),
+        start,
+        end,
+    })
 }
 
 pub fn backup_prefix(id: &str) -> String {
@@ -222,6 +267,9 @@ pub fn parse(key: &str) -> Option<ObjectName> {
             }
         });
     }
+    if let Some(rest) = key.strip_prefix(STREAM_PREFIX) {
+        return parse_stream_chunk(rest);
+    }
     if let Some(rest) = key.strip_prefix(BACKUPS_PREFIX) {
         let (id, part) = rest.split_once('/')?;
         if !is_backup_id(id) {
@@ -325,6 +373,16 @@ mod tests {
             Some(ObjectName::Lease { .. })
         ));
         assert_eq!(tombstone(id), "expired/20261121-224754F");
+        let c = stream_chunk("000000010000000100000003", 0x2000, 0x1_0000);
+        assert_eq!(c, "stream/000000010000000100000003/00002000-00010000");
+        assert_eq!(
+            parse(&c),
+            Some(ObjectName::StreamChunk {
+                segment: "000000010000000100000003".into(),
+                start: 0x2000,
+                end: 0x1_0000
+            })
+        );
         let r = "20261126T061500Z-0a1b2c3d";
         assert_eq!(
             parse(&recovery(r)),
@@ -369,6 +427,14 @@ mod tests {
             "expired/../20261121-224754F",
             "expired/20261121-224754F.json",
             "recoveries/",
+            "stream/000000010000000100000003/00002000-00002000",
+            "stream/000000010000000100000003/00003000-00002000",
+            "stream/000000010000000100000003/00002000-0001000a",
+            "stream/000000010000000100000003/2000-10000",
+            "stream/000000010000000100000003.partial/00000000-00002000",
+            "stream/00000001.history/00000000-00002000",
+            "stream/000000010000000100000003/00000000-00002000/x",
+            "stream/000000010000000100000003",
             "recoveries/20261126T061500Z-0a1b2c3",
             "recoveries/20261126T061500Z-0A1B2C3D",
             "recoveries/../20261126T061500Z-0a1b2c3d",

@@ -26,12 +26,14 @@ pub mod pg;
 pub mod pgdata;
 pub mod progress;
 pub mod recovery_log;
+pub mod replication;
 pub mod repo;
 pub mod retention;
 pub mod scratch;
 pub mod serve;
 pub mod sql;
 pub mod storage;
+pub mod stream;
 pub mod wal;
 
 pub use error::{Error, Result};

@@ -47,6 +47,14 @@ enum Command {
     ArchivePush { path: PathBuf },
     /// restore_command: fetch a WAL file (use as: archive-get %f "%p").
     ArchiveGet { walfile: String, dest: PathBuf },
+    /// Stream WAL over the replication protocol into the repository
+    /// (long-running; [stream] in the configuration). SIGTERM stops it
+    /// after making what it received durable.
+    WalReceive {
+        /// Print `stream` events (docs/contract.md) as JSON lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what the repository holds.
     Info {
         #[arg(long)]
@@ -339,7 +347,8 @@ impl Command {
             | Command::Expire { json, .. }
             | Command::Verify { json, .. }
             | Command::RestoreTest { json, .. }
-            | Command::TableRestore { json, .. } => *json,
+            | Command::TableRestore { json, .. }
+            | Command::WalReceive { json } => *json,
             Command::Key { action } => match action {
                 KeyCommand::List { json, .. }
                 | KeyCommand::Passphrase { json, .. }
@@ -497,6 +506,9 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
             },
         ),
         Command::ArchivePush { path } => commands::archive_push::run(cfg, path),
+        Command::WalReceive { json } => {
+            commands::wal_receive::run(cfg, repo, &commands::wal_receive::Args { json: *json })
+        }
         Command::ArchiveGet { walfile, dest } => {
             commands::archive_get::run(cfg, repo, walfile, dest)
         }

@@ -1192,6 +1192,7 @@ impl Repository {
             layout::BACKUPS_PREFIX,
             layout::EXPIRED_PREFIX,
             layout::RECOVERIES_PREFIX,
+            layout::STREAM_PREFIX,
         ] {
             out.extend(self.storage.list(prefix)?.into_iter().filter(|m| {
                 matches!(
@@ -1201,6 +1202,7 @@ impl Repository {
                             | layout::ObjectName::Backup { .. }
                             | layout::ObjectName::Tombstone { .. }
                             | layout::ObjectName::Recovery { .. }
+                            | layout::ObjectName::StreamChunk { .. }
                     )
                 )
             }));

@@ -21,7 +21,7 @@ pub fn page_magic(pg_major: u32) -> Option<u16> {
 const XLP_LONG_HEADER: u16 = 0x0002;
 /// XLogLongPageHeaderData: magic u16, info u16, tli u32, pageaddr u64,
 /// rem_len u32, (pad), sysid u64 @24, seg_size u32 @32, blcksz u32 @36.
-const LONG_HEADER_LEN: usize = 40;
+pub(crate) const LONG_HEADER_LEN: usize = 40;
 /// Largest timeline or backup history file accepted (PostgreSQL writes a few
 /// hundred bytes; a long-lived cluster's history stays far below this).
 pub const MAX_HISTORY_FILE: u64 = 16 << 20;
@@ -174,7 +174,7 @@ fn kind_tli(kind: &WalFileKind) -> u32 {
     }
 }
 
-fn check_long_header(
+pub(crate) fn check_long_header(
     h: &[u8; LONG_HEADER_LEN],
     name_tli: u32,
     segno: u64,

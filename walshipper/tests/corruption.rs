@@ -373,7 +373,8 @@ fn build_world(d: &Path) -> World {
             // which skips a damaged one).
             ObjectName::Lease { .. }
             | ObjectName::Tombstone { .. }
-            | ObjectName::Recovery { .. } => continue,
+            | ObjectName::Recovery { .. }
+            | ObjectName::StreamChunk { .. } => continue,
         };
         if kind == Kind::Data && !readers.contains_key(&key) {
             // Stored by a backup but read by none (cannot happen today).

@@ -1124,6 +1124,11 @@ fn exec_layout(input: &[u8], _: &Corpus) {
         layout::ObjectName::Lease { name } => layout::lease(name),
         layout::ObjectName::Tombstone { id } => layout::tombstone(id),
         layout::ObjectName::Recovery { id } => layout::recovery(id),
+        layout::ObjectName::StreamChunk {
+            segment,
+            start,
+            end,
+        } => layout::stream_chunk(segment, *start, *end),
         layout::ObjectName::Backup { id, part } => match part {
             layout::BackupPart::Manifest => layout::manifest(id),
             layout::BackupPart::BackupLabel => layout::backup_label(id),

@@ -244,8 +244,35 @@ fn attempt(
     match (retry, stop) {
         (Some(e), _) => Outcome::Retry(e),
         (None, Some((e, code))) => Outcome::Stop(e, code),
-        (None, None) => Outcome::NotThere,
+        (None, None) => streamed_tail(cfg, repos, name, kind, dest),
     }
+}
+
+/// No repository holds segment `name` whole: the newest WAL of a server
+/// that is gone may be there as streamed chunks (`wal-receive`), which
+/// recovery replays up to their last whole record. Never on a standby,
+/// which must wait for the whole segment.
+fn streamed_tail(
+    cfg: &Config,
+    repos: &[crate::config::RepoConfig],
+    name: &str,
+    kind: &WalFileKind,
+    dest: &Path,
+) -> Outcome {
+    if !matches!(kind, WalFileKind::Segment { partial: false, .. }) || standby_mode() {
+        return Outcome::NotThere;
+    }
+    for rc in repos {
+        match Repository::open_repo(cfg, rc)
+            .and_then(|repo| crate::stream::restore_partial(&repo, name, dest))
+        {
+            Ok(()) => return Outcome::Restored,
+            Err(Error::NotFound(_)) => {}
+            Err(e) if is_damage(&e) => return Outcome::Stop(e, exit::DAMAGED),
+            Err(e) => return Outcome::Retry(e),
+        }
+    }
+    Outcome::NotThere
 }
 
 /// Where the decoded bytes go: the temporary file, and the content check.

@@ -15,3 +15,4 @@ pub mod restore;
 pub mod restore_test;
 pub mod table_restore;
 pub mod verify;
+pub mod wal_receive;

@@ -1,0 +1,777 @@
+//! A small client for PostgreSQL's physical replication protocol, for
+//! `wal-receive`. The `postgres` crate (tokio-postgres 0.7) cannot open a
+//! replication connection (no `replication` startup parameter, no CopyBoth),
+//! so this module speaks it over a plain socket, with the message codecs
+//! and SCRAM-SHA-256/MD5 authentication of `postgres-protocol`, the crate
+//! tokio-postgres itself is built on. Only framing, the replication
+//! commands and the CopyBoth sub-messages (XLogData, keepalive, standby
+//! status update) are written here, as the protocol documentation gives
+//! them ("Streaming Replication Protocol").
+//!
+//! Everything the server sends is bounded before it is buffered.
+
+use std::io::{self, Read, Write};
+use std::net::{TcpStream, ToSocketAddrs};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Buf, BufMut, BytesMut};
+use fallible_iterator::FallibleIterator;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::{backend, frontend};
+
+use crate::config::PgConfig;
+use crate::error::{Error, Result};
+
+/// The largest message accepted: XLogData carries at most 128 KiB of WAL
+/// (MAX_SEND_SIZE); anything far larger is not a server speaking this protocol.
+const MAX_MESSAGE: usize = 16 << 20;
+/// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
+const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
+
+enum Sock {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+impl Sock {
+    fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.set_read_timeout(d),
+            Sock::Unix(s) => s.set_read_timeout(d),
+        }
+    }
+}
+
+impl Read for Sock {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.read(buf),
+            Sock::Unix(s) => s.read(buf),
+        }
+    }
+}
+
+impl Write for Sock {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Sock::Tcp(s) => s.write(buf),
+            Sock::Unix(s) => s.write(buf),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Sock::Tcp(s) => s.flush(),
+            Sock::Unix(s) => s.flush(),
+        }
+    }
+}
+
+/// An error the server reported.
+#[derive(Debug, Clone)]
+pub struct ServerError {
+    pub code: String,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl std::fmt::Display for ServerError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (SQLSTATE {})", self.message, self.code)?;
+        if let Some(d) = &self.detail {
+            write!(f, "; {d}")?;
+        }
+        if let Some(h) = &self.hint {
+            write!(f, "; server hint: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// What the server sent inside the replication stream.
+pub enum StreamMessage {
+    /// WAL bytes starting at `start`; `wal_end` is the server's end of WAL.
+    XLogData {
+        start: u64,
+        wal_end: u64,
+        data: bytes::Bytes,
+    },
+    /// The server's end of WAL; `reply` asks for a status update now.
+    Keepalive { wal_end: u64, reply: bool },
+    /// The timeline being streamed ended (the server is on a later one):
+    /// the next timeline and where it starts.
+    EndOfTimeline { next_tli: u32, start: u64 },
+}
+
+/// Results of IDENTIFY_SYSTEM.
+pub struct SystemId {
+    pub system_identifier: String,
+    pub timeline: u32,
+    pub xlogpos: u64,
+}
+
+pub struct Connection {
+    sock: Sock,
+    buf: BytesMut,
+    out: BytesMut,
+    /// Where it connected, for messages.
+    pub target: String,
+    pub server_version_num: u32,
+}
+
+fn io_err(target: &str, what: &str, e: io::Error) -> Error {
+    Error::io(format!("replication connection to {target}: {what}"), e)
+}
+
+/// Turns what the server refused into an error that says what to fix.
+pub fn refused(target: &str, what: &str, e: ServerError) -> Error {
+    let m = e.message.to_lowercase();
+    let fix = if m.contains("max_wal_senders") {
+        Some("set max_wal_senders to at least 2 (one for walshipper) in postgresql.conf and restart PostgreSQL")
+    } else if m.contains("pg_hba.conf") {
+        Some("allow the connection in pg_hba.conf with a line of database `replication` (e.g. `local replication <user> peer` or `host replication <user> <address> scram-sha-256`), then reload PostgreSQL")
+    } else if m.contains("replication role")
+        || m.contains("permission denied to start")
+        || e.code == "42501"
+    {
+        Some("give the [pg] user the REPLICATION attribute: ALTER ROLE <user> REPLICATION")
+    } else if m.contains("all replication slots are in use") {
+        Some("raise max_replication_slots (restart needed), or drop a slot that is no longer used (SELECT pg_drop_replication_slot(...))")
+    } else if m.contains("max_replication_slots") || m.contains("wal_level") {
+        Some("set wal_level = replica (or logical) and max_replication_slots >= 1, then restart PostgreSQL")
+    } else if e.code == "28P01" || m.contains("password") {
+        Some("check the [pg] user and PGPASSWORD")
+    } else {
+        None
+    };
+    let text = format!("{target}: {what}: {e}");
+    match fix {
+        Some(f) => Error::Config(format!("{text}. To fix: {f}")),
+        None if e.code == "55006" => Error::Busy(format!(
+            "{text}. Another receiver is streaming from this slot; stop it, or give this one another [stream] slot"
+        )),
+        None if e.code == "58P01" => Error::Repository(format!(
+            "{text}. The server no longer has the WAL the repository needs next: the repository's WAL has a gap from here. Take a new full backup once streaming works again (see \"A receiver that fell behind\" in docs/disaster-recovery.md)"
+        )),
+        None => Error::io(text, io::Error::other("refused by the server")),
+    }
+}
+
+fn server_error(fields: backend::ErrorFields<'_>) -> ServerError {
+    let mut e = ServerError {
+        code: String::new(),
+        message: String::new(),
+        detail: None,
+        hint: None,
+    };
+    let mut fields = fields;
+    while let Ok(Some(f)) = fields.next() {
+        let v = String::from_utf8_lossy(f.value_bytes()).into_owned();
+        match f.type_() {
+            b'C' => e.code = v,
+            b'M' => e.message = v,
+            b'D' => e.detail = Some(v),
+            b'H' => e.hint = Some(v),
+            _ => {}
+        }
+    }
+    e
+}
+
+/// One frame read off the wire.
+enum Frame {
+    CopyBoth,
+    CopyData(bytes::Bytes),
+    CopyDone,
+    Other(backend::Message),
+}
+
+pub fn now_pg_us() -> i64 {
+    let us = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_micros() as i64)
+        .unwrap_or(0);
+    us - PG_EPOCH_OFFSET_US
+}
+
+/// Quotes an identifier for a replication command.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl Connection {
+    /// Opens a physical replication connection (`replication=true`) with
+    /// the [pg] settings: a Unix socket directory or a host name, PGPASSWORD
+    /// if the server asks for a password.
+    pub fn connect(pg: &PgConfig, application_name: &str) -> Result<Connection> {
+        let target = format!("host={} port={} user={}", pg.host, pg.port, pg.user);
+        let sock = if pg.host.starts_with('/') {
+            let path = format!("{}/.s.PGSQL.{}", pg.host, pg.port);
+            Sock::Unix(UnixStream::connect(&path).map_err(|e| io_err(&target, "connect", e))?)
+        } else {
+            let addrs = (pg.host.as_str(), pg.port)
+                .to_socket_addrs()
+                .map_err(|e| io_err(&target, "resolve", e))?;
+            let mut last = io::Error::other("no address");
+            let mut found = None;
+            for a in addrs {
+                match TcpStream::connect_timeout(&a, Duration::from_secs(10)) {
+                    Ok(s) => {
+                        let _ = s.set_nodelay(true);
+                        found = Some(s);
+                        break;
+                    }
+                    Err(e) => last = e,
+                }
+            }
+            Sock::Tcp(found.ok_or_else(|| io_err(&target, "connect", last))?)
+        };
+        sock.set_read_timeout(Some(Duration::from_secs(30)))
+            .map_err(|e| io_err(&target, "socket", e))?;
+        let mut c = Connection {
+            sock,
+            buf: BytesMut::with_capacity(256 << 10),
+            out: BytesMut::new(),
+            target,
+            server_version_num: 0,
+        };
+        c.startup(pg, application_name)?;
+        Ok(c)
+    }
+
+    fn send(&mut self) -> Result<()> {
+        let out = std::mem::take(&mut self.out);
+        self.sock
+            .write_all(&out)
+            .and_then(|_| self.sock.flush())
+            .map_err(|e| io_err(&self.target, "send", e))
+    }
+
+    fn encode(&mut self, f: impl FnOnce(&mut BytesMut) -> io::Result<()>) -> Result<()> {
+        f(&mut self.out).map_err(|e| io_err(&self.target, "encode", e))
+    }
+
+    fn startup(&mut self, pg: &PgConfig, application_name: &str) -> Result<()> {
+        let params = [
+            ("user", pg.user.as_str()),
+            ("replication", "true"),
+            ("application_name", application_name),
+        ];
+        self.encode(|b| frontend::startup_message(params, b))?;
+        self.send()?;
+        let target = self.target.clone();
+        let password = || {
+            std::env::var("PGPASSWORD").map_err(|_| {
+                Error::Config(format!(
+                    "{target}: the server asks for a password: set PGPASSWORD in walshipper's environment, or allow the connection without one in pg_hba.conf (e.g. `local replication {} peer`)",
+                    pg.user
+                ))
+            })
+        };
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            match self.frame(true)? {
+                Some(Frame::Other(m)) => match m {
+                    backend::Message::AuthenticationOk => {}
+                    backend::Message::AuthenticationCleartextPassword => {
+                        let p = password()?;
+                        self.encode(|b| frontend::password_message(p.as_bytes(), b))?;
+                        self.send()?;
+                    }
+                    backend::Message::AuthenticationMd5Password(body) => {
+                        let p = password()?;
+                        let h = postgres_protocol::authentication::md5_hash(
+                            pg.user.as_bytes(),
+                            p.as_bytes(),
+                            body.salt(),
+                        );
+                        self.encode(|b| frontend::password_message(h.as_bytes(), b))?;
+                        self.send()?;
+                    }
+                    backend::Message::AuthenticationSasl(body) => {
+                        let mut mechs = body.mechanisms();
+                        let mut ok = false;
+                        while let Ok(Some(m)) = mechs.next() {
+                            ok |= m == SCRAM_SHA_256;
+                        }
+                        if !ok {
+                            return Err(Error::Config(format!(
+                                "{}: the server offers no SASL mechanism walshipper speaks (SCRAM-SHA-256 without channel binding)",
+                                self.target
+                            )));
+                        }
+                        let p = password()?;
+                        let s = ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported());
+                        let msg = s.message().to_vec();
+                        self.encode(|b| frontend::sasl_initial_response(SCRAM_SHA_256, &msg, b))?;
+                        self.send()?;
+                        scram = Some(s);
+                    }
+                    backend::Message::AuthenticationSaslContinue(body) => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| self.protocol("SASL out of order"))?;
+                        s.update(body.data())
+                            .map_err(|e| io_err(&self.target, "SCRAM", e))?;
+                        let msg = s.message().to_vec();
+                        self.encode(|b| frontend::sasl_response(&msg, b))?;
+                        self.send()?;
+                    }
+                    backend::Message::AuthenticationSaslFinal(body) => {
+                        let s = scram
+                            .as_mut()
+                            .ok_or_else(|| self.protocol("SASL out of order"))?;
+                        s.finish(body.data()).map_err(|e| {
+                            io_err(&self.target, "SCRAM: the server's proof is wrong", e)
+                        })?;
+                    }
+                    backend::Message::ParameterStatus(p) => {
+                        if p.name().ok() == Some("server_version") {
+                            self.server_version_num = parse_version(p.value().unwrap_or(""));
+                        }
+                    }
+                    backend::Message::BackendKeyData(_) | backend::Message::NoticeResponse(_) => {}
+                    backend::Message::ReadyForQuery(_) => return Ok(()),
+                    backend::Message::ErrorResponse(body) => {
+                        let e = server_error(body.fields());
+                        return Err(refused(&self.target.clone(), "connect", e));
+                    }
+                    _ => return Err(self.protocol("unexpected message during startup")),
+                },
+                Some(_) => return Err(self.protocol("unexpected message during startup")),
+                None => continue,
+            }
+        }
+    }
+
+    fn protocol(&self, what: &str) -> Error {
+        Error::io(
+            format!("replication connection to {}", self.target),
+            io::Error::new(io::ErrorKind::InvalidData, what.to_string()),
+        )
+    }
+
+    /// Reads until one whole frame is buffered. `wait`: block (up to the
+    /// socket timeout, then an error); else None when nothing more arrived
+    /// within the timeout.
+    fn frame(&mut self, wait: bool) -> Result<Option<Frame>> {
+        loop {
+            if let Some(f) = self.buffered()? {
+                return Ok(Some(f));
+            }
+            match self.fill() {
+                Ok(()) => {}
+                Err(e)
+                    if !wait
+                        && matches!(
+                            e.kind(),
+                            io::ErrorKind::WouldBlock
+                                | io::ErrorKind::TimedOut
+                                | io::ErrorKind::Interrupted
+                        ) =>
+                {
+                    return Ok(None)
+                }
+                Err(e) => return Err(io_err(&self.target, "receive", e)),
+            }
+        }
+    }
+
+    fn fill(&mut self) -> io::Result<()> {
+        let mut chunk = [0u8; 64 << 10];
+        let n = self.sock.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the server closed the connection",
+            ));
+        }
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(())
+    }
+
+    /// A whole frame from the buffer, if there is one.
+    fn buffered(&mut self) -> Result<Option<Frame>> {
+        if self.buf.len() < 5 {
+            return Ok(None);
+        }
+        let tag = self.buf[0];
+        let len = u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+        if !(4..=MAX_MESSAGE).contains(&len) {
+            return Err(self.protocol(&format!("a message of {len} bytes (tag {tag:#x})")));
+        }
+        if self.buf.len() < len + 1 {
+            return Ok(None);
+        }
+        let mut frame = self.buf.split_to(len + 1);
+        Ok(Some(match tag {
+            b'W' => Frame::CopyBoth,
+            b'd' => {
+                frame.advance(5);
+                Frame::CopyData(frame.freeze())
+            }
+            b'c' => Frame::CopyDone,
+            _ => match backend::Message::parse(&mut frame) {
+                Ok(Some(m)) => Frame::Other(m),
+                Ok(None) => return Err(self.protocol("a truncated message")),
+                Err(e) => return Err(io_err(&self.target, "decode", e)),
+            },
+        }))
+    }
+
+    /// Runs a replication command; the rows of its result (text values).
+    pub fn query(
+        &mut self,
+        sql: &str,
+    ) -> Result<std::result::Result<Vec<Vec<Option<String>>>, ServerError>> {
+        self.encode(|b| frontend::query(sql, b))?;
+        self.send()?;
+        self.collect_rows()
+    }
+
+    fn collect_rows(
+        &mut self,
+    ) -> Result<std::result::Result<Vec<Vec<Option<String>>>, ServerError>> {
+        let mut rows = Vec::new();
+        let mut err = None;
+        loop {
+            match self.frame(true)? {
+                Some(Frame::Other(m)) => match m {
+                    backend::Message::DataRow(body) => {
+                        let mut row = Vec::new();
+                        let mut ranges = body.ranges();
+                        while let Some(r) = ranges
+                            .next()
+                            .map_err(|e| io_err(&self.target, "decode", e))?
+                        {
+                            row.push(
+                                r.map(|r| String::from_utf8_lossy(&body.buffer()[r]).into_owned()),
+                            );
+                        }
+                        rows.push(row);
+                    }
+                    backend::Message::ErrorResponse(body) => {
+                        err = Some(server_error(body.fields()));
+                    }
+                    backend::Message::ReadyForQuery(_) => {
+                        return Ok(match err {
+                            Some(e) => Err(e),
+                            None => Ok(rows),
+                        })
+                    }
+                    _ => {}
+                },
+                Some(Frame::CopyBoth) => return Err(self.protocol("unexpected CopyBothResponse")),
+                Some(_) => {}
+                None => {}
+            }
+        }
+    }
+
+    pub fn identify_system(&mut self) -> Result<SystemId> {
+        let target = self.target.clone();
+        let rows = self
+            .query("IDENTIFY_SYSTEM")?
+            .map_err(|e| refused(&target, "IDENTIFY_SYSTEM", e))?;
+        let row = rows
+            .first()
+            .filter(|r| r.len() >= 3)
+            .ok_or_else(|| self.protocol("IDENTIFY_SYSTEM returned no row"))?;
+        let field = |i: usize| row[i].clone().unwrap_or_default();
+        Ok(SystemId {
+            system_identifier: field(0),
+            timeline: field(1)
+                .parse()
+                .map_err(|_| self.protocol("IDENTIFY_SYSTEM: bad timeline"))?,
+            xlogpos: crate::wal::parse_lsn(&field(2))
+                .ok_or_else(|| self.protocol("IDENTIFY_SYSTEM: bad xlogpos"))?,
+        })
+    }
+
+    /// Creates physical slot `slot` reserving WAL now; false if it exists.
+    pub fn create_slot(&mut self, slot: &str) -> Result<bool> {
+        let target = self.target.clone();
+        match self.query(&format!(
+            "CREATE_REPLICATION_SLOT {} PHYSICAL RESERVE_WAL",
+            quote_ident(slot)
+        ))? {
+            Ok(_) => Ok(true),
+            Err(e) if e.code == "42710" => Ok(false),
+            Err(e) => Err(refused(
+                &target,
+                &format!("creating replication slot {slot}"),
+                e,
+            )),
+        }
+    }
+
+    /// The slot's restart LSN and its timeline (PostgreSQL 15 and later;
+    /// None before, or when the slot has none).
+    pub fn read_slot(&mut self, slot: &str) -> Result<Option<(u64, u32)>> {
+        if self.server_version_num < 150000 {
+            return Ok(None);
+        }
+        let target = self.target.clone();
+        let rows = self
+            .query(&format!("READ_REPLICATION_SLOT {}", quote_ident(slot)))?
+            .map_err(|e| refused(&target, "READ_REPLICATION_SLOT", e))?;
+        let Some(row) = rows.first() else {
+            return Ok(None);
+        };
+        let lsn = row
+            .get(1)
+            .cloned()
+            .flatten()
+            .and_then(|s| crate::wal::parse_lsn(&s));
+        let tli = row.get(2).cloned().flatten().and_then(|s| s.parse().ok());
+        Ok(lsn.zip(tli))
+    }
+
+    /// The server's history file of timeline `tli`: (file name, content).
+    pub fn timeline_history(&mut self, tli: u32) -> Result<(String, Vec<u8>)> {
+        let target = self.target.clone();
+        let rows = self
+            .query(&format!("TIMELINE_HISTORY {tli}"))?
+            .map_err(|e| refused(&target, "TIMELINE_HISTORY", e))?;
+        let row = rows
+            .first()
+            .filter(|r| r.len() >= 2)
+            .ok_or_else(|| self.protocol("TIMELINE_HISTORY returned no row"))?;
+        let name = row[0].clone().unwrap_or_default();
+        let content = row[1].clone().unwrap_or_default().into_bytes();
+        if content.len() as u64 > crate::wal::MAX_HISTORY_FILE {
+            return Err(self.protocol("TIMELINE_HISTORY: too large"));
+        }
+        Ok((name, content))
+    }
+
+    /// Starts streaming from `lsn` on timeline `tli` through `slot`. None:
+    /// streaming; Some((next timeline, its start)) when `tli` ends exactly
+    /// at `lsn` (the server then streams nothing).
+    pub fn start_replication(
+        &mut self,
+        slot: &str,
+        lsn: u64,
+        tli: u32,
+    ) -> Result<Option<(u32, u64)>> {
+        let sql = format!(
+            "START_REPLICATION SLOT {} PHYSICAL {} TIMELINE {tli}",
+            quote_ident(slot),
+            crate::wal::format_lsn(lsn)
+        );
+        self.encode(|b| frontend::query(&sql, b))?;
+        self.send()?;
+        let target = self.target.clone();
+        loop {
+            match self.frame(true)? {
+                Some(Frame::CopyBoth) => return Ok(None),
+                Some(Frame::Other(backend::Message::ErrorResponse(body))) => {
+                    let e = server_error(body.fields());
+                    // The ReadyForQuery that follows.
+                    let _ = self.collect_rows();
+                    return Err(refused(&target, &sql, e));
+                }
+                Some(Frame::Other(backend::Message::RowDescription(_))) => {
+                    let rows = self
+                        .collect_rows()?
+                        .map_err(|e| refused(&target, &sql, e))?;
+                    return self.next_timeline(&rows).map(Some);
+                }
+                Some(Frame::Other(backend::Message::NoticeResponse(_))) | None => {}
+                Some(_) => return Err(self.protocol("unexpected reply to START_REPLICATION")),
+            }
+        }
+    }
+
+    fn next_timeline(&self, rows: &[Vec<Option<String>>]) -> Result<(u32, u64)> {
+        let row = rows
+            .first()
+            .filter(|r| r.len() >= 2)
+            .ok_or_else(|| self.protocol("no next timeline after the end of streaming"))?;
+        let next_tli = row[0]
+            .as_deref()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| self.protocol("bad next timeline"))?;
+        let start = row[1]
+            .as_deref()
+            .and_then(crate::wal::parse_lsn)
+            .ok_or_else(|| self.protocol("bad next timeline start"))?;
+        Ok((next_tli, start))
+    }
+
+    /// The next message of the stream, waiting at most `timeout`.
+    pub fn recv(&mut self, timeout: Duration) -> Result<Option<StreamMessage>> {
+        if self.buf.len() < 5 || !self.has_whole_frame() {
+            self.sock
+                .set_read_timeout(Some(timeout.max(Duration::from_millis(1))))
+                .map_err(|e| io_err(&self.target, "socket", e))?;
+        }
+        let f = self.frame(false)?;
+        match f {
+            None => Ok(None),
+            Some(Frame::CopyData(mut d)) => {
+                if d.is_empty() {
+                    return Err(self.protocol("empty CopyData"));
+                }
+                let kind = d.get_u8();
+                match kind {
+                    b'w' if d.len() >= 24 => {
+                        let start = d.get_u64();
+                        let wal_end = d.get_u64();
+                        let _send_time = d.get_i64();
+                        Ok(Some(StreamMessage::XLogData {
+                            start,
+                            wal_end,
+                            data: d,
+                        }))
+                    }
+                    b'k' if d.len() >= 17 => {
+                        let wal_end = d.get_u64();
+                        let _time = d.get_i64();
+                        let reply = d.get_u8() != 0;
+                        Ok(Some(StreamMessage::Keepalive { wal_end, reply }))
+                    }
+                    other => Err(self.protocol(&format!(
+                        "unknown replication message {other:#x} of {} bytes",
+                        d.len()
+                    ))),
+                }
+            }
+            Some(Frame::CopyDone) => {
+                // The timeline ended: answer CopyDone, then the server sends
+                // the next timeline and its start, and is ready again.
+                self.encode(|b| {
+                    frontend::copy_done(b);
+                    Ok(())
+                })?;
+                self.send()?;
+                self.sock
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .map_err(|e| io_err(&self.target, "socket", e))?;
+                let target = self.target.clone();
+                let rows = self
+                    .collect_rows()?
+                    .map_err(|e| refused(&target, "end of timeline", e))?;
+                let (next_tli, start) = self.next_timeline(&rows)?;
+                Ok(Some(StreamMessage::EndOfTimeline { next_tli, start }))
+            }
+            Some(Frame::Other(backend::Message::ErrorResponse(body))) => {
+                let e = server_error(body.fields());
+                let target = self.target.clone();
+                Err(refused(&target, "streaming", e))
+            }
+            Some(Frame::Other(_)) => Ok(None),
+            Some(Frame::CopyBoth) => Err(self.protocol("a second CopyBothResponse")),
+        }
+    }
+
+    fn has_whole_frame(&self) -> bool {
+        self.buf.len() >= 5 && {
+            let len =
+                u32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]]) as usize;
+            self.buf.len() > len
+        }
+    }
+
+    /// Whether a whole message is already buffered (no read needed).
+    pub fn pending(&self) -> bool {
+        self.has_whole_frame()
+    }
+
+    /// Standby status update: `write` received, `flush` durable; apply is
+    /// reported as invalid (0), as pg_receivewal does: nothing is replayed.
+    pub fn send_status(&mut self, write: u64, flush: u64, reply: bool) -> Result<()> {
+        let mut body = BytesMut::with_capacity(34);
+        body.put_u8(b'r');
+        body.put_u64(write);
+        body.put_u64(flush);
+        body.put_u64(0);
+        body.put_i64(now_pg_us());
+        body.put_u8(u8::from(reply));
+        let body = body.freeze();
+        self.encode(|b| {
+            frontend::CopyData::new(body)?.write(b);
+            Ok(())
+        })?;
+        self.send()
+    }
+
+    /// Ends the connection politely.
+    pub fn terminate(mut self) {
+        frontend::terminate(&mut self.out);
+        let _ = self.send();
+    }
+}
+
+/// `server_version` "15.8 (Debian ...)" → 150008.
+fn parse_version(v: &str) -> u32 {
+    let mut parts = v
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<u32>().unwrap_or(0));
+    let major = parts.next().unwrap_or(0);
+    let minor = parts.next().unwrap_or(0);
+    major * 10000 + minor
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("15.8 (Debian 15.8-1)"), 150008);
+        assert_eq!(parse_version("16.2"), 160002);
+    }
+
+    #[test]
+    fn errors_say_what_to_fix() {
+        let e = |code: &str, msg: &str| ServerError {
+            code: code.into(),
+            message: msg.into(),
+            detail: None,
+            hint: None,
+        };
+        let s = refused(
+            "t",
+            "connect",
+            e(
+                "53300",
+                "number of requested standby connections exceeds max_wal_senders (currently 0)",
+            ),
+        )
+        .to_string();
+        assert!(s.contains("set max_wal_senders"), "{s}");
+        let s = refused(
+            "t",
+            "connect",
+            e(
+                "42501",
+                "must be superuser or replication role to start walsender",
+            ),
+        )
+        .to_string();
+        assert!(s.contains("ALTER ROLE"), "{s}");
+        let s = refused(
+            "t",
+            "connect",
+            e(
+                "28000",
+                "no pg_hba.conf entry for replication connection from host \"[local]\", user \"x\"",
+            ),
+        )
+        .to_string();
+        assert!(s.contains("pg_hba.conf with a line"), "{s}");
+        let s = refused("t", "slot", e("53400", "all replication slots are in use")).to_string();
+        assert!(s.contains("max_replication_slots"), "{s}");
+        assert!(matches!(
+            refused(
+                "t",
+                "s",
+                e("55006", "replication slot \"w\" is active for PID 1")
+            ),
+            Error::Busy(_)
+        ));
+    }
+}

@@ -1,0 +1,287 @@
+//! Streamed partial segments: how `wal-receive` keeps the segment it is
+//! filling durable before it is complete, and how they are read back
+//! (docs/repository-format.md, "Streamed partial segments").
+//!
+//! Objects are create-if-absent, so a growing segment is a set of chunk
+//! objects `stream/<segment>/<start>-<end>`, each holding bytes
+//! `start..end` of the segment and sealed to its own name like every object.
+//! The readable content is the chain from offset 0: at each offset the chunk
+//! starting there that reaches furthest (a merged chunk and the pieces it
+//! replaced may both exist after a crash; they hold the same bytes). Once
+//! the segment is complete it is stored under its ordinary WAL key and its
+//! chunks are deleted.
+//!
+//! Everything listed and read is untrusted: a key walshipper would not
+//! write, a chain with a gap, a chunk whose length is not its name's, more
+//! chunks than a writer leaves, or pages whose headers do not belong at
+//! their place in this segment of this cluster are refused as damage.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File, OpenOptions};
+use std::io::Write;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::layout::{self, ObjectName};
+use crate::repo::Repository;
+use crate::wal::{self, ClusterIdentity};
+
+/// More chunk objects for one segment than a writer ever leaves (it merges
+/// them: see `wal_receive`); a listing longer than this is refused before
+/// anything is read.
+pub const MAX_CHUNKS: usize = 4096;
+
+/// The WAL page size PostgreSQL is built with almost everywhere; the long
+/// header of the segment's first page names the real one.
+const DEFAULT_PAGE: u64 = 8192;
+
+/// One chunk as listed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Chunk {
+    pub key: String,
+    pub start: u32,
+    pub end: u32,
+}
+
+/// The readable content of a streamed segment.
+pub struct Chain {
+    /// Bytes 0..len of the segment.
+    pub bytes: Vec<u8>,
+    /// The chunks the chain was read from, in order.
+    pub used: Vec<Chunk>,
+    /// Every chunk listed (including merged-away leftovers).
+    pub listed: Vec<Chunk>,
+}
+
+fn damaged(key: String, reason: String) -> Error {
+    Error::Corrupt {
+        key,
+        reason: format!("{reason}; move stream/ objects of this segment aside after checking (they are only the not-yet-complete tail of the WAL)"),
+    }
+}
+
+/// Every chunk of `segment` (a segment file name), validated as keys.
+pub fn list_chunks(repo: &Repository, segment: &str) -> Result<Vec<Chunk>> {
+    let prefix = layout::stream_prefix(segment);
+    let listed = repo.storage.list(&prefix)?;
+    if listed.len() > MAX_CHUNKS {
+        return Err(damaged(
+            prefix,
+            format!(
+                "{} objects, more than the {MAX_CHUNKS} a receiver ever leaves for one segment",
+                listed.len()
+            ),
+        ));
+    }
+    let seg_size = repo.descriptor.wal_segment_size;
+    let mut out = Vec::with_capacity(listed.len());
+    for m in listed {
+        match layout::parse(&m.key) {
+            Some(ObjectName::StreamChunk {
+                segment: s,
+                start,
+                end,
+            }) if s == segment => {
+                if u64::from(end) > seg_size {
+                    return Err(damaged(
+                        m.key,
+                        format!("ends beyond the {seg_size}-byte segment"),
+                    ));
+                }
+                out.push(Chunk {
+                    key: m.key,
+                    start,
+                    end,
+                });
+            }
+            _ => {
+                return Err(damaged(
+                    m.key.escape_debug().to_string(),
+                    "not a key walshipper writes".into(),
+                ))
+            }
+        }
+    }
+    out.sort_by_key(|c| (c.start, c.end));
+    Ok(out)
+}
+
+/// Reads the chain of segment `segno` of timeline `tli`; None when the
+/// repository holds no chunk of it.
+pub fn read_chain(repo: &Repository, tli: u32, segno: u64) -> Result<Option<Chain>> {
+    let id = repo.descriptor.identity()?;
+    let segment = wal::segment_name(tli, segno, id.wal_segment_size);
+    let listed = list_chunks(repo, &segment)?;
+    if listed.is_empty() {
+        return Ok(None);
+    }
+    let mut bytes = Vec::new();
+    let mut used = Vec::new();
+    let mut off = 0u32;
+    while let Some(c) = listed
+        .iter()
+        .filter(|c| c.start == off)
+        .max_by_key(|c| c.end)
+    {
+        let want = (c.end - c.start) as usize;
+        let body = repo.read_object_capped(&c.key, want)?;
+        if body.len() != want {
+            return Err(damaged(
+                c.key.clone(),
+                format!("{} bytes, but its name says {want}", body.len()),
+            ));
+        }
+        bytes.extend_from_slice(&body);
+        used.push(c.clone());
+        off = c.end;
+    }
+    if let Some(stray) = listed.iter().find(|c| c.end > off) {
+        return Err(damaged(
+            stray.key.clone(),
+            format!(
+                "the chunks of {segment} are not contiguous: nothing covers bytes {off:#x}..{:#x}",
+                stray.start
+            ),
+        ));
+    }
+    check_pages(&bytes, 0, tli, segno, &id).map_err(|r| {
+        damaged(
+            layout::stream_prefix(&segment),
+            format!("its bytes are not WAL segment {segment} of this cluster: {r}"),
+        )
+    })?;
+    Ok(Some(Chain {
+        bytes,
+        used,
+        listed,
+    }))
+}
+
+/// Checks the header of every WAL page that begins at or after `from` and
+/// lies whole in `bytes` (bytes 0.. of segment `segno` of timeline `tli`):
+/// the first page's long header against the cluster, every page's magic,
+/// address and timeline, and zeros only after the padding of a segment
+/// switch began. This is what makes a reordered, shifted or planted chunk
+/// fail even in an unencrypted repository.
+pub fn check_pages(
+    bytes: &[u8],
+    from: usize,
+    tli: u32,
+    segno: u64,
+    id: &ClusterIdentity,
+) -> std::result::Result<(), String> {
+    let mut page = DEFAULT_PAGE;
+    if let Some(h) = bytes.get(..wal::LONG_HEADER_LEN) {
+        let h: &[u8; wal::LONG_HEADER_LEN] = h.try_into().map_err(|_| "short header")?;
+        wal::check_long_header(h, tli, segno, id)?;
+        let blcksz = u32::from_le_bytes([h[36], h[37], h[38], h[39]]);
+        if !blcksz.is_power_of_two() || !(1024..=65536).contains(&blcksz) {
+            return Err(format!("page size {blcksz} in the long header"));
+        }
+        page = u64::from(blcksz);
+    } else if !bytes.is_empty() && from == 0 {
+        return Ok(());
+    }
+    let magic = wal::page_magic(id.pg_major).unwrap_or(0);
+    let base = segno.saturating_mul(id.wal_segment_size);
+    let first = (from as u64).div_ceil(page) * page;
+    let mut p = first;
+    while p + 16 <= bytes.len() as u64 {
+        let h = &bytes[p as usize..p as usize + 16];
+        if h.iter().all(|b| *b == 0) {
+            // After an XLOG_SWITCH record PostgreSQL pads the rest of the
+            // segment with whole zero pages, headers included: from here
+            // on, zeros only.
+            return match bytes[p as usize..].iter().position(|b| *b != 0) {
+                None => Ok(()),
+                Some(i) => Err(format!(
+                    "byte {:#x} is not zero in the padding after a segment switch",
+                    p as usize + i
+                )),
+            };
+        }
+        let m = u16::from_le_bytes([h[0], h[1]]);
+        let t = u32::from_le_bytes([h[4], h[5], h[6], h[7]]);
+        let addr = u64::from_le_bytes(h[8..16].try_into().unwrap_or_default());
+        if m != magic {
+            return Err(format!("page at {p:#x}: magic {m:#06x}, not {magic:#06x}"));
+        }
+        if addr != base + p {
+            return Err(format!(
+                "page at {p:#x} says it is at {}, not {}",
+                wal::format_lsn(addr),
+                wal::format_lsn(base + p)
+            ));
+        }
+        if t == 0 || t > tli {
+            return Err(format!(
+                "page at {p:#x}: timeline {t} in timeline {tli}'s segment"
+            ));
+        }
+        p += page;
+    }
+    Ok(())
+}
+
+/// Every (timeline, segment number) with streamed chunks.
+pub fn streamed_segments(repo: &Repository) -> Result<BTreeMap<(u32, u64), String>> {
+    let seg_size = repo.descriptor.wal_segment_size;
+    let mut out = BTreeMap::new();
+    for m in repo.storage.list(layout::STREAM_PREFIX)? {
+        let Some(ObjectName::StreamChunk { segment, .. }) = layout::parse(&m.key) else {
+            tracing::warn!("ignoring {:?}: not a key walshipper writes", m.key);
+            continue;
+        };
+        if let Some(wal::WalFileKind::Segment { tli, log, seg, .. }) = wal::parse_name(&segment) {
+            out.insert((tli, wal::seg_no(log, seg, seg_size)), segment);
+        }
+    }
+    Ok(out)
+}
+
+/// archive-get's fallback for segment `name` when the repository holds it
+/// only as streamed chunks (the newest WAL of a server that is gone): the
+/// chain, zero-filled to a whole segment, at `dest`. PostgreSQL replays up
+/// to the last whole record and then ends recovery there.
+/// `Error::NotFound` when there are no chunks either.
+pub fn restore_partial(repo: &Repository, name: &str, dest: &Path) -> Result<()> {
+    let Some(wal::WalFileKind::Segment {
+        tli,
+        log,
+        seg,
+        partial: false,
+    }) = wal::parse_name(name)
+    else {
+        return Err(Error::NotFound(name.to_string()));
+    };
+    let seg_size = repo.descriptor.wal_segment_size;
+    let segno = wal::seg_no(log, seg, seg_size);
+    let chain = read_chain(repo, tli, segno)?.ok_or_else(|| Error::NotFound(name.to_string()))?;
+    let dest_name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| Error::Invalid(format!("bad destination {}", dest.display())))?;
+    let tmp = dest.with_file_name(format!(".{dest_name}.walshipper.tmp"));
+    let local = |e: std::io::Error| Error::io(format!("cannot write {}", dest.display()), e);
+    let result = (|| {
+        let mut f: File = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(local)?;
+        f.write_all(&chain.bytes).map_err(local)?;
+        f.set_len(seg_size).map_err(local)?;
+        f.sync_all().map_err(local)?;
+        fs::rename(&tmp, dest).map_err(local)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    } else {
+        eprintln!(
+            "walshipper: {name} is not complete in the repository: restored its streamed part ({} of {seg_size} bytes); recovery ends where it ends",
+            chain.bytes.len()
+        );
+    }
+    result
+}
