@@ -29,7 +29,7 @@ as_test_user bash -euo pipefail -c '
   echo "==> walshipper: unit tests, storage conformance (posix, S3), integration tests on posix"
   cargo test -p walshipper --locked -- --test-threads=2
   echo "==> walshipper: the archive, backup, point-in-time and hostile-repository suites again on S3"
-  PGB_TEST_BACKEND=s3 cargo test -p walshipper --locked --test archive --test backup --test incremental --test hostile_objects --test hostile_manifests --test hostile_restore -- --test-threads=2
+  PGB_TEST_BACKEND=s3 cargo test -p walshipper --locked --test archive --test backup --test incremental --test hostile_objects --test hostile_manifests --test hostile_restore --test streaming -- --test-threads=2
   echo "==> walshipper: object store killed under load (alone: it stops the S3 server)"
   PGB_TEST_S3_CTL="$PWD/scripts/s3-server.sh" cargo test -p walshipper --locked --test s3_outage
   echo "==> walshipper: recovery under a failing store (alone: starts and stops an S3 server of its own)"

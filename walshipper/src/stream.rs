@@ -285,3 +285,119 @@ pub fn restore_partial(repo: &Repository, name: &str, dest: &Path) -> Result<()>
     }
     result
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::test_support::posix_repo;
+
+    const SYSID: u64 = 7_000_000_000_000_000_001;
+    const SEG: u64 = 16 << 20;
+    const NAME: &str = "000000010000000000000003";
+
+    /// `n` bytes of segment `segno` of timeline 1, pages laid out as
+    /// PostgreSQL 15 writes them.
+    fn wal_bytes(segno: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0x5a; n];
+        for p in (0..n).step_by(8192) {
+            let long = p == 0;
+            if p + if long { 40 } else { 16 } > n {
+                break;
+            }
+            b[p..p + 2].copy_from_slice(&0xD110u16.to_le_bytes());
+            b[p + 2..p + 4].copy_from_slice(&(if long { 2u16 } else { 0 }).to_le_bytes());
+            b[p + 4..p + 8].copy_from_slice(&1u32.to_le_bytes());
+            b[p + 8..p + 16].copy_from_slice(&(segno * SEG + p as u64).to_le_bytes());
+            if long {
+                b[24..32].copy_from_slice(&SYSID.to_le_bytes());
+                b[32..36].copy_from_slice(&(SEG as u32).to_le_bytes());
+                b[36..40].copy_from_slice(&8192u32.to_le_bytes());
+            }
+        }
+        b
+    }
+
+    fn put(repo: &Repository, w: &[u8], a: u32, b: u32) {
+        repo.put_object(
+            &layout::stream_chunk(NAME, a, b),
+            &w[a as usize..b as usize],
+        )
+        .unwrap();
+    }
+
+    fn refused(repo: &Repository, what: &str) -> String {
+        match read_chain(repo, 1, 3) {
+            Err(e @ Error::Corrupt { .. }) => e.to_string(),
+            Err(e) => panic!("{what}: not refused as damage: {e}"),
+            Ok(_) => panic!("{what}: accepted"),
+        }
+    }
+
+    #[test]
+    fn the_chain_reads_back_and_anything_else_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_cfg, repo) = posix_repo(dir.path(), SYSID);
+        let root = dir.path().join("r");
+        let w = wal_bytes(3, 100_000);
+        assert!(read_chain(&repo, 1, 3).unwrap().is_none());
+        // Pieces, and a merged chunk over the first two (a receiver killed
+        // before it deleted them): the same bytes either way.
+        put(&repo, &w, 0, 20_000);
+        put(&repo, &w, 20_000, 50_000);
+        put(&repo, &w, 0, 50_000);
+        put(&repo, &w, 50_000, 75_000);
+        put(&repo, &w, 75_000, 100_000);
+        let c = read_chain(&repo, 1, 3).unwrap().unwrap();
+        assert_eq!(c.bytes, w);
+        assert_eq!(c.used.len(), 3);
+        assert_eq!(c.listed.len(), 5);
+        let dest = dir.path().join(NAME);
+        restore_partial(&repo, NAME, &dest).unwrap();
+        let restored = std::fs::read(&dest).unwrap();
+        assert_eq!(restored.len() as u64, SEG);
+        assert_eq!(&restored[..w.len()], &w[..]);
+        assert!(restored[w.len()..].iter().all(|b| *b == 0));
+
+        // Two chunks of equal length swapped: each is sealed to its name.
+        let p1 = root.join(layout::stream_chunk(NAME, 50_000, 75_000));
+        let p2 = root.join(layout::stream_chunk(NAME, 75_000, 100_000));
+        let tmp = dir.path().join("swap");
+        std::fs::rename(&p1, &tmp).unwrap();
+        std::fs::rename(&p2, &p1).unwrap();
+        std::fs::rename(&tmp, &p2).unwrap();
+        refused(&repo, "swapped chunks");
+        std::fs::rename(&p1, &tmp).unwrap();
+        std::fs::rename(&p2, &p1).unwrap();
+        std::fs::rename(&tmp, &p2).unwrap();
+        assert!(read_chain(&repo, 1, 3).is_ok());
+
+        // A chunk beyond a gap.
+        put(&repo, &wal_bytes(3, 130_000), 120_000, 130_000);
+        let e = refused(&repo, "a gap");
+        assert!(e.contains("not contiguous"), "{e}");
+        repo.storage
+            .delete(&layout::stream_chunk(NAME, 120_000, 130_000))
+            .unwrap();
+
+        // Another segment's bytes, sealed under this segment's names (a
+        // writer's bug, or an unencrypted repository's planted chunk).
+        put(&repo, &wal_bytes(4, 130_000), 100_000, 130_000);
+        let e = refused(&repo, "another segment's pages");
+        assert!(e.contains("page at"), "{e}");
+        repo.storage
+            .delete(&layout::stream_chunk(NAME, 100_000, 130_000))
+            .unwrap();
+
+        // A key no writer makes, under the segment's prefix.
+        std::fs::write(root.join(layout::stream_prefix(NAME)).join("junk"), b"x").unwrap();
+        refused(&repo, "a foreign key");
+        std::fs::remove_file(root.join(layout::stream_prefix(NAME)).join("junk")).unwrap();
+
+        // The padding after a segment switch is zeros, and only zeros.
+        let mut z = w[..2 * 8192 + 500].to_vec();
+        z.resize(5 * 8192, 0);
+        assert!(check_pages(&z, 0, 1, 3, &repo.descriptor.identity().unwrap()).is_ok());
+        z[4 * 8192 + 100] = 1;
+        assert!(check_pages(&z, 0, 1, 3, &repo.descriptor.identity().unwrap()).is_err());
+    }
+}
