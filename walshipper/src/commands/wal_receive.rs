@@ -50,6 +50,8 @@ extern "C" fn on_signal(_: libc::c_int) {
 /// row: a segment written in many small pieces (synchronous mode) keeps
 /// O(8 log8 n) objects and each byte is rewritten O(log8 n) times.
 const MERGE_FANOUT: usize = 8;
+/// Lag (in segments) above which each progress report is also a warning.
+const LAG_WARN_SEGMENTS: u64 = 64;
 /// The level of chunks found in the repository at start: never merged again.
 const LOADED: u8 = u8::MAX;
 
@@ -591,6 +593,14 @@ impl Receiver<'_> {
             seconds_since_flush: self.last_flush.map(|t| t.elapsed().as_secs_f64()),
             synchronous: self.synchronous,
         };
+        // The slot keeps every byte of this on the server's disk.
+        if status.lag_bytes > LAG_WARN_SEGMENTS * self.seg_size {
+            tracing::warn!(
+                "the repository is {} MiB behind the server (slot {} keeps that WAL on the server's disk): the store is slow or was unreachable; see \"A receiver that fell behind\" in docs/disaster-recovery.md",
+                status.lag_bytes >> 20,
+                self.slot
+            );
+        }
         tracing::debug!(
             "{state}: timeline {} flushed {} lag {} bytes",
             status.timeline,
