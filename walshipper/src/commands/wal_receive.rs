@@ -25,8 +25,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
-
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::layout;
@@ -435,15 +433,17 @@ impl Receiver<'_> {
             return Ok(());
         }
         let stored = self.repo.read_object(key, &mut std::io::sink())?;
-        let local: [u8; 32] = Sha256::digest(bytes).into();
+        // The stored object's algorithm decides how the local bytes are hashed.
+        let local = crate::codec::hash_of(stored.alg, bytes)
+            .map_err(|e| Error::io(format!("hash {key}"), e))?;
         if stored == local {
             tracing::debug!("{key} was already stored with identical content");
             return Ok(());
         }
         Err(Error::Conflict {
             name: key.to_string(),
-            stored: hex::encode(stored),
-            local: hex::encode(local),
+            stored: stored.to_string(),
+            local: local.to_string(),
         })
     }
 
