@@ -862,3 +862,102 @@ fn restore_tests_and_table_restores_from_sql() {
     eprintln!("damaged backup {:.1}s", t.elapsed().as_secs_f64());
     eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
 }
+
+/// pg_backup.wal_streaming: the scheduler keeps the real `walshipper
+/// wal-receive` streaming through its slot, restarts it when it is killed,
+/// stops it when streaming is turned off, and raises wal_stream_lagging for
+/// a slot left pinning WAL and wal_receiver_down for a receiver that cannot
+/// start (with its error).
+#[test]
+fn the_scheduler_keeps_the_wal_receiver_streaming() {
+    let dir = scratch("extstream");
+    let d = dir.path();
+    let shipper = Shipper::new(d, &d.join("src"), &d.join("src-sock"), 5432);
+    let c = preloaded_cluster(
+        d,
+        &shipper,
+        &[
+            "pg_backup.wal_streaming = on",
+            "pg_backup.stream_slot = 'ext_stream'",
+            "pg_backup.stream_down_alert = 2",
+            "pg_backup.stream_lag_alert = 1",
+        ],
+    );
+    start_with_extension(&shipper, &c);
+    let state =
+        "SELECT receiver_state || ' ' || coalesce(slot_active, false) || ' ' || receiver_restarts \
+                 FROM backup.wal_archive_status";
+    wait_for(&c, state, "running true 0", Duration::from_secs(60));
+    // What the server writes reaches the repository: the slot (where the
+    // receiver reports its flushes) catches up, and the RPO is nil.
+    c.sql("CREATE TABLE streamed AS SELECT g FROM generate_series(1, 20000) g");
+    let lsn = c.sql("SELECT pg_current_wal_lsn()");
+    wait_for(
+        &c,
+        &format!("SELECT stream_flushed_lsn >= '{lsn}' FROM backup.wal_archive_status"),
+        "t",
+        Duration::from_secs(30),
+    );
+    // Killed: started again, the restart counted, streaming again.
+    let pid: i32 = c
+        .sql("SELECT receiver_pid FROM backup.wal_archive_status")
+        .parse()
+        .unwrap();
+    // SAFETY: signalling the receiver process the scheduler started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    wait_for(&c, state, "running true 1", Duration::from_secs(60));
+    assert_ne!(
+        c.sql("SELECT receiver_pid FROM backup.wal_archive_status"),
+        pid.to_string()
+    );
+
+    // Turned off: stopped; the slot it leaves behind pins the WAL written
+    // since, and above 1 MB that is an alert saying to drop it.
+    c.sql("ALTER SYSTEM SET pg_backup.wal_streaming = off");
+    c.sql("SELECT pg_reload_conf()");
+    wait_for(&c, state, "off false 1", Duration::from_secs(30));
+    c.sql(
+        "CREATE TABLE pinned AS SELECT g, repeat('x', 200) AS v FROM generate_series(1, 20000) g",
+    );
+    let lagging = "SELECT count(*) FROM backup.alerts WHERE kind = 'wal_stream_lagging' \
+                   AND subject = 'ext_stream' AND resolved_at IS NULL AND message LIKE '%drop the slot%'";
+    wait_for(&c, lagging, "1", Duration::from_secs(30));
+    c.sql("SELECT pg_drop_replication_slot('ext_stream')");
+    wait_for(
+        &c,
+        lagging
+            .replace(" AND message LIKE '%drop the slot%'", "")
+            .as_str(),
+        "0",
+        Duration::from_secs(30),
+    );
+
+    // A receiver that cannot start (a slot name walshipper refuses) is
+    // retried with backoff; after stream_down_alert the alert carries its error.
+    c.sql("ALTER SYSTEM SET pg_backup.stream_slot = 'Bad-Slot'");
+    c.sql("ALTER SYSTEM SET pg_backup.wal_streaming = on");
+    c.sql("SELECT pg_reload_conf()");
+    wait_for(
+        &c,
+        "SELECT count(*) FROM backup.alerts WHERE kind = 'wal_receiver_down' AND resolved_at IS NULL",
+        "1",
+        Duration::from_secs(30),
+    );
+    let err = c
+        .sql("SELECT receiver_state || ': ' || receiver_last_error FROM backup.wal_archive_status");
+    assert!(
+        err.starts_with("restarting: ") && err.contains("stream.slot"),
+        "{err}"
+    );
+    let msg = c.sql("SELECT message FROM backup.alerts WHERE kind = 'wal_receiver_down' AND resolved_at IS NULL");
+    assert!(msg.contains("stream.slot"), "{msg}");
+    c.sql("ALTER SYSTEM SET pg_backup.wal_streaming = off");
+    c.sql("SELECT pg_reload_conf()");
+    wait_for(
+        &c,
+        "SELECT receiver_state || ' ' || (SELECT count(*) FROM backup.alerts WHERE kind = 'wal_receiver_down' AND resolved_at IS NULL) \
+           FROM backup.wal_archive_status",
+        "off 0",
+        Duration::from_secs(30),
+    );
+}
