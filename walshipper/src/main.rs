@@ -47,6 +47,21 @@ enum Command {
     ArchivePush { path: PathBuf },
     /// restore_command: fetch a WAL file (use as: archive-get %f "%p").
     ArchiveGet { walfile: String, dest: PathBuf },
+    /// The background pusher of `[archive] async = true` (started by
+    /// archive-push itself).
+    #[command(hide = true)]
+    ArchivePushAsync {
+        #[arg(long)]
+        pg_wal: PathBuf,
+    },
+    /// The look-ahead fetcher of `[restore] lookahead` (started by
+    /// archive-get itself).
+    #[command(hide = true)]
+    ArchiveGetPrefetch {
+        /// The spool directory it fills.
+        #[arg(long)]
+        spool: PathBuf,
+    },
     /// Show what the repository holds.
     Info {
         #[arg(long)]
@@ -349,6 +364,8 @@ impl Command {
             Command::RepoInit { .. }
             | Command::ArchivePush { .. }
             | Command::ArchiveGet { .. }
+            | Command::ArchivePushAsync { .. }
+            | Command::ArchiveGetPrefetch { .. }
             | Command::Serve
             | Command::Report { .. }
             | Command::NotifyTest { .. }
@@ -497,6 +514,10 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
             },
         ),
         Command::ArchivePush { path } => commands::archive_push::run(cfg, path),
+        Command::ArchivePushAsync { pg_wal } => commands::archive_async::run_pusher(cfg, pg_wal),
+        Command::ArchiveGetPrefetch { spool } => {
+            commands::archive_lookahead::run_prefetcher(cfg, repo, spool)
+        }
         Command::ArchiveGet { walfile, dest } => {
             commands::archive_get::run(cfg, repo, walfile, dest)
         }
