@@ -279,3 +279,67 @@ pub fn log_line(msg: &str) {
         std::process::id()
     );
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_files_lock_and_settings() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = prepare(d.path(), "archive.spool_dir", Path::new("a/b")).unwrap();
+        write_durable(&sub, "x.ok", b"hello\n").unwrap();
+        assert_eq!(
+            read_small(&sub.join("x.ok"), 64).unwrap().unwrap(),
+            b"hello\n"
+        );
+        assert!(read_small(&sub.join("x.ok"), 3).is_err(), "over the cap");
+        assert!(read_small(&sub.join("none"), 64).unwrap().is_none());
+        // A temporary a killed writer left is removed; final names stay.
+        fs::write(sub.join(".y.ok.tmp.1"), b"half").unwrap();
+        remove_temporaries(&sub);
+        assert!(!sub.join(".y.ok.tmp.1").exists() && sub.join("x.ok").exists());
+        // One holder at a time; the pid is in the file.
+        let lock = sub.join("p.lock");
+        let held = try_lock(&lock).unwrap().expect("free");
+        assert!(try_lock(&lock).unwrap().is_none() && is_locked(&lock).unwrap());
+        assert_eq!(
+            fs::read_to_string(&lock).unwrap(),
+            std::process::id().to_string()
+        );
+        drop(held);
+        assert!(!is_locked(&lock).unwrap());
+        // A missing spool is an error naming the setting.
+        let e = prepare(
+            &d.path().join("missing"),
+            "archive.spool_dir",
+            Path::new("a"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("archive.spool_dir"), "{e}");
+        // The settings parse, from the file and from the environment.
+        let f = d.path().join("w.toml");
+        fs::write(
+            &f,
+            "[archive]\nasync = true\nasync_jobs = 2\n[restore]\nlookahead = 8\n",
+        )
+        .unwrap();
+        let env = [("WALSHIPPER_ARCHIVE_ASYNC_WAIT".to_string(), "5".to_string())];
+        let cfg = crate::config::Config::load_with_env(Some(&f), env).unwrap();
+        assert!(cfg.archive.async_mode);
+        assert_eq!(
+            (
+                cfg.archive.async_jobs,
+                cfg.archive.async_wait,
+                cfg.restore.lookahead
+            ),
+            (2, 5, 8)
+        );
+        fs::write(&f, "[archive]\nasync_jobs = 0\n").unwrap();
+        let e = crate::config::Config::load_with_env(Some(&f), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("archive.async_jobs"), "{e}");
+    }
+}
