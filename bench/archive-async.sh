@@ -57,7 +57,8 @@ echo "archive_command = ''" > pg/archive.conf
 pg_ctl -D pg -l pg.log -w start >/dev/null
 # The base backup the replay benchmark recovers from (its WAL is archived
 # with the rest below).
-pg_basebackup -h "$B/sock" -U postgres -D base -X none -c fast --no-sync
+# -X stream: with -X none the backup would wait for its WAL to be archived.
+pg_basebackup -h "$B/sock" -U postgres -D base -X stream -c fast --no-sync
 
 # Real WAL from a mixed load (pgbench data compresses well, md5 text less),
 # produced with archiving off so that every segment waits as .ready.
@@ -168,6 +169,20 @@ timed_replay() {
 }
 export -f timed_replay
 
+# Stops the walshipper background process whose lock is $1 (its pid is in
+# it), so that it cannot work during the next tool's timed run.
+stop_bg() {
+  local l pid
+  for l in "$@"; do
+    [ -s "$l" ] || continue
+    pid=$(cat "$l")
+    if grep -q walshipper "/proc/$pid/cmdline" 2>/dev/null; then
+      kill -9 "$pid" 2>/dev/null || true
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    fi
+  done
+}
+
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 declare -A RES
@@ -188,6 +203,7 @@ for run in $(seq 1 "$RUNS"); do
     echo "async archive, $tool, run $run: $NREADY files in ${s}s"
     RES[archive_$tool]+="$s "
     reset_archive
+    stop_bg spool-ws/archive-push/*/pusher.lock
   done
 done
 
@@ -199,7 +215,8 @@ for run in $(seq 1 "$RUNS"); do
     touch r/recovery.signal
     case $variant in
       ws-*) rc="$BIN --config $B/$variant.toml archive-get %f \"%p\"" ;;
-      pgbr-*) rc="$PGBR --config=$B/$variant.conf --stanza=bench archive-get %f \"%p\"" ;;
+      # pg1-path: pgBackRest resolves %p (relative) against it.
+      pgbr-*) rc="$PGBR --config=$B/$variant.conf --stanza=bench --pg1-path=$B/r archive-get %f \"%p\"" ;;
     esac
     cat >> r/postgresql.conf <<CONF
 unix_socket_directories = '$B/rsock'
@@ -208,9 +225,14 @@ restore_command = '$rc'
 CONF
     echo "archive_command = ''" > r/archive.conf
     s=$(flock -o "$LOCK" bash -c 'timed_replay')
-    echo "replay, $variant, run $run: ${s}s"
+    # Every variant must replay the same WAL: the same end of redo.
+    end=$(grep -o 'redo done at [0-9A-F/]*' r.log | awk '{print $4}')
+    echo "replay, $variant, run $run: ${s}s (redo done at $end)"
+    [ -z "${END_LSN:-}" ] && END_LSN=$end
+    [ "$end" = "$END_LSN" ] || { echo "error: $variant ended redo at $end, not $END_LSN" >&2; tail -20 r.log >&2; exit 1; }
     RES[replay_$variant]+="$s "
     pg_ctl -D r -m immediate -w stop >/dev/null
+    stop_bg spool-ws/archive-get/*/prefetch.lock
   done
 done
 rm -rf r
