@@ -38,20 +38,34 @@ fn pid_alive(pid: i32) -> bool {
 }
 
 /// Kills the pusher of `spool` (its pid is in its lock file) at random
-/// moments until `stop`; returns how many times it killed one.
+/// moments until `stop`; returns how many times it killed one, and the most
+/// success records it saw waiting at once (bounded by async_queue_max).
 fn pusher_killer(
     spool: PathBuf,
     seed: u64,
     stop: Arc<AtomicBool>,
-) -> std::thread::JoinHandle<usize> {
+) -> std::thread::JoinHandle<(usize, usize)> {
     std::thread::spawn(move || {
         let mut rng = Rng(seed);
         let kills = AtomicUsize::new(0);
+        let mut most_ahead = 0;
         while !stop.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(150 + rng.below(600) as u64));
+            let pause = Instant::now() + Duration::from_millis(150 + rng.below(600) as u64);
             let Some(dir) = only_subdir(&spool.join("archive-push")) else {
+                std::thread::sleep(Duration::from_millis(50));
                 continue;
             };
+            while Instant::now() < pause {
+                let ahead = std::fs::read_dir(&dir)
+                    .map(|d| {
+                        d.flatten()
+                            .filter(|e| e.file_name().to_string_lossy().ends_with(".ok"))
+                            .count()
+                    })
+                    .unwrap_or(0);
+                most_ahead = most_ahead.max(ahead);
+                std::thread::sleep(Duration::from_millis(10));
+            }
             let Ok(text) = std::fs::read_to_string(dir.join("pusher.lock")) else {
                 continue;
             };
@@ -68,7 +82,7 @@ fn pusher_killer(
                 }
             }
         }
-        kills.load(Ordering::SeqCst)
+        (kills.load(Ordering::SeqCst), most_ahead)
     })
 }
 
@@ -97,7 +111,7 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     let text = std::fs::read_to_string(&shipper.config).unwrap().replace(
         "[archive]\n",
         &format!(
-            "[archive]\nasync = true\nspool_dir = \"{}\"\nasync_jobs = 4\nasync_queue_max = 16\nasync_wait = 30\n",
+            "[archive]\nasync = true\nspool_dir = \"{}\"\nasync_jobs = 4\nasync_queue_max = 3\nasync_wait = 30\n",
             spool.display()
         ),
     );
@@ -166,12 +180,16 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     );
     assert!(bench.wait().expect("pgbench").success());
     stop.store(true, Ordering::SeqCst);
-    let kills = killer.join().unwrap();
+    let (kills, most_ahead) = killer.join().unwrap();
     let last = src.switch_and_wait_archived(2 * MIN);
-    println!("pusher killed {kills} times");
+    println!("pusher killed {kills} times; at most {most_ahead} success records waiting");
     assert!(
         kills > 0,
         "the pusher was never killed: the test proves nothing"
+    );
+    assert!(
+        most_ahead <= 3,
+        "{most_ahead} records waiting, async_queue_max = 3"
     );
 
     // Every segment the server marked done is in the repository, no gap.
