@@ -12,6 +12,10 @@ use crate::error::{Error, Result};
 
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/walshipper/walshipper.toml";
 pub const DEFAULT_PASSPHRASE_FILE: &str = "/etc/walshipper/passphrase";
+/// Default spool of async archiving and look-ahead (as pgBackRest's
+/// /var/spool/pgbackrest): local, off the data directory's volume if the
+/// administrator mounts it so.
+pub const DEFAULT_SPOOL_DIR: &str = "/var/spool/walshipper";
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -335,6 +339,22 @@ pub struct ArchiveConfig {
     /// every repository has the segment) or "primary" (the first suffices;
     /// the others are reported as lagging and caught up by repo-sync).
     pub push_to: String,
+    // Asynchronous archiving (commands::archive_async, docs/operations.md).
+    /// `async = true`: archive-push only checks the spool; a background
+    /// pusher pushes `.ready` files ahead of the archiver.
+    #[serde(rename = "async")]
+    pub async_mode: bool,
+    /// Where the pusher keeps its success and failure records, its lock
+    /// and its log (must exist, writable by the PostgreSQL user).
+    pub spool_dir: PathBuf,
+    /// Files pushed in parallel by the background pusher.
+    pub async_jobs: usize,
+    /// Most files pushed ahead of the archiver (success records not yet
+    /// consumed by archive-push).
+    pub async_queue_max: usize,
+    /// Seconds archive-push waits for the pusher's result before it fails
+    /// (PostgreSQL retries).
+    pub async_wait: u64,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -376,6 +396,11 @@ pub struct RestoreConfig {
     /// than answering "not there") before it makes recovery stop (FATAL);
     /// 0 = no retry. docs/disaster-recovery.md, "archive-get during recovery".
     pub archive_get_retry_timeout: u64,
+    // archive-get look-ahead (commands::archive_lookahead, docs/operations.md).
+    /// Segments fetched and verified ahead of recovery into `spool_dir`; 0 = off.
+    pub lookahead: usize,
+    /// Where look-ahead keeps verified segments (must exist, writable).
+    pub spool_dir: PathBuf,
 }
 
 /// `[restore_test]`: the scratch clusters of `restore-test` and
@@ -417,6 +442,8 @@ impl Default for RestoreConfig {
     fn default() -> Self {
         RestoreConfig {
             archive_get_retry_timeout: 300,
+            lookahead: 0,
+            spool_dir: DEFAULT_SPOOL_DIR.into(),
         }
     }
 }
@@ -545,6 +572,11 @@ impl Default for ArchiveConfig {
         ArchiveConfig {
             check_timeout: 60,
             push_to: "all".into(),
+            async_mode: false,
+            spool_dir: DEFAULT_SPOOL_DIR.into(),
+            async_jobs: 4,
+            async_queue_max: 64,
+            async_wait: 60,
         }
     }
 }
@@ -595,6 +627,11 @@ pub const KEYS: &[(&str, &str)] = &[
     ("compression", "threads"),
     ("archive", "check_timeout"),
     ("archive", "push_to"),
+    ("archive", "async"),
+    ("archive", "spool_dir"),
+    ("archive", "async_jobs"),
+    ("archive", "async_queue_max"),
+    ("archive", "async_wait"),
     ("backup", "bundle"),
     ("backup", "bundle_size"),
     ("restore", "archive_get_retry_timeout"),
@@ -603,6 +640,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("stream", "synchronous"),
     ("stream", "application_name"),
     ("stream", "status_interval"),
+    ("restore", "lookahead"),
+    ("restore", "spool_dir"),
     ("restore_test", "scratch_dir"),
     ("restore_test", "pg_bin_dir"),
     ("restore_test", "nice"),
@@ -866,6 +905,21 @@ impl Config {
                 self.archive.check_timeout = parse(name, v, "a number of seconds")?
             }
             ("archive", "push_to") => self.archive.push_to = v.into(),
+            ("archive", "async") => self.archive.async_mode = parse(name, v, "true or false")?,
+            ("archive", "spool_dir") => self.archive.spool_dir = v.into(),
+            ("archive", "async_jobs") => {
+                self.archive.async_jobs = parse(name, v, "a number of parallel pushes")?
+            }
+            ("archive", "async_queue_max") => {
+                self.archive.async_queue_max = parse(name, v, "a number of files")?
+            }
+            ("archive", "async_wait") => {
+                self.archive.async_wait = parse(name, v, "a number of seconds")?
+            }
+            ("restore", "lookahead") => {
+                self.restore.lookahead = parse(name, v, "a number of segments")?
+            }
+            ("restore", "spool_dir") => self.restore.spool_dir = v.into(),
             ("backup", "bundle") => self.backup.bundle = parse(name, v, "true or false")?,
             ("backup", "bundle_size") => self.backup.bundle_size = v.into(),
             ("stream", "slot") => self.stream.slot = v.into(),
@@ -971,6 +1025,49 @@ impl Config {
         }
     }
 
+    /// The settings of async archiving and look-ahead. Whether the spool
+    /// exists and is writable is checked where it is used (spool.rs), so
+    /// that other commands run without it.
+    fn validate_spools(&self) -> Result<()> {
+        let a = &self.archive;
+        if !(1..=64).contains(&a.async_jobs) {
+            return Err(Error::Config(format!(
+                "archive.async_jobs: {} is not from 1 to 64",
+                a.async_jobs
+            )));
+        }
+        if !(1..=4096).contains(&a.async_queue_max) {
+            return Err(Error::Config(format!(
+                "archive.async_queue_max: {} is not from 1 to 4096",
+                a.async_queue_max
+            )));
+        }
+        if !(1..=3600).contains(&a.async_wait) {
+            return Err(Error::Config(format!(
+                "archive.async_wait: {} is not from 1 to 3600 seconds",
+                a.async_wait
+            )));
+        }
+        if self.restore.lookahead > 256 {
+            return Err(Error::Config(format!(
+                "restore.lookahead: {} is more than 256 segments",
+                self.restore.lookahead
+            )));
+        }
+        for (key, dir) in [
+            ("archive.spool_dir", &a.spool_dir),
+            ("restore.spool_dir", &self.restore.spool_dir),
+        ] {
+            if !dir.is_absolute() {
+                return Err(Error::Config(format!(
+                    "{key}: '{}' is not an absolute path",
+                    dir.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
     /// Fills in defaults that depend on position, then checks every value.
     pub fn validate(&mut self) -> Result<()> {
         if self.repos.is_empty() {
@@ -1065,6 +1162,7 @@ impl Config {
                 }
             }
         }
+        self.validate_spools()?;
         let rt = &self.restore_test;
         if !(0..=19).contains(&rt.nice) {
             return Err(Error::Config(format!(

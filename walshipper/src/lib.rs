@@ -31,6 +31,7 @@ pub mod repo;
 pub mod retention;
 pub mod scratch;
 pub mod serve;
+pub mod spool;
 pub mod sql;
 pub mod storage;
 pub mod stream;

@@ -55,6 +55,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The background pusher of `[archive] async = true` (started by
+    /// archive-push itself).
+    #[command(hide = true)]
+    ArchivePushAsync {
+        #[arg(long)]
+        pg_wal: PathBuf,
+    },
+    /// The look-ahead fetcher of `[restore] lookahead` (started by
+    /// archive-get itself).
+    #[command(hide = true)]
+    ArchiveGetPrefetch {
+        /// The spool directory it fills.
+        #[arg(long)]
+        spool: PathBuf,
+    },
     /// Show what the repository holds.
     Info {
         #[arg(long)]
@@ -358,6 +373,8 @@ impl Command {
             Command::RepoInit { .. }
             | Command::ArchivePush { .. }
             | Command::ArchiveGet { .. }
+            | Command::ArchivePushAsync { .. }
+            | Command::ArchiveGetPrefetch { .. }
             | Command::Serve
             | Command::Report { .. }
             | Command::NotifyTest { .. }
@@ -508,6 +525,10 @@ fn run(cfg: &Config, repo: Option<&str>, command: &Command) -> walshipper::Resul
         Command::ArchivePush { path } => commands::archive_push::run(cfg, path),
         Command::WalReceive { json } => {
             commands::wal_receive::run(cfg, repo, &commands::wal_receive::Args { json: *json })
+        }
+        Command::ArchivePushAsync { pg_wal } => commands::archive_async::run_pusher(cfg, pg_wal),
+        Command::ArchiveGetPrefetch { spool } => {
+            commands::archive_lookahead::run_prefetcher(cfg, repo, spool)
         }
         Command::ArchiveGet { walfile, dest } => {
             commands::archive_get::run(cfg, repo, walfile, dest)

@@ -18,6 +18,10 @@
 //! where it stopped when the server is started again. A standby (standby.signal
 //! in PostgreSQL's working directory, the data directory) never promotes on
 //! its own and asks again, so there a failure is 3 without retrying.
+//!
+//! With `[restore] lookahead` set, a segment verified ahead of time by the
+//! prefetcher is served from its spool (commands::archive_lookahead); what
+//! it does not hold is fetched here as always.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -200,6 +204,11 @@ fn attempt(
     kind: &WalFileKind,
     dest: &Path,
 ) -> Outcome {
+    if cfg.restore.lookahead > 0
+        && crate::commands::archive_lookahead::serve(cfg, only, name, kind, dest)
+    {
+        return Outcome::Restored;
+    }
     let key = crate::layout::wal(name, kind);
     let repos = match only {
         Some(_) => match cfg.find_repo(only) {
@@ -215,7 +224,7 @@ fn attempt(
         // cannot be opened (not mounted, bucket or descriptor missing) says
         // nothing about the file.
         let result = match Repository::open_repo(cfg, rc) {
-            Ok(repo) => fetch(&repo, name, kind, &key, dest),
+            Ok(repo) => fetch(&repo, name, kind, &key, dest, repo.threads()),
             Err(Error::NotFound(what)) => Err(Error::Repository(format!(
                 "repository {} cannot be opened: {what} is missing",
                 rc.name
@@ -312,7 +321,17 @@ fn local(dest: &Path, e: io::Error) -> Error {
     Error::io(format!("cannot write {}", dest.display()), e)
 }
 
-fn fetch(repo: &Repository, name: &str, kind: &WalFileKind, key: &str, dest: &Path) -> Result<()> {
+/// Fetches WAL file `name` into `dest`, decoding on `threads` threads:
+/// `dest` appears only once every check passed (also the look-ahead's
+/// fetch into its spool, commands::archive_lookahead).
+pub(crate) fn fetch(
+    repo: &Repository,
+    name: &str,
+    kind: &WalFileKind,
+    key: &str,
+    dest: &Path,
+    threads: usize,
+) -> Result<()> {
     let id = repo.descriptor.identity()?;
     let dest_name = dest
         .file_name()
@@ -331,7 +350,7 @@ fn fetch(repo: &Repository, name: &str, kind: &WalFileKind, key: &str, dest: &Pa
             check: ContentCheck::new(name, kind),
             local: None,
         };
-        let read = repo.read_object_with(key, &mut sink, repo.threads());
+        let read = repo.read_object_with(key, &mut sink, threads);
         if let Some(e) = sink.local.take() {
             return Err(local(dest, e));
         }

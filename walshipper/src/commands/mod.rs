@@ -1,7 +1,9 @@
 //! The CLI verbs. Each takes the loaded configuration and its own arguments;
 //! main.rs only parses arguments and maps errors to exit codes.
 
+pub mod archive_async;
 pub mod archive_get;
+pub mod archive_lookahead;
 pub mod archive_push;
 pub mod backup;
 pub mod check;

@@ -1,0 +1,260 @@
+#!/usr/bin/env bash
+# Benchmark (not a test): asynchronous archiving and archive-get look-ahead,
+# walshipper beside pgBackRest 2.59.1 on the same real WAL segments (zstd
+# level 3 and encryption on both sides, as bench/archive-push.sh).
+#
+# 1. Async archive throughput: a real PostgreSQL 15 cluster holds SEGMENTS+
+#    segments marked .ready (made with archiving off); archive_command is
+#    then set and the server reloaded, and the time until its archiver has
+#    archived every one is measured. walshipper: [archive] async = true,
+#    async_jobs = 4; pgBackRest: archive-async=y, process-max=4.
+# 2. Restore WAL replay: a base backup taken before the load recovers
+#    through every segment from the repository (restore_command), timed from
+#    start to promotion: walshipper lookahead = 0 (one by one) and 8;
+#    pgBackRest archive-async=n and archive-async=y (archive-get-queue-max =
+#    128MiB, 8 segments).
+# Each timing is taken holding /var/tmp/pg_backup/bench.lock; the variants
+# alternate, RUNS times each; medians and ratios are printed.
+#
+# Run as root: bash bench/archive-async.sh   (SEGMENTS=64, RUNS=3 by
+# default; about 5 minutes). WALSHIPPER_BIN=path skips the release build;
+# PGBR=path uses that pgBackRest 2.59.1.
+set -euo pipefail
+if [ "${BENCH_INNER:-}" != 1 ]; then
+  source "$(dirname "$0")/../scripts/lib.sh"
+  source "$(dirname "$0")/pgbackrest-bin.sh"
+  bash "$REPO_TOP/scripts/setup.sh" >/dev/null
+  PGBR=$(pgbackrest_bin)
+  sync_tree
+  BIN=${WALSHIPPER_BIN:-$PGB_ROOT/target/release/walshipper}
+  [ -n "${WALSHIPPER_BIN:-}" ] || as_test_user bash -c 'cd "$HOME/../src" && cargo build --release -p walshipper --locked -q'
+  B=$PGB_ROOT/bench-async
+  rm -rf "$B"; install -d -o "$TEST_USER" "$B"
+  as_test_user env BENCH_INNER=1 B="$B" BIN="$BIN" PGBR="$PGBR" \
+    SEGMENTS="${SEGMENTS:-64}" RUNS="${RUNS:-3}" bash "$PGB_ROOT/src/bench/archive-async.sh"
+  rm -rf "$B"
+  exit 0
+fi
+
+# --- as the PostgreSQL user, in $B -------------------------------------------
+: "${B:?}" "${BIN:?}" "${PGBR:?}" "${SEGMENTS:?}" "${RUNS:?}"
+LOCK=/var/tmp/pg_backup/bench.lock
+cd "$B"
+mkdir -p sock spool-ws spool-pgbr pgbr-log
+export B BIN PGBR LOCK
+PSQL=(psql -X -qAt -h "$B/sock" -U postgres postgres)
+
+initdb -D pg -U postgres -A trust -k --no-sync >/dev/null
+cat >> pg/postgresql.conf <<CONF
+listen_addresses = ''
+unix_socket_directories = '$B/sock'
+archive_mode = on
+max_wal_size = 16GB
+checkpoint_timeout = 1h
+include_if_exists = 'archive.conf'
+CONF
+echo "archive_command = ''" > pg/archive.conf
+pg_ctl -D pg -l pg.log -w start >/dev/null
+# The base backup the replay benchmark recovers from (its WAL is archived
+# with the rest below).
+# -X stream: with -X none the backup would wait for its WAL to be archived.
+pg_basebackup -h "$B/sock" -U postgres -D base -X stream -c fast --no-sync
+
+# Real WAL from a mixed load (pgbench data compresses well, md5 text less),
+# produced with archiving off so that every segment waits as .ready.
+pgbench -h "$B/sock" -U postgres -i -s 10 -q postgres >/dev/null 2>&1
+"${PSQL[@]}" -c "CREATE TABLE rnd AS SELECT g, md5(random()::text) || md5(random()::text) AS v FROM generate_series(1, 1000000) g"
+ready() { find pg/pg_wal/archive_status -name '*.ready' | wc -l; }
+while [ "$(ready)" -lt "$SEGMENTS" ]; do
+  pgbench -h "$B/sock" -U postgres -n -c 2 -t 2000 postgres >/dev/null
+  "${PSQL[@]}" -c "UPDATE rnd SET v = md5(random()::text) || v WHERE g % 3 = 0" -c "VACUUM rnd"
+  "${PSQL[@]}" -c "UPDATE rnd SET v = substr(v, 33)  WHERE g % 3 = 0" -c "VACUUM rnd"
+done
+"${PSQL[@]}" -c "CHECKPOINT" -c "SELECT pg_switch_wal()" >/dev/null
+sleep 1
+NREADY=$(ready)
+pg_ctl -D pg -m fast -w stop >/dev/null
+echo "files to archive: $NREADY (segments of 16 MiB, one .backup)"
+
+head -c 48 /dev/urandom | base64 > passphrase; chmod 600 passphrase
+ws_conf() { # $1 = lookahead
+  cat <<CONF
+[pg]
+data_dir = "$B/pg"
+host = "$B/sock"
+[repo]
+path = "$B/ws-repo"
+min_free_space = "0"
+[encryption]
+passphrase_file = "$B/passphrase"
+key_cache_dir = "$B/keycache"
+[compression]
+level = 3
+[archive]
+async = true
+spool_dir = "$B/spool-ws"
+async_jobs = 4
+async_queue_max = 64
+[restore]
+lookahead = $1
+spool_dir = "$B/spool-ws"
+CONF
+}
+ws_conf 0 > ws-la0.toml; ws_conf 8 > ws-la8.toml
+pgbr_conf() { # $1 = archive-async for archive-get (y/n)
+  cat <<CONF
+[global]
+repo1-path=$B/pgbr-repo
+repo1-cipher-type=aes-256-cbc
+repo1-cipher-pass=$(cat passphrase)
+compress-type=zst
+compress-level=3
+log-path=$B/pgbr-log
+lock-path=$B/pgbr-log
+log-level-console=warn
+log-level-file=off
+spool-path=$B/spool-pgbr
+process-max=4
+archive-async=$1
+archive-get-queue-max=128MiB
+[bench]
+pg1-path=$B/pg
+pg1-socket-path=$B/sock
+CONF
+}
+pgbr_conf y > pgbr-async.conf; pgbr_conf n > pgbr-sync.conf
+
+# Puts every archived file back to .ready, with no shutdown checkpoint in
+# between (it would remove the archived segments).
+reset_archive() {
+  pg_ctl -D pg -m immediate -w stop >/dev/null
+  for f in pg/pg_wal/archive_status/*.done; do
+    [ -e "$f" ] && mv "$f" "${f%.done}.ready"
+  done
+  echo "archive_command = ''" > pg/archive.conf
+}
+
+# One timed async archiving run of tool $1; prints seconds.
+timed_archive() {
+  local cmd
+  case $1 in
+    walshipper) cmd="$BIN --config $B/ws-la0.toml archive-push %p" ;;
+    pgbackrest) cmd="$PGBR --config=$B/pgbr-async.conf --stanza=bench archive-push %p" ;;
+  esac
+  echo "archive_command = '$cmd'" > pg/archive.conf
+  local t0 t1
+  t0=$(date +%s.%N)
+  pg_ctl -D pg reload >/dev/null
+  while [ -n "$(find pg/pg_wal/archive_status -name '*.ready' -print -quit)" ]; do
+    sleep 0.02
+  done
+  t1=$(date +%s.%N)
+  echo "$t1 - $t0" | bc -l
+}
+export -f timed_archive
+
+# One timed replay of the base backup through restore_command $1; prints seconds.
+timed_replay() {
+  local t0 t1
+  t0=$(date +%s.%N)
+  pg_ctl -D r -l r.log -W start >/dev/null
+  until [ "$(psql -X -qAt -h "$B/rsock" -U postgres -c 'SELECT pg_is_in_recovery()' postgres 2>/dev/null)" = f ]; do
+    if ! [ -e r/postmaster.pid ] && grep -q FATAL r.log 2>/dev/null; then
+      echo "recovery failed:" >&2; tail -20 r.log >&2; return 1
+    fi
+    sleep 0.02
+  done
+  t1=$(date +%s.%N)
+  echo "$t1 - $t0" | bc -l
+}
+export -f timed_replay
+
+# Stops the walshipper background process whose lock is $1 (its pid is in
+# it), so that it cannot work during the next tool's timed run.
+stop_bg() {
+  local l pid
+  for l in "$@"; do
+    [ -s "$l" ] || continue
+    pid=$(cat "$l")
+    if grep -q walshipper "/proc/$pid/cmdline" 2>/dev/null; then
+      kill -9 "$pid" 2>/dev/null || true
+      while kill -0 "$pid" 2>/dev/null; do sleep 0.05; done
+    fi
+  done
+}
+
+median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
+
+declare -A RES
+for run in $(seq 1 "$RUNS"); do
+  for tool in walshipper pgbackrest; do
+    pg_ctl -D pg -l pg.log -w start >/dev/null
+    # A fresh repository per run; the last run's of each tool stays for
+    # the replay benchmark.
+    rm -rf spool-ws/* spool-pgbr/*
+    if [ $tool = walshipper ]; then
+      rm -rf ws-repo keycache
+      "$BIN" --config ws-la0.toml repo-init >/dev/null
+    else
+      rm -rf pgbr-repo
+      "$PGBR" --config="$B/pgbr-async.conf" --stanza=bench stanza-create >/dev/null
+    fi
+    s=$(flock -o "$LOCK" bash -c 'timed_archive '$tool)
+    echo "async archive, $tool, run $run: $NREADY files in ${s}s"
+    RES[archive_$tool]+="$s "
+    reset_archive
+    stop_bg spool-ws/archive-push/*/pusher.lock
+  done
+done
+
+mkdir -p rsock
+for run in $(seq 1 "$RUNS"); do
+  for variant in ws-la0 ws-la8 pgbr-sync pgbr-async; do
+    rm -rf r r.log spool-ws/archive-get spool-pgbr/*
+    cp -a base r
+    touch r/recovery.signal
+    case $variant in
+      ws-*) rc="$BIN --config $B/$variant.toml archive-get %f \"%p\"" ;;
+      # pg1-path: pgBackRest resolves %p (relative) against it.
+      pgbr-*) rc="$PGBR --config=$B/$variant.conf --stanza=bench --pg1-path=$B/r archive-get %f \"%p\"" ;;
+    esac
+    cat >> r/postgresql.conf <<CONF
+unix_socket_directories = '$B/rsock'
+archive_mode = off
+restore_command = '$rc'
+CONF
+    echo "archive_command = ''" > r/archive.conf
+    s=$(flock -o "$LOCK" bash -c 'timed_replay')
+    # Every variant must replay the same WAL: the same end of redo.
+    end=$(grep -o 'redo done at [0-9A-F/]*' r.log | awk '{print $4}')
+    # PostgreSQL's own time from redo start to redo done: the WAL replay,
+    # restore_command waits included, without startup and the end-of-recovery
+    # checkpoint (which cost every variant the same).
+    redo=$(grep -o 'elapsed: [0-9.]* s' r.log | tail -1 | awk '{print $2}')
+    echo "replay, $variant, run $run: ${s}s to promotion, redo ${redo}s (redo done at $end)"
+    RES[redo_$variant]+="$redo "
+    [ -z "${END_LSN:-}" ] && END_LSN=$end
+    [ "$end" = "$END_LSN" ] || { echo "error: $variant ended redo at $end, not $END_LSN" >&2; tail -20 r.log >&2; exit 1; }
+    RES[replay_$variant]+="$s "
+    pg_ctl -D r -m immediate -w stop >/dev/null
+    stop_bg spool-ws/archive-get/*/prefetch.lock
+  done
+done
+rm -rf r
+
+m() { echo "${RES[$1]}" | tr ' ' '\n' | grep . | median; }
+aw=$(m archive_walshipper); ap=$(m archive_pgbackrest)
+r0=$(m replay_ws-la0); r8=$(m replay_ws-la8); p0=$(m replay_pgbr-sync); p8=$(m replay_pgbr-async)
+d0=$(m redo_ws-la0); d8=$(m redo_ws-la8); e0=$(m redo_pgbr-sync); e8=$(m redo_pgbr-async)
+echo
+echo "== medians of $RUNS runs, $NREADY files =="
+printf 'async archive   walshipper %6.2fs (%5.1f files/s)   pgBackRest %6.2fs (%5.1f files/s)   throughput ratio %.2fx (target >= 2)\n' \
+  "$aw" "$(echo "$NREADY / $aw" | bc -l)" "$ap" "$(echo "$NREADY / $ap" | bc -l)" "$(echo "$ap / $aw" | bc -l)"
+printf 'redo (WAL replay) walshipper one-by-one %6.2fs  look-ahead 8 %6.2fs  speed-up %.2fx (target >= 2)\n' \
+  "$d0" "$d8" "$(echo "$d0 / $d8" | bc -l)"
+printf 'redo (WAL replay) pgBackRest sync       %6.2fs  async         %6.2fs  speed-up %.2fx\n' \
+  "$e0" "$e8" "$(echo "$e0 / $e8" | bc -l)"
+printf 'start to promotion walshipper %6.2fs / %6.2fs   pgBackRest %6.2fs / %6.2fs (one-by-one / ahead)\n' \
+  "$r0" "$r8" "$p0" "$p8"
+printf 'look-ahead redo vs pgBackRest async redo: %.2fx\n' "$(echo "$e8 / $d8" | bc -l)"
+pg_ctl -D pg -m immediate -w stop >/dev/null 2>&1 || true

@@ -1,0 +1,345 @@
+//! The local spool shared by asynchronous archive-push
+//! (commands::archive_async) and archive-get look-ahead
+//! (commands::archive_lookahead): checks of the configured directory, small
+//! files written durably, the lock that keeps one background process per
+//! spool, and how that process is started.
+//!
+//! Nothing in a spool is trusted beyond what its writer proved: a file
+//! appears under its final name only after it was written whole and synced
+//! (a temporary, fsync, rename, fsync of the directory), so a half-written
+//! one never carries a final name, and readers check what they read.
+
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::io::AsRawFd;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use sha2::{Digest, Sha256};
+
+use crate::error::{Error, Result};
+
+/// Below this much free space a spool is full: records and segments must
+/// not be the writes that find the disk full half way.
+pub const MIN_FREE: u64 = 1 << 20;
+
+/// The background process's log is rotated (once, to `.1`) above this size.
+const LOG_MAX: u64 = 10 << 20;
+
+/// Checks the configured spool directory (`setting` names it in errors) and
+/// returns `<dir>/<sub>`, created mode 0700 if missing.
+pub fn prepare(dir: &Path, setting: &str, sub: &Path) -> Result<PathBuf> {
+    let meta = fs::metadata(dir).map_err(|e| {
+        Error::Config(format!(
+            "{setting}: {} cannot be used ({e}); create it, owned by the user PostgreSQL runs as, mode 0700 \
+             (e.g. install -d -o postgres -m 0700 {}), or set {setting} to such a directory",
+            dir.display(),
+            dir.display()
+        ))
+    })?;
+    if !meta.is_dir() {
+        return Err(Error::Config(format!(
+            "{setting}: {} is not a directory",
+            dir.display()
+        )));
+    }
+    let path = dir.join(sub);
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&path)
+        .map_err(|e| {
+            Error::Config(format!(
+                "{setting}: cannot create {} ({e}); the directory must be writable by the user walshipper runs as",
+                path.display()
+            ))
+        })?;
+    Ok(path)
+}
+
+/// Free bytes for unprivileged writes on the file system holding `dir`.
+pub fn free_bytes(dir: &Path) -> io::Result<u64> {
+    let c = std::ffi::CString::new(dir.as_os_str().as_encoded_bytes())
+        .map_err(|_| io::Error::other("path holds a NUL byte"))?;
+    // SAFETY: statvfs with a valid C string and a zeroed out-parameter.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
+/// Refuses a spool with less than [`MIN_FREE`] bytes free.
+pub fn check_room(dir: &Path, setting: &str) -> Result<()> {
+    let free = free_bytes(dir).map_err(|e| Error::io(format!("statvfs {}", dir.display()), e))?;
+    if free < MIN_FREE {
+        return Err(Error::Io {
+            context: format!(
+                "{setting}: the spool {} is full ({free} bytes free, at least {MIN_FREE} needed); \
+                 free space on its file system (its pusher.log and nothing else may be removed by hand), \
+                 or point {setting} at a larger volume",
+                dir.display()
+            ),
+            source: io::Error::from_raw_os_error(libc::ENOSPC),
+        });
+    }
+    Ok(())
+}
+
+/// A short hex fingerprint of `parts` (a spool directory's name: what the
+/// files in it belong to).
+pub fn fingerprint(parts: &[&[u8]]) -> String {
+    let mut h = Sha256::new();
+    for p in parts {
+        h.update((p.len() as u64).to_le_bytes());
+        h.update(p);
+    }
+    hex::encode(&h.finalize()[..16])
+}
+
+/// Syncs a directory, making the renames in it durable.
+pub fn fsync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// The temporary a file `name` is written to before its rename; a name
+/// starting with '.' is never taken for a final file.
+fn temp_name(name: &str) -> String {
+    format!(".{name}.tmp.{}", std::process::id())
+}
+
+/// Writes `body` to `dir/name` durably: a temporary written and synced,
+/// renamed, the directory synced. A crash at any point leaves either no
+/// `name` or the whole of it (and maybe a temporary, which readers ignore).
+pub fn write_durable(dir: &Path, name: &str, body: &[u8]) -> io::Result<()> {
+    let tmp = dir.join(temp_name(name));
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)?;
+        f.write_all(body)?;
+        f.sync_all()?;
+        fs::rename(&tmp, dir.join(name))?;
+        fsync_dir(dir)
+    })();
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
+    result
+}
+
+/// Reads a small spool file (at most `max` bytes); None if absent.
+pub fn read_small(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
+    let f = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let mut buf = Vec::new();
+    f.take(max + 1).read_to_end(&mut buf)?;
+    if buf.len() as u64 > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is larger than {max} bytes", path.display()),
+        ));
+    }
+    Ok(Some(buf))
+}
+
+/// Removes the temporaries a killed writer left behind (names starting
+/// with '.' and holding ".tmp"); only the process holding the spool's lock
+/// calls this.
+pub fn remove_temporaries(dir: &Path) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let n = e.file_name();
+        let n = n.to_string_lossy();
+        if n.starts_with('.') && n.contains(".tmp") {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}
+
+/// The lock that makes one background process per spool: an flock held as
+/// long as the process lives (the kernel drops it when it dies, however).
+pub struct ProcessLock {
+    _file: File,
+}
+
+fn open_lock(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Takes the lock at `path`, and writes our pid in it (for the
+/// administrator, and for tests that kill the holder); None when another
+/// process holds it.
+pub fn try_lock(path: &Path) -> Result<Option<ProcessLock>> {
+    let mut file = open_lock(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    // SAFETY: flock on a valid, open descriptor.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+            return Ok(None);
+        }
+        return Err(Error::io(format!("flock {}", path.display()), e));
+    }
+    let _ = file.set_len(0);
+    let _ = write!(file, "{}", std::process::id());
+    Ok(Some(ProcessLock { _file: file }))
+}
+
+/// Whether a process holds the lock at `path` (briefly taking it if not;
+/// the file's content is left alone).
+pub fn is_locked(path: &Path) -> Result<bool> {
+    let file = open_lock(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    // SAFETY: flock on a valid, open descriptor; released when `file` closes.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if rc == 0 {
+        return Ok(false);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+        return Ok(true);
+    }
+    Err(Error::io(format!("flock {}", path.display()), e))
+}
+
+/// Starts this binary again with `args`, detached: its own session (setsid:
+/// no signal for PostgreSQL's process group reaches it, and it outlives the
+/// archiver's call), no standard input or output, standard error appended to
+/// `log`. An argument vector, no shell. The environment is inherited (the
+/// WALSHIPPER_* settings and the passphrase source must be the same).
+pub fn spawn_detached(args: &[OsString], log: &Path) -> Result<()> {
+    let exe = std::env::current_exe()
+        .map_err(|e| Error::io("cannot find the walshipper binary (/proc/self/exe)", e))?;
+    if fs::metadata(log)
+        .map(|m| m.len() > LOG_MAX)
+        .unwrap_or(false)
+    {
+        let mut old = log.as_os_str().to_owned();
+        old.push(".1");
+        let _ = fs::rename(log, PathBuf::from(old));
+    }
+    let err = OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(log)
+        .map_err(|e| Error::io(format!("open {}", log.display()), e))?;
+    let mut cmd = Command::new(&exe);
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(err));
+    // SAFETY: setsid is async-signal-safe and touches only the child.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::setsid() < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| Error::io(format!("start {}", exe.display()), e))?;
+    // Not waited for: it outlives us, and init reaps it.
+    drop(child);
+    Ok(())
+}
+
+/// A line for a background process's log, with the time (its standard
+/// error is a file nobody watches live).
+pub fn log_line(msg: &str) {
+    eprintln!(
+        "{} walshipper[{}]: {msg}",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M:%S%.3f UTC"),
+        std::process::id()
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durable_files_lock_and_settings() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = prepare(d.path(), "archive.spool_dir", Path::new("a/b")).unwrap();
+        write_durable(&sub, "x.ok", b"hello\n").unwrap();
+        assert_eq!(
+            read_small(&sub.join("x.ok"), 64).unwrap().unwrap(),
+            b"hello\n"
+        );
+        assert!(read_small(&sub.join("x.ok"), 3).is_err(), "over the cap");
+        assert!(read_small(&sub.join("none"), 64).unwrap().is_none());
+        // A temporary a killed writer left is removed; final names stay.
+        fs::write(sub.join(".y.ok.tmp.1"), b"half").unwrap();
+        remove_temporaries(&sub);
+        assert!(!sub.join(".y.ok.tmp.1").exists() && sub.join("x.ok").exists());
+        // One holder at a time; the pid is in the file.
+        let lock = sub.join("p.lock");
+        let held = try_lock(&lock).unwrap().expect("free");
+        assert!(try_lock(&lock).unwrap().is_none() && is_locked(&lock).unwrap());
+        assert_eq!(
+            fs::read_to_string(&lock).unwrap(),
+            std::process::id().to_string()
+        );
+        drop(held);
+        assert!(!is_locked(&lock).unwrap());
+        // A missing spool is an error naming the setting.
+        let e = prepare(
+            &d.path().join("missing"),
+            "archive.spool_dir",
+            Path::new("a"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("archive.spool_dir"), "{e}");
+        // The settings parse, from the file and from the environment.
+        let f = d.path().join("w.toml");
+        fs::write(
+            &f,
+            "[archive]\nasync = true\nasync_jobs = 2\n[restore]\nlookahead = 8\n",
+        )
+        .unwrap();
+        let env = [("WALSHIPPER_ARCHIVE_ASYNC_WAIT".to_string(), "5".to_string())];
+        let cfg = crate::config::Config::load_with_env(Some(&f), env).unwrap();
+        assert!(cfg.archive.async_mode);
+        assert_eq!(
+            (
+                cfg.archive.async_jobs,
+                cfg.archive.async_wait,
+                cfg.restore.lookahead
+            ),
+            (2, 5, 8)
+        );
+        fs::write(&f, "[archive]\nasync_jobs = 0\n").unwrap();
+        let e = crate::config::Config::load_with_env(Some(&f), [])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("archive.async_jobs"), "{e}");
+    }
+}

@@ -1,0 +1,420 @@
+//! Asynchronous archive-push and archive-get look-ahead, end to end: a real
+//! PostgreSQL 15 cluster (1 MiB segments, so that a few seconds of pgbench
+//! make dozens) whose archiver calls the real walshipper with
+//! `[archive] async = true`, the background pusher SIGKILLed at seeded
+//! random moments (PGB_ASYNC_SEED replays a run), stale and forged success
+//! records, then point-in-time recovery through archive-get with
+//! `[restore] lookahead`, and a damaged object inside the look-ahead window.
+//! One cluster serves every case.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+const MIN: Duration = Duration::from_secs(60);
+
+/// The one spool subdirectory under `base` (its name is a fingerprint).
+fn only_subdir(base: &Path) -> Option<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(base)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.is_dir())
+        .collect();
+    assert!(dirs.len() <= 1, "more than one spool in {}", base.display());
+    dirs.pop()
+}
+
+fn pid_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 only checks that the process exists.
+    unsafe { libc::kill(pid, 0) == 0 }
+}
+
+/// Kills the pusher of `spool` (its pid is in its lock file) at random
+/// moments until `stop`; returns how many times it killed one, and the most
+/// success records it saw waiting at once (bounded by async_queue_max).
+fn pusher_killer(
+    spool: PathBuf,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<(usize, usize)> {
+    std::thread::spawn(move || {
+        let mut rng = Rng(seed);
+        let kills = AtomicUsize::new(0);
+        let mut most_ahead = 0;
+        while !stop.load(Ordering::SeqCst) {
+            let pause = Instant::now() + Duration::from_millis(150 + rng.below(600) as u64);
+            let Some(dir) = only_subdir(&spool.join("archive-push")) else {
+                std::thread::sleep(Duration::from_millis(50));
+                continue;
+            };
+            while Instant::now() < pause {
+                let ahead = std::fs::read_dir(&dir)
+                    .map(|d| {
+                        d.flatten()
+                            .filter(|e| e.file_name().to_string_lossy().ends_with(".ok"))
+                            .count()
+                    })
+                    .unwrap_or(0);
+                most_ahead = most_ahead.max(ahead);
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let Ok(text) = std::fs::read_to_string(dir.join("pusher.lock")) else {
+                continue;
+            };
+            let Ok(pid) = text.trim().parse::<i32>() else {
+                continue;
+            };
+            if pid > 1 && pid_alive(pid) {
+                // Only a walshipper pusher: the pid may have been reused.
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains("archive-push-async") {
+                    // SAFETY: SIGKILL to a process of our own test.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                    kills.fetch_add(1, Ordering::SeqCst);
+                }
+            }
+        }
+        (kills.load(Ordering::SeqCst), most_ahead)
+    })
+}
+
+/// The segments the server marked done.
+fn done_segments(c: &Cluster) -> BTreeSet<String> {
+    std::fs::read_dir(c.data.join("pg_wal/archive_status"))
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name().to_string_lossy().to_string();
+            n.strip_suffix(".done").map(str::to_string)
+        })
+        .collect()
+}
+
+#[test]
+fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
+    let dir = scratch("async");
+    let d = dir.path();
+    let src_dir = d.join("src");
+    let shipper = Shipper::new(d, &src_dir, &d.join("src-sock"), 5432);
+    let spool = d.join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    let restore_spool = d.join("rspool");
+    std::fs::create_dir(&restore_spool).unwrap();
+    let text = std::fs::read_to_string(&shipper.config).unwrap().replace(
+        "[archive]\n",
+        &format!(
+            "[archive]\nasync = true\nspool_dir = \"{}\"\nasync_jobs = 4\nasync_queue_max = 3\nasync_wait = 30\n",
+            spool.display()
+        ),
+    );
+    std::fs::write(
+        &shipper.config,
+        format!(
+            "{text}[restore]\nlookahead = 8\nspool_dir = \"{}\"\narchive_get_retry_timeout = 0\n",
+            restore_spool.display()
+        ),
+    )
+    .unwrap();
+    let src = Cluster::init_with(
+        d,
+        "src",
+        &["--wal-segsize=1"],
+        &[
+            "archive_mode = on".into(),
+            format!("archive_command = {}", shipper.archive_command()),
+            "wal_level = replica".into(),
+            "track_commit_timestamp = on".into(),
+        ],
+    );
+    run_ok(
+        shipper
+            .cmd()
+            .args(["repo-init", "--kdf-memory-kib", "8192"]),
+    );
+    src.start();
+
+    src.pgbench(&["-i", "-s", "2", "-q"]);
+    src.sql("CREATE TABLE marker (id int PRIMARY KEY, at timestamptz DEFAULT clock_timestamp())");
+    let base = d.join("base");
+    run_ok(
+        Command::new(pg_bin("pg_basebackup"))
+            .args(["-U", "postgres", "-h"])
+            .arg(&src.socket)
+            .args(["-D"])
+            .arg(&base)
+            .args(["-X", "none", "-c", "fast", "--no-sync"]),
+    );
+
+    // Load, with the pusher SIGKILLed at seeded random moments.
+    let seed: u64 = std::env::var("PGB_ASYNC_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as u64
+        });
+    println!("PGB_ASYNC_SEED={seed} (set it to replay this run's kills)");
+    let stop = Arc::new(AtomicBool::new(false));
+    let killer = pusher_killer(spool.clone(), seed, stop.clone());
+    let mut bench = Command::new(pg_bin("pgbench"))
+        .args(["-U", "postgres", "-h"])
+        .arg(&src.socket)
+        .args(["-n", "-c", "2", "-T", "6", "postgres"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("pgbench");
+    src.sql(
+        "DO $$ BEGIN FOR i IN 1..50 LOOP \
+            INSERT INTO marker (id) VALUES (i); COMMIT; PERFORM pg_sleep(0.1); \
+         END LOOP; END $$",
+    );
+    assert!(bench.wait().expect("pgbench").success());
+    stop.store(true, Ordering::SeqCst);
+    let (kills, most_ahead) = killer.join().unwrap();
+    let last = src.switch_and_wait_archived(2 * MIN);
+    println!("pusher killed {kills} times; at most {most_ahead} success records waiting");
+    assert!(
+        kills > 0,
+        "the pusher was never killed: the test proves nothing"
+    );
+    assert!(
+        most_ahead <= 3,
+        "{most_ahead} records waiting, async_queue_max = 3"
+    );
+
+    // Every segment the server marked done is in the repository, no gap.
+    let info = shipper.info();
+    let tl = &info["wal"]["timelines"][0];
+    assert_eq!(
+        tl["gaps"].as_array().unwrap().len(),
+        0,
+        "gaps: {}",
+        tl["gaps"]
+    );
+    let done = done_segments(&src);
+    assert!(done.len() > 30, "only {} segments archived", done.len());
+    for seg in &done {
+        assert!(
+            shipper.has_wal(seg),
+            "{seg} marked .done but not in the repository"
+        );
+    }
+    assert!(tl["last"].as_str().unwrap() >= last.as_str());
+    // Bounded and consumed: no success record outlives its segment.
+    let push_spool = only_subdir(&spool.join("archive-push")).expect("the async spool");
+    let log = std::fs::read_to_string(push_spool.join("pusher.log")).unwrap_or_default();
+    assert!(log.contains("pusher started"), "pusher log: {log}");
+
+    stale_records_never_pass(&shipper, &src, d);
+
+    // PITR with look-ahead: exactly the markers committed by the target.
+    let target_marker = 30;
+    let target = src.sql(&format!(
+        "SELECT (a + (b - a) / 2)::text FROM \
+           (SELECT pg_xact_commit_timestamp(xmin) a FROM marker WHERE id = {target_marker}) x, \
+           (SELECT pg_xact_commit_timestamp(xmin) b FROM marker WHERE id = {}) y",
+        target_marker + 1
+    ));
+    let accounts_at_target = src.sql("SELECT count(*) FROM pgbench_accounts");
+    copy_tree(&base, &d.join("r1"));
+    std::fs::write(d.join("r1/recovery.signal"), "").unwrap();
+    let r1 = start_restored(
+        d,
+        "r1",
+        &[
+            format!("restore_command = {}", shipper.restore_command()),
+            format!("recovery_target_time = '{target}'"),
+            "recovery_target_action = 'promote'".into(),
+        ],
+    );
+    assert_eq!(
+        r1.sql("SELECT count(*), max(id) FROM marker"),
+        format!("{target_marker}|{target_marker}"),
+        "{}",
+        r1.log_text()
+    );
+    assert_eq!(
+        r1.sql("SELECT count(*) FROM pgbench_accounts"),
+        accounts_at_target
+    );
+    let get_spool = only_subdir(&restore_spool.join("archive-get")).expect("the look-ahead spool");
+    let plog = std::fs::read_to_string(get_spool.join("prefetch.log")).unwrap_or_default();
+    assert!(plog.contains("prefetcher started"), "prefetch log: {plog}");
+    drop(r1);
+
+    damaged_object_in_window_is_refused(&shipper, &base, d, &done);
+}
+
+/// Success records that are not for this file in this repository never make
+/// archive-push succeed. The file: a real segment of the cluster with its
+/// system identifier altered (another cluster's segment under the same
+/// name), which the pusher itself refuses; any exit 0 is a false success.
+fn stale_records_never_pass(shipper: &Shipper, src: &Cluster, d: &Path) {
+    let fake_wal = d.join("fake/pg_wal");
+    std::fs::create_dir_all(fake_wal.join("archive_status")).unwrap();
+    let name = "0000000100000000000000F0";
+    let real = std::fs::read_dir(src.data.join("pg_wal"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().len() == 24)
+        .expect("a segment in pg_wal");
+    let mut bytes = std::fs::read(&real).unwrap();
+    let original_sha = hex_sha256(&bytes);
+    bytes[24] ^= 0x5a; // xlp_sysid of the long page header
+    let file = fake_wal.join(name);
+    std::fs::write(&file, &bytes).unwrap();
+    std::fs::write(fake_wal.join(format!("archive_status/{name}.ready")), "").unwrap();
+    // A spool directory that does not exist: a clear error naming the setting.
+    let missing = run(shipper
+        .cmd()
+        .env("WALSHIPPER_ARCHIVE_SPOOL_DIR", d.join("no-such-spool"))
+        .arg("archive-push")
+        .arg(&file));
+    let err = String::from_utf8_lossy(&missing.stderr);
+    assert!(
+        !missing.status.success() && err.contains("archive.spool_dir"),
+        "{err}"
+    );
+    let spool = d.join("fake-spool");
+    std::fs::create_dir(&spool).unwrap();
+    let push = || {
+        run(shipper
+            .cmd()
+            .env("WALSHIPPER_ARCHIVE_SPOOL_DIR", &spool)
+            .env("WALSHIPPER_ARCHIVE_ASYNC_WAIT", "5")
+            .arg("archive-push")
+            .arg(&file))
+    };
+    // First call: no record; the pusher refuses the file and says why.
+    let out = push();
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "a foreign segment was archived");
+    assert!(
+        err.contains("could not archive") || err.contains("not archived within"),
+        "{err}"
+    );
+    let dir = only_subdir(&spool.join("archive-push")).expect("spool");
+    let repo_id: String = {
+        let j: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(shipper.repo.join("repository.json")).unwrap())
+                .unwrap();
+        j["repository_id"].as_str().unwrap().to_string()
+    };
+    let size = bytes.len();
+    let cases = [
+        // A record of the same name for other bytes (the genuine segment).
+        (original_sha.clone(), format!("repo1:{repo_id}")),
+        // A record for these very bytes, but in another repository.
+        (hex_sha256(&bytes), format!("repo1:{}", "00".repeat(16))),
+    ];
+    for (sha, stored) in cases {
+        let record = format!(
+            "walshipper async-push record 1\nname={name}\nsize={size}\nsha256={sha}\nstored_in={stored}\n"
+        );
+        std::fs::write(dir.join(format!("{name}.ok")), &record).unwrap();
+        let _ = std::fs::remove_file(dir.join(format!("{name}.error")));
+        let out = push();
+        assert!(
+            !out.status.success(),
+            "a stale record ({sha}, {stored}) gave a false success: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            !dir.join(format!("{name}.ok")).exists(),
+            "the stale record was kept"
+        );
+    }
+    // A half-written record is ignored as well.
+    std::fs::write(
+        dir.join(format!("{name}.ok")),
+        format!(
+            "walshipper async-push record 1\nname={name}\nsize={size}\nsha256={}",
+            hex_sha256(&bytes)
+        ),
+    )
+    .unwrap();
+    assert!(
+        !push().status.success(),
+        "a half-written record gave a success"
+    );
+}
+
+fn hex_sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
+}
+
+/// A damaged object a few segments into the recovery: the prefetcher never
+/// serves it and recovery stops there with the damage reported (exit 126),
+/// instead of ending early and promoting.
+fn damaged_object_in_window_is_refused(
+    shipper: &Shipper,
+    base: &Path,
+    d: &Path,
+    done: &BTreeSet<String>,
+) {
+    if test_backend() != "posix" {
+        return;
+    }
+    let label = std::fs::read_to_string(base.join("backup_label")).unwrap();
+    let start = label
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+        .and_then(|l| l.split("(file ").nth(1))
+        .map(|s| s.trim_end_matches(')').to_string())
+        .expect("backup_label names its first segment");
+    let segs: Vec<&String> = done
+        .iter()
+        .filter(|s| s.len() == 24 && s.as_str() > start.as_str())
+        .collect();
+    let victim = segs[4].clone();
+    let object = shipper.wal_object(&victim);
+    let mut bytes = std::fs::read(&object).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x01;
+    std::fs::write(&object, &bytes).unwrap();
+
+    copy_tree(base, &d.join("r2"));
+    std::fs::write(d.join("r2/recovery.signal"), "").unwrap();
+    let r2 = Cluster::at(d, "r2");
+    r2.configure(&[
+        "archive_mode = off".into(),
+        format!("restore_command = {}", shipper.restore_command()),
+        "recovery_target_action = 'promote'".into(),
+    ]);
+    r2.start_nowait();
+    // pg_ctl -W returns before the server wrote its pid file: wait for an
+    // outcome in the log, then for the server to be gone.
+    let started = Instant::now();
+    while started.elapsed() < MIN {
+        let log = r2.log_text();
+        if log.contains("ready to accept connections") || log.contains("startup process") {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    while r2.data.join("postmaster.pid").exists() && started.elapsed() < MIN {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = r2.log_text();
+    assert!(
+        !r2.data.join("postmaster.pid").exists(),
+        "recovery went on past the damaged {victim}: {log}"
+    );
+    assert!(log.contains(&victim) && log.contains("damaged"), "{log}");
+    assert!(
+        !log.contains("database system is ready to accept connections"),
+        "{log}"
+    );
+}
