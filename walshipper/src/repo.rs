@@ -478,6 +478,41 @@ impl Read for VerifyingCopy {
     }
 }
 
+/// An object's plaintext on its way to a parser (`read_json_capped`):
+/// keeps the decoder's error (the parser would turn it into a JSON error)
+/// and refuses more than `left` bytes.
+struct ParseFeed<R> {
+    dec: DecodingReader<R>,
+    left: usize,
+    over: bool,
+    err: Option<io::Error>,
+}
+
+impl<R: Read> Read for ParseFeed<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.over || self.err.is_some() {
+            return Err(io::Error::other("object unreadable"));
+        }
+        // One byte past the cap is read to tell "exactly max" from "more".
+        let want = buf.len().min(self.left.saturating_add(1));
+        match self.dec.read(&mut buf[..want]) {
+            Ok(n) if n > self.left => {
+                self.over = true;
+                Err(io::Error::other("object larger than its cap"))
+            }
+            Ok(n) => {
+                self.left -= n;
+                Ok(n)
+            }
+            Err(e) => {
+                let shown = io::Error::other(e.to_string());
+                self.err = Some(e);
+                Err(shown)
+            }
+        }
+    }
+}
+
 /// A Vec that refuses to grow past `max` bytes.
 struct CappedVec {
     v: Vec<u8>,
@@ -1235,6 +1270,19 @@ impl Repository {
         self.read_object_capped(key, MANIFEST_MAX)
     }
 
+    /// The manifest stored under `key`, parsed as it is decoded and
+    /// `Manifest::validate`d; damage of any kind is `Corrupt` naming `key`.
+    pub fn read_manifest(&self, key: &str) -> Result<Manifest> {
+        let m: Manifest =
+            self.read_json_capped(key, MANIFEST_MAX)?
+                .map_err(|e| Error::Corrupt {
+                    key: key.to_string(),
+                    reason: format!("manifest is not valid JSON: {e}"),
+                })?;
+        m.validate(key)?;
+        Ok(m)
+    }
+
     /// Every complete backup (one whose manifest exists) whose manifest
     /// reads back intact, oldest first. Damaged manifests are logged and
     /// left out: one of them must not make the others unusable. Commands
@@ -1301,15 +1349,12 @@ impl Repository {
     /// large, not JSON, not the manifest of this key) is `Damaged`; a
     /// storage failure is an error: it says nothing about the object.
     fn load_manifest(&self, key: &str) -> Result<Loaded> {
-        let body = match self.read_object_capped(key, MANIFEST_MAX) {
-            Ok(b) => b,
+        let m: Manifest = match self.read_json_capped(key, MANIFEST_MAX) {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return Ok(Loaded::Damaged(format!("manifest is not valid JSON: {e}"))),
             Err(Error::NotFound(_)) => return Ok(Loaded::Missing),
             Err(Error::Corrupt { reason, .. }) => return Ok(Loaded::Damaged(reason)),
             Err(e) => return Err(e),
-        };
-        let m: Manifest = match serde_json::from_slice(&body) {
-            Ok(m) => m,
-            Err(e) => return Ok(Loaded::Damaged(format!("manifest is not valid JSON: {e}"))),
         };
         Ok(match check_manifest_binding(&m, key) {
             Ok(()) => Loaded::Intact(Box::new(m)),
@@ -1448,6 +1493,70 @@ impl Repository {
                 ),
             }),
             Err(e) => Err(e),
+        }
+    }
+
+    /// Decodes object `key` and parses its plaintext as the JSON of a `T`
+    /// as it is decoded: a manifest (a few hundred bytes per file) is never
+    /// held as a whole body beside what is parsed from it. The value is
+    /// returned only once the object verified to its end. As
+    /// `read_object_capped`: plaintext over `max` bytes, or an object that
+    /// does not decode, is `Corrupt`, a missing one `NotFound`, a storage
+    /// failure an error; plaintext that is not the JSON of a `T` is
+    /// `Ok(Err(what is wrong))`. Keys are unlocked and retried as in
+    /// `read_object_sealed`.
+    pub fn read_json_capped<T: serde::de::DeserializeOwned>(
+        &self,
+        key: &str,
+        max: usize,
+    ) -> Result<std::result::Result<T, serde_json::Error>> {
+        let mut unlocked = false;
+        let mut reread = false;
+        loop {
+            let src = self
+                .storage
+                .get(key)?
+                .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            let mut feed = ParseFeed {
+                dec: self.decoder(src, key),
+                left: max,
+                over: false,
+                err: None,
+            };
+            let parsed = serde_json::from_reader::<_, T>(io::BufReader::new(&mut feed));
+            // A parse that failed stopped early: what follows is decoded
+            // too, so that damage is reported as such, not as bad JSON.
+            if parsed.is_err() && feed.err.is_none() && !feed.over {
+                let _ = io::copy(&mut feed, &mut io::sink());
+            }
+            if feed.over {
+                return Err(Error::Corrupt {
+                    key: key.into(),
+                    reason: format!(
+                        "larger than {max} bytes, more than such an object can hold; refusing to read it into memory"
+                    ),
+                });
+            }
+            if let Some(e) = feed.err.take() {
+                match unknown_key(&e) {
+                    Some(id) if !unlocked && self.load_key(&id) => unlocked = true,
+                    Some(id) if !reread => {
+                        tracing::debug!(
+                            "{key} names key {id}, which cannot be unlocked; reading it once more in case `key retire` re-sealed it meanwhile"
+                        );
+                        reread = true;
+                    }
+                    _ => return Err(self.read_error(key, e)),
+                }
+                continue;
+            }
+            if feed.dec.verified_sha256.is_none() {
+                return Err(Error::Corrupt {
+                    key: key.into(),
+                    reason: "ended before its final frame".into(),
+                });
+            }
+            return Ok(parsed);
         }
     }
 
@@ -1870,6 +1979,41 @@ mod tests {
             matches!(&err, Error::Corrupt { key, reason } if key == SEG3 && reason.contains("not encrypted")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn json_parsed_while_decoding_is_checked_like_a_whole_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = config(dir.path(), "r", "aes-256-gcm");
+        let repo = init(&cfg);
+        let key = layout::manifest("20261121-224754F");
+        let value = serde_json::json!({"files": (0..20000).collect::<Vec<u32>>(), "x": "y"});
+        let body = serde_json::to_vec(&value).unwrap();
+        repo.put_object(&key, &body[..]).unwrap();
+        let json = |max| repo.read_json_capped::<serde_json::Value>(&key, max);
+        assert_eq!(json(body.len()).unwrap().unwrap(), value);
+        // One byte over its cap: refused before it is all read.
+        let err = json(body.len() - 1).unwrap_err();
+        assert!(
+            matches!(&err, Error::Corrupt { reason, .. } if reason.contains("larger than")),
+            "{err}"
+        );
+        // Not a value of the type asked for: a JSON error, not damage.
+        assert!(repo
+            .read_json_capped::<u32>(&key, body.len())
+            .unwrap()
+            .is_err());
+        // Truncated, a byte changed, gone: as the whole-body read says.
+        let stored = std::fs::read(path(&cfg, &key)).unwrap();
+        std::fs::write(path(&cfg, &key), &stored[..stored.len() - 40]).unwrap();
+        assert!(matches!(json(MANIFEST_MAX), Err(Error::Corrupt { .. })));
+        let mut flipped = stored.clone();
+        let mid = flipped.len() / 2;
+        flipped[mid] ^= 1;
+        std::fs::write(path(&cfg, &key), &flipped).unwrap();
+        assert!(matches!(json(MANIFEST_MAX), Err(Error::Corrupt { .. })));
+        std::fs::remove_file(path(&cfg, &key)).unwrap();
+        assert!(matches!(json(MANIFEST_MAX), Err(Error::NotFound(_))));
     }
 
     #[test]

@@ -379,10 +379,7 @@ fn check_target(target: &Target) -> Result<()> {
 /// `based_on` is known: one whole manifest is held at a time.
 fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifest> {
     let id = listed.id.as_str();
-    let read = |id: &str| -> Result<Manifest> {
-        let key = layout::manifest(id);
-        Manifest::decode(&key, &repo.read_object_vec(&key)?)
-    };
+    let read = |id: &str| repo.read_manifest(&layout::manifest(id));
     let mut chain = BTreeSet::new();
     let mut next = listed.based_on.clone();
     while let Some(b) = next {
