@@ -1550,7 +1550,7 @@ impl Repository {
                 }
                 continue;
             }
-            if feed.dec.verified_sha256.is_none() {
+            if feed.dec.verified_hash.is_none() {
                 return Err(Error::Corrupt {
                     key: key.into(),
                     reason: "ended before its final frame".into(),
