@@ -28,6 +28,9 @@ PGBR=$(pgbackrest_bin)
 sync_tree
 BIN=${WALSHIPPER_BIN:-$PGB_ROOT/target/release/walshipper}
 [ -n "${WALSHIPPER_BIN:-}" ] || as_test_user bash -c 'cd "$HOME/../src" && cargo build --release -p walshipper --locked -q'
+# b3sum prices the whole-file hash (BLAKE3) in the machine's limit.
+B3SUM=$PGB_ROOT/tools/bin/b3sum
+[ -x "$B3SUM" ] || { install -d -o "$TEST_USER" "$PGB_ROOT/tools"; as_test_user bash -c "cargo install b3sum --locked -q --root '$PGB_ROOT/tools'"; }
 B=$PGB_ROOT/bench-backup
 rm -rf "$B"; install -d -o "$TEST_USER" "$B"
 
@@ -89,7 +92,7 @@ REL=$(find pg/base pg/global -type f -printf "%s\n" | awk '{s += $1} END {print 
 xargs -0 cat < relfiles | zstd -3 -q -c > limit.zst
 for i in $(seq 1 "$RUNS"); do
   python3 "$M" bash -c 'xargs -0 zstd -3 -q -c < relfiles' >> limit-compress.jsonl
-  python3 "$M" bash -c 'xargs -0 openssl dgst -sha256 < relfiles' >> limit-sha256.jsonl
+  python3 "$M" bash -c "xargs -0 $B3SUM --no-mmap < relfiles" >> limit-hash.jsonl
   python3 "$M" zstd -d -q -c limit.zst >> limit-decompress.jsonl
   sync; python3 "$M" dd if=/dev/zero of=limit.out bs=1M count=$((REL >> 20)) conv=fsync status=none >> limit-write.jsonl; rm limit.out
 done
@@ -118,5 +121,5 @@ python3 "$BENCH/backup_report.py" "$B"
 [ "${KEEP:-}" = 1 ] || rm -rf pg r-ws r-pb ws-repo pgbr-repo relfiles
 SCRIPT
 
-as_test_user env B="$B" BIN="$BIN" PGBR="$PGBR" BENCH="$PGB_ROOT/src/bench" \
+as_test_user env B="$B" BIN="$BIN" PGBR="$PGBR" B3SUM="$B3SUM" BENCH="$PGB_ROOT/src/bench" \
   SCALE="${SCALE:-50}" RUNS="${RUNS:-3}" KEEP="${KEEP:-}" bash -euo pipefail -c "$RUN"

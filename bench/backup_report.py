@@ -98,17 +98,17 @@ print(f"targets: {sum(results)} of {len(results)} met "
       "(archive-push: bench/archive-push.sh; memory as files grow: bench/many-files.sh)")
 
 lim = {k: [json.loads(line) for line in open(f"{B}/limit-{k}.jsonl")]
-       for k in ["compress", "sha256", "decompress", "write"]}
+       for k in ["compress", "hash", "decompress", "write"]}
 cpu = {k: med(r["cpu"] for r in v) for k, v in lim.items()}
 rel, cores = meta["rel_bytes"] / MIB, meta["cpus"]
 write = med(r["wall"] for r in lim["write"])
 print(f"\nthe machine's limit on the same data ({rel:.0f} MiB of relation files, in the page cache; "
       f"medians of {len(lim['write'])}):")
-print(f"  CPU: zstd -3 {cpu['compress']:.2f} s, SHA-256 (openssl, SHA-NI) {cpu['sha256']:.2f} s, "
+print(f"  CPU: zstd -3 {cpu['compress']:.2f} s, BLAKE3 (b3sum) {cpu['hash']:.2f} s, "
       f"zstd -d {cpu['decompress']:.2f} s (CLI tools reading the files directly, one process each)")
 print(f"  write {rel:.0f} MiB to this disk with fsync (dd conv=fsync): wall {write:.2f} s")
-for what, c, w, step in [("backup", cpu["compress"] + cpu["sha256"], 0, "full"),
-                         ("restore", cpu["decompress"] + cpu["sha256"], write, "chain")]:
+for what, c, w, step in [("backup", cpu["compress"] + cpu["hash"], 0, "full"),
+                         ("restore", cpu["decompress"] + cpu["hash"], write, "chain")]:
     floor = max(c / cores, w)
     tool = med(vals("ws", [step], "wall"))
     print(f"  {what} limit = max(CPU / {cores} cores, write) = {floor:.2f} s; "

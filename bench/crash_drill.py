@@ -120,6 +120,10 @@ def destroy(procs):
     time.sleep(0.2)
     shutil.rmtree(PG, ignore_errors=True)
     shutil.rmtree(SPOOL, ignore_errors=True)
+    # The socket's lock file names the dead postmaster (a new host starts
+    # without it; a not yet reaped pid would look alive to the next one).
+    for f in os.listdir(SOCK):
+        os.remove(os.path.join(SOCK, f))
     return t0
 
 
