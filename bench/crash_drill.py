@@ -86,8 +86,6 @@ archive_timeout = {ARCHIVE_TIMEOUT}
 max_wal_senders = 5
 max_replication_slots = 5
 """)
-        if MODE == "sync":
-            f.write("synchronous_standby_names = 'walshipper'\n")
     sh(BIN, "--config", CONF, "repo-init", stdout=subprocess.DEVNULL)
     sh("pg_ctl", "-D", PG, "-l", os.path.join(WORK, "pg.log"), "-w", "start",
        stdout=subprocess.DEVNULL)
@@ -157,6 +155,11 @@ def main():
         procs.append(subprocess.Popen([BIN, "--config", CONF, "wal-receive"],
                                       stdout=log, stderr=log))
         time.sleep(2)
+        if MODE == "sync":
+            # Only now: with no synchronous standby connected, every
+            # commit before (the set-up's) would wait.
+            psql("ALTER SYSTEM SET synchronous_standby_names = 'walshipper'")
+            psql("SELECT pg_reload_conf()")
     procs.append(subprocess.Popen(
         ["pgbench", "-h", SOCK, "-U", "postgres", "-n", "-c", "2", "-R", str(RATE), "-T", "600", "postgres"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
