@@ -21,7 +21,7 @@ sync_tree
 BIN=${WALSHIPPER_BIN:-$PGB_ROOT/target/release/walshipper}
 [ -n "${WALSHIPPER_BIN:-}" ] || as_test_user bash -c 'cd "$HOME/../src" && cargo build --release -p walshipper --locked -q'
 B=$PGB_ROOT/bench-archive
-rm -rf "$B"; install -d -o "$TEST_USER" "$B"
+fresh_bench_dir "$B"
 
 read -r -d '' RUN <<'SCRIPT' || true
 cd "$B"

@@ -32,7 +32,7 @@ BIN=${WALSHIPPER_BIN:-$PGB_ROOT/target/release/walshipper}
 B3SUM=$PGB_ROOT/tools/bin/b3sum
 [ -x "$B3SUM" ] || { install -d -o "$TEST_USER" "$PGB_ROOT/tools"; as_test_user bash -c "cargo install b3sum --locked -q --root '$PGB_ROOT/tools'"; }
 B=$PGB_ROOT/bench-backup
-rm -rf "$B"; install -d -o "$TEST_USER" "$B"
+fresh_bench_dir "$B"
 
 read -r -d '' RUN <<'SCRIPT' || true
 source "$BENCH/two_tools.sh"

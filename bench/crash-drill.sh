@@ -22,7 +22,7 @@ sync_tree
 BIN=${WALSHIPPER_BIN:-$PGB_ROOT/target/release/walshipper}
 [ -n "${WALSHIPPER_BIN:-}" ] || as_test_user bash -c 'cd "$HOME/../src" && cargo build --release -p walshipper --locked -q'
 B=$PGB_ROOT/bench-drill
-rm -rf "$B"; install -d -o "$TEST_USER" "$B"
+fresh_bench_dir "$B"
 : > "$B/results.jsonl"; chown "$TEST_USER" "$B/results.jsonl"
 seed=${SEED:-1}
 for mode in ${MODES:-archive async stream sync}; do

@@ -29,7 +29,7 @@ if [ -z "${BIN:-}" ]; then
   BIN=$PGB_ROOT/target/release/walshipper
 fi
 B=${B:-$PGB_ROOT/bench-many-files}
-rm -rf "$B"; install -d -o "$TEST_USER" "$B"
+fresh_bench_dir "$B"
 # Started if it is not running; never stopped here (it is shared).
 as_test_user bash "$REPO_TOP/scripts/s3-server.sh" start
 as_test_user env B="$B" BIN="$BIN" PGBR="$PGBR" HERE="$REPO_TOP/bench" FILES="$FILES" RUNS="${RUNS:-1}" \

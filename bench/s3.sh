@@ -12,7 +12,7 @@ bash "$REPO_TOP/scripts/setup.sh" >/dev/null
 sync_tree
 as_test_user bash -c 'cd "$HOME/../src" && cargo build --release -p walshipper --locked -q --bin walshipper --example big_object'
 B=$PGB_ROOT/bench-s3
-rm -rf "$B"; install -d -o "$TEST_USER" "$B"
+fresh_bench_dir "$B"
 as_test_user bash "$PGB_ROOT/src/scripts/s3-server.sh" start
 as_test_user env B="$B" BIN="$PGB_ROOT/target/release/walshipper" BIG="$PGB_ROOT/target/release/examples/big_object" \
   M="$PGB_ROOT/src/bench/measure.py" SCALE="${SCALE:-20}" SEGMENTS="${SEGMENTS:-24}" BIG_GIB="${BIG_GIB:-3}" \

@@ -33,6 +33,20 @@ as_test_user() {
     "$@"
 }
 
+# An empty directory DIR for a benchmark, owned by $TEST_USER. A server an
+# earlier, aborted run left running in it is stopped first: removed from
+# under it, it would notice its lock file gone a minute later and, shutting
+# down, remove the socket files of the new run's server at the same path.
+fresh_bench_dir() {
+  local pid
+  if [ -d "$1" ]; then
+    while IFS= read -r pid; do
+      as_test_user pg_ctl -D "$(dirname "$pid")" -m immediate -w stop >/dev/null 2>&1 || true
+    done < <(find "$1" -maxdepth 3 -name postmaster.pid 2>/dev/null)
+  fi
+  rm -rf "$1"; install -d -o "$TEST_USER" "$1"
+}
+
 # Copies the working tree (without target/ and .git) to where $TEST_USER builds.
 sync_tree() {
   local dest="$PGB_ROOT/src"

@@ -58,6 +58,13 @@ const SCAN: Duration = Duration::from_millis(50);
 /// The pusher exits after this long with nothing to push; the next
 /// archive-push starts it again.
 const IDLE_EXIT: Duration = Duration::from_secs(30);
+/// A pusher hands out no new work after this long and exits once its
+/// pushes are done (the next archive-push call, which checks every second,
+/// starts a fresh one): its repositories are opened again, so it seals with
+/// the key current now (`key retire` deletes an old key 900 s after the
+/// rotation at the earliest), sees a repository re-created meanwhile, and
+/// retries one that failed to open.
+const MAX_LIFE: Duration = Duration::from_secs(300);
 const LOCK: &str = "pusher.lock";
 const LOG: &str = "pusher.log";
 
@@ -516,9 +523,17 @@ fn dispatch(
 ) -> Result<()> {
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut idle_since = Instant::now();
+    let started = Instant::now();
     loop {
         while let Ok(n) = done.try_recv() {
             in_flight.remove(&n);
+        }
+        let retiring = started.elapsed() >= MAX_LIFE;
+        if retiring && in_flight.is_empty() {
+            spool::log_line(
+                "pusher retiring after 5 minutes: the next archive-push starts a fresh one",
+            );
+            return Ok(());
         }
         let ready = ready_files(pg_wal)?;
         let (ok, any) = recorded(dir);
@@ -540,7 +555,7 @@ fn dispatch(
             .saturating_sub(ahead + in_flight.len());
         let mut handed = false;
         for name in &ready {
-            if in_flight.len() >= cfg.archive.async_jobs || room == 0 {
+            if retiring || in_flight.len() >= cfg.archive.async_jobs || room == 0 {
                 break;
             }
             if any.contains(name) || in_flight.contains(name) {

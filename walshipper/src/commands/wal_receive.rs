@@ -428,7 +428,9 @@ impl Receiver<'_> {
 
     /// Stores `bytes` under `key`; an object already there must hold the same.
     fn put_same(&self, key: &str, bytes: &[u8]) -> Result<()> {
-        let (outcome, _) = self.repo.put_object(key, bytes)?;
+        // Sealed by the key current now, not the one read when the receiver
+        // started days ago: `key retire` may since have deleted that one.
+        let (outcome, _) = self.repo.put_object_fresh(key, bytes)?;
         if outcome == PutOutcome::Stored {
             return Ok(());
         }
@@ -535,7 +537,7 @@ impl Receiver<'_> {
                     partial: true,
                 },
             );
-            let (outcome, _) = self.repo.put_object(&key, &whole[..])?;
+            let (outcome, _) = self.repo.put_object_fresh(&key, &whole[..])?;
             if outcome == PutOutcome::AlreadyExists {
                 tracing::info!("{pname} is already archived (by archive-push): kept");
             }
