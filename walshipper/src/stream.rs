@@ -256,7 +256,27 @@ pub fn restore_partial(repo: &Repository, name: &str, dest: &Path) -> Result<()>
     };
     let seg_size = repo.descriptor.wal_segment_size;
     let segno = wal::seg_no(log, seg, seg_size);
-    let chain = read_chain(repo, tli, segno)?.ok_or_else(|| Error::NotFound(name.to_string()))?;
+    // The receiver may merge the chunks or complete the segment (and remove
+    // them) while they are read: a listed chunk gone, or the whole segment
+    // there now, asks for another pass (archive-get retries), which finds
+    // the segment whole; never "not there", which would end recovery short.
+    let again = |what: String| {
+        Error::Repository(format!(
+            "{what} while the streamed part of {name} was read (the receiver merged or completed it meanwhile); trying again"
+        ))
+    };
+    let chain = match read_chain(repo, tli, segno) {
+        Err(Error::NotFound(key)) => return Err(again(format!("{key} vanished"))),
+        other => other?,
+    }
+    .ok_or_else(|| Error::NotFound(name.to_string()))?;
+    if repo
+        .storage
+        .head(&layout::wal_segment(tli, segno, seg_size))?
+        .is_some()
+    {
+        return Err(again("the whole segment was stored".into()));
+    }
     let dest_name = dest
         .file_name()
         .and_then(|n| n.to_str())
