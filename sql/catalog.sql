@@ -432,6 +432,10 @@ CREATE TABLE backup.wal_receiver (
     id              integer PRIMARY KEY DEFAULT 1 CHECK (id = 1),
     state           text NOT NULL CHECK (state IN ('off', 'running', 'restarting')),
     since           timestamptz NOT NULL DEFAULT now(),
+    -- Since when streaming has not been steady: set at an exit, cleared
+    -- only after a run that streamed for a minute, so that a crash loop of
+    -- short runs still counts as down (alerts, the RPO estimate).
+    down_since      timestamptz,
     pid             integer,
     started_at      timestamptz,
     restarts        bigint NOT NULL DEFAULT 0,

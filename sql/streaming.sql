@@ -11,6 +11,9 @@ AS $$
     UPDATE backup.wal_receiver SET
         state = p_state,
         since = CASE WHEN state = p_state THEN since ELSE now() END,
+        down_since = CASE WHEN p_state = 'off' THEN NULL
+                          WHEN p_state = 'restarting' THEN coalesce(down_since, now())
+                          ELSE down_since END,
         pid = CASE WHEN p_state = 'running' THEN p_pid END,
         started_at = CASE WHEN p_state = 'running' THEN now() ELSE started_at END,
         restarts = restarts + CASE WHEN p_state = 'running' AND last_exit_at IS NOT NULL AND state = 'restarting' THEN 1 ELSE 0 END,
@@ -20,12 +23,14 @@ AS $$
      WHERE id = 1
 $$;
 
--- Alerts: wal_receiver_down (streaming on, the receiver not running or its
--- slot not in use for p_down_secs) and wal_stream_lagging (the slot holds
--- back more than p_lag_mb MB of WAL: WAL not yet in the repository, kept in
--- pg_wal; raised whether or not streaming is on, since a forgotten slot
--- pins WAL until the disk fills).
-CREATE FUNCTION backup._stream_check(p_streaming boolean, p_slot text, p_down_secs integer, p_lag_mb integer)
+-- Alerts: wal_receiver_down (streaming on, and the receiver has not
+-- streamed steadily for p_down_secs: not running, its slot not in use, or
+-- restarted after an exit and not yet streaming for p_stable_secs, so that a
+-- crash loop of short runs stays down) and wal_stream_lagging (the slot
+-- holds back more than p_lag_mb MB of WAL: WAL not yet in the repository,
+-- kept in pg_wal; raised whether or not streaming is on, since a forgotten
+-- slot pins WAL until the disk fills).
+CREATE FUNCTION backup._stream_check(p_streaming boolean, p_slot text, p_down_secs integer, p_lag_mb integer, p_stable_secs integer)
 RETURNS void LANGUAGE plpgsql
 AS $$
 DECLARE
@@ -37,17 +42,31 @@ BEGIN
     SELECT * INTO r FROM backup.wal_receiver WHERE id = 1;
     SELECT s.active, s.restart_lsn, s.wal_status INTO sl FROM pg_replication_slots s WHERE s.slot_name = p_slot;
     IF p_streaming THEN
+        IF r.state = 'running' AND sl.active AND r.down_since IS NOT NULL
+           AND now() - r.started_at >= make_interval(secs => p_stable_secs) THEN
+            -- Streamed steadily since its last start: up again. Written
+            -- once, when it changes.
+            UPDATE backup.wal_receiver SET down_since = NULL WHERE id = 1;
+            r.down_since := NULL;
+        END IF;
         down_for := CASE
-            WHEN r.state <> 'running' THEN now() - r.since
-            WHEN sl IS NULL OR NOT sl.active THEN now() - greatest(r.since, r.started_at)
+            WHEN r.state <> 'running' THEN now() - coalesce(r.down_since, r.since)
+            WHEN sl IS NULL OR NOT sl.active THEN now() - coalesce(r.down_since, greatest(r.since, r.started_at))
+            ELSE now() - r.down_since
         END;
         IF down_for > make_interval(secs => p_down_secs) THEN
             PERFORM backup._raise_alert('wal_receiver_down', 'critical', p_slot,
-                format('the WAL receiver has not been streaming for %s (%s): WAL reaches the repository only through archive_command meanwhile',
+                format('the WAL receiver has not streamed steadily for %s (%s): WAL reaches the repository only through archive_command meanwhile',
                        date_trunc('second', down_for),
-                       CASE WHEN r.state = 'running' THEN 'running, but replication slot ' || p_slot || ' is not in use'
+                       CASE WHEN r.state = 'running' AND (sl IS NULL OR NOT sl.active)
+                                THEN 'running, but replication slot ' || p_slot || ' is not in use'
+                            WHEN r.state = 'running'
+                                THEN format('streaming again for %s after %s restarts, not yet %s s; last error: %s',
+                                            date_trunc('second', now() - r.started_at), r.restarts, p_stable_secs,
+                                            coalesce(r.last_error, 'none'))
                             ELSE coalesce('last error: ' || r.last_error, 'not started') END),
-                jsonb_build_object('state', r.state, 'restarts', r.restarts, 'last_error', r.last_error));
+                jsonb_build_object('state', r.state, 'restarts', r.restarts, 'last_error', r.last_error,
+                                   'down_since', r.down_since));
         ELSE
             PERFORM backup._resolve_alert('wal_receiver_down', p_slot);
         END IF;

@@ -5,34 +5,39 @@
 -- risk when its slot has everything the server wrote, else the walsender's
 -- flush_lag (visible to roles with pg_read_all_stats, e.g. pg_monitor;
 -- others get the archiver's estimate), and while the receiver is down the
--- lesser of the archiver's estimate and the time since it went down.
+-- lesser of the archiver's estimate and the time since it last streamed
+-- steadily (down_since: a crash loop of short runs does not reset it).
+-- On a standby the server writes no WAL of its own (pg_current_wal_lsn and
+-- pg_walfile_name would fail): the columns that need it are NULL.
 CREATE VIEW backup.wal_archive_status AS
 WITH cfg AS (
     SELECT coalesce(nullif(current_setting('pg_backup.wal_streaming', true), ''), 'off')::boolean AS streaming,
-           coalesce(nullif(current_setting('pg_backup.stream_slot', true), ''), 'walshipper') AS slot_name
+           coalesce(nullif(current_setting('pg_backup.stream_slot', true), ''), 'walshipper') AS slot_name,
+           CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn() END AS wal_lsn
 ), arch AS (
     SELECT a.*,
            -- Data at risk: everything since the last archived segment, if WAL was written since.
-           CASE WHEN a.last_archived_wal IS NULL THEN NULL
-                WHEN pg_walfile_name(pg_current_wal_lsn()) > a.last_archived_wal
-                     AND pg_current_wal_lsn() > ('0/0'::pg_lsn + 0) THEN now() - a.last_archived_time
+           CASE WHEN a.last_archived_wal IS NULL OR c.wal_lsn IS NULL THEN NULL
+                WHEN pg_walfile_name(c.wal_lsn) > a.last_archived_wal
+                     AND c.wal_lsn > ('0/0'::pg_lsn + 0) THEN now() - a.last_archived_time
                 ELSE interval '0' END AS archiver_rpo
-      FROM pg_stat_archiver a
+      FROM pg_stat_archiver a CROSS JOIN cfg c
 )
 SELECT a.archived_count, a.last_archived_wal, a.last_archived_time,
        now() - a.last_archived_time AS last_archived_age,
        a.failed_count, a.last_failed_wal, a.last_failed_time,
-       pg_walfile_name(pg_current_wal_lsn()) AS current_wal,
+       CASE WHEN c.wal_lsn IS NOT NULL THEN pg_walfile_name(c.wal_lsn) END AS current_wal,
        CASE WHEN NOT c.streaming THEN a.archiver_rpo
             WHEN r.state = 'running' AND sl.active THEN
-                CASE WHEN pg_current_wal_lsn() <= sl.restart_lsn THEN interval '0'
+                CASE WHEN c.wal_lsn <= sl.restart_lsn THEN interval '0'
                      ELSE coalesce(rep.flush_lag, a.archiver_rpo) END
-            ELSE least(a.archiver_rpo, now() - r.since) END AS rpo_estimate,
+            ELSE least(a.archiver_rpo, now() - coalesce(r.down_since, r.since)) END AS rpo_estimate,
        coalesce(nullif(current_setting('pg_backup.rpo_target', true), ''), '900s')::interval AS rpo_target,
        c.streaming,
        CASE WHEN c.streaming OR r.state <> 'off' THEN r.state ELSE 'off' END AS receiver_state,
        r.pid AS receiver_pid,
        r.since AS receiver_since,
+       r.down_since AS receiver_down_since,
        r.restarts AS receiver_restarts,
        r.last_error AS receiver_last_error,
        c.slot_name,
@@ -40,7 +45,7 @@ SELECT a.archived_count, a.last_archived_wal, a.last_archived_time,
        -- A physical slot's restart_lsn is where the receiver last reported
        -- its flush: what is durably in the repository.
        sl.restart_lsn AS stream_flushed_lsn,
-       pg_current_wal_lsn() - sl.restart_lsn AS slot_retained_bytes,
+       c.wal_lsn - sl.restart_lsn AS slot_retained_bytes,
        rep.flush_lag AS stream_flush_lag,
        rep.sync_state AS stream_sync_state
   FROM arch a

@@ -17,7 +17,9 @@ use crate::settings;
 /// The first pause after an exit, doubled on each quick exit up to MAX_BACKOFF.
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
 const MAX_BACKOFF: Duration = Duration::from_secs(60);
-/// A receiver that ran this long before exiting restarts after MIN_BACKOFF.
+/// A receiver that ran this long before exiting restarts after MIN_BACKOFF;
+/// one that has streamed this long since its last start is up again for
+/// the alerts and the RPO estimate (backup._stream_check's down_since).
 const STABLE: Duration = Duration::from_secs(60);
 /// How long a receiver asked to stop (SIGTERM) may take before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -81,12 +83,13 @@ impl Receiver {
             }
         }
         if let Err(e) = Spi::run_with_args(
-            "SELECT backup._stream_check($1, $2, $3, $4)",
+            "SELECT backup._stream_check($1, $2, $3, $4, $5)",
             &[
                 on.into(),
                 slot.into(),
                 settings::STREAM_DOWN_ALERT.get().into(),
                 settings::STREAM_LAG_ALERT.get().into(),
+                (STABLE.as_secs() as i32).into(),
             ],
         ) {
             log!("pg_backup: cannot check the WAL receiver's health: {e}");

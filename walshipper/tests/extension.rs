@@ -910,6 +910,23 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         c.sql("SELECT receiver_pid FROM backup.wal_archive_status"),
         pid.to_string()
     );
+    // Streaming again, but not yet for a minute: still down since the kill
+    // (a crash loop of short runs must not look healthy), so after
+    // stream_down_alert the alert is raised while it runs.
+    let down = "SELECT count(*) FROM backup.alerts WHERE kind = 'wal_receiver_down' AND resolved_at IS NULL";
+    wait_for(&c, down, "1", Duration::from_secs(30));
+    assert_eq!(
+        c.sql("SELECT receiver_down_since IS NOT NULL FROM backup.wal_archive_status"),
+        "t"
+    );
+    // A run that has streamed for the stable time (its start moved back a
+    // minute instead of waiting one) is up again: resolved, down_since cleared.
+    c.sql("UPDATE backup.wal_receiver SET started_at = now() - interval '61 s'");
+    wait_for(&c, down, "0", Duration::from_secs(30));
+    assert_eq!(
+        c.sql("SELECT receiver_down_since IS NULL FROM backup.wal_archive_status"),
+        "t"
+    );
 
     // Turned off: stopped; the slot it leaves behind pins the WAL written
     // since, and above 1 MB that is an alert saying to drop it.
