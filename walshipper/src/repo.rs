@@ -564,6 +564,38 @@ fn unknown_key(e: &io::Error) -> Option<String> {
     }
 }
 
+/// What a read does when an object names a key it cannot open, shared by
+/// every read loop: a key not unlocked yet is unlocked and the object read
+/// again; a key that cannot be unlocked (its file is missing or does not
+/// open) gets the object read once more, since `key retire` re-seals objects
+/// under the current key and then removes the old key file, so an object
+/// read just before its re-sealing names a key that is gone by now.
+#[derive(Default)]
+struct KeyRetry {
+    unlocked: bool,
+    reread: bool,
+}
+
+impl KeyRetry {
+    /// True: read `key` again; false: `e` is the read's error.
+    fn again(&mut self, repo: &Repository, key: &str, e: &io::Error) -> bool {
+        match unknown_key(e) {
+            Some(id) if !self.unlocked && repo.load_key(&id) => {
+                self.unlocked = true;
+                true
+            }
+            Some(id) if !self.reread => {
+                tracing::debug!(
+                    "{key} names key {id}, which cannot be unlocked; reading it once more in case `key retire` re-sealed it meanwhile"
+                );
+                self.reread = true;
+                true
+            }
+            _ => false,
+        }
+    }
+}
+
 impl Repository {
     /// Creates a repository. Refuses a location that already holds anything.
     pub fn init(
@@ -1503,15 +1535,14 @@ impl Repository {
     /// `read_object_capped`: plaintext over `max` bytes, or an object that
     /// does not decode, is `Corrupt`, a missing one `NotFound`, a storage
     /// failure an error; plaintext that is not the JSON of a `T` is
-    /// `Ok(Err(what is wrong))`. Keys are unlocked and retried as in
-    /// `read_object_sealed`.
+    /// `Ok(Err(what is wrong))`. Keys are unlocked and retried as `KeyRetry`
+    /// says.
     pub fn read_json_capped<T: serde::de::DeserializeOwned>(
         &self,
         key: &str,
         max: usize,
     ) -> Result<std::result::Result<T, serde_json::Error>> {
-        let mut unlocked = false;
-        let mut reread = false;
+        let mut retry = KeyRetry::default();
         loop {
             let src = self
                 .storage
@@ -1538,17 +1569,10 @@ impl Repository {
                 });
             }
             if let Some(e) = feed.err.take() {
-                match unknown_key(&e) {
-                    Some(id) if !unlocked && self.load_key(&id) => unlocked = true,
-                    Some(id) if !reread => {
-                        tracing::debug!(
-                            "{key} names key {id}, which cannot be unlocked; reading it once more in case `key retire` re-sealed it meanwhile"
-                        );
-                        reread = true;
-                    }
-                    _ => return Err(self.read_error(key, e)),
+                if retry.again(self, key, &e) {
+                    continue;
                 }
-                continue;
+                return Err(self.read_error(key, e));
             }
             if feed.dec.verified_hash.is_none() {
                 return Err(Error::Corrupt {
@@ -1562,14 +1586,8 @@ impl Repository {
 
     /// As `read_object_with`, and sets `sealed_by` to the key the object's
     /// header names once the header was read (also when the object then
-    /// fails: `verify` names the key of an object it cannot read).
-    ///
-    /// Retries: a key not unlocked yet is unlocked and the object read
-    /// again. A key that cannot be unlocked (its file is missing or does not
-    /// open) gets the object read once more before failing: `key retire`
-    /// re-seals objects under the current key and then removes the old key
-    /// file, so an object read just before its re-sealing names a key that
-    /// is gone by now, and its second read is the re-sealed one.
+    /// fails: `verify` names the key of an object it cannot read). Keys
+    /// are unlocked and retried as `KeyRetry` says.
     pub fn read_object_sealed(
         &self,
         key: &str,
@@ -1577,8 +1595,7 @@ impl Repository {
         threads: usize,
         sealed_by: &mut Option<[u8; 16]>,
     ) -> Result<PlainHash> {
-        let mut unlocked = false;
-        let mut reread = false;
+        let mut retry = KeyRetry::default();
         loop {
             let src = self
                 .storage
@@ -1601,16 +1618,11 @@ impl Repository {
             match copied {
                 // Nothing was written on UnknownKey: the header is checked
                 // before any frame is decoded.
-                Err(e) => match unknown_key(&e) {
-                    Some(id) if !unlocked && self.load_key(&id) => unlocked = true,
-                    Some(id) if !reread => {
-                        tracing::debug!(
-                            "{key} names key {id}, which cannot be unlocked; reading it once more in case `key retire` re-sealed it meanwhile"
-                        );
-                        reread = true;
+                Err(e) => {
+                    if !retry.again(self, key, &e) {
+                        return Err(self.read_error(key, e));
                     }
-                    _ => return Err(self.read_error(key, e)),
-                },
+                }
                 Ok(_) => {
                     return dec.verified_hash.ok_or_else(|| Error::Corrupt {
                         key: key.into(),

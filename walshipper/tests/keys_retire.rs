@@ -606,8 +606,12 @@ fn retire_a_key_on_posix_and_s3_killed_and_resumed_with_a_restore_beside_it() {
         t.elapsed(),
         text(&out)
     );
+    // It says it waits, unless re-sealing itself outlasted retire_settle
+    // (on a loaded machine 1030 objects took 12 s), when there is nothing
+    // left to wait for.
     assert!(
-        String::from_utf8_lossy(&out.stderr).contains("retire_settle"),
+        String::from_utf8_lossy(&out.stderr).contains("retire_settle")
+            || t.elapsed() >= Duration::from_secs(4),
         "{}",
         text(&out)
     );
