@@ -50,7 +50,9 @@ extern "C" fn on_signal(_: libc::c_int) {
 const MERGE_FANOUT: usize = 8;
 /// Lag (in segments) above which each progress report is also a warning.
 const LAG_WARN_SEGMENTS: u64 = 64;
-/// The level of chunks found in the repository at start: never merged again.
+/// The level of the one chunk a resumed segment starts with (`consolidate`):
+/// never merged again (rewriting it at every merge would cost up to a
+/// whole segment per write).
 const LOADED: u8 = u8::MAX;
 
 /// How streaming on one timeline ended.
@@ -247,11 +249,7 @@ impl Receiver<'_> {
                 if let Some(chain) = stream::read_chain(self.repo, t, s)? {
                     self.buf = chain.bytes;
                     self.durable = self.buf.len();
-                    self.chunks = chain
-                        .used
-                        .iter()
-                        .map(|c| (c.start, c.end, LOADED))
-                        .collect();
+                    self.consolidate(&chain.listed)?;
                     tracing::info!(
                         "resuming segment {} of which {} bytes are in the repository",
                         self.segment_name(),
@@ -265,6 +263,36 @@ impl Receiver<'_> {
         if t < sys.timeline {
             self.skip_past_switch(conn, sys.timeline)?;
         }
+        Ok(())
+    }
+
+    /// Replaces the chunks found at start by one chunk over all their
+    /// bytes, then deletes the rest. Each session leaves O(8 log8 n)
+    /// chunks (`merge`); without this, a receiver restarted over and over
+    /// within one segment would add that many per restart, up to the
+    /// `stream::MAX_CHUNKS` readers refuse.
+    fn consolidate(&mut self, listed: &[stream::Chunk]) -> Result<()> {
+        let name = self.segment_name();
+        let end = self.buf.len() as u32;
+        if listed.len() > 1 {
+            let key = layout::stream_chunk(&name, 0, end);
+            if !listed.iter().any(|c| c.key == key) {
+                self.put_same(&key, &self.buf)?;
+            }
+            // Readers prefer the longest chunk at each offset: the pieces
+            // are redundant from here on, whether or not their deletion
+            // completes (the next start deletes what is left).
+            for c in listed.iter().filter(|c| c.key != key) {
+                if let Err(e) = self.repo.storage.delete(&c.key) {
+                    tracing::warn!("cannot delete merged chunk {}: {e}", c.key);
+                }
+            }
+            tracing::info!(
+                "merged the {} streamed chunks of {name} into one",
+                listed.len()
+            );
+        }
+        self.chunks = vec![(0, end, LOADED)];
         Ok(())
     }
 
