@@ -18,7 +18,9 @@
 #
 # Run as root: bash bench/stream-sync.sh   (CLIENTS=4 DURATION=30 RUNS=3
 # SCALE=10 by default; about 8 minutes). WALSHIPPER_BIN=path skips the
-# release build; VARIANTS="none ws-sync" picks variants.
+# release build; VARIANTS="none ws-sync" picks variants; BIN_B=path adds
+# ws-sync-b, ws-sync run by that build (A/B of a change); RX_WRAP="strace -f
+# -c -o FILE" runs the receiver under a profiler.
 set -euo pipefail
 if [ "${BENCH_INNER:-}" != 1 ]; then
   source "$(dirname "$0")/../scripts/lib.sh"
@@ -30,7 +32,7 @@ if [ "${BENCH_INNER:-}" != 1 ]; then
   fresh_bench_dir "$B"
   as_test_user env BENCH_INNER=1 B="$B" BIN="$BIN" \
     CLIENTS="${CLIENTS:-4}" DURATION="${DURATION:-30}" RUNS="${RUNS:-3}" SCALE="${SCALE:-10}" \
-    VARIANTS="${VARIANTS:-}" S3="${S3:-}" PGB_TEST_S3_ENDPOINT="${PGB_TEST_S3_ENDPOINT:-http://127.0.0.1:18333}" \
+    VARIANTS="${VARIANTS:-}" S3="${S3:-}" BIN_B="${BIN_B:-}" PGB_TEST_S3_ENDPOINT="${PGB_TEST_S3_ENDPOINT:-http://127.0.0.1:18333}" \
     bash "$PGB_ROOT/src/bench/stream-sync.sh"
   rm -rf "$B"
   exit 0
@@ -42,6 +44,8 @@ LOCK=/var/tmp/pg_backup/bench.lock
 PORT=${PORT:-18450}
 VARIANTS=${VARIANTS:-"none ws-async ws-sync pgrw-sync"}
 [ "${S3:-}" = 1 ] && VARIANTS="$VARIANTS ws-sync-s3"
+# A/B of two builds: BIN_B=path adds ws-sync-b, ws-sync with that binary.
+[ -n "${BIN_B:-}" ] && VARIANTS="$VARIANTS ws-sync-b"
 cd "$B"
 mkdir -p sock
 PSQL=(psql -X -qAt -h "$B/sock" -p "$PORT" -U postgres postgres)
@@ -146,14 +150,15 @@ start_variant() {
   case $1 in
     none) set_sync "" ;;
     ws-*)
-      local conf=ws.toml sync=false
+      local conf=ws.toml sync=false bin=$BIN
       [ "$1" = ws-sync-s3 ] && conf=ws-s3.toml
+      [ "$1" = ws-sync-b ] && bin=$BIN_B
       [ "$1" != ws-async ] && sync=true
       if [ "$conf" = ws-s3.toml ]; then
         sed -i "s/^prefix = .*/prefix = \"bench-stream-sync-$$-$RANDOM\"/" ws-s3.toml
       fi
-      "$BIN" --config "$conf" repo-init --kdf-memory-kib 8192 >/dev/null
-      WALSHIPPER_STREAM_SYNCHRONOUS=$sync ${RX_WRAP:-} "$BIN" --config "$conf" wal-receive >rx.log 2>&1 &
+      "$bin" --config "$conf" repo-init --kdf-memory-kib 8192 >/dev/null
+      WALSHIPPER_STREAM_SYNCHRONOUS=$sync ${RX_WRAP:-} "$bin" --config "$conf" wal-receive >rx.log 2>&1 &
       RX_PID=$!
       if [ "$sync" = true ]; then set_sync walshipper; wait_standby walshipper sync
       else set_sync ""; wait_standby walshipper; fi
@@ -186,7 +191,8 @@ run_variant() {
   "${PSQL[@]}" -c "VACUUM" -c "CHECKPOINT" >/dev/null
   rm -rf txlog; mkdir txlog
   out=$(cd txlog && flock -o "$LOCK" pgbench -h "$B/sock" -p "$PORT" -U postgres -n \
-    -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix=tx postgres 2>&1)
+    -c "$CLIENTS" -j 2 -T "$DURATION" -l --log-prefix=tx postgres 2>&1) || {
+    echo "pgbench failed ($v):"; echo "$out"; tail -20 rx.log; exit 1; }
   stop_variant
   local tps
   tps=$(sed -n 's/^tps = \([0-9.]*\) .*/\1/p' <<<"$out" | tail -1)

@@ -85,6 +85,11 @@ struct Receiver<'a> {
     server_lsn: Option<u64>,
     bytes_received: u64,
     segments_stored: u64,
+    /// Merged-away chunks go to a thread that deletes them: each delete
+    /// makes its directory durable (an fsync on posix), which has no place
+    /// in a synchronous commit's wait. One not deleted (killed first) is
+    /// harmless: the merged chunk wins, and the next start deletes it.
+    deleter: Option<std::sync::mpsc::Sender<String>>,
 }
 
 pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
@@ -114,8 +119,34 @@ pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
     if conn.create_slot(&sc.slot)? {
         tracing::info!("created physical replication slot {}", sc.slot);
     }
+    let (tx, deletions) = std::sync::mpsc::channel::<String>();
+    std::thread::scope(|sc| {
+        let repo = &repo;
+        sc.spawn(move || {
+            for key in deletions {
+                if let Err(e) = repo.storage.delete(&key) {
+                    tracing::warn!("cannot delete merged chunk {key}: {e}");
+                }
+            }
+        });
+        receive(repo, cfg, args, conn, &sys, id, tx)
+    })
+}
+
+/// Streams until stopped (the deleter thread ends when `deleter` is dropped).
+fn receive(
+    repo: &Repository,
+    cfg: &Config,
+    args: &Args,
+    mut conn: Connection,
+    sys: &SystemId,
+    id: ClusterIdentity,
+    deleter: std::sync::mpsc::Sender<String>,
+) -> Result<()> {
+    let sc = &cfg.stream;
     let mut r = Receiver {
-        repo: &repo,
+        deleter: Some(deleter),
+        repo,
         seg_size: id.wal_segment_size,
         id,
         slot: sc.slot.clone(),
@@ -135,7 +166,7 @@ pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
         bytes_received: 0,
         segments_stored: 0,
     };
-    r.resume(&mut conn, &sys)?;
+    r.resume(&mut conn, sys)?;
     loop {
         if r.tli > 1 {
             r.store_history(&mut conn, r.tli)?;
@@ -383,6 +414,9 @@ impl Receiver<'_> {
                 conn.send_status(self.received_lsn(), flushed, false)?;
                 last_status = Instant::now();
             }
+            // Merging rewrites what is durable already: after the
+            // acknowledgement, not in a synchronous commit's wait.
+            self.merge()?;
             if (flushed != emitted && last_event.elapsed() >= Duration::from_secs(1))
                 || last_event.elapsed() >= self.status_interval
             {
@@ -518,11 +552,13 @@ impl Receiver<'_> {
         self.durable = b;
         self.unflushed_since = None;
         self.last_flush = Some(Instant::now());
-        self.merge(&name)
+        Ok(())
     }
 
     /// Merges the last MERGE_FANOUT chunks while they share a level.
-    fn merge(&mut self, name: &str) -> Result<()> {
+    fn merge(&mut self) -> Result<()> {
+        let name = self.segment_name();
+        let name = name.as_str();
         loop {
             let n = self.chunks.len();
             if n < MERGE_FANOUT {
@@ -538,8 +574,15 @@ impl Receiver<'_> {
             self.put_same(&merged, &self.buf[s as usize..e as usize])?;
             // The pieces may go now: the chain prefers the merged chunk.
             for (a, b, _) in self.chunks.drain(n - MERGE_FANOUT..) {
-                if let Err(e) = self.repo.storage.delete(&layout::stream_chunk(name, a, b)) {
-                    tracing::warn!("cannot delete a merged chunk of {name}: {e}");
+                let key = layout::stream_chunk(name, a, b);
+                let queued = match &self.deleter {
+                    Some(d) => d.send(key).map_err(|e| e.0),
+                    None => Err(key),
+                };
+                if let Err(key) = queued {
+                    if let Err(e) = self.repo.storage.delete(&key) {
+                        tracing::warn!("cannot delete merged chunk {key}: {e}");
+                    }
                 }
             }
             self.chunks.push((s, e, level + 1));
