@@ -534,6 +534,58 @@ mod tests {
     }
 
     #[test]
+    fn the_tail_is_the_newest_streamed_segment_not_stored() {
+        let chunk = |a, b| Chunk {
+            key: String::new(),
+            start: a,
+            end: b,
+        };
+        let mut listing = Listing::default();
+        listing.segments.insert(
+            (1, 4),
+            Streamed {
+                name: "000000010000000000000004".into(),
+                chunks: vec![chunk(0, 10)],
+                stored: 1,
+            },
+        );
+        listing.segments.insert(
+            (2, 6),
+            Streamed {
+                name: "000000020000000000000006".into(),
+                // Pieces and the chunk merged over them; a stray beyond a gap.
+                chunks: vec![
+                    chunk(0, 100),
+                    chunk(0, 300),
+                    chunk(100, 300),
+                    chunk(300, 400),
+                    chunk(500, 600),
+                ],
+                stored: 5,
+            },
+        );
+        let mut held = Held::default();
+        held.whole.extend([(1, 3), (1, 5)]);
+        let t = describe_tail(&listing, &held, SEG).unwrap();
+        assert_eq!((t.timeline, t.bytes, t.chunks), (2, 400, 5));
+        assert_eq!(t.end_lsn, wal::format_lsn(6 * SEG + 400));
+        // Segment 5 of the parent timeline is whole: no gap.
+        assert!(t.continues_archive);
+        held.whole.remove(&(1, 5));
+        assert!(
+            !describe_tail(&listing, &held, SEG)
+                .unwrap()
+                .continues_archive
+        );
+        assert_eq!(held.last_before(2, 6), Some(3));
+        // Once timeline 2's segment 6 is stored, the receiver is past it:
+        // no tail, and every chunk listed is a leftover.
+        held.whole.insert((2, 6));
+        assert!(describe_tail(&listing, &held, SEG).is_none());
+        assert_eq!(receiver_segment(&listing, |t, s| held.stored(t, s)), None);
+    }
+
+    #[test]
     fn the_chain_reads_back_and_anything_else_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (_cfg, repo) = posix_repo(dir.path(), SYSID);
