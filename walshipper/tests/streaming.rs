@@ -288,7 +288,12 @@ fn streaming_survives_kills_and_restores_the_partial_segment_then_sync_and_timel
             &shipper,
             d,
             &format!("loop{i}"),
-            &[("WALSHIPPER_STREAM_FLUSH_INTERVAL", "0.05".to_string())],
+            &[
+                ("WALSHIPPER_STREAM_FLUSH_INTERVAL", "0.05".to_string()),
+                // The default: repository.json is looked at once a minute
+                // (opened_key_current), not before every write.
+                ("WALSHIPPER_ENCRYPTION_RETIRE_SETTLE", "900".to_string()),
+            ],
         );
         let n = tail_chunks(&shipper);
         assert!(

@@ -22,6 +22,8 @@
 //!   timeline's history file as archive-push would, and streaming goes on.
 //! - SIGTERM/SIGINT: what was received is made durable, then it exits 0.
 
+use std::cell::Cell;
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -90,7 +92,18 @@ struct Receiver<'a> {
     /// in a synchronous commit's wait. One not deleted (killed first) is
     /// harmless: the merged chunk wins, and the next start deletes it.
     deleter: Option<std::sync::mpsc::Sender<String>>,
+    /// How long a look at repository.json naming the key this receiver
+    /// opened with holds (`opened_key_current`); zero: every write reads it.
+    key_check_interval: Duration,
+    /// When repository.json was last seen naming the opened key.
+    key_seen: Cell<Option<Instant>>,
+    /// It named another since (a rotation): every write reads it.
+    key_changed: Cell<bool>,
 }
+
+/// The longest a receiver seals with the key it opened without looking
+/// whether repository.json still names it.
+const KEY_CHECK_MAX: Duration = Duration::from_secs(60);
 
 pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
@@ -144,8 +157,17 @@ fn receive(
     deleter: std::sync::mpsc::Sender<String>,
 ) -> Result<()> {
     let sc = &cfg.stream;
+    // `key retire` deletes a replaced key's file retire_settle seconds
+    // after the rotation at the earliest: looking every quarter of that is
+    // soon enough, and spares a synchronous commit a read of
+    // repository.json (a GET on S3) per write.
+    let key_check_interval =
+        Duration::from_secs(cfg.encryption.retire_settle / 4).min(KEY_CHECK_MAX);
     let mut r = Receiver {
         deleter: Some(deleter),
+        key_check_interval,
+        key_seen: Cell::new(None),
+        key_changed: Cell::new(false),
         repo,
         seg_size: id.wal_segment_size,
         id,
@@ -492,7 +514,11 @@ impl Receiver<'_> {
     fn put_same(&self, key: &str, bytes: &[u8]) -> Result<()> {
         // Sealed by the key current now, not the one read when the receiver
         // started days ago: `key retire` may since have deleted that one.
-        let (outcome, _) = self.repo.put_object_fresh(key, bytes)?;
+        let (outcome, _) = if self.opened_key_current() {
+            self.repo.put_object(key, bytes)?
+        } else {
+            self.repo.put_object_fresh(key, bytes)?
+        };
         if outcome == PutOutcome::Stored {
             return Ok(());
         }
@@ -509,6 +535,46 @@ impl Receiver<'_> {
             stored: stored.to_string(),
             local: local.to_string(),
         })
+    }
+
+    /// Whether repository.json named the key this receiver opened with
+    /// less than `key_check_interval` ago (read again when it is older).
+    /// False when unsure: the caller then reads it before the write
+    /// (`put_object_fresh`), which also authenticates a new key.
+    fn opened_key_current(&self) -> bool {
+        if self.key_check_interval.is_zero()
+            || self.key_changed.get()
+            || !self.repo.descriptor.encrypted()
+        {
+            return false;
+        }
+        if self
+            .key_seen
+            .get()
+            .is_some_and(|t| t.elapsed() < self.key_check_interval)
+        {
+            return true;
+        }
+        let mut body = Vec::new();
+        let read = match self.repo.storage.get(layout::DESCRIPTOR) {
+            Ok(Some(r)) => r.take(64 << 10).read_to_end(&mut body).is_ok(),
+            _ => false,
+        };
+        let opened = &self.repo.descriptor;
+        match crate::repo::Descriptor::parse(&body) {
+            Ok(d) if read && d.repository_id == opened.repository_id => {
+                if d.current_key_id == opened.current_key_id {
+                    self.key_seen.set(Some(Instant::now()));
+                    return true;
+                }
+                tracing::info!(
+                    "repository.json names another current key now: each write reads it again"
+                );
+                self.key_changed.set(true);
+                false
+            }
+            _ => false,
+        }
     }
 
     fn complete_segment(&mut self) -> Result<()> {
