@@ -18,8 +18,9 @@
 #
 # Run as root: bash bench/stream-sync.sh   (CLIENTS=4 DURATION=30 RUNS=3
 # SCALE=10 by default; about 8 minutes). WALSHIPPER_BIN=path skips the
-# release build; VARIANTS="none ws-sync" picks variants; BIN_B=path adds
-# ws-sync-b, ws-sync run by that build (A/B of a change); RX_WRAP="strace -f
+# release build; VARIANTS="none ws-sync" picks variants; BIN_B=path runs the
+# variants named <variant>-b with that build (A/B of a change; BIN_B alone
+# adds ws-sync-b); RX_WRAP="strace -f
 # -c -o FILE" runs the receiver under a profiler.
 set -euo pipefail
 if [ "${BENCH_INNER:-}" != 1 ]; then
@@ -44,8 +45,9 @@ LOCK=/var/tmp/pg_backup/bench.lock
 PORT=${PORT:-18450}
 VARIANTS=${VARIANTS:-"none ws-async ws-sync pgrw-sync"}
 [ "${S3:-}" = 1 ] && VARIANTS="$VARIANTS ws-sync-s3"
-# A/B of two builds: BIN_B=path adds ws-sync-b, ws-sync with that binary.
-[ -n "${BIN_B:-}" ] && VARIANTS="$VARIANTS ws-sync-b"
+# A/B of two builds: a variant named <variant>-b runs with BIN_B; BIN_B
+# alone adds ws-sync-b.
+if [ -n "${BIN_B:-}" ] && [[ " $VARIANTS" != *-b* ]]; then VARIANTS="$VARIANTS ws-sync-b"; fi
 cd "$B"
 mkdir -p sock
 PSQL=(psql -X -qAt -h "$B/sock" -p "$PORT" -U postgres postgres)
@@ -144,16 +146,17 @@ drop_slots() {
 
 # Starts what variant $1 needs.
 start_variant() {
+  local v=$1 bin=$BIN
+  if [[ $v == *-b ]]; then v=${v%-b}; bin=$BIN_B; fi
   RX_PID=
   drop_slots
   rm -rf ws-repo keycache pgrw
-  case $1 in
+  case $v in
     none) set_sync "" ;;
     ws-*)
-      local conf=ws.toml sync=false bin=$BIN
-      [ "$1" = ws-sync-s3 ] && conf=ws-s3.toml
-      [ "$1" = ws-sync-b ] && bin=$BIN_B
-      [ "$1" != ws-async ] && sync=true
+      local conf=ws.toml sync=false
+      [ "$v" = ws-sync-s3 ] && conf=ws-s3.toml
+      [ "$v" != ws-async ] && sync=true
       if [ "$conf" = ws-s3.toml ]; then
         sed -i "s/^prefix = .*/prefix = \"bench-stream-sync-$$-$RANDOM\"/" ws-s3.toml
       fi
