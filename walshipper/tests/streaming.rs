@@ -4,10 +4,18 @@
 //! restores from the repository alone.
 //!
 //! One cluster's story: the receiver is the only thing that stores WAL
-//! (archive_command is `true`), is killed and restarted under pgbench, then
+//! (archive_command is `true`); it is killed -9 right after starting again
+//! and again within one segment (PGB_TEST_STREAM_RESTARTS times, 6 by
+//! default): each start merges the chunks it finds, so their count stays
+//! small; it is killed and restarted under pgbench, then
 //! the primary is killed with -9 seconds after a marker commit and the
 //! latest point is restored: the marker, only ever in the partial segment,
-//! is there and nothing in between is missing. The restored server (now on
+//! is there and nothing in between is missing. Before that restore, with
+//! only the streamed chunks holding the marker: verify and info describe the
+//! tail, a damaged chunk is a verify problem naming it, expire removes
+//! planted leftover chunks but not the tail, and repo-sync copies the tail
+//! into a second repository that then serves the same segment bytes. The
+//! restored server (now on
 //! timeline 2) is then streamed from in synchronous mode: with the receiver
 //! stopped a commit waits; with it running a commit returns, the primary is
 //! killed at once, and a second restore (following timeline 2 through the
