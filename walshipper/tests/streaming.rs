@@ -5,7 +5,7 @@
 //!
 //! One cluster's story: the receiver is the only thing that stores WAL
 //! (archive_command is `true`); it is killed -9 right after starting again
-//! and again within one segment (PGB_TEST_STREAM_RESTARTS times, 6 by
+//! and again within one segment (PGB_TEST_STREAM_RESTARTS times, 4 by
 //! default): each start merges the chunks it finds, so their count stays
 //! small; it is killed and restarted under pgbench, then
 //! the primary is killed with -9 seconds after a marker commit and the
@@ -283,7 +283,7 @@ fn streaming_survives_kills_and_restores_the_partial_segment_then_sync_and_timel
     let restarts: usize = std::env::var("PGB_TEST_STREAM_RESTARTS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(6);
+        .unwrap_or(4);
     src.sql("CREATE TABLE restarts (i int)");
     let tail_chunks = |shipper: &Shipper| {
         shipper.info()["wal"]["stream_tail"]["chunks"]
