@@ -199,6 +199,10 @@ pub struct ExpireReport {
     pub wal_removed: u64,
     pub wal_removed_first: Option<String>,
     pub wal_removed_last: Option<String>,
+    /// Chunk objects of streamed segments removed (`stream/`, see
+    /// docs/repository-format.md "Streamed partial segments").
+    #[serde(default)]
+    pub stream_chunks_removed: u64,
     pub bytes_freed: u64,
     pub restorable_from: Option<String>,
 }
@@ -245,6 +249,32 @@ pub struct VerifyReport {
     /// longer holds has `present` false and is also a problem.
     #[serde(default)]
     pub keys: Vec<KeyStatus>,
+    /// The streamed tail of the WAL (`wal-receive`'s chunks of the segment
+    /// after the last whole one), read back and checked; None: there is
+    /// none.
+    #[serde(default)]
+    pub stream_tail: Option<StreamTail>,
+}
+
+/// The streamed tail of the WAL: the chunk objects of the newest streamed
+/// segment that is not stored whole (docs/repository-format.md "Streamed
+/// partial segments").
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct StreamTail {
+    pub timeline: u32,
+    /// The segment's file name.
+    pub segment: String,
+    /// Where the segment starts and where its readable chunks end (LSN
+    /// text): a restore to the latest point recovers up to the end.
+    pub start_lsn: String,
+    pub end_lsn: String,
+    /// Bytes of the segment the chunks hold (0..bytes).
+    pub bytes: u64,
+    /// Chunk objects listed for it.
+    pub chunks: u64,
+    /// Whether the segment before it is stored whole (on its timeline or an
+    /// ancestor's): the tail continues the archived WAL without a gap.
+    pub continues_archive: bool,
 }
 
 /// One data key of a repository: `info --json`'s `keys`, `key list --json`,
@@ -579,6 +609,7 @@ mod tests {
             ("key_repository", json(KeyRepoResult::default())),
             ("key_status", json(KeyStatus::default())),
             ("stream", json(Event::Stream(StreamStatus::default()))),
+            ("stream_tail", json(StreamTail::default())),
         ])
     }
 

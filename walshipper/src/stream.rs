@@ -16,7 +16,7 @@
 //! chunks than a writer leaves, or pages whose headers do not belong at
 //! their place in this segment of this cluster are refused as damage.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};
 use std::io::Write;
 use std::path::Path;
@@ -225,18 +225,198 @@ pub fn check_pages(
 
 /// Every (timeline, segment number) with streamed chunks.
 pub fn streamed_segments(repo: &Repository) -> Result<BTreeMap<(u32, u64), String>> {
+    Ok(list_streamed(repo)?
+        .segments
+        .into_iter()
+        .map(|(k, s)| (k, s.name))
+        .collect())
+}
+
+/// One streamed segment as listed (names only, nothing read).
+#[derive(Clone, Debug, Default)]
+pub struct Streamed {
+    /// The segment's file name.
+    pub name: String,
+    /// Its chunks as listed, sorted by (start, end).
+    pub chunks: Vec<Chunk>,
+    /// Stored bytes of its chunk objects.
+    pub stored: u64,
+}
+
+impl Streamed {
+    /// Where the chain of chunk names from offset 0 ends (0: none starts
+    /// at 0). From names alone: `read_chain` is what checks the bytes.
+    pub fn chain_end(&self) -> u32 {
+        let mut off = 0u32;
+        while let Some(end) = self
+            .chunks
+            .iter()
+            .filter(|c| c.start == off)
+            .map(|c| c.end)
+            .max()
+        {
+            off = end;
+        }
+        off
+    }
+}
+
+/// Everything under `stream/`, by (timeline, segment number); keys
+/// walshipper does not write are listed apart (never read, never deleted).
+#[derive(Debug, Default)]
+pub struct Listing {
+    pub segments: BTreeMap<(u32, u64), Streamed>,
+    pub foreign: Vec<String>,
+}
+
+/// The segments `wal/` holds, by (timeline, segment number): whole, and
+/// as `<segment>.partial` (a timeline's last, stored at a promotion).
+#[derive(Debug, Default)]
+pub struct Held {
+    pub whole: BTreeSet<(u32, u64)>,
+    pub partial: BTreeSet<(u32, u64)>,
+}
+
+impl Held {
+    /// Lists `wal/` (keys walshipper does not write are left out).
+    pub fn list(repo: &Repository) -> Result<Held> {
+        let keys = repo.storage.list(layout::WAL_PREFIX)?;
+        Ok(Held::of_keys(
+            keys.iter().map(|o| o.key.as_str()),
+            repo.descriptor.wal_segment_size,
+        ))
+    }
+
+    /// From WAL keys already listed.
+    pub fn of_keys<'k>(keys: impl Iterator<Item = &'k str>, seg_size: u64) -> Held {
+        let mut out = Held::default();
+        for key in keys {
+            if let Some(ObjectName::Wal {
+                kind:
+                    wal::WalFileKind::Segment {
+                        tli,
+                        log,
+                        seg,
+                        partial,
+                    },
+                ..
+            }) = layout::parse(key)
+            {
+                if let Some(n) = crate::commands::info::segno_of(log, seg, seg_size) {
+                    if partial {
+                        out.partial.insert((tli, n));
+                    } else {
+                        out.whole.insert((tli, n));
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Stored whole or as `.partial`: chunks of it are leftovers.
+    pub fn stored(&self, tli: u32, segno: u64) -> bool {
+        self.whole.contains(&(tli, segno)) || self.partial.contains(&(tli, segno))
+    }
+
+    /// The newest segment before `segno` stored whole on timeline `tli` or
+    /// an earlier one (at a switch the segment before the new timeline's
+    /// first belongs to the parent).
+    pub fn last_before(&self, tli: u32, segno: u64) -> Option<u64> {
+        self.whole
+            .iter()
+            .filter(|(t, s)| *t <= tli && *s < segno)
+            .map(|(_, s)| *s)
+            .max()
+    }
+
+    /// Whether segment `segno` continues the archived WAL without a gap.
+    pub fn continues(&self, tli: u32, segno: u64) -> bool {
+        segno.checked_sub(1).is_some() && self.last_before(tli, segno) == segno.checked_sub(1)
+    }
+}
+
+/// The streamed tail as a listing describes it (names only, nothing read):
+/// what `info` shows. `verify` reads it (`read_chain`) instead.
+pub fn describe_tail(
+    listing: &Listing,
+    held: &Held,
+    seg_size: u64,
+) -> Option<pg_backup_contract::StreamTail> {
+    let (tli, segno) = receiver_segment(listing, |t, s| held.stored(t, s))?;
+    let s = listing.segments.get(&(tli, segno))?;
+    let start = segno.saturating_mul(seg_size);
+    let end = s.chain_end();
+    Some(pg_backup_contract::StreamTail {
+        timeline: tli,
+        segment: s.name.clone(),
+        start_lsn: wal::format_lsn(start),
+        end_lsn: wal::format_lsn(start.saturating_add(u64::from(end))),
+        bytes: u64::from(end),
+        chunks: s.chunks.len() as u64,
+        continues_archive: held.continues(tli, segno),
+    })
+}
+
+/// Lists `stream/` once. Segment names a PostgreSQL with this segment size
+/// would not write count as foreign keys.
+pub fn list_streamed(repo: &Repository) -> Result<Listing> {
     let seg_size = repo.descriptor.wal_segment_size;
-    let mut out = BTreeMap::new();
+    let mut out = Listing::default();
     for m in repo.storage.list(layout::STREAM_PREFIX)? {
-        let Some(ObjectName::StreamChunk { segment, .. }) = layout::parse(&m.key) else {
+        let parsed = match layout::parse(&m.key) {
+            Some(ObjectName::StreamChunk {
+                segment,
+                start,
+                end,
+            }) if u64::from(end) <= seg_size => match wal::parse_name(&segment) {
+                Some(wal::WalFileKind::Segment { tli, log, seg, .. }) => {
+                    crate::commands::info::segno_of(log, seg, seg_size)
+                        .map(|n| ((tli, n), segment, start, end))
+                }
+                _ => None,
+            },
+            _ => None,
+        };
+        let Some((at, segment, start, end)) = parsed else {
             tracing::warn!("ignoring {:?}: not a key walshipper writes", m.key);
+            out.foreign.push(m.key);
             continue;
         };
-        if let Some(wal::WalFileKind::Segment { tli, log, seg, .. }) = wal::parse_name(&segment) {
-            out.insert((tli, wal::seg_no(log, seg, seg_size)), segment);
-        }
+        let s = out.segments.entry(at).or_insert_with(|| Streamed {
+            name: segment,
+            ..Default::default()
+        });
+        s.stored = s.stored.saturating_add(m.size);
+        s.chunks.push(Chunk {
+            key: m.key,
+            start,
+            end,
+        });
+    }
+    for s in out.segments.values_mut() {
+        s.chunks.sort_by_key(|c| (c.start, c.end));
     }
     Ok(out)
+}
+
+/// The streamed segment a running receiver may be filling now: the newest
+/// (timeline, segment) with chunks, unless `wal/` holds it whole or as
+/// `.partial` (`stored` says which it does; then the receiver is past it).
+/// Chunks of every other streamed segment are leftovers of a receiver
+/// killed while deleting them, or a tail abandoned at a timeline switch.
+/// This is also the streamed tail of the WAL (what archive-get serves
+/// beyond the last whole segment).
+pub fn receiver_segment(
+    listing: &Listing,
+    stored: impl Fn(u32, u64) -> bool,
+) -> Option<(u32, u64)> {
+    listing
+        .segments
+        .keys()
+        .next_back()
+        .filter(|(t, s)| !stored(*t, *s))
+        .copied()
 }
 
 /// archive-get's fallback for segment `name` when the repository holds it
@@ -351,6 +531,58 @@ mod tests {
             Err(e) => panic!("{what}: not refused as damage: {e}"),
             Ok(_) => panic!("{what}: accepted"),
         }
+    }
+
+    #[test]
+    fn the_tail_is_the_newest_streamed_segment_not_stored() {
+        let chunk = |a, b| Chunk {
+            key: String::new(),
+            start: a,
+            end: b,
+        };
+        let mut listing = Listing::default();
+        listing.segments.insert(
+            (1, 4),
+            Streamed {
+                name: "000000010000000000000004".into(),
+                chunks: vec![chunk(0, 10)],
+                stored: 1,
+            },
+        );
+        listing.segments.insert(
+            (2, 6),
+            Streamed {
+                name: "000000020000000000000006".into(),
+                // Pieces and the chunk merged over them; a stray beyond a gap.
+                chunks: vec![
+                    chunk(0, 100),
+                    chunk(0, 300),
+                    chunk(100, 300),
+                    chunk(300, 400),
+                    chunk(500, 600),
+                ],
+                stored: 5,
+            },
+        );
+        let mut held = Held::default();
+        held.whole.extend([(1, 3), (1, 5)]);
+        let t = describe_tail(&listing, &held, SEG).unwrap();
+        assert_eq!((t.timeline, t.bytes, t.chunks), (2, 400, 5));
+        assert_eq!(t.end_lsn, wal::format_lsn(6 * SEG + 400));
+        // Segment 5 of the parent timeline is whole: no gap.
+        assert!(t.continues_archive);
+        held.whole.remove(&(1, 5));
+        assert!(
+            !describe_tail(&listing, &held, SEG)
+                .unwrap()
+                .continues_archive
+        );
+        assert_eq!(held.last_before(2, 6), Some(3));
+        // Once timeline 2's segment 6 is stored, the receiver is past it:
+        // no tail, and every chunk listed is a leftover.
+        held.whole.insert((2, 6));
+        assert!(describe_tail(&listing, &held, SEG).is_none());
+        assert_eq!(receiver_segment(&listing, |t, s| held.stored(t, s)), None);
     }
 
     #[test]

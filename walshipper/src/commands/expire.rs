@@ -267,6 +267,7 @@ fn expire_one(
         wal_removed: 0,
         wal_removed_first: None,
         wal_removed_last: None,
+        stream_chunks_removed: 0,
         bytes_freed: 0,
         restorable_from: None,
     };
@@ -410,6 +411,14 @@ fn expire_one(
             report.bytes_freed = report.bytes_freed.saturating_add(*size);
         }
     }
+    if !policy.is_empty() {
+        if let Some(l) = lock.as_ref().filter(|_| !args.dry_run) {
+            l.ensure_held()?;
+        }
+        let (n, bytes) = expire_stream(&repo, cutoff, args.dry_run)?;
+        report.stream_chunks_removed = n;
+        report.bytes_freed = report.bytes_freed.saturating_add(bytes);
+    }
     if !args.dry_run {
         repo.storage.flush()?;
     }
@@ -453,6 +462,12 @@ fn expire_one(
         (Some(a), Some(b)) => println!("{verb} {} WAL files, {a} .. {b}", report.wal_removed),
         _ => println!("no WAL to remove"),
     }
+    if report.stream_chunks_removed > 0 {
+        println!(
+            "{verb} {} streamed chunks (stream/) of segments stored whole or older than the oldest backup",
+            report.stream_chunks_removed
+        );
+    }
     println!(
         "{}: {verb} {} backups, {} MiB{}",
         report.repository,
@@ -465,6 +480,45 @@ fn expire_one(
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// Removes the chunk objects of streamed segments (`stream/`) that nothing
+/// needs: those of a segment `wal/` holds whole or as `.partial` (leftovers
+/// of a receiver killed while deleting them), and those of segments before
+/// `cutoff` (older than every kept backup's start, like the WAL). Never the
+/// chunks of the segment a receiver may be filling now
+/// (`stream::receiver_segment`): the receiver takes no lock, so this deletes
+/// only keys it listed, of segments the receiver is past; a chunk the
+/// receiver writes or merges meanwhile is never one of them. Returns the
+/// chunks and stored bytes removed (or that would be, in a dry run).
+fn expire_stream(repo: &Repository, cutoff: Option<u64>, dry_run: bool) -> Result<(u64, u64)> {
+    let listing = crate::stream::list_streamed(repo)?;
+    if listing.segments.is_empty() {
+        return Ok((0, 0));
+    }
+    let held = crate::stream::Held::list(repo)?;
+    let filling = crate::stream::receiver_segment(&listing, |t, s| held.stored(t, s));
+    let (mut n, mut bytes) = (0u64, 0u64);
+    for (&(tli, segno), s) in &listing.segments {
+        let doomed = Some((tli, segno)) != filling
+            && (held.stored(tli, segno) || cutoff.is_some_and(|c| segno < c));
+        if !doomed {
+            continue;
+        }
+        for c in &s.chunks {
+            if !dry_run {
+                repo.storage.delete(&c.key)?;
+            }
+            n += 1;
+        }
+        bytes = bytes.saturating_add(s.stored);
+        tracing::info!(
+            "{} the streamed chunks of {}",
+            if dry_run { "would remove" } else { "removed" },
+            s.name
+        );
+    }
+    Ok((n, bytes))
 }
 
 /// A damaged diff or incr cannot say which backups it is built on, so the
@@ -497,5 +551,60 @@ fn keep_bases_of_damaged(
                 .push(format!("may be needed by damaged backup {}", d.id));
             decision.remove.retain(|r| *r != m.id);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::test_support::posix_repo;
+    use crate::storage::Durability;
+
+    fn plant(repo: &Repository, key: &str) {
+        repo.storage
+            .put_new(key, &mut &b"x"[..], Durability::Now)
+            .unwrap();
+    }
+
+    #[test]
+    fn streamed_chunks_go_with_the_wal_but_never_the_receivers_segment() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_cfg, repo) = posix_repo(dir.path(), 7_000_000_000_000_000_001);
+        let seg = 16 << 20;
+        let name = |t, s| wal::segment_name(t, s, seg);
+        // Segment 5 whole with leftover chunks; segment 3 only streamed
+        // (older than the cutoff); timeline 1's segment 7 stored as
+        // .partial; the receiver filling timeline 2's segment 8, which is
+        // behind the cutoff (it lags the newest backup).
+        plant(&repo, &layout::wal_segment(1, 5, seg));
+        plant(&repo, &layout::stream_chunk(&name(1, 5), 0, 0x2000));
+        plant(&repo, &layout::stream_chunk(&name(1, 3), 0, 0x2000));
+        plant(&repo, &layout::stream_chunk(&name(1, 3), 0x2000, 0x4000));
+        let p = format!("{}.partial", name(1, 7));
+        plant(&repo, &layout::wal(&p, &wal::parse_name(&p).unwrap()));
+        plant(&repo, &layout::stream_chunk(&name(1, 7), 0, 0x2000));
+        plant(&repo, &layout::stream_chunk(&name(2, 8), 0, 0x2000));
+        plant(&repo, &layout::stream_chunk(&name(2, 8), 0x2000, 0x3000));
+        // A dry run removes nothing.
+        assert_eq!(expire_stream(&repo, Some(9), true).unwrap().0, 4);
+        assert_eq!(repo.storage.list(layout::STREAM_PREFIX).unwrap().len(), 6);
+        assert_eq!(expire_stream(&repo, Some(9), false).unwrap().0, 4);
+        let left: Vec<String> = repo
+            .storage
+            .list(layout::STREAM_PREFIX)
+            .unwrap()
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        assert_eq!(
+            left,
+            [
+                layout::stream_chunk(&name(2, 8), 0, 0x2000),
+                layout::stream_chunk(&name(2, 8), 0x2000, 0x3000)
+            ]
+        );
+        // Without a cutoff (no backup kept), only the leftovers would go.
+        plant(&repo, &layout::stream_chunk(&name(1, 3), 0, 0x2000));
+        assert_eq!(expire_stream(&repo, None, false).unwrap().0, 0);
     }
 }

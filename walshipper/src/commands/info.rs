@@ -252,6 +252,13 @@ pub struct WalInfo {
     pub history_files: Vec<String>,
     pub backup_history_files: Vec<String>,
     pub partial_files: Vec<String>,
+    /// The streamed tail (`wal-receive`'s chunks of the segment after the
+    /// last whole one), from the listing: `verify` reads it back.
+    pub stream_tail: Option<pg_backup_contract::StreamTail>,
+    /// Streamed segments with chunk objects (the tail, and leftovers
+    /// expire removes), and their stored bytes.
+    pub stream_segments: u64,
+    pub stream_stored: u64,
     /// Keys under wal/ that are no WAL file PostgreSQL writes (or not where
     /// walshipper stores one): ignored.
     pub foreign: Vec<String>,
@@ -338,6 +345,7 @@ pub fn collect(repo: &Repository) -> Result<Info> {
     let seg_size = checked_seg_size(repo)?;
     let mut wal_info = WalInfo::default();
     let mut per_tli: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
+    let mut held = crate::stream::Held::default();
     for obj in repo.storage.list(layout::WAL_PREFIX)? {
         wal_info.size_stored = wal_info.size_stored.saturating_add(obj.size);
         let Some(layout::ObjectName::Wal { name, kind }) = layout::parse(&obj.key) else {
@@ -357,8 +365,10 @@ pub fn collect(repo: &Repository) -> Result<Info> {
                 };
                 wal_info.size_plain = wal_info.size_plain.saturating_add(seg_size);
                 if partial {
+                    held.partial.insert((tli, segno));
                     wal_info.partial_files.push(name);
                 } else {
+                    held.whole.insert((tli, segno));
                     per_tli.entry(tli).or_default().push(segno);
                     wal_info.segments += 1;
                 }
@@ -367,6 +377,10 @@ pub fn collect(repo: &Repository) -> Result<Info> {
             WalFileKind::BackupHistory { .. } => wal_info.backup_history_files.push(name),
         }
     }
+    let streamed = crate::stream::list_streamed(repo)?;
+    wal_info.stream_tail = crate::stream::describe_tail(&streamed, &held, seg_size);
+    wal_info.stream_segments = streamed.segments.len() as u64;
+    wal_info.stream_stored = streamed.segments.values().map(|s| s.stored).sum();
     if !wal_info.foreign.is_empty() {
         tracing::warn!(
             "{} object(s) under wal/ are no WAL file walshipper stores, e.g. {:?}: ignored",
@@ -389,6 +403,7 @@ pub fn collect(repo: &Repository) -> Result<Info> {
     // The listings above, not another of everything.
     let stored_bytes = wal_info
         .size_stored
+        .saturating_add(wal_info.stream_stored)
         .saturating_add(backups_bytes)
         .saturating_add(other_stored_bytes(repo));
     let backups = scan
@@ -594,6 +609,30 @@ pub fn run(
     }
     if !w.partial_files.is_empty() {
         println!("partial segments  {}", w.partial_files.join(" "));
+    }
+    if let Some(t) = &w.stream_tail {
+        println!(
+            "streamed tail     {} (timeline {}): {} to {}, {} chunks{}",
+            t.segment,
+            t.timeline,
+            t.start_lsn,
+            t.end_lsn,
+            t.chunks,
+            if t.continues_archive {
+                ""
+            } else {
+                "; does NOT continue the archived WAL (run verify)"
+            }
+        );
+    }
+    let leftovers = w
+        .stream_segments
+        .saturating_sub(u64::from(w.stream_tail.is_some()));
+    if leftovers > 0 {
+        println!(
+            "streamed leftovers {leftovers} segment(s) whose chunks are no longer the tail ({}); expire removes them",
+            human(w.stream_stored)
+        );
     }
     println!();
     if info.backups.is_empty() {

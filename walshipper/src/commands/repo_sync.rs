@@ -43,6 +43,14 @@ struct Report {
     /// backup's first segment.
     wal_skipped: usize,
     wal_skipped_before: Option<String>,
+    /// The streamed tail copied (`stream_tail`): its segment and where its
+    /// chunks end in the target now.
+    stream_tail: Option<String>,
+    stream_tail_end: Option<String>,
+    stream_chunks_copied: usize,
+    /// Streamed chunks removed from the target because it now holds their
+    /// segment whole (or as `.partial`): a tail it no longer needs.
+    stream_chunks_removed: usize,
 }
 
 /// What a repository holds, by object key.
@@ -144,6 +152,152 @@ fn holdings(repo: &Repository) -> Result<Holdings> {
         keys,
         objects,
     })
+}
+
+/// Copies each source's streamed tail (the chunks `wal-receive` keeps of
+/// the segment it is filling, docs/repository-format.md "Streamed partial
+/// segments") into `target`, so that a restore from it recovers the newest
+/// WAL too; then removes the target's chunks of segments it now holds
+/// whole. Returns the number of failures.
+///
+/// A tail is only ever a prefix of its segment, so a copy is never wrong
+/// WAL, only possibly older; the rules keep it readable too:
+/// - the source's chain is read back strictly first (`stream::read_chain`,
+///   as archive-get does); a damaged or gapped one is not copied;
+/// - chunks are copied in offset order, so a copy cut short leaves a
+///   shorter chain, never one with a gap;
+/// - afterwards the target's chain is read back strictly and must agree
+///   with the source's bytes; otherwise it is a failure naming both;
+/// - a segment the target holds whole is never given chunks (archive-get
+///   prefers the whole segment anyway), and its old chunks go.
+///
+/// A receiver writing into the source meanwhile merges chunks (the pieces
+/// vanish) or completes the segment: a chunk gone since the listing ends
+/// this copy without failure; the next repo-sync copies the newer tail or
+/// the whole segment.
+fn sync_stream_tail(
+    target: &Repository,
+    sources: &[&(Repository, Holdings)],
+    dry_run: bool,
+    report: &mut Report,
+) -> Result<usize> {
+    let seg = crate::commands::info::checked_seg_size(target)?;
+    let mut failures = 0;
+    let held = crate::stream::Held::list(target)?;
+    for (src, h) in sources {
+        let listing = crate::stream::list_streamed(src)?;
+        let src_held = crate::stream::Held::of_keys(h.wal.iter().map(String::as_str), seg);
+        let Some((tli, segno)) =
+            crate::stream::receiver_segment(&listing, |t, s| src_held.stored(t, s))
+        else {
+            continue;
+        };
+        if held.stored(tli, segno) {
+            continue;
+        }
+        let name = wal::segment_name(tli, segno, seg);
+        let chain = match crate::stream::read_chain(src, tli, segno) {
+            Ok(Some(c)) => c,
+            Ok(None) | Err(Error::NotFound(_)) => {
+                tracing::info!(
+                    "the streamed tail {name} of {} changed while it was read (its receiver merged or completed it): not copied this time",
+                    src.name
+                );
+                continue;
+            }
+            Err(e) => {
+                eprintln!("streamed tail {name}: not copied from {}: {e}", src.name);
+                report.failed.push(layout::stream_prefix(&name));
+                failures += 1;
+                continue;
+            }
+        };
+        let have: BTreeSet<String> = target
+            .storage
+            .list(&layout::stream_prefix(&name))?
+            .into_iter()
+            .map(|m| m.key)
+            .collect();
+        let mut copied = 0;
+        let mut cut = false;
+        for c in chain.used.iter().filter(|c| !have.contains(&c.key)) {
+            if dry_run {
+                copied += 1;
+                continue;
+            }
+            match target.copy_object_from(src, &c.key) {
+                Ok(_) => copied += 1,
+                Err(Error::NotFound(_)) => {
+                    cut = true;
+                    break;
+                }
+                Err(e) => {
+                    eprintln!("streamed tail {name}: {} from {}: {e}", c.key, src.name);
+                    report.failed.push(c.key.clone());
+                    failures += 1;
+                    cut = true;
+                    break;
+                }
+            }
+        }
+        let start = segno.saturating_mul(seg);
+        let mut end = start + chain.bytes.len() as u64;
+        if !dry_run {
+            target.storage.flush()?;
+            // What the target serves now, read as archive-get reads it.
+            match crate::stream::read_chain(target, tli, segno) {
+                Ok(Some(t)) => {
+                    let n = t.bytes.len().min(chain.bytes.len());
+                    if t.bytes[..n] != chain.bytes[..n] {
+                        eprintln!(
+                            "streamed tail {name}: the chunks in {} do not hold the bytes of {}'s: check both with verify; archive-get in {} may serve the wrong tail until it is moved aside",
+                            target.name, src.name, target.name
+                        );
+                        report.failed.push(layout::stream_prefix(&name));
+                        failures += 1;
+                        continue;
+                    }
+                    end = start + t.bytes.len() as u64;
+                }
+                Ok(None) if cut => continue,
+                Ok(None) => {
+                    return Err(Error::Repository(format!(
+                        "repository {}: the streamed tail {name} just copied is not listed",
+                        target.name
+                    )))
+                }
+                Err(e) => {
+                    eprintln!(
+                        "streamed tail {name}: the copy in {} does not read back: {e}",
+                        target.name
+                    );
+                    report.failed.push(layout::stream_prefix(&name));
+                    failures += 1;
+                    continue;
+                }
+            }
+        }
+        report.stream_chunks_copied += copied;
+        report.stream_tail = Some(name);
+        report.stream_tail_end = Some(wal::format_lsn(end));
+    }
+    // The target's chunks of segments it holds whole or as .partial: no
+    // longer its tail (only keys listed here are deleted: a receiver
+    // writing into the target is past these segments).
+    let held = crate::stream::Held::list(target)?;
+    let listing = crate::stream::list_streamed(target)?;
+    for (&(tli, segno), s) in &listing.segments {
+        if !held.stored(tli, segno) {
+            continue;
+        }
+        for c in &s.chunks {
+            if !dry_run {
+                target.storage.delete(&c.key)?;
+            }
+            report.stream_chunks_removed += 1;
+        }
+    }
+    Ok(failures)
 }
 
 pub fn run(cfg: &Config, args: &Args) -> Result<()> {
@@ -323,6 +477,10 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                     .push(key.rsplit('/').next().unwrap_or(key).to_string());
             }
         }
+        if !args.dry_run {
+            target.storage.flush()?;
+        }
+        let tail_failures = sync_stream_tail(target, &sources, args.dry_run, &mut report)?;
         for (id, (i, m)) in &wanted {
             let keys = &sources[*i].1.backups[id];
             let manifest = layout::manifest(id);
@@ -362,7 +520,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                 report.backups_copied.push(id.clone());
             }
         }
-        failures += unsatisfied;
+        failures += unsatisfied + tail_failures;
         if !args.dry_run {
             target.storage.flush()?;
         }
@@ -371,7 +529,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             println!("{}", serde_json::to_string(&report).unwrap_or_default());
         } else {
             println!(
-                "{}: {verb} {} WAL files, {} backups{}{}{}{}",
+                "{}: {verb} {} WAL files, {} backups{}{}{}{}{}",
                 report.repository,
                 report.wal_copied.len(),
                 report.backups_copied.len(),
@@ -387,6 +545,13 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
                         "; not copied, expired here: {}",
                         report.backups_skipped_expired.join(" ")
                     )
+                },
+                match (&report.stream_tail, &report.stream_tail_end) {
+                    (Some(seg), Some(end)) => format!(
+                        "; streamed tail {seg} up to {end} ({} chunks {verb})",
+                        report.stream_chunks_copied
+                    ),
+                    _ => String::new(),
                 },
                 match &report.wal_skipped_before {
                     Some(first) => format!(

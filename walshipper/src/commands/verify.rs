@@ -259,6 +259,8 @@ pub fn run(
     }
 
     problems.extend(check_wal(&repo, &wal_work, jobs, &keys, &sizes));
+    let streamed = check_stream(&repo, seg)?;
+    problems.extend(streamed.problems);
 
     let next = AtomicUsize::new(0);
     let found: Mutex<Vec<String>> = Mutex::new(Vec::new());
@@ -396,12 +398,14 @@ pub fn run(
                 repository: repo.name.clone(),
                 backups: backups.iter().map(|m| m.id.clone()).collect(),
                 damaged_backups: scan.damaged.clone(),
-                objects_checked: (work.len() + bundles.len() + wal_work.len()) as u64,
+                objects_checked: (work.len() + bundles.len() + wal_work.len()) as u64
+                    + streamed.chunks_read,
                 files_rebuilt: rebuilds.len() as u64,
                 wal_segments_checked: wal_checked as u64,
                 problems: problems.clone(),
                 keys: key_statuses.clone(),
                 duration_s: started.elapsed().as_secs_f64(),
+                stream_tail: streamed.tail.clone(),
             },
         ));
     } else {
@@ -413,10 +417,27 @@ pub fn run(
         }
         println!(
             "{} objects read, {} files rebuilt from block deltas, {} WAL segments in range",
-            work.len() + bundles.len() + wal_work.len(),
+            work.len() + bundles.len() + wal_work.len() + streamed.chunks_read as usize,
             rebuilds.len(),
             wal_checked
         );
+        match &streamed.tail {
+            Some(t) => println!(
+                "streamed tail: {} (timeline {}) {} bytes in {} chunks, {} to {}; {}",
+                t.segment,
+                t.timeline,
+                t.bytes,
+                t.chunks,
+                t.start_lsn,
+                t.end_lsn,
+                if t.continues_archive {
+                    "continues the archived WAL"
+                } else {
+                    "does NOT continue the archived WAL"
+                }
+            ),
+            None => println!("streamed tail: none (no wal-receive chunks beyond the archived WAL)"),
+        }
         if repo.descriptor.encrypted() {
             println!("data keys of the objects read:");
             print!(
@@ -484,6 +505,82 @@ fn check_wal(
         }
     });
     found.into_inner().unwrap_or_default()
+}
+
+/// What `check_stream` found.
+struct Streamed {
+    tail: Option<pg_backup_contract::StreamTail>,
+    chunks_read: u64,
+    problems: Vec<String>,
+}
+
+/// Reads back every streamed segment's chunks (`stream/`) with archive-get's
+/// strict reader (`stream::read_chain`): a damaged chunk, a gap, a chunk of
+/// another segment is a problem naming the object. Describes the tail (the
+/// segment a restore to the latest point ends in) and whether it continues
+/// the archived WAL; a gap between them is a problem (recovery stops before
+/// the tail).
+fn check_stream(repo: &Repository, seg: u64) -> Result<Streamed> {
+    let mut out = Streamed {
+        tail: None,
+        chunks_read: 0,
+        problems: Vec::new(),
+    };
+    let listing = crate::stream::list_streamed(repo)?;
+    for k in &listing.foreign {
+        out.problems.push(format!(
+            "{}: not a key walshipper writes under stream/; not used",
+            k.escape_debug()
+        ));
+    }
+    if listing.segments.is_empty() {
+        return Ok(out);
+    }
+    let held = crate::stream::Held::list(repo)?;
+    let tail_at = crate::stream::receiver_segment(&listing, |t, s| held.stored(t, s));
+    for (&(tli, segno), s) in &listing.segments {
+        // A receiver running meanwhile merges chunks (deleting the pieces)
+        // and deletes them once the segment is whole: a chunk gone since
+        // the listing asks for one more look, not a finding.
+        let mut read = crate::stream::read_chain(repo, tli, segno);
+        if matches!(read, Err(Error::NotFound(_))) {
+            read = crate::stream::read_chain(repo, tli, segno);
+        }
+        let chain = match read {
+            Ok(Some(c)) => c,
+            Ok(None) => continue,
+            Err(Error::NotFound(_)) if held.stored(tli, segno) => continue,
+            Err(e) => {
+                out.problems.push(format!("streamed WAL {}: {e}", s.name));
+                continue;
+            }
+        };
+        out.chunks_read += chain.used.len() as u64;
+        if Some((tli, segno)) != tail_at {
+            continue;
+        }
+        let start = segno.saturating_mul(seg);
+        let end = start.saturating_add(chain.bytes.len() as u64);
+        let continues = held.continues(tli, segno);
+        if let Some(last) = held.last_before(tli, segno).filter(|_| !continues) {
+            out.problems.push(format!(
+                "WAL gap before the streamed tail: {} to {} missing, so recovery to the latest point stops before the tail {} (archive the missing segments, e.g. with archive-push from pg_wal while the server keeps them)",
+                wal::segment_name(tli, last + 1, seg),
+                wal::segment_name(tli, segno - 1, seg),
+                s.name
+            ));
+        }
+        out.tail = Some(pg_backup_contract::StreamTail {
+            timeline: tli,
+            segment: s.name.clone(),
+            start_lsn: wal::format_lsn(start),
+            end_lsn: wal::format_lsn(end),
+            bytes: chain.bytes.len() as u64,
+            chunks: chain.listed.len() as u64,
+            continues_archive: continues,
+        });
+    }
+    Ok(out)
 }
 
 /// The hash of a file rebuilt from its base and block deltas, with the

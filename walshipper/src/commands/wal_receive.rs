@@ -22,6 +22,8 @@
 //!   timeline's history file as archive-push would, and streaming goes on.
 //! - SIGTERM/SIGINT: what was received is made durable, then it exits 0.
 
+use std::cell::Cell;
+use std::io::Read;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -50,7 +52,9 @@ extern "C" fn on_signal(_: libc::c_int) {
 const MERGE_FANOUT: usize = 8;
 /// Lag (in segments) above which each progress report is also a warning.
 const LAG_WARN_SEGMENTS: u64 = 64;
-/// The level of chunks found in the repository at start: never merged again.
+/// The level of the one chunk a resumed segment starts with (`consolidate`):
+/// never merged again (rewriting it at every merge would cost up to a
+/// whole segment per write).
 const LOADED: u8 = u8::MAX;
 
 /// How streaming on one timeline ended.
@@ -83,7 +87,23 @@ struct Receiver<'a> {
     server_lsn: Option<u64>,
     bytes_received: u64,
     segments_stored: u64,
+    /// Merged-away chunks go to a thread that deletes them: each delete
+    /// makes its directory durable (an fsync on posix), which has no place
+    /// in a synchronous commit's wait. One not deleted (killed first) is
+    /// harmless: the merged chunk wins, and the next start deletes it.
+    deleter: Option<std::sync::mpsc::Sender<String>>,
+    /// How long a look at repository.json naming the key this receiver
+    /// opened with holds (`opened_key_current`); zero: every write reads it.
+    key_check_interval: Duration,
+    /// When repository.json was last seen naming the opened key.
+    key_seen: Cell<Option<Instant>>,
+    /// It named another since (a rotation): every write reads it.
+    key_changed: Cell<bool>,
 }
+
+/// The longest a receiver seals with the key it opened without looking
+/// whether repository.json still names it.
+const KEY_CHECK_MAX: Duration = Duration::from_secs(60);
 
 pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
@@ -112,8 +132,43 @@ pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
     if conn.create_slot(&sc.slot)? {
         tracing::info!("created physical replication slot {}", sc.slot);
     }
+    let (tx, deletions) = std::sync::mpsc::channel::<String>();
+    std::thread::scope(|sc| {
+        let repo = &repo;
+        sc.spawn(move || {
+            for key in deletions {
+                if let Err(e) = repo.storage.delete(&key) {
+                    tracing::warn!("cannot delete merged chunk {key}: {e}");
+                }
+            }
+        });
+        receive(repo, cfg, args, conn, &sys, id, tx)
+    })
+}
+
+/// Streams until stopped (the deleter thread ends when `deleter` is dropped).
+fn receive(
+    repo: &Repository,
+    cfg: &Config,
+    args: &Args,
+    mut conn: Connection,
+    sys: &SystemId,
+    id: ClusterIdentity,
+    deleter: std::sync::mpsc::Sender<String>,
+) -> Result<()> {
+    let sc = &cfg.stream;
+    // `key retire` deletes a replaced key's file retire_settle seconds
+    // after the rotation at the earliest: looking every quarter of that is
+    // soon enough, and spares a synchronous commit a read of
+    // repository.json (a GET on S3) per write.
+    let key_check_interval =
+        Duration::from_secs(cfg.encryption.retire_settle / 4).min(KEY_CHECK_MAX);
     let mut r = Receiver {
-        repo: &repo,
+        deleter: Some(deleter),
+        key_check_interval,
+        key_seen: Cell::new(None),
+        key_changed: Cell::new(false),
+        repo,
         seg_size: id.wal_segment_size,
         id,
         slot: sc.slot.clone(),
@@ -133,7 +188,7 @@ pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
         bytes_received: 0,
         segments_stored: 0,
     };
-    r.resume(&mut conn, &sys)?;
+    r.resume(&mut conn, sys)?;
     loop {
         if r.tli > 1 {
             r.store_history(&mut conn, r.tli)?;
@@ -247,11 +302,7 @@ impl Receiver<'_> {
                 if let Some(chain) = stream::read_chain(self.repo, t, s)? {
                     self.buf = chain.bytes;
                     self.durable = self.buf.len();
-                    self.chunks = chain
-                        .used
-                        .iter()
-                        .map(|c| (c.start, c.end, LOADED))
-                        .collect();
+                    self.consolidate(&chain.listed)?;
                     tracing::info!(
                         "resuming segment {} of which {} bytes are in the repository",
                         self.segment_name(),
@@ -265,6 +316,36 @@ impl Receiver<'_> {
         if t < sys.timeline {
             self.skip_past_switch(conn, sys.timeline)?;
         }
+        Ok(())
+    }
+
+    /// Replaces the chunks found at start by one chunk over all their
+    /// bytes, then deletes the rest. Each session leaves O(8 log8 n)
+    /// chunks (`merge`); without this, a receiver restarted over and over
+    /// within one segment would add that many per restart, up to the
+    /// `stream::MAX_CHUNKS` readers refuse.
+    fn consolidate(&mut self, listed: &[stream::Chunk]) -> Result<()> {
+        let name = self.segment_name();
+        let end = self.buf.len() as u32;
+        if listed.len() > 1 {
+            let key = layout::stream_chunk(&name, 0, end);
+            if !listed.iter().any(|c| c.key == key) {
+                self.put_same(&key, &self.buf)?;
+            }
+            // Readers prefer the longest chunk at each offset: the pieces
+            // are redundant from here on, whether or not their deletion
+            // completes (the next start deletes what is left).
+            for c in listed.iter().filter(|c| c.key != key) {
+                if let Err(e) = self.repo.storage.delete(&c.key) {
+                    tracing::warn!("cannot delete merged chunk {}: {e}", c.key);
+                }
+            }
+            tracing::info!(
+                "merged the {} streamed chunks of {name} into one",
+                listed.len()
+            );
+        }
+        self.chunks = vec![(0, end, LOADED)];
         Ok(())
     }
 
@@ -355,6 +436,9 @@ impl Receiver<'_> {
                 conn.send_status(self.received_lsn(), flushed, false)?;
                 last_status = Instant::now();
             }
+            // Merging rewrites what is durable already: after the
+            // acknowledgement, not in a synchronous commit's wait.
+            self.merge()?;
             if (flushed != emitted && last_event.elapsed() >= Duration::from_secs(1))
                 || last_event.elapsed() >= self.status_interval
             {
@@ -430,7 +514,11 @@ impl Receiver<'_> {
     fn put_same(&self, key: &str, bytes: &[u8]) -> Result<()> {
         // Sealed by the key current now, not the one read when the receiver
         // started days ago: `key retire` may since have deleted that one.
-        let (outcome, _) = self.repo.put_object_fresh(key, bytes)?;
+        let (outcome, _) = if self.opened_key_current() {
+            self.repo.put_object(key, bytes)?
+        } else {
+            self.repo.put_object_fresh(key, bytes)?
+        };
         if outcome == PutOutcome::Stored {
             return Ok(());
         }
@@ -447,6 +535,46 @@ impl Receiver<'_> {
             stored: stored.to_string(),
             local: local.to_string(),
         })
+    }
+
+    /// Whether repository.json named the key this receiver opened with
+    /// less than `key_check_interval` ago (read again when it is older).
+    /// False when unsure: the caller then reads it before the write
+    /// (`put_object_fresh`), which also authenticates a new key.
+    fn opened_key_current(&self) -> bool {
+        if self.key_check_interval.is_zero()
+            || self.key_changed.get()
+            || !self.repo.descriptor.encrypted()
+        {
+            return false;
+        }
+        if self
+            .key_seen
+            .get()
+            .is_some_and(|t| t.elapsed() < self.key_check_interval)
+        {
+            return true;
+        }
+        let mut body = Vec::new();
+        let read = match self.repo.storage.get(layout::DESCRIPTOR) {
+            Ok(Some(r)) => r.take(64 << 10).read_to_end(&mut body).is_ok(),
+            _ => false,
+        };
+        let opened = &self.repo.descriptor;
+        match crate::repo::Descriptor::parse(&body) {
+            Ok(d) if read && d.repository_id == opened.repository_id => {
+                if d.current_key_id == opened.current_key_id {
+                    self.key_seen.set(Some(Instant::now()));
+                    return true;
+                }
+                tracing::info!(
+                    "repository.json names another current key now: each write reads it again"
+                );
+                self.key_changed.set(true);
+                false
+            }
+            _ => false,
+        }
     }
 
     fn complete_segment(&mut self) -> Result<()> {
@@ -490,11 +618,13 @@ impl Receiver<'_> {
         self.durable = b;
         self.unflushed_since = None;
         self.last_flush = Some(Instant::now());
-        self.merge(&name)
+        Ok(())
     }
 
     /// Merges the last MERGE_FANOUT chunks while they share a level.
-    fn merge(&mut self, name: &str) -> Result<()> {
+    fn merge(&mut self) -> Result<()> {
+        let name = self.segment_name();
+        let name = name.as_str();
         loop {
             let n = self.chunks.len();
             if n < MERGE_FANOUT {
@@ -510,8 +640,15 @@ impl Receiver<'_> {
             self.put_same(&merged, &self.buf[s as usize..e as usize])?;
             // The pieces may go now: the chain prefers the merged chunk.
             for (a, b, _) in self.chunks.drain(n - MERGE_FANOUT..) {
-                if let Err(e) = self.repo.storage.delete(&layout::stream_chunk(name, a, b)) {
-                    tracing::warn!("cannot delete a merged chunk of {name}: {e}");
+                let key = layout::stream_chunk(name, a, b);
+                let queued = match &self.deleter {
+                    Some(d) => d.send(key).map_err(|e| e.0),
+                    None => Err(key),
+                };
+                if let Err(key) = queued {
+                    if let Err(e) = self.repo.storage.delete(&key) {
+                        tracing::warn!("cannot delete merged chunk {key}: {e}");
+                    }
                 }
             }
             self.chunks.push((s, e, level + 1));
