@@ -14,15 +14,20 @@
 //! and segment size, so another repository or cluster never reads these
 //! files, and segment names carry the timeline. A spool file is served only
 //! while the prefetcher that wrote it still runs (it holds
-//! `prefetch.lock`), and a prefetcher empties the spool when it starts: a
-//! file left by an earlier run, perhaps before a crash that lost its
-//! unsynced bytes, is never served. Anything missing, damaged or not there
-//! yet is fetched directly as without look-ahead, which reports damage with
-//! the usual exit status 126.
+//! `prefetch.lock`), and a prefetcher empties the spool before it takes
+//! that lock (and again after): a file left by an earlier run, perhaps
+//! before a crash that lost its unsynced bytes, is never served. Before a
+//! file is served its size and first page header (timeline, page address,
+//! system identifier) are checked once more against the name asked for and
+//! the repository's cluster. Anything missing, damaged or not there yet is
+//! fetched directly as without look-ahead, which reports damage with the
+//! usual exit status 126.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Mutex;
@@ -33,7 +38,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::repo::Repository;
 use crate::spool;
-use crate::wal::{self, WalFileKind};
+use crate::wal::{self, ClusterIdentity, WalFileKind};
 
 const LOCK: &str = "prefetch.lock";
 const LOG: &str = "prefetch.log";
@@ -94,7 +99,8 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
     let dir = spool_dir(cfg, &repo)?;
     let lock = dir.join(LOCK);
     let running = spool::is_locked(&lock)?;
-    let mut served = running && take(&dir, name, dest, repo.descriptor.wal_segment_size)?;
+    let id = repo.descriptor.identity()?;
+    let mut served = running && take(&dir, name, dest, &id)?;
     // The window moves to N whether or not N was there.
     let tmp = dir.join(format!(".{WANT}.tmp"));
     fs::write(&tmp, name)
@@ -104,7 +110,7 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
         spool::check_room(&dir, "restore.spool_dir")?;
         start_prefetcher(cfg, only, &dir)?;
     } else if !served {
-        served = wait_in_flight(&dir, name, dest, repo.descriptor.wal_segment_size)?;
+        served = wait_in_flight(&dir, name, dest, &id)?;
     }
     Ok(served)
 }
@@ -116,31 +122,28 @@ fn in_flight_path(dir: &Path, name: &str) -> PathBuf {
 
 /// When the prefetcher is fetching `name` right now: waits for it rather
 /// than fetching it a second time.
-fn wait_in_flight(dir: &Path, name: &str, dest: &Path, seg_size: u64) -> Result<bool> {
+fn wait_in_flight(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<bool> {
     let end = Instant::now() + IN_FLIGHT_WAIT;
     while in_flight_path(dir, name).exists() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(5));
     }
-    take(dir, name, dest, seg_size)
+    take(dir, name, dest, id)
 }
 
-/// Moves a verified spool file to `dest`. A file of the wrong size is
-/// removed and not served.
-fn take(dir: &Path, name: &str, dest: &Path, seg_size: u64) -> Result<bool> {
+/// Moves a verified spool file to `dest`. A file of the wrong size, or
+/// whose first page header is not segment `name` of this cluster (another
+/// cluster's, timeline's or segment's file under this name), is removed and
+/// not served: the spool is the prefetcher's, but a second look at 40 bytes
+/// costs nothing beside serving the wrong WAL.
+fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<bool> {
     let src = dir.join(name);
-    let len = match fs::symlink_metadata(&src) {
-        Ok(m) if m.file_type().is_file() => m.len(),
-        Ok(_) => {
-            let _ = fs::remove_file(&src);
-            return Ok(false);
+    if let Err(why) = first_page_fits(&src, name, id) {
+        if let Some(why) = why {
+            eprintln!(
+                "walshipper: look-ahead spool file {} {why}: removed, fetching directly",
+                src.display()
+            );
         }
-        Err(_) => return Ok(false),
-    };
-    if len != seg_size {
-        eprintln!(
-            "walshipper: look-ahead spool file {} has {len} bytes, not {seg_size}: removed, fetching directly",
-            src.display()
-        );
         let _ = fs::remove_file(&src);
         return Ok(false);
     }
@@ -170,6 +173,44 @@ fn take(dir: &Path, name: &str, dest: &Path, seg_size: u64) -> Result<bool> {
     }
     let _ = fs::remove_file(&src);
     Ok(true)
+}
+
+/// Whether spool file `path` has this cluster's segment size and the long
+/// page header of segment `name`. Err(None): not there (or not a plain
+/// file); Err(Some(why)): there but not this segment.
+fn first_page_fits(
+    path: &Path,
+    name: &str,
+    id: &ClusterIdentity,
+) -> std::result::Result<(), Option<String>> {
+    let Some(WalFileKind::Segment { tli, log, seg, .. }) = wal::parse_name(name) else {
+        return Err(None);
+    };
+    let mut f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(_) => return Err(None),
+    };
+    let meta = f.metadata().map_err(|_| None)?;
+    if !meta.file_type().is_file() {
+        return Err(Some("is not a plain file".into()));
+    }
+    if meta.len() != id.wal_segment_size {
+        return Err(Some(format!(
+            "has {} bytes, not {}",
+            meta.len(),
+            id.wal_segment_size
+        )));
+    }
+    let mut head = [0u8; wal::LONG_HEADER_LEN];
+    f.read_exact(&mut head)
+        .map_err(|e| Some(format!("cannot be read ({e})")))?;
+    let segno = wal::seg_no(log, seg, id.wal_segment_size);
+    wal::check_long_header(&head, tli, segno, id)
+        .map_err(|why| Some(format!("is not {name} of this cluster ({why})")))
 }
 
 fn start_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()> {
@@ -233,10 +274,15 @@ pub fn run_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()
             expected.display()
         )));
     }
+    // Whatever an earlier run left is not served (see the module comment).
+    // Cleared before the lock is taken: the foreground serves from the spool
+    // as soon as a process holds the lock, so a file still there at that
+    // moment would be served; a second clear under the lock removes what a
+    // prefetcher that died in between left.
+    clear(dir);
     let Some(_lock) = spool::try_lock(&dir.join(LOCK))? else {
         return Ok(());
     };
-    // Whatever an earlier run left is not served (see the module comment).
     clear(dir);
     let k = cfg.restore.lookahead.max(1);
     let jobs = k.min(MAX_JOBS);
