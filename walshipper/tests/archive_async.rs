@@ -262,6 +262,22 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     let plant_again = plant_foreign_segments(&shipper, &base, d, &get_spool);
     assert_eq!(planted, plant_again);
     let held = hold_lock(&get_spool.join("prefetch.lock"));
+    // What a prefetcher writes once it emptied the spool: its repository
+    // and cluster (here the true ones, so that only the files are wrong).
+    let desc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shipper.repo.join("repository.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        get_spool.join("identity"),
+        format!(
+            "walshipper look-ahead identity 1\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\n",
+            desc["repository_id"].as_str().unwrap(),
+            desc["system_identifier"].as_str().unwrap(),
+            desc["pg_version"],
+            desc["wal_segment_size"]
+        ),
+    )
+    .unwrap();
     copy_tree(&base, &d.join("r3"));
     std::fs::write(d.join("r3/recovery.signal"), "").unwrap();
     let r3 = start_restored(
