@@ -182,6 +182,9 @@ pub fn serve(
 fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Result<bool> {
     let rc = cfg.find_repo(only)?;
     let dir = spool_dir(cfg, rc)?;
+    // A full spool disk: said in the server log with what to do (and the
+    // segment fetched directly) before any write fails on it.
+    spool::check_room(&dir, "restore.spool_dir")?;
     let lock = dir.join(LOCK);
     let running = spool::is_locked(&lock)?;
     // Files of another cluster's recovery (or of a repository holding
@@ -207,7 +210,6 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
         .and_then(|_| fs::rename(&tmp, dir.join(WANT)))
         .map_err(|e| Error::io(format!("write {}", dir.join(WANT).display()), e))?;
     if !running {
-        spool::check_room(&dir, "restore.spool_dir")?;
         start_prefetcher(cfg, only, &dir)?;
     } else if let (false, Some(id)) = (served, &id) {
         served = wait_in_flight(&dir, name, dest, id)?;
