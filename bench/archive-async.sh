@@ -337,6 +337,8 @@ aw=$(m archive_walshipper); ap=$(m archive_pgbackrest)
 r0=$(m replay_ws-la0); r8=$(m replay_ws-la8); p0=$(m replay_pgbr-sync); p8=$(m replay_pgbr-async)
 d0=$(m redo_ws-la0); d8=$(m redo_ws-la8); e0=$(m redo_pgbr-sync); e8=$(m redo_pgbr-async)
 fl=$(m redo_floor)
+# A subset of VARIANTS leaves some figures out: printed as nan, not fatal.
+set +e
 echo
 echo "== medians of $RUNS runs ($ARCHIVE_RUNS of archiving), $NREADY files, repositories: $REPO$([ "$REPO" = s3 ] && echo " + ${LATENCY_MS} ms per request") =="
 printf 'redo floor (segments local, mv) %6.2fs: best look-ahead speed-up possible here %.2fx\n' \
