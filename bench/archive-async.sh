@@ -13,12 +13,24 @@
 #    start to promotion: walshipper lookahead = 0 (one by one) and 8;
 #    pgBackRest archive-async=n and archive-async=y (archive-get-queue-max =
 #    128MiB, 8 segments).
+#    The floor: the same recovery with every segment already local and
+#    decoded (restore_command = mv from a directory copied before the
+#    timing): what no look-ahead can beat on this machine.
 # Each timing is taken holding /var/tmp/pg_backup/bench.lock; the variants
 # alternate, RUNS times each; medians and ratios are printed.
 #
+# REPO=s3: both repositories on the S3 test server (SeaweedFS, port 18333)
+# through bench/s3_count_proxy.py adding LATENCY_MS (20 by default) to every
+# request, a store one round trip away (pgBackRest over TLS to the proxy
+# with a self-signed certificate, as bench/many-files.sh). Proxy ports
+# 18440 (http) and 18441 (TLS).
+#
 # Run as root: bash bench/archive-async.sh   (SEGMENTS=64, RUNS=3 by
 # default; about 5 minutes). WALSHIPPER_BIN=path skips the release build;
-# PGBR=path uses that pgBackRest 2.59.1.
+# PGBR=path uses that pgBackRest 2.59.1; ARCHIVE_RUNS (default RUNS) timed
+# archiving runs; VARIANTS (default "floor ws-la0 ws-la8 pgbr-sync
+# pgbr-async") the replays; BIN_B=path and variants b-ws-laN replay with
+# that walshipper binary too (an A/B in the same run).
 set -euo pipefail
 if [ "${BENCH_INNER:-}" != 1 ]; then
   source "$(dirname "$0")/../scripts/lib.sh"
@@ -30,18 +42,49 @@ if [ "${BENCH_INNER:-}" != 1 ]; then
   [ -n "${WALSHIPPER_BIN:-}" ] || as_test_user bash -c 'cd "$HOME/../src" && cargo build --release -p walshipper --locked -q'
   B=$PGB_ROOT/bench-async
   rm -rf "$B"; install -d -o "$TEST_USER" "$B"
+  [ "${REPO:-posix}" = s3 ] && as_test_user bash "$REPO_TOP/scripts/s3-server.sh" start
   as_test_user env BENCH_INNER=1 B="$B" BIN="$BIN" PGBR="$PGBR" \
-    SEGMENTS="${SEGMENTS:-64}" RUNS="${RUNS:-3}" bash "$PGB_ROOT/src/bench/archive-async.sh"
+    SEGMENTS="${SEGMENTS:-64}" RUNS="${RUNS:-3}" ARCHIVE_RUNS="${ARCHIVE_RUNS:-}" \
+    REPO="${REPO:-posix}" LATENCY_MS="${LATENCY_MS:-20}" VARIANTS="${VARIANTS:-}" BIN_B="${BIN_B:-}" \
+    bash "$PGB_ROOT/src/bench/archive-async.sh"
   rm -rf "$B"
   exit 0
 fi
 
 # --- as the PostgreSQL user, in $B -------------------------------------------
 : "${B:?}" "${BIN:?}" "${PGBR:?}" "${SEGMENTS:?}" "${RUNS:?}"
+REPO=${REPO:-posix} LATENCY_MS=${LATENCY_MS:-20}
+ARCHIVE_RUNS=${ARCHIVE_RUNS:-$RUNS}
+VARIANTS=${VARIANTS:-floor ws-la0 ws-la8 pgbr-sync pgbr-async}
 LOCK=/var/tmp/pg_backup/bench.lock
+HERE=$(cd "$(dirname "$0")" && pwd)
 cd "$B"
 mkdir -p sock spool-ws spool-pgbr pgbr-log
 export B BIN PGBR LOCK
+# A server an aborted run left here: its sockets would be removed under it.
+for d in pg r; do
+  [ -f "$d/postmaster.pid" ] && pg_ctl -D "$d" -m immediate -w stop >/dev/null 2>&1 || true
+done
+TAG=bench-async-$$
+PROXY_PID=
+cleanup() {
+  [ -n "$PROXY_PID" ] && kill "$PROXY_PID" 2>/dev/null || true
+  # Our prefix on the shared server, through its filer.
+  [ "$REPO" = s3 ] && curl -s -X DELETE "http://127.0.0.1:8888/buckets/walshipper-test/$TAG?recursive=true" >/dev/null || true
+}
+trap cleanup EXIT
+if [ "$REPO" = s3 ]; then
+  openssl req -x509 -newkey rsa:2048 -nodes -keyout proxy-key.pem -out proxy-cert.pem -days 2 \
+    -subj /CN=127.0.0.1 >/dev/null 2>&1
+  LATENCY_MS=$LATENCY_MS python3 "$HERE/s3_count_proxy.py" serve "$B/s3.log" 18333 18440 18441 \
+    proxy-cert.pem proxy-key.pem &
+  PROXY_PID=$!
+  for _ in $(seq 1 50); do
+    curl -s -o /dev/null http://127.0.0.1:18440/ && break
+    sleep 0.1
+  done
+  echo "repositories on S3 (SeaweedFS) through a proxy adding ${LATENCY_MS} ms per request"
+fi
 PSQL=(psql -X -qAt -h "$B/sock" -U postgres postgres)
 
 initdb -D pg -U postgres -A trust -k --no-sync >/dev/null
@@ -77,14 +120,30 @@ pg_ctl -D pg -m fast -w stop >/dev/null
 echo "files to archive: $NREADY (segments of 16 MiB, one .backup)"
 
 head -c 48 /dev/urandom | base64 > passphrase; chmod 600 passphrase
-ws_conf() { # $1 = lookahead
+ws_repo() { # $1 = run
+  if [ "$REPO" = s3 ]; then
+    cat <<CONF
+[repo]
+type = "s3"
+bucket = "walshipper-test"
+prefix = "$TAG/ws-$1"
+endpoint = "http://127.0.0.1:18440"
+force_path_style = true
+region = "us-east-1"
+access_key_id = "testkey"
+secret_access_key = "testsecret"
+min_free_space = "0"
+CONF
+  else
+    printf '[repo]\npath = "%s"\nmin_free_space = "0"\n' "$B/ws-repo"
+  fi
+}
+ws_conf() { # $1 = lookahead, $2 = run
   cat <<CONF
 [pg]
 data_dir = "$B/pg"
 host = "$B/sock"
-[repo]
-path = "$B/ws-repo"
-min_free_space = "0"
+$(ws_repo "$2")
 [encryption]
 passphrase_file = "$B/passphrase"
 key_cache_dir = "$B/keycache"
@@ -100,11 +159,24 @@ lookahead = $1
 spool_dir = "$B/spool-ws"
 CONF
 }
-ws_conf 0 > ws-la0.toml; ws_conf 8 > ws-la8.toml
-pgbr_conf() { # $1 = archive-async for archive-get (y/n)
+ws_confs() { # $1 = run
+  ws_conf 0 "$1" > ws-la0.toml; ws_conf 8 "$1" > ws-la8.toml
+  chmod 600 ws-la0.toml ws-la8.toml # may hold a secret: walshipper refuses it otherwise
+}
+pgbr_repo() { # $1 = run
+  if [ "$REPO" = s3 ]; then
+    printf '%s\n' "repo1-type=s3" "repo1-path=/$TAG/pgbr-$1" "repo1-s3-bucket=walshipper-test" \
+      "repo1-s3-endpoint=127.0.0.1" "repo1-storage-port=18441" "repo1-s3-region=us-east-1" \
+      "repo1-s3-key=testkey" "repo1-s3-key-secret=testsecret" "repo1-s3-uri-style=path" \
+      "repo1-storage-verify-tls=n"
+  else
+    echo "repo1-path=$B/pgbr-repo"
+  fi
+}
+pgbr_conf() { # $1 = archive-async for archive-get (y/n), $2 = run
   cat <<CONF
 [global]
-repo1-path=$B/pgbr-repo
+$(pgbr_repo "$2")
 repo1-cipher-type=aes-256-cbc
 repo1-cipher-pass=$(cat passphrase)
 compress-type=zst
@@ -122,7 +194,9 @@ pg1-path=$B/pg
 pg1-socket-path=$B/sock
 CONF
 }
-pgbr_conf y > pgbr-async.conf; pgbr_conf n > pgbr-sync.conf
+pgbr_confs() { # $1 = run
+  pgbr_conf y "$1" > pgbr-async.conf; pgbr_conf n "$1" > pgbr-sync.conf
+}
 
 # Puts every archived file back to .ready, with no shutdown checkpoint in
 # between (it would remove the archived segments).
@@ -186,17 +260,19 @@ stop_bg() {
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
 declare -A RES
-for run in $(seq 1 "$RUNS"); do
+for run in $(seq 1 "$ARCHIVE_RUNS"); do
   for tool in walshipper pgbackrest; do
     pg_ctl -D pg -l pg.log -w start >/dev/null
-    # A fresh repository per run; the last run's of each tool stays for
-    # the replay benchmark.
+    # A fresh repository per run (on S3 a prefix of its own); the last
+    # run's of each tool stays for the replay benchmark.
     rm -rf spool-ws/* spool-pgbr/*
     if [ $tool = walshipper ]; then
       rm -rf ws-repo keycache
+      ws_confs "$run"
       "$BIN" --config ws-la0.toml repo-init >/dev/null
     else
       rm -rf pgbr-repo
+      pgbr_confs "$run"
       "$PGBR" --config="$B/pgbr-async.conf" --stanza=bench stanza-create >/dev/null
     fi
     s=$(flock -o "$LOCK" bash -c 'timed_archive '$tool)
@@ -207,14 +283,28 @@ for run in $(seq 1 "$RUNS"); do
   done
 done
 
+# The floor: every archived file decoded and local (the same bytes the
+# archive holds: the server's own files, kept by the immediate stops).
+mkdir -p floor
+for f in pg/pg_wal/archive_status/*.ready; do
+  f=$(basename "$f" .ready); cp "pg/pg_wal/$f" floor/
+done
+
 mkdir -p rsock
 for run in $(seq 1 "$RUNS"); do
-  for variant in ws-la0 ws-la8 pgbr-sync pgbr-async; do
+  for variant in $VARIANTS; do
     rm -rf r r.log spool-ws/archive-get spool-pgbr/*
     cp -a base r
     touch r/recovery.signal
     case $variant in
-      ws-*) rc="$BIN --config $B/$variant.toml archive-get %f \"%p\"" ;;
+      # A rename from a copy made before the timing: the fastest
+      # restore_command there can be (a look-ahead hit is a rename too).
+      floor) rm -rf floor-run; cp -a floor floor-run; rc="mv $B/floor-run/%f \"%p\"" ;;
+      ws-la*|b-ws-la*) # any look-ahead depth, e.g. ws-la16; b-: the binary BIN_B (A/B)
+        v=${variant#b-}
+        [ -f "$v.toml" ] || { ws_conf "${v#ws-la}" "$ARCHIVE_RUNS" > "$v.toml"; chmod 600 "$v.toml"; }
+        bin=$BIN; [ "$v" = "$variant" ] || bin=${BIN_B:?b- variants need BIN_B}
+        rc="$bin --config $B/$v.toml archive-get %f \"%p\"" ;;
       # pg1-path: pgBackRest resolves %p (relative) against it.
       pgbr-*) rc="$PGBR --config=$B/$variant.conf --stanza=bench --pg1-path=$B/r archive-get %f \"%p\"" ;;
     esac
@@ -240,14 +330,19 @@ CONF
     stop_bg spool-ws/archive-get/*/prefetch.lock
   done
 done
-rm -rf r
+rm -rf r floor floor-run
 
-m() { echo "${RES[$1]}" | tr ' ' '\n' | grep . | median; }
+m() { echo "${RES[$1]:-nan}" | tr ' ' '\n' | grep . | median; }
 aw=$(m archive_walshipper); ap=$(m archive_pgbackrest)
 r0=$(m replay_ws-la0); r8=$(m replay_ws-la8); p0=$(m replay_pgbr-sync); p8=$(m replay_pgbr-async)
 d0=$(m redo_ws-la0); d8=$(m redo_ws-la8); e0=$(m redo_pgbr-sync); e8=$(m redo_pgbr-async)
+fl=$(m redo_floor)
+# A subset of VARIANTS leaves some figures out: printed as nan, not fatal.
+set +e
 echo
-echo "== medians of $RUNS runs, $NREADY files =="
+echo "== medians of $RUNS runs ($ARCHIVE_RUNS of archiving), $NREADY files, repositories: $REPO$([ "$REPO" = s3 ] && echo " + ${LATENCY_MS} ms per request") =="
+printf 'redo floor (segments local, mv) %6.2fs: best look-ahead speed-up possible here %.2fx\n' \
+  "$fl" "$(echo "$d0 / $fl" | bc -l)"
 printf 'async archive   walshipper %6.2fs (%5.1f files/s)   pgBackRest %6.2fs (%5.1f files/s)   throughput ratio %.2fx (target >= 2)\n' \
   "$aw" "$(echo "$NREADY / $aw" | bc -l)" "$ap" "$(echo "$NREADY / $ap" | bc -l)" "$(echo "$ap / $aw" | bc -l)"
 printf 'redo (WAL replay) walshipper one-by-one %6.2fs  look-ahead 8 %6.2fs  speed-up %.2fx (target >= 2)\n' \
@@ -256,5 +351,6 @@ printf 'redo (WAL replay) pgBackRest sync       %6.2fs  async         %6.2fs  sp
   "$e0" "$e8" "$(echo "$e0 / $e8" | bc -l)"
 printf 'start to promotion walshipper %6.2fs / %6.2fs   pgBackRest %6.2fs / %6.2fs (one-by-one / ahead)\n' \
   "$r0" "$r8" "$p0" "$p8"
+for v in $VARIANTS; do printf '  redo %-12s median %6.2fs (runs: %s)\n' "$v" "$(m "redo_$v")" "${RES[redo_$v]:-}"; done
 printf 'look-ahead redo vs pgBackRest async redo: %.2fx\n' "$(echo "$e8 / $d8" | bc -l)"
 pg_ctl -D pg -m immediate -w stop >/dev/null 2>&1 || true

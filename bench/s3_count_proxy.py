@@ -9,7 +9,11 @@ Usage:
   s3_count_proxy.py count LOG [FROM_LINE [TO_LINE]]   (JSON counts by method
                                                        and operation)
 pgBackRest speaks S3 only over TLS: it goes to TLS_PORT (a self-signed
-certificate; it is told not to verify it); walshipper to HTTP_PORT."""
+certificate; it is told not to verify it); walshipper to HTTP_PORT.
+
+LATENCY_MS=n in the environment of `serve` delays every request by n ms
+before it is forwarded (0 by default): a store one round trip away, as a
+cloud store in the same region is (about 10 to 30 ms to the first byte)."""
 import http.client
 import http.server
 import json
@@ -17,9 +21,12 @@ import socket
 import socketserver
 import ssl
 import sys
+import os
 import threading
+import time
 from urllib.parse import parse_qs, urlsplit
 
+LATENCY = float(os.environ.get("LATENCY_MS", "0") or 0) / 1000.0
 HOP = {"connection", "keep-alive", "proxy-connection", "te", "trailer", "upgrade", "expect"}
 
 
@@ -88,6 +95,8 @@ class Proxy(http.server.BaseHTTPRequestHandler):
 
     def _forward(self):
         body, chunked = self._body()
+        if LATENCY > 0:
+            time.sleep(LATENCY)
         headers = [(k, v) for k, v in self.headers.items() if k.lower() not in HOP]
         if chunked:
             headers.append(("Transfer-Encoding", "chunked"))
@@ -141,6 +150,12 @@ class Proxy(http.server.BaseHTTPRequestHandler):
 class Server(socketserver.ThreadingMixIn, http.server.HTTPServer):
     daemon_threads = True
     allow_reuse_address = True
+
+    def handle_error(self, request, client_address):
+        # A client that closed its connection mid-answer is not news.
+        if isinstance(sys.exc_info()[1], (BrokenPipeError, ConnectionResetError)):
+            return
+        super().handle_error(request, client_address)
 
 
 def serve(log, upstream, http_port, tls_port=None, cert=None, key=None):

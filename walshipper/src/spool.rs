@@ -79,7 +79,7 @@ pub fn check_room(dir: &Path, setting: &str) -> Result<()> {
         return Err(Error::Io {
             context: format!(
                 "{setting}: the spool {} is full ({free} bytes free, at least {MIN_FREE} needed); \
-                 free space on its file system (its pusher.log and nothing else may be removed by hand), \
+                 free space on its file system (of the spool itself only its .log files may be removed by hand), \
                  or point {setting} at a larger volume",
                 dir.display()
             ),

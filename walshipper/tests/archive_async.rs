@@ -226,6 +226,10 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
         target_marker + 1
     ));
     let accounts_at_target = src.sql("SELECT count(*) FROM pgbench_accounts");
+    // Stale files from an earlier look-ahead run (no prefetcher holds the
+    // spool): the prefetcher this recovery starts must clear them first.
+    let get_spool = lookahead_spool(&shipper, d, &restore_spool);
+    let planted = plant_foreign_segments(&shipper, &base, d, &get_spool);
     copy_tree(&base, &d.join("r1"));
     std::fs::write(d.join("r1/recovery.signal"), "").unwrap();
     let r1 = start_restored(
@@ -247,12 +251,181 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
         r1.sql("SELECT count(*) FROM pgbench_accounts"),
         accounts_at_target
     );
-    let get_spool = only_subdir(&restore_spool.join("archive-get")).expect("the look-ahead spool");
     let plog = std::fs::read_to_string(get_spool.join("prefetch.log")).unwrap_or_default();
     assert!(plog.contains("prefetcher started"), "prefetch log: {plog}");
     drop(r1);
 
+    // The same files planted while "a prefetcher" (this test) holds the
+    // spool's lock: the foreground reads each one's first page header,
+    // refuses it, and fetches the segment directly.
+    stop_prefetcher(&get_spool, false);
+    let plant_again = plant_foreign_segments(&shipper, &base, d, &get_spool);
+    assert_eq!(planted, plant_again);
+    let held = hold_lock(&get_spool.join("prefetch.lock"));
+    // What a prefetcher writes once it emptied the spool: its repository
+    // and cluster (here the true ones, so that only the files are wrong).
+    let desc: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(shipper.repo.join("repository.json")).unwrap())
+            .unwrap();
+    std::fs::write(
+        get_spool.join("identity"),
+        format!(
+            "walshipper look-ahead identity 1\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\n",
+            desc["repository_id"].as_str().unwrap(),
+            desc["system_identifier"].as_str().unwrap(),
+            desc["pg_version"],
+            desc["wal_segment_size"]
+        ),
+    )
+    .unwrap();
+    copy_tree(&base, &d.join("r3"));
+    std::fs::write(d.join("r3/recovery.signal"), "").unwrap();
+    let r3 = start_restored(
+        d,
+        "r3",
+        &[
+            format!("restore_command = {}", shipper.restore_command()),
+            format!("recovery_target_time = '{target}'"),
+            "recovery_target_action = 'promote'".into(),
+        ],
+    );
+    assert_eq!(
+        r3.sql("SELECT count(*), max(id) FROM marker"),
+        format!("{target_marker}|{target_marker}"),
+        "{}",
+        r3.log_text()
+    );
+    let log = r3.log_text();
+    for name in &planted {
+        assert!(
+            log.contains(&format!("{name} is not {name} of this cluster")),
+            "the foreign {name} was not refused: {log}"
+        );
+        assert!(!get_spool.join(name).exists(), "{name} left in the spool");
+    }
+    drop(held);
+    drop(r3);
+
     damaged_object_in_window_is_refused(&shipper, &base, d, &done);
+}
+
+/// The look-ahead spool of this repository and cluster: made by one
+/// archive-get call, whose prefetcher is then stopped.
+fn lookahead_spool(shipper: &Shipper, d: &Path, restore_spool: &Path) -> PathBuf {
+    let _ = run(shipper
+        .cmd()
+        .arg("archive-get")
+        .arg("000000010000000000000001")
+        .arg(d.join("probe-segment")));
+    let dir = only_subdir(&restore_spool.join("archive-get")).expect("the look-ahead spool");
+    stop_prefetcher(&dir, true);
+    let _ = std::fs::remove_file(d.join("probe-segment"));
+    dir
+}
+
+/// Stops the prefetcher of look-ahead spool `dir` (its pid is in its lock
+/// file once it holds the lock), waiting up to a minute for one to start
+/// when `starting`; it would exit on its own only after 20 idle seconds.
+fn stop_prefetcher(dir: &Path, starting: bool) {
+    let lock = dir.join("prefetch.lock");
+    let started = Instant::now();
+    while started.elapsed() < MIN {
+        if !starting {
+            // SAFETY: a lock taken and dropped at once, on our own file.
+            if let Ok(f) = std::fs::File::open(&lock) {
+                use std::os::unix::io::AsRawFd;
+                if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+                    return;
+                }
+            }
+        }
+        let pid = std::fs::read_to_string(&lock)
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok());
+        if let Some(pid) = pid.filter(|p| *p > 1 && pid_alive(*p)) {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains("archive-get-prefetch") {
+                // SAFETY: SIGTERM to a process of our own test.
+                unsafe { libc::kill(pid, libc::SIGTERM) };
+                while pid_alive(pid) {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                return;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no prefetcher started for {}", dir.display());
+}
+
+/// Plants, in the look-ahead spool, files that look verified (the right
+/// name and size) for the first segments after the backup's start: the
+/// genuine segment with another cluster's system identifier, one whose
+/// page header says a later timeline, one holding the segment before it;
+/// also another timeline's segment. Returns the names recovery asks for.
+fn plant_foreign_segments(shipper: &Shipper, base: &Path, d: &Path, spool: &Path) -> Vec<String> {
+    let label = std::fs::read_to_string(base.join("backup_label")).unwrap();
+    let start = label
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+        .and_then(|l| l.split("(file ").nth(1))
+        .map(|s| s.trim_end_matches(')').to_string())
+        .expect("backup_label names its first segment");
+    let n = u64::from_str_radix(&start[16..], 16).unwrap();
+    let name = |i: u64| format!("{}{:08X}", &start[..16], n + i);
+    let genuine = |seg: &str| {
+        let out = d.join("genuine");
+        run_ok(
+            shipper
+                .cmd()
+                .env("WALSHIPPER_RESTORE_LOOKAHEAD", "0")
+                .arg("archive-get")
+                .arg(seg)
+                .arg(&out),
+        );
+        std::fs::read(&out).unwrap()
+    };
+    let mut other_cluster = genuine(&name(1));
+    other_cluster[24] ^= 0x5a; // xlp_sysid
+    let mut later_timeline = genuine(&name(2));
+    later_timeline[4] = 2; // xlp_tli
+    let previous = genuine(&name(2));
+    let planted = [
+        (name(1), other_cluster.clone()),
+        (name(2), later_timeline),
+        (name(3), previous),
+    ];
+    for (n, bytes) in &planted {
+        std::fs::write(spool.join(n), bytes).unwrap();
+    }
+    // Never asked for on timeline 1: not served, and not in the way.
+    std::fs::write(
+        spool.join(format!("00000002{}", &name(1)[8..])),
+        &other_cluster,
+    )
+    .unwrap();
+    let _ = std::fs::remove_file(d.join("genuine"));
+    planted.into_iter().map(|(n, _)| n).collect()
+}
+
+/// Holds the flock at `path` as a running prefetcher would.
+fn hold_lock(path: &Path) -> std::fs::File {
+    use std::os::unix::io::AsRawFd;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .unwrap();
+    // SAFETY: flock on a valid, open descriptor.
+    assert_eq!(
+        unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0,
+        "a prefetcher still holds {}",
+        path.display()
+    );
+    f
 }
 
 /// Success records that are not for this file in this repository never make

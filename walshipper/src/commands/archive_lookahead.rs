@@ -14,31 +14,41 @@
 //! and segment size, so another repository or cluster never reads these
 //! files, and segment names carry the timeline. A spool file is served only
 //! while the prefetcher that wrote it still runs (it holds
-//! `prefetch.lock`), and a prefetcher empties the spool when it starts: a
-//! file left by an earlier run, perhaps before a crash that lost its
-//! unsynced bytes, is never served. Anything missing, damaged or not there
-//! yet is fetched directly as without look-ahead, which reports damage with
-//! the usual exit status 126.
+//! `prefetch.lock`), and a prefetcher empties the spool before it takes
+//! that lock (and again after): a file left by an earlier run, perhaps
+//! before a crash that lost its unsynced bytes, is never served. Before a
+//! file is served its size and first page header (timeline, page address,
+//! system identifier) are checked once more against the name asked for and
+//! the repository's cluster. Anything missing, damaged or not there yet is
+//! fetched directly as without look-ahead, which reports damage with the
+//! usual exit status 126.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
 use std::fs;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use crate::commands::archive_get;
-use crate::config::Config;
+use crate::config::{Config, RepoConfig};
 use crate::error::{Error, Result};
 use crate::repo::Repository;
 use crate::spool;
-use crate::wal::{self, WalFileKind};
+use crate::wal::{self, ClusterIdentity, WalFileKind};
 
 const LOCK: &str = "prefetch.lock";
 const LOG: &str = "prefetch.log";
 /// The name of the last segment recovery asked for.
 const WANT: &str = "want";
+/// What the files in the spool are (see [`Identity`]).
+const IDENTITY: &str = "identity";
+/// How often the prefetcher reads the repository's descriptor again: a
+/// repository re-created at the same place meanwhile ends it.
+const RECHECK: Duration = Duration::from_secs(2);
 /// The prefetcher exits after this long without a new request.
 const IDLE_EXIT: Duration = Duration::from_secs(20);
 /// How often it looks for a new request.
@@ -47,21 +57,100 @@ const SCAN: Duration = Duration::from_millis(20);
 const MISSING_RETRY: Duration = Duration::from_secs(2);
 /// Longest the foreground waits for a segment being prefetched.
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(60);
-/// Segments fetched at once.
-const MAX_JOBS: usize = 4;
+/// Segments fetched at once, at most (and at most `lookahead`): with a
+/// store 50 ms away, 4 at once no longer kept ahead of replay (S3 + 50 ms,
+/// 8 ahead: redo 18.3 s with 4, 14.5 s with 8; docs/performance.md).
+const MAX_JOBS: usize = 8;
 
-/// The spool of repository `repo`.
-fn spool_dir(cfg: &Config, repo: &Repository) -> Result<PathBuf> {
-    let d = &repo.descriptor;
-    let parts: [&[u8]; 5] = [
-        b"archive-get v1",
-        repo.name.as_bytes(),
-        d.repository_id.as_bytes(),
-        d.system_identifier.as_bytes(),
-        &d.wal_segment_size.to_le_bytes(),
-    ];
+/// The spool of configured repository `rc`: named after its configuration
+/// (name, type, endpoint, location), so that a spool hit needs no request
+/// to the store; what the files in it are is in its IDENTITY file.
+fn spool_dir(cfg: &Config, rc: &RepoConfig) -> Result<PathBuf> {
+    let repo = format!("{}|{}|{}|{}", rc.name, rc.kind, rc.endpoint, rc.location());
+    let parts: [&[u8]; 2] = [b"archive-get v2", repo.as_bytes()];
     let sub = Path::new("archive-get").join(spool::fingerprint(&parts));
     spool::prepare(&cfg.restore.spool_dir, "restore.spool_dir", &sub)
+}
+
+/// What the running prefetcher's files are: WAL of this repository and
+/// cluster, written by it under the spool's lock after it emptied the
+/// spool (so one left by an earlier run is gone before a new one holds the
+/// lock).
+#[derive(Debug)]
+struct Identity {
+    repository_id: String,
+    cluster: ClusterIdentity,
+}
+
+const IDENTITY_FORMAT: &str = "walshipper look-ahead identity 1";
+
+impl Identity {
+    fn of(repo: &Repository) -> Result<Identity> {
+        Ok(Identity {
+            repository_id: repo.descriptor.repository_id.clone(),
+            cluster: repo.descriptor.identity()?,
+        })
+    }
+
+    fn render(&self) -> String {
+        format!(
+            "{IDENTITY_FORMAT}\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\n",
+            self.repository_id,
+            self.cluster.system_identifier,
+            self.cluster.pg_major,
+            self.cluster.wal_segment_size
+        )
+    }
+
+    /// None for anything but a whole, well-formed file.
+    fn parse(text: &str) -> Option<Identity> {
+        let mut lines = text.strip_suffix('\n')?.split('\n');
+        if lines.next()? != IDENTITY_FORMAT {
+            return None;
+        }
+        let mut field = |key: &str| {
+            lines
+                .next()?
+                .strip_prefix(key)?
+                .strip_prefix('=')
+                .map(str::to_string)
+        };
+        let repository_id = field("repository_id")?;
+        let system_identifier = field("system_identifier")?.parse().ok()?;
+        let pg_major = field("pg_major")?.parse().ok()?;
+        let wal_segment_size: u64 = field("wal_segment_size")?.parse().ok()?;
+        if lines.next().is_some()
+            || !wal_segment_size.is_power_of_two()
+            || !((1 << 20)..=(1 << 30)).contains(&wal_segment_size)
+        {
+            return None;
+        }
+        Some(Identity {
+            repository_id,
+            cluster: ClusterIdentity {
+                system_identifier,
+                pg_major,
+                wal_segment_size,
+            },
+        })
+    }
+}
+
+fn read_identity(dir: &Path) -> Option<Identity> {
+    let body = spool::read_small(&dir.join(IDENTITY), 4096).ok()??;
+    Identity::parse(std::str::from_utf8(&body).ok()?)
+}
+
+/// The system identifier and major version of the cluster being recovered:
+/// PostgreSQL runs restore_command in its data directory. None elsewhere
+/// (archive-get run by hand), and then nothing is served from the spool.
+fn recovering_cluster() -> Option<(u64, u32)> {
+    let mut control = [0u8; 8];
+    fs::File::open("global/pg_control")
+        .and_then(|mut f| f.read_exact(&mut control))
+        .ok()?;
+    let major = fs::read_to_string("PG_VERSION").ok()?.trim().parse().ok()?;
+    Some((u64::from_le_bytes(control), major))
 }
 
 /// Serves segment `name` from the spool into `dest` if the prefetcher has
@@ -88,23 +177,44 @@ pub fn serve(
     }
 }
 
+/// A spool hit opens nothing in the repository (on S3 that is a client
+/// set up and a request, more than the hit itself): the files are vouched
+/// for by the prefetcher holding the lock (its identity file), and each is
+/// checked against the cluster being recovered before it is served.
 fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Result<bool> {
     let rc = cfg.find_repo(only)?;
-    let repo = Repository::open_repo(cfg, rc)?;
-    let dir = spool_dir(cfg, &repo)?;
+    let dir = spool_dir(cfg, rc)?;
+    // A full spool disk: said in the server log with what to do (and the
+    // segment fetched directly) before any write fails on it.
+    spool::check_room(&dir, "restore.spool_dir")?;
     let lock = dir.join(LOCK);
     let running = spool::is_locked(&lock)?;
-    let mut served = running && take(&dir, name, dest, repo.descriptor.wal_segment_size)?;
+    // Files of another cluster's recovery (or of a repository holding
+    // another cluster) are never served to this one.
+    let id = match (
+        running.then(|| read_identity(&dir)).flatten(),
+        recovering_cluster(),
+    ) {
+        (Some(i), Some((sysid, major)))
+            if i.cluster.system_identifier == sysid && i.cluster.pg_major == major =>
+        {
+            Some(i.cluster)
+        }
+        _ => None,
+    };
+    let mut served = match &id {
+        Some(id) => take(&dir, name, dest, id)?,
+        None => false,
+    };
     // The window moves to N whether or not N was there.
     let tmp = dir.join(format!(".{WANT}.tmp"));
     fs::write(&tmp, name)
         .and_then(|_| fs::rename(&tmp, dir.join(WANT)))
         .map_err(|e| Error::io(format!("write {}", dir.join(WANT).display()), e))?;
     if !running {
-        spool::check_room(&dir, "restore.spool_dir")?;
         start_prefetcher(cfg, only, &dir)?;
-    } else if !served {
-        served = wait_in_flight(&dir, name, dest, repo.descriptor.wal_segment_size)?;
+    } else if let (false, Some(id)) = (served, &id) {
+        served = wait_in_flight(&dir, name, dest, id)?;
     }
     Ok(served)
 }
@@ -116,31 +226,28 @@ fn in_flight_path(dir: &Path, name: &str) -> PathBuf {
 
 /// When the prefetcher is fetching `name` right now: waits for it rather
 /// than fetching it a second time.
-fn wait_in_flight(dir: &Path, name: &str, dest: &Path, seg_size: u64) -> Result<bool> {
+fn wait_in_flight(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<bool> {
     let end = Instant::now() + IN_FLIGHT_WAIT;
     while in_flight_path(dir, name).exists() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(5));
     }
-    take(dir, name, dest, seg_size)
+    take(dir, name, dest, id)
 }
 
-/// Moves a verified spool file to `dest`. A file of the wrong size is
-/// removed and not served.
-fn take(dir: &Path, name: &str, dest: &Path, seg_size: u64) -> Result<bool> {
+/// Moves a verified spool file to `dest`. A file of the wrong size, or
+/// whose first page header is not segment `name` of this cluster (another
+/// cluster's, timeline's or segment's file under this name), is removed and
+/// not served: the spool is the prefetcher's, but a second look at 40 bytes
+/// costs nothing beside serving the wrong WAL.
+fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<bool> {
     let src = dir.join(name);
-    let len = match fs::symlink_metadata(&src) {
-        Ok(m) if m.file_type().is_file() => m.len(),
-        Ok(_) => {
-            let _ = fs::remove_file(&src);
-            return Ok(false);
+    if let Err(why) = first_page_fits(&src, name, id) {
+        if let Some(why) = why {
+            eprintln!(
+                "walshipper: look-ahead spool file {} {why}: removed, fetching directly",
+                src.display()
+            );
         }
-        Err(_) => return Ok(false),
-    };
-    if len != seg_size {
-        eprintln!(
-            "walshipper: look-ahead spool file {} has {len} bytes, not {seg_size}: removed, fetching directly",
-            src.display()
-        );
         let _ = fs::remove_file(&src);
         return Ok(false);
     }
@@ -170,6 +277,44 @@ fn take(dir: &Path, name: &str, dest: &Path, seg_size: u64) -> Result<bool> {
     }
     let _ = fs::remove_file(&src);
     Ok(true)
+}
+
+/// Whether spool file `path` has this cluster's segment size and the long
+/// page header of segment `name`. Err(None): not there (or not a plain
+/// file); Err(Some(why)): there but not this segment.
+fn first_page_fits(
+    path: &Path,
+    name: &str,
+    id: &ClusterIdentity,
+) -> std::result::Result<(), Option<String>> {
+    let Some(WalFileKind::Segment { tli, log, seg, .. }) = wal::parse_name(name) else {
+        return Err(None);
+    };
+    let mut f = match fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(_) => return Err(None),
+    };
+    let meta = f.metadata().map_err(|_| None)?;
+    if !meta.file_type().is_file() {
+        return Err(Some("is not a plain file".into()));
+    }
+    if meta.len() != id.wal_segment_size {
+        return Err(Some(format!(
+            "has {} bytes, not {}",
+            meta.len(),
+            id.wal_segment_size
+        )));
+    }
+    let mut head = [0u8; wal::LONG_HEADER_LEN];
+    f.read_exact(&mut head)
+        .map_err(|e| Some(format!("cannot be read ({e})")))?;
+    let segno = wal::seg_no(log, seg, id.wal_segment_size);
+    wal::check_long_header(&head, tli, segno, id)
+        .map_err(|why| Some(format!("is not {name} of this cluster ({why})")))
 }
 
 fn start_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()> {
@@ -224,7 +369,7 @@ enum Fetched {
 pub fn run_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()> {
     let rc = cfg.find_repo(only)?;
     let repo = Repository::open_repo(cfg, rc)?;
-    let expected = spool_dir(cfg, &repo)?;
+    let expected = spool_dir(cfg, rc)?;
     if expected != dir {
         return Err(Error::Invalid(format!(
             "{} is not the look-ahead spool of repository {} ({})",
@@ -233,11 +378,21 @@ pub fn run_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()
             expected.display()
         )));
     }
+    // Whatever an earlier run left is not served (see the module comment).
+    // Cleared before the lock is taken: the foreground serves from the spool
+    // as soon as a process holds the lock and the identity file is there,
+    // so one left by a dead run must be gone by then. Not while another
+    // prefetcher holds the lock (its files are good); a second clear under
+    // the lock removes what one that died in between left.
+    if !spool::is_locked(&dir.join(LOCK))? {
+        clear(dir);
+    }
     let Some(_lock) = spool::try_lock(&dir.join(LOCK))? else {
         return Ok(());
     };
-    // Whatever an earlier run left is not served (see the module comment).
     clear(dir);
+    let identity = Identity::of(&repo)?;
+    write_identity(dir, &identity)?;
     let k = cfg.restore.lookahead.max(1);
     let jobs = k.min(MAX_JOBS);
     let seg_size = repo.descriptor.wal_segment_size;
@@ -261,13 +416,50 @@ pub fn run_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()
             });
         }
         drop(done_tx);
-        let result = prefetch_loop(dir, k, jobs, seg_size, &work_tx, &done_rx);
+        let result = prefetch_loop(&repo, &identity, dir, k, jobs, seg_size, &work_tx, &done_rx);
         drop(work_tx);
         result
     })
 }
 
+fn write_identity(dir: &Path, identity: &Identity) -> Result<()> {
+    spool::write_durable(dir, IDENTITY, identity.render().as_bytes())
+        .map_err(|e| Error::io(format!("write {}", dir.join(IDENTITY).display()), e))
+}
+
+/// Whether the repository's descriptor still names the repository and
+/// cluster the spool's files came from. A descriptor that cannot be read
+/// now (the store briefly unreachable) is not a change.
+fn same_repository(repo: &Repository, identity: &Identity) -> bool {
+    let body = match repo.storage.get(crate::repo::DESCRIPTOR_KEY) {
+        Ok(Some(mut r)) => {
+            let mut b = Vec::new();
+            match r.by_ref().take(64 << 10).read_to_end(&mut b) {
+                Ok(_) => b,
+                Err(_) => return true,
+            }
+        }
+        Ok(None) => return false,
+        Err(_) => return true,
+    };
+    match crate::repo::Descriptor::parse(&body) {
+        Ok(d) => {
+            let c = &identity.cluster;
+            d.repository_id == identity.repository_id
+                && d.identity().is_ok_and(|n| {
+                    n.system_identifier == c.system_identifier
+                        && n.pg_major == c.pg_major
+                        && n.wal_segment_size == c.wal_segment_size
+                })
+        }
+        Err(_) => false,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
 fn prefetch_loop(
+    repo: &Repository,
+    identity: &Identity,
     dir: &Path,
     k: usize,
     jobs: usize,
@@ -280,7 +472,23 @@ fn prefetch_loop(
     let mut hold_off: HashMap<String, Instant> = HashMap::new();
     let mut last_want = String::new();
     let mut last_change = Instant::now();
+    let mut last_check = Instant::now();
     loop {
+        if last_check.elapsed() >= RECHECK {
+            last_check = Instant::now();
+            if !same_repository(repo, identity) {
+                spool::log_line(
+                    "the repository's descriptor changed (re-created or replaced): spool emptied, exiting",
+                );
+                clear(dir);
+                return Ok(());
+            }
+        }
+        // A prefetcher starting beside this one (before it saw our lock)
+        // may have removed the identity file: written again.
+        if !dir.join(IDENTITY).exists() {
+            write_identity(dir, identity)?;
+        }
         let want = fs::read_to_string(dir.join(WANT)).unwrap_or_default();
         let want = want.trim().to_string();
         if want != last_want {
@@ -367,8 +575,10 @@ fn remove_outside(dir: &Path, keep: &[String], in_flight: &HashSet<String>) {
     }
 }
 
-/// Removes every segment and temporary from the spool.
+/// Removes the identity file (first: without it nothing is served), then
+/// every segment and temporary from the spool.
 fn clear(dir: &Path) {
+    let _ = fs::remove_file(dir.join(IDENTITY));
     spool::remove_temporaries(dir);
     let Ok(entries) = fs::read_dir(dir) else {
         return;
@@ -398,6 +608,28 @@ mod tests {
             ]
         );
         assert!(window("00000002.history", 2, 16 << 20).is_none());
+    }
+
+    #[test]
+    fn identity_round_trips_and_refuses_anything_else() {
+        let id = Identity {
+            repository_id: "ab".repeat(16),
+            cluster: ClusterIdentity {
+                system_identifier: 7_712_576_578_082_578_765,
+                pg_major: 15,
+                wal_segment_size: 1 << 20,
+            },
+        };
+        let text = id.render();
+        let back = Identity::parse(&text).expect("parses");
+        assert_eq!(back.repository_id, id.repository_id);
+        assert_eq!(back.cluster.system_identifier, id.cluster.system_identifier);
+        assert_eq!(back.cluster.wal_segment_size, 1 << 20);
+        // Half written, extended, or with a segment size nothing divides by.
+        assert!(Identity::parse(&text[..text.len() - 3]).is_none());
+        assert!(Identity::parse(&format!("{text}x=1\n")).is_none());
+        assert!(Identity::parse(&text.replace("=1048576", "=0")).is_none());
+        assert!(Identity::parse(&text.replace("identity 1", "identity 2")).is_none());
         assert!(window("000000020000000100000001.partial", 2, 16 << 20).is_none());
     }
 }
