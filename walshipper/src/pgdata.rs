@@ -49,10 +49,18 @@ pub struct SourceFile {
     /// Path relative to the data directory; tablespace files are under
     /// `pg_tblspc/<oid>/`, as PostgreSQL names them.
     pub rel: String,
-    pub abs: PathBuf,
     pub size: u64,
     pub mtime: i64,
     pub mode: u32,
+}
+
+impl SourceFile {
+    /// Where to read the file: its path below the data directory that was
+    /// scanned (tablespace files through the pg_tblspc/<oid> link). Not
+    /// kept per file: a listing of many files holds only the relative paths.
+    pub fn abs(&self, data_dir: &Path) -> PathBuf {
+        data_dir.join(&self.rel)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -217,7 +225,6 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
         } else if meta.is_file() {
             scan.files.push(SourceFile {
                 rel: child_rel,
-                abs: path,
                 size: meta.len(),
                 mtime: meta.mtime(),
                 mode: meta.mode() & 0o7777,

@@ -27,7 +27,7 @@ use crate::delta;
 use crate::error::{Error, Result};
 use crate::layout;
 use crate::manifest::{
-    check_location, pg_backup_manifest, BackupSummary, DatabaseEntry, FileEntry, Manifest,
+    check_location, write_pg_backup_manifest, BackupSummary, DatabaseEntry, FileEntry, Manifest,
     PgManifestFile, FIRST_NORMAL_OID, MAX_DATABASE_NAME,
 };
 use crate::pgdata::{DirFd, EntryKind};
@@ -928,30 +928,35 @@ fn restore_into(
     }
     // The zeroed files are left out: their checksums would fail. Their
     // directories are what `pg_verifybackup -i` is told to skip.
-    let mut pg_files: Vec<PgManifestFile> = m
+    // Written as it is rendered, from the entries (not a copy of them).
+    let pg_files = m
         .files
         .iter()
         .filter(|f| !zeroed(f))
         .map(|f| PgManifestFile {
-            path: f.path.clone(),
+            path: &f.path,
             size: f.size,
             mtime: f.mtime,
             // pg_verifybackup knows SHA-256, not BLAKE3: a file with a
             // BLAKE3 is checked by size there (restore checked its hash).
-            sha256: f.sha256.clone(),
-        })
-        .collect();
-    let now = chrono::Utc::now().timestamp();
-    for (name, body) in &extra {
-        pg_files.push(PgManifestFile {
-            path: name.clone(),
-            size: body.len() as u64,
-            mtime: now,
-            sha256: Some(HashAlg::Sha256.digest(body).hex()),
+            sha256: f.sha256_hex(),
         });
-    }
-    let manifest = pg_backup_manifest(&pg_files, m.timeline, m.start_lsn(), m.stop_lsn());
-    write_file(&roots.target, "backup_manifest", manifest.as_bytes())?;
+    let now = chrono::Utc::now().timestamp();
+    let extra_files = extra.iter().map(|(name, body)| PgManifestFile {
+        path: name,
+        size: body.len() as u64,
+        mtime: now,
+        sha256: Some(HashAlg::Sha256.digest(body).hex()),
+    });
+    write_file_with(&roots.target, "backup_manifest", |f| {
+        write_pg_backup_manifest(
+            f,
+            pg_files.chain(extra_files),
+            m.timeline,
+            m.start_lsn(),
+            m.stop_lsn(),
+        )
+    })?;
     write_recovery_settings(
         cfg,
         &roots.target,
@@ -1335,10 +1340,19 @@ impl Syncer {
 
 /// Writes `name` in `dir` durably: beside it first, then renamed over it.
 fn write_file(dir: &DirFd, name: &str, body: &[u8]) -> Result<()> {
+    write_file_with(dir, name, |f| f.write_all(body))
+}
+
+/// `write_file` of what `fill` writes.
+fn write_file_with(
+    dir: &DirFd,
+    name: &str,
+    fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = format!(".{name}.walshipper.tmp");
     let r = (|| {
         let mut f = dir.create_file(&tmp)?;
-        f.write_all(body)?;
+        fill(&mut f)?;
         f.sync_all()?;
         dir.rename(&tmp, name)
     })();
@@ -1978,8 +1992,7 @@ mod tests {
                 size: size as u64,
                 mtime: 0,
                 mode: 0o600,
-                sha256: None,
-                blake3: Some(String::new()),
+                hash: Default::default(),
                 object: base_key.clone(),
                 deltas: deltas.to_vec(),
                 maps: Vec::new(),
