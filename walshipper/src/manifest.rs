@@ -771,6 +771,20 @@ impl BackupSummary {
     }
 }
 
+/// Gives the allocator's free memory back to the system once a command's
+/// per-file structures are built and the temporary ones dropped (the
+/// validation's path set, the manifests of a chain read for their
+/// `based_on`): glibc keeps freed memory below its heap's top, so it would
+/// otherwise stay resident for the rest of the command. Returns nothing
+/// still in use; a no-op with other allocators.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of glibc's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Top-level names restore writes itself or a server owns: never in a backup.
 const RESERVED_TOP_FILES: &[&str] = &[
     "backup_label",

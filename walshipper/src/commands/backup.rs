@@ -202,7 +202,12 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     drop(backups);
     // The one whole manifest this backup needs: its reference's, compared
     // file by file (the scan kept summaries only).
-    let reference = reference.map(|r| repo.find_backup(&r.id)).transpose()?;
+    let mut reference = reference.map(|r| repo.find_backup(&r.id)).transpose()?;
+    if let Some(r) = &mut reference {
+        // The parse grew the list by doubling: up to half of it unused.
+        r.files.shrink_to_fit();
+        crate::manifest::release_free_memory();
+    }
     tracing::debug!("phase: repository checked at {:?}", started.elapsed());
 
     let mut client = connect(cfg)?;
