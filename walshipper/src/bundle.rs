@@ -221,7 +221,7 @@ pub fn unpack(
     for e in &sorted {
         // Checked by Manifest::validate too; here it bounds the buffer.
         let end = e.offset.and_then(|o| o.checked_add(e.size));
-        if e.object != key || end.is_none() || e.size >= BUNDLED_MAX {
+        if *e.object != *key || end.is_none() || e.size >= BUNDLED_MAX {
             return Err(Error::Corrupt {
                 key: key.to_string(),
                 reason: format!(
@@ -276,9 +276,9 @@ mod tests {
             mtime: 0,
             mode: 0o600,
             hash: crate::codec::HashAlg::Blake3.digest(body),
-            object: layout::backup_bundle(ID, 1),
-            deltas: vec![],
-            maps: vec![],
+            object: layout::backup_bundle(ID, 1).into(),
+            deltas: Box::default(),
+            maps: Box::default(),
             offset: Some(offset),
             stored_size: 0,
         }

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Component, Path};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -44,13 +45,15 @@ pub struct FileEntry {
     pub hash: PlainHash,
     /// Repository key holding the whole file, as this or an earlier backup
     /// stored it (an unchanged file refers to the earlier backup's object).
-    pub object: String,
+    /// Shared: the files of one bundle hold one copy of its key.
+    pub object: Arc<str>,
     /// Block deltas (docs/repository-format.md) applied on top of `object`,
-    /// in order, to give this backup's version of the file.
-    pub deltas: Vec<String>,
+    /// in order, to give this backup's version of the file. Boxed slices
+    /// (16 bytes, not a Vec's 24): empty for most files.
+    pub deltas: Box<[String]>,
     /// Block map of the file (large files): the full map, then one map delta
     /// per entry of `deltas`. The next diff/incr compares against it.
-    pub maps: Vec<String>,
+    pub maps: Box<[String]>,
     /// Set when `object` is a bundle: where the file's `size` bytes start
     /// in the bundle's plaintext.
     pub offset: Option<u64>,
@@ -74,9 +77,9 @@ struct WireEntry {
     blake3: Option<WireHex>,
     object: String,
     #[serde(default)]
-    deltas: Vec<String>,
+    deltas: Box<[String]>,
     #[serde(default)]
-    maps: Vec<String>,
+    maps: Box<[String]>,
     #[serde(default)]
     offset: Option<u64>,
     stored_size: u64,
@@ -134,13 +137,44 @@ impl TryFrom<WireEntry> for FileEntry {
             mtime: w.mtime,
             mode: w.mode,
             hash: PlainHash { alg, bytes },
-            object: w.object,
+            object: w.object.into(),
             deltas: w.deltas,
             maps: w.maps,
             offset: w.offset,
             stored_size: w.stored_size,
         })
     }
+}
+
+/// Reads a manifest's file list, the entries of one object (a bundle's
+/// files, listed one after another in path order) sharing one copy of its
+/// key. Grown as entries come: never sized by what the input announces.
+fn files_sharing_objects<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<FileEntry>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<FileEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of files")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Vec<FileEntry>, A::Error> {
+            let mut files: Vec<FileEntry> = Vec::new();
+            while let Some(mut f) = seq.next_element::<FileEntry>()? {
+                if let Some(prev) = files.last() {
+                    if prev.object == f.object {
+                        f.object = prev.object.clone();
+                    }
+                }
+                files.push(f);
+            }
+            Ok(files)
+        }
+    }
+    d.deserialize_seq(V)
 }
 
 impl Serialize for FileEntry {
@@ -217,10 +251,10 @@ impl FileEntry {
     }
 
     /// Every object this entry needs.
-    pub fn objects(&self) -> impl Iterator<Item = &String> {
-        std::iter::once(&self.object)
-            .chain(self.deltas.iter())
-            .chain(self.maps.iter())
+    pub fn objects(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&*self.object)
+            .chain(self.deltas.iter().map(String::as_str))
+            .chain(self.maps.iter().map(String::as_str))
     }
 }
 
@@ -281,6 +315,7 @@ pub struct Manifest {
     pub checksum_failures: Vec<ChecksumFailure>,
     pub size: u64,
     pub stored_size: u64,
+    #[serde(deserialize_with = "files_sharing_objects")]
     pub files: Vec<FileEntry>,
     pub dirs: Vec<DirEntry>,
     pub tablespaces: Vec<TablespaceEntry>,
@@ -307,12 +342,12 @@ impl Manifest {
     }
 
     /// Every object key the backup needs, its own and earlier backups'.
-    pub fn objects(&self) -> impl Iterator<Item = &String> {
+    pub fn objects(&self) -> impl Iterator<Item = &str> {
         self.files
             .iter()
             .flat_map(FileEntry::objects)
-            .chain(std::iter::once(&self.backup_label_object))
-            .chain(self.tablespace_map_object.iter())
+            .chain(std::iter::once(self.backup_label_object.as_str()))
+            .chain(self.tablespace_map_object.as_deref())
     }
 
     /// The other backups whose objects this one uses: restoring it needs them.
@@ -936,9 +971,9 @@ mod tests {
                 alg: HashAlg::Blake3,
                 bytes: [0xab; 32],
             },
-            object: layout::backup_data(owner, path),
-            deltas: vec![],
-            maps: vec![],
+            object: layout::backup_data(owner, path).into(),
+            deltas: Box::default(),
+            maps: Box::default(),
             offset: None,
             stored_size: 0,
         }
@@ -946,7 +981,7 @@ mod tests {
 
     fn bundled(path: &str, owner: &str, offset: u64) -> FileEntry {
         FileEntry {
-            object: layout::backup_bundle(owner, 1),
+            object: layout::backup_bundle(owner, 1).into(),
             offset: Some(offset),
             ..entry(path, owner)
         }
@@ -954,11 +989,12 @@ mod tests {
 
     fn sample() -> Manifest {
         let mut big = entry("base/5/16397", FULL);
-        big.deltas = vec![layout::backup_data(ID, "base/5/16397")];
-        big.maps = vec![
+        big.deltas = [layout::backup_data(ID, "base/5/16397")].into();
+        big.maps = [
             layout::backup_map(FULL, "base/5/16397"),
             layout::backup_map(ID, "base/5/16397"),
-        ];
+        ]
+        .into();
         Manifest {
             manifest_version: MANIFEST_VERSION,
             id: ID.into(),
@@ -1070,6 +1106,20 @@ mod tests {
     }
 
     #[test]
+    fn the_files_of_a_bundle_share_its_key_once_read() {
+        let mut m = sample();
+        m.files.insert(4, bundled("base/5/2601_fsm", ID, 100));
+        let body = serde_json::to_vec(&m).unwrap();
+        let d = Manifest::decode(&layout::manifest(ID), &body).unwrap();
+        let (a, b, c) = (&d.files[3], &d.files[4], &d.files[5]);
+        assert_eq!((&*a.object, &*b.object), (&*b.object, &*a.object));
+        assert!(Arc::ptr_eq(&a.object, &b.object));
+        // Another backup's bundle: its own key.
+        assert!(!Arc::ptr_eq(&b.object, &c.object));
+        assert_eq!(serde_json::to_vec(&d).unwrap(), body);
+    }
+
+    #[test]
     fn a_summary_carries_no_file_list() {
         let m = sample();
         let s = m.summary();
@@ -1132,7 +1182,7 @@ mod tests {
         ] {
             let mut m = sample();
             m.files[0].path = p.into();
-            m.files[0].object = format!("backups/{ID}/data/{p}");
+            m.files[0].object = format!("backups/{ID}/data/{p}").into();
             refused(&m);
             let mut d = sample();
             d.dirs.push(DirEntry {
@@ -1155,22 +1205,22 @@ mod tests {
             Box::new(|m| {
                 m.files[0].object = "wal/0000000100000000/000000010000000000000005".into()
             }),
-            Box::new(|m| m.files[0].object = layout::backup_data(ID, "base/5/other")),
-            Box::new(|m| m.files[0].object = layout::backup_map(ID, "base/5/16384")),
+            Box::new(|m| m.files[0].object = layout::backup_data(ID, "base/5/other").into()),
+            Box::new(|m| m.files[0].object = layout::backup_map(ID, "base/5/16384").into()),
             Box::new(|m| {
-                m.files[0].object = layout::backup_data("20271121-224754F", "base/5/16384")
+                m.files[0].object = layout::backup_data("20271121-224754F", "base/5/16384").into()
             }),
-            Box::new(|m| m.files[0].object = format!("backups/{ID}/data/../../keys/x")),
+            Box::new(|m| m.files[0].object = format!("backups/{ID}/data/../../keys/x").into()),
             Box::new(|m| m.files[1].deltas[0] = layout::backup_map(ID, "base/5/16397")),
             Box::new(|m| m.files[1].maps[0] = layout::backup_data(FULL, "base/5/16397")),
             // Bundles: only with an offset, only a bundle, no deltas, bounded.
-            Box::new(|m| m.files[0].object = layout::backup_bundle(ID, 1)),
+            Box::new(|m| m.files[0].object = layout::backup_bundle(ID, 1).into()),
             Box::new(|m| m.files[3].offset = None),
-            Box::new(|m| m.files[3].object = layout::backup_data(ID, "base/5/2601")),
-            Box::new(|m| m.files[3].object = layout::backup_bundle("20271121-224754F", 1)),
-            Box::new(|m| m.files[3].object = format!("backups/{ID}/bundle/1")),
-            Box::new(|m| m.files[3].deltas = vec![layout::backup_data(ID, "base/5/2601")]),
-            Box::new(|m| m.files[3].maps = vec![layout::backup_map(ID, "base/5/2601")]),
+            Box::new(|m| m.files[3].object = layout::backup_data(ID, "base/5/2601").into()),
+            Box::new(|m| m.files[3].object = layout::backup_bundle("20271121-224754F", 1).into()),
+            Box::new(|m| m.files[3].object = format!("backups/{ID}/bundle/1").into()),
+            Box::new(|m| m.files[3].deltas = [layout::backup_data(ID, "base/5/2601")].into()),
+            Box::new(|m| m.files[3].maps = [layout::backup_map(ID, "base/5/2601")].into()),
             Box::new(|m| m.files[3].size = BUNDLED_MAX),
             Box::new(|m| m.files[3].offset = Some(u64::MAX)),
             Box::new(|m| m.files[3].offset = Some(crate::delta::MAX_FILE_SIZE)),
@@ -1185,11 +1235,11 @@ mod tests {
         // An object of an earlier backup outside the chain: only the chain check sees it.
         let chain: BTreeSet<String> = [FULL.to_string()].into();
         let mut m = sample();
-        m.files[4].object = layout::backup_bundle("20261101-010000F", 1);
+        m.files[4].object = layout::backup_bundle("20261101-010000F", 1).into();
         m.validate(&layout::manifest(ID)).unwrap();
         assert!(m.validate_dependencies(&chain).is_err());
         let mut m = sample();
-        m.files[0].object = layout::backup_data("20261101-010000F", "base/5/16384");
+        m.files[0].object = layout::backup_data("20261101-010000F", "base/5/16384").into();
         m.validate(&layout::manifest(ID)).unwrap();
         assert!(m.validate_dependencies(&chain).is_err());
     }

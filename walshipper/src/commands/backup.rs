@@ -885,6 +885,8 @@ fn copy_bundle(
     let mut out: Vec<(usize, Copied, Vec<u32>)> = Vec::with_capacity(group.len());
     // Appended files, in order: their offsets come from the packer.
     let mut appended: Vec<usize> = Vec::new();
+    // One copy of the key for all the files of the bundle.
+    let shared_key: std::sync::Arc<str> = key.into();
     let mut grown: Vec<usize> = Vec::new();
     let mut members = group.iter();
     let next = || -> Result<Option<Vec<u8>>> {
@@ -931,9 +933,9 @@ fn copy_bundle(
                     mtime: f.mtime,
                     mode: f.mode,
                     hash: HashAlg::CURRENT.digest(&body),
-                    object: key.to_string(),
-                    deltas: Vec::new(),
-                    maps: Vec::new(),
+                    object: shared_key.clone(),
+                    deltas: Box::default(),
+                    maps: Box::default(),
                     offset: None,
                     stored_size: 0,
                 },
@@ -1048,14 +1050,14 @@ fn copy_one(
         mode: f.mode,
     };
     // The object's final frame and the manifest share the one hash taken.
-    let stored = |summary: &crate::codec::Summary, maps: Vec<String>, stored_size| FileEntry {
+    let stored = |summary: &crate::codec::Summary, maps: Box<[String]>, stored_size| FileEntry {
         path: f.rel.clone(),
         size: summary.plain_len,
         mtime: f.mtime,
         mode: f.mode,
         hash: summary.hash,
-        object: data_key.clone(),
-        deltas: Vec::new(),
+        object: data_key.as_str().into(),
+        deltas: Box::default(),
         maps,
         offset: None,
         stored_size,
@@ -1081,7 +1083,7 @@ fn copy_one(
         let (_, summary) =
             repo.put_object_with(&data_key, &body[..], Durability::AtFlush, Some(1))?;
         return Ok(Some((
-            Copied::Entry(stored(&summary, Vec::new(), summary.stored_len)),
+            Copied::Entry(stored(&summary, Box::default(), summary.stored_len)),
             failures,
         )));
     }
@@ -1109,7 +1111,7 @@ fn copy_one(
         let (_, msum) = repo.put_object_with(&map_key, &map[..], Durability::AtFlush, Some(1))?;
         let e = stored(
             &summary,
-            vec![map_key],
+            Box::new([map_key]),
             summary.stored_len + msum.stored_len,
         );
         let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
@@ -1168,8 +1170,8 @@ fn copy_one(
     let mut e = referenced(b);
     e.size = d.size;
     e.set_hash(&d.hash);
-    e.deltas.push(data_key);
-    e.maps.push(map_key);
+    e.deltas = e.deltas.iter().cloned().chain([data_key]).collect();
+    e.maps = e.maps.iter().cloned().chain([map_key]).collect();
     e.stored_size = summary.stored_len + msum.stored_len;
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(Some((Copied::Entry(e), failures)))

@@ -1408,7 +1408,7 @@ fn restore_file(
     };
     // Each repository that holds the backup is tried in turn; the file is
     // rewritten from the start by the next one.
-    let mut result = Err(Error::NotFound(f.object.clone()));
+    let mut result = Err(Error::NotFound(f.object.to_string()));
     for (i, repo) in sources.iter().enumerate() {
         result = restore_file_from(repo, f, &dir, &tmp, name, &dest, delta, syncer);
         match &result {
@@ -1448,7 +1448,7 @@ fn restore_work<'a>(
     let mut single: Vec<&'a FileEntry> = Vec::new();
     for f in files {
         if f.offset.is_some() && !zeroed(f) {
-            bundles.entry(f.object.as_str()).or_default().push(f);
+            bundles.entry(&*f.object).or_default().push(f);
         } else {
             single.push(f);
         }
@@ -1668,7 +1668,10 @@ pub(crate) fn rebuild_file<W: Write>(
         let map = |e| match e {
             delta::MergeError::Base(e) if stage == 0 => repo.read_error(&f.object, e),
             delta::MergeError::Base(e) => scratch_io(e),
-            delta::MergeError::Delta(n, e) => damaged(keys.get(n).unwrap_or(&f.object), e),
+            delta::MergeError::Delta(n, e) => damaged(
+                &keys.get(n).cloned().unwrap_or_else(|| f.object.to_string()),
+                e,
+            ),
             delta::MergeError::Output(e) if last => {
                 Error::io(format!("write {}", dest.display()), e)
             }
@@ -1739,7 +1742,11 @@ fn restore_file_from(
     // other algorithm than the entry's is a mismatch too (never written so).
     if !f.hash_is(&sha) {
         return Err(Error::Corrupt {
-            key: f.deltas.last().unwrap_or(&f.object).clone(),
+            key: f
+                .deltas
+                .last()
+                .map_or(&*f.object, String::as_str)
+                .to_string(),
             reason: format!(
                 "its {sha} is not the manifest's {} for {}",
                 f.hash_text(),
@@ -1996,9 +2003,9 @@ mod tests {
                 mtime: 0,
                 mode: 0o600,
                 hash: Default::default(),
-                object: base_key.clone(),
-                deltas: deltas.to_vec(),
-                maps: Vec::new(),
+                object: base_key.as_str().into(),
+                deltas: deltas.into(),
+                maps: Box::default(),
                 offset: None,
                 stored_size: 0,
             };
