@@ -353,7 +353,7 @@ impl Manifest {
     /// The other backups whose objects this one uses: restoring it needs them.
     pub fn depends_on(&self) -> BTreeSet<String> {
         self.objects()
-            .filter_map(|k| layout::backup_of(k))
+            .filter_map(layout::backup_of)
             .filter(|id| *id != self.id)
             .collect()
     }
