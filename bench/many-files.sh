@@ -3,9 +3,10 @@
 # row, one 8 KiB file each), grown in steps, walshipper beside pgBackRest
 # 2.59.1 (bundle + block, zstd 3, encryption, 2 processes, posix
 # repositories). At each step: full backup, 1 % of the tables changed,
-# incremental, restore of the chain; wall, CPU, peak RSS of the process tree,
-# objects each backup added, time per 1000 files: time should grow linearly
-# and memory stay flat. At the first step the cycle runs again against the S3
+# incremental, restore of the chain, each restore's base/ compared byte for
+# byte with the source; wall, CPU, peak RSS of the process tree, objects each
+# backup added, time per 1000 files: time should grow linearly and memory stay
+# flat. At the first step the cycle runs again against the S3
 # test server through a counting proxy (bench/s3_count_proxy.py; pgBackRest
 # over TLS to it), printing requests per command by method.
 # Run as root: bash bench/many-files.sh

@@ -221,7 +221,7 @@ pub fn unpack(
     for e in &sorted {
         // Checked by Manifest::validate too; here it bounds the buffer.
         let end = e.offset.and_then(|o| o.checked_add(e.size));
-        if e.object != key || end.is_none() || e.size >= BUNDLED_MAX {
+        if *e.object != *key || end.is_none() || e.size >= BUNDLED_MAX {
             return Err(Error::Corrupt {
                 key: key.to_string(),
                 reason: format!(
@@ -275,11 +275,10 @@ mod tests {
             size: body.len() as u64,
             mtime: 0,
             mode: 0o600,
-            sha256: None,
-            blake3: Some(crate::codec::HashAlg::Blake3.digest(body).hex()),
-            object: layout::backup_bundle(ID, 1),
-            deltas: vec![],
-            maps: vec![],
+            hash: crate::codec::HashAlg::Blake3.digest(body),
+            object: layout::backup_bundle(ID, 1).into(),
+            deltas: Box::default(),
+            maps: Box::default(),
             offset: Some(offset),
             stored_size: 0,
         }
@@ -359,7 +358,7 @@ mod tests {
         let mut old = entries[2].clone();
         old.set_hash(&crate::codec::HashAlg::Sha256.digest(&bodies[2]));
         unpack(&repo, &key, &[&old], &mut None, &mut |_, _| Ok(())).unwrap();
-        old.sha256 = entries[2].blake3.clone();
+        old.hash.bytes = entries[2].hash.bytes;
         assert!(refused(old).contains("SHA-256"));
         let mut big = entries[0].clone();
         big.size = BUNDLED_MAX;

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::path::{Component, Path};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -24,89 +25,236 @@ const BLAKE3_SINCE: u32 = 4;
 /// bundled file in memory at a time, so the bound is checked on every entry.
 pub const BUNDLED_MAX: u64 = crate::delta::MAP_MIN;
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+/// A file of a backup. In JSON its hash is one of two fields, `sha256` or
+/// `blake3` (64 lowercase hex digits; `WireEntry`); in memory it is the
+/// 32 bytes and their algorithm (`hash`), not two optional hex strings: a
+/// manifest of many files is held whole by backup and restore, and this
+/// halves what an entry takes (issue 17).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(try_from = "WireEntry")]
 pub struct FileEntry {
     /// Path in the data directory (tablespaces under pg_tblspc/<oid>/).
     pub path: String,
     pub size: u64,
     pub mtime: i64,
     pub mode: u32,
-    /// SHA-256 of the file's bytes as backed up, hex: the entries of
-    /// manifests before version 4, and entries of later ones carried over
-    /// from them (a large file found unchanged is not hashed again).
-    /// Exactly one of `sha256` and `blake3` is set ([`FileEntry::hash`]).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub sha256: Option<String>,
-    /// BLAKE3 of the file's bytes as backed up, hex (manifest version 4).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub blake3: Option<String>,
+    /// The file's bytes as backed up, hashed: BLAKE3 (manifest version 4),
+    /// or SHA-256 in entries of manifests before version 4 and entries of
+    /// later ones carried over from them (a large file found unchanged is
+    /// not hashed again).
+    pub hash: PlainHash,
     /// Repository key holding the whole file, as this or an earlier backup
     /// stored it (an unchanged file refers to the earlier backup's object).
-    pub object: String,
+    /// Shared: the files of one bundle hold one copy of its key.
+    pub object: Arc<str>,
     /// Block deltas (docs/repository-format.md) applied on top of `object`,
-    /// in order, to give this backup's version of the file.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub deltas: Vec<String>,
+    /// in order, to give this backup's version of the file. Boxed slices
+    /// (16 bytes, not a Vec's 24): empty for most files.
+    pub deltas: Box<[String]>,
     /// Block map of the file (large files): the full map, then one map delta
     /// per entry of `deltas`. The next diff/incr compares against it.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub maps: Vec<String>,
+    pub maps: Box<[String]>,
     /// Set when `object` is a bundle: where the file's `size` bytes start
     /// in the bundle's plaintext.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub offset: Option<u64>,
     /// Bytes this backup stored for the file (0 when it refers to earlier
     /// objects; a bundled file's share of its bundle's stored bytes).
     pub stored_size: u64,
 }
 
-impl FileEntry {
-    /// The file's recorded hash: its algorithm and hex digits. None only
-    /// for an entry that has both or neither (refused by `validate`).
-    pub fn hash(&self) -> Option<(HashAlg, &str)> {
-        match (&self.sha256, &self.blake3) {
-            (Some(h), None) => Some((HashAlg::Sha256, h)),
-            (None, Some(h)) => Some((HashAlg::Blake3, h)),
-            _ => None,
+/// A file entry as its JSON has it. Read with the hash fields checked
+/// (exactly one, 64 lowercase hex digits: `FileEntry::try_from`); the
+/// manifest's version is checked against the algorithm by `validate`.
+#[derive(Deserialize)]
+struct WireEntry {
+    path: String,
+    size: u64,
+    mtime: i64,
+    mode: u32,
+    #[serde(default)]
+    sha256: Option<WireHex>,
+    #[serde(default)]
+    blake3: Option<WireHex>,
+    object: String,
+    #[serde(default)]
+    deltas: Box<[String]>,
+    #[serde(default)]
+    maps: Box<[String]>,
+    #[serde(default)]
+    offset: Option<u64>,
+    stored_size: u64,
+}
+
+/// A hash field's text, decoded as it is read (no String per entry):
+/// None when it is not 64 lowercase hex digits.
+struct WireHex(Option<[u8; 32]>);
+
+impl<'de> Deserialize<'de> for WireHex {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = WireHex;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a hash in hex")
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> std::result::Result<WireHex, E> {
+                let lower = v
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+                let mut bytes = [0u8; 32];
+                let ok = lower && v.len() == 64 && hex::decode_to_slice(v, &mut bytes).is_ok();
+                Ok(WireHex(ok.then_some(bytes)))
+            }
+        }
+        d.deserialize_str(V)
+    }
+}
+
+impl TryFrom<WireEntry> for FileEntry {
+    type Error = String;
+
+    fn try_from(w: WireEntry) -> std::result::Result<FileEntry, String> {
+        let (alg, hex) = match (w.sha256, w.blake3) {
+            (Some(h), None) => (HashAlg::Sha256, h),
+            (None, Some(h)) => (HashAlg::Blake3, h),
+            (Some(_), Some(_)) => {
+                return Err(format!(
+                    "file {:?} has both a SHA-256 and a BLAKE3 hash",
+                    w.path
+                ))
+            }
+            (None, None) => return Err(format!("file {:?} has no hash", w.path)),
+        };
+        let Some(bytes) = hex.0 else {
+            return Err(format!(
+                "file {:?}: its {alg} is not 64 lowercase hex digits",
+                w.path
+            ));
+        };
+        Ok(FileEntry {
+            path: w.path,
+            size: w.size,
+            mtime: w.mtime,
+            mode: w.mode,
+            hash: PlainHash { alg, bytes },
+            object: w.object.into(),
+            deltas: w.deltas,
+            maps: w.maps,
+            offset: w.offset,
+            stored_size: w.stored_size,
+        })
+    }
+}
+
+/// Reads a manifest's file list, the entries of one object (a bundle's
+/// files, listed one after another in path order) sharing one copy of its
+/// key. Grown as entries come: never sized by what the input announces.
+fn files_sharing_objects<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<FileEntry>, D::Error> {
+    struct V;
+    impl<'de> serde::de::Visitor<'de> for V {
+        type Value = Vec<FileEntry>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("a list of files")
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> std::result::Result<Vec<FileEntry>, A::Error> {
+            let mut files: Vec<FileEntry> = Vec::new();
+            while let Some(mut f) = seq.next_element::<FileEntry>()? {
+                if let Some(prev) = files.last() {
+                    if prev.object == f.object {
+                        f.object = prev.object.clone();
+                    }
+                }
+                files.push(f);
+            }
+            Ok(files)
         }
     }
+    d.deserialize_seq(V)
+}
 
+impl Serialize for FileEntry {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        // The JSON a WireEntry reads, without copying the entry.
+        #[derive(Serialize)]
+        struct Out<'a> {
+            path: &'a str,
+            size: u64,
+            mtime: i64,
+            mode: u32,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            sha256: Option<&'a str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            blake3: Option<&'a str>,
+            object: &'a str,
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            deltas: &'a [String],
+            #[serde(skip_serializing_if = "<[String]>::is_empty")]
+            maps: &'a [String],
+            #[serde(skip_serializing_if = "Option::is_none")]
+            offset: Option<u64>,
+            stored_size: u64,
+        }
+        let mut buf = [0u8; 64];
+        let hex = hex::encode_to_slice(self.hash.bytes, &mut buf)
+            .ok()
+            .and_then(|()| std::str::from_utf8(&buf).ok())
+            .ok_or_else(|| serde::ser::Error::custom("hash to hex"))?;
+        let sha = self.hash.alg == HashAlg::Sha256;
+        Out {
+            path: &self.path,
+            size: self.size,
+            mtime: self.mtime,
+            mode: self.mode,
+            sha256: sha.then_some(hex),
+            blake3: (!sha).then_some(hex),
+            object: &self.object,
+            deltas: &self.deltas,
+            maps: &self.maps,
+            offset: self.offset,
+            stored_size: self.stored_size,
+        }
+        .serialize(s)
+    }
+}
+
+impl FileEntry {
     /// The algorithm to hash the file's bytes with to compare them with
     /// this entry.
     pub fn hash_alg(&self) -> HashAlg {
-        self.hash().map_or(HashAlg::CURRENT, |(alg, _)| alg)
+        self.hash.alg
     }
 
     /// Whether `h` is the entry's hash: the same algorithm and value.
     pub fn hash_is(&self, h: &PlainHash) -> bool {
-        let mut want = [0u8; 32];
-        self.hash().is_some_and(|(alg, hex)| {
-            alg == h.alg && hex::decode_to_slice(hex, &mut want).is_ok() && want == h.bytes
-        })
+        self.hash == *h
     }
 
-    /// Records `h` as the file's hash (and drops one of the other algorithm).
+    /// Records `h` as the file's hash (replacing one of either algorithm).
     pub fn set_hash(&mut self, h: &PlainHash) {
-        let hex = Some(h.hex());
-        (self.sha256, self.blake3) = match h.alg {
-            HashAlg::Sha256 => (hex, None),
-            HashAlg::Blake3 => (None, hex),
-        };
+        self.hash = *h;
     }
 
     /// The recorded hash for messages, e.g. "BLAKE3 9f…".
     pub fn hash_text(&self) -> String {
-        match self.hash() {
-            Some((alg, hex)) => format!("{alg} {hex}"),
-            None => "no hash".into(),
-        }
+        self.hash.to_string()
+    }
+
+    /// The SHA-256 in hex, if that is the entry's algorithm (for
+    /// PostgreSQL's backup_manifest, which knows no BLAKE3).
+    pub fn sha256_hex(&self) -> Option<String> {
+        (self.hash.alg == HashAlg::Sha256).then(|| self.hash.hex())
     }
 
     /// Every object this entry needs.
-    pub fn objects(&self) -> impl Iterator<Item = &String> {
-        std::iter::once(&self.object)
-            .chain(self.deltas.iter())
-            .chain(self.maps.iter())
+    pub fn objects(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(&*self.object)
+            .chain(self.deltas.iter().map(String::as_str))
+            .chain(self.maps.iter().map(String::as_str))
     }
 }
 
@@ -167,6 +315,7 @@ pub struct Manifest {
     pub checksum_failures: Vec<ChecksumFailure>,
     pub size: u64,
     pub stored_size: u64,
+    #[serde(deserialize_with = "files_sharing_objects")]
     pub files: Vec<FileEntry>,
     pub dirs: Vec<DirEntry>,
     pub tablespaces: Vec<TablespaceEntry>,
@@ -193,18 +342,18 @@ impl Manifest {
     }
 
     /// Every object key the backup needs, its own and earlier backups'.
-    pub fn objects(&self) -> impl Iterator<Item = &String> {
+    pub fn objects(&self) -> impl Iterator<Item = &str> {
         self.files
             .iter()
             .flat_map(FileEntry::objects)
-            .chain(std::iter::once(&self.backup_label_object))
-            .chain(self.tablespace_map_object.iter())
+            .chain(std::iter::once(self.backup_label_object.as_str()))
+            .chain(self.tablespace_map_object.as_deref())
     }
 
     /// The other backups whose objects this one uses: restoring it needs them.
     pub fn depends_on(&self) -> BTreeSet<String> {
         self.objects()
-            .filter_map(|k| layout::backup_of(k))
+            .filter_map(layout::backup_of)
             .filter(|id| *id != self.id)
             .collect()
     }
@@ -657,6 +806,20 @@ impl BackupSummary {
     }
 }
 
+/// Gives the allocator's free memory back to the system once a command's
+/// per-file structures are built and the temporary ones dropped (the
+/// validation's path set, the manifests of a chain read for their
+/// `based_on`): glibc keeps freed memory below its heap's top, so it would
+/// otherwise stay resident for the rest of the command. Returns nothing
+/// still in use; a no-op with other allocators.
+pub fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only releases free pages of glibc's own heaps.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Top-level names restore writes itself or a server owns: never in a backup.
 const RESERVED_TOP_FILES: &[&str] = &[
     "backup_label",
@@ -710,34 +873,13 @@ pub fn check_location(p: &Path) -> std::result::Result<(), &'static str> {
     Ok(())
 }
 
-/// A file entry's hash fields for its manifest version: `sha256` alone
-/// before version 4; then exactly one of `sha256` (carried over from an
-/// older manifest) and `blake3`; 64 lowercase hex digits.
+/// A file entry's hash for its manifest version: SHA-256 before version
+/// 4; then either (SHA-256 carried over from an older manifest). The hex
+/// form was checked as the entry was read (`FileEntry::try_from`).
 fn check_hash(f: &FileEntry, manifest_version: u32) -> std::result::Result<(), String> {
-    let (alg, hex) = match (&f.sha256, &f.blake3) {
-        (Some(h), None) => (HashAlg::Sha256, h),
-        (None, Some(h)) if manifest_version >= BLAKE3_SINCE => (HashAlg::Blake3, h),
-        (None, Some(_)) => {
-            return Err(format!(
-                "file {:?} has a BLAKE3 hash, which manifest version {manifest_version} does not have (only {BLAKE3_SINCE} and later)",
-                f.path
-            ))
-        }
-        (Some(_), Some(_)) => {
-            return Err(format!(
-                "file {:?} has both a SHA-256 and a BLAKE3 hash",
-                f.path
-            ))
-        }
-        (None, None) => return Err(format!("file {:?} has no hash", f.path)),
-    };
-    if hex.len() != 64
-        || !hex
-            .bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-    {
+    if f.hash.alg == HashAlg::Blake3 && manifest_version < BLAKE3_SINCE {
         return Err(format!(
-            "file {:?}: its {alg} is not 64 lowercase hex digits",
+            "file {:?} has a BLAKE3 hash, which manifest version {manifest_version} does not have (only {BLAKE3_SINCE} and later)",
             f.path
         ));
     }
@@ -745,8 +887,8 @@ fn check_hash(f: &FileEntry, manifest_version: u32) -> std::result::Result<(), S
 }
 
 /// One file line of PostgreSQL's backup_manifest.
-pub struct PgManifestFile {
-    pub path: String,
+pub struct PgManifestFile<'a> {
+    pub path: &'a str,
     pub size: u64,
     pub mtime: i64,
     /// SHA-256, hex; None: no checksum (pg_verifybackup knows no BLAKE3,
@@ -758,17 +900,30 @@ fn json_str(s: &str) -> String {
     serde_json::to_string(s).unwrap_or_else(|_| "\"\"".into())
 }
 
-/// Renders a PostgreSQL backup manifest (version 1), as pg_basebackup writes
-/// it: one file per line, then the WAL range, then a SHA-256 of everything
-/// before the last line.
-pub fn pg_backup_manifest(
-    files: &[PgManifestFile],
+/// Writes a PostgreSQL backup manifest (version 1) to `out`, as
+/// pg_basebackup writes it: one file per line, then the WAL range, then a
+/// SHA-256 of everything before the last line. Line by line, hashed as it
+/// is written: never held whole (about 150 bytes a file).
+pub fn write_pg_backup_manifest<'a, W: std::io::Write>(
+    out: W,
+    files: impl Iterator<Item = PgManifestFile<'a>>,
     timeline: u32,
     start_lsn: u64,
     stop_lsn: u64,
-) -> String {
-    let mut m = String::from("{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n");
-    for (i, f) in files.iter().enumerate() {
+) -> std::io::Result<()> {
+    let mut out = std::io::BufWriter::with_capacity(64 << 10, out);
+    let mut sum = Sha256::new();
+    let mut put = |out: &mut std::io::BufWriter<W>, text: &str| {
+        sum.update(text.as_bytes());
+        out.write_all(text.as_bytes())
+    };
+    use std::io::Write as _;
+    put(
+        &mut out,
+        "{ \"PostgreSQL-Backup-Manifest-Version\": 1,\n\"Files\": [\n",
+    )?;
+    let mut files = files.peekable();
+    while let Some(f) = files.next() {
         let when = chrono::DateTime::from_timestamp(f.mtime, 0)
             .unwrap_or_default()
             .format("%Y-%m-%d %H:%M:%S GMT");
@@ -776,23 +931,27 @@ pub fn pg_backup_manifest(
             Some(sha) => format!(", \"Checksum-Algorithm\": \"SHA256\", \"Checksum\": \"{sha}\""),
             None => String::new(),
         };
-        m.push_str(&format!(
+        let line = format!(
             "{{ \"Path\": {}, \"Size\": {}, \"Last-Modified\": \"{when}\"{checksum} }}{}\n",
-            json_str(&f.path),
+            json_str(f.path),
             f.size,
-            if i + 1 < files.len() { "," } else { "" }
-        ));
+            if files.peek().is_some() { "," } else { "" }
+        );
+        put(&mut out, &line)?;
     }
-    m.push_str("],\n\"WAL-Ranges\": [\n");
-    m.push_str(&format!(
-        "{{ \"Timeline\": {timeline}, \"Start-LSN\": \"{}\", \"End-LSN\": \"{}\" }}\n",
-        crate::wal::format_lsn(start_lsn),
-        crate::wal::format_lsn(stop_lsn)
-    ));
-    m.push_str("],\n");
-    let sum = hex::encode(Sha256::digest(m.as_bytes()));
-    m.push_str(&format!("\"Manifest-Checksum\": \"{sum}\"}}\n"));
-    m
+    put(&mut out, "],\n\"WAL-Ranges\": [\n")?;
+    put(
+        &mut out,
+        &format!(
+            "{{ \"Timeline\": {timeline}, \"Start-LSN\": \"{}\", \"End-LSN\": \"{}\" }}\n",
+            crate::wal::format_lsn(start_lsn),
+            crate::wal::format_lsn(stop_lsn)
+        ),
+    )?;
+    put(&mut out, "],\n")?;
+    let sum = hex::encode(sum.finalize());
+    out.write_all(format!("\"Manifest-Checksum\": \"{sum}\"}}\n").as_bytes())?;
+    out.flush()
 }
 
 #[cfg(test)]
@@ -808,11 +967,13 @@ mod tests {
             size: 1,
             mtime: 0,
             mode: 0o600,
-            sha256: None,
-            blake3: Some("ab".repeat(32)),
-            object: layout::backup_data(owner, path),
-            deltas: vec![],
-            maps: vec![],
+            hash: PlainHash {
+                alg: HashAlg::Blake3,
+                bytes: [0xab; 32],
+            },
+            object: layout::backup_data(owner, path).into(),
+            deltas: Box::default(),
+            maps: Box::default(),
             offset: None,
             stored_size: 0,
         }
@@ -820,7 +981,7 @@ mod tests {
 
     fn bundled(path: &str, owner: &str, offset: u64) -> FileEntry {
         FileEntry {
-            object: layout::backup_bundle(owner, 1),
+            object: layout::backup_bundle(owner, 1).into(),
             offset: Some(offset),
             ..entry(path, owner)
         }
@@ -828,11 +989,12 @@ mod tests {
 
     fn sample() -> Manifest {
         let mut big = entry("base/5/16397", FULL);
-        big.deltas = vec![layout::backup_data(ID, "base/5/16397")];
-        big.maps = vec![
+        big.deltas = [layout::backup_data(ID, "base/5/16397")].into();
+        big.maps = [
             layout::backup_map(FULL, "base/5/16397"),
             layout::backup_map(ID, "base/5/16397"),
-        ];
+        ]
+        .into();
         Manifest {
             manifest_version: MANIFEST_VERSION,
             id: ID.into(),
@@ -944,6 +1106,20 @@ mod tests {
     }
 
     #[test]
+    fn the_files_of_a_bundle_share_its_key_once_read() {
+        let mut m = sample();
+        m.files.insert(4, bundled("base/5/2601_fsm", ID, 100));
+        let body = serde_json::to_vec(&m).unwrap();
+        let d = Manifest::decode(&layout::manifest(ID), &body).unwrap();
+        let (a, b, c) = (&d.files[3], &d.files[4], &d.files[5]);
+        assert_eq!((&*a.object, &*b.object), (&*b.object, &*a.object));
+        assert!(Arc::ptr_eq(&a.object, &b.object));
+        // Another backup's bundle: its own key.
+        assert!(!Arc::ptr_eq(&b.object, &c.object));
+        assert_eq!(serde_json::to_vec(&d).unwrap(), body);
+    }
+
+    #[test]
     fn a_summary_carries_no_file_list() {
         let m = sample();
         let s = m.summary();
@@ -1006,7 +1182,7 @@ mod tests {
         ] {
             let mut m = sample();
             m.files[0].path = p.into();
-            m.files[0].object = format!("backups/{ID}/data/{p}");
+            m.files[0].object = format!("backups/{ID}/data/{p}").into();
             refused(&m);
             let mut d = sample();
             d.dirs.push(DirEntry {
@@ -1029,23 +1205,22 @@ mod tests {
             Box::new(|m| {
                 m.files[0].object = "wal/0000000100000000/000000010000000000000005".into()
             }),
-            Box::new(|m| m.files[0].object = layout::backup_data(ID, "base/5/other")),
-            Box::new(|m| m.files[0].object = layout::backup_map(ID, "base/5/16384")),
+            Box::new(|m| m.files[0].object = layout::backup_data(ID, "base/5/other").into()),
+            Box::new(|m| m.files[0].object = layout::backup_map(ID, "base/5/16384").into()),
             Box::new(|m| {
-                m.files[0].object = layout::backup_data("20271121-224754F", "base/5/16384")
+                m.files[0].object = layout::backup_data("20271121-224754F", "base/5/16384").into()
             }),
-            Box::new(|m| m.files[0].object = format!("backups/{ID}/data/../../keys/x")),
+            Box::new(|m| m.files[0].object = format!("backups/{ID}/data/../../keys/x").into()),
             Box::new(|m| m.files[1].deltas[0] = layout::backup_map(ID, "base/5/16397")),
             Box::new(|m| m.files[1].maps[0] = layout::backup_data(FULL, "base/5/16397")),
-            Box::new(|m| m.files[0].blake3 = Some("AB".repeat(32))),
             // Bundles: only with an offset, only a bundle, no deltas, bounded.
-            Box::new(|m| m.files[0].object = layout::backup_bundle(ID, 1)),
+            Box::new(|m| m.files[0].object = layout::backup_bundle(ID, 1).into()),
             Box::new(|m| m.files[3].offset = None),
-            Box::new(|m| m.files[3].object = layout::backup_data(ID, "base/5/2601")),
-            Box::new(|m| m.files[3].object = layout::backup_bundle("20271121-224754F", 1)),
-            Box::new(|m| m.files[3].object = format!("backups/{ID}/bundle/1")),
-            Box::new(|m| m.files[3].deltas = vec![layout::backup_data(ID, "base/5/2601")]),
-            Box::new(|m| m.files[3].maps = vec![layout::backup_map(ID, "base/5/2601")]),
+            Box::new(|m| m.files[3].object = layout::backup_data(ID, "base/5/2601").into()),
+            Box::new(|m| m.files[3].object = layout::backup_bundle("20271121-224754F", 1).into()),
+            Box::new(|m| m.files[3].object = format!("backups/{ID}/bundle/1").into()),
+            Box::new(|m| m.files[3].deltas = [layout::backup_data(ID, "base/5/2601")].into()),
+            Box::new(|m| m.files[3].maps = [layout::backup_map(ID, "base/5/2601")].into()),
             Box::new(|m| m.files[3].size = BUNDLED_MAX),
             Box::new(|m| m.files[3].offset = Some(u64::MAX)),
             Box::new(|m| m.files[3].offset = Some(crate::delta::MAX_FILE_SIZE)),
@@ -1060,76 +1235,96 @@ mod tests {
         // An object of an earlier backup outside the chain: only the chain check sees it.
         let chain: BTreeSet<String> = [FULL.to_string()].into();
         let mut m = sample();
-        m.files[4].object = layout::backup_bundle("20261101-010000F", 1);
+        m.files[4].object = layout::backup_bundle("20261101-010000F", 1).into();
         m.validate(&layout::manifest(ID)).unwrap();
         assert!(m.validate_dependencies(&chain).is_err());
         let mut m = sample();
-        m.files[0].object = layout::backup_data("20261101-010000F", "base/5/16384");
+        m.files[0].object = layout::backup_data("20261101-010000F", "base/5/16384").into();
         m.validate(&layout::manifest(ID)).unwrap();
         assert!(m.validate_dependencies(&chain).is_err());
     }
 
     #[test]
     fn hash_fields_follow_the_manifest_version() {
-        let sha = || Some("cd".repeat(32));
+        let sha = |f: &mut FileEntry| f.hash.alg = HashAlg::Sha256;
         // Version 4: BLAKE3, or a SHA-256 carried over from an older manifest.
         let mut m = sample();
-        m.files[1].blake3 = None;
-        m.files[1].sha256 = sha();
+        sha(&mut m.files[1]);
         m.validate(&layout::manifest(ID)).unwrap();
-        assert_eq!(
-            m.files[1].hash(),
-            Some((HashAlg::Sha256, &*"cd".repeat(32)))
-        );
+        assert_eq!(m.files[1].hash_alg(), HashAlg::Sha256);
         assert_eq!(m.files[0].hash_alg(), HashAlg::Blake3);
         // Older versions: SHA-256 only.
         for v in 1..BLAKE3_SINCE {
             let mut old = sample();
             old.manifest_version = v;
-            for f in &mut old.files {
-                (f.sha256, f.blake3) = (sha(), None);
-            }
+            old.files.iter_mut().for_each(sha);
             old.validate(&layout::manifest(ID)).unwrap();
-            old.files[2].blake3 = sha();
-            old.files[2].sha256 = None;
+            old.files[2].hash.alg = HashAlg::Blake3;
             let e = refused(&old);
             assert!(
                 e.contains("BLAKE3") && e.contains("manifest version"),
                 "{e}"
             );
         }
-        type Damage = Box<dyn Fn(&mut FileEntry)>;
+        // The JSON fields: exactly one, 64 lowercase hex digits; anything
+        // else is refused as the manifest is read, naming the file.
+        type Damage = Box<dyn Fn(&mut serde_json::Map<String, serde_json::Value>)>;
+        let set = |k: &'static str, v: String| -> Damage {
+            Box::new(move |f| {
+                f.insert(k.into(), v.clone().into());
+            })
+        };
         let cases: Vec<Damage> = vec![
-            Box::new(|f| f.blake3 = None),
-            Box::new(|f| f.sha256 = Some("cd".repeat(32))),
-            Box::new(|f| f.blake3 = Some("ab".repeat(31))),
-            Box::new(|f| f.blake3 = Some("ab".repeat(33))),
-            Box::new(|f| f.blake3 = Some("zz".repeat(32))),
-            Box::new(|f| f.blake3 = Some(String::new())),
-            Box::new(|f| (f.sha256, f.blake3) = (Some("ab".repeat(16)), None)),
-            Box::new(|f| (f.sha256, f.blake3) = (Some("é".repeat(32)), None)),
+            Box::new(|f| {
+                f.remove("blake3");
+            }),
+            set("sha256", "cd".repeat(32)),
+            set("blake3", "ab".repeat(31)),
+            set("blake3", "ab".repeat(33)),
+            set("blake3", "zz".repeat(32)),
+            set("blake3", "AB".repeat(32)),
+            set("blake3", String::new()),
+            Box::new(|f| {
+                f.remove("blake3");
+                f.insert("sha256".into(), "ab".repeat(16).into());
+            }),
+            Box::new(|f| {
+                f.remove("blake3");
+                f.insert("sha256".into(), "é".repeat(32).into());
+            }),
+            Box::new(|f| {
+                f.insert("blake3".into(), 5.into());
+            }),
         ];
         for (i, c) in cases.iter().enumerate() {
-            let mut m = sample();
-            c(&mut m.files[3]);
-            let e = refused(&m);
-            assert!(e.contains("base/5/2601"), "case {i}: {e}");
+            let mut v = serde_json::to_value(sample()).unwrap();
+            c(v["files"][3].as_object_mut().unwrap());
+            let e = Manifest::decode(&layout::manifest(ID), v.to_string().as_bytes())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("base/5/2601") || i == 9, "case {i}: {e}");
         }
+        // What is written reads back the same, in either algorithm.
+        let mut m = sample();
+        sha(&mut m.files[1]);
+        let v = serde_json::to_value(&m).unwrap();
+        assert_eq!(v["files"][1]["sha256"], "ab".repeat(32));
+        assert!(v["files"][1].get("blake3").is_none());
+        assert_eq!(v["files"][0]["blake3"], "ab".repeat(32));
+        assert!(v["files"][0].get("sha256").is_none());
+        let back = Manifest::decode(&layout::manifest(ID), v.to_string().as_bytes()).unwrap();
+        assert_eq!(back.files[1].hash, m.files[1].hash);
+        assert_eq!(back.files[0].hash, m.files[0].hash);
         // Comparison needs the same algorithm and value.
         let f = &mut sample().files[0];
         let h = HashAlg::Blake3.digest(b"x");
         f.set_hash(&h);
-        assert!(f.hash_is(&h) && f.sha256.is_none());
+        assert!(f.hash_is(&h) && f.sha256_hex().is_none());
         let s = HashAlg::Sha256.digest(b"x");
         assert!(!f.hash_is(&s));
         f.set_hash(&s);
-        assert!(f.hash_is(&s) && !f.hash_is(&h) && f.blake3.is_none());
+        assert!(f.hash_is(&s) && !f.hash_is(&h) && f.sha256_hex() == Some(s.hex()));
         assert!(f.hash_text().starts_with("SHA-256 "));
-        // Neither field: JSON without one parses, and is refused.
-        let mut v = serde_json::to_value(sample()).unwrap();
-        v["files"][0].as_object_mut().unwrap().remove("blake3");
-        let e = Manifest::decode(&layout::manifest(ID), v.to_string().as_bytes()).unwrap_err();
-        assert!(e.to_string().contains("has no hash"), "{e}");
     }
 
     #[test]

@@ -49,10 +49,18 @@ pub struct SourceFile {
     /// Path relative to the data directory; tablespace files are under
     /// `pg_tblspc/<oid>/`, as PostgreSQL names them.
     pub rel: String,
-    pub abs: PathBuf,
     pub size: u64,
     pub mtime: i64,
     pub mode: u32,
+}
+
+impl SourceFile {
+    /// Where to read the file: its path below the data directory that was
+    /// scanned (tablespace files through the pg_tblspc/<oid> link). Not
+    /// kept per file: a listing of many files holds only the relative paths.
+    pub fn abs(&self, data_dir: &Path) -> PathBuf {
+        data_dir.join(&self.rel)
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -137,24 +145,27 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !top => return Ok(()),
         Err(e) => return Err(io_err(dir, e)),
     };
-    let mut names: Vec<(String, PathBuf)> = Vec::new();
+    // Names only: a directory may hold 100 000 relation files, and each
+    // path is built when it is used.
+    let mut names: Vec<String> = Vec::new();
     for e in entries {
         let e = e.map_err(|e| io_err(dir, e))?;
         let Some(name) = e.file_name().to_str().map(str::to_string) else {
             tracing::warn!("skipping non-UTF-8 name in {}", dir.display());
             continue;
         };
-        names.push((name, e.path()));
+        names.push(name);
     }
     // Unlogged relations: those with an init fork keep only the init fork.
     let unlogged: HashSet<String> = names
         .iter()
-        .filter_map(|(n, _)| match relation_name(n) {
+        .filter_map(|n| match relation_name(n) {
             Some((node, Some("init"))) => Some(node.to_string()),
             _ => None,
         })
         .collect();
-    for (name, path) in names {
+    for name in names {
+        let path = dir.join(&name);
         let child_rel = join(rel, &name);
         if name.starts_with("pgsql_tmp") || EXCLUDE_FILES.contains(&name.as_str()) {
             continue;
@@ -217,7 +228,6 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
         } else if meta.is_file() {
             scan.files.push(SourceFile {
                 rel: child_rel,
-                abs: path,
                 size: meta.len(),
                 mtime: meta.mtime(),
                 mode: meta.mode() & 0o7777,

@@ -145,7 +145,7 @@ fn repository_of_sha256_objects_stays_usable() {
     let kept_small = m
         .files
         .iter()
-        .filter(|f| f.object.starts_with(&full_bundle) && f.sha256.is_some())
+        .filter(|f| f.object.starts_with(&full_bundle) && f.hash.alg == HashAlg::Sha256)
         .count();
     let stored_small = m
         .files
@@ -161,11 +161,11 @@ fn repository_of_sha256_objects_stays_usable() {
     assert!(m
         .files
         .iter()
-        .any(|f| f.size >= 128 << 10 && f.deltas.is_empty() && f.sha256.is_some()));
+        .any(|f| f.size >= 128 << 10 && f.deltas.is_empty() && f.hash.alg == HashAlg::Sha256));
     assert!(m
         .files
         .iter()
-        .any(|f| !f.deltas.is_empty() && f.blake3.is_some() && f.sha256.is_none()));
+        .any(|f| !f.deltas.is_empty() && f.hash.alg == HashAlg::Blake3));
 
     // archive-push of a segment archived before (version 2): the local file
     // is compared by the stored object's SHA-256.

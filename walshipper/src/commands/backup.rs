@@ -10,6 +10,7 @@
 use std::fs::File;
 use std::io::{self, Read};
 use std::os::unix::fs::FileExt;
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -201,7 +202,12 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     drop(backups);
     // The one whole manifest this backup needs: its reference's, compared
     // file by file (the scan kept summaries only).
-    let reference = reference.map(|r| repo.find_backup(&r.id)).transpose()?;
+    let mut reference = reference.map(|r| repo.find_backup(&r.id)).transpose()?;
+    if let Some(r) = &mut reference {
+        // The parse grew the list by doubling: up to half of it unused.
+        r.files.shrink_to_fit();
+        crate::manifest::release_free_memory();
+    }
     tracing::debug!("phase: repository checked at {:?}", started.elapsed());
 
     let mut client = connect(cfg)?;
@@ -335,6 +341,7 @@ fn copy_and_finish(
         repo,
         id,
         reference.as_ref(),
+        &cfg.pg.data_dir,
         &scan.files,
         args.jobs.max(1),
         cfg.backup.bundle.then(|| cfg.backup.bundle_bytes()),
@@ -344,9 +351,11 @@ fn copy_and_finish(
     )?;
     drop(reporter);
     tracing::debug!("phase: files copied at {:?}", started.elapsed());
-    // Per-file memory no longer needed: the reference's manifest and the
-    // listing of the data directory (its directories and tablespaces stay).
-    let based_on = reference.map(|m| m.id);
+    // Per-file memory no longer needed: the listing of the data directory
+    // (its directories and tablespaces stay). The reference's entries of
+    // unchanged files move into this backup's list (`Collected::into_files`).
+    let based_on = reference.as_ref().map(|m| m.id.clone());
+    let (files, failures) = copied.into_files(reference, &scan.files);
     drop(std::mem::take(&mut scan.files));
 
     // wait_for_archive => false: the server would poll its archive status
@@ -420,15 +429,6 @@ fn copy_and_finish(
     repo.storage.flush()?;
     tracing::debug!("phase: flushed at {:?}", started.elapsed());
 
-    let failures: Vec<ChecksumFailure> = copied
-        .iter()
-        .filter(|(_, f)| !f.is_empty())
-        .map(|(e, f)| ChecksumFailure {
-            path: e.path.clone(),
-            blocks: f.clone(),
-        })
-        .collect();
-    let files: Vec<FileEntry> = copied.into_iter().map(|(e, _)| e).collect();
     let manifest = Manifest {
         manifest_version: MANIFEST_VERSION,
         id: id.to_string(),
@@ -642,7 +642,107 @@ fn wait_for_wal(
     Ok(())
 }
 
-type Copied = (FileEntry, Vec<u32>);
+/// What the copy made of one file.
+enum Copied {
+    /// New or changed since the reference: this backup's entry.
+    Entry(FileEntry),
+    /// Unchanged: the reference's entry `base` (its index in the
+    /// reference's files), carried over with the file's mtime and mode. Not
+    /// cloned: moved into this backup's list at the end (`into_files`),
+    /// so an incremental never holds two entries for one file.
+    Same { base: u32, mtime: i64, mode: u32 },
+}
+
+/// The copy's results, in the order the workers finished.
+#[derive(Default)]
+struct Collected {
+    entries: Vec<FileEntry>,
+    /// (reference index, mtime, mode) of the unchanged files.
+    same: Vec<(u32, i64, u32)>,
+    /// (index in the listing, blocks) of the files with checksum failures.
+    failures: Vec<(usize, Vec<u32>)>,
+}
+
+impl Collected {
+    fn add(&mut self, i: usize, c: Copied, failures: Vec<u32>) {
+        match c {
+            Copied::Entry(e) => self.entries.push(e),
+            Copied::Same { base, mtime, mode } => self.same.push((base, mtime, mode)),
+        }
+        if !failures.is_empty() {
+            self.failures.push((i, failures));
+        }
+    }
+
+    /// This backup's file list in path order, and its checksum failures:
+    /// the reference's list (moved, not copied) keeps the entries of the
+    /// unchanged files, updated in place; the new entries are appended.
+    fn into_files(
+        mut self,
+        reference: Option<Manifest>,
+        listing: &[SourceFile],
+    ) -> (Vec<FileEntry>, Vec<ChecksumFailure>) {
+        let mut files = reference.map(|m| m.files).unwrap_or_default();
+        self.same.sort_unstable_by_key(|s| s.0);
+        let mut keep = self.same.iter().peekable();
+        let mut at = 0u32;
+        files.retain_mut(|f| {
+            let here = at;
+            at += 1;
+            match keep.next_if(|s| s.0 == here) {
+                Some(&(_, mtime, mode)) => {
+                    (f.mtime, f.mode, f.stored_size) = (mtime, mode, 0);
+                    true
+                }
+                None => false,
+            }
+        });
+        if files.is_empty() {
+            files = self.entries;
+        } else {
+            files.append(&mut self.entries);
+        }
+        files.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+        self.failures
+            .sort_unstable_by(|a, b| listing[a.0].rel.cmp(&listing[b.0].rel));
+        let failures = self
+            .failures
+            .into_iter()
+            .map(|(i, blocks)| ChecksumFailure {
+                path: listing[i].rel.clone(),
+                blocks,
+            })
+            .collect();
+        (files, failures)
+    }
+}
+
+/// The reference backup's entries looked up by path: an index sorted by
+/// path (4 bytes a file) rather than a map keyed by path.
+struct BaseIndex<'a> {
+    files: &'a [FileEntry],
+    order: Vec<u32>,
+}
+
+impl<'a> BaseIndex<'a> {
+    fn new(reference: Option<&'a Manifest>) -> BaseIndex<'a> {
+        let files = reference.map_or(&[][..], |m| &m.files[..]);
+        // Manifests list their files in path order (the listing is sorted):
+        // the sort finds them sorted. u32: a manifest's 1 GiB cap holds
+        // far fewer entries.
+        let mut order: Vec<u32> = (0..files.len() as u32).collect();
+        order.sort_by(|&a, &b| files[a as usize].path.cmp(&files[b as usize].path));
+        BaseIndex { files, order }
+    }
+
+    fn get(&self, path: &str) -> Option<(u32, &'a FileEntry)> {
+        let files = self.files;
+        self.order
+            .binary_search_by(|&i| files[i as usize].path.as_str().cmp(path))
+            .ok()
+            .map(|k| (self.order[k], &files[self.order[k] as usize]))
+    }
+}
 
 /// A work item of the copy: one file, or a group of small files that go
 /// into one bundle.
@@ -688,20 +788,23 @@ fn copy_files(
     repo: &Repository,
     id: &str,
     reference: Option<&Manifest>,
+    data_dir: &Path,
     files: &[SourceFile],
     jobs: usize,
     bundle_size: Option<u64>,
     checksums: bool,
     start_lsn: u64,
     counters: &Arc<Counters>,
-) -> Result<Vec<Copied>> {
+) -> Result<Collected> {
     let work = plan_work(files, bundle_size);
-    let base: std::collections::HashMap<&str, &FileEntry> = reference
-        .map(|m| m.files.iter().map(|f| (f.path.as_str(), f)).collect())
-        .unwrap_or_default();
+    let base = BaseIndex::new(reference);
     let next = AtomicUsize::new(0);
     let bundles = AtomicU64::new(0);
-    let results: Mutex<Vec<Option<Copied>>> = Mutex::new(vec![None; files.len()]);
+    // A full backup makes an entry per file: reserved once, exactly.
+    let results = Mutex::new(Collected {
+        entries: Vec::with_capacity(if reference.is_none() { files.len() } else { 0 }),
+        ..Collected::default()
+    });
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..jobs {
@@ -714,15 +817,20 @@ fn copy_files(
                 let done = match item {
                     Work::File(i) => {
                         let f = &files[*i];
-                        let b = base.get(f.rel.as_str()).copied();
-                        copy_one(repo, id, f, b, checksums, start_lsn, counters)
-                            .map(|c| (c.map(|c| vec![(*i, c)]).unwrap_or_default(), 1))
+                        let b = base.get(f.rel.as_str());
+                        copy_one(repo, id, data_dir, f, b, checksums, start_lsn, counters).map(
+                            |c| {
+                                let c = c.map(|(c, failed)| vec![(*i, c, failed)]);
+                                (c.unwrap_or_default(), 1)
+                            },
+                        )
                     }
                     Work::Bundle(group) => {
                         let key =
                             layout::backup_bundle(id, bundles.fetch_add(1, Ordering::Relaxed) + 1);
                         copy_bundle(
-                            repo, id, &key, files, group, &base, checksums, start_lsn, counters,
+                            repo, id, &key, data_dir, files, group, &base, checksums, start_lsn,
+                            counters,
                         )
                         .map(|c| (c, group.len()))
                     }
@@ -730,8 +838,8 @@ fn copy_files(
                 match done {
                     Ok((copied, n)) => {
                         if let Ok(mut r) = results.lock() {
-                            for (i, c) in copied {
-                                r[i] = Some(c);
+                            for (i, c, failed) in copied {
+                                r.add(i, c, failed);
                             }
                         }
                         counters.files_done.fetch_add(n as u64, Ordering::Relaxed);
@@ -749,12 +857,9 @@ fn copy_files(
     if let Some(e) = first_error.into_inner().ok().flatten() {
         return Err(e);
     }
-    Ok(results
+    results
         .into_inner()
-        .unwrap_or_default()
-        .into_iter()
-        .flatten()
-        .collect())
+        .map_err(|_| Error::Invalid("a copy thread panicked".into()))
 }
 
 /// Stores the small files `group` of `files` in bundle `key`, streamed:
@@ -769,25 +874,29 @@ fn copy_bundle(
     repo: &Repository,
     id: &str,
     key: &str,
+    data_dir: &Path,
     files: &[SourceFile],
     group: &[usize],
-    base: &std::collections::HashMap<&str, &FileEntry>,
+    base: &BaseIndex,
     checksums: bool,
     start_lsn: u64,
     counters: &Arc<Counters>,
-) -> Result<Vec<(usize, Copied)>> {
-    let mut out: Vec<(usize, Copied)> = Vec::with_capacity(group.len());
+) -> Result<Vec<(usize, Copied, Vec<u32>)>> {
+    let mut out: Vec<(usize, Copied, Vec<u32>)> = Vec::with_capacity(group.len());
     // Appended files, in order: their offsets come from the packer.
     let mut appended: Vec<usize> = Vec::new();
+    // One copy of the key for all the files of the bundle.
+    let shared_key: std::sync::Arc<str> = key.into();
     let mut grown: Vec<usize> = Vec::new();
     let mut members = group.iter();
     let next = || -> Result<Option<Vec<u8>>> {
         for &i in members.by_ref() {
             let f = &files[i];
-            let file = match File::open(&f.abs) {
+            let abs = f.abs(data_dir);
+            let file = match File::open(&abs) {
                 Ok(file) => file,
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(Error::io(format!("open {}", f.abs.display()), e)),
+                Err(e) => return Err(Error::io(format!("open {}", abs.display()), e)),
             };
             let verify = checksums && pgdata::is_relation_file(&f.rel);
             let reader = PageCheckingReader::new(
@@ -797,53 +906,42 @@ fn copy_bundle(
                 start_lsn,
                 counters.clone(),
             )
-            .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?;
+            .map_err(|e| Error::io(format!("open {}", abs.display()), e))?;
             let mut body = Vec::with_capacity(f.size as usize);
             let mut limited = reader.take(crate::manifest::BUNDLED_MAX);
             limited
                 .read_to_end(&mut body)
-                .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+                .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
             if body.len() as u64 >= crate::manifest::BUNDLED_MAX {
                 grown.push(i);
                 continue;
             }
             let failures = limited.into_inner().failures();
             let entry = match base.get(f.rel.as_str()) {
-                Some(b) if unchanged_small(b, &body) => {
-                    out.push((
-                        i,
-                        (
-                            FileEntry {
-                                mtime: f.mtime,
-                                mode: f.mode,
-                                stored_size: 0,
-                                ..(*b).clone()
-                            },
-                            failures,
-                        ),
-                    ));
-                    continue;
-                }
-                _ => {
-                    let mut e = FileEntry {
-                        path: f.rel.clone(),
-                        size: body.len() as u64,
+                Some((b, entry)) if unchanged_small(entry, &body) => {
+                    let same = Copied::Same {
+                        base: b,
                         mtime: f.mtime,
                         mode: f.mode,
-                        sha256: None,
-                        blake3: None,
-                        object: key.to_string(),
-                        deltas: Vec::new(),
-                        maps: Vec::new(),
-                        offset: None,
-                        stored_size: 0,
                     };
-                    e.set_hash(&HashAlg::CURRENT.digest(&body));
-                    e
+                    out.push((i, same, failures));
+                    continue;
                 }
+                _ => FileEntry {
+                    path: f.rel.clone(),
+                    size: body.len() as u64,
+                    mtime: f.mtime,
+                    mode: f.mode,
+                    hash: HashAlg::CURRENT.digest(&body),
+                    object: shared_key.clone(),
+                    deltas: Box::default(),
+                    maps: Box::default(),
+                    offset: None,
+                    stored_size: 0,
+                },
             };
             appended.push(out.len());
-            out.push((i, (entry, failures)));
+            out.push((i, Copied::Entry(entry), failures));
             return Ok(Some(body));
         }
         Ok(None)
@@ -868,7 +966,9 @@ fn copy_bundle(
         let mut left = summary.stored_len;
         let last = appended.len().saturating_sub(1);
         for (k, (&slot, offset)) in appended.iter().zip(offsets).enumerate() {
-            let e = &mut out[slot].1 .0;
+            let Copied::Entry(e) = &mut out[slot].1 else {
+                continue;
+            };
             e.offset = Some(offset);
             let share = if k == last {
                 left
@@ -883,16 +983,17 @@ fn copy_bundle(
     }
     for i in grown {
         let f = &files[i];
-        if let Some(c) = copy_one(
+        if let Some((c, failed)) = copy_one(
             repo,
             id,
+            data_dir,
             f,
-            base.get(f.rel.as_str()).copied(),
+            base.get(f.rel.as_str()),
             checksums,
             start_lsn,
             counters,
         )? {
-            out.push((i, c));
+            out.push((i, c, failed));
         }
     }
     Ok(out)
@@ -902,22 +1003,27 @@ fn copy_bundle(
 /// replay handles it). With `base` (the file in the reference backup of a
 /// diff/incr) an unchanged file refers to the earlier objects and a changed
 /// large file stores only its changed blocks.
+#[allow(clippy::too_many_arguments)]
 fn copy_one(
     repo: &Repository,
     id: &str,
+    data_dir: &Path,
     f: &SourceFile,
-    base: Option<&FileEntry>,
+    base: Option<(u32, &FileEntry)>,
     checksums: bool,
     start_lsn: u64,
     counters: &Arc<Counters>,
-) -> Result<Option<Copied>> {
+) -> Result<Option<(Copied, Vec<u32>)>> {
     let verify = checksums && pgdata::is_relation_file(&f.rel);
+    let abs = f.abs(data_dir);
+    let base_index = base.map(|(i, _)| i);
+    let base = base.map(|(_, b)| b);
     // None: the file vanished (dropped during the backup).
     let open = || -> Result<Option<File>> {
-        match File::open(&f.abs) {
+        match File::open(&abs) {
             Ok(file) => Ok(Some(file)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(Error::io(format!("open {}", f.abs.display()), e)),
+            Err(e) => Err(Error::io(format!("open {}", abs.display()), e)),
         }
     };
     let checking = |file: File, verify: bool| {
@@ -928,7 +1034,7 @@ fn copy_one(
             start_lsn,
             counters.clone(),
         )
-        .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))
+        .map_err(|e| Error::io(format!("open {}", abs.display()), e))
     };
     let data_key = layout::backup_data(id, &f.rel);
     let map_key = layout::backup_map(id, &f.rel);
@@ -938,23 +1044,23 @@ fn copy_one(
         stored_size: 0,
         ..b.clone()
     };
+    let carried = || Copied::Same {
+        base: base_index.unwrap_or_default(),
+        mtime: f.mtime,
+        mode: f.mode,
+    };
     // The object's final frame and the manifest share the one hash taken.
-    let stored = |summary: &crate::codec::Summary, maps: Vec<String>, stored_size| {
-        let mut e = FileEntry {
-            path: f.rel.clone(),
-            size: summary.plain_len,
-            mtime: f.mtime,
-            mode: f.mode,
-            sha256: None,
-            blake3: None,
-            object: data_key.clone(),
-            deltas: Vec::new(),
-            maps,
-            offset: None,
-            stored_size,
-        };
-        e.set_hash(&summary.hash);
-        e
+    let stored = |summary: &crate::codec::Summary, maps: Box<[String]>, stored_size| FileEntry {
+        path: f.rel.clone(),
+        size: summary.plain_len,
+        mtime: f.mtime,
+        mode: f.mode,
+        hash: summary.hash,
+        object: data_key.as_str().into(),
+        deltas: Box::default(),
+        maps,
+        offset: None,
+        stored_size,
     };
     let threads = if f.size > BIG_FILE { None } else { Some(1) };
     let Some(file) = open()? else {
@@ -967,17 +1073,17 @@ fn copy_one(
         let mut body = Vec::with_capacity(f.size as usize);
         reader
             .read_to_end(&mut body)
-            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+            .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
         let failures = reader.failures();
         if let Some(b) = base {
             if unchanged_small(b, &body) {
-                return Ok(Some((referenced(b), failures)));
+                return Ok(Some((carried(), failures)));
             }
         }
         let (_, summary) =
             repo.put_object_with(&data_key, &body[..], Durability::AtFlush, Some(1))?;
         return Ok(Some((
-            stored(&summary, Vec::new(), summary.stored_len),
+            Copied::Entry(stored(&summary, Box::default(), summary.stored_len)),
             failures,
         )));
     }
@@ -1005,11 +1111,11 @@ fn copy_one(
         let (_, msum) = repo.put_object_with(&map_key, &map[..], Durability::AtFlush, Some(1))?;
         let e = stored(
             &summary,
-            vec![map_key],
+            Box::new([map_key]),
             summary.stored_len + msum.stored_len,
         );
         let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
-        return Ok(Some((e, failures)));
+        return Ok(Some((Copied::Entry(e), failures)));
     };
     // A file written since the reference backup (its mtime or size moved)
     // has most likely changed: one pass finds its changed blocks, hashes it
@@ -1020,20 +1126,19 @@ fn copy_one(
     let mut file = file;
     if !likely_changed {
         let same = delta::unchanged(io::BufReader::with_capacity(256 << 10, &file), &map)
-            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+            .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
         if same {
             counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
-            return Ok(Some((referenced(b), Vec::new())));
+            return Ok(Some((carried(), Vec::new())));
         }
-        io::Seek::rewind(&mut file)
-            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+        io::Seek::rewind(&mut file).map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
     }
     // Only the changed blocks' pages are checked; the others are bytes an
     // earlier backup stored (and checked). The checker reads a page again
     // by offset, on its own handle.
     let checker = checking(
         file.try_clone()
-            .map_err(|e| Error::io(format!("open {}", f.abs.display()), e))?,
+            .map_err(|e| Error::io(format!("open {}", abs.display()), e))?,
         verify,
     )?;
     let failures = checker.failures.clone();
@@ -1052,24 +1157,24 @@ fn copy_one(
     if likely_changed
         && !delta
             .differs()
-            .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?
+            .map_err(|e| Error::io(format!("read {}", abs.display()), e))?
     {
-        return Ok(Some((referenced(b), Vec::new())));
+        return Ok(Some((carried(), Vec::new())));
     }
     let (_, summary) = repo.put_object_with(&data_key, &mut delta, Durability::AtFlush, threads)?;
     let d = delta
         .finish()
-        .map_err(|e| Error::io(format!("read {}", f.abs.display()), e))?;
+        .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
     let (_, msum) =
         repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
     let mut e = referenced(b);
     e.size = d.size;
     e.set_hash(&d.hash);
-    e.deltas.push(data_key);
-    e.maps.push(map_key);
+    e.deltas = e.deltas.iter().cloned().chain([data_key]).collect();
+    e.maps = e.maps.iter().cloned().chain([map_key]).collect();
     e.stored_size = summary.stored_len + msum.stored_len;
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
-    Ok(Some((e, failures)))
+    Ok(Some((Copied::Entry(e), failures)))
 }
 
 /// Whether a small file read as `body` is the reference's version of it:

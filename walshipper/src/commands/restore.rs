@@ -27,7 +27,7 @@ use crate::delta;
 use crate::error::{Error, Result};
 use crate::layout;
 use crate::manifest::{
-    check_location, pg_backup_manifest, BackupSummary, DatabaseEntry, FileEntry, Manifest,
+    check_location, write_pg_backup_manifest, BackupSummary, DatabaseEntry, FileEntry, Manifest,
     PgManifestFile, FIRST_NORMAL_OID, MAX_DATABASE_NAME,
 };
 use crate::pgdata::{DirFd, EntryKind};
@@ -401,7 +401,7 @@ fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifes
             })?
             .based_on;
     }
-    let m = read(id).map_err(|e| match e {
+    let mut m = read(id).map_err(|e| match e {
         // Listed under this id, but not stored under it.
         Error::NotFound(key) => Error::Corrupt {
             key,
@@ -430,6 +430,9 @@ fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifes
         });
     }
     m.validate_dependencies(&chain)?;
+    // The parse grew the list by doubling: up to half of it unused.
+    m.files.shrink_to_fit();
+    crate::manifest::release_free_memory();
     Ok(m)
 }
 
@@ -928,30 +931,35 @@ fn restore_into(
     }
     // The zeroed files are left out: their checksums would fail. Their
     // directories are what `pg_verifybackup -i` is told to skip.
-    let mut pg_files: Vec<PgManifestFile> = m
+    // Written as it is rendered, from the entries (not a copy of them).
+    let pg_files = m
         .files
         .iter()
         .filter(|f| !zeroed(f))
         .map(|f| PgManifestFile {
-            path: f.path.clone(),
+            path: &f.path,
             size: f.size,
             mtime: f.mtime,
             // pg_verifybackup knows SHA-256, not BLAKE3: a file with a
             // BLAKE3 is checked by size there (restore checked its hash).
-            sha256: f.sha256.clone(),
-        })
-        .collect();
-    let now = chrono::Utc::now().timestamp();
-    for (name, body) in &extra {
-        pg_files.push(PgManifestFile {
-            path: name.clone(),
-            size: body.len() as u64,
-            mtime: now,
-            sha256: Some(HashAlg::Sha256.digest(body).hex()),
+            sha256: f.sha256_hex(),
         });
-    }
-    let manifest = pg_backup_manifest(&pg_files, m.timeline, m.start_lsn(), m.stop_lsn());
-    write_file(&roots.target, "backup_manifest", manifest.as_bytes())?;
+    let now = chrono::Utc::now().timestamp();
+    let extra_files = extra.iter().map(|(name, body)| PgManifestFile {
+        path: name,
+        size: body.len() as u64,
+        mtime: now,
+        sha256: Some(HashAlg::Sha256.digest(body).hex()),
+    });
+    write_file_with(&roots.target, "backup_manifest", |f| {
+        write_pg_backup_manifest(
+            f,
+            pg_files.chain(extra_files),
+            m.timeline,
+            m.start_lsn(),
+            m.stop_lsn(),
+        )
+    })?;
     write_recovery_settings(
         cfg,
         &roots.target,
@@ -1335,10 +1343,19 @@ impl Syncer {
 
 /// Writes `name` in `dir` durably: beside it first, then renamed over it.
 fn write_file(dir: &DirFd, name: &str, body: &[u8]) -> Result<()> {
+    write_file_with(dir, name, |f| f.write_all(body))
+}
+
+/// `write_file` of what `fill` writes.
+fn write_file_with(
+    dir: &DirFd,
+    name: &str,
+    fill: impl FnOnce(&mut fs::File) -> std::io::Result<()>,
+) -> Result<()> {
     let tmp = format!(".{name}.walshipper.tmp");
     let r = (|| {
         let mut f = dir.create_file(&tmp)?;
-        f.write_all(body)?;
+        fill(&mut f)?;
         f.sync_all()?;
         dir.rename(&tmp, name)
     })();
@@ -1391,7 +1408,7 @@ fn restore_file(
     };
     // Each repository that holds the backup is tried in turn; the file is
     // rewritten from the start by the next one.
-    let mut result = Err(Error::NotFound(f.object.clone()));
+    let mut result = Err(Error::NotFound(f.object.to_string()));
     for (i, repo) in sources.iter().enumerate() {
         result = restore_file_from(repo, f, &dir, &tmp, name, &dest, delta, syncer);
         match &result {
@@ -1431,7 +1448,7 @@ fn restore_work<'a>(
     let mut single: Vec<&'a FileEntry> = Vec::new();
     for f in files {
         if f.offset.is_some() && !zeroed(f) {
-            bundles.entry(f.object.as_str()).or_default().push(f);
+            bundles.entry(&*f.object).or_default().push(f);
         } else {
             single.push(f);
         }
@@ -1651,7 +1668,10 @@ pub(crate) fn rebuild_file<W: Write>(
         let map = |e| match e {
             delta::MergeError::Base(e) if stage == 0 => repo.read_error(&f.object, e),
             delta::MergeError::Base(e) => scratch_io(e),
-            delta::MergeError::Delta(n, e) => damaged(keys.get(n).unwrap_or(&f.object), e),
+            delta::MergeError::Delta(n, e) => damaged(
+                &keys.get(n).cloned().unwrap_or_else(|| f.object.to_string()),
+                e,
+            ),
             delta::MergeError::Output(e) if last => {
                 Error::io(format!("write {}", dest.display()), e)
             }
@@ -1722,7 +1742,11 @@ fn restore_file_from(
     // other algorithm than the entry's is a mismatch too (never written so).
     if !f.hash_is(&sha) {
         return Err(Error::Corrupt {
-            key: f.deltas.last().unwrap_or(&f.object).clone(),
+            key: f
+                .deltas
+                .last()
+                .map_or(&*f.object, String::as_str)
+                .to_string(),
             reason: format!(
                 "its {sha} is not the manifest's {} for {}",
                 f.hash_text(),
@@ -1978,11 +2002,10 @@ mod tests {
                 size: size as u64,
                 mtime: 0,
                 mode: 0o600,
-                sha256: None,
-                blake3: Some(String::new()),
-                object: base_key.clone(),
-                deltas: deltas.to_vec(),
-                maps: Vec::new(),
+                hash: Default::default(),
+                object: base_key.as_str().into(),
+                deltas: deltas.into(),
+                maps: Box::default(),
                 offset: None,
                 stored_size: 0,
             };

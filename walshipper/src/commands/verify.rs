@@ -126,7 +126,7 @@ pub fn run(
                 // the backups that name these bytes.
                 if seen.insert(format!("{} {:?} {}", f.object, f.offset, f.path)) {
                     bundles
-                        .entry(f.object.clone())
+                        .entry(f.object.to_string())
                         .or_default()
                         .push((f.clone(), what));
                 }
@@ -134,8 +134,8 @@ pub fn run(
             }
             match f.deltas.last() {
                 None => {
-                    if seen.insert(f.object.clone()) {
-                        work.push((f.object.clone(), Some(f.clone()), what));
+                    if seen.insert(f.object.to_string()) {
+                        work.push((f.object.to_string(), Some(f.clone()), what));
                     }
                 }
                 Some(last) => {
@@ -346,7 +346,7 @@ pub fn run(
         }
     };
     for (f, _) in &rebuilds {
-        note_header(&f.object);
+        note_header(&f.object.to_string());
         f.deltas.iter().for_each(&mut note_header);
     }
     for m in &backups {
