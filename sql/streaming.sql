@@ -25,8 +25,8 @@ $$;
 
 -- Alerts: wal_receiver_down (streaming on, and the receiver has not
 -- streamed steadily for p_down_secs: not running, its slot not in use, or
--- restarted after an exit and not yet streaming for p_stable_secs, so that a
--- crash loop of short runs stays down) and wal_stream_lagging (the slot
+-- in a crash loop: restarted after exits that began more than p_down_secs
+-- before its start, and not yet streaming for p_stable_secs) and wal_stream_lagging (the slot
 -- holds back more than p_lag_mb MB of WAL: WAL not yet in the repository,
 -- kept in pg_wal; raised whether or not streaming is on, since a forgotten
 -- slot pins WAL until the disk fills).
@@ -49,10 +49,14 @@ BEGIN
             UPDATE backup.wal_receiver SET down_since = NULL WHERE id = 1;
             r.down_since := NULL;
         END IF;
+        -- Streaming now after exits: down for as long as it took to get
+        -- here (started_at - down_since), so that one exit restarted at
+        -- once raises nothing while a crash loop, whose backoff keeps
+        -- growing, does.
         down_for := CASE
             WHEN r.state <> 'running' THEN now() - coalesce(r.down_since, r.since)
             WHEN sl IS NULL OR NOT sl.active THEN now() - coalesce(r.down_since, greatest(r.since, r.started_at))
-            ELSE now() - r.down_since
+            ELSE r.started_at - r.down_since
         END;
         IF down_for > make_interval(secs => p_down_secs) THEN
             PERFORM backup._raise_alert('wal_receiver_down', 'critical', p_slot,
@@ -61,8 +65,9 @@ BEGIN
                        CASE WHEN r.state = 'running' AND (sl IS NULL OR NOT sl.active)
                                 THEN 'running, but replication slot ' || p_slot || ' is not in use'
                             WHEN r.state = 'running'
-                                THEN format('streaming again for %s after %s restarts, not yet %s s; last error: %s',
-                                            date_trunc('second', now() - r.started_at), r.restarts, p_stable_secs,
+                                THEN format('it keeps exiting: %s restarts, exiting since %s, streaming again for %s, not yet %s s; last error: %s',
+                                            r.restarts, date_trunc('second', r.down_since),
+                                            date_trunc('second', now() - r.started_at), p_stable_secs,
                                             coalesce(r.last_error, 'none'))
                             ELSE coalesce('last error: ' || r.last_error, 'not started') END),
                 jsonb_build_object('state', r.state, 'restarts', r.restarts, 'last_error', r.last_error,

@@ -898,25 +898,42 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         "t",
         Duration::from_secs(30),
     );
-    // Killed: started again, the restart counted, streaming again.
-    let pid: i32 = c
-        .sql("SELECT receiver_pid FROM backup.wal_archive_status")
-        .parse()
-        .unwrap();
-    // SAFETY: signalling the receiver process the scheduler started.
-    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
-    wait_for(&c, state, "running true 1", Duration::from_secs(60));
-    assert_ne!(
-        c.sql("SELECT receiver_pid FROM backup.wal_archive_status"),
-        pid.to_string()
-    );
-    // Streaming again, but not yet for a minute: still down since the kill
-    // (a crash loop of short runs must not look healthy), so after
-    // stream_down_alert the alert is raised while it runs.
+    // Killed: started again, the restart counted, streaming again. One
+    // exit restarted at once raises no alert; a crash loop does: killed
+    // three times, each run shorter than a minute, the backoff growing
+    // (1, 2, 4 s), so its exits began more than stream_down_alert (2 s)
+    // before its last start, and the alert is raised while it streams.
     let down = "SELECT count(*) FROM backup.alerts WHERE kind = 'wal_receiver_down' AND resolved_at IS NULL";
+    for n in 1..=3 {
+        let pid: i32 = c
+            .sql("SELECT receiver_pid FROM backup.wal_archive_status")
+            .parse()
+            .unwrap();
+        // SAFETY: signalling the receiver process the scheduler started.
+        assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+        wait_for(
+            &c,
+            state,
+            &format!("running true {n}"),
+            Duration::from_secs(60),
+        );
+        assert_ne!(
+            c.sql("SELECT receiver_pid FROM backup.wal_archive_status"),
+            pid.to_string()
+        );
+        if n == 1 {
+            assert_eq!(
+                c.sql("SELECT receiver_down_since IS NOT NULL FROM backup.wal_archive_status"),
+                "t"
+            );
+        }
+    }
     wait_for(&c, down, "1", Duration::from_secs(30));
+    // Raised during the loop (while it waited out a backoff, or once
+    // running again) and still open while the last run streams.
+    assert_eq!(c.sql(state), "running true 3");
     assert_eq!(
-        c.sql("SELECT receiver_down_since IS NOT NULL FROM backup.wal_archive_status"),
+        c.sql("SELECT details->>'down_since' IS NOT NULL FROM backup.alerts WHERE kind = 'wal_receiver_down' AND resolved_at IS NULL"),
         "t"
     );
     // A run that has streamed for the stable time (its start moved back a
@@ -932,7 +949,7 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
     // since, and above 1 MB that is an alert saying to drop it.
     c.sql("ALTER SYSTEM SET pg_backup.wal_streaming = off");
     c.sql("SELECT pg_reload_conf()");
-    wait_for(&c, state, "off false 1", Duration::from_secs(30));
+    wait_for(&c, state, "off false 3", Duration::from_secs(30));
     c.sql(
         "CREATE TABLE pinned AS SELECT g, repeat('x', 200) AS v FROM generate_series(1, 20000) g",
     );
