@@ -191,38 +191,64 @@ fn open_lock(path: &Path) -> io::Result<File> {
 }
 
 /// Takes the lock at `path`, and writes our pid in it (for the
-/// administrator, and for tests that kill the holder); None when another
-/// process holds it.
+/// administrator, for tests that kill the holder, and for
+/// [`lock_holder`]); None when another process holds it.
 pub fn try_lock(path: &Path) -> Result<Option<ProcessLock>> {
     let mut file = open_lock(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    // SAFETY: flock on a valid, open descriptor.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc != 0 {
-        let e = io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+    // A probe ([`is_locked`]) holds a shared lock for a moment: waited out
+    // briefly, so that a probe never makes a starting process give up.
+    let io_err = |e| Error::io(format!("flock {}", path.display()), e);
+    let mut attempts = 0;
+    while !flock(&file, libc::LOCK_EX | libc::LOCK_NB).map_err(io_err)? {
+        // Only probes hold it (a shared lock is granted): let go, try again.
+        if attempts >= 200 || !flock(&file, libc::LOCK_SH | libc::LOCK_NB).map_err(io_err)? {
             return Ok(None);
         }
-        return Err(Error::io(format!("flock {}", path.display()), e));
+        flock(&file, libc::LOCK_UN).map_err(io_err)?;
+        attempts += 1;
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let _ = file.set_len(0);
     let _ = write!(file, "{}", std::process::id());
     Ok(Some(ProcessLock { _file: file }))
 }
 
-/// Whether a process holds the lock at `path` (briefly taking it if not;
-/// the file's content is left alone).
-pub fn is_locked(path: &Path) -> Result<bool> {
-    let file = open_lock(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
-    // SAFETY: flock on a valid, open descriptor; released when `file` closes.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
-    if rc == 0 {
-        return Ok(false);
+/// flock(2) on `file`: false when it would block.
+fn flock(file: &File, op: libc::c_int) -> io::Result<bool> {
+    // SAFETY: flock on a valid, open descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), op) } == 0 {
+        return Ok(true);
     }
     let e = io::Error::last_os_error();
     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
-        return Ok(true);
+        return Ok(false);
     }
-    Err(Error::io(format!("flock {}", path.display()), e))
+    Err(e)
+}
+
+/// Whether a process holds the lock at `path`. Probed with a shared lock,
+/// released at once: two probes at the same moment never make each other
+/// look like the holder (only [`try_lock`] takes it exclusively). The
+/// file's content is left alone.
+pub fn is_locked(path: &Path) -> Result<bool> {
+    let file = open_lock(path).map_err(|e| Error::io(format!("open {}", path.display()), e))?;
+    // Released when `file` closes.
+    let free = flock(&file, libc::LOCK_SH | libc::LOCK_NB)
+        .map_err(|e| Error::io(format!("flock {}", path.display()), e))?;
+    Ok(!free)
+}
+
+/// The pid the holder of the lock at `path` wrote in it, if a process
+/// holds it now; None when free (or the content is not a pid).
+pub fn lock_holder(path: &Path) -> Result<Option<u32>> {
+    if !is_locked(path)? {
+        return Ok(None);
+    }
+    let body =
+        read_small(path, 32).map_err(|e| Error::io(format!("read {}", path.display()), e))?;
+    Ok(body
+        .and_then(|b| String::from_utf8(b).ok())
+        .and_then(|t| t.trim().parse().ok()))
 }
 
 /// Starts this binary again with `args`, detached: its own session (setsid:
@@ -307,8 +333,24 @@ mod tests {
             fs::read_to_string(&lock).unwrap(),
             std::process::id().to_string()
         );
+        assert_eq!(lock_holder(&lock).unwrap(), Some(std::process::id()));
         drop(held);
         assert!(!is_locked(&lock).unwrap());
+        assert_eq!(lock_holder(&lock).unwrap(), None);
+        // A probe in progress (a shared lock) is not a holder to another
+        // probe, and only delays one taking the lock.
+        let probe = open_lock(&lock).unwrap();
+        assert!(flock(&probe, libc::LOCK_SH | libc::LOCK_NB).unwrap());
+        assert!(!is_locked(&lock).unwrap(), "a probe looked like the holder");
+        let release = std::thread::spawn(move || {
+            std::thread::sleep(std::time::Duration::from_millis(30));
+            drop(probe);
+        });
+        assert!(
+            try_lock(&lock).unwrap().is_some(),
+            "a probe made try_lock give up"
+        );
+        release.join().unwrap();
         // A missing spool is an error naming the setting.
         let e = prepare(
             &d.path().join("missing"),

@@ -270,11 +270,12 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     std::fs::write(
         get_spool.join("identity"),
         format!(
-            "walshipper look-ahead identity 1\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\n",
+            "walshipper look-ahead identity 2\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\nholder={}\n",
             desc["repository_id"].as_str().unwrap(),
             desc["system_identifier"].as_str().unwrap(),
             desc["pg_version"],
-            desc["wal_segment_size"]
+            desc["wal_segment_size"],
+            std::process::id()
         ),
     )
     .unwrap();
@@ -408,10 +409,12 @@ fn plant_foreign_segments(shipper: &Shipper, base: &Path, d: &Path, spool: &Path
     planted.into_iter().map(|(n, _)| n).collect()
 }
 
-/// Holds the flock at `path` as a running prefetcher would.
+/// Holds the flock at `path` as a running prefetcher would, our pid in it
+/// (the identity file vouches for the spool only when it names the holder).
 fn hold_lock(path: &Path) -> std::fs::File {
+    use std::io::Write;
     use std::os::unix::io::AsRawFd;
-    let f = std::fs::OpenOptions::new()
+    let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -425,6 +428,8 @@ fn hold_lock(path: &Path) -> std::fs::File {
         "a prefetcher still holds {}",
         path.display()
     );
+    f.set_len(0).unwrap();
+    write!(f, "{}", std::process::id()).unwrap();
     f
 }
 

@@ -75,30 +75,34 @@ fn spool_dir(cfg: &Config, rc: &RepoConfig) -> Result<PathBuf> {
 /// What the running prefetcher's files are: WAL of this repository and
 /// cluster, written by it under the spool's lock after it emptied the
 /// spool (so one left by an earlier run is gone before a new one holds the
-/// lock).
+/// lock). `holder` is the pid of the prefetcher that wrote it: the file
+/// vouches for nothing unless that process holds the lock now.
 #[derive(Debug)]
 struct Identity {
     repository_id: String,
     cluster: ClusterIdentity,
+    holder: u32,
 }
 
-const IDENTITY_FORMAT: &str = "walshipper look-ahead identity 1";
+const IDENTITY_FORMAT: &str = "walshipper look-ahead identity 2";
 
 impl Identity {
     fn of(repo: &Repository) -> Result<Identity> {
         Ok(Identity {
             repository_id: repo.descriptor.repository_id.clone(),
             cluster: repo.descriptor.identity()?,
+            holder: std::process::id(),
         })
     }
 
     fn render(&self) -> String {
         format!(
-            "{IDENTITY_FORMAT}\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\n",
+            "{IDENTITY_FORMAT}\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\nholder={}\n",
             self.repository_id,
             self.cluster.system_identifier,
             self.cluster.pg_major,
-            self.cluster.wal_segment_size
+            self.cluster.wal_segment_size,
+            self.holder
         )
     }
 
@@ -119,6 +123,7 @@ impl Identity {
         let system_identifier = field("system_identifier")?.parse().ok()?;
         let pg_major = field("pg_major")?.parse().ok()?;
         let wal_segment_size: u64 = field("wal_segment_size")?.parse().ok()?;
+        let holder = field("holder")?.parse().ok()?;
         if lines.next().is_some()
             || !wal_segment_size.is_power_of_two()
             || !((1 << 20)..=(1 << 30)).contains(&wal_segment_size)
@@ -132,13 +137,26 @@ impl Identity {
                 pg_major,
                 wal_segment_size,
             },
+            holder,
         })
     }
 }
 
-fn read_identity(dir: &Path) -> Option<Identity> {
-    let body = spool::read_small(&dir.join(IDENTITY), 4096).ok()??;
-    Identity::parse(std::str::from_utf8(&body).ok()?)
+/// The identity of the spool's files if the prefetcher that wrote it holds
+/// the lock now. None when no prefetcher runs, or the identity file was
+/// written by another run (one that died, its files perhaps torn by a
+/// crash that lost their unsynced bytes): those files are never served.
+fn live_identity(dir: &Path) -> Result<Option<Identity>> {
+    let Some(holder) = spool::lock_holder(&dir.join(LOCK))? else {
+        return Ok(None);
+    };
+    let Some(body) = spool::read_small(&dir.join(IDENTITY), 4096).ok().flatten() else {
+        return Ok(None);
+    };
+    Ok(std::str::from_utf8(&body)
+        .ok()
+        .and_then(Identity::parse)
+        .filter(|i| i.holder == holder))
 }
 
 /// The system identifier and major version of the cluster being recovered:
@@ -184,15 +202,12 @@ pub fn serve(
 fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Result<bool> {
     let rc = cfg.find_repo(only)?;
     let dir = spool_dir(cfg, rc)?;
-    // A full spool disk: said in the server log with what to do (and the
-    // segment fetched directly) before any write fails on it.
-    spool::check_room(&dir, "restore.spool_dir")?;
-    let lock = dir.join(LOCK);
-    let running = spool::is_locked(&lock)?;
+    let running = spool::is_locked(&dir.join(LOCK))?;
     // Files of another cluster's recovery (or of a repository holding
-    // another cluster) are never served to this one.
+    // another cluster), or of a prefetcher not running now, are never
+    // served to this one.
     let id = match (
-        running.then(|| read_identity(&dir)).flatten(),
+        if running { live_identity(&dir)? } else { None },
         recovering_cluster(),
     ) {
         (Some(i), Some((sysid, major)))
@@ -206,11 +221,22 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
         Some(id) => take(&dir, name, dest, id)?,
         None => false,
     };
-    // The window moves to N whether or not N was there.
+    // The window moves to N whether or not N was there, and before the
+    // room is checked: on a full spool it is moving the window that lets
+    // the prefetcher remove the segments recovery is done with.
     let tmp = dir.join(format!(".{WANT}.tmp"));
-    fs::write(&tmp, name)
+    let moved = fs::write(&tmp, name)
         .and_then(|_| fs::rename(&tmp, dir.join(WANT)))
-        .map_err(|e| Error::io(format!("write {}", dir.join(WANT).display()), e))?;
+        .map_err(|e| Error::io(format!("write {}", dir.join(WANT).display()), e));
+    // A full spool disk: said in the server log with what to do (and the
+    // segment fetched directly unless it was served) before a segment
+    // write fails on it.
+    if let Err(e) = moved.and_then(|()| spool::check_room(&dir, "restore.spool_dir")) {
+        if served {
+            eprintln!("walshipper: look-ahead unavailable ({e}); {name} was served from the spool");
+        }
+        return if served { Ok(true) } else { Err(e) };
+    }
     if !running {
         start_prefetcher(cfg, only, &dir)?;
     } else if let (false, Some(id)) = (served, &id) {
@@ -610,6 +636,41 @@ mod tests {
         assert!(window("00000002.history", 2, 16 << 20).is_none());
     }
 
+    /// F4: an identity file vouches for the spool only while the run that
+    /// wrote it holds the lock; one left by a dead run (whose files a crash
+    /// may have torn) is not taken for the live holder's (spool's tests
+    /// check that a probe of the lock is not taken for a holder).
+    #[test]
+    fn only_the_live_lock_holders_identity_is_served() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let id = |holder| Identity {
+            repository_id: "cd".repeat(16),
+            cluster: ClusterIdentity {
+                system_identifier: 1,
+                pg_major: 15,
+                wal_segment_size: 1 << 24,
+            },
+            holder,
+        };
+        let me = std::process::id();
+        // A dead run's identity and no holder: nothing.
+        fs::write(dir.join(IDENTITY), id(me).render()).unwrap();
+        assert!(live_identity(dir).unwrap().is_none());
+        let lock = spool::try_lock(&dir.join(LOCK)).unwrap().expect("free");
+        // The live holder is us, the identity another run's: nothing.
+        fs::write(dir.join(IDENTITY), id(me.wrapping_add(1)).render()).unwrap();
+        assert!(
+            live_identity(dir).unwrap().is_none(),
+            "a dead run's identity served"
+        );
+        // Ours: vouched for.
+        fs::write(dir.join(IDENTITY), id(me).render()).unwrap();
+        assert_eq!(live_identity(dir).unwrap().map(|i| i.holder), Some(me));
+        drop(lock);
+        assert!(live_identity(dir).unwrap().is_none());
+    }
+
     #[test]
     fn identity_round_trips_and_refuses_anything_else() {
         let id = Identity {
@@ -619,6 +680,7 @@ mod tests {
                 pg_major: 15,
                 wal_segment_size: 1 << 20,
             },
+            holder: 4242,
         };
         let text = id.render();
         let back = Identity::parse(&text).expect("parses");
@@ -629,7 +691,8 @@ mod tests {
         assert!(Identity::parse(&text[..text.len() - 3]).is_none());
         assert!(Identity::parse(&format!("{text}x=1\n")).is_none());
         assert!(Identity::parse(&text.replace("=1048576", "=0")).is_none());
-        assert!(Identity::parse(&text.replace("identity 1", "identity 2")).is_none());
+        assert!(Identity::parse(&text.replace("identity 2", "identity 3")).is_none());
+        assert!(Identity::parse(&text.replace("\nholder=", "\nholders=")).is_none());
         assert!(window("000000020000000100000001.partial", 2, 16 << 20).is_none());
     }
 }
