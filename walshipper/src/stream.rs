@@ -319,31 +319,109 @@ impl Held {
         self.whole.contains(&(tli, segno)) || self.partial.contains(&(tli, segno))
     }
 
-    /// The newest segment before `segno` stored whole on timeline `tli` or
-    /// an earlier one (at a switch the segment before the new timeline's
-    /// first belongs to the parent).
-    pub fn last_before(&self, tli: u32, segno: u64) -> Option<u64> {
+    /// The newest segment before `segno` stored whole on a timeline
+    /// recovery to `path`'s timeline reads it from (see `Ancestry`).
+    pub fn last_before(&self, path: &Ancestry, segno: u64) -> Option<u64> {
         self.whole
             .iter()
-            .filter(|(t, s)| *t <= tli && *s < segno)
+            .filter(|&&(t, s)| s < segno && path.reads(t, s))
             .map(|(_, s)| *s)
             .max()
     }
 
-    /// Whether segment `segno` continues the archived WAL without a gap.
-    pub fn continues(&self, tli: u32, segno: u64) -> bool {
-        segno.checked_sub(1).is_some() && self.last_before(tli, segno) == segno.checked_sub(1)
+    /// Whether segment `segno` of `path`'s timeline continues the archived
+    /// WAL without a gap.
+    pub fn continues(&self, path: &Ancestry, segno: u64) -> bool {
+        segno.checked_sub(1).is_some() && self.last_before(path, segno) == segno.checked_sub(1)
+    }
+}
+
+/// The timelines recovery to one timeline passes through, and the segments
+/// it reads from each (from `TTTTTTTT.history`): an ancestor's segment
+/// counts up to the one holding its switch point; a sibling timeline's
+/// never does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ancestry {
+    /// (timeline, first segment, last segment) on the path.
+    spans: Vec<(u32, u64, u64)>,
+}
+
+impl Ancestry {
+    /// Only timeline `tli` itself (timeline 1, or no history known).
+    pub fn own(tli: u32) -> Ancestry {
+        Ancestry {
+            spans: vec![(tli, 0, u64::MAX)],
+        }
+    }
+
+    /// From the `(parent, switch LSN)` lines of `tli`'s history file.
+    pub fn of_history(tli: u32, entries: &[(u32, u64)], seg_size: u64) -> Ancestry {
+        let seg_size = seg_size.max(1);
+        let mut spans = Vec::with_capacity(entries.len() + 1);
+        let mut first = 0u64;
+        for &(parent, switch) in entries {
+            // The parent's bytes end at the switch point: its segment
+            // holding the byte before it is its last on this path.
+            let last = switch.saturating_sub(1) / seg_size;
+            spans.push((parent, first, last));
+            first = switch / seg_size;
+        }
+        spans.push((tli, first, u64::MAX));
+        Ancestry { spans }
+    }
+
+    /// Reads timeline `tli`'s history file from the repository. None
+    /// stored (or timeline 1): only `tli` itself counts.
+    pub fn read(repo: &Repository, tli: u32) -> Result<Ancestry> {
+        if tli <= 1 {
+            return Ok(Ancestry::own(tli));
+        }
+        let name = format!("{tli:08X}.history");
+        let key = layout::wal(&name, &wal::WalFileKind::History { tli });
+        let body = match repo.read_object_capped(&key, wal::MAX_HISTORY_FILE as usize) {
+            Ok(b) => b,
+            Err(Error::NotFound(_)) => return Ok(Ancestry::own(tli)),
+            Err(e) => return Err(e),
+        };
+        let entries = wal::history_entries(&body, body.len() as u64, tli)
+            .map_err(|reason| Error::Corrupt { key, reason })?;
+        Ok(Ancestry::of_history(
+            tli,
+            &entries,
+            repo.descriptor.wal_segment_size,
+        ))
+    }
+
+    /// Like `read`, for a report: a history file that cannot be read is
+    /// logged and only `tli` itself counts (stricter, never looser).
+    pub fn read_or_own(repo: &Repository, tli: u32) -> Ancestry {
+        Ancestry::read(repo, tli).unwrap_or_else(|e| {
+            tracing::warn!("timeline {tli}'s history: {e}; counting only timeline {tli}'s own segments as continuing the archived WAL");
+            Ancestry::own(tli)
+        })
+    }
+
+    /// Whether recovery on this path reads segment `segno` from timeline
+    /// `tli`.
+    pub fn reads(&self, tli: u32, segno: u64) -> bool {
+        self.spans
+            .iter()
+            .any(|&(t, first, last)| t == tli && first <= segno && segno <= last)
     }
 }
 
 /// The streamed tail as a listing describes it (names only, nothing read):
-/// what `info` shows. `verify` reads it (`read_chain`) instead.
+/// what `info` shows. `verify` reads it (`read_chain`) instead. `path`
+/// gives the tail timeline's ancestry (`Ancestry::read`), asked only when
+/// there is a tail.
 pub fn describe_tail(
     listing: &Listing,
     held: &Held,
     seg_size: u64,
+    path: impl FnOnce(u32) -> Ancestry,
 ) -> Option<pg_backup_contract::StreamTail> {
     let (tli, segno) = receiver_segment(listing, |t, s| held.stored(t, s))?;
+    let path = path(tli);
     let s = listing.segments.get(&(tli, segno))?;
     let start = segno.saturating_mul(seg_size);
     let end = s.chain_end();
@@ -354,7 +432,7 @@ pub fn describe_tail(
         end_lsn: wal::format_lsn(start.saturating_add(u64::from(end))),
         bytes: u64::from(end),
         chunks: s.chunks.len() as u64,
-        continues_archive: held.continues(tli, segno),
+        continues_archive: held.continues(&path, segno),
     })
 }
 
@@ -398,6 +476,49 @@ pub fn list_streamed(repo: &Repository) -> Result<Listing> {
         s.chunks.sort_by_key(|c| (c.start, c.end));
     }
     Ok(out)
+}
+
+/// What `read_settled` found.
+pub enum Settled {
+    /// The chain (None: no chunks listed any more).
+    Read(Option<Chain>),
+    /// The segment changed while it was read: nothing to judge this time.
+    Changed,
+}
+
+/// `read_chain` for a reader that must not call a receiver's work in
+/// progress damage: a read error counts only if the segment, listed as
+/// `was`, is unchanged (`changed_since`) and a second read fails too.
+pub fn read_settled(repo: &Repository, tli: u32, segno: u64, was: &Streamed) -> Result<Settled> {
+    let mut last = None;
+    for _ in 0..2 {
+        match read_chain(repo, tli, segno) {
+            Ok(c) => return Ok(Settled::Read(c)),
+            Err(e) => {
+                if changed_since(repo, tli, segno, was)? {
+                    return Ok(Settled::Changed);
+                }
+                tracing::debug!("streamed WAL {}: {e}; listing unchanged", was.name);
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::Repository(format!("streamed WAL {}: not read", was.name))))
+}
+
+/// Whether streamed segment `(tli, segno)`, listed as `was`, changed
+/// since: `wal/` now holds it whole or as `.partial`, or its chunks are
+/// not the ones listed. A receiver merges chunks (deleting the pieces) and
+/// deletes them all once the segment is stored, in any order (an S3 batch
+/// delete, `remove_dir_all`): a chain read in the middle of that looks
+/// damaged, and only an unchanged listing makes a read error damage.
+pub fn changed_since(repo: &Repository, tli: u32, segno: u64, was: &Streamed) -> Result<bool> {
+    if Held::list(repo)?.stored(tli, segno) {
+        return Ok(true);
+    }
+    let now = list_chunks(repo, &was.name)?;
+    let keys = |c: &[Chunk]| c.iter().map(|c| c.key.clone()).collect::<BTreeSet<_>>();
+    Ok(keys(&now) != keys(&was.chunks))
 }
 
 /// The streamed segment a running receiver may be filling now: the newest
@@ -566,23 +687,108 @@ mod tests {
         );
         let mut held = Held::default();
         held.whole.extend([(1, 3), (1, 5)]);
-        let t = describe_tail(&listing, &held, SEG).unwrap();
+        // Timeline 2 branched from 1 inside segment 6.
+        let path = || Ancestry::of_history(2, &[(1, 6 * SEG + 100)], SEG);
+        let t = describe_tail(&listing, &held, SEG, |_| path()).unwrap();
         assert_eq!((t.timeline, t.bytes, t.chunks), (2, 400, 5));
         assert_eq!(t.end_lsn, wal::format_lsn(6 * SEG + 400));
         // Segment 5 of the parent timeline is whole: no gap.
         assert!(t.continues_archive);
         held.whole.remove(&(1, 5));
         assert!(
-            !describe_tail(&listing, &held, SEG)
+            !describe_tail(&listing, &held, SEG, |_| path())
                 .unwrap()
                 .continues_archive
         );
-        assert_eq!(held.last_before(2, 6), Some(3));
+        assert_eq!(held.last_before(&path(), 6), Some(3));
         // Once timeline 2's segment 6 is stored, the receiver is past it:
         // no tail, and every chunk listed is a leftover.
         held.whole.insert((2, 6));
-        assert!(describe_tail(&listing, &held, SEG).is_none());
+        assert!(describe_tail(&listing, &held, SEG, |_| path()).is_none());
         assert_eq!(receiver_segment(&listing, |t, s| held.stored(t, s)), None);
+    }
+
+    #[test]
+    fn only_the_tail_timelines_ancestors_continue_it() {
+        // Timeline 3 branched from 1 inside segment 9; timeline 2 is an
+        // abandoned sibling (branched from 1 at segment 10).
+        let path = Ancestry::of_history(3, &[(1, 9 * SEG + 500)], SEG);
+        let mut held = Held::default();
+        held.whole.extend([(1, 8), (1, 9), (1, 10), (2, 11)]);
+        // The sibling's segment 11 is not on the path to (3, 12): a gap.
+        assert!(!held.continues(&path, 12));
+        assert_eq!(held.last_before(&path, 12), Some(9));
+        // Timeline 1's segment 10 is past its switch point: not read.
+        assert!(!path.reads(1, 10));
+        assert!(!held.continues(&path, 11));
+        // The parent's segment holding the switch point is.
+        assert!(path.reads(1, 9));
+        assert!(held.continues(&path, 10));
+        held.whole.insert((3, 11));
+        assert!(held.continues(&path, 12));
+        // A switch exactly at a segment boundary: the parent's last
+        // segment is the one before it.
+        let edge = Ancestry::of_history(2, &[(1, 5 * SEG)], SEG);
+        assert!(edge.reads(1, 4) && !edge.reads(1, 5) && edge.reads(2, 5));
+        // Several generations: 1 -> 2 at segment 3, 2 -> 4 at segment 7.
+        let deep = Ancestry::of_history(4, &[(1, 3 * SEG + 8), (2, 7 * SEG + 8)], SEG);
+        assert!(deep.reads(1, 3) && !deep.reads(1, 4));
+        assert!(deep.reads(2, 3) && deep.reads(2, 7) && !deep.reads(2, 8));
+        assert!(!deep.reads(3, 5) && deep.reads(4, 7) && !deep.reads(4, 6));
+        // No history: only the timeline itself.
+        let own = Ancestry::own(3);
+        assert!(own.reads(3, 0) && !own.reads(1, 0));
+    }
+
+    #[test]
+    fn the_ancestry_is_read_from_the_stored_history_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_cfg, repo) = posix_repo(dir.path(), SYSID);
+        assert_eq!(Ancestry::read(&repo, 3).unwrap(), Ancestry::own(3));
+        let key = layout::wal("00000003.history", &wal::WalFileKind::History { tli: 3 });
+        repo.put_object(&key, &b"1\t0/9000500\tno recovery target specified\n"[..])
+            .unwrap();
+        let seg = repo.descriptor.wal_segment_size;
+        assert_eq!(
+            Ancestry::read(&repo, 3).unwrap(),
+            Ancestry::of_history(3, &[(1, 0x900_0500)], seg)
+        );
+    }
+
+    #[test]
+    fn a_chain_changing_under_the_reader_is_not_damage() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_cfg, repo) = posix_repo(dir.path(), SYSID);
+        let w = wal_bytes(3, 50_000);
+        let listed = |repo: &Repository| Streamed {
+            name: NAME.into(),
+            chunks: list_chunks(repo, NAME).unwrap(),
+            stored: 0,
+        };
+        // The pieces a receiver deletes once the segment is whole, listed
+        // before the first went: the reader then sees a gap.
+        put(&repo, &w, 0, 10_000);
+        put(&repo, &w, 10_000, 20_000);
+        put(&repo, &w, 20_000, 30_000);
+        let was = listed(&repo);
+        repo.storage
+            .delete(&layout::stream_chunk(NAME, 10_000, 20_000))
+            .unwrap();
+        assert!(matches!(
+            read_settled(&repo, 1, 3, &was),
+            Ok(Settled::Changed)
+        ));
+        // The same gap over an unchanged listing is damage.
+        let now = listed(&repo);
+        let e = read_settled(&repo, 1, 3, &now).err().unwrap().to_string();
+        assert!(e.contains("not contiguous"), "{e}");
+        // Stored whole meanwhile: the chunks are leftovers, not damage.
+        let seg = wal::parse_name(NAME).unwrap();
+        repo.put_object(&layout::wal(NAME, &seg), &w[..]).unwrap();
+        assert!(matches!(
+            read_settled(&repo, 1, 3, &now),
+            Ok(Settled::Changed)
+        ));
     }
 
     #[test]

@@ -380,8 +380,18 @@ fn history_text(body: &[u8], len: u64) -> std::result::Result<&str, String> {
 /// lines `<parent tli>\t<switch LSN>\t<reason>`, `#` comments and blank
 /// lines ignored; parents strictly increasing and all below T.
 fn check_history(body: &[u8], len: u64, tli: u32) -> std::result::Result<(), String> {
+    history_entries(body, len, tli).map(|_| ())
+}
+
+/// The `(parent timeline, switch LSN)` lines of timeline `tli`'s history
+/// file, oldest first, checked as `check_history` describes.
+pub fn history_entries(
+    body: &[u8],
+    len: u64,
+    tli: u32,
+) -> std::result::Result<Vec<(u32, u64)>, String> {
     let text = history_text(body, len)?;
-    let mut last: Option<u32> = None;
+    let mut out: Vec<(u32, u64)> = Vec::new();
     for line in text.lines() {
         let line = line.trim_start();
         if line.is_empty() || line.starts_with('#') {
@@ -392,21 +402,21 @@ fn check_history(body: &[u8], len: u64, tli: u32) -> std::result::Result<(), Str
             .next()
             .and_then(|f| f.parse().ok())
             .ok_or_else(|| format!("line '{}' has no timeline number", line.escape_debug()))?;
-        fields
+        let switch = fields
             .next()
             .and_then(parse_lsn)
             .ok_or_else(|| format!("line '{}' has no switch point", line.escape_debug()))?;
-        if parent >= tli || last.is_some_and(|l| parent <= l) {
+        if parent >= tli || out.last().is_some_and(|&(l, _)| parent <= l) {
             return Err(format!(
                 "parent timeline {parent} cannot precede timeline {tli} here"
             ));
         }
-        last = Some(parent);
+        out.push((parent, switch));
     }
-    if last.is_none() {
+    if out.is_empty() {
         return Err(format!("no parent timeline listed for timeline {tli}"));
     }
-    Ok(())
+    Ok(out)
 }
 
 /// `<segment>.<offset>.backup` (pg_backup_stop): its START WAL LOCATION

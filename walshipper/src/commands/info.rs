@@ -378,7 +378,9 @@ pub fn collect(repo: &Repository) -> Result<Info> {
         }
     }
     let streamed = crate::stream::list_streamed(repo)?;
-    wal_info.stream_tail = crate::stream::describe_tail(&streamed, &held, seg_size);
+    wal_info.stream_tail = crate::stream::describe_tail(&streamed, &held, seg_size, |tli| {
+        crate::stream::Ancestry::read_or_own(repo, tli)
+    });
     wal_info.stream_segments = streamed.segments.len() as u64;
     wal_info.stream_stored = streamed.segments.values().map(|s| s.stored).sum();
     if !wal_info.foreign.is_empty() {

@@ -196,9 +196,14 @@ fn sync_stream_tail(
             continue;
         }
         let name = wal::segment_name(tli, segno, seg);
-        let chain = match crate::stream::read_chain(src, tli, segno) {
-            Ok(Some(c)) => c,
-            Ok(None) | Err(Error::NotFound(_)) => {
+        let Some(listed) = listing.segments.get(&(tli, segno)) else {
+            continue;
+        };
+        // Only an error over an unchanged listing is a failure: the
+        // source's receiver merges and deletes chunks in any order.
+        let chain = match crate::stream::read_settled(src, tli, segno, listed) {
+            Ok(crate::stream::Settled::Read(Some(c))) => c,
+            Ok(crate::stream::Settled::Read(None) | crate::stream::Settled::Changed) => {
                 tracing::info!(
                     "the streamed tail {name} of {} changed while it was read (its receiver merged or completed it): not copied this time",
                     src.name

@@ -540,16 +540,18 @@ fn check_stream(repo: &Repository, seg: u64) -> Result<Streamed> {
     let tail_at = crate::stream::receiver_segment(&listing, |t, s| held.stored(t, s));
     for (&(tli, segno), s) in &listing.segments {
         // A receiver running meanwhile merges chunks (deleting the pieces)
-        // and deletes them once the segment is whole: a chunk gone since
-        // the listing asks for one more look, not a finding.
-        let mut read = crate::stream::read_chain(repo, tli, segno);
-        if matches!(read, Err(Error::NotFound(_))) {
-            read = crate::stream::read_chain(repo, tli, segno);
-        }
-        let chain = match read {
-            Ok(Some(c)) => c,
-            Ok(None) => continue,
-            Err(Error::NotFound(_)) if held.stored(tli, segno) => continue,
+        // and deletes them in any order once the segment is whole: only an
+        // error over an unchanged listing is damage (`read_settled`).
+        let chain = match crate::stream::read_settled(repo, tli, segno, s) {
+            Ok(crate::stream::Settled::Read(Some(c))) => c,
+            Ok(crate::stream::Settled::Read(None)) => continue,
+            Ok(crate::stream::Settled::Changed) => {
+                tracing::info!(
+                    "streamed WAL {} changed while it was read (its receiver merged or completed it): not checked this time",
+                    s.name
+                );
+                continue;
+            }
             Err(e) => {
                 out.problems.push(format!("streamed WAL {}: {e}", s.name));
                 continue;
@@ -561,8 +563,17 @@ fn check_stream(repo: &Repository, seg: u64) -> Result<Streamed> {
         }
         let start = segno.saturating_mul(seg);
         let end = start.saturating_add(chain.bytes.len() as u64);
-        let continues = held.continues(tli, segno);
-        if let Some(last) = held.last_before(tli, segno).filter(|_| !continues) {
+        let path = match crate::stream::Ancestry::read(repo, tli) {
+            Ok(p) => p,
+            Err(e) => {
+                out.problems.push(format!(
+                    "timeline {tli}'s history (needed to tell whether the streamed tail continues the archived WAL): {e}; counting only timeline {tli}'s own segments"
+                ));
+                crate::stream::Ancestry::own(tli)
+            }
+        };
+        let continues = held.continues(&path, segno);
+        if let Some(last) = held.last_before(&path, segno).filter(|_| !continues) {
             out.problems.push(format!(
                 "WAL gap before the streamed tail: {} to {} missing, so recovery to the latest point stops before the tail {} (archive the missing segments, e.g. with archive-push from pg_wal while the server keeps them)",
                 wal::segment_name(tli, last + 1, seg),
