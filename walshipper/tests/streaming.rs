@@ -314,6 +314,38 @@ fn streaming_survives_kills_and_restores_the_partial_segment_then_sync_and_timel
             src.sql(&format!("INSERT INTO restarts VALUES ({})", i * 3 + j));
             wait_flushed(&src, lsn(&src.sql("SELECT pg_current_wal_lsn()")));
         }
+        if i == 0 {
+            // A second receiver on the same slot (a unit beside the
+            // extension's) must fail at START_REPLICATION having changed
+            // nothing: merging the running one's chunks away would break
+            // its chain.
+            let st = storage(&shipper);
+            let chunks = || -> std::collections::BTreeSet<String> {
+                st.list(walshipper::layout::STREAM_PREFIX)
+                    .unwrap()
+                    .into_iter()
+                    .map(|m| m.key)
+                    .collect()
+            };
+            let before = chunks();
+            assert!(before.len() > 1, "{before:?}\n{}", r.logs());
+            let dup = run(shipper.cmd().args(["wal-receive", "--json"]));
+            assert_eq!(
+                dup.status.code(),
+                Some(7),
+                "a second receiver on the slot: {}",
+                String::from_utf8_lossy(&dup.stderr)
+            );
+            let after = chunks();
+            assert!(
+                before.is_subset(&after),
+                "the second receiver changed the chunks: {before:?} -> {after:?}\n{}",
+                String::from_utf8_lossy(&dup.stderr)
+            );
+            // The first one still streams.
+            src.sql("CREATE TABLE after_second_receiver ()");
+            wait_flushed(&src, lsn(&src.sql("SELECT pg_current_wal_lsn()")));
+        }
         drop(r);
     }
     wait_slot_free(&src);

@@ -82,6 +82,9 @@ struct Receiver<'a> {
     durable: usize,
     /// The chunk objects of this segment: (start, end, level).
     chunks: Vec<(u32, u32, u8)>,
+    /// The chunks `resume` found of the segment it resumes (name, chunks),
+    /// merged by `consolidate` once START_REPLICATION holds the slot.
+    unmerged: Option<(String, Vec<stream::Chunk>)>,
     unflushed_since: Option<Instant>,
     last_flush: Option<Instant>,
     server_lsn: Option<u64>,
@@ -102,8 +105,10 @@ struct Receiver<'a> {
 }
 
 /// The longest a receiver seals with the key it opened without looking
-/// whether repository.json still names it.
-const KEY_CHECK_MAX: Duration = Duration::from_secs(60);
+/// whether repository.json still names it. Fixed, not derived from this
+/// host's `retire_settle` alone: `key retire` may run on a host with a
+/// shorter one (it must exceed this; docs/operations.md).
+const KEY_CHECK_MAX: Duration = Duration::from_secs(5);
 
 pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
     // SAFETY: the handler only stores to an atomic (async-signal-safe).
@@ -158,8 +163,9 @@ fn receive(
 ) -> Result<()> {
     let sc = &cfg.stream;
     // `key retire` deletes a replaced key's file retire_settle seconds
-    // after the rotation at the earliest: looking every quarter of that is
-    // soon enough, and spares a synchronous commit a read of
+    // after the rotation at the earliest (its host's setting, which may
+    // differ from ours): looking every 5 s at most (a quarter of ours when
+    // shorter) is soon enough, and spares a synchronous commit a read of
     // repository.json (a GET on S3) per write.
     let key_check_interval =
         Duration::from_secs(cfg.encryption.retire_settle / 4).min(KEY_CHECK_MAX);
@@ -182,6 +188,7 @@ fn receive(
         pos: 0,
         durable: 0,
         chunks: Vec::new(),
+        unmerged: None,
         unflushed_since: None,
         last_flush: None,
         server_lsn: Some(sys.xlogpos),
@@ -202,7 +209,12 @@ fn receive(
         );
         let ended = match conn.start_replication(&r.slot, start, r.tli)? {
             Some((next_tli, start)) => Ended::Timeline { next_tli, start },
-            None => r.stream(&mut conn)?,
+            None => {
+                // Only now: START_REPLICATION refuses a second receiver on
+                // the slot, so no other one is writing this segment's chunks.
+                r.consolidate()?;
+                r.stream(&mut conn)?
+            }
         };
         match ended {
             Ended::Stopped => {
@@ -302,7 +314,8 @@ impl Receiver<'_> {
                 if let Some(chain) = stream::read_chain(self.repo, t, s)? {
                     self.buf = chain.bytes;
                     self.durable = self.buf.len();
-                    self.consolidate(&chain.listed)?;
+                    self.chunks = vec![(0, self.durable as u32, LOADED)];
+                    self.unmerged = Some((self.segment_name(), chain.listed));
                     tracing::info!(
                         "resuming segment {} of which {} bytes are in the repository",
                         self.segment_name(),
@@ -323,9 +336,17 @@ impl Receiver<'_> {
     /// bytes, then deletes the rest. Each session leaves O(8 log8 n)
     /// chunks (`merge`); without this, a receiver restarted over and over
     /// within one segment would add that many per restart, up to the
-    /// `stream::MAX_CHUNKS` readers refuse.
-    fn consolidate(&mut self, listed: &[stream::Chunk]) -> Result<()> {
-        let name = self.segment_name();
+    /// `stream::MAX_CHUNKS` readers refuse. Called once the slot is ours:
+    /// a second receiver started beside a running one must not rewrite the
+    /// chunks the first one is still adding to and merging.
+    fn consolidate(&mut self) -> Result<()> {
+        let Some((name, listed)) = self.unmerged.take() else {
+            return Ok(());
+        };
+        // Resumed elsewhere since (`skip_past_switch`): nothing to merge.
+        if name != self.segment_name() || self.pos != 0 {
+            return Ok(());
+        }
         let end = self.buf.len() as u32;
         if listed.len() > 1 {
             let key = layout::stream_chunk(&name, 0, end);
@@ -380,6 +401,7 @@ impl Receiver<'_> {
             self.pos = 0;
             self.durable = 0;
             self.chunks.clear();
+            self.unmerged = None;
         }
         Ok(())
     }
@@ -597,6 +619,7 @@ impl Receiver<'_> {
         self.pos = 0;
         self.durable = 0;
         self.chunks.clear();
+        self.unmerged = None;
         self.unflushed_since = None;
         self.last_flush = Some(Instant::now());
         self.segments_stored += 1;
@@ -697,6 +720,7 @@ impl Receiver<'_> {
         self.pos = 0;
         self.durable = 0;
         self.chunks.clear();
+        self.unmerged = None;
         self.unflushed_since = None;
         Ok(())
     }
