@@ -230,8 +230,11 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
         .map_err(|e| Error::io(format!("write {}", dir.join(WANT).display()), e));
     // A full spool disk: said in the server log with what to do (and the
     // segment fetched directly unless it was served) before a segment
-    // write fails on it.
-    if let Err(e) = moved.and_then(|()| spool::check_room(&dir, "restore.spool_dir")) {
+    // write fails on it. The room check's error first: on a disk with no
+    // room at all the window's own write fails too, and only the former
+    // names restore.spool_dir.
+    let room = spool::check_room(&dir, "restore.spool_dir");
+    if let Err(e) = room.and(moved) {
         if served {
             eprintln!("walshipper: look-ahead unavailable ({e}); {name} was served from the spool");
         }
