@@ -230,23 +230,7 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     // spool): the prefetcher this recovery starts must clear them first.
     let get_spool = lookahead_spool(&shipper, d, &restore_spool);
     let planted = plant_foreign_segments(&shipper, &base, d, &get_spool);
-    copy_tree(&base, &d.join("r1"));
-    std::fs::write(d.join("r1/recovery.signal"), "").unwrap();
-    let r1 = start_restored(
-        d,
-        "r1",
-        &[
-            format!("restore_command = {}", shipper.restore_command()),
-            format!("recovery_target_time = '{target}'"),
-            "recovery_target_action = 'promote'".into(),
-        ],
-    );
-    assert_eq!(
-        r1.sql("SELECT count(*), max(id) FROM marker"),
-        format!("{target_marker}|{target_marker}"),
-        "{}",
-        r1.log_text()
-    );
+    let r1 = recover_to(&shipper, &base, d, "r1", &target, target_marker);
     assert_eq!(
         r1.sql("SELECT count(*) FROM pgbench_accounts"),
         accounts_at_target
@@ -279,23 +263,7 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
         ),
     )
     .unwrap();
-    copy_tree(&base, &d.join("r3"));
-    std::fs::write(d.join("r3/recovery.signal"), "").unwrap();
-    let r3 = start_restored(
-        d,
-        "r3",
-        &[
-            format!("restore_command = {}", shipper.restore_command()),
-            format!("recovery_target_time = '{target}'"),
-            "recovery_target_action = 'promote'".into(),
-        ],
-    );
-    assert_eq!(
-        r3.sql("SELECT count(*), max(id) FROM marker"),
-        format!("{target_marker}|{target_marker}"),
-        "{}",
-        r3.log_text()
-    );
+    let r3 = recover_to(&shipper, &base, d, "r3", &target, target_marker);
     let log = r3.log_text();
     for name in &planted {
         assert!(
@@ -308,6 +276,36 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     drop(r3);
 
     damaged_object_in_window_is_refused(&shipper, &base, d, &done);
+}
+
+/// Base backup `base` copied to `name` and recovered to `target`: exactly
+/// the markers committed by then.
+fn recover_to(
+    shipper: &Shipper,
+    base: &Path,
+    d: &Path,
+    name: &str,
+    target: &str,
+    target_marker: i64,
+) -> Cluster {
+    copy_tree(base, &d.join(name));
+    std::fs::write(d.join(name).join("recovery.signal"), "").unwrap();
+    let c = start_restored(
+        d,
+        name,
+        &[
+            format!("restore_command = {}", shipper.restore_command()),
+            format!("recovery_target_time = '{target}'"),
+            "recovery_target_action = 'promote'".into(),
+        ],
+    );
+    assert_eq!(
+        c.sql("SELECT count(*), max(id) FROM marker"),
+        format!("{target_marker}|{target_marker}"),
+        "{}",
+        c.log_text()
+    );
+    c
 }
 
 /// The look-ahead spool of this repository and cluster: made by one
