@@ -278,6 +278,17 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     damaged_object_in_window_is_refused(&shipper, &base, d, &done);
 }
 
+/// The first WAL segment base backup `base` needs, from its backup_label.
+fn first_segment(base: &Path) -> String {
+    let label = std::fs::read_to_string(base.join("backup_label")).unwrap();
+    label
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
+        .and_then(|l| l.split("(file ").nth(1))
+        .map(|s| s.trim_end_matches(')').to_string())
+        .expect("backup_label names its first segment")
+}
+
 /// Base backup `base` copied to `name` and recovered to `target`: exactly
 /// the markers committed by then.
 fn recover_to(
@@ -363,13 +374,7 @@ fn stop_prefetcher(dir: &Path, starting: bool) {
 /// page header says a later timeline, one holding the segment before it;
 /// also another timeline's segment. Returns the names recovery asks for.
 fn plant_foreign_segments(shipper: &Shipper, base: &Path, d: &Path, spool: &Path) -> Vec<String> {
-    let label = std::fs::read_to_string(base.join("backup_label")).unwrap();
-    let start = label
-        .lines()
-        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
-        .and_then(|l| l.split("(file ").nth(1))
-        .map(|s| s.trim_end_matches(')').to_string())
-        .expect("backup_label names its first segment");
+    let start = first_segment(base);
     let n = u64::from_str_radix(&start[16..], 16).unwrap();
     let name = |i: u64| format!("{}{:08X}", &start[..16], n + i);
     let genuine = |seg: &str| {
@@ -543,13 +548,7 @@ fn damaged_object_in_window_is_refused(
     if test_backend() != "posix" {
         return;
     }
-    let label = std::fs::read_to_string(base.join("backup_label")).unwrap();
-    let start = label
-        .lines()
-        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))
-        .and_then(|l| l.split("(file ").nth(1))
-        .map(|s| s.trim_end_matches(')').to_string())
-        .expect("backup_label names its first segment");
+    let start = first_segment(base);
     let segs: Vec<&String> = done
         .iter()
         .filter(|s| s.len() == 24 && s.as_str() > start.as_str())
