@@ -26,10 +26,12 @@ $$;
 -- Alerts: wal_receiver_down (streaming on, and the receiver has not
 -- streamed steadily for p_down_secs: not running, its slot not in use, or
 -- in a crash loop: restarted after exits that began more than p_down_secs
--- before its start, and not yet streaming for p_stable_secs) and wal_stream_lagging (the slot
--- holds back more than p_lag_mb MB of WAL: WAL not yet in the repository,
--- kept in pg_wal; raised whether or not streaming is on, since a forgotten
--- slot pins WAL until the disk fills).
+-- before its start, and not yet streaming for p_stable_secs) and
+-- wal_stream_lagging (a warning when the receiver's slot, or any other
+-- physical slot no one is connected to, holds back more than p_lag_mb MB
+-- of WAL: raised whether or not streaming is on, since a forgotten slot
+-- pins WAL until the disk fills; critical when a slot is about to lose or
+-- has lost WAL past max_slot_wal_keep_size).
 CREATE FUNCTION backup._stream_check(p_streaming boolean, p_slot text, p_down_secs integer, p_lag_mb integer, p_stable_secs integer)
 RETURNS void LANGUAGE plpgsql
 AS $$
@@ -78,18 +80,58 @@ BEGIN
     ELSE
         PERFORM backup._resolve_alert('wal_receiver_down', p_slot);
     END IF;
-    retained := CASE WHEN sl.restart_lsn IS NOT NULL AND NOT pg_is_in_recovery()
-                     THEN pg_current_wal_lsn() - sl.restart_lsn END;
-    IF retained > p_lag_mb::numeric * 1024 * 1024 THEN
-        PERFORM backup._raise_alert('wal_stream_lagging', 'warning', p_slot,
-            format('replication slot %s holds back %s of WAL not yet in the repository (above pg_backup.stream_lag_alert = %s MB)%s',
-                   p_slot, pg_size_pretty(retained), p_lag_mb,
-                   CASE WHEN NOT p_streaming THEN '; streaming is off: drop the slot with pg_drop_replication_slot(''' || p_slot || ''') if it is no longer used'
-                        WHEN NOT sl.active THEN '; the receiver is not connected'
-                        ELSE '' END),
-            jsonb_build_object('retained_bytes', retained, 'wal_status', sl.wal_status, 'active', sl.active));
-    ELSE
-        PERFORM backup._resolve_alert('wal_stream_lagging', p_slot);
-    END IF;
+    -- An alert about a slot streaming no longer uses (stream_slot renamed):
+    -- that receiver is not down.
+    PERFORM backup._resolve_alert('wal_receiver_down', a.subject)
+       FROM backup.alerts a
+      WHERE a.kind = 'wal_receiver_down' AND a.resolved_at IS NULL AND a.subject <> p_slot;
+    -- Slots pinning WAL: the receiver's, and every other physical slot no
+    -- one is connected to (the one stream_slot named before it was
+    -- renamed, a standby gone): each keeps WAL until the disk fills, or,
+    -- past max_slot_wal_keep_size, loses it.
+    FOR sl IN SELECT s.slot_name, s.active, s.restart_lsn, s.wal_status
+                FROM pg_replication_slots s
+               WHERE s.slot_type = 'physical' AND (s.slot_name = p_slot OR NOT s.active)
+    LOOP
+        retained := CASE WHEN sl.restart_lsn IS NOT NULL AND NOT pg_is_in_recovery()
+                         THEN pg_current_wal_lsn() - sl.restart_lsn END;
+        IF sl.wal_status IN ('unreserved', 'lost') THEN
+            -- Worse than lagging: a warning already open is replaced by a
+            -- critical one (and notified again).
+            UPDATE backup.alerts SET resolved_at = now()
+             WHERE kind = 'wal_stream_lagging' AND subject = sl.slot_name
+               AND resolved_at IS NULL AND severity <> 'critical';
+            PERFORM backup._raise_alert('wal_stream_lagging', 'critical', sl.slot_name,
+                format('replication slot %s %s (wal_status %s, beyond max_slot_wal_keep_size)%s',
+                       sl.slot_name,
+                       CASE WHEN sl.wal_status = 'lost'
+                            THEN 'lost WAL it had not received: that WAL reached the repository only if archive_command archived it; the receiver cannot resume from this slot (drop it: it is created again)'
+                            ELSE 'is about to lose WAL it has not received' END,
+                       sl.wal_status,
+                       CASE WHEN sl.slot_name <> p_slot THEN format('; it is not pg_backup.stream_slot (%s)', p_slot) ELSE '' END),
+                jsonb_build_object('retained_bytes', retained, 'wal_status', sl.wal_status, 'active', sl.active));
+        ELSIF retained > p_lag_mb::numeric * 1024 * 1024 THEN
+            PERFORM backup._raise_alert('wal_stream_lagging', 'warning', sl.slot_name,
+                format('replication slot %s holds back %s of WAL%s (above pg_backup.stream_lag_alert = %s MB)%s',
+                       sl.slot_name, pg_size_pretty(retained),
+                       CASE WHEN sl.slot_name = p_slot THEN ' not yet in the repository' ELSE '' END,
+                       p_lag_mb,
+                       CASE WHEN sl.slot_name <> p_slot
+                                THEN format('; no one is connected to it and it is not pg_backup.stream_slot (%s): drop it with pg_drop_replication_slot(%L) if no standby or receiver needs it', p_slot, sl.slot_name)
+                            WHEN NOT p_streaming THEN format('; streaming is off: drop the slot with pg_drop_replication_slot(%L) if it is no longer used', sl.slot_name)
+                            WHEN NOT sl.active THEN '; the receiver is not connected'
+                            ELSE '' END),
+                jsonb_build_object('retained_bytes', retained, 'wal_status', sl.wal_status, 'active', sl.active));
+        ELSE
+            PERFORM backup._resolve_alert('wal_stream_lagging', sl.slot_name);
+        END IF;
+    END LOOP;
+    -- Slots dropped, or in use again by a standby: nothing to say about them.
+    PERFORM backup._resolve_alert('wal_stream_lagging', a.subject)
+       FROM backup.alerts a
+      WHERE a.kind = 'wal_stream_lagging' AND a.resolved_at IS NULL
+        AND NOT EXISTS (SELECT 1 FROM pg_replication_slots s
+                         WHERE s.slot_name = a.subject AND s.slot_type = 'physical'
+                           AND (s.slot_name = p_slot OR NOT s.active));
 END
 $$;

@@ -8,12 +8,16 @@
 -- lesser of the archiver's estimate and the time since it last streamed
 -- steadily (down_since: a crash loop of short runs does not reset it).
 -- On a standby the server writes no WAL of its own (pg_current_wal_lsn and
--- pg_walfile_name would fail): the columns that need it are NULL.
+-- pg_walfile_name would fail) and runs no receiver (backup.wal_receiver
+-- is the primary's row, replicated; pg_backup.wal_streaming may be on
+-- from a copied postgresql.auto.conf): the columns about WAL written here
+-- and about the receiver are NULL.
 CREATE VIEW backup.wal_archive_status AS
 WITH cfg AS (
     SELECT coalesce(nullif(current_setting('pg_backup.wal_streaming', true), ''), 'off')::boolean AS streaming,
            coalesce(nullif(current_setting('pg_backup.stream_slot', true), ''), 'walshipper') AS slot_name,
-           CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn() END AS wal_lsn
+           CASE WHEN NOT pg_is_in_recovery() THEN pg_current_wal_lsn() END AS wal_lsn,
+           pg_is_in_recovery() AS standby
 ), arch AS (
     SELECT a.*,
            -- Data at risk: everything since the last archived segment, if WAL was written since.
@@ -27,19 +31,19 @@ SELECT a.archived_count, a.last_archived_wal, a.last_archived_time,
        now() - a.last_archived_time AS last_archived_age,
        a.failed_count, a.last_failed_wal, a.last_failed_time,
        CASE WHEN c.wal_lsn IS NOT NULL THEN pg_walfile_name(c.wal_lsn) END AS current_wal,
-       CASE WHEN NOT c.streaming THEN a.archiver_rpo
+       CASE WHEN NOT c.streaming OR c.standby THEN a.archiver_rpo
             WHEN r.state = 'running' AND sl.active THEN
                 CASE WHEN c.wal_lsn <= sl.restart_lsn THEN interval '0'
                      ELSE coalesce(rep.flush_lag, a.archiver_rpo) END
             ELSE least(a.archiver_rpo, now() - coalesce(r.down_since, r.since)) END AS rpo_estimate,
        coalesce(nullif(current_setting('pg_backup.rpo_target', true), ''), '900s')::interval AS rpo_target,
        c.streaming,
-       CASE WHEN c.streaming OR r.state <> 'off' THEN r.state ELSE 'off' END AS receiver_state,
-       r.pid AS receiver_pid,
-       r.since AS receiver_since,
-       r.down_since AS receiver_down_since,
-       r.restarts AS receiver_restarts,
-       r.last_error AS receiver_last_error,
+       CASE WHEN c.standby THEN NULL WHEN c.streaming OR r.state <> 'off' THEN r.state ELSE 'off' END AS receiver_state,
+       CASE WHEN NOT c.standby THEN r.pid END AS receiver_pid,
+       CASE WHEN NOT c.standby THEN r.since END AS receiver_since,
+       CASE WHEN NOT c.standby THEN r.down_since END AS receiver_down_since,
+       CASE WHEN NOT c.standby THEN r.restarts END AS receiver_restarts,
+       CASE WHEN NOT c.standby THEN r.last_error END AS receiver_last_error,
        c.slot_name,
        sl.active AS slot_active,
        -- A physical slot's restart_lsn is where the receiver last reported

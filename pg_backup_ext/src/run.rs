@@ -28,8 +28,8 @@ fn walshipper_command(exe: &str) -> Result<Command, String> {
     }
     let mut cmd = Command::new(exe);
     // SAFETY: runs in the child between fork and exec, where only
-    // async-signal-safe calls are allowed: prctl and getppid are, and
-    // nothing is allocated. If the worker died before prctl took effect
+    // async-signal-safe calls are allowed: prctl, getppid, close_range,
+    // getrlimit and fcntl are, and nothing is allocated. If the worker died before prctl took effect
     // (the parent is no longer `pid`), the child gives up at once.
     unsafe {
         cmd.pre_exec(move || {
@@ -45,6 +45,35 @@ fn walshipper_command(exe: &str) -> Result<Command, String> {
             }
             if libc::getppid() != pid {
                 return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            // The backend's descriptors (relation files, WAL segments,
+            // pipes) are not close-on-exec: a child living for weeks (the
+            // WAL receiver) would keep dropped relations' space. Marked
+            // close-on-exec, not closed, so that the standard library's
+            // exec-error pipe still reports a failed exec. Before Linux
+            // 5.11 (no CLOSE_RANGE_CLOEXEC) each is marked in turn.
+            if libc::syscall(
+                libc::SYS_close_range,
+                3 as libc::c_uint,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                let mut lim = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let top = if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+                    lim.rlim_cur.min(65_536) as libc::c_int
+                } else {
+                    4096
+                };
+                for fd in 3..top {
+                    let flags = libc::fcntl(fd, libc::F_GETFD);
+                    if flags >= 0 {
+                        libc::fcntl(fd, libc::F_SETFD, flags | libc::FD_CLOEXEC);
+                    }
+                }
             }
             Ok(())
         });

@@ -39,8 +39,11 @@ pub struct Receiver {
     next_start: Option<Instant>,
     backoff: Option<Duration>,
     /// The state last written to backup.wal_receiver (None: not yet this
-    /// scheduler's life).
+    /// scheduler's life, or the row no longer says it).
     reported: Option<&'static str>,
+    /// pg_backup.walshipper_path and walshipper_config of the last start
+    /// that failed or exited unasked: changed, the next start is at once.
+    failed_with: Option<(String, String)>,
 }
 
 impl Receiver {
@@ -48,7 +51,11 @@ impl Receiver {
     /// receiver as the settings ask, then raise or resolve its alerts.
     pub fn tick(&mut self) {
         let on = settings::WAL_STREAMING.get();
-        let slot = settings::string(&settings::STREAM_SLOT);
+        // walshipper's default, as backup.wal_archive_status shows it.
+        let slot = Some(settings::string(&settings::STREAM_SLOT))
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "walshipper".into());
+        self.check_reported();
         let mut ended = None;
         if let Some(r) = &mut self.running {
             match r.child.try_wait() {
@@ -72,6 +79,26 @@ impl Receiver {
         }
         if let Some(status) = ended {
             self.exited(status, on);
+        }
+        if self.running.is_none() && self.failed_with.is_some() {
+            let now = (
+                settings::string(&settings::WALSHIPPER_PATH),
+                settings::string(&settings::WALSHIPPER_CONFIG),
+            );
+            if self.failed_with.as_ref() != Some(&now) {
+                // Fixed by the operator: no need to wait out the backoff.
+                self.failed_with = None;
+                self.next_start = None;
+                self.backoff = None;
+            }
+        }
+        if let Some(r) = &self.running {
+            if self.reported.is_none() && r.stopping.is_none() {
+                // The row was re-created (DROP and CREATE EXTENSION) or
+                // changed behind our back: say again what runs.
+                let pid = i32::try_from(r.child.id()).ok();
+                self.report("running", pid, None, None);
+            }
         }
         if self.running.is_none() {
             if on && self.next_start.is_none_or(|t| Instant::now() >= t) {
@@ -118,6 +145,11 @@ impl Receiver {
             }
             Err(e) => {
                 let wait = self.next_backoff(Duration::ZERO);
+                log!(
+                    "pg_backup: cannot start the WAL receiver: {e}; next attempt in {} s",
+                    wait.as_secs()
+                );
+                self.failed_with = Some((exe, cfg));
                 self.report("restarting", None, Some(e), Some(wait));
             }
         }
@@ -160,7 +192,61 @@ impl Receiver {
             return;
         }
         let wait = self.next_backoff(r.started.elapsed());
+        self.failed_with = Some((
+            settings::string(&settings::WALSHIPPER_PATH),
+            settings::string(&settings::WALSHIPPER_CONFIG),
+        ));
         self.report("restarting", None, Some(reason), Some(wait));
+    }
+
+    /// Forgets what was reported when backup.wal_receiver no longer says it
+    /// (a fresh row after DROP and CREATE EXTENSION), so that it is written
+    /// again.
+    fn check_reported(&mut self) {
+        let Some(reported) = self.reported else {
+            return;
+        };
+        let ours = self
+            .running
+            .as_ref()
+            .and_then(|r| i32::try_from(r.child.id()).ok());
+        let row =
+            Spi::get_two::<String, i32>("SELECT state, pid FROM backup.wal_receiver WHERE id = 1");
+        let same = match row {
+            Ok((Some(state), pid)) => state == reported && (reported != "running" || pid == ours),
+            _ => false,
+        };
+        if !same {
+            self.reported = None;
+        }
+    }
+
+    /// The extension is not installed (dropped, or not yet created): the
+    /// receiver is stopped (SIGTERM, then SIGKILL after STOP_GRACE) and
+    /// reaped, and everything is reported afresh once the catalog is back.
+    pub fn absent(&mut self) {
+        self.reported = None;
+        self.next_start = None;
+        self.backoff = None;
+        self.failed_with = None;
+        let Some(r) = &mut self.running else { return };
+        match r.child.try_wait() {
+            Ok(None) => {
+                if r.stopping.is_none() {
+                    log!("pg_backup: the extension is not installed: stopping the WAL receiver");
+                    signal(&r.child, libc::SIGTERM);
+                    r.stopping = Some(Instant::now());
+                } else if r.stopping.is_some_and(|t| t.elapsed() > STOP_GRACE) {
+                    let _ = r.child.kill();
+                }
+            }
+            Ok(Some(_)) => self.running = None,
+            Err(_) => {
+                let _ = r.child.kill();
+                let _ = r.child.wait();
+                self.running = None;
+            }
+        }
     }
 
     /// The pause before the next start after a run of `ran`; sets next_start.

@@ -25,12 +25,18 @@ use crate::settings;
 /// (read-only transactions, a statement timeout that stops every cycle).
 /// A lock wait is bounded: an operator's transaction left open on a row the
 /// scheduler needs makes it fail (and restart, with a worker_error alert)
-/// instead of hanging. False when the session could not be set up.
+/// instead of hanging. Commits are local (synchronous_commit = local): with
+/// the WAL receiver named in synchronous_standby_names, a commit of the
+/// scheduler's would otherwise wait for the receiver that only the
+/// scheduler restarts (a deadlock that also blocked a fast shutdown); its
+/// catalog rows need no standby's acknowledgement. False when the session
+/// could not be set up.
 fn pin_session() -> bool {
     BackgroundWorker::transaction(|| {
         match Spi::run(
             "SET search_path TO pg_catalog, pg_temp; SET lock_timeout = '10s'; \
-             SET statement_timeout = 0; SET default_transaction_read_only = off",
+             SET statement_timeout = 0; SET default_transaction_read_only = off; \
+             SET synchronous_commit = local",
         ) {
             Ok(()) => true,
             Err(e) => {
@@ -1045,10 +1051,14 @@ pub extern "C-unwind" fn pg_backup_scheduler_main(_arg: pg_sys::Datum) {
                 st.tick()
             }
         });
+        // Without the catalog (the extension dropped, or not yet created)
+        // the receiver is stopped: nothing would record or watch it.
         let mut rv = std::panic::AssertUnwindSafe(&mut receiver);
         BackgroundWorker::transaction(move || {
             if catalog_ready() {
                 rv.tick()
+            } else {
+                rv.absent()
             }
         });
         let mut last = std::panic::AssertUnwindSafe(&mut last_error);

@@ -867,7 +867,10 @@ fn restore_tests_and_table_restores_from_sql() {
 /// wal-receive` streaming through its slot, restarts it when it is killed,
 /// stops it when streaming is turned off, and raises wal_stream_lagging for
 /// a slot left pinning WAL and wal_receiver_down for a receiver that cannot
-/// start (with its error).
+/// start (with its error). In synchronous mode a killed receiver is
+/// restarted (the scheduler's own commits do not wait for it); a slot
+/// about to lose WAL is a critical alert; DROP EXTENSION stops the
+/// receiver and CREATE EXTENSION starts it again with a fresh row.
 #[test]
 fn the_scheduler_keeps_the_wal_receiver_streaming() {
     let dir = scratch("extstream");
@@ -879,7 +882,7 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         &[
             "pg_backup.wal_streaming = on",
             "pg_backup.stream_slot = 'ext_stream'",
-            "pg_backup.stream_down_alert = 2",
+            "pg_backup.stream_down_alert = 3",
             "pg_backup.stream_lag_alert = 1",
         ],
     );
@@ -898,10 +901,18 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         "t",
         Duration::from_secs(30),
     );
+    // The RPO is the receiver's: nil once its slot has all the server wrote
+    // (the archiver's estimate is never 0 while a segment is being filled).
+    wait_for(
+        &c,
+        "SELECT rpo_estimate = interval '0' FROM backup.wal_archive_status",
+        "t",
+        Duration::from_secs(30),
+    );
     // Killed: started again, the restart counted, streaming again. One
     // exit restarted at once raises no alert; a crash loop does: killed
     // three times, each run shorter than a minute, the backoff growing
-    // (1, 2, 4 s), so its exits began more than stream_down_alert (2 s)
+    // (1, 2, 4 s), so its exits began more than stream_down_alert (3 s)
     // before its last start, and the alert is raised while it streams.
     let down = "SELECT count(*) FROM backup.alerts WHERE kind = 'wal_receiver_down' AND resolved_at IS NULL";
     for n in 1..=3 {
@@ -926,6 +937,13 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
                 c.sql("SELECT receiver_down_since IS NOT NULL FROM backup.wal_archive_status"),
                 "t"
             );
+            // Restarted after 1 s: not down for stream_down_alert.
+            std::thread::sleep(Duration::from_secs(2));
+            assert_eq!(
+                c.sql(down),
+                "0",
+                "one exit restarted at once raised an alert"
+            );
         }
     }
     wait_for(&c, down, "1", Duration::from_secs(30));
@@ -945,11 +963,52 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         "t"
     );
 
+    // Synchronous: the receiver in synchronous_standby_names, killed. The
+    // scheduler's commits are local, so it restarts the receiver (before,
+    // its own commit waited for the receiver only it could restart), and a
+    // client's commit, waiting meanwhile, returns.
+    c.sql("ALTER SYSTEM SET synchronous_standby_names = 'walshipper'");
+    c.sql("SELECT pg_reload_conf()");
+    wait_for(
+        &c,
+        "SELECT stream_sync_state FROM backup.wal_archive_status",
+        "sync",
+        Duration::from_secs(30),
+    );
+    let pid: i32 = c
+        .sql("SELECT receiver_pid FROM backup.wal_archive_status")
+        .parse()
+        .unwrap();
+    // SAFETY: signalling the receiver process the scheduler started.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
+    let t = std::time::Instant::now();
+    let restarted = loop {
+        if c.try_sql(state).unwrap_or_default() == "running true 4" {
+            break true;
+        }
+        if t.elapsed() > Duration::from_secs(60) {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    if !restarted {
+        // Unblock the server before failing, or its shutdown waits too.
+        c.sql("ALTER SYSTEM SET synchronous_standby_names = ''");
+        c.sql("SELECT pg_reload_conf()");
+        panic!(
+            "the scheduler did not restart the synchronous receiver within 60 s\n{}",
+            c.log_text()
+        );
+    }
+    c.sql("INSERT INTO streamed VALUES (0)");
+    c.sql("ALTER SYSTEM SET synchronous_standby_names = ''");
+    c.sql("SELECT pg_reload_conf()");
+
     // Turned off: stopped; the slot it leaves behind pins the WAL written
     // since, and above 1 MB that is an alert saying to drop it.
     c.sql("ALTER SYSTEM SET pg_backup.wal_streaming = off");
     c.sql("SELECT pg_reload_conf()");
-    wait_for(&c, state, "off false 3", Duration::from_secs(30));
+    wait_for(&c, state, "off false 4", Duration::from_secs(30));
     c.sql(
         "CREATE TABLE pinned AS SELECT g, repeat('x', 200) AS v FROM generate_series(1, 20000) g",
     );
@@ -962,6 +1021,34 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         lagging
             .replace(" AND message LIKE '%drop the slot%'", "")
             .as_str(),
+        "0",
+        Duration::from_secs(30),
+    );
+    // Another physical slot no one uses (not stream_slot) pins WAL too;
+    // past max_slot_wal_keep_size it is about to lose WAL, or lost it:
+    // critical.
+    c.sql("SELECT pg_create_physical_replication_slot('forgotten', true)");
+    c.sql("ALTER SYSTEM SET max_slot_wal_keep_size = '1MB'");
+    c.sql("SELECT pg_reload_conf()");
+    for _ in 0..3 {
+        c.sql("CREATE TABLE IF NOT EXISTS churn AS SELECT g, repeat('y', 200) AS v FROM generate_series(1, 20000) g");
+        c.sql("DROP TABLE churn");
+        c.sql("SELECT pg_switch_wal()");
+    }
+    c.sql("CHECKPOINT");
+    wait_for(
+        &c,
+        "SELECT count(*) FROM backup.alerts WHERE kind = 'wal_stream_lagging' AND subject = 'forgotten' \
+           AND severity = 'critical' AND resolved_at IS NULL AND message LIKE '%not pg_backup.stream_slot%'",
+        "1",
+        Duration::from_secs(30),
+    );
+    c.sql("SELECT pg_drop_replication_slot('forgotten')");
+    c.sql("ALTER SYSTEM RESET max_slot_wal_keep_size");
+    c.sql("SELECT pg_reload_conf()");
+    wait_for(
+        &c,
+        "SELECT count(*) FROM backup.alerts WHERE kind = 'wal_stream_lagging' AND resolved_at IS NULL",
         "0",
         Duration::from_secs(30),
     );
@@ -994,4 +1081,35 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         "off 0",
         Duration::from_secs(30),
     );
+
+    // DROP EXTENSION stops the receiver (nothing would watch it) and reaps
+    // it; CREATE EXTENSION starts it again and records it in the new row.
+    c.sql("ALTER SYSTEM SET pg_backup.stream_slot = 'ext_stream'");
+    c.sql("ALTER SYSTEM SET pg_backup.wal_streaming = on");
+    c.sql("SELECT pg_reload_conf()");
+    wait_for(
+        &c,
+        "SELECT receiver_state || ' ' || coalesce(slot_active, false) FROM backup.wal_archive_status",
+        "running true",
+        Duration::from_secs(60),
+    );
+    let pid: i32 = c
+        .sql("SELECT receiver_pid FROM backup.wal_archive_status")
+        .parse()
+        .unwrap();
+    c.sql("DROP EXTENSION pg_backup_ext CASCADE");
+    let t = std::time::Instant::now();
+    // Gone, not a zombie: /proc/<pid> disappears once it is reaped.
+    while std::path::Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(
+            t.elapsed() < Duration::from_secs(30),
+            "the receiver {pid} still exists 30 s after DROP EXTENSION"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    c.sql("CREATE EXTENSION pg_backup_ext");
+    wait_for(&c, state, "running true 0", Duration::from_secs(60));
+    c.sql("ALTER SYSTEM SET pg_backup.wal_streaming = off");
+    c.sql("SELECT pg_reload_conf()");
+    wait_for(&c, state, "off false 0", Duration::from_secs(30));
 }
