@@ -36,6 +36,12 @@ const MAP_HEADER: usize = 21;
 
 const MAP_MAGIC: &[u8; 8] = b"WSBMAP01";
 const DELTA_MAGIC: &[u8; 8] = b"WSDELTA1";
+/// Version 2 of block deltas: records may also be XOR records.
+const DELTA_MAGIC_2: &[u8; 8] = b"WSDELTA2";
+/// In a version 2 delta, this bit of a record's length marks an XOR record:
+/// the 16-byte hash of the block it applies to, then the block's bytes
+/// XORed with that block's (docs/repository-format.md).
+const XOR: u32 = 1 << 31;
 const END: u32 = u32::MAX;
 
 pub type Hash = [u8; 16];
@@ -241,6 +247,24 @@ impl<R: Read> Read for MapBuilder<R> {
 /// A callback for each changed block: (bytes, file offset).
 type OnChanged = Box<dyn FnMut(&[u8], u64) + Send>;
 
+/// The reference backup's version of a file, block by block: what an XOR
+/// record of the next delta applies to.
+pub trait PreviousBlocks {
+    /// Puts block `blk` as the reference has it into `out` (empty past its
+    /// end). Called with ascending block numbers.
+    fn block(&mut self, blk: u32, out: &mut Vec<u8>) -> io::Result<()>;
+}
+
+/// Opens the reference's version when the first changed block that existed
+/// before is met (a file that only grew opens nothing).
+type OpenPrevious<'a> = Box<dyn FnOnce() -> io::Result<Box<dyn PreviousBlocks + 'a>> + 'a>;
+
+enum Previous<'a> {
+    None,
+    Closed(OpenPrevious<'a>),
+    Open(Box<dyn PreviousBlocks + 'a>),
+}
+
 /// Blocks read from the file at a time: 128 KiB, few system calls.
 const READ_BLOCKS: usize = 16;
 
@@ -249,9 +273,15 @@ const READ_BLOCKS: usize = 16;
 /// record `u32::MAX, 0, size u64`. Also computes the hash of the whole
 /// file as read (the current algorithm: it is the new manifest entry's) and
 /// the map delta.
-pub struct DeltaReader<R> {
+pub struct DeltaReader<'a, R> {
     inner: R,
     base: BlockMap,
+    /// The reference's blocks, for XOR records (version 2 deltas).
+    previous: Previous<'a>,
+    /// What `previous` is of, for its warnings.
+    what: String,
+    prev_buf: Vec<u8>,
+    xored: usize,
     /// Called with each changed block and its offset (page checks).
     on_changed: Option<OnChanged>,
     out: Vec<u8>,
@@ -270,15 +300,21 @@ pub struct DeltaSummary {
     /// Serialised map delta.
     pub map_delta: Vec<u8>,
     pub changed_blocks: usize,
+    /// How many of them were stored as XOR records.
+    pub xored_blocks: usize,
 }
 
-impl<R: Read> DeltaReader<R> {
+impl<'a, R: Read> DeltaReader<'a, R> {
     pub fn new(inner: R, base: BlockMap) -> Self {
         let mut out = Vec::with_capacity(READ_BLOCKS * (BLOCK + 8) + 16);
         out.extend_from_slice(DELTA_MAGIC);
         DeltaReader {
             inner,
             base,
+            previous: Previous::None,
+            what: String::new(),
+            prev_buf: Vec::new(),
+            xored: 0,
             on_changed: None,
             out,
             out_pos: 0,
@@ -295,6 +331,66 @@ impl<R: Read> DeltaReader<R> {
     pub fn hash_on_own_thread(mut self) -> Self {
         self.sha = crate::codec::StreamHash::new(HashAlg::CURRENT, true);
         self
+    }
+
+    /// Writes a version 2 delta: a changed block that existed in the
+    /// reference whole and with the hash `base` gives it is stored as an XOR
+    /// record against the reference's version, which `open` gives (called
+    /// at most once, when first needed). A block whose previous version
+    /// cannot be read or does not match its hash is stored whole, and so
+    /// is every later block of the file (a warning names `what`): the
+    /// delta is correct either way, only larger. Must be called before
+    /// anything is read.
+    pub fn with_previous(
+        mut self,
+        what: String,
+        open: impl FnOnce() -> io::Result<Box<dyn PreviousBlocks + 'a>> + 'a,
+    ) -> Self {
+        if self.next_block == 0 && self.out.len() == DELTA_MAGIC_2.len() {
+            self.out.clear();
+            self.out.extend_from_slice(DELTA_MAGIC_2);
+            self.previous = Previous::Closed(Box::new(open));
+            self.what = what;
+        }
+        self
+    }
+
+    /// The reference's version of block `b` into `prev_buf`, if it is a
+    /// whole block and has the hash the reference's map gives it: what an
+    /// XOR record may apply to.
+    fn previous(&mut self, b: u32) -> Option<Hash> {
+        let &want = self.base.hashes.get(b as usize)?;
+        if let Previous::Closed(_) = self.previous {
+            let Previous::Closed(open) = std::mem::replace(&mut self.previous, Previous::None)
+            else {
+                return None;
+            };
+            match open() {
+                Ok(p) => self.previous = Previous::Open(p),
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: storing its changed blocks whole: the reference backup's version cannot be read: {e}",
+                        self.what
+                    );
+                    return None;
+                }
+            }
+        }
+        let Previous::Open(p) = &mut self.previous else {
+            return None;
+        };
+        let why = match p.block(b, &mut self.prev_buf) {
+            Err(e) => e.to_string(),
+            Ok(()) if self.prev_buf.len() != BLOCK => return None,
+            Ok(()) if block_hash(&self.prev_buf) == want => return Some(want),
+            Ok(()) => "it does not match the reference's block map".to_string(),
+        };
+        tracing::warn!(
+            "{}: storing block {b} and the rest of the file's changed blocks whole: the reference backup's version of block {b}: {why}",
+            self.what
+        );
+        self.previous = Previous::None;
+        None
     }
 
     /// Calls `f(block bytes, file offset)` for every changed block.
@@ -320,6 +416,7 @@ impl<R: Read> DeltaReader<R> {
             hash: self.sha.finish()?,
             map_delta: BlockMap::encode_delta(self.size, &self.changed),
             changed_blocks: self.changed.len(),
+            xored_blocks: self.xored,
         })
     }
 
@@ -349,9 +446,26 @@ impl<R: Read> DeltaReader<R> {
                 }
                 self.changed.push((b, h));
                 self.out.extend_from_slice(&b.to_le_bytes());
-                self.out
-                    .extend_from_slice(&(data.len() as u32).to_le_bytes());
-                self.out.extend_from_slice(data);
+                let prev = if data.len() == BLOCK {
+                    self.previous(b)
+                } else {
+                    None
+                };
+                if let Some(prev_hash) = prev {
+                    // A changed page differs from its previous version in
+                    // a few bytes (tuple headers): XORed with it, it is
+                    // mostly zeros and compresses far better.
+                    self.out
+                        .extend_from_slice(&(BLOCK as u32 | XOR).to_le_bytes());
+                    self.out.extend_from_slice(&prev_hash);
+                    self.out
+                        .extend(data.iter().zip(&self.prev_buf).map(|(n, p)| n ^ p));
+                    self.xored += 1;
+                } else {
+                    self.out
+                        .extend_from_slice(&(data.len() as u32).to_le_bytes());
+                    self.out.extend_from_slice(data);
+                }
             }
         }
         self.size += n as u64;
@@ -360,7 +474,7 @@ impl<R: Read> DeltaReader<R> {
     }
 }
 
-impl<R: Read> Read for DeltaReader<R> {
+impl<R: Read> Read for DeltaReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.out_pos == self.out.len() {
             self.out.clear();
@@ -397,8 +511,12 @@ enum Next {
 /// that is not the file's last.
 struct DeltaStream<R> {
     src: R,
+    /// Version 2: XOR records allowed.
+    v2: bool,
     next: Next,
     data: Vec<u8>,
+    /// The current record is an XOR record against the block with this hash.
+    xor_base: Option<Hash>,
     last_blk: Option<u32>,
     /// The furthest byte any record wrote.
     written_to: u64,
@@ -409,13 +527,25 @@ struct DeltaStream<R> {
 impl<R: Read> DeltaStream<R> {
     fn open(mut src: R) -> io::Result<Self> {
         let mut magic = [0u8; 8];
-        if read_full(&mut src, &mut magic)? != 8 || &magic != DELTA_MAGIC {
+        if read_full(&mut src, &mut magic)? != 8 {
             return Err(invalid("not a block delta"));
         }
+        let v2 = match &magic {
+            DELTA_MAGIC => false,
+            DELTA_MAGIC_2 => true,
+            m if m.starts_with(b"WSDELTA") => {
+                return Err(invalid(
+                    "a block delta of a later format: restore with a newer walshipper",
+                ))
+            }
+            _ => return Err(invalid("not a block delta")),
+        };
         let mut d = DeltaStream {
             src,
+            v2,
             next: Next::End(0),
             data: Vec::with_capacity(BLOCK),
+            xor_base: None,
             last_blk: None,
             written_to: 0,
             partial_end: None,
@@ -431,7 +561,10 @@ impl<R: Read> DeltaStream<R> {
             return Err(invalid("ended without its end record"));
         }
         let blk = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        let raw_len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        // In a version 1 delta the XOR bit is a length over a block: refused.
+        let xor = self.v2 && blk != END && raw_len & XOR != 0;
+        let len = (if xor { raw_len & !XOR } else { raw_len }) as usize;
         if blk == END {
             let mut s = [0u8; 8];
             if read_full(&mut self.src, &mut s)? != 8 {
@@ -453,6 +586,9 @@ impl<R: Read> DeltaStream<R> {
         if len == 0 || len > BLOCK {
             return Err(invalid("record with a bad length"));
         }
+        if xor && len != BLOCK {
+            return Err(invalid("an XOR record of less than a whole block"));
+        }
         let record_end = u64::from(blk) * BLOCK as u64 + len as u64;
         if record_end > MAX_FILE_SIZE {
             return Err(invalid(
@@ -464,6 +600,14 @@ impl<R: Read> DeltaStream<R> {
         }
         if self.last_blk.is_some_and(|l| blk <= l) {
             return Err(invalid("blocks out of order or listed twice"));
+        }
+        self.xor_base = None;
+        if xor {
+            let mut h = [0u8; 16];
+            if read_full(&mut self.src, &mut h)? != h.len() {
+                return Err(invalid("ended inside a record"));
+            }
+            self.xor_base = Some(h);
         }
         self.data.resize(len, 0);
         if read_full(&mut self.src, &mut self.data)? != len {
@@ -494,10 +638,26 @@ impl<R: Read> DeltaStream<R> {
     fn apply(&mut self, blk: u64, cur: &mut Vec<u8>) -> io::Result<()> {
         if let Next::Record(b, len) = self.next {
             if u64::from(b) == blk {
-                if cur.len() < len {
-                    cur.resize(len, 0);
+                match self.xor_base {
+                    Some(h) => {
+                        // Bound to the block it was made against: applied to
+                        // anything else it would make a wrong page.
+                        if cur.len() != BLOCK || block_hash(cur) != h {
+                            return Err(invalid(&format!(
+                                "the XOR record of block {b} was made against another version of that block (its hash differs): a delta before it in the chain is missing, damaged or out of order"
+                            )));
+                        }
+                        for (c, d) in cur.iter_mut().zip(&self.data) {
+                            *c ^= d;
+                        }
+                    }
+                    None => {
+                        if cur.len() < len {
+                            cur.resize(len, 0);
+                        }
+                        cur[..len].copy_from_slice(&self.data[..len]);
+                    }
                 }
-                cur[..len].copy_from_slice(&self.data[..len]);
                 self.advance()?;
             }
         }
@@ -513,6 +673,17 @@ impl<R: Read> DeltaStream<R> {
             return Err(invalid("it grows the file without listing the new blocks"));
         }
         cur.truncate(keep);
+        Ok(())
+    }
+
+    /// Reads past the records of blocks before `blk` (unused, checked).
+    fn skip_before(&mut self, blk: u64) -> io::Result<()> {
+        while let Next::Record(b, _) = self.next {
+            if u64::from(b) >= blk {
+                break;
+            }
+            self.advance()?;
+        }
         Ok(())
     }
 
@@ -644,6 +815,68 @@ pub fn merge<B: Read, R: Read, W: Write>(
     }
     out.flush().map_err(MergeError::Output)?;
     Ok(sha.finalize())
+}
+
+/// A stream that can move forward without producing what it passes over.
+pub trait SkipRead: Read {
+    /// Moves to offset `to` (not before the current one); returns the
+    /// offset reached: `to`, or less at the end.
+    fn skip_to(&mut self, to: u64) -> io::Result<u64>;
+}
+
+impl<R: Read> SkipRead for crate::codec::DecodingReader<R> {
+    fn skip_to(&mut self, to: u64) -> io::Result<u64> {
+        crate::codec::DecodingReader::skip_to(self, to)
+    }
+}
+
+/// A version of a file as a chain has it (a base and its deltas, oldest
+/// first), read block by block in ascending order: only the base's frames
+/// that hold a wanted block are decoded; the deltas are read as streams.
+/// What it returns is not trusted: the caller compares each block with the
+/// block map's hash before using it.
+pub struct ChainBlocks<B, R> {
+    base: B,
+    deltas: Vec<DeltaStream<R>>,
+    next: u64,
+}
+
+impl<B: SkipRead, R: Read> ChainBlocks<B, R> {
+    pub fn open(base: B, deltas: Vec<R>) -> io::Result<Self> {
+        let deltas = deltas
+            .into_iter()
+            .map(DeltaStream::open)
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(ChainBlocks {
+            base,
+            deltas,
+            next: 0,
+        })
+    }
+}
+
+impl<B: SkipRead, R: Read> PreviousBlocks for ChainBlocks<B, R> {
+    fn block(&mut self, blk: u32, out: &mut Vec<u8>) -> io::Result<()> {
+        let blk = u64::from(blk);
+        if blk < self.next {
+            return Err(io::Error::other("blocks asked for out of order"));
+        }
+        self.next = blk + 1;
+        out.clear();
+        let start = blk * BLOCK as u64;
+        if self.base.skip_to(start)? == start {
+            out.resize(BLOCK, 0);
+            let n = read_full(&mut self.base, out)?;
+            out.truncate(n);
+        }
+        // Each delta as `merge` applies it, after passing over its records
+        // of the blocks before.
+        for d in &mut self.deltas {
+            d.skip_before(blk)?;
+            d.apply(blk, out)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -987,5 +1220,206 @@ mod tests {
         ] {
             assert!(apply_delta(&parts).is_err(), "{what}");
         }
+    }
+
+    /// A slice that skips forward as a decoder does.
+    struct Skipper<'a>(&'a [u8], u64);
+
+    impl Read for Skipper<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let rest = self.0.get(self.1 as usize..).unwrap_or_default();
+            let n = buf.len().min(rest.len()).min(7);
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.1 += n as u64;
+            Ok(n)
+        }
+    }
+
+    impl SkipRead for Skipper<'_> {
+        fn skip_to(&mut self, to: u64) -> io::Result<u64> {
+            self.1 = self.1.max(to.min(self.0.len() as u64));
+            Ok(self.1)
+        }
+    }
+
+    /// The delta of `new` against the chain `base` + `deltas` (whose result
+    /// is `prev`), with XOR records; and its summary.
+    fn xor_delta(
+        base: &[u8],
+        deltas: &[Vec<u8>],
+        prev: &[u8],
+        new: &[u8],
+    ) -> (Vec<u8>, DeltaSummary) {
+        let deltas: Vec<&[u8]> = deltas.iter().map(|d| &d[..]).collect();
+        let mut r = DeltaReader::new(new, map_of(prev)).with_previous("test".into(), move || {
+            let chain = ChainBlocks::open(Skipper(base, 0), deltas)?;
+            Ok(Box::new(chain) as Box<dyn PreviousBlocks + '_>)
+        });
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        (out, r.finish().unwrap())
+    }
+
+    /// A page-like change: a few bytes of every 128 flipped.
+    fn touch(v: &mut [u8], blk: usize, seed: u8) {
+        for i in (blk * BLOCK..(blk + 1) * BLOCK).step_by(128) {
+            v[i] ^= seed | 1;
+        }
+    }
+
+    fn merged(base: &[u8], deltas: &[Vec<u8>], max: u64) -> Result<Vec<u8>, MergeError> {
+        let mut out = Vec::new();
+        merge(
+            Trickle(base),
+            deltas.iter().map(|d| Trickle(d)).collect(),
+            &mut out,
+            max,
+            HashAlg::Blake3,
+        )?;
+        Ok(out)
+    }
+
+    #[test]
+    fn xor_records_round_trip_through_a_chain() {
+        let v0 = data(40, 5);
+        let mut versions = vec![v0.clone()];
+        let mut deltas: Vec<Vec<u8>> = Vec::new();
+        // Block 7 changes in every version (the same block through XOR
+        // records on XOR records), others now and then; the file grows by
+        // a whole and a partial block, then shrinks.
+        for k in 1..=4u8 {
+            let mut next = versions.last().unwrap().clone();
+            touch(&mut next, 7, k);
+            touch(&mut next, 10 + k as usize, k);
+            match k {
+                2 => next.extend_from_slice(&data(2, 9)[..BLOCK + 300]),
+                3 => next.truncate(38 * BLOCK),
+                _ => {}
+            }
+            let prev = versions.last().unwrap().clone();
+            let prev = &prev[..];
+            let (d, sum) = xor_delta(&v0, &deltas, prev, &next);
+            assert_eq!(&d[..8], DELTA_MAGIC_2);
+            assert_eq!(sum.xored_blocks, 2, "version {k}");
+            assert_eq!(sum.hash, HashAlg::Blake3.digest(&next));
+            let mut m = map_of(prev);
+            m.apply(&sum.map_delta).unwrap();
+            assert_eq!(m, map_of(&next));
+            deltas.push(d);
+            versions.push(next);
+            // The chain rebuilds every version, block 7 through each layer.
+            let got = merged(&v0, &deltas, MAX_FILE_SIZE).unwrap();
+            assert!(got == *versions.last().unwrap(), "version {k}");
+            // An XOR record stores the changed bytes, far fewer than a block.
+            let plain = {
+                let mut r = DeltaReader::new(&versions[k as usize][..], map_of(prev));
+                let mut v = Vec::new();
+                r.read_to_end(&mut v).unwrap();
+                v
+            };
+            let z = |v: &[u8]| zstd::bulk::compress(v, 3).unwrap().len();
+            assert!(z(deltas.last().unwrap()) * 2 < z(&plain), "version {k}");
+        }
+        // A delta left out, or the chain on another base: refused loudly.
+        let skipped = vec![deltas[0].clone(), deltas[2].clone()];
+        let err = merged(&v0, &skipped, MAX_FILE_SIZE).unwrap_err();
+        assert!(
+            matches!(&err, MergeError::Delta(1, e) if e.to_string().contains("another version")),
+            "{err:?}"
+        );
+        assert!(merged(&data(40, 6), &deltas[..1], MAX_FILE_SIZE).is_err());
+        // Read by a reader that knows only version 1: refused, never misread.
+        let mut v1 = deltas[0].clone();
+        v1[..8].copy_from_slice(DELTA_MAGIC);
+        assert!(merged(&v0, &[v1], MAX_FILE_SIZE).is_err());
+    }
+
+    #[test]
+    fn a_previous_version_that_does_not_match_its_map_gives_whole_blocks() {
+        let v0 = data(8, 2);
+        let mut v1 = v0.clone();
+        touch(&mut v1, 1, 3);
+        touch(&mut v1, 5, 3);
+        // The chain read back gives other bytes than the map says.
+        let wrong = data(8, 4);
+        let (d, sum) = xor_delta(&wrong, &[], &v0, &v1);
+        assert_eq!((sum.changed_blocks, sum.xored_blocks), (2, 0));
+        assert!(merged(&v0, &[d], MAX_FILE_SIZE).unwrap() == v1);
+        // A chain that cannot be opened: the same.
+        let mut r = DeltaReader::new(&v1[..], map_of(&v0))
+            .with_previous("test".into(), || Err(io::Error::other("unreachable store")));
+        let mut d = Vec::new();
+        r.read_to_end(&mut d).unwrap();
+        assert_eq!(r.finish().unwrap().xored_blocks, 0);
+        assert!(merged(&v0, &[d], MAX_FILE_SIZE).unwrap() == v1);
+    }
+
+    fn xor_record(blk: u32, len: u32, hash: &[u8], bytes: usize) -> Vec<u8> {
+        let mut v = blk.to_le_bytes().to_vec();
+        v.extend_from_slice(&(len | XOR).to_le_bytes());
+        v.extend_from_slice(hash);
+        v.extend(std::iter::repeat_n(0u8, bytes));
+        v
+    }
+
+    #[test]
+    fn hostile_xor_records_are_refused() {
+        let base = data(2, 1);
+        let h = block_hash(&base[BLOCK..]);
+        let blk = BLOCK as u32;
+        let apply2 = |parts: &[Vec<u8>]| {
+            let mut d = DELTA_MAGIC_2.to_vec();
+            for p in parts {
+                d.extend_from_slice(p);
+            }
+            merged(&base, &[d], MAX_FILE_SIZE)
+        };
+        // The well-formed one: XOR of zeros against the right block.
+        assert!(apply2(&[xor_record(1, blk, &h, BLOCK), end(2 * 8192)]).unwrap() == base);
+        for (what, parts) in [
+            (
+                "wrong base hash",
+                vec![xor_record(1, blk, &[0; 16], BLOCK), end(16384)],
+            ),
+            (
+                "short XOR record",
+                vec![xor_record(1, 100, &h, 100), end(16384)],
+            ),
+            ("XOR length 0", vec![xor_record(1, 0, &h, 0), end(16384)]),
+            (
+                "XOR length over a block",
+                vec![xor_record(1, blk + 1, &h, BLOCK + 1), end(16384)],
+            ),
+            (
+                "XOR length u31::MAX",
+                vec![xor_record(1, u32::MAX >> 1, &h, 0), end(16384)],
+            ),
+            ("ends inside the hash", vec![xor_record(1, blk, &h[..5], 0)]),
+            ("ends inside the bytes", vec![xor_record(1, blk, &h, 100)]),
+            (
+                "XOR past the base's end",
+                vec![xor_record(2, blk, &h, BLOCK), end(3 * 8192)],
+            ),
+            (
+                "XOR past the base's end after a cut",
+                vec![xor_record(1, blk, &h, BLOCK), end(8192)],
+            ),
+            ("XOR on the end record", {
+                let mut e = end(16384);
+                e[4..8].copy_from_slice(&XOR.to_le_bytes());
+                vec![e]
+            }),
+        ] {
+            assert!(apply2(&parts).is_err(), "{what}");
+        }
+        // A later format is refused with a hint, a version 1 delta with the
+        // XOR bit as a bad length.
+        let mut later = b"WSDELTA3".to_vec();
+        later.extend(end(16384));
+        let e = merged(&base, &[later], MAX_FILE_SIZE).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::Delta(0, e) if e.to_string().contains("newer walshipper"))
+        );
+        assert!(apply_delta(&[xor_record(1, blk, &h, BLOCK), end(16384)]).is_err());
     }
 }

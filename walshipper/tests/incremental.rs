@@ -28,6 +28,28 @@ fn json_lines(out: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no JSON in: {out}"))
 }
 
+/// Runs a backup with debug logs: its done event and how many changed
+/// blocks it stored as XOR records against their previous version.
+fn backup_counting_xor(shipper: &Shipper, extra: &[&str]) -> (serde_json::Value, u64) {
+    let out = run(shipper
+        .cmd()
+        .env("WALSHIPPER_LOG", "walshipper=debug")
+        .args(["backup", "--json"])
+        .args(extra));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let xored = stderr
+        .lines()
+        .filter_map(|l| {
+            let rest = &l[l.find("changed blocks, ")? + "changed blocks, ".len()..];
+            rest.strip_suffix(" of them as XOR records")?
+                .parse::<u64>()
+                .ok()
+        })
+        .sum();
+    (json_lines(&String::from_utf8_lossy(&out.stdout)), xored)
+}
+
 /// Restores `extra` into `name`, checks it with pg_verifybackup (every
 /// file's SHA-256 against the backup's manifest, which for a diff/incr is
 /// the file rebuilt from the chain), starts it and returns the cluster.
@@ -101,7 +123,7 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
     src.sql("VACUUM FULL pgbench_tellers");
     src.sql("CHECKPOINT");
     let at_diff = fingerprint(&src);
-    let diff = shipper.backup(&["--type", "diff", "--jobs", "2"]);
+    let (diff, diff_xored) = backup_counting_xor(&shipper, &["--type", "diff", "--jobs", "2"]);
     assert_eq!(diff["type"], "diff", "{diff}");
     assert_eq!(diff["based_on"], full["backup_id"]);
 
@@ -117,7 +139,12 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
     src.sql("DROP TABLE small_100");
     src.sql("CREATE TABLE small_new AS SELECT 1 AS id, 'new in the incr'::text AS v");
     src.sql("CHECKPOINT");
-    let incr = shipper.backup(&["--type", "incr"]);
+    // The incr's changed pages are stored against their previous version
+    // (XOR records), which it rebuilds from the full + diff chain; the
+    // restores below go through them.
+    let (incr, incr_xored) = backup_counting_xor(&shipper, &["--type", "incr"]);
+    eprintln!("XOR records: diff {diff_xored}, incr {incr_xored}");
+    assert!(diff_xored > 0 && incr_xored > 0, "no XOR records stored");
     assert_eq!(incr["type"], "incr", "{incr}");
     assert_eq!(incr["based_on"], diff["backup_id"]);
     assert_eq!(

@@ -1146,6 +1146,9 @@ fn copy_one(
     if f.size > BIG_FILE {
         delta = delta.hash_on_own_thread();
     }
+    if b.offset.is_none() && b.deltas.len() < XOR_CHAIN_MAX {
+        delta = delta.with_previous(f.rel.clone(), move || previous_version(repo, b));
+    }
     if verify {
         delta = delta.on_changed(move |page, offset| {
             if page.len() == BLCKSZ {
@@ -1165,6 +1168,12 @@ fn copy_one(
     let d = delta
         .finish()
         .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
+    tracing::debug!(
+        "{}: {} changed blocks, {} of them as XOR records",
+        f.rel,
+        d.changed_blocks,
+        d.xored_blocks
+    );
     let (_, msum) =
         repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
     let mut e = referenced(b);
@@ -1175,6 +1184,32 @@ fn copy_one(
     e.stored_size = summary.stored_len + msum.stored_len;
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(Some((Copied::Entry(e), failures)))
+}
+
+/// The longest chain (deltas on a base) whose blocks an incremental reads to
+/// store XOR records: as many streams as restore reads side by side. A
+/// longer chain gets whole blocks.
+const XOR_CHAIN_MAX: usize = 31;
+
+/// The reference backup's version of a large file, block by block, for
+/// the XOR records of the next delta: its base object and deltas opened as
+/// streams, the base's frames decoded only where a changed block lies.
+/// Not trusted: each block is compared with the reference's block map.
+fn previous_version<'a>(
+    repo: &'a Repository,
+    b: &FileEntry,
+) -> io::Result<Box<dyn delta::PreviousBlocks + 'a>> {
+    let open = |key: &str| {
+        repo.open_unhashed(key, 1)
+            .map_err(|e| io::Error::other(e.to_string()))
+    };
+    let base = open(&b.object)?;
+    let deltas = b
+        .deltas
+        .iter()
+        .map(|k| open(k))
+        .collect::<io::Result<Vec<_>>>()?;
+    Ok(Box::new(delta::ChainBlocks::open(base, deltas)?))
 }
 
 /// Whether a small file read as `body` is the reference's version of it:
