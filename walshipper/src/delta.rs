@@ -42,6 +42,44 @@ const DELTA_MAGIC_2: &[u8; 8] = b"WSDELTA2";
 /// the 16-byte hash of the block it applies to, then the block's bytes
 /// XORed with that block's (docs/repository-format.md).
 const XOR: u32 = 1 << 31;
+/// In a version 2 delta, bits 16..24 of a record's length: the stride of a
+/// byte-delta filter over its bytes (0: none). Bits 24..31 are 0.
+const STRIDE_SHIFT: u32 = 16;
+const FLAGS: u32 = 0x7fff_0000;
+/// The strides writers choose from and readers accept: PostgreSQL aligns
+/// tuples to 8 bytes, and a btree leaf of int4/int8 keys holds 16-byte
+/// index tuples (docs/performance.md, "Backup").
+const STRIDES: [usize; 2] = [8, 16];
+
+/// How a changed whole block is stored: XORed with its previous version or
+/// not, then byte-delta filtered with a stride or not: the choice with the
+/// fewest nonzero bytes, which zstd then stores in the least space (on
+/// pgbench pages, as small as choosing by the size zlib makes of each).
+fn choose(new: &[u8], prev: Option<&[u8]>) -> (bool, usize) {
+    let differ = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+    let nonzero = |a: &[u8]| a.iter().filter(|&&x| x != 0).count();
+    let mut best = ((false, 0), nonzero(new));
+    if let Some(p) = prev {
+        let n = differ(new, p);
+        if n < best.1 {
+            best = ((true, 0), n);
+        }
+    }
+    for s in STRIDES {
+        let n = nonzero(&new[..s]) + differ(&new[s..], &new[..new.len() - s]);
+        if n < best.1 {
+            best = ((false, s), n);
+        }
+    }
+    best.0
+}
+
+/// Undoes a byte-delta filter of stride `s` in place.
+fn unfilter(data: &mut [u8], s: usize) {
+    for i in s..data.len() {
+        data[i] = data[i].wrapping_add(data[i - s]);
+    }
+}
 const END: u32 = u32::MAX;
 
 pub type Hash = [u8; 16];
@@ -268,9 +306,11 @@ enum Previous<'a> {
 /// Blocks read from the file at a time: 128 KiB, few system calls.
 const READ_BLOCKS: usize = 16;
 
-/// Reads a file and yields its block delta against `base`: the magic, then
-/// `block u32, length u32, bytes` for every block that differs, then an end
-/// record `u32::MAX, 0, size u64`. Also computes the hash of the whole
+/// Reads a file and yields its block delta against `base` (version 2): the
+/// magic, then a record for every block that differs (`block u32, length
+/// u32` with flags, for an XOR record the hash of the block it applies to,
+/// then the bytes: whole, XORed and/or filtered as `choose` finds
+/// smallest), then an end record `u32::MAX, 0, size u64`. Also computes the hash of the whole
 /// file as read (the current algorithm: it is the new manifest entry's) and
 /// the map delta.
 pub struct DeltaReader<'a, R> {
@@ -281,7 +321,10 @@ pub struct DeltaReader<'a, R> {
     /// What `previous` is of, for its warnings.
     what: String,
     prev_buf: Vec<u8>,
+    /// The bytes of a record being encoded.
+    enc_buf: Vec<u8>,
     xored: usize,
+    filtered: usize,
     /// Called with each changed block and its offset (page checks).
     on_changed: Option<OnChanged>,
     out: Vec<u8>,
@@ -302,19 +345,23 @@ pub struct DeltaSummary {
     pub changed_blocks: usize,
     /// How many of them were stored as XOR records.
     pub xored_blocks: usize,
+    /// How many of them were byte-delta filtered.
+    pub filtered_blocks: usize,
 }
 
 impl<'a, R: Read> DeltaReader<'a, R> {
     pub fn new(inner: R, base: BlockMap) -> Self {
-        let mut out = Vec::with_capacity(READ_BLOCKS * (BLOCK + 8) + 16);
-        out.extend_from_slice(DELTA_MAGIC);
+        let mut out = Vec::with_capacity(READ_BLOCKS * (BLOCK + 24) + 16);
+        out.extend_from_slice(DELTA_MAGIC_2);
         DeltaReader {
             inner,
             base,
             previous: Previous::None,
             what: String::new(),
             prev_buf: Vec::new(),
+            enc_buf: Vec::new(),
             xored: 0,
+            filtered: 0,
             on_changed: None,
             out,
             out_pos: 0,
@@ -333,10 +380,10 @@ impl<'a, R: Read> DeltaReader<'a, R> {
         self
     }
 
-    /// Writes a version 2 delta: a changed block that existed in the
-    /// reference whole and with the hash `base` gives it is stored as an XOR
-    /// record against the reference's version, which `open` gives (called
-    /// at most once, when first needed). A block whose previous version
+    /// Lets a changed block that existed in the reference whole, with the
+    /// hash `base` gives it, be stored as an XOR record against the
+    /// reference's version, which `open` gives (called at most once, when
+    /// first needed). A block whose previous version
     /// cannot be read or does not match its hash is stored whole, and so
     /// is every later block of the file (a warning names `what`): the
     /// delta is correct either way, only larger. Must be called before
@@ -347,8 +394,6 @@ impl<'a, R: Read> DeltaReader<'a, R> {
         open: impl FnOnce() -> io::Result<Box<dyn PreviousBlocks + 'a>> + 'a,
     ) -> Self {
         if self.next_block == 0 && self.out.len() == DELTA_MAGIC_2.len() {
-            self.out.clear();
-            self.out.extend_from_slice(DELTA_MAGIC_2);
             self.previous = Previous::Closed(Box::new(open));
             self.what = what;
         }
@@ -417,6 +462,7 @@ impl<'a, R: Read> DeltaReader<'a, R> {
             map_delta: BlockMap::encode_delta(self.size, &self.changed),
             changed_blocks: self.changed.len(),
             xored_blocks: self.xored,
+            filtered_blocks: self.filtered,
         })
     }
 
@@ -451,16 +497,40 @@ impl<'a, R: Read> DeltaReader<'a, R> {
                 } else {
                     None
                 };
-                if let Some(prev_hash) = prev {
-                    // A changed page differs from its previous version in
-                    // a few bytes (tuple headers): XORed with it, it is
-                    // mostly zeros and compresses far better.
-                    self.out
-                        .extend_from_slice(&(BLOCK as u32 | XOR).to_le_bytes());
-                    self.out.extend_from_slice(&prev_hash);
-                    self.out
-                        .extend(data.iter().zip(&self.prev_buf).map(|(n, p)| n ^ p));
-                    self.xored += 1;
+                let (xor, stride) = if data.len() == BLOCK {
+                    choose(data, prev.map(|_| &self.prev_buf[..]))
+                } else {
+                    (false, 0)
+                };
+                if xor || stride != 0 {
+                    // A changed heap page differs from its previous version
+                    // in a few tuple-header bytes: XORed with it, it is
+                    // mostly zeros. A btree page's entries repeat with their
+                    // size: each byte minus the one a stride before is
+                    // mostly zeros too. zstd stores either far smaller.
+                    let mut flags = BLOCK as u32 | (stride as u32) << STRIDE_SHIFT;
+                    self.enc_buf.clear();
+                    self.enc_buf.extend_from_slice(data);
+                    if let (true, Some(h)) = (xor, prev) {
+                        flags |= XOR;
+                        for (e, p) in self.enc_buf.iter_mut().zip(&self.prev_buf) {
+                            *e ^= p;
+                        }
+                        self.xored += 1;
+                        self.out.extend_from_slice(&flags.to_le_bytes());
+                        self.out.extend_from_slice(&h);
+                    } else {
+                        self.out.extend_from_slice(&flags.to_le_bytes());
+                    }
+                    if stride != 0 {
+                        self.filtered += 1;
+                        let e = &self.enc_buf;
+                        self.out.extend_from_slice(&e[..stride]);
+                        self.out
+                            .extend(e[stride..].iter().zip(e).map(|(x, y)| x.wrapping_sub(*y)));
+                    } else {
+                        self.out.extend_from_slice(&self.enc_buf);
+                    }
                 } else {
                     self.out
                         .extend_from_slice(&(data.len() as u32).to_le_bytes());
@@ -562,9 +632,19 @@ impl<R: Read> DeltaStream<R> {
         }
         let blk = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
         let raw_len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
-        // In a version 1 delta the XOR bit is a length over a block: refused.
-        let xor = self.v2 && blk != END && raw_len & XOR != 0;
-        let len = (if xor { raw_len & !XOR } else { raw_len }) as usize;
+        // In a version 1 delta any flag is a length over a block: refused.
+        let flagged = self.v2 && blk != END;
+        let xor = flagged && raw_len & XOR != 0;
+        let stride = if flagged {
+            ((raw_len & FLAGS) >> STRIDE_SHIFT) as usize
+        } else {
+            0
+        };
+        let len = (if flagged {
+            raw_len & !(XOR | FLAGS)
+        } else {
+            raw_len
+        }) as usize;
         if blk == END {
             let mut s = [0u8; 8];
             if read_full(&mut self.src, &mut s)? != 8 {
@@ -589,6 +669,11 @@ impl<R: Read> DeltaStream<R> {
         if xor && len != BLOCK {
             return Err(invalid("an XOR record of less than a whole block"));
         }
+        if stride != 0 && (len != BLOCK || !STRIDES.contains(&stride)) {
+            return Err(invalid(
+                "a filtered record of less than a whole block or with an unknown stride",
+            ));
+        }
         let record_end = u64::from(blk) * BLOCK as u64 + len as u64;
         if record_end > MAX_FILE_SIZE {
             return Err(invalid(
@@ -612,6 +697,9 @@ impl<R: Read> DeltaStream<R> {
         self.data.resize(len, 0);
         if read_full(&mut self.src, &mut self.data)? != len {
             return Err(invalid("ended inside a record"));
+        }
+        if stride != 0 {
+            unfilter(&mut self.data, stride);
         }
         self.last_blk = Some(blk);
         self.written_to = self.written_to.max(record_end);
@@ -1421,5 +1509,73 @@ mod tests {
             matches!(&e, MergeError::Delta(0, e) if e.to_string().contains("newer walshipper"))
         );
         assert!(apply_delta(&[xor_record(1, blk, &h, BLOCK), end(16384)]).is_err());
+    }
+
+    /// A page of 16-byte entries that differ in one counter byte, as a
+    /// btree leaf's do; and one changed by a new entry in the middle.
+    fn index_page(entries: usize, skip: Option<usize>) -> Vec<u8> {
+        let mut p = Vec::with_capacity(BLOCK);
+        for i in (0..entries).filter(|&i| Some(i) != skip) {
+            p.extend_from_slice(&[16, 0, 0, 0, 0, 0, 0, 0]);
+            p.extend_from_slice(&(i as u64 * 3 + 1).to_le_bytes());
+        }
+        p.resize(BLOCK, 0);
+        p
+    }
+
+    #[test]
+    fn filtered_records_round_trip_and_are_chosen_when_smaller() {
+        // A page rewritten (XOR is no help), entries that repeat: the
+        // filter is.
+        let old = data(2, 3);
+        let new = [index_page(400, None), data(1, 4)].concat();
+        assert_eq!(choose(&new[..BLOCK], Some(&old[..BLOCK])), (false, 16));
+        let (d, sum) = xor_delta(&old, &[], &old, &new);
+        assert_eq!((sum.changed_blocks, sum.filtered_blocks), (2, 1));
+        assert!(merged(&old, &[d], MAX_FILE_SIZE).unwrap() == new);
+        // Without a previous version (a file that grew) too.
+        let (d, sum) = xor_delta(&[], &[], &[], &new);
+        assert_eq!(sum.filtered_blocks, 1);
+        assert!(merged(&[], &[d], MAX_FILE_SIZE).unwrap() == new);
+        let mut bytes = new[..BLOCK].to_vec();
+        let filtered: Vec<u8> = (0..BLOCK)
+            .map(|i| {
+                if i < 8 {
+                    bytes[i]
+                } else {
+                    bytes[i].wrapping_sub(bytes[i - 8])
+                }
+            })
+            .collect();
+        unfilter(&mut bytes, 8);
+        assert_ne!(bytes, new[..BLOCK]);
+        let mut back = filtered.clone();
+        unfilter(&mut back, 8);
+        assert!(back == new[..BLOCK]);
+    }
+
+    #[test]
+    fn hostile_filtered_records_are_refused() {
+        let base = data(2, 1);
+        let flagged = |blk: u32, len: u32, flags: u32, bytes: usize| {
+            let mut v = DELTA_MAGIC_2.to_vec();
+            v.extend_from_slice(&blk.to_le_bytes());
+            v.extend_from_slice(&(len | flags).to_le_bytes());
+            v.extend(std::iter::repeat_n(0u8, bytes));
+            v.extend(end(16384));
+            merged(&base, &[v], MAX_FILE_SIZE)
+        };
+        let blk = BLOCK as u32;
+        // All zeros filtered stays all zeros.
+        assert!(flagged(1, blk, 16 << 16, BLOCK).unwrap()[BLOCK..] == [0; BLOCK]);
+        for (what, len, flags) in [
+            ("stride 4", blk, 4 << 16),
+            ("stride 255", blk, 255 << 16),
+            ("filtered short record", 100, 8 << 16),
+            ("a flag bit no version has", blk, 1 << 24),
+            ("the top flag bits", blk, 0x7f00_0000),
+        ] {
+            assert!(flagged(1, len, flags, len as usize).is_err(), "{what}");
+        }
     }
 }

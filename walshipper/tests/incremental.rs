@@ -41,10 +41,8 @@ fn backup_counting_xor(shipper: &Shipper, extra: &[&str]) -> (serde_json::Value,
     let xored = stderr
         .lines()
         .filter_map(|l| {
-            let rest = &l[l.find("changed blocks, ")? + "changed blocks, ".len()..];
-            rest.strip_suffix(" of them as XOR records")?
-                .parse::<u64>()
-                .ok()
+            let head = l.strip_suffix(" of them as XOR records")?;
+            head.rsplit(", ").next()?.parse::<u64>().ok()
         })
         .sum();
     (json_lines(&String::from_utf8_lossy(&out.stdout)), xored)

@@ -1169,9 +1169,10 @@ fn copy_one(
         .finish()
         .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
     tracing::debug!(
-        "{}: {} changed blocks, {} of them as XOR records",
+        "{}: {} changed blocks, {} filtered, {} of them as XOR records",
         f.rel,
         d.changed_blocks,
+        d.filtered_blocks,
         d.xored_blocks
     );
     let (_, msum) =
