@@ -918,6 +918,16 @@ impl<R: Read> SkipRead for crate::codec::DecodingReader<R> {
     }
 }
 
+impl<T: AsRef<[u8]>> SkipRead for io::Cursor<T> {
+    fn skip_to(&mut self, to: u64) -> io::Result<u64> {
+        let at = to
+            .max(self.position())
+            .min(self.get_ref().as_ref().len() as u64);
+        self.set_position(at);
+        Ok(at)
+    }
+}
+
 /// A version of a file as a chain has it (a base and its deltas, oldest
 /// first), read block by block in ascending order: only the base's frames
 /// that hold a wanted block are decoded; the deltas are read as streams.
