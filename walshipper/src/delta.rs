@@ -15,6 +15,12 @@
 //! hash compares what is actually on disk, for every kind of file, so the
 //! restored file is byte-identical to the one read, and restore can check
 //! the whole file's hash. See docs/repository-format.md for the formats.
+//!
+//! A changed block is stored whole, byte-delta filtered, or XORed with its
+//! previous version (rebuilt from the reference chain: [`ChainBlocks`]),
+//! whichever has the fewest nonzero bytes (`choose`); an XOR record
+//! carries the hash of the block it applies to, and [`merge`] refuses it on
+//! any other.
 
 use std::io::{self, Read, Write};
 
@@ -36,20 +42,22 @@ const MAP_HEADER: usize = 21;
 
 const MAP_MAGIC: &[u8; 8] = b"WSBMAP01";
 const DELTA_MAGIC: &[u8; 8] = b"WSDELTA1";
-/// Version 2 of block deltas: records may also be XOR records.
+/// Version 2 of block deltas: records may also be XORed and/or filtered.
 const DELTA_MAGIC_2: &[u8; 8] = b"WSDELTA2";
 /// In a version 2 delta, this bit of a record's length marks an XOR record:
 /// the 16-byte hash of the block it applies to, then the block's bytes
 /// XORed with that block's (docs/repository-format.md).
 const XOR: u32 = 1 << 31;
 /// In a version 2 delta, bits 16..24 of a record's length: the stride of a
-/// byte-delta filter over its bytes (0: none). Bits 24..31 are 0.
+/// byte-delta filter over its bytes (0: none). Bits 24..30 are 0.
 const STRIDE_SHIFT: u32 = 16;
 const FLAGS: u32 = 0x7fff_0000;
 /// The strides writers choose from and readers accept: PostgreSQL aligns
 /// tuples to 8 bytes, and a btree leaf of int4/int8 keys holds 16-byte
 /// index tuples (docs/performance.md, "Backup").
 const STRIDES: [usize; 2] = [8, 16];
+
+const END: u32 = u32::MAX;
 
 /// How a changed whole block is stored: XORed with its previous version or
 /// not, then byte-delta filtered with a stride or not: the choice with the
@@ -65,7 +73,7 @@ fn choose(new: &[u8], prev: Option<&[u8]>) -> (bool, usize) {
             best = ((true, 0), n);
         }
     }
-    for s in STRIDES {
+    for s in STRIDES.into_iter().filter(|&s| s < new.len()) {
         let n = nonzero(&new[..s]) + differ(&new[s..], &new[..new.len() - s]);
         if n < best.1 {
             best = ((false, s), n);
@@ -80,7 +88,6 @@ fn unfilter(data: &mut [u8], s: usize) {
         data[i] = data[i].wrapping_add(data[i - s]);
     }
 }
-const END: u32 = u32::MAX;
 
 pub type Hash = [u8; 16];
 
