@@ -328,6 +328,8 @@ pub struct DeltaReader<'a, R> {
     /// What `previous` is of, for its warnings.
     what: String,
     prev_buf: Vec<u8>,
+    /// Why the reference's version is damaged, if reading it showed that.
+    reference_doubt: Option<String>,
     /// The bytes of a record being encoded.
     enc_buf: Vec<u8>,
     xored: usize,
@@ -354,6 +356,11 @@ pub struct DeltaSummary {
     pub xored_blocks: usize,
     /// How many of them were byte-delta filtered.
     pub filtered_blocks: usize,
+    /// Set when the reference's version of a block could not be rebuilt
+    /// from its chain (a missing or damaged object, a block that does not
+    /// match the reference's map): a delta on that chain would not restore
+    /// either, so the caller stores the file whole instead.
+    pub reference_doubt: Option<String>,
 }
 
 impl<'a, R: Read> DeltaReader<'a, R> {
@@ -366,6 +373,7 @@ impl<'a, R: Read> DeltaReader<'a, R> {
             previous: Previous::None,
             what: String::new(),
             prev_buf: Vec::new(),
+            reference_doubt: None,
             enc_buf: Vec::new(),
             xored: 0,
             filtered: 0,
@@ -420,6 +428,9 @@ impl<'a, R: Read> DeltaReader<'a, R> {
             match open() {
                 Ok(p) => self.previous = Previous::Open(p),
                 Err(e) => {
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        self.reference_doubt = Some(e.to_string());
+                    }
                     tracing::warn!(
                         "{}: storing its changed blocks whole: the reference backup's version cannot be read: {e}",
                         self.what
@@ -432,10 +443,18 @@ impl<'a, R: Read> DeltaReader<'a, R> {
             return None;
         };
         let why = match p.block(b, &mut self.prev_buf) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                self.reference_doubt = Some(format!("block {b}: {e}"));
+                e.to_string()
+            }
             Err(e) => e.to_string(),
             Ok(()) if self.prev_buf.len() != BLOCK => return None,
             Ok(()) if block_hash(&self.prev_buf) == want => return Some(want),
-            Ok(()) => "it does not match the reference's block map".to_string(),
+            Ok(()) => {
+                let why = "it does not match the reference's block map".to_string();
+                self.reference_doubt = Some(format!("block {b}: {why}"));
+                why
+            }
         };
         tracing::warn!(
             "{}: storing block {b} and the rest of the file's changed blocks whole: the reference backup's version of block {b}: {why}",
@@ -470,6 +489,7 @@ impl<'a, R: Read> DeltaReader<'a, R> {
             changed_blocks: self.changed.len(),
             xored_blocks: self.xored,
             filtered_blocks: self.filtered,
+            reference_doubt: self.reference_doubt.take(),
         })
     }
 
@@ -739,7 +759,7 @@ impl<R: Read> DeltaStream<R> {
                         // anything else it would make a wrong page.
                         if cur.len() != BLOCK || block_hash(cur) != h {
                             return Err(invalid(&format!(
-                                "the XOR record of block {b} was made against another version of that block (its hash differs): a delta before it in the chain is missing, damaged or out of order"
+                                "the XOR record of block {b} was made against another version of that block (its hash differs): the base or a delta before it in the chain is missing, damaged or out of order"
                             )));
                         }
                         for (c, d) in cur.iter_mut().zip(&self.data) {
@@ -940,14 +960,31 @@ impl<T: AsRef<[u8]>> SkipRead for io::Cursor<T> {
 /// that hold a wanted block are decoded; the deltas are read as streams.
 /// What it returns is not trusted: the caller compares each block with the
 /// block map's hash before using it.
+///
+/// Reaching a block passes over the base's bytes before it (frames read,
+/// not decoded). From a remote store that is a download, so there it is
+/// bounded (`Some(budget)`): at most `SKIP_ALLOWANCE` plus `SKIP_PER_BLOCK`
+/// for each block asked for; a block beyond the budget is left out (empty:
+/// its changed version is stored whole). A local repository is read
+/// without a bound: passing over a compressed base costs less than the
+/// read of the source file the incremental makes anyway.
 pub struct ChainBlocks<B, R> {
     base: B,
     deltas: Vec<DeltaStream<R>>,
     next: u64,
+    /// Offset in the base of the next byte it returns.
+    at: u64,
+    budget: Option<u64>,
 }
 
+/// Bytes of a remote base passed over freely, per file.
+pub const SKIP_ALLOWANCE: u64 = 16 << 20;
+/// And for each changed block whose previous version is asked for.
+pub const SKIP_PER_BLOCK: u64 = 32 * BLOCK as u64;
+
 impl<B: SkipRead, R: Read> ChainBlocks<B, R> {
-    pub fn open(base: B, deltas: Vec<R>) -> io::Result<Self> {
+    /// `bounded`: the base is read from a remote store (see above).
+    pub fn open(base: B, deltas: Vec<R>, bounded: bool) -> io::Result<Self> {
         let deltas = deltas
             .into_iter()
             .map(DeltaStream::open)
@@ -956,6 +993,8 @@ impl<B: SkipRead, R: Read> ChainBlocks<B, R> {
             base,
             deltas,
             next: 0,
+            at: 0,
+            budget: bounded.then_some(SKIP_ALLOWANCE),
         })
     }
 }
@@ -969,10 +1008,25 @@ impl<B: SkipRead, R: Read> PreviousBlocks for ChainBlocks<B, R> {
         self.next = blk + 1;
         out.clear();
         let start = blk * BLOCK as u64;
+        if let Some(budget) = &mut self.budget {
+            *budget = budget.saturating_add(SKIP_PER_BLOCK);
+            let pass = start.saturating_sub(self.at);
+            if pass > *budget {
+                // Too far to download for one block: left out (stored whole).
+                for d in &mut self.deltas {
+                    d.skip_before(blk)?;
+                }
+                return Ok(());
+            }
+            *budget -= pass;
+        }
         if self.base.skip_to(start)? == start {
             out.resize(BLOCK, 0);
             let n = read_full(&mut self.base, out)?;
             out.truncate(n);
+            self.at = start + n as u64;
+        } else {
+            self.at = start;
         }
         // Each delta as `merge` applies it, after passing over its records
         // of the blocks before.
@@ -1347,6 +1401,39 @@ mod tests {
         }
     }
 
+    #[test]
+    fn a_remote_base_is_passed_over_only_within_the_budget() {
+        // 24 MiB of blocks, each filled with its number.
+        let blocks = (24 << 20) / BLOCK;
+        let base: Vec<u8> = (0..blocks).flat_map(|b| vec![b as u8; BLOCK]).collect();
+        let far = (SKIP_ALLOWANCE / BLOCK as u64 + 100) as u32;
+        let mut out = Vec::new();
+        // Local: any block.
+        let mut c =
+            ChainBlocks::open(io::Cursor::new(&base[..]), Vec::<&[u8]>::new(), false).unwrap();
+        c.block(far, &mut out).unwrap();
+        assert_eq!(out, vec![far as u8; BLOCK]);
+        // Remote: a block within the allowance, then one too far is left out
+        // (empty), then one near the last one read comes again.
+        let mut c =
+            ChainBlocks::open(io::Cursor::new(&base[..]), Vec::<&[u8]>::new(), true).unwrap();
+        c.block(3, &mut out).unwrap();
+        assert_eq!(out, vec![3u8; BLOCK]);
+        c.block(far, &mut out).unwrap();
+        assert!(
+            out.is_empty(),
+            "passed over {} MiB for one block",
+            (far as usize * BLOCK) >> 20
+        );
+        c.block(far + 1, &mut out).unwrap();
+        assert!(out.is_empty());
+        let mut c =
+            ChainBlocks::open(io::Cursor::new(&base[..]), Vec::<&[u8]>::new(), true).unwrap();
+        c.block(1000, &mut out).unwrap();
+        c.block(1001, &mut out).unwrap();
+        assert_eq!(out, vec![(1001 % 256) as u8; BLOCK]);
+    }
+
     /// The delta of `new` against the chain `base` + `deltas` (whose result
     /// is `prev`), with XOR records; and its summary.
     fn xor_delta(
@@ -1357,7 +1444,7 @@ mod tests {
     ) -> (Vec<u8>, DeltaSummary) {
         let deltas: Vec<&[u8]> = deltas.iter().map(|d| &d[..]).collect();
         let mut r = DeltaReader::new(new, map_of(prev)).with_previous("test".into(), move || {
-            let chain = ChainBlocks::open(Skipper(base, 0), deltas)?;
+            let chain = ChainBlocks::open(Skipper(base, 0), deltas, false)?;
             Ok(Box::new(chain) as Box<dyn PreviousBlocks + '_>)
         });
         let mut out = Vec::new();

@@ -514,7 +514,8 @@ impl Corpus {
             let mut dr = DeltaReader::new(&file[..], mb.finish()).with_previous(
                 "fuzz corpus".into(),
                 move || {
-                    let chain = ChainBlocks::open(std::io::Cursor::new(base), Vec::<&[u8]>::new())?;
+                    let chain =
+                        ChainBlocks::open(std::io::Cursor::new(base), Vec::<&[u8]>::new(), false)?;
                     Ok(Box::new(chain) as Box<dyn PreviousBlocks>)
                 },
             );

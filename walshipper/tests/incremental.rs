@@ -194,6 +194,7 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
     // incr stores that file whole instead of failing, and restores.
     let mut newest = incr.clone();
     let mut kinds_want = vec!["full", "diff", "incr"];
+    let mut damaged: Option<(std::path::PathBuf, Vec<u8>)> = None;
     if test_backend() != "s3" {
         let map = shipper
             .object_files()
@@ -225,6 +226,40 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
         assert!(newest["stored_size"].as_u64().unwrap() > incr_stored);
         std::fs::write(&map, &good).unwrap();
         kinds_want.push("incr");
+
+        // A damaged copy in the reference chain (pgbench_accounts, stored
+        // whole by the incr just taken): the next incr, rebuilding the previous versions
+        // of the blocks it changed, meets the damage and stores that file
+        // whole, since a delta on that chain would not restore. The damage
+        // stays while the newest backup is restored below.
+        src.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > 495000");
+        src.sql("CHECKPOINT");
+        let rel = src.sql("SELECT pg_relation_filepath('pgbench_accounts')");
+        let base_id = newest["backup_id"].as_str().unwrap().to_string();
+        let obj = shipper
+            .object_files()
+            .into_iter()
+            .find(|p| {
+                p.to_string_lossy()
+                    .ends_with(&format!("{base_id}/data/{rel}"))
+            })
+            .expect("pgbench_accounts stored whole in the last incr");
+        let good = std::fs::read(&obj).unwrap();
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x10;
+        std::fs::write(&obj, &bad).unwrap();
+        let out = run(shipper.cmd().args(["backup", "--json", "--type", "incr"]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{rel}: the reference backup"))
+                && stderr.contains("stored whole"),
+            "{stderr}"
+        );
+        newest = json_lines(&String::from_utf8_lossy(&out.stdout));
+        kinds_want.push("incr");
+        damaged = Some((obj, good));
     }
     src.switch_and_wait_archived(MIN);
     let at_incr = fingerprint(&src);
@@ -248,6 +283,9 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
         "restored chain differs from the source"
     );
     postgres_checks(c);
+    if let Some((obj, good)) = damaged {
+        std::fs::write(obj, good).unwrap(); // for verify below
+    }
 
     // The diff on its own, stopped where it became consistent.
     let c = restore_checked(

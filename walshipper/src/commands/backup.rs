@@ -1100,8 +1100,8 @@ fn copy_one(
         },
         _ => None,
     };
-    let Some((b, map)) = base_map else {
-        // No reference: the whole file, and its block map for the next diff/incr.
+    // The whole file, and its block map for the next diff/incr.
+    let store_whole = |file: File| -> Result<Option<(Copied, Vec<u32>)>> {
         let reader = checking(file, verify)?;
         let failures = reader.failures.clone();
         let mut mb = delta::MapBuilder::new(reader);
@@ -1111,11 +1111,15 @@ fn copy_one(
         let (_, msum) = repo.put_object_with(&map_key, &map[..], Durability::AtFlush, Some(1))?;
         let e = stored(
             &summary,
-            Box::new([map_key]),
+            Box::new([map_key.clone()]),
             summary.stored_len + msum.stored_len,
         );
         let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
-        return Ok(Some((Copied::Entry(e), failures)));
+        Ok(Some((Copied::Entry(e), failures)))
+    };
+    let Some((b, map)) = base_map else {
+        // No reference.
+        return store_whole(file);
     };
     // A file written since the reference backup (its mtime or size moved)
     // has most likely changed: one pass finds its changed blocks, hashes it
@@ -1168,6 +1172,23 @@ fn copy_one(
     let d = delta
         .finish()
         .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
+    if let Some(why) = &d.reference_doubt {
+        // The reference's chain of this file does not rebuild: a delta on
+        // it would not restore either. The file is stored whole (the same
+        // keys, replaced), a new base for the backups after this one.
+        tracing::warn!(
+            "{}: the reference backup {}'s copy is damaged ({why}): stored whole; run `walshipper verify --backup {}`",
+            f.rel,
+            b.object.split('/').nth(1).unwrap_or("?"),
+            b.object.split('/').nth(1).unwrap_or("?")
+        );
+        // This backup's own delta, not yet in any manifest: replaced.
+        repo.storage.delete(&data_key)?;
+        let Some(file) = open()? else {
+            return Ok(None); // dropped meanwhile
+        };
+        return store_whole(file);
+    }
     tracing::debug!(
         "{}: {} changed blocks, {} filtered, {} of them as XOR records",
         f.rel,
@@ -1200,9 +1221,16 @@ fn previous_version<'a>(
     repo: &'a Repository,
     b: &FileEntry,
 ) -> io::Result<Box<dyn delta::PreviousBlocks + 'a>> {
+    // A missing or damaged object of the chain is damage (InvalidData: the
+    // caller then stores the file whole); anything else (the store not
+    // answering) only costs the XOR records.
     let open = |key: &str| {
-        repo.open_unhashed(key, 1)
-            .map_err(|e| io::Error::other(e.to_string()))
+        repo.open_unhashed(key, 1).map_err(|e| match e {
+            Error::NotFound(_) | Error::Corrupt { .. } => {
+                io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+            }
+            e => io::Error::other(e.to_string()),
+        })
     };
     let base = open(&b.object)?;
     let deltas = b
@@ -1210,7 +1238,9 @@ fn previous_version<'a>(
         .iter()
         .map(|k| open(k))
         .collect::<io::Result<Vec<_>>>()?;
-    Ok(Box::new(delta::ChainBlocks::open(base, deltas)?))
+    // From a remote store, passing over a base is a download: bounded.
+    let bounded = !repo.storage.reads_are_local();
+    Ok(Box::new(delta::ChainBlocks::open(base, deltas, bounded)?))
 }
 
 /// Whether a small file read as `body` is the reference's version of it:
