@@ -15,6 +15,12 @@
 //! hash compares what is actually on disk, for every kind of file, so the
 //! restored file is byte-identical to the one read, and restore can check
 //! the whole file's hash. See docs/repository-format.md for the formats.
+//!
+//! A changed block is stored whole, byte-delta filtered, or XORed with its
+//! previous version (rebuilt from the reference chain: [`ChainBlocks`]),
+//! whichever has the fewest nonzero bytes (`choose`); an XOR record
+//! carries the hash of the block it applies to, and [`merge`] refuses it on
+//! any other.
 
 use std::io::{self, Read, Write};
 
@@ -36,7 +42,52 @@ const MAP_HEADER: usize = 21;
 
 const MAP_MAGIC: &[u8; 8] = b"WSBMAP01";
 const DELTA_MAGIC: &[u8; 8] = b"WSDELTA1";
+/// Version 2 of block deltas: records may also be XORed and/or filtered.
+const DELTA_MAGIC_2: &[u8; 8] = b"WSDELTA2";
+/// In a version 2 delta, this bit of a record's length marks an XOR record:
+/// the 16-byte hash of the block it applies to, then the block's bytes
+/// XORed with that block's (docs/repository-format.md).
+const XOR: u32 = 1 << 31;
+/// In a version 2 delta, bits 16..24 of a record's length: the stride of a
+/// byte-delta filter over its bytes (0: none). Bits 24..30 are 0.
+const STRIDE_SHIFT: u32 = 16;
+const FLAGS: u32 = 0x7fff_0000;
+/// The strides writers choose from and readers accept: PostgreSQL aligns
+/// tuples to 8 bytes, and a btree leaf of int4/int8 keys holds 16-byte
+/// index tuples (docs/performance.md, "Backup").
+const STRIDES: [usize; 2] = [8, 16];
+
 const END: u32 = u32::MAX;
+
+/// How a changed whole block is stored: XORed with its previous version or
+/// not, then byte-delta filtered with a stride or not: the choice with the
+/// fewest nonzero bytes, which zstd then stores in the least space (on
+/// pgbench pages, as small as choosing by the size zlib makes of each).
+fn choose(new: &[u8], prev: Option<&[u8]>) -> (bool, usize) {
+    let differ = |a: &[u8], b: &[u8]| a.iter().zip(b).filter(|(x, y)| x != y).count();
+    let nonzero = |a: &[u8]| a.iter().filter(|&&x| x != 0).count();
+    let mut best = ((false, 0), nonzero(new));
+    if let Some(p) = prev {
+        let n = differ(new, p);
+        if n < best.1 {
+            best = ((true, 0), n);
+        }
+    }
+    for s in STRIDES.into_iter().filter(|&s| s < new.len()) {
+        let n = nonzero(&new[..s]) + differ(&new[s..], &new[..new.len() - s]);
+        if n < best.1 {
+            best = ((false, s), n);
+        }
+    }
+    best.0
+}
+
+/// Undoes a byte-delta filter of stride `s` in place.
+fn unfilter(data: &mut [u8], s: usize) {
+    for i in s..data.len() {
+        data[i] = data[i].wrapping_add(data[i - s]);
+    }
+}
 
 pub type Hash = [u8; 16];
 
@@ -241,17 +292,48 @@ impl<R: Read> Read for MapBuilder<R> {
 /// A callback for each changed block: (bytes, file offset).
 type OnChanged = Box<dyn FnMut(&[u8], u64) + Send>;
 
+/// The reference backup's version of a file, block by block: what an XOR
+/// record of the next delta applies to.
+pub trait PreviousBlocks {
+    /// Puts block `blk` as the reference has it into `out` (empty past its
+    /// end). Called with ascending block numbers.
+    fn block(&mut self, blk: u32, out: &mut Vec<u8>) -> io::Result<()>;
+}
+
+/// Opens the reference's version when the first changed block that existed
+/// before is met (a file that only grew opens nothing).
+type OpenPrevious<'a> = Box<dyn FnOnce() -> io::Result<Box<dyn PreviousBlocks + 'a>> + 'a>;
+
+enum Previous<'a> {
+    None,
+    Closed(OpenPrevious<'a>),
+    Open(Box<dyn PreviousBlocks + 'a>),
+}
+
 /// Blocks read from the file at a time: 128 KiB, few system calls.
 const READ_BLOCKS: usize = 16;
 
-/// Reads a file and yields its block delta against `base`: the magic, then
-/// `block u32, length u32, bytes` for every block that differs, then an end
-/// record `u32::MAX, 0, size u64`. Also computes the hash of the whole
+/// Reads a file and yields its block delta against `base` (version 2): the
+/// magic, then a record for every block that differs (`block u32, length
+/// u32` with flags, for an XOR record the hash of the block it applies to,
+/// then the bytes: whole, XORed and/or filtered as `choose` finds
+/// smallest), then an end record `u32::MAX, 0, size u64`. Also computes the hash of the whole
 /// file as read (the current algorithm: it is the new manifest entry's) and
 /// the map delta.
-pub struct DeltaReader<R> {
+pub struct DeltaReader<'a, R> {
     inner: R,
     base: BlockMap,
+    /// The reference's blocks, for XOR records (version 2 deltas).
+    previous: Previous<'a>,
+    /// What `previous` is of, for its warnings.
+    what: String,
+    prev_buf: Vec<u8>,
+    /// Why the reference's version is damaged, if reading it showed that.
+    reference_doubt: Option<String>,
+    /// The bytes of a record being encoded.
+    enc_buf: Vec<u8>,
+    xored: usize,
+    filtered: usize,
     /// Called with each changed block and its offset (page checks).
     on_changed: Option<OnChanged>,
     out: Vec<u8>,
@@ -270,15 +352,31 @@ pub struct DeltaSummary {
     /// Serialised map delta.
     pub map_delta: Vec<u8>,
     pub changed_blocks: usize,
+    /// How many of them were stored as XOR records.
+    pub xored_blocks: usize,
+    /// How many of them were byte-delta filtered.
+    pub filtered_blocks: usize,
+    /// Set when the reference's version of a block could not be rebuilt
+    /// from its chain (a missing or damaged object, a block that does not
+    /// match the reference's map): a delta on that chain would not restore
+    /// either, so the caller stores the file whole instead.
+    pub reference_doubt: Option<String>,
 }
 
-impl<R: Read> DeltaReader<R> {
+impl<'a, R: Read> DeltaReader<'a, R> {
     pub fn new(inner: R, base: BlockMap) -> Self {
-        let mut out = Vec::with_capacity(READ_BLOCKS * (BLOCK + 8) + 16);
-        out.extend_from_slice(DELTA_MAGIC);
+        let mut out = Vec::with_capacity(READ_BLOCKS * (BLOCK + 24) + 16);
+        out.extend_from_slice(DELTA_MAGIC_2);
         DeltaReader {
             inner,
             base,
+            previous: Previous::None,
+            what: String::new(),
+            prev_buf: Vec::new(),
+            reference_doubt: None,
+            enc_buf: Vec::new(),
+            xored: 0,
+            filtered: 0,
             on_changed: None,
             out,
             out_pos: 0,
@@ -295,6 +393,75 @@ impl<R: Read> DeltaReader<R> {
     pub fn hash_on_own_thread(mut self) -> Self {
         self.sha = crate::codec::StreamHash::new(HashAlg::CURRENT, true);
         self
+    }
+
+    /// Lets a changed block that existed in the reference whole, with the
+    /// hash `base` gives it, be stored as an XOR record against the
+    /// reference's version, which `open` gives (called at most once, when
+    /// first needed). A block whose previous version
+    /// cannot be read or does not match its hash is stored whole, and so
+    /// is every later block of the file (a warning names `what`): the
+    /// delta is correct either way, only larger. Must be called before
+    /// anything is read.
+    pub fn with_previous(
+        mut self,
+        what: String,
+        open: impl FnOnce() -> io::Result<Box<dyn PreviousBlocks + 'a>> + 'a,
+    ) -> Self {
+        if self.next_block == 0 && self.out.len() == DELTA_MAGIC_2.len() {
+            self.previous = Previous::Closed(Box::new(open));
+            self.what = what;
+        }
+        self
+    }
+
+    /// The reference's version of block `b` into `prev_buf`, if it is a
+    /// whole block and has the hash the reference's map gives it: what an
+    /// XOR record may apply to.
+    fn previous(&mut self, b: u32) -> Option<Hash> {
+        let &want = self.base.hashes.get(b as usize)?;
+        if let Previous::Closed(_) = self.previous {
+            let Previous::Closed(open) = std::mem::replace(&mut self.previous, Previous::None)
+            else {
+                return None;
+            };
+            match open() {
+                Ok(p) => self.previous = Previous::Open(p),
+                Err(e) => {
+                    if e.kind() == io::ErrorKind::InvalidData {
+                        self.reference_doubt = Some(e.to_string());
+                    }
+                    tracing::warn!(
+                        "{}: storing its changed blocks whole: the reference backup's version cannot be read: {e}",
+                        self.what
+                    );
+                    return None;
+                }
+            }
+        }
+        let Previous::Open(p) = &mut self.previous else {
+            return None;
+        };
+        let why = match p.block(b, &mut self.prev_buf) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                self.reference_doubt = Some(format!("block {b}: {e}"));
+                e.to_string()
+            }
+            Err(e) => e.to_string(),
+            Ok(()) if self.prev_buf.len() != BLOCK => return None,
+            Ok(()) if block_hash(&self.prev_buf) == want => return Some(want),
+            Ok(()) => {
+                let why = "it does not match the reference's block map".to_string();
+                self.reference_doubt = Some(format!("block {b}: {why}"));
+                why
+            }
+        };
+        tracing::warn!(
+            "{}: storing block {b} and the rest of the file's changed blocks whole: the reference backup's version of block {b}: {why}",
+            self.what
+        );
+        self.previous = Previous::None;
+        None
     }
 
     /// Calls `f(block bytes, file offset)` for every changed block.
@@ -320,6 +487,9 @@ impl<R: Read> DeltaReader<R> {
             hash: self.sha.finish()?,
             map_delta: BlockMap::encode_delta(self.size, &self.changed),
             changed_blocks: self.changed.len(),
+            xored_blocks: self.xored,
+            filtered_blocks: self.filtered,
+            reference_doubt: self.reference_doubt.take(),
         })
     }
 
@@ -349,9 +519,50 @@ impl<R: Read> DeltaReader<R> {
                 }
                 self.changed.push((b, h));
                 self.out.extend_from_slice(&b.to_le_bytes());
-                self.out
-                    .extend_from_slice(&(data.len() as u32).to_le_bytes());
-                self.out.extend_from_slice(data);
+                let prev = if data.len() == BLOCK {
+                    self.previous(b)
+                } else {
+                    None
+                };
+                let (xor, stride) = if data.len() == BLOCK {
+                    choose(data, prev.map(|_| &self.prev_buf[..]))
+                } else {
+                    (false, 0)
+                };
+                if xor || stride != 0 {
+                    // A changed heap page differs from its previous version
+                    // in a few tuple-header bytes: XORed with it, it is
+                    // mostly zeros. A btree page's entries repeat with their
+                    // size: each byte minus the one a stride before is
+                    // mostly zeros too. zstd stores either far smaller.
+                    let mut flags = BLOCK as u32 | (stride as u32) << STRIDE_SHIFT;
+                    self.enc_buf.clear();
+                    self.enc_buf.extend_from_slice(data);
+                    if let (true, Some(h)) = (xor, prev) {
+                        flags |= XOR;
+                        for (e, p) in self.enc_buf.iter_mut().zip(&self.prev_buf) {
+                            *e ^= p;
+                        }
+                        self.xored += 1;
+                        self.out.extend_from_slice(&flags.to_le_bytes());
+                        self.out.extend_from_slice(&h);
+                    } else {
+                        self.out.extend_from_slice(&flags.to_le_bytes());
+                    }
+                    if stride != 0 {
+                        self.filtered += 1;
+                        let e = &self.enc_buf;
+                        self.out.extend_from_slice(&e[..stride]);
+                        self.out
+                            .extend(e[stride..].iter().zip(e).map(|(x, y)| x.wrapping_sub(*y)));
+                    } else {
+                        self.out.extend_from_slice(&self.enc_buf);
+                    }
+                } else {
+                    self.out
+                        .extend_from_slice(&(data.len() as u32).to_le_bytes());
+                    self.out.extend_from_slice(data);
+                }
             }
         }
         self.size += n as u64;
@@ -360,7 +571,7 @@ impl<R: Read> DeltaReader<R> {
     }
 }
 
-impl<R: Read> Read for DeltaReader<R> {
+impl<R: Read> Read for DeltaReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         if self.out_pos == self.out.len() {
             self.out.clear();
@@ -397,8 +608,12 @@ enum Next {
 /// that is not the file's last.
 struct DeltaStream<R> {
     src: R,
+    /// Version 2: XOR records allowed.
+    v2: bool,
     next: Next,
     data: Vec<u8>,
+    /// The current record is an XOR record against the block with this hash.
+    xor_base: Option<Hash>,
     last_blk: Option<u32>,
     /// The furthest byte any record wrote.
     written_to: u64,
@@ -409,13 +624,25 @@ struct DeltaStream<R> {
 impl<R: Read> DeltaStream<R> {
     fn open(mut src: R) -> io::Result<Self> {
         let mut magic = [0u8; 8];
-        if read_full(&mut src, &mut magic)? != 8 || &magic != DELTA_MAGIC {
+        if read_full(&mut src, &mut magic)? != 8 {
             return Err(invalid("not a block delta"));
         }
+        let v2 = match &magic {
+            DELTA_MAGIC => false,
+            DELTA_MAGIC_2 => true,
+            m if m.starts_with(b"WSDELTA") => {
+                return Err(invalid(
+                    "a block delta of a later format: restore with a newer walshipper",
+                ))
+            }
+            _ => return Err(invalid("not a block delta")),
+        };
         let mut d = DeltaStream {
             src,
+            v2,
             next: Next::End(0),
             data: Vec::with_capacity(BLOCK),
+            xor_base: None,
             last_blk: None,
             written_to: 0,
             partial_end: None,
@@ -431,7 +658,20 @@ impl<R: Read> DeltaStream<R> {
             return Err(invalid("ended without its end record"));
         }
         let blk = u32::from_le_bytes([head[0], head[1], head[2], head[3]]);
-        let len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]) as usize;
+        let raw_len = u32::from_le_bytes([head[4], head[5], head[6], head[7]]);
+        // In a version 1 delta any flag is a length over a block: refused.
+        let flagged = self.v2 && blk != END;
+        let xor = flagged && raw_len & XOR != 0;
+        let stride = if flagged {
+            ((raw_len & FLAGS) >> STRIDE_SHIFT) as usize
+        } else {
+            0
+        };
+        let len = (if flagged {
+            raw_len & !(XOR | FLAGS)
+        } else {
+            raw_len
+        }) as usize;
         if blk == END {
             let mut s = [0u8; 8];
             if read_full(&mut self.src, &mut s)? != 8 {
@@ -453,6 +693,14 @@ impl<R: Read> DeltaStream<R> {
         if len == 0 || len > BLOCK {
             return Err(invalid("record with a bad length"));
         }
+        if xor && len != BLOCK {
+            return Err(invalid("an XOR record of less than a whole block"));
+        }
+        if stride != 0 && (len != BLOCK || !STRIDES.contains(&stride)) {
+            return Err(invalid(
+                "a filtered record of less than a whole block or with an unknown stride",
+            ));
+        }
         let record_end = u64::from(blk) * BLOCK as u64 + len as u64;
         if record_end > MAX_FILE_SIZE {
             return Err(invalid(
@@ -465,9 +713,20 @@ impl<R: Read> DeltaStream<R> {
         if self.last_blk.is_some_and(|l| blk <= l) {
             return Err(invalid("blocks out of order or listed twice"));
         }
+        self.xor_base = None;
+        if xor {
+            let mut h = [0u8; 16];
+            if read_full(&mut self.src, &mut h)? != h.len() {
+                return Err(invalid("ended inside a record"));
+            }
+            self.xor_base = Some(h);
+        }
         self.data.resize(len, 0);
         if read_full(&mut self.src, &mut self.data)? != len {
             return Err(invalid("ended inside a record"));
+        }
+        if stride != 0 {
+            unfilter(&mut self.data, stride);
         }
         self.last_blk = Some(blk);
         self.written_to = self.written_to.max(record_end);
@@ -494,10 +753,26 @@ impl<R: Read> DeltaStream<R> {
     fn apply(&mut self, blk: u64, cur: &mut Vec<u8>) -> io::Result<()> {
         if let Next::Record(b, len) = self.next {
             if u64::from(b) == blk {
-                if cur.len() < len {
-                    cur.resize(len, 0);
+                match self.xor_base {
+                    Some(h) => {
+                        // Bound to the block it was made against: applied to
+                        // anything else it would make a wrong page.
+                        if cur.len() != BLOCK || block_hash(cur) != h {
+                            return Err(invalid(&format!(
+                                "the XOR record of block {b} was made against another version of that block (its hash differs): the base or a delta before it in the chain is missing, damaged or out of order"
+                            )));
+                        }
+                        for (c, d) in cur.iter_mut().zip(&self.data) {
+                            *c ^= d;
+                        }
+                    }
+                    None => {
+                        if cur.len() < len {
+                            cur.resize(len, 0);
+                        }
+                        cur[..len].copy_from_slice(&self.data[..len]);
+                    }
                 }
-                cur[..len].copy_from_slice(&self.data[..len]);
                 self.advance()?;
             }
         }
@@ -513,6 +788,17 @@ impl<R: Read> DeltaStream<R> {
             return Err(invalid("it grows the file without listing the new blocks"));
         }
         cur.truncate(keep);
+        Ok(())
+    }
+
+    /// Reads past the records of blocks before `blk` (unused, checked).
+    fn skip_before(&mut self, blk: u64) -> io::Result<()> {
+        while let Next::Record(b, _) = self.next {
+            if u64::from(b) >= blk {
+                break;
+            }
+            self.advance()?;
+        }
         Ok(())
     }
 
@@ -644,6 +930,112 @@ pub fn merge<B: Read, R: Read, W: Write>(
     }
     out.flush().map_err(MergeError::Output)?;
     Ok(sha.finalize())
+}
+
+/// A stream that can move forward without producing what it passes over.
+pub trait SkipRead: Read {
+    /// Moves to offset `to` (not before the current one); returns the
+    /// offset reached: `to`, or less at the end.
+    fn skip_to(&mut self, to: u64) -> io::Result<u64>;
+}
+
+impl<R: Read> SkipRead for crate::codec::DecodingReader<R> {
+    fn skip_to(&mut self, to: u64) -> io::Result<u64> {
+        crate::codec::DecodingReader::skip_to(self, to)
+    }
+}
+
+impl<T: AsRef<[u8]>> SkipRead for io::Cursor<T> {
+    fn skip_to(&mut self, to: u64) -> io::Result<u64> {
+        let at = to
+            .max(self.position())
+            .min(self.get_ref().as_ref().len() as u64);
+        self.set_position(at);
+        Ok(at)
+    }
+}
+
+/// A version of a file as a chain has it (a base and its deltas, oldest
+/// first), read block by block in ascending order: only the base's frames
+/// that hold a wanted block are decoded; the deltas are read as streams.
+/// What it returns is not trusted: the caller compares each block with the
+/// block map's hash before using it.
+///
+/// Reaching a block passes over the base's bytes before it (frames read,
+/// not decoded). From a remote store that is a download, so there it is
+/// bounded (`Some(budget)`): at most `SKIP_ALLOWANCE` plus `SKIP_PER_BLOCK`
+/// for each block asked for; a block beyond the budget is left out (empty:
+/// its changed version is stored whole). A local repository is read
+/// without a bound: passing over a compressed base costs less than the
+/// read of the source file the incremental makes anyway.
+pub struct ChainBlocks<B, R> {
+    base: B,
+    deltas: Vec<DeltaStream<R>>,
+    next: u64,
+    /// Offset in the base of the next byte it returns.
+    at: u64,
+    budget: Option<u64>,
+}
+
+/// Bytes of a remote base passed over freely, per file.
+pub const SKIP_ALLOWANCE: u64 = 16 << 20;
+/// And for each changed block whose previous version is asked for.
+pub const SKIP_PER_BLOCK: u64 = 32 * BLOCK as u64;
+
+impl<B: SkipRead, R: Read> ChainBlocks<B, R> {
+    /// `bounded`: the base is read from a remote store (see above).
+    pub fn open(base: B, deltas: Vec<R>, bounded: bool) -> io::Result<Self> {
+        let deltas = deltas
+            .into_iter()
+            .map(DeltaStream::open)
+            .collect::<io::Result<Vec<_>>>()?;
+        Ok(ChainBlocks {
+            base,
+            deltas,
+            next: 0,
+            at: 0,
+            budget: bounded.then_some(SKIP_ALLOWANCE),
+        })
+    }
+}
+
+impl<B: SkipRead, R: Read> PreviousBlocks for ChainBlocks<B, R> {
+    fn block(&mut self, blk: u32, out: &mut Vec<u8>) -> io::Result<()> {
+        let blk = u64::from(blk);
+        if blk < self.next {
+            return Err(io::Error::other("blocks asked for out of order"));
+        }
+        self.next = blk + 1;
+        out.clear();
+        let start = blk * BLOCK as u64;
+        if let Some(budget) = &mut self.budget {
+            *budget = budget.saturating_add(SKIP_PER_BLOCK);
+            let pass = start.saturating_sub(self.at);
+            if pass > *budget {
+                // Too far to download for one block: left out (stored whole).
+                for d in &mut self.deltas {
+                    d.skip_before(blk)?;
+                }
+                return Ok(());
+            }
+            *budget -= pass;
+        }
+        if self.base.skip_to(start)? == start {
+            out.resize(BLOCK, 0);
+            let n = read_full(&mut self.base, out)?;
+            out.truncate(n);
+            self.at = start + n as u64;
+        } else {
+            self.at = start;
+        }
+        // Each delta as `merge` applies it, after passing over its records
+        // of the blocks before.
+        for d in &mut self.deltas {
+            d.skip_before(blk)?;
+            d.apply(blk, out)?;
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]
@@ -986,6 +1378,308 @@ mod tests {
             ),
         ] {
             assert!(apply_delta(&parts).is_err(), "{what}");
+        }
+    }
+
+    /// A slice that skips forward as a decoder does.
+    struct Skipper<'a>(&'a [u8], u64);
+
+    impl Read for Skipper<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let rest = self.0.get(self.1 as usize..).unwrap_or_default();
+            let n = buf.len().min(rest.len()).min(7);
+            buf[..n].copy_from_slice(&rest[..n]);
+            self.1 += n as u64;
+            Ok(n)
+        }
+    }
+
+    impl SkipRead for Skipper<'_> {
+        fn skip_to(&mut self, to: u64) -> io::Result<u64> {
+            self.1 = self.1.max(to.min(self.0.len() as u64));
+            Ok(self.1)
+        }
+    }
+
+    #[test]
+    fn a_remote_base_is_passed_over_only_within_the_budget() {
+        // 24 MiB of blocks, each filled with its number.
+        let blocks = (24 << 20) / BLOCK;
+        let base: Vec<u8> = (0..blocks).flat_map(|b| vec![b as u8; BLOCK]).collect();
+        let far = (SKIP_ALLOWANCE / BLOCK as u64 + 100) as u32;
+        let mut out = Vec::new();
+        // Local: any block.
+        let mut c =
+            ChainBlocks::open(io::Cursor::new(&base[..]), Vec::<&[u8]>::new(), false).unwrap();
+        c.block(far, &mut out).unwrap();
+        assert_eq!(out, vec![far as u8; BLOCK]);
+        // Remote: a block within the allowance, then one too far is left out
+        // (empty), then one near the last one read comes again.
+        let mut c =
+            ChainBlocks::open(io::Cursor::new(&base[..]), Vec::<&[u8]>::new(), true).unwrap();
+        c.block(3, &mut out).unwrap();
+        assert_eq!(out, vec![3u8; BLOCK]);
+        c.block(far, &mut out).unwrap();
+        assert!(
+            out.is_empty(),
+            "passed over {} MiB for one block",
+            (far as usize * BLOCK) >> 20
+        );
+        c.block(far + 1, &mut out).unwrap();
+        assert!(out.is_empty());
+        let mut c =
+            ChainBlocks::open(io::Cursor::new(&base[..]), Vec::<&[u8]>::new(), true).unwrap();
+        c.block(1000, &mut out).unwrap();
+        c.block(1001, &mut out).unwrap();
+        assert_eq!(out, vec![(1001 % 256) as u8; BLOCK]);
+    }
+
+    /// The delta of `new` against the chain `base` + `deltas` (whose result
+    /// is `prev`), with XOR records; and its summary.
+    fn xor_delta(
+        base: &[u8],
+        deltas: &[Vec<u8>],
+        prev: &[u8],
+        new: &[u8],
+    ) -> (Vec<u8>, DeltaSummary) {
+        let deltas: Vec<&[u8]> = deltas.iter().map(|d| &d[..]).collect();
+        let mut r = DeltaReader::new(new, map_of(prev)).with_previous("test".into(), move || {
+            let chain = ChainBlocks::open(Skipper(base, 0), deltas, false)?;
+            Ok(Box::new(chain) as Box<dyn PreviousBlocks + '_>)
+        });
+        let mut out = Vec::new();
+        r.read_to_end(&mut out).unwrap();
+        (out, r.finish().unwrap())
+    }
+
+    /// A page-like change: a few bytes of every 128 flipped.
+    fn touch(v: &mut [u8], blk: usize, seed: u8) {
+        for i in (blk * BLOCK..(blk + 1) * BLOCK).step_by(128) {
+            v[i] ^= seed | 1;
+        }
+    }
+
+    fn merged(base: &[u8], deltas: &[Vec<u8>], max: u64) -> Result<Vec<u8>, MergeError> {
+        let mut out = Vec::new();
+        merge(
+            Trickle(base),
+            deltas.iter().map(|d| Trickle(d)).collect(),
+            &mut out,
+            max,
+            HashAlg::Blake3,
+        )?;
+        Ok(out)
+    }
+
+    #[test]
+    fn xor_records_round_trip_through_a_chain() {
+        let v0 = data(40, 5);
+        let mut versions = vec![v0.clone()];
+        let mut deltas: Vec<Vec<u8>> = Vec::new();
+        // Block 7 changes in every version (the same block through XOR
+        // records on XOR records), others now and then; the file grows by
+        // a whole and a partial block, then shrinks.
+        for k in 1..=4u8 {
+            let mut next = versions.last().unwrap().clone();
+            touch(&mut next, 7, k);
+            touch(&mut next, 10 + k as usize, k);
+            match k {
+                2 => next.extend_from_slice(&data(2, 9)[..BLOCK + 300]),
+                3 => next.truncate(38 * BLOCK),
+                _ => {}
+            }
+            let prev = versions.last().unwrap().clone();
+            let prev = &prev[..];
+            let (d, sum) = xor_delta(&v0, &deltas, prev, &next);
+            assert_eq!(&d[..8], DELTA_MAGIC_2);
+            assert_eq!(sum.xored_blocks, 2, "version {k}");
+            assert_eq!(sum.hash, HashAlg::Blake3.digest(&next));
+            let mut m = map_of(prev);
+            m.apply(&sum.map_delta).unwrap();
+            assert_eq!(m, map_of(&next));
+            deltas.push(d);
+            versions.push(next);
+            // The chain rebuilds every version, block 7 through each layer.
+            let got = merged(&v0, &deltas, MAX_FILE_SIZE).unwrap();
+            assert!(got == *versions.last().unwrap(), "version {k}");
+            // An XOR record stores the changed bytes, far fewer than a block.
+            let plain = {
+                let mut r = DeltaReader::new(&versions[k as usize][..], map_of(prev));
+                let mut v = Vec::new();
+                r.read_to_end(&mut v).unwrap();
+                v
+            };
+            let z = |v: &[u8]| zstd::bulk::compress(v, 3).unwrap().len();
+            assert!(z(deltas.last().unwrap()) * 2 < z(&plain), "version {k}");
+        }
+        // A delta left out, or the chain on another base: refused loudly.
+        let skipped = vec![deltas[0].clone(), deltas[2].clone()];
+        let err = merged(&v0, &skipped, MAX_FILE_SIZE).unwrap_err();
+        assert!(
+            matches!(&err, MergeError::Delta(1, e) if e.to_string().contains("another version")),
+            "{err:?}"
+        );
+        assert!(merged(&data(40, 6), &deltas[..1], MAX_FILE_SIZE).is_err());
+        // Read by a reader that knows only version 1: refused, never misread.
+        let mut v1 = deltas[0].clone();
+        v1[..8].copy_from_slice(DELTA_MAGIC);
+        assert!(merged(&v0, &[v1], MAX_FILE_SIZE).is_err());
+    }
+
+    #[test]
+    fn a_previous_version_that_does_not_match_its_map_gives_whole_blocks() {
+        let v0 = data(8, 2);
+        let mut v1 = v0.clone();
+        touch(&mut v1, 1, 3);
+        touch(&mut v1, 5, 3);
+        // The chain read back gives other bytes than the map says.
+        let wrong = data(8, 4);
+        let (d, sum) = xor_delta(&wrong, &[], &v0, &v1);
+        assert_eq!((sum.changed_blocks, sum.xored_blocks), (2, 0));
+        assert!(merged(&v0, &[d], MAX_FILE_SIZE).unwrap() == v1);
+        // A chain that cannot be opened: the same.
+        let mut r = DeltaReader::new(&v1[..], map_of(&v0))
+            .with_previous("test".into(), || Err(io::Error::other("unreachable store")));
+        let mut d = Vec::new();
+        r.read_to_end(&mut d).unwrap();
+        assert_eq!(r.finish().unwrap().xored_blocks, 0);
+        assert!(merged(&v0, &[d], MAX_FILE_SIZE).unwrap() == v1);
+    }
+
+    fn xor_record(blk: u32, len: u32, hash: &[u8], bytes: usize) -> Vec<u8> {
+        let mut v = blk.to_le_bytes().to_vec();
+        v.extend_from_slice(&(len | XOR).to_le_bytes());
+        v.extend_from_slice(hash);
+        v.extend(std::iter::repeat_n(0u8, bytes));
+        v
+    }
+
+    #[test]
+    fn hostile_xor_records_are_refused() {
+        let base = data(2, 1);
+        let h = block_hash(&base[BLOCK..]);
+        let blk = BLOCK as u32;
+        let apply2 = |parts: &[Vec<u8>]| {
+            let mut d = DELTA_MAGIC_2.to_vec();
+            for p in parts {
+                d.extend_from_slice(p);
+            }
+            merged(&base, &[d], MAX_FILE_SIZE)
+        };
+        // The well-formed one: XOR of zeros against the right block.
+        assert!(apply2(&[xor_record(1, blk, &h, BLOCK), end(2 * 8192)]).unwrap() == base);
+        for (what, parts) in [
+            (
+                "wrong base hash",
+                vec![xor_record(1, blk, &[0; 16], BLOCK), end(16384)],
+            ),
+            (
+                "short XOR record",
+                vec![xor_record(1, 100, &h, 100), end(16384)],
+            ),
+            ("XOR length 0", vec![xor_record(1, 0, &h, 0), end(16384)]),
+            (
+                "XOR length over a block",
+                vec![xor_record(1, blk + 1, &h, BLOCK + 1), end(16384)],
+            ),
+            (
+                "XOR length u31::MAX",
+                vec![xor_record(1, u32::MAX >> 1, &h, 0), end(16384)],
+            ),
+            ("ends inside the hash", vec![xor_record(1, blk, &h[..5], 0)]),
+            ("ends inside the bytes", vec![xor_record(1, blk, &h, 100)]),
+            (
+                "XOR past the base's end",
+                vec![xor_record(2, blk, &h, BLOCK), end(3 * 8192)],
+            ),
+            (
+                "XOR past the base's end after a cut",
+                vec![xor_record(1, blk, &h, BLOCK), end(8192)],
+            ),
+            ("XOR on the end record", {
+                let mut e = end(16384);
+                e[4..8].copy_from_slice(&XOR.to_le_bytes());
+                vec![e]
+            }),
+        ] {
+            assert!(apply2(&parts).is_err(), "{what}");
+        }
+        // A later format is refused with a hint, a version 1 delta with the
+        // XOR bit as a bad length.
+        let mut later = b"WSDELTA3".to_vec();
+        later.extend(end(16384));
+        let e = merged(&base, &[later], MAX_FILE_SIZE).unwrap_err();
+        assert!(
+            matches!(&e, MergeError::Delta(0, e) if e.to_string().contains("newer walshipper"))
+        );
+        assert!(apply_delta(&[xor_record(1, blk, &h, BLOCK), end(16384)]).is_err());
+    }
+
+    /// A page of 16-byte entries that differ in one counter byte, as a
+    /// btree leaf's do; and one changed by a new entry in the middle.
+    fn index_page(entries: usize, skip: Option<usize>) -> Vec<u8> {
+        let mut p = Vec::with_capacity(BLOCK);
+        for i in (0..entries).filter(|&i| Some(i) != skip) {
+            p.extend_from_slice(&[16, 0, 0, 0, 0, 0, 0, 0]);
+            p.extend_from_slice(&(i as u64 * 3 + 1).to_le_bytes());
+        }
+        p.resize(BLOCK, 0);
+        p
+    }
+
+    #[test]
+    fn filtered_records_round_trip_and_are_chosen_when_smaller() {
+        // A page rewritten (XOR is no help), entries that repeat: the
+        // filter is.
+        let old = data(2, 3);
+        let new = [index_page(400, None), data(1, 4)].concat();
+        assert_eq!(choose(&new[..BLOCK], Some(&old[..BLOCK])), (false, 16));
+        let (d, sum) = xor_delta(&old, &[], &old, &new);
+        assert_eq!((sum.changed_blocks, sum.filtered_blocks), (2, 1));
+        assert!(merged(&old, &[d], MAX_FILE_SIZE).unwrap() == new);
+        // Without a previous version (a file that grew) too.
+        let (d, sum) = xor_delta(&[], &[], &[], &new);
+        assert_eq!(sum.filtered_blocks, 1);
+        assert!(merged(&[], &[d], MAX_FILE_SIZE).unwrap() == new);
+        let mut bytes = new[..BLOCK].to_vec();
+        let filtered: Vec<u8> = (0..BLOCK)
+            .map(|i| {
+                if i < 8 {
+                    bytes[i]
+                } else {
+                    bytes[i].wrapping_sub(bytes[i - 8])
+                }
+            })
+            .collect();
+        unfilter(&mut bytes, 8);
+        assert_ne!(bytes, new[..BLOCK]);
+        let mut back = filtered.clone();
+        unfilter(&mut back, 8);
+        assert!(back == new[..BLOCK]);
+    }
+
+    #[test]
+    fn hostile_filtered_records_are_refused() {
+        let base = data(2, 1);
+        let flagged = |blk: u32, len: u32, flags: u32, bytes: usize| {
+            let mut v = DELTA_MAGIC_2.to_vec();
+            v.extend_from_slice(&blk.to_le_bytes());
+            v.extend_from_slice(&(len | flags).to_le_bytes());
+            v.extend(std::iter::repeat_n(0u8, bytes));
+            v.extend(end(16384));
+            merged(&base, &[v], MAX_FILE_SIZE)
+        };
+        let blk = BLOCK as u32;
+        // All zeros filtered stays all zeros.
+        assert!(flagged(1, blk, 16 << 16, BLOCK).unwrap()[BLOCK..] == [0; BLOCK]);
+        for (what, len, flags) in [
+            ("stride 4", blk, 4 << 16),
+            ("stride 255", blk, 255 << 16),
+            ("filtered short record", 100, 8 << 16),
+            ("a flag bit no version has", blk, 1 << 24),
+            ("the top flag bits", blk, 0x7f00_0000),
+        ] {
+            assert!(flagged(1, len, flags, len as usize).is_err(), "{what}");
         }
     }
 }

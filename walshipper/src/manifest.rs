@@ -17,7 +17,11 @@ use crate::layout::{self, BackupPart, ObjectName};
 /// 3: small files may be stored in bundles (`object` a bundle, `offset`).
 /// 4: files carry their BLAKE3 (`blake3`) instead of their SHA-256; an
 ///    entry carried over from an older manifest keeps its `sha256`.
-pub const MANIFEST_VERSION: u32 = 4;
+/// 5: its block deltas may be version 2 (XOR and filtered records): a
+///    reader that knows only 4 refuses the backup as written by a newer
+///    walshipper before restoring anything, instead of meeting `WSDELTA2`
+///    halfway through a restore and calling it damage.
+pub const MANIFEST_VERSION: u32 = 5;
 /// The first manifest version whose files may carry `blake3`.
 const BLAKE3_SINCE: u32 = 4;
 

@@ -497,6 +497,34 @@ impl Corpus {
             dr.read_to_end(&mut out).expect("delta");
             deltas.push(out);
         }
+        // Version 2 records against the base `exec_delta` merges with (three
+        // blocks of 7s): an XOR record (that applies), a filtered one.
+        {
+            use walshipper::delta::{ChainBlocks, DeltaReader, MapBuilder, PreviousBlocks};
+            let sevens = vec![7u8; 3 * 8192];
+            let mut file = sevens.clone();
+            file[8192 + 100] = 1;
+            file[2 * 8192..]
+                .iter_mut()
+                .enumerate()
+                .for_each(|(i, b)| *b = (i / 16) as u8);
+            let mut mb = MapBuilder::new(&sevens[..]);
+            std::io::copy(&mut mb, &mut std::io::sink()).expect("map");
+            let base = sevens.clone();
+            let mut dr = DeltaReader::new(&file[..], mb.finish()).with_previous(
+                "fuzz corpus".into(),
+                move || {
+                    let chain =
+                        ChainBlocks::open(std::io::Cursor::new(base), Vec::<&[u8]>::new(), false)?;
+                    Ok(Box::new(chain) as Box<dyn PreviousBlocks>)
+                },
+            );
+            let mut out = Vec::new();
+            dr.read_to_end(&mut out).expect("delta");
+            let summary = dr.finish().expect("delta");
+            assert!(summary.xored_blocks == 1 && summary.filtered_blocks >= 1);
+            deltas.push(out);
+        }
 
         // The cheapest KDF the code accepts: the targets are about parsing.
         let (kf, _) = KeyFile::create(PASS, 8, 1)

@@ -28,6 +28,26 @@ fn json_lines(out: &str) -> serde_json::Value {
         .unwrap_or_else(|| panic!("no JSON in: {out}"))
 }
 
+/// Runs a backup with debug logs: its done event and how many changed
+/// blocks it stored as XOR records against their previous version.
+fn backup_counting_xor(shipper: &Shipper, extra: &[&str]) -> (serde_json::Value, u64) {
+    let out = run(shipper
+        .cmd()
+        .env("WALSHIPPER_LOG", "walshipper=debug")
+        .args(["backup", "--json"])
+        .args(extra));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    let xored = stderr
+        .lines()
+        .filter_map(|l| {
+            let head = l.strip_suffix(" of them as XOR records")?;
+            head.rsplit(", ").next()?.parse::<u64>().ok()
+        })
+        .sum();
+    (json_lines(&String::from_utf8_lossy(&out.stdout)), xored)
+}
+
 /// Restores `extra` into `name`, checks it with pg_verifybackup (every
 /// file's SHA-256 against the backup's manifest, which for a diff/incr is
 /// the file rebuilt from the chain), starts it and returns the cluster.
@@ -101,7 +121,7 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
     src.sql("VACUUM FULL pgbench_tellers");
     src.sql("CHECKPOINT");
     let at_diff = fingerprint(&src);
-    let diff = shipper.backup(&["--type", "diff", "--jobs", "2"]);
+    let (diff, diff_xored) = backup_counting_xor(&shipper, &["--type", "diff", "--jobs", "2"]);
     assert_eq!(diff["type"], "diff", "{diff}");
     assert_eq!(diff["based_on"], full["backup_id"]);
 
@@ -117,7 +137,12 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
     src.sql("DROP TABLE small_100");
     src.sql("CREATE TABLE small_new AS SELECT 1 AS id, 'new in the incr'::text AS v");
     src.sql("CHECKPOINT");
-    let incr = shipper.backup(&["--type", "incr"]);
+    // The incr's changed pages are stored against their previous version
+    // (XOR records), which it rebuilds from the full + diff chain; the
+    // restores below go through them.
+    let (incr, incr_xored) = backup_counting_xor(&shipper, &["--type", "incr"]);
+    eprintln!("XOR records: diff {diff_xored}, incr {incr_xored}");
+    assert!(diff_xored > 0 && incr_xored > 0, "no XOR records stored");
     assert_eq!(incr["type"], "incr", "{incr}");
     assert_eq!(incr["based_on"], diff["backup_id"]);
     assert_eq!(
@@ -169,6 +194,7 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
     // incr stores that file whole instead of failing, and restores.
     let mut newest = incr.clone();
     let mut kinds_want = vec!["full", "diff", "incr"];
+    let mut damaged: Option<(std::path::PathBuf, Vec<u8>)> = None;
     if test_backend() != "s3" {
         let map = shipper
             .object_files()
@@ -200,6 +226,40 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
         assert!(newest["stored_size"].as_u64().unwrap() > incr_stored);
         std::fs::write(&map, &good).unwrap();
         kinds_want.push("incr");
+
+        // A damaged copy in the reference chain (pgbench_accounts, stored
+        // whole by the incr just taken): the next incr, rebuilding the previous versions
+        // of the blocks it changed, meets the damage and stores that file
+        // whole, since a delta on that chain would not restore. The damage
+        // stays while the newest backup is restored below.
+        src.sql("UPDATE pgbench_accounts SET abalance = abalance + 1 WHERE aid > 495000");
+        src.sql("CHECKPOINT");
+        let rel = src.sql("SELECT pg_relation_filepath('pgbench_accounts')");
+        let base_id = newest["backup_id"].as_str().unwrap().to_string();
+        let obj = shipper
+            .object_files()
+            .into_iter()
+            .find(|p| {
+                p.to_string_lossy()
+                    .ends_with(&format!("{base_id}/data/{rel}"))
+            })
+            .expect("pgbench_accounts stored whole in the last incr");
+        let good = std::fs::read(&obj).unwrap();
+        let mut bad = good.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x10;
+        std::fs::write(&obj, &bad).unwrap();
+        let out = run(shipper.cmd().args(["backup", "--json", "--type", "incr"]));
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{stderr}");
+        assert!(
+            stderr.contains(&format!("{rel}: the reference backup"))
+                && stderr.contains("stored whole"),
+            "{stderr}"
+        );
+        newest = json_lines(&String::from_utf8_lossy(&out.stdout));
+        kinds_want.push("incr");
+        damaged = Some((obj, good));
     }
     src.switch_and_wait_archived(MIN);
     let at_incr = fingerprint(&src);
@@ -223,6 +283,9 @@ fn full_diff_incr_chain_stores_little_and_restores_identical() {
         "restored chain differs from the source"
     );
     postgres_checks(c);
+    if let Some((obj, good)) = damaged {
+        std::fs::write(obj, good).unwrap(); // for verify below
+    }
 
     // The diff on its own, stopped where it became consistent.
     let c = restore_checked(

@@ -1100,8 +1100,8 @@ fn copy_one(
         },
         _ => None,
     };
-    let Some((b, map)) = base_map else {
-        // No reference: the whole file, and its block map for the next diff/incr.
+    // The whole file, and its block map for the next diff/incr.
+    let store_whole = |file: File| -> Result<Option<(Copied, Vec<u32>)>> {
         let reader = checking(file, verify)?;
         let failures = reader.failures.clone();
         let mut mb = delta::MapBuilder::new(reader);
@@ -1111,11 +1111,15 @@ fn copy_one(
         let (_, msum) = repo.put_object_with(&map_key, &map[..], Durability::AtFlush, Some(1))?;
         let e = stored(
             &summary,
-            Box::new([map_key]),
+            Box::new([map_key.clone()]),
             summary.stored_len + msum.stored_len,
         );
         let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
-        return Ok(Some((Copied::Entry(e), failures)));
+        Ok(Some((Copied::Entry(e), failures)))
+    };
+    let Some((b, map)) = base_map else {
+        // No reference.
+        return store_whole(file);
     };
     // A file written since the reference backup (its mtime or size moved)
     // has most likely changed: one pass finds its changed blocks, hashes it
@@ -1146,6 +1150,9 @@ fn copy_one(
     if f.size > BIG_FILE {
         delta = delta.hash_on_own_thread();
     }
+    if b.offset.is_none() && b.deltas.len() < XOR_CHAIN_MAX {
+        delta = delta.with_previous(f.rel.clone(), move || previous_version(repo, b));
+    }
     if verify {
         delta = delta.on_changed(move |page, offset| {
             if page.len() == BLCKSZ {
@@ -1165,6 +1172,30 @@ fn copy_one(
     let d = delta
         .finish()
         .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
+    if let Some(why) = &d.reference_doubt {
+        // The reference's chain of this file does not rebuild: a delta on
+        // it would not restore either. The file is stored whole (the same
+        // keys, replaced), a new base for the backups after this one.
+        tracing::warn!(
+            "{}: the reference backup {}'s copy is damaged ({why}): stored whole; run `walshipper verify --backup {}`",
+            f.rel,
+            b.object.split('/').nth(1).unwrap_or("?"),
+            b.object.split('/').nth(1).unwrap_or("?")
+        );
+        // This backup's own delta, not yet in any manifest: replaced.
+        repo.storage.delete(&data_key)?;
+        let Some(file) = open()? else {
+            return Ok(None); // dropped meanwhile
+        };
+        return store_whole(file);
+    }
+    tracing::debug!(
+        "{}: {} changed blocks, {} filtered, {} of them as XOR records",
+        f.rel,
+        d.changed_blocks,
+        d.filtered_blocks,
+        d.xored_blocks
+    );
     let (_, msum) =
         repo.put_object_with(&map_key, &d.map_delta[..], Durability::AtFlush, Some(1))?;
     let mut e = referenced(b);
@@ -1175,6 +1206,41 @@ fn copy_one(
     e.stored_size = summary.stored_len + msum.stored_len;
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
     Ok(Some((Copied::Entry(e), failures)))
+}
+
+/// The longest chain (deltas on a base) whose blocks an incremental reads to
+/// store XOR records: as many streams as restore reads side by side. A
+/// longer chain gets whole blocks.
+const XOR_CHAIN_MAX: usize = 31;
+
+/// The reference backup's version of a large file, block by block, for
+/// the XOR records of the next delta: its base object and deltas opened as
+/// streams, the base's frames decoded only where a changed block lies.
+/// Not trusted: each block is compared with the reference's block map.
+fn previous_version<'a>(
+    repo: &'a Repository,
+    b: &FileEntry,
+) -> io::Result<Box<dyn delta::PreviousBlocks + 'a>> {
+    // A missing or damaged object of the chain is damage (InvalidData: the
+    // caller then stores the file whole); anything else (the store not
+    // answering) only costs the XOR records.
+    let open = |key: &str| {
+        repo.open_unhashed(key, 1).map_err(|e| match e {
+            Error::NotFound(_) | Error::Corrupt { .. } => {
+                io::Error::new(io::ErrorKind::InvalidData, e.to_string())
+            }
+            e => io::Error::other(e.to_string()),
+        })
+    };
+    let base = open(&b.object)?;
+    let deltas = b
+        .deltas
+        .iter()
+        .map(|k| open(k))
+        .collect::<io::Result<Vec<_>>>()?;
+    // From a remote store, passing over a base is a download: bounded.
+    let bounded = !repo.storage.reads_are_local();
+    Ok(Box::new(delta::ChainBlocks::open(base, deltas, bounded)?))
 }
 
 /// Whether a small file read as `body` is the reference's version of it:

@@ -162,6 +162,13 @@ pub trait Storage: Send + Sync {
     fn delete_prefix(&self, prefix: &str) -> Result<usize>;
     /// Human-readable location, for messages.
     fn describe(&self) -> String;
+    /// True when reading an object costs local disk reads only (posix, no
+    /// download limit): passing over the front of an object to reach a block
+    /// is then cheap. On a remote store it is a download, which callers
+    /// bound (delta::ChainBlocks).
+    fn reads_are_local(&self) -> bool {
+        false
+    }
 
     /// Replaces `key` by `body`, but only once `check` has read the new
     /// bytes back and approved them: a large object is never replaced by

@@ -262,6 +262,9 @@ impl PosixStorage {
 }
 
 impl Storage for PosixStorage {
+    fn reads_are_local(&self) -> bool {
+        true
+    }
     fn put_new(
         &self,
         key: &str,

@@ -206,6 +206,9 @@ impl Storage for Throttled {
     fn conditional_writes(&self, probe: bool) -> Result<String> {
         self.inner.conditional_writes(probe)
     }
+    fn reads_are_local(&self) -> bool {
+        self.down.is_none() && self.inner.reads_are_local()
+    }
 }
 
 #[cfg(test)]
