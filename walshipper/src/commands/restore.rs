@@ -1654,10 +1654,15 @@ pub(crate) fn rebuild_file<W: Write>(
         }
     };
     let scratch_io = |e| Error::io(format!("a scratch file in {}", scratch_dir.display()), e);
-    // The base is decoded on this thread alone: with the pool (`threads`)
-    // a chain restore took more CPU and no less time (A/B: 1.13 -> 1.26 s
-    // CPU, 0.76 -> 0.79 s wall), the other jobs keeping the cores busy.
-    let mut base: Box<dyn Read + Send> = Box::new(repo.open_unhashed(&f.object, 1)?);
+    // A large base is decoded by the pool, as a whole file is: the chain's
+    // largest file is usually the last one restoring, so on this thread
+    // alone the chain took longer than the full alone (bench pairs, one
+    // run each on a loaded machine, 2026-11-27: chain / full alone 1.19
+    // with one thread, 0.86 with the pool; CPU 0.95 against 0.86 s). An
+    // earlier A/B (2026-11-26, before the pairs alternated) had found no
+    // gain: 0.76 -> 0.79 s wall.
+    let threads = if f.size > 64 << 20 { repo.threads() } else { 1 };
+    let mut base: Box<dyn Read + Send> = Box::new(repo.open_unhashed(&f.object, threads)?);
     let stages: Vec<&[String]> = f.deltas.chunks(MERGE_STREAMS - 1).collect();
     for (stage, keys) in stages.iter().enumerate() {
         let mut deltas = Vec::with_capacity(keys.len());
