@@ -863,6 +863,13 @@ fn restore_tests_and_table_restores_from_sql() {
     eprintln!("total {:.1}s", t0.elapsed().as_secs_f64());
 }
 
+/// The pid backup.wal_archive_status shows for the WAL receiver.
+fn receiver_pid(c: &Cluster) -> i32 {
+    c.sql("SELECT receiver_pid FROM backup.wal_archive_status")
+        .parse()
+        .unwrap()
+}
+
 /// pg_backup.wal_streaming: the scheduler keeps the real `walshipper
 /// wal-receive` streaming through its slot, restarts it when it is killed,
 /// stops it when streaming is turned off, and raises wal_stream_lagging for
@@ -916,10 +923,7 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
     // before its last start, and the alert is raised while it streams.
     let down = "SELECT count(*) FROM backup.alerts WHERE kind = 'wal_receiver_down' AND resolved_at IS NULL";
     for n in 1..=3 {
-        let pid: i32 = c
-            .sql("SELECT receiver_pid FROM backup.wal_archive_status")
-            .parse()
-            .unwrap();
+        let pid = receiver_pid(&c);
         // SAFETY: signalling the receiver process the scheduler started.
         assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
         wait_for(
@@ -928,10 +932,7 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
             &format!("running true {n}"),
             Duration::from_secs(60),
         );
-        assert_ne!(
-            c.sql("SELECT receiver_pid FROM backup.wal_archive_status"),
-            pid.to_string()
-        );
+        assert_ne!(receiver_pid(&c), pid);
         if n == 1 {
             assert_eq!(
                 c.sql("SELECT receiver_down_since IS NOT NULL FROM backup.wal_archive_status"),
@@ -975,10 +976,7 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         "sync",
         Duration::from_secs(30),
     );
-    let pid: i32 = c
-        .sql("SELECT receiver_pid FROM backup.wal_archive_status")
-        .parse()
-        .unwrap();
+    let pid = receiver_pid(&c);
     // SAFETY: signalling the receiver process the scheduler started.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGKILL) }, 0);
     let t = std::time::Instant::now();
@@ -1093,10 +1091,7 @@ fn the_scheduler_keeps_the_wal_receiver_streaming() {
         "running true",
         Duration::from_secs(60),
     );
-    let pid: i32 = c
-        .sql("SELECT receiver_pid FROM backup.wal_archive_status")
-        .parse()
-        .unwrap();
+    let pid = receiver_pid(&c);
     c.sql("DROP EXTENSION pg_backup_ext CASCADE");
     let t = std::time::Instant::now();
     // Gone, not a zombie: /proc/<pid> disappears once it is reaped.
