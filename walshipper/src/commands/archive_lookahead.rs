@@ -147,16 +147,8 @@ impl Identity {
 /// written by another run (one that died, its files perhaps torn by a
 /// crash that lost their unsynced bytes): those files are never served.
 fn live_identity(dir: &Path) -> Result<Option<Identity>> {
-    let Some(holder) = spool::lock_holder(&dir.join(LOCK))? else {
-        return Ok(None);
-    };
-    let Some(body) = spool::read_small(&dir.join(IDENTITY), 4096).ok().flatten() else {
-        return Ok(None);
-    };
-    Ok(std::str::from_utf8(&body)
-        .ok()
-        .and_then(Identity::parse)
-        .filter(|i| i.holder == holder))
+    let text = spool::read_if_holder(&dir.join(LOCK), &dir.join(IDENTITY), 4096)?;
+    Ok(text.as_deref().and_then(Identity::parse))
 }
 
 /// The system identifier and major version of the cluster being recovered:
@@ -460,19 +452,8 @@ fn write_identity(dir: &Path, identity: &Identity) -> Result<()> {
 /// cluster the spool's files came from. A descriptor that cannot be read
 /// now (the store briefly unreachable) is not a change.
 fn same_repository(repo: &Repository, identity: &Identity) -> bool {
-    let body = match repo.storage.get(crate::repo::DESCRIPTOR_KEY) {
-        Ok(Some(mut r)) => {
-            let mut b = Vec::new();
-            match r.by_ref().take(64 << 10).read_to_end(&mut b) {
-                Ok(_) => b,
-                Err(_) => return true,
-            }
-        }
-        Ok(None) => return false,
-        Err(_) => return true,
-    };
-    match crate::repo::Descriptor::parse(&body) {
-        Ok(d) => {
+    match spool::descriptor_now(repo) {
+        Ok(Some(d)) => {
             let c = &identity.cluster;
             d.repository_id == identity.repository_id
                 && d.identity().is_ok_and(|n| {
@@ -481,7 +462,8 @@ fn same_repository(repo: &Repository, identity: &Identity) -> bool {
                         && n.wal_segment_size == c.wal_segment_size
                 })
         }
-        Err(_) => false,
+        Ok(None) => false,
+        Err(_) => true,
     }
 }
 
