@@ -355,6 +355,12 @@ pub fn spawn_detached(args: &[OsString], log: &Path) -> Result<()> {
     Ok(())
 }
 
+/// The wall-clock time of day to the millisecond, for debug lines that are
+/// compared across processes (the archive-get calls and the prefetcher).
+pub fn stamp() -> String {
+    chrono::Utc::now().format("%H:%M:%S%.3f").to_string()
+}
+
 /// A line for a background process's log, with the time (its standard
 /// error is a file nobody watches live).
 pub fn log_line(msg: &str) {

@@ -234,8 +234,29 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
     }
     if !running {
         start_prefetcher(cfg, only, &dir)?;
+        tracing::debug!(
+            "{} look-ahead {name}: no prefetcher, starting one",
+            spool::stamp()
+        );
     } else if let (false, Some(id)) = (served, &id) {
+        let t = Instant::now();
         served = wait_in_flight(&dir, name, dest, id)?;
+        tracing::debug!(
+            "{} look-ahead {name}: {} after waiting {:.1} ms",
+            spool::stamp(),
+            if served { "served" } else { "not in the spool" },
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    } else {
+        tracing::debug!(
+            "{} look-ahead {name}: {}",
+            spool::stamp(),
+            if served {
+                "hit"
+            } else {
+                "not served (no live identity of this cluster)"
+            }
+        );
     }
     Ok(served)
 }
@@ -524,6 +545,7 @@ fn prefetch_loop(
                 if work.send(name.clone()).is_err() {
                     return Err(Error::Repository("the prefetcher's workers stopped".into()));
                 }
+                tracing::debug!("{} prefetch {name}: started (want {want})", spool::stamp());
                 in_flight.insert(name.clone());
             }
         }
@@ -534,6 +556,15 @@ fn prefetch_loop(
         }
         match done.recv_timeout(SCAN) {
             Ok((name, outcome)) => {
+                tracing::debug!(
+                    "{} prefetch {name}: {}",
+                    spool::stamp(),
+                    match outcome {
+                        Fetched::Done => "done",
+                        Fetched::Missing => "not in the repository",
+                        Fetched::Failed => "failed",
+                    }
+                );
                 in_flight.remove(&name);
                 let pause = match outcome {
                     Fetched::Done => None,
