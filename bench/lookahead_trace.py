@@ -30,8 +30,9 @@ def kind(name):
 
 
 def main(d, tag):
-    calls = {}  # name -> dict
+    calls = {}  # name -> dict (a name asked twice: its last call)
     order = []
+    first_asked = None
     for line in open(f"{d}/{tag}.server.log", errors="replace"):
         m = LINE.search(line)
         if not m:
@@ -40,7 +41,9 @@ def main(d, tag):
         c = calls.setdefault(name, {})
         if who == "archive-get" and what == "asked":
             c["asked"] = t
-            order.append(name)
+            first_asked = t if first_asked is None else first_asked
+            if name not in order:
+                order.append(name)
         elif who == "archive-get" and what.startswith("exit"):
             em = re.match(r"exit (\d+) after ([\d.]+) ms", what)
             c["exit"], c["ms"] = int(em[1]), float(em[2])
@@ -75,7 +78,7 @@ def main(d, tag):
             seg_ms[what] += c.get("ms", 0)
             asked = c["asked"]
             ahead.append(sum(1 for n, t in done.items() if n > name and t <= asked))
-    print(f"== {tag}: {len(order)} archive-get calls")
+    print(f"== {tag}: {len(order)} names asked for (a name asked again counts once, with its last call)")
     for k, (n, ms) in sorted(by.items()):
         print(f"  {k:24s} {n:4d} calls  {ms / 1000:7.2f} s  ({ms / max(n, 1):6.1f} ms a call)")
     for k, n in seg.items():
@@ -83,11 +86,8 @@ def main(d, tag):
     if ahead:
         s = sorted(ahead)
         print(f"  segments ready beyond the one asked for: min {s[0]}, median {s[len(s) // 2]}, max {s[-1]}")
-    if order:
-        first = calls[order[0]]["asked"]
-        pstart = min(started.values()) if started else None
-        if pstart is not None:
-            print(f"  first prefetch started {pstart - first:.3f} s after the first call")
+    if first_asked is not None and started:
+        print(f"  first prefetch started {min(started.values()) - first_asked:.3f} s after the first call")
     try:
         ops = collections.Counter()
         keys = collections.Counter()
