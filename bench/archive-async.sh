@@ -30,7 +30,11 @@
 # PGBR=path uses that pgBackRest 2.59.1; ARCHIVE_RUNS (default RUNS) timed
 # archiving runs; VARIANTS (default "floor ws-la0 ws-la8 pgbr-sync
 # pgbr-async") the replays; BIN_B=path and variants b-ws-laN replay with
-# that walshipper binary too (an A/B in the same run).
+# that walshipper binary too (an A/B in the same run; its async archiving
+# is then timed as well). TRACE=1 keeps, per
+# replay, the server log with archive-get's debug lines, the prefetcher's
+# log and the store's requests in $B/trace (WALSHIPPER_LOG=walshipper=debug;
+# not for timing: compare traced runs only with each other).
 set -euo pipefail
 if [ "${BENCH_INNER:-}" != 1 ]; then
   source "$(dirname "$0")/../scripts/lib.sh"
@@ -45,9 +49,9 @@ if [ "${BENCH_INNER:-}" != 1 ]; then
   [ "${REPO:-posix}" = s3 ] && as_test_user bash "$REPO_TOP/scripts/s3-server.sh" start
   as_test_user env BENCH_INNER=1 B="$B" BIN="$BIN" PGBR="$PGBR" \
     SEGMENTS="${SEGMENTS:-64}" RUNS="${RUNS:-3}" ARCHIVE_RUNS="${ARCHIVE_RUNS:-}" \
-    REPO="${REPO:-posix}" LATENCY_MS="${LATENCY_MS:-20}" VARIANTS="${VARIANTS:-}" BIN_B="${BIN_B:-}" \
+    REPO="${REPO:-posix}" LATENCY_MS="${LATENCY_MS:-20}" VARIANTS="${VARIANTS:-}" BIN_B="${BIN_B:-}" TRACE="${TRACE:-}" \
     bash "$PGB_ROOT/src/bench/archive-async.sh"
-  rm -rf "$B"
+  [ "${TRACE:-}" = 1 ] || rm -rf "$B"
   exit 0
 fi
 
@@ -60,7 +64,7 @@ LOCK=/var/tmp/pg_backup/bench.lock
 HERE=$(cd "$(dirname "$0")" && pwd)
 cd "$B"
 mkdir -p sock spool-ws spool-pgbr pgbr-log
-export B BIN PGBR LOCK
+export B BIN BIN_B PGBR LOCK
 # A server an aborted run left here: its sockets would be removed under it.
 for d in pg r; do
   [ -f "$d/postmaster.pid" ] && pg_ctl -D "$d" -m immediate -w stop >/dev/null 2>&1 || true
@@ -213,6 +217,7 @@ timed_archive() {
   local cmd
   case $1 in
     walshipper) cmd="$BIN --config $B/ws-la0.toml archive-push %p" ;;
+    walshipper-b) cmd="$BIN_B --config $B/ws-la0.toml archive-push %p" ;;
     pgbackrest) cmd="$PGBR --config=$B/pgbr-async.conf --stanza=bench archive-push %p" ;;
   esac
   echo "archive_command = '$cmd'" > pg/archive.conf
@@ -261,14 +266,15 @@ median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a
 
 declare -A RES
 for run in $(seq 1 "$ARCHIVE_RUNS"); do
-  for tool in walshipper pgbackrest; do
+  # With BIN_B, that binary's archiving is timed too (an A/B).
+  for tool in walshipper ${BIN_B:+walshipper-b} pgbackrest; do
     pg_ctl -D pg -l pg.log -w start >/dev/null
     # A fresh repository per run (on S3 a prefix of its own); the last
     # run's of each tool stays for the replay benchmark.
     rm -rf spool-ws/* spool-pgbr/*
-    if [ $tool = walshipper ]; then
+    if [ $tool != pgbackrest ]; then
       rm -rf ws-repo keycache
-      ws_confs "$run"
+      ws_confs "$run${tool#walshipper}" # walshipper-b: a prefix of its own on S3
       "$BIN" --config ws-la0.toml repo-init >/dev/null
     else
       rm -rf pgbr-repo
@@ -314,7 +320,12 @@ archive_mode = off
 restore_command = '$rc'
 CONF
     echo "archive_command = ''" > r/archive.conf
-    s=$(flock -o "$LOCK" bash -c 'timed_replay')
+    s3_from=$( [ -f s3.log ] && wc -l < s3.log || echo 0)
+    if [ "${TRACE:-}" = 1 ]; then
+      s=$(WALSHIPPER_LOG=walshipper=debug flock -o "$LOCK" bash -c 'timed_replay')
+    else
+      s=$(flock -o "$LOCK" bash -c 'timed_replay')
+    fi
     # Every variant must replay the same WAL: the same end of redo.
     end=$(grep -o 'redo done at [0-9A-F/]*' r.log | awk '{print $4}')
     # PostgreSQL's own time from redo start to redo done: the WAL replay,
@@ -328,12 +339,21 @@ CONF
     RES[replay_$variant]+="$s "
     pg_ctl -D r -m immediate -w stop >/dev/null
     stop_bg spool-ws/archive-get/*/prefetch.lock
+    # The store's requests of this replay; with TRACE=1 also the server log
+    # (archive-get's debug lines) and the prefetcher's log, for
+    # bench/lookahead_trace.py.
+    mkdir -p trace
+    [ -f s3.log ] && tail -n +"$((s3_from + 1))" s3.log > "trace/$variant-$run.s3.log"
+    if [ "${TRACE:-}" = 1 ]; then
+      cp r.log "trace/$variant-$run.server.log"
+      cat spool-ws/archive-get/*/prefetch.log > "trace/$variant-$run.prefetch.log" 2>/dev/null || true
+    fi
   done
 done
 rm -rf r floor floor-run
 
 m() { echo "${RES[$1]:-nan}" | tr ' ' '\n' | grep . | median; }
-aw=$(m archive_walshipper); ap=$(m archive_pgbackrest)
+aw=$(m archive_walshipper); ap=$(m archive_pgbackrest); ab=$(m archive_walshipper-b)
 r0=$(m replay_ws-la0); r8=$(m replay_ws-la8); p0=$(m replay_pgbr-sync); p8=$(m replay_pgbr-async)
 d0=$(m redo_ws-la0); d8=$(m redo_ws-la8); e0=$(m redo_pgbr-sync); e8=$(m redo_pgbr-async)
 fl=$(m redo_floor)
@@ -345,6 +365,9 @@ printf 'redo floor (segments local, mv) %6.2fs: best look-ahead speed-up possibl
   "$fl" "$(echo "$d0 / $fl" | bc -l)"
 printf 'async archive   walshipper %6.2fs (%5.1f files/s)   pgBackRest %6.2fs (%5.1f files/s)   throughput ratio %.2fx (target >= 2)\n' \
   "$aw" "$(echo "$NREADY / $aw" | bc -l)" "$ap" "$(echo "$NREADY / $ap" | bc -l)" "$(echo "$ap / $aw" | bc -l)"
+[ -n "${BIN_B:-}" ] && printf 'async archive   BIN_B      %6.2fs (%5.1f files/s)   ratio to pgBackRest %.2fx   (runs: %s)\n' \
+  "$ab" "$(echo "$NREADY / $ab" | bc -l)" "$(echo "$ap / $ab" | bc -l)" "${RES[archive_walshipper-b]:-}"
+printf 'async archive runs: walshipper %s  pgBackRest %s\n' "${RES[archive_walshipper]:-}" "${RES[archive_pgbackrest]:-}"
 printf 'redo (WAL replay) walshipper one-by-one %6.2fs  look-ahead 8 %6.2fs  speed-up %.2fx (target >= 2)\n' \
   "$d0" "$d8" "$(echo "$d0 / $d8" | bc -l)"
 printf 'redo (WAL replay) pgBackRest sync       %6.2fs  async         %6.2fs  speed-up %.2fx\n' \

@@ -1,7 +1,8 @@
 """A counting HTTP(S) proxy in front of an S3-compatible store, for the
 benchmarks: every request is forwarded unchanged (Host header included, so
 SigV4 signatures still match) and logged as one line of the log file:
-"<method> <operation> <request bytes> <response bytes> <status>".
+"<method> <operation> <request bytes> <response bytes> <status> <arrived>
+<answered> <path>" (times in epoch seconds; readers use the first five).
 Count with `s3_count_proxy.py count LOG FROM_LINE`.
 
 Usage:
@@ -94,6 +95,7 @@ class Proxy(http.server.BaseHTTPRequestHandler):
         return (self.rfile.read(n) if n else b""), False
 
     def _forward(self):
+        arrived = time.time()
         body, chunked = self._body()
         if LATENCY > 0:
             time.sleep(LATENCY)
@@ -139,7 +141,13 @@ class Proxy(http.server.BaseHTTPRequestHandler):
         else:
             resp.read()
         self.wfile.flush()
-        line = f"{self.command} {operation(self.command, self.path)} {len(body)} {sent} {resp.status}\n"
+        # Then, for tracing (readers take the first five fields): when the
+        # request arrived and when its answer was sent (epoch seconds), and
+        # the path.
+        line = (
+            f"{self.command} {operation(self.command, self.path)} {len(body)} {sent} {resp.status}"
+            f" {arrived:.3f} {time.time():.3f} {urlsplit(self.path).path}\n"
+        )
         with self.log_lock:
             self.log_file.write(line)
             self.log_file.flush()
@@ -178,7 +186,7 @@ def count(log, start=0, stop=None):
         lines = f.read().splitlines()[int(start) : None if stop is None else int(stop)]
     out = {"requests": 0, "by_method": {}, "by_operation": {}, "bytes_up": 0, "bytes_down": 0, "errors": 0}
     for line in lines:
-        method, op, up, down, status = line.split()
+        method, op, up, down, status = line.split()[:5]
         out["requests"] += 1
         out["by_method"][method] = out["by_method"].get(method, 0) + 1
         out["by_operation"][op] = out["by_operation"].get(op, 0) + 1

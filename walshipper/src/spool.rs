@@ -251,6 +251,65 @@ pub fn lock_holder(path: &Path) -> Result<Option<u32>> {
         .and_then(|t| t.trim().parse().ok()))
 }
 
+/// The text of `file` if the process holding the lock at `lock` wrote it:
+/// a file a background process writes under its lock carries a
+/// `holder=<pid>` line, and it vouches for nothing once that process is
+/// gone (a file left by a dead run, or by one that lost the lock, is not
+/// the live holder's). The look-ahead's identity file and the pusher's
+/// vouch are both read through this. None: no holder now, no such file,
+/// or another holder's.
+pub fn read_if_holder(lock: &Path, file: &Path, max: u64) -> Result<Option<String>> {
+    let Some(holder) = lock_holder(lock)? else {
+        return Ok(None);
+    };
+    let Some(body) = read_small(file, max).ok().flatten() else {
+        return Ok(None);
+    };
+    let Ok(text) = String::from_utf8(body) else {
+        return Ok(None);
+    };
+    let wrote = text
+        .lines()
+        .find_map(|l| l.strip_prefix("holder="))
+        .and_then(|p| p.parse::<u32>().ok());
+    Ok((wrote == Some(holder)).then_some(text))
+}
+
+/// Milliseconds on CLOCK_BOOTTIME: one clock for every process of this
+/// boot, never stepped by NTP or an administrator (the wall clock may be),
+/// and counting time suspended (an age measured on it is never too
+/// short). Compared only between processes alive at the same time (a
+/// live lock holder and a reader), so never across a reboot.
+pub fn boottime_ms() -> u64 {
+    // SAFETY: clock_gettime with a valid clock id and a zeroed out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64)
+        .saturating_mul(1000)
+        .saturating_add(ts.tv_nsec as u64 / 1_000_000)
+}
+
+/// The repository's descriptor as the store holds it now (the background
+/// processes read it again every few seconds: a repository re-created at
+/// the same place has a new id). Ok(None): there is none, or it is not a
+/// descriptor (a repository removed or replaced); Err: it cannot be read
+/// now (the store unreachable), which says nothing either way.
+pub fn descriptor_now(repo: &crate::repo::Repository) -> Result<Option<crate::repo::Descriptor>> {
+    let Some(r) = repo.storage.get(crate::repo::DESCRIPTOR_KEY)? else {
+        return Ok(None);
+    };
+    let mut body = Vec::new();
+    r.take(64 << 10).read_to_end(&mut body).map_err(|e| {
+        Error::io(
+            format!("read repository.json of repository {}", repo.name),
+            e,
+        )
+    })?;
+    Ok(crate::repo::Descriptor::parse(&body).ok())
+}
+
 /// Starts this binary again with `args`, detached: its own session (setsid:
 /// no signal for PostgreSQL's process group reaches it, and it outlives the
 /// archiver's call), no standard input or output, standard error appended to
@@ -294,6 +353,12 @@ pub fn spawn_detached(args: &[OsString], log: &Path) -> Result<()> {
     // Not waited for: it outlives us, and init reaps it.
     drop(child);
     Ok(())
+}
+
+/// The wall-clock time of day to the millisecond, for debug lines that are
+/// compared across processes (the archive-get calls and the prefetcher).
+pub fn stamp() -> String {
+    chrono::Utc::now().format("%H:%M:%S%.3f").to_string()
 }
 
 /// A line for a background process's log, with the time (its standard

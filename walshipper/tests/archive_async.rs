@@ -276,6 +276,105 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     drop(r3);
 
     damaged_object_in_window_is_refused(&shipper, &base, d, &done);
+    vouch_speaks_only_while_fresh(&shipper, &base, d);
+}
+
+/// The running pusher vouches for the repository's id, so that
+/// archive-push does not open the repository on each call; its word holds
+/// only while it is fresh (VOUCH_MAX_AGE, 5 s). A posix repository of its
+/// own (its descriptor made unreadable, then the repository re-created).
+/// Without the vouch, the second push fails (archive-push opens the
+/// repository itself).
+fn vouch_speaks_only_while_fresh(shipper: &Shipper, base: &Path, d: &Path) {
+    if test_backend() != "posix" {
+        return;
+    }
+    const VOUCH_MAX_AGE: Duration = Duration::from_secs(5);
+    let repo = d.join("vouch-repo");
+    let spool = d.join("vouch-spool");
+    let wal = d.join("vouch/pg_wal");
+    std::fs::create_dir_all(wal.join("archive_status")).unwrap();
+    std::fs::create_dir(&spool).unwrap();
+    let cmd = || {
+        let mut c = shipper.cmd();
+        c.env("WALSHIPPER_REPO_PATH", &repo)
+            .env("WALSHIPPER_ARCHIVE_SPOOL_DIR", &spool)
+            .env("WALSHIPPER_ARCHIVE_ASYNC_WAIT", "20")
+            .env("WALSHIPPER_RESTORE_LOOKAHEAD", "0");
+        c
+    };
+    run_ok(cmd().args(["repo-init", "--kdf-memory-kib", "8192"]));
+    // A genuine segment of the cluster, from the suite's repository.
+    let name = first_segment(base);
+    run_ok(
+        shipper
+            .cmd()
+            .env("WALSHIPPER_RESTORE_LOOKAHEAD", "0")
+            .arg("archive-get")
+            .arg(&name)
+            .arg(wal.join(&name)),
+    );
+    std::fs::write(wal.join(format!("archive_status/{name}.ready")), "").unwrap();
+    let push = || run(cmd().arg("archive-push").arg(wal.join(&name)));
+    let out = push();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let dir = only_subdir(&spool.join("archive-push")).expect("spool");
+
+    // The descriptor unreadable: the pusher's fresh word still holds.
+    use std::os::unix::fs::PermissionsExt;
+    let descriptor = repo.join("repository.json");
+    let mode = |m| std::fs::set_permissions(&descriptor, std::fs::Permissions::from_mode(m));
+    mode(0o000).unwrap();
+    let out = push();
+    assert!(
+        out.status.success(),
+        "archive-push opened the repository despite the pusher's fresh vouch: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Once the pusher could not renew it for VOUCH_MAX_AGE, it is not used.
+    std::thread::sleep(VOUCH_MAX_AGE + Duration::from_secs(1));
+    let out = push();
+    mode(0o600).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("repository.json"),
+        "an expired vouch was trusted: {err}"
+    );
+
+    // Re-created at the same place (a new id): within VOUCH_MAX_AGE the
+    // pusher sees it and stops vouching; the old record is refused and the
+    // segment pushed into the new repository.
+    std::fs::rename(&repo, d.join("vouch-repo-old")).unwrap();
+    run_ok(cmd().args(["repo-init", "--kdf-memory-kib", "8192"]));
+    std::thread::sleep(VOUCH_MAX_AGE);
+    let out = push();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let log = std::fs::read_to_string(dir.join("pusher.log")).unwrap_or_default();
+    assert!(log.contains("descriptor changed"), "pusher log: {log}");
+    let back = d.join("vouch-back");
+    run_ok(cmd().arg("archive-get").arg(&name).arg(&back));
+    assert_eq!(
+        std::fs::read(&back).unwrap(),
+        std::fs::read(wal.join(&name)).unwrap(),
+        "the segment is not in the re-created repository"
+    );
+    // Its pusher would exit after 30 idle seconds.
+    if let Some(pid) = std::fs::read_to_string(dir.join("pusher.lock"))
+        .ok()
+        .and_then(|t| t.trim().parse::<i32>().ok())
+        .filter(|p| *p > 1 && pid_alive(*p))
+    {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("archive-push-async") {
+            // SAFETY: SIGKILL to a process of our own test.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
 }
 
 /// The first WAL segment base backup `base` needs, from its backup_label.

@@ -26,14 +26,33 @@
 //! file archive-push was given (the hash the codec computed over the bytes
 //! it stored: BLAKE3, or SHA-256 for an object an older walshipper stored,
 //! which then hashes the file), and it names the repository id of every repository push_to
-//! requires, read from the repositories now: a record of another cluster,
-//! of other bytes under the same name, or of a repository since re-created
-//! at the same place, is refused and removed.
+//! requires: a record of another cluster, of other bytes under the same
+//! name, or of a repository since re-created at the same place, is refused
+//! and removed.
+//!
+//! Those ids: opening the repositories on each call (on S3 a client set up
+//! and a request, paid serially by the archiver) was most of a call's cost,
+//! so the running pusher vouches for them. It holds pusher.lock and has the
+//! repositories open; it writes `vouch` (its pid, each required
+//! repository's name and id, the CLOCK_BOOTTIME instant it read them) when
+//! it opens them and renews it every VOUCH_RECHECK after reading each
+//! descriptor again. archive-push takes the vouch only from the live lock
+//! holder (spool::read_if_holder, as the look-ahead's identity file) and
+//! only under VOUCH_MAX_AGE old, else it opens the repositories itself. The
+//! boot clock, not the file's mtime: the wall clock can be stepped back,
+//! making an old vouch look new; the writer being alive means one boot.
+//! The window this opens: a repository re-created at the same place is
+//! noticed within VOUCH_MAX_AGE (a changed id removes the vouch at once and
+//! retires the pusher; an unreadable descriptor lets it age out), and a
+//! record naming the old repository can be accepted until then. The
+//! synchronous push has the same race, shorter: it reads the id when it
+//! opens the repository, then pushes.
 
 use std::collections::HashSet;
 use std::ffi::OsString;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -67,6 +86,16 @@ const IDLE_EXIT: Duration = Duration::from_secs(30);
 const MAX_LIFE: Duration = Duration::from_secs(300);
 const LOCK: &str = "pusher.lock";
 const LOG: &str = "pusher.log";
+/// The running pusher's word for the repositories' ids (see [`Vouch`]).
+const VOUCH: &str = "vouch";
+const VOUCH_FORMAT: &str = "walshipper async-push vouch 1";
+/// How often the pusher reads each required repository's descriptor again
+/// to renew its vouch.
+const VOUCH_RECHECK: Duration = Duration::from_secs(2);
+/// A vouch older than this is not used: archive-push opens the
+/// repositories itself. The longest a record of a repository re-created at
+/// the same place can still be accepted (docs/operations.md).
+const VOUCH_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// The spool directory of this configuration and pg_wal directory.
 fn spool_dir(cfg: &Config, pg_wal: &Path) -> Result<PathBuf> {
@@ -218,12 +247,27 @@ pub fn push(cfg: &Config, path: &Path) -> Result<()> {
     }
     let dir = spool_dir(cfg, &pg_wal)?;
     spool::check_room(&dir, "archive.spool_dir")?;
-    let required = required_ids(cfg)?;
     let deadline = Instant::now() + Duration::from_secs(cfg.archive.async_wait);
     let mut next_pusher_check = Instant::now();
+    // The repositories opened by this call, when no fresh vouch spoke for them.
+    let mut opened: Option<Vec<(String, String)>> = None;
     loop {
-        if consume_record(&dir, &name, path, &required)? {
-            return Ok(());
+        let has_record = [record_name(&name), consumed_name(&name)]
+            .iter()
+            .any(|r| dir.join(r).exists());
+        if has_record {
+            // The ids a record must name, taken when it is checked: the
+            // live pusher's fresh vouch, else the repositories themselves.
+            let required = match vouched_ids(cfg, &dir)? {
+                Some(ids) => ids,
+                None => match &opened {
+                    Some(ids) => ids.clone(),
+                    None => opened.insert(required_ids(cfg)?).clone(),
+                },
+            };
+            if consume_record(&dir, &name, path, &required)? {
+                return Ok(());
+            }
         }
         if let Some(msg) = take_error(&dir, &name) {
             ensure_pusher(cfg, &dir, &pg_wal)?;
@@ -254,16 +298,122 @@ pub fn push(cfg: &Config, path: &Path) -> Result<()> {
 /// the repositories now (so that a record of a repository since re-created
 /// at the same place is refused).
 fn required_ids(cfg: &Config) -> Result<Vec<(String, String)>> {
+    let required = required_names(cfg);
+    cfg.repos
+        .iter()
+        .filter(|rc| required.contains(&rc.name.as_str()))
+        .map(|rc| {
+            let repo = Repository::open_repo(cfg, rc)?;
+            Ok((rc.name.clone(), repo.descriptor.repository_id.clone()))
+        })
+        .collect()
+}
+
+/// The running pusher's word for the ids of the repositories it pushes to:
+/// written under its lock when it opened them and again each time it read
+/// their descriptors (every VOUCH_RECHECK), with the CLOCK_BOOTTIME
+/// instant of that reading. archive-push takes it instead of opening the
+/// repositories itself only while the pusher that wrote it holds the lock
+/// and the reading is under VOUCH_MAX_AGE old.
+#[derive(Debug, PartialEq)]
+struct Vouch {
+    holder: u32,
+    /// CLOCK_BOOTTIME milliseconds when the ids were read from the store.
+    checked_ms: u64,
+    /// (repository name, repository id)
+    repos: Vec<(String, String)>,
+}
+
+impl Vouch {
+    fn render(&self) -> String {
+        let repos: Vec<String> = self
+            .repos
+            .iter()
+            .map(|(n, id)| format!("{n}:{id}"))
+            .collect();
+        format!(
+            "{VOUCH_FORMAT}\nholder={}\nchecked_boottime_ms={}\nrepos={}\n",
+            self.holder,
+            self.checked_ms,
+            repos.join(",")
+        )
+    }
+
+    /// None for anything but a whole vouch of this format.
+    fn parse(text: &str) -> Option<Vouch> {
+        let mut lines = text.strip_suffix('\n')?.split('\n');
+        if lines.next()? != VOUCH_FORMAT {
+            return None;
+        }
+        let mut field = |key: &str| {
+            lines
+                .next()?
+                .strip_prefix(key)?
+                .strip_prefix('=')
+                .map(str::to_string)
+        };
+        let holder = field("holder")?.parse().ok()?;
+        let checked_ms = field("checked_boottime_ms")?.parse().ok()?;
+        let repos = field("repos")?
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| {
+                s.split_once(':')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        if lines.next().is_some() || repos.is_empty() {
+            return None;
+        }
+        Some(Vouch {
+            holder,
+            checked_ms,
+            repos,
+        })
+    }
+
+    /// Read less than VOUCH_MAX_AGE before `now_ms`; a reading from the
+    /// future (impossible on one boot's clock) is not fresh either.
+    fn fresh(&self, now_ms: u64) -> bool {
+        now_ms >= self.checked_ms && now_ms - self.checked_ms < VOUCH_MAX_AGE.as_millis() as u64
+    }
+}
+
+/// The names of the repositories push_to requires, in configuration order.
+fn required_names(cfg: &Config) -> Vec<&str> {
     let all = cfg.archive.push_to == "all";
     cfg.repos
         .iter()
         .enumerate()
         .filter(|(i, _)| all || *i == 0)
-        .map(|(_, rc)| {
-            let repo = Repository::open_repo(cfg, rc)?;
-            Ok((rc.name.clone(), repo.descriptor.repository_id.clone()))
-        })
+        .map(|(_, rc)| rc.name.as_str())
         .collect()
+}
+
+/// The required repositories' ids as the running pusher last read them, if
+/// it read them less than VOUCH_MAX_AGE ago and vouches for every one.
+/// None: open the repositories (no pusher, another run's vouch, one too
+/// old, or a repository it could not open).
+fn vouched_ids(cfg: &Config, dir: &Path) -> Result<Option<Vec<(String, String)>>> {
+    let Some(text) = spool::read_if_holder(&dir.join(LOCK), &dir.join(VOUCH), RECORD_MAX)? else {
+        return Ok(None);
+    };
+    let Some(vouch) = Vouch::parse(&text) else {
+        return Ok(None);
+    };
+    if !vouch.fresh(spool::boottime_ms()) {
+        return Ok(None);
+    }
+    Ok(required_names(cfg)
+        .into_iter()
+        .map(|n| {
+            vouch
+                .repos
+                .iter()
+                .find(|(v, _)| v == n)
+                .map(|(_, id)| (n.to_string(), id.clone()))
+        })
+        .collect())
 }
 
 /// True when a success record proves `path` stored. The record is then
@@ -399,6 +549,19 @@ impl Targets {
         Ok(Targets::Many(repos, failed))
     }
 
+    /// The opened repositories push_to requires; None when one of them
+    /// did not open (the pusher then vouches for nothing).
+    fn required(&self, cfg: &Config) -> Option<Vec<&Repository>> {
+        let opened: Vec<&Repository> = match self {
+            Targets::One(repo) => vec![repo.as_ref()],
+            Targets::Many(repos, _) => repos.iter().collect(),
+        };
+        required_names(cfg)
+            .into_iter()
+            .map(|n| opened.iter().find(|r| r.name == n).copied())
+            .collect()
+    }
+
     fn push(&self, cfg: &Config, path: &Path) -> Result<Pushed> {
         match self {
             Targets::One(repo) => archive_push::push_one(repo, path),
@@ -474,6 +637,9 @@ pub fn run_pusher(cfg: &Config, pg_wal: &Path) -> Result<()> {
         cfg.archive.async_jobs,
         cfg.archive.async_queue_max
     ));
+    // Taken before the descriptors are read: the vouch's age is never
+    // understated.
+    let opened_ms = spool::boottime_ms();
     let targets = match Targets::open(cfg) {
         Ok(t) => t,
         Err(e) => {
@@ -488,7 +654,13 @@ pub fn run_pusher(cfg: &Config, pg_wal: &Path) -> Result<()> {
     let (work_tx, work_rx) = mpsc::channel::<String>();
     let work_rx = Mutex::new(work_rx);
     let (done_tx, done_rx) = mpsc::channel::<String>();
+    let changed = AtomicBool::new(false);
+    let (stop_vouch, vouch_stop_rx) = mpsc::channel::<()>();
     std::thread::scope(|s| {
+        {
+            let (targets, dir, changed) = (&targets, &dir, &changed);
+            s.spawn(move || keep_vouch(cfg, targets, dir, opened_ms, &vouch_stop_rx, changed));
+        }
         for _ in 0..cfg.archive.async_jobs {
             let (work_rx, done_tx) = (&work_rx, done_tx.clone());
             let (targets, dir, pg_wal) = (&targets, &dir, &pg_wal);
@@ -502,13 +674,86 @@ pub fn run_pusher(cfg: &Config, pg_wal: &Path) -> Result<()> {
             });
         }
         drop(done_tx);
-        let result = dispatch(cfg, &dir, &pg_wal, &work_tx, &done_rx);
+        let result = dispatch(cfg, &dir, &pg_wal, &work_tx, &done_rx, &changed);
         drop(work_tx);
+        drop(stop_vouch);
         if let Err(e) = &result {
             spool::log_line(&format!("pusher stops: {e}"));
         }
         result
     })
+}
+
+/// Keeps the pusher's vouch ([`Vouch`]) while the pusher runs: written for
+/// the ids read when the repositories were opened (at `opened_ms`), then
+/// renewed every VOUCH_RECHECK after each required repository's descriptor
+/// was read again and still names the same id. A descriptor that cannot be
+/// read (the store unreachable) leaves the vouch to age out, and
+/// archive-push opens the repositories itself; one that is gone or names
+/// another id (a repository re-created at the same place) removes the
+/// vouch at once and sets `changed`: the pusher retires, and the next one
+/// opens the new repository. Removed when `stop` closes.
+fn keep_vouch(
+    cfg: &Config,
+    targets: &Targets,
+    dir: &Path,
+    opened_ms: u64,
+    stop: &mpsc::Receiver<()>,
+    changed: &AtomicBool,
+) {
+    let Some(repos) = targets.required(cfg) else {
+        return;
+    };
+    let mut vouch = Vouch {
+        holder: std::process::id(),
+        checked_ms: opened_ms,
+        repos: repos
+            .iter()
+            .map(|r| (r.name.clone(), r.descriptor.repository_id.clone()))
+            .collect(),
+    };
+    let write = |v: &Vouch| {
+        if let Err(e) = spool::write_durable(dir, VOUCH, v.render().as_bytes()) {
+            // archive-push then opens the repositories itself.
+            tracing::warn!("cannot write {}: {e}", dir.join(VOUCH).display());
+        }
+    };
+    write(&vouch);
+    let mut unreadable = false;
+    while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(VOUCH_RECHECK) {
+        let now = spool::boottime_ms();
+        let mut same = true;
+        let mut readable = true;
+        for (repo, (_, id)) in repos.iter().zip(&vouch.repos) {
+            match spool::descriptor_now(repo) {
+                Ok(Some(d)) if &d.repository_id == id => {}
+                Ok(_) => same = false,
+                Err(e) => {
+                    if !unreadable {
+                        spool::log_line(&format!(
+                            "cannot read the descriptor of repository {} again ({e}): archive-push opens the repositories itself until it can",
+                            repo.name
+                        ));
+                    }
+                    readable = false;
+                }
+            }
+        }
+        if !same {
+            spool::log_line(
+                "a repository's descriptor changed (re-created or removed): no longer vouching for its id; retiring",
+            );
+            changed.store(true, Ordering::SeqCst);
+            break;
+        }
+        unreadable = !readable;
+        // Not renewed when unreadable: it ages out.
+        if readable {
+            vouch.checked_ms = now;
+            write(&vouch);
+        }
+    }
+    let _ = fs::remove_file(dir.join(VOUCH));
 }
 
 /// The pusher's loop: hands ready files to the workers, at most
@@ -520,6 +765,7 @@ fn dispatch(
     pg_wal: &Path,
     work: &mpsc::Sender<String>,
     done: &mpsc::Receiver<String>,
+    changed: &AtomicBool,
 ) -> Result<()> {
     let mut in_flight: HashSet<String> = HashSet::new();
     let mut idle_since = Instant::now();
@@ -528,11 +774,11 @@ fn dispatch(
         while let Ok(n) = done.try_recv() {
             in_flight.remove(&n);
         }
-        let retiring = started.elapsed() >= MAX_LIFE;
+        // A repository re-created under us: no new work for the
+        // repositories as opened; the next pusher opens the new one.
+        let retiring = started.elapsed() >= MAX_LIFE || changed.load(Ordering::SeqCst);
         if retiring && in_flight.is_empty() {
-            spool::log_line(
-                "pusher retiring after 5 minutes: the next archive-push starts a fresh one",
-            );
+            spool::log_line("pusher retiring: the next archive-push starts a fresh one");
             return Ok(());
         }
         let ready = ready_files(pg_wal)?;
@@ -656,5 +902,77 @@ mod tests {
             assert_eq!(Record::parse(&text.as_bytes()[..cut]), None, "cut at {cut}");
         }
         assert_eq!(Record::parse(b"garbage\n"), None);
+    }
+
+    #[test]
+    fn vouch_round_trips_ages_and_speaks_only_for_the_live_holder() {
+        let v = Vouch {
+            holder: std::process::id(),
+            checked_ms: 1_000_000,
+            repos: vec![
+                ("repo1".into(), "ab".repeat(16)),
+                ("dr".into(), "cd".repeat(16)),
+            ],
+        };
+        let text = v.render();
+        assert_eq!(Vouch::parse(&text).as_ref(), Some(&v));
+        for cut in 0..text.len() {
+            assert_eq!(Vouch::parse(&text[..cut]), None, "cut at {cut}");
+        }
+        assert_eq!(Vouch::parse(&format!("{text}x=1\n")), None);
+        assert_eq!(Vouch::parse(&text.replace("vouch 1", "vouch 2")), None);
+        // Fresh for VOUCH_MAX_AGE on the boot clock, never from the future.
+        let max = VOUCH_MAX_AGE.as_millis() as u64;
+        assert!(v.fresh(1_000_000) && v.fresh(1_000_000 + max - 1));
+        assert!(!v.fresh(1_000_000 + max) && !v.fresh(999_999));
+
+        // Taken only from the live lock holder, fresh, naming every
+        // required repository.
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let f = dir.join("w.toml");
+        fs::write(
+            &f,
+            format!("[repo]\npath = \"{}\"\n", dir.join("r").display()),
+        )
+        .unwrap();
+        let cfg = Config::load_with_env(Some(&f), []).unwrap();
+        let now = Vouch {
+            holder: std::process::id(),
+            checked_ms: spool::boottime_ms(),
+            repos: vec![(cfg.repos[0].name.clone(), "ef".repeat(16))],
+        };
+        fs::write(dir.join(VOUCH), now.render()).unwrap();
+        assert_eq!(vouched_ids(&cfg, dir).unwrap(), None, "no holder");
+        let lock = spool::try_lock(&dir.join(LOCK)).unwrap().expect("free");
+        assert_eq!(
+            vouched_ids(&cfg, dir).unwrap(),
+            Some(vec![(cfg.repos[0].name.clone(), "ef".repeat(16))])
+        );
+        let other = Vouch {
+            holder: std::process::id() + 1,
+            ..now
+        };
+        fs::write(dir.join(VOUCH), other.render()).unwrap();
+        assert_eq!(vouched_ids(&cfg, dir).unwrap(), None, "another run's");
+        let old = Vouch {
+            holder: std::process::id(),
+            checked_ms: spool::boottime_ms() - max,
+            repos: other.repos.clone(),
+        };
+        fs::write(dir.join(VOUCH), old.render()).unwrap();
+        assert_eq!(vouched_ids(&cfg, dir).unwrap(), None, "too old");
+        let elsewhere = Vouch {
+            holder: std::process::id(),
+            checked_ms: spool::boottime_ms(),
+            repos: vec![("other".into(), "ef".repeat(16))],
+        };
+        fs::write(dir.join(VOUCH), elsewhere.render()).unwrap();
+        assert_eq!(
+            vouched_ids(&cfg, dir).unwrap(),
+            None,
+            "not the required one"
+        );
+        drop(lock);
     }
 }

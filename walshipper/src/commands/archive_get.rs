@@ -62,6 +62,29 @@ pub fn main(config: Option<&Path>, only: Option<&str>, name: &str, dest: &Path) 
     let standby = standby_mode();
     let parents = parents();
     let started = Instant::now();
+    // WALSHIPPER_LOG=walshipper=debug: each call's start, outcome and time
+    // (with the look-ahead's own lines, where a recovery's time goes).
+    tracing::debug!("{} archive-get {name}: asked", crate::spool::stamp());
+    let code = main_loop(config, only, name, &kind, dest, standby, parents, started);
+    tracing::debug!(
+        "{} archive-get {name}: exit {code} after {:.1} ms",
+        crate::spool::stamp(),
+        started.elapsed().as_secs_f64() * 1000.0
+    );
+    code
+}
+
+#[allow(clippy::too_many_arguments)]
+fn main_loop(
+    config: Option<&Path>,
+    only: Option<&str>,
+    name: &str,
+    kind: &WalFileKind,
+    dest: &Path,
+    standby: bool,
+    parents: (libc::pid_t, Option<libc::pid_t>),
+    started: Instant,
+) -> i32 {
     let mut timeout: Option<u64> = None;
     let mut delay = Duration::from_secs(1);
     let mut attempts = 0u32;
@@ -70,7 +93,7 @@ pub fn main(config: Option<&Path>, only: Option<&str>, name: &str, dest: &Path) 
         let outcome = match Config::load(config) {
             Ok(cfg) => {
                 timeout = Some(cfg.restore.archive_get_retry_timeout);
-                attempt(&cfg, only, name, &kind, dest)
+                attempt(&cfg, only, name, kind, dest)
             }
             Err(e) => Outcome::Retry(e),
         };
@@ -219,12 +242,22 @@ fn attempt(
     };
     let mut retry = None;
     let mut stop = None;
+    // Those that answered "not there", kept open for the streamed tail (on
+    // S3 an open is a client set up and a request: at the end of the
+    // archive, where recovery asks for the next segment twice).
+    let mut answered = Vec::new();
     for rc in repos {
         // Only the object itself may answer "not there": a repository that
         // cannot be opened (not mounted, bucket or descriptor missing) says
         // nothing about the file.
         let result = match Repository::open_repo(cfg, rc) {
-            Ok(repo) => fetch(&repo, name, kind, &key, dest, repo.threads()),
+            Ok(repo) => match fetch(&repo, name, kind, &key, dest, repo.threads()) {
+                Err(Error::NotFound(n)) => {
+                    answered.push(repo);
+                    Err(Error::NotFound(n))
+                }
+                other => other,
+            },
             Err(Error::NotFound(what)) => Err(Error::Repository(format!(
                 "repository {} cannot be opened: {what} is missing",
                 rc.name
@@ -253,7 +286,7 @@ fn attempt(
     match (retry, stop) {
         (Some(e), _) => Outcome::Retry(e),
         (None, Some((e, code))) => Outcome::Stop(e, code),
-        (None, None) => streamed_tail(cfg, repos, name, kind, dest),
+        (None, None) => streamed_tail(&answered, name, kind, dest),
     }
 }
 
@@ -261,20 +294,12 @@ fn attempt(
 /// that is gone may be there as streamed chunks (`wal-receive`), which
 /// recovery replays up to their last whole record. Never on a standby,
 /// which must wait for the whole segment.
-fn streamed_tail(
-    cfg: &Config,
-    repos: &[crate::config::RepoConfig],
-    name: &str,
-    kind: &WalFileKind,
-    dest: &Path,
-) -> Outcome {
+fn streamed_tail(repos: &[Repository], name: &str, kind: &WalFileKind, dest: &Path) -> Outcome {
     if !matches!(kind, WalFileKind::Segment { partial: false, .. }) || standby_mode() {
         return Outcome::NotThere;
     }
-    for rc in repos {
-        match Repository::open_repo(cfg, rc)
-            .and_then(|repo| crate::stream::restore_partial(&repo, name, dest))
-        {
+    for repo in repos {
+        match crate::stream::restore_partial(repo, name, dest) {
             Ok(()) => return Outcome::Restored,
             Err(Error::NotFound(_)) => {}
             Err(e) if is_damage(&e) => return Outcome::Stop(e, exit::DAMAGED),

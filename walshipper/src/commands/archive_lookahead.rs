@@ -147,16 +147,8 @@ impl Identity {
 /// written by another run (one that died, its files perhaps torn by a
 /// crash that lost their unsynced bytes): those files are never served.
 fn live_identity(dir: &Path) -> Result<Option<Identity>> {
-    let Some(holder) = spool::lock_holder(&dir.join(LOCK))? else {
-        return Ok(None);
-    };
-    let Some(body) = spool::read_small(&dir.join(IDENTITY), 4096).ok().flatten() else {
-        return Ok(None);
-    };
-    Ok(std::str::from_utf8(&body)
-        .ok()
-        .and_then(Identity::parse)
-        .filter(|i| i.holder == holder))
+    let text = spool::read_if_holder(&dir.join(LOCK), &dir.join(IDENTITY), 4096)?;
+    Ok(text.as_deref().and_then(Identity::parse))
 }
 
 /// The system identifier and major version of the cluster being recovered:
@@ -242,8 +234,29 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
     }
     if !running {
         start_prefetcher(cfg, only, &dir)?;
+        tracing::debug!(
+            "{} look-ahead {name}: no prefetcher, starting one",
+            spool::stamp()
+        );
     } else if let (false, Some(id)) = (served, &id) {
+        let t = Instant::now();
         served = wait_in_flight(&dir, name, dest, id)?;
+        tracing::debug!(
+            "{} look-ahead {name}: {} after waiting {:.1} ms",
+            spool::stamp(),
+            if served { "served" } else { "not in the spool" },
+            t.elapsed().as_secs_f64() * 1000.0
+        );
+    } else {
+        tracing::debug!(
+            "{} look-ahead {name}: {}",
+            spool::stamp(),
+            if served {
+                "hit"
+            } else {
+                "not served (no live identity of this cluster)"
+            }
+        );
     }
     Ok(served)
 }
@@ -460,19 +473,8 @@ fn write_identity(dir: &Path, identity: &Identity) -> Result<()> {
 /// cluster the spool's files came from. A descriptor that cannot be read
 /// now (the store briefly unreachable) is not a change.
 fn same_repository(repo: &Repository, identity: &Identity) -> bool {
-    let body = match repo.storage.get(crate::repo::DESCRIPTOR_KEY) {
-        Ok(Some(mut r)) => {
-            let mut b = Vec::new();
-            match r.by_ref().take(64 << 10).read_to_end(&mut b) {
-                Ok(_) => b,
-                Err(_) => return true,
-            }
-        }
-        Ok(None) => return false,
-        Err(_) => return true,
-    };
-    match crate::repo::Descriptor::parse(&body) {
-        Ok(d) => {
+    match spool::descriptor_now(repo) {
+        Ok(Some(d)) => {
             let c = &identity.cluster;
             d.repository_id == identity.repository_id
                 && d.identity().is_ok_and(|n| {
@@ -481,7 +483,8 @@ fn same_repository(repo: &Repository, identity: &Identity) -> bool {
                         && n.wal_segment_size == c.wal_segment_size
                 })
         }
-        Err(_) => false,
+        Ok(None) => false,
+        Err(_) => true,
     }
 }
 
@@ -542,6 +545,7 @@ fn prefetch_loop(
                 if work.send(name.clone()).is_err() {
                     return Err(Error::Repository("the prefetcher's workers stopped".into()));
                 }
+                tracing::debug!("{} prefetch {name}: started (want {want})", spool::stamp());
                 in_flight.insert(name.clone());
             }
         }
@@ -552,6 +556,15 @@ fn prefetch_loop(
         }
         match done.recv_timeout(SCAN) {
             Ok((name, outcome)) => {
+                tracing::debug!(
+                    "{} prefetch {name}: {}",
+                    spool::stamp(),
+                    match outcome {
+                        Fetched::Done => "done",
+                        Fetched::Missing => "not in the repository",
+                        Fetched::Failed => "failed",
+                    }
+                );
                 in_flight.remove(&name);
                 let pause = match outcome {
                     Fetched::Done => None,
