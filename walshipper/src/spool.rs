@@ -278,17 +278,30 @@ pub fn read_if_holder(lock: &Path, file: &Path, max: u64) -> Result<Option<Strin
 /// Milliseconds on CLOCK_BOOTTIME: one clock for every process of this
 /// boot, never stepped by NTP or an administrator (the wall clock may be),
 /// and counting time suspended (an age measured on it is never too
-/// short). Compared only between processes alive at the same time (a
-/// live lock holder and a reader), so never across a reboot.
-pub fn boottime_ms() -> u64 {
+/// short). It restarts at 0 on each boot: readings kept in files are
+/// compared only together with the [`boot_id`] they were taken in. None
+/// when the clock cannot be read (then nothing is vouched for).
+pub fn boottime_ms() -> Option<u64> {
     // SAFETY: clock_gettime with a valid clock id and a zeroed out-parameter.
     let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
     if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
-        return 0;
+        return None;
     }
-    (ts.tv_sec as u64)
-        .saturating_mul(1000)
-        .saturating_add(ts.tv_nsec as u64 / 1_000_000)
+    Some(
+        (ts.tv_sec as u64)
+            .saturating_mul(1000)
+            .saturating_add(ts.tv_nsec as u64 / 1_000_000),
+    )
+}
+
+/// This boot's id (the kernel's random UUID, new at every boot): a reading
+/// of [`boottime_ms`] from another boot, or a pid recorded then and reused
+/// since, is never taken for this boot's. None when it cannot be read.
+pub fn boot_id() -> Option<String> {
+    let id = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
+    let id = id.trim();
+    (id.len() == 36 && id.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'))
+        .then(|| id.to_string())
 }
 
 /// The repository's descriptor as the store holds it now (the background

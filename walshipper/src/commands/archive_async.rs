@@ -318,6 +318,10 @@ fn required_ids(cfg: &Config) -> Result<Vec<(String, String)>> {
 #[derive(Debug, PartialEq)]
 struct Vouch {
     holder: u32,
+    /// The boot it was written in (spool::boot_id): after a reboot the
+    /// clock below restarts and pids are reused, so a vouch of another
+    /// boot is never taken.
+    boot: String,
     /// CLOCK_BOOTTIME milliseconds when the ids were read from the store.
     checked_ms: u64,
     /// (repository name, repository id)
@@ -332,8 +336,9 @@ impl Vouch {
             .map(|(n, id)| format!("{n}:{id}"))
             .collect();
         format!(
-            "{VOUCH_FORMAT}\nholder={}\nchecked_boottime_ms={}\nrepos={}\n",
+            "{VOUCH_FORMAT}\nholder={}\nboot={}\nchecked_boottime_ms={}\nrepos={}\n",
             self.holder,
+            self.boot,
             self.checked_ms,
             repos.join(",")
         )
@@ -353,6 +358,7 @@ impl Vouch {
                 .map(str::to_string)
         };
         let holder = field("holder")?.parse().ok()?;
+        let boot = field("boot")?;
         let checked_ms = field("checked_boottime_ms")?.parse().ok()?;
         let repos = field("repos")?
             .split(',')
@@ -367,15 +373,20 @@ impl Vouch {
         }
         Some(Vouch {
             holder,
+            boot,
             checked_ms,
             repos,
         })
     }
 
-    /// Read less than VOUCH_MAX_AGE before `now_ms`; a reading from the
-    /// future (impossible on one boot's clock) is not fresh either.
-    fn fresh(&self, now_ms: u64) -> bool {
-        now_ms >= self.checked_ms && now_ms - self.checked_ms < VOUCH_MAX_AGE.as_millis() as u64
+    /// Written in boot `boot` and read less than VOUCH_MAX_AGE before
+    /// `now_ms`; a reading from the future (impossible on one boot's clock)
+    /// is not fresh either, nor one when the clock or the boot is unknown.
+    fn fresh(&self, boot: Option<&str>, now_ms: Option<u64>) -> bool {
+        let Some(now_ms) = now_ms else { return false };
+        boot == Some(self.boot.as_str())
+            && now_ms >= self.checked_ms
+            && now_ms - self.checked_ms < VOUCH_MAX_AGE.as_millis() as u64
     }
 }
 
@@ -401,7 +412,7 @@ fn vouched_ids(cfg: &Config, dir: &Path) -> Result<Option<Vec<(String, String)>>
     let Some(vouch) = Vouch::parse(&text) else {
         return Ok(None);
     };
-    if !vouch.fresh(spool::boottime_ms()) {
+    if !vouch.fresh(spool::boot_id().as_deref(), spool::boottime_ms()) {
         return Ok(None);
     }
     Ok(required_names(cfg)
@@ -630,6 +641,9 @@ pub fn run_pusher(cfg: &Config, pg_wal: &Path) -> Result<()> {
     let Some(_lock) = spool::try_lock(&dir.join(LOCK))? else {
         return Ok(());
     };
+    // An earlier pusher's vouch (killed, or before a reboot) is not ours:
+    // gone before this one opens anything.
+    let _ = fs::remove_file(dir.join(VOUCH));
     spool::remove_temporaries(&dir);
     spool::log_line(&format!(
         "pusher started for {} ({} jobs, at most {} ahead)",
@@ -697,15 +711,20 @@ fn keep_vouch(
     cfg: &Config,
     targets: &Targets,
     dir: &Path,
-    opened_ms: u64,
+    opened_ms: Option<u64>,
     stop: &mpsc::Receiver<()>,
     changed: &AtomicBool,
 ) {
-    let Some(repos) = targets.required(cfg) else {
+    // Without every required repository, the boot id or the clock, nothing
+    // is vouched for: archive-push opens the repositories itself.
+    let (Some(repos), Some(boot), Some(opened_ms)) =
+        (targets.required(cfg), spool::boot_id(), opened_ms)
+    else {
         return;
     };
     let mut vouch = Vouch {
         holder: std::process::id(),
+        boot,
         checked_ms: opened_ms,
         repos: repos
             .iter()
@@ -721,7 +740,9 @@ fn keep_vouch(
     write(&vouch);
     let mut unreadable = false;
     while let Err(mpsc::RecvTimeoutError::Timeout) = stop.recv_timeout(VOUCH_RECHECK) {
-        let now = spool::boottime_ms();
+        let Some(now) = spool::boottime_ms() else {
+            break;
+        };
         let mut same = true;
         let mut readable = true;
         for (repo, (_, id)) in repos.iter().zip(&vouch.repos) {
@@ -906,8 +927,10 @@ mod tests {
 
     #[test]
     fn vouch_round_trips_ages_and_speaks_only_for_the_live_holder() {
+        let boot = spool::boot_id().expect("a boot id");
         let v = Vouch {
             holder: std::process::id(),
+            boot: boot.clone(),
             checked_ms: 1_000_000,
             repos: vec![
                 ("repo1".into(), "ab".repeat(16)),
@@ -923,8 +946,14 @@ mod tests {
         assert_eq!(Vouch::parse(&text.replace("vouch 1", "vouch 2")), None);
         // Fresh for VOUCH_MAX_AGE on the boot clock, never from the future.
         let max = VOUCH_MAX_AGE.as_millis() as u64;
-        assert!(v.fresh(1_000_000) && v.fresh(1_000_000 + max - 1));
-        assert!(!v.fresh(1_000_000 + max) && !v.fresh(999_999));
+        let b = Some(boot.as_str());
+        assert!(v.fresh(b, Some(1_000_000)) && v.fresh(b, Some(1_000_000 + max - 1)));
+        assert!(!v.fresh(b, Some(1_000_000 + max)) && !v.fresh(b, Some(999_999)));
+        // Another boot's (its clock restarted, its pids reused), or with no
+        // clock or boot id to compare: never fresh.
+        let other_boot = "00000000-0000-0000-0000-000000000000";
+        assert!(!v.fresh(Some(other_boot), Some(1_000_000)));
+        assert!(!v.fresh(None, Some(1_000_000)) && !v.fresh(b, None));
 
         // Taken only from the live lock holder, fresh, naming every
         // required repository.
@@ -939,7 +968,8 @@ mod tests {
         let cfg = Config::load_with_env(Some(&f), []).unwrap();
         let now = Vouch {
             holder: std::process::id(),
-            checked_ms: spool::boottime_ms(),
+            boot: boot.clone(),
+            checked_ms: spool::boottime_ms().unwrap(),
             repos: vec![(cfg.repos[0].name.clone(), "ef".repeat(16))],
         };
         fs::write(dir.join(VOUCH), now.render()).unwrap();
@@ -957,14 +987,26 @@ mod tests {
         assert_eq!(vouched_ids(&cfg, dir).unwrap(), None, "another run's");
         let old = Vouch {
             holder: std::process::id(),
-            checked_ms: spool::boottime_ms() - max,
+            boot: boot.clone(),
+            checked_ms: spool::boottime_ms().unwrap() - max,
             repos: other.repos.clone(),
         };
         fs::write(dir.join(VOUCH), old.render()).unwrap();
         assert_eq!(vouched_ids(&cfg, dir).unwrap(), None, "too old");
+        // Written before a reboot by a pusher whose pid this one has now:
+        // its clock reading may even look fresh.
+        let rebooted = Vouch {
+            holder: std::process::id(),
+            boot: "00000000-0000-0000-0000-000000000000".into(),
+            checked_ms: spool::boottime_ms().unwrap(),
+            repos: other.repos.clone(),
+        };
+        fs::write(dir.join(VOUCH), rebooted.render()).unwrap();
+        assert_eq!(vouched_ids(&cfg, dir).unwrap(), None, "another boot's");
         let elsewhere = Vouch {
             holder: std::process::id(),
-            checked_ms: spool::boottime_ms(),
+            boot: boot.clone(),
+            checked_ms: spool::boottime_ms().unwrap(),
             repos: vec![("other".into(), "ef".repeat(16))],
         };
         fs::write(dir.join(VOUCH), elsewhere.render()).unwrap();
