@@ -346,6 +346,7 @@ pub struct DeltaReader<'a, R> {
 }
 
 /// What a DeltaReader found, once read to the end.
+#[derive(Debug)]
 pub struct DeltaSummary {
     pub size: u64,
     pub hash: PlainHash,
@@ -1681,5 +1682,110 @@ mod tests {
         ] {
             assert!(flagged(1, len, flags, len as usize).is_err(), "{what}");
         }
+    }
+
+    /// Random chains of up to 7 versions (small edits, rewritten and
+    /// patterned blocks, shrinking to any size, growing by whole and
+    /// partial blocks), each delta made against the chain before it as a
+    /// backup makes it (XOR records included): every version rebuilds
+    /// exactly, in one merge and in two stages split at every point (as
+    /// restore merges long chains). Seeds replay.
+    #[test]
+    fn random_chains_with_xor_records_rebuild_every_version() {
+        let mut xored = 0;
+        for seed in 1..120u64 {
+            let mut rng = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+            let mut next = move || {
+                rng ^= rng << 13;
+                rng ^= rng >> 7;
+                rng ^= rng << 17;
+                rng
+            };
+            let nb = (next() % 10) as usize;
+            let mut v0: Vec<u8> = (0..nb * BLOCK).map(|_| (next() % 256) as u8).collect();
+            if next() % 3 == 0 && !v0.is_empty() {
+                let cut = (next() % 8000) as usize + 1;
+                v0.truncate(v0.len() - cut);
+            }
+            let mut versions = vec![v0.clone()];
+            let mut deltas: Vec<Vec<u8>> = Vec::new();
+            for _ in 0..(1 + next() % 7) {
+                let prev = versions.last().unwrap().clone();
+                let mut nv = prev.clone();
+                for b in 0..nv.len().div_ceil(BLOCK) {
+                    let end = ((b + 1) * BLOCK).min(nv.len());
+                    match next() % 6 {
+                        0 => (b * BLOCK..end).step_by(97).for_each(|i| nv[i] ^= 0x5a),
+                        1 => (b * BLOCK..end).for_each(|i| nv[i] = (next() % 256) as u8),
+                        2 => {
+                            (b * BLOCK..end).for_each(|i| nv[i] = ((i % 16) as u8).wrapping_mul(3))
+                        }
+                        _ => {}
+                    }
+                }
+                match next() % 4 {
+                    0 => {
+                        let size = (next() as usize) % (nv.len() + 1);
+                        nv.truncate(size);
+                    }
+                    1 => {
+                        for _ in 0..(next() % (3 * BLOCK as u64)) {
+                            nv.push((next() % 256) as u8);
+                        }
+                    }
+                    _ => {}
+                }
+                let chain: Vec<&[u8]> = deltas.iter().map(|d| &d[..]).collect();
+                let base = &v0[..];
+                let mut r = DeltaReader::new(&nv[..], map_of(&prev)).with_previous(
+                    "random".into(),
+                    move || {
+                        let c = ChainBlocks::open(Skipper(base, 0), chain, false)?;
+                        Ok(Box::new(c) as Box<dyn PreviousBlocks + '_>)
+                    },
+                );
+                let mut d = Vec::new();
+                r.read_to_end(&mut d).unwrap();
+                let summary = r.finish().unwrap();
+                assert_eq!(summary.reference_doubt, None, "seed {seed}");
+                xored += summary.xored_blocks;
+                deltas.push(d);
+                versions.push(nv.clone());
+                let got = merged(&v0, &deltas, MAX_FILE_SIZE)
+                    .unwrap_or_else(|e| panic!("seed {seed}: {e:?}"));
+                assert!(got == nv, "seed {seed}");
+                for split in 1..deltas.len() {
+                    let mid = merged(&v0, &deltas[..split], MAX_FILE_SIZE).unwrap();
+                    assert!(mid == versions[split], "seed {seed}: stage at {split}");
+                    let got = merged(&mid, &deltas[split..], MAX_FILE_SIZE).unwrap();
+                    assert!(got == nv, "seed {seed}: split at {split}");
+                }
+            }
+        }
+        assert!(
+            xored > 50,
+            "only {xored} XOR records: the test no longer exercises them"
+        );
+    }
+
+    /// The reference's base was replaced: the block rebuilt from the chain
+    /// does not match the reference's map, the delta says so
+    /// (`reference_doubt`, and the backup stores the file whole), and a
+    /// delta on that chain indeed does not restore.
+    #[test]
+    fn a_reference_chain_that_does_not_rebuild_is_reported() {
+        let v0: Vec<u8> = (0..4 * BLOCK).map(|i| (i * 31 % 251) as u8).collect();
+        let mut v1 = v0.clone();
+        touch(&mut v1, 1, 1);
+        let (d1, s1) = xor_delta(&v0, &[], &v0, &v1);
+        assert_eq!((s1.xored_blocks, &s1.reference_doubt), (1, &None));
+        let mut v2 = v1.clone();
+        touch(&mut v2, 1, 2);
+        let mut bad = v0.clone();
+        bad[BLOCK + 5] ^= 0xff;
+        let (d2, s2) = xor_delta(&bad, std::slice::from_ref(&d1), &v1, &v2);
+        assert!(s2.reference_doubt.is_some(), "{s2:?}");
+        assert_eq!(s2.xored_blocks, 0);
+        assert!(merged(&bad, &[d1, d2], MAX_FILE_SIZE).is_err());
     }
 }
