@@ -384,6 +384,49 @@ pub fn log_line(msg: &str) {
     );
 }
 
+/// Reads a small spool file (a record, the pusher's vouch, the look-ahead's
+/// identity): a format line, then `key=value` lines in a fixed order, the
+/// last one ended by a newline (written last: without it the file is not
+/// whole).
+pub struct KeyLines<'a> {
+    lines: std::str::Split<'a, char>,
+}
+
+impl<'a> KeyLines<'a> {
+    /// None unless `text` is whole and its first line is `format`.
+    pub fn open(text: &'a str, format: &str) -> Option<KeyLines<'a>> {
+        let mut lines = text.strip_suffix('\n')?.split('\n');
+        (lines.next()? == format).then_some(KeyLines { lines })
+    }
+
+    /// The value of the next line, which must be `key=`.
+    pub fn field(&mut self, key: &str) -> Option<&'a str> {
+        self.lines.next()?.strip_prefix(key)?.strip_prefix('=')
+    }
+
+    /// True when no line is left.
+    pub fn end(mut self) -> bool {
+        self.lines.next().is_none()
+    }
+}
+
+/// `name:id,name:id`: repositories as records and vouches list them.
+pub fn render_repos(repos: &[(String, String)]) -> String {
+    let items: Vec<String> = repos.iter().map(|(n, id)| format!("{n}:{id}")).collect();
+    items.join(",")
+}
+
+/// The reverse of [`render_repos`]; None for anything else.
+pub fn parse_repos(text: &str) -> Option<Vec<(String, String)>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            s.split_once(':')
+                .map(|(a, b)| (a.to_string(), b.to_string()))
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

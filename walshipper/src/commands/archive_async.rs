@@ -138,62 +138,36 @@ struct Record {
 
 impl Record {
     fn render(&self) -> String {
-        let repos: Vec<String> = self
-            .stored_in
-            .iter()
-            .map(|(n, id)| format!("{n}:{id}"))
-            .collect();
         format!(
             "{RECORD_FORMAT}\nname={}\nsize={}\nhash={}:{}\nstored_in={}\n",
             self.name,
             self.size,
             alg_key(self.hash.alg),
             self.hash.hex(),
-            repos.join(",")
+            spool::render_repos(&self.stored_in)
         )
     }
 
     /// None for anything not a whole record of this format.
     fn parse(body: &[u8]) -> Option<Record> {
-        let text = std::str::from_utf8(body).ok()?;
-        let mut lines = text.lines();
-        if lines.next()? != RECORD_FORMAT {
+        let mut f = spool::KeyLines::open(std::str::from_utf8(body).ok()?, RECORD_FORMAT)?;
+        let name = f.field("name")?.to_string();
+        let size = f.field("size")?.parse().ok()?;
+        let (alg, value) = f.field("hash")?.split_once(':')?;
+        let stored_in = spool::parse_repos(f.field("stored_in")?)?;
+        if !f.end() {
             return None;
         }
-        let mut field = |key: &str| {
-            lines
-                .next()
-                .and_then(|l| l.strip_prefix(key))
-                .and_then(|l| l.strip_prefix('='))
-                .map(str::to_string)
-        };
-        let name = field("name")?;
-        let size = field("size")?.parse().ok()?;
-        let (alg, value) = field("hash")?
-            .split_once(':')
-            .map(|(a, v)| (a.to_string(), v.to_string()))?;
-        let stored = field("stored_in")?;
-        let alg = match alg.as_str() {
+        let alg = match alg {
             "blake3" => HashAlg::Blake3,
             "sha256" => HashAlg::Sha256,
             _ => return None,
         };
-        let bytes: [u8; 32] = hex::decode(&value).ok()?.try_into().ok()?;
-        let hash = PlainHash { alg, bytes };
-        let stored_in = stored
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.split_once(':')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
-            .collect::<Option<Vec<_>>>()?;
-        // The trailing newline is the last thing written: without it the
-        // record is not whole.
-        text.ends_with('\n').then_some(Record {
+        let bytes: [u8; 32] = hex::decode(value).ok()?.try_into().ok()?;
+        Some(Record {
             name,
             size,
-            hash,
+            hash: PlainHash { alg, bytes },
             stored_in,
         })
     }
@@ -330,45 +304,23 @@ struct Vouch {
 
 impl Vouch {
     fn render(&self) -> String {
-        let repos: Vec<String> = self
-            .repos
-            .iter()
-            .map(|(n, id)| format!("{n}:{id}"))
-            .collect();
         format!(
             "{VOUCH_FORMAT}\nholder={}\nboot={}\nchecked_boottime_ms={}\nrepos={}\n",
             self.holder,
             self.boot,
             self.checked_ms,
-            repos.join(",")
+            spool::render_repos(&self.repos)
         )
     }
 
     /// None for anything but a whole vouch of this format.
     fn parse(text: &str) -> Option<Vouch> {
-        let mut lines = text.strip_suffix('\n')?.split('\n');
-        if lines.next()? != VOUCH_FORMAT {
-            return None;
-        }
-        let mut field = |key: &str| {
-            lines
-                .next()?
-                .strip_prefix(key)?
-                .strip_prefix('=')
-                .map(str::to_string)
-        };
-        let holder = field("holder")?.parse().ok()?;
-        let boot = field("boot")?;
-        let checked_ms = field("checked_boottime_ms")?.parse().ok()?;
-        let repos = field("repos")?
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(|s| {
-                s.split_once(':')
-                    .map(|(a, b)| (a.to_string(), b.to_string()))
-            })
-            .collect::<Option<Vec<_>>>()?;
-        if lines.next().is_some() || repos.is_empty() {
+        let mut f = spool::KeyLines::open(text, VOUCH_FORMAT)?;
+        let holder = f.field("holder")?.parse().ok()?;
+        let boot = f.field("boot")?.to_string();
+        let checked_ms = f.field("checked_boottime_ms")?.parse().ok()?;
+        let repos = spool::parse_repos(f.field("repos")?)?;
+        if !f.end() || repos.is_empty() {
             return None;
         }
         Some(Vouch {

@@ -108,23 +108,13 @@ impl Identity {
 
     /// None for anything but a whole, well-formed file.
     fn parse(text: &str) -> Option<Identity> {
-        let mut lines = text.strip_suffix('\n')?.split('\n');
-        if lines.next()? != IDENTITY_FORMAT {
-            return None;
-        }
-        let mut field = |key: &str| {
-            lines
-                .next()?
-                .strip_prefix(key)?
-                .strip_prefix('=')
-                .map(str::to_string)
-        };
-        let repository_id = field("repository_id")?;
-        let system_identifier = field("system_identifier")?.parse().ok()?;
-        let pg_major = field("pg_major")?.parse().ok()?;
-        let wal_segment_size: u64 = field("wal_segment_size")?.parse().ok()?;
-        let holder = field("holder")?.parse().ok()?;
-        if lines.next().is_some()
+        let mut f = spool::KeyLines::open(text, IDENTITY_FORMAT)?;
+        let repository_id = f.field("repository_id")?.to_string();
+        let system_identifier = f.field("system_identifier")?.parse().ok()?;
+        let pg_major = f.field("pg_major")?.parse().ok()?;
+        let wal_segment_size: u64 = f.field("wal_segment_size")?.parse().ok()?;
+        let holder = f.field("holder")?.parse().ok()?;
+        if !f.end()
             || !wal_segment_size.is_power_of_two()
             || !((1 << 20)..=(1 << 30)).contains(&wal_segment_size)
         {
