@@ -254,12 +254,15 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     std::fs::write(
         get_spool.join("identity"),
         format!(
-            "walshipper look-ahead identity 2\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\nholder={}\n",
+            "walshipper look-ahead identity 3\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\nholder={}\nboot={}\n",
             desc["repository_id"].as_str().unwrap(),
             desc["system_identifier"].as_str().unwrap(),
             desc["pg_version"],
             desc["wal_segment_size"],
-            std::process::id()
+            std::process::id(),
+            std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
+                .unwrap()
+                .trim()
         ),
     )
     .unwrap();

@@ -82,9 +82,14 @@ struct Identity {
     repository_id: String,
     cluster: ClusterIdentity,
     holder: u32,
+    /// The boot it was written in (spool::boot_id): pids are reused after
+    /// a reboot, so a file left by a run killed before one is never taken
+    /// for a live holder's. Empty when the boot id could not be read (then
+    /// it is never taken).
+    boot: String,
 }
 
-const IDENTITY_FORMAT: &str = "walshipper look-ahead identity 2";
+const IDENTITY_FORMAT: &str = "walshipper look-ahead identity 3";
 
 impl Identity {
     fn of(repo: &Repository) -> Result<Identity> {
@@ -92,17 +97,19 @@ impl Identity {
             repository_id: repo.descriptor.repository_id.clone(),
             cluster: repo.descriptor.identity()?,
             holder: std::process::id(),
+            boot: spool::boot_id().unwrap_or_default(),
         })
     }
 
     fn render(&self) -> String {
         format!(
-            "{IDENTITY_FORMAT}\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\nholder={}\n",
+            "{IDENTITY_FORMAT}\nrepository_id={}\nsystem_identifier={}\npg_major={}\nwal_segment_size={}\nholder={}\nboot={}\n",
             self.repository_id,
             self.cluster.system_identifier,
             self.cluster.pg_major,
             self.cluster.wal_segment_size,
-            self.holder
+            self.holder,
+            self.boot
         )
     }
 
@@ -114,6 +121,7 @@ impl Identity {
         let pg_major = f.field("pg_major")?.parse().ok()?;
         let wal_segment_size: u64 = f.field("wal_segment_size")?.parse().ok()?;
         let holder = f.field("holder")?.parse().ok()?;
+        let boot = f.field("boot")?.to_string();
         if !f.end()
             || !wal_segment_size.is_power_of_two()
             || !((1 << 20)..=(1 << 30)).contains(&wal_segment_size)
@@ -128,6 +136,7 @@ impl Identity {
                 wal_segment_size,
             },
             holder,
+            boot,
         })
     }
 }
@@ -138,7 +147,11 @@ impl Identity {
 /// crash that lost their unsynced bytes): those files are never served.
 fn live_identity(dir: &Path) -> Result<Option<Identity>> {
     let text = spool::read_if_holder(&dir.join(LOCK), &dir.join(IDENTITY), 4096)?;
-    Ok(text.as_deref().and_then(Identity::parse))
+    let boot = spool::boot_id();
+    Ok(text
+        .as_deref()
+        .and_then(Identity::parse)
+        .filter(|i| boot.as_deref() == Some(i.boot.as_str())))
 }
 
 /// The system identifier and major version of the cluster being recovered:
@@ -658,6 +671,7 @@ mod tests {
                 wal_segment_size: 1 << 24,
             },
             holder,
+            boot: spool::boot_id().expect("a boot id"),
         };
         let me = std::process::id();
         // A dead run's identity and no holder: nothing.
@@ -673,6 +687,16 @@ mod tests {
         // Ours: vouched for.
         fs::write(dir.join(IDENTITY), id(me).render()).unwrap();
         assert_eq!(live_identity(dir).unwrap().map(|i| i.holder), Some(me));
+        // Ours by pid, but written before a reboot (pids are reused): nothing.
+        let before_reboot = Identity {
+            boot: "00000000-0000-0000-0000-000000000000".into(),
+            ..id(me)
+        };
+        fs::write(dir.join(IDENTITY), before_reboot.render()).unwrap();
+        assert!(
+            live_identity(dir).unwrap().is_none(),
+            "another boot's identity served"
+        );
         drop(lock);
         assert!(live_identity(dir).unwrap().is_none());
     }
@@ -687,6 +711,7 @@ mod tests {
                 wal_segment_size: 1 << 20,
             },
             holder: 4242,
+            boot: "12345678-1234-1234-1234-123456789abc".into(),
         };
         let text = id.render();
         let back = Identity::parse(&text).expect("parses");
@@ -697,7 +722,7 @@ mod tests {
         assert!(Identity::parse(&text[..text.len() - 3]).is_none());
         assert!(Identity::parse(&format!("{text}x=1\n")).is_none());
         assert!(Identity::parse(&text.replace("=1048576", "=0")).is_none());
-        assert!(Identity::parse(&text.replace("identity 2", "identity 3")).is_none());
+        assert!(Identity::parse(&text.replace("identity 3", "identity 4")).is_none());
         assert!(Identity::parse(&text.replace("\nholder=", "\nholders=")).is_none());
         assert!(window("000000020000000100000001.partial", 2, 16 << 20).is_none());
     }
