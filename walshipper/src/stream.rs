@@ -60,6 +60,13 @@ fn damaged(key: String, reason: String) -> Error {
     }
 }
 
+/// Whether the repository holds streamed pieces of segment `segment` (one
+/// listing): what `restore_partial` would find, for the look-ahead's
+/// "not there" answers.
+pub fn has_streamed_part(repo: &Repository, segment: &str) -> Result<bool> {
+    Ok(!list_chunks(repo, segment)?.is_empty())
+}
+
 /// Every chunk of `segment` (a segment file name), validated as keys.
 pub fn list_chunks(repo: &Repository, segment: &str) -> Result<Vec<Chunk>> {
     let prefix = layout::stream_prefix(segment);

@@ -239,6 +239,19 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     assert!(plog.contains("prefetcher started"), "prefetch log: {plog}");
     drop(r1);
 
+    // To the end of the archive: every marker is there, and the probes
+    // past the end (the segment after the last, asked twice; the history
+    // files) are answered "not there" from the prefetcher's markers,
+    // without a round trip to the store.
+    let r4 = recover_to_end(&shipper, &base, d, "r4");
+    assert_eq!(r4.sql("SELECT count(*), max(id) FROM marker"), "50|50");
+    let log = r4.log_text();
+    assert!(
+        log.contains("not there (marker)"),
+        "no probe past the end was answered from a marker: {log}"
+    );
+    drop(r4);
+
     // The same files planted while "a prefetcher" (this test) holds the
     // spool's lock: the foreground reads each one's first page header,
     // refuses it, and fetches the segment directly.
@@ -266,6 +279,23 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
         ),
     )
     .unwrap();
+    // "Not there" markers that must not be believed: too old (from the
+    // live holder), or fresh but naming another file. Believed, either
+    // would end recovery at the first segment, short of the target.
+    let now_ms = boottime_ms();
+    let segs: Vec<&String> = done.iter().filter(|s| s.len() == 24).collect();
+    for (i, seg) in segs.iter().enumerate() {
+        let (name, at) = if i % 2 == 0 {
+            (seg.as_str(), now_ms - 6_000)
+        } else {
+            (segs[(i + 1) % segs.len()].as_str(), now_ms)
+        };
+        std::fs::write(
+            get_spool.join(format!("{seg}.missing")),
+            format!("walshipper look-ahead missing 1\nname={name}\nchecked_ms={at}\n"),
+        )
+        .unwrap();
+    }
     let r3 = recover_to(&shipper, &base, d, "r3", &target, target_marker);
     let log = r3.log_text();
     for name in &planted {
@@ -419,6 +449,36 @@ fn recover_to(
         c.log_text()
     );
     c
+}
+
+/// Milliseconds on CLOCK_BOOTTIME, the clock of the look-ahead's markers.
+fn boottime_ms() -> u64 {
+    // SAFETY: clock_gettime with a valid clock id and a zeroed out-parameter.
+    let mut ts: libc::timespec = unsafe { std::mem::zeroed() };
+    assert_eq!(
+        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) },
+        0
+    );
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
+/// Base backup `base` copied to `name` and recovered to the end of the
+/// archive, archive-get's debug lines in the server log.
+fn recover_to_end(shipper: &Shipper, base: &Path, d: &Path, name: &str) -> Cluster {
+    copy_tree(base, &d.join(name));
+    std::fs::write(d.join(name).join("recovery.signal"), "").unwrap();
+    start_restored(
+        d,
+        name,
+        &[
+            format!(
+                "restore_command = 'WALSHIPPER_LOG=walshipper=debug {} --config {} archive-get %f \"%p\"'",
+                walshipper_bin().display(),
+                shipper.config.display()
+            ),
+            "recovery_target_action = 'promote'".into(),
+        ],
+    )
 }
 
 /// The look-ahead spool of this repository and cluster: made by one

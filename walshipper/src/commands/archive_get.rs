@@ -20,8 +20,9 @@
 //! its own and asks again, so there a failure is 3 without retrying.
 //!
 //! With `[restore] lookahead` set, a segment verified ahead of time by the
-//! prefetcher is served from its spool (commands::archive_lookahead); what
-//! it does not hold is fetched here as always.
+//! prefetcher is served from its spool, and a file it has just found
+//! missing is answered "not there" (commands::archive_lookahead); anything
+//! else is fetched here as always.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
@@ -166,7 +167,7 @@ fn fallback_timeout() -> u64 {
 }
 
 /// PostgreSQL runs restore_command in the data directory.
-fn standby_mode() -> bool {
+pub(crate) fn standby_mode() -> bool {
     Path::new("standby.signal").is_file() && Path::new("PG_VERSION").is_file()
 }
 
@@ -227,10 +228,13 @@ fn attempt(
     kind: &WalFileKind,
     dest: &Path,
 ) -> Outcome {
-    if cfg.restore.lookahead > 0
-        && crate::commands::archive_lookahead::serve(cfg, only, name, kind, dest)
-    {
-        return Outcome::Restored;
+    if cfg.restore.lookahead > 0 {
+        use crate::commands::archive_lookahead::{serve, Answer};
+        match serve(cfg, only, name, kind, dest) {
+            Answer::Served => return Outcome::Restored,
+            Answer::Absent => return Outcome::NotThere,
+            Answer::Ask => {}
+        }
     }
     let key = crate::layout::wal(name, kind);
     let repos = match only {

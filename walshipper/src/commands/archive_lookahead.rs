@@ -22,6 +22,18 @@
 //! the repository's cluster. Anything missing, damaged or not there yet is
 //! fetched directly as without look-ahead, which reports damage with the
 //! usual exit status 126.
+//!
+//! "Not there" answers: when the prefetcher finds that a segment it probes
+//! is in no repository (and has no streamed part), or that a timeline
+//! history file recovery asks for at its end is missing, it leaves a
+//! marker `<name>.missing` with the time of that probe, and probes again
+//! every MISSING_RETRY. archive-get answers "not there" (exit 1) from a
+//! marker under MISSING_TRUST old, from the live holder, for the cluster
+//! being recovered, when the prefetcher's repository is the only one the
+//! call would ask (`--repo`, or one configured), and never on a standby:
+//! the probes PostgreSQL makes at the end of the archive then cost no round
+//! trip to the store. A segment stored in the moments since the last probe
+//! is missed, as it would be by a probe made a moment earlier.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsString;
@@ -44,6 +56,8 @@ const LOCK: &str = "prefetch.lock";
 const LOG: &str = "prefetch.log";
 /// The name of the last segment recovery asked for.
 const WANT: &str = "want";
+/// Appended to the name in WANT when recovery has not asked for it yet.
+const AHEAD: &str = "+";
 /// What the files in the spool are (see [`Identity`]).
 const IDENTITY: &str = "identity";
 /// How often the prefetcher reads the repository's descriptor again: a
@@ -55,6 +69,16 @@ const IDLE_EXIT: Duration = Duration::from_secs(20);
 const SCAN: Duration = Duration::from_millis(20);
 /// A segment the repository did not have is asked for again after this.
 const MISSING_RETRY: Duration = Duration::from_secs(2);
+/// A "not there" marker older than this is not answered from: the
+/// prefetcher renews it every MISSING_RETRY while it runs, so an older
+/// one means it is stuck (a store that stopped answering).
+const MISSING_TRUST_MS: u64 = 5_000;
+/// Suffix of the "not there" markers.
+const MISSING: &str = ".missing";
+/// The prefetcher's nice value. Replay, the recovery's critical path, runs
+/// in one process on one core; the prefetcher decoding 8 segments at once
+/// must not take the CPU from it (docs/performance.md).
+const PREFETCH_NICE: libc::c_int = 10;
 /// Longest the foreground waits for a segment being prefetched.
 const IN_FLIGHT_WAIT: Duration = Duration::from_secs(60);
 /// Segments fetched at once, at most (and at most `lookahead`): with a
@@ -166,27 +190,95 @@ fn recovering_cluster() -> Option<(u64, u32)> {
     Some((u64::from_le_bytes(control), major))
 }
 
+/// What the look-ahead answers for a file recovery asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Answer {
+    /// Moved into place from the spool, verified.
+    Served,
+    /// The running prefetcher found it in no repository moments ago.
+    Absent,
+    /// Ask the repositories directly.
+    Ask,
+}
+
 /// Serves segment `name` from the spool into `dest` if the prefetcher has
 /// it verified (waiting for it when it is being fetched), and moves the
-/// look-ahead window on to it. False: fetch it directly. Never an error:
-/// look-ahead only saves time, and a problem of its own must not stop
-/// recovery (it is written to the server's log).
+/// look-ahead window on to it; answers "not there" for a segment or
+/// history file the prefetcher just found missing. `Ask`: fetch it
+/// directly. Never an error: look-ahead only saves time, and a problem of
+/// its own must not stop recovery (it is written to the server's log).
 pub fn serve(
     cfg: &Config,
     only: Option<&str>,
     name: &str,
     kind: &WalFileKind,
     dest: &Path,
-) -> bool {
-    if !matches!(kind, WalFileKind::Segment { partial: false, .. }) {
-        return false;
+) -> Answer {
+    let segment = matches!(kind, WalFileKind::Segment { partial: false, .. });
+    if !segment && !matches!(kind, WalFileKind::History { .. }) {
+        return Answer::Ask;
     }
-    match try_serve(cfg, only, name, dest) {
-        Ok(served) => served,
+    match try_serve(cfg, only, name, segment, dest) {
+        Ok(answer) => answer,
         Err(e) => {
             eprintln!("walshipper: look-ahead unavailable ({e}); fetching {name} directly");
-            false
+            Answer::Ask
         }
+    }
+}
+
+/// Whether a "not there" marker may answer for this call: only when the
+/// prefetcher's repository is every repository the call would ask (the
+/// prefetcher asks one), and never on a standby (which waits for WAL
+/// rather than ending recovery: its answers stay the store's own).
+fn markers_answer(cfg: &Config, only: Option<&str>) -> bool {
+    (only.is_some() || cfg.repos.len() == 1) && !archive_get::standby_mode()
+}
+
+/// The marker saying `name` was not in the repository.
+fn marker_path(dir: &Path, name: &str) -> PathBuf {
+    dir.join(format!("{name}{MISSING}"))
+}
+
+const MARKER_FORMAT: &str = "walshipper look-ahead missing 1";
+
+/// Whether the marker of `name` is there, well formed and under
+/// MISSING_TRUST_MS old (the boot it was taken in is the live holder's,
+/// checked with the identity).
+fn marker_fresh(dir: &Path, name: &str) -> bool {
+    let Ok(Some(body)) = spool::read_small(&marker_path(dir, name), 256) else {
+        return false;
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return false;
+    };
+    let Some(mut f) = spool::KeyLines::open(text, MARKER_FORMAT) else {
+        return false;
+    };
+    let (Some(n), Some(at)) = (f.field("name"), f.field("checked_ms")) else {
+        return false;
+    };
+    let Ok(at) = at.parse::<u64>() else {
+        return false;
+    };
+    let (n, ok) = (n.to_string(), f.end());
+    match spool::boottime_ms() {
+        Some(now) => ok && n == name && at <= now && now - at <= MISSING_TRUST_MS,
+        None => false,
+    }
+}
+
+/// Written by the prefetcher after a probe that began at `checked_ms`
+/// found `name` missing (not synced: a crash ends the holder, and with it
+/// every marker's worth).
+fn write_marker(dir: &Path, name: &str, checked_ms: u64) {
+    let tmp = dir.join(format!(".{name}{MISSING}.tmp"));
+    let body = format!("{MARKER_FORMAT}\nname={name}\nchecked_ms={checked_ms}\n");
+    if fs::write(&tmp, body)
+        .and_then(|_| fs::rename(&tmp, marker_path(dir, name)))
+        .is_err()
+    {
+        let _ = fs::remove_file(&tmp);
     }
 }
 
@@ -194,7 +286,13 @@ pub fn serve(
 /// set up and a request, more than the hit itself): the files are vouched
 /// for by the prefetcher holding the lock (its identity file), and each is
 /// checked against the cluster being recovered before it is served.
-fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Result<bool> {
+fn try_serve(
+    cfg: &Config,
+    only: Option<&str>,
+    name: &str,
+    segment: bool,
+    dest: &Path,
+) -> Result<Answer> {
     let rc = cfg.find_repo(only)?;
     let dir = spool_dir(cfg, rc)?;
     let running = spool::is_locked(&dir.join(LOCK))?;
@@ -212,8 +310,33 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
         }
         _ => None,
     };
+    let markers = id.is_some() && markers_answer(cfg, only);
+    if !segment && !running {
+        start_early(cfg, only, &dir)?;
+    }
+    if !segment {
+        // A history file: only ever answered "not there" (PostgreSQL asks
+        // for the next timeline's at the start and end of recovery).
+        let absent = markers && marker_fresh(&dir, name);
+        tracing::debug!(
+            "{} look-ahead {name}: {}",
+            spool::stamp(),
+            if absent {
+                "not there (marker)"
+            } else {
+                "asked directly"
+            }
+        );
+        return Ok(if absent { Answer::Absent } else { Answer::Ask });
+    }
+    // At the end of the archive PostgreSQL asks for the last segment
+    // again: while the next one is known missing, a copy stays.
     let mut served = match &id {
-        Some(id) => take(&dir, name, dest, id)?,
+        Some(id) => {
+            let keep = next_segment(name, id.wal_segment_size)
+                .is_some_and(|n| marker_path(&dir, &n).exists());
+            take(&dir, name, dest, id, keep)?
+        }
         None => false,
     };
     // The window moves to N whether or not N was there, and before the
@@ -233,7 +356,7 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
         if served {
             eprintln!("walshipper: look-ahead unavailable ({e}); {name} was served from the spool");
         }
-        return if served { Ok(true) } else { Err(e) };
+        return if served { Ok(Answer::Served) } else { Err(e) };
     }
     if !running {
         start_prefetcher(cfg, only, &dir)?;
@@ -244,6 +367,14 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
     } else if let (false, Some(id)) = (served, &id) {
         let t = Instant::now();
         served = wait_in_flight(&dir, name, dest, id)?;
+        if !served && markers && marker_fresh(&dir, name) {
+            tracing::debug!(
+                "{} look-ahead {name}: not there (marker) after waiting {:.1} ms",
+                spool::stamp(),
+                t.elapsed().as_secs_f64() * 1000.0
+            );
+            return Ok(Answer::Absent);
+        }
         tracing::debug!(
             "{} look-ahead {name}: {} after waiting {:.1} ms",
             spool::stamp(),
@@ -261,7 +392,49 @@ fn try_serve(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Resul
             }
         );
     }
-    Ok(served)
+    Ok(if served { Answer::Served } else { Answer::Ask })
+}
+
+/// The segment after segment file `name` on its timeline.
+fn next_segment(name: &str, seg_size: u64) -> Option<String> {
+    window(name, 1, seg_size)?.pop()
+}
+
+/// The first segment a recovery from a base backup needs, from the
+/// `backup_label` in PostgreSQL's working directory (the data directory).
+fn backup_start_segment() -> Option<String> {
+    let body = spool::read_small(Path::new("backup_label"), 64 << 10).ok()??;
+    let text = String::from_utf8(body).ok()?;
+    let name = text
+        .lines()
+        .find_map(|l| l.strip_prefix("START WAL LOCATION: "))?
+        .split("(file ")
+        .nth(1)?
+        .strip_suffix(')')?;
+    matches!(
+        wal::parse_name(name),
+        Some(WalFileKind::Segment { partial: false, .. })
+    )
+    .then(|| name.to_string())
+}
+
+/// Recovery from a base backup asks for history files before its first
+/// segment (the newest timeline, at the start): the prefetcher is started
+/// then, its window on that segment, so that the first segments too are
+/// fetched ahead rather than one by one while it starts.
+fn start_early(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()> {
+    let (Some(_), Some(first)) = (recovering_cluster(), backup_start_segment()) else {
+        return Ok(());
+    };
+    let tmp = dir.join(format!(".{WANT}.tmp"));
+    fs::write(&tmp, format!("{first}{AHEAD}"))
+        .and_then(|_| fs::rename(&tmp, dir.join(WANT)))
+        .map_err(|e| Error::io(format!("write {}", dir.join(WANT).display()), e))?;
+    tracing::debug!(
+        "{} look-ahead: starting the prefetcher at {first} (backup_label)",
+        spool::stamp()
+    );
+    start_prefetcher(cfg, only, dir)
 }
 
 /// The temporary archive_get::fetch writes `name` to in the spool.
@@ -276,15 +449,16 @@ fn wait_in_flight(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> 
     while in_flight_path(dir, name).exists() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(5));
     }
-    take(dir, name, dest, id)
+    take(dir, name, dest, id, false)
 }
 
-/// Moves a verified spool file to `dest`. A file of the wrong size, or
-/// whose first page header is not segment `name` of this cluster (another
-/// cluster's, timeline's or segment's file under this name), is removed and
-/// not served: the spool is the prefetcher's, but a second look at 40 bytes
+/// Moves a verified spool file to `dest` (copies it when `keep`: recovery
+/// will ask for it again). A file of the wrong size, or whose first page
+/// header is not segment `name` of this cluster (another cluster's,
+/// timeline's or segment's file under this name), is removed and not
+/// served: the spool is the prefetcher's, but a second look at 40 bytes
 /// costs nothing beside serving the wrong WAL.
-fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<bool> {
+fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity, keep: bool) -> Result<bool> {
     let src = dir.join(name);
     if let Err(why) = first_page_fits(&src, name, id) {
         if let Some(why) = why {
@@ -296,17 +470,21 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<boo
         let _ = fs::remove_file(&src);
         return Ok(false);
     }
-    match fs::rename(&src, dest) {
-        Ok(()) => return Ok(true),
-        Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
-        Err(e) => {
-            return Err(Error::io(
-                format!("move {} to {}", src.display(), dest.display()),
-                e,
-            ))
+    if !keep {
+        match fs::rename(&src, dest) {
+            Ok(()) => return Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
+            Err(e) => {
+                return Err(Error::io(
+                    format!("move {} to {}", src.display(), dest.display()),
+                    e,
+                ))
+            }
         }
     }
-    // Another file system: copied to a temporary beside dest, then renamed.
+    // Kept, or another file system: copied to a temporary beside dest,
+    // then renamed (never a hard link: PostgreSQL may recycle a segment
+    // file in place, and the spool's copy must not change with it).
     let dest_name = dest
         .file_name()
         .and_then(|n| n.to_str())
@@ -320,7 +498,9 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<boo
             e,
         ));
     }
-    let _ = fs::remove_file(&src);
+    if !keep {
+        let _ = fs::remove_file(&src);
+    }
     Ok(true)
 }
 
@@ -401,9 +581,42 @@ fn window(want: &str, k: usize, seg_size: u64) -> Option<Vec<String>> {
     )
 }
 
+/// The history files recovery on the timeline of segment `want` asks for
+/// at its end (the next timeline's, to find the newest; its own, as the
+/// parent of the one it creates): probed so that "not there" costs no round
+/// trip then.
+fn history_probes(want: &str) -> Vec<String> {
+    match wal::parse_name(want) {
+        Some(WalFileKind::Segment { tli, .. }) => [Some(tli), tli.checked_add(1)]
+            .into_iter()
+            .flatten()
+            .map(|t| format!("{t:08X}.history"))
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The segment before `want` on its timeline: recovery asks for the last
+/// segment again after the archive ended, so a copy it left is kept.
+fn previous_segment(want: &str, seg_size: u64) -> Option<String> {
+    let Some(WalFileKind::Segment {
+        tli,
+        log,
+        seg,
+        partial: false,
+    }) = wal::parse_name(want)
+    else {
+        return None;
+    };
+    let n = wal::seg_no(log, seg, seg_size).checked_sub(1)?;
+    Some(wal::segment_name(tli, n, seg_size))
+}
+
 /// What one fetch came to.
 enum Fetched {
     Done,
+    /// A history file that is there (only probed).
+    Present,
     Missing,
     Failed,
 }
@@ -440,6 +653,12 @@ pub fn run_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()
     write_identity(dir, &identity)?;
     let k = cfg.restore.lookahead.max(1);
     let jobs = k.min(MAX_JOBS);
+    // Before the workers start: threads inherit it. Failing is harmless.
+    // SAFETY: setpriority on this thread (who = 0), no pointers.
+    unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, PREFETCH_NICE) };
+    // "Not there" markers only when this repository is every one a call
+    // would ask (archive-get checks the same of its own configuration).
+    let markers = only.is_some() || cfg.repos.len() == 1;
     let seg_size = repo.descriptor.wal_segment_size;
     spool::log_line(&format!(
         "prefetcher started: {k} segments ahead, {jobs} at once, from repository {}",
@@ -454,7 +673,7 @@ pub fn run_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()
             s.spawn(move || loop {
                 let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok(name) = next else { return };
-                let outcome = fetch_one(repo, dir, &name);
+                let outcome = fetch_one(repo, dir, &name, markers);
                 if done_tx.send((name, outcome)).is_err() {
                     return;
                 }
@@ -526,16 +745,38 @@ fn prefetch_loop(
         }
         let want = fs::read_to_string(dir.join(WANT)).unwrap_or_default();
         let want = want.trim().to_string();
+        // `N+`: recovery has not asked for N yet (see `start_early`), so
+        // N itself is fetched too.
+        let (want, ahead) = match want.strip_suffix(AHEAD) {
+            Some(w) => (w.to_string(), true),
+            None => (want, false),
+        };
         if want != last_want {
             last_want = want.clone();
             last_change = Instant::now();
         }
         if let Some(names) = window(&want, k, seg_size) {
-            remove_outside(dir, &names, &in_flight);
+            let probes = history_probes(&want);
+            let mut keep = names.clone();
+            keep.extend(previous_segment(&want, seg_size));
+            keep.extend(probes.iter().cloned());
+            remove_outside(dir, &keep, &in_flight);
             let now = Instant::now();
             hold_off.retain(|_, until| *until > now);
-            // Nearest first; the requested one itself is the foreground's.
-            for name in names.iter().skip(1) {
+            // Nearest first; the requested one itself is the foreground's,
+            // unless it was missing (its marker is kept fresh: recovery
+            // asks for the segment after the last twice); the history
+            // probes last.
+            let again = names
+                .first()
+                .filter(|w| marker_path(dir, w).exists() && !dir.join(w).exists());
+            let first = names.iter().take(usize::from(ahead));
+            for name in again
+                .into_iter()
+                .chain(first)
+                .chain(names.iter().skip(1))
+                .chain(probes.iter())
+            {
                 if in_flight.len() >= jobs {
                     break;
                 }
@@ -564,6 +805,7 @@ fn prefetch_loop(
                     spool::stamp(),
                     match outcome {
                         Fetched::Done => "done",
+                        Fetched::Present => "there (probed)",
                         Fetched::Missing => "not in the repository",
                         Fetched::Failed => "failed",
                     }
@@ -571,8 +813,9 @@ fn prefetch_loop(
                 in_flight.remove(&name);
                 let pause = match outcome {
                     Fetched::Done => None,
-                    // The end of the archive so far: probed again later.
-                    Fetched::Missing => Some(MISSING_RETRY),
+                    // The end of the archive so far (or a history file,
+                    // there or not): probed again later.
+                    Fetched::Missing | Fetched::Present => Some(MISSING_RETRY),
                     // Damage is not retried in this window: the foreground
                     // fetches directly and reports it.
                     Fetched::Failed => Some(IDLE_EXIT),
@@ -589,18 +832,49 @@ fn prefetch_loop(
     }
 }
 
-fn fetch_one(repo: &Repository, dir: &Path, name: &str) -> Fetched {
+/// Fetches segment `name` into the spool, or probes history file `name`;
+/// with `markers`, leaves or removes its "not there" marker.
+fn fetch_one(repo: &Repository, dir: &Path, name: &str, markers: bool) -> Fetched {
     let Some(kind) = wal::parse_name(name) else {
         return Fetched::Failed;
     };
     let key = crate::layout::wal(name, &kind);
+    // The probe's start: a marker says "missing as of then".
+    let began = spool::boottime_ms();
+    let missing = |also_streamed: bool| {
+        // A segment with a streamed part is not "not there": archive-get
+        // restores that part (archive_get::streamed_tail).
+        let streamed =
+            also_streamed && !matches!(crate::stream::has_streamed_part(repo, name), Ok(false));
+        match (markers && !streamed, began) {
+            (true, Some(at)) => write_marker(dir, name, at),
+            _ => {
+                let _ = fs::remove_file(marker_path(dir, name));
+            }
+        }
+        Fetched::Missing
+    };
+    let not_missing = |outcome: Fetched| {
+        let _ = fs::remove_file(marker_path(dir, name));
+        outcome
+    };
+    if matches!(kind, WalFileKind::History { .. }) {
+        return match repo.storage.head(&key) {
+            Ok(None) => missing(false),
+            Ok(Some(_)) => not_missing(Fetched::Present),
+            Err(e) => {
+                spool::log_line(&format!("{name}: not probed: {e}"));
+                not_missing(Fetched::Failed)
+            }
+        };
+    }
     // One decoding thread per segment: the parallelism is across segments.
     match archive_get::fetch(repo, name, &kind, &key, &dir.join(name), 1) {
-        Ok(()) => Fetched::Done,
-        Err(Error::NotFound(_)) => Fetched::Missing,
+        Ok(()) => not_missing(Fetched::Done),
+        Err(Error::NotFound(_)) => missing(markers),
         Err(e) => {
             spool::log_line(&format!("{name}: not prefetched: {e}"));
-            Fetched::Failed
+            not_missing(Fetched::Failed)
         }
     }
 }
@@ -614,14 +888,19 @@ fn remove_outside(dir: &Path, keep: &[String], in_flight: &HashSet<String>) {
         let Ok(n) = e.file_name().into_string() else {
             continue;
         };
-        if wal::parse_name(&n).is_some() && !keep.contains(&n) && !in_flight.contains(&n) {
+        // A file or the "not there" marker of a file outside the window.
+        let file = n.strip_suffix(MISSING).unwrap_or(&n);
+        if wal::parse_name(file).is_some()
+            && !keep.iter().any(|k| k == file)
+            && !in_flight.contains(file)
+        {
             let _ = fs::remove_file(e.path());
         }
     }
 }
 
 /// Removes the identity file (first: without it nothing is served), then
-/// every segment and temporary from the spool.
+/// every segment, marker and temporary from the spool.
 fn clear(dir: &Path) {
     let _ = fs::remove_file(dir.join(IDENTITY));
     spool::remove_temporaries(dir);
@@ -631,7 +910,8 @@ fn clear(dir: &Path) {
     for e in entries.flatten() {
         let n = e.file_name();
         let n = n.to_string_lossy();
-        if wal::parse_name(&n).is_some() || n.ends_with(".walshipper.tmp") {
+        let file = n.strip_suffix(MISSING).unwrap_or(&n);
+        if wal::parse_name(file).is_some() || n.ends_with(".walshipper.tmp") {
             let _ = fs::remove_file(e.path());
         }
     }
@@ -699,6 +979,92 @@ mod tests {
         );
         drop(lock);
         assert!(live_identity(dir).unwrap().is_none());
+    }
+
+    #[test]
+    fn only_a_fresh_well_formed_marker_of_that_file_answers() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let seg = "000000010000000000000007";
+        let now = spool::boottime_ms().expect("CLOCK_BOOTTIME");
+        write_marker(dir, seg, now);
+        assert!(marker_fresh(dir, seg));
+        assert!(!marker_fresh(dir, "000000010000000000000008"), "no marker");
+        let put = |body: String| fs::write(marker_path(dir, seg), body).unwrap();
+        let text = |name: &str, at: u64| format!("{MARKER_FORMAT}\nname={name}\nchecked_ms={at}\n");
+        put(text(seg, now - MISSING_TRUST_MS - 1000));
+        assert!(!marker_fresh(dir, seg), "an old marker answered");
+        put(text(seg, now + 60_000));
+        assert!(!marker_fresh(dir, seg), "a marker from the future answered");
+        put(text("000000010000000000000008", now));
+        assert!(!marker_fresh(dir, seg), "another file's marker answered");
+        put(format!("{}x=1\n", text(seg, now)));
+        assert!(!marker_fresh(dir, seg), "an extended marker answered");
+        let t = text(seg, now);
+        put(t[..t.len() - 2].to_string());
+        assert!(!marker_fresh(dir, seg), "a torn marker answered");
+        put(text(seg, now));
+        assert!(marker_fresh(dir, seg));
+    }
+
+    #[test]
+    fn the_window_keeps_the_previous_segment_and_probes_history_files() {
+        let seg = 16 << 20;
+        assert_eq!(
+            previous_segment("000000020000000200000000", seg).as_deref(),
+            Some("0000000200000001000000FF")
+        );
+        assert_eq!(previous_segment("000000010000000000000000", seg), None);
+        assert_eq!(
+            next_segment("0000000200000001000000FF", seg).as_deref(),
+            Some("000000020000000200000000")
+        );
+        assert_eq!(
+            history_probes("000000010000000000000003"),
+            ["00000001.history", "00000002.history"]
+        );
+        assert!(history_probes("00000001.history").is_empty());
+
+        // remove_outside: files and markers in the window stay, others go.
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path();
+        let want = "000000010000000000000005";
+        let mut keep = window(want, 2, seg).unwrap();
+        keep.extend(previous_segment(want, seg));
+        keep.extend(history_probes(want));
+        for n in [
+            "000000010000000000000004",
+            "000000010000000000000006",
+            "000000010000000000000003",
+            "000000010000000000000009",
+        ] {
+            fs::write(dir.join(n), b"x").unwrap();
+        }
+        for n in [
+            "000000010000000000000007.missing",
+            "00000002.history.missing",
+            "00000003.history.missing",
+            "000000010000000000000002.missing",
+        ] {
+            fs::write(dir.join(n), b"x").unwrap();
+        }
+        remove_outside(dir, &keep, &HashSet::new());
+        let mut left: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        assert_eq!(
+            left,
+            [
+                "000000010000000000000004",
+                "000000010000000000000006",
+                "000000010000000000000007.missing",
+                "00000002.history.missing"
+            ]
+        );
+        clear(dir);
+        assert_eq!(fs::read_dir(dir).unwrap().count(), 0);
     }
 
     #[test]
