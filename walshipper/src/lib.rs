@@ -14,6 +14,7 @@ pub mod commands;
 pub mod config;
 pub mod delta;
 pub mod error;
+pub mod file_list;
 pub mod failpoint;
 pub mod keys;
 pub mod layout;

@@ -1542,6 +1542,19 @@ impl Repository {
         key: &str,
         max: usize,
     ) -> Result<std::result::Result<T, serde_json::Error>> {
+        self.read_json_capped_with(key, max, &mut |r| serde_json::from_reader(r))
+    }
+
+    /// `read_json_capped` with the parse given: `parse` is called on the
+    /// decoded plaintext, once per attempt (a key retry starts it again),
+    /// and must read it as JSON. For a manifest whose file list goes to a
+    /// local spool as it is parsed (`crate::file_list`).
+    pub fn read_json_capped_with<T>(
+        &self,
+        key: &str,
+        max: usize,
+        parse: &mut dyn FnMut(&mut dyn io::Read) -> serde_json::Result<T>,
+    ) -> Result<std::result::Result<T, serde_json::Error>> {
         let mut retry = KeyRetry::default();
         loop {
             let src = self
@@ -1554,7 +1567,7 @@ impl Repository {
                 over: false,
                 err: None,
             };
-            let parsed = serde_json::from_reader::<_, T>(io::BufReader::new(&mut feed));
+            let parsed = parse(&mut io::BufReader::new(&mut feed));
             // A parse that failed stopped early: what follows is decoded
             // too, so that damage is reported as such, not as bad JSON.
             if parsed.is_err() && feed.err.is_none() && !feed.over {
@@ -1797,7 +1810,7 @@ pub mod test_support {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
 
@@ -1805,7 +1818,7 @@ mod tests {
     const SEG3: &str = "wal/0000000100000000/000000010000000000000003";
 
     /// A posix repository configuration in `dir`; `mode` as in [encryption].
-    fn config(dir: &Path, repo: &str, mode: &str) -> Config {
+    pub(crate) fn config(dir: &Path, repo: &str, mode: &str) -> Config {
         use std::os::unix::fs::PermissionsExt;
         let pass = dir.join("passphrase");
         std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
@@ -1831,7 +1844,7 @@ mod tests {
         }
     }
 
-    fn init(cfg: &Config) -> Repository {
+    pub(crate) fn init(cfg: &Config) -> Repository {
         Repository::init(
             cfg,
             cfg.primary(),
