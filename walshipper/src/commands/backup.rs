@@ -1498,3 +1498,107 @@ impl Read for PageCheckingReader {
         Ok(n)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::{entry, sample, ID};
+
+    fn listing(paths: &[&str]) -> Vec<SourceFile> {
+        paths
+            .iter()
+            .map(|p| SourceFile {
+                rel: p.to_string(),
+                size: 1,
+                mtime: 0,
+                mode: 0o600,
+            })
+            .collect()
+    }
+
+    /// The reference's entry of each file is found by one merge of the
+    /// two lists in path order; a reference out of order (an older
+    /// writer's) is sorted first. Byte order: "a.b" < "a/b" ('.' < '/').
+    #[test]
+    fn reference_entries_are_found_by_path() {
+        let paths = [
+            "base/1/1",
+            "base/1/1.1",
+            "base/1/1/x",
+            "base/1/10",
+            "global/x",
+        ];
+        let files = listing(&paths);
+        let mut sorted: Vec<&str> = paths.to_vec();
+        sorted.sort();
+        assert_eq!(sorted, paths, "the listing's order is byte order");
+        let refs = ["base/1/1", "base/1/1/x", "base/1/2", "global/x", "z"];
+        for order in [refs.to_vec(), refs.iter().rev().copied().collect()] {
+            let entries: Vec<FileEntry> = order.iter().map(|p| entry(p, ID)).collect();
+            let base = BaseIndex::new(Some(FileList::spool(&entries).unwrap()), &files).unwrap();
+            let found: Vec<Option<String>> = (0..files.len())
+                .map(|i| base.get(i).unwrap().map(|e| e.path))
+                .collect();
+            let want = [
+                Some("base/1/1"),
+                None,
+                Some("base/1/1/x"),
+                None,
+                Some("global/x"),
+            ];
+            assert_eq!(found, want.map(|w| w.map(String::from)));
+            assert!(base.get(99).unwrap().is_none());
+        }
+        let none = BaseIndex::new(None, &files).unwrap();
+        assert!(none.get(0).unwrap().is_none());
+    }
+
+    /// The copy's entries, added in any order, come back in the listing's
+    /// order; an entry a restore would refuse stops the backup.
+    #[test]
+    fn collected_entries_read_back_in_path_order_and_are_checked() {
+        let n = 40_000;
+        let paths: Vec<String> = (0..n).map(|i| format!("base/5/{:06}", i)).collect();
+        let files = listing(&paths.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut c = Collected::new(n).unwrap();
+        // Workers finish out of order; a vanished file has no entry.
+        for i in (0..n).rev().filter(|i| i % 1000 != 7) {
+            let failed = if i == 5 { vec![3] } else { Vec::new() };
+            c.add(i, Copied(entry(&paths[i], ID)), failed).unwrap();
+        }
+        let (got, failures) = c.finish(&files).unwrap();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].path, paths[5]);
+        let read: Vec<String> = got.iter().map(|e| e.unwrap().path).collect();
+        let want: Vec<String> = paths
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 1000 != 7)
+            .map(|(_, p)| p.clone())
+            .collect();
+        assert_eq!(read, want);
+        let mut head = sample();
+        head.files.clear();
+        head.dirs.clear();
+        head.kind = "full".into();
+        head.based_on = None;
+        head.id = "20261120-000000F".into();
+        head.backup_label_object = layout::backup_label(&head.id);
+        head.tablespace_map_object = None;
+        // Entries of another id: refused, as the reader would.
+        let e = got.check(&head).unwrap_err().to_string();
+        assert!(
+            e.contains("not stored") && e.contains("restore would refuse"),
+            "{e}"
+        );
+        head.id = ID.into();
+        head.kind = "incr".into();
+        head.backup_label_object = layout::backup_label(ID);
+        got.check(&head).unwrap();
+        head.dirs.push(crate::manifest::DirEntry {
+            path: "pg_tblspc/16390/PG_14_202107181".into(),
+            mode: 0o700,
+        });
+        assert!(got.check(&head).is_err());
+    }
+}
