@@ -35,6 +35,17 @@ pub struct Spooled {
     pub depends_on: BTreeSet<String>,
 }
 
+impl Spooled {
+    /// What a listing of backups keeps (`Manifest::summary` of the whole
+    /// manifest).
+    pub fn summary(&self) -> crate::manifest::BackupSummary {
+        let mut s = self.head.summary();
+        s.files = self.files.len() as usize;
+        s.depends_on = self.depends_on.clone();
+        s
+    }
+}
+
 /// The file entries of a manifest, in the manifest's order, in a local
 /// unlinked file.
 pub struct FileList {
@@ -477,6 +488,11 @@ mod tests {
             serde_json::to_value(&head).unwrap()
         );
         assert_eq!(s.depends_on, whole.depends_on());
+        // What a scan of the repository keeps: the same summary.
+        assert_eq!(
+            format!("{:?}", s.summary()),
+            format!("{:?}", whole.summary())
+        );
         // Twice, and two iterations at once: each reads at its own offset.
         for _ in 0..2 {
             let mut a = s.files.iter();

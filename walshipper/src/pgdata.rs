@@ -126,16 +126,19 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 }
 
 pub fn scan(data_dir: &Path) -> Result<Scan> {
-    let mut scan = Scan::default();
     // The version directory of this cluster in each tablespace
     // (`PG_<major>_`, then the catalog version), as PostgreSQL's own base
     // backup sends only it: another version's directory (left by
     // pg_upgrade) or a stray file there is not this cluster's, and a
     // manifest listing it would be refused by restore.
-    scan.tablespace_dir = fs::read_to_string(data_dir.join("PG_VERSION"))
+    let tablespace_dir = fs::read_to_string(data_dir.join("PG_VERSION"))
         .ok()
         .and_then(|v| v.trim().parse::<u32>().ok())
         .map(|major| format!("PG_{major}_"));
+    let mut scan = Scan {
+        tablespace_dir,
+        ..Scan::default()
+    };
     walk(data_dir, "", &mut scan, true)?;
     scan.files.sort_by(|a, b| a.rel.cmp(&b.rel));
     scan.dirs.sort_by(|a, b| a.rel.cmp(&b.rel));

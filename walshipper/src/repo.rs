@@ -356,8 +356,8 @@ pub struct BackupScan {
     pub damaged: Vec<DamagedBackup>,
 }
 
-enum Loaded {
-    Intact(Box<Manifest>),
+enum Loaded<T = Manifest> {
+    Intact(Box<T>),
     Missing,
     Damaged(String),
 }
@@ -1356,8 +1356,10 @@ impl Repository {
                     continue;
                 }
             }
-            match self.load_manifest(&meta.key)? {
-                Loaded::Intact(m) => scan.backups.push(m.summary()),
+            // The file list goes to a local spool, not memory: a scan
+            // holds a summary per backup and nothing per file.
+            match self.load_summary(&meta.key)? {
+                Loaded::Intact(s) => scan.backups.push(*s),
                 // Removed since the listing (expire on another host).
                 Loaded::Missing => {}
                 Loaded::Damaged(reason) => scan.damaged.push(DamagedBackup {
@@ -1375,6 +1377,19 @@ impl Repository {
             )
         });
         Ok((scan, listed))
+    }
+
+    /// `load_manifest`, summarized, with the file list read through a
+    /// local spool (`crate::file_list`): memory does not grow with the
+    /// backup's files. The same checks, the same damage.
+    fn load_summary(&self, key: &str) -> Result<Loaded<BackupSummary>> {
+        match crate::file_list::read_manifest(self, key) {
+            Ok(s) => Ok(Loaded::Intact(Box::new(s.summary()))),
+            Err(Error::NotFound(_)) => Ok(Loaded::Missing),
+            Err(Error::Corrupt { reason, .. }) => Ok(Loaded::Damaged(reason)),
+            Err(e @ Error::Repository(_)) => Ok(Loaded::Damaged(e.to_string())),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads and checks the manifest at `key`. Damage (undecodable, too

@@ -970,7 +970,7 @@ fn restore_into(
     // Read from the spool as it is written.
     let pg_files = list
         .iter()
-        .filter(|f| !f.as_ref().is_ok_and(|f| zeroed(f)))
+        .filter(|f| !f.as_ref().is_ok_and(&zeroed))
         .map(|f| {
             let f = f.map_err(std::io::Error::other)?;
             Ok(PgManifestFile {
@@ -1538,7 +1538,7 @@ fn plan_restore(
         waiting += 1;
         // Complete groups out, and the oldest while over the bound.
         let mut out: Vec<Arc<str>> = Vec::new();
-        if n % 1024 == 0 {
+        if n.is_multiple_of(1024) {
             out.extend(
                 groups
                     .iter()
