@@ -15,6 +15,7 @@ pub mod config;
 pub mod delta;
 pub mod error;
 pub mod failpoint;
+pub mod file_list;
 pub mod keys;
 pub mod layout;
 pub mod lock;

@@ -391,6 +391,17 @@ impl Manifest {
     /// a manifest of many files is never held as one body beside its
     /// entries (a few hundred bytes per file). Reads back as `to_vec` would.
     pub fn json_reader(&self) -> Result<JsonReader<'_>> {
+        self.json_reader_with(Box::new(self.files.iter().cloned().map(Ok)))
+    }
+
+    /// `json_reader` with `files` as the file list (in place of
+    /// `self.files`): entries read one at a time as the encoder reads, for
+    /// a list kept in a local spool (`crate::file_list`). An error of
+    /// `files` is the reader's.
+    pub fn json_reader_with<'a>(
+        &self,
+        files: Box<dyn Iterator<Item = Result<FileEntry>> + 'a>,
+    ) -> Result<JsonReader<'a>> {
         // Everything but the files, listed field by field: a field added
         // to Manifest must be added here (the literal is exhaustive).
         let head = Manifest {
@@ -434,7 +445,7 @@ impl Manifest {
         }
         buf.extend_from_slice(br#""files":["#);
         Ok(JsonReader {
-            files: self.files.iter(),
+            files,
             first: true,
             buf,
             pos: 0,
@@ -555,117 +566,16 @@ impl Manifest {
                 }
             }
         }
-        let tablespace_dir = format!("PG_{}_", self.pg_version);
-        let check_path = |path: &str, is_dir: bool| -> Result<()> {
-            if !layout::is_safe_rel_path(path) || path.chars().any(char::is_control) {
-                return Err(bad(format!(
-                    "path {path:?} is not relative with normal components only"
-                )));
-            }
-            let mut c = path.split('/');
-            match (c.next(), c.next(), c.next()) {
-                // What restore writes itself, or a server's own state: a
-                // backup never stores these.
-                (Some(top), None, _) if !is_dir && RESERVED_TOP_FILES.contains(&top) => {
-                    Err(bad(format!("path {path:?} is a file a backup never holds")))
-                }
-                (Some("pg_tblspc"), Some(oid), rest) => {
-                    // pg_tblspc/<oid>: the link (a dir entry); inside it,
-                    // only PostgreSQL's version directory PG_<ver>_<catversion>.
-                    let oid_ok = oid.parse::<u32>().is_ok_and(|o| o > 0)
-                        && !oid.starts_with('0')
-                        && oid.bytes().all(|b| b.is_ascii_digit());
-                    let inner_ok = match rest {
-                        None => is_dir,
-                        Some(v) => v.strip_prefix(&tablespace_dir).is_some_and(|cat| {
-                            !cat.is_empty() && cat.bytes().all(|b| b.is_ascii_digit())
-                        }),
-                    };
-                    if oid_ok && inner_ok {
-                        Ok(())
-                    } else {
-                        Err(bad(format!(
-                            "path {path:?} is not pg_tblspc/<oid>/{tablespace_dir}<catversion>/..."
-                        )))
-                    }
-                }
-                _ => Ok(()),
-            }
-        };
-        let bundled = |f: &FileEntry| -> Result<()> {
-            let ok = match layout::parse(&f.object) {
-                Some(ObjectName::Backup {
-                    id,
-                    part: BackupPart::Bundle(_),
-                }) => id == self.id || is_earlier_backup(&id, &self.id),
-                _ => false,
-            };
-            if !ok {
-                return Err(bad(format!(
-                    "file {:?} has an offset but names object {:?}, which is not a bundle of this or an earlier backup",
-                    f.path, f.object
-                )));
-            }
-            if !f.deltas.is_empty() || !f.maps.is_empty() {
-                return Err(bad(format!(
-                    "bundled file {:?} has block deltas or maps",
-                    f.path
-                )));
-            }
-            let end = f.offset.and_then(|o| o.checked_add(f.size));
-            if f.size >= BUNDLED_MAX || end.is_none_or(|e| e > crate::delta::MAX_FILE_SIZE) {
-                return Err(bad(format!(
-                    "bundled file {:?}: size {} at offset {:?} is not a small file within a bundle (below {BUNDLED_MAX} bytes, ending within {} bytes)",
-                    f.path,
-                    f.size,
-                    f.offset,
-                    crate::delta::MAX_FILE_SIZE
-                )));
-            }
-            Ok(())
-        };
-        let owned_by = |k: &str, want: &str, data: bool| -> Result<()> {
-            let ok = match layout::parse(k) {
-                Some(ObjectName::Backup {
-                    id,
-                    part: BackupPart::Data(rel),
-                }) if data => rel == want && (id == self.id || is_earlier_backup(&id, &self.id)),
-                Some(ObjectName::Backup {
-                    id,
-                    part: BackupPart::Map(rel),
-                }) if !data => rel == want && (id == self.id || is_earlier_backup(&id, &self.id)),
-                _ => false,
-            };
-            if ok {
-                Ok(())
-            } else {
-                Err(bad(format!(
-                    "file {want:?} names object {k:?}, which is not a {} object of this or an earlier backup for that path",
-                    if data { "data" } else { "map" }
-                )))
-            }
-        };
+        let check = EntryCheck::new(self, key);
         let mut seen = HashSet::with_capacity(self.files.len());
         for f in &self.files {
-            check_path(&f.path, false)?;
+            check.entry(f)?;
             if !seen.insert(f.path.as_str()) {
                 return Err(bad(format!("file {:?} is listed twice", f.path)));
             }
-            check_hash(f, self.manifest_version).map_err(bad)?;
-            if f.offset.is_some() {
-                bundled(f)?;
-                continue;
-            }
-            owned_by(&f.object, &f.path, true)?;
-            for d in &f.deltas {
-                owned_by(d, &f.path, true)?;
-            }
-            for mk in &f.maps {
-                owned_by(mk, &f.path, false)?;
-            }
         }
         for d in &self.dirs {
-            check_path(&d.path, true)?;
+            check.path(&d.path, true)?;
             if seen.contains(d.path.as_str()) {
                 return Err(bad(format!(
                     "{:?} is listed as a file and a directory",
@@ -728,10 +638,155 @@ impl Manifest {
     }
 }
 
+/// The rules one file entry (and one directory path) of a manifest must
+/// follow, given the manifest's head (its id, version, PostgreSQL version
+/// and tablespaces): what `Manifest::validate` checks for each of its
+/// files, usable one entry at a time for a list streamed from a spool
+/// (`crate::file_list`). Whether a path is listed twice is the caller's.
+pub struct EntryCheck<'m> {
+    m: &'m Manifest,
+    key: &'m str,
+    tablespace_dir: String,
+}
+
+impl<'m> EntryCheck<'m> {
+    pub fn new(m: &'m Manifest, key: &'m str) -> EntryCheck<'m> {
+        EntryCheck {
+            m,
+            key,
+            tablespace_dir: format!("PG_{}_", m.pg_version),
+        }
+    }
+
+    fn bad(&self, reason: String) -> Error {
+        Error::Corrupt {
+            key: self.key.to_string(),
+            reason,
+        }
+    }
+
+    /// A file's or directory's path: relative, normal components, none of
+    /// the files restore writes itself, and under pg_tblspc only
+    /// `<oid>/PG_<ver>_<catversion>/...`.
+    pub fn path(&self, path: &str, is_dir: bool) -> Result<()> {
+        let tablespace_dir = &self.tablespace_dir;
+        if !layout::is_safe_rel_path(path) || path.chars().any(char::is_control) {
+            return Err(self.bad(format!(
+                "path {path:?} is not relative with normal components only"
+            )));
+        }
+        let mut c = path.split('/');
+        match (c.next(), c.next(), c.next()) {
+            // What restore writes itself, or a server's own state: a
+            // backup never stores these.
+            (Some(top), None, _) if !is_dir && RESERVED_TOP_FILES.contains(&top) => {
+                Err(self.bad(format!("path {path:?} is a file a backup never holds")))
+            }
+            (Some("pg_tblspc"), Some(oid), rest) => {
+                // pg_tblspc/<oid>: the link (a dir entry); inside it,
+                // only PostgreSQL's version directory PG_<ver>_<catversion>.
+                let oid_ok = oid.parse::<u32>().is_ok_and(|o| o > 0)
+                    && !oid.starts_with('0')
+                    && oid.bytes().all(|b| b.is_ascii_digit());
+                let inner_ok = match rest {
+                    None => is_dir,
+                    Some(v) => v.strip_prefix(tablespace_dir.as_str()).is_some_and(|cat| {
+                        !cat.is_empty() && cat.bytes().all(|b| b.is_ascii_digit())
+                    }),
+                };
+                if oid_ok && inner_ok {
+                    Ok(())
+                } else {
+                    Err(self.bad(format!(
+                        "path {path:?} is not pg_tblspc/<oid>/{tablespace_dir}<catversion>/..."
+                    )))
+                }
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// One file entry: its path, its hash for the manifest's version, and
+    /// every object it names (a bundle of this or an earlier backup with an
+    /// offset, or data/map objects of that path).
+    pub fn entry(&self, f: &FileEntry) -> Result<()> {
+        self.path(&f.path, false)?;
+        check_hash(f, self.m.manifest_version).map_err(|r| self.bad(r))?;
+        if f.offset.is_some() {
+            return self.bundled(f);
+        }
+        self.owned_by(&f.object, &f.path, true)?;
+        for d in &f.deltas {
+            self.owned_by(d, &f.path, true)?;
+        }
+        for mk in &f.maps {
+            self.owned_by(mk, &f.path, false)?;
+        }
+        Ok(())
+    }
+
+    fn bundled(&self, f: &FileEntry) -> Result<()> {
+        let own = &self.m.id;
+        let ok = match layout::parse(&f.object) {
+            Some(ObjectName::Backup {
+                id,
+                part: BackupPart::Bundle(_),
+            }) => id == *own || is_earlier_backup(&id, own),
+            _ => false,
+        };
+        if !ok {
+            return Err(self.bad(format!(
+                "file {:?} has an offset but names object {:?}, which is not a bundle of this or an earlier backup",
+                f.path, f.object
+            )));
+        }
+        if !f.deltas.is_empty() || !f.maps.is_empty() {
+            return Err(self.bad(format!(
+                "bundled file {:?} has block deltas or maps",
+                f.path
+            )));
+        }
+        let end = f.offset.and_then(|o| o.checked_add(f.size));
+        if f.size >= BUNDLED_MAX || end.is_none_or(|e| e > crate::delta::MAX_FILE_SIZE) {
+            return Err(self.bad(format!(
+                "bundled file {:?}: size {} at offset {:?} is not a small file within a bundle (below {BUNDLED_MAX} bytes, ending within {} bytes)",
+                f.path,
+                f.size,
+                f.offset,
+                crate::delta::MAX_FILE_SIZE
+            )));
+        }
+        Ok(())
+    }
+
+    fn owned_by(&self, k: &str, want: &str, data: bool) -> Result<()> {
+        let own = &self.m.id;
+        let ok = match layout::parse(k) {
+            Some(ObjectName::Backup {
+                id,
+                part: BackupPart::Data(rel),
+            }) if data => rel == want && (id == *own || is_earlier_backup(&id, own)),
+            Some(ObjectName::Backup {
+                id,
+                part: BackupPart::Map(rel),
+            }) if !data => rel == want && (id == *own || is_earlier_backup(&id, own)),
+            _ => false,
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(self.bad(format!(
+                "file {want:?} names object {k:?}, which is not a {} object of this or an earlier backup for that path",
+                if data { "data" } else { "map" }
+            )))
+        }
+    }
+}
+
 /// `Manifest::json_reader`: the head, then the file entries serialized as
 /// they are read, then the closing `]}`.
 pub struct JsonReader<'a> {
-    files: std::slice::Iter<'a, FileEntry>,
+    files: Box<dyn Iterator<Item = Result<FileEntry>> + 'a>,
     first: bool,
     /// Bytes ready to be read from `pos` on.
     buf: Vec<u8>,
@@ -746,7 +801,12 @@ impl std::io::Read for JsonReader<'_> {
             self.buf.clear();
             self.pos = 0;
             while self.buf.len() < 64 << 10 {
-                let Some(f) = self.files.next() else {
+                let Some(f) = self
+                    .files
+                    .next()
+                    .transpose()
+                    .map_err(std::io::Error::other)?
+                else {
                     self.buf.extend_from_slice(b"]}");
                     self.ended = true;
                     break;
@@ -754,7 +814,7 @@ impl std::io::Read for JsonReader<'_> {
                 if !std::mem::take(&mut self.first) {
                     self.buf.push(b',');
                 }
-                serde_json::to_writer(&mut self.buf, f).map_err(std::io::Error::other)?;
+                serde_json::to_writer(&mut self.buf, &f).map_err(std::io::Error::other)?;
             }
         }
         let n = out.len().min(self.buf.len() - self.pos);
@@ -891,8 +951,8 @@ fn check_hash(f: &FileEntry, manifest_version: u32) -> std::result::Result<(), S
 }
 
 /// One file line of PostgreSQL's backup_manifest.
-pub struct PgManifestFile<'a> {
-    pub path: &'a str,
+pub struct PgManifestFile {
+    pub path: String,
     pub size: u64,
     pub mtime: i64,
     /// SHA-256, hex; None: no checksum (pg_verifybackup knows no BLAKE3,
@@ -908,9 +968,9 @@ fn json_str(s: &str) -> String {
 /// pg_basebackup writes it: one file per line, then the WAL range, then a
 /// SHA-256 of everything before the last line. Line by line, hashed as it
 /// is written: never held whole (about 150 bytes a file).
-pub fn write_pg_backup_manifest<'a, W: std::io::Write>(
+pub fn write_pg_backup_manifest<W: std::io::Write>(
     out: W,
-    files: impl Iterator<Item = PgManifestFile<'a>>,
+    files: impl Iterator<Item = std::io::Result<PgManifestFile>>,
     timeline: u32,
     start_lsn: u64,
     stop_lsn: u64,
@@ -928,6 +988,7 @@ pub fn write_pg_backup_manifest<'a, W: std::io::Write>(
     )?;
     let mut files = files.peekable();
     while let Some(f) = files.next() {
+        let f = f?;
         let when = chrono::DateTime::from_timestamp(f.mtime, 0)
             .unwrap_or_default()
             .format("%Y-%m-%d %H:%M:%S GMT");
@@ -937,7 +998,7 @@ pub fn write_pg_backup_manifest<'a, W: std::io::Write>(
         };
         let line = format!(
             "{{ \"Path\": {}, \"Size\": {}, \"Last-Modified\": \"{when}\"{checksum} }}{}\n",
-            json_str(f.path),
+            json_str(&f.path),
             f.size,
             if files.peek().is_some() { "," } else { "" }
         );
@@ -959,13 +1020,13 @@ pub fn write_pg_backup_manifest<'a, W: std::io::Write>(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const ID: &str = "20261121-224754I";
-    const FULL: &str = "20261120-010000F";
+    pub(crate) const ID: &str = "20261121-224754I";
+    pub(crate) const FULL: &str = "20261120-010000F";
 
-    fn entry(path: &str, owner: &str) -> FileEntry {
+    pub(crate) fn entry(path: &str, owner: &str) -> FileEntry {
         FileEntry {
             path: path.into(),
             size: 1,
@@ -983,7 +1044,7 @@ mod tests {
         }
     }
 
-    fn bundled(path: &str, owner: &str, offset: u64) -> FileEntry {
+    pub(crate) fn bundled(path: &str, owner: &str, offset: u64) -> FileEntry {
         FileEntry {
             object: layout::backup_bundle(owner, 1).into(),
             offset: Some(offset),
@@ -991,7 +1052,7 @@ mod tests {
         }
     }
 
-    fn sample() -> Manifest {
+    pub(crate) fn sample() -> Manifest {
         let mut big = entry("base/5/16397", FULL);
         big.deltas = [layout::backup_data(ID, "base/5/16397")].into();
         big.maps = [

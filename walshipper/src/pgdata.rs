@@ -80,6 +80,9 @@ pub struct Scan {
     pub files: Vec<SourceFile>,
     pub dirs: Vec<SourceDir>,
     pub tablespaces: Vec<Tablespace>,
+    /// `PG_<major>_`, the start of the cluster's version directory in a
+    /// tablespace (None: PG_VERSION unreadable; nothing is left out).
+    tablespace_dir: Option<String>,
 }
 
 /// True if `rel` names a relation data file whose pages carry checksums.
@@ -123,7 +126,19 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 }
 
 pub fn scan(data_dir: &Path) -> Result<Scan> {
-    let mut scan = Scan::default();
+    // The version directory of this cluster in each tablespace
+    // (`PG_<major>_`, then the catalog version), as PostgreSQL's own base
+    // backup sends only it: another version's directory (left by
+    // pg_upgrade) or a stray file there is not this cluster's, and a
+    // manifest listing it would be refused by restore.
+    let tablespace_dir = fs::read_to_string(data_dir.join("PG_VERSION"))
+        .ok()
+        .and_then(|v| v.trim().parse::<u32>().ok())
+        .map(|major| format!("PG_{major}_"));
+    let mut scan = Scan {
+        tablespace_dir,
+        ..Scan::default()
+    };
     walk(data_dir, "", &mut scan, true)?;
     scan.files.sort_by(|a, b| a.rel.cmp(&b.rel));
     scan.dirs.sort_by(|a, b| a.rel.cmp(&b.rel));
@@ -164,11 +179,29 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
             _ => None,
         })
         .collect();
+    // pg_tblspc/<oid>: the root of a tablespace.
+    let tablespace_root = rel.starts_with("pg_tblspc/") && rel.matches('/').count() == 1;
     for name in names {
         let path = dir.join(&name);
         let child_rel = join(rel, &name);
         if name.starts_with("pgsql_tmp") || EXCLUDE_FILES.contains(&name.as_str()) {
             continue;
+        }
+        if tablespace_root {
+            if let Some(want) = &scan.tablespace_dir {
+                let ours = name
+                    .strip_prefix(want.as_str())
+                    .is_some_and(|cat| !cat.is_empty() && cat.bytes().all(|b| b.is_ascii_digit()));
+                let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
+                if !(ours && is_dir) {
+                    tracing::warn!(
+                        "skipping {} in tablespace {}: not this cluster's version directory ({want}<catalog version>)",
+                        name,
+                        dir.display()
+                    );
+                    continue;
+                }
+            }
         }
         if !unlogged.is_empty() {
             if let Some((node, fork)) = relation_name(&name) {

@@ -356,8 +356,8 @@ pub struct BackupScan {
     pub damaged: Vec<DamagedBackup>,
 }
 
-enum Loaded {
-    Intact(Box<Manifest>),
+enum Loaded<T = Manifest> {
+    Intact(Box<T>),
     Missing,
     Damaged(String),
 }
@@ -1356,8 +1356,10 @@ impl Repository {
                     continue;
                 }
             }
-            match self.load_manifest(&meta.key)? {
-                Loaded::Intact(m) => scan.backups.push(m.summary()),
+            // The file list goes to a local spool, not memory: a scan
+            // holds a summary per backup and nothing per file.
+            match self.load_summary(&meta.key)? {
+                Loaded::Intact(s) => scan.backups.push(*s),
                 // Removed since the listing (expire on another host).
                 Loaded::Missing => {}
                 Loaded::Damaged(reason) => scan.damaged.push(DamagedBackup {
@@ -1375,6 +1377,19 @@ impl Repository {
             )
         });
         Ok((scan, listed))
+    }
+
+    /// `load_manifest`, summarized, with the file list read through a
+    /// local spool (`crate::file_list`): memory does not grow with the
+    /// backup's files. The same checks, the same damage.
+    fn load_summary(&self, key: &str) -> Result<Loaded<BackupSummary>> {
+        match crate::file_list::read_manifest(self, key) {
+            Ok(s) => Ok(Loaded::Intact(Box::new(s.summary()))),
+            Err(Error::NotFound(_)) => Ok(Loaded::Missing),
+            Err(Error::Corrupt { reason, .. }) => Ok(Loaded::Damaged(reason)),
+            Err(e @ Error::Repository(_)) => Ok(Loaded::Damaged(e.to_string())),
+            Err(e) => Err(e),
+        }
     }
 
     /// Reads and checks the manifest at `key`. Damage (undecodable, too
@@ -1542,6 +1557,19 @@ impl Repository {
         key: &str,
         max: usize,
     ) -> Result<std::result::Result<T, serde_json::Error>> {
+        self.read_json_capped_with(key, max, &mut |r| serde_json::from_reader(r))
+    }
+
+    /// `read_json_capped` with the parse given: `parse` is called on the
+    /// decoded plaintext, once per attempt (a key retry starts it again),
+    /// and must read it as JSON. For a manifest whose file list goes to a
+    /// local spool as it is parsed (`crate::file_list`).
+    pub fn read_json_capped_with<T>(
+        &self,
+        key: &str,
+        max: usize,
+        parse: &mut dyn FnMut(&mut dyn io::Read) -> serde_json::Result<T>,
+    ) -> Result<std::result::Result<T, serde_json::Error>> {
         let mut retry = KeyRetry::default();
         loop {
             let src = self
@@ -1554,7 +1582,7 @@ impl Repository {
                 over: false,
                 err: None,
             };
-            let parsed = serde_json::from_reader::<_, T>(io::BufReader::new(&mut feed));
+            let parsed = parse(&mut io::BufReader::new(&mut feed));
             // A parse that failed stopped early: what follows is decoded
             // too, so that damage is reported as such, not as bad JSON.
             if parsed.is_err() && feed.err.is_none() && !feed.over {
@@ -1797,7 +1825,7 @@ pub mod test_support {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::path::{Path, PathBuf};
 
@@ -1805,7 +1833,7 @@ mod tests {
     const SEG3: &str = "wal/0000000100000000/000000010000000000000003";
 
     /// A posix repository configuration in `dir`; `mode` as in [encryption].
-    fn config(dir: &Path, repo: &str, mode: &str) -> Config {
+    pub(crate) fn config(dir: &Path, repo: &str, mode: &str) -> Config {
         use std::os::unix::fs::PermissionsExt;
         let pass = dir.join("passphrase");
         std::fs::write(&pass, "unit-test passphrase, long enough\n").unwrap();
@@ -1831,7 +1859,7 @@ mod tests {
         }
     }
 
-    fn init(cfg: &Config) -> Repository {
+    pub(crate) fn init(cfg: &Config) -> Repository {
         Repository::init(
             cfg,
             cfg.primary(),

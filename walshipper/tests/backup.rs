@@ -40,6 +40,12 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
     src.sql("INSERT INTO in_tablespace SELECT g, md5(g::text) FROM generate_series(1, 20000) g");
     src.sql("CREATE UNLOGGED TABLE scratch_unlogged AS SELECT g FROM generate_series(1, 1000) g");
     let ts_oid = src.sql("SELECT oid FROM pg_tablespace WHERE spcname = 'ts1'");
+    // What is not this cluster's in a tablespace (another version's
+    // directory, as pg_upgrade leaves it, and a stray file) is left out of
+    // the backup: restore refuses a manifest that lists it.
+    std::fs::create_dir_all(ts_dir.join("PG_14_202107181/1")).unwrap();
+    std::fs::write(ts_dir.join("PG_14_202107181/1/1234"), b"old").unwrap();
+    std::fs::write(ts_dir.join("stray"), b"x").unwrap();
 
     // Backup while pgbench writes.
     let mut bench = Command::new(pg_bin("pgbench"))
@@ -80,6 +86,7 @@ fn backup_under_load_restores_identical_and_passes_postgres_checks() {
         ],
     );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(!ts_new.join("PG_14_202107181").exists() && !ts_new.join("stray").exists());
     let in_wal: Vec<_> = r1
         .join("pg_wal")
         .read_dir()

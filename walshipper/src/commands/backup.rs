@@ -19,11 +19,12 @@ use crate::codec::HashAlg;
 use crate::config::Config;
 use crate::delta;
 use crate::error::{Error, Result};
+use crate::file_list::{self, FileList, ListWriter, Spooled};
 use crate::layout;
 use crate::lock;
 use crate::manifest::{
-    BackupSummary, ChecksumFailure, DatabaseEntry, DirEntry, FileEntry, Manifest, TablespaceEntry,
-    MANIFEST_VERSION,
+    BackupSummary, ChecksumFailure, DatabaseEntry, DirEntry, EntryCheck, FileEntry, Manifest,
+    TablespaceEntry, MANIFEST_VERSION,
 };
 use crate::page::{self, BLCKSZ, RELSEG_BLOCKS};
 use crate::pg::{connect, pg_err};
@@ -200,14 +201,23 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
     // Before anything is written or PostgreSQL is asked to start a backup.
     check_free_space(cfg, rc, &repo, &backups, &kind)?;
     drop(backups);
-    // The one whole manifest this backup needs: its reference's, compared
-    // file by file (the scan kept summaries only).
-    let mut reference = reference.map(|r| repo.find_backup(&r.id)).transpose()?;
-    if let Some(r) = &mut reference {
-        // The parse grew the list by doubling: up to half of it unused.
-        r.files.shrink_to_fit();
-        crate::manifest::release_free_memory();
-    }
+    // The one manifest this backup needs: its reference's, compared file
+    // by file (the scan kept summaries only), its file list in a local
+    // spool (`crate::file_list`), not in memory.
+    let reference = reference
+        .map(|r| {
+            file_list::read_manifest(&repo, &layout::manifest(&r.id)).map_err(|e| match e {
+                Error::Corrupt { key, reason } => Error::Corrupt {
+                    key,
+                    reason: format!(
+                        "{reason}; backup {} cannot be built on (`walshipper verify`)",
+                        r.id
+                    ),
+                },
+                e => e,
+            })
+        })
+        .transpose()?;
     tracing::debug!("phase: repository checked at {:?}", started.elapsed());
 
     let mut client = connect(cfg)?;
@@ -252,7 +262,7 @@ pub fn run(cfg: &Config, args: &Args) -> Result<()> {
             backup_id: id.clone(),
             kind: kind.clone(),
             requested_type: args.kind.clone(),
-            based_on: reference.as_ref().map(|m| m.id.clone()),
+            based_on: reference.as_ref().map(|m| m.head.id.clone()),
         }));
     }
     let start_sql = if version >= 150000 {
@@ -318,7 +328,7 @@ fn copy_and_finish(
     client: &mut postgres::Client,
     args: &Args,
     kind: &str,
-    reference: Option<Manifest>,
+    reference: Option<Spooled>,
     base_chain: &[String],
     id: &str,
     label: &str,
@@ -337,10 +347,11 @@ fn copy_and_finish(
         .files_total
         .store(scan.files.len() as u64, Ordering::Relaxed);
     let reporter = Reporter::start("backup", counters.clone(), args.json);
+    let based_on = reference.as_ref().map(|m| m.head.id.clone());
     let copied = copy_files(
         repo,
         id,
-        reference.as_ref(),
+        reference.map(|r| r.files),
         &cfg.pg.data_dir,
         &scan.files,
         args.jobs.max(1),
@@ -352,11 +363,11 @@ fn copy_and_finish(
     drop(reporter);
     tracing::debug!("phase: files copied at {:?}", started.elapsed());
     // Per-file memory no longer needed: the listing of the data directory
-    // (its directories and tablespaces stay). The reference's entries of
-    // unchanged files move into this backup's list (`Collected::into_files`).
-    let based_on = reference.as_ref().map(|m| m.id.clone());
-    let (files, failures) = copied.into_files(reference, &scan.files);
+    // (its directories and tablespaces stay). This backup's entries are in
+    // a local spool, read back in path order (`Collected::finish`).
+    let (files, failures) = copied.finish(&scan.files)?;
     drop(std::mem::take(&mut scan.files));
+    crate::manifest::release_free_memory();
 
     // wait_for_archive => false: the server would poll its archive status
     // once a second (a second per backup, measured); wait_for_wal below
@@ -446,9 +457,9 @@ fn copy_and_finish(
         wal_stop: wal::segment_name(stop_tli, last, seg_size),
         data_checksums: checksums,
         checksum_failures: failures.clone(),
-        size: files.iter().map(|f| f.size).sum(),
-        stored_size: files.iter().map(|f| f.stored_size).sum(),
-        files,
+        size: files.size,
+        stored_size: files.stored_size,
+        files: Vec::new(),
         dirs: scan
             .dirs
             .iter()
@@ -469,10 +480,16 @@ fn copy_and_finish(
         tablespace_map_object: spcmap_key,
         databases,
     };
+    // A backup that would not read back is never stored: its entries
+    // checked with the rules a reader applies (`Manifest::validate`).
+    files.check(&manifest)?;
     // Written last, durably: from now on the backup exists. Not if another
     // host took the lease meanwhile (its expire may be removing our base).
     lock.ensure_held()?;
-    repo.put_object(&layout::manifest(id), manifest.json_reader()?)?;
+    repo.put_object(
+        &layout::manifest(id),
+        manifest.json_reader_with(Box::new(files.iter()))?,
+    )?;
     tracing::debug!("phase: manifest written at {:?}", started.elapsed());
 
     let mut chain = base_chain.to_vec();
@@ -493,7 +510,7 @@ fn copy_and_finish(
             wal_stop: manifest.wal_stop.clone(),
             size: manifest.size,
             stored_size: manifest.stored_size,
-            files: manifest.files.len() as u64,
+            files: files.count,
             duration_s: started.elapsed().as_secs_f64(),
             checksum_failures: failures.iter().map(|f| f.blocks.len() as u64).sum(),
         }));
@@ -506,7 +523,7 @@ fn copy_and_finish(
                 .as_ref()
                 .map(|b| format!(" (based on {b})"))
                 .unwrap_or_default(),
-            manifest.files.len(),
+            files.count,
             crate::commands::info::human(manifest.size),
             crate::commands::info::human(manifest.stored_size),
             manifest.start_lsn,
@@ -642,67 +659,54 @@ fn wait_for_wal(
     Ok(())
 }
 
-/// What the copy made of one file.
-enum Copied {
-    /// New or changed since the reference: this backup's entry.
-    Entry(FileEntry),
-    /// Unchanged: the reference's entry `base` (its index in the
-    /// reference's files), carried over with the file's mtime and mode. Not
-    /// cloned: moved into this backup's list at the end (`into_files`),
-    /// so an incremental never holds two entries for one file.
-    Same { base: u32, mtime: i64, mode: u32 },
-}
+/// What the copy made of one file: this backup's entry for it (one of
+/// the reference's, carried over, for an unchanged file).
+struct Copied(FileEntry);
 
-/// The copy's results, in the order the workers finished.
-#[derive(Default)]
+/// No entry (for `Collected::at` and `BaseIndex::at`).
+const NONE: u64 = u64::MAX;
+
+/// The copy's results: the entries in a local spool in the order the
+/// workers finished, and where each listing index's entry is in it.
 struct Collected {
-    entries: Vec<FileEntry>,
-    /// (reference index, mtime, mode) of the unchanged files.
-    same: Vec<(u32, i64, u32)>,
+    out: ListWriter,
+    /// Per file of the listing: where its entry starts in `out`, or NONE
+    /// (vanished during the backup). 8 bytes a file.
+    at: Vec<u64>,
     /// (index in the listing, blocks) of the files with checksum failures.
     failures: Vec<(usize, Vec<u32>)>,
+    size: u64,
+    stored_size: u64,
+    count: u64,
 }
 
 impl Collected {
-    fn add(&mut self, i: usize, c: Copied, failures: Vec<u32>) {
-        match c {
-            Copied::Entry(e) => self.entries.push(e),
-            Copied::Same { base, mtime, mode } => self.same.push((base, mtime, mode)),
-        }
+    fn new(files: usize) -> Result<Collected> {
+        Ok(Collected {
+            out: ListWriter::new()?,
+            at: vec![NONE; files],
+            failures: Vec::new(),
+            size: 0,
+            stored_size: 0,
+            count: 0,
+        })
+    }
+
+    fn add(&mut self, i: usize, c: Copied, failures: Vec<u32>) -> Result<()> {
+        let e = c.0;
+        self.at[i] = self.out.push(&e)?;
+        self.size += e.size;
+        self.stored_size += e.stored_size;
+        self.count += 1;
         if !failures.is_empty() {
             self.failures.push((i, failures));
         }
+        Ok(())
     }
 
-    /// This backup's file list in path order, and its checksum failures:
-    /// the reference's list (moved, not copied) keeps the entries of the
-    /// unchanged files, updated in place; the new entries are appended.
-    fn into_files(
-        mut self,
-        reference: Option<Manifest>,
-        listing: &[SourceFile],
-    ) -> (Vec<FileEntry>, Vec<ChecksumFailure>) {
-        let mut files = reference.map(|m| m.files).unwrap_or_default();
-        self.same.sort_unstable_by_key(|s| s.0);
-        let mut keep = self.same.iter().peekable();
-        let mut at = 0u32;
-        files.retain_mut(|f| {
-            let here = at;
-            at += 1;
-            match keep.next_if(|s| s.0 == here) {
-                Some(&(_, mtime, mode)) => {
-                    (f.mtime, f.mode, f.stored_size) = (mtime, mode, 0);
-                    true
-                }
-                None => false,
-            }
-        });
-        if files.is_empty() {
-            files = self.entries;
-        } else {
-            files.append(&mut self.entries);
-        }
-        files.sort_unstable_by(|a, b| a.path.cmp(&b.path));
+    /// This backup's file list (read back in path order: the listing's)
+    /// and its checksum failures.
+    fn finish(mut self, listing: &[SourceFile]) -> Result<(Files, Vec<ChecksumFailure>)> {
         self.failures
             .sort_unstable_by(|a, b| listing[a.0].rel.cmp(&listing[b.0].rel));
         let failures = self
@@ -713,34 +717,138 @@ impl Collected {
                 blocks,
             })
             .collect();
-        (files, failures)
+        let files = Files {
+            list: self.out.finish()?,
+            at: self.at,
+            size: self.size,
+            stored_size: self.stored_size,
+            count: self.count,
+        };
+        Ok((files, failures))
     }
 }
 
-/// The reference backup's entries looked up by path: an index sorted by
-/// path (4 bytes a file) rather than a map keyed by path.
-struct BaseIndex<'a> {
-    files: &'a [FileEntry],
-    order: Vec<u32>,
+/// A backup's file list as the copy left it: entries in a local spool,
+/// read in the listing's order (byte order of the paths).
+struct Files {
+    list: FileList,
+    at: Vec<u64>,
+    size: u64,
+    stored_size: u64,
+    count: u64,
 }
 
-impl<'a> BaseIndex<'a> {
-    fn new(reference: Option<&'a Manifest>) -> BaseIndex<'a> {
-        let files = reference.map_or(&[][..], |m| &m.files[..]);
-        // Manifests list their files in path order (the listing is sorted):
-        // the sort finds them sorted. u32: a manifest's 1 GiB cap holds
-        // far fewer entries.
-        let mut order: Vec<u32> = (0..files.len() as u32).collect();
-        order.sort_by(|&a, &b| files[a as usize].path.cmp(&files[b as usize].path));
-        BaseIndex { files, order }
+impl Files {
+    fn iter(&self) -> impl Iterator<Item = Result<FileEntry>> + '_ {
+        self.at
+            .iter()
+            .filter(|&&o| o != NONE)
+            .map(|&o| self.list.entry_at(o))
     }
 
-    fn get(&self, path: &str) -> Option<(u32, &'a FileEntry)> {
-        let files = self.files;
-        self.order
-            .binary_search_by(|&i| files[i as usize].path.as_str().cmp(path))
-            .ok()
-            .map(|k| (self.order[k], &files[self.order[k] as usize]))
+    /// Checks every entry with the rules `Manifest::validate` applies when
+    /// the manifest `head` (with no files) is read back, and that the
+    /// paths are in strictly increasing byte order (so none twice).
+    fn check(&self, head: &Manifest) -> Result<()> {
+        let key = layout::manifest(&head.id);
+        let check = EntryCheck::new(head, &key);
+        let mut prev: Option<String> = None;
+        for f in self.iter() {
+            let f = f?;
+            let refused = |reason: String| {
+                Error::Invalid(format!(
+                    "backup {} not stored: {reason}, which a restore would refuse; remove or move that file out of the data directory",
+                    head.id
+                ))
+            };
+            check.entry(&f).map_err(|e| match e {
+                Error::Corrupt { reason, .. } => refused(reason),
+                e => e,
+            })?;
+            if prev.as_ref().is_some_and(|p| *p >= f.path) {
+                return Err(refused(format!("file {:?} is out of order", f.path)));
+            }
+            prev = Some(f.path);
+        }
+        for d in &head.dirs {
+            check.path(&d.path, true).map_err(|e| match e {
+                Error::Corrupt { reason, .. } => Error::Invalid(format!(
+                    "backup {} not stored: {reason}, which a restore would refuse",
+                    head.id
+                )),
+                e => e,
+            })?;
+        }
+        Ok(())
+    }
+}
+
+/// The reference backup's entries for the files of the listing, found by
+/// one merge of the two lists in path order: 8 bytes per file in memory,
+/// the entries read from the reference's spool when they are used.
+struct BaseIndex {
+    list: Option<FileList>,
+    at: Vec<u64>,
+}
+
+impl BaseIndex {
+    fn new(reference: Option<FileList>, listing: &[SourceFile]) -> Result<BaseIndex> {
+        let Some(list) = reference else {
+            return Ok(BaseIndex {
+                list: None,
+                at: Vec::new(),
+            });
+        };
+        let mut at = vec![NONE; listing.len()];
+        // Manifests list their files in path order, as the listing is: one
+        // pass. An older one out of order: its paths sorted in memory first.
+        let mut k = 0;
+        let mut prev: Option<String> = None;
+        let mut sorted = true;
+        for r in list.iter_at() {
+            let (o, f) = r?;
+            if prev.as_ref().is_some_and(|p| *p >= f.path) {
+                sorted = false;
+                break;
+            }
+            while k < listing.len() && listing[k].rel < f.path {
+                k += 1;
+            }
+            if k < listing.len() && listing[k].rel == f.path {
+                at[k] = o;
+            }
+            prev = Some(f.path);
+        }
+        if !sorted {
+            at.fill(NONE);
+            let mut paths = Vec::new();
+            for r in list.iter_at() {
+                let (o, f) = r?;
+                paths.push((f.path, o));
+            }
+            paths.sort_unstable();
+            let mut k = 0;
+            for (p, o) in paths {
+                while k < listing.len() && listing[k].rel < p {
+                    k += 1;
+                }
+                if k < listing.len() && listing[k].rel == p {
+                    at[k] = o;
+                }
+            }
+        }
+        Ok(BaseIndex {
+            list: Some(list),
+            at,
+        })
+    }
+
+    /// The reference's entry for file `i` of the listing, if it has one.
+    fn get(&self, i: usize) -> Result<Option<FileEntry>> {
+        match (&self.list, self.at.get(i)) {
+            (Some(list), Some(&o)) if o != NONE => list.entry_at(o).map(Some),
+            _ => Ok(None),
+        }
     }
 }
 
@@ -787,7 +895,7 @@ fn plan_work(files: &[SourceFile], bundle_size: Option<u64>) -> Vec<Work> {
 fn copy_files(
     repo: &Repository,
     id: &str,
-    reference: Option<&Manifest>,
+    reference: Option<FileList>,
     data_dir: &Path,
     files: &[SourceFile],
     jobs: usize,
@@ -797,14 +905,10 @@ fn copy_files(
     counters: &Arc<Counters>,
 ) -> Result<Collected> {
     let work = plan_work(files, bundle_size);
-    let base = BaseIndex::new(reference);
+    let base = BaseIndex::new(reference, files)?;
     let next = AtomicUsize::new(0);
     let bundles = AtomicU64::new(0);
-    // A full backup makes an entry per file: reserved once, exactly.
-    let results = Mutex::new(Collected {
-        entries: Vec::with_capacity(if reference.is_none() { files.len() } else { 0 }),
-        ..Collected::default()
-    });
+    let results = Mutex::new(Collected::new(files.len())?);
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
         for _ in 0..jobs {
@@ -817,13 +921,22 @@ fn copy_files(
                 let done = match item {
                     Work::File(i) => {
                         let f = &files[*i];
-                        let b = base.get(f.rel.as_str());
-                        copy_one(repo, id, data_dir, f, b, checksums, start_lsn, counters).map(
-                            |c| {
+                        base.get(*i).and_then(|b| {
+                            copy_one(
+                                repo,
+                                id,
+                                data_dir,
+                                f,
+                                b.as_ref(),
+                                checksums,
+                                start_lsn,
+                                counters,
+                            )
+                            .map(|c| {
                                 let c = c.map(|(c, failed)| vec![(*i, c, failed)]);
                                 (c.unwrap_or_default(), 1)
-                            },
-                        )
+                            })
+                        })
                     }
                     Work::Bundle(group) => {
                         let key =
@@ -835,13 +948,17 @@ fn copy_files(
                         .map(|c| (c, group.len()))
                     }
                 };
+                let done = done.and_then(|(copied, n)| {
+                    let mut r = results
+                        .lock()
+                        .map_err(|_| Error::Invalid("a copy thread panicked".into()))?;
+                    for (i, c, failed) in copied {
+                        r.add(i, c, failed)?;
+                    }
+                    Ok(n)
+                });
                 match done {
-                    Ok((copied, n)) => {
-                        if let Ok(mut r) = results.lock() {
-                            for (i, c, failed) in copied {
-                                r.add(i, c, failed);
-                            }
-                        }
+                    Ok(n) => {
                         counters.files_done.fetch_add(n as u64, Ordering::Relaxed);
                     }
                     Err(e) => {
@@ -917,13 +1034,14 @@ fn copy_bundle(
                 continue;
             }
             let failures = limited.into_inner().failures();
-            let entry = match base.get(f.rel.as_str()) {
-                Some((b, entry)) if unchanged_small(entry, &body) => {
-                    let same = Copied::Same {
-                        base: b,
+            let entry = match base.get(i)? {
+                Some(b) if unchanged_small(&b, &body) => {
+                    let same = Copied(FileEntry {
                         mtime: f.mtime,
                         mode: f.mode,
-                    };
+                        stored_size: 0,
+                        ..b
+                    });
                     out.push((i, same, failures));
                     continue;
                 }
@@ -941,7 +1059,7 @@ fn copy_bundle(
                 },
             };
             appended.push(out.len());
-            out.push((i, Copied::Entry(entry), failures));
+            out.push((i, Copied(entry), failures));
             return Ok(Some(body));
         }
         Ok(None)
@@ -966,9 +1084,7 @@ fn copy_bundle(
         let mut left = summary.stored_len;
         let last = appended.len().saturating_sub(1);
         for (k, (&slot, offset)) in appended.iter().zip(offsets).enumerate() {
-            let Copied::Entry(e) = &mut out[slot].1 else {
-                continue;
-            };
+            let e = &mut out[slot].1 .0;
             e.offset = Some(offset);
             let share = if k == last {
                 left
@@ -988,7 +1104,7 @@ fn copy_bundle(
             id,
             data_dir,
             f,
-            base.get(f.rel.as_str()),
+            base.get(i)?.as_ref(),
             checksums,
             start_lsn,
             counters,
@@ -1009,15 +1125,13 @@ fn copy_one(
     id: &str,
     data_dir: &Path,
     f: &SourceFile,
-    base: Option<(u32, &FileEntry)>,
+    base: Option<&FileEntry>,
     checksums: bool,
     start_lsn: u64,
     counters: &Arc<Counters>,
 ) -> Result<Option<(Copied, Vec<u32>)>> {
     let verify = checksums && pgdata::is_relation_file(&f.rel);
     let abs = f.abs(data_dir);
-    let base_index = base.map(|(i, _)| i);
-    let base = base.map(|(_, b)| b);
     // None: the file vanished (dropped during the backup).
     let open = || -> Result<Option<File>> {
         match File::open(&abs) {
@@ -1044,11 +1158,7 @@ fn copy_one(
         stored_size: 0,
         ..b.clone()
     };
-    let carried = || Copied::Same {
-        base: base_index.unwrap_or_default(),
-        mtime: f.mtime,
-        mode: f.mode,
-    };
+    let carried = |b: &FileEntry| Copied(referenced(b));
     // The object's final frame and the manifest share the one hash taken.
     let stored = |summary: &crate::codec::Summary, maps: Box<[String]>, stored_size| FileEntry {
         path: f.rel.clone(),
@@ -1077,13 +1187,13 @@ fn copy_one(
         let failures = reader.failures();
         if let Some(b) = base {
             if unchanged_small(b, &body) {
-                return Ok(Some((carried(), failures)));
+                return Ok(Some((carried(b), failures)));
             }
         }
         let (_, summary) =
             repo.put_object_with(&data_key, &body[..], Durability::AtFlush, Some(1))?;
         return Ok(Some((
-            Copied::Entry(stored(&summary, Box::default(), summary.stored_len)),
+            Copied(stored(&summary, Box::default(), summary.stored_len)),
             failures,
         )));
     }
@@ -1115,7 +1225,7 @@ fn copy_one(
             summary.stored_len + msum.stored_len,
         );
         let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
-        Ok(Some((Copied::Entry(e), failures)))
+        Ok(Some((Copied(e), failures)))
     };
     let Some((b, map)) = base_map else {
         // No reference.
@@ -1133,7 +1243,7 @@ fn copy_one(
             .map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
         if same {
             counters.bytes_done.fetch_add(f.size, Ordering::Relaxed);
-            return Ok(Some((carried(), Vec::new())));
+            return Ok(Some((carried(b), Vec::new())));
         }
         io::Seek::rewind(&mut file).map_err(|e| Error::io(format!("read {}", abs.display()), e))?;
     }
@@ -1166,7 +1276,7 @@ fn copy_one(
             .differs()
             .map_err(|e| Error::io(format!("read {}", abs.display()), e))?
     {
-        return Ok(Some((carried(), Vec::new())));
+        return Ok(Some((carried(b), Vec::new())));
     }
     let (_, summary) = repo.put_object_with(&data_key, &mut delta, Durability::AtFlush, threads)?;
     let d = delta
@@ -1205,7 +1315,7 @@ fn copy_one(
     e.maps = e.maps.iter().cloned().chain([map_key]).collect();
     e.stored_size = summary.stored_len + msum.stored_len;
     let failures = failures.lock().map(|v| v.clone()).unwrap_or_default();
-    Ok(Some((Copied::Entry(e), failures)))
+    Ok(Some((Copied(e), failures)))
 }
 
 /// The longest chain (deltas on a base) whose blocks an incremental reads to
@@ -1386,5 +1496,109 @@ impl Read for PageCheckingReader {
         self.pending.extend_from_slice(chunks.remainder());
         self.offset += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::tests::{entry, sample, ID};
+
+    fn listing(paths: &[&str]) -> Vec<SourceFile> {
+        paths
+            .iter()
+            .map(|p| SourceFile {
+                rel: p.to_string(),
+                size: 1,
+                mtime: 0,
+                mode: 0o600,
+            })
+            .collect()
+    }
+
+    /// The reference's entry of each file is found by one merge of the
+    /// two lists in path order; a reference out of order (an older
+    /// writer's) is sorted first. Byte order: "a.b" < "a/b" ('.' < '/').
+    #[test]
+    fn reference_entries_are_found_by_path() {
+        let paths = [
+            "base/1/1",
+            "base/1/1.1",
+            "base/1/1/x",
+            "base/1/10",
+            "global/x",
+        ];
+        let files = listing(&paths);
+        let mut sorted: Vec<&str> = paths.to_vec();
+        sorted.sort();
+        assert_eq!(sorted, paths, "the listing's order is byte order");
+        let refs = ["base/1/1", "base/1/1/x", "base/1/2", "global/x", "z"];
+        for order in [refs.to_vec(), refs.iter().rev().copied().collect()] {
+            let entries: Vec<FileEntry> = order.iter().map(|p| entry(p, ID)).collect();
+            let base = BaseIndex::new(Some(FileList::spool(&entries).unwrap()), &files).unwrap();
+            let found: Vec<Option<String>> = (0..files.len())
+                .map(|i| base.get(i).unwrap().map(|e| e.path))
+                .collect();
+            let want = [
+                Some("base/1/1"),
+                None,
+                Some("base/1/1/x"),
+                None,
+                Some("global/x"),
+            ];
+            assert_eq!(found, want.map(|w| w.map(String::from)));
+            assert!(base.get(99).unwrap().is_none());
+        }
+        let none = BaseIndex::new(None, &files).unwrap();
+        assert!(none.get(0).unwrap().is_none());
+    }
+
+    /// The copy's entries, added in any order, come back in the listing's
+    /// order; an entry a restore would refuse stops the backup.
+    #[test]
+    fn collected_entries_read_back_in_path_order_and_are_checked() {
+        let n = 40_000;
+        let paths: Vec<String> = (0..n).map(|i| format!("base/5/{:06}", i)).collect();
+        let files = listing(&paths.iter().map(String::as_str).collect::<Vec<_>>());
+        let mut c = Collected::new(n).unwrap();
+        // Workers finish out of order; a vanished file has no entry.
+        for i in (0..n).rev().filter(|i| i % 1000 != 7) {
+            let failed = if i == 5 { vec![3] } else { Vec::new() };
+            c.add(i, Copied(entry(&paths[i], ID)), failed).unwrap();
+        }
+        let (got, failures) = c.finish(&files).unwrap();
+        assert_eq!(failures.len(), 1);
+        assert_eq!(failures[0].path, paths[5]);
+        let read: Vec<String> = got.iter().map(|e| e.unwrap().path).collect();
+        let want: Vec<String> = paths
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| i % 1000 != 7)
+            .map(|(_, p)| p.clone())
+            .collect();
+        assert_eq!(read, want);
+        let mut head = sample();
+        head.files.clear();
+        head.dirs.clear();
+        head.kind = "full".into();
+        head.based_on = None;
+        head.id = "20261120-000000F".into();
+        head.backup_label_object = layout::backup_label(&head.id);
+        head.tablespace_map_object = None;
+        // Entries of another id: refused, as the reader would.
+        let e = got.check(&head).unwrap_err().to_string();
+        assert!(
+            e.contains("not stored") && e.contains("restore would refuse"),
+            "{e}"
+        );
+        head.id = ID.into();
+        head.kind = "incr".into();
+        head.backup_label_object = layout::backup_label(ID);
+        got.check(&head).unwrap();
+        head.dirs.push(crate::manifest::DirEntry {
+            path: "pg_tblspc/16390/PG_14_202107181".into(),
+            mode: 0o700,
+        });
+        assert!(got.check(&head).is_err());
     }
 }

@@ -25,6 +25,7 @@ use crate::codec::{hash_of, HashAlg, PlainHash};
 use crate::config::Config;
 use crate::delta;
 use crate::error::{Error, Result};
+use crate::file_list::{self, FileList, Spooled};
 use crate::layout;
 use crate::manifest::{
     check_location, write_pg_backup_manifest, BackupSummary, DatabaseEntry, FileEntry, Manifest,
@@ -374,12 +375,12 @@ fn check_target(target: &Target) -> Result<()> {
 /// it (its id must be the one its key names, and it must be the manifest
 /// the listing summarized), follows `based_on` to the full backup,
 /// validating each, and checks that the backup names objects of that chain
-/// only. Returns the validated manifest. The chain is walked before the
-/// backup's own manifest is read, each manifest dropped once its
-/// `based_on` is known: one whole manifest is held at a time.
-fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifest> {
+/// only. Returns the validated manifest. Every manifest is read with its
+/// file list spooled to a local file (`crate::file_list`): what is held in
+/// memory does not grow with the number of files.
+fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Spooled> {
     let id = listed.id.as_str();
-    let read = |id: &str| repo.read_manifest(&layout::manifest(id));
+    let read = |id: &str| file_list::read_manifest(repo, &layout::manifest(id));
     let mut chain = BTreeSet::new();
     let mut next = listed.based_on.clone();
     while let Some(b) = next {
@@ -399,9 +400,10 @@ fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifes
                 },
                 e => e,
             })?
+            .head
             .based_on;
     }
-    let mut m = read(id).map_err(|e| match e {
+    let spooled = read(id).map_err(|e| match e {
         // Listed under this id, but not stored under it.
         Error::NotFound(key) => Error::Corrupt {
             key,
@@ -411,6 +413,7 @@ fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifes
         },
         e => e,
     })?;
+    let m = &spooled.head;
     if (
         &m.start_lsn,
         &m.stop_lsn,
@@ -429,11 +432,16 @@ fn checked_manifest(repo: &Repository, listed: &BackupSummary) -> Result<Manifes
             reason: "the backup listing shows another manifest for this backup (one copied in the repository); run `walshipper verify`".into(),
         });
     }
-    m.validate_dependencies(&chain)?;
-    // The parse grew the list by doubling: up to half of it unused.
-    m.files.shrink_to_fit();
+    if let Some(other) = spooled.depends_on.difference(&chain).next() {
+        return Err(Error::Corrupt {
+            key: layout::manifest(&m.id),
+            reason: format!(
+                "it names objects of backup {other}, which this backup is not built on"
+            ),
+        });
+    }
     crate::manifest::release_free_memory();
-    Ok(m)
+    Ok(spooled)
 }
 
 /// `p` made absolute, with its longest existing ancestor resolved (links
@@ -680,7 +688,7 @@ fn restore_planned(
     // The listing is not trusted: the manifest used is the one stored
     // under the backup's own key, validated, with its chain.
     let checked = checked_manifest(repo, &plan.backup)?;
-    let m = &checked;
+    let m = &checked.head;
     let sel = select_databases(m, &args.db_include)?;
     let mut sources = vec![repo];
     sources.extend(fallbacks.iter());
@@ -699,7 +707,7 @@ fn restore_planned(
         cfg,
         &sources,
         plan,
-        m,
+        &checked,
         args,
         target_dir,
         &locations,
@@ -725,13 +733,9 @@ fn restore_planned(
             }
         }
     }
-    let ignore = m
-        .files
-        .iter()
-        .filter(|f| sel.as_ref().is_some_and(|s| s.zeroed(&f.path)))
-        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d.to_string()))
-        .collect();
-    result.map(|()| (sel, ignore))
+    result?;
+    let ignore = zeroed_dirs(&checked.files, sel.as_ref())?;
+    Ok((sel, ignore))
 }
 
 /// The directories a restore writes into: the target and each tablespace's.
@@ -775,13 +779,15 @@ fn restore_into(
     cfg: &Config,
     sources: &[&Repository],
     plan: &Plan,
-    m: &Manifest,
+    spooled: &Spooled,
     args: &Args,
     target_dir: &Path,
     locations: &HashMap<u32, PathBuf>,
     sel: Option<&DbSelection>,
     started: Instant,
 ) -> Result<()> {
+    let m = &spooled.head;
+    let list = &spooled.files;
     let zeroed = |f: &FileEntry| sel.is_some_and(|s| s.zeroed(&f.path));
     let repo = sources[0];
     let mut roots = Roots {
@@ -848,41 +854,56 @@ fn restore_into(
             .map_err(|e| Error::io(format!("create {}", root.display(inner)), e))?;
     }
     if args.delta {
-        remove_unknown_files(m, &roots)?;
+        remove_unknown_files(list, &roots)?;
     }
-    // Everything but pg_control, in parallel, biggest first.
-    let (control, rest): (Vec<&FileEntry>, Vec<&FileEntry>) =
-        m.files.iter().partition(|f| f.path == "global/pg_control");
+    // Everything but pg_control, in parallel: the large files biggest
+    // first, then the others in list order (`plan_restore`), handed to the
+    // workers through a short queue as the list is read.
     let counters = Arc::new(Counters::default());
     counters.bytes_total.store(m.size, Ordering::Relaxed);
-    counters
-        .files_total
-        .store(m.files.len() as u64, Ordering::Relaxed);
+    counters.files_total.store(list.len(), Ordering::Relaxed);
     let reporter = Reporter::start("restore", counters.clone(), args.json);
-    let order = restore_work(&rest, &zeroed);
     let mut syncer = Syncer::start();
-    let next = AtomicUsize::new(0);
+    let jobs = args.jobs.max(1);
     let error: Mutex<Option<Error>> = Mutex::new(None);
+    let failed = || error.lock().map(|e| e.is_some()).unwrap_or(true);
     let skipped = AtomicUsize::new(0);
+    let (tx, rx) = std::sync::mpsc::sync_channel::<RestoreWork>(jobs * 2);
+    let rx = Mutex::new(rx);
+    let mut control: Vec<FileEntry> = Vec::new();
     std::thread::scope(|s| {
-        for _ in 0..args.jobs.max(1) {
+        for _ in 0..jobs {
             s.spawn(|| loop {
-                if error.lock().map(|e| e.is_some()).unwrap_or(true) {
-                    return;
-                }
-                let Some(item) = order.get(next.fetch_add(1, Ordering::Relaxed)) else {
-                    return;
+                let item = match rx.lock() {
+                    Ok(r) => r.recv(),
+                    Err(_) => return,
                 };
-                let (done, files) = match item {
+                // The queue ends when the planner is done (or stopped).
+                let Ok(item) = item else { return };
+                // After a failure, items are drained without work.
+                if failed() {
+                    continue;
+                }
+                let (done, files) = match &item {
                     RestoreWork::File(f) => (
                         restore_file(sources, f, &roots, args.delta, zeroed(f), &syncer)
                             .map(|wrote| usize::from(!wrote)),
                         std::slice::from_ref(f),
                     ),
-                    RestoreWork::Bundle(key, files) => (
-                        restore_bundle(sources, key, files, &roots, args.delta, &syncer),
-                        &files[..],
-                    ),
+                    RestoreWork::Bundle(files) => {
+                        let refs: Vec<&FileEntry> = files.iter().collect();
+                        (
+                            restore_bundle(
+                                sources,
+                                &files[0].object,
+                                &refs,
+                                &roots,
+                                args.delta,
+                                &syncer,
+                            ),
+                            &files[..],
+                        )
+                    }
                 };
                 match done {
                     Ok(kept) => {
@@ -897,10 +918,24 @@ fn restore_into(
                         if let Ok(mut slot) = error.lock() {
                             slot.get_or_insert(e);
                         }
-                        return;
                     }
                 }
             });
+        }
+        let planned = plan_restore(list, &zeroed, &mut |w| {
+            if failed() {
+                return false;
+            }
+            tx.send(w).is_ok()
+        });
+        drop(tx);
+        match planned {
+            Ok(c) => control = c,
+            Err(e) => {
+                if let Ok(mut slot) = error.lock() {
+                    slot.get_or_insert(e);
+                }
+            }
         }
     });
     drop(reporter);
@@ -932,24 +967,29 @@ fn restore_into(
     // The zeroed files are left out: their checksums would fail. Their
     // directories are what `pg_verifybackup -i` is told to skip.
     // Written as it is rendered, from the entries (not a copy of them).
-    let pg_files = m
-        .files
+    // Read from the spool as it is written.
+    let pg_files = list
         .iter()
-        .filter(|f| !zeroed(f))
-        .map(|f| PgManifestFile {
-            path: &f.path,
-            size: f.size,
-            mtime: f.mtime,
-            // pg_verifybackup knows SHA-256, not BLAKE3: a file with a
-            // BLAKE3 is checked by size there (restore checked its hash).
-            sha256: f.sha256_hex(),
+        .filter(|f| !f.as_ref().is_ok_and(&zeroed))
+        .map(|f| {
+            let f = f.map_err(std::io::Error::other)?;
+            Ok(PgManifestFile {
+                sha256: f.sha256_hex(),
+                path: f.path,
+                size: f.size,
+                mtime: f.mtime,
+                // pg_verifybackup knows SHA-256, not BLAKE3: a file with a
+                // BLAKE3 is checked by size there (restore checked its hash).
+            })
         });
     let now = chrono::Utc::now().timestamp();
-    let extra_files = extra.iter().map(|(name, body)| PgManifestFile {
-        path: name,
-        size: body.len() as u64,
-        mtime: now,
-        sha256: Some(HashAlg::Sha256.digest(body).hex()),
+    let extra_files = extra.iter().map(|(name, body)| {
+        Ok(PgManifestFile {
+            path: name.clone(),
+            size: body.len() as u64,
+            mtime: now,
+            sha256: Some(HashAlg::Sha256.digest(body).hex()),
+        })
     });
     write_file_with(&roots.target, "backup_manifest", |f| {
         write_pg_backup_manifest(
@@ -973,7 +1013,7 @@ fn restore_into(
     // Last: pg_control, once everything else is durable. Until it exists
     // PostgreSQL will not start here.
     syncer.finish(&roots)?;
-    for f in control {
+    for f in &control {
         restore_file(sources, f, &roots, false, false, &syncer)?;
     }
     // Everything else is durable (syncfs); now pg_control and the directories naming it.
@@ -1001,15 +1041,10 @@ fn restore_into(
             Vec::new(),
         ),
     };
-    let ignore: BTreeSet<&str> = m
-        .files
-        .iter()
-        .filter(|f| zeroed(f))
-        .filter_map(|f| database_dir(&f.path).map(|(_, d)| d))
-        .collect();
+    let ignore = zeroed_dirs(list, sel)?;
     let summary = serde_json::json!({
         "event": "done", "backup_id": m.id, "target_dir": target_dir.display().to_string(),
-        "files": m.files.len(), "files_unchanged": skipped.load(Ordering::Relaxed),
+        "files": list.len(), "files_unchanged": skipped.load(Ordering::Relaxed),
         "size": m.size, "duration_s": started.elapsed().as_secs_f64(),
         "wal_reaches": wal::segment_name(m.timeline, plan.wal_end_segno, repo.descriptor.wal_segment_size),
         "databases_restored": restored, "databases_excluded": excluded,
@@ -1044,7 +1079,7 @@ fn restore_into(
         println!(
             "restored backup {} ({} files, {}) into {} in {:.1}s; start PostgreSQL on it to recover{}",
             m.id,
-            m.files.len(),
+            list.len(),
             crate::commands::info::human(m.size),
             target_dir.display(),
             started.elapsed().as_secs_f64(),
@@ -1430,33 +1465,127 @@ fn restore_file(
     result.map(|()| true)
 }
 
-/// A work item of a restore: one file, or the files of one bundle (read
-/// once, front to back).
-enum RestoreWork<'a> {
-    File(&'a FileEntry),
-    Bundle(&'a str, Vec<&'a FileEntry>),
+/// A work item of a restore: one file, or files of one bundle (read
+/// once, front to back, up to the last of them).
+enum RestoreWork {
+    File(FileEntry),
+    Bundle(Vec<FileEntry>),
 }
 
-/// Files biggest first, then one item per bundle. Files left out by
-/// --db-include are written as zeros and read nothing: never in a bundle item.
-fn restore_work<'a>(
-    files: &[&'a FileEntry],
+/// Files at least this large are restored first, biggest first (so that
+/// one large file does not finish alone at the end); they are held in
+/// memory for that, which their size bounds (one entry per MiB at most).
+const LARGE_FIRST: u64 = 1 << 20;
+/// Bundled files waiting for the rest of their bundle: at most this many
+/// in all. A backup's bundles each hold files of one stretch of paths, so
+/// in list order only a few are open at a time (about one per backup of
+/// the chain); past the bound, the group extended least recently is
+/// restored as it is and its bundle read again for the files that follow.
+const BUNDLE_WINDOW: usize = 32 << 10;
+/// A bundle's group not extended for this many entries of the list is
+/// taken as complete and restored.
+const BUNDLE_STALE: u64 = 8 << 10;
+
+/// Plans the restore of `list` as it is read, handing each work item to
+/// `send` (false: stop). Every file but pg_control, which is returned (it
+/// is restored last, alone): first the large ones, biggest first, then the
+/// others in list order, the bundled ones grouped by bundle. Files left
+/// out by --db-include are written as zeros and read nothing: never in a
+/// bundle item. Memory: the large files' entries, and at most
+/// `BUNDLE_WINDOW` bundled entries waiting for their group.
+fn plan_restore(
+    list: &FileList,
     zeroed: &dyn Fn(&FileEntry) -> bool,
-) -> Vec<RestoreWork<'a>> {
-    let mut bundles: std::collections::BTreeMap<&'a str, Vec<&'a FileEntry>> =
-        std::collections::BTreeMap::new();
-    let mut single: Vec<&'a FileEntry> = Vec::new();
-    for f in files {
-        if f.offset.is_some() && !zeroed(f) {
-            bundles.entry(&*f.object).or_default().push(f);
-        } else {
-            single.push(f);
+    send: &mut dyn FnMut(RestoreWork) -> bool,
+) -> Result<Vec<FileEntry>> {
+    let is_control = |f: &FileEntry| f.path == "global/pg_control";
+    let bundled = |f: &FileEntry| f.offset.is_some() && !zeroed(f);
+    let large = |f: &FileEntry| !bundled(f) && f.size >= LARGE_FIRST;
+    let mut control = Vec::new();
+    let mut first: Vec<FileEntry> = Vec::new();
+    for f in list.iter() {
+        let f = f?;
+        if is_control(&f) {
+            control.push(f);
+        } else if large(&f) {
+            first.push(f);
         }
     }
-    single.sort_by_key(|f| std::cmp::Reverse(f.size));
-    let mut work: Vec<RestoreWork> = single.into_iter().map(RestoreWork::File).collect();
-    work.extend(bundles.into_iter().map(|(k, v)| RestoreWork::Bundle(k, v)));
-    work
+    first.sort_by_key(|f| std::cmp::Reverse(f.size));
+    for f in first {
+        if !send(RestoreWork::File(f)) {
+            return Ok(control);
+        }
+    }
+    // Open groups: bundle key → (its files so far, when last extended).
+    let mut groups: HashMap<Arc<str>, (Vec<FileEntry>, u64)> = HashMap::new();
+    let mut waiting = 0usize;
+    for (n, f) in list.iter().enumerate() {
+        let f = f?;
+        let n = n as u64;
+        if is_control(&f) || large(&f) {
+            continue;
+        }
+        if !bundled(&f) {
+            if !send(RestoreWork::File(f)) {
+                return Ok(control);
+            }
+            continue;
+        }
+        let g = groups.entry(f.object.clone()).or_default();
+        g.0.push(f);
+        g.1 = n;
+        waiting += 1;
+        // Complete groups out, and the oldest while over the bound.
+        let mut out: Vec<Arc<str>> = Vec::new();
+        if n.is_multiple_of(1024) {
+            out.extend(
+                groups
+                    .iter()
+                    .filter(|(_, g)| n - g.1 > BUNDLE_STALE)
+                    .map(|(k, _)| k.clone()),
+            );
+        }
+        if waiting > BUNDLE_WINDOW && out.is_empty() {
+            if let Some((k, _)) = groups.iter().min_by_key(|(_, g)| g.1) {
+                out.push(k.clone());
+            }
+        }
+        for k in out {
+            if let Some((files, _)) = groups.remove(&k) {
+                waiting -= files.len();
+                if !send(RestoreWork::Bundle(files)) {
+                    return Ok(control);
+                }
+            }
+        }
+    }
+    let mut rest: Vec<(Vec<FileEntry>, u64)> = groups.into_values().collect();
+    rest.sort_by_key(|g| g.1);
+    for (files, _) in rest {
+        if !send(RestoreWork::Bundle(files)) {
+            break;
+        }
+    }
+    Ok(control)
+}
+
+/// The database directories of the files --db-include left out (written
+/// as zeros), for pg_verifybackup's --ignore.
+fn zeroed_dirs(list: &FileList, sel: Option<&DbSelection>) -> Result<BTreeSet<String>> {
+    let mut dirs = BTreeSet::new();
+    let Some(sel) = sel else {
+        return Ok(dirs);
+    };
+    for f in list.iter() {
+        let f = f?;
+        if sel.zeroed(&f.path) {
+            if let Some((_, d)) = database_dir(&f.path) {
+                dirs.insert(d.to_string());
+            }
+        }
+    }
+    Ok(dirs)
 }
 
 /// Restores the files of bundle `key` (`crate::bundle`): with --delta the
@@ -1777,8 +1906,15 @@ fn restore_file_from(
 /// (they would otherwise survive into the recovered cluster). Links are
 /// neither followed nor removed; the walk stays below the target and the
 /// tablespace directories.
-fn remove_unknown_files(m: &Manifest, roots: &Roots) -> Result<()> {
-    let keep: std::collections::HashSet<&str> = m.files.iter().map(|f| f.path.as_str()).collect();
+///
+/// The backup's paths are held in a set for the walk: --delta takes memory
+/// per file, unlike a restore into an empty directory.
+fn remove_unknown_files(list: &FileList, roots: &Roots) -> Result<()> {
+    let mut paths = std::collections::HashSet::new();
+    for f in list.iter() {
+        paths.insert(f?.path);
+    }
+    let keep: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
     fn walk(
         dir: &DirFd,
         rel: &str,
@@ -1969,6 +2105,127 @@ fn write_recovery_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// What `plan_restore` hands out for `list`: (large files, bundle
+    /// items, other files) and pg_control, checking on the way that every
+    /// file comes exactly once.
+    fn planned(
+        entries: &[FileEntry],
+        zeroed: &dyn Fn(&FileEntry) -> bool,
+    ) -> (
+        Vec<FileEntry>,
+        Vec<Vec<FileEntry>>,
+        Vec<FileEntry>,
+        Vec<FileEntry>,
+    ) {
+        let list = FileList::spool(entries).unwrap();
+        let (mut large, mut bundles, mut single) = (Vec::new(), Vec::new(), Vec::new());
+        let control = plan_restore(&list, zeroed, &mut |w| {
+            match w {
+                RestoreWork::File(f) if f.size >= LARGE_FIRST && bundles.is_empty() => {
+                    assert!(single.is_empty(), "a large file after the others");
+                    large.push(f)
+                }
+                RestoreWork::File(f) => single.push(f),
+                RestoreWork::Bundle(files) => bundles.push(files),
+            }
+            true
+        })
+        .unwrap();
+        let mut seen = std::collections::HashSet::new();
+        let all = large
+            .iter()
+            .chain(bundles.iter().flatten())
+            .chain(&single)
+            .chain(&control);
+        for f in all {
+            assert!(seen.insert(f.path.clone()), "{} twice", f.path);
+        }
+        assert_eq!(seen.len(), entries.len());
+        (large, bundles, single, control)
+    }
+
+    fn file(i: usize, owner: &str, size: u64) -> FileEntry {
+        let mut f = crate::manifest::tests::entry(&format!("base/5/{i:07}"), owner);
+        f.size = size;
+        f
+    }
+
+    fn in_bundle(i: usize, owner: &str, bundle: u64, offset: u64) -> FileEntry {
+        FileEntry {
+            object: layout::backup_bundle(owner, bundle).into(),
+            offset: Some(offset),
+            ..file(i, owner, 8192)
+        }
+    }
+
+    /// An incremental's list of 120 000 files (more than the window holds):
+    /// the full's bundles each hold a stretch of paths, the incremental's
+    /// own bundles every 97th file; large files and pg_control among them.
+    #[test]
+    fn a_restore_is_planned_as_the_list_is_read() {
+        const F: &str = "20261120-010000F";
+        const I: &str = "20261121-224754I";
+        let n = 120_000;
+        let mut entries = Vec::new();
+        let mut incr_members = 0u64;
+        for i in 0..n {
+            entries.push(match i {
+                _ if i % 10_007 == 0 => file(i, F, LARGE_FIRST + i as u64),
+                _ if i % 5003 == 0 => file(i, F, 100),
+                _ if i % 97 == 0 => {
+                    incr_members += 1;
+                    in_bundle(i, I, 1 + incr_members / 300, incr_members % 300 * 8192)
+                }
+                _ => in_bundle(i, F, 1 + i as u64 / 500, (i as u64 % 500) * 8192),
+            });
+        }
+        let mut control = file(n, F, 8192);
+        control.path = "global/pg_control".into();
+        control.object = layout::backup_data(F, "global/pg_control").into();
+        entries.push(control);
+        let (large, bundles, single, control) = planned(&entries, &|_| false);
+        assert_eq!(control.len(), 1);
+        assert_eq!(large.len(), n.div_ceil(10_007));
+        assert!(large.windows(2).all(|w| w[0].size >= w[1].size));
+        assert!(single.iter().all(|f| f.size == 100));
+        for b in &bundles {
+            assert!(b.iter().all(|f| f.object == b[0].object));
+            assert!(b.windows(2).all(|w| w[0].path < w[1].path));
+        }
+        // Each bundle read once: the full's 240 and the incremental's 5.
+        let distinct: std::collections::HashSet<&str> =
+            bundles.iter().map(|b| &*b[0].object).collect();
+        assert_eq!(distinct.len(), bundles.len());
+        assert_eq!(bundles.len(), 240 + 5);
+        // Files left out by --db-include are single items, not bundled.
+        let (_, bundles, single, _) = planned(&entries, &|f| f.path.as_str() < "base/5/0001000");
+        assert!(bundles
+            .iter()
+            .flatten()
+            .all(|f| f.path.as_str() >= "base/5/0001000"));
+        assert!(single.iter().any(|f| f.offset.is_some()));
+    }
+
+    /// More open bundles than the window holds (members spread over the
+    /// whole list): groups are cut, every file still restored once.
+    #[test]
+    fn open_bundles_beyond_the_window_are_cut() {
+        const F: &str = "20261120-010000F";
+        let n = BUNDLE_WINDOW * 3;
+        // 4 bundles, members in turn: more waiting than the window, cut
+        // by the bound; 40 000, each extended too rarely: cut as stale.
+        for open in [4, 40_000] {
+            let entries: Vec<FileEntry> = (0..n)
+                .map(|i| in_bundle(i, F, 1 + (i % open) as u64, (i / open) as u64 * 8192))
+                .collect();
+            let (_, bundles, single, _) = planned(&entries, &|_| false);
+            assert!(single.is_empty());
+            assert!(bundles.len() > open, "{open}: {}", bundles.len());
+            assert!(bundles.iter().all(|b| b.len() <= BUNDLE_WINDOW + 1));
+            assert_eq!(bundles.iter().map(Vec::len).sum::<usize>(), n);
+        }
+    }
 
     /// A chain longer than `MERGE_STREAMS` (merged in stages through scratch
     /// files) and a short one give the bytes of applying every delta in turn.
