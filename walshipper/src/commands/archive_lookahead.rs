@@ -564,16 +564,7 @@ fn start_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()> 
 /// The segments to hold after recovery asked for `want`: want itself (it
 /// may still be taken) and the next `k` on its timeline.
 fn window(want: &str, k: usize, seg_size: u64) -> Option<Vec<String>> {
-    let Some(WalFileKind::Segment {
-        tli,
-        log,
-        seg,
-        partial: false,
-    }) = wal::parse_name(want)
-    else {
-        return None;
-    };
-    let n = wal::seg_no(log, seg, seg_size);
+    let (tli, n) = segment_number(want, seg_size)?;
     Some(
         (0..=k as u64)
             .map(|i| wal::segment_name(tli, n.saturating_add(i), seg_size))
@@ -599,17 +590,21 @@ fn history_probes(want: &str) -> Vec<String> {
 /// The segment before `want` on its timeline: recovery asks for the last
 /// segment again after the archive ended, so a copy it left is kept.
 fn previous_segment(want: &str, seg_size: u64) -> Option<String> {
-    let Some(WalFileKind::Segment {
-        tli,
-        log,
-        seg,
-        partial: false,
-    }) = wal::parse_name(want)
-    else {
-        return None;
-    };
-    let n = wal::seg_no(log, seg, seg_size).checked_sub(1)?;
-    Some(wal::segment_name(tli, n, seg_size))
+    let (tli, n) = segment_number(want, seg_size)?;
+    Some(wal::segment_name(tli, n.checked_sub(1)?, seg_size))
+}
+
+/// The timeline and number of segment file `name` (None for anything else).
+fn segment_number(name: &str, seg_size: u64) -> Option<(u32, u64)> {
+    match wal::parse_name(name)? {
+        WalFileKind::Segment {
+            tli,
+            log,
+            seg,
+            partial: false,
+        } => Some((tli, wal::seg_no(log, seg, seg_size))),
+        _ => None,
+    }
 }
 
 /// What one fetch came to.
@@ -1037,10 +1032,6 @@ mod tests {
             "000000010000000000000006",
             "000000010000000000000003",
             "000000010000000000000009",
-        ] {
-            fs::write(dir.join(n), b"x").unwrap();
-        }
-        for n in [
             "000000010000000000000007.missing",
             "00000002.history.missing",
             "00000003.history.missing",
