@@ -366,33 +366,105 @@ impl<'de> Visitor<'de> for ManifestSeed<'_, '_> {
     }
 
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> std::result::Result<Manifest, A::Error> {
+        // The scalar fields go through a JSON map (then `Manifest`'s own
+        // Deserialize); the lists other than `files` are read typed, as the
+        // derived parser reads them, and unknown keys skipped without
+        // allocating: a generic value per element would take many times
+        // the bytes of a hostile manifest padded with a huge list.
         let mut head = serde_json::Map::new();
         let mut files = false;
+        let mut dirs: Option<Vec<crate::manifest::DirEntry>> = None;
+        let mut tablespaces: Option<Vec<crate::manifest::TablespaceEntry>> = None;
+        let mut failures: Option<Vec<crate::manifest::ChecksumFailure>> = None;
+        let mut databases: Option<Vec<crate::manifest::DatabaseEntry>> = None;
+        fn once<T, E: serde::de::Error>(
+            slot: &mut Option<T>,
+            v: T,
+            k: &'static str,
+        ) -> std::result::Result<(), E> {
+            if slot.replace(v).is_some() {
+                return Err(E::duplicate_field(k));
+            }
+            Ok(())
+        }
         while let Some(k) = map.next_key::<String>()? {
-            if k == "files" {
-                if files {
-                    return Err(A::Error::duplicate_field("files"));
+            match k.as_str() {
+                "files" => {
+                    if files {
+                        return Err(A::Error::duplicate_field("files"));
+                    }
+                    files = true;
+                    map.next_value_seed(ListSeed {
+                        spool: &mut *self.spool,
+                    })?;
                 }
-                files = true;
-                map.next_value_seed(ListSeed {
-                    spool: &mut *self.spool,
-                })?;
-            } else {
-                // As the derived Deserialize: a field twice is an error.
-                if head.contains_key(&k) {
-                    return Err(A::Error::custom(format!("duplicate field `{k}`")));
+                "dirs" => once(&mut dirs, map.next_value()?, "dirs")?,
+                "tablespaces" => once(&mut tablespaces, map.next_value()?, "tablespaces")?,
+                "checksum_failures" => once(&mut failures, map.next_value()?, "checksum_failures")?,
+                "databases" => once(&mut databases, map.next_value()?, "databases")?,
+                f if HEAD_SCALARS.contains(&f) => {
+                    // As the derived Deserialize: a field twice is an error.
+                    if head.contains_key(f) {
+                        return Err(A::Error::custom(format!("duplicate field `{f}`")));
+                    }
+                    let v: serde_json::Value = map.next_value()?;
+                    head.insert(k, v);
                 }
-                let v: serde_json::Value = map.next_value()?;
-                head.insert(k, v);
+                _ => {
+                    map.next_value::<serde::de::IgnoredAny>()?;
+                }
             }
         }
         if !files {
             return Err(A::Error::missing_field("files"));
         }
-        head.insert("files".into(), serde_json::Value::Array(Vec::new()));
-        serde_json::from_value(serde_json::Value::Object(head)).map_err(A::Error::custom)
+        // Present lists stand in as empty (a missing one is reported, or
+        // defaulted, by the derived parser), then are put in place.
+        let empty = || serde_json::Value::Array(Vec::new());
+        head.insert("files".into(), empty());
+        for (k, there) in [
+            ("dirs", dirs.is_some()),
+            ("tablespaces", tablespaces.is_some()),
+            ("checksum_failures", failures.is_some()),
+            ("databases", databases.is_some()),
+        ] {
+            if there {
+                head.insert(k.into(), empty());
+            }
+        }
+        let mut m: Manifest =
+            serde_json::from_value(serde_json::Value::Object(head)).map_err(A::Error::custom)?;
+        m.dirs = dirs.unwrap_or_default();
+        m.tablespaces = tablespaces.unwrap_or_default();
+        m.checksum_failures = failures.unwrap_or_default();
+        m.databases = databases.unwrap_or_default();
+        Ok(m)
     }
 }
+
+/// The manifest's fields read through a JSON map: every field of
+/// `Manifest` but its lists (a unit test checks the two agree).
+const HEAD_SCALARS: &[&str] = &[
+    "manifest_version",
+    "id",
+    "type",
+    "based_on",
+    "label",
+    "system_identifier",
+    "pg_version",
+    "timeline",
+    "start_lsn",
+    "stop_lsn",
+    "start_time",
+    "stop_time",
+    "wal_start",
+    "wal_stop",
+    "data_checksums",
+    "size",
+    "stored_size",
+    "backup_label_object",
+    "tablespace_map_object",
+];
 
 /// The `files` array: each entry read as `FileEntry` (its hash fields
 /// checked) and written to the spool as one line.
@@ -510,6 +582,58 @@ mod tests {
             .iter()
             .zip(&whole.files)
             .all(|(a, b)| json_of(&a.unwrap()) == json_of(b)));
+    }
+
+    /// The header is read field by field: every field of `Manifest` is
+    /// one the reader knows (a new one not listed would be dropped), an
+    /// unknown key is skipped, and a list given twice is refused.
+    #[test]
+    fn the_header_reader_knows_every_field_and_skips_unknown_keys() {
+        let mut m = sample();
+        m.checksum_failures = vec![crate::manifest::ChecksumFailure {
+            path: "base/5/16384".into(),
+            blocks: vec![3, 9],
+        }];
+        let serde_json::Value::Object(fields) = serde_json::to_value(&m).unwrap() else {
+            panic!("a manifest is an object");
+        };
+        let lists = [
+            "files",
+            "dirs",
+            "tablespaces",
+            "checksum_failures",
+            "databases",
+        ];
+        for k in fields.keys() {
+            assert!(
+                HEAD_SCALARS.contains(&k.as_str()) || lists.contains(&k.as_str()),
+                "Manifest field {k} is unknown to the spooled reader"
+            );
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let repo = init(&config(dir.path(), "r", "aes-256-gcm"));
+        let key = layout::manifest(ID);
+        let mut padded = serde_json::to_value(&m).unwrap();
+        padded["pad"] = serde_json::json!([0, 0, 0, {"x": [1, 2]}]);
+        store_json(&repo, &padded);
+        let s = read_manifest(&repo, &key).unwrap();
+        let head = Manifest {
+            files: Vec::new(),
+            ..m.clone()
+        };
+        assert_eq!(
+            serde_json::to_value(&s.head).unwrap(),
+            serde_json::to_value(&head).unwrap()
+        );
+        // A list twice: refused as damage, as the derived parser does.
+        let text = serde_json::to_string(&m).unwrap();
+        let twice = text.replacen("\"dirs\":", "\"dirs\":[],\"dirs\":", 1);
+        let _ = repo.storage.delete(&key);
+        repo.put_object(&key, twice.as_bytes()).unwrap();
+        assert!(matches!(
+            read_manifest(&repo, &key),
+            Err(Error::Corrupt { .. })
+        ));
     }
 
     /// Everything `Manifest::validate` refuses in a file list, the

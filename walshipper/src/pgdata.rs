@@ -187,13 +187,16 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
         if name.starts_with("pgsql_tmp") || EXCLUDE_FILES.contains(&name.as_str()) {
             continue;
         }
+        // Decided by the name alone: this cluster's own directory is never
+        // skipped because it could not be examined (that fails the backup
+        // below, as anywhere else), nor because it is a symbolic link.
+        let mut version_dir = false;
         if tablespace_root {
             if let Some(want) = &scan.tablespace_dir {
                 let ours = name
                     .strip_prefix(want.as_str())
                     .is_some_and(|cat| !cat.is_empty() && cat.bytes().all(|b| b.is_ascii_digit()));
-                let is_dir = fs::symlink_metadata(&path).is_ok_and(|m| m.is_dir());
-                if !(ours && is_dir) {
+                if !ours {
                     tracing::warn!(
                         "skipping {} in tablespace {}: not this cluster's version directory ({want}<catalog version>)",
                         name,
@@ -201,6 +204,7 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
                     );
                     continue;
                 }
+                version_dir = true;
             }
         }
         if !unlogged.is_empty() {
@@ -238,11 +242,19 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
         let meta = if ft.is_symlink() {
             match fs::metadata(&path) {
                 Ok(m) => m,
+                Err(e) if version_dir => return Err(io_err(&path, e)),
                 Err(_) => continue,
             }
         } else {
             meta
         };
+        if version_dir && !meta.is_dir() {
+            return Err(Error::Invalid(format!(
+                "{} is named as this cluster's directory in tablespace {}, but is not a directory: the tablespace cannot be backed up as it is",
+                name,
+                dir.display()
+            )));
+        }
         if meta.is_dir() {
             scan.dirs.push(SourceDir {
                 rel: child_rel.clone(),
@@ -725,6 +737,36 @@ mod tests {
         assert_eq!(root.read_link("none").unwrap(), None);
         let kinds: Vec<_> = root.entries().unwrap();
         assert_eq!(kinds, vec![(OsString::from("16390"), EntryKind::Symlink)]);
+    }
+
+    #[test]
+    fn a_tablespace_keeps_its_own_version_directory_even_as_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        fs::create_dir_all(p.join("pg_tblspc")).unwrap();
+        fs::write(p.join("PG_VERSION"), b"15\n").unwrap();
+        let ts = tempfile::tempdir().unwrap();
+        let elsewhere = tempfile::tempdir().unwrap();
+        fs::create_dir_all(elsewhere.path().join("5")).unwrap();
+        fs::write(elsewhere.path().join("5/300"), b"y").unwrap();
+        // This version's directory as a link (followed, as PostgreSQL's own
+        // base backup does), another version's directory (skipped).
+        std::os::unix::fs::symlink(elsewhere.path(), ts.path().join("PG_15_1")).unwrap();
+        fs::create_dir_all(ts.path().join("PG_14_9/5")).unwrap();
+        fs::write(ts.path().join("PG_14_9/5/1"), b"z").unwrap();
+        std::os::unix::fs::symlink(ts.path(), p.join("pg_tblspc/16400")).unwrap();
+        let s = scan(p).unwrap();
+        let files: Vec<_> = s.files.iter().map(|f| f.rel.as_str()).collect();
+        assert_eq!(files, ["PG_VERSION", "pg_tblspc/16400/PG_15_1/5/300"]);
+        // Named as ours but not a directory: the backup fails, it does not
+        // go on without the tablespace.
+        fs::remove_file(ts.path().join("PG_15_1")).unwrap();
+        fs::write(ts.path().join("PG_15_1"), b"not a directory").unwrap();
+        assert!(scan(p).is_err(), "a tablespace was left out silently");
+        // A link to nothing: the same.
+        fs::remove_file(ts.path().join("PG_15_1")).unwrap();
+        std::os::unix::fs::symlink(p.join("gone"), ts.path().join("PG_15_1")).unwrap();
+        assert!(scan(p).is_err(), "a tablespace was left out silently");
     }
 
     #[test]
