@@ -869,11 +869,18 @@ fn restore_into(
     let failed = || error.lock().map(|e| e.is_some()).unwrap_or(true);
     let skipped = AtomicUsize::new(0);
     let (tx, rx) = std::sync::mpsc::sync_channel::<RestoreWork>(jobs * 2);
-    let rx = Mutex::new(rx);
+    // Each worker holds the receiver: once every worker is gone, even by a
+    // panic, it is dropped and the planner's send fails instead of waiting
+    // for room forever (the scope then re-raises the panic).
+    let rx = Arc::new(Mutex::new(rx));
     let mut control: Vec<FileEntry> = Vec::new();
     std::thread::scope(|s| {
         for _ in 0..jobs {
-            s.spawn(|| loop {
+            let rx = Arc::clone(&rx);
+            let (roots, syncer, skipped, counters, error) =
+                (&roots, &syncer, &skipped, &counters, &error);
+            let failed = &failed;
+            s.spawn(move || loop {
                 let item = match rx.lock() {
                     Ok(r) => r.recv(),
                     Err(_) => return,
@@ -922,6 +929,7 @@ fn restore_into(
                 }
             });
         }
+        drop(rx);
         let planned = plan_restore(list, &zeroed, &mut |w| {
             if failed() {
                 return false;
