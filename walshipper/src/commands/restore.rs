@@ -893,7 +893,7 @@ fn restore_into(
                 }
                 let (done, files) = match &item {
                     RestoreWork::File(f) => (
-                        restore_file(sources, f, &roots, args.delta, zeroed(f), &syncer)
+                        restore_file(sources, f, roots, args.delta, zeroed(f), syncer)
                             .map(|wrote| usize::from(!wrote)),
                         std::slice::from_ref(f),
                     ),
@@ -904,9 +904,9 @@ fn restore_into(
                                 sources,
                                 &files[0].object,
                                 &refs,
-                                &roots,
+                                roots,
                                 args.delta,
-                                &syncer,
+                                syncer,
                             ),
                             &files[..],
                         )
