@@ -252,7 +252,7 @@ pub struct ListWriter {
 
 impl ListWriter {
     pub fn new() -> Result<ListWriter> {
-        let file = temp_file().map_err(|e| Error::io("create a local spool of a file list", e))?;
+        let file = temp_file().map_err(|e| Error::io(spool_what("create"), e))?;
         Ok(ListWriter {
             out: BufWriter::with_capacity(64 << 10, file),
             pos: 0,
@@ -263,7 +263,7 @@ impl ListWriter {
 
     /// Appends `f`; returns where its line starts (for `FileList::entry_at`).
     pub fn push(&mut self, f: &FileEntry) -> Result<u64> {
-        let io = |e| Error::io("write a local spool of a file list", e);
+        let io = |e| Error::io(spool_what("write"), e);
         self.line.clear();
         serde_json::to_writer(&mut self.line, f).map_err(|e| io(e.into()))?;
         self.line.push(b'\n');
@@ -278,7 +278,7 @@ impl ListWriter {
         let file = self
             .out
             .into_inner()
-            .map_err(|e| Error::io("write a local spool of a file list", e.into_error()))?;
+            .map_err(|e| Error::io(spool_what("write"), e.into_error()))?;
         Ok(FileList {
             file,
             count: self.count,
@@ -302,6 +302,15 @@ impl Read for At<'_> {
 
 /// An unlinked file in the temporary directory: O_TMPFILE, or where that
 /// is not supported, a new file removed at once.
+/// What a failed local spool operation was, naming the directory: a full
+/// or missing TMPDIR must be recognizable from the message alone.
+fn spool_what(verb: &str) -> String {
+    format!(
+        "{verb} a local spool of a file list in {} (TMPDIR)",
+        std::env::temp_dir().display()
+    )
+}
+
 fn temp_file() -> io::Result<File> {
     let dir = std::env::temp_dir();
     let tmpfile = std::fs::OpenOptions::new()
