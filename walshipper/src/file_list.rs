@@ -535,6 +535,18 @@ mod tests {
         serde_json::to_string(f).unwrap()
     }
 
+    /// The spooled manifest's header is `m` without its files.
+    fn assert_head_is(s: &Spooled, m: &Manifest) {
+        let head = Manifest {
+            files: Vec::new(),
+            ..m.clone()
+        };
+        assert_eq!(
+            serde_json::to_value(&s.head).unwrap(),
+            serde_json::to_value(&head).unwrap()
+        );
+    }
+
     /// A sample manifest with `n` more small files, in path order.
     fn many(n: usize) -> Manifest {
         let mut m = sample();
@@ -560,14 +572,7 @@ mod tests {
         let s = read_manifest(&repo, &key).unwrap();
         assert_eq!(s.files.len(), whole.files.len() as u64);
         assert!(s.head.files.is_empty());
-        let head = Manifest {
-            files: Vec::new(),
-            ..whole.clone()
-        };
-        assert_eq!(
-            serde_json::to_value(&s.head).unwrap(),
-            serde_json::to_value(&head).unwrap()
-        );
+        assert_head_is(&s, &whole);
         assert_eq!(s.depends_on, whole.depends_on());
         // What a scan of the repository keeps: the same summary.
         assert_eq!(
@@ -626,14 +631,7 @@ mod tests {
         padded["pad"] = serde_json::json!([0, 0, 0, {"x": [1, 2]}]);
         store_json(&repo, &padded);
         let s = read_manifest(&repo, &key).unwrap();
-        let head = Manifest {
-            files: Vec::new(),
-            ..m.clone()
-        };
-        assert_eq!(
-            serde_json::to_value(&s.head).unwrap(),
-            serde_json::to_value(&head).unwrap()
-        );
+        assert_head_is(&s, &m);
         // A list twice: refused as damage, as the derived parser does.
         let text = serde_json::to_string(&m).unwrap();
         let twice = text.replacen("\"dirs\":", "\"dirs\":[],\"dirs\":", 1);
