@@ -51,6 +51,8 @@ impl Spooled {
 pub struct FileList {
     file: File,
     count: u64,
+    /// Known to be in byte order of the paths (as walshipper writes them).
+    sorted: bool,
 }
 
 /// Reads manifest `key` with its file list spooled, and validates it as
@@ -81,7 +83,14 @@ pub fn read_manifest(repo: &Repository, key: &str) -> Result<Spooled> {
             *spool.err = Some(e.into_error());
             serde_json::Error::custom("cannot write the local spool")
         })?;
-        Ok((head, FileList { file, count }))
+        Ok((
+            head,
+            FileList {
+                file,
+                count,
+                sorted: false,
+            },
+        ))
     })?;
     if let Some(e) = local {
         return Err(Error::io(
@@ -92,11 +101,12 @@ pub fn read_manifest(repo: &Repository, key: &str) -> Result<Spooled> {
             e,
         ));
     }
-    let (head, files) = parsed.map_err(|e| Error::Corrupt {
+    let (head, mut files) = parsed.map_err(|e| Error::Corrupt {
         key: key.to_string(),
         reason: format!("manifest is not valid JSON: {e}"),
     })?;
-    let depends_on = validate(&head, &files, key)?;
+    let (depends_on, sorted) = validate(&head, &files, key)?;
+    files.sorted = sorted;
     Ok(Spooled {
         head,
         files,
@@ -106,8 +116,9 @@ pub fn read_manifest(repo: &Repository, key: &str) -> Result<Spooled> {
 
 /// `Manifest::validate` of `head` with the files of `list`: the head's
 /// rules, each entry's (`EntryCheck`), no path listed twice, none both a
-/// file and a directory. Returns the other backups the files name.
-fn validate(head: &Manifest, list: &FileList, key: &str) -> Result<BTreeSet<String>> {
+/// file and a directory. Returns the other backups the files name, and
+/// whether the paths are in byte order.
+fn validate(head: &Manifest, list: &FileList, key: &str) -> Result<(BTreeSet<String>, bool)> {
     head.validate(key)?;
     let bad = |reason: String| Error::Corrupt {
         key: key.to_string(),
@@ -157,10 +168,51 @@ fn validate(head: &Manifest, list: &FileList, key: &str) -> Result<BTreeSet<Stri
             }
         }
     }
-    Ok(depends_on)
+    Ok((depends_on, sorted))
 }
 
 impl FileList {
+    /// This list in byte order of the paths: itself when known to be (all
+    /// walshipper writes), else a sorted copy, which takes memory per file
+    /// (a list an older writer left out of order).
+    pub fn in_path_order(self) -> Result<FileList> {
+        if self.sorted {
+            return Ok(self);
+        }
+        let mut prev: Option<String> = None;
+        let mut sorted = true;
+        for f in self.iter() {
+            let f = f?;
+            sorted &= prev.as_ref().is_none_or(|p| *p < f.path);
+            prev = Some(f.path);
+        }
+        if sorted {
+            return Ok(FileList {
+                sorted: true,
+                ..self
+            });
+        }
+        let mut paths = Vec::new();
+        for r in self.iter_at() {
+            let (o, f) = r?;
+            paths.push((f.path, o));
+        }
+        paths.sort_unstable();
+        let mut w = ListWriter::new()?;
+        for (_, o) in paths {
+            w.push(&self.entry_at(o)?)?;
+        }
+        Ok(FileList {
+            sorted: true,
+            ..w.finish()?
+        })
+    }
+
+    /// Whether the list is known to be in byte order of its paths.
+    pub fn is_sorted(&self) -> bool {
+        self.sorted
+    }
+
     /// A list of `entries`, spooled as a manifest's are.
     pub fn spool<'a>(entries: impl IntoIterator<Item = &'a FileEntry>) -> Result<FileList> {
         let mut w = ListWriter::new()?;
@@ -228,6 +280,53 @@ impl FileList {
     }
 }
 
+/// A walk through a list in path order, asked for paths in increasing
+/// order: the merge of a listing with a list, one entry in memory (backup
+/// with its reference, `restore --delta` with the target directory).
+pub struct PathCursor<'a> {
+    list: &'a FileList,
+    entries: Box<dyn Iterator<Item = Result<(u64, FileEntry)>> + 'a>,
+    /// The next entry not yet passed: (where it is, its path).
+    next: Option<(u64, String)>,
+}
+
+impl<'a> PathCursor<'a> {
+    /// `list` must be in path order (`FileList::in_path_order`).
+    pub fn new(list: &'a FileList) -> Result<PathCursor<'a>> {
+        if !list.sorted {
+            return Err(Error::Invalid(
+                "a file list out of path order cannot be merged (in_path_order first)".into(),
+            ));
+        }
+        let mut entries: Box<dyn Iterator<Item = Result<(u64, FileEntry)>> + 'a> =
+            Box::new(list.iter_at());
+        let next = entries.next().transpose()?.map(|(o, f)| (o, f.path));
+        Ok(PathCursor {
+            list,
+            entries,
+            next,
+        })
+    }
+
+    pub fn list(&self) -> &'a FileList {
+        self.list
+    }
+
+    /// Where the list's entry for `path` is (for `FileList::entry_at`), if
+    /// it has one; `path`s are asked in increasing byte order.
+    pub fn find(&mut self, path: &str) -> Result<Option<u64>> {
+        while let Some((o, p)) = &self.next {
+            match p.as_str().cmp(path) {
+                std::cmp::Ordering::Less => {}
+                std::cmp::Ordering::Equal => return Ok(Some(*o)),
+                std::cmp::Ordering::Greater => return Ok(None),
+            }
+            self.next = self.entries.next().transpose()?.map(|(o, f)| (o, f.path));
+        }
+        Ok(None)
+    }
+}
+
 /// Reads one line (with its newline) into `line`; false at the end.
 fn read_line(r: &mut impl io::BufRead, line: &mut Vec<u8>) -> Result<bool> {
     line.clear();
@@ -282,6 +381,7 @@ impl ListWriter {
         Ok(FileList {
             file,
             count: self.count,
+            sorted: false,
         })
     }
 }

@@ -126,6 +126,21 @@ fn io_err(path: &Path, e: std::io::Error) -> Error {
 }
 
 pub fn scan(data_dir: &Path) -> Result<Scan> {
+    let mut files = Vec::new();
+    let mut scan = scan_with(data_dir, &mut |f| {
+        files.push(f);
+        Ok(())
+    })?;
+    scan.files = files;
+    Ok(scan)
+}
+
+/// Walks the data directory and hands each file to `each` in byte order
+/// of its path (the order of a manifest), holding only the names of the
+/// directories being walked: a backup of 100 000 files keeps none of them
+/// (issue 17). The returned `Scan` has the directories and tablespaces,
+/// sorted, and no files.
+pub fn scan_with(data_dir: &Path, each: &mut dyn FnMut(SourceFile) -> Result<()>) -> Result<Scan> {
     // The version directory of this cluster in each tablespace
     // (`PG_<major>_`, then the catalog version), as PostgreSQL's own base
     // backup sends only it: another version's directory (left by
@@ -139,10 +154,70 @@ pub fn scan(data_dir: &Path) -> Result<Scan> {
         tablespace_dir,
         ..Scan::default()
     };
-    walk(data_dir, "", &mut scan, true)?;
-    scan.files.sort_by(|a, b| a.rel.cmp(&b.rel));
+    walk(data_dir, "", &mut scan, true, each)?;
     scan.dirs.sort_by(|a, b| a.rel.cmp(&b.rel));
     Ok(scan)
+}
+
+/// The names of one directory, sorted so that walking them in turn gives
+/// the paths below in byte order: a directory's name is sorted as if it
+/// ended with '/' ("a/x" comes after "a-b", as '-' < '/'). Kept in one
+/// buffer (about 16 bytes a name): a directory may hold 100 000 files.
+struct Names {
+    /// Each name, a directory's with a '/' after it, then a NUL.
+    buf: Vec<u8>,
+    starts: Vec<u32>,
+}
+
+impl Names {
+    fn read(dir: &Path) -> std::io::Result<Names> {
+        let mut names = Names {
+            buf: Vec::new(),
+            starts: Vec::new(),
+        };
+        for e in fs::read_dir(dir)? {
+            let e = e?;
+            let Some(name) = e.file_name().to_str().map(str::to_string) else {
+                tracing::warn!("skipping non-UTF-8 name in {}", dir.display());
+                continue;
+            };
+            // A link is sorted as what it leads to (pg_wal, pg_tblspc/<oid>,
+            // a tablespace's version directory may be links).
+            let is_dir = match e.file_type() {
+                Ok(t) if t.is_symlink() => fs::metadata(e.path()).is_ok_and(|m| m.is_dir()),
+                Ok(t) => t.is_dir(),
+                Err(_) => false,
+            };
+            let start = u32::try_from(names.buf.len())
+                .map_err(|_| std::io::Error::other("more than 4 GiB of names in one directory"))?;
+            names.starts.push(start);
+            names.buf.extend_from_slice(name.as_bytes());
+            if is_dir {
+                names.buf.push(b'/');
+            }
+            names.buf.push(0);
+        }
+        let buf = &names.buf;
+        names
+            .starts
+            .sort_unstable_by(|&a, &b| Names::key(buf, a).cmp(Names::key(buf, b)));
+        Ok(names)
+    }
+
+    fn key(buf: &[u8], start: u32) -> &[u8] {
+        let rest = &buf[start as usize..];
+        &rest[..rest.iter().position(|&c| c == 0).unwrap_or(rest.len())]
+    }
+
+    /// The names in walking order, without the '/' of a directory.
+    fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        self.starts.iter().map(|&s| {
+            let k = Names::key(&self.buf, s);
+            let k = k.strip_suffix(b"/").unwrap_or(k);
+            // Built from `str`s above, and cut at ASCII bytes only.
+            std::str::from_utf8(k).unwrap_or_default()
+        })
+    }
 }
 
 fn join(rel: &str, name: &str) -> String {
@@ -153,24 +228,19 @@ fn join(rel: &str, name: &str) -> String {
     }
 }
 
-fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
-    let entries = match fs::read_dir(dir) {
-        Ok(e) => e,
+fn walk(
+    dir: &Path,
+    rel: &str,
+    scan: &mut Scan,
+    top: bool,
+    each: &mut dyn FnMut(SourceFile) -> Result<()>,
+) -> Result<()> {
+    let names = match Names::read(dir) {
+        Ok(n) => n,
         // Dropped while we walked: WAL replay takes care of it.
         Err(e) if e.kind() == std::io::ErrorKind::NotFound && !top => return Ok(()),
         Err(e) => return Err(io_err(dir, e)),
     };
-    // Names only: a directory may hold 100 000 relation files, and each
-    // path is built when it is used.
-    let mut names: Vec<String> = Vec::new();
-    for e in entries {
-        let e = e.map_err(|e| io_err(dir, e))?;
-        let Some(name) = e.file_name().to_str().map(str::to_string) else {
-            tracing::warn!("skipping non-UTF-8 name in {}", dir.display());
-            continue;
-        };
-        names.push(name);
-    }
     // Unlogged relations: those with an init fork keep only the init fork.
     let unlogged: HashSet<String> = names
         .iter()
@@ -181,10 +251,10 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
         .collect();
     // pg_tblspc/<oid>: the root of a tablespace.
     let tablespace_root = rel.starts_with("pg_tblspc/") && rel.matches('/').count() == 1;
-    for name in names {
-        let path = dir.join(&name);
-        let child_rel = join(rel, &name);
-        if name.starts_with("pgsql_tmp") || EXCLUDE_FILES.contains(&name.as_str()) {
+    for name in names.iter() {
+        let path = dir.join(name);
+        let child_rel = join(rel, name);
+        if name.starts_with("pgsql_tmp") || EXCLUDE_FILES.contains(&name) {
             continue;
         }
         // Decided by the name alone: this cluster's own directory is never
@@ -208,7 +278,7 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
             }
         }
         if !unlogged.is_empty() {
-            if let Some((node, fork)) = relation_name(&name) {
+            if let Some((node, fork)) = relation_name(name) {
                 if unlogged.contains(node) && fork != Some("init") {
                     continue;
                 }
@@ -235,7 +305,7 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
                 rel: child_rel.clone(),
                 mode: 0o700,
             });
-            walk(&location, &child_rel, scan, false)?;
+            walk(&location, &child_rel, scan, false, each)?;
             continue;
         }
         // pg_wal may be a symlink to another disk: follow it like PostgreSQL.
@@ -260,7 +330,7 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
                 rel: child_rel.clone(),
                 mode: meta.mode() & 0o7777,
             });
-            if top && EXCLUDE_DIR_CONTENTS.contains(&name.as_str()) {
+            if top && EXCLUDE_DIR_CONTENTS.contains(&name) {
                 if name == "pg_wal" {
                     scan.dirs.push(SourceDir {
                         rel: "pg_wal/archive_status".into(),
@@ -269,14 +339,14 @@ fn walk(dir: &Path, rel: &str, scan: &mut Scan, top: bool) -> Result<()> {
                 }
                 continue;
             }
-            walk(&path, &child_rel, scan, false)?;
+            walk(&path, &child_rel, scan, false, each)?;
         } else if meta.is_file() {
-            scan.files.push(SourceFile {
+            each(SourceFile {
                 rel: child_rel,
                 size: meta.len(),
                 mtime: meta.mtime(),
                 mode: meta.mode() & 0o7777,
-            });
+            })?;
         }
         // Sockets, FIFOs and other links are not data.
     }
@@ -825,5 +895,67 @@ mod tests {
         );
         assert_eq!(s.tablespaces.len(), 1);
         assert_eq!(s.tablespaces[0].oid, 16400);
+    }
+
+    /// Files come in byte order of their whole paths, without a sort of
+    /// the listing: a directory is walked where its name plus '/' sorts
+    /// ("base-old" < "base/..." < "base0"), a link to a directory too.
+    #[test]
+    fn files_come_in_byte_order_of_their_paths() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path();
+        for dir in ["base/5", "base/5.d", "base/5 x", "pg_tblspc", "a"] {
+            fs::create_dir_all(p.join(dir)).unwrap();
+        }
+        for f in [
+            "base/5/1",
+            "base/5/10",
+            "base/5/1.1",
+            "base/5/1_fsm",
+            "base/5.d/x",
+            "base/5 x/y",
+            "base/5-",
+            "base/50",
+            "base-old",
+            "base0",
+            "a/b",
+            "a.b",
+            "a-b",
+            "PG_VERSION",
+        ] {
+            fs::write(p.join(f), b"x").unwrap();
+        }
+        let ts = tempfile::tempdir().unwrap();
+        fs::create_dir_all(ts.path().join("PG_15_1/5")).unwrap();
+        fs::write(ts.path().join("PG_15_1/5/300"), b"y").unwrap();
+        std::os::unix::fs::symlink(ts.path(), p.join("pg_tblspc/16400")).unwrap();
+        // A link to a directory, named as a file sorts before its '/'.
+        std::os::unix::fs::symlink(p.join("base/5"), p.join("link")).unwrap();
+        fs::write(p.join("link-x"), b"x").unwrap();
+        let mut got = Vec::new();
+        let s = scan_with(p, &mut |f| {
+            got.push(f.rel);
+            Ok(())
+        })
+        .unwrap();
+        assert!(s.files.is_empty());
+        let mut want = got.clone();
+        want.sort();
+        assert_eq!(got, want);
+        assert_eq!(got.len(), 20, "{got:?}");
+        assert!(got.contains(&"pg_tblspc/16400/PG_15_1/5/300".to_string()));
+        assert!(got.contains(&"link/1_fsm".to_string()));
+        // An error from the consumer stops the walk and is returned.
+        let mut n = 0;
+        let e = scan_with(p, &mut |_| {
+            n += 1;
+            if n == 3 {
+                return Err(Error::Invalid("stop here".into()));
+            }
+            Ok(())
+        })
+        .unwrap_err();
+        assert!(e.to_string().contains("stop here"));
+        assert_eq!(n, 3);
     }
 }

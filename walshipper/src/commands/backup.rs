@@ -19,7 +19,7 @@ use crate::codec::HashAlg;
 use crate::config::Config;
 use crate::delta;
 use crate::error::{Error, Result};
-use crate::file_list::{self, FileList, ListWriter, Spooled};
+use crate::file_list::{self, FileList, ListWriter, PathCursor, Spooled};
 use crate::layout;
 use crate::lock;
 use crate::manifest::{
@@ -84,9 +84,13 @@ fn estimate(cfg: &Config, backups: &[BackupSummary], kind: &str) -> (Option<u64>
             );
         }
     }
-    match pgdata::scan(&cfg.pg.data_dir) {
-        Ok(s) => (
-            Some(s.files.iter().fold(0u64, |a, f| a.saturating_add(f.size))),
+    let mut size = 0u64;
+    match pgdata::scan_with(&cfg.pg.data_dir, &mut |f| {
+        size = size.saturating_add(f.size);
+        Ok(())
+    }) {
+        Ok(_) => (
+            Some(size),
             "the first full backup, the size of the data directory (an upper bound: compression only shrinks it)".into(),
         ),
         Err(e) => {
@@ -338,35 +342,40 @@ fn copy_and_finish(
     start_time: chrono::DateTime<chrono::Utc>,
     started: Instant,
 ) -> Result<Vec<ChecksumFailure>> {
-    let mut scan = pgdata::scan(&cfg.pg.data_dir)?;
+    // Totals for the progress report, from a first walk (the files stay
+    // on disk: nothing per file is kept).
     let counters = Arc::new(Counters::default());
-    counters
-        .bytes_total
-        .store(scan.files.iter().map(|f| f.size).sum(), Ordering::Relaxed);
-    counters
-        .files_total
-        .store(scan.files.len() as u64, Ordering::Relaxed);
+    pgdata::scan_with(&cfg.pg.data_dir, &mut |f| {
+        counters.bytes_total.fetch_add(f.size, Ordering::Relaxed);
+        counters.files_total.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    })?;
     let reporter = Reporter::start("backup", counters.clone(), args.json);
     let based_on = reference.as_ref().map(|m| m.head.id.clone());
-    let copied = copy_files(
+    // The reference's list in path order, as the listing comes: one merge.
+    let reference = reference.map(|r| r.files.in_path_order()).transpose()?;
+    let mut copier = Copier {
         repo,
         id,
-        reference.map(|r| r.files),
-        &cfg.pg.data_dir,
-        &scan.files,
-        args.jobs.max(1),
-        cfg.backup.bundle.then(|| cfg.backup.bundle_bytes()),
+        data_dir: &cfg.pg.data_dir,
+        jobs: args.jobs.max(1),
+        bundle_size: cfg.backup.bundle.then(|| cfg.backup.bundle_bytes()),
         checksums,
         start_lsn,
-        &counters,
-    )?;
+        counters: &counters,
+        reference: reference.as_ref().map(PathCursor::new).transpose()?,
+        window: Vec::with_capacity(WINDOW),
+        bundles: AtomicU64::new(0),
+        out: ListWriter::new()?,
+        failures: Vec::new(),
+        size: 0,
+        stored_size: 0,
+        count: 0,
+    };
+    let scan = pgdata::scan_with(&cfg.pg.data_dir, &mut |f| copier.push(f))?;
+    let (files, failures) = copier.finish()?;
     drop(reporter);
     tracing::debug!("phase: files copied at {:?}", started.elapsed());
-    // Per-file memory no longer needed: the listing of the data directory
-    // (its directories and tablespaces stay). This backup's entries are in
-    // a local spool, read back in path order (`Collected::finish`).
-    let (files, failures) = copied.finish(&scan.files)?;
-    drop(std::mem::take(&mut scan.files));
     crate::manifest::release_free_memory();
 
     // wait_for_archive => false: the server would poll its archive status
@@ -663,76 +672,102 @@ fn wait_for_wal(
 /// the reference's, carried over, for an unchanged file).
 struct Copied(FileEntry);
 
-/// No entry (for `Collected::at` and `BaseIndex::at`).
+/// No entry (for `BaseIndex::at`).
 const NONE: u64 = u64::MAX;
 
-/// The copy's results: the entries in a local spool in the order the
-/// workers finished, and where each listing index's entry is in it.
-struct Collected {
+/// Files a window of the copy holds: their listing and results are all
+/// the per-file memory of a backup, whatever the data directory's size.
+const WINDOW: usize = 8192;
+
+/// The copy, fed the data directory's files in path order
+/// (`pgdata::scan_with`), working a window of them at a time: it keeps
+/// one window's listing and results, never the whole data directory's,
+/// and writes this backup's entries to a local spool in path order.
+struct Copier<'a> {
+    repo: &'a Repository,
+    id: &'a str,
+    data_dir: &'a Path,
+    jobs: usize,
+    bundle_size: Option<u64>,
+    checksums: bool,
+    start_lsn: u64,
+    counters: &'a Arc<Counters>,
+    reference: Option<PathCursor<'a>>,
+    window: Vec<SourceFile>,
+    bundles: AtomicU64,
     out: ListWriter,
-    /// Per file of the listing: where its entry starts in `out`, or NONE
-    /// (vanished during the backup). 8 bytes a file.
-    at: Vec<u64>,
-    /// (index in the listing, blocks) of the files with checksum failures.
-    failures: Vec<(usize, Vec<u32>)>,
+    failures: Vec<ChecksumFailure>,
     size: u64,
     stored_size: u64,
     count: u64,
 }
 
-impl Collected {
-    fn new(files: usize) -> Result<Collected> {
-        Ok(Collected {
-            out: ListWriter::new()?,
-            at: vec![NONE; files],
-            failures: Vec::new(),
-            size: 0,
-            stored_size: 0,
-            count: 0,
-        })
-    }
-
-    fn add(&mut self, i: usize, c: Copied, failures: Vec<u32>) -> Result<()> {
-        let e = c.0;
-        self.at[i] = self.out.push(&e)?;
-        self.size += e.size;
-        self.stored_size += e.stored_size;
-        self.count += 1;
-        if !failures.is_empty() {
-            self.failures.push((i, failures));
+impl<'a> Copier<'a> {
+    /// The next file of the listing (in path order).
+    fn push(&mut self, f: SourceFile) -> Result<()> {
+        self.window.push(f);
+        if self.window.len() >= WINDOW {
+            self.flush()?;
         }
         Ok(())
     }
 
-    /// This backup's file list (read back in path order: the listing's)
-    /// and its checksum failures.
-    fn finish(mut self, listing: &[SourceFile]) -> Result<(Files, Vec<ChecksumFailure>)> {
-        self.failures
-            .sort_unstable_by(|a, b| listing[a.0].rel.cmp(&listing[b.0].rel));
-        let failures = self
-            .failures
-            .into_iter()
-            .map(|(i, blocks)| ChecksumFailure {
-                path: listing[i].rel.clone(),
-                blocks,
-            })
-            .collect();
+    /// Copies the window's files and appends their entries in path order.
+    fn flush(&mut self) -> Result<()> {
+        if self.window.is_empty() {
+            return Ok(());
+        }
+        let base = BaseIndex::new(self.reference.as_mut(), &self.window)?;
+        let copied = copy_files(
+            self.repo,
+            self.id,
+            &base,
+            self.data_dir,
+            &self.window,
+            self.jobs,
+            self.bundle_size,
+            &self.bundles,
+            self.checksums,
+            self.start_lsn,
+            self.counters,
+        )?;
+        for (f, c) in self.window.iter().zip(copied) {
+            // None: vanished during the backup.
+            let Some((Copied(e), blocks)) = c else {
+                continue;
+            };
+            self.out.push(&e)?;
+            self.size += e.size;
+            self.stored_size += e.stored_size;
+            self.count += 1;
+            if !blocks.is_empty() {
+                self.failures.push(ChecksumFailure {
+                    path: f.rel.clone(),
+                    blocks,
+                });
+            }
+        }
+        self.window.clear();
+        Ok(())
+    }
+
+    /// This backup's file list and its checksum failures (in path order).
+    fn finish(mut self) -> Result<(Files, Vec<ChecksumFailure>)> {
+        self.flush()?;
         let files = Files {
             list: self.out.finish()?,
-            at: self.at,
             size: self.size,
             stored_size: self.stored_size,
             count: self.count,
         };
-        Ok((files, failures))
+        Ok((files, self.failures))
     }
 }
 
 /// A backup's file list as the copy left it: entries in a local spool,
-/// read in the listing's order (byte order of the paths).
+/// in byte order of the paths.
 struct Files {
     list: FileList,
-    at: Vec<u64>,
     size: u64,
     stored_size: u64,
     count: u64,
@@ -740,10 +775,7 @@ struct Files {
 
 impl Files {
     fn iter(&self) -> impl Iterator<Item = Result<FileEntry>> + '_ {
-        self.at
-            .iter()
-            .filter(|&&o| o != NONE)
-            .map(|&o| self.list.entry_at(o))
+        self.list.iter()
     }
 
     /// Checks every entry with the rules `Manifest::validate` applies when
@@ -783,69 +815,35 @@ impl Files {
     }
 }
 
-/// The reference backup's entries for the files of the listing, found by
-/// one merge of the two lists in path order: 8 bytes per file in memory,
-/// the entries read from the reference's spool when they are used.
-struct BaseIndex {
-    list: Option<FileList>,
+/// The reference backup's entries for the files of a window, found by
+/// the merge: 8 bytes per file of the window, the entries read from the
+/// reference's spool when they are used.
+struct BaseIndex<'a> {
+    list: Option<&'a FileList>,
     at: Vec<u64>,
 }
 
-impl BaseIndex {
-    fn new(reference: Option<FileList>, listing: &[SourceFile]) -> Result<BaseIndex> {
-        let Some(list) = reference else {
+impl<'a> BaseIndex<'a> {
+    fn new(reference: Option<&mut PathCursor<'a>>, window: &[SourceFile]) -> Result<BaseIndex<'a>> {
+        let Some(cursor) = reference else {
             return Ok(BaseIndex {
                 list: None,
                 at: Vec::new(),
             });
         };
-        let mut at = vec![NONE; listing.len()];
-        // Manifests list their files in path order, as the listing is: one
-        // pass. An older one out of order: its paths sorted in memory first.
-        let mut k = 0;
-        let mut prev: Option<String> = None;
-        let mut sorted = true;
-        for r in list.iter_at() {
-            let (o, f) = r?;
-            if prev.as_ref().is_some_and(|p| *p >= f.path) {
-                sorted = false;
-                break;
-            }
-            while k < listing.len() && listing[k].rel < f.path {
-                k += 1;
-            }
-            if k < listing.len() && listing[k].rel == f.path {
-                at[k] = o;
-            }
-            prev = Some(f.path);
-        }
-        if !sorted {
-            at.fill(NONE);
-            let mut paths = Vec::new();
-            for r in list.iter_at() {
-                let (o, f) = r?;
-                paths.push((f.path, o));
-            }
-            paths.sort_unstable();
-            let mut k = 0;
-            for (p, o) in paths {
-                while k < listing.len() && listing[k].rel < p {
-                    k += 1;
-                }
-                if k < listing.len() && listing[k].rel == p {
-                    at[k] = o;
-                }
-            }
+        let mut at = Vec::with_capacity(window.len());
+        for f in window {
+            at.push(cursor.find(&f.rel)?.unwrap_or(NONE));
         }
         Ok(BaseIndex {
-            list: Some(list),
+            list: Some(cursor.list()),
             at,
         })
     }
 
-    /// The reference's entry for file `i` of the listing, if it has one.
+    /// The reference's entry for file `i` of the window, if it has one.
     fn get(&self, i: usize) -> Result<Option<FileEntry>> {
-        match (&self.list, self.at.get(i)) {
+        match (self.list, self.at.get(i)) {
             (Some(list), Some(&o)) if o != NONE => list.entry_at(o).map(Some),
             _ => Ok(None),
         }
@@ -891,27 +889,30 @@ fn plan_work(files: &[SourceFile], bundle_size: Option<u64>) -> Vec<Work> {
     work
 }
 
+/// What the copy made of each file of `files` (None: it vanished).
+type CopyResults = Vec<Option<(Copied, Vec<u32>)>>;
+
+/// Copies `files` (a window of the listing) with `jobs` threads.
 #[allow(clippy::too_many_arguments)]
 fn copy_files(
     repo: &Repository,
     id: &str,
-    reference: Option<FileList>,
+    base: &BaseIndex,
     data_dir: &Path,
     files: &[SourceFile],
     jobs: usize,
     bundle_size: Option<u64>,
+    bundles: &AtomicU64,
     checksums: bool,
     start_lsn: u64,
     counters: &Arc<Counters>,
-) -> Result<Collected> {
+) -> Result<CopyResults> {
     let work = plan_work(files, bundle_size);
-    let base = BaseIndex::new(reference, files)?;
     let next = AtomicUsize::new(0);
-    let bundles = AtomicU64::new(0);
-    let results = Mutex::new(Collected::new(files.len())?);
+    let results: Mutex<CopyResults> = Mutex::new((0..files.len()).map(|_| None).collect());
     let first_error: Mutex<Option<Error>> = Mutex::new(None);
     std::thread::scope(|s| {
-        for _ in 0..jobs {
+        for _ in 0..jobs.min(work.len()) {
             s.spawn(|| loop {
                 if first_error.lock().map(|e| e.is_some()).unwrap_or(true) {
                     return;
@@ -942,7 +943,7 @@ fn copy_files(
                         let key =
                             layout::backup_bundle(id, bundles.fetch_add(1, Ordering::Relaxed) + 1);
                         copy_bundle(
-                            repo, id, &key, data_dir, files, group, &base, checksums, start_lsn,
+                            repo, id, &key, data_dir, files, group, base, checksums, start_lsn,
                             counters,
                         )
                         .map(|c| (c, group.len()))
@@ -953,7 +954,7 @@ fn copy_files(
                         .lock()
                         .map_err(|_| Error::Invalid("a copy thread panicked".into()))?;
                     for (i, c, failed) in copied {
-                        r.add(i, c, failed)?;
+                        r[i] = Some((c, failed));
                     }
                     Ok(n)
                 });
@@ -1517,8 +1518,9 @@ mod tests {
     }
 
     /// The reference's entry of each file is found by one merge of the
-    /// two lists in path order; a reference out of order (an older
-    /// writer's) is sorted first. Byte order: "a.b" < "a/b" ('.' < '/').
+    /// two lists in path order, window after window; a reference out of
+    /// order (an older writer's) is sorted first. Byte order: "a.b" <
+    /// "a/b" ('.' < '/').
     #[test]
     fn reference_entries_are_found_by_path() {
         let paths = [
@@ -1533,50 +1535,50 @@ mod tests {
         sorted.sort();
         assert_eq!(sorted, paths, "the listing's order is byte order");
         let refs = ["base/1/1", "base/1/1/x", "base/1/2", "global/x", "z"];
+        let want = [
+            Some("base/1/1"),
+            None,
+            Some("base/1/1/x"),
+            None,
+            Some("global/x"),
+        ]
+        .map(|w| w.map(String::from));
         for order in [refs.to_vec(), refs.iter().rev().copied().collect()] {
             let entries: Vec<FileEntry> = order.iter().map(|p| entry(p, ID)).collect();
-            let base = BaseIndex::new(Some(FileList::spool(&entries).unwrap()), &files).unwrap();
-            let found: Vec<Option<String>> = (0..files.len())
-                .map(|i| base.get(i).unwrap().map(|e| e.path))
-                .collect();
-            let want = [
-                Some("base/1/1"),
-                None,
-                Some("base/1/1/x"),
-                None,
-                Some("global/x"),
-            ];
-            assert_eq!(found, want.map(|w| w.map(String::from)));
-            assert!(base.get(99).unwrap().is_none());
+            let list = FileList::spool(&entries).unwrap().in_path_order().unwrap();
+            for cut in 0..=files.len() {
+                let mut cursor = PathCursor::new(&list).unwrap();
+                let mut found: Vec<Option<String>> = Vec::new();
+                for window in [&files[..cut], &files[cut..]] {
+                    let base = BaseIndex::new(Some(&mut cursor), window).unwrap();
+                    found.extend((0..window.len()).map(|i| base.get(i).unwrap().map(|e| e.path)));
+                    assert!(base.get(99).unwrap().is_none());
+                }
+                assert_eq!(found, want, "windows cut at {cut}");
+            }
         }
         let none = BaseIndex::new(None, &files).unwrap();
         assert!(none.get(0).unwrap().is_none());
     }
 
-    /// The copy's entries, added in any order, come back in the listing's
-    /// order; an entry a restore would refuse stops the backup.
+    /// The copy's entries are checked with the reader's rules before the
+    /// manifest is stored: one a restore would refuse stops the backup.
     #[test]
-    fn collected_entries_read_back_in_path_order_and_are_checked() {
+    fn copied_entries_are_checked() {
         let n = 40_000;
         let paths: Vec<String> = (0..n).map(|i| format!("base/5/{:06}", i)).collect();
-        let files = listing(&paths.iter().map(String::as_str).collect::<Vec<_>>());
-        let mut c = Collected::new(n).unwrap();
-        // Workers finish out of order; a vanished file has no entry.
-        for i in (0..n).rev().filter(|i| i % 1000 != 7) {
-            let failed = if i == 5 { vec![3] } else { Vec::new() };
-            c.add(i, Copied(entry(&paths[i], ID)), failed).unwrap();
+        let mut w = ListWriter::new().unwrap();
+        for p in &paths {
+            w.push(&entry(p, ID)).unwrap();
         }
-        let (got, failures) = c.finish(&files).unwrap();
-        assert_eq!(failures.len(), 1);
-        assert_eq!(failures[0].path, paths[5]);
+        let got = Files {
+            list: w.finish().unwrap(),
+            size: 0,
+            stored_size: 0,
+            count: n as u64,
+        };
         let read: Vec<String> = got.iter().map(|e| e.unwrap().path).collect();
-        let want: Vec<String> = paths
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| i % 1000 != 7)
-            .map(|(_, p)| p.clone())
-            .collect();
-        assert_eq!(read, want);
+        assert_eq!(read, paths);
         let mut head = sample();
         head.files.clear();
         head.dirs.clear();
