@@ -25,7 +25,7 @@ use crate::codec::{hash_of, HashAlg, PlainHash};
 use crate::config::Config;
 use crate::delta;
 use crate::error::{Error, Result};
-use crate::file_list::{self, FileList, Spooled};
+use crate::file_list::{self, FileList, PathCursor, Spooled};
 use crate::layout;
 use crate::manifest::{
     check_location, write_pg_backup_manifest, BackupSummary, DatabaseEntry, FileEntry, Manifest,
@@ -1915,21 +1915,49 @@ fn restore_file_from(
 /// neither followed nor removed; the walk stays below the target and the
 /// tablespace directories.
 ///
-/// The backup's paths are held in a set for the walk: --delta takes memory
-/// per file, unlike a restore into an empty directory.
+/// The backup's list (in path order) is merged with a walk of the
+/// directories in the same order: memory holds the names of the
+/// directories being walked, not the backup's paths. A list out of order
+/// (an older writer's) is held in a set instead.
 fn remove_unknown_files(list: &FileList, roots: &Roots) -> Result<()> {
-    let mut paths = std::collections::HashSet::new();
-    for f in list.iter() {
-        paths.insert(f?.path);
+    /// Which paths the backup has: asked in increasing order (a merge) or
+    /// in any order (a set).
+    enum Keep<'a> {
+        Merge(PathCursor<'a>),
+        Set(std::collections::HashSet<String>),
     }
-    let keep: std::collections::HashSet<&str> = paths.iter().map(String::as_str).collect();
-    fn walk(
-        dir: &DirFd,
-        rel: &str,
-        keep: &std::collections::HashSet<&str>,
-        top: bool,
-    ) -> std::io::Result<()> {
-        for (name, kind) in dir.entries()? {
+    impl Keep<'_> {
+        fn contains(&mut self, path: &str) -> Result<bool> {
+            match self {
+                Keep::Merge(c) => Ok(c.find(path)?.is_some()),
+                Keep::Set(s) => Ok(s.contains(path)),
+            }
+        }
+    }
+    let keep = || -> Result<Keep> {
+        if list.is_sorted() {
+            return Ok(Keep::Merge(PathCursor::new(list)?));
+        }
+        let mut paths = std::collections::HashSet::new();
+        for f in list.iter() {
+            paths.insert(f?.path);
+        }
+        Ok(Keep::Set(paths))
+    };
+    fn walk(dir: &DirFd, rel: &str, keep: &mut Keep, top: bool) -> Result<()> {
+        let io = |e| Error::io(format!("clean {}", dir.path().display()), e);
+        let mut entries = dir.entries().map_err(io)?;
+        // Byte order of the paths below: a directory sorts as its name
+        // and a '/' ("a-b" < "a/x"), as the backup's list is sorted.
+        let key = |(n, k): &(std::ffi::OsString, EntryKind)| {
+            let mut b = n.as_encoded_bytes().to_vec();
+            if *k == EntryKind::Dir {
+                b.push(b'/');
+            }
+            b
+        };
+        entries.sort_by_cached_key(key);
+        for (name, kind) in entries {
             let Some(name) = name.to_str() else {
                 tracing::warn!(
                     "--delta: leaving a non-UTF-8 name in {}",
@@ -1948,22 +1976,22 @@ fn remove_unknown_files(list: &FileList, roots: &Roots) -> Result<()> {
                     if top && name == "pg_wal" {
                         continue;
                     }
-                    walk(&dir.open_dir(name)?, &child, keep, false)?;
+                    walk(&dir.open_dir(name).map_err(io)?, &child, keep, false)?;
                 }
                 _ => {
-                    if !keep.contains(child.as_str()) {
-                        dir.remove_file(name)?;
+                    if !keep.contains(&child)? {
+                        dir.remove_file(name).map_err(io)?;
                     }
                 }
             }
         }
         Ok(())
     }
-    walk(&roots.target, "", &keep, true)
-        .map_err(|e| Error::io(format!("clean {}", roots.target.path().display()), e))?;
+    walk(&roots.target, "", &mut keep()?, true)?;
+    // Each tablespace with a merge of its own (its paths, under
+    // pg_tblspc/<oid>/, were passed over by the walk of the target).
     for (oid, root) in &roots.tablespaces {
-        walk(root, &format!("pg_tblspc/{oid}"), &keep, false)
-            .map_err(|e| Error::io(format!("clean {}", root.path().display()), e))?;
+        walk(root, &format!("pg_tblspc/{oid}"), &mut keep()?, false)?;
     }
     Ok(())
 }
@@ -2492,5 +2520,72 @@ mod tests {
         assert!(parse_time("2026-11-21T10:15:00Z").is_ok());
         assert!(parse_time("2026-11-21 10:15:00").is_err());
         assert!(parse_time("yesterday").is_err());
+    }
+
+    /// --delta removes exactly the files the backup lacks, in the target
+    /// and in a tablespace, whether the list is merged (in path order) or
+    /// held in a set (out of order); pg_wal and links are left alone.
+    #[test]
+    fn delta_removes_exactly_the_files_the_backup_lacks() {
+        let keep = [
+            "a-b",
+            "a/b",
+            "base/5 x/y",
+            "base/5/1",
+            "base/5/1.1",
+            "base/50",
+            "pg_tblspc/16400/PG_15_1/5/300",
+        ];
+        for merged in [true, false] {
+            let d = tempfile::tempdir().unwrap();
+            let p = d.path();
+            let ts = tempfile::tempdir().unwrap();
+            for dir in ["a", "base/5", "base/5 x", "pg_wal", "pg_tblspc"] {
+                fs::create_dir_all(p.join(dir)).unwrap();
+            }
+            fs::create_dir_all(ts.path().join("PG_15_1/5")).unwrap();
+            std::os::unix::fs::symlink(ts.path(), p.join("pg_tblspc/16400")).unwrap();
+            let drop = ["a/c", "base/5-", "base/5/2", "zz"];
+            for f in keep
+                .iter()
+                .chain(&drop)
+                .chain(&["pg_wal/000000010000000000000001"])
+            {
+                let at = match f.strip_prefix("pg_tblspc/16400/") {
+                    Some(inner) => ts.path().join(inner),
+                    None => p.join(f),
+                };
+                fs::write(at, b"x").unwrap();
+            }
+            fs::write(ts.path().join("PG_15_1/5/301"), b"x").unwrap();
+            let entries: Vec<FileEntry> = keep
+                .iter()
+                .rev()
+                .map(|k| crate::manifest::tests::entry(k, crate::manifest::tests::ID))
+                .collect();
+            let mut list = FileList::spool(&entries).unwrap();
+            if merged {
+                list = list.in_path_order().unwrap();
+            }
+            assert_eq!(list.is_sorted(), merged);
+            let roots = Roots {
+                target: open_root(p).unwrap(),
+                tablespaces: HashMap::from([(16400, open_root(ts.path()).unwrap())]),
+            };
+            remove_unknown_files(&list, &roots).unwrap();
+            for k in keep {
+                let at = match k.strip_prefix("pg_tblspc/16400/") {
+                    Some(inner) => ts.path().join(inner),
+                    None => p.join(k),
+                };
+                assert!(at.exists(), "{k} removed (merged: {merged})");
+            }
+            for k in drop {
+                assert!(!p.join(k).exists(), "{k} left (merged: {merged})");
+            }
+            assert!(!ts.path().join("PG_15_1/5/301").exists());
+            assert!(p.join("pg_wal/000000010000000000000001").exists());
+            assert!(p.join("pg_tblspc/16400").exists());
+        }
     }
 }
