@@ -96,8 +96,8 @@ done
 # cache as they were for the backups): the CPU time of the work itself,
 # each tool reading the files directly (no pipes), and the time to write as
 # many bytes with fsync. The report divides the CPU by the cores.
-find pg/base pg/global -type f -print0 > relfiles
-REL=$(find pg/base pg/global -type f -printf "%s\n" | awk '{s += $1} END {print s + 0}')
+find pg/base pg/global -type f ! -name 'pg_internal.init*' -print0 > relfiles
+REL=$(find pg/base pg/global -type f ! -name 'pg_internal.init*' -printf "%s\n" | awk '{s += $1} END {print s + 0}')
 xargs -0 cat < relfiles | zstd -3 -q -c > limit.zst
 for i in $(seq 1 "$RUNS"); do
   python3 "$M" bash -c 'xargs -0 zstd -3 -q -c < relfiles' >> limit-compress.jsonl
