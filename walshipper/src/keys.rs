@@ -51,6 +51,15 @@ const MIN_SALT_LEN: usize = 16;
 const MAX_SALT_LEN: usize = 64;
 /// A key file is a few hundred bytes; anything larger is not one.
 pub const MAX_KEY_FILE_LEN: usize = 16 << 10;
+
+/// The longest a long-running writer (`wal-receive`) seals with the key it
+/// opened without looking whether repository.json still names it.
+pub const KEY_CHECK_MAX: std::time::Duration = std::time::Duration::from_secs(5);
+/// The least `key retire` waits after a rotation before it deletes the
+/// replaced key's file, whatever `[encryption] retire_settle` says: twice
+/// `KEY_CHECK_MAX`, so a receiver that looked just before the rotation has
+/// looked again, and a write it began then has landed, before the last census.
+pub const RETIRE_SETTLE_MIN_S: u64 = 2 * KEY_CHECK_MAX.as_secs();
 /// The version written: slots (version 2, one wrapping, is still read).
 pub const KEY_FILE_VERSION: u32 = 3;
 /// The version before slots: read as a file of one slot, never written.

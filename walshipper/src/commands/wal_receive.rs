@@ -104,11 +104,12 @@ struct Receiver<'a> {
     key_changed: Cell<bool>,
 }
 
-/// The longest a receiver seals with the key it opened without looking
-/// whether repository.json still names it. Fixed, not derived from this
-/// host's `retire_settle` alone: `key retire` may run on a host with a
-/// shorter one (it must exceed this; docs/operations.md).
-const KEY_CHECK_MAX: Duration = Duration::from_secs(5);
+// The longest a receiver seals with the key it opened without looking
+// whether repository.json still names it. Fixed, not derived from this
+// host's `retire_settle` alone: `key retire` may run on a host with a
+// shorter one, and never deletes a key sooner than twice this after the
+// rotation (`keys::RETIRE_SETTLE_MIN_S`).
+use crate::keys::KEY_CHECK_MAX;
 
 pub fn run(cfg: &Config, repo_name: Option<&str>, args: &Args) -> Result<()> {
     // SAFETY: the handler only stores to an atomic (async-signal-safe).

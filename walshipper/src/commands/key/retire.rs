@@ -421,9 +421,10 @@ fn retire_in(
                 let now = Instant::now();
                 if t > now {
                     tracing::info!(
-                        "repository {}: nothing is sealed by key {key_id} any more; waiting {} s ([encryption] retire_settle after the rotation) for writers that opened the repository before it, then looking again",
+                        "repository {}: nothing is sealed by key {key_id} any more; waiting {} s ([encryption] retire_settle after the rotation, at least {} s) for writers that opened the repository before it, then looking again",
                         repo.name,
-                        (t - now).as_secs()
+                        (t - now).as_secs(),
+                        crate::keys::RETIRE_SETTLE_MIN_S
                     );
                     std::thread::sleep(t - now);
                     continue;
@@ -553,7 +554,12 @@ fn settle_deadline(cfg: &Config, repo: &Repository) -> Option<Instant> {
     let id = repo.descriptor.current_key_id.as_deref()?;
     let created = repo.key_file(id).ok()??.created_at;
     let created = chrono::DateTime::parse_from_rfc3339(&created).ok()?;
-    let settle_s = cfg.encryption.retire_settle.min(86_400);
+    // Never below the floor: a receiver looks at repository.json only
+    // every KEY_CHECK_MAX, so a shorter settle could delete the key under it.
+    let settle_s = cfg
+        .encryption
+        .retire_settle
+        .clamp(crate::keys::RETIRE_SETTLE_MIN_S, 86_400);
     let settle = chrono::Duration::seconds(settle_s as i64);
     let left = (created + settle).signed_duration_since(chrono::Utc::now());
     // created_at is read here without unwrapping (the key may have come
