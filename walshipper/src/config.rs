@@ -41,6 +41,28 @@ pub struct Config {
     pub notify: crate::notify::NotifyConfig,
     /// `[stream]`: the streaming WAL receiver (`wal-receive`).
     pub stream: StreamConfig,
+    /// `[cache]`: what this host keeps to avoid reading the repository again.
+    pub cache: CacheConfig,
+}
+
+/// `[cache]`: local caches (crate::summary_cache).
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    /// Keep each intact manifest's summary, keyed by a hash of its stored
+    /// bytes, so commands that list backups do not decode every manifest.
+    pub summaries: bool,
+    /// Where; empty = $HOME/.cache/walshipper.
+    pub dir: PathBuf,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            summaries: true,
+            dir: PathBuf::new(),
+        }
+    }
 }
 
 /// `[stream]`: how `wal-receive` streams WAL into the repository.
@@ -623,6 +645,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("encryption", "retire_settle"),
     ("encryption", "key_cache"),
     ("encryption", "key_cache_dir"),
+    ("cache", "summaries"),
+    ("cache", "dir"),
     ("compression", "level"),
     ("compression", "threads"),
     ("archive", "check_timeout"),
@@ -897,6 +921,8 @@ impl Config {
                 self.encryption.key_cache = parse(name, v, "true or false")?
             }
             ("encryption", "key_cache_dir") => self.encryption.key_cache_dir = v.into(),
+            ("cache", "summaries") => self.cache.summaries = parse(name, v, "true or false")?,
+            ("cache", "dir") => self.cache.dir = v.into(),
             ("compression", "level") => self.compression.level = parse(name, v, "an integer")?,
             ("compression", "threads") => {
                 self.compression.threads = parse(name, v, "a whole number")?
@@ -1238,6 +1264,17 @@ impl Config {
     /// Where the passphrase comes from (without reading it).
     pub fn passphrase_source(&self) -> crate::passphrase::Source {
         crate::passphrase::Source::of(self)
+    }
+
+    /// Where manifest summaries are cached; None when off (or no $HOME).
+    pub fn summary_cache_dir(&self) -> Option<PathBuf> {
+        if !self.cache.summaries {
+            return None;
+        }
+        if !self.cache.dir.as_os_str().is_empty() {
+            return Some(self.cache.dir.join("summaries"));
+        }
+        std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/walshipper/summaries"))
     }
 
     pub fn key_cache_dir(&self) -> Option<PathBuf> {

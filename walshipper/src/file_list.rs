@@ -60,8 +60,14 @@ pub struct FileList {
 /// `Corrupt` naming `key`, a newer version `Repository`. A failure to write
 /// the local spool is an I/O error, never reported as damage.
 pub fn read_manifest(repo: &Repository, key: &str) -> Result<Spooled> {
+    read_manifest_hashed(repo, key).map(|(s, _)| s)
+}
+
+/// `read_manifest`, and the BLAKE3 of the stored bytes it was read from
+/// (`crate::summary_cache`).
+pub fn read_manifest_hashed(repo: &Repository, key: &str) -> Result<(Spooled, [u8; 32])> {
     let mut local: Option<io::Error> = None;
-    let parsed = repo.read_json_capped_with(key, MANIFEST_MAX, &mut |r| {
+    let (parsed, stored) = repo.read_json_capped_hashed(key, MANIFEST_MAX, &mut |r| {
         local = None;
         let file = match temp_file() {
             Ok(f) => f,
@@ -107,11 +113,14 @@ pub fn read_manifest(repo: &Repository, key: &str) -> Result<Spooled> {
     })?;
     let (depends_on, sorted) = validate(&head, &files, key)?;
     files.sorted = sorted;
-    Ok(Spooled {
-        head,
-        files,
-        depends_on,
-    })
+    Ok((
+        Spooled {
+            head,
+            files,
+            depends_on,
+        },
+        stored,
+    ))
 }
 
 /// `Manifest::validate` of `head` with the files of `list`: the head's

@@ -36,6 +36,7 @@ pub mod spool;
 pub mod sql;
 pub mod storage;
 pub mod stream;
+pub mod summary_cache;
 pub mod wal;
 
 pub use error::{Error, Result};

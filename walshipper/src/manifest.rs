@@ -830,7 +830,7 @@ impl std::io::Read for JsonReader<'_> {
 /// few hundred per file); the full manifest is read only for the backups a
 /// command uses (`Repository::find_backup`), so memory does not grow with
 /// files × backups kept.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BackupSummary {
     pub id: String,
     /// "full", "diff" or "incr", as in the manifest.

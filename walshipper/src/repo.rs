@@ -333,6 +333,22 @@ pub struct Repository {
     keys: RwLock<HashMap<[u8; 16], DataKey>>,
     unlocker: Option<Unlocker>,
     settings: Arc<CodecSettings>,
+    /// This host's cache of manifest summaries (`scan_backups`); None: off.
+    summaries: Option<crate::summary_cache::SummaryCache>,
+}
+
+/// A reader that hashes what passes through it (stored bytes).
+struct HashingRead<R> {
+    inner: R,
+    hasher: blake3::Hasher,
+}
+
+impl<R: Read> Read for HashingRead<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
 }
 
 /// Caps on objects read whole into memory (`read_object_capped`). A
@@ -412,6 +428,17 @@ fn read_small(storage: &dyn Storage, key: &str, max: usize) -> Result<Option<Vec
         });
     }
     Ok(Some(v))
+}
+
+/// This host's summary cache for the repository (`[cache] summaries`).
+fn summary_cache(
+    cfg: &Config,
+    repository_id: &[u8; 16],
+    storage: &dyn Storage,
+) -> Option<crate::summary_cache::SummaryCache> {
+    cfg.summary_cache_dir().map(|base| {
+        crate::summary_cache::SummaryCache::new(base, repository_id, &storage.describe())
+    })
 }
 
 fn base_settings(cfg: &Config) -> CodecSettings {
@@ -682,6 +709,7 @@ impl Repository {
         settings.key = current;
         Ok(Repository {
             name: rc.name.clone(),
+            summaries: summary_cache(cfg, &repository_id, storage.as_ref()),
             storage,
             descriptor,
             repository_id,
@@ -789,6 +817,7 @@ impl Repository {
         let repository_id = descriptor.repository_id_bytes()?;
         let mut repo = Repository {
             name: rc.name.clone(),
+            summaries: summary_cache(cfg, &repository_id, storage.as_ref()),
             storage,
             descriptor,
             repository_id,
@@ -1333,13 +1362,26 @@ impl Repository {
     /// is an error, not damage: it says nothing about the object.
     /// Each manifest is read, validated in full and summarized before the
     /// next one is read: one whole manifest is held at a time.
+    /// A summary is taken from this host's cache (`crate::summary_cache`)
+    /// when the stored manifest is byte for byte the one it was made from.
     pub fn scan_backups(&self) -> Result<BackupScan> {
         self.scan_backups_sized().map(|(scan, _)| scan)
+    }
+
+    /// `scan_backups` reading every manifest whole, never the cache
+    /// (`verify`: its answer must come from what the store holds now).
+    pub fn scan_backups_fresh(&self) -> Result<BackupScan> {
+        self.scan_backups_with(false).map(|(scan, _)| scan)
     }
 
     /// `scan_backups`, and the bytes of every object its listing of
     /// backups/ found (info's stored bytes: one listing, not two).
     pub fn scan_backups_sized(&self) -> Result<(BackupScan, u64)> {
+        self.scan_backups_with(true)
+    }
+
+    fn scan_backups_with(&self, cached: bool) -> Result<(BackupScan, u64)> {
+        let cache = self.summaries.as_ref().filter(|_| cached);
         let mut scan = BackupScan::default();
         let mut listed: u64 = 0;
         for meta in self.storage.list(layout::BACKUPS_PREFIX)? {
@@ -1358,7 +1400,11 @@ impl Repository {
             }
             // The file list goes to a local spool, not memory: a scan
             // holds a summary per backup and nothing per file.
-            match self.load_summary(&meta.key)? {
+            let loaded = match cache {
+                Some(c) => self.load_summary_cached(c, &meta.key)?,
+                None => self.load_summary(&meta.key)?,
+            };
+            match loaded {
                 Loaded::Intact(s) => scan.backups.push(*s),
                 // Removed since the listing (expire on another host).
                 Loaded::Missing => {}
@@ -1368,6 +1414,9 @@ impl Repository {
                     reason,
                 }),
             }
+        }
+        if let Some(c) = cache {
+            c.retain(&scan.backups.iter().map(|b| b.id.as_str()).collect());
         }
         // By start time (ids carry whole seconds and a type letter).
         scan.backups.sort_by_key(|m| {
@@ -1390,6 +1439,83 @@ impl Repository {
             Err(e @ Error::Repository(_)) => Ok(Loaded::Damaged(e.to_string())),
             Err(e) => Err(e),
         }
+    }
+
+    /// `load_summary` through `cache`: the stored object is hashed first
+    /// (read, not decoded), and its summary taken from the cache if it
+    /// was made from exactly these bytes and the key that sealed them can
+    /// still be unlocked. Otherwise the manifest is read whole, and its
+    /// summary cached if the bytes it was read from hash the same.
+    fn load_summary_cached(
+        &self,
+        cache: &crate::summary_cache::SummaryCache,
+        key: &str,
+    ) -> Result<Loaded<BackupSummary>> {
+        let Some(id) = layout::backup_of(key) else {
+            return self.load_summary(key);
+        };
+        let Some((stored, header)) = self.stored_hash(key)? else {
+            return Ok(Loaded::Missing);
+        };
+        if let Some(hit) = cache.get(&id, key, &stored) {
+            let sealed_ok = match (hit.sealed_by, &header) {
+                (Some(k), Some(h)) => h.encrypted && h.key_id == k && self.key_usable(&k),
+                (None, Some(h)) => !h.encrypted && !self.require_encryption,
+                _ => false,
+            };
+            if sealed_ok {
+                return Ok(Loaded::Intact(Box::new(hit.summary)));
+            }
+        }
+        let (spooled, read_hash) = match crate::file_list::read_manifest_hashed(self, key) {
+            Ok(r) => r,
+            Err(Error::NotFound(_)) => return Ok(Loaded::Missing),
+            Err(Error::Corrupt { reason, .. }) => return Ok(Loaded::Damaged(reason)),
+            Err(e @ Error::Repository(_)) => return Ok(Loaded::Damaged(e.to_string())),
+            Err(e) => return Err(e),
+        };
+        let summary = spooled.summary();
+        // Cached only if the object did not change between the two reads.
+        if let (true, Some(h)) = (read_hash == stored, header) {
+            cache.put(key, &stored, h.encrypted.then_some(h.key_id), &summary);
+        }
+        Ok(Loaded::Intact(Box::new(summary)))
+    }
+
+    /// BLAKE3 of the object stored at `key`, as stored (nothing decoded),
+    /// and its header if it has one that parses; None if it is absent.
+    /// Objects larger than a manifest may be are hashed only so far.
+    fn stored_hash(&self, key: &str) -> Result<Option<([u8; 32], Option<crate::codec::Header>)>> {
+        let Some(src) = self.storage.get(key)? else {
+            return Ok(None);
+        };
+        let mut src = src.take(MANIFEST_MAX as u64 * 2);
+        let mut hasher = blake3::Hasher::new();
+        let mut first = Vec::with_capacity(crate::codec::HEADER_LEN);
+        let mut buf = vec![0u8; 256 << 10];
+        loop {
+            let n = match src.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(self.read_error(key, e)),
+            };
+            let want = crate::codec::HEADER_LEN.saturating_sub(first.len()).min(n);
+            first.extend_from_slice(&buf[..want]);
+            hasher.update(&buf[..n]);
+        }
+        let header = DecodingReader::read_header(&mut first.as_slice()).ok();
+        Ok(Some((*hasher.finalize().as_bytes(), header)))
+    }
+
+    /// Whether key `id` is unlocked, or can be (as a read naming it would).
+    fn key_usable(&self, id: &[u8; 16]) -> bool {
+        let known = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(id);
+        known || self.load_key(&hex::encode(id))
     }
 
     /// Reads and checks the manifest at `key`. Damage (undecodable, too
@@ -1570,14 +1696,30 @@ impl Repository {
         max: usize,
         parse: &mut dyn FnMut(&mut dyn io::Read) -> serde_json::Result<T>,
     ) -> Result<std::result::Result<T, serde_json::Error>> {
+        self.read_json_capped_hashed(key, max, parse)
+            .map(|(parsed, _)| parsed)
+    }
+
+    /// `read_json_capped_with`, and the BLAKE3 of the stored bytes the
+    /// result was decoded from (the summary cache's key).
+    pub fn read_json_capped_hashed<T>(
+        &self,
+        key: &str,
+        max: usize,
+        parse: &mut dyn FnMut(&mut dyn io::Read) -> serde_json::Result<T>,
+    ) -> Result<(std::result::Result<T, serde_json::Error>, [u8; 32])> {
         let mut retry = KeyRetry::default();
         loop {
             let src = self
                 .storage
                 .get(key)?
                 .ok_or_else(|| Error::NotFound(key.to_string()))?;
+            let mut src = HashingRead {
+                inner: src,
+                hasher: blake3::Hasher::new(),
+            };
             let mut feed = ParseFeed {
-                dec: self.decoder(src, key),
+                dec: self.decoder(&mut src, key),
                 left: max,
                 over: false,
                 err: None,
@@ -1608,7 +1750,10 @@ impl Repository {
                     reason: "ended before its final frame".into(),
                 });
             }
-            return Ok(parsed);
+            drop(feed);
+            // What follows the final frame is refused by the decoder, so
+            // the hash covers the whole object.
+            return Ok((parsed, *src.hasher.finalize().as_bytes()));
         }
     }
 

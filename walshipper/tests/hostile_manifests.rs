@@ -5,6 +5,8 @@
 //! backup 2 works and matches, an incr builds on backup 2, expire keeps the
 //! damaged one. Foreign WAL keys (segment numbers no PostgreSQL writes) do
 //! not make `info`, `verify` or `expire` panic, underflow or delete them.
+//! The summaries are cached before the damage (crate::summary_cache): the
+//! cache must not hide it.
 //! Runs on posix, and on S3 with PGB_TEST_BACKEND=s3.
 
 mod common;
@@ -78,7 +80,19 @@ fn damaged_manifest_and_foreign_keys_are_reported_and_skipped() {
     let want = src.sql("SELECT count(*) || md5(string_agg(note, ',' ORDER BY id)) FROM marks");
     src.switch_and_wait_archived(Duration::from_secs(60));
 
-    // One flipped byte in the middle of backup 1's manifest.
+    // Both summaries are in this host's cache now (`info` made them; the
+    // second run takes them from it)...
+    let info = shipper.info();
+    assert_eq!(info["backups"].as_array().unwrap().len(), 2, "{info}");
+    let _ = shipper.info();
+    let cached: Vec<_> = std::fs::read_dir(d.join("cache/summaries"))
+        .unwrap()
+        .flat_map(|r| std::fs::read_dir(r.unwrap().path()).unwrap())
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(cached.len(), 2, "{cached:?}");
+    // ...and must not hide damage: one flipped byte in the middle of
+    // backup 1's manifest.
     let s = storage(&shipper);
     let key1 = format!("backups/{id1}/manifest");
     let mut body = get(s.as_ref(), &key1);

@@ -48,7 +48,7 @@ pub fn run(
             },
             Err(e) => return Err(e),
         },
-        None => repo.scan_backups()?,
+        None => repo.scan_backups_fresh()?,
     };
     for d in &scan.damaged {
         problems.push(format!(

@@ -147,11 +147,12 @@ impl Shipper {
                 "[pg]\ndata_dir = \"{}\"\nhost = \"{}\"\nport = {port}\nuser = \"postgres\"\ndatabase = \"postgres\"\n\
                  {repo_section}\
                  [encryption]\npassphrase_file = \"{}\"\nkey_cache_dir = \"{}\"\nretire_settle = 0\n\
-                 [compression]\nlevel = 3\n[archive]\ncheck_timeout = 60\n",
+                 [compression]\nlevel = 3\n[archive]\ncheck_timeout = 60\n[cache]\ndir = \"{}\"\n",
                 data_dir.display(),
                 socket_dir.display(),
                 passphrase_file.display(),
-                dir.join("keycache").display()
+                dir.join("keycache").display(),
+                dir.join("cache").display()
             ),
         )
         .unwrap();
