@@ -337,6 +337,14 @@ pub struct Repository {
     summaries: Option<crate::summary_cache::SummaryCache>,
 }
 
+/// What `stored_hash` found at a key.
+enum Stored {
+    Missing,
+    TooLarge,
+    /// The BLAKE3 of the stored bytes, and their header if it parses.
+    Hashed([u8; 32], Option<crate::codec::Header>),
+}
+
 /// A reader that hashes what passes through it (stored bytes).
 struct HashingRead<R> {
     inner: R,
@@ -1347,7 +1355,8 @@ impl Repository {
     /// Every complete backup (one whose manifest exists) whose manifest
     /// reads back intact, oldest first. Damaged manifests are logged and
     /// left out: one of them must not make the others unusable. Commands
-    /// that report damage (info, verify, expire, backup) use `scan_backups`.
+    /// that report damage use `scan_backups` (info, backup) or
+    /// `scan_backups_fresh` (verify, expire).
     pub fn list_backups(&self) -> Result<Vec<BackupSummary>> {
         let scan = self.scan_backups()?;
         for d in &scan.damaged {
@@ -1369,7 +1378,8 @@ impl Repository {
     }
 
     /// `scan_backups` reading every manifest whole, never the cache
-    /// (`verify`: its answer must come from what the store holds now).
+    /// (`verify`: its answer must come from what the store holds now;
+    /// `expire`: it deletes on what the manifests say).
     pub fn scan_backups_fresh(&self) -> Result<BackupScan> {
         self.scan_backups_with(false).map(|(scan, _)| scan)
     }
@@ -1454,8 +1464,11 @@ impl Repository {
         let Some(id) = layout::backup_of(key) else {
             return self.load_summary(key);
         };
-        let Some((stored, header)) = self.stored_hash(key)? else {
-            return Ok(Loaded::Missing);
+        let (stored, header) = match self.stored_hash(key)? {
+            Stored::Missing => return Ok(Loaded::Missing),
+            // Larger than any manifest: the full read says what it is.
+            Stored::TooLarge => return self.load_summary(key),
+            Stored::Hashed(h, header) => (h, header),
         };
         if let Some(hit) = cache.get(&id, key, &stored) {
             let sealed_ok = match (hit.sealed_by, &header) {
@@ -1483,13 +1496,15 @@ impl Repository {
     }
 
     /// BLAKE3 of the object stored at `key`, as stored (nothing decoded),
-    /// and its header if it has one that parses; None if it is absent.
-    /// Objects larger than a manifest may be are hashed only so far.
-    fn stored_hash(&self, key: &str) -> Result<Option<([u8; 32], Option<crate::codec::Header>)>> {
+    /// and its header if it has one that parses. An object larger than a
+    /// manifest can be is not hashed (never a hash of a prefix).
+    fn stored_hash(&self, key: &str) -> Result<Stored> {
+        const CAP: u64 = MANIFEST_MAX as u64 * 2;
         let Some(src) = self.storage.get(key)? else {
-            return Ok(None);
+            return Ok(Stored::Missing);
         };
-        let mut src = src.take(MANIFEST_MAX as u64 * 2);
+        let mut src = src.take(CAP + 1);
+        let mut total = 0u64;
         let mut hasher = blake3::Hasher::new();
         let mut first = Vec::with_capacity(crate::codec::HEADER_LEN);
         let mut buf = vec![0u8; 256 << 10];
@@ -1500,12 +1515,16 @@ impl Repository {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => return Err(self.read_error(key, e)),
             };
+            total += n as u64;
+            if total > CAP {
+                return Ok(Stored::TooLarge);
+            }
             let want = crate::codec::HEADER_LEN.saturating_sub(first.len()).min(n);
             first.extend_from_slice(&buf[..want]);
             hasher.update(&buf[..n]);
         }
         let header = DecodingReader::read_header(&mut first.as_slice()).ok();
-        Ok(Some((*hasher.finalize().as_bytes(), header)))
+        Ok(Stored::Hashed(*hasher.finalize().as_bytes(), header))
     }
 
     /// Whether key `id` is unlocked, or can be (as a read naming it would).

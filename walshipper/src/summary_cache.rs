@@ -15,9 +15,13 @@
 //!
 //! The cache is this host's, like the key cache: a directory private to
 //! the user (0700, owned by them), one small JSON file per backup, written
-//! whole under a temporary name and renamed. Anything unexpected in it (too
-//! large, unparsable, another version's) is a miss, never an error: the
-//! cache only ever saves time.
+//! whole under a temporary name and renamed. Each entry carries a BLAKE3 of
+//! its own content (a bit flipped by the local disk is a miss, not a
+//! changed dependency) and the identity of the binary that wrote it (the
+//! validation rules are the binary's: a new build starts afresh). Anything
+//! unexpected in it (too large, unparsable, another build's) is a miss,
+//! never an error: the cache only ever saves time. `expire`, which
+//! deletes, and `verify` never use it.
 
 use std::fs;
 use std::io::Write;
@@ -37,6 +41,13 @@ const MAX_ENTRY: u64 = 1 << 20;
 /// What one entry file holds.
 #[derive(Serialize, Deserialize)]
 struct Entry {
+    body: Body,
+    /// BLAKE3 of `body` as serialized (hex).
+    check: String,
+}
+
+#[derive(Serialize, Deserialize)]
+struct Body {
     format: u32,
     producer: String,
     /// The manifest's key in the repository.
@@ -46,6 +57,12 @@ struct Entry {
     /// The key that sealed it (hex), if it is encrypted.
     sealed_by: Option<String>,
     summary: BackupSummary,
+}
+
+fn check_of(body: &Body) -> Option<String> {
+    serde_json::to_vec(body)
+        .ok()
+        .map(|b| blake3::hash(&b).to_hex().to_string())
 }
 
 /// A hit: the summary and the key that sealed its manifest.
@@ -59,8 +76,25 @@ pub struct SummaryCache {
     dir: PathBuf,
 }
 
-fn producer() -> String {
-    format!("walshipper {}", env!("CARGO_PKG_VERSION"))
+/// The running binary, as this host sees it: its version, and the inode,
+/// size and modification time of its file (the version number alone
+/// stays the same across builds whose validation differs). None: unknown,
+/// and then the cache is not used.
+fn producer() -> Option<&'static str> {
+    static P: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    P.get_or_init(|| {
+        let m = fs::metadata("/proc/self/exe").ok()?;
+        Some(format!(
+            "walshipper {} exe {}:{}:{}:{}.{}",
+            env!("CARGO_PKG_VERSION"),
+            m.dev(),
+            m.ino(),
+            m.size(),
+            m.mtime(),
+            m.mtime_nsec()
+        ))
+    })
+    .as_deref()
 }
 
 impl SummaryCache {
@@ -104,7 +138,7 @@ impl SummaryCache {
         }
         let f = fs::OpenOptions::new()
             .read(true)
-            .custom_flags(libc::O_NOFOLLOW)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
             .ok()?;
         let m = f.metadata().ok()?;
@@ -113,17 +147,22 @@ impl SummaryCache {
             return None;
         }
         let e: Entry = serde_json::from_reader(std::io::BufReader::new(f)).ok()?;
-        let sealed_by = match &e.sealed_by {
+        if check_of(&e.body)? != e.check {
+            tracing::debug!("{}: damaged summary cache entry, ignored", path.display());
+            return None;
+        }
+        let b = e.body;
+        let sealed_by = match &b.sealed_by {
             Some(h) => Some(hex::decode(h).ok()?.try_into().ok()?),
             None => None,
         };
-        let hit = e.format == FORMAT
-            && e.producer == producer()
-            && e.key == key
-            && e.stored_blake3 == hex::encode(stored)
-            && e.summary.id == id;
+        let hit = b.format == FORMAT
+            && Some(b.producer.as_str()) == producer()
+            && b.key == key
+            && b.stored_blake3 == hex::encode(stored)
+            && b.summary.id == id;
         hit.then_some(Hit {
-            summary: e.summary,
+            summary: b.summary,
             sealed_by,
         })
     }
@@ -162,19 +201,26 @@ impl SummaryCache {
             _ => {}
         }
         if !self.private() {
-            return Err(std::io::Error::other(
-                "not a directory private to this user; not caching",
-            ));
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "{} is not a directory private to this user (0700, owned by it): the summary cache is not used",
+                    self.dir.display()
+                )
+            });
+            return Err(std::io::Error::other("not a private directory"));
         }
-        let entry = Entry {
+        let producer = producer().ok_or_else(|| std::io::Error::other("no /proc/self/exe"))?;
+        let body = Body {
             format: FORMAT,
-            producer: producer(),
+            producer: producer.to_string(),
             key: key.to_string(),
             stored_blake3: hex::encode(stored),
             sealed_by: sealed_by.map(hex::encode),
             summary: summary.clone(),
         };
-        let body = serde_json::to_vec(&entry).map_err(std::io::Error::other)?;
+        let check = check_of(&body).ok_or_else(|| std::io::Error::other("serialize"))?;
+        let body = serde_json::to_vec(&Entry { body, check }).map_err(std::io::Error::other)?;
         let tmp = self
             .dir
             .join(format!(".{}.{}.tmp", summary.id, std::process::id()));
@@ -255,10 +301,18 @@ mod tests {
         assert!(other.get(id, key, &h).is_none());
         // A name that is not a backup id is never a path.
         assert!(c.get("../x", key, &h).is_none());
-        // Another version's entry, or a damaged one, is a miss.
+        // Another build's entry (its check made right), an entry with a
+        // flipped digit, or a torn one is a miss.
         let path = c.dir.join(format!("{id}.json"));
         let text = fs::read_to_string(&path).unwrap();
-        fs::write(&path, text.replace("walshipper ", "walshipper 0")).unwrap();
+        let mut e: Entry = serde_json::from_str(&text).unwrap();
+        e.body.producer.push('x');
+        e.check = check_of(&e.body).unwrap();
+        fs::write(&path, serde_json::to_vec(&e).unwrap()).unwrap();
+        assert!(c.get(id, key, &h).is_none());
+        let flipped = text.replacen("\"files\":3", "\"files\":2", 1);
+        assert_ne!(flipped, text);
+        fs::write(&path, flipped).unwrap();
         assert!(c.get(id, key, &h).is_none());
         fs::write(&path, &text[..text.len() / 2]).unwrap();
         assert!(c.get(id, key, &h).is_none());

@@ -247,7 +247,9 @@ fn expire_one(
     if !args.dry_run {
         remove_incomplete(&repo)?;
     }
-    let scan = repo.scan_backups()?;
+    // Every manifest read whole, never the summary cache: expire deletes,
+    // and what each backup depends on must come from the store itself.
+    let scan = repo.scan_backups_fresh()?;
     let backups = scan.backups;
     for d in &scan.damaged {
         tracing::warn!(
