@@ -81,7 +81,10 @@ pub fn read_manifest_hashed(repo: &Repository, key: &str) -> Result<(Spooled, [u
             count: 0,
             err: &mut local,
         };
-        let mut de = serde_json::Deserializer::from_reader(r);
+        // A BufReader of a concrete type: std reads its bytes one by one
+        // from the buffer (`Bytes` is specialized for BufReader), where
+        // through `dyn Read` each of serde_json's byte reads is a call.
+        let mut de = serde_json::Deserializer::from_reader(io::BufReader::new(r));
         let head = ManifestSeed { spool: &mut spool }.deserialize(&mut de)?;
         de.end()?;
         let count = spool.count;

@@ -438,15 +438,24 @@ fn read_small(storage: &dyn Storage, key: &str, max: usize) -> Result<Option<Vec
     Ok(Some(v))
 }
 
-/// This host's summary cache for the repository (`[cache] summaries`).
+/// This host's summary cache for the repository (`[cache] summaries`),
+/// named by where the repository is (not by `Storage::describe`, which
+/// names bandwidth limits too: changing one must not empty the cache).
 fn summary_cache(
     cfg: &Config,
     repository_id: &[u8; 16],
-    storage: &dyn Storage,
+    rc: &RepoConfig,
 ) -> Option<crate::summary_cache::SummaryCache> {
-    cfg.summary_cache_dir().map(|base| {
-        crate::summary_cache::SummaryCache::new(base, repository_id, &storage.describe())
-    })
+    let location = format!(
+        "{}\n{}\n{}\n{}\n{}",
+        rc.kind,
+        rc.path.display(),
+        rc.endpoint,
+        rc.bucket,
+        rc.prefix
+    );
+    cfg.summary_cache_dir()
+        .map(|base| crate::summary_cache::SummaryCache::new(base, repository_id, &location))
 }
 
 fn base_settings(cfg: &Config) -> CodecSettings {
@@ -717,7 +726,7 @@ impl Repository {
         settings.key = current;
         Ok(Repository {
             name: rc.name.clone(),
-            summaries: summary_cache(cfg, &repository_id, storage.as_ref()),
+            summaries: summary_cache(cfg, &repository_id, rc),
             storage,
             descriptor,
             repository_id,
@@ -825,7 +834,7 @@ impl Repository {
         let repository_id = descriptor.repository_id_bytes()?;
         let mut repo = Repository {
             name: rc.name.clone(),
-            summaries: summary_cache(cfg, &repository_id, storage.as_ref()),
+            summaries: summary_cache(cfg, &repository_id, rc),
             storage,
             descriptor,
             repository_id,
