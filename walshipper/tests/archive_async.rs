@@ -166,19 +166,37 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     println!("PGB_ASYNC_SEED={seed} (set it to replay this run's kills)");
     let stop = Arc::new(AtomicBool::new(false));
     let killer = pusher_killer(spool.clone(), seed, stop.clone());
-    let mut bench = Command::new(pg_bin("pgbench"))
-        .args(["-U", "postgres", "-h"])
-        .arg(&src.socket)
-        .args(["-n", "-c", "2", "-T", "6", "postgres"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("pgbench");
+    let first = src.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");
+    let start_lsn = src.sql("SELECT pg_current_wal_lsn()");
+    let pgbench = |secs: &str| {
+        Command::new(pg_bin("pgbench"))
+            .args(["-U", "postgres", "-h"])
+            .arg(&src.socket)
+            .args(["-n", "-c", "2", "-T", secs, "postgres"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("pgbench")
+    };
+    let mut bench = pgbench("6");
     src.sql(
         "DO $$ BEGIN FOR i IN 1..50 LOOP \
             INSERT INTO marker (id) VALUES (i); COMMIT; PERFORM pg_sleep(0.1); \
          END LOOP; END $$",
     );
     assert!(bench.wait().expect("pgbench").success());
+    // At least 32 segments (1 MiB each) under the kills, however slow the
+    // machine: a loaded one writes fewer in 6 s.
+    let wal_mib = || -> u64 {
+        src.sql(&format!(
+            "SELECT ((pg_current_wal_lsn() - '{start_lsn}') / 1048576)::bigint"
+        ))
+        .parse()
+        .unwrap()
+    };
+    let topping = Instant::now();
+    while wal_mib() < 32 && topping.elapsed() < Duration::from_secs(60) {
+        assert!(pgbench("2").wait().expect("pgbench").success());
+    }
     stop.store(true, Ordering::SeqCst);
     let (kills, most_ahead) = killer.join().unwrap();
     let last = src.switch_and_wait_archived(2 * MIN);
@@ -201,8 +219,30 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
         "gaps: {}",
         tl["gaps"]
     );
+    // Every segment from before the load to the last one, whether or not a
+    // checkpoint has since recycled its `.done` file.
+    let written: Vec<String> = src
+        .sql(&format!(
+            "SELECT string_agg(pg_walfile_name('{start_lsn}'::pg_lsn + i * 1048576), ',' ORDER BY i) \
+             FROM generate_series(0, (('{last_lsn}'::pg_lsn - '{start_lsn}') / 1048576)::bigint) i",
+            last_lsn = src.sql("SELECT pg_current_wal_lsn()")
+        ))
+        .split(',')
+        .filter(|s| *s >= first.as_str() && *s <= last.as_str())
+        .map(str::to_string)
+        .collect();
+    assert!(
+        written.len() >= 30,
+        "only {} segments written",
+        written.len()
+    );
+    for seg in &written {
+        assert!(
+            shipper.has_wal(seg),
+            "{seg} written under load but not in the repository"
+        );
+    }
     let done = done_segments(&src);
-    assert!(done.len() > 30, "only {} segments archived", done.len());
     for seg in &done {
         assert!(
             shipper.has_wal(seg),
