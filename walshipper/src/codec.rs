@@ -926,6 +926,14 @@ impl<R: Read> DecodingReader<R> {
         }
     }
 
+    /// The key the object's header names, once the header was read and
+    /// if the object is encrypted.
+    pub fn sealed_by(&self) -> Option<[u8; 16]> {
+        self.header
+            .as_ref()
+            .and_then(|h| h.encrypted.then_some(h.key_id))
+    }
+
     /// Reads just the header (to learn the key id before choosing a key).
     pub fn read_header(src: &mut R) -> io::Result<Header> {
         let mut h = [0u8; HEADER_LEN];

@@ -63,9 +63,12 @@ pub fn read_manifest(repo: &Repository, key: &str) -> Result<Spooled> {
     read_manifest_hashed(repo, key).map(|(s, _)| s)
 }
 
-/// `read_manifest`, and the BLAKE3 of the stored bytes it was read from
-/// (`crate::summary_cache`).
-pub fn read_manifest_hashed(repo: &Repository, key: &str) -> Result<(Spooled, [u8; 32])> {
+/// `read_manifest`, and the BLAKE3 of the stored bytes it was read from and
+/// their sealing key (`crate::summary_cache`).
+pub fn read_manifest_hashed(
+    repo: &Repository,
+    key: &str,
+) -> Result<(Spooled, crate::repo::StoredRead)> {
     let mut local: Option<io::Error> = None;
     let (parsed, stored) = repo.read_json_capped_hashed(key, MANIFEST_MAX, &mut |r| {
         local = None;

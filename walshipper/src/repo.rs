@@ -337,6 +337,13 @@ pub struct Repository {
     summaries: Option<crate::summary_cache::SummaryCache>,
 }
 
+/// The stored bytes a full read decoded: their BLAKE3 and the key that
+/// sealed them (none if unencrypted).
+pub struct StoredRead {
+    pub hash: [u8; 32],
+    pub sealed_by: Option<[u8; 16]>,
+}
+
 /// What `stored_hash` found at a key.
 enum Stored {
     Missing,
@@ -1473,23 +1480,33 @@ impl Repository {
         let Some(id) = layout::backup_of(key) else {
             return self.load_summary(key);
         };
-        let (stored, header) = match self.stored_hash(key)? {
-            Stored::Missing => return Ok(Loaded::Missing),
-            // Larger than any manifest: the full read says what it is.
-            Stored::TooLarge => return self.load_summary(key),
-            Stored::Hashed(h, header) => (h, header),
-        };
-        if let Some(hit) = cache.get(&id, key, &stored) {
-            let sealed_ok = match (hit.sealed_by, &header) {
-                (Some(k), Some(h)) => h.encrypted && h.key_id == k && self.key_usable(&k),
-                (None, Some(h)) => !h.encrypted && !self.require_encryption,
-                _ => false,
-            };
-            if sealed_ok {
-                return Ok(Loaded::Intact(Box::new(hit.summary)));
+        // With an entry, hash the stored bytes (a plain read) to see
+        // whether it still holds; without one (a new backup, or one never
+        // intact), go straight to the full read, which hashes as it reads.
+        if cache.has(&id) {
+            match self.stored_hash(key)? {
+                Stored::Missing => return Ok(Loaded::Missing),
+                // Larger than any manifest: the full read says what it is.
+                Stored::TooLarge => return self.load_summary(key),
+                Stored::Hashed(stored, header) => {
+                    if let Some(hit) = cache.get(&id, key, &stored) {
+                        let sealed_ok = match (hit.sealed_by, &header) {
+                            (Some(k), Some(h)) => {
+                                h.encrypted && h.key_id == k && self.key_usable(&k)
+                            }
+                            (None, Some(h)) => !h.encrypted && !self.require_encryption,
+                            _ => false,
+                        };
+                        if sealed_ok {
+                            return Ok(Loaded::Intact(Box::new(hit.summary)));
+                        }
+                    }
+                    tracing::debug!("{key}: its summary cache entry no longer holds");
+                }
             }
         }
-        let (spooled, read_hash) = match crate::file_list::read_manifest_hashed(self, key) {
+        tracing::debug!("{key}: read whole for its summary");
+        let (spooled, read) = match crate::file_list::read_manifest_hashed(self, key) {
             Ok(r) => r,
             Err(Error::NotFound(_)) => return Ok(Loaded::Missing),
             Err(Error::Corrupt { reason, .. }) => return Ok(Loaded::Damaged(reason)),
@@ -1497,10 +1514,9 @@ impl Repository {
             Err(e) => return Err(e),
         };
         let summary = spooled.summary();
-        // Cached only if the object did not change between the two reads.
-        if let (true, Some(h)) = (read_hash == stored, header) {
-            cache.put(key, &stored, h.encrypted.then_some(h.key_id), &summary);
-        }
+        // The hash is of exactly the bytes this summary was decoded from
+        // (the decoder refuses anything after the final frame).
+        cache.put(key, &read.hash, read.sealed_by, &summary);
         Ok(Loaded::Intact(Box::new(summary)))
     }
 
@@ -1728,14 +1744,15 @@ impl Repository {
             .map(|(parsed, _)| parsed)
     }
 
-    /// `read_json_capped_with`, and the BLAKE3 of the stored bytes the
-    /// result was decoded from (the summary cache's key).
+    /// `read_json_capped_with`, and what the summary cache keys on: the
+    /// BLAKE3 of the stored bytes the result was decoded from and the key
+    /// that sealed them.
     pub fn read_json_capped_hashed<T>(
         &self,
         key: &str,
         max: usize,
         parse: &mut dyn FnMut(&mut dyn io::Read) -> serde_json::Result<T>,
-    ) -> Result<(std::result::Result<T, serde_json::Error>, [u8; 32])> {
+    ) -> Result<(std::result::Result<T, serde_json::Error>, StoredRead)> {
         let mut retry = KeyRetry::default();
         loop {
             let src = self
@@ -1778,10 +1795,12 @@ impl Repository {
                     reason: "ended before its final frame".into(),
                 });
             }
+            let sealed_by = feed.dec.sealed_by();
             drop(feed);
             // What follows the final frame is refused by the decoder, so
             // the hash covers the whole object.
-            return Ok((parsed, *src.hasher.finalize().as_bytes()));
+            let hash = *src.hasher.finalize().as_bytes();
+            return Ok((parsed, StoredRead { hash, sealed_by }));
         }
     }
 

@@ -129,6 +129,14 @@ impl SummaryCache {
         ok(&self.dir) && self.dir.parent().is_some_and(ok)
     }
 
+    /// Whether backup `id` has an entry (not whether it still holds):
+    /// without one, a listing reads the manifest once instead of hashing
+    /// it first.
+    pub fn has(&self, id: &str) -> bool {
+        self.path(id)
+            .is_some_and(|p| fs::symlink_metadata(p).is_ok_and(|m| m.is_file()))
+    }
+
     /// The summary of backup `id` if its entry was made from a stored
     /// object whose BLAKE3 is `stored` under `key`.
     pub fn get(&self, id: &str, key: &str, stored: &[u8; 32]) -> Option<Hit> {
@@ -289,7 +297,9 @@ mod tests {
         let (id, key) = ("20261127-080000F", "backups/20261127-080000F/manifest");
         let h = [1u8; 32];
         assert!(c.get(id, key, &h).is_none());
+        assert!(!c.has(id));
         c.put(key, &h, Some([9; 16]), &summary(id));
+        assert!(c.has(id) && !c.has("20261127-080001F") && !c.has("../x"));
         let hit = c.get(id, key, &h).expect("a hit");
         assert_eq!(hit.summary.files, 3);
         assert_eq!(hit.sealed_by, Some([9; 16]));
