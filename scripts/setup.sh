@@ -60,7 +60,8 @@ fi
 
 # The monitoring tests: headless Chromium (screenshots of the dashboard and
 # the report), a real Prometheus (scrape, promtool), a local SMTP server
-# (aiosmtpd, with Debian's python3) and openssl (its test certificate).
+# (aiosmtpd, with Debian's python3) and openssl (test certificates: the
+# SMTP server's, and the PostgreSQL server's of tests/tls.rs).
 need_pkgs=()
 for p in chromium prometheus python3-aiosmtpd openssl; do
   dpkg -s "$p" >/dev/null 2>&1 || need_pkgs+=("$p")

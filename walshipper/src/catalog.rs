@@ -52,7 +52,7 @@ pub fn connect(cfg: &Config) -> Result<postgres::Client> {
     } else if let Ok(p) = std::env::var("PGPASSWORD") {
         c.password(p);
     }
-    c.connect(postgres::NoTls).map_err(|e| Error::Postgres {
+    crate::tls::connect(c, &cfg.pg, &t.host)?.map_err(|e| Error::Postgres {
         context: format!(
             "cannot connect to the catalog at host={} port={} user={} dbname={} (check [serve] host, port, user, database, which default to [pg]'s)",
             t.host, t.port, t.user, t.database

@@ -142,6 +142,10 @@ pub struct PgConfig {
     pub port: u16,
     pub user: String,
     pub database: String,
+    /// TLS over TCP, with libpq's modes (`crate::tls`); a socket never uses it.
+    pub sslmode: crate::tls::SslMode,
+    /// The CA certificates (PEM) for verify-ca and verify-full, or "system".
+    pub sslrootcert: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -478,6 +482,8 @@ impl Default for PgConfig {
             port: 5432,
             user: "postgres".into(),
             database: "postgres".into(),
+            sslmode: crate::tls::SslMode::Prefer,
+            sslrootcert: PathBuf::new(),
         }
     }
 }
@@ -611,6 +617,8 @@ pub const KEYS: &[(&str, &str)] = &[
     ("pg", "port"),
     ("pg", "user"),
     ("pg", "database"),
+    ("pg", "sslmode"),
+    ("pg", "sslrootcert"),
     ("repo", "name"),
     ("repo", "type"),
     ("repo", "path"),
@@ -904,6 +912,14 @@ impl Config {
             ("pg", "port") => self.pg.port = parse(name, v, "a port number")?,
             ("pg", "user") => self.pg.user = v.into(),
             ("pg", "database") => self.pg.database = v.into(),
+            ("pg", "sslmode") => {
+                self.pg.sslmode = parse(
+                    name,
+                    v,
+                    "one of disable, prefer, require, verify-ca, verify-full",
+                )?
+            }
+            ("pg", "sslrootcert") => self.pg.sslrootcert = v.into(),
             ("encryption", "mode") => {
                 self.encryption.mode = parse(name, v, "\"aes-256-gcm\" or \"none\"")?
             }

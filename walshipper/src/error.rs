@@ -140,7 +140,7 @@ impl Error {
             Error::Conflict { .. } => "check archive_command on every server: two clusters may archive to one repository",
             Error::Storage { .. } => "check that the store is reachable and the credentials are right, then retry",
             Error::Io { .. } => "check the path, its permissions and the free space",
-            Error::Postgres { .. } => "check that the server runs and that [pg] host, port, user and database let walshipper connect",
+            Error::Postgres { .. } => "check that the server runs and that [pg] host, port, user, database and sslmode let walshipper connect",
             Error::Busy(_) => "another backup or expire holds the repository: retry after it ends",
             Error::NoSpace(_) => "free space in the repository (walshipper expire, or a shorter retention), grow its volume or quota, or lower the repository's min_free_space",
             Error::VerifyFailed(_) => "the lines above name what is damaged or missing; repair it from another repository (repo-sync) or take a new backup",
@@ -172,6 +172,15 @@ fn pg_text(e: &postgres::Error) -> String {
             }
             t
         }
-        None => e.to_string(),
+        // The causes too: a refused certificate is only named in them.
+        None => {
+            let mut t = e.to_string();
+            let mut cause = std::error::Error::source(e);
+            while let Some(c) = cause {
+                t.push_str(&format!(": {c}"));
+                cause = c.source();
+            }
+            t
+        }
     }
 }

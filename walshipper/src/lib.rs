@@ -37,6 +37,7 @@ pub mod sql;
 pub mod storage;
 pub mod stream;
 pub mod summary_cache;
+pub mod tls;
 pub mod wal;
 
 pub use error::{Error, Result};

@@ -14,10 +14,14 @@ pub fn connect(cfg: &Config) -> Result<postgres::Client> {
     if let Ok(p) = std::env::var("PGPASSWORD") {
         c.password(p);
     }
-    c.connect(postgres::NoTls).map_err(|e| Error::Postgres {
+    crate::tls::connect(c, &cfg.pg, &cfg.pg.host)?.map_err(|e| Error::Postgres {
         context: format!(
-            "cannot connect to PostgreSQL at host={} port={} user={} dbname={} (check [pg] in the config)",
-            cfg.pg.host, cfg.pg.port, cfg.pg.user, cfg.pg.database
+            "cannot connect to PostgreSQL at host={} port={} user={} dbname={} sslmode={} (check [pg] in the config)",
+            cfg.pg.host,
+            cfg.pg.port,
+            cfg.pg.user,
+            cfg.pg.database,
+            cfg.pg.sslmode.name()
         ),
         source: e,
     })

@@ -1,7 +1,8 @@
 //! A small client for PostgreSQL's physical replication protocol, for
 //! `wal-receive`. The `postgres` crate (tokio-postgres 0.7) cannot open a
 //! replication connection (no `replication` startup parameter, no CopyBoth),
-//! so this module speaks it over a plain socket, with the message codecs
+//! so this module speaks it over a socket (TLS by rustls over TCP, as
+//! `[pg] sslmode` says: `crate::tls`), with the message codecs
 //! and SCRAM-SHA-256/MD5 authentication of `postgres-protocol`, the crate
 //! tokio-postgres itself is built on. Only framing, the replication
 //! commands and the CopyBoth sub-messages (XLogData, keepalive, standby
@@ -29,8 +30,11 @@ const MAX_MESSAGE: usize = 16 << 20;
 /// Microseconds between the Unix epoch and PostgreSQL's (2000-01-01).
 const PG_EPOCH_OFFSET_US: i64 = 946_684_800_000_000;
 
+type TlsStream = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
+
 enum Sock {
     Tcp(TcpStream),
+    Tls(Box<TlsStream>),
     Unix(UnixStream),
 }
 
@@ -38,6 +42,7 @@ impl Sock {
     fn set_read_timeout(&self, d: Option<Duration>) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.set_read_timeout(d),
+            Sock::Tls(s) => s.sock.set_read_timeout(d),
             Sock::Unix(s) => s.set_read_timeout(d),
         }
     }
@@ -47,6 +52,7 @@ impl Read for Sock {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.read(buf),
+            Sock::Tls(s) => s.read(buf),
             Sock::Unix(s) => s.read(buf),
         }
     }
@@ -56,15 +62,83 @@ impl Write for Sock {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             Sock::Tcp(s) => s.write(buf),
+            Sock::Tls(s) => s.write(buf),
             Sock::Unix(s) => s.write(buf),
         }
     }
     fn flush(&mut self) -> io::Result<()> {
         match self {
             Sock::Tcp(s) => s.flush(),
+            Sock::Tls(s) => s.flush(),
             Sock::Unix(s) => s.flush(),
         }
     }
+}
+
+/// Asks the server for TLS on `tcp` (SSLRequest) and does the handshake,
+/// as `plan` says; the plain stream back if the server declines and TLS is
+/// not required.
+fn start_tls(
+    mut tcp: TcpStream,
+    plan: crate::tls::Plan,
+    pg: &PgConfig,
+    target: &str,
+) -> Result<Sock> {
+    let crate::tls::Plan::Tls {
+        config,
+        server_name,
+        required,
+    } = plan
+    else {
+        return Ok(Sock::Tcp(tcp));
+    };
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(30)));
+    // SSLRequest: length 8, code 80877103.
+    tcp.write_all(&[0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f])
+        .map_err(|e| io_err(target, "send SSLRequest", e))?;
+    // Exactly one byte, unbuffered: nothing the server (or anyone on the
+    // path) sends after it can be taken for part of the TLS session.
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer)
+        .map_err(|e| io_err(target, "read the answer to SSLRequest", e))?;
+    match answer[0] {
+        b'S' => {}
+        b'N' if !required => return Ok(Sock::Tcp(tcp)),
+        b'N' => {
+            return Err(Error::Config(format!(
+                "{target}: the server does not accept TLS connections, and pg.sslmode = {} requires TLS. To fix: turn ssl on in postgresql.conf (with ssl_cert_file and ssl_key_file), or lower pg.sslmode",
+                pg.sslmode.name()
+            )))
+        }
+        other => {
+            return Err(io_err(
+                target,
+                "SSLRequest",
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unexpected answer byte {other:#04x}: not a PostgreSQL server?"),
+                ),
+            ))
+        }
+    }
+    let mut conn = rustls::ClientConnection::new(config, server_name)
+        .map_err(|e| io_err(target, "TLS", io::Error::other(e)))?;
+    // The handshake now, so that a refused certificate is reported as such.
+    let failed = |e| {
+        Error::io(
+            format!(
+                "replication connection to {target}: TLS handshake failed ({})",
+                crate::tls::handshake_hint(pg)
+            ),
+            e,
+        )
+    };
+    while conn.is_handshaking() {
+        if conn.complete_io(&mut tcp).map_err(failed)? == (0, 0) {
+            return Err(failed(io::ErrorKind::UnexpectedEof.into()));
+        }
+    }
+    Ok(Sock::Tls(Box::new(rustls::StreamOwned::new(conn, tcp))))
 }
 
 /// An error the server reported.
@@ -129,6 +203,8 @@ pub fn refused(target: &str, what: &str, e: ServerError) -> Error {
     let m = e.message.to_lowercase();
     let fix = if m.contains("max_wal_senders") {
         Some("set max_wal_senders to at least 2 (one for walshipper) in postgresql.conf and restart PostgreSQL")
+    } else if m.contains("no encryption") {
+        Some("the server's pg_hba.conf takes this connection only over TLS (a hostssl line): set [pg] sslmode = verify-full with sslrootcert (or require)")
     } else if m.contains("pg_hba.conf") {
         Some("allow the connection in pg_hba.conf with a line of database `replication` (e.g. `local replication <user> peer` or `host replication <user> <address> scram-sha-256`), then reload PostgreSQL")
     } else if m.contains("replication role")
@@ -205,7 +281,13 @@ impl Connection {
     /// the [pg] settings: a Unix socket directory or a host name, PGPASSWORD
     /// if the server asks for a password.
     pub fn connect(pg: &PgConfig, application_name: &str) -> Result<Connection> {
-        let target = format!("host={} port={} user={}", pg.host, pg.port, pg.user);
+        let target = format!(
+            "host={} port={} user={} sslmode={}",
+            pg.host,
+            pg.port,
+            pg.user,
+            pg.sslmode.name()
+        );
         let sock = if pg.host.starts_with('/') {
             let path = format!("{}/.s.PGSQL.{}", pg.host, pg.port);
             Sock::Unix(UnixStream::connect(&path).map_err(|e| io_err(&target, "connect", e))?)
@@ -225,7 +307,8 @@ impl Connection {
                     Err(e) => last = e,
                 }
             }
-            Sock::Tcp(found.ok_or_else(|| io_err(&target, "connect", last))?)
+            let tcp = found.ok_or_else(|| io_err(&target, "connect", last))?;
+            start_tls(tcp, crate::tls::plan(pg, &pg.host)?, pg, &target)?
         };
         sock.set_read_timeout(Some(Duration::from_secs(30)))
             .map_err(|e| io_err(&target, "socket", e))?;
