@@ -129,9 +129,25 @@ fn roots(pg: &PgConfig, mode: SslMode) -> Result<RootCertStore> {
         )));
     }
     if path == Path::new("system") {
+        // Any public CA signs certificates for anyone's names: only the
+        // name check makes such a chain mean "this server" (libpq 16 also
+        // allows `system` with verify-full only).
+        if mode != SslMode::VerifyFull {
+            return Err(Error::Config(format!(
+                "pg.sslrootcert = \"system\" needs pg.sslmode = verify-full (it is {}): a public CA vouches for a certificate's names, so without the name check any certificate it signed for anyone would pass",
+                pg.sslmode.name()
+            )));
+        }
         let found = rustls_native_certs::load_native_certs();
         for c in found.certs {
             let _ = store.add(c);
+        }
+        if store.is_empty() {
+            let why: Vec<String> = found.errors.iter().map(|e| e.to_string()).collect();
+            return Err(Error::Config(format!(
+                "pg.sslrootcert = \"system\": no CA certificate found in this host's store ({}); install ca-certificates or give a PEM file",
+                why.join("; ")
+            )));
         }
     } else {
         use rustls::pki_types::pem::PemObject;
@@ -353,6 +369,12 @@ mod tests {
         let p = pg("db.example", "verify-full", junk.to_str().unwrap());
         let e = plan(&p, &p.host).err().unwrap().to_string();
         assert!(e.contains("no CA certificate found"), "{e}");
+        // The OS store only with the name check.
+        for m in ["require", "verify-ca"] {
+            let p = pg("db.example", m, "system");
+            let e = plan(&p, &p.host).err().unwrap().to_string();
+            assert!(e.contains("needs pg.sslmode = verify-full"), "{e}");
+        }
         let p = pg("db.example", "verify-full", "/nonexistent/ca.pem");
         let e = plan(&p, &p.host).err().unwrap().to_string();
         assert!(e.contains("cannot read"), "{e}");

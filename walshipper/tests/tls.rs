@@ -8,8 +8,9 @@
 //! repository) and the replication client of `wal-receive` (the server's
 //! own `pg_stat_ssl` says its walsender's connection is TLS). Refusals: a
 //! host name the certificate does not hold under verify-full, a CA that did
-//! not sign it, TLS turned off on the server under require, no TLS under
-//! disable, verify-full without sslrootcert.
+//! not sign it (verify-ca, and require with sslrootcert), TLS turned off on
+//! the server under require, no TLS under disable, verify-full without
+//! sslrootcert, the OS store without the name check.
 
 mod common;
 
@@ -147,6 +148,41 @@ fn ws(shipper: &Shipper, args: &[&str]) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// Starts `wal-receive` and waits until the server shows its walsender's
+/// connection as TLS.
+fn stream_over_tls(shipper: &Shipper, src: &Cluster, d: &Path) -> std::process::Child {
+    let mut receiver = shipper
+        .cmd()
+        .args(["wal-receive", "--json"])
+        .env("PGPASSWORD", PASSWORD)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.join("receiver.err")).unwrap())
+        .spawn()
+        .expect("start wal-receive");
+    let start = Instant::now();
+    loop {
+        let ssl = src.sql(
+            "SELECT coalesce(string_agg(s.ssl::text || ' ' || s.version, ','), '') \
+             FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)",
+        );
+        if !ssl.is_empty() {
+            assert!(
+                ssl.starts_with("true TLSv1."),
+                "walsender connection: {ssl}"
+            );
+            return receiver;
+        }
+        if let Some(status) = receiver.try_wait().unwrap() {
+            panic!(
+                "wal-receive ended ({status}): {}",
+                std::fs::read_to_string(d.join("receiver.err")).unwrap_or_default()
+            );
+        }
+        assert!(start.elapsed() < Duration::from_secs(60), "no walsender");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
     let dir = scratch("tls");
@@ -200,36 +236,7 @@ fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
 
     // The replication client, streaming over TLS: the server says so.
     let segment = src.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");
-    let mut receiver = shipper
-        .cmd()
-        .args(["wal-receive", "--json"])
-        .env("PGPASSWORD", PASSWORD)
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(d.join("receiver.err")).unwrap())
-        .spawn()
-        .expect("start wal-receive");
-    let start = Instant::now();
-    loop {
-        let ssl = src.sql(
-            "SELECT coalesce(string_agg(s.ssl::text || ' ' || s.version, ','), '') \
-             FROM pg_stat_replication r JOIN pg_stat_ssl s USING (pid)",
-        );
-        if !ssl.is_empty() {
-            assert!(
-                ssl.starts_with("true TLSv1."),
-                "walsender connection: {ssl}"
-            );
-            break;
-        }
-        if let Some(status) = receiver.try_wait().unwrap() {
-            panic!(
-                "wal-receive ended ({status}): {}",
-                std::fs::read_to_string(d.join("receiver.err")).unwrap_or_default()
-            );
-        }
-        assert!(start.elapsed() < Duration::from_secs(60), "no walsender");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut receiver = stream_over_tls(&shipper, &src, d);
     // A segment that exists only through the stream: archiving is halted
     // by an archive_command that fails, so only the receiver can store it.
     src.sql("ALTER SYSTEM SET archive_command = 'false'");
@@ -264,13 +271,41 @@ fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
     set_pg(&shipper, &base, "127.0.0.1", "verify-ca", Some(&ca));
     let (ok, out) = ws(&shipper, &["check"]);
     assert!(ok, "check with verify-ca by address: {out}");
+    let mut receiver = stream_over_tls(&shipper, &src, d);
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    // prefer and require: encrypted, the certificate not checked.
+    for mode in ["prefer", "require"] {
+        set_pg(&shipper, &base, "127.0.0.1", mode, None);
+        let (ok, out) = ws(&shipper, &["check"]);
+        assert!(ok, "check with {mode}: {out}");
+    }
 
-    // A CA that did not sign the server's certificate.
-    set_pg(&shipper, &base, "localhost", "verify-ca", Some(&other_ca));
+    // A CA that did not sign the server's certificate (also through
+    // require, which checks the chain when sslrootcert is given).
+    for mode in ["verify-ca", "require"] {
+        set_pg(&shipper, &base, "localhost", mode, Some(&other_ca));
+        let (ok, out) = ws(&shipper, &["check"]);
+        assert!(!ok && out.contains("UnknownIssuer"), "{out}");
+        let (ok, out) = ws(&shipper, &["wal-receive", "--json"]);
+        assert!(
+            !ok && out.contains("TLS handshake failed") && out.contains("UnknownIssuer"),
+            "{out}"
+        );
+    }
+    // The host's public CA store only with the name check.
+    set_pg(
+        &shipper,
+        &base,
+        "localhost",
+        "verify-ca",
+        Some(Path::new("system")),
+    );
     let (ok, out) = ws(&shipper, &["check"]);
-    assert!(!ok && out.to_lowercase().contains("certificate"), "{out}");
-    let (ok, out) = ws(&shipper, &["wal-receive", "--json"]);
-    assert!(!ok && out.contains("TLS handshake failed"), "{out}");
+    assert!(
+        !ok && out.contains("needs pg.sslmode = verify-full"),
+        "{out}"
+    );
 
     // verify-full with nothing to verify against: a configuration error.
     set_pg(&shipper, &base, "localhost", "verify-full", None);
@@ -289,7 +324,10 @@ fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
     src.sql("SELECT pg_reload_conf()");
     set_pg(&shipper, &base, "localhost", "require", None);
     let (ok, out) = ws(&shipper, &["check"]);
-    assert!(!ok, "check with require against ssl = off: {out}");
+    assert!(
+        !ok && out.contains("server does not support TLS"),
+        "check with require against ssl = off: {out}"
+    );
     let (ok, out) = ws(&shipper, &["wal-receive", "--json"]);
     assert!(
         !ok && out.contains("does not accept TLS connections"),

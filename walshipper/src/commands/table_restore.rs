@@ -246,7 +246,7 @@ fn check_live(cfg: &Config, args: &Args) -> Result<Loader> {
     // Early, rather than after minutes of restoring. Only a refusal by the
     // server's rules fails here: a password (which this client does not
     // look up in ~/.pgpass, pg_restore does) is left to the load.
-    match connect_as_role(cfg, args) {
+    match connect_as_role(cfg, args)? {
         Ok(_) => {}
         Err(e)
             if e.code()
@@ -259,11 +259,12 @@ fn check_live(cfg: &Config, args: &Args) -> Result<Loader> {
     Ok(Loader::AsRole)
 }
 
-/// A connection to the live database as ROLE, without a password.
+/// A connection to the live database as ROLE, without a password, with
+/// TLS as `[pg] sslmode` says.
 fn connect_as_role(
     cfg: &Config,
     args: &Args,
-) -> std::result::Result<postgres::Client, postgres::Error> {
+) -> Result<std::result::Result<postgres::Client, postgres::Error>> {
     let mut c = postgres::Config::new();
     c.host(&cfg.pg.host)
         .port(cfg.pg.port)
@@ -271,7 +272,7 @@ fn connect_as_role(
         .dbname(&args.database)
         .application_name("walshipper table-restore")
         .connect_timeout(std::time::Duration::from_secs(10));
-    c.connect(postgres::NoTls)
+    crate::tls::connect(c, &cfg.pg, &cfg.pg.host)
 }
 
 /// The error when the live cluster does not let walshipper in as ROLE.
@@ -558,13 +559,21 @@ fn copy_tables(
         Loader::SetRole => &cfg.pg.user,
         Loader::AsRole => &args.role,
     };
-    let live = sql::conninfo(&[
-        ("host", &cfg.pg.host),
-        ("port", &cfg.pg.port.to_string()),
-        ("user", user),
+    // libpq takes the same sslmode and sslrootcert (`system` from 16 on).
+    let rootcert = cfg.pg.sslrootcert.to_string_lossy();
+    let port = cfg.pg.port.to_string();
+    let mut live = vec![
+        ("host", cfg.pg.host.as_str()),
+        ("port", port.as_str()),
+        ("user", user.as_str()),
         ("dbname", db),
         ("application_name", "walshipper table-restore"),
-    ]);
+        ("sslmode", cfg.pg.sslmode.name()),
+    ];
+    if !rootcert.is_empty() {
+        live.push(("sslrootcert", &rootcert));
+    }
+    let live = sql::conninfo(&live);
     let mut cmd = sc.tool("pg_restore");
     cmd.args(["--single-transaction", "--exit-on-error", "--no-owner"])
         .args(["--no-privileges", "--no-tablespaces"]);
