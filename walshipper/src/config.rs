@@ -146,6 +146,9 @@ pub struct PgConfig {
     pub sslmode: crate::tls::SslMode,
     /// The CA certificates (PEM) for verify-ca and verify-full, or "system".
     pub sslrootcert: PathBuf,
+    /// The user's password, in a file private to walshipper's OS user;
+    /// empty: PGPASSWORD, if set.
+    pub password_file: PathBuf,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -484,6 +487,7 @@ impl Default for PgConfig {
             database: "postgres".into(),
             sslmode: crate::tls::SslMode::Prefer,
             sslrootcert: PathBuf::new(),
+            password_file: PathBuf::new(),
         }
     }
 }
@@ -619,6 +623,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("pg", "database"),
     ("pg", "sslmode"),
     ("pg", "sslrootcert"),
+    ("pg", "password_file"),
     ("repo", "name"),
     ("repo", "type"),
     ("repo", "path"),
@@ -920,6 +925,7 @@ impl Config {
                 )?
             }
             ("pg", "sslrootcert") => self.pg.sslrootcert = v.into(),
+            ("pg", "password_file") => self.pg.password_file = v.into(),
             ("encryption", "mode") => {
                 self.encryption.mode = parse(name, v, "\"aes-256-gcm\" or \"none\"")?
             }

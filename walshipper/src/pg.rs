@@ -11,8 +11,8 @@ pub fn connect(cfg: &Config) -> Result<postgres::Client> {
         .dbname(&cfg.pg.database)
         .application_name("walshipper")
         .connect_timeout(std::time::Duration::from_secs(10));
-    if let Ok(p) = std::env::var("PGPASSWORD") {
-        c.password(p);
+    if let Some(p) = password(&cfg.pg)? {
+        c.password(p.as_bytes());
     }
     crate::tls::connect(c, &cfg.pg, &cfg.pg.host)?.map_err(|e| Error::Postgres {
         context: format!(
@@ -25,6 +25,24 @@ pub fn connect(cfg: &Config) -> Result<postgres::Client> {
         ),
         source: e,
     })
+}
+
+/// The [pg] user's password: `[pg] password_file` (which must be private
+/// to walshipper's OS user), else PGPASSWORD; None if neither is given.
+pub fn password(pg: &crate::config::PgConfig) -> Result<Option<zeroize::Zeroizing<String>>> {
+    if pg.password_file.as_os_str().is_empty() {
+        return Ok(std::env::var("PGPASSWORD")
+            .ok()
+            .map(zeroize::Zeroizing::new));
+    }
+    let bytes = crate::config::read_secret_file(&pg.password_file, "pg.password_file")?;
+    match std::str::from_utf8(&bytes) {
+        Ok(t) => Ok(Some(zeroize::Zeroizing::new(t.to_string()))),
+        Err(_) => Err(Error::Config(format!(
+            "pg.password_file {} is not UTF-8 text",
+            pg.password_file.display()
+        ))),
+    }
 }
 
 pub fn pg_err(context: &str) -> impl FnOnce(postgres::Error) -> Error + '_ {

@@ -217,7 +217,7 @@ pub fn refused(target: &str, what: &str, e: ServerError) -> Error {
     } else if m.contains("max_replication_slots") || m.contains("wal_level") {
         Some("set wal_level = replica (or logical) and max_replication_slots >= 1, then restart PostgreSQL")
     } else if e.code == "28P01" || m.contains("password") {
-        Some("check the [pg] user and PGPASSWORD")
+        Some("check the [pg] user and its password ([pg] password_file, or PGPASSWORD)")
     } else {
         None
     };
@@ -278,8 +278,8 @@ pub fn quote_ident(s: &str) -> String {
 
 impl Connection {
     /// Opens a physical replication connection (`replication=true`) with
-    /// the [pg] settings: a Unix socket directory or a host name, PGPASSWORD
-    /// if the server asks for a password.
+    /// the [pg] settings: a Unix socket directory or a host name, the
+    /// password (`crate::pg::password`) if the server asks for one.
     pub fn connect(pg: &PgConfig, application_name: &str) -> Result<Connection> {
         let target = format!(
             "host={} port={} user={} sslmode={}",
@@ -345,9 +345,9 @@ impl Connection {
         self.send()?;
         let target = self.target.clone();
         let password = || {
-            std::env::var("PGPASSWORD").map_err(|_| {
+            crate::pg::password(pg)?.ok_or_else(|| {
                 Error::Config(format!(
-                    "{target}: the server asks for a password: set PGPASSWORD in walshipper's environment, or allow the connection without one in pg_hba.conf (e.g. `local replication {} peer`)",
+                    "{target}: the server asks for a password: set [pg] password_file (a file private to walshipper's user) or PGPASSWORD in walshipper's environment, or allow the connection without one in pg_hba.conf (e.g. `local replication {} peer`)",
                     pg.user
                 ))
             })

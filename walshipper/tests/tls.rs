@@ -114,7 +114,11 @@ fn free_port() -> u16 {
 /// The shipper's config with [pg] pointing at `host` over TCP with these
 /// TLS settings (the base config's other lines kept).
 fn set_pg(shipper: &Shipper, base: &str, host: &str, sslmode: &str, rootcert: Option<&Path>) {
-    let mut pg = format!("host = \"{host}\"\nsslmode = \"{sslmode}\"\n");
+    let password_file = shipper.config.with_file_name("pg-password");
+    let mut pg = format!(
+        "host = \"{host}\"\nsslmode = \"{sslmode}\"\npassword_file = \"{}\"\n",
+        password_file.display()
+    );
     if let Some(r) = rootcert {
         pg.push_str(&format!("sslrootcert = \"{}\"\n", r.display()));
     }
@@ -132,12 +136,13 @@ fn set_pg(shipper: &Shipper, base: &str, host: &str, sslmode: &str, rootcert: Op
     std::fs::write(&shipper.config, text + "\n").unwrap();
 }
 
-/// Runs walshipper; (success, stdout + stderr).
+/// Runs walshipper (the password from `[pg] password_file`); (success,
+/// stdout + stderr).
 fn ws(shipper: &Shipper, args: &[&str]) -> (bool, String) {
     let out = run(shipper
         .cmd()
         .args(args)
-        .env("PGPASSWORD", PASSWORD)
+        .env_remove("PGPASSWORD")
         .stdin(Stdio::null()));
     let text = format!(
         "{}{}",
@@ -154,7 +159,7 @@ fn stream_over_tls(shipper: &Shipper, src: &Cluster, d: &Path) -> std::process::
     let mut receiver = shipper
         .cmd()
         .args(["wal-receive", "--json"])
-        .env("PGPASSWORD", PASSWORD)
+        .env_remove("PGPASSWORD")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(d.join("receiver.err")).unwrap())
         .spawn()
@@ -227,6 +232,10 @@ fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
     );
     src.start();
     src.sql(&format!("ALTER ROLE postgres PASSWORD '{PASSWORD}'"));
+    let password_file = d.join("pg-password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
 
     // verify-full by the name in the certificate: `check` connects, forces
     // a switch and sees that segment archived.
@@ -274,6 +283,25 @@ fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
     let mut receiver = stream_over_tls(&shipper, &src, d);
     let _ = receiver.kill();
     let _ = receiver.wait();
+    // The password from PGPASSWORD when no password_file is set; a
+    // password_file others can read is refused.
+    let text = std::fs::read_to_string(&shipper.config).unwrap();
+    let no_file: String = text
+        .lines()
+        .filter(|l| !l.starts_with("password_file = "))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    std::fs::write(&shipper.config, &no_file).unwrap();
+    let out = run(shipper.cmd().arg("check").env("PGPASSWORD", PASSWORD));
+    assert!(out.status.success(), "check with PGPASSWORD: {out:?}");
+    std::fs::write(&shipper.config, &text).unwrap();
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (ok, out) = ws(&shipper, &["check"]);
+    assert!(
+        !ok && out.contains("pg.password_file") && out.contains("chmod 600"),
+        "{out}"
+    );
+    std::fs::set_permissions(&password_file, std::fs::Permissions::from_mode(0o600)).unwrap();
     // prefer and require: encrypted, the certificate not checked.
     for mode in ["prefer", "require"] {
         set_pg(&shipper, &base, "127.0.0.1", mode, None);

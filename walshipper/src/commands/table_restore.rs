@@ -580,6 +580,12 @@ fn copy_tables(
     match loader {
         Loader::SetRole => {
             cmd.arg("--role").arg(&args.role);
+            // libpq reads no password_file: it gets the [pg] user's here.
+            if !cfg.pg.password_file.as_os_str().is_empty() {
+                if let Some(p) = crate::pg::password(&cfg.pg)? {
+                    cmd.env("PGPASSWORD", p.as_str());
+                }
+            }
         }
         // The [pg] user's password is not ROLE's: ROLE's comes from
         // ~/.pgpass or the server trusts the OS user (peer, map).
