@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BufMut, BytesMut};
 use fallible_iterator::FallibleIterator;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::{backend, frontend};
 
 use crate::config::PgConfig;
@@ -374,20 +376,42 @@ impl Connection {
                     }
                     backend::Message::AuthenticationSasl(body) => {
                         let mut mechs = body.mechanisms();
-                        let mut ok = false;
+                        let (mut plain, mut plus) = (false, false);
                         while let Ok(Some(m)) = mechs.next() {
-                            ok |= m == SCRAM_SHA_256;
+                            plain |= m == SCRAM_SHA_256;
+                            plus |= m == SCRAM_SHA_256_PLUS;
                         }
-                        if !ok {
-                            return Err(Error::Config(format!(
-                                "{}: the server offers no SASL mechanism walshipper speaks (SCRAM-SHA-256 without channel binding)",
-                                self.target
-                            )));
-                        }
+                        // Over TLS, bound to the server's certificate
+                        // (tls-server-end-point) when both sides can: a
+                        // man in the middle cannot relay the exchange.
+                        let binding = match &self.sock {
+                            Sock::Tls(t) => t
+                                .conn
+                                .peer_certificates()
+                                .and_then(|c| c.first())
+                                .and_then(|c| crate::tls::end_point_binding(c.as_ref())),
+                            _ => None,
+                        };
+                        let (mechanism, cb) = match binding {
+                            Some(h) if plus => {
+                                (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(h))
+                            }
+                            // "y": this client could bind, the server offered
+                            // no -PLUS (a downgrade the server can detect).
+                            Some(_) if plain => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                            _ if plain => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                            _ => {
+                                return Err(Error::Config(format!(
+                                    "{}: the server offers no SASL mechanism walshipper speaks (SCRAM-SHA-256, SCRAM-SHA-256-PLUS)",
+                                    self.target
+                                )))
+                            }
+                        };
+                        tracing::debug!("{}: authenticating with {mechanism}", self.target);
                         let p = password()?;
-                        let s = ScramSha256::new(p.as_bytes(), ChannelBinding::unsupported());
+                        let s = ScramSha256::new(p.as_bytes(), cb);
                         let msg = s.message().to_vec();
-                        self.encode(|b| frontend::sasl_initial_response(SCRAM_SHA_256, &msg, b))?;
+                        self.encode(|b| frontend::sasl_initial_response(mechanism, &msg, b))?;
                         self.send()?;
                         scram = Some(s);
                     }

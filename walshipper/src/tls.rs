@@ -302,6 +302,29 @@ pub fn connect(
     })
 }
 
+/// The tls-server-end-point channel binding of a server certificate (RFC
+/// 5929 4.1): its hash with the hash of its signature algorithm, SHA-256
+/// for MD5 and SHA-1. None for an algorithm without a single hash (Ed25519,
+/// RSA-PSS) or a certificate that does not parse: SCRAM is then unbound.
+pub fn end_point_binding(cert_der: &[u8]) -> Option<Vec<u8>> {
+    use sha2::Digest;
+    use x509_cert::der::Decode;
+    let cert = x509_cert::Certificate::from_der(cert_der).ok()?;
+    Some(match cert.signature_algorithm.oid.to_string().as_str() {
+        // md5WithRSA, sha1WithRSA, sha256WithRSA, ecdsa-with-SHA1/SHA256
+        "1.2.840.113549.1.1.4"
+        | "1.2.840.113549.1.1.5"
+        | "1.2.840.113549.1.1.11"
+        | "1.2.840.10045.4.1"
+        | "1.2.840.10045.4.3.2" => sha2::Sha256::digest(cert_der).to_vec(),
+        // sha384WithRSA, ecdsa-with-SHA384
+        "1.2.840.113549.1.1.12" | "1.2.840.10045.4.3.3" => sha2::Sha384::digest(cert_der).to_vec(),
+        // sha512WithRSA, ecdsa-with-SHA512
+        "1.2.840.113549.1.1.13" | "1.2.840.10045.4.3.4" => sha2::Sha512::digest(cert_der).to_vec(),
+        _ => return None,
+    })
+}
+
 /// Why a TLS handshake failed, with what to do about it.
 pub fn handshake_hint(pg: &PgConfig) -> String {
     match pg.sslmode {

@@ -160,6 +160,7 @@ fn stream_over_tls(shipper: &Shipper, src: &Cluster, d: &Path) -> std::process::
         .cmd()
         .args(["wal-receive", "--json"])
         .env_remove("PGPASSWORD")
+        .env("WALSHIPPER_LOG", "walshipper=debug")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(d.join("receiver.err")).unwrap())
         .spawn()
@@ -246,6 +247,13 @@ fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
     // The replication client, streaming over TLS: the server says so.
     let segment = src.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");
     let mut receiver = stream_over_tls(&shipper, &src, d);
+    // SCRAM bound to the TLS channel: the server checked the binding (a
+    // wrong one fails the login).
+    let err = std::fs::read_to_string(d.join("receiver.err")).unwrap();
+    assert!(
+        err.contains("authenticating with SCRAM-SHA-256-PLUS"),
+        "{err}"
+    );
     // A segment that exists only through the stream: archiving is halted
     // by an archive_command that fails, so only the receiver can store it.
     src.sql("ALTER SYSTEM SET archive_command = 'false'");
