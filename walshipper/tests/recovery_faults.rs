@@ -250,14 +250,6 @@ struct OwnStore {
     extra: String,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 impl OwnStore {
     fn new(script: PathBuf, dir: PathBuf) -> OwnStore {
         // Every port weed mini opens, so that it never meets another server.

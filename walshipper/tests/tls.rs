@@ -26,26 +26,39 @@ fn openssl(d: &Path, args: &[&str]) {
     run_ok(Command::new("openssl").current_dir(d).args(args));
 }
 
+/// A new P-256 key, and where it goes (the next argument).
+const EC_KEY: [&str; 6] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:prime256v1",
+    "-nodes",
+    "-keyout",
+];
+
+fn openssl_req(d: &Path, before: &[&str], key: &str, after: &[&str]) {
+    let mut args: Vec<&str> = vec!["req"];
+    args.extend_from_slice(before);
+    args.extend_from_slice(&EC_KEY);
+    args.push(key);
+    args.extend_from_slice(after);
+    openssl(d, &args);
+}
+
 /// A CA (`{name}.pem`, `{name}.key`) made in `d`.
 fn make_ca(d: &Path, name: &str) {
-    openssl(
+    let (pem, subj) = (format!("{name}.pem"), format!("/CN={name}"));
+    openssl_req(
         d,
+        &["-x509"],
+        &format!("{name}.key"),
         &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            &format!("{name}.key"),
             "-out",
-            &format!("{name}.pem"),
+            &pem,
             "-days",
             "2",
             "-subj",
-            &format!("/CN={name}"),
+            &subj,
             "-addext",
             "basicConstraints=critical,CA:TRUE",
             "-addext",
@@ -56,22 +69,11 @@ fn make_ca(d: &Path, name: &str) {
 
 /// `server.crt` / `server.key`, signed by CA `ca`, naming only `localhost`.
 fn make_server_cert(d: &Path, ca: &str) {
-    openssl(
+    openssl_req(
         d,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-keyout",
-            "server.key",
-            "-out",
-            "server.csr",
-            "-subj",
-            "/CN=localhost",
-        ],
+        &[],
+        "server.key",
+        &["-out", "server.csr", "-subj", "/CN=localhost"],
     );
     std::fs::write(
         d.join("server.ext"),
@@ -79,6 +81,7 @@ fn make_server_cert(d: &Path, ca: &str) {
          keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
     )
     .unwrap();
+    let (ca_pem, ca_key) = (format!("{ca}.pem"), format!("{ca}.key"));
     openssl(
         d,
         &[
@@ -87,9 +90,9 @@ fn make_server_cert(d: &Path, ca: &str) {
             "-in",
             "server.csr",
             "-CA",
-            &format!("{ca}.pem"),
+            &ca_pem,
             "-CAkey",
-            &format!("{ca}.key"),
+            &ca_key,
             "-CAcreateserial",
             "-out",
             "server.crt",
@@ -101,14 +104,6 @@ fn make_server_cert(d: &Path, ca: &str) {
     );
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(d.join("server.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// The shipper's config with [pg] pointing at `host` over TCP with these

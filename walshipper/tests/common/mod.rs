@@ -45,6 +45,14 @@ pub fn run_ok(cmd: &mut Command) -> String {
 }
 
 /// A scratch directory under /tmp (short: socket paths are limited to 107 bytes).
+/// A TCP port on 127.0.0.1 nobody listens on now.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
 pub fn scratch(name: &str) -> tempfile::TempDir {
     tempfile::Builder::new()
         .prefix(&format!("ws-{name}-"))
