@@ -331,6 +331,7 @@ fn check_confirms_archiving_end_to_end() {
     let f = fixture("check");
     let out = run_ok(f.shipper.cmd().arg("check"));
     assert!(out.contains("archived and verified"), "{out}");
+    assert!(out.contains("connection: no TLS (Unix socket in"), "{out}");
 
     // A server that does not archive: check says what to fix.
     f.cluster

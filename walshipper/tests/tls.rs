@@ -238,6 +238,10 @@ fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
     set_pg(&shipper, &base, "localhost", "verify-full", Some(&ca));
     let (ok, out) = ws(&shipper, &["check"]);
     assert!(ok, "check over TLS (verify-full): {out}");
+    assert!(
+        out.contains("connection: TLS (TLSv1.3") && out.contains("sslmode verify-full"),
+        "{out}"
+    );
 
     // The replication client, streaming over TLS: the server says so.
     let segment = src.sql("SELECT pg_walfile_name(pg_current_wal_lsn())");

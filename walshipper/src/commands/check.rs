@@ -30,6 +30,22 @@ pub fn run(cfg: &Config) -> Result<()> {
         )));
     }
     crate::pg::check_identity(&mut client, &repo).map_err(|e| Error::Check(e.to_string()))?;
+    // What the DBA checking [pg] sslmode wants to see: the server's view.
+    let tls = get(
+        &mut client,
+        "SELECT CASE WHEN s.ssl THEN 'TLS (' || s.version || ', ' || s.cipher || ')' \
+         ELSE 'no TLS' END FROM pg_stat_ssl s WHERE s.pid = pg_backend_pid()",
+    )?;
+    println!(
+        "connection: {} ({}, sslmode {})",
+        tls,
+        if cfg.pg.host.starts_with('/') {
+            format!("Unix socket in {}", cfg.pg.host)
+        } else {
+            format!("{}:{}", cfg.pg.host, cfg.pg.port)
+        },
+        cfg.pg.sslmode.name()
+    );
     // Re-test how the store protects create-if-absent writes (S3 "auto":
     // the verdict is kept in the repository for archive-push to use).
     println!(
