@@ -826,6 +826,71 @@ fn parse_version(v: &str) -> u32 {
 mod tests {
     use super::*;
 
+    /// A fake server on 127.0.0.1: reads the SSLRequest, answers `answer`,
+    /// then hands back what the client sent next (until it closed, or for
+    /// half a second).
+    fn fake_server(answer: Vec<u8>) -> (u16, std::thread::JoinHandle<Vec<u8>>) {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let mut req = [0u8; 8];
+            s.read_exact(&mut req).unwrap();
+            assert_eq!(req, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f], "an SSLRequest");
+            s.write_all(&answer).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            let mut rest = Vec::new();
+            let _ = s.read_to_end(&mut rest);
+            rest
+        });
+        (port, t)
+    }
+
+    fn connect_to(port: u16, mode: &str) -> Result<Connection> {
+        let pg = PgConfig {
+            host: "127.0.0.1".into(),
+            port,
+            sslmode: mode.parse().unwrap(),
+            ..PgConfig::default()
+        };
+        Connection::connect(&pg, "test")
+    }
+
+    #[test]
+    fn a_server_that_answers_sslrequest_oddly_is_refused() {
+        // "N" under require: refused before anything else is sent.
+        let (port, t) = fake_server(b"N".to_vec());
+        let e = connect_to(port, "require").err().unwrap().to_string();
+        assert!(e.contains("does not accept TLS connections"), "{e}");
+        assert!(t.join().unwrap().is_empty(), "nothing sent in clear");
+        // "N" under prefer: the startup message follows in clear.
+        let (port, t) = fake_server(b"N".to_vec());
+        assert!(connect_to(port, "prefer").is_err());
+        let sent = t.join().unwrap();
+        assert_eq!(&sent[4..8], &196608u32.to_be_bytes(), "a StartupMessage");
+        // "S" and then plaintext (an AuthenticationOk injected on the
+        // path): not a TLS record, the handshake fails.
+        let (port, t) = fake_server(b"SR\0\0\0\x08\0\0\0\0".to_vec());
+        let e = connect_to(port, "require").err().unwrap().to_string();
+        assert!(e.contains("TLS handshake failed"), "{e}");
+        t.join().unwrap();
+        // "S" and then nothing: the handshake fails, nothing in clear.
+        let (port, t) = fake_server(b"S".to_vec());
+        let e = connect_to(port, "prefer").err().unwrap().to_string();
+        assert!(e.contains("TLS handshake failed"), "{e}");
+        let sent = t.join().unwrap();
+        assert_eq!(
+            sent.first(),
+            Some(&0x16),
+            "a TLS ClientHello, not clear text"
+        );
+        // An error message instead of an answer: not taken for one.
+        let (port, t) = fake_server(b"EFATAL".to_vec());
+        let e = connect_to(port, "require").err().unwrap().to_string();
+        assert!(e.contains("unexpected answer byte 0x45"), "{e}");
+        t.join().unwrap();
+    }
+
     #[test]
     fn versions() {
         assert_eq!(parse_version("15.8 (Debian 15.8-1)"), 150008);
