@@ -270,7 +270,11 @@ for run in $(seq 1 "$ARCHIVE_RUNS"); do
   for tool in walshipper ${BIN_B:+walshipper-b} pgbackrest; do
     pg_ctl -D pg -l pg.log -w start >/dev/null
     # A fresh repository per run (on S3 a prefix of its own); the last
-    # run's of each tool stays for the replay benchmark.
+    # run's of each tool stays for the replay benchmark. An archive-push
+    # call still in flight from the immediate stop may start a new pusher
+    # after stop_bg: none may write into the spool while it is removed.
+    pkill -9 -f -- "ws-la0.toml archive-push" 2>/dev/null || true
+    while pgrep -f -- "ws-la0.toml archive-push" >/dev/null; do sleep 0.05; done
     rm -rf spool-ws/* spool-pgbr/*
     if [ $tool != pgbackrest ]; then
       rm -rf ws-repo keycache
@@ -299,6 +303,10 @@ done
 mkdir -p rsock
 for run in $(seq 1 "$RUNS"); do
   for variant in $VARIANTS; do
+    # A prefetcher started by a call late in the last recovery, after its
+    # stop_bg, may still be writing into the spool.
+    pkill -9 -f -- "$B/ws-la[0-9]*.toml archive-get" 2>/dev/null || true
+    while pgrep -f -- "$B/ws-la[0-9]*.toml archive-get" >/dev/null; do sleep 0.05; done
     rm -rf r r.log spool-ws/archive-get spool-pgbr/*
     cp -a base r
     touch r/recovery.signal

@@ -32,7 +32,8 @@ pub fn target(cfg: &Config) -> Target {
 /// A connection to the database pg_backup_ext is installed in, with
 /// `[serve] statement_timeout` so that no page or scrape waits on a lock
 /// forever. The password: `[serve] password_file`, else [pg]'s
-/// (`crate::pg::password`) when it is [pg]'s user, else PGPASSWORD.
+/// (`crate::pg::password`) when it is [pg]'s user on [pg]'s server, else
+/// PGPASSWORD.
 pub fn connect(cfg: &Config) -> Result<postgres::Client> {
     let t = target(cfg);
     let mut c = postgres::Config::new();
@@ -50,7 +51,7 @@ pub fn connect(cfg: &Config) -> Result<postgres::Client> {
         c.password(
             crate::serve::read_secret(&cfg.serve.password_file, "serve.password_file")?.as_bytes(),
         );
-    } else if t.user == cfg.pg.user {
+    } else if (&t.user, &t.host, t.port) == (&cfg.pg.user, &cfg.pg.host, cfg.pg.port) {
         if let Some(p) = crate::pg::password(&cfg.pg)? {
             c.password(p.as_bytes());
         }

@@ -1327,7 +1327,9 @@ pub fn read_secret_file(path: &Path, what: &str) -> Result<zeroize::Zeroizing<Ve
             mode & 0o7777
         )));
     }
-    let mut v = zeroize::Zeroizing::new(Vec::new());
+    // Room for all of it at once: a growing Vec would free copies of the
+    // secret without wiping them.
+    let mut v = zeroize::Zeroizing::new(Vec::with_capacity(65537));
     f.take(65537).read_to_end(&mut v).map_err(cannot)?;
     if v.len() > 65536 {
         return Err(Error::Config(format!(

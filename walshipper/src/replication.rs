@@ -355,10 +355,19 @@ impl Connection {
             })
         };
         let mut scram: Option<ScramSha256> = None;
+        // Whether the server proved it knows the password (SCRAM's final
+        // message): a SCRAM exchange it cut short with "OK" is refused.
+        let mut scram_done = false;
         loop {
             match self.frame(true)? {
                 Some(Frame::Other(m)) => match m {
-                    backend::Message::AuthenticationOk => {}
+                    backend::Message::AuthenticationOk => {
+                        if scram.is_some() && !scram_done {
+                            return Err(self.protocol(
+                                "the server ended SCRAM authentication without proving it knows the password",
+                            ));
+                        }
+                    }
                     backend::Message::AuthenticationCleartextPassword => {
                         let p = password()?;
                         self.encode(|b| frontend::password_message(p.as_bytes(), b))?;
@@ -432,6 +441,7 @@ impl Connection {
                         s.finish(body.data()).map_err(|e| {
                             io_err(&self.target, "SCRAM: the server's proof is wrong", e)
                         })?;
+                        scram_done = true;
                     }
                     backend::Message::ParameterStatus(p) => {
                         if p.name().ok() == Some("server_version") {
@@ -838,7 +848,8 @@ mod tests {
             s.read_exact(&mut req).unwrap();
             assert_eq!(req, [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f], "an SSLRequest");
             s.write_all(&answer).unwrap();
-            s.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
             let mut rest = Vec::new();
             let _ = s.read_to_end(&mut rest);
             rest
@@ -854,6 +865,54 @@ mod tests {
             ..PgConfig::default()
         };
         Connection::connect(&pg, "test")
+    }
+
+    #[test]
+    fn a_server_that_cuts_scram_short_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let pw = d.path().join("pw");
+        std::fs::write(&pw, "secret\n").unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let t = std::thread::spawn(move || {
+            let (mut s, _) = l.accept().unwrap();
+            let msg = |s: &mut TcpStream, typed: bool| {
+                let mut head = vec![0u8; if typed { 5 } else { 4 }];
+                s.read_exact(&mut head).unwrap();
+                let n = u32::from_be_bytes(head[head.len() - 4..].try_into().unwrap());
+                let mut body = vec![0u8; n as usize - 4];
+                s.read_exact(&mut body).unwrap();
+            };
+            msg(&mut s, false); // SSLRequest
+            s.write_all(b"N").unwrap();
+            msg(&mut s, false); // StartupMessage
+                                // AuthenticationSASL offering SCRAM-SHA-256...
+            let mech = b"SCRAM-SHA-256\0\0";
+            let mut m = vec![b'R'];
+            m.extend_from_slice(&(8 + mech.len() as u32).to_be_bytes());
+            m.extend_from_slice(&10u32.to_be_bytes());
+            m.extend_from_slice(mech);
+            s.write_all(&m).unwrap();
+            msg(&mut s, true); // SASLInitialResponse
+                               // ... then "OK" without the server's proof.
+            s.write_all(&[b'R', 0, 0, 0, 8, 0, 0, 0, 0]).unwrap();
+            let mut rest = Vec::new();
+            s.set_read_timeout(Some(Duration::from_millis(500)))
+                .unwrap();
+            let _ = s.read_to_end(&mut rest);
+        });
+        let pg = PgConfig {
+            host: "127.0.0.1".into(),
+            port,
+            sslmode: "prefer".parse().unwrap(),
+            password_file: pw,
+            ..PgConfig::default()
+        };
+        let e = Connection::connect(&pg, "test").err().unwrap().to_string();
+        assert!(e.contains("without proving it knows the password"), "{e}");
+        t.join().unwrap();
     }
 
     #[test]

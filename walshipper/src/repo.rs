@@ -1467,11 +1467,12 @@ impl Repository {
         }
     }
 
-    /// `load_summary` through `cache`: the stored object is hashed first
-    /// (read, not decoded), and its summary taken from the cache if it
-    /// was made from exactly these bytes and the key that sealed them can
-    /// still be unlocked. Otherwise the manifest is read whole, and its
-    /// summary cached if the bytes it was read from hash the same.
+    /// `load_summary` through `cache`: with an entry for the backup, the
+    /// stored object is hashed first (read, not decoded), and its summary
+    /// taken from the cache if it was made from exactly these bytes and the
+    /// key that sealed them can still be unlocked. Otherwise (no entry, or
+    /// one that no longer holds) the manifest is read whole, hashed as it
+    /// is read, and its summary cached with that hash.
     fn load_summary_cached(
         &self,
         cache: &crate::summary_cache::SummaryCache,
