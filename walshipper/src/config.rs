@@ -149,6 +149,8 @@ pub struct PgConfig {
     /// The user's password, in a file private to walshipper's OS user;
     /// empty: PGPASSWORD, if set.
     pub password_file: PathBuf,
+    /// `require`: log in only with SCRAM bound to the TLS channel.
+    pub channel_binding: crate::tls::ChannelBinding,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -488,6 +490,7 @@ impl Default for PgConfig {
             sslmode: crate::tls::SslMode::Prefer,
             sslrootcert: PathBuf::new(),
             password_file: PathBuf::new(),
+            channel_binding: crate::tls::ChannelBinding::Prefer,
         }
     }
 }
@@ -624,6 +627,7 @@ pub const KEYS: &[(&str, &str)] = &[
     ("pg", "sslmode"),
     ("pg", "sslrootcert"),
     ("pg", "password_file"),
+    ("pg", "channel_binding"),
     ("repo", "name"),
     ("repo", "type"),
     ("repo", "path"),
@@ -926,6 +930,9 @@ impl Config {
             }
             ("pg", "sslrootcert") => self.pg.sslrootcert = v.into(),
             ("pg", "password_file") => self.pg.password_file = v.into(),
+            ("pg", "channel_binding") => {
+                self.pg.channel_binding = parse(name, v, "one of disable, prefer, require")?
+            }
             ("encryption", "mode") => {
                 self.encryption.mode = parse(name, v, "\"aes-256-gcm\" or \"none\"")?
             }

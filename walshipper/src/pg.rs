@@ -16,12 +16,17 @@ pub fn connect(cfg: &Config) -> Result<postgres::Client> {
     }
     crate::tls::connect(c, &cfg.pg, &cfg.pg.host)?.map_err(|e| Error::Postgres {
         context: format!(
-            "cannot connect to PostgreSQL at host={} port={} user={} dbname={} sslmode={} (check [pg] in the config)",
+            "cannot connect to PostgreSQL at host={} port={} user={} dbname={} sslmode={}{} (check [pg] in the config)",
             cfg.pg.host,
             cfg.pg.port,
             cfg.pg.user,
             cfg.pg.database,
-            cfg.pg.sslmode.name()
+            cfg.pg.sslmode.name(),
+            if cfg.pg.channel_binding == crate::tls::ChannelBinding::Require {
+                " channel_binding=require"
+            } else {
+                ""
+            }
         ),
         source: e,
     })

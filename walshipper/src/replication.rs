@@ -358,6 +358,8 @@ impl Connection {
         // Whether the server proved it knows the password (SCRAM's final
         // message): a SCRAM exchange it cut short with "OK" is refused.
         let mut scram_done = false;
+        let mut bound = false;
+        let require = pg.channel_binding == crate::tls::ChannelBinding::Require;
         loop {
             match self.frame(true)? {
                 Some(Frame::Other(m)) => match m {
@@ -367,13 +369,31 @@ impl Connection {
                                 "the server ended SCRAM authentication without proving it knows the password",
                             ));
                         }
+                        if require && !bound {
+                            return Err(crate::tls::binding_refused(
+                                &self.target,
+                                "no authentication (a trust or peer login)",
+                            ));
+                        }
                     }
                     backend::Message::AuthenticationCleartextPassword => {
+                        if require {
+                            return Err(crate::tls::binding_refused(
+                                &self.target,
+                                "the password in clear text",
+                            ));
+                        }
                         let p = password()?;
                         self.encode(|b| frontend::password_message(p.as_bytes(), b))?;
                         self.send()?;
                     }
                     backend::Message::AuthenticationMd5Password(body) => {
+                        if require {
+                            return Err(crate::tls::binding_refused(
+                                &self.target,
+                                "an MD5 password",
+                            ));
+                        }
                         let p = password()?;
                         let h = postgres_protocol::authentication::md5_hash(
                             pg.user.as_bytes(),
@@ -394,13 +414,23 @@ impl Connection {
                         // (tls-server-end-point) when both sides can: a
                         // man in the middle cannot relay the exchange.
                         let binding = match &self.sock {
-                            Sock::Tls(t) => t
-                                .conn
-                                .peer_certificates()
-                                .and_then(|c| c.first())
-                                .and_then(|c| crate::tls::end_point_binding(c.as_ref())),
+                            Sock::Tls(t)
+                                if pg.channel_binding != crate::tls::ChannelBinding::Disable =>
+                            {
+                                t.conn
+                                    .peer_certificates()
+                                    .and_then(|c| c.first())
+                                    .and_then(|c| crate::tls::end_point_binding(c.as_ref()))
+                            }
                             _ => None,
                         };
+                        if require && (binding.is_none() || !plus) {
+                            return Err(crate::tls::binding_refused(
+                                &self.target,
+                                "SCRAM without channel binding (no TLS, no SCRAM-SHA-256-PLUS, or a certificate with no single hash)",
+                            ));
+                        }
+                        bound = binding.is_some() && plus;
                         let (mechanism, cb) = match binding {
                             Some(h) if plus => {
                                 (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(h))

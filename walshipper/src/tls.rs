@@ -59,6 +59,39 @@ impl SslMode {
     }
 }
 
+/// Whether a password login must be SCRAM bound to the TLS channel
+/// (`[pg] channel_binding`, libpq's setting): `require` refuses every
+/// other way the server may ask to log in (clear-text or MD5 password,
+/// SCRAM without -PLUS, no authentication at all), so that an impostor
+/// under `prefer` or `require` gets nothing it can use.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ChannelBinding {
+    Disable,
+    #[default]
+    Prefer,
+    Require,
+}
+
+impl std::str::FromStr for ChannelBinding {
+    type Err = ();
+    fn from_str(s: &str) -> std::result::Result<Self, ()> {
+        Ok(match s {
+            "disable" => ChannelBinding::Disable,
+            "prefer" => ChannelBinding::Prefer,
+            "require" => ChannelBinding::Require,
+            _ => return Err(()),
+        })
+    }
+}
+
+/// The error for a login `[pg] channel_binding = require` refuses.
+pub fn binding_refused(target: &str, asked: &str) -> Error {
+    Error::Config(format!(
+        "{target}: the server asked for {asked}, and [pg] channel_binding = require accepts only SCRAM-SHA-256-PLUS over TLS. To fix: use scram-sha-256 in pg_hba.conf with ssl on (and [pg] sslmode = verify-full), or set channel_binding = prefer"
+    ))
+}
+
 /// What a connection to `host` does about TLS.
 pub enum Plan {
     /// A Unix socket, or `sslmode = disable`.
@@ -289,7 +322,13 @@ pub fn connect(
     pg: &PgConfig,
     host: &str,
 ) -> Result<std::result::Result<postgres::Client, postgres::Error>> {
+    use postgres::config::ChannelBinding as Cb;
     use postgres::config::SslMode as Pm;
+    c.channel_binding(match pg.channel_binding {
+        ChannelBinding::Disable => Cb::Disable,
+        ChannelBinding::Prefer => Cb::Prefer,
+        ChannelBinding::Require => Cb::Require,
+    });
     Ok(match plan(pg, host)? {
         Plan::Plain => c.ssl_mode(Pm::Disable).connect(postgres::NoTls),
         Plan::Tls {

@@ -10,7 +10,8 @@
 //! host name the certificate does not hold under verify-full, a CA that did
 //! not sign it (verify-ca, and require with sslrootcert), TLS turned off on
 //! the server under require, no TLS under disable, verify-full without
-//! sslrootcert, the OS store without the name check.
+//! sslrootcert, the OS store without the name check, and under
+//! `channel_binding = require` a server that asks for a clear-text password.
 
 mod common;
 
@@ -315,6 +316,44 @@ fn tls_connections_are_encrypted_verified_and_refused_as_sslmode_says() {
         let (ok, out) = ws(&shipper, &["check"]);
         assert!(ok, "check with {mode}: {out}");
     }
+
+    // channel_binding = require: the bound SCRAM login passes (both
+    // clients); a server asking for the password in clear (as an impostor
+    // under prefer or require could) gets refused before it gets it.
+    let text = std::fs::read_to_string(&shipper.config).unwrap();
+    std::fs::write(
+        &shipper.config,
+        text.replace(
+            "password_file = ",
+            "channel_binding = \"require\"\npassword_file = ",
+        ),
+    )
+    .unwrap();
+    let (ok, out) = ws(&shipper, &["check"]);
+    assert!(ok, "check with channel_binding = require: {out}");
+    let mut receiver = stream_over_tls(&shipper, &src, d);
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+    let hba = std::fs::read_to_string(src.data.join("pg_hba.conf")).unwrap();
+    std::fs::write(
+        src.data.join("pg_hba.conf"),
+        hba.replace("scram-sha-256", "password"),
+    )
+    .unwrap();
+    src.sql("SELECT pg_reload_conf()");
+    let (ok, out) = ws(&shipper, &["check"]);
+    assert!(
+        !ok && out.contains("server did not use channel binding"),
+        "{out}"
+    );
+    let (ok, out) = ws(&shipper, &["wal-receive", "--json"]);
+    assert!(
+        !ok && out.contains("asked for the password in clear text"),
+        "{out}"
+    );
+    std::fs::write(src.data.join("pg_hba.conf"), hba).unwrap();
+    src.sql("SELECT pg_reload_conf()");
+    std::fs::write(&shipper.config, text).unwrap();
 
     // A CA that did not sign the server's certificate (also through
     // require, which checks the chain when sslrootcert is given).
