@@ -40,14 +40,7 @@ pub fn password(pg: &crate::config::PgConfig) -> Result<Option<zeroize::Zeroizin
             .ok()
             .map(zeroize::Zeroizing::new));
     }
-    let bytes = crate::config::read_secret_file(&pg.password_file, "pg.password_file")?;
-    match std::str::from_utf8(&bytes) {
-        Ok(t) => Ok(Some(zeroize::Zeroizing::new(t.to_string()))),
-        Err(_) => Err(Error::Config(format!(
-            "pg.password_file {} is not UTF-8 text",
-            pg.password_file.display()
-        ))),
-    }
+    crate::serve::read_secret(&pg.password_file, "pg.password_file").map(Some)
 }
 
 pub fn pg_err(context: &str) -> impl FnOnce(postgres::Error) -> Error + '_ {
