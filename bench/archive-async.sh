@@ -29,7 +29,7 @@
 # default; about 5 minutes). WALSHIPPER_BIN=path skips the release build;
 # PGBR=path uses that pgBackRest 2.59.1; ARCHIVE_RUNS (default RUNS) timed
 # archiving runs; VARIANTS (default "floor ws-la0 ws-la8 pgbr-sync
-# pgbr-async") the replays; BIN_B=path and variants b-ws-laN replay with
+# pgbr-async"; a space for none) the replays; BIN_B=path and variants b-ws-laN replay with
 # that walshipper binary too (an A/B in the same run; its async archiving
 # is then timed as well). TRACE=1 keeps, per
 # replay, the server log with archive-get's debug lines, the prefetcher's
@@ -221,15 +221,22 @@ timed_archive() {
     pgbackrest) cmd="$PGBR --config=$B/pgbr-async.conf --stanza=bench archive-push %p" ;;
   esac
   echo "archive_command = '$cmd'" > pg/archive.conf
-  local t0 t1
+  local t0 t1 c0 c1
+  c0=$(cpu_jiffies)
   t0=$(date +%s.%N)
   pg_ctl -D pg reload >/dev/null
   while [ -n "$(find pg/pg_wal/archive_status -name '*.ready' -print -quit)" ]; do
     sleep 0.02
   done
   t1=$(date +%s.%N)
-  echo "$t1 - $t0" | bc -l
+  c1=$(cpu_jiffies)
+  # Seconds, then the whole machine's busy CPU seconds meanwhile (every
+  # process: the tool, PostgreSQL's archiver, anything else running).
+  printf '%s %.2f\n' "$(echo "$t1 - $t0" | bc -l)" "$(echo "($c1 - $c0) / $(getconf CLK_TCK)" | bc -l)"
 }
+# Busy jiffies of all CPUs since boot (user, nice, system, irq, softirq, steal).
+cpu_jiffies() { awk '/^cpu /{print $2 + $3 + $4 + $7 + $8 + $9; exit}' /proc/stat; }
+export -f cpu_jiffies
 export -f timed_archive
 
 # One timed replay of the base backup through restore_command $1; prints seconds.
@@ -285,9 +292,11 @@ for run in $(seq 1 "$ARCHIVE_RUNS"); do
       pgbr_confs "$run"
       "$PGBR" --config="$B/pgbr-async.conf" --stanza=bench stanza-create >/dev/null
     fi
-    s=$(flock -o "$LOCK" bash -c 'timed_archive '$tool)
-    echo "async archive, $tool, run $run: $NREADY files in ${s}s"
+    read -r s cpu < <(flock -o "$LOCK" bash -c 'timed_archive '$tool)
+    printf 'async archive, %s, run %s: %s files in %.2fs, machine CPU busy %.2fs (%.0f %% of %s cores)\n' \
+      "$tool" "$run" "$NREADY" "$s" "$cpu" "$(echo "100 * $cpu / $s / $(nproc)" | bc -l)" "$(nproc)"
     RES[archive_$tool]+="$s "
+    RES[cpu_$tool]+="$cpu "
     reset_archive
     stop_bg spool-ws/archive-push/*/pusher.lock
   done
@@ -373,9 +382,13 @@ printf 'redo floor (segments local, mv) %6.2fs: best look-ahead speed-up possibl
   "$fl" "$(echo "$d0 / $fl" | bc -l)"
 printf 'async archive   walshipper %6.2fs (%5.1f files/s)   pgBackRest %6.2fs (%5.1f files/s)   throughput ratio %.2fx (target >= 2)\n' \
   "$aw" "$(echo "$NREADY / $aw" | bc -l)" "$ap" "$(echo "$NREADY / $ap" | bc -l)" "$(echo "$ap / $aw" | bc -l)"
-[ -n "${BIN_B:-}" ] && printf 'async archive   BIN_B      %6.2fs (%5.1f files/s)   ratio to pgBackRest %.2fx   (runs: %s)\n' \
-  "$ab" "$(echo "$NREADY / $ab" | bc -l)" "$(echo "$ap / $ab" | bc -l)" "${RES[archive_walshipper-b]:-}"
+[ -n "${BIN_B:-}" ] && printf 'async archive   BIN_B      %6.2fs (%5.1f files/s)   ratio to pgBackRest %.2fx   (runs: %s; machine CPU busy %.2fs, runs: %s)\n' \
+  "$ab" "$(echo "$NREADY / $ab" | bc -l)" "$(echo "$ap / $ab" | bc -l)" "${RES[archive_walshipper-b]:-}" \
+  "$(m cpu_walshipper-b)" "${RES[cpu_walshipper-b]:-}"
 printf 'async archive runs: walshipper %s  pgBackRest %s\n' "${RES[archive_walshipper]:-}" "${RES[archive_pgbackrest]:-}"
+printf 'machine CPU busy runs: walshipper %s  pgBackRest %s\n' "${RES[cpu_walshipper]:-}" "${RES[cpu_pgbackrest]:-}"
+printf 'async archive, machine CPU busy (median)   walshipper %6.2fs   pgBackRest %6.2fs   ratio %.2fx\n' \
+  "$(m cpu_walshipper)" "$(m cpu_pgbackrest)" "$(echo "$(m cpu_pgbackrest) / $(m cpu_walshipper)" | bc -l)"
 printf 'redo (WAL replay) walshipper one-by-one %6.2fs  look-ahead 8 %6.2fs  speed-up %.2fx (target >= 2)\n' \
   "$d0" "$d8" "$(echo "$d0 / $d8" | bc -l)"
 printf 'redo (WAL replay) pgBackRest sync       %6.2fs  async         %6.2fs  speed-up %.2fx\n' \
