@@ -390,11 +390,18 @@ impl Sealer {
 }
 
 fn frame_record(index: u32, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
+    frame_head(index, kind, payload, out);
+    out.extend_from_slice(payload);
+}
+
+/// A frame's head (kind, index, length, CRC32 of the payload), without the
+/// payload: a data frame's payload is served from its own buffer, not
+/// copied behind its head.
+fn frame_head(index: u32, kind: u8, payload: &[u8], out: &mut Vec<u8>) {
     out.push(kind);
     out.extend_from_slice(&index.to_le_bytes());
     out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
     out.extend_from_slice(&crc32fast::hash(payload).to_le_bytes());
-    out.extend_from_slice(payload);
 }
 
 /// Reads until `buf` is full or the source ends; returns the bytes read.
@@ -427,7 +434,11 @@ pub struct EncodingReader<R> {
     src: R,
     settings: Arc<CodecSettings>,
     sealer: Arc<Sealer>,
-    out: Vec<u8>,
+    /// What `read` serves next, `head` then `body`: the object's header, a
+    /// data frame's head and its sealed payload, or the whole final record.
+    head: Vec<u8>,
+    body: Vec<u8>,
+    /// Position in `head` followed by `body`.
     pos: usize,
     /// Index of the next frame to read from `src`.
     next_index: u32,
@@ -441,10 +452,11 @@ pub struct EncodingReader<R> {
     /// Frames sent to the pool and not yet back.
     queued: usize,
     inline: FrameEncoder,
+    /// Sealed payloads of data frames, by index, until their turn.
     pending: std::collections::BTreeMap<u32, Vec<u8>>,
 }
 
-/// Compresses, seals and frames chunks, reusing its zstd context.
+/// Compresses and seals chunks, reusing its zstd context.
 struct FrameEncoder {
     sealer: Arc<Sealer>,
     zstd: Option<(i32, zstd::bulk::Compressor<'static>)>,
@@ -481,6 +493,7 @@ impl FrameEncoder {
         Ok(FrameEncoder { sealer, zstd })
     }
 
+    /// A data frame's sealed payload (the reader adds its head).
     fn encode(&mut self, index: u32, chunk: &[u8]) -> io::Result<Vec<u8>> {
         let mut body = match &mut self.zstd {
             Some((_, z)) => z.compress(chunk)?,
@@ -489,9 +502,7 @@ impl FrameEncoder {
         self.sealer
             .seal(index, KIND_DATA, &mut body)
             .map_err(invalid)?;
-        let mut rec = Vec::with_capacity(FRAME_HEADER_LEN + body.len());
-        frame_record(index, KIND_DATA, &body, &mut rec);
-        Ok(rec)
+        Ok(body)
     }
 }
 
@@ -648,7 +659,7 @@ impl<R: Read> EncodingReader<R> {
         };
         let inline = FrameEncoder::new(&settings, sealer.clone())?;
         let threaded_hash = pool.is_some();
-        let out = header.to_bytes().to_vec();
+        let head = header.to_bytes().to_vec();
         Ok(EncodingReader {
             src,
             settings,
@@ -657,7 +668,8 @@ impl<R: Read> EncodingReader<R> {
                 stored_len: HEADER_LEN as u64,
                 ..Summary::default()
             },
-            out,
+            head,
+            body: Vec::new(),
             pos: 0,
             next_index: 0,
             next_emit: 0,
@@ -700,8 +712,11 @@ impl<R: Read> EncodingReader<R> {
         Ok(Some(buf))
     }
 
+    /// Makes the next record current (one frame: a frame's payload is not
+    /// copied again behind its head).
     fn refill(&mut self) -> io::Result<()> {
-        self.out.clear();
+        self.head.clear();
+        self.body = Vec::new();
         self.pos = 0;
         if self.finished {
             return Ok(());
@@ -712,11 +727,10 @@ impl<R: Read> EncodingReader<R> {
         let room = self.pool.as_ref().map_or(0, |p| p.workers.len() * 2);
         let max_held = (room + 1) * 2;
         loop {
-            while let Some(rec) = self.pending.remove(&self.next_emit) {
-                self.out.extend_from_slice(&rec);
+            if let Some(body) = self.pending.remove(&self.next_emit) {
+                frame_head(self.next_emit, KIND_DATA, &body, &mut self.head);
+                self.body = body;
                 self.next_emit += 1;
-            }
-            if !self.out.is_empty() {
                 return Ok(());
             }
             if self.eof && self.next_emit == self.next_index {
@@ -772,7 +786,7 @@ impl<R: Read> EncodingReader<R> {
         self.sealer
             .seal(self.next_index, KIND_FINAL, &mut body)
             .map_err(invalid)?;
-        frame_record(self.next_index, KIND_FINAL, &body, &mut self.out);
+        frame_record(self.next_index, KIND_FINAL, &body, &mut self.head);
         self.summary.hash = hash;
         self.summary.frames = self.next_index;
         self.finished = true;
@@ -782,15 +796,21 @@ impl<R: Read> EncodingReader<R> {
 
 impl<R: Read> Read for EncodingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.pos >= self.out.len() {
+        if self.pos >= self.head.len() + self.body.len() {
             self.refill()?;
-            if self.out.is_empty() {
+            let len = self.head.len() + self.body.len();
+            if len == 0 {
                 return Ok(0);
             }
-            self.summary.stored_len += self.out.len() as u64;
+            self.summary.stored_len += len as u64;
         }
-        let n = (self.out.len() - self.pos).min(buf.len());
-        buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
+        let (part, at) = if self.pos < self.head.len() {
+            (&self.head, self.pos)
+        } else {
+            (&self.body, self.pos - self.head.len())
+        };
+        let n = (part.len() - at).min(buf.len());
+        buf[..n].copy_from_slice(&part[at..at + n]);
         self.pos += n;
         Ok(n)
     }
