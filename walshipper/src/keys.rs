@@ -18,7 +18,10 @@
 //!
 //! Argon2id is deliberately slow; archive-push runs once per WAL segment, so
 //! the unwrapped key may be cached on the database host (see [`KeyCache`]).
-//! Every key and key-encryption key is wiped from memory when dropped.
+//! Every key and key-encryption key is wiped from memory when dropped, and
+//! so are the AES round keys made from them (the `aes` crate's zeroize
+//! feature); GHASH's subkey (AES of zero under the key, which does not give
+//! the key back) is not.
 
 use std::path::{Path, PathBuf};
 
