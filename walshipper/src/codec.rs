@@ -456,6 +456,10 @@ pub struct EncodingReader<R> {
     inline: FrameEncoder,
     /// Sealed payloads of data frames, by index, until their turn.
     pending: std::collections::BTreeMap<u32, Vec<u8>>,
+    /// Set by the first error: the stream cannot be completed (a frame or
+    /// the source's bytes are lost), so every later `read` fails too,
+    /// instead of waiting for a frame that never comes or going on past a gap.
+    failed: bool,
 }
 
 /// Compresses and seals chunks, reusing its zstd context.
@@ -685,6 +689,7 @@ impl<R: Read> EncodingReader<R> {
             queued: 0,
             inline,
             pending: Default::default(),
+            failed: false,
         })
     }
 
@@ -798,8 +803,14 @@ impl<R: Read> EncodingReader<R> {
 
 impl<R: Read> Read for EncodingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.failed {
+            return Err(failed_before());
+        }
         if self.pos >= self.head.len() + self.body.len() {
-            self.refill()?;
+            if let Err(e) = self.refill() {
+                self.failed = true;
+                return Err(e);
+            }
             let len = self.head.len() + self.body.len();
             if len == 0 {
                 return Ok(0);
@@ -848,6 +859,8 @@ pub struct DecodingReader<R> {
     hash: bool,
     plain_len: u64,
     done: bool,
+    /// Set by the first error: nothing after a frame that failed is served.
+    failed: bool,
     /// Set after the final frame: the verified plaintext hash (without
     /// hashing: the final frame's value, which the caller must not trust).
     pub verified_hash: Option<PlainHash>,
@@ -881,6 +894,7 @@ impl<R: Read> DecodingReader<R> {
             hash: true,
             plain_len: 0,
             done: false,
+            failed: false,
             verified_hash: None,
         }
     }
@@ -911,6 +925,15 @@ impl<R: Read> DecodingReader<R> {
     /// returns: `to`, or less if the object ends before it. Only for an
     /// unhashed, single-threaded reader (a skipped frame cannot be hashed).
     pub fn skip_to(&mut self, to: u64) -> io::Result<u64> {
+        if self.failed {
+            return Err(failed_before());
+        }
+        let r = self.skip_to_inner(to);
+        self.failed = r.is_err();
+        r
+    }
+
+    fn skip_to_inner(&mut self, to: u64) -> io::Result<u64> {
         if self.hash || self.pool.is_some() {
             return Err(io::Error::other("skip_to on a hashing or threaded decoder"));
         }
@@ -1126,7 +1149,7 @@ impl<R: Read> DecodingReader<R> {
         }
         // Nothing may follow the final frame.
         let mut extra = [0u8; 1];
-        if self.src.read(&mut extra)? != 0 {
+        if read_full(&mut self.src, &mut extra)? != 0 {
             return Err(invalid(CodecError::Malformed(
                 "bytes after the final frame".into(),
             )));
@@ -1193,20 +1216,37 @@ fn read_exact_or_truncated<R: Read>(src: &mut R, buf: &mut [u8]) -> io::Result<(
 
 impl<R: Read> Read for DecodingReader<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if self.header.is_none() {
-            self.start()?;
+        if self.failed {
+            return Err(failed_before());
         }
-        while self.pos >= self.out.len() {
-            if self.done {
-                return Ok(0);
+        let step = |me: &mut Self| -> io::Result<()> {
+            if me.header.is_none() {
+                me.start()?;
             }
-            self.next_frame()?;
+            while me.pos >= me.out.len() && !me.done {
+                me.next_frame()?;
+            }
+            Ok(())
+        };
+        if let Err(e) = step(self) {
+            self.failed = true;
+            return Err(e);
+        }
+        if self.pos >= self.out.len() {
+            return Ok(0);
         }
         let n = (self.out.len() - self.pos).min(buf.len());
         buf[..n].copy_from_slice(&self.out[self.pos..self.pos + n]);
         self.pos += n;
         Ok(n)
     }
+}
+
+/// What a reader returns after it has failed once: the first error said why.
+fn failed_before() -> io::Error {
+    io::Error::other(
+        "this object's stream already failed (see the first error); it cannot be read further",
+    )
 }
 
 /// If `e` came from the codec, its description; used to classify read errors
@@ -1386,6 +1426,77 @@ mod tests {
         .with_threads(s.threads)
         .read_to_end(&mut out)?;
         Ok(out)
+    }
+
+    /// A source that fails once, after `fail_at` bytes, then goes on.
+    struct FailsOnce {
+        data: Vec<u8>,
+        pos: usize,
+        fail_at: usize,
+        failed: bool,
+    }
+
+    impl Read for FailsOnce {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            if !self.failed && self.pos >= self.fail_at {
+                self.failed = true;
+                return Err(io::Error::other("disk error"));
+            }
+            let end = if self.failed {
+                self.data.len()
+            } else {
+                self.fail_at
+            };
+            let n = buf.len().min(end - self.pos);
+            buf[..n].copy_from_slice(&self.data[self.pos..self.pos + n]);
+            self.pos += n;
+            Ok(n)
+        }
+    }
+
+    #[test]
+    fn a_failed_stream_stays_failed() {
+        // Encoding: after the source's error, no later read may carry on
+        // past the lost bytes (an object with a hole) or wait forever.
+        for threads in [1, 3] {
+            let s = settings(true, Compression::Zstd, threads);
+            let src = FailsOnce {
+                data: sample(100_000),
+                pos: 0,
+                fail_at: 30_000,
+                failed: false,
+            };
+            let mut enc = EncodingReader::new(src, s.clone(), bind(NAME)).unwrap();
+            let mut out = Vec::new();
+            let first = enc.read_to_end(&mut out).unwrap_err();
+            assert_eq!(first.to_string(), "disk error");
+            let mut buf = [0u8; 64];
+            for _ in 0..3 {
+                let again = enc.read(&mut buf).unwrap_err();
+                assert!(again.to_string().contains("already failed"), "{again}");
+            }
+        }
+        // Decoding: after a damaged frame, nothing more is served, and the
+        // end (Ok(0)) is never reported.
+        let s = settings(true, Compression::Zstd, 1);
+        let (mut stored, _) = encode(&sample(20_000), &s);
+        let at = HEADER_LEN + 100;
+        stored[at] ^= 1;
+        let mut d = DecodingReader::new(
+            &stored[..],
+            s.key.clone().into_iter().collect(),
+            true,
+            bind(NAME),
+        );
+        let mut out = Vec::new();
+        assert!(d.read_to_end(&mut out).is_err());
+        let mut buf = [0u8; 64];
+        for _ in 0..3 {
+            let again = d.read(&mut buf).unwrap_err();
+            assert!(again.to_string().contains("already failed"), "{again}");
+        }
+        let skip = d.skip_to(1 << 20).unwrap_err();
+        assert!(skip.to_string().contains("already failed"), "{skip}");
     }
 
     #[test]
