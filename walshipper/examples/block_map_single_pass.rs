@@ -1,8 +1,9 @@
-//! What one BLAKE3 pass instead of two would save a backup (a measurement
-//! for a possible block-map format, not used by walshipper):
-//! `cargo run --release --example block_map_single_pass -- FILE...`.
+//! What one BLAKE3 pass instead of two saves a backup:
+//! `cargo run --release --example block_map_single_pass -- FILE...`. The
+//! measurement that led to `WSBMAP02` maps (`delta::TreeHash`); kept, as
+//! written then, to re-measure on another CPU.
 //!
-//! Today a large file is hashed twice: each 8 KiB block for its block map
+//! Before, a large file was hashed twice: each 8 KiB block for its block map
 //! (`delta::block_hash`, BLAKE3 of the block alone) and the whole file for
 //! the manifest. BLAKE3 is a tree of 1 KiB chunks, so an 8 KiB block at an
 //! 8 KiB boundary is a subtree of the file's tree: its chaining value

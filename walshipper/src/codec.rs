@@ -434,6 +434,9 @@ fn random_bytes<const N: usize>() -> io::Result<[u8; N]> {
 /// At most 2 × threads frames are in flight, so memory stays bounded.
 pub struct EncodingReader<R> {
     src: R,
+    /// Set when `src` hashes what it yields itself ([`SelfHashing`]): the
+    /// object's hash is asked of it at the end instead of hashed again.
+    src_hash: Option<fn(&mut R) -> io::Result<PlainHash>>,
     settings: Arc<CodecSettings>,
     sealer: Arc<Sealer>,
     /// What `read` serves next, `head` then `body`: the object's header, a
@@ -509,6 +512,20 @@ impl FrameEncoder {
             .seal(index, KIND_DATA, &mut body)
             .map_err(invalid)?;
         Ok(body)
+    }
+}
+
+/// A source that computes the BLAKE3 of everything it yielded itself, in
+/// a pass it makes anyway (`delta::MapBuilder`: a block map's entries
+/// merged are the file's BLAKE3), so the encoder need not hash it again.
+pub trait SelfHashing: Read {
+    /// The BLAKE3 of everything read, once `read` reached the end.
+    fn plain_hash(&mut self) -> io::Result<PlainHash>;
+}
+
+impl<T: SelfHashing + ?Sized> SelfHashing for &mut T {
+    fn plain_hash(&mut self) -> io::Result<PlainHash> {
+        (**self).plain_hash()
     }
 }
 
@@ -668,6 +685,7 @@ impl<R: Read> EncodingReader<R> {
         let head = header.to_bytes().to_vec();
         Ok(EncodingReader {
             src,
+            src_hash: None,
             settings,
             sealer,
             summary: Summary {
@@ -693,6 +711,18 @@ impl<R: Read> EncodingReader<R> {
         })
     }
 
+    /// As `new`, taking the object's hash (BLAKE3, object version 3) from
+    /// `src` at the end instead of hashing its bytes again.
+    pub fn self_hashed(src: R, settings: Arc<CodecSettings>, binding: Binding) -> io::Result<Self>
+    where
+        R: SelfHashing,
+    {
+        let mut enc = Self::with_hash(src, settings, binding, HashAlg::Blake3)?;
+        enc.sha = StreamHash::Done;
+        enc.src_hash = Some(R::plain_hash);
+        Ok(enc)
+    }
+
     /// Valid once `read` has returned 0.
     pub fn summary(&self) -> &Summary {
         &self.summary
@@ -715,7 +745,9 @@ impl<R: Read> EncodingReader<R> {
         }
         self.summary.plain_len += buf.len() as u64;
         let buf = Arc::new(buf);
-        self.sha.update(&buf)?;
+        if self.src_hash.is_none() {
+            self.sha.update(&buf)?;
+        }
         Ok(Some(buf))
     }
 
@@ -785,7 +817,14 @@ impl<R: Read> EncodingReader<R> {
     }
 
     fn finish(&mut self) -> io::Result<()> {
-        let hash = self.sha.finish()?;
+        let hash = match self.src_hash {
+            // `self_hashed` wrote a BLAKE3 object's header.
+            Some(f) => match f(&mut self.src)? {
+                h if h.alg == HashAlg::Blake3 => h,
+                _ => return Err(io::Error::other("the source's hash is not BLAKE3")),
+            },
+            None => self.sha.finish()?,
+        };
         let mut body = Vec::with_capacity(FINAL_BODY_LEN + TAG_LEN);
         body.extend_from_slice(&self.summary.plain_len.to_le_bytes());
         body.extend_from_slice(&hash.bytes);
@@ -1497,6 +1536,50 @@ mod tests {
         }
         let skip = d.skip_to(1 << 20).unwrap_err();
         assert!(skip.to_string().contains("already failed"), "{skip}");
+    }
+
+    /// A source that claims a hash for what it yields.
+    struct Claims<'a>(&'a [u8], PlainHash);
+
+    impl Read for Claims<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.0.read(buf)
+        }
+    }
+
+    impl SelfHashing for Claims<'_> {
+        fn plain_hash(&mut self) -> io::Result<PlainHash> {
+            Ok(self.1)
+        }
+    }
+
+    #[test]
+    fn a_self_hashed_object_carries_its_sources_hash() {
+        let data = sample(300_000);
+        for threads in [1, 3] {
+            let s = settings(true, Compression::Zstd, threads);
+            let right = HashAlg::Blake3.digest(&data);
+            let mut enc =
+                EncodingReader::self_hashed(Claims(&data, right), s.clone(), bind(NAME)).unwrap();
+            let mut stored = Vec::new();
+            enc.read_to_end(&mut stored).unwrap();
+            assert_eq!(enc.summary().hash, right);
+            assert!(decode(&stored, &s).unwrap() == data);
+            // A source whose hash is wrong makes an object that the reader
+            // refuses: the final frame's hash is checked against the bytes.
+            let mut wrong = right;
+            wrong.bytes[0] ^= 1;
+            let mut enc =
+                EncodingReader::self_hashed(Claims(&data, wrong), s.clone(), bind(NAME)).unwrap();
+            let mut stored = Vec::new();
+            enc.read_to_end(&mut stored).unwrap();
+            assert!(decode(&stored, &s).is_err());
+            // And one of another algorithm is refused at encoding.
+            let sha = HashAlg::Sha256.digest(&data);
+            let mut enc =
+                EncodingReader::self_hashed(Claims(&data, sha), s.clone(), bind(NAME)).unwrap();
+            assert!(enc.read_to_end(&mut Vec::new()).is_err());
+        }
     }
 
     #[test]

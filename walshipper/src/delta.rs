@@ -16,6 +16,13 @@
 //! restored file is byte-identical to the one read, and restore can check
 //! the whole file's hash. See docs/repository-format.md for the formats.
 //!
+//! A block's map entry is its BLAKE3 *chaining value* at its offset (the
+//! node BLAKE3's own tree has for those 8 chunks), so the entries merged
+//! give the whole file's standard BLAKE3 ([`TreeHash`]): a backup hashes
+//! each byte once for both the map and the manifest. Maps written before
+//! (`WSBMAP01`) hold BLAKE3 of each block alone; a chain keeps the kind its
+//! full map has ([`MapKind`]).
+//!
 //! A changed block is stored whole, byte-delta filtered, or XORed with its
 //! previous version (rebuilt from the reference chain: [`ChainBlocks`]),
 //! whichever has the fewest nonzero bytes (`choose`); an XOR record
@@ -23,6 +30,10 @@
 //! any other.
 
 use std::io::{self, Read, Write};
+
+use blake3::hazmat::{
+    merge_subtrees_non_root, merge_subtrees_root, ChainingValue, HasherExt, Mode,
+};
 
 use crate::codec::{read_full, HashAlg, PlainHash};
 
@@ -40,11 +51,17 @@ pub const MAX_FILE_SIZE: u64 = 1 << 40;
 /// Header of a serialised map: magic, kind, size, count.
 const MAP_HEADER: usize = 21;
 
-const MAP_MAGIC: &[u8; 8] = b"WSBMAP01";
+/// Maps of [`MapKind::Block`] (written until 2026-11-27).
+const MAP_MAGIC_1: &[u8; 8] = b"WSBMAP01";
+/// Maps of [`MapKind::Tree`].
+const MAP_MAGIC_2: &[u8; 8] = b"WSBMAP02";
 const DELTA_MAGIC: &[u8; 8] = b"WSDELTA1";
 /// Version 2 of block deltas: records may also be XORed and/or filtered.
 const DELTA_MAGIC_2: &[u8; 8] = b"WSDELTA2";
-/// In a version 2 delta, this bit of a record's length marks an XOR record:
+/// Version 3: as version 2, but an XOR record names the block it applies
+/// to by its [`MapKind::Tree`] hash (made against a version 02 map).
+const DELTA_MAGIC_3: &[u8; 8] = b"WSDELTA3";
+/// In a version 2 or 3 delta, this bit of a record's length marks an XOR record:
 /// the 16-byte hash of the block it applies to, then the block's bytes
 /// XORed with that block's (docs/repository-format.md).
 const XOR: u32 = 1 << 31;
@@ -91,15 +108,144 @@ fn unfilter(data: &mut [u8], s: usize) {
 
 pub type Hash = [u8; 16];
 
-/// BLAKE3, truncated to 128 bits: cryptographic (no one can craft a page
-/// that passes for another), and about 2.3 times as fast as SHA-256 here
-/// (examples/block_hash_speed.rs): every block of every file is hashed by
-/// every backup.
-pub fn block_hash(block: &[u8]) -> Hash {
-    let d = blake3::hash(block);
+fn truncated(full: &[u8; 32]) -> Hash {
     let mut h = [0u8; 16];
-    h.copy_from_slice(&d.as_bytes()[..16]);
+    h.copy_from_slice(&full[..16]);
     h
+}
+
+/// BLAKE3 of a block alone, truncated to 128 bits: the entries of
+/// [`MapKind::Block`] maps. Cryptographic (no one can craft a page that
+/// passes for another), and about 2.3 times as fast as SHA-256 here
+/// (examples/block_hash_speed.rs).
+pub fn block_hash(block: &[u8]) -> Hash {
+    truncated(blake3::hash(block).as_bytes())
+}
+
+/// What a map's entries are: how a block is hashed to compare it with one.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum MapKind {
+    /// `WSBMAP01`: BLAKE3 of the block alone ([`block_hash`]).
+    Block,
+    /// `WSBMAP02`: the block's BLAKE3 chaining value at its offset
+    /// ([`tree_block_hash`]), truncated to 128 bits. The same strength: a
+    /// chaining value is a BLAKE3 compression output like the root, and it
+    /// binds the offset (the chunk counter) too.
+    #[default]
+    Tree,
+}
+
+impl MapKind {
+    /// The map entry of block `blk` whose bytes are `data` (1 to 8192).
+    pub fn hash(self, blk: u64, data: &[u8]) -> Hash {
+        match self {
+            MapKind::Block => block_hash(data),
+            MapKind::Tree => tree_block_hash(blk, data),
+        }
+    }
+
+    fn magic(self) -> &'static [u8; 8] {
+        match self {
+            MapKind::Block => MAP_MAGIC_1,
+            MapKind::Tree => MAP_MAGIC_2,
+        }
+    }
+}
+
+/// The chaining value of block `blk` (1 to 8192 bytes) as a subtree of its
+/// file's BLAKE3 tree. Never panics: the offset is a multiple of 8 KiB
+/// (so of BLAKE3's 1 KiB chunks), the input is not empty and fits the
+/// largest subtree at that offset (8 KiB, or any length at offset 0);
+/// an empty block hashes as BLAKE3 of nothing (no file has one).
+/// A fresh hasher each time: `reset` keeps the last offset, which
+/// `set_input_offset` then takes for input already accepted (and panics).
+fn chaining_value(blk: u64, data: &[u8]) -> ChainingValue {
+    if data.is_empty() || data.len() > BLOCK {
+        return *blake3::hash(data).as_bytes();
+    }
+    blake3::Hasher::new()
+        .set_input_offset(blk.saturating_mul(BLOCK as u64) & !(BLOCK as u64 - 1))
+        .update(data)
+        .finalize_non_root()
+}
+
+/// A [`MapKind::Tree`] map entry (one block; [`TreeHash`] hashes files).
+pub fn tree_block_hash(blk: u64, data: &[u8]) -> Hash {
+    truncated(&chaining_value(blk, data))
+}
+
+/// Hashes a file block by block, in order: each block's
+/// [`MapKind::Tree`] entry, and at the end the file's standard BLAKE3
+/// (what `blake3::hash` of its bytes gives), from the blocks' chaining
+/// values merged as BLAKE3's own hasher merges its chunks: a stack of
+/// complete subtrees, merged lazily so that the last merge is the root.
+#[derive(Default)]
+pub struct TreeHash {
+    stack: Vec<ChainingValue>,
+    blocks: u64,
+    /// Block 0's bytes: a file of one block is its own root.
+    first: Vec<u8>,
+    /// A block shorter than 8 KiB was given: it must be the file's last.
+    short: bool,
+}
+
+impl TreeHash {
+    /// Hashes the next block (1 to 8192 bytes; only the last may be
+    /// shorter) and returns its map entry.
+    pub fn block(&mut self, data: &[u8]) -> io::Result<Hash> {
+        if self.short || data.is_empty() || data.len() > BLOCK {
+            return Err(io::Error::other(
+                "block hash: a block after a short block, or of a bad length",
+            ));
+        }
+        self.short = data.len() < BLOCK;
+        let i = self.blocks;
+        if i == 0 {
+            self.first.clear();
+            self.first.extend_from_slice(data);
+        }
+        // Before pushing block i, merge the completed subtrees: as many
+        // stay as `i` has bits set (a block is 8 chunks, a power of two).
+        while self.stack.len() > i.count_ones() as usize {
+            self.merge_top();
+        }
+        let cv = chaining_value(i, data);
+        self.stack.push(cv);
+        self.blocks += 1;
+        Ok(truncated(&cv))
+    }
+
+    fn merge_top(&mut self) {
+        if let (Some(right), Some(left)) = (self.stack.pop(), self.stack.pop()) {
+            self.stack
+                .push(merge_subtrees_non_root(&left, &right, Mode::Hash));
+        }
+    }
+
+    /// The file's BLAKE3 (the stack is merged; no block may follow).
+    pub fn root(&mut self) -> io::Result<PlainHash> {
+        self.short = true;
+        let bytes = if self.blocks <= 1 {
+            *blake3::hash(&self.first).as_bytes()
+        } else {
+            while self.stack.len() > 2 {
+                self.merge_top();
+            }
+            match (self.stack.pop(), self.stack.pop()) {
+                (Some(right), Some(left)) => {
+                    let root = merge_subtrees_root(&left, &right, Mode::Hash);
+                    self.stack.extend([left, right]);
+                    *root.as_bytes()
+                }
+                // Two or more blocks leave at least two subtrees.
+                _ => return Err(io::Error::other("block hash: a subtree missing")),
+            }
+        };
+        Ok(PlainHash {
+            alg: HashAlg::Blake3,
+            bytes,
+        })
+    }
 }
 
 fn bad(what: &str) -> io::Error {
@@ -109,6 +255,7 @@ fn bad(what: &str) -> io::Error {
 /// The hash of every block of one version of a file.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct BlockMap {
+    pub kind: MapKind,
     pub size: u64,
     pub hashes: Vec<Hash>,
 }
@@ -130,7 +277,7 @@ impl BlockMap {
     /// Serialises a full map: magic, kind 0, size, count, hashes.
     pub fn encode(&self) -> Vec<u8> {
         let mut v = Vec::with_capacity(21 + self.hashes.len() * 16);
-        v.extend_from_slice(MAP_MAGIC);
+        v.extend_from_slice(self.kind.magic());
         v.push(0);
         v.extend_from_slice(&self.size.to_le_bytes());
         v.extend_from_slice(&(self.hashes.len() as u32).to_le_bytes());
@@ -140,10 +287,11 @@ impl BlockMap {
         v
     }
 
-    /// Serialises a map delta: magic, kind 1, new size, count, (block, hash)...
-    pub fn encode_delta(size: u64, changed: &[(u32, Hash)]) -> Vec<u8> {
+    /// Serialises a map delta of a map of `kind`: magic, kind 1, new size,
+    /// count, (block, hash)...
+    pub fn encode_delta(kind: MapKind, size: u64, changed: &[(u32, Hash)]) -> Vec<u8> {
         let mut v = Vec::with_capacity(21 + changed.len() * 20);
-        v.extend_from_slice(MAP_MAGIC);
+        v.extend_from_slice(kind.magic());
         v.push(1);
         v.extend_from_slice(&size.to_le_bytes());
         v.extend_from_slice(&(changed.len() as u32).to_le_bytes());
@@ -156,8 +304,8 @@ impl BlockMap {
 
     /// Applies a serialised map (full: replaces; delta: updates) to `self`.
     /// Every count and size is checked against the body's length and
-    /// `MAX_FILE_SIZE` before anything is allocated; on error `self` is
-    /// unchanged.
+    /// `MAX_FILE_SIZE` before anything is allocated; a delta must be of the
+    /// kind of the map it updates; on error `self` is unchanged.
     pub fn apply(&mut self, body: &[u8]) -> io::Result<()> {
         let (Some(magic), Some(&kind), Some(size), Some(count), Some(rest)) = (
             body.get(..8),
@@ -168,9 +316,16 @@ impl BlockMap {
         ) else {
             return Err(bad("shorter than its header"));
         };
-        if magic != MAP_MAGIC {
-            return Err(bad("bad header"));
-        }
+        let map_kind = match magic {
+            m if m == MAP_MAGIC_1 => MapKind::Block,
+            m if m == MAP_MAGIC_2 => MapKind::Tree,
+            m if m.starts_with(b"WSBMAP") => {
+                return Err(bad(
+                    "a map of a later format (written by a newer walshipper)",
+                ))
+            }
+            _ => return Err(bad("bad header")),
+        };
         let size = u64::from_le_bytes(size.try_into().map_err(|_| bad("size"))?);
         let count = u32::from_le_bytes(count.try_into().map_err(|_| bad("count"))?) as usize;
         if size > MAX_FILE_SIZE {
@@ -186,8 +341,14 @@ impl BlockMap {
                     .chunks_exact(16)
                     .map(|c| c.try_into().unwrap_or([0; 16]))
                     .collect();
+                self.kind = map_kind;
             }
             1 => {
+                // Entries of two kinds never compare equal: mixed, every
+                // block would look changed, or a wrong one the same.
+                if map_kind != self.kind {
+                    return Err(bad("a map delta of another kind than the map it updates"));
+                }
                 if Some(rest.len()) != count.checked_mul(20) {
                     return Err(bad("map delta length does not match its count"));
                 }
@@ -225,7 +386,10 @@ pub fn first_change<R: Read>(mut r: R, map: &BlockMap) -> io::Result<Option<u32>
         let n = read_full(&mut r, &mut buf)?;
         size += n as u64;
         // A short block is the file's end: different unless it is the map's last.
-        if n == 0 || block_hash(&buf[..n]) != *want || (n < BLOCK && i + 1 < map.hashes.len()) {
+        if n == 0
+            || (n < BLOCK && i + 1 < map.hashes.len())
+            || map.kind.hash(i as u64, &buf[..n]) != *want
+        {
             return Ok(Some(i as u32));
         }
     }
@@ -241,11 +405,16 @@ pub fn unchanged<R: Read>(r: R, map: &BlockMap) -> io::Result<bool> {
     Ok(first_change(r, map)?.is_none())
 }
 
-/// Passes a file through unchanged while building its block map.
+/// Passes a file through unchanged while building its block map
+/// ([`MapKind::Tree`]) and, in the same pass, its BLAKE3 hash: the object's
+/// and the manifest's (`codec::SelfHashing`).
 pub struct MapBuilder<R> {
     inner: R,
     pending: Vec<u8>,
     map: BlockMap,
+    tree: TreeHash,
+    /// Set by `plain_hash`: the end was reached and the last block hashed.
+    ended: bool,
 }
 
 impl<R: Read> MapBuilder<R> {
@@ -254,20 +423,41 @@ impl<R: Read> MapBuilder<R> {
             inner,
             pending: Vec::with_capacity(BLOCK),
             map: BlockMap::default(),
+            tree: TreeHash::default(),
+            ended: false,
         }
     }
 
-    /// The map of everything read, once the reader reached the end.
-    pub fn finish(mut self) -> BlockMap {
-        if !self.pending.is_empty() {
-            self.map.hashes.push(block_hash(&self.pending));
+    /// Hashes the partial last block, once the reader reached the end.
+    fn end(&mut self) -> io::Result<()> {
+        if !self.ended && !self.pending.is_empty() {
+            let h = self.tree.block(&self.pending)?;
+            self.map.hashes.push(h);
+            self.pending.clear();
         }
-        self.map
+        self.ended = true;
+        Ok(())
+    }
+
+    /// The map of everything read, once the reader reached the end.
+    pub fn finish(mut self) -> io::Result<BlockMap> {
+        self.end()?;
+        Ok(self.map)
+    }
+}
+
+impl<R: Read> crate::codec::SelfHashing for MapBuilder<R> {
+    fn plain_hash(&mut self) -> io::Result<PlainHash> {
+        self.end()?;
+        self.tree.root()
     }
 }
 
 impl<R: Read> Read for MapBuilder<R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.ended {
+            return Err(io::Error::other("block map: read after its end"));
+        }
         let n = self.inner.read(buf)?;
         self.map.size += n as u64;
         let mut data = &buf[..n];
@@ -276,13 +466,15 @@ impl<R: Read> Read for MapBuilder<R> {
             self.pending.extend_from_slice(&data[..take]);
             data = &data[take..];
             if self.pending.len() == BLOCK {
-                self.map.hashes.push(block_hash(&self.pending));
+                let h = self.tree.block(&self.pending)?;
+                self.map.hashes.push(h);
                 self.pending.clear();
             }
         }
         let mut chunks = data.chunks_exact(BLOCK);
         for c in &mut chunks {
-            self.map.hashes.push(block_hash(c));
+            let h = self.tree.block(c)?;
+            self.map.hashes.push(h);
         }
         self.pending.extend_from_slice(chunks.remainder());
         Ok(n)
@@ -313,13 +505,15 @@ enum Previous<'a> {
 /// Blocks read from the file at a time: 128 KiB, few system calls.
 const READ_BLOCKS: usize = 16;
 
-/// Reads a file and yields its block delta against `base` (version 2): the
+/// Reads a file and yields its block delta against `base` (version 3, or 2
+/// against a [`MapKind::Block`] map): the
 /// magic, then a record for every block that differs (`block u32, length
 /// u32` with flags, for an XOR record the hash of the block it applies to,
 /// then the bytes: whole, XORed and/or filtered as `choose` finds
 /// smallest), then an end record `u32::MAX, 0, size u64`. Also computes the hash of the whole
-/// file as read (the current algorithm: it is the new manifest entry's) and
-/// the map delta.
+/// file as read (BLAKE3: it is the new manifest entry's) and the map delta
+/// (of the base's kind). Against a [`MapKind::Tree`] map the block hashes
+/// merged are the file's hash; against an older map it is hashed apart.
 pub struct DeltaReader<'a, R> {
     inner: R,
     base: BlockMap,
@@ -340,8 +534,13 @@ pub struct DeltaReader<'a, R> {
     out_pos: usize,
     next_block: u32,
     size: u64,
+    /// The file's hash: its blocks' (Tree maps) or a stream's (Block maps).
+    tree: Option<TreeHash>,
     sha: crate::codec::StreamHash,
     changed: Vec<(u32, Hash)>,
+    /// A short read was the file's end: a file growing meanwhile is read
+    /// no further (WAL replay brings what it wrote after).
+    at_end: bool,
     done: bool,
 }
 
@@ -367,7 +566,8 @@ pub struct DeltaSummary {
 impl<'a, R: Read> DeltaReader<'a, R> {
     pub fn new(inner: R, base: BlockMap) -> Self {
         let mut out = Vec::with_capacity(READ_BLOCKS * (BLOCK + 24) + 16);
-        out.extend_from_slice(DELTA_MAGIC_2);
+        let tree = base.kind == MapKind::Tree;
+        out.extend_from_slice(if tree { DELTA_MAGIC_3 } else { DELTA_MAGIC_2 });
         DeltaReader {
             inner,
             base,
@@ -383,16 +583,25 @@ impl<'a, R: Read> DeltaReader<'a, R> {
             out_pos: 0,
             next_block: 0,
             size: 0,
-            sha: crate::codec::StreamHash::new(HashAlg::CURRENT, false),
+            tree: tree.then(TreeHash::default),
+            sha: if tree {
+                crate::codec::StreamHash::Done
+            } else {
+                crate::codec::StreamHash::new(HashAlg::Blake3, false)
+            },
             changed: Vec::new(),
+            at_end: false,
             done: false,
         }
     }
 
-    /// Computes the file's hash on a thread of its own (large files:
-    /// the reading thread then only reads and compares block hashes).
+    /// Against a [`MapKind::Block`] map, computes the file's hash on a
+    /// thread of its own (large files: the reading thread then only reads
+    /// and compares block hashes). Against a Tree map there is no second hash.
     pub fn hash_on_own_thread(mut self) -> Self {
-        self.sha = crate::codec::StreamHash::new(HashAlg::CURRENT, true);
+        if self.tree.is_none() {
+            self.sha = crate::codec::StreamHash::new(HashAlg::Blake3, true);
+        }
         self
     }
 
@@ -409,7 +618,7 @@ impl<'a, R: Read> DeltaReader<'a, R> {
         what: String,
         open: impl FnOnce() -> io::Result<Box<dyn PreviousBlocks + 'a>> + 'a,
     ) -> Self {
-        if self.next_block == 0 && self.out.len() == DELTA_MAGIC_2.len() {
+        if self.next_block == 0 && self.out.len() == DELTA_MAGIC_2.len() && !self.done {
             self.previous = Previous::Closed(Box::new(open));
             self.what = what;
         }
@@ -450,7 +659,9 @@ impl<'a, R: Read> DeltaReader<'a, R> {
             }
             Err(e) => e.to_string(),
             Ok(()) if self.prev_buf.len() != BLOCK => return None,
-            Ok(()) if block_hash(&self.prev_buf) == want => return Some(want),
+            Ok(()) if self.base.kind.hash(u64::from(b), &self.prev_buf) == want => {
+                return Some(want)
+            }
             Ok(()) => {
                 let why = "it does not match the reference's block map".to_string();
                 self.reference_doubt = Some(format!("block {b}: {why}"));
@@ -483,10 +694,17 @@ impl<'a, R: Read> DeltaReader<'a, R> {
     }
 
     pub fn finish(mut self) -> io::Result<DeltaSummary> {
+        if !self.done {
+            return Err(io::Error::other("block delta: finished before its end"));
+        }
+        let hash = match &mut self.tree {
+            Some(t) => t.root()?,
+            None => self.sha.finish()?,
+        };
         Ok(DeltaSummary {
             size: self.size,
-            hash: self.sha.finish()?,
-            map_delta: BlockMap::encode_delta(self.size, &self.changed),
+            hash,
+            map_delta: BlockMap::encode_delta(self.base.kind, self.size, &self.changed),
             changed_blocks: self.changed.len(),
             xored_blocks: self.xored,
             filtered_blocks: self.filtered,
@@ -498,7 +716,12 @@ impl<'a, R: Read> DeltaReader<'a, R> {
     /// record) to `out`.
     fn read_chunk(&mut self) -> io::Result<()> {
         let mut chunk = vec![0u8; READ_BLOCKS * BLOCK];
-        let n = read_full(&mut self.inner, &mut chunk)?;
+        let n = if self.at_end {
+            0
+        } else {
+            read_full(&mut self.inner, &mut chunk)?
+        };
+        self.at_end = n < chunk.len();
         if n == 0 {
             self.out.extend_from_slice(&END.to_le_bytes());
             self.out.extend_from_slice(&0u32.to_le_bytes());
@@ -513,7 +736,10 @@ impl<'a, R: Read> DeltaReader<'a, R> {
                 return Err(io::Error::other("file too large for a block delta"));
             }
             self.next_block += 1;
-            let h = block_hash(data);
+            let h = match &mut self.tree {
+                Some(t) => t.block(data)?,
+                None => block_hash(data),
+            };
             if self.base.hashes.get(b as usize) != Some(&h) {
                 if let Some(f) = &mut self.on_changed {
                     f(data, u64::from(b) * BLOCK as u64);
@@ -567,7 +793,9 @@ impl<'a, R: Read> DeltaReader<'a, R> {
             }
         }
         self.size += n as u64;
-        self.sha.update(&std::sync::Arc::new(chunk))?;
+        if self.tree.is_none() {
+            self.sha.update(&std::sync::Arc::new(chunk))?;
+        }
         Ok(())
     }
 }
@@ -609,8 +837,10 @@ enum Next {
 /// that is not the file's last.
 struct DeltaStream<R> {
     src: R,
-    /// Version 2: XOR records allowed.
+    /// Version 2 or 3: XOR records allowed.
     v2: bool,
+    /// Version 3: an XOR record names its block by its [`MapKind::Tree`] hash.
+    xor_kind: MapKind,
     next: Next,
     data: Vec<u8>,
     /// The current record is an XOR record against the block with this hash.
@@ -628,9 +858,10 @@ impl<R: Read> DeltaStream<R> {
         if read_full(&mut src, &mut magic)? != 8 {
             return Err(invalid("not a block delta"));
         }
-        let v2 = match &magic {
-            DELTA_MAGIC => false,
-            DELTA_MAGIC_2 => true,
+        let (v2, xor_kind) = match &magic {
+            DELTA_MAGIC => (false, MapKind::Block),
+            DELTA_MAGIC_2 => (true, MapKind::Block),
+            DELTA_MAGIC_3 => (true, MapKind::Tree),
             m if m.starts_with(b"WSDELTA") => {
                 return Err(invalid(
                     "a block delta of a later format: restore with a newer walshipper",
@@ -641,6 +872,7 @@ impl<R: Read> DeltaStream<R> {
         let mut d = DeltaStream {
             src,
             v2,
+            xor_kind,
             next: Next::End(0),
             data: Vec::with_capacity(BLOCK),
             xor_base: None,
@@ -758,7 +990,7 @@ impl<R: Read> DeltaStream<R> {
                     Some(h) => {
                         // Bound to the block it was made against: applied to
                         // anything else it would make a wrong page.
-                        if cur.len() != BLOCK || block_hash(cur) != h {
+                        if cur.len() != BLOCK || self.xor_kind.hash(blk, cur) != h {
                             return Err(invalid(&format!(
                                 "the XOR record of block {b} was made against another version of that block (its hash differs): the base or a delta before it in the chain is missing, damaged or out of order"
                             )));
@@ -1045,10 +1277,90 @@ mod tests {
     fn map_of(data: &[u8]) -> BlockMap {
         let mut m = MapBuilder::new(data);
         io::copy(&mut m, &mut io::sink()).unwrap();
-        m.finish()
+        m.finish().unwrap()
+    }
+
+    /// The map an earlier walshipper wrote (`WSBMAP01`).
+    fn block_map_of(data: &[u8]) -> BlockMap {
+        BlockMap {
+            kind: MapKind::Block,
+            size: data.len() as u64,
+            hashes: data.chunks(BLOCK).map(block_hash).collect(),
+        }
+    }
+
+    fn map_of_kind(data: &[u8], kind: MapKind) -> BlockMap {
+        match kind {
+            MapKind::Block => block_map_of(data),
+            MapKind::Tree => map_of(data),
+        }
+    }
+
+    #[test]
+    fn tree_hashes_merge_into_the_files_blake3() {
+        let sample: Vec<u8> = (0..40 * BLOCK + 3000)
+            .map(|i| (i * 7 % 251) as u8 ^ (i >> 13) as u8)
+            .collect();
+        // Around a chunk, a block and the tree's powers of two; then
+        // pseudo-random lengths.
+        let mut lens = vec![
+            0, 1, 1023, 1024, 1025, 8191, 8192, 8193, 16383, 16384, 16385,
+        ];
+        for b in [3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 40] {
+            lens.extend([b * BLOCK - 1, b * BLOCK, b * BLOCK + 1, b * BLOCK + 1024]);
+        }
+        let mut rng = 0x9e37_79b9_7f4a_7c15u64;
+        for _ in 0..40 {
+            rng = rng
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            lens.push((rng >> 33) as usize % sample.len());
+        }
+        for n in lens.into_iter().filter(|&n| n <= sample.len()) {
+            let data = &sample[..n];
+            let want = HashAlg::Blake3.digest(data);
+            // Read in pieces that cut blocks anywhere.
+            let mut mb = MapBuilder::new(Trickle(data));
+            io::copy(&mut mb, &mut io::sink()).unwrap();
+            assert_eq!(
+                crate::codec::SelfHashing::plain_hash(&mut mb).unwrap(),
+                want,
+                "{n}"
+            );
+            let map = mb.finish().unwrap();
+            assert_eq!((map.kind, map.size), (MapKind::Tree, n as u64));
+            assert_eq!(map.hashes.len(), blocks_in(n as u64), "{n}");
+            for (i, b) in data.chunks(BLOCK).enumerate() {
+                assert_eq!(map.hashes[i], tree_block_hash(i as u64, b), "{n} block {i}");
+            }
+            let mut t = TreeHash::default();
+            for b in data.chunks(BLOCK) {
+                t.block(b).unwrap();
+            }
+            assert_eq!(t.root().unwrap(), want, "{n}");
+        }
+        // The same bytes at another offset hash differently: an entry is
+        // bound to its block.
+        let page = &sample[..BLOCK];
+        assert_ne!(tree_block_hash(0, page), tree_block_hash(1, page));
+        assert_ne!(tree_block_hash(1, page), block_hash(page));
+        // A block after a short one, or an empty one, is refused.
+        let mut t = TreeHash::default();
+        t.block(&page[..100]).unwrap();
+        assert!(t.block(page).is_err());
+        assert!(TreeHash::default().block(&[]).is_err());
     }
 
     fn roundtrip(old: &[u8], new: &[u8]) -> usize {
+        let n = roundtrip_kind(old, new, MapKind::Tree);
+        assert_eq!(roundtrip_kind(old, new, MapKind::Block), n);
+        n
+    }
+
+    /// Against a map of `kind`: the delta's version, the file's hash, the
+    /// map delta's kind, the rebuilt bytes.
+    fn roundtrip_kind(old: &[u8], new: &[u8], kind: MapKind) -> usize {
+        let map_of = |d: &[u8]| map_of_kind(d, kind);
         let base = map_of(old);
         assert!(unchanged(old, &base).unwrap());
         assert_eq!(unchanged(new, &base).unwrap(), old == new);
@@ -1057,6 +1369,12 @@ mod tests {
         r.read_to_end(&mut delta).unwrap();
         let s = r.finish().unwrap();
         assert_eq!(s.hash, HashAlg::Blake3.digest(new));
+        let magic: &[u8] = match kind {
+            MapKind::Tree => DELTA_MAGIC_3,
+            MapKind::Block => DELTA_MAGIC_2,
+        };
+        assert_eq!(&delta[..8], magic);
+        assert_eq!(&s.map_delta[..8], kind.magic());
         // Asked first whether the file differs (the same pass), and hashed
         // on a thread of its own: the same stream and summary.
         let mut r2 = DeltaReader::new(new, base.clone()).hash_on_own_thread();
@@ -1096,6 +1414,13 @@ mod tests {
         let mut m2 = BlockMap::default();
         m2.apply(&map_of(new).encode()).unwrap();
         assert_eq!(m2, map_of(new));
+        // A map delta of the other kind is refused.
+        let mut other = map_of_kind(old, kind);
+        other.kind = match kind {
+            MapKind::Tree => MapKind::Block,
+            MapKind::Block => MapKind::Tree,
+        };
+        assert!(other.apply(&s.map_delta).is_err());
         s.changed_blocks
     }
 
@@ -1150,7 +1475,7 @@ mod tests {
     }
 
     fn map_body(kind: u8, size: u64, count: u32, rest: &[u8]) -> Vec<u8> {
-        let mut v = MAP_MAGIC.to_vec();
+        let mut v = MAP_MAGIC_2.to_vec();
         v.push(kind);
         v.extend_from_slice(&size.to_le_bytes());
         v.extend_from_slice(&count.to_le_bytes());
@@ -1191,6 +1516,16 @@ mod tests {
                 ),
             ),
             ("unknown kind", map_body(7, 0, 0, &[])),
+            ("a later version", {
+                let mut v = map_body(1, 4 * 8192, 0, &[]);
+                v[..8].copy_from_slice(b"WSBMAP03");
+                v
+            }),
+            ("a delta of the older kind", {
+                let mut v = map_body(1, 4 * 8192, 0, &[]);
+                v[..8].copy_from_slice(MAP_MAGIC_1);
+                v
+            }),
         ];
         for (what, body) in cases {
             let mut m = base.clone();
@@ -1443,11 +1778,25 @@ mod tests {
         prev: &[u8],
         new: &[u8],
     ) -> (Vec<u8>, DeltaSummary) {
+        xor_delta_kind(MapKind::Tree, base, deltas, prev, new)
+    }
+
+    /// As `xor_delta`, against a map of `kind`.
+    fn xor_delta_kind(
+        kind: MapKind,
+        base: &[u8],
+        deltas: &[Vec<u8>],
+        prev: &[u8],
+        new: &[u8],
+    ) -> (Vec<u8>, DeltaSummary) {
         let deltas: Vec<&[u8]> = deltas.iter().map(|d| &d[..]).collect();
-        let mut r = DeltaReader::new(new, map_of(prev)).with_previous("test".into(), move || {
-            let chain = ChainBlocks::open(Skipper(base, 0), deltas, false)?;
-            Ok(Box::new(chain) as Box<dyn PreviousBlocks + '_>)
-        });
+        let mut r = DeltaReader::new(new, map_of_kind(prev, kind)).with_previous(
+            "test".into(),
+            move || {
+                let chain = ChainBlocks::open(Skipper(base, 0), deltas, false)?;
+                Ok(Box::new(chain) as Box<dyn PreviousBlocks + '_>)
+            },
+        );
         let mut out = Vec::new();
         r.read_to_end(&mut out).unwrap();
         (out, r.finish().unwrap())
@@ -1474,6 +1823,17 @@ mod tests {
 
     #[test]
     fn xor_records_round_trip_through_a_chain() {
+        xor_round_trip(MapKind::Tree);
+        xor_round_trip(MapKind::Block);
+    }
+
+    /// Against maps of `kind`: version 3 deltas (Tree) or 2 (Block).
+    fn xor_round_trip(kind: MapKind) {
+        let map_of = |d: &[u8]| map_of_kind(d, kind);
+        let magic: &[u8] = match kind {
+            MapKind::Tree => DELTA_MAGIC_3,
+            MapKind::Block => DELTA_MAGIC_2,
+        };
         let v0 = data(40, 5);
         let mut versions = vec![v0.clone()];
         let mut deltas: Vec<Vec<u8>> = Vec::new();
@@ -1491,8 +1851,8 @@ mod tests {
             }
             let prev = versions.last().unwrap().clone();
             let prev = &prev[..];
-            let (d, sum) = xor_delta(&v0, &deltas, prev, &next);
-            assert_eq!(&d[..8], DELTA_MAGIC_2);
+            let (d, sum) = xor_delta_kind(kind, &v0, &deltas, prev, &next);
+            assert_eq!(&d[..8], magic);
             assert_eq!(sum.xored_blocks, 2, "version {k}");
             assert_eq!(sum.hash, HashAlg::Blake3.digest(&next));
             let mut m = map_of(prev);
@@ -1605,9 +1965,25 @@ mod tests {
         ] {
             assert!(apply2(&parts).is_err(), "{what}");
         }
+        // Version 3 names the block by its tree hash; a record naming it
+        // by the other kind's hash is refused, in either version.
+        let t = tree_block_hash(1, &base[BLOCK..]);
+        let apply3 = |parts: &[Vec<u8>]| {
+            let mut d = DELTA_MAGIC_3.to_vec();
+            for p in parts {
+                d.extend_from_slice(p);
+            }
+            merged(&base, &[d], MAX_FILE_SIZE)
+        };
+        assert!(apply3(&[xor_record(1, blk, &t, BLOCK), end(2 * 8192)]).unwrap() == base);
+        assert!(apply3(&[xor_record(1, blk, &h, BLOCK), end(2 * 8192)]).is_err());
+        assert!(apply2(&[xor_record(1, blk, &t, BLOCK), end(2 * 8192)]).is_err());
+        // Block 0's tree hash on block 1: the offset is bound in.
+        let t0 = tree_block_hash(0, &base[BLOCK..]);
+        assert!(apply3(&[xor_record(1, blk, &t0, BLOCK), end(2 * 8192)]).is_err());
         // A later format is refused with a hint, a version 1 delta with the
         // XOR bit as a bad length.
-        let mut later = b"WSDELTA3".to_vec();
+        let mut later = b"WSDELTA4".to_vec();
         later.extend(end(16384));
         let e = merged(&base, &[later], MAX_FILE_SIZE).unwrap_err();
         assert!(

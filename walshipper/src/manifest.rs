@@ -21,7 +21,10 @@ use crate::layout::{self, BackupPart, ObjectName};
 ///    reader that knows only 4 refuses the backup as written by a newer
 ///    walshipper before restoring anything, instead of meeting `WSDELTA2`
 ///    halfway through a restore and calling it damage.
-pub const MANIFEST_VERSION: u32 = 5;
+/// 6: its block deltas may be version 3 and its maps `WSBMAP02` (entries
+///    that merge into the file's BLAKE3): refused whole by a reader that
+///    knows only 5, for the same reason.
+pub const MANIFEST_VERSION: u32 = 6;
 /// The first manifest version whose files may carry `blake3`.
 const BLAKE3_SINCE: u32 = 4;
 

@@ -1160,16 +1160,43 @@ impl Repository {
         durability: Durability,
         threads: Option<usize>,
     ) -> Result<(PutOutcome, Summary)> {
-        let settings = match threads {
+        let enc = EncodingReader::new(plain, self.settings_with(threads), self.binding(key))
+            .map_err(|e| Error::io("encode", e))?;
+        self.put_encoder(key, enc, durability)
+    }
+
+    /// As `put_object_with`, the object's hash computed by `plain` itself
+    /// in its own pass (a block map's builder) instead of a second one.
+    pub fn put_self_hashed(
+        &self,
+        key: &str,
+        plain: impl codec::SelfHashing,
+        durability: Durability,
+        threads: Option<usize>,
+    ) -> Result<(PutOutcome, Summary)> {
+        let enc =
+            EncodingReader::self_hashed(plain, self.settings_with(threads), self.binding(key))
+                .map_err(|e| Error::io("encode", e))?;
+        self.put_encoder(key, enc, durability)
+    }
+
+    fn settings_with(&self, threads: Option<usize>) -> Arc<CodecSettings> {
+        match threads {
             Some(t) if t != self.settings.threads => {
                 let mut s = (*self.settings).clone();
                 s.threads = t.max(1);
                 Arc::new(s)
             }
             _ => self.settings.clone(),
-        };
-        let mut enc = EncodingReader::new(plain, settings, self.binding(key))
-            .map_err(|e| Error::io("encode", e))?;
+        }
+    }
+
+    fn put_encoder<R: Read>(
+        &self,
+        key: &str,
+        mut enc: EncodingReader<R>,
+        durability: Durability,
+    ) -> Result<(PutOutcome, Summary)> {
         let outcome = self.storage.put_new(key, &mut enc, durability)?;
         Ok((outcome, enc.summary().clone()))
     }

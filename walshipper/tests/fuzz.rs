@@ -34,7 +34,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use walshipper::codec::{self, CodecSettings, Compression, DataKey, DecodingReader, Header};
-use walshipper::delta::BlockMap;
+use walshipper::delta::{BlockMap, MapKind};
 use walshipper::keys::KeyFile;
 use walshipper::manifest::Manifest;
 use walshipper::repo::{Descriptor, Repository};
@@ -469,17 +469,25 @@ impl Corpus {
             .filter_map(|o| o.get(..codec::HEADER_LEN)?.try_into().ok())
             .collect();
 
+        // Maps of both kinds: the older (`WSBMAP01`) and the current.
         let full = BlockMap {
+            kind: MapKind::Tree,
             size: 5 * 8192 + 100,
             hashes: (0..6).map(|i| [i as u8; 16]).collect(),
         };
+        let full_old = BlockMap {
+            kind: MapKind::Block,
+            ..full.clone()
+        };
         let maps = vec![
             full.encode(),
+            full_old.encode(),
             BlockMap::default().encode(),
-            BlockMap::encode_delta(7 * 8192, &[(0, [1; 16]), (6, [2; 16])]),
-            BlockMap::encode_delta(8192, &[]),
+            BlockMap::encode_delta(MapKind::Tree, 7 * 8192, &[(0, [1; 16]), (6, [2; 16])]),
+            BlockMap::encode_delta(MapKind::Block, 7 * 8192, &[(0, [1; 16]), (6, [2; 16])]),
+            BlockMap::encode_delta(MapKind::Tree, 8192, &[]),
         ];
-        let map_bases = vec![BlockMap::default(), full];
+        let map_bases = vec![BlockMap::default(), full, full_old];
 
         // Block deltas from the real writer: a 3-block file against a map of
         // an older version.
@@ -491,8 +499,23 @@ impl Corpus {
         for (base, file) in [(&old, &newer), (&newer, &old), (&old, &old)] {
             let mut mb = walshipper::delta::MapBuilder::new(&base[..]);
             std::io::copy(&mut mb, &mut std::io::sink()).expect("map");
-            let map = mb.finish();
+            let map = mb.finish().expect("map");
             let mut dr = walshipper::delta::DeltaReader::new(&file[..], map);
+            let mut out = Vec::new();
+            dr.read_to_end(&mut out).expect("delta");
+            deltas.push(out);
+        }
+        // A version 2 delta: against a map an earlier walshipper wrote.
+        {
+            let map = BlockMap {
+                kind: MapKind::Block,
+                size: old.len() as u64,
+                hashes: old
+                    .chunks(8192)
+                    .map(walshipper::delta::block_hash)
+                    .collect(),
+            };
+            let mut dr = walshipper::delta::DeltaReader::new(&newer[..], map);
             let mut out = Vec::new();
             dr.read_to_end(&mut out).expect("delta");
             deltas.push(out);
@@ -511,7 +534,7 @@ impl Corpus {
             let mut mb = MapBuilder::new(&sevens[..]);
             std::io::copy(&mut mb, &mut std::io::sink()).expect("map");
             let base = sevens.clone();
-            let mut dr = DeltaReader::new(&file[..], mb.finish()).with_previous(
+            let mut dr = DeltaReader::new(&file[..], mb.finish().expect("map")).with_previous(
                 "fuzz corpus".into(),
                 move || {
                     let chain =

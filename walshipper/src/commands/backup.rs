@@ -1216,9 +1216,13 @@ fn copy_one(
         let reader = checking(file, verify)?;
         let failures = reader.failures.clone();
         let mut mb = delta::MapBuilder::new(reader);
+        // One BLAKE3 pass: the block map's entries merged are the file's hash.
         let (_, summary) =
-            repo.put_object_with(&data_key, &mut mb, Durability::AtFlush, threads)?;
-        let map = mb.finish().encode();
+            repo.put_self_hashed(&data_key, &mut mb, Durability::AtFlush, threads)?;
+        let map = mb
+            .finish()
+            .map_err(|e| Error::io(format!("read {}", abs.display()), e))?
+            .encode();
         let (_, msum) = repo.put_object_with(&map_key, &map[..], Durability::AtFlush, Some(1))?;
         let e = stored(
             &summary,
