@@ -661,6 +661,25 @@ impl<R: Read> EncodingReader<R> {
         binding: Binding,
         hash: HashAlg,
     ) -> io::Result<Self> {
+        Self::build(src, settings, binding, hash, None)
+    }
+
+    /// As `new`, taking the object's hash (BLAKE3, object version 3) from
+    /// `src` at the end instead of hashing its bytes again.
+    pub fn self_hashed(src: R, settings: Arc<CodecSettings>, binding: Binding) -> io::Result<Self>
+    where
+        R: SelfHashing,
+    {
+        Self::build(src, settings, binding, HashAlg::Blake3, Some(R::plain_hash))
+    }
+
+    fn build(
+        src: R,
+        settings: Arc<CodecSettings>,
+        binding: Binding,
+        hash: HashAlg,
+        src_hash: Option<fn(&mut R) -> io::Result<PlainHash>>,
+    ) -> io::Result<Self> {
         let header = Header {
             hash,
             compression: settings.compression,
@@ -685,7 +704,7 @@ impl<R: Read> EncodingReader<R> {
         let head = header.to_bytes().to_vec();
         Ok(EncodingReader {
             src,
-            src_hash: None,
+            src_hash,
             settings,
             sealer,
             summary: Summary {
@@ -701,7 +720,12 @@ impl<R: Read> EncodingReader<R> {
             // With a pool, hashing (a quarter of the CPU on compressible WAL
             // with SHA-256) gets a thread of its own so that it is not the
             // caller's critical path; alone, the caller hashes (small files).
-            sha: StreamHash::new(hash, threaded_hash),
+            // A source that hashes itself needs neither.
+            sha: if src_hash.is_some() {
+                StreamHash::Done
+            } else {
+                StreamHash::new(hash, threaded_hash)
+            },
             finished: false,
             pool,
             queued: 0,
@@ -709,18 +733,6 @@ impl<R: Read> EncodingReader<R> {
             pending: Default::default(),
             failed: false,
         })
-    }
-
-    /// As `new`, taking the object's hash (BLAKE3, object version 3) from
-    /// `src` at the end instead of hashing its bytes again.
-    pub fn self_hashed(src: R, settings: Arc<CodecSettings>, binding: Binding) -> io::Result<Self>
-    where
-        R: SelfHashing,
-    {
-        let mut enc = Self::with_hash(src, settings, binding, HashAlg::Blake3)?;
-        enc.sha = StreamHash::Done;
-        enc.src_hash = Some(R::plain_hash);
-        Ok(enc)
     }
 
     /// Valid once `read` has returned 0.

@@ -65,7 +65,7 @@ const DELTA_MAGIC_3: &[u8; 8] = b"WSDELTA3";
 /// the 16-byte hash of the block it applies to, then the block's bytes
 /// XORed with that block's (docs/repository-format.md).
 const XOR: u32 = 1 << 31;
-/// In a version 2 delta, bits 16..24 of a record's length: the stride of a
+/// In a version 2 or 3 delta, bits 16..24 of a record's length: the stride of a
 /// byte-delta filter over its bytes (0: none). Bits 24..30 are 0.
 const STRIDE_SHIFT: u32 = 16;
 const FLAGS: u32 = 0x7fff_0000;
@@ -215,7 +215,9 @@ impl TreeHash {
         Ok(truncated(&cv))
     }
 
+    /// Callers leave at least two subtrees on the stack.
     fn merge_top(&mut self) {
+        debug_assert!(self.stack.len() >= 2);
         if let (Some(right), Some(left)) = (self.stack.pop(), self.stack.pop()) {
             self.stack
                 .push(merge_subtrees_non_root(&left, &right, Mode::Hash));
@@ -321,7 +323,7 @@ impl BlockMap {
             m if m == MAP_MAGIC_2 => MapKind::Tree,
             m if m.starts_with(b"WSBMAP") => {
                 return Err(bad(
-                    "a map of a later format (written by a newer walshipper)",
+                    "a map format this walshipper does not know (a newer one's?)",
                 ))
             }
             _ => return Err(bad("bad header")),
@@ -517,7 +519,7 @@ const READ_BLOCKS: usize = 16;
 pub struct DeltaReader<'a, R> {
     inner: R,
     base: BlockMap,
-    /// The reference's blocks, for XOR records (version 2 deltas).
+    /// The reference's blocks, for XOR records (version 2 and 3 deltas).
     previous: Previous<'a>,
     /// What `previous` is of, for its warnings.
     what: String,
@@ -1319,7 +1321,9 @@ mod tests {
         for n in lens.into_iter().filter(|&n| n <= sample.len()) {
             let data = &sample[..n];
             let want = HashAlg::Blake3.digest(data);
-            // Read in pieces that cut blocks anywhere.
+            // Read in pieces that cut blocks anywhere: a few bytes at a
+            // time, and 20000 (a pending block finished, whole blocks, a
+            // new pending one, in one read).
             let mut mb = MapBuilder::new(Trickle(data));
             io::copy(&mut mb, &mut io::sink()).unwrap();
             assert_eq!(
@@ -1328,6 +1332,15 @@ mod tests {
                 "{n}"
             );
             let map = mb.finish().unwrap();
+            let mut mb2 = MapBuilder::new(data);
+            let mut piece = vec![0u8; 20000];
+            while mb2.read(&mut piece).unwrap() > 0 {}
+            assert_eq!(
+                crate::codec::SelfHashing::plain_hash(&mut mb2).unwrap(),
+                want,
+                "{n}"
+            );
+            assert_eq!(mb2.finish().unwrap(), map, "{n}");
             assert_eq!((map.kind, map.size), (MapKind::Tree, n as u64));
             assert_eq!(map.hashes.len(), blocks_in(n as u64), "{n}");
             for (i, b) in data.chunks(BLOCK).enumerate() {
