@@ -1933,13 +1933,14 @@ mod tests {
         let base = data(2, 1);
         let h = block_hash(&base[BLOCK..]);
         let blk = BLOCK as u32;
-        let apply2 = |parts: &[Vec<u8>]| {
-            let mut d = DELTA_MAGIC_2.to_vec();
+        let apply = |magic: &[u8], parts: &[Vec<u8>]| {
+            let mut d = magic.to_vec();
             for p in parts {
                 d.extend_from_slice(p);
             }
             merged(&base, &[d], MAX_FILE_SIZE)
         };
+        let apply2 = |parts: &[Vec<u8>]| apply(DELTA_MAGIC_2, parts);
         // The well-formed one: XOR of zeros against the right block.
         assert!(apply2(&[xor_record(1, blk, &h, BLOCK), end(2 * 8192)]).unwrap() == base);
         for (what, parts) in [
@@ -1981,13 +1982,7 @@ mod tests {
         // Version 3 names the block by its tree hash; a record naming it
         // by the other kind's hash is refused, in either version.
         let t = tree_block_hash(1, &base[BLOCK..]);
-        let apply3 = |parts: &[Vec<u8>]| {
-            let mut d = DELTA_MAGIC_3.to_vec();
-            for p in parts {
-                d.extend_from_slice(p);
-            }
-            merged(&base, &[d], MAX_FILE_SIZE)
-        };
+        let apply3 = |parts: &[Vec<u8>]| apply(DELTA_MAGIC_3, parts);
         assert!(apply3(&[xor_record(1, blk, &t, BLOCK), end(2 * 8192)]).unwrap() == base);
         assert!(apply3(&[xor_record(1, blk, &h, BLOCK), end(2 * 8192)]).is_err());
         assert!(apply2(&[xor_record(1, blk, &t, BLOCK), end(2 * 8192)]).is_err());
