@@ -29,6 +29,13 @@ pub struct PosixStorage {
     /// sweeping on every write read the whole directory each time, which
     /// made a backup of N small files O(N²) (12 min for 31 000 files).
     swept: std::sync::Mutex<std::collections::HashSet<PathBuf>>,
+    /// The root, opened before the first write durable at flush: syncfs(2)
+    /// (Linux 5.8 and later; earlier kernels lose the errors of file data
+    /// written back) reports a writeback error raised since its descriptor was
+    /// opened, and one raised before only if nothing reported it yet. A
+    /// descriptor opened at `flush` would miss a failed writeback of one of
+    /// our objects that another syncfs of the file system reported first.
+    root_handle: std::sync::OnceLock<Option<File>>,
 }
 
 fn err(op: &'static str, key: &str, source: io::Error) -> Error {
@@ -52,6 +59,7 @@ impl PosixStorage {
         PosixStorage {
             root: root.into(),
             swept: Default::default(),
+            root_handle: Default::default(),
         }
     }
 
@@ -98,6 +106,18 @@ impl PosixStorage {
     fn write_tmp(&self, path: &Path, body: &mut dyn Read, sync: bool) -> io::Result<PathBuf> {
         let dir = path.parent().unwrap_or(&self.root);
         self.ensure_dir(dir)?;
+        if !sync {
+            self.root_handle.get_or_init(|| match File::open(&self.root) {
+                Ok(f) => Some(f),
+                Err(e) => {
+                    tracing::warn!(
+                        "{}: {e}; opened again at the flush, which may then miss a write error reported meanwhile",
+                        self.root.display()
+                    );
+                    None
+                }
+            });
+        }
         let name = path
             .file_name()
             .and_then(|n| n.to_str())
@@ -299,9 +319,16 @@ impl Storage for PosixStorage {
     fn flush(&self) -> Result<()> {
         // syncfs(2): one call makes every file and directory of the
         // repository's file system durable.
-        let f = File::open(&self.root).map_err(|e| err("flush", "", e))?;
+        let opened;
+        let f = match self.root_handle.get() {
+            Some(Some(f)) => f,
+            _ => {
+                opened = File::open(&self.root).map_err(|e| err("flush", "", e))?;
+                &opened
+            }
+        };
         // SAFETY: syncfs on a valid, open descriptor.
-        if unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(&f)) } != 0 {
+        if unsafe { libc::syncfs(std::os::unix::io::AsRawFd::as_raw_fd(f)) } != 0 {
             return Err(err("flush", "", io::Error::last_os_error()));
         }
         Ok(())
