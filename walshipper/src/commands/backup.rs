@@ -1509,6 +1509,106 @@ mod tests {
     use super::*;
     use crate::manifest::tests::{entry, sample, ID};
 
+    /// A chain begun by an older walshipper, whose full's block map is of
+    /// the first kind (`WSBMAP01`: each block's own BLAKE3), goes on: the
+    /// incremental compares blocks the old way, stores only the changed
+    /// ones (block deltas version 2), and the chain rebuilds to the file.
+    #[test]
+    fn an_incremental_goes_on_from_an_older_fulls_block_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_cfg, repo) = crate::repo::test_support::posix_repo(dir.path(), 7);
+        let data_dir = dir.path().join("pg");
+        std::fs::create_dir_all(data_dir.join("base/5")).unwrap();
+        let rel = "base/5/16384";
+        let mut data: Vec<u8> = (0..40 * BLCKSZ as u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        std::fs::write(data_dir.join(rel), &data).unwrap();
+        let size = data.len() as u64;
+        let source = |mtime| SourceFile {
+            rel: rel.into(),
+            size,
+            mtime,
+            mode: 0o600,
+        };
+        let counters = Arc::new(Counters::default());
+        let full_id = "20260101-000000F";
+        let copy = |id: &str, f: &SourceFile, base: Option<&FileEntry>| {
+            let (Copied(e), failures) =
+                copy_one(&repo, id, &data_dir, f, base, false, 0, &counters)
+                    .unwrap()
+                    .unwrap();
+            assert!(failures.is_empty());
+            e
+        };
+        let full = copy(full_id, &source(1), None);
+        // The full's map rewritten as an older walshipper wrote it.
+        let map_key = full.maps[0].clone();
+        let mut map = delta::BlockMap::default();
+        map.apply(&repo.read_object_capped(&map_key, 1 << 20).unwrap())
+            .unwrap();
+        assert_eq!(map.kind, delta::MapKind::Tree);
+        let old = delta::BlockMap {
+            kind: delta::MapKind::Block,
+            size: data.len() as u64,
+            hashes: data.chunks(delta::BLOCK).map(delta::block_hash).collect(),
+        };
+        repo.storage.delete(&map_key).unwrap();
+        repo.put_object(&map_key, &old.encode()[..]).unwrap();
+
+        for blk in [3usize, 20, 39] {
+            data[blk * BLCKSZ + 100] ^= 0x5a;
+        }
+        std::fs::write(data_dir.join(rel), &data).unwrap();
+        let incr = copy("20260102-000000I", &source(2), Some(&full));
+        assert_eq!(incr.deltas.len(), 1, "stored as a delta, not whole");
+        // Three one-byte changes: XOR records against the full's blocks.
+        assert!(incr.stored_size < 2048, "{}", incr.stored_size);
+        let delta_body = repo.read_object_capped(&incr.deltas[0], 1 << 20).unwrap();
+        assert_eq!(&delta_body[..8], b"WSDELTA2");
+        // Its map delta is of the old kind too, and names the changed
+        // blocks only: applied, the map is the old kind's of the new file.
+        let map_delta = repo.read_object_capped(&incr.maps[1], 1 << 20).unwrap();
+        assert_eq!(
+            &map_delta[..9],
+            b"WSBMAP01\x01",
+            "a map delta of the old kind"
+        );
+        let listed = u32::from_le_bytes(map_delta[17..21].try_into().unwrap());
+        assert_eq!(listed, 3, "the three changed blocks");
+        let mut next = old.clone();
+        next.apply(&map_delta).unwrap();
+        let want = delta::BlockMap {
+            kind: delta::MapKind::Block,
+            size: data.len() as u64,
+            hashes: data.chunks(delta::BLOCK).map(delta::block_hash).collect(),
+        };
+        assert!(
+            next == want,
+            "the map delta applied gives the new file's map"
+        );
+        assert_eq!(incr.hash, crate::codec::HashAlg::Blake3.digest(&data));
+
+        let mut out = Vec::new();
+        let scratch = dir.path().join("scratch");
+        std::fs::create_dir_all(&scratch).unwrap();
+        let got = crate::commands::restore::rebuild_file(
+            &repo,
+            &incr,
+            &mut out,
+            &data_dir.join("restored"),
+            &scratch,
+        )
+        .unwrap();
+        assert_eq!(got, incr.hash);
+        assert!(out == data, "the chain rebuilds to the file");
+        // Unchanged since (same size and time), it is compared against the
+        // old-kind map the chain now has, and carried over.
+        let same = copy("20260103-000000I", &source(2), Some(&incr));
+        assert_eq!(same.deltas, incr.deltas);
+        assert_eq!(same.stored_size, 0);
+    }
+
     fn listing(paths: &[&str]) -> Vec<SourceFile> {
         paths
             .iter()
