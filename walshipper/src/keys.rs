@@ -788,30 +788,61 @@ impl KeyCache {
     }
 }
 
-/// Reads a passphrase file: must exist, should be private, trailing newline dropped.
-pub fn read_passphrase_file(path: &Path) -> Result<Vec<u8>> {
-    use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|e| {
+/// The configured passphrase file was never capped: a bound for memory,
+/// far above any passphrase, not a judgement of one.
+const PASSPHRASE_FILE_MAX: u64 = 1 << 20;
+
+/// Reads the configured passphrase file: it must exist and be private
+/// (`config::check_private`), which is checked on the file opened and read
+/// from it (never stat'ed by path and opened again); trailing newline
+/// dropped.
+pub fn read_passphrase_file(path: &Path) -> Result<Zeroizing<Vec<u8>>> {
+    use std::io::Read;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let cannot = |e: std::io::Error| {
+        let hint = match e.kind() {
+            std::io::ErrorKind::NotFound => " (create it with a long random passphrase, mode 0600, or set WALSHIPPER_PASSPHRASE)",
+            _ => "",
+        };
         Error::Config(format!(
-            "encryption.passphrase_file {}: {e} (create it with a long random passphrase, mode 0600, or set WALSHIPPER_PASSPHRASE)",
+            "encryption.passphrase_file {}: {e}{hint}",
             path.display()
         ))
-    })?;
-    if meta.permissions().mode() & 0o077 != 0 {
-        tracing::warn!(
-            "passphrase file {} is readable by group or others; chmod 600 it",
+    };
+    // O_NONBLOCK: a FIFO put there must not hang the archiver at open.
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(cannot)?;
+    let meta = f.metadata().map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(Error::Config(format!(
+            "encryption.passphrase_file {} is not a regular file (for a passphrase a program prints, set passphrase_command)",
             path.display()
-        );
+        )));
     }
-    let mut p = std::fs::read(path).map_err(|e| {
-        Error::Config(format!(
-            "encryption.passphrase_file {}: {e}",
+    crate::config::check_private(path, meta.permissions().mode(), "holds the passphrase")?;
+    let len = meta.len();
+    if len > PASSPHRASE_FILE_MAX {
+        return Err(Error::Config(format!(
+            "encryption.passphrase_file {} is {len} bytes: not a passphrase",
             path.display()
-        ))
-    })?;
-    while p.last().is_some_and(|c| *c == b'\n' || *c == b'\r') {
-        p.pop();
+        )));
     }
+    // Room for all of it at once (a growing buffer would leave copies of
+    // the passphrase behind, unwiped), and one byte to see it grew; at
+    // least 64, or read_to_end would read a short file through a buffer
+    // on the stack first.
+    let mut p = Zeroizing::new(Vec::with_capacity((len as usize + 1).max(64)));
+    f.take(len + 1).read_to_end(&mut p).map_err(cannot)?;
+    if p.len() as u64 > len {
+        return Err(Error::Config(format!(
+            "encryption.passphrase_file {} changed size while it was read (an ordinary file changed meanwhile: try again; a file of a special file system: set passphrase_command instead)",
+            path.display()
+        )));
+    }
+    trim_line_end(&mut p);
     if p.is_empty() {
         return Err(Error::Config(format!(
             "encryption.passphrase_file {} is empty",
@@ -1254,15 +1285,21 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("new");
         std::fs::write(&p, "a new passphrase, long\n").unwrap();
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644)).unwrap();
-        let err = read_new_passphrase_file(&p).unwrap_err().to_string();
-        assert!(
-            err.contains("chmod 600") && !err.contains("a new passphrase"),
-            "{err}"
-        );
-        std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
+        // Open to others, a passphrase file is refused without being quoted;
+        // made private, it reads.
+        let private_only = |p: &Path, read: &dyn Fn(&Path) -> Result<Zeroizing<Vec<u8>>>| {
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o640)).unwrap();
+            let err = read(p).unwrap_err().to_string();
+            assert!(
+                err.contains("(mode 0640)") && err.contains("chmod 600"),
+                "{err}"
+            );
+            assert!(!err.contains("passphrase, long") && !err.contains("installed"));
+            std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600)).unwrap();
+            read(p).unwrap()
+        };
         assert_eq!(
-            &read_new_passphrase_file(&p).unwrap()[..],
+            &private_only(&p, &read_new_passphrase_file)[..],
             b"a new passphrase, long"
         );
         assert!(read_new_passphrase_file(dir.path()).is_err());
@@ -1282,9 +1319,16 @@ mod tests {
         std::fs::write(&conf, "old\n").unwrap();
         replace_passphrase_file(&conf, b"installed passphrase").unwrap();
         assert_eq!(
-            read_passphrase_file(&conf).unwrap(),
+            &private_only(&conf, &read_passphrase_file)[..],
             b"installed passphrase"
         );
+        // Missing, the error says how to make one; not a file, it is refused.
+        let e = read_passphrase_file(&dir.path().join("absent"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("create it with a long random passphrase"), "{e}");
+        let e = read_passphrase_file(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("not a regular file"), "{e}");
         let mode = std::fs::metadata(&conf).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);

@@ -98,18 +98,7 @@ impl Source {
                 Ok(p)
             }
             Source::Command { argv, timeout } => memoized(argv, *timeout),
-            Source::File(path) => {
-                // A missing file is reported by read_passphrase_file with its hint.
-                if let Ok(m) = std::fs::metadata(path) {
-                    use std::os::unix::fs::PermissionsExt;
-                    crate::config::check_private(
-                        path,
-                        m.permissions().mode(),
-                        "holds the passphrase",
-                    )?;
-                }
-                crate::keys::read_passphrase_file(path).map(Zeroizing::new)
-            }
+            Source::File(path) => crate::keys::read_passphrase_file(path),
         }
     }
 
