@@ -1274,7 +1274,7 @@ impl<B: SkipRead, R: Read> PreviousBlocks for ChainBlocks<B, R> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     fn map_of(data: &[u8]) -> BlockMap {
         let mut m = MapBuilder::new(data);
@@ -1283,7 +1283,7 @@ mod tests {
     }
 
     /// The map an earlier walshipper wrote (`WSBMAP01`).
-    fn block_map_of(data: &[u8]) -> BlockMap {
+    pub(crate) fn block_map_of(data: &[u8]) -> BlockMap {
         BlockMap {
             kind: MapKind::Block,
             size: data.len() as u64,

@@ -1548,11 +1548,7 @@ mod tests {
         map.apply(&repo.read_object_capped(&map_key, 1 << 20).unwrap())
             .unwrap();
         assert_eq!(map.kind, delta::MapKind::Tree);
-        let old = delta::BlockMap {
-            kind: delta::MapKind::Block,
-            size: data.len() as u64,
-            hashes: data.chunks(delta::BLOCK).map(delta::block_hash).collect(),
-        };
+        let old = delta::tests::block_map_of(&data);
         repo.storage.delete(&map_key).unwrap();
         repo.put_object(&map_key, &old.encode()[..]).unwrap();
 
@@ -1578,13 +1574,8 @@ mod tests {
         assert_eq!(listed, 3, "the three changed blocks");
         let mut next = old.clone();
         next.apply(&map_delta).unwrap();
-        let want = delta::BlockMap {
-            kind: delta::MapKind::Block,
-            size: data.len() as u64,
-            hashes: data.chunks(delta::BLOCK).map(delta::block_hash).collect(),
-        };
         assert!(
-            next == want,
+            next == delta::tests::block_map_of(&data),
             "the map delta applied gives the new file's map"
         );
         assert_eq!(incr.hash, crate::codec::HashAlg::Blake3.digest(&data));
