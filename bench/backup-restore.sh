@@ -101,6 +101,7 @@ REL=$(find pg/base pg/global -type f ! -name 'pg_internal.init*' -printf "%s\n" 
 xargs -0 cat < relfiles | zstd -3 -q -c > limit.zst
 for i in $(seq 1 "$RUNS"); do
   python3 "$M" bash -c 'xargs -0 zstd -3 -q -c < relfiles' >> limit-compress.jsonl
+  python3 "$M" bash -c 'xargs -0 zstd -1 -q -c < relfiles' >> limit-compress1.jsonl
   python3 "$M" bash -c "xargs -0 $B3SUM --no-mmap < relfiles" >> limit-hash.jsonl
   python3 "$M" zstd -d -q -c limit.zst >> limit-decompress.jsonl
   sync; python3 "$M" dd if=/dev/zero of=limit.out bs=1M count=$((REL >> 20)) conv=fsync status=none >> limit-write.jsonl; rm limit.out

@@ -35,6 +35,7 @@ fn main() {
         let s = Arc::new(CodecSettings {
             compression: Compression::Zstd,
             level: 3,
+            adaptive: true,
             key: enc.then_some(DataKey {
                 id: [1; 16],
                 key: [2; 32],

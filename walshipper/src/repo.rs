@@ -469,6 +469,7 @@ fn base_settings(cfg: &Config) -> CodecSettings {
     CodecSettings {
         compression: Compression::Zstd,
         level: cfg.compression.level,
+        adaptive: cfg.compression.adaptive,
         key: None,
         frame_size: codec::DEFAULT_FRAME_SIZE,
         threads: cfg.threads(),

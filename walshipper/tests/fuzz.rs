@@ -444,6 +444,7 @@ impl Corpus {
                             CodecSettings {
                                 compression: comp,
                                 level: 1,
+                                adaptive: true,
                                 key,
                                 frame_size,
                                 threads: 1,
@@ -457,6 +458,7 @@ impl Corpus {
                 let settings = CodecSettings {
                     compression: Compression::Zstd,
                     level: 1,
+                    adaptive: true,
                     key,
                     frame_size: 4096,
                     threads: 1,

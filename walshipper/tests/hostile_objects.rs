@@ -133,6 +133,7 @@ fn hostile_repository_is_refused() {
     let settings = std::sync::Arc::new(CodecSettings {
         compression: Compression::Zstd,
         level: 3,
+        adaptive: true,
         key: None,
         frame_size: 128 << 10,
         threads: 1,
