@@ -476,7 +476,7 @@ pub struct EncodingReader<R> {
 pub const FAST_LEVEL: i32 = 1;
 /// One full data frame in this many is a probe: compressed at both levels.
 /// A probe costs one frame's compression more in 64 (about 1 % of the CPU
-/// at the configured level, up to 4 % at the fast one), and a file whose
+/// at the configured level, 2.5 % at the fast one), and a file whose
 /// content changes along its length (text first, numbers later) is
 /// followed within 8 MiB.
 const PROBE_EVERY: u32 = 64;
@@ -571,6 +571,13 @@ impl FrameEncoder {
         })
     }
 
+    /// Whether frame `index` of `len` bytes is a probe of the adaptive
+    /// choice. The caller encodes probes itself before reading on, so that
+    /// every frame after a probe sees its decision, whatever the threads.
+    fn is_probe(&self, index: u32, len: usize) -> bool {
+        self.adapt.is_some() && len == self.frame_size && index.is_multiple_of(PROBE_EVERY)
+    }
+
     /// A data frame's sealed payload (the reader adds its head).
     fn encode(&mut self, index: u32, chunk: &[u8]) -> io::Result<Vec<u8>> {
         use std::sync::atomic::Ordering::Relaxed;
@@ -594,8 +601,6 @@ impl FrameEncoder {
                     } else if choice.fast.load(Relaxed) {
                         (z.fast()?.compress(chunk)?, true)
                     } else {
-                        // Also until the first probe is back (other threads
-                        // encode ahead of it): the configured level.
                         (z.main.compress(chunk)?, false)
                     };
                     if fast {
@@ -905,7 +910,7 @@ impl<R: Read> EncodingReader<R> {
                 let index = self.next_index;
                 self.next_index += 1;
                 if let Some(pool) = &self.pool {
-                    if self.queued < room {
+                    if self.queued < room && !self.inline.is_probe(index, chunk.len()) {
                         pool.send(index, chunk)?;
                         self.queued += 1;
                         continue;
@@ -2063,7 +2068,6 @@ mod tests {
         assert!(decode(&swapped, &s).is_err());
     }
 
-    /// 66 frames of 128 KiB, so that frames 0 and 64 are probes.
     fn adaptive_settings(adaptive: bool, threads: usize) -> Arc<CodecSettings> {
         Arc::new(CodecSettings {
             compression: Compression::Zstd,
@@ -2118,23 +2122,23 @@ mod tests {
 
     #[test]
     fn adaptive_compression_goes_fast_only_where_it_stores_as_small() {
+        // 65 full frames and a short one: frames 0 and 64 are probes.
         let len = 66 * DEFAULT_FRAME_SIZE as usize - 1000;
+        let mut fast = Vec::new();
         for threads in [1, 3] {
             let hex = hex_text(len);
             let (fixed, fixed_sum) = encode(&hex, &adaptive_settings(false, threads));
             assert_eq!(fixed_sum.fast_frames, 0);
             let s = adaptive_settings(true, threads);
             let (stored, sum) = encode(&hex, &s);
-            // All full frames but those a pool thread took before the first
-            // probe came back; the short last frame stays at level 3.
+            // Every full frame but a probe where zstd 3 happened to store
+            // less (the smaller is kept); the short last frame stays at 3.
+            assert!(sum.fast_frames >= 63, "threads {threads}: {sum:?}");
+            fast.push(sum.fast_frames);
+            // zstd 1 stores this text about 1 % smaller than zstd 3: a fast
+            // context built at the configured level would not.
             assert!(
-                sum.fast_frames >= 60 && sum.fast_frames <= 65,
-                "threads {threads}: {} of {} frames fast",
-                sum.fast_frames,
-                sum.frames
-            );
-            assert!(
-                stored.len() * 50 <= fixed.len() * 51,
+                stored.len() < fixed.len(),
                 "{} against {}",
                 stored.len(),
                 fixed.len()
@@ -2147,6 +2151,9 @@ mod tests {
             assert_eq!(sum.fast_frames, 0, "threads {threads}");
             assert_eq!(decode(&stored, &s).unwrap(), text);
         }
+        // Probes are encoded before the frames after them are read: the
+        // same choices whatever the threads.
+        assert_eq!(fast[0], fast[1]);
         // Level 1 configured: nothing to choose between.
         let one = Arc::new(CodecSettings {
             level: 1,
