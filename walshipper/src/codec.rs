@@ -573,7 +573,10 @@ impl FrameEncoder {
 
     /// Whether frame `index` of `len` bytes is a probe of the adaptive
     /// choice. The caller encodes probes itself before reading on, so that
-    /// every frame after a probe sees its decision, whatever the threads.
+    /// no frame after a probe is compressed before its decision. (A pool
+    /// thread may still take a frame after the next probe decided, and so
+    /// use that newer decision: which level a frame gets can depend on the
+    /// threads where the decision changes; the bytes it decodes to never do.)
     fn is_probe(&self, index: u32, len: usize) -> bool {
         self.adapt.is_some() && len == self.frame_size && index.is_multiple_of(PROBE_EVERY)
     }
@@ -2151,8 +2154,8 @@ mod tests {
             assert_eq!(sum.fast_frames, 0, "threads {threads}");
             assert_eq!(decode(&stored, &s).unwrap(), text);
         }
-        // Probes are encoded before the frames after them are read: the
-        // same choices whatever the threads.
+        // Probes are encoded before the frames after them are read: on text
+        // whose probes all agree, the same choices whatever the threads.
         assert_eq!(fast[0], fast[1]);
         // Level 1 configured: nothing to choose between.
         let one = Arc::new(CodecSettings {
