@@ -641,12 +641,12 @@ mod tests {
                 }
             }
             let _stop = StopOnDrop(&stop);
-            // Idle sockets (no byte sent) and a trickling one: 5 > 2 workers,
-            // leaving 3 of the peer's 8 slots: an answered connection keeps
+            // Idle sockets (no byte sent) and a trickling one: 3 > 2 workers,
+            // leaving 5 of the peer's 8 slots: an answered connection keeps
             // its slot until its thread has drained and ended, which on a
             // loaded machine can be after the next request arrives.
             let mut idle: Vec<TcpStream> =
-                (0..4).map(|_| TcpStream::connect(addr).unwrap()).collect();
+                (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
             let mut trickle = TcpStream::connect(addr).unwrap();
             trickle.write_all(b"GET / HT").unwrap();
             idle.push(trickle);
@@ -661,18 +661,38 @@ mod tests {
                 assert!(ask(b"GET /panic HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 500 "));
             }
             assert!(ask(b"GET /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 200 "));
-            // 5 open + 3 more = MAX_CONNECTIONS_PER_PEER; the next is
+            // 3 open + 5 more = MAX_CONNECTIONS_PER_PEER; the next is
             // refused at once (it sends nothing: the answer comes anyway).
-            for _ in 0..3 {
-                idle.push(TcpStream::connect(addr).unwrap());
-            }
-            std::thread::sleep(Duration::from_millis(300));
-            let mut refused = TcpStream::connect(addr).unwrap();
-            refused
-                .set_read_timeout(Some(Duration::from_secs(2)))
-                .unwrap();
+            // Connect one at a time until the refusal: an answered
+            // connection (the /metrics above) may still hold its slot for a
+            // moment, so the refusal can come early, never later than the
+            // sixth.
+            let last = MAX_CONNECTIONS_PER_PEER - idle.len() + 1;
             let mut got = String::new();
-            refused.read_to_string(&mut got).unwrap();
+            for n in 1..=last {
+                let mut c = TcpStream::connect(addr).unwrap();
+                c.set_read_timeout(Some(Duration::from_millis(500)))
+                    .unwrap();
+                let mut buf = Vec::new();
+                match c.read_to_end(&mut buf) {
+                    // Refused: answered and closed.
+                    Ok(_) => {
+                        got = String::from_utf8_lossy(&buf).into_owned();
+                        break;
+                    }
+                    // Holds a slot and waits for a request.
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        assert!(buf.is_empty() && n < last, "connection {n} was not refused");
+                        idle.push(c);
+                    }
+                    Err(e) => panic!("connection {n}: {e}"),
+                }
+            }
             assert!(got.starts_with("HTTP/1.1 503 "), "{got}");
             drop(idle);
             // The slots come back once those connections are gone.
