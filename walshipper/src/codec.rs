@@ -459,11 +459,17 @@ pub struct EncodingReader<R> {
     sha: StreamHash,
     summary: Summary,
     finished: bool,
-    pool: Option<Pool>,
+    pool: Option<Pool<Level>>,
     /// Frames sent to the pool and not yet back.
     queued: usize,
     inline: FrameEncoder,
-    choice: Arc<Choice>,
+    /// The adaptive choice for the frames after the last probe. This
+    /// thread makes it (it encodes every probe itself, before reading on)
+    /// and sends it with each frame, so that which level a frame gets
+    /// depends on the data alone, never on the threads.
+    fast: bool,
+    /// Data frames stored at FAST_LEVEL.
+    fast_frames: u32,
     /// Sealed payloads of data frames, by index, until their turn.
     pending: std::collections::BTreeMap<u32, Vec<u8>>,
     /// Set by the first error: the stream cannot be completed (a frame or
@@ -487,12 +493,23 @@ const PROBE_EVERY: u32 = 64;
 /// 1.4 % larger at 1.7×; WAL 10 % larger and an index 3 % (they stay at 3).
 const FAST_WITHIN: (u64, u64) = (51, 50);
 
-/// The adaptive choice of one object, shared by the threads that encode
-/// its frames: what the last probe decided, and how many frames went fast.
-#[derive(Default)]
-struct Choice {
-    fast: std::sync::atomic::AtomicBool,
-    fast_frames: std::sync::atomic::AtomicU32,
+/// How one data frame is compressed: decided by the reading thread.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Level {
+    /// At the configured level.
+    Main,
+    /// At FAST_LEVEL (the last probe found it stores as small).
+    Fast,
+    /// At both, the smaller stored: the probe of the adaptive choice.
+    Probe,
+}
+
+/// A data frame's sealed payload, whether it was stored at FAST_LEVEL,
+/// and (probes) whether the frames after it should be.
+struct Encoded {
+    body: Vec<u8>,
+    stored_fast: bool,
+    go_fast: bool,
 }
 
 /// A thread's zstd contexts: one at the configured level, and (made when
@@ -518,8 +535,8 @@ impl Contexts {
 struct FrameEncoder {
     sealer: Arc<Sealer>,
     zstd: Option<Contexts>,
-    /// Set when the level is chosen per frame: the object's choice.
-    adapt: Option<Arc<Choice>>,
+    /// Whether the level is chosen per frame (`compression.adaptive`).
+    adaptive: bool,
     frame_size: usize,
 }
 
@@ -540,11 +557,7 @@ thread_local! {
 }
 
 impl FrameEncoder {
-    fn new(
-        settings: &CodecSettings,
-        sealer: Arc<Sealer>,
-        choice: &Arc<Choice>,
-    ) -> io::Result<FrameEncoder> {
+    fn new(settings: &CodecSettings, sealer: Arc<Sealer>) -> io::Result<FrameEncoder> {
         let zstd = match settings.compression {
             Compression::Zstd => {
                 let cached = CCTX.with(|c| c.borrow_mut().take());
@@ -559,66 +572,61 @@ impl FrameEncoder {
             }
             Compression::None => None,
         };
-        let adapt = (settings.adaptive
+        let adaptive = settings.adaptive
             && settings.compression == Compression::Zstd
-            && settings.level > FAST_LEVEL)
-            .then(|| choice.clone());
+            && settings.level > FAST_LEVEL;
         Ok(FrameEncoder {
             sealer,
             zstd,
-            adapt,
+            adaptive,
             frame_size: settings.frame_size as usize,
         })
     }
 
-    /// Whether frame `index` of `len` bytes is a probe of the adaptive
-    /// choice. The caller encodes probes itself before reading on, so that
-    /// no frame after a probe is compressed before its decision. (A pool
-    /// thread may still take a frame after the next probe decided, and so
-    /// use that newer decision: which level a frame gets can depend on the
-    /// threads where the decision changes; the bytes it decodes to never do.)
-    fn is_probe(&self, index: u32, len: usize) -> bool {
-        self.adapt.is_some() && len == self.frame_size && index.is_multiple_of(PROBE_EVERY)
+    /// How frame `index` of `len` bytes is compressed, `fast` being the
+    /// last probe's decision. A short chunk is an object's last frame (or
+    /// its only one): not worth a probe, and nothing follows to use it.
+    fn level(&self, index: u32, len: usize, fast: bool) -> Level {
+        if !self.adaptive || len != self.frame_size {
+            Level::Main
+        } else if index.is_multiple_of(PROBE_EVERY) {
+            Level::Probe
+        } else if fast {
+            Level::Fast
+        } else {
+            Level::Main
+        }
     }
 
     /// A data frame's sealed payload (the reader adds its head).
-    fn encode(&mut self, index: u32, chunk: &[u8]) -> io::Result<Vec<u8>> {
-        use std::sync::atomic::Ordering::Relaxed;
-        let mut body = match &mut self.zstd {
-            Some(z) => match &self.adapt {
-                // A short chunk is an object's last frame (or its only one):
-                // not worth a probe, and nothing follows to use it.
-                Some(choice) if chunk.len() == self.frame_size => {
-                    let (body, fast) = if index.is_multiple_of(PROBE_EVERY) {
-                        let full = z.main.compress(chunk)?;
-                        let quick = z.fast()?.compress(chunk)?;
-                        let (more, of) = FAST_WITHIN;
-                        let fast = quick.len() as u64 * of <= full.len() as u64 * more;
-                        choice.fast.store(fast, Relaxed);
-                        // Both are at hand: the smaller is stored.
-                        if quick.len() < full.len() {
-                            (quick, true)
-                        } else {
-                            (full, false)
-                        }
-                    } else if choice.fast.load(Relaxed) {
-                        (z.fast()?.compress(chunk)?, true)
+    fn encode(&mut self, index: u32, chunk: &[u8], level: Level) -> io::Result<Encoded> {
+        let (mut body, stored_fast, go_fast) = match &mut self.zstd {
+            None => (chunk.to_vec(), false, false),
+            Some(z) => match level {
+                Level::Main => (z.main.compress(chunk)?, false, false),
+                Level::Fast => (z.fast()?.compress(chunk)?, true, true),
+                Level::Probe => {
+                    let full = z.main.compress(chunk)?;
+                    let quick = z.fast()?.compress(chunk)?;
+                    let (more, of) = FAST_WITHIN;
+                    let go_fast = quick.len() as u64 * of <= full.len() as u64 * more;
+                    // Both are at hand: the smaller is stored.
+                    if quick.len() < full.len() {
+                        (quick, true, go_fast)
                     } else {
-                        (z.main.compress(chunk)?, false)
-                    };
-                    if fast {
-                        choice.fast_frames.fetch_add(1, Relaxed);
+                        (full, false, go_fast)
                     }
-                    body
                 }
-                _ => z.main.compress(chunk)?,
             },
-            None => chunk.to_vec(),
         };
         self.sealer
             .seal(index, KIND_DATA, &mut body)
             .map_err(invalid)?;
-        Ok(body)
+        Ok(Encoded {
+            body,
+            stored_fast,
+            go_fast,
+        })
     }
 }
 
@@ -689,21 +697,23 @@ impl StreamHash {
     }
 }
 
-type Job = (u32, Arc<Vec<u8>>);
+/// A frame to work on: its index, its bytes, and what the sender decided
+/// for it (encoding: the zstd level; decoding: nothing).
+type Job<T> = (u32, Arc<Vec<u8>>, T);
 type Done = (u32, io::Result<Vec<u8>>);
-type Worker = Box<dyn FnMut(u32, Arc<Vec<u8>>) -> io::Result<Vec<u8>> + Send>;
+type Worker<T> = Box<dyn FnMut(u32, Arc<Vec<u8>>, T) -> io::Result<Vec<u8>> + Send>;
 
 /// Worker threads that turn numbered frames into other frames (encoding or
 /// decoding); results come back tagged with their number, in any order.
-struct Pool {
-    jobs: Option<std::sync::mpsc::Sender<Job>>,
+struct Pool<T: Send + 'static = ()> {
+    jobs: Option<std::sync::mpsc::Sender<Job<T>>>,
     done: std::sync::mpsc::Receiver<Done>,
     workers: Vec<std::thread::JoinHandle<()>>,
 }
 
-impl Pool {
-    fn new(threads: usize, mut make: impl FnMut() -> io::Result<Worker>) -> io::Result<Pool> {
-        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job>();
+impl<T: Send + 'static> Pool<T> {
+    fn new(threads: usize, mut make: impl FnMut() -> io::Result<Worker<T>>) -> io::Result<Self> {
+        let (job_tx, job_rx) = std::sync::mpsc::channel::<Job<T>>();
         let (done_tx, done_rx) = std::sync::mpsc::channel::<Done>();
         let job_rx = Arc::new(std::sync::Mutex::new(job_rx));
         let mut workers = Vec::with_capacity(threads);
@@ -716,8 +726,8 @@ impl Pool {
                     Ok(rx) => rx.recv(),
                     Err(_) => return,
                 };
-                let Ok((index, frame)) = job else { return };
-                if done_tx.send((index, work(index, frame))).is_err() {
+                let Ok((index, frame, tag)) = job else { return };
+                if done_tx.send((index, work(index, frame, tag))).is_err() {
                     return;
                 }
             }));
@@ -729,11 +739,11 @@ impl Pool {
         })
     }
 
-    fn send(&self, index: u32, frame: Arc<Vec<u8>>) -> io::Result<()> {
+    fn send(&self, index: u32, frame: Arc<Vec<u8>>, tag: T) -> io::Result<()> {
         self.jobs
             .as_ref()
             .ok_or_else(|| io::Error::other("codec pool closed"))?
-            .send((index, frame))
+            .send((index, frame, tag))
             .map_err(|_| io::Error::other("codec thread died"))
     }
 
@@ -744,7 +754,7 @@ impl Pool {
     }
 }
 
-impl Drop for Pool {
+impl<T: Send + 'static> Drop for Pool<T> {
     fn drop(&mut self) {
         self.jobs.take(); // closes the queue: workers finish and exit
         for w in self.workers.drain(..) {
@@ -798,16 +808,17 @@ impl<R: Read> EncodingReader<R> {
         let sealer = Arc::new(
             Sealer::new(&header, settings.key.as_ref(), &binding.encode()).map_err(invalid)?,
         );
-        let choice = Arc::new(Choice::default());
         let pool = if settings.threads > 1 {
             Some(Pool::new(settings.threads - 1, || {
-                let mut enc = FrameEncoder::new(&settings, sealer.clone(), &choice)?;
-                Ok(Box::new(move |i, chunk: Arc<Vec<u8>>| enc.encode(i, &chunk)) as Worker)
+                let mut enc = FrameEncoder::new(&settings, sealer.clone())?;
+                Ok(Box::new(move |i, chunk: Arc<Vec<u8>>, level| {
+                    enc.encode(i, &chunk, level).map(|e| e.body)
+                }) as Worker<Level>)
             })?)
         } else {
             None
         };
-        let inline = FrameEncoder::new(&settings, sealer.clone(), &choice)?;
+        let inline = FrameEncoder::new(&settings, sealer.clone())?;
         let threaded_hash = pool.is_some();
         let head = header.to_bytes().to_vec();
         Ok(EncodingReader {
@@ -838,7 +849,8 @@ impl<R: Read> EncodingReader<R> {
             pool,
             queued: 0,
             inline,
-            choice,
+            fast: false,
+            fast_frames: 0,
             pending: Default::default(),
             failed: false,
         })
@@ -912,15 +924,23 @@ impl<R: Read> EncodingReader<R> {
                 };
                 let index = self.next_index;
                 self.next_index += 1;
+                let level = self.inline.level(index, chunk.len(), self.fast);
+                if level == Level::Fast {
+                    self.fast_frames += 1;
+                }
                 if let Some(pool) = &self.pool {
-                    if self.queued < room && !self.inline.is_probe(index, chunk.len()) {
-                        pool.send(index, chunk)?;
+                    if self.queued < room && level != Level::Probe {
+                        pool.send(index, chunk, level)?;
                         self.queued += 1;
                         continue;
                     }
                 }
-                let body = self.inline.encode(index, &chunk)?;
-                self.pending.insert(index, body);
+                let done = self.inline.encode(index, &chunk, level)?;
+                if level == Level::Probe {
+                    self.fast = done.go_fast;
+                    self.fast_frames += u32::from(done.stored_fast);
+                }
+                self.pending.insert(index, done.body);
                 continue;
             }
             // Everything read is with the workers: wait for one.
@@ -956,10 +976,7 @@ impl<R: Read> EncodingReader<R> {
         frame_record(self.next_index, KIND_FINAL, &body, &mut self.head);
         self.summary.hash = hash;
         self.summary.frames = self.next_index;
-        self.summary.fast_frames = self
-            .choice
-            .fast_frames
-            .load(std::sync::atomic::Ordering::Relaxed);
+        self.summary.fast_frames = self.fast_frames;
         self.finished = true;
         Ok(())
     }
@@ -1177,10 +1194,10 @@ impl<R: Read> DecodingReader<R> {
             let (compression, frame_size) = (header.compression, header.frame_size);
             self.pool = Some(Pool::new(self.threads, || {
                 let sealer = sealer.clone();
-                Ok(Box::new(move |i, body: Arc<Vec<u8>>| {
+                Ok(Box::new(move |i, body: Arc<Vec<u8>>, ()| {
                     let body = Arc::try_unwrap(body).unwrap_or_else(|shared| (*shared).clone());
                     decode_data(&sealer, compression, frame_size, i, body)
-                }) as Worker)
+                }) as Worker<()>)
             })?);
         }
         self.sealer = Some(sealer);
@@ -1259,7 +1276,7 @@ impl<R: Read> DecodingReader<R> {
                     sealer.open(index, kind, &mut body).map_err(invalid)?;
                     self.final_frame = Some((index, body));
                 } else if let Some(pool) = &self.pool {
-                    pool.send(index, Arc::new(body))?;
+                    pool.send(index, Arc::new(body), ())?;
                     self.queued += 1;
                 } else {
                     let plain =
@@ -2163,5 +2180,33 @@ mod tests {
             ..(*adaptive_settings(true, 1)).clone()
         });
         assert_eq!(encode(&hex_text(len), &one).1.fast_frames, 0);
+    }
+
+    #[test]
+    fn adaptive_choice_follows_the_data_not_the_threads() {
+        // Frames 0..64 hex text (probe 0: fast), 64..128 words (probe 64:
+        // the configured level), 128..131 hex again (probe 128: fast), and
+        // a short last frame. Each frame's level is decided by the reading
+        // thread and sent with it, so the choices are the same whatever
+        // the threads; a worker reading a shared decision would encode some
+        // of the frames queued before probe 64 at its newer choice.
+        let f = DEFAULT_FRAME_SIZE as usize;
+        let mut data = hex_text(64 * f);
+        data.extend_from_slice(&words(64 * f));
+        data.extend_from_slice(&hex_text(3 * f + 1000));
+        let mut counts = Vec::new();
+        for threads in [1, 2, 3] {
+            let s = adaptive_settings(true, threads);
+            let (stored, sum) = encode(&data, &s);
+            assert_eq!(decode(&stored, &s).unwrap(), data);
+            // The 63 + 2 hex frames after a fast probe, and perhaps the
+            // two hex probes themselves (the smaller is stored); no words.
+            assert!(
+                (65..=67).contains(&sum.fast_frames),
+                "threads {threads}: {sum:?}"
+            );
+            counts.push(sum.fast_frames);
+        }
+        assert!(counts.iter().all(|&c| c == counts[0]), "{counts:?}");
     }
 }
