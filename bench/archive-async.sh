@@ -31,7 +31,8 @@
 # archiving runs; VARIANTS (default "floor ws-la0 ws-la8 pgbr-sync
 # pgbr-async"; a space for none) the replays; BIN_B=path and variants b-ws-laN replay with
 # that walshipper binary too (an A/B in the same run; its async archiving
-# is then timed as well). TRACE=1 keeps, per
+# is then timed as well). ADAPTIVE=false|true sets walshipper's
+# compression.adaptive (unset: the default). TRACE=1 keeps, per
 # replay, the server log with archive-get's debug lines, the prefetcher's
 # log and the store's requests in $B/trace (WALSHIPPER_LOG=walshipper=debug;
 # not for timing: compare traced runs only with each other).
@@ -50,6 +51,7 @@ if [ "${BENCH_INNER:-}" != 1 ]; then
   as_test_user env BENCH_INNER=1 B="$B" BIN="$BIN" PGBR="$PGBR" \
     SEGMENTS="${SEGMENTS:-64}" RUNS="${RUNS:-3}" ARCHIVE_RUNS="${ARCHIVE_RUNS:-}" \
     REPO="${REPO:-posix}" LATENCY_MS="${LATENCY_MS:-20}" VARIANTS="${VARIANTS:-}" BIN_B="${BIN_B:-}" TRACE="${TRACE:-}" \
+    ADAPTIVE="${ADAPTIVE:-}" \
     bash "$PGB_ROOT/src/bench/archive-async.sh"
   [ "${TRACE:-}" = 1 ] || rm -rf "$B"
   exit 0
@@ -153,6 +155,7 @@ passphrase_file = "$B/passphrase"
 key_cache_dir = "$B/keycache"
 [compression]
 level = 3
+${ADAPTIVE:+adaptive = $ADAPTIVE}
 [archive]
 async = true
 spool_dir = "$B/spool-ws"
@@ -377,7 +380,7 @@ fl=$(m redo_floor)
 # A subset of VARIANTS leaves some figures out: printed as nan, not fatal.
 set +e
 echo
-echo "== medians of $RUNS runs ($ARCHIVE_RUNS of archiving), $NREADY files, repositories: $REPO$([ "$REPO" = s3 ] && echo " + ${LATENCY_MS} ms per request") =="
+echo "== medians of $RUNS runs ($ARCHIVE_RUNS of archiving), $NREADY files, repositories: $REPO$([ "$REPO" = s3 ] && echo " + ${LATENCY_MS} ms per request")$([ -n "${ADAPTIVE:-}" ] && echo ", walshipper compression.adaptive = $ADAPTIVE") =="
 printf 'redo floor (segments local, mv) %6.2fs: best look-ahead speed-up possible here %.2fx\n' \
   "$fl" "$(echo "$d0 / $fl" | bc -l)"
 printf 'async archive   walshipper %6.2fs (%5.1f files/s)   pgBackRest %6.2fs (%5.1f files/s)   throughput ratio %.2fx (target >= 2)\n' \
