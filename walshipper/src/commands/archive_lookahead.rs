@@ -664,11 +664,11 @@ pub fn run_prefetcher(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()
     let (done_tx, done_rx) = mpsc::channel::<(String, Fetched)>();
     std::thread::scope(|s| {
         for _ in 0..jobs {
-            let (work_rx, done_tx, repo) = (&work_rx, done_tx.clone(), &repo);
+            let (work_rx, done_tx, repo, identity) = (&work_rx, done_tx.clone(), &repo, &identity);
             s.spawn(move || loop {
                 let next = work_rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                 let Ok(name) = next else { return };
-                let outcome = fetch_one(repo, dir, &name, markers);
+                let outcome = fetch_one(repo, identity, dir, &name, markers);
                 if done_tx.send((name, outcome)).is_err() {
                     return;
                 }
@@ -691,18 +691,30 @@ fn write_identity(dir: &Path, identity: &Identity) -> Result<()> {
 /// now (the store briefly unreachable) is not a change.
 fn same_repository(repo: &Repository, identity: &Identity) -> bool {
     match spool::descriptor_now(repo) {
-        Ok(Some(d)) => {
-            let c = &identity.cluster;
-            d.repository_id == identity.repository_id
-                && d.identity().is_ok_and(|n| {
-                    n.system_identifier == c.system_identifier
-                        && n.pg_major == c.pg_major
-                        && n.wal_segment_size == c.wal_segment_size
-                })
-        }
+        Ok(Some(d)) => names_identity(&d, identity),
         Ok(None) => false,
         Err(_) => true,
     }
+}
+
+fn names_identity(d: &crate::repo::Descriptor, identity: &Identity) -> bool {
+    let c = &identity.cluster;
+    d.repository_id == identity.repository_id
+        && d.identity().is_ok_and(|n| {
+            n.system_identifier == c.system_identifier
+                && n.pg_major == c.pg_major
+                && n.wal_segment_size == c.wal_segment_size
+        })
+}
+
+/// Whether the repository is there now and is the spool's: read before a
+/// "not there" marker is written. A file missing from a repository that
+/// is itself missing (a file system unmounted, a directory moved, a
+/// bucket deleted) or unreadable says nothing about the file, as
+/// archive_get says of a repository it cannot open; a marker then would
+/// end recovery early at the next segment.
+fn repository_confirmed(repo: &Repository, identity: &Identity) -> bool {
+    matches!(spool::descriptor_now(repo), Ok(Some(d)) if names_identity(&d, identity))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -828,8 +840,15 @@ fn prefetch_loop(
 }
 
 /// Fetches segment `name` into the spool, or probes history file `name`;
-/// with `markers`, leaves or removes its "not there" marker.
-fn fetch_one(repo: &Repository, dir: &Path, name: &str, markers: bool) -> Fetched {
+/// with `markers`, leaves or removes its "not there" marker (left only
+/// when the repository itself is confirmed there after the probe).
+fn fetch_one(
+    repo: &Repository,
+    identity: &Identity,
+    dir: &Path,
+    name: &str,
+    markers: bool,
+) -> Fetched {
     let Some(kind) = wal::parse_name(name) else {
         return Fetched::Failed;
     };
@@ -841,7 +860,8 @@ fn fetch_one(repo: &Repository, dir: &Path, name: &str, markers: bool) -> Fetche
         // restores that part (archive_get::streamed_tail).
         let streamed =
             also_streamed && !matches!(crate::stream::has_streamed_part(repo, name), Ok(false));
-        match (markers && !streamed, began) {
+        let confirmed = markers && !streamed && repository_confirmed(repo, identity);
+        match (confirmed, began) {
             (true, Some(at)) => write_marker(dir, name, at),
             _ => {
                 let _ = fs::remove_file(marker_path(dir, name));
@@ -1082,5 +1102,48 @@ mod tests {
         assert!(Identity::parse(&text.replace("identity 3", "identity 4")).is_none());
         assert!(Identity::parse(&text.replace("\nholder=", "\nholders=")).is_none());
         assert!(window("000000020000000100000001.partial", 2, 16 << 20).is_none());
+    }
+
+    /// A segment missing from a repository that is itself missing (moved,
+    /// unmounted) or replaced leaves no marker: the next ask would take it
+    /// for the end of the archive and end recovery there.
+    #[test]
+    fn a_missing_repository_leaves_no_not_there_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let (_cfg, repo) = crate::repo::test_support::posix_repo(dir.path(), 7);
+        let identity = Identity::of(&repo).unwrap();
+        let spool = dir.path().join("spool");
+        fs::create_dir(&spool).unwrap();
+        let seg = "000000010000000000000005";
+        let history = "00000002.history";
+        // The repository there: both probes leave their markers.
+        for name in [seg, history] {
+            assert!(matches!(
+                fetch_one(&repo, &identity, &spool, name, true),
+                Fetched::Missing
+            ));
+            assert!(marker_fresh(&spool, name), "{name}");
+        }
+        // Moved away: missing still, and the old markers are removed.
+        fs::rename(dir.path().join("r"), dir.path().join("r-moved")).unwrap();
+        for name in [seg, history] {
+            assert!(matches!(
+                fetch_one(&repo, &identity, &spool, name, true),
+                Fetched::Missing
+            ));
+            assert!(!marker_path(&spool, name).exists(), "{name}");
+        }
+        // Another repository in its place: no marker either.
+        crate::repo::test_support::posix_repo(dir.path(), 7);
+        assert!(matches!(
+            fetch_one(&repo, &identity, &spool, seg, true),
+            Fetched::Missing
+        ));
+        assert!(!marker_path(&spool, seg).exists());
+        // Back: markers again.
+        fs::remove_dir_all(dir.path().join("r")).unwrap();
+        fs::rename(dir.path().join("r-moved"), dir.path().join("r")).unwrap();
+        fetch_one(&repo, &identity, &spool, seg, true);
+        assert!(marker_fresh(&spool, seg));
     }
 }
