@@ -12,7 +12,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -31,6 +31,14 @@ const LOG_MAX: u64 = 10 << 20;
 
 /// Checks the configured spool directory (`setting` names it in errors) and
 /// returns `<dir>/<sub>`, created mode 0700 if missing.
+///
+/// The spool holds what archive-get serves to recovery and what async
+/// archive-push reports as archived, so no one but this user may change
+/// it: `dir` must be this user's and writable by no one else, and every
+/// directory under it a real directory (no symlink) of this user's, mode
+/// 0700, as the key cache and the summary cache ask of theirs. Otherwise
+/// another local user could plant a directory, a lock holder or a symlink
+/// there (a shared /tmp, a group-writable directory).
 pub fn prepare(dir: &Path, setting: &str, sub: &Path) -> Result<PathBuf> {
     let meta = fs::metadata(dir).map_err(|e| {
         Error::Config(format!(
@@ -46,6 +54,19 @@ pub fn prepare(dir: &Path, setting: &str, sub: &Path) -> Result<PathBuf> {
             dir.display()
         )));
     }
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let uid = unsafe { libc::geteuid() };
+    if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+        return Err(Error::Config(format!(
+            "{setting}: {} is owned by uid {} with mode {:04o}: it must be owned by the user walshipper runs as \
+             (uid {uid}) and writable by no one else (e.g. chown postgres {} && chmod 0700 {})",
+            dir.display(),
+            meta.uid(),
+            meta.mode() & 0o7777,
+            dir.display(),
+            dir.display()
+        )));
+    }
     let path = dir.join(sub);
     fs::DirBuilder::new()
         .recursive(true)
@@ -57,6 +78,23 @@ pub fn prepare(dir: &Path, setting: &str, sub: &Path) -> Result<PathBuf> {
                 path.display()
             ))
         })?;
+    let mut at = dir.to_path_buf();
+    for part in sub.components() {
+        at.push(part);
+        let m = fs::symlink_metadata(&at)
+            .map_err(|e| Error::io(format!("{setting}: stat {}", at.display()), e))?;
+        if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
+            return Err(Error::Config(format!(
+                "{setting}: {} is not a private directory of this user's (a {}, uid {}, mode {:04o}); \
+                 remove it (walshipper makes it again, mode 0700) and check who else can write to {}",
+                at.display(),
+                if m.file_type().is_symlink() { "symlink" } else if m.is_dir() { "directory" } else { "file" },
+                m.uid(),
+                m.mode() & 0o7777,
+                dir.display()
+            )));
+        }
+    }
     Ok(path)
 }
 
@@ -472,6 +510,34 @@ mod tests {
             "a probe made try_lock give up"
         );
         release.join().unwrap();
+        // Writable by others, or a planted symlink under it: refused.
+        use std::os::unix::fs::PermissionsExt;
+        let open = d.path().join("open");
+        fs::create_dir(&open).unwrap();
+        fs::set_permissions(&open, fs::Permissions::from_mode(0o777)).unwrap();
+        let e = prepare(&open, "restore.spool_dir", Path::new("a"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("restore.spool_dir") && e.contains("0777"), "{e}");
+        let base = d.path().join("base");
+        fs::create_dir(&base).unwrap();
+        let elsewhere = d.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, base.join("archive-get")).unwrap();
+        let e = prepare(&base, "restore.spool_dir", Path::new("archive-get/fp"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("symlink"), "{e}");
+        // A directory under it open to others (made before, not by us).
+        fs::remove_file(base.join("archive-get")).unwrap();
+        fs::create_dir(base.join("archive-get")).unwrap();
+        fs::set_permissions(base.join("archive-get"), fs::Permissions::from_mode(0o755)).unwrap();
+        let e = prepare(&base, "restore.spool_dir", Path::new("archive-get/fp"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("0755"), "{e}");
+        fs::set_permissions(base.join("archive-get"), fs::Permissions::from_mode(0o700)).unwrap();
+        prepare(&base, "restore.spool_dir", Path::new("archive-get/fp")).unwrap();
         // A missing spool is an error naming the setting.
         let e = prepare(
             &d.path().join("missing"),
