@@ -139,7 +139,9 @@ impl Read for PacedRead<'_> {
 pub trait Storage: Send + Sync {
     /// Stores `body` under `key` atomically, only if `key` does not exist
     /// yet. A crash at any moment leaves either no object or the whole
-    /// object; with `Durability::Now` the object is durable on return.
+    /// object; with `Durability::Now` the object is durable on return,
+    /// and so is an object already there (`AlreadyExists`: callers take
+    /// it for stored).
     fn put_new(&self, key: &str, body: &mut dyn Read, durability: Durability)
         -> Result<PutOutcome>;
     /// Makes every `Durability::AtFlush` write so far durable.

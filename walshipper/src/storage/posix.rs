@@ -292,10 +292,24 @@ impl Storage for PosixStorage {
         durability: Durability,
     ) -> Result<PutOutcome> {
         let path = self.path(key)?;
-        if path.exists() {
-            return Ok(PutOutcome::AlreadyExists);
-        }
         let now = durability == Durability::Now;
+        // The name may be there but not durable yet: a writer killed
+        // between its link and its directory fsync, or a repo-sync copy
+        // (AtFlush) not flushed yet. Callers take AlreadyExists for
+        // "stored" (archive-push then reports the segment archived), so
+        // with Durability::Now the existing object is made durable too.
+        let existing = |path: &Path| -> Result<PutOutcome> {
+            if now {
+                File::open(path)
+                    .and_then(|f| f.sync_all())
+                    .and_then(|()| fsync_dir(path.parent().unwrap_or(&self.root)))
+                    .map_err(|e| err("fsync", key, e))?;
+            }
+            Ok(PutOutcome::AlreadyExists)
+        };
+        if path.exists() {
+            return existing(&path);
+        }
         let tmp = self
             .write_tmp(&path, body, now)
             .map_err(|e| err("write", key, e))?;
@@ -304,9 +318,7 @@ impl Storage for PosixStorage {
         let _ = fs::remove_file(&tmp);
         match linked {
             Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                return Ok(PutOutcome::AlreadyExists)
-            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return existing(&path),
             Err(e) => return Err(err("link", key, e)),
         }
         if now {
