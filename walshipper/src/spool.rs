@@ -173,6 +173,87 @@ pub fn write_durable(dir: &Path, name: &str, body: &[u8]) -> io::Result<()> {
     result
 }
 
+/// A WAL file's temporary beside its destination (`RECOVERYXLOG` in
+/// pg_wal, a segment in the look-ahead spool): `.<name>.walshipper.tmp.`
+/// then this writer's pid and a number, created new (O_EXCL, no symlink
+/// followed), so that two writers of one destination (an archive-get
+/// orphaned by a killed startup process beside the next one's) never
+/// write into one file. Temporaries that dead processes left beside
+/// `dest` are removed first.
+pub fn create_beside(dest: &Path) -> io::Result<(PathBuf, File)> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let name = dest
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or_else(|| io::Error::other(format!("bad destination {}", dest.display())))?;
+    let dir = dest.parent().unwrap_or(Path::new("."));
+    let prefix = format!(".{name}.walshipper.tmp.");
+    remove_dead_writers(dir, &prefix);
+    let pid = std::process::id();
+    let tmp = dir.join(format!(
+        "{prefix}{pid}-{}",
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    ));
+    let f = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(&tmp)?;
+    Ok((tmp, f))
+}
+
+/// Whether a writer is writing `dest` now (a temporary of `create_beside`
+/// whose process lives).
+pub fn being_written(dest: &Path) -> bool {
+    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name().and_then(|n| n.to_str())) else {
+        return false;
+    };
+    let prefix = format!(".{name}.walshipper.tmp.");
+    temporaries(dir, &prefix)
+        .into_iter()
+        .any(|(_, pid)| pid.is_some_and(alive))
+}
+
+/// The temporaries named `<prefix><pid>-<n>` in `dir`, with their pid.
+fn temporaries(dir: &Path, prefix: &str) -> Vec<(PathBuf, Option<u32>)> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|e| {
+            let n = e.file_name();
+            let rest = n.to_str()?.strip_prefix(prefix)?.to_string();
+            let pid = rest
+                .split_once('-')
+                .and_then(|(p, _)| p.parse::<u32>().ok());
+            Some((e.path(), pid))
+        })
+        .collect()
+}
+
+fn remove_dead_writers(dir: &Path, prefix: &str) {
+    for (path, pid) in temporaries(dir, prefix) {
+        if !pid.is_some_and(alive) {
+            let _ = fs::remove_file(path);
+        }
+    }
+}
+
+/// Whether process `pid` exists (a pid reused since is taken for alive:
+/// its temporary then waits for a later call).
+fn alive(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: kill with signal 0 only checks; no pointers.
+    pid > 0
+        && (unsafe { libc::kill(pid, 0) } == 0
+            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+}
+
 /// Reads a small spool file (at most `max` bytes); None if absent.
 pub fn read_small(path: &Path, max: u64) -> io::Result<Option<Vec<u8>>> {
     let f = match OpenOptions::new()
@@ -468,6 +549,32 @@ pub fn parse_repos(text: &str) -> Option<Vec<(String, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn temporaries_beside_a_destination_are_each_writers_own() {
+        let d = tempfile::tempdir().unwrap();
+        let dest = d.path().join("RECOVERYXLOG");
+        let (a, _fa) = create_beside(&dest).unwrap();
+        let (b, _fb) = create_beside(&dest).unwrap();
+        assert_ne!(a, b, "one file for two writers");
+        assert!(being_written(&dest));
+        // One a dead process left: removed by the next writer; ours stay.
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let stale = d
+            .path()
+            .join(format!(".RECOVERYXLOG.walshipper.tmp.{dead}-0"));
+        fs::write(&stale, b"half").unwrap();
+        let (c, _fc) = create_beside(&dest).unwrap();
+        assert!(!stale.exists() && a.exists() && b.exists() && c.exists());
+        // Another destination's temporaries are not this one's.
+        assert!(!being_written(&d.path().join("000000010000000000000001")));
+        for t in [a, b, c] {
+            fs::remove_file(t).unwrap();
+        }
+        assert!(!being_written(&dest));
+    }
 
     #[test]
     fn durable_files_lock_and_settings() {

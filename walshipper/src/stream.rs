@@ -17,7 +17,7 @@
 //! their place in this segment of this cluster are refused as damage.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs::{self, File, OpenOptions};
+use std::fs;
 use std::io::Write;
 use std::path::Path;
 
@@ -585,19 +585,9 @@ pub fn restore_partial(repo: &Repository, name: &str, dest: &Path) -> Result<()>
     {
         return Err(again("the whole segment was stored".into()));
     }
-    let dest_name = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Invalid(format!("bad destination {}", dest.display())))?;
-    let tmp = dest.with_file_name(format!(".{dest_name}.walshipper.tmp"));
     let local = |e: std::io::Error| Error::io(format!("cannot write {}", dest.display()), e);
+    let (tmp, mut f) = crate::spool::create_beside(dest).map_err(local)?;
     let result = (|| {
-        let mut f: File = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(local)?;
         f.write_all(&chain.bytes).map_err(local)?;
         f.set_len(seg_size).map_err(local)?;
         f.sync_all().map_err(local)?;

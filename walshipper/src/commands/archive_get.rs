@@ -24,9 +24,9 @@
 //! missing is answered "not there" (commands::archive_lookahead); anything
 //! else is fetched here as always.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, BufWriter, Write};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::{Config, RestoreConfig};
@@ -362,18 +362,8 @@ pub(crate) fn fetch(
     threads: usize,
 ) -> Result<()> {
     let id = repo.descriptor.identity()?;
-    let dest_name = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Invalid(format!("bad destination {}", dest.display())))?;
-    let tmp: PathBuf = dest.with_file_name(format!(".{dest_name}.walshipper.tmp"));
+    let (tmp, f) = crate::spool::create_beside(dest).map_err(|e| local(dest, e))?;
     let result = (|| {
-        let f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&tmp)
-            .map_err(|e| local(dest, e))?;
         let mut sink = Sink {
             file: BufWriter::with_capacity(1 << 20, f),
             check: ContentCheck::new(name, kind),

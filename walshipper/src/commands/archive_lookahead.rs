@@ -437,16 +437,11 @@ fn start_early(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()> {
     start_prefetcher(cfg, only, dir)
 }
 
-/// The temporary archive_get::fetch writes `name` to in the spool.
-fn in_flight_path(dir: &Path, name: &str) -> PathBuf {
-    dir.join(format!(".{name}.walshipper.tmp"))
-}
-
 /// When the prefetcher is fetching `name` right now: waits for it rather
 /// than fetching it a second time.
 fn wait_in_flight(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<bool> {
     let end = Instant::now() + IN_FLIGHT_WAIT;
-    while in_flight_path(dir, name).exists() && Instant::now() < end {
+    while spool::being_written(&dir.join(name)) && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(5));
     }
     take(dir, name, dest, id, false)
@@ -485,14 +480,16 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity, keep: bool) -
     // Kept, or another file system: copied to a temporary beside dest,
     // then renamed (never a hard link: PostgreSQL may recycle a segment
     // file in place, and the spool's copy must not change with it).
-    let dest_name = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| Error::Invalid(format!("bad destination {}", dest.display())))?;
-    let tmp = dest.with_file_name(format!(".{dest_name}.walshipper.tmp"));
-    let copied = fs::copy(&src, &tmp).and_then(|_| fs::rename(&tmp, dest));
+    let copied = spool::create_beside(dest).and_then(|(tmp, mut f)| {
+        let r = fs::File::open(&src)
+            .and_then(|mut s| std::io::copy(&mut s, &mut f))
+            .and_then(|_| fs::rename(&tmp, dest));
+        if r.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        r
+    });
     if let Err(e) = copied {
-        let _ = fs::remove_file(&tmp);
         return Err(Error::io(
             format!("copy {} to {}", src.display(), dest.display()),
             e,
@@ -926,7 +923,7 @@ fn clear(dir: &Path) {
         let n = e.file_name();
         let n = n.to_string_lossy();
         let file = n.strip_suffix(MISSING).unwrap_or(&n);
-        if wal::parse_name(file).is_some() || n.ends_with(".walshipper.tmp") {
+        if wal::parse_name(file).is_some() || n.contains(".walshipper.tmp") {
             let _ = fs::remove_file(e.path());
         }
     }
