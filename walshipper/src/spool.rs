@@ -5,9 +5,13 @@
 //! spool, and how that process is started.
 //!
 //! Nothing in a spool is trusted beyond what its writer proved: a file
-//! appears under its final name only after it was written whole and synced
-//! (a temporary, fsync, rename, fsync of the directory), so a half-written
-//! one never carries a final name, and readers check what they read.
+//! appears under its final name only after it was written whole (a
+//! temporary, then a rename), so a half-written one never carries a final
+//! name, and readers check what they read. Records async archive-push
+//! reports from are also synced before and after the rename
+//! (`write_durable`); look-ahead segments are not (a crash ends the
+//! prefetcher holding the lock, and with it every file's worth: nothing is
+//! served without a live holder of this boot).
 
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
