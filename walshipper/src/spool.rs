@@ -71,20 +71,21 @@ pub fn prepare(dir: &Path, setting: &str, sub: &Path) -> Result<PathBuf> {
             dir.display()
         )));
     }
-    let path = dir.join(sub);
-    fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(&path)
-        .map_err(|e| {
-            Error::Config(format!(
-                "{setting}: cannot create {} ({e}); the directory must be writable by the user walshipper runs as",
-                path.display()
-            ))
-        })?;
+    // One level at a time, each checked before anything is made in it (a
+    // planted symlink is refused before a directory is made through it).
     let mut at = dir.to_path_buf();
     for part in sub.components() {
         at.push(part);
+        match fs::DirBuilder::new().mode(0o700).create(&at) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(Error::Config(format!(
+                    "{setting}: cannot create {} ({e}); the directory must be writable by the user walshipper runs as",
+                    at.display()
+                )))
+            }
+        }
         let m = fs::symlink_metadata(&at)
             .map_err(|e| Error::io(format!("{setting}: stat {}", at.display()), e))?;
         if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
@@ -99,7 +100,7 @@ pub fn prepare(dir: &Path, setting: &str, sub: &Path) -> Result<PathBuf> {
             )));
         }
     }
-    Ok(path)
+    Ok(at)
 }
 
 /// Free bytes for unprivileged writes on the file system holding `dir`.
@@ -187,31 +188,49 @@ pub fn write_durable(dir: &Path, name: &str, body: &[u8]) -> io::Result<()> {
 pub fn create_beside(dest: &Path) -> io::Result<(PathBuf, File)> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static NEXT: AtomicU64 = AtomicU64::new(0);
-    let name = dest
-        .file_name()
-        .and_then(|n| n.to_str())
-        .ok_or_else(|| io::Error::other(format!("bad destination {}", dest.display())))?;
-    let dir = dest.parent().unwrap_or(Path::new("."));
+    let (dir, name) = beside(dest).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("bad destination {}", dest.display()),
+        )
+    })?;
     let prefix = format!(".{name}.walshipper.tmp.");
     remove_dead_writers(dir, &prefix);
     let pid = std::process::id();
-    let tmp = dir.join(format!(
-        "{prefix}{pid}-{}",
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    ));
-    let f = OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&tmp)?;
-    Ok((tmp, f))
+    // A name a dead process with this pid left (pids are reused) is
+    // skipped, not an error.
+    let mut tries = 0;
+    loop {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let tmp = dir.join(format!("{prefix}{pid}-{n}"));
+        // The mode is the umask's, as for any file (pg_wal's group access).
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((tmp, f)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 8 => tries += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// `dest`'s directory ("." for a bare name) and file name.
+fn beside(dest: &Path) -> Option<(&Path, &str)> {
+    let name = dest.file_name()?.to_str()?;
+    let dir = match dest.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    Some((dir, name))
 }
 
 /// Whether a writer is writing `dest` now (a temporary of `create_beside`
 /// whose process lives).
 pub fn being_written(dest: &Path) -> bool {
-    let (Some(dir), Some(name)) = (dest.parent(), dest.file_name().and_then(|n| n.to_str())) else {
+    let Some((dir, name)) = beside(dest) else {
         return false;
     };
     let prefix = format!(".{name}.walshipper.tmp.");
@@ -631,7 +650,7 @@ mod tests {
             .to_string();
         assert!(e.contains("restore.spool_dir") && e.contains("0777"), "{e}");
         let base = d.path().join("base");
-        fs::create_dir(&base).unwrap();
+        fs::DirBuilder::new().mode(0o700).create(&base).unwrap();
         let elsewhere = d.path().join("elsewhere");
         fs::create_dir(&elsewhere).unwrap();
         std::os::unix::fs::symlink(&elsewhere, base.join("archive-get")).unwrap();
@@ -639,6 +658,7 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("symlink"), "{e}");
+        assert!(!elsewhere.join("fp").exists(), "made through the symlink");
         // A directory under it open to others (made before, not by us).
         fs::remove_file(base.join("archive-get")).unwrap();
         fs::create_dir(base.join("archive-get")).unwrap();

@@ -10,6 +10,7 @@
 mod common;
 
 use std::collections::BTreeSet;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -105,9 +106,15 @@ fn async_archiving_survives_killed_pushers_and_lookahead_restores_exactly() {
     let src_dir = d.join("src");
     let shipper = Shipper::new(d, &src_dir, &d.join("src-sock"), 5432);
     let spool = d.join("spool");
-    std::fs::create_dir(&spool).unwrap();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&spool)
+        .unwrap();
     let restore_spool = d.join("rspool");
-    std::fs::create_dir(&restore_spool).unwrap();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&restore_spool)
+        .unwrap();
     let text = std::fs::read_to_string(&shipper.config).unwrap().replace(
         "[archive]\n",
         &format!(
@@ -367,7 +374,10 @@ fn vouch_speaks_only_while_fresh(shipper: &Shipper, base: &Path, d: &Path) {
     let spool = d.join("vouch-spool");
     let wal = d.join("vouch/pg_wal");
     std::fs::create_dir_all(wal.join("archive_status")).unwrap();
-    std::fs::create_dir(&spool).unwrap();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&spool)
+        .unwrap();
     let cmd = || {
         let mut c = shipper.cmd();
         c.env("WALSHIPPER_REPO_PATH", &repo)
@@ -670,7 +680,10 @@ fn stale_records_never_pass(shipper: &Shipper, src: &Cluster, d: &Path) {
         "{err}"
     );
     let spool = d.join("fake-spool");
-    std::fs::create_dir(&spool).unwrap();
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&spool)
+        .unwrap();
     let push = || {
         run(shipper
             .cmd()

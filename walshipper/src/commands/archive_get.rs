@@ -362,6 +362,12 @@ pub(crate) fn fetch(
     threads: usize,
 ) -> Result<()> {
     let id = repo.descriptor.identity()?;
+    if dest.file_name().and_then(|n| n.to_str()).is_none() {
+        return Err(Error::Invalid(format!(
+            "bad destination {}",
+            dest.display()
+        )));
+    }
     let (tmp, f) = crate::spool::create_beside(dest).map_err(|e| local(dest, e))?;
     let result = (|| {
         let mut sink = Sink {
