@@ -62,6 +62,7 @@ pub fn main(config: Option<&Path>, only: Option<&str>, name: &str, dest: &Path) 
     };
     let standby = standby_mode();
     let parents = parents();
+    let _ = ASKED_BY.set(parents);
     let started = Instant::now();
     // WALSHIPPER_LOG=walshipper=debug: each call's start, outcome and time
     // (with the look-ahead's own lines, where a recovery's time goes).
@@ -191,14 +192,41 @@ fn parents() -> (libc::pid_t, Option<libc::pid_t>) {
     (parent, ppid_of(parent))
 }
 
+type Parents = (libc::pid_t, Option<libc::pid_t>);
+
+/// The parents of this archive-get command when it started; unset in
+/// other processes (the look-ahead's prefetcher, a restore).
+static ASKED_BY: std::sync::OnceLock<Parents> = std::sync::OnceLock::new();
+
+/// Whether `current` are still the parents the call started with.
+fn same_parents(start: Parents, current: Parents) -> bool {
+    current.0 == start.0 && (start.1.is_none() || current.1 == start.1)
+}
+
+/// Renames a fetched WAL file's temporary to `dest` (RECOVERYXLOG) only
+/// while the server that asked for it waits: an archive-get whose startup
+/// process was killed keeps running, and the next server may already be
+/// recovering into the same pg_wal, where a late rename would put another
+/// segment under the name it is about to read.
+pub(crate) fn rename_if_asked(from: &Path, dest: &Path) -> io::Result<()> {
+    if ASKED_BY
+        .get()
+        .is_some_and(|&start| !same_parents(start, parents()))
+    {
+        return Err(io::Error::other(
+            "the server that asked for it is gone (its startup process ended): not written",
+        ));
+    }
+    fs::rename(from, dest)
+}
+
 /// Sleeps `d`; false as soon as the parent or grandparent process is gone
 /// (the server stopped while we waited: a later write into its pg_wal, maybe
 /// under a new server, would be wrong).
-fn sleep_unless_orphaned(d: Duration, start: (libc::pid_t, Option<libc::pid_t>)) -> bool {
+fn sleep_unless_orphaned(d: Duration, start: Parents) -> bool {
     let end = Instant::now() + d;
     loop {
-        let current = parents();
-        if current.0 != start.0 || (start.1.is_some() && current.1 != start.1) {
+        if !same_parents(start, parents()) {
             return false;
         }
         let now = Instant::now();
@@ -394,10 +422,34 @@ pub(crate) fn fetch(
             reason: format!("it is not WAL file {name} of this cluster: {reason}"),
         })?;
         drop(sink);
-        fs::rename(&tmp, dest).map_err(|e| local(dest, e))
+        rename_if_asked(&tmp, dest).map_err(|e| local(dest, e))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_whose_parents_changed_is_orphaned() {
+        let start = (100, Some(50));
+        assert!(same_parents(start, (100, Some(50))));
+        // The shell or the startup process gone: reparented.
+        assert!(!same_parents(start, (1, Some(0))));
+        assert!(!same_parents(start, (100, Some(1))));
+        // No grandparent known at the start: the parent alone decides.
+        assert!(same_parents((100, None), (100, Some(7))));
+        assert!(!same_parents((100, None), (1, None)));
+        // Outside the archive-get command (ASKED_BY unset) a rename is not
+        // held back.
+        let d = tempfile::tempdir().unwrap();
+        let (from, to) = (d.path().join("a"), d.path().join("b"));
+        fs::write(&from, b"x").unwrap();
+        rename_if_asked(&from, &to).unwrap();
+        assert!(to.exists());
+    }
 }

@@ -466,7 +466,7 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity, keep: bool) -
         return Ok(false);
     }
     if !keep {
-        match fs::rename(&src, dest) {
+        match archive_get::rename_if_asked(&src, dest) {
             Ok(()) => return Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
             Err(e) => {
@@ -483,7 +483,7 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity, keep: bool) -
     let copied = spool::create_beside(dest).and_then(|(tmp, mut f)| {
         let r = fs::File::open(&src)
             .and_then(|mut s| std::io::copy(&mut s, &mut f))
-            .and_then(|_| fs::rename(&tmp, dest));
+            .and_then(|_| archive_get::rename_if_asked(&tmp, dest));
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
         }
