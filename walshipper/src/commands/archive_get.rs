@@ -84,7 +84,7 @@ fn main_loop(
     kind: &WalFileKind,
     dest: &Path,
     standby: bool,
-    parents: (libc::pid_t, Option<libc::pid_t>),
+    parents: Parents,
     started: Instant,
 ) -> i32 {
     let mut timeout: Option<u64> = None;
@@ -186,7 +186,7 @@ fn ppid_of(pid: libc::pid_t) -> Option<libc::pid_t> {
 
 /// Our parent and its parent: PostgreSQL's startup process runs
 /// restore_command through `sh -c`, and the shell may stay in between.
-fn parents() -> (libc::pid_t, Option<libc::pid_t>) {
+fn parents() -> Parents {
     // SAFETY: getppid has no preconditions and cannot fail.
     let parent = unsafe { libc::getppid() };
     (parent, ppid_of(parent))
@@ -198,9 +198,16 @@ type Parents = (libc::pid_t, Option<libc::pid_t>);
 /// other processes (the look-ahead's prefetcher, a restore).
 static ASKED_BY: std::sync::OnceLock<Parents> = std::sync::OnceLock::new();
 
-/// Whether `current` are still the parents the call started with.
+/// Whether `current` are still the parents the call started with. The
+/// grandparent is compared only when read both times: an unreadable
+/// /proc entry (a transient error, another pid namespace's /proc) is no
+/// sign of orphaning, and taking it for one would stop recovery.
 fn same_parents(start: Parents, current: Parents) -> bool {
-    current.0 == start.0 && (start.1.is_none() || current.1 == start.1)
+    current.0 == start.0
+        && match (start.1, current.1) {
+            (Some(a), Some(b)) => a == b,
+            _ => true,
+        }
 }
 
 /// Renames a fetched WAL file's temporary to `dest` (RECOVERYXLOG) only
@@ -441,8 +448,9 @@ mod tests {
         // The shell or the startup process gone: reparented.
         assert!(!same_parents(start, (1, Some(0))));
         assert!(!same_parents(start, (100, Some(1))));
-        // No grandparent known at the start: the parent alone decides.
+        // A grandparent unread either time: the parent alone decides.
         assert!(same_parents((100, None), (100, Some(7))));
+        assert!(same_parents((100, Some(50)), (100, None)));
         assert!(!same_parents((100, None), (1, None)));
         // Outside the archive-get command (ASKED_BY unset) a rename is not
         // held back.
