@@ -248,14 +248,28 @@ impl LeaseBody {
         if now > self.expires_at {
             return true;
         }
-        if self.host == our_host && self.pid > 1 && self.pid <= i32::MAX as u32 {
-            // SAFETY: kill with signal 0 only checks that the process exists;
-            // pid is > 1, so never a process group.
-            let rc = unsafe { libc::kill(self.pid as i32, 0) };
-            return rc != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ESRCH);
+        if self.host == our_host && self.pid > 1 {
+            return !process_exists(self.pid);
         }
         false
     }
+}
+
+/// Whether process `pid` of this host exists: only "no such process"
+/// (ESRCH) says it does not (a process of another user, EPERM, exists; a
+/// pid reused since is taken for the old one). Pids 0, 1 and those beyond
+/// pid_t never name a lock holder or writer: taken as existing.
+pub(crate) fn process_exists(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return true;
+    };
+    if pid <= 1 {
+        return true;
+    }
+    // SAFETY: kill with signal 0 only checks that the process exists; pid
+    // is > 1, so never a process group.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
 }
 
 struct LeaseState {

@@ -236,7 +236,7 @@ pub fn being_written(dest: &Path) -> bool {
     let prefix = format!(".{name}.walshipper.tmp.");
     temporaries(dir, &prefix)
         .into_iter()
-        .any(|(_, pid)| pid.is_some_and(alive))
+        .any(|(_, pid)| pid.is_some_and(crate::lock::process_exists))
 }
 
 /// The temporaries named `<prefix><pid>-<n>` in `dir`, with their pid.
@@ -259,22 +259,10 @@ fn temporaries(dir: &Path, prefix: &str) -> Vec<(PathBuf, Option<u32>)> {
 
 fn remove_dead_writers(dir: &Path, prefix: &str) {
     for (path, pid) in temporaries(dir, prefix) {
-        if !pid.is_some_and(alive) {
+        if !pid.is_some_and(crate::lock::process_exists) {
             let _ = fs::remove_file(path);
         }
     }
-}
-
-/// Whether process `pid` exists (a pid reused since is taken for alive:
-/// its temporary then waits for a later call).
-fn alive(pid: u32) -> bool {
-    let Ok(pid) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: kill with signal 0 only checks; no pointers.
-    pid > 0
-        && (unsafe { libc::kill(pid, 0) } == 0
-            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
 }
 
 /// Reads a small spool file (at most `max` bytes); None if absent.
