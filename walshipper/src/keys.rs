@@ -644,21 +644,15 @@ impl KeyCache {
 
     /// The host secret, created on first use.
     fn host_secret(&self) -> Result<Zeroizing<[u8; 32]>> {
-        use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::getuid() };
+        use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+        let uid = crate::private_dir::euid();
         let dir = self.secret_base.join(format!("walshipper-{uid}"));
-        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
-            Err(e) => return Err(Error::io(format!("create {}", dir.display()), e)),
-        }
+        let found = crate::private_dir::make(&dir)
+            .map_err(|e| Error::io(format!("create {}", dir.display()), e))?;
         // Someone else's directory (or a symlink to one) is not ours to trust.
-        let meta = std::fs::symlink_metadata(&dir)
-            .map_err(|e| Error::io(format!("{}", dir.display()), e))?;
-        if !meta.is_dir() || meta.uid() != uid || meta.mode() & 0o077 != 0 {
+        if !found.is_private() {
             return Err(Error::Config(format!(
-                "{} is not a private directory of this user; not caching keys",
+                "{} is not a private directory of this user ({found}); not caching keys",
                 dir.display()
             )));
         }
@@ -753,16 +747,19 @@ impl KeyCache {
     }
 
     fn try_put(&self, key: &DataKey, passphrase: &[u8]) -> Result<()> {
-        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+        use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
             .create(&self.dir)
             .map_err(|e| Error::io("create key cache dir", e))?;
+        // The configured directory may be reached through a symlink; what it
+        // leads to must be this user's alone.
         let meta = std::fs::metadata(&self.dir).map_err(|e| Error::io("key cache dir", e))?;
-        if meta.permissions().mode() & 0o077 != 0 {
+        let found = crate::private_dir::Found::of(&meta);
+        if !found.is_private() {
             return Err(Error::Config(format!(
-                "key cache directory {} is accessible to others; not caching",
+                "key cache directory {} is not this user's alone ({found}); not caching",
                 self.dir.display()
             )));
         }
@@ -1113,7 +1110,7 @@ mod tests {
         assert!(elsewhere.get(&id, b"pw").is_none());
         // A secret that is not private is not trusted.
         use std::os::unix::fs::PermissionsExt;
-        let uid = unsafe { libc::getuid() };
+        let uid = crate::private_dir::euid();
         let sdir = shm.path().join(format!("walshipper-{uid}"));
         std::fs::set_permissions(&sdir, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(cache.get(&id, b"pw").is_none());

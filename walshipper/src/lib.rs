@@ -25,6 +25,7 @@ pub mod page;
 pub mod passphrase;
 pub mod pg;
 pub mod pgdata;
+pub mod private_dir;
 pub mod progress;
 pub mod recovery_log;
 pub mod replication;

@@ -96,8 +96,7 @@ pub fn try_lock(dir: &Path, name: &str) -> Result<Lock> {
     let meta = file
         .metadata()
         .map_err(|e| Error::io(format!("stat lock {}", path.display()), e))?;
-    // SAFETY: geteuid cannot fail.
-    let euid = unsafe { libc::geteuid() };
+    let euid = crate::private_dir::euid();
     if !meta.file_type().is_file() || meta.uid() != euid || meta.nlink() != 1 {
         return Err(Error::Invalid(format!(
             "lock file {} is not a regular file owned by this user (uid {euid}) with one link; \

@@ -413,8 +413,7 @@ fn check_program(program: &Path, what: &str) -> Result<()> {
     }
     // Another unprivileged user who owns it could change it too.
     use std::os::unix::fs::MetadataExt;
-    // SAFETY: getuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::getuid() };
+    let uid = crate::private_dir::euid();
     if m.uid() != 0 && m.uid() != uid {
         return Err(Error::Config(format!(
             "{what} belongs to user id {}, neither root nor the user walshipper runs as ({uid}): its owner could change what runs with walshipper's rights; make root own it",

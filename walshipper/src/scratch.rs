@@ -538,15 +538,12 @@ impl Scratch {
                 dir.display()
             )));
         }
-        // SAFETY: getuid cannot fail.
-        let uid = unsafe { libc::getuid() };
-        if !meta.is_dir()
-            || std::os::unix::fs::MetadataExt::uid(&meta) != uid
-            || meta.permissions().mode() & 0o022 != 0
-        {
+        let found = crate::private_dir::Found::of(&meta);
+        if !found.is_ours_alone() {
             return Err(Error::Invalid(format!(
-                "scratch directory {} must be a directory of walshipper's own user that no one else can write in (chmod 700 it, or choose another [restore_test] scratch_dir)",
-                dir.display()
+                "scratch directory {} is {found}: it must be a directory of walshipper's own user (uid {}) that no one else can write in (chmod 700 it, or choose another [restore_test] scratch_dir)",
+                dir.display(),
+                crate::private_dir::euid()
             )));
         }
         sweep(&dir);

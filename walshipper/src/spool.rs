@@ -16,7 +16,7 @@
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
-use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -25,6 +25,7 @@ use std::process::{Command, Stdio};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
+use crate::private_dir::{self, Found};
 
 /// Below this much free space a spool is full: records and segments must
 /// not be the writes that find the disk full half way.
@@ -52,21 +53,19 @@ pub fn prepare(dir: &Path, setting: &str, sub: &Path) -> Result<PathBuf> {
             dir.display()
         ))
     })?;
-    if !meta.is_dir() {
+    let top = Found::of(&meta);
+    if !top.is_dir() {
         return Err(Error::Config(format!(
             "{setting}: {} is not a directory",
             dir.display()
         )));
     }
-    // SAFETY: geteuid has no preconditions and cannot fail.
-    let uid = unsafe { libc::geteuid() };
-    if meta.uid() != uid || meta.mode() & 0o022 != 0 {
+    if !top.is_ours_alone() {
+        let uid = private_dir::euid();
         return Err(Error::Config(format!(
-            "{setting}: {} is owned by uid {} with mode {:04o}: it must be owned by the user walshipper runs as \
+            "{setting}: {} is {top}: it must be owned by the user walshipper runs as \
              (uid {uid}) and writable by no one else (e.g. chown postgres {} && chmod 0700 {})",
             dir.display(),
-            meta.uid(),
-            meta.mode() & 0o7777,
             dir.display(),
             dir.display()
         )));
@@ -76,26 +75,17 @@ pub fn prepare(dir: &Path, setting: &str, sub: &Path) -> Result<PathBuf> {
     let mut at = dir.to_path_buf();
     for part in sub.components() {
         at.push(part);
-        match fs::DirBuilder::new().mode(0o700).create(&at) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) => {
-                return Err(Error::Config(format!(
-                    "{setting}: cannot create {} ({e}); the directory must be writable by the user walshipper runs as",
-                    at.display()
-                )))
-            }
-        }
-        let m = fs::symlink_metadata(&at)
-            .map_err(|e| Error::io(format!("{setting}: stat {}", at.display()), e))?;
-        if !m.is_dir() || m.uid() != uid || m.mode() & 0o077 != 0 {
+        let found = private_dir::make(&at).map_err(|e| {
+            Error::Config(format!(
+                "{setting}: cannot create {} ({e}); the directory must be writable by the user walshipper runs as",
+                at.display()
+            ))
+        })?;
+        if !found.is_private() {
             return Err(Error::Config(format!(
-                "{setting}: {} is not a private directory of this user's (a {}, uid {}, mode {:04o}); \
+                "{setting}: {} is not a private directory of this user's ({found}); \
                  remove it (walshipper makes it again, mode 0700) and check who else can write to {}",
                 at.display(),
-                if m.file_type().is_symlink() { "symlink" } else if m.is_dir() { "directory" } else { "file" },
-                m.uid(),
-                m.mode() & 0o7777,
                 dir.display()
             )));
         }
@@ -560,6 +550,7 @@ pub fn parse_repos(text: &str) -> Option<Vec<(String, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::DirBuilderExt;
 
     #[test]
     fn temporaries_beside_a_destination_are_each_writers_own() {

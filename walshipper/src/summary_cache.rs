@@ -31,6 +31,7 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::manifest::BackupSummary;
+use crate::private_dir::{self, Found};
 
 /// Bumped when the summary or its derivation changes; so is the binary's
 /// version, which entries also carry (validation rules may change).
@@ -120,12 +121,7 @@ impl SummaryCache {
 
     /// Whether the directory is this user's alone (as the key cache asks).
     fn private(&self) -> bool {
-        // SAFETY: getuid has no preconditions and cannot fail.
-        let uid = unsafe { libc::getuid() };
-        let ok = |p: &std::path::Path| {
-            fs::symlink_metadata(p)
-                .is_ok_and(|m| m.is_dir() && m.uid() == uid && m.mode() & 0o077 == 0)
-        };
+        let ok = |p: &std::path::Path| Found::lstat(p).is_ok_and(|f| f.is_private());
         ok(&self.dir) && self.dir.parent().is_some_and(ok)
     }
 
@@ -150,8 +146,7 @@ impl SummaryCache {
             .open(&path)
             .ok()?;
         let m = f.metadata().ok()?;
-        // SAFETY: getuid has no preconditions and cannot fail.
-        if !m.is_file() || m.uid() != unsafe { libc::getuid() } || m.len() > MAX_ENTRY {
+        if !m.is_file() || m.uid() != private_dir::euid() || m.len() > MAX_ENTRY {
             return None;
         }
         let e: Entry = serde_json::from_reader(std::io::BufReader::new(f)).ok()?;
