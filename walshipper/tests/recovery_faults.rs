@@ -237,6 +237,61 @@ fn archive_get_exit_statuses() {
         String::from_utf8_lossy(&o.stdout)
     );
     std::fs::remove_file(shipper.wal_object(&later)).unwrap();
+    // The server that asked dies mid-fetch (its startup process killed: here
+    // the shell between it and archive-get): the fetch, slowed to about 3 s
+    // by a download limit, must not rename its file into the destination,
+    // where the next server may already be recovering.
+    let size = std::fs::metadata(shipper.wal_object(&seg)).unwrap().len();
+    let mut asker = Command::new("sh");
+    asker
+        .arg("-c")
+        .arg("\"$0\" \"$@\" & echo $!; wait")
+        .arg(walshipper_bin())
+        .arg("--config")
+        .arg(&shipper.config)
+        .args(["archive-get", &seg])
+        .arg(&dest)
+        .env_remove("WALSHIPPER_PASSPHRASE")
+        .env(
+            "WALSHIPPER_REPO_DOWNLOAD_LIMIT",
+            (size / 3).max(1).to_string(),
+        )
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null());
+    let mut asker = asker.spawn().unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(asker.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let pid: i32 = line.trim().parse().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    asker.kill().unwrap();
+    asker.wait().unwrap();
+    let t = Instant::now();
+    // Running, not a zombie (reaped by whichever process adopted it).
+    let running = || {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            s.rsplit_once(") ")
+                .is_some_and(|(_, r)| !r.starts_with('Z'))
+        })
+    };
+    while running() {
+        assert!(t.elapsed() < MIN, "the orphaned archive-get did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        t.elapsed() >= Duration::from_millis(500),
+        "ended at once: not slowed enough to be caught mid-fetch"
+    );
+    assert!(!dest.exists(), "an orphaned archive-get wrote its file");
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains("walshipper.tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
     // The real one still comes back.
     let (o, _) = get(&mut shipper.cmd(), &seg, &dest);
     assert_eq!(code(&o), 0, "{}", stderr(&o));

@@ -46,6 +46,9 @@ enum Outcome {
     Stop(Error, i32),
     /// Worth another attempt (a repository failed without answering).
     Retry(Error),
+    /// The server that asked is gone: nobody waits for the file, and
+    /// another repository must not be asked for it (see `rename_if_asked`).
+    Orphaned,
 }
 
 /// The whole command, configuration loading included (a configuration that
@@ -111,6 +114,10 @@ fn main_loop(
                 return code;
             }
             Outcome::Retry(e) => e,
+            Outcome::Orphaned => {
+                eprintln!("walshipper: the server that asked for {name} is gone (its startup process ended); nothing written");
+                return exit::RECOVERY_STOP;
+            }
         };
         if standby {
             eprintln!("walshipper: {e} (standby: PostgreSQL will ask again)");
@@ -152,6 +159,9 @@ pub fn run(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Result<
         Outcome::Restored => Ok(()),
         Outcome::NotThere => Err(Error::NotFound(name.to_string())),
         Outcome::Stop(e, _) | Outcome::Retry(e) => Err(e),
+        Outcome::Orphaned => Err(Error::Invalid(format!(
+            "the caller that asked for {name} is gone"
+        ))),
     }
 }
 
@@ -216,15 +226,20 @@ fn same_parents(start: Parents, current: Parents) -> bool {
 /// recovering into the same pg_wal, where a late rename would put another
 /// segment under the name it is about to read.
 pub(crate) fn rename_if_asked(from: &Path, dest: &Path) -> io::Result<()> {
-    if ASKED_BY
-        .get()
-        .is_some_and(|&start| !same_parents(start, parents()))
-    {
+    if orphaned() {
         return Err(io::Error::other(
             "the server that asked for it is gone (its startup process ended): not written",
         ));
     }
     fs::rename(from, dest)
+}
+
+/// Whether this is the archive-get command and the server that asked is
+/// gone (always false in other processes).
+fn orphaned() -> bool {
+    ASKED_BY
+        .get()
+        .is_some_and(|&start| !same_parents(start, parents()))
 }
 
 /// Sleeps `d`; false as soon as the parent or grandparent process is gone
@@ -305,6 +320,7 @@ fn attempt(
         };
         let e = match result {
             Ok(()) => return Outcome::Restored,
+            Err(_) if orphaned() => return Outcome::Orphaned,
             Err(Error::NotFound(_)) => continue,
             Err(e) => e,
         };
