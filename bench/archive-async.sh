@@ -379,25 +379,26 @@ d0=$(m redo_ws-la0); d8=$(m redo_ws-la8); e0=$(m redo_pgbr-sync); e8=$(m redo_pg
 fl=$(m redo_floor)
 # A subset of VARIANTS leaves some figures out: printed as nan, not fatal.
 set +e
+div() { awk -v a="$1" -v b="$2" 'BEGIN { if (a == "nan" || b == "nan" || b + 0 == 0) print "nan"; else print a / b }'; }
 echo
 echo "== medians of $RUNS runs ($ARCHIVE_RUNS of archiving), $NREADY files, repositories: $REPO$([ "$REPO" = s3 ] && echo " + ${LATENCY_MS} ms per request")$([ -n "${ADAPTIVE:-}" ] && echo ", walshipper compression.adaptive = $ADAPTIVE") =="
 printf 'redo floor (segments local, mv) %6.2fs: best look-ahead speed-up possible here %.2fx\n' \
-  "$fl" "$(echo "$d0 / $fl" | bc -l)"
+  "$fl" "$(div "$d0" "$fl")"
 printf 'async archive   walshipper %6.2fs (%5.1f files/s)   pgBackRest %6.2fs (%5.1f files/s)   throughput ratio %.2fx (target >= 2)\n' \
-  "$aw" "$(echo "$NREADY / $aw" | bc -l)" "$ap" "$(echo "$NREADY / $ap" | bc -l)" "$(echo "$ap / $aw" | bc -l)"
+  "$aw" "$(div "$NREADY" "$aw")" "$ap" "$(div "$NREADY" "$ap")" "$(div "$ap" "$aw")"
 [ -n "${BIN_B:-}" ] && printf 'async archive   BIN_B      %6.2fs (%5.1f files/s)   ratio to pgBackRest %.2fx   (runs: %s; machine CPU busy %.2fs, runs: %s)\n' \
-  "$ab" "$(echo "$NREADY / $ab" | bc -l)" "$(echo "$ap / $ab" | bc -l)" "${RES[archive_walshipper-b]:-}" \
+  "$ab" "$(div "$NREADY" "$ab")" "$(div "$ap" "$ab")" "${RES[archive_walshipper-b]:-}" \
   "$(m cpu_walshipper-b)" "${RES[cpu_walshipper-b]:-}"
 printf 'async archive runs: walshipper %s  pgBackRest %s\n' "${RES[archive_walshipper]:-}" "${RES[archive_pgbackrest]:-}"
 printf 'machine CPU busy runs: walshipper %s  pgBackRest %s\n' "${RES[cpu_walshipper]:-}" "${RES[cpu_pgbackrest]:-}"
 printf 'async archive, machine CPU busy (median)   walshipper %6.2fs   pgBackRest %6.2fs   ratio %.2fx\n' \
-  "$(m cpu_walshipper)" "$(m cpu_pgbackrest)" "$(echo "$(m cpu_pgbackrest) / $(m cpu_walshipper)" | bc -l)"
+  "$(m cpu_walshipper)" "$(m cpu_pgbackrest)" "$(div "$(m cpu_pgbackrest)" "$(m cpu_walshipper)")"
 printf 'redo (WAL replay) walshipper one-by-one %6.2fs  look-ahead 8 %6.2fs  speed-up %.2fx (target >= 2)\n' \
-  "$d0" "$d8" "$(echo "$d0 / $d8" | bc -l)"
+  "$d0" "$d8" "$(div "$d0" "$d8")"
 printf 'redo (WAL replay) pgBackRest sync       %6.2fs  async         %6.2fs  speed-up %.2fx\n' \
-  "$e0" "$e8" "$(echo "$e0 / $e8" | bc -l)"
+  "$e0" "$e8" "$(div "$e0" "$e8")"
 printf 'start to promotion walshipper %6.2fs / %6.2fs   pgBackRest %6.2fs / %6.2fs (one-by-one / ahead)\n' \
   "$r0" "$r8" "$p0" "$p8"
 for v in $VARIANTS; do printf '  redo %-12s median %6.2fs (runs: %s)\n' "$v" "$(m "redo_$v")" "${RES[redo_$v]:-}"; done
-printf 'look-ahead redo vs pgBackRest async redo: %.2fx\n' "$(echo "$e8 / $d8" | bc -l)"
+printf 'look-ahead redo vs pgBackRest async redo: %.2fx\n' "$(div "$e8" "$d8")"
 pg_ctl -D pg -m immediate -w stop >/dev/null 2>&1 || true

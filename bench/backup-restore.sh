@@ -7,7 +7,10 @@
 # second incremental, restores the full + incr + incr chain and the full
 # alone (alternating which of the two goes first), each step with both tools,
 # which alternate going first round by round; then RESTORE_PAIRS (4) more
-# chain / full-alone pairs of the last round's backups. Then the newest chain of each tool is started and compared with the
+# chain / full-alone pairs of the last round's backups. Each chain is also
+# restored into a tmpfs (/dev/shm, when it has room), where writing costs only
+# a copy: the ratio there is the tools' own, with this disk's write rate out
+# of it. Then the newest chain of each tool is started and compared with the
 # source, and the machine's limit is measured on the same data. Prints
 # medians of wall time, CPU time, peak RSS of the process tree and bytes
 # stored, the ratios, and the issue 17 targets, met or not.
@@ -70,6 +73,11 @@ ws_incr() { one ws "$step" "${WS[@]}" backup --type incr --jobs 2; }
 pb_incr() { one pgbr "$step" "${PB[@]}" --type=incr backup; }
 ws_chain() { rm -rf r-ws; one ws chain "${WS[@]}" restore --target-dir "$B/r-ws" --target immediate --target-action promote --jobs 2; }
 pb_chain() { rm -rf r-pb; one pgbr chain "${PB[@]}" --pg1-path="$B/r-pb" --type=immediate --target-action=promote restore; }
+# The chain again into a tmpfs: the same restore with the disk taken out.
+MEM=/dev/shm/pg_backup-bench-restore
+MEM_OK=$(( $(df --output=avail -B1 /dev/shm 2>/dev/null | tail -1 || echo 0) > 3 * $(du -sb pg | cut -f1) ))
+ws_chainmem() { rm -rf "$MEM"; one ws chainmem "${WS[@]}" restore --target-dir "$MEM" --target immediate --target-action promote --jobs 2; rm -rf "$MEM"; }
+pb_chainmem() { rm -rf "$MEM"; one pgbr chainmem "${PB[@]}" --pg1-path="$MEM" --type=immediate --target-action=promote restore; rm -rf "$MEM"; }
 ws_fullonly() { one ws fullonly "${WS[@]}" restore --backup "$WS_FULL" --target-dir "$B/r-full" --target immediate --jobs 2; rm -rf r-full; }
 pb_fullonly() { one pgbr fullonly "${PB[@]}" --set="$PB_FULL" --pg1-path="$B/r-full" --type=immediate restore; rm -rf r-full; }
 both() {  # STEP: both tools, walshipper first in odd rounds
@@ -84,12 +92,14 @@ for r in $(seq 1 "$RUNS"); do
   # restore of a round reads the full's objects from disk, the second may
   # find them in the page cache.
   if [ $((r % 2)) = 1 ]; then both chain; both fullonly; else both fullonly; both chain; fi
+  if [ "$MEM_OK" = 1 ]; then both chainmem; fi
 done
 # More chain / full-alone pairs of the last round's backups (both tools,
 # alternating): the two differ by a few percent at most, less than one
 # restore's noise, so the comparison needs more than RUNS pairs.
 for r in $(seq $((RUNS + 1)) $((RUNS + RESTORE_PAIRS))); do
   if [ $((r % 2)) = 1 ]; then both chain; both fullonly; else both fullonly; both chain; fi
+  if [ "$MEM_OK" = 1 ]; then both chainmem; fi
 done
 
 # The machine's limit on the same data (the relation files, in the page
