@@ -238,10 +238,15 @@ fn archive_get_exit_statuses() {
     );
     std::fs::remove_file(shipper.wal_object(&later)).unwrap();
     // The server that asked dies mid-fetch (its startup process killed: here
-    // the shell between it and archive-get): the fetch, slowed to about 3 s
-    // by a download limit, must not rename its file into the destination,
-    // where the next server may already be recovering.
+    // the shell between it and archive-get): the fetch, slowed to about 2 s
+    // by a download limit on the first repository (its bucket starts with
+    // one second's budget), must not rename its file into the destination,
+    // where the next server may already be recovering, and must end without
+    // asking the second repository (a copy of the first, unthrottled).
+    let copy = d.join("repo-copy");
+    run_ok(Command::new("cp").arg("-a").arg(&shipper.repo).arg(&copy));
     let size = std::fs::metadata(shipper.wal_object(&seg)).unwrap().len();
+    let err_file = d.join("orphan.err");
     let mut asker = Command::new("sh");
     asker
         .arg("-c")
@@ -256,8 +261,10 @@ fn archive_get_exit_statuses() {
             "WALSHIPPER_REPO_DOWNLOAD_LIMIT",
             (size / 3).max(1).to_string(),
         )
+        .env("WALSHIPPER_REPO2_PATH", &copy)
+        .env("WALSHIPPER_REPO2_TYPE", "posix")
         .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null());
+        .stderr(std::fs::File::create(&err_file).unwrap());
     let mut asker = asker.spawn().unwrap();
     let mut line = String::new();
     std::io::BufRead::read_line(
@@ -266,7 +273,21 @@ fn archive_get_exit_statuses() {
     )
     .unwrap();
     let pid: i32 = line.trim().parse().unwrap();
-    std::thread::sleep(Duration::from_millis(500));
+    let temporaries = || -> Vec<_> {
+        std::fs::read_dir(d)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("walshipper.tmp"))
+            .map(|e| e.file_name())
+            .collect()
+    };
+    // Its temporary is made after it noted who asked: killing the shell
+    // before that would leave nothing to notice.
+    let t = Instant::now();
+    while temporaries().is_empty() {
+        assert!(t.elapsed() < MIN, "archive-get never began its fetch");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     asker.kill().unwrap();
     asker.wait().unwrap();
     let t = Instant::now();
@@ -282,16 +303,20 @@ fn archive_get_exit_statuses() {
         std::thread::sleep(Duration::from_millis(50));
     }
     assert!(
-        t.elapsed() >= Duration::from_millis(500),
+        t.elapsed() >= Duration::from_millis(300),
         "ended at once: not slowed enough to be caught mid-fetch"
     );
-    assert!(!dest.exists(), "an orphaned archive-get wrote its file");
-    let leftovers: Vec<_> = std::fs::read_dir(d)
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().contains("walshipper.tmp"))
-        .collect();
-    assert!(leftovers.is_empty(), "{leftovers:?}");
+    let err = std::fs::read_to_string(&err_file).unwrap();
+    assert!(
+        !dest.exists(),
+        "an orphaned archive-get wrote its file: {err}"
+    );
+    assert!(temporaries().is_empty(), "{:?}", temporaries());
+    assert!(err.contains("is gone"), "{err}");
+    assert!(
+        !err.contains("repo2") && !err.contains("retrying"),
+        "asked again after its server was gone: {err}"
+    );
     // The real one still comes back.
     let (o, _) = get(&mut shipper.cmd(), &seg, &dest);
     assert_eq!(code(&o), 0, "{}", stderr(&o));

@@ -159,6 +159,7 @@ pub fn run(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Result<
         Outcome::Restored => Ok(()),
         Outcome::NotThere => Err(Error::NotFound(name.to_string())),
         Outcome::Stop(e, _) | Outcome::Retry(e) => Err(e),
+        // Not in a library caller (ASKED_BY is set by `main` alone).
         Outcome::Orphaned => Err(Error::Invalid(format!(
             "the caller that asked for {name} is gone"
         ))),
@@ -236,7 +237,7 @@ pub(crate) fn rename_if_asked(from: &Path, dest: &Path) -> io::Result<()> {
 
 /// Whether this is the archive-get command and the server that asked is
 /// gone (always false in other processes).
-fn orphaned() -> bool {
+pub(crate) fn orphaned() -> bool {
     ASKED_BY
         .get()
         .is_some_and(|&start| !same_parents(start, parents()))
@@ -283,6 +284,9 @@ fn attempt(
         match serve(cfg, only, name, kind, dest) {
             Answer::Served => return Outcome::Restored,
             Answer::Absent => return Outcome::NotThere,
+            // The look-ahead's move into the destination may have been
+            // refused for that: no direct fetch then.
+            Answer::Ask if orphaned() => return Outcome::Orphaned,
             Answer::Ask => {}
         }
     }
@@ -357,6 +361,7 @@ fn streamed_tail(repos: &[Repository], name: &str, kind: &WalFileKind, dest: &Pa
         match crate::stream::restore_partial(repo, name, dest) {
             Ok(()) => return Outcome::Restored,
             Err(Error::NotFound(_)) => {}
+            Err(_) if orphaned() => return Outcome::Orphaned,
             Err(e) if is_damage(&e) => return Outcome::Stop(e, exit::DAMAGED),
             Err(e) => return Outcome::Retry(e),
         }

@@ -220,6 +220,8 @@ pub fn serve(
     }
     match try_serve(cfg, only, name, segment, dest) {
         Ok(answer) => answer,
+        // Refused because the server that asked is gone: archive-get stops.
+        Err(_) if archive_get::orphaned() => Answer::Ask,
         Err(e) => {
             eprintln!("walshipper: look-ahead unavailable ({e}); fetching {name} directly");
             Answer::Ask
