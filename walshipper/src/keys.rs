@@ -758,6 +758,15 @@ impl KeyCache {
         let meta = std::fs::metadata(&self.dir).map_err(|e| Error::io("key cache dir", e))?;
         let found = crate::private_dir::Found::of(&meta);
         if !found.is_private() {
+            // Every call then runs Argon2 (about 100 ms): say so once.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                tracing::warn!(
+                    "key cache directory {} is not this user's alone ({found}): keys are not cached, \
+                     and each command unlocks its key from the passphrase (chown it to this user, chmod 0700)",
+                    self.dir.display()
+                )
+            });
             return Err(Error::Config(format!(
                 "key cache directory {} is not this user's alone ({found}); not caching",
                 self.dir.display()
