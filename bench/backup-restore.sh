@@ -74,8 +74,13 @@ pb_incr() { one pgbr "$step" "${PB[@]}" --type=incr backup; }
 ws_chain() { rm -rf r-ws; one ws chain "${WS[@]}" restore --target-dir "$B/r-ws" --target immediate --target-action promote --jobs 2; }
 pb_chain() { rm -rf r-pb; one pgbr chain "${PB[@]}" --pg1-path="$B/r-pb" --type=immediate --target-action=promote restore; }
 # The chain again into a tmpfs: the same restore with the disk taken out.
-MEM=/dev/shm/pg_backup-bench-restore
+# In a directory of our own (0700, /dev/shm is everyone's), removed however
+# the run ends: a restore left there holds a gigabyte of RAM.
 MEM_OK=$(( $(df --output=avail -B1 /dev/shm 2>/dev/null | tail -1 || echo 0) > 3 * $(du -sb pg | cut -f1) ))
+if [ "$MEM_OK" = 1 ]; then
+  MEMD=$(mktemp -d /dev/shm/pg_backup-bench.XXXXXX); MEM=$MEMD/restore
+  trap 'rm -rf "$MEMD"' EXIT
+fi
 ws_chainmem() { rm -rf "$MEM"; one ws chainmem "${WS[@]}" restore --target-dir "$MEM" --target immediate --target-action promote --jobs 2; rm -rf "$MEM"; }
 pb_chainmem() { rm -rf "$MEM"; one pgbr chainmem "${PB[@]}" --pg1-path="$MEM" --type=immediate --target-action=promote restore; rm -rf "$MEM"; }
 ws_fullonly() { one ws fullonly "${WS[@]}" restore --backup "$WS_FULL" --target-dir "$B/r-full" --target immediate --jobs 2; rm -rf r-full; }

@@ -106,7 +106,7 @@ for tool, name in [("ws", "walshipper"), ("pgbr", "pgBackRest")]:
           f"incrementals' share of the data (their bytes stored / the full's) {100 * share:.1f} %: "
           f"{'met' if ok else 'NOT met'} (median pair <= {1 + share:.3f})"
           + ("" if tool == "ws" else " [information]"))
-for kind, steps in [("backup", ["full", "incr1", "incr2"]), ("restore", ["chain", "fullonly"])]:
+for kind, steps in [("backup", ["full", "incr1", "incr2"]), ("restore", ["chain", "fullonly", "chainmem"])]:
     a, b = max(vals("ws", steps, "peak_mib")), max(vals("pgbr", steps, "peak_mib"))
     results.append(a <= b)
     print(f"peak RSS of any {kind}: walshipper {a:.0f} MiB, pgBackRest {b:.0f} MiB, "
