@@ -591,7 +591,7 @@ pub fn restore_partial(repo: &Repository, name: &str, dest: &Path) -> Result<()>
         f.write_all(&chain.bytes).map_err(local)?;
         f.set_len(seg_size).map_err(local)?;
         f.sync_all().map_err(local)?;
-        crate::commands::archive_get::rename_if_asked(&tmp, dest).map_err(local)
+        crate::requester::rename_if_asked(&tmp, dest).map_err(local)
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 use crate::config::{Config, RestoreConfig};
 use crate::error::{exit, Error, Result};
 use crate::repo::Repository;
+use crate::requester;
 use crate::wal::{self, ContentCheck, WalFileKind};
 
 /// Longest pause between two attempts.
@@ -47,7 +48,7 @@ enum Outcome {
     /// Worth another attempt (a repository failed without answering).
     Retry(Error),
     /// The server that asked is gone: nobody waits for the file, and
-    /// another repository must not be asked for it (see `rename_if_asked`).
+    /// another repository must not be asked for it (see `requester`).
     Orphaned,
 }
 
@@ -64,13 +65,12 @@ pub fn main(config: Option<&Path>, only: Option<&str>, name: &str, dest: &Path) 
         return exit::RECOVERY_STOP;
     };
     let standby = standby_mode();
-    let parents = parents();
-    let _ = ASKED_BY.set(parents);
+    requester::note();
     let started = Instant::now();
     // WALSHIPPER_LOG=walshipper=debug: each call's start, outcome and time
     // (with the look-ahead's own lines, where a recovery's time goes).
     tracing::debug!("{} archive-get {name}: asked", crate::spool::stamp());
-    let code = main_loop(config, only, name, &kind, dest, standby, parents, started);
+    let code = main_loop(config, only, name, &kind, dest, standby, started);
     tracing::debug!(
         "{} archive-get {name}: exit {code} after {:.1} ms",
         crate::spool::stamp(),
@@ -87,7 +87,6 @@ fn main_loop(
     kind: &WalFileKind,
     dest: &Path,
     standby: bool,
-    parents: Parents,
     started: Instant,
 ) -> i32 {
     let mut timeout: Option<u64> = None;
@@ -139,7 +138,7 @@ fn main_loop(
             "walshipper: {e}; retrying {name} in {}s",
             pause.as_secs_f32().ceil()
         );
-        if !sleep_unless_orphaned(pause, parents) {
+        if !sleep_unless_orphaned(pause) {
             // PostgreSQL gave up on us (shutdown): nobody waits for the file.
             return exit::RECOVERY_STOP;
         }
@@ -159,7 +158,7 @@ pub fn run(cfg: &Config, only: Option<&str>, name: &str, dest: &Path) -> Result<
         Outcome::Restored => Ok(()),
         Outcome::NotThere => Err(Error::NotFound(name.to_string())),
         Outcome::Stop(e, _) | Outcome::Retry(e) => Err(e),
-        // Not in a library caller (ASKED_BY is set by `main` alone).
+        // Not in a library caller (only `main` notes a requester).
         Outcome::Orphaned => Err(Error::Invalid(format!(
             "the caller that asked for {name} is gone"
         ))),
@@ -183,73 +182,13 @@ pub(crate) fn standby_mode() -> bool {
     Path::new("standby.signal").is_file() && Path::new("PG_VERSION").is_file()
 }
 
-/// The parent process id of `pid`, from /proc (None if unreadable).
-fn ppid_of(pid: libc::pid_t) -> Option<libc::pid_t> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // "pid (comm) state ppid ...": comm may hold spaces and parentheses.
-    stat.rsplit_once(')')?
-        .1
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
-/// Our parent and its parent: PostgreSQL's startup process runs
-/// restore_command through `sh -c`, and the shell may stay in between.
-fn parents() -> Parents {
-    // SAFETY: getppid has no preconditions and cannot fail.
-    let parent = unsafe { libc::getppid() };
-    (parent, ppid_of(parent))
-}
-
-type Parents = (libc::pid_t, Option<libc::pid_t>);
-
-/// The parents of this archive-get command when it started; unset in
-/// other processes (the look-ahead's prefetcher, a restore).
-static ASKED_BY: std::sync::OnceLock<Parents> = std::sync::OnceLock::new();
-
-/// Whether `current` are still the parents the call started with. The
-/// grandparent is compared only when read both times: an unreadable
-/// /proc entry (a transient error, another pid namespace's /proc) is no
-/// sign of orphaning, and taking it for one would stop recovery.
-fn same_parents(start: Parents, current: Parents) -> bool {
-    current.0 == start.0
-        && match (start.1, current.1) {
-            (Some(a), Some(b)) => a == b,
-            _ => true,
-        }
-}
-
-/// Renames a fetched WAL file's temporary to `dest` (RECOVERYXLOG) only
-/// while the server that asked for it waits: an archive-get whose startup
-/// process was killed keeps running, and the next server may already be
-/// recovering into the same pg_wal, where a late rename would put another
-/// segment under the name it is about to read.
-pub(crate) fn rename_if_asked(from: &Path, dest: &Path) -> io::Result<()> {
-    if orphaned() {
-        return Err(io::Error::other(
-            "the server that asked for it is gone (its startup process ended): not written",
-        ));
-    }
-    fs::rename(from, dest)
-}
-
-/// Whether this is the archive-get command and the server that asked is
-/// gone (always false in other processes).
-pub(crate) fn orphaned() -> bool {
-    ASKED_BY
-        .get()
-        .is_some_and(|&start| !same_parents(start, parents()))
-}
-
-/// Sleeps `d`; false as soon as the parent or grandparent process is gone
-/// (the server stopped while we waited: a later write into its pg_wal, maybe
-/// under a new server, would be wrong).
-fn sleep_unless_orphaned(d: Duration, start: Parents) -> bool {
+/// Sleeps `d`; false as soon as the server that asked is gone (it stopped
+/// while we waited: a later write into its pg_wal, maybe under a new
+/// server, would be wrong).
+fn sleep_unless_orphaned(d: Duration) -> bool {
     let end = Instant::now() + d;
     loop {
-        if !same_parents(start, parents()) {
+        if requester::gone() {
             return false;
         }
         let now = Instant::now();
@@ -286,7 +225,7 @@ fn attempt(
             Answer::Absent => return Outcome::NotThere,
             // The look-ahead's move into the destination may have been
             // refused for that: no direct fetch then.
-            Answer::Ask if orphaned() => return Outcome::Orphaned,
+            Answer::Ask if requester::gone() => return Outcome::Orphaned,
             Answer::Ask => {}
         }
     }
@@ -324,7 +263,7 @@ fn attempt(
         };
         let e = match result {
             Ok(()) => return Outcome::Restored,
-            Err(_) if orphaned() => return Outcome::Orphaned,
+            Err(_) if requester::gone() => return Outcome::Orphaned,
             Err(Error::NotFound(_)) => continue,
             Err(e) => e,
         };
@@ -361,7 +300,7 @@ fn streamed_tail(repos: &[Repository], name: &str, kind: &WalFileKind, dest: &Pa
         match crate::stream::restore_partial(repo, name, dest) {
             Ok(()) => return Outcome::Restored,
             Err(Error::NotFound(_)) => {}
-            Err(_) if orphaned() => return Outcome::Orphaned,
+            Err(_) if requester::gone() => return Outcome::Orphaned,
             Err(e) if is_damage(&e) => return Outcome::Stop(e, exit::DAMAGED),
             Err(e) => return Outcome::Retry(e),
         }
@@ -450,35 +389,10 @@ pub(crate) fn fetch(
             reason: format!("it is not WAL file {name} of this cluster: {reason}"),
         })?;
         drop(sink);
-        rename_if_asked(&tmp, dest).map_err(|e| local(dest, e))
+        requester::rename_if_asked(&tmp, dest).map_err(|e| local(dest, e))
     })();
     if result.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     result
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_call_whose_parents_changed_is_orphaned() {
-        let start = (100, Some(50));
-        assert!(same_parents(start, (100, Some(50))));
-        // The shell or the startup process gone: reparented.
-        assert!(!same_parents(start, (1, Some(0))));
-        assert!(!same_parents(start, (100, Some(1))));
-        // A grandparent unread either time: the parent alone decides.
-        assert!(same_parents((100, None), (100, Some(7))));
-        assert!(same_parents((100, Some(50)), (100, None)));
-        assert!(!same_parents((100, None), (1, None)));
-        // Outside the archive-get command (ASKED_BY unset) a rename is not
-        // held back.
-        let d = tempfile::tempdir().unwrap();
-        let (from, to) = (d.path().join("a"), d.path().join("b"));
-        fs::write(&from, b"x").unwrap();
-        rename_if_asked(&from, &to).unwrap();
-        assert!(to.exists());
-    }
 }

@@ -221,7 +221,7 @@ pub fn serve(
     match try_serve(cfg, only, name, segment, dest) {
         Ok(answer) => answer,
         // Refused because the server that asked is gone: archive-get stops.
-        Err(_) if archive_get::orphaned() => Answer::Ask,
+        Err(_) if crate::requester::gone() => Answer::Ask,
         Err(e) => {
             eprintln!("walshipper: look-ahead unavailable ({e}); fetching {name} directly");
             Answer::Ask
@@ -468,7 +468,7 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity, keep: bool) -
         return Ok(false);
     }
     if !keep {
-        match archive_get::rename_if_asked(&src, dest) {
+        match crate::requester::rename_if_asked(&src, dest) {
             Ok(()) => return Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
             Err(e) => {
@@ -485,7 +485,7 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity, keep: bool) -
     let copied = spool::create_beside(dest).and_then(|(tmp, mut f)| {
         let r = fs::File::open(&src)
             .and_then(|mut s| std::io::copy(&mut s, &mut f))
-            .and_then(|_| archive_get::rename_if_asked(&tmp, dest));
+            .and_then(|_| crate::requester::rename_if_asked(&tmp, dest));
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
         }
