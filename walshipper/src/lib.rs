@@ -30,7 +30,7 @@ pub mod progress;
 pub mod recovery_log;
 pub mod replication;
 pub mod repo;
-pub mod requester;
+pub(crate) mod requester;
 pub mod retention;
 pub mod scratch;
 pub mod serve;

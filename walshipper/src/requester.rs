@@ -11,6 +11,7 @@
 use std::fs;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 type Parents = (libc::pid_t, Option<libc::pid_t>);
@@ -19,23 +20,39 @@ type Parents = (libc::pid_t, Option<libc::pid_t>);
 /// processes.
 static ASKED_BY: OnceLock<Parents> = OnceLock::new();
 
+/// Set once the requester was seen gone: it does not come back, and a
+/// later misread of /proc must not make it seem to.
+static GONE: AtomicBool = AtomicBool::new(false);
+
+/// Proof that the requester was noted, for what waits on it (a wait that
+/// should end when the server goes would otherwise never end early).
+pub(crate) struct Noted(());
+
 /// Notes who asked: the archive-get command calls this first thing.
-pub fn note() {
+pub(crate) fn note() -> Noted {
     let _ = ASKED_BY.set(parents());
+    Noted(())
 }
 
 /// Whether this is the archive-get command and the server that asked is
 /// gone (always false in other processes).
-pub fn gone() -> bool {
-    ASKED_BY
+pub(crate) fn gone() -> bool {
+    if GONE.load(Ordering::Relaxed) {
+        return true;
+    }
+    let gone = ASKED_BY
         .get()
-        .is_some_and(|&start| !same_parents(start, parents()))
+        .is_some_and(|&start| !same_parents(start, parents()));
+    if gone {
+        GONE.store(true, Ordering::Relaxed);
+    }
+    gone
 }
 
 /// Renames a fetched WAL file's temporary to `dest` (RECOVERYXLOG) only
 /// while the server that asked for it waits: a late rename would put
 /// another segment under the name the next server is about to read.
-pub fn rename_if_asked(from: &Path, dest: &Path) -> io::Result<()> {
+pub(crate) fn rename_if_asked(from: &Path, dest: &Path) -> io::Result<()> {
     if gone() {
         return Err(io::Error::other(
             "the server that asked for it is gone (its startup process ended): not written",

@@ -65,12 +65,12 @@ pub fn main(config: Option<&Path>, only: Option<&str>, name: &str, dest: &Path) 
         return exit::RECOVERY_STOP;
     };
     let standby = standby_mode();
-    requester::note();
+    let asked = requester::note();
     let started = Instant::now();
     // WALSHIPPER_LOG=walshipper=debug: each call's start, outcome and time
     // (with the look-ahead's own lines, where a recovery's time goes).
     tracing::debug!("{} archive-get {name}: asked", crate::spool::stamp());
-    let code = main_loop(config, only, name, &kind, dest, standby, started);
+    let code = main_loop(config, only, name, &kind, dest, standby, &asked, started);
     tracing::debug!(
         "{} archive-get {name}: exit {code} after {:.1} ms",
         crate::spool::stamp(),
@@ -87,6 +87,7 @@ fn main_loop(
     kind: &WalFileKind,
     dest: &Path,
     standby: bool,
+    asked: &requester::Noted,
     started: Instant,
 ) -> i32 {
     let mut timeout: Option<u64> = None;
@@ -138,8 +139,9 @@ fn main_loop(
             "walshipper: {e}; retrying {name} in {}s",
             pause.as_secs_f32().ceil()
         );
-        if !sleep_unless_orphaned(pause) {
+        if !sleep_unless_orphaned(pause, asked) {
             // PostgreSQL gave up on us (shutdown): nobody waits for the file.
+            eprintln!("walshipper: the server that asked for {name} is gone (its startup process ended); nothing written");
             return exit::RECOVERY_STOP;
         }
         delay = (delay * 2).min(MAX_DELAY);
@@ -185,7 +187,7 @@ pub(crate) fn standby_mode() -> bool {
 /// Sleeps `d`; false as soon as the server that asked is gone (it stopped
 /// while we waited: a later write into its pg_wal, maybe under a new
 /// server, would be wrong).
-fn sleep_unless_orphaned(d: Duration) -> bool {
+fn sleep_unless_orphaned(d: Duration, _asked: &requester::Noted) -> bool {
     let end = Instant::now() + d;
     loop {
         if requester::gone() {
@@ -218,6 +220,9 @@ fn attempt(
     kind: &WalFileKind,
     dest: &Path,
 ) -> Outcome {
+    if requester::gone() {
+        return Outcome::Orphaned;
+    }
     if cfg.restore.lookahead > 0 {
         use crate::commands::archive_lookahead::{serve, Answer};
         match serve(cfg, only, name, kind, dest) {

@@ -49,6 +49,7 @@ use crate::commands::archive_get;
 use crate::config::{Config, RepoConfig};
 use crate::error::{Error, Result};
 use crate::repo::Repository;
+use crate::requester;
 use crate::spool;
 use crate::wal::{self, ClusterIdentity, WalFileKind};
 
@@ -221,7 +222,7 @@ pub fn serve(
     match try_serve(cfg, only, name, segment, dest) {
         Ok(answer) => answer,
         // Refused because the server that asked is gone: archive-get stops.
-        Err(_) if crate::requester::gone() => Answer::Ask,
+        Err(_) if requester::gone() => Answer::Ask,
         Err(e) => {
             eprintln!("walshipper: look-ahead unavailable ({e}); fetching {name} directly");
             Answer::Ask
@@ -443,7 +444,7 @@ fn start_early(cfg: &Config, only: Option<&str>, dir: &Path) -> Result<()> {
 /// than fetching it a second time.
 fn wait_in_flight(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity) -> Result<bool> {
     let end = Instant::now() + IN_FLIGHT_WAIT;
-    while spool::being_written(&dir.join(name)) && Instant::now() < end {
+    while spool::being_written(&dir.join(name)) && Instant::now() < end && !requester::gone() {
         std::thread::sleep(Duration::from_millis(5));
     }
     take(dir, name, dest, id, false)
@@ -468,7 +469,7 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity, keep: bool) -
         return Ok(false);
     }
     if !keep {
-        match crate::requester::rename_if_asked(&src, dest) {
+        match requester::rename_if_asked(&src, dest) {
             Ok(()) => return Ok(true),
             Err(e) if e.raw_os_error() == Some(libc::EXDEV) => {}
             Err(e) => {
@@ -485,7 +486,7 @@ fn take(dir: &Path, name: &str, dest: &Path, id: &ClusterIdentity, keep: bool) -
     let copied = spool::create_beside(dest).and_then(|(tmp, mut f)| {
         let r = fs::File::open(&src)
             .and_then(|mut s| std::io::copy(&mut s, &mut f))
-            .and_then(|_| crate::requester::rename_if_asked(&tmp, dest));
+            .and_then(|_| requester::rename_if_asked(&tmp, dest));
         if r.is_err() {
             let _ = fs::remove_file(&tmp);
         }
